@@ -1,0 +1,77 @@
+use super::*;
+
+#[test]
+fn names_never_look_like_options() {
+    assert!(validate_name("agent", "claude").is_ok());
+    assert!(validate_name("agent", "my-agent_2.0").is_ok());
+    for bad in ["", "-p", "--model", "a b", "a/b", "ü", &"x".repeat(65)] {
+        let err = validate_name("agent", bad).unwrap_err();
+        assert_eq!(err.field, "agent", "{bad:?}");
+    }
+}
+
+#[test]
+fn session_mode_wire_format() {
+    assert_eq!(
+        serde_json::to_string(&SessionMode::New).unwrap(),
+        r#""new""#
+    );
+    assert_eq!(
+        serde_json::to_string(&SessionMode::Resume("abc".into())).unwrap(),
+        r#"{"resume":"abc"}"#
+    );
+    let t: SubmitTask = serde_json::from_str(r#"{"agent":"claude","prompt":"hi"}"#).unwrap();
+    assert_eq!(t.session, SessionMode::Continue);
+    let t: SubmitTask =
+        serde_json::from_str(r#"{"agent":"claude","prompt":"hi","session":{"resume":"s-1"}}"#)
+            .unwrap();
+    assert_eq!(t.session, SessionMode::Resume("s-1".into()));
+}
+
+#[test]
+fn submit_rejects_unknown_fields_and_bad_values() {
+    assert!(serde_json::from_str::<SubmitTask>(r#"{"agent":"a","prompt":"p","x":1}"#).is_err());
+    let mut t = SubmitTask::new("claude", "  ");
+    assert_eq!(t.validate().unwrap_err().field, "prompt");
+    t.prompt = "do it".into();
+    assert!(t.validate().is_ok());
+    t.timeout_ms = Some(5);
+    assert_eq!(t.validate().unwrap_err().field, "timeout_ms");
+    t.timeout_ms = None;
+    t.session = SessionMode::Resume("--resume".into());
+    assert_eq!(t.validate().unwrap_err().field, "session.resume");
+    t.session = SessionMode::New;
+    t.reply_to = Some(ReplyTo {
+        platform: Platform::Discord,
+        channel: "../../users/@me".into(),
+        thread: None,
+        message: None,
+    });
+    assert_eq!(t.validate().unwrap_err().field, "reply_to.channel");
+}
+
+#[test]
+fn finish_requires_not_before_exactly_when_parked() {
+    let mut f = FinishRequest {
+        attempt: 1,
+        lease_token: "t".into(),
+        outcome: Outcome::Parked,
+        result: TaskResult::default(),
+        not_before: None,
+    };
+    assert_eq!(f.validate().unwrap_err().field, "not_before");
+    f.not_before = Some(10);
+    assert!(f.validate().is_ok());
+    f.outcome = Outcome::Succeeded;
+    assert_eq!(f.validate().unwrap_err().field, "not_before");
+}
+
+#[test]
+fn states_round_trip() {
+    for s in TaskState::ALL {
+        assert_eq!(TaskState::parse(s.as_str()), Some(s));
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(json, format!("\"{}\"", s.as_str()));
+    }
+    assert_eq!(TaskState::parse("done"), None);
+}

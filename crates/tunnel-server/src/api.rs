@@ -1,0 +1,637 @@
+//! The HTTP routes of API v1. Each handler validates its input, checks the caller's role
+//! through its auth extractor, and calls the store.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use tokio::time::Instant;
+use tower_http::catch_panic::CatchPanicLayer;
+use tunnel_protocol::{
+    AppendAck, AppendEvents, AttemptRef, ClaimRequest, CreateToken, CreatedToken, EventList,
+    FinishRequest, Health, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, RunnerList, SessionBinding,
+    SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState, TokenInfo, TokenList,
+    limits,
+};
+use tunnel_store::TaskFilter;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::{AdminAuth, ClientAuth, RunnerAuth};
+use crate::error::{ApiError, Json, Path, Query};
+use crate::hub::PendingHint;
+use crate::{AppState, openapi};
+
+pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(submit_task, list_tasks))
+        .routes(routes!(get_task))
+        .routes(routes!(cancel_task))
+        .routes(routes!(task_events))
+        .routes(routes!(claim))
+        .routes(routes!(ack))
+        .routes(routes!(heartbeat))
+        .routes(routes!(append_events))
+        .routes(routes!(finish))
+        .routes(routes!(list_runners))
+        .routes(routes!(list_sessions))
+        .routes(routes!(new_session))
+        .routes(routes!(resume_session))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_token))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let (router, _) = api_routes().split_for_parts();
+    router
+        .route("/openapi.json", get(openapi_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+async fn openapi_route() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::openapi_json(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see /openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
+    tracing::error!("A request handler panicked.");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+    .into_response()
+}
+
+/// Task ids are UUIDs; anything else is a client mistake, not a missing task.
+fn check_task_id(id: &str) -> Result<(), ApiError> {
+    let ok = id.len() == 36
+        && id.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("{id:?} is not a task id")))
+    }
+}
+
+fn wait_budget(state: &AppState, ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms.min(state.max_wait_ms))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks (client)
+
+/// Submit a task.
+///
+/// With an `Idempotency-Key` header already used by this token, the first task is returned
+/// (200) instead of creating another (201).
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a retried submit return the first task")),
+    request_body = SubmitTask,
+    responses((status = 201, body = Task), (status = 200, description = "replayed", body = Task),
+        (status = 400, body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["client"])))]
+async fn submit_task(
+    State(s): State<AppState>,
+    ClientAuth(caller): ClientAuth,
+    headers: HeaderMap,
+    Json(req): Json<SubmitTask>,
+) -> Result<Response, ApiError> {
+    req.validate()?;
+    let key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(v) => {
+            let k = v
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= limits::IDEMPOTENCY_KEY_MAX)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "Idempotency-Key must be 1 to {} visible ASCII characters",
+                        limits::IDEMPOTENCY_KEY_MAX
+                    ))
+                })?;
+            Some(k.to_owned())
+        }
+    };
+    let (task, created) = s.store.submit(&caller.token_id, key, req).await?;
+    if created {
+        tracing::info!(task_id = %task.id, agent = %task.agent, "Task submitted.");
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(task)).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only tasks in this state.
+    state: Option<String>,
+    conversation: Option<String>,
+    agent: Option<String>,
+    /// At most this many (default 50, at most 1000).
+    limit: Option<u32>,
+}
+
+/// List tasks, newest first. A client token sees the tasks it submitted; admin sees all.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
+    responses((status = 200, body = TaskList)), security(("bearer" = ["client"])))]
+async fn list_tasks(
+    State(s): State<AppState>,
+    ClientAuth(caller): ClientAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<TaskList>, ApiError> {
+    let state = match &q.state {
+        None => None,
+        Some(st) => Some(TaskState::parse(st).ok_or_else(|| {
+            let all: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad_request(format!("state {st:?} is not one of {}", all.join(", ")))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let filter = TaskFilter {
+        state,
+        conversation: q.conversation,
+        agent: q.agent,
+        limit,
+    };
+    let tasks = s.store.tasks(filter, &caller.scope()).await?;
+    Ok(axum::Json(TaskList { tasks }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Seconds to wait for the task to end before answering (at most 60).
+    wait: Option<f64>,
+}
+
+/// Get a task; with `?wait=`, answer when it ends or the wait runs out.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "task id"), WaitQuery),
+    responses((status = 200, body = Task), (status = 404, body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["client"])))]
+async fn get_task(
+    State(s): State<AppState>,
+    ClientAuth(caller): ClientAuth,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<axum::Json<Task>, ApiError> {
+    check_task_id(&id)?;
+    let wait_ms = match q.wait {
+        None => 0,
+        Some(w) if w.is_finite() && w >= 0.0 => (w * 1000.0) as u64,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "wait must be a number of seconds >= 0",
+            ));
+        }
+    };
+    let scope = caller.scope();
+    let deadline = wait_budget(&s, wait_ms);
+    let notify = s.hub.watch(&id);
+    loop {
+        let changed = notify.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let task = s.store.task(&id, &scope).await?;
+        if task.state.is_terminal() || Instant::now() >= deadline {
+            return Ok(axum::Json(task));
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = s.shutdown.cancelled() => return Ok(axum::Json(task)),
+        }
+    }
+}
+
+/// Cancel a task: at once if it has not started, else on the runner's next heartbeat.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "task id")),
+    responses((status = 200, body = Task), (status = 409, description = "already ended", body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["client"])))]
+async fn cancel_task(
+    State(s): State<AppState>,
+    ClientAuth(caller): ClientAuth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Task>, ApiError> {
+    check_task_id(&id)?;
+    let task = s.store.cancel(&id, &caller.scope()).await?;
+    tracing::info!(task_id = %task.id, state = %task.state, "Cancel requested.");
+    Ok(axum::Json(task))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Only events after this sequence number (like the `Last-Event-ID` header).
+    after: Option<u64>,
+    /// `sse` (default): a live stream that ends when the task ends; `json`: the log so far.
+    format: Option<String>,
+}
+
+/// The task's event log: a live Server-Sent Events stream (resumable with `Last-Event-ID`),
+/// or with `?format=json` the events so far.
+#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
+    params(("id" = String, Path, description = "task id"), EventsQuery,
+        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event")),
+    responses((status = 200, description = "text/event-stream of TaskEvent, or EventList", body = EventList)),
+    security(("bearer" = ["client"])))]
+async fn task_events(
+    State(s): State<AppState>,
+    ClientAuth(caller): ClientAuth,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_task_id(&id)?;
+    let header_after = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("Last-Event-ID must be an event seq number")
+                })?,
+        ),
+    };
+    let after = header_after.or(q.after).unwrap_or(0);
+    let scope = caller.scope();
+    match q.format.as_deref() {
+        Some("json") => {
+            let (events, state) = s.store.events(&id, &scope, after, 10_000).await?;
+            return Ok(axum::Json(EventList { events, state }).into_response());
+        }
+        None | Some("sse") => {}
+        Some(f) => {
+            return Err(ApiError::bad_request(format!(
+                "format {f:?} is not sse or json"
+            )));
+        }
+    }
+    // Fail before the stream starts if the task does not exist or is not the caller's.
+    s.store.events(&id, &scope, after, 1).await?;
+    let stream = event_stream(s, id, scope, after);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+struct StreamState {
+    s: AppState,
+    id: String,
+    scope: tunnel_store::Scope,
+    after: u64,
+    buffer: std::collections::VecDeque<tunnel_protocol::TaskEvent>,
+    done: bool,
+}
+
+fn event_stream(
+    s: AppState,
+    id: String,
+    scope: tunnel_store::Scope,
+    after: u64,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let init = StreamState {
+        s,
+        id,
+        scope,
+        after,
+        buffer: Default::default(),
+        done: false,
+    };
+    stream::unfold(init, |mut st| async move {
+        loop {
+            if let Some(e) = st.buffer.pop_front() {
+                st.after = e.seq;
+                let ev = Event::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind.clone())
+                    .json_data(&e)
+                    .unwrap_or_else(|_| Event::default().comment("unserialisable event"));
+                return Some((Ok(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            let notify = st.s.hub.watch(&st.id);
+            let changed = notify.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match st.s.store.events(&st.id, &st.scope, st.after, 500).await {
+                Ok((events, state)) if events.is_empty() => {
+                    if state.is_terminal() {
+                        return None;
+                    }
+                }
+                Ok((events, _)) => {
+                    st.buffer.extend(events);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %st.id, error = %e, "Event stream read failed.");
+                    st.done = true;
+                    return Some((
+                        Ok(Event::default()
+                            .event("error")
+                            .data("the event log could not be read")),
+                        st,
+                    ));
+                }
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = st.s.shutdown.cancelled() => return None,
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runner protocol
+
+/// Long-poll for work. Answers 200 with an offer as soon as a task this runner can take is
+/// ready, or 204 when `wait_ms` runs out. Ack the offer before `ack_by`.
+#[utoipa::path(post, path = "/v1/claim", tag = "runner", request_body = ClaimRequest,
+    responses((status = 200, body = Offer), (status = 204, description = "nothing to do")),
+    security(("bearer" = ["runner"])))]
+async fn claim(
+    State(s): State<AppState>,
+    RunnerAuth(caller): RunnerAuth,
+    Json(req): Json<ClaimRequest>,
+) -> Result<Response, ApiError> {
+    req.validate()?;
+    let deadline = wait_budget(&s, req.wait_ms);
+    let mut pending = PendingHint {
+        hub: s.hub.clone(),
+        hint: None,
+    };
+    loop {
+        // Register before looking, so a task that becomes ready in between still wakes us.
+        let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
+        let offer = s.store.claim(&req).await?;
+        if let Some(offer) = offer {
+            drop(slot);
+            pending.settle(Some(&offer.task.id));
+            tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
+            return Ok(axum::Json(offer).into_response());
+        }
+        pending.hint = None;
+        tokio::select! {
+            hint = slot.woken() => pending.hint = Some(hint),
+            _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
+            _ = s.shutdown.cancelled() => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    }
+}
+
+/// Ack an offer: the attempt starts and its lease with it.
+#[utoipa::path(post, path = "/v1/tasks/{id}/ack", tag = "runner",
+    params(("id" = String, Path, description = "task id")), request_body = AttemptRef,
+    responses((status = 200, body = LeaseStatus), (status = 409, description = "stale attempt", body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["runner"])))]
+async fn ack(
+    State(s): State<AppState>,
+    RunnerAuth(_): RunnerAuth,
+    Path(id): Path<String>,
+    Json(req): Json<AttemptRef>,
+) -> Result<axum::Json<LeaseStatus>, ApiError> {
+    check_task_id(&id)?;
+    Ok(axum::Json(s.store.ack(&id, &req).await?))
+}
+
+/// Renew the lease. The answer says whether cancel was asked.
+#[utoipa::path(post, path = "/v1/tasks/{id}/heartbeat", tag = "runner",
+    params(("id" = String, Path, description = "task id")), request_body = AttemptRef,
+    responses((status = 200, body = LeaseStatus), (status = 409, description = "stale attempt", body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["runner"])))]
+async fn heartbeat(
+    State(s): State<AppState>,
+    RunnerAuth(_): RunnerAuth,
+    Path(id): Path<String>,
+    Json(req): Json<AttemptRef>,
+) -> Result<axum::Json<LeaseStatus>, ApiError> {
+    check_task_id(&id)?;
+    Ok(axum::Json(s.store.heartbeat(&id, &req).await?))
+}
+
+/// Append events of the running attempt. Resending an event with the same `n` is harmless.
+#[utoipa::path(post, path = "/v1/tasks/{id}/events", tag = "runner",
+    params(("id" = String, Path, description = "task id")), request_body = AppendEvents,
+    responses((status = 200, body = AppendAck), (status = 409, description = "stale attempt", body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["runner"])))]
+async fn append_events(
+    State(s): State<AppState>,
+    RunnerAuth(_): RunnerAuth,
+    Path(id): Path<String>,
+    Json(req): Json<AppendEvents>,
+) -> Result<axum::Json<AppendAck>, ApiError> {
+    check_task_id(&id)?;
+    req.validate()?;
+    Ok(axum::Json(s.store.append_events(&id, req).await?))
+}
+
+/// End the attempt with its outcome and result.
+#[utoipa::path(post, path = "/v1/tasks/{id}/finish", tag = "runner",
+    params(("id" = String, Path, description = "task id")), request_body = FinishRequest,
+    responses((status = 200, body = Task), (status = 409, description = "stale attempt", body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["runner"])))]
+async fn finish(
+    State(s): State<AppState>,
+    RunnerAuth(_): RunnerAuth,
+    Path(id): Path<String>,
+    Json(req): Json<FinishRequest>,
+) -> Result<axum::Json<Task>, ApiError> {
+    check_task_id(&id)?;
+    req.validate()?;
+    let task = s.store.finish(&id, req).await?;
+    tracing::info!(task_id = %task.id, state = %task.state, "Task attempt finished.");
+    Ok(axum::Json(task))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runners and sessions (client)
+
+/// Runners seen: agents, projects, capacity, last seen, and whether they are online.
+#[utoipa::path(get, path = "/v1/runners", tag = "runners",
+    responses((status = 200, body = RunnerList)), security(("bearer" = ["client"])))]
+async fn list_runners(
+    State(s): State<AppState>,
+    ClientAuth(_): ClientAuth,
+) -> Result<axum::Json<RunnerList>, ApiError> {
+    Ok(axum::Json(RunnerList {
+        runners: s.store.runners().await?,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct SessionQuery {
+    conversation: Option<String>,
+    agent: Option<String>,
+    /// At most this many of each list (default 20).
+    limit: Option<u32>,
+}
+
+/// Session bindings (conversation × agent → native session, runner) and recent sessions.
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", params(SessionQuery),
+    responses((status = 200, body = SessionList)), security(("bearer" = ["client"])))]
+async fn list_sessions(
+    State(s): State<AppState>,
+    ClientAuth(_): ClientAuth,
+    Query(q): Query<SessionQuery>,
+) -> Result<axum::Json<SessionList>, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    Ok(axum::Json(
+        s.store.sessions(q.conversation, q.agent, limit).await?,
+    ))
+}
+
+/// Start fresh: the conversation's next task starts a new agent session.
+#[utoipa::path(post, path = "/v1/sessions/new", tag = "sessions", request_body = SessionCommand,
+    responses((status = 200, body = SessionBinding)), security(("bearer" = ["client"])))]
+async fn new_session(
+    State(s): State<AppState>,
+    ClientAuth(_): ClientAuth,
+    Json(cmd): Json<SessionCommand>,
+) -> Result<axum::Json<SessionBinding>, ApiError> {
+    cmd.validate(false)?;
+    Ok(axum::Json(s.store.bind_session(cmd).await?))
+}
+
+/// Bind the conversation to an existing native session id.
+#[utoipa::path(post, path = "/v1/sessions/resume", tag = "sessions", request_body = SessionCommand,
+    responses((status = 200, body = SessionBinding)), security(("bearer" = ["client"])))]
+async fn resume_session(
+    State(s): State<AppState>,
+    ClientAuth(_): ClientAuth,
+    Json(cmd): Json<SessionCommand>,
+) -> Result<axum::Json<SessionBinding>, ApiError> {
+    cmd.validate(true)?;
+    Ok(axum::Json(s.store.bind_session(cmd).await?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens (admin)
+
+/// Create a token. Its secret is in this answer only.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
+    responses((status = 201, body = CreatedToken)), security(("bearer" = ["admin"])))]
+async fn create_token(
+    State(s): State<AppState>,
+    AdminAuth(caller): AdminAuth,
+    Json(req): Json<CreateToken>,
+) -> Result<(StatusCode, axum::Json<CreatedToken>), ApiError> {
+    req.validate()?;
+    let created = s.auth.create(&s.store, req.name, req.role).await?;
+    tracing::info!(token_id = %created.info.id, role = %created.info.role, by = %caller.token_id, "Token created.");
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
+
+/// List tokens (never their secrets).
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, body = TokenList)), security(("bearer" = ["admin"])))]
+async fn list_tokens(
+    State(s): State<AppState>,
+    AdminAuth(_): AdminAuth,
+) -> Result<axum::Json<TokenList>, ApiError> {
+    let tokens = s
+        .store
+        .tokens()
+        .await?
+        .into_iter()
+        .map(|t| t.info)
+        .collect();
+    Ok(axum::Json(TokenList { tokens }))
+}
+
+/// Revoke a token; it stops working at once.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "token id")),
+    responses((status = 200, body = TokenInfo)), security(("bearer" = ["admin"])))]
+async fn revoke_token(
+    State(s): State<AppState>,
+    AdminAuth(caller): AdminAuth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TokenInfo>, ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ApiError::bad_request(format!("{id:?} is not a token id")));
+    }
+    let info = s.auth.revoke(&s.store, &id).await?;
+    tracing::info!(token_id = %info.id, by = %caller.token_id, "Token revoked.");
+    Ok(axum::Json(info))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+
+/// Liveness: the process answers. Reveals nothing else.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = Health), (status = 503, body = tunnel_protocol::ErrorBody)))]
+async fn readyz(State(s): State<AppState>) -> Result<axum::Json<Health>, ApiError> {
+    if s.shutdown.is_cancelled() {
+        return Err(ApiError::unavailable("shutting down"));
+    }
+    s.store
+        .counts()
+        .await
+        .map_err(|_| ApiError::unavailable("the database does not answer"))?;
+    Ok(axum::Json(Health {
+        status: "ready".into(),
+    }))
+}

@@ -1,0 +1,253 @@
+//! Bearer tokens and roles.
+//!
+//! A token is `tnl_<id>_<secret>`. The id is public and finds the row; only the SHA-256 of the
+//! secret is stored, and it is compared in constant time. `WORKER_TOKEN` (the original
+//! project's single shared token) works as an admin token, compared the same way.
+//!
+//! Handlers declare what they need with an extractor — [`ClientAuth`], [`RunnerAuth`] or
+//! [`AdminAuth`] — so a route cannot forget to check.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tunnel_protocol::{CreatedToken, Role, TokenInfo};
+use tunnel_store::{Scope, Store, StoreError};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The id under which tasks submitted with `WORKER_TOKEN` are owned.
+pub(crate) const WORKER_TOKEN_ID: &str = "worker-token";
+/// Shortest `WORKER_TOKEN` accepted.
+pub const WORKER_TOKEN_MIN_LEN: usize = 16;
+const TOKEN_PREFIX: &str = "tnl_";
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub token_id: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Admins see every task; a client sees the tasks it submitted.
+    pub(crate) fn scope(&self) -> Scope {
+        match self.role {
+            Role::Admin => Scope::All,
+            _ => Scope::Owner(self.token_id.clone()),
+        }
+    }
+}
+
+struct KnownToken {
+    role: Role,
+    secret_sha256: [u8; 32],
+    revoked: bool,
+}
+
+/// Verifies tokens against an in-memory copy of the token table, refreshed on every change
+/// made through this server.
+pub(crate) struct Authenticator {
+    worker_token_sha256: Option<[u8; 32]>,
+    tokens: RwLock<HashMap<String, KnownToken>>,
+}
+
+/// Why a configured `WORKER_TOKEN` is refused.
+pub fn check_worker_token(token: &str) -> Result<(), String> {
+    const KNOWN_DEFAULTS: [&str; 3] =
+        ["change-me-to-a-secure-token", "changeme", "your-token-here"];
+    if token.len() < WORKER_TOKEN_MIN_LEN {
+        return Err(format!(
+            "WORKER_TOKEN is too short ({} characters); use at least {WORKER_TOKEN_MIN_LEN}, e.g. `openssl rand -hex 32`",
+            token.len()
+        ));
+    }
+    if KNOWN_DEFAULTS.contains(&token) {
+        return Err(
+            "WORKER_TOKEN is a published default; generate your own, e.g. `openssl rand -hex 32`"
+                .into(),
+        );
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("WORKER_TOKEN must not contain whitespace".into());
+    }
+    let distinct: std::collections::HashSet<char> = token.chars().collect();
+    if distinct.len() < 6 {
+        return Err("WORKER_TOKEN is too repetitive to be secret".into());
+    }
+    Ok(())
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+impl Authenticator {
+    pub(crate) async fn load(
+        store: &Store,
+        worker_token: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        let auth = Authenticator {
+            worker_token_sha256: worker_token.map(|t| sha256(t.as_bytes())),
+            tokens: RwLock::new(HashMap::new()),
+        };
+        auth.reload(store).await?;
+        Ok(auth)
+    }
+
+    /// Re-reads the token table.
+    pub(crate) async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let rows = store.tokens().await?;
+        let map = rows
+            .into_iter()
+            .map(|t| {
+                let known = KnownToken {
+                    role: t.info.role,
+                    secret_sha256: t.secret_sha256,
+                    revoked: t.info.revoked_at.is_some(),
+                };
+                (t.info.id, known)
+            })
+            .collect();
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Whether a `WORKER_TOKEN` is configured.
+    pub(crate) fn has_credentials(&self) -> bool {
+        self.worker_token_sha256.is_some()
+    }
+
+    /// Who holds this token, if anyone.
+    pub(crate) fn verify(&self, presented: &str) -> Option<Caller> {
+        let digest = sha256(presented.as_bytes());
+        if let Some(worker) = &self.worker_token_sha256
+            && bool::from(worker.ct_eq(&digest))
+        {
+            return Some(Caller {
+                token_id: WORKER_TOKEN_ID.into(),
+                role: Role::Admin,
+            });
+        }
+        let (id, secret) = presented.strip_prefix(TOKEN_PREFIX)?.split_once('_')?;
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let known = tokens.get(id)?;
+        let matches: bool = known.secret_sha256.ct_eq(&sha256(secret.as_bytes())).into();
+        (matches && !known.revoked).then(|| Caller {
+            token_id: id.to_owned(),
+            role: known.role,
+        })
+    }
+
+    /// Creates a token; the secret is returned once and only its hash is kept.
+    pub(crate) async fn create(
+        &self,
+        store: &Store,
+        name: String,
+        role: Role,
+    ) -> Result<CreatedToken, StoreError> {
+        let id = tunnel_store::random_hex(6);
+        let secret = tunnel_store::random_hex(24);
+        let info: TokenInfo = store
+            .create_token(id.clone(), name, role, sha256(secret.as_bytes()))
+            .await?;
+        self.reload(store).await?;
+        Ok(CreatedToken {
+            info,
+            token: format!("{TOKEN_PREFIX}{id}_{secret}"),
+        })
+    }
+
+    pub(crate) async fn revoke(&self, store: &Store, id: &str) -> Result<TokenInfo, StoreError> {
+        let info = store.revoke_token(id).await?;
+        self.reload(store).await?;
+        Ok(info)
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>` header"))?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(|| {
+        ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+    })?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(ApiError::unauthorized(
+            "the Authorization header must be `Bearer <token>`",
+        ));
+    }
+    Ok(token.trim())
+}
+
+fn authorize(parts: &Parts, state: &AppState, allowed: &[Role]) -> Result<Caller, ApiError> {
+    let token = bearer(parts)?;
+    let caller = state
+        .auth
+        .verify(token)
+        .ok_or_else(|| ApiError::unauthorized("the token is not valid or has been revoked"))?;
+    if caller.role == Role::Admin || allowed.contains(&caller.role) {
+        Ok(caller)
+    } else {
+        let need: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        Err(ApiError::forbidden(format!(
+            "this route needs a {} token; this one is a {} token",
+            need.join(" or "),
+            caller.role
+        )))
+    }
+}
+
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, [$($role:expr),*]) => {
+        $(#[$doc])*
+        pub(crate) struct $name(pub Caller);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+                authorize(parts, state, &[$($role),*]).map($name)
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// A client (or admin) token: submit and read tasks.
+    ClientAuth,
+    [Role::Client]
+);
+role_extractor!(
+    /// A runner (or admin) token: claim and run tasks.
+    RunnerAuth,
+    [Role::Runner]
+);
+role_extractor!(
+    /// An admin token: manage tokens.
+    AdminAuth,
+    []
+);
+
+#[cfg(test)]
+mod tests {
+    use super::check_worker_token;
+
+    #[test]
+    fn weak_worker_tokens_are_refused() {
+        assert!(check_worker_token("short").is_err());
+        assert!(check_worker_token("change-me-to-a-secure-token").is_err());
+        assert!(check_worker_token("aaaaaaaaaaaaaaaaaaaa").is_err());
+        assert!(check_worker_token("has space in it 12345").is_err());
+        assert!(check_worker_token("3f9c1d7e8a2b4c6d0e1f").is_ok());
+    }
+}

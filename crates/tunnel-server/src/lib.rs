@@ -1,0 +1,196 @@
+//! The tunnel server: API v1 over HTTP, long-poll dispatch to runners, leases, event streams.
+//!
+//! [`Server::bind`] opens the store, binds the listener (port 0 works: tests use it) and
+//! returns a server whose [`Server::run`] serves until the shutdown token is cancelled.
+//!
+//! **Architecture Invariant:** the server never spawns processes and holds no SQL; it talks to
+//! [`tunnel_store::Store`] only.
+
+mod api;
+mod auth;
+mod error;
+mod hub;
+mod openapi;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tunnel_store::{Clock, Database, QueueSettings, Store};
+
+pub use auth::{WORKER_TOKEN_MIN_LEN, check_worker_token};
+pub use openapi::openapi_json;
+
+/// Everything the server needs to start.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub database: Database,
+    /// The original project's shared token; works as an admin token.
+    pub worker_token: Option<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Longest a long-poll or `?wait=` is held.
+    pub max_wait_ms: u64,
+    pub queue: QueueSettings,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, database: Database) -> Self {
+        ServerConfig {
+            listen,
+            database,
+            worker_token: None,
+            max_body_bytes: 4 << 20,
+            max_wait_ms: tunnel_protocol::limits::WAIT_MAX_MS,
+            queue: QueueSettings::default(),
+            clock: Arc::new(tunnel_store::SystemClock),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] tunnel_store::StoreError),
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) hub: Arc<hub::Hub>,
+    pub(crate) auth: auth::Authenticator,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) max_wait_ms: u64,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Shared by every handler.
+pub(crate) type AppState = Arc<Inner>;
+
+/// A bound, ready-to-run server.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    router: axum::Router,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Opens the store, loads tokens and binds the listener.
+    pub async fn bind(config: ServerConfig) -> Result<Server, StartError> {
+        if let Some(t) = &config.worker_token {
+            check_worker_token(t).map_err(StartError::Config)?;
+        }
+        let hub = hub::Hub::new();
+        let store = Store::open(
+            &config.database,
+            config.queue.clone(),
+            config.clock.clone(),
+            hub.clone(),
+        )
+        .await?;
+        let auth = auth::Authenticator::load(&store, config.worker_token.as_deref()).await?;
+        let shutdown = CancellationToken::new();
+        let state = Arc::new(Inner {
+            store,
+            hub,
+            auth,
+            clock: config.clock.clone(),
+            max_wait_ms: config.max_wait_ms,
+            shutdown: shutdown.clone(),
+        });
+        let router = api::router(state.clone(), config.max_body_bytes);
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Server {
+            listener,
+            state,
+            router,
+            shutdown,
+        })
+    }
+
+    /// The address actually bound (the port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Cancel it to stop the server: long-polls and streams end at once, in-flight requests
+    /// finish, then [`Server::run`] returns.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// On a fresh install with no `WORKER_TOKEN`, creates the first admin token and returns
+    /// its secret (once); `None` when any token already exists.
+    pub async fn bootstrap_admin_token(&self) -> Result<Option<String>, tunnel_store::StoreError> {
+        if self.state.auth.has_credentials() || !self.state.store.tokens().await?.is_empty() {
+            return Ok(None);
+        }
+        let created = self
+            .state
+            .auth
+            .create(
+                &self.state.store,
+                "local-admin".into(),
+                tunnel_protocol::Role::Admin,
+            )
+            .await?;
+        Ok(Some(created.token))
+    }
+
+    /// Serves until the shutdown token is cancelled.
+    pub async fn run(self) -> std::io::Result<()> {
+        let timer = tokio::spawn(deadline_timer(self.state.clone()));
+        let token = self.shutdown.clone();
+        let result = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+        self.shutdown.cancel();
+        let _ = timer.await;
+        result
+    }
+}
+
+/// Moves tasks whose deadline passed (offer not acked, lease expired, parked time reached).
+/// Sleeps until the next deadline; woken early when an earlier one appears.
+async fn deadline_timer(state: AppState) {
+    loop {
+        let woken = state.hub.timer_woken();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        // While recomputing, any new deadline must wake us.
+        state.hub.set_timer_target(None);
+        let next = match state.store.expire_due().await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "Expiring deadlines failed; retrying in 1 s.");
+                Some(state.clock.now_ms() + 1_000)
+            }
+        };
+        state.hub.set_timer_target(next);
+        let sleep = state.clock.sleep_until(next.unwrap_or(i64::MAX));
+        tokio::select! {
+            _ = sleep, if next.is_some() => {}
+            _ = &mut woken => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+}

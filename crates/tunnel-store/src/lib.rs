@@ -1,0 +1,349 @@
+//! The tunnel task store.
+//!
+//! One API, [`Store`], over the queue's durable state: tasks and their attempts, the event log,
+//! runners, session bindings and tokens. The server calls it and never sees SQL.
+//!
+//! **Architecture Invariant:** this crate is the only one that contains SQL.
+//!
+//! Backends: SQLite (embedded, the default; see [`sqlite`]). The API is shaped so a PostgreSQL
+//! backend can be added as another [`Backend`] arm without touching the server: every method
+//! is async, takes protocol types, and reports what changed through [`Signals`] after commit.
+
+mod clock;
+mod sqlite;
+
+use std::sync::Arc;
+
+pub use clock::{Clock, ManualClock, Sleep, SystemClock};
+use tunnel_protocol::{
+    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Role,
+    RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent,
+    TaskState, TokenInfo,
+};
+
+/// What can go wrong in the store. Each variant maps to one HTTP status in the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The caller's attempt is not the task's current one, or its lease/offer ran out.
+    #[error("{0}")]
+    Stale(String),
+    /// The request is valid but the task's state does not allow it.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database cannot be used right now.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Timing of the task model.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// How long a runner has to ack an offer.
+    pub ack_timeout_ms: i64,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ms: i64,
+    /// A runner seen within this window counts as online.
+    pub runner_online_ms: i64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            ack_timeout_ms: 15_000,
+            lease_ms: 30_000,
+            runner_online_ms: 90_000,
+        }
+    }
+}
+
+/// How hard SQLite works to keep a commit across a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: a commit survives the server process being killed, but
+    /// the last commits may be lost if the machine loses power.
+    #[default]
+    Normal,
+    /// WAL with `synchronous=FULL`: a commit is on disk before it is acknowledged.
+    Full,
+}
+
+/// A task became ready to offer; the server wakes one runner that matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyHint {
+    pub task_id: String,
+    pub agent: String,
+    pub project: Option<String>,
+    /// The runner that holds the task's session, if it must run there.
+    pub runner: Option<String>,
+}
+
+/// Told, after each commit, what changed. The server implements it to wake long-polls,
+/// watchers and its deadline timer. Implementations must not block.
+pub trait Signals: Send + Sync + 'static {
+    fn task_ready(&self, hint: &ReadyHint);
+    fn task_changed(&self, task_id: &str);
+    /// A deadline (offer ack, lease, parked time) now exists at this time.
+    fn deadline(&self, at_ms: i64);
+}
+
+/// Which tasks a caller may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// Only tasks submitted with this token.
+    Owner(String),
+}
+
+/// Filters for listing tasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub state: Option<TaskState>,
+    pub conversation: Option<String>,
+    pub agent: Option<String>,
+    pub limit: u32,
+}
+
+/// A stored token (the secret itself is never stored, only its SHA-256).
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    pub info: TokenInfo,
+    pub secret_sha256: [u8; 32],
+}
+
+/// Counts for readiness and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub by_state: Vec<(TaskState, u64)>,
+}
+
+/// The store. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+}
+
+/// Where to keep the data.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite {
+        path: std::path::PathBuf,
+        durability: Durability,
+    },
+}
+
+impl Database {
+    /// Parses `sqlite:PATH`, `sqlite://PATH` or a bare path.
+    pub fn parse(s: &str) -> std::result::Result<Database, String> {
+        let path = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+            .unwrap_or(s);
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Err("PostgreSQL is not supported by this build yet; use a SQLite path".into());
+        }
+        if path.is_empty() {
+            return Err("the database path is empty".into());
+        }
+        Ok(Database::Sqlite {
+            path: path.into(),
+            durability: Durability::Normal,
+        })
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database.
+    pub async fn open(
+        db: &Database,
+        settings: QueueSettings,
+        clock: Arc<dyn Clock>,
+        signals: Arc<dyn Signals>,
+    ) -> Result<Store> {
+        let backend = match db {
+            Database::Sqlite { path, durability } => Backend::Sqlite(
+                sqlite::SqliteStore::open(path, *durability, settings, clock, signals).await?,
+            ),
+        };
+        Ok(Store {
+            backend: Arc::new(backend),
+        })
+    }
+
+    /// Submits a task; with an idempotency key already used by `owner`, returns the first task
+    /// and `false`.
+    pub async fn submit(
+        &self,
+        owner: &str,
+        idempotency_key: Option<String>,
+        req: SubmitTask,
+    ) -> Result<(Task, bool)> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.submit(owner.to_owned(), idempotency_key, req).await,
+        }
+    }
+
+    pub async fn task(&self, id: &str, scope: &Scope) -> Result<Task> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.task(id.to_owned(), scope.clone()).await,
+        }
+    }
+
+    pub async fn tasks(&self, filter: TaskFilter, scope: &Scope) -> Result<Vec<Task>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.tasks(filter, scope.clone()).await,
+        }
+    }
+
+    /// Cancels a queued, parked or offered task at once; a running one goes to `cancelling`
+    /// and its runner learns it on the next heartbeat.
+    pub async fn cancel(&self, id: &str, scope: &Scope) -> Result<Task> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.cancel(id.to_owned(), scope.clone()).await,
+        }
+    }
+
+    /// Offers the oldest ready task this runner can take, or `None`. Never waits.
+    pub async fn claim(&self, req: &ClaimRequest) -> Result<Option<Offer>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.claim(req.clone()).await,
+        }
+    }
+
+    pub async fn ack(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone()).await,
+        }
+    }
+
+    pub async fn heartbeat(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.heartbeat(id.to_owned(), attempt.clone()).await,
+        }
+    }
+
+    pub async fn append_events(&self, id: &str, req: AppendEvents) -> Result<AppendAck> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.append_events(id.to_owned(), req).await,
+        }
+    }
+
+    pub async fn finish(&self, id: &str, req: FinishRequest) -> Result<Task> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.finish(id.to_owned(), req).await,
+        }
+    }
+
+    /// Events with `seq > after`, oldest first, and the task's state when read.
+    pub async fn events(
+        &self,
+        id: &str,
+        scope: &Scope,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<TaskEvent>, TaskState)> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.events(id.to_owned(), scope.clone(), after, limit).await,
+        }
+    }
+
+    /// Moves every task whose deadline has passed (offer not acked, lease expired, parked
+    /// time reached) and returns the next deadline, if any.
+    pub async fn expire_due(&self) -> Result<Option<i64>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.expire_due().await,
+        }
+    }
+
+    pub async fn runners(&self) -> Result<Vec<RunnerInfo>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.runners().await,
+        }
+    }
+
+    pub async fn sessions(
+        &self,
+        conversation: Option<String>,
+        agent: Option<String>,
+        limit: u32,
+    ) -> Result<SessionList> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.sessions(conversation, agent, limit).await,
+        }
+    }
+
+    /// Binds a conversation to a fresh session (`session_id` none) or to the given one.
+    pub async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.bind_session(cmd).await,
+        }
+    }
+
+    pub async fn create_token(
+        &self,
+        id: String,
+        name: String,
+        role: Role,
+        secret_sha256: [u8; 32],
+    ) -> Result<TokenInfo> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.create_token(id, name, role, secret_sha256).await,
+        }
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<StoredToken>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.tokens().await,
+        }
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.revoke_token(id.to_owned()).await,
+        }
+    }
+
+    /// Task counts by state; also proves the database answers (readiness).
+    pub async fn counts(&self) -> Result<QueueCounts> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.counts().await,
+        }
+    }
+}
+
+/// A new random id: a UUIDv7, so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).expect("the OS random source failed");
+    hex(&buf)
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

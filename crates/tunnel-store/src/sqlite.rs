@@ -1,0 +1,1524 @@
+//! SQLite backend.
+//!
+//! One writer thread owns the only writing connection. Writes are closures sent to it; it runs
+//! every closure waiting in its queue inside one transaction (each in its own savepoint, so one
+//! failing write rolls back alone), commits once, then answers them all. This group commit is
+//! what lets one SQLite file take thousands of tasks a second while every answered write is
+//! committed. Because there is exactly one writer, a claim can be ordinary Rust over indexed
+//! reads with no race. Reads run on a small pool of read-only connections (WAL lets them
+//! proceed while the writer works).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use tokio::sync::oneshot;
+use tunnel_protocol::{
+    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
+    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList,
+    SessionMode, SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
+};
+
+use crate::{
+    Clock, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals, StoreError,
+    StoredToken, TaskFilter, new_id, random_hex,
+};
+
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_init.sql")];
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Read connections kept open for reuse.
+const READ_POOL: usize = 4;
+
+/// What a committed write changed, applied to [`Signals`] after the commit.
+#[derive(Default)]
+struct Effects {
+    changed: Vec<String>,
+    ready: Vec<ReadyHint>,
+    deadlines: Vec<i64>,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.changed.extend(other.changed);
+        self.ready.extend(other.ready);
+        self.deadlines.extend(other.deadlines);
+    }
+}
+
+/// A write in progress: the connection (inside a savepoint), the time it runs at, and what
+/// it changed.
+struct W<'a> {
+    conn: &'a Connection,
+    now: i64,
+    fx: Effects,
+    settings: &'a QueueSettings,
+}
+
+type Completion = Box<dyn FnOnce(bool) + Send>;
+type Job = Box<dyn FnOnce(&mut rusqlite::Transaction<'_>, &mut Effects) -> Completion + Send>;
+
+pub(crate) struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    settings: Arc<QueueSettings>,
+}
+
+impl SqliteStore {
+    pub(crate) async fn open(
+        path: &Path,
+        durability: Durability,
+        settings: QueueSettings,
+        clock: Arc<dyn Clock>,
+        signals: Arc<dyn Signals>,
+    ) -> Result<SqliteStore> {
+        let path = path.to_path_buf();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("tunnel-sqlite-writer".into())
+            .spawn(move || match open_writer(&thread_path, durability) {
+                Ok(conn) => {
+                    let _ = ready_tx.send(Ok(()));
+                    writer_loop(conn, rx, signals);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        ready_rx
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer thread died".into()))??;
+        Ok(SqliteStore {
+            jobs,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path,
+            clock,
+            settings: Arc::new(settings),
+        })
+    }
+
+    /// Runs `f` on the writer thread inside the next group commit; answers after the commit.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut W<'_>) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let clock = self.clock.clone();
+        let settings = self.settings.clone();
+        let job: Job = Box::new(move |txn, effects| {
+            // A caller that went away (a long-poll whose client disconnected) gets nothing
+            // done on its behalf.
+            if tx.is_closed() {
+                return Box::new(|_| {});
+            }
+            let result = run_in_savepoint(txn, effects, &settings, clock.now_ms(), f);
+            Box::new(move |committed| {
+                let answer = if committed {
+                    result
+                } else {
+                    Err(StoreError::Unavailable("the commit failed".into()))
+                };
+                let _ = tx.send(answer);
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?
+    }
+
+    /// Runs `f` on a pooled read-only connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, i64) -> Result<T> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        let now = self.clock.now_ms();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_reader(&path)?,
+            };
+            let result = f(&conn, now);
+            let mut pool = readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < READ_POOL {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+
+    pub(crate) async fn submit(
+        &self,
+        owner: String,
+        key: Option<String>,
+        req: SubmitTask,
+    ) -> Result<(Task, bool)> {
+        self.write(move |w| {
+            if let Some(k) = &key {
+                let existing: Option<String> = w
+                    .conn
+                    .prepare_cached(
+                        "SELECT id FROM tasks WHERE owner = ?1 AND idempotency_key = ?2",
+                    )?
+                    .query_row(params![owner, k], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = existing {
+                    return Ok((load_task(w.conn, &id, &Scope::All)?, false));
+                }
+            }
+            let id = new_id();
+            let session_key = req.conversation.as_ref().map(|c| session_key(&req.agent, c));
+            let busy = match &session_key {
+                Some(k) => w
+                    .conn
+                    .prepare_cached(
+                        "SELECT 1 FROM tasks WHERE session_key = ?1 AND finished_at IS NULL LIMIT 1",
+                    )?
+                    .exists(params![k])?,
+                None => false,
+            };
+            let (mode, resume_id) = match &req.session {
+                SessionMode::Continue => ("continue", None),
+                SessionMode::New => ("new", None),
+                SessionMode::Resume(id) => ("resume", Some(id.clone())),
+            };
+            let reply_to = req.reply_to.as_ref().map(to_json);
+            w.conn
+                .prepare_cached(
+                    "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
+                        timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
+                        idempotency_key, state, ready, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+                        'queued', ?15, ?16, ?16)",
+                )?
+                .execute(params![
+                    id,
+                    req.agent,
+                    req.prompt,
+                    req.conversation,
+                    session_key,
+                    req.project,
+                    req.model,
+                    req.timeout_ms.map(|t| t as i64),
+                    mode,
+                    resume_id,
+                    req.max_attempts.unwrap_or(1),
+                    reply_to,
+                    owner,
+                    key,
+                    !busy,
+                    w.now,
+                ])?;
+            let seq = w.conn.last_insert_rowid();
+            w.event(seq, 0, "state", &serde_json::json!({"state": "queued"}))?;
+            w.fx.changed.push(id.clone());
+            if !busy {
+                let hint = w.ready_hint(seq)?;
+                w.fx.ready.push(hint);
+            }
+            Ok((load_task(w.conn, &id, &Scope::All)?, true))
+        })
+        .await
+    }
+
+    pub(crate) async fn task(&self, id: String, scope: Scope) -> Result<Task> {
+        self.read(move |c, _| load_task(c, &id, &scope)).await
+    }
+
+    pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
+        self.read(move |c, _| {
+            let owner = match &scope {
+                Scope::All => None,
+                Scope::Owner(o) => Some(o.clone()),
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM tasks
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR conversation = ?2)
+                   AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR owner = ?4)
+                 ORDER BY seq DESC LIMIT ?5"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    filter.state.map(|s| s.as_str()),
+                    filter.conversation,
+                    filter.agent,
+                    owner,
+                    filter.limit.clamp(1, 1000)
+                ],
+                task_from_row,
+            )?;
+            let mut tasks = Vec::new();
+            for row in rows {
+                let (seq, session_key, mut task) = row?;
+                task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
+                tasks.push(task);
+            }
+            Ok(tasks)
+        })
+        .await
+    }
+
+    pub(crate) async fn cancel(&self, id: String, scope: Scope) -> Result<Task> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            if let Scope::Owner(o) = &scope
+                && &t.owner != o
+            {
+                return Err(StoreError::NotFound("task"));
+            }
+            match t.state {
+                TaskState::Queued | TaskState::Parked | TaskState::Offered => {
+                    w.finish_task(
+                        &t,
+                        TaskState::Cancelled,
+                        Some("cancelled before it ran"),
+                        None,
+                    )?;
+                }
+                TaskState::Running => {
+                    w.conn
+                        .prepare_cached(
+                            "UPDATE tasks SET state = 'cancelling', cancel_requested = 1,
+                             reason = 'cancel requested', updated_at = ?2 WHERE seq = ?1",
+                        )?
+                        .execute(params![t.seq, w.now])?;
+                    w.event(
+                        t.seq,
+                        t.attempt,
+                        "state",
+                        &serde_json::json!({"state": "cancelling"}),
+                    )?;
+                    w.fx.changed.push(t.id.clone());
+                }
+                TaskState::Cancelling => {}
+                s => {
+                    return Err(StoreError::Conflict(format!(
+                        "task has already ended ({s})"
+                    )));
+                }
+            }
+            load_task(w.conn, &id, &Scope::All)
+        })
+        .await
+    }
+
+    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
+        self.write(move |w| {
+            w.touch_runner(&req)?;
+            // Oldest ready task first; filter on what the runner has. The ready set holds one
+            // task per busy-free session, so this scan is short.
+            let mut stmt = w.conn.prepare_cached(
+                "SELECT t.seq, t.agent, t.project, t.session_mode, t.resume_id, t.not_before,
+                        s.session_id, s.runner
+                 FROM tasks t
+                 LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                 WHERE t.ready = 1
+                 ORDER BY t.seq",
+            )?;
+            let mut rows = stmt.query([])?;
+            let mut chosen = None;
+            while let Some(r) = rows.next()? {
+                let seq: i64 = r.get(0)?;
+                let agent: String = r.get(1)?;
+                let project: Option<String> = r.get(2)?;
+                let mode: String = r.get(3)?;
+                let resume_id: Option<String> = r.get(4)?;
+                let not_before: Option<i64> = r.get(5)?;
+                let bound_session: Option<String> = r.get(6)?;
+                let bound_runner: Option<String> = r.get(7)?;
+                if not_before.is_some_and(|nb| nb > w.now)
+                    || !req.agents.contains(&agent)
+                    || project.as_ref().is_some_and(|p| !req.projects.contains(p))
+                {
+                    continue;
+                }
+                let (resume, home) = match mode.as_str() {
+                    "new" => (None, None),
+                    "resume" => {
+                        let id = resume_id.unwrap_or_default();
+                        let home = history_runner(w.conn, &agent, &id)?;
+                        (Some(id), home)
+                    }
+                    _ => (bound_session.clone(), bound_session.and(bound_runner)),
+                };
+                // A session lives on the disk of the runner that made it.
+                if home.as_ref().is_some_and(|h| h != &req.runner) {
+                    continue;
+                }
+                chosen = Some((seq, mode, resume));
+                break;
+            }
+            drop(rows);
+            drop(stmt);
+            let Some((seq, mode, resume)) = chosen else {
+                return Ok(None);
+            };
+            let lease_token = random_hex(16);
+            let ack_by = w.now + w.settings.ack_timeout_ms;
+            w.conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
+                        lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
+                        not_before = NULL, reason = NULL, updated_at = ?5
+                     WHERE seq = ?1",
+                )?
+                .execute(params![seq, lease_token, req.runner, ack_by, w.now])?;
+            let task = load_task_by_seq(w.conn, seq)?;
+            if let Some(conv) = &task.conversation
+                && mode != "continue"
+            {
+                // `new` and `resume` rebind the conversation now, so tasks after it continue
+                // from here even if this one never reports a session id.
+                let runner = if resume.is_some() {
+                    history_runner(w.conn, &task.agent, resume.as_deref().unwrap_or_default())?
+                } else {
+                    None
+                };
+                w.set_binding(&task.agent, conv, resume.as_deref(), runner.as_deref())?;
+            }
+            w.event(
+                seq,
+                task.attempt,
+                "state",
+                &serde_json::json!({"state": "offered", "runner": req.runner}),
+            )?;
+            w.fx.changed.push(task.id.clone());
+            w.fx.deadlines.push(ack_by);
+            Ok(Some(Offer {
+                attempt: task.attempt,
+                lease_token,
+                ack_by,
+                resume_session_id: resume,
+                task,
+            }))
+        })
+        .await
+    }
+
+    pub(crate) async fn ack(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            w.check_attempt(&t, &at)?;
+            match t.state {
+                TaskState::Offered => {}
+                // A retried ack of the same attempt: answer as the first one did.
+                TaskState::Running | TaskState::Cancelling => {
+                    return Ok(LeaseStatus {
+                        lease_until: t.lease_until.unwrap_or(w.now),
+                        cancel: t.state == TaskState::Cancelling,
+                    });
+                }
+                s => {
+                    return Err(StoreError::Stale(format!(
+                        "attempt {} can no longer start: task is {s}",
+                        at.attempt
+                    )));
+                }
+            }
+            if t.ack_by.is_some_and(|d| d < w.now) {
+                w.requeue_offer(&t)?;
+                return Err(StoreError::Stale(format!(
+                    "offer of attempt {} expired before it was acked",
+                    at.attempt
+                )));
+            }
+            let lease_until = w.now + w.settings.lease_ms;
+            w.conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
+                        lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3
+                     WHERE seq = ?1",
+                )?
+                .execute(params![t.seq, lease_until, w.now])?;
+            w.event(
+                t.seq,
+                t.attempt,
+                "state",
+                &serde_json::json!({"state": "running", "runner": t.runner}),
+            )?;
+            w.fx.changed.push(t.id.clone());
+            w.fx.deadlines.push(lease_until);
+            Ok(LeaseStatus {
+                lease_until,
+                cancel: false,
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn heartbeat(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            w.check_attempt(&t, &at)?;
+            let lease_until = w.renew_lease(&t)?;
+            Ok(LeaseStatus {
+                lease_until,
+                cancel: t.state == TaskState::Cancelling,
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            w.check_attempt(
+                &t,
+                &AttemptRef {
+                    attempt: req.attempt,
+                    lease_token: req.lease_token.clone(),
+                },
+            )?;
+            w.renew_lease(&t)?;
+            let mut accepted = 0;
+            for e in &req.events {
+                let dup = w
+                    .conn
+                    .prepare_cached(
+                        "SELECT 1 FROM task_events WHERE task_seq = ?1 AND attempt = ?2 AND n = ?3",
+                    )?
+                    .exists(params![t.seq, t.attempt, e.n as i64])?;
+                if dup {
+                    continue;
+                }
+                w.insert_event(t.seq, t.attempt, Some(e.n), &e.kind, &e.data)?;
+                accepted += 1;
+                // A session id reported mid-run binds the conversation at once, so a crash
+                // later still leaves the session resumable.
+                if e.kind == "session"
+                    && let Some(sid) = e.data.get("session_id").and_then(|v| v.as_str())
+                    && tunnel_protocol::validate_session_id("session_id", sid).is_ok()
+                {
+                    w.record_session(&t, sid)?;
+                }
+            }
+            if accepted > 0 {
+                w.fx.changed.push(t.id.clone());
+            }
+            Ok(AppendAck {
+                accepted,
+                cancel: t.state == TaskState::Cancelling,
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            w.check_attempt(
+                &t,
+                &AttemptRef {
+                    attempt: req.attempt,
+                    lease_token: req.lease_token.clone(),
+                },
+            )?;
+            match t.state {
+                TaskState::Offered | TaskState::Running | TaskState::Cancelling => {}
+                s => {
+                    return Err(StoreError::Stale(format!(
+                        "attempt {} has already ended: task is {s}",
+                        req.attempt
+                    )));
+                }
+            }
+            if t.state != TaskState::Offered {
+                w.check_lease(&t)?;
+            }
+            if let Some(sid) = &req.result.session_id {
+                w.record_session(&t, sid)?;
+            }
+            let result = to_json(&req.result);
+            w.conn
+                .prepare_cached("UPDATE tasks SET result = ?2 WHERE seq = ?1")?
+                .execute(params![t.seq, result])?;
+            match req.outcome {
+                Outcome::Parked => {
+                    let not_before = req.not_before.unwrap_or(w.now);
+                    w.conn
+                        .prepare_cached(
+                            "UPDATE tasks SET state = 'parked', ready = 1, not_before = ?2,
+                                lease_until = NULL, ack_by = NULL, lease_token = NULL,
+                                reason = ?3, updated_at = ?4
+                             WHERE seq = ?1",
+                        )?
+                        .execute(params![
+                            t.seq,
+                            not_before,
+                            req.result
+                                .error
+                                .as_deref()
+                                .unwrap_or("parked by the runner"),
+                            w.now
+                        ])?;
+                    w.event(
+                        t.seq,
+                        t.attempt,
+                        "state",
+                        &serde_json::json!({"state": "parked", "not_before": not_before}),
+                    )?;
+                    w.fx.changed.push(t.id.clone());
+                    w.fx.deadlines.push(not_before);
+                    if not_before <= w.now {
+                        let hint = w.ready_hint(t.seq)?;
+                        w.fx.ready.push(hint);
+                    }
+                }
+                outcome => {
+                    let reason = match outcome {
+                        Outcome::Failed => req.result.error.as_deref(),
+                        Outcome::TimedOut => Some("the agent ran past its timeout"),
+                        Outcome::Cancelled => Some("cancelled"),
+                        _ => None,
+                    };
+                    w.finish_task(&t, outcome.state(), reason, Some(&req.result))?;
+                }
+            }
+            load_task_by_seq(w.conn, t.seq)
+        })
+        .await
+    }
+
+    pub(crate) async fn events(
+        &self,
+        id: String,
+        scope: Scope,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<TaskEvent>, TaskState)> {
+        self.read(move |c, _| {
+            let (seq, owner, state): (i64, String, String) = c
+                .prepare_cached("SELECT seq, owner, state FROM tasks WHERE id = ?1")?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            if let Scope::Owner(o) = &scope
+                && o != &owner
+            {
+                return Err(StoreError::NotFound("task"));
+            }
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, attempt, kind, data, at FROM task_events
+                 WHERE task_seq = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let events = stmt
+                .query_map(params![seq, after as i64, limit.clamp(1, 10_000)], |r| {
+                    let data: String = r.get(3)?;
+                    Ok(TaskEvent {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        attempt: r.get(1)?,
+                        kind: r.get(2)?,
+                        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                        at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((events, parse_state(&state)?))
+        })
+        .await
+    }
+
+    pub(crate) async fn expire_due(&self) -> Result<Option<i64>> {
+        self.write(move |w| {
+            let now = w.now;
+            let offered = w.due("SELECT seq FROM tasks WHERE state = 'offered' AND ack_by <= ?1")?;
+            for seq in offered {
+                let t = w.task_by_seq(seq)?;
+                w.requeue_offer(&t)?;
+            }
+            let leased = w.due(
+                "SELECT seq FROM tasks WHERE state IN ('running', 'cancelling') AND lease_until <= ?1",
+            )?;
+            for seq in leased {
+                let t = w.task_by_seq(seq)?;
+                w.expire_lease(&t)?;
+            }
+            let parked = w.due("SELECT seq FROM tasks WHERE state = 'parked' AND not_before <= ?1")?;
+            for seq in parked {
+                let t = w.task_by_seq(seq)?;
+                w.conn
+                    .prepare_cached(
+                        "UPDATE tasks SET state = 'queued', not_before = NULL, updated_at = ?2 WHERE seq = ?1",
+                    )?
+                    .execute(params![seq, now])?;
+                w.event(seq, t.attempt, "state", &serde_json::json!({"state": "queued"}))?;
+                w.fx.changed.push(t.id.clone());
+                let hint = w.ready_hint(seq)?;
+                w.fx.ready.push(hint);
+            }
+            let next: Option<i64> = w.conn.query_row(
+                "SELECT MIN(d) FROM (
+                    SELECT MIN(ack_by) AS d FROM tasks WHERE state = 'offered'
+                    UNION ALL SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')
+                    UNION ALL SELECT MIN(not_before) FROM tasks WHERE state = 'parked')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(next)
+        })
+        .await
+    }
+
+    pub(crate) async fn runners(&self) -> Result<Vec<RunnerInfo>> {
+        let online_ms = self.settings.runner_online_ms;
+        self.read(move |c, now| {
+            let mut stmt = c.prepare_cached(
+                "SELECT r.name, r.agents, r.projects, r.capacity, r.version, r.first_seen, r.last_seen,
+                    (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
+                        AND t.state IN ('offered', 'running', 'cancelling'))
+                 FROM runners r ORDER BY r.name",
+            )?;
+            let runners = stmt
+                .query_map([], |r| {
+                    let agents: String = r.get(1)?;
+                    let projects: String = r.get(2)?;
+                    let last_seen: i64 = r.get(6)?;
+                    Ok(RunnerInfo {
+                        name: r.get(0)?,
+                        agents: serde_json::from_str(&agents).unwrap_or_default(),
+                        projects: serde_json::from_str(&projects).unwrap_or_default(),
+                        capacity: r.get(3)?,
+                        version: r.get(4)?,
+                        first_seen: r.get(5)?,
+                        last_seen,
+                        online: now - last_seen <= online_ms,
+                        active_tasks: r.get(7)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(runners)
+        })
+        .await
+    }
+
+    pub(crate) async fn sessions(
+        &self,
+        conversation: Option<String>,
+        agent: Option<String>,
+        limit: u32,
+    ) -> Result<SessionList> {
+        self.read(move |c, _| {
+            let limit = limit.clamp(1, 1000);
+            let sessions = c
+                .prepare_cached(
+                    "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
+                     WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
+                     ORDER BY updated_at DESC LIMIT ?3",
+                )?
+                .query_map(params![conversation, agent, limit], |r| {
+                    Ok(SessionBinding {
+                        conversation: r.get(0)?,
+                        agent: r.get(1)?,
+                        session_id: r.get(2)?,
+                        runner: r.get(3)?,
+                        updated_at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let recent = c
+                .prepare_cached(
+                    "SELECT agent, session_id, runner, conversation, last_used FROM session_history
+                     WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
+                     ORDER BY last_used DESC LIMIT ?3",
+                )?
+                .query_map(params![conversation, agent, limit], |r| {
+                    Ok(RecentSession {
+                        agent: r.get(0)?,
+                        session_id: r.get(1)?,
+                        runner: r.get(2)?,
+                        conversation: r.get(3)?,
+                        last_used: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(SessionList { sessions, recent })
+        })
+        .await
+    }
+
+    pub(crate) async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
+        self.write(move |w| {
+            let runner = match (&cmd.session_id, &cmd.runner) {
+                (_, Some(r)) => Some(r.clone()),
+                (Some(id), None) => history_runner(w.conn, &cmd.agent, id)?,
+                (None, None) => None,
+            };
+            w.set_binding(&cmd.agent, &cmd.conversation, cmd.session_id.as_deref(), runner.as_deref())?;
+            if let Some(id) = &cmd.session_id {
+                w.conn
+                    .prepare_cached(
+                        "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (agent, session_id) DO UPDATE SET
+                            runner = COALESCE(excluded.runner, runner),
+                            conversation = excluded.conversation, last_used = excluded.last_used",
+                    )?
+                    .execute(params![cmd.agent, id, runner, cmd.conversation, w.now])?;
+            }
+            Ok(SessionBinding {
+                conversation: cmd.conversation,
+                agent: cmd.agent,
+                session_id: cmd.session_id,
+                runner,
+                updated_at: w.now,
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn create_token(
+        &self,
+        id: String,
+        name: String,
+        role: Role,
+        hash: [u8; 32],
+    ) -> Result<TokenInfo> {
+        self.write(move |w| {
+            w.conn
+                .prepare_cached(
+                    "INSERT INTO tokens (id, name, role, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![id, name, role.as_str(), &hash[..], w.now])?;
+            Ok(TokenInfo { id, name, role, created_at: w.now, revoked_at: None })
+        })
+        .await
+    }
+
+    pub(crate) async fn tokens(&self) -> Result<Vec<StoredToken>> {
+        self.read(|c, _| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, name, role, secret_sha256, created_at, revoked_at FROM tokens ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, name, role, hash, created_at, revoked_at) = row?;
+                let role = Role::parse(&role)
+                    .ok_or_else(|| StoreError::Corrupt(format!("token {id} has role {role:?}")))?;
+                let secret_sha256: [u8; 32] = hash
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt(format!("token {id} has a bad hash")))?;
+                out.push(StoredToken {
+                    info: TokenInfo { id, name, role, created_at, revoked_at },
+                    secret_sha256,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(crate) async fn revoke_token(&self, id: String) -> Result<TokenInfo> {
+        self.write(move |w| {
+            let changed = w
+                .conn
+                .prepare_cached(
+                    "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                )?
+                .execute(params![id, w.now])?;
+            if changed == 0 {
+                return Err(StoreError::NotFound("token"));
+            }
+            let info = w.conn.query_row(
+                "SELECT name, role, created_at, revoked_at FROM tokens WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                    ))
+                },
+            )?;
+            Ok(TokenInfo {
+                id,
+                name: info.0,
+                role: Role::parse(&info.1).unwrap_or(Role::Client),
+                created_at: info.2,
+                revoked_at: info.3,
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn counts(&self) -> Result<QueueCounts> {
+        self.read(|c, _| {
+            let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut by_state = Vec::new();
+            for row in rows {
+                let (s, n) = row?;
+                by_state.push((parse_state(&s)?, n as u64));
+            }
+            Ok(QueueCounts { by_state })
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer thread
+
+fn open_writer(path: &Path, durability: Durability) -> Result<Connection> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+        })?;
+    }
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "{} cannot use WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    let sync = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
+    ))?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Applies the embedded migrations not yet applied (tracked in `PRAGMA user_version`).
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version as usize > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "the database is at schema version {version}, newer than this build knows ({}); upgrade tunnel",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
+        tracing::info!(version = i + 1, "Applied database migration.");
+    }
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, signals: Arc<dyn Signals>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut effects = Effects::default();
+        let mut completions = Vec::with_capacity(batch.len());
+        let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(mut txn) => {
+                for job in batch {
+                    completions.push(job(&mut txn, &mut effects));
+                }
+                match txn.commit() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "SQLite commit failed.");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SQLite could not begin a transaction.");
+                // The jobs never ran; their callers get an error.
+                drop(batch);
+                false
+            }
+        };
+        if committed {
+            for at in &effects.deadlines {
+                signals.deadline(*at);
+            }
+            for id in &effects.changed {
+                signals.task_changed(id);
+            }
+            for hint in &effects.ready {
+                signals.task_ready(hint);
+            }
+        }
+        for done in completions {
+            done(committed);
+        }
+    }
+}
+
+fn run_in_savepoint<T>(
+    txn: &mut rusqlite::Transaction<'_>,
+    effects: &mut Effects,
+    settings: &QueueSettings,
+    now: i64,
+    f: impl FnOnce(&mut W<'_>) -> Result<T>,
+) -> Result<T> {
+    let sp = txn.savepoint()?;
+    let (result, fx) = {
+        let mut w = W {
+            conn: &sp,
+            now,
+            fx: Effects::default(),
+            settings,
+        };
+        let r = f(&mut w);
+        (r, w.fx)
+    };
+    // A refusal (stale attempt, conflict, not found) keeps what the write did before refusing:
+    // that is deliberate, e.g. expiring the lease a late heartbeat found expired. A database
+    // error rolls the write back (dropping the savepoint does).
+    let keep = match &result {
+        Ok(_) => true,
+        Err(e) => matches!(
+            e,
+            StoreError::Stale(_) | StoreError::Conflict(_) | StoreError::NotFound(_)
+        ),
+    };
+    if keep {
+        sp.commit()?;
+        effects.merge(fx);
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes on the writer thread
+
+/// The columns of a task a write needs to decide a transition.
+struct OpenTask {
+    seq: i64,
+    id: String,
+    agent: String,
+    conversation: Option<String>,
+    session_key: Option<String>,
+    owner: String,
+    state: TaskState,
+    attempt: u32,
+    runs: u32,
+    max_attempts: u32,
+    lease_token: Option<String>,
+    runner: Option<String>,
+    ack_by: Option<i64>,
+    lease_until: Option<i64>,
+}
+
+const OPEN_TASK_COLUMNS: &str =
+    "seq, id, agent, conversation, session_key, owner, state, attempt, runs,
+    max_attempts, lease_token, runner, ack_by, lease_until";
+
+fn open_task_from_row(r: &Row<'_>) -> rusqlite::Result<OpenTask> {
+    let state: String = r.get(6)?;
+    Ok(OpenTask {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        agent: r.get(2)?,
+        conversation: r.get(3)?,
+        session_key: r.get(4)?,
+        owner: r.get(5)?,
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        attempt: r.get(7)?,
+        runs: r.get(8)?,
+        max_attempts: r.get(9)?,
+        lease_token: r.get(10)?,
+        runner: r.get(11)?,
+        ack_by: r.get(12)?,
+        lease_until: r.get(13)?,
+    })
+}
+
+impl W<'_> {
+    fn open_task(&self, id: &str) -> Result<OpenTask> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = ?1"
+            ))?
+            .query_row(params![id], open_task_from_row)
+            .optional()?
+            .ok_or(StoreError::NotFound("task"))
+    }
+
+    fn task_by_seq(&self, seq: i64) -> Result<OpenTask> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE seq = ?1"
+            ))?
+            .query_row(params![seq], open_task_from_row)?)
+    }
+
+    fn due(&self, sql: &str) -> Result<Vec<i64>> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let seqs = stmt
+            .query_map(params![self.now], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        Ok(seqs)
+    }
+
+    /// Fencing: only the current attempt, with its lease token, may act.
+    fn check_attempt(&self, t: &OpenTask, at: &AttemptRef) -> Result<()> {
+        if at.attempt != t.attempt
+            || !t
+                .lease_token
+                .as_deref()
+                .is_some_and(|lt| subtle_eq(lt, &at.lease_token))
+        {
+            return Err(StoreError::Stale(format!(
+                "attempt {} is not the current attempt of task {} (current: {})",
+                at.attempt, t.id, t.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    /// The lease of a running attempt must not have run out; if it has, the attempt is ended
+    /// now (as the deadline timer would) and the caller is told it is stale.
+    fn check_lease(&mut self, t: &OpenTask) -> Result<()> {
+        match t.state {
+            TaskState::Running | TaskState::Cancelling => {}
+            s => {
+                return Err(StoreError::Stale(format!(
+                    "attempt {} is not running: task is {s}",
+                    t.attempt
+                )));
+            }
+        }
+        if t.lease_until.is_some_and(|l| l < self.now) {
+            self.expire_lease(t)?;
+            return Err(StoreError::Stale(format!(
+                "the lease of attempt {} expired before this call",
+                t.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
+        self.check_lease(t)?;
+        let lease_until = self.now + self.settings.lease_ms;
+        self.conn
+            .prepare_cached("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
+            .execute(params![t.seq, lease_until])?;
+        if let Some(r) = &t.runner {
+            self.conn
+                .prepare_cached("UPDATE runners SET last_seen = ?2 WHERE name = ?1")?
+                .execute(params![r, self.now])?;
+        }
+        Ok(lease_until)
+    }
+
+    /// An offer that was not acked in time goes back to the head of its session.
+    fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
+        let reason = format!(
+            "offer to runner {} was not acked in time; queued again",
+            t.runner.as_deref().unwrap_or("?")
+        );
+        self.conn
+            .prepare_cached(
+                "UPDATE tasks SET state = 'queued', ready = 1, ack_by = NULL, lease_token = NULL,
+                    reason = ?2, updated_at = ?3 WHERE seq = ?1",
+            )?
+            .execute(params![t.seq, reason, self.now])?;
+        self.event(
+            t.seq,
+            t.attempt,
+            "state",
+            &serde_json::json!({"state": "queued", "reason": reason}),
+        )?;
+        self.fx.changed.push(t.id.clone());
+        let hint = self.ready_hint(t.seq)?;
+        self.fx.ready.push(hint);
+        Ok(())
+    }
+
+    /// A lease ran out: the runner is gone. Cancel if cancel was asked, retry if attempts are
+    /// left, else report the task lost.
+    fn expire_lease(&mut self, t: &OpenTask) -> Result<()> {
+        let runner = t.runner.as_deref().unwrap_or("?");
+        if t.state == TaskState::Cancelling {
+            let reason = format!("cancelled; runner {runner} stopped responding before confirming");
+            return self.finish_task(t, TaskState::Cancelled, Some(&reason), None);
+        }
+        if t.runs < t.max_attempts {
+            let reason = format!(
+                "runner {runner} stopped heartbeating (lease expired); retrying, {} of {} attempts used",
+                t.runs, t.max_attempts
+            );
+            self.conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
+                        lease_token = NULL, reason = ?2, updated_at = ?3 WHERE seq = ?1",
+                )?
+                .execute(params![t.seq, reason, self.now])?;
+            self.event(
+                t.seq,
+                t.attempt,
+                "state",
+                &serde_json::json!({"state": "queued", "reason": reason}),
+            )?;
+            self.fx.changed.push(t.id.clone());
+            let hint = self.ready_hint(t.seq)?;
+            self.fx.ready.push(hint);
+            return Ok(());
+        }
+        let reason = format!("runner {runner} stopped heartbeating; its lease expired");
+        self.finish_task(t, TaskState::Lost, Some(&reason), None)
+    }
+
+    /// Moves a task to a terminal state and lets the next task of its session go.
+    fn finish_task(
+        &mut self,
+        t: &OpenTask,
+        state: TaskState,
+        reason: Option<&str>,
+        result: Option<&TaskResult>,
+    ) -> Result<()> {
+        debug_assert!(state.is_terminal());
+        self.conn
+            .prepare_cached(
+                "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
+                    lease_token = NULL, not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4
+                 WHERE seq = ?1",
+            )?
+            .execute(params![t.seq, state.as_str(), reason, self.now])?;
+        let mut data = serde_json::json!({"state": state.as_str()});
+        if let Some(r) = reason {
+            data["reason"] = r.into();
+        }
+        if let Some(res) = result {
+            data["result"] = serde_json::to_value(res).unwrap_or_default();
+        }
+        self.event(t.seq, t.attempt, "state", &data)?;
+        self.fx.changed.push(t.id.clone());
+        if let Some(key) = &t.session_key {
+            let next: Option<(i64, String)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, state FROM tasks WHERE session_key = ?1 AND finished_at IS NULL
+                     ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((seq, s)) = next
+                && (s == "queued" || s == "parked")
+            {
+                self.conn
+                    .prepare_cached("UPDATE tasks SET ready = 1 WHERE seq = ?1")?
+                    .execute(params![seq])?;
+                let hint = self.ready_hint(seq)?;
+                self.fx.ready.push(hint);
+            }
+        }
+        Ok(())
+    }
+
+    fn event(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<()> {
+        self.insert_event(task_seq, attempt, None, kind, data)
+    }
+
+    fn insert_event(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        n: Option<u64>,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<()> {
+        let seq: i64 = self
+            .conn
+            .prepare_cached(
+                "UPDATE tasks SET next_event_seq = next_event_seq + 1 WHERE seq = ?1
+                 RETURNING next_event_seq - 1",
+            )?
+            .query_row(params![task_seq], |r| r.get(0))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                task_seq,
+                seq,
+                attempt,
+                n.map(|n| n as i64),
+                kind,
+                data.to_string(),
+                self.now
+            ])?;
+        Ok(())
+    }
+
+    /// Which runner should be woken for a task that just became ready.
+    fn ready_hint(&self, seq: i64) -> Result<ReadyHint> {
+        let (id, agent, project, mode, resume_id, bound_session, bound_runner): (
+            String,
+            String,
+            Option<String>,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = self
+            .conn
+            .prepare_cached(
+                "SELECT t.id, t.agent, t.project, t.session_mode, t.resume_id, s.session_id, s.runner
+                 FROM tasks t LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                 WHERE t.seq = ?1",
+            )?
+            .query_row(params![seq], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            })?;
+        let runner = match mode.as_str() {
+            "new" => None,
+            "resume" => {
+                history_runner(self.conn, &agent, resume_id.as_deref().unwrap_or_default())?
+            }
+            _ => bound_session.and(bound_runner),
+        };
+        Ok(ReadyHint {
+            task_id: id,
+            agent,
+            project,
+            runner,
+        })
+    }
+
+    fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO runners (name, agents, projects, capacity, version, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                 ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
+                    projects = excluded.projects, capacity = excluded.capacity,
+                    version = excluded.version, last_seen = excluded.last_seen",
+            )?
+            .execute(params![
+                req.runner,
+                to_json(&req.agents),
+                to_json(&req.projects),
+                req.capacity,
+                req.version,
+                self.now
+            ])?;
+        Ok(())
+    }
+
+    fn set_binding(
+        &self,
+        agent: &str,
+        conversation: &str,
+        session_id: Option<&str>,
+        runner: Option<&str>,
+    ) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (agent, conversation) DO UPDATE SET session_id = excluded.session_id,
+                    runner = excluded.runner, updated_at = excluded.updated_at",
+            )?
+            .execute(params![agent, conversation, session_id, runner, self.now])?;
+        Ok(())
+    }
+
+    /// The agent reported its native session id: remember it and bind the conversation.
+    fn record_session(&self, t: &OpenTask, session_id: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
+                    conversation = COALESCE(excluded.conversation, conversation),
+                    last_used = excluded.last_used",
+            )?
+            .execute(params![
+                t.agent,
+                session_id,
+                t.runner,
+                t.conversation,
+                self.now
+            ])?;
+        if let Some(conv) = &t.conversation {
+            self.set_binding(&t.agent, conv, Some(session_id), t.runner.as_deref())?;
+        }
+        Ok(())
+    }
+}
+
+fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT runner FROM session_history WHERE agent = ?1 AND session_id = ?2")?
+        .query_row(params![agent, session_id], |r| {
+            r.get::<_, Option<String>>(0)
+        })
+        .optional()?
+        .flatten())
+}
+
+/// Constant-time string equality (lease tokens).
+fn subtle_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading tasks
+
+const TASK_COLUMNS: &str = "seq, session_key, id, agent, prompt, conversation, project, model,
+    timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
+    cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
+    started_at, finished_at, owner";
+
+fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Option<String>, Task)> {
+    let state: String = r.get(13)?;
+    let mode: String = r.get(9)?;
+    let resume_id: Option<String> = r.get(10)?;
+    let reply_to: Option<String> = r.get(12)?;
+    let result: Option<String> = r.get(21)?;
+    let session = match mode.as_str() {
+        "new" => SessionMode::New,
+        "resume" => SessionMode::Resume(resume_id.unwrap_or_default()),
+        _ => SessionMode::Continue,
+    };
+    let task = Task {
+        id: r.get(2)?,
+        agent: r.get(3)?,
+        prompt: r.get(4)?,
+        conversation: r.get(5)?,
+        project: r.get(6)?,
+        model: r.get(7)?,
+        timeout_ms: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
+        session,
+        max_attempts: r.get(11)?,
+        reply_to: reply_to.and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        attempt: r.get(14)?,
+        runner: r.get(15)?,
+        cancel_requested: r.get(16)?,
+        not_before: r.get(17)?,
+        ack_by: r.get(18)?,
+        lease_until: r.get(19)?,
+        reason: r.get(20)?,
+        result: result.and_then(|s| serde_json::from_str(&s).ok()),
+        queue_position: None,
+        created_at: r.get(22)?,
+        updated_at: r.get(23)?,
+        started_at: r.get(24)?,
+        finished_at: r.get(25)?,
+    };
+    Ok((r.get(0)?, r.get(1)?, task))
+}
+
+fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
+    let row = c
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?
+        .query_row(params![id], |r| {
+            Ok((task_from_row(r)?, r.get::<_, String>(26)?))
+        })
+        .optional()?;
+    let ((seq, session_key, mut task), owner) = row.ok_or(StoreError::NotFound("task"))?;
+    if let Scope::Owner(o) = scope
+        && o != &owner
+    {
+        return Err(StoreError::NotFound("task"));
+    }
+    task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
+    Ok(task)
+}
+
+fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
+    let id: String = c
+        .prepare_cached("SELECT id FROM tasks WHERE seq = ?1")?
+        .query_row(params![seq], |r| r.get(0))?;
+    load_task(c, &id, &Scope::All)
+}
+
+/// Tasks ahead of a queued one: in its session if it has one, else ready tasks of its agent.
+fn queue_position(
+    c: &Connection,
+    seq: i64,
+    session_key: Option<&str>,
+    t: &Task,
+) -> Result<Option<u32>> {
+    if !matches!(t.state, TaskState::Queued | TaskState::Parked) {
+        return Ok(None);
+    }
+    let n: i64 = match session_key {
+        Some(k) => c
+            .prepare_cached(
+                "SELECT COUNT(*) FROM tasks WHERE session_key = ?1 AND finished_at IS NULL AND seq < ?2",
+            )?
+            .query_row(params![k, seq], |r| r.get(0))?,
+        None => c
+            .prepare_cached("SELECT COUNT(*) FROM tasks WHERE ready = 1 AND seq < ?1 AND agent = ?2")?
+            .query_row(params![seq, t.agent], |r| r.get(0))?,
+    };
+    Ok(Some(n as u32))
+}
+
+fn parse_state(s: &str) -> Result<TaskState> {
+    TaskState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown task state {s:?}")))
+}
+
+fn session_key(agent: &str, conversation: &str) -> String {
+    format!("{agent}\u{1f}{conversation}")
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}

@@ -1,0 +1,225 @@
+//! The command line. Every option can also come from the environment (names of the original
+//! openclaw-tunnel where it had one) or from the config file; flags win over env, env over file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tunnel",
+    version,
+    about = "Hand coding tasks from chat to AI coding agents on another machine."
+)]
+pub(crate) struct Cli {
+    /// Config file (TOML). Default: tunnel.toml in the current directory, if present.
+    #[arg(long, global = true, env = "TUNNEL_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the server (API, queue, event streams) on SQLite.
+    Serve(ServeArgs),
+    /// Submit a task.
+    Submit(SubmitArgs),
+    /// Follow a task's events live until it ends (exit 0 if it succeeded).
+    Watch(WatchArgs),
+    /// List tasks, or show one.
+    Tasks(TasksArgs),
+    /// Cancel a task.
+    Cancel(CancelArgs),
+    /// Show or change which agent session a conversation continues.
+    Sessions(SessionsArgs),
+    /// List the runners the server has seen.
+    Runners(ClientArgs),
+    /// Create, list and revoke API tokens (admin).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum DurabilityArg {
+    /// A commit survives the process being killed (SQLite WAL, synchronous=NORMAL).
+    Normal,
+    /// A commit is on disk before it is acknowledged (synchronous=FULL).
+    Full,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:3456].
+    #[arg(long, env = "TUNNEL_LISTEN")]
+    pub(crate) listen: Option<String>,
+    /// Port on 127.0.0.1 (or the --listen host); PORT and WORKER_PORT as in openclaw-tunnel.
+    #[arg(long, env = "PORT")]
+    pub(crate) port: Option<u16>,
+    /// SQLite database file [default: $XDG_DATA_HOME/tunnel/tunnel.db].
+    #[arg(long, env = "TUNNEL_DATABASE")]
+    pub(crate) database: Option<String>,
+    /// How hard SQLite works to keep a commit across a crash [default: normal].
+    #[arg(long, value_enum, env = "TUNNEL_DURABILITY")]
+    pub(crate) durability: Option<DurabilityArg>,
+    /// Largest request body in bytes [default: 4194304].
+    #[arg(long, env = "TUNNEL_MAX_BODY_BYTES")]
+    pub(crate) max_body_bytes: Option<usize>,
+    /// Seconds a runner has to ack an offer [default: 15].
+    #[arg(long, env = "TUNNEL_ACK_TIMEOUT")]
+    pub(crate) ack_timeout: Option<u64>,
+    /// Seconds a lease lasts without a heartbeat [default: 30].
+    #[arg(long, env = "TUNNEL_LEASE")]
+    pub(crate) lease: Option<u64>,
+    /// Log format [default: text].
+    #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
+    pub(crate) log_format: Option<LogFormat>,
+}
+
+/// How to reach the server.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ClientArgs {
+    /// Server URL [default: http://127.0.0.1:3456].
+    #[arg(long, global = true, env = "TUNNEL_URL")]
+    pub(crate) server: Option<String>,
+    /// API token [default: WORKER_TOKEN, then the admin token `tunnel serve` saved locally].
+    #[arg(long, global = true, env = "TUNNEL_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SubmitArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// The agent: claude, codex, gemini or a custom agent's name.
+    #[arg(long, short)]
+    pub(crate) agent: String,
+    /// The conversation: tasks of one conversation run in order and share a session.
+    #[arg(long, short)]
+    pub(crate) conversation: Option<String>,
+    /// A project a runner declared.
+    #[arg(long, short)]
+    pub(crate) project: Option<String>,
+    #[arg(long, short)]
+    pub(crate) model: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long)]
+    pub(crate) timeout: Option<u64>,
+    /// Start a fresh agent session.
+    #[arg(long, conflicts_with = "resume")]
+    pub(crate) new: bool,
+    /// Resume this native session id.
+    #[arg(long)]
+    pub(crate) resume: Option<String>,
+    /// Run again on another runner if the runner is lost (default 1: report, don't re-run).
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// Makes a retried submit return the first task.
+    #[arg(long)]
+    pub(crate) idempotency_key: Option<String>,
+    /// Follow the task's events until it ends.
+    #[arg(long, short)]
+    pub(crate) watch: bool,
+    /// The prompt; `-` reads it from standard input.
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
+    pub(crate) prompt: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WatchArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    pub(crate) id: String,
+    /// Start after this event seq (0 = from the beginning).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) after: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TasksArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// Show this task instead of listing.
+    pub(crate) id: Option<String>,
+    #[arg(long)]
+    pub(crate) state: Option<String>,
+    #[arg(long)]
+    pub(crate) conversation: Option<String>,
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub(crate) limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CancelArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    pub(crate) id: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SessionsArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    #[command(subcommand)]
+    pub(crate) action: Option<SessionAction>,
+    #[arg(long)]
+    pub(crate) conversation: Option<String>,
+    #[arg(long)]
+    pub(crate) agent: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SessionAction {
+    /// The conversation's next task starts a fresh session.
+    New {
+        #[arg(long)]
+        conversation: String,
+        #[arg(long)]
+        agent: String,
+    },
+    /// The conversation continues this native session id.
+    Resume {
+        #[arg(long)]
+        conversation: String,
+        #[arg(long)]
+        agent: String,
+        /// Runner that has the session (default: the one that last reported it).
+        #[arg(long)]
+        runner: Option<String>,
+        session_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TokenArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    #[command(subcommand)]
+    pub(crate) action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenAction {
+    /// Create a token; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// client (submit and read its tasks), runner (run tasks) or admin.
+        #[arg(long)]
+        role: String,
+    },
+    /// List tokens.
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}

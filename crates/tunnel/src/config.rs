@@ -1,0 +1,87 @@
+//! The optional TOML config file and where local state lives.
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:3456"
+//! database = "/var/lib/tunnel/tunnel.db"
+//! durability = "normal"      # or "full"
+//! max_body_bytes = 4194304
+//! ack_timeout_secs = 15
+//! lease_secs = 30
+//! log_format = "text"        # or "json"
+//!
+//! [client]
+//! server = "https://tunnel.example.com"
+//! token = "tnl_…"
+//! ```
+//!
+//! `WORKER_TOKEN` is read from the environment only, so it never sits in a file by accident.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    #[serde(default)]
+    pub(crate) server: ServerSection,
+    #[serde(default)]
+    pub(crate) client: ClientSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerSection {
+    pub(crate) listen: Option<String>,
+    pub(crate) database: Option<String>,
+    pub(crate) durability: Option<String>,
+    pub(crate) max_body_bytes: Option<usize>,
+    pub(crate) ack_timeout_secs: Option<u64>,
+    pub(crate) lease_secs: Option<u64>,
+    pub(crate) log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientSection {
+    pub(crate) server: Option<String>,
+    pub(crate) token: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads `path`, or `./tunnel.toml` when no path was given and it exists.
+    pub(crate) fn load(path: Option<&Path>) -> Result<FileConfig> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let default = PathBuf::from("tunnel.toml");
+                if !default.exists() {
+                    return Ok(FileConfig::default());
+                }
+                default
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// Where tunnel keeps its data on this machine: `$XDG_DATA_HOME/tunnel` or
+/// `~/.local/share/tunnel`.
+pub(crate) fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("tunnel");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/tunnel"),
+        None => PathBuf::from(".tunnel"),
+    }
+}
+
+/// The admin token `tunnel serve` created on first start, for local CLI use.
+pub(crate) fn local_admin_token_path() -> PathBuf {
+    data_dir().join("admin.token")
+}

@@ -1,0 +1,172 @@
+//! `tunnel serve`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tunnel_server::{Server, ServerConfig};
+use tunnel_store::{Database, Durability, QueueSettings};
+
+use crate::cli::{DurabilityArg, LogFormat, ServeArgs};
+use crate::config::{self, FileConfig};
+
+const DEFAULT_PORT: u16 = 3456;
+
+pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
+    let f = file.server;
+    let log_format = match (args.log_format, f.log_format.as_deref()) {
+        (Some(l), _) => l,
+        (None, None | Some("text")) => LogFormat::Text,
+        (None, Some("json")) => LogFormat::Json,
+        (None, Some(other)) => bail!("log_format {other:?} in the config file is not text or json"),
+    };
+    init_logging(log_format);
+
+    let listen = listen_addr(args.listen.or(f.listen), args.port)?;
+    let durability = match (args.durability, f.durability.as_deref()) {
+        (Some(DurabilityArg::Full), _) | (None, Some("full")) => Durability::Full,
+        (Some(DurabilityArg::Normal), _) | (None, None | Some("normal")) => Durability::Normal,
+        (None, Some(other)) => {
+            bail!("durability {other:?} in the config file is not normal or full")
+        }
+    };
+    let db_arg = args.database.or(f.database);
+    let database = match db_arg {
+        Some(d) => Database::parse(&d).map_err(anyhow::Error::msg)?,
+        None => Database::Sqlite {
+            path: config::data_dir().join("tunnel.db"),
+            durability,
+        },
+    };
+    let database = match database {
+        Database::Sqlite { path, .. } => Database::Sqlite { path, durability },
+    };
+
+    let worker_token = std::env::var("WORKER_TOKEN").ok().filter(|t| !t.is_empty());
+    let mut cfg = ServerConfig::new(listen, database.clone());
+    cfg.worker_token = worker_token.clone();
+    if let Some(b) = args.max_body_bytes.or(f.max_body_bytes) {
+        if b < 1024 {
+            bail!("max body bytes must be at least 1024");
+        }
+        cfg.max_body_bytes = b;
+    }
+    let defaults = QueueSettings::default();
+    cfg.queue = QueueSettings {
+        ack_timeout_ms: secs_ms("ack timeout", args.ack_timeout.or(f.ack_timeout_secs))?
+            .unwrap_or(defaults.ack_timeout_ms),
+        lease_ms: secs_ms("lease", args.lease.or(f.lease_secs))?.unwrap_or(defaults.lease_ms),
+        runner_online_ms: defaults.runner_online_ms,
+    };
+
+    let server = Server::bind(cfg).await.context("cannot start the server")?;
+    let addr = server.local_addr();
+    let Database::Sqlite { path, .. } = &database;
+    tracing::info!(address = %addr, database = %path.display(), "Tunnel server listening.");
+
+    if worker_token.is_none()
+        && let Some(token) = server.bootstrap_admin_token().await?
+    {
+        let file = config::local_admin_token_path();
+        write_private(&file, &token)?;
+        eprintln!(
+            "\nCreated the first admin token and saved it to {} (only you can read it).\n\
+             The tunnel CLI on this machine uses it automatically. Next, try:\n\n  \
+             tunnel submit --agent claude \"say hello\"\n  tunnel tasks\n",
+            file.display()
+        );
+    }
+
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Shutting down: finishing in-flight requests.");
+        token.cancel();
+    });
+    server.run().await.context("the server failed")?;
+    tracing::info!("Server stopped.");
+    Ok(())
+}
+
+fn listen_addr(listen: Option<String>, port: Option<u16>) -> Result<SocketAddr> {
+    let port = match port {
+        Some(p) => Some(p),
+        None => match std::env::var("WORKER_PORT") {
+            Ok(p) if !p.is_empty() => Some(
+                p.parse()
+                    .with_context(|| format!("WORKER_PORT {p:?} is not a port number"))?,
+            ),
+            _ => None,
+        },
+    };
+    let mut addr = match listen {
+        Some(l) => l
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                l.parse::<IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+            })
+            .with_context(|| {
+                format!("listen address {l:?} is not HOST:PORT (e.g. 0.0.0.0:3456)")
+            })?,
+        None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
+    };
+    if let Some(p) = port {
+        addr.set_port(p);
+    }
+    Ok(addr)
+}
+
+fn secs_ms(what: &str, secs: Option<u64>) -> Result<Option<i64>> {
+    match secs {
+        None => Ok(None),
+        Some(s) if (1..=3600).contains(&s) => Ok(Some(s as i64 * 1000)),
+        Some(s) => bail!("{what} of {s} s is out of range (1 to 3600 seconds)"),
+    }
+}
+
+/// Writes a secret readable by the owner only.
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{contents}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot listen for SIGTERM.");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
