@@ -530,6 +530,8 @@ impl SqliteStore {
             )?;
             match t.state {
                 TaskState::Offered | TaskState::Running | TaskState::Cancelling => {}
+                // The same attempt finishing again (its first answer was lost): answer as before.
+                s if s.is_terminal() => return load_task_by_seq(w.conn, t.seq),
                 s => {
                     return Err(StoreError::Stale(format!(
                         "attempt {} has already ended: task is {s}",
@@ -1109,10 +1111,17 @@ impl W<'_> {
                 .as_deref()
                 .is_some_and(|lt| subtle_eq(lt, &at.lease_token))
         {
-            return Err(StoreError::Stale(format!(
-                "attempt {} is not the current attempt of task {} (current: {})",
-                at.attempt, t.id, t.attempt
-            )));
+            return Err(StoreError::Stale(if at.attempt == t.attempt {
+                format!(
+                    "attempt {} of task {} has ended (task is {})",
+                    at.attempt, t.id, t.state
+                )
+            } else {
+                format!(
+                    "attempt {} is not the current attempt of task {} (current: {}, {})",
+                    at.attempt, t.id, t.attempt, t.state
+                )
+            }));
         }
         Ok(())
     }
@@ -1223,7 +1232,7 @@ impl W<'_> {
         self.conn
             .prepare_cached(
                 "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
-                    lease_token = NULL, not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4
+                    not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4
                  WHERE seq = ?1",
             )?
             .execute(params![t.seq, state.as_str(), reason, self.now])?;

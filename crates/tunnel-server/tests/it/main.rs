@@ -1,0 +1,14 @@
+#![allow(unreachable_pub)]
+
+//! Integration tests: a real server on 127.0.0.1:0 with a real SQLite file, driven over HTTP.
+//! Time-dependent behaviour is driven by a manual clock, never by sleeping.
+
+mod common;
+
+mod auth;
+mod input;
+mod lifecycle;
+mod longpoll;
+mod restart;
+mod sessions;
+mod streams;
