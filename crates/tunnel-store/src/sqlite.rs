@@ -347,15 +347,14 @@ impl SqliteStore {
                 {
                     continue;
                 }
-                let (resume, home) = match mode.as_str() {
-                    "new" => (None, None),
-                    "resume" => {
-                        let id = resume_id.unwrap_or_default();
-                        let home = history_runner(w.conn, &agent, &id)?;
-                        (Some(id), home)
-                    }
-                    _ => (bound_session.clone(), bound_session.and(bound_runner)),
-                };
+                let (resume, home) = resolve_session(
+                    w.conn,
+                    &agent,
+                    &mode,
+                    resume_id,
+                    bound_session,
+                    bound_runner,
+                )?;
                 // A session lives on the disk of the runner that made it.
                 if home.as_ref().is_some_and(|h| h != &req.runner) {
                     continue;
@@ -1311,15 +1310,13 @@ impl W<'_> {
 
     /// Which runner should be woken for a task that just became ready.
     fn ready_hint(&self, seq: i64) -> Result<ReadyHint> {
-        let (id, agent, project, mode, resume_id, bound_session, bound_runner): (
-            String,
-            String,
-            Option<String>,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        ) = self
+        let mut hint = ReadyHint {
+            task_id: String::new(),
+            agent: String::new(),
+            project: None,
+            runner: None,
+        };
+        let (mode, resume_id, bound_session, bound_runner): SessionColumns = self
             .conn
             .prepare_cached(
                 "SELECT t.id, t.agent, t.project, t.session_mode, t.resume_id, s.session_id, s.runner
@@ -1327,21 +1324,21 @@ impl W<'_> {
                  WHERE t.seq = ?1",
             )?
             .query_row(params![seq], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                hint.task_id = r.get(0)?;
+                hint.agent = r.get(1)?;
+                hint.project = r.get(2)?;
+                Ok((r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
             })?;
-        let runner = match mode.as_str() {
-            "new" => None,
-            "resume" => {
-                history_runner(self.conn, &agent, resume_id.as_deref().unwrap_or_default())?
-            }
-            _ => bound_session.and(bound_runner),
-        };
-        Ok(ReadyHint {
-            task_id: id,
-            agent,
-            project,
-            runner,
-        })
+        hint.runner = resolve_session(
+            self.conn,
+            &hint.agent,
+            &mode,
+            resume_id,
+            bound_session,
+            bound_runner,
+        )?
+        .1;
+        Ok(hint)
     }
 
     fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
@@ -1404,6 +1401,33 @@ impl W<'_> {
         }
         Ok(())
     }
+}
+
+/// A task's session mode, resume id, and its conversation's bound session and runner.
+type SessionColumns = (String, Option<String>, Option<String>, Option<String>);
+
+/// The session a task resumes and the runner it must run on ("home"), from its session mode
+/// and its conversation's binding.
+fn resolve_session(
+    conn: &Connection,
+    agent: &str,
+    mode: &str,
+    resume_id: Option<String>,
+    bound_session: Option<String>,
+    bound_runner: Option<String>,
+) -> Result<(Option<String>, Option<String>)> {
+    Ok(match mode {
+        "new" => (None, None),
+        "resume" => {
+            let id = resume_id.unwrap_or_default();
+            let home = history_runner(conn, agent, &id)?;
+            (Some(id), home)
+        }
+        _ => {
+            let home = bound_session.as_ref().and(bound_runner);
+            (bound_session, home)
+        }
+    })
 }
 
 fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Option<String>> {
