@@ -198,9 +198,13 @@ fn authorize(parts: &Parts, state: &AppState, allowed: &[Role]) -> Result<Caller
     if caller.role == Role::Admin || allowed.contains(&caller.role) {
         Ok(caller)
     } else {
-        let need: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        let need: Vec<&str> = allowed
+            .iter()
+            .map(|r| r.as_str())
+            .chain(["admin"])
+            .collect();
         Err(ApiError::forbidden(format!(
-            "this route needs a {} token; this one is a {} token",
+            "this route needs an {} token; this one is a {} token",
             need.join(" or "),
             caller.role
         )))

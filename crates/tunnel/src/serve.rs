@@ -60,10 +60,6 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
     };
 
     let server = Server::bind(cfg).await.context("cannot start the server")?;
-    let addr = server.local_addr();
-    let Database::Sqlite { path, .. } = &database;
-    tracing::info!(address = %addr, database = %path.display(), "Tunnel server listening.");
-
     if worker_token.is_none()
         && let Some(token) = server.bootstrap_admin_token().await?
     {
@@ -76,6 +72,10 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
             file.display()
         );
     }
+
+    let addr = server.local_addr();
+    let Database::Sqlite { path, .. } = &database;
+    tracing::info!(address = %addr, database = %path.display(), "Tunnel server listening.");
 
     let token = server.shutdown_token();
     tokio::spawn(async move {

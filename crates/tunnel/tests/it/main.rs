@@ -1,0 +1,447 @@
+//! The `tunnel` binary as a user runs it: real processes, real files, HTTP on loopback.
+
+#![allow(unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
+
+/// A `tunnel serve` child process on a free port with its own data dir.
+struct Served {
+    child: Child,
+    url: String,
+    data: tempfile::TempDir,
+}
+
+impl Served {
+    fn start(extra_env: &[(&str, &str)]) -> Served {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--port", "0", "--log-format", "json"])
+            .env("XDG_DATA_HOME", data.path())
+            .env_remove("WORKER_TOKEN")
+            .env_remove("TUNNEL_TOKEN")
+            .env_remove("PORT")
+            .current_dir(data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = v["fields"]["address"].as_str()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server logged its address");
+        Served {
+            child,
+            url: format!("http://{addr}"),
+            data,
+        }
+    }
+
+    /// Runs a client subcommand against this server with the locally saved admin token.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with(args, None)
+    }
+
+    fn cli_with(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("XDG_DATA_HOME", self.data.path())
+            .env("TUNNEL_URL", &self.url)
+            .env_remove("WORKER_TOKEN")
+            .env_remove("TUNNEL_TOKEN")
+            .current_dir(self.data.path())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("tunnel/admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        curl(&[
+            "-X",
+            "POST",
+            &format!("{}{path}", self.url),
+            "-H",
+            &format!("authorization: Bearer {}", self.admin_token()),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body.to_string(),
+        ])
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// curl, as the README tells a user to do the runner's part by hand.
+fn curl(args: &[&str]) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(body).unwrap()
+        },
+    )
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_readme_walkthrough_works() {
+    let s = Served::start(&[]);
+    // First start made an admin token only its owner can read.
+    let token_file = s.data.path().join("tunnel/admin.token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let out = s.cli(&[
+        "submit",
+        "--agent",
+        "claude",
+        "--conversation",
+        "readme",
+        "say",
+        "hello",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_owned();
+    assert_eq!(id.len(), 36, "prints the task id: {id:?}");
+
+    let out = s.cli(&["tasks", "--json"]);
+    let tasks: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tasks[0]["id"], id.as_str());
+    assert_eq!(tasks[0]["prompt"], "say hello");
+    let out = s.cli(&["tasks"]);
+    assert!(
+        stdout(&out).contains(&id) && stdout(&out).contains("queued"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The runner's part by hand, with curl.
+    let (code, offer) = s.post(
+        "/v1/claim",
+        json!({"runner": "by-hand", "agents": ["claude"], "wait_ms": 1000}),
+    );
+    assert_eq!(code, 200, "{offer}");
+    let at = json!({"attempt": offer["attempt"], "lease_token": offer["lease_token"]});
+    assert_eq!(s.post(&format!("/v1/tasks/{id}/ack"), at.clone()).0, 200);
+    let watcher = {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["watch", &id])
+            .env("XDG_DATA_HOME", s.data.path())
+            .env("TUNNEL_URL", &s.url)
+            .env_remove("WORKER_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let mut events = at.clone();
+    events["events"] = json!([{"n": 1, "kind": "text", "data": {"text": "Hello from the agent"}}]);
+    assert_eq!(s.post(&format!("/v1/tasks/{id}/events"), events).0, 200);
+    let mut finish = at.clone();
+    finish["outcome"] = json!("succeeded");
+    finish["result"] = json!({"text": "Hello from the agent", "session_id": "s-1"});
+    assert_eq!(s.post(&format!("/v1/tasks/{id}/finish"), finish).0, 200);
+
+    let out = watcher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "watch exits 0 for a succeeded task: {}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("Hello from the agent"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains("succeeded"), "{}", stderr(&out));
+
+    let out = s.cli(&["sessions"]);
+    assert!(
+        stdout(&out).contains("s-1") && stdout(&out).contains("by-hand"),
+        "{}",
+        stdout(&out)
+    );
+    let out = s.cli(&["runners"]);
+    assert!(
+        stdout(&out).contains("by-hand") && stdout(&out).contains("online"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Cancelling a finished task is refused with a readable error.
+    let out = s.cli(&["cancel", &id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already ended"), "{}", stderr(&out));
+}
+
+#[test]
+fn submit_reads_stdin_and_watch_reports_failure() {
+    let s = Served::start(&[]);
+    let out = s.cli_with(
+        &["submit", "--agent", "codex", "--json", "-"],
+        Some("fix the --flaky test\n"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let task: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(task["prompt"], "fix the --flaky test\n");
+    let id = task["id"].as_str().unwrap();
+    let (_, offer) = s.post("/v1/claim", json!({"runner": "r", "agents": ["codex"]}));
+    let at = json!({"attempt": offer["attempt"], "lease_token": offer["lease_token"]});
+    s.post(&format!("/v1/tasks/{id}/ack"), at.clone());
+    let mut finish = at;
+    finish["outcome"] = json!("failed");
+    finish["result"] = json!({"error": "codex exited 1", "stderr_tail": "boom"});
+    s.post(&format!("/v1/tasks/{id}/finish"), finish);
+    let out = s.cli(&["watch", id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("codex exited 1"), "{}", stderr(&out));
+}
+
+#[test]
+fn tokens_are_created_listed_and_revoked() {
+    let s = Served::start(&[]);
+    let out = s.cli(&["token", "create", "--name", "plugin", "--role", "client"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let client_token = stdout(&out).trim().to_owned();
+    assert!(client_token.starts_with("tnl_"));
+
+    let out = s.cli(&["token", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plugin = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "plugin")
+        .unwrap()
+        .clone();
+    assert!(
+        !stdout(&out).contains(&client_token),
+        "secrets are never listed"
+    );
+
+    // The new token works, in its role only.
+    let out = s.cli(&["tasks", "--token", &client_token]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.cli(&["token", "list", "--token", &client_token]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("admin"), "{}", stderr(&out));
+
+    let out = s.cli(&["token", "revoke", plugin["id"].as_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.cli(&["tasks", "--token", &client_token]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+
+    let out = s.cli(&["token", "create", "--name", "x", "--role", "superuser"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not client, runner or admin"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn weak_or_default_worker_tokens_are_refused_at_start() {
+    for (token, why) in [
+        ("short", "too short"),
+        ("change-me-to-a-secure-token", "default"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .args(["serve", "--port", "0"])
+            .env("WORKER_TOKEN", token)
+            .env("XDG_DATA_HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(why), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn worker_token_works_as_admin_and_no_token_file_is_written() {
+    let token = "a1b2c3d4e5f6a7b8c9d0e1f2";
+    let s = Served::start(&[("WORKER_TOKEN", token)]);
+    assert!(!s.data.path().join("tunnel/admin.token").exists());
+    let out = s.cli(&["tasks", "--token", token]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.cli(&["tasks"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no API token"), "{}", stderr(&out));
+}
+
+#[test]
+fn sigterm_stops_the_server_promptly_with_a_poll_parked() {
+    let mut s = Served::start(&[]);
+    let url = s.url.clone();
+    let token = s.admin_token();
+    let poll = std::thread::spawn(move || {
+        curl(&[
+            "-X",
+            "POST",
+            &format!("{url}/v1/claim"),
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"runner":"r","agents":["claude"],"wait_ms":60000}"#,
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let (code, _) = poll.join().unwrap();
+    assert_eq!(code, 204, "the parked poll was answered, not cut");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn config_file_is_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tunnel.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\nlease_secs = 99999\n",
+    )
+    .unwrap();
+    let out = run_in(dir.path(), &["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("lease of 99999 s is out of range"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(&cfg, "[server]\nlisten_address = \"x\"\n").unwrap();
+    let out = run_in(dir.path(), &["serve"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown field `listen_address`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn client_errors_explain_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["tasks", "--server", "http://127.0.0.1:9", "--token", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is `tunnel serve` running?"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_in(dir.path(), &["submit", "--agent", "--rm", "x"]);
+    assert!(!out.status.success());
+    let out = Command::new(BIN)
+        .args([
+            "submit",
+            "--server",
+            "http://127.0.0.1:9",
+            "--token",
+            "x",
+            "--agent",
+            "claude",
+            "--timeout",
+            "0",
+            "p",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("timeout_ms"),
+        "validated before sending: {}",
+        stderr(&out)
+    );
+}
+
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env("XDG_DATA_HOME", dir)
+        .env_remove("WORKER_TOKEN")
+        .output()
+        .unwrap()
+}
