@@ -1,0 +1,89 @@
+// Registration: commands, the delivery service, the agent tools and the message-id hook.
+// `register()` runs several times per process (full, discovery, tool-discovery); it only
+// registers and never starts work. The service's start() does.
+
+import { agentCommands, stateCommand } from "./commands.ts";
+import type { Deps } from "./commands.ts";
+import { AGENTS, readConfig } from "./config.ts";
+import { TunnelClient } from "./client.ts";
+import { sharedMessageIds } from "./msgids.ts";
+import { callTool, stateTool } from "./tools.ts";
+import type { PluginApi } from "./types.ts";
+import { sharedWatcher } from "./watcher.ts";
+
+export const PLUGIN_ID = "tunnel";
+export const SERVICE_ID = "tunnel-delivery";
+
+export interface RegisterOptions {
+  /** For tests: a watcher and message-id store of their own instead of the process-wide ones. */
+  watcher?: ReturnType<typeof sharedWatcher>;
+  messageIds?: ReturnType<typeof sharedMessageIds>;
+  fetch?: typeof fetch;
+  env?: Record<string, string | undefined>;
+  progressAfterMs?: number;
+  retryDelaysMs?: number[];
+}
+
+export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
+  const config = readConfig(api.pluginConfig, opts.env);
+  const client = new TunnelClient({ baseUrl: config.serverUrl, token: config.token, fetch: opts.fetch });
+  const watcher = opts.watcher ?? sharedWatcher();
+  const messageIds = opts.messageIds ?? sharedMessageIds();
+  const logger = api.logger;
+  const deps: Deps = { config, client, watcher, messageIds, logger };
+
+  watcher.configure({
+    client,
+    loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
+    cfg: () => api.config,
+    logger,
+    progress: config.progress,
+    progressAfterMs: opts.progressAfterMs ?? 10_000,
+    retryDelaysMs: opts.retryDelaysMs,
+  });
+
+  for (const agent of AGENTS) for (const def of agentCommands(deps, agent)) api.registerCommand(def);
+  api.registerCommand(stateCommand(deps));
+
+  api.registerService({
+    id: SERVICE_ID,
+    async start(ctx) {
+      if (config.delivery !== "plugin") {
+        logger.info("tunnel: delivery mode is server; the plugin service sends nothing");
+        return;
+      }
+      watcher.configure({
+        client,
+        loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
+        cfg: () => ctx.config ?? api.config,
+        logger,
+        progress: config.progress,
+        progressAfterMs: opts.progressAfterMs ?? 10_000,
+        retryDelaysMs: opts.retryDelaysMs,
+      });
+      await watcher.start(ctx.stateDir);
+      logger.info(`tunnel: delivery service started (server ${config.serverUrl}, following ${watcher.list().length} task(s))`);
+    },
+    async stop() {
+      await watcher.stop();
+    },
+  });
+
+  for (const agent of AGENTS) api.registerTool(callTool(deps, agent), { optional: true });
+  api.registerTool(stateTool(deps), { optional: true });
+
+  api.on?.("message_received", (event, ctx) => {
+    try {
+      if (event.messageId && typeof event.content === "string") {
+        messageIds.remember({ channel: ctx.channelId, senderId: event.senderId, text: event.content }, event.messageId);
+      }
+    } catch (e) {
+      logger.warn(`tunnel: message_received hook: ${(e as Error).message}`);
+    }
+  });
+
+  if (!config.token && api.registrationMode === "full") {
+    logger.warn("tunnel: no token configured; set plugins.entries.tunnel.config.token");
+  }
+  return deps;
+}

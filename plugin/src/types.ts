@@ -1,0 +1,121 @@
+// The parts of OpenClaw's plugin API this plugin uses, as narrow structural types.
+//
+// The plugin code depends on these and not on the SDK's own types, so the unit tests can hand
+// it a small fake `api`. `src/index.ts` checks at compile time that the real SDK types
+// (openclaw/plugin-sdk/plugin-entry) are assignable to them, so a drift in the SDK fails the
+// type check instead of a chat command.
+
+export interface Logger {
+  debug?: (message: string) => void;
+  info: (message: string) => void;
+  warn: (message: string) => void;
+  error: (message: string) => void;
+}
+
+/** What a command handler receives (a subset of the SDK's PluginCommandContext). */
+export interface CommandContext {
+  senderId?: string;
+  channel: string;
+  channelId?: string;
+  isAuthorizedSender: boolean;
+  args?: string;
+  commandBody: string;
+  config: unknown;
+  from?: string;
+  to?: string;
+  accountId?: string;
+  messageThreadId?: string | number;
+  threadParentId?: string;
+  sessionKey?: string;
+}
+
+export interface CommandResult {
+  text?: string;
+  isError?: boolean;
+}
+
+export interface CommandDefinition {
+  name: string;
+  description: string;
+  acceptsArgs?: boolean;
+  requireAuth?: boolean;
+  handler: (ctx: CommandContext) => CommandResult | Promise<CommandResult>;
+}
+
+export interface ServiceContext {
+  config: unknown;
+  stateDir: string;
+  logger: Logger;
+}
+
+export interface ServiceDefinition {
+  id: string;
+  start: (ctx: ServiceContext) => void | Promise<void>;
+  stop?: (ctx: ServiceContext) => void | Promise<void>;
+}
+
+export interface ToolResult {
+  content: { type: "text"; text: string }[];
+  details: unknown;
+}
+
+export interface ToolDefinition {
+  name: string;
+  label: string;
+  description: string;
+  parameters: Record<string, unknown>;
+  execute: (toolCallId: string, params: unknown, signal?: AbortSignal) => Promise<ToolResult>;
+}
+
+/** What an outbound adapter's sendText takes (a subset of ChannelOutboundContext). */
+export interface OutboundText {
+  // The host's config object, passed through untouched (typed `any` so the real adapter, which
+  // wants its own OpenClawConfig type, fits).
+  cfg: any;
+  to: string;
+  text: string;
+  accountId?: string | null;
+  threadId?: string | number | null;
+}
+
+export interface OutboundAdapter {
+  sendText?: (ctx: OutboundText) => Promise<unknown>;
+  textChunkLimit?: number;
+}
+
+/** Event passed to the `message_received` hook (subset). */
+export interface MessageReceivedEvent {
+  from: string;
+  content: string;
+  messageId?: string;
+  senderId?: string;
+  threadId?: string | number;
+}
+
+export interface MessageHookContext {
+  channelId: string;
+  accountId?: string;
+  conversationId?: string;
+}
+
+export interface PluginApi {
+  id: string;
+  registrationMode?: string;
+  config: unknown;
+  pluginConfig?: Record<string, unknown>;
+  logger: Logger;
+  runtime: {
+    channel: {
+      outbound: {
+        loadAdapter: (channel: string) => Promise<OutboundAdapter | undefined>;
+      };
+    };
+  };
+  registerCommand: (command: CommandDefinition) => void;
+  registerService: (service: ServiceDefinition) => void;
+  registerTool: (tool: ToolDefinition, opts?: { optional?: boolean }) => void;
+  on?: (
+    hook: "message_received",
+    handler: (event: MessageReceivedEvent, ctx: MessageHookContext) => void,
+  ) => void;
+}
