@@ -10,9 +10,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, CreateToken, CreatedToken, ErrorBody,
-    EventList, FinishRequest, Health, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, Role, RunnerList,
-    SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent, TaskList, TokenInfo,
-    TokenList,
+    EventList, FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, Role,
+    RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent, TaskList,
+    TokenInfo, TokenList,
 };
 
 /// What went wrong talking to the server.
@@ -252,9 +252,16 @@ impl Client {
             .await
     }
 
-    pub async fn heartbeat(&self, id: &str, at: &AttemptRef) -> Result<LeaseStatus> {
-        self.send(self.post(&format!("/v1/tasks/{}/heartbeat", encode(id)), at))
-            .await
+    /// Renews the lease; with `wait_ms` the server holds the answer until cancel is asked or
+    /// the wait runs out.
+    pub async fn heartbeat(&self, id: &str, hb: &Heartbeat) -> Result<LeaseStatus> {
+        let timeout = self.timeout + Duration::from_millis(hb.wait_ms);
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/tasks/{}/heartbeat", encode(id))))
+            .timeout(timeout)
+            .json(hb);
+        self.send(r).await
     }
 
     pub async fn append_events(&self, id: &str, req: &AppendEvents) -> Result<AppendAck> {

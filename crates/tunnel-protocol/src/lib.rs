@@ -500,6 +500,9 @@ pub struct ClaimRequest {
     /// The runner's version, for `GET /v1/runners`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The version each agent CLI reported (`claude --version`, …), for `GET /v1/runners`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub agent_versions: std::collections::BTreeMap<String, String>,
 }
 
 fn one() -> u32 {
@@ -533,6 +536,13 @@ impl ClaimRequest {
         if let Some(v) = &self.version {
             validate_text("version", v, limits::NAME_MAX)?;
         }
+        if self.agent_versions.len() > limits::RUNNER_LIST_MAX {
+            return Err(Invalid::new("agent_versions", "too many agents"));
+        }
+        for (agent, v) in &self.agent_versions {
+            validate_name("agent_versions", agent)?;
+            validate_text("agent_versions", v, 200)?;
+        }
         Ok(())
     }
 }
@@ -565,8 +575,31 @@ pub struct AttemptRef {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct LeaseStatus {
     pub lease_until: i64,
+    /// How long a lease lasts: heartbeat well within it.
+    pub lease_ms: i64,
     /// Cancel was asked: stop the agent and finish with `cancelled`.
     pub cancel: bool,
+}
+
+/// `POST /v1/tasks/{id}/heartbeat`: renews the lease, then holds the answer up to `wait_ms`
+/// (at most half a lease) unless cancel is asked, so a cancel reaches the runner at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub attempt: u32,
+    pub lease_token: String,
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+impl Heartbeat {
+    pub fn attempt_ref(&self) -> AttemptRef {
+        AttemptRef {
+            attempt: self.attempt,
+            lease_token: self.lease_token.clone(),
+        }
+    }
 }
 
 /// How an attempt ended, as the runner reports it.
@@ -643,6 +676,9 @@ pub struct RunnerInfo {
     pub capacity: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The version each agent CLI reported.
+    #[serde(default)]
+    pub agent_versions: std::collections::BTreeMap<String, String>,
     pub first_seen: i64,
     pub last_seen: i64,
     /// Seen recently enough to count as connected.

@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, CreateToken, CreatedToken, EventList,
-    FinishRequest, Health, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, RunnerList, SessionBinding,
-    SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState, TokenInfo, TokenList,
-    limits,
+    FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, RunnerList,
+    SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState, TokenInfo,
+    TokenList, limits,
 };
 use tunnel_store::TaskFilter;
 use utoipa::IntoParams;
@@ -444,19 +444,42 @@ async fn ack(
     Ok(axum::Json(s.store.ack(&id, &req).await?))
 }
 
-/// Renew the lease. The answer says whether cancel was asked.
+/// Renew the lease. The answer says whether cancel was asked; with `wait_ms` it is held until
+/// cancel is asked or the wait (at most half a lease) runs out, so cancel arrives at once.
 #[utoipa::path(post, path = "/v1/tasks/{id}/heartbeat", tag = "runner",
-    params(("id" = String, Path, description = "task id")), request_body = AttemptRef,
+    params(("id" = String, Path, description = "task id")), request_body = Heartbeat,
     responses((status = 200, body = LeaseStatus), (status = 409, description = "stale attempt", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["runner"])))]
 async fn heartbeat(
     State(s): State<AppState>,
     RunnerAuth(_): RunnerAuth,
     Path(id): Path<String>,
-    Json(req): Json<AttemptRef>,
+    Json(req): Json<Heartbeat>,
 ) -> Result<axum::Json<LeaseStatus>, ApiError> {
     check_task_id(&id)?;
-    Ok(axum::Json(s.store.heartbeat(&id, &req).await?))
+    let at = req.attempt_ref();
+    let status = s.store.heartbeat(&id, &at).await?;
+    if status.cancel || req.wait_ms == 0 {
+        return Ok(axum::Json(status));
+    }
+    let wait = req.wait_ms.min((status.lease_ms / 2).max(0) as u64);
+    let deadline = wait_budget(&s, wait);
+    let notify = s.hub.watch(&id);
+    loop {
+        let changed = notify.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let task = s.store.task(&id, &tunnel_store::Scope::All).await?;
+        if task.state != TaskState::Running || task.attempt != req.attempt {
+            // Cancel asked (or the attempt ended some other way): let the store say which.
+            return Ok(axum::Json(s.store.heartbeat(&id, &at).await?));
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(axum::Json(status)),
+            _ = s.shutdown.cancelled() => return Ok(axum::Json(status)),
+        }
+    }
 }
 
 /// Append events of the running attempt. Resending an event with the same `n` is harmless.

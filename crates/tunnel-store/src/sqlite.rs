@@ -25,7 +25,10 @@ use crate::{
     StoredToken, TaskFilter, new_id, random_hex,
 };
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_init.sql"),
+    include_str!("../migrations/sqlite/0002_agent_versions.sql"),
+];
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -418,6 +421,7 @@ impl SqliteStore {
                 // A retried ack of the same attempt: answer as the first one did.
                 TaskState::Running | TaskState::Cancelling => {
                     return Ok(LeaseStatus {
+                        lease_ms: w.settings.lease_ms,
                         lease_until: t.lease_until.unwrap_or(w.now),
                         cancel: t.state == TaskState::Cancelling,
                     });
@@ -454,6 +458,7 @@ impl SqliteStore {
             w.fx.deadlines.push(lease_until);
             Ok(LeaseStatus {
                 lease_until,
+                lease_ms: w.settings.lease_ms,
                 cancel: false,
             })
         })
@@ -467,6 +472,7 @@ impl SqliteStore {
             let lease_until = w.renew_lease(&t)?;
             Ok(LeaseStatus {
                 lease_until,
+                lease_ms: w.settings.lease_ms,
                 cancel: t.state == TaskState::Cancelling,
             })
         })
@@ -483,7 +489,11 @@ impl SqliteStore {
                     lease_token: req.lease_token.clone(),
                 },
             )?;
-            w.renew_lease(&t)?;
+            // A runner that comes back after its lease expired may still deliver what the
+            // agent wrote (from its spool): the log keeps it, the task's fate stays `lost`.
+            if t.state != TaskState::Lost {
+                w.renew_lease(&t)?;
+            }
             let mut accepted = 0;
             for e in &req.events {
                 let dup = w
@@ -680,6 +690,7 @@ impl SqliteStore {
         self.read(move |c, now| {
             let mut stmt = c.prepare_cached(
                 "SELECT r.name, r.agents, r.projects, r.capacity, r.version, r.first_seen, r.last_seen,
+                    r.agent_versions,
                     (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
                         AND t.state IN ('offered', 'running', 'cancelling'))
                  FROM runners r ORDER BY r.name",
@@ -689,7 +700,9 @@ impl SqliteStore {
                     let agents: String = r.get(1)?;
                     let projects: String = r.get(2)?;
                     let last_seen: i64 = r.get(6)?;
+                    let versions: String = r.get(7)?;
                     Ok(RunnerInfo {
+                        agent_versions: serde_json::from_str(&versions).unwrap_or_default(),
                         name: r.get(0)?,
                         agents: serde_json::from_str(&agents).unwrap_or_default(),
                         projects: serde_json::from_str(&projects).unwrap_or_default(),
@@ -698,7 +711,7 @@ impl SqliteStore {
                         first_seen: r.get(5)?,
                         last_seen,
                         online: now - last_seen <= online_ms,
-                        active_tasks: r.get(7)?,
+                        active_tasks: r.get(8)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1344,11 +1357,13 @@ impl W<'_> {
     fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO runners (name, agents, projects, capacity, version, first_seen, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
+                    first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
                  ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
                     projects = excluded.projects, capacity = excluded.capacity,
-                    version = excluded.version, last_seen = excluded.last_seen",
+                    version = excluded.version, agent_versions = excluded.agent_versions,
+                    last_seen = excluded.last_seen",
             )?
             .execute(params![
                 req.runner,
@@ -1356,6 +1371,7 @@ impl W<'_> {
                 to_json(&req.projects),
                 req.capacity,
                 req.version,
+                to_json(&req.agent_versions),
                 self.now
             ])?;
         Ok(())

@@ -61,6 +61,7 @@ fn claim_req(runner: &str) -> ClaimRequest {
         capacity: 1,
         wait_ms: 0,
         version: None,
+        agent_versions: Default::default(),
     }
 }
 
