@@ -55,6 +55,8 @@ struct KnownToken {
 pub(crate) struct Authenticator {
     worker_token_sha256: Option<[u8; 32]>,
     tokens: RwLock<HashMap<String, KnownToken>>,
+    /// Tokens that live only as long as this process (the runner inside `tunnel up`).
+    ephemeral: RwLock<HashMap<String, KnownToken>>,
 }
 
 /// Why a configured `WORKER_TOKEN` is refused.
@@ -95,6 +97,7 @@ impl Authenticator {
         let auth = Authenticator {
             worker_token_sha256: worker_token.map(|t| sha256(t.as_bytes())),
             tokens: RwLock::new(HashMap::new()),
+            ephemeral: RwLock::new(HashMap::new()),
         };
         auth.reload(store).await?;
         Ok(auth)
@@ -135,13 +138,26 @@ impl Authenticator {
             });
         }
         let (id, secret) = presented.strip_prefix(TOKEN_PREFIX)?.split_once('_')?;
-        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
-        let known = tokens.get(id)?;
-        let matches: bool = known.secret_sha256.ct_eq(&sha256(secret.as_bytes())).into();
-        (matches && !known.revoked).then(|| Caller {
-            token_id: id.to_owned(),
-            role: known.role,
-        })
+        let check = |known: &KnownToken| {
+            let matches: bool = known.secret_sha256.ct_eq(&sha256(secret.as_bytes())).into();
+            (matches && !known.revoked).then(|| Caller {
+                token_id: id.to_owned(),
+                role: known.role,
+            })
+        };
+        if let Some(known) = self
+            .tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return check(known);
+        }
+        self.ephemeral
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(check)
     }
 
     /// Creates a token; the secret is returned once and only its hash is kept.
@@ -161,6 +177,22 @@ impl Authenticator {
             info,
             token: format!("{TOKEN_PREFIX}{id}_{secret}"),
         })
+    }
+
+    /// A token kept in memory only, valid until this process ends.
+    pub(crate) fn ephemeral(&self, name: &str, role: Role) -> String {
+        let id = format!("{name}{}", tunnel_store::random_hex(3));
+        let secret = tunnel_store::random_hex(24);
+        let known = KnownToken {
+            role,
+            secret_sha256: sha256(secret.as_bytes()),
+            revoked: false,
+        };
+        self.ephemeral
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), known);
+        format!("{TOKEN_PREFIX}{id}_{secret}")
     }
 
     pub(crate) async fn revoke(&self, store: &Store, id: &str) -> Result<TokenInfo, StoreError> {

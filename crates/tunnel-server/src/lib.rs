@@ -156,6 +156,14 @@ impl Server {
         Ok(Some(created.token))
     }
 
+    /// A runner token that exists only in this process's memory, for a runner started in the
+    /// same process (`tunnel up`). It never reaches the database.
+    pub fn local_runner_token(&self) -> String {
+        self.state
+            .auth
+            .ephemeral("local", tunnel_protocol::Role::Runner)
+    }
+
     /// Serves until the shutdown token is cancelled.
     pub async fn run(self) -> std::io::Result<()> {
         let timer = tokio::spawn(deadline_timer(self.state.clone()));

@@ -21,8 +21,12 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Server and a local runner in one process, on SQLite: the quickest start.
+    Up(UpArgs),
     /// Run the server (API, queue, event streams) on SQLite.
     Serve(ServeArgs),
+    /// Run a runner: claim tasks from a server and run agent CLIs on this machine.
+    Runner(RunnerArgs),
     /// Submit a task.
     Submit(SubmitArgs),
     /// Follow a task's events live until it ends (exit 0 if it succeeded).
@@ -79,6 +83,44 @@ pub(crate) struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,
+}
+
+/// Options of the runner, for `tunnel runner` and `tunnel up`.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct RunnerOpts {
+    /// Runner name, unique per server [default: the host name].
+    #[arg(long, env = "TUNNEL_RUNNER_NAME")]
+    pub(crate) name: Option<String>,
+    /// Tasks run at once [default: 5].
+    #[arg(long, env = "MAX_CONCURRENT")]
+    pub(crate) max_concurrent: Option<usize>,
+    /// A project this runner has, as NAME=DIR (repeat for more); tasks name projects, never
+    /// paths.
+    #[arg(long = "project", value_name = "NAME=DIR")]
+    pub(crate) projects: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunnerArgs {
+    /// Server URL [default: http://127.0.0.1:3456].
+    #[arg(long, env = "WORKER_URL")]
+    pub(crate) server: Option<String>,
+    /// A runner (or admin) token.
+    #[arg(long, env = "WORKER_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    #[command(flatten)]
+    pub(crate) opts: RunnerOpts,
+    /// Log format [default: text].
+    #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
+    pub(crate) log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
+    #[command(flatten)]
+    pub(crate) runner: RunnerOpts,
 }
 
 /// How to reach the server.

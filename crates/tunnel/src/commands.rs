@@ -23,6 +23,12 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => crate::serve::serve(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Up(args) => crate::runner::up(args, file)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Runner(args) => crate::runner::runner(args, file)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Submit(args) => submit(args, &file.client).await,
         Command::Watch(args) => {
             let client = connect(&args.client, &file.client)?;

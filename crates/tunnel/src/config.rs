@@ -13,6 +13,22 @@
 //! [client]
 //! server = "https://tunnel.example.com"
 //! token = "tnl_…"
+//!
+//! [runner]
+//! server = "https://tunnel.example.com"
+//! name = "mac-mini"
+//! max_concurrent = 5
+//! default_timeout_secs = 600
+//! work_dir = "/home/me/tunnel-work"
+//! [runner.projects]
+//! web = "/home/me/src/web"
+//! [runner.agents.claude]
+//! models = ["opus", "sonnet"]          # tried in order when one is overloaded
+//! env = { IS_SANDBOX = "1" }           # needed to skip permissions as root
+//! [runner.agents.aider]
+//! program = "aider"
+//! command = ["--yes", "--message", "{prompt}"]
+//! output = "text"                      # or "json_lines"
 //! ```
 //!
 //! `WORKER_TOKEN` is read from the environment only, so it never sits in a file by accident.
@@ -29,6 +45,44 @@ pub(crate) struct FileConfig {
     pub(crate) server: ServerSection,
     #[serde(default)]
     pub(crate) client: ClientSection,
+    #[serde(default)]
+    pub(crate) runner: RunnerSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunnerSection {
+    pub(crate) server: Option<String>,
+    pub(crate) token: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) max_concurrent: Option<usize>,
+    pub(crate) long_poll_wait_secs: Option<u64>,
+    pub(crate) default_timeout_secs: Option<u64>,
+    pub(crate) shutdown_grace_secs: Option<u64>,
+    /// Where tasks without a project run.
+    pub(crate) work_dir: Option<PathBuf>,
+    pub(crate) spool_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) projects: std::collections::BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub(crate) agents: std::collections::BTreeMap<String, AgentSection>,
+}
+
+/// `[runner.agents.NAME]`: changes a built-in agent (claude, codex, gemini, echo) or adds a
+/// custom one (`command` given).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AgentSection {
+    pub(crate) kind: Option<tunnel_runner::AgentKind>,
+    pub(crate) program: Option<String>,
+    pub(crate) command: Option<Vec<String>>,
+    pub(crate) args: Option<Vec<String>>,
+    pub(crate) models: Option<Vec<String>>,
+    pub(crate) output: Option<tunnel_runner::OutputMode>,
+    #[serde(default)]
+    pub(crate) env: std::collections::BTreeMap<String, String>,
+    /// Set false to stop offering a built-in agent.
+    pub(crate) enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod output;
+mod runner;
 mod serve;
 
 use std::process::ExitCode;

@@ -12,7 +12,28 @@ use crate::config::{self, FileConfig};
 
 const DEFAULT_PORT: u16 = 3456;
 
+/// A bound server, ready to run.
+pub(crate) struct Prepared {
+    pub(crate) server: Server,
+}
+
 pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
+    let prepared = prepare(args, file).await?;
+    let server = prepared.server;
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Shutting down: finishing in-flight requests.");
+        token.cancel();
+    });
+    server.run().await.context("the server failed")?;
+    tracing::info!("Server stopped.");
+    Ok(())
+}
+
+/// Reads the configuration, starts logging, opens the store, binds, and makes the first admin
+/// token on a fresh install.
+pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepared> {
     let f = file.server;
     let log_format = match (args.log_format, f.log_format.as_deref()) {
         (Some(l), _) => l,
@@ -77,15 +98,7 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
     let Database::Sqlite { path, .. } = &database;
     tracing::info!(address = %addr, database = %path.display(), "Tunnel server listening.");
 
-    let token = server.shutdown_token();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("Shutting down: finishing in-flight requests.");
-        token.cancel();
-    });
-    server.run().await.context("the server failed")?;
-    tracing::info!("Server stopped.");
-    Ok(())
+    Ok(Prepared { server })
 }
 
 fn listen_addr(listen: Option<String>, port: Option<u16>) -> Result<SocketAddr> {
@@ -143,7 +156,7 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -497,14 +497,28 @@ async fn a_held_heartbeat_returns_as_soon_as_cancel_is_asked() {
         let (s, offer) = (s.clone(), offer.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let r = s.attempt_call(&offer, "heartbeat", json!({"wait_ms": 14_000})).await;
+            let r = s
+                .attempt_call(&offer, "heartbeat", json!({"wait_ms": 14_000}))
+                .await;
             (r, started.elapsed())
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    s.post(&format!("/v1/tasks/{}/cancel", id(&t)), &s.client, json!({})).await;
+    s.post(
+        &format!("/v1/tasks/{}/cancel", id(&t)),
+        &s.client,
+        json!({}),
+    )
+    .await;
     let ((st, hb), took) = held.await.unwrap();
-    assert_eq!((st, hb["cancel"].as_bool()), (StatusCode::OK, Some(true)), "{hb}");
-    assert!(took < std::time::Duration::from_secs(10), "held {took:?}: cancel did not cut the wait");
+    assert_eq!(
+        (st, hb["cancel"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{hb}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "held {took:?}: cancel did not cut the wait"
+    );
     assert_eq!(hb["lease_ms"], s.settings().lease_ms);
 }

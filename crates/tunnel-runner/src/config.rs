@@ -1,0 +1,208 @@
+//! What a runner runs and where.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The agent CLIs tunnel knows how to drive, and custom commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentKind {
+    Claude,
+    Codex,
+    Gemini,
+    /// A command template from config.
+    Custom,
+}
+
+/// How a custom agent's stdout is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// Every line is answer text.
+    #[default]
+    Text,
+    /// One JSON object per line: `{"text": …}`, `{"session_id": …}`, `{"result": …}`; other
+    /// objects are kept as events.
+    JsonLines,
+}
+
+/// One agent this runner offers.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub kind: AgentKind,
+    /// The program (a name looked up on PATH, or a path).
+    pub program: String,
+    /// For custom agents: the argv after the program. `{prompt}`, `{model}`, `{session_id}`,
+    /// `{task_id}` and `{project_dir}` are replaced (each placeholder must be a whole
+    /// argument). Without `{prompt}`, the prompt is written to stdin.
+    pub command: Vec<String>,
+    /// Extra arguments for the built-in agents (e.g. Claude's permission mode).
+    pub args: Vec<String>,
+    /// Models to try in order when a model is overloaded, rate limited or unavailable. A
+    /// task's own `model` overrides the list.
+    pub models: Vec<String>,
+    pub output: OutputMode,
+    /// Extra environment for the agent.
+    pub env: BTreeMap<String, String>,
+}
+
+impl AgentConfig {
+    /// A built-in agent with its default arguments.
+    pub fn builtin(kind: AgentKind, program: impl Into<String>) -> AgentConfig {
+        let args = match kind {
+            // The agent works unattended: no one is there to approve a tool. As root, Claude
+            // refuses this unless IS_SANDBOX=1 is set (in `env`).
+            AgentKind::Claude => vec!["--dangerously-skip-permissions".into()],
+            AgentKind::Codex => vec!["--sandbox".into(), "workspace-write".into()],
+            AgentKind::Gemini => vec!["--approval-mode".into(), "yolo".into()],
+            AgentKind::Custom => vec![],
+        };
+        AgentConfig {
+            kind,
+            program: program.into(),
+            command: vec![],
+            args,
+            models: vec![],
+            output: OutputMode::Text,
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// The harmless agent every default config has: it prints the prompt back.
+    pub fn echo() -> AgentConfig {
+        AgentConfig {
+            kind: AgentKind::Custom,
+            program: "printf".into(),
+            command: vec!["%s\\n".into(), "{prompt}".into()],
+            args: vec![],
+            models: vec![],
+            output: OutputMode::Text,
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// How to install the CLI, for the message when it is missing.
+    pub fn install_hint(&self) -> String {
+        match self.kind {
+            AgentKind::Claude => {
+                "install it with `npm install -g @anthropic-ai/claude-code` or set CLAUDE_PATH"
+                    .into()
+            }
+            AgentKind::Codex => {
+                "install it with `npm install -g @openai/codex` or set CODEX_PATH".into()
+            }
+            AgentKind::Gemini => {
+                "install it with `npm install -g @google/gemini-cli` or set GEMINI_PATH".into()
+            }
+            AgentKind::Custom => format!(
+                "check the `program` of this agent in the runner config ({:?})",
+                self.program
+            ),
+        }
+    }
+}
+
+/// Everything a runner needs.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub server: String,
+    pub token: String,
+    /// Unique among the server's runners (default: the host name).
+    pub name: String,
+    /// Tasks run at once (`MAX_CONCURRENT`).
+    pub max_concurrent: usize,
+    /// How long a claim long-poll is held (`LONG_POLL_WAIT`).
+    pub long_poll_wait: Duration,
+    /// First back-off after an error (`POLL_INTERVAL`); doubles up to 30 s, with jitter.
+    pub retry_base: Duration,
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// Project name → directory.
+    pub projects: BTreeMap<String, PathBuf>,
+    /// Where tasks without a project run.
+    pub default_dir: PathBuf,
+    /// Events and results not yet acknowledged by the server.
+    pub spool_dir: PathBuf,
+    /// For tasks that name no timeout (`CC_TIMEOUT`).
+    pub default_timeout: Duration,
+    /// Between SIGTERM and SIGKILL of an agent's process group.
+    pub kill_grace: Duration,
+    /// How long running tasks may finish after the runner is asked to stop.
+    pub shutdown_grace: Duration,
+    /// How long a task parks after a usage limit whose reset time could not be read.
+    pub default_park: Duration,
+    /// Offer agents whose CLI is missing (they fail with an install hint) instead of hiding
+    /// them. `tunnel up` does this so a newcomer learns what to install.
+    pub offer_missing_agents: bool,
+}
+
+impl RunnerConfig {
+    /// Defaults for everything but where the server is.
+    pub fn new(
+        server: impl Into<String>,
+        token: impl Into<String>,
+        data_dir: PathBuf,
+    ) -> RunnerConfig {
+        let mut agents = BTreeMap::new();
+        agents.insert(
+            "claude".into(),
+            AgentConfig::builtin(AgentKind::Claude, "claude"),
+        );
+        agents.insert(
+            "codex".into(),
+            AgentConfig::builtin(AgentKind::Codex, "codex"),
+        );
+        agents.insert(
+            "gemini".into(),
+            AgentConfig::builtin(AgentKind::Gemini, "gemini"),
+        );
+        agents.insert("echo".into(), AgentConfig::echo());
+        RunnerConfig {
+            server: server.into(),
+            token: token.into(),
+            name: default_name(),
+            max_concurrent: 5,
+            long_poll_wait: Duration::from_secs(30),
+            retry_base: Duration::from_millis(500),
+            agents,
+            projects: BTreeMap::new(),
+            default_dir: data_dir.join("work"),
+            spool_dir: data_dir.join("spool"),
+            default_timeout: Duration::from_secs(600),
+            kill_grace: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(60),
+            default_park: Duration::from_secs(30 * 60),
+            offer_missing_agents: false,
+        }
+    }
+}
+
+/// The host name, made into a valid runner name.
+pub fn default_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let clean: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
+        clean
+    } else {
+        "runner".into()
+    }
+}

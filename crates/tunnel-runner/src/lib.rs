@@ -1,0 +1,180 @@
+//! The tunnel runner: claims tasks from the server over outbound HTTP, runs agent CLIs under
+//! supervision, streams their output back as events, and reports each result.
+//!
+//! **Architecture Invariant:** the runner never opens the database; everything goes through the
+//! HTTP API (`tunnel-client`), so a runner works behind NAT and through proxies.
+
+mod adapter;
+pub mod config;
+mod spool;
+mod supervisor;
+mod task;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tunnel_client::{Client, ClientError};
+use tunnel_protocol::ClaimRequest;
+
+pub use config::{AgentConfig, AgentKind, OutputMode, RunnerConfig};
+
+/// Why the runner stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("{0}")]
+    Config(String),
+    #[error("the server refused the runner's token ({0}); check WORKER_TOKEN / --token")]
+    Unauthorized(String),
+    #[error(
+        "the token is not a runner token ({0}); create one with `tunnel token create --role runner`"
+    )]
+    Forbidden(String),
+    #[error("the server rejected the runner's claim: {0}")]
+    Rejected(String),
+    #[error("cannot use the spool directory {path}: {source}")]
+    Spool {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Stops a runner. `stop`: claim nothing more, let running tasks finish (up to the shutdown
+/// grace). `abort`: stop the agents now and report them as interrupted.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub stop: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Runs until `shutdown.stop`, then drains.
+pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerError> {
+    let client = Client::new(&config.server, &config.token)?;
+    tunnel_protocol::validate_name("runner name", &config.name)
+        .map_err(|e| RunnerError::Config(e.to_string()))?;
+    let spool = spool::Spool::open(&config.spool_dir).map_err(|source| RunnerError::Spool {
+        path: config.spool_dir.display().to_string(),
+        source,
+    })?;
+
+    let mut programs = BTreeMap::new();
+    let mut versions = BTreeMap::new();
+    for (name, agent) in &config.agents {
+        let found = supervisor::find_program(&agent.program);
+        match &found {
+            Some(path) => {
+                if let Some(v) = supervisor::version_of(path).await {
+                    versions.insert(name.clone(), v);
+                }
+                tracing::info!(agent = %name, program = %path.display(), version = versions.get(name).map(String::as_str).unwrap_or("?"), "Agent available.");
+            }
+            None => {
+                tracing::warn!(agent = %name, program = %agent.program, "Agent CLI not found: {}.", agent.install_hint())
+            }
+        }
+        programs.insert(name.clone(), found);
+    }
+    let offered: Vec<String> = programs
+        .iter()
+        .filter(|(_, p)| p.is_some() || config.offer_missing_agents)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if offered.is_empty() {
+        return Err(RunnerError::Config(
+            "no agent CLI was found on this machine (claude, codex, gemini…); install one or configure a custom agent".into(),
+        ));
+    }
+    let projects: Vec<String> = config.projects.keys().cloned().collect();
+
+    let config = Arc::new(config);
+    let ctx = Arc::new(task::Ctx {
+        client: client.clone(),
+        config: config.clone(),
+        spool,
+        programs,
+        abort: shutdown.abort.clone(),
+    });
+    let tracker = TaskTracker::new();
+    tracker.spawn(task::recover(ctx.clone()));
+
+    let slots = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
+    let mut failures = 0u32;
+    tracing::info!(runner = %config.name, server = %config.server, agents = ?offered, capacity = config.max_concurrent, "Runner started.");
+    let result = loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shutdown.stop.cancelled() => break Ok(()),
+        };
+        let req = ClaimRequest {
+            runner: config.name.clone(),
+            agents: offered.clone(),
+            projects: projects.clone(),
+            capacity: config.max_concurrent as u32,
+            wait_ms: config.long_poll_wait.as_millis() as u64,
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            agent_versions: versions.clone(),
+        };
+        let claimed = tokio::select! {
+            r = client.claim(&req) => r,
+            _ = shutdown.stop.cancelled() => break Ok(()),
+        };
+        match claimed {
+            Ok(Some(offer)) => {
+                failures = 0;
+                let ctx = ctx.clone();
+                tracker.spawn(async move {
+                    task::run_offer(ctx, offer).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => failures = 0,
+            Err(ClientError::Api {
+                status: 401,
+                message,
+                ..
+            }) => break Err(RunnerError::Unauthorized(message)),
+            Err(ClientError::Api {
+                status: 403,
+                message,
+                ..
+            }) => break Err(RunnerError::Forbidden(message)),
+            Err(ClientError::Api {
+                status: 400,
+                message,
+                ..
+            }) => break Err(RunnerError::Rejected(message)),
+            Err(e) => {
+                failures += 1;
+                let wait = task::backoff(failures).max(config.retry_base);
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Cannot claim work; retrying.");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.stop.cancelled() => break Ok(()),
+                }
+            }
+        }
+    };
+
+    tracker.close();
+    if !tracker.is_empty() {
+        tracing::info!(
+            grace_secs = config.shutdown_grace.as_secs(),
+            "Runner stopping: letting running tasks finish."
+        );
+    }
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(config.shutdown_grace) => shutdown.abort.cancel(),
+        _ = shutdown.abort.cancelled() => {}
+    }
+    // After an abort, tasks stop their agents and report; wait for that.
+    tracker.wait().await;
+    tracing::info!("Runner stopped.");
+    result
+}

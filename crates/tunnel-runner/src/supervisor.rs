@@ -1,0 +1,215 @@
+//! Starting an agent in its own process group, reading its output, and stopping the whole
+//! group (grandchildren included) on timeout, cancel or shutdown.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::adapter::Invocation;
+
+/// Longest stdout line kept whole; longer lines are cut (an agent cannot exhaust memory).
+const MAX_LINE: usize = 1 << 20;
+/// Bytes of stderr kept for the failure message.
+const STDERR_TAIL: usize = 4_096;
+
+/// Environment variables the agent never sees: the runner's own credentials.
+const SECRET_ENV: &[&str] = &[
+    "WORKER_TOKEN",
+    "TUNNEL_TOKEN",
+    "CALLBACK_BOT_TOKEN",
+    "DISCORD_BOT_TOKEN",
+    "TELEGRAM_BOT_TOKEN",
+    "OPENCLAW_HOOKS_TOKEN",
+];
+
+/// A running agent.
+pub(crate) struct Running {
+    pub(crate) child: Child,
+    /// The process group (= the agent's pid).
+    pub(crate) pgid: i32,
+    /// Stdout, line by line (lossy UTF-8); closed at EOF.
+    pub(crate) lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+pub(crate) fn spawn(
+    inv: &Invocation,
+    cwd: &Path,
+    extra_env: &BTreeMap<String, String>,
+) -> std::io::Result<Running> {
+    let mut cmd = Command::new(&inv.program);
+    cmd.args(&inv.args)
+        .current_dir(cwd)
+        .process_group(0)
+        .kill_on_drop(true)
+        .stdin(if inv.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if SECRET_ENV.contains(&name.as_ref()) || name.starts_with("TUNNEL_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.envs(extra_env);
+    let mut child = cmd.spawn()?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+
+    if let (Some(mut stdin), Some(text)) = (child.stdin.take(), inv.stdin.clone()) {
+        tokio::spawn(async move {
+            // A CLI that exits without reading its stdin is not an error here.
+            let _ = stdin.write_all(text.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+
+    let (tx, lines) = mpsc::channel(1024);
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(read_lines(stdout, tx));
+    }
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    if let Some(mut err) = child.stderr.take() {
+        let tail = stderr.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                t.extend_from_slice(&buf[..n]);
+                if t.len() > STDERR_TAIL * 2 {
+                    let cut = t.len() - STDERR_TAIL;
+                    t.drain(..cut);
+                }
+            }
+        });
+    }
+    Ok(Running {
+        child,
+        pgid,
+        lines,
+        stderr,
+    })
+}
+
+async fn read_lines(stdout: tokio::process::ChildStdout, tx: mpsc::Sender<String>) {
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        // Read at most MAX_LINE bytes of one line; the rest of an over-long line is skipped.
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if n == MAX_LINE && buf.last() != Some(&b'\n') {
+            let mut skip = Vec::new();
+            let _ = reader.read_until(b'\n', &mut skip).await;
+        }
+        while matches!(buf.last(), Some(b'\n' | b'\r')) {
+            buf.pop();
+        }
+        if tx
+            .send(String::from_utf8_lossy(&buf).into_owned())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+impl Running {
+    /// The last part of what the agent wrote to stderr.
+    pub(crate) fn stderr_tail(&self) -> String {
+        let t = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        let start = t.len().saturating_sub(STDERR_TAIL);
+        String::from_utf8_lossy(&t[start..]).trim().to_owned()
+    }
+
+    /// SIGTERM to the group, then SIGKILL after `grace` if the agent is still there.
+    pub(crate) async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        signal_group(self.pgid, Signal::SIGTERM);
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(s)) => Some(s),
+            _ => {
+                signal_group(self.pgid, Signal::SIGKILL);
+                self.child.wait().await.ok()
+            }
+        };
+        self.reap_group().await;
+        status
+    }
+
+    /// Whatever the agent left behind in its group (a server it started, a `sleep &`) is
+    /// stopped too: TERM, a moment, then KILL.
+    pub(crate) async fn reap_group(&self) {
+        if signal_group(self.pgid, Signal::SIGTERM) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Signals a process group; false if it no longer exists.
+pub(crate) fn signal_group(pgid: i32, signal: Signal) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    killpg(Pid::from_raw(pgid), signal).is_ok()
+}
+
+/// Whether a program can be found (a path, or a name on PATH).
+pub(crate) fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    let p = Path::new(program);
+    if p.components().count() > 1 {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|c| is_executable(c))
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `<program> --version`, first line, within a few seconds.
+pub(crate) async fn version_of(program: &Path) -> Option<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new(program)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next()?.trim();
+    (!line.is_empty()).then(|| line.chars().take(100).collect())
+}

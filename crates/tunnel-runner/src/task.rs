@@ -1,0 +1,540 @@
+//! Running one offered task: ack, start the agent, stream its output, heartbeat, finish.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tunnel_client::Client;
+use tunnel_protocol::{
+    AppendEvents, AttemptRef, FinishRequest, Heartbeat, NewEvent, Offer, Outcome, TaskResult,
+};
+
+use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
+use crate::config::RunnerConfig;
+use crate::spool::{Spool, SpoolEntry};
+use crate::supervisor;
+
+/// What every task of a runner shares.
+pub(crate) struct Ctx {
+    pub(crate) client: Client,
+    pub(crate) config: Arc<RunnerConfig>,
+    pub(crate) spool: Spool,
+    /// Agent name → the program found for it (`None`: not installed here).
+    pub(crate) programs: BTreeMap<String, Option<PathBuf>>,
+    /// The runner is stopping now: stop agents and report.
+    pub(crate) abort: CancellationToken,
+}
+
+pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
+    let id = offer.task.id.clone();
+    let at = AttemptRef {
+        attempt: offer.attempt,
+        lease_token: offer.lease_token.clone(),
+    };
+    let lease = match ctx.client.ack(&id, &at).await {
+        Ok(l) => l,
+        Err(e) => {
+            // Stale (cancelled or expired meanwhile) or unreachable: either way the offer goes
+            // back to the server's control; nothing was started.
+            tracing::warn!(task_id = %id, error = %e, "Could not ack the offer; not starting it.");
+            return;
+        }
+    };
+    tracing::info!(task_id = %id, agent = %offer.task.agent, attempt = offer.attempt, "Task started.");
+    let entry = SpoolEntry {
+        task_id: id.clone(),
+        attempt: offer.attempt,
+        lease_token: offer.lease_token.clone(),
+        pgid: None,
+        pending: vec![],
+        finish: None,
+    };
+    let reporter = Reporter::start(ctx.clone(), entry);
+    let cancel = CancellationToken::new();
+    let done = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        ctx.client.clone(),
+        id.clone(),
+        at.clone(),
+        lease.lease_ms,
+        cancel.clone(),
+        reporter.stale.clone(),
+        done.clone(),
+    ));
+
+    let (outcome, result, not_before) = execute(&ctx, &offer, &reporter, &cancel).await;
+    let stale = reporter.stale.is_cancelled();
+    let finish = FinishRequest {
+        attempt: offer.attempt,
+        lease_token: offer.lease_token.clone(),
+        outcome,
+        result,
+        not_before,
+    };
+    if stale {
+        tracing::warn!(task_id = %id, "The server moved on from this attempt; its result is dropped.");
+        reporter.close().await;
+    } else {
+        reporter.finish(finish).await;
+        tracing::info!(task_id = %id, outcome = ?outcome, "Task finished.");
+    }
+    done.cancel();
+    let _ = heartbeat.await;
+}
+
+fn failed(message: impl Into<String>) -> (Outcome, TaskResult, Option<i64>) {
+    (
+        Outcome::Failed,
+        TaskResult {
+            error: Some(message.into()),
+            ..Default::default()
+        },
+        None,
+    )
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+enum Stop {
+    Cancelled,
+    TimedOut,
+    Shutdown,
+    Stale,
+}
+
+async fn execute(
+    ctx: &Ctx,
+    offer: &Offer,
+    reporter: &Reporter,
+    cancel: &CancellationToken,
+) -> (Outcome, TaskResult, Option<i64>) {
+    let task = &offer.task;
+    let cfg = &ctx.config;
+    let runner = &cfg.name;
+    let Some(agent) = cfg.agents.get(&task.agent) else {
+        return failed(format!(
+            "agent {:?} is not configured on runner {runner}",
+            task.agent
+        ));
+    };
+    let Some(Some(program)) = ctx.programs.get(&task.agent) else {
+        return failed(format!(
+            "{} is not installed on runner {runner}: {}",
+            agent.program,
+            agent.install_hint()
+        ));
+    };
+    let dir = match &task.project {
+        Some(p) => match cfg.projects.get(p) {
+            Some(d) => d.clone(),
+            None => return failed(format!("project {p:?} is not on runner {runner}")),
+        },
+        None => cfg.default_dir.clone(),
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return failed(format!("cannot use the directory {}: {e}", dir.display()));
+    }
+    let timeout = task
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(cfg.default_timeout);
+    let deadline = Instant::now() + timeout;
+    let models: Vec<Option<String>> = match (&task.model, agent.models.is_empty()) {
+        (Some(m), _) => vec![Some(m.clone())],
+        (None, true) => vec![None],
+        (None, false) => agent.models.iter().cloned().map(Some).collect(),
+    };
+    let mut resolved = agent.clone();
+    resolved.program = program.display().to_string();
+
+    for (i, model) in models.iter().enumerate() {
+        let inv = adapter::invocation(
+            &resolved,
+            &InvocationInput {
+                prompt: &task.prompt,
+                model: model.as_deref(),
+                resume: offer.resume_session_id.as_deref(),
+                task_id: &task.id,
+                project_dir: &dir,
+            },
+        );
+        let mut running = match supervisor::spawn(&inv, &dir, &agent.env) {
+            Ok(r) => r,
+            Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+        };
+        reporter.set_pgid(Some(running.pgid));
+        let mut parser = adapter::parser(agent);
+        let mut stop = None;
+        let mut stdout_open = true;
+        let status = loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    stop = Some(Stop::Cancelled);
+                    break running.terminate(cfg.kill_grace).await;
+                }
+                _ = ctx.abort.cancelled() => {
+                    stop = Some(Stop::Shutdown);
+                    break running.terminate(cfg.kill_grace).await;
+                }
+                _ = reporter.stale.cancelled() => {
+                    stop = Some(Stop::Stale);
+                    break running.terminate(cfg.kill_grace).await;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    stop = Some(Stop::TimedOut);
+                    break running.terminate(cfg.kill_grace).await;
+                }
+                line = running.lines.recv(), if stdout_open => match line {
+                    Some(l) => parser.line(&l).into_iter().for_each(|e| reporter.event(e)),
+                    None => stdout_open = false,
+                },
+                status = running.child.wait() => break status.ok(),
+            }
+        };
+        running.reap_group().await;
+        // What the agent printed just before it ended (bounded: a leftover grandchild may hold
+        // the pipe open).
+        while let Ok(Some(l)) =
+            tokio::time::timeout(Duration::from_secs(2), running.lines.recv()).await
+        {
+            parser.line(&l).into_iter().for_each(|e| reporter.event(e));
+        }
+        reporter.set_pgid(None);
+        let exit = Exit {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+            stderr_tail: running.stderr_tail(),
+        };
+        let partial = |error: String| TaskResult {
+            error: Some(error),
+            stderr_tail: (!exit.stderr_tail.is_empty()).then(|| exit.stderr_tail.clone()),
+            exit_code: exit.code,
+            ..Default::default()
+        };
+        match stop {
+            Some(Stop::Cancelled) => {
+                return (
+                    Outcome::Cancelled,
+                    partial("cancelled; the agent was stopped".into()),
+                    None,
+                );
+            }
+            Some(Stop::TimedOut) => {
+                let msg = format!(
+                    "timed out after {} s; the agent was stopped",
+                    timeout.as_secs()
+                );
+                return (Outcome::TimedOut, partial(msg), None);
+            }
+            Some(Stop::Shutdown) => {
+                let msg = format!(
+                    "runner {runner} shut down before the agent finished; the agent was stopped"
+                );
+                return (Outcome::Failed, partial(msg), None);
+            }
+            Some(Stop::Stale) => return (Outcome::Failed, partial("stale attempt".into()), None),
+            None => {}
+        }
+        match parser.finish(&exit) {
+            Verdict::Succeeded(r) => return (Outcome::Succeeded, r, None),
+            Verdict::Failed(_, Failure::TryAnotherModel(reason)) if i + 1 < models.len() => {
+                reporter.event(Ev {
+                    kind: "fallback",
+                    data: json!({"from": model, "to": models[i + 1], "reason": reason}),
+                });
+            }
+            Verdict::Failed(r, Failure::UsageLimit { reset_at, .. }) => {
+                // Never park into the past: that would retry the limit at once, in a loop.
+                let earliest = now_ms() + 60_000;
+                let at = reset_at
+                    .unwrap_or(now_ms() + cfg.default_park.as_millis() as i64)
+                    .max(earliest);
+                return (Outcome::Parked, r, Some(at));
+            }
+            Verdict::Failed(r, _) => return (Outcome::Failed, r, None),
+        }
+    }
+    failed("no model left to try")
+}
+
+/// Renews the lease until the task is done; a held heartbeat brings a cancel at once.
+async fn heartbeat_loop(
+    client: Client,
+    id: String,
+    at: AttemptRef,
+    lease_ms: i64,
+    cancel: CancellationToken,
+    stale: CancellationToken,
+    done: CancellationToken,
+) {
+    let third = Duration::from_millis((lease_ms / 3).max(100) as u64);
+    let mut failures = 0u32;
+    loop {
+        let hb = Heartbeat {
+            attempt: at.attempt,
+            lease_token: at.lease_token.clone(),
+            wait_ms: if cancel.is_cancelled() {
+                0
+            } else {
+                third.as_millis() as u64
+            },
+        };
+        let pause = tokio::select! {
+            _ = done.cancelled() => return,
+            r = client.heartbeat(&id, &hb) => match r {
+                Ok(status) => {
+                    failures = 0;
+                    if status.cancel && !cancel.is_cancelled() {
+                        tracing::info!(task_id = %id, "Cancel requested; stopping the agent.");
+                        cancel.cancel();
+                    }
+                    // A held heartbeat already waited; an immediate answer (cancel) needs a pause.
+                    if status.cancel { third } else { Duration::ZERO }
+                }
+                Err(e) if e.is_stale() => {
+                    tracing::warn!(task_id = %id, error = %e, "The lease is gone; stopping the agent.");
+                    stale.cancel();
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(task_id = %id, error = %e, "Heartbeat failed; retrying.");
+                    backoff(failures).min(third)
+                }
+            },
+        };
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Capped exponential back-off with jitter: 0.5 s, 1 s, 2 s … 30 s, each ±25 %.
+pub(crate) fn backoff(failures: u32) -> Duration {
+    let base = 500u64
+        .saturating_mul(1 << failures.min(6).saturating_sub(1))
+        .min(30_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let jitter = nanos % (base / 2 + 1);
+    Duration::from_millis(base * 3 / 4 + jitter)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporter: events and the result, through the spool, to the server.
+
+enum Msg {
+    Event(Ev),
+    Pgid(Option<i32>),
+    Finish(FinishRequest, oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Sends an attempt's events in batches and its result, keeping both in the spool until the
+/// server has them. Never blocks the agent's output loop.
+pub(crate) struct Reporter {
+    tx: mpsc::UnboundedSender<Msg>,
+    /// Set when the server says this attempt is no longer current (409).
+    pub(crate) stale: CancellationToken,
+}
+
+impl Reporter {
+    fn start(ctx: Arc<Ctx>, entry: SpoolEntry) -> Reporter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stale = CancellationToken::new();
+        tokio::spawn(report_loop(ctx, entry, rx, stale.clone()));
+        Reporter { tx, stale }
+    }
+
+    fn event(&self, e: Ev) {
+        let _ = self.tx.send(Msg::Event(e));
+    }
+
+    fn set_pgid(&self, pgid: Option<i32>) {
+        let _ = self.tx.send(Msg::Pgid(pgid));
+    }
+
+    async fn finish(&self, f: FinishRequest) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Finish(f, tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Most events in one append.
+const BATCH: usize = 200;
+/// How often buffered events are sent.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+async fn report_loop(
+    ctx: Arc<Ctx>,
+    mut entry: SpoolEntry,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    stale: CancellationToken,
+) {
+    let mut next_n = 1u64;
+    let mut dirty = true;
+    let mut failures = 0u32;
+    let mut retry_at = Instant::now();
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Event(e)) => {
+                    entry.pending.push(NewEvent { n: next_n, kind: e.kind.into(), data: e.data });
+                    next_n += 1;
+                    dirty = true;
+                }
+                Some(Msg::Pgid(p)) => {
+                    entry.pgid = p;
+                    save(&ctx.spool, &entry);
+                    dirty = false;
+                }
+                Some(Msg::Finish(f, done)) => {
+                    entry.finish = Some(f);
+                    save(&ctx.spool, &entry);
+                    deliver(&ctx, &mut entry, &stale).await;
+                    let _ = done.send(());
+                    return;
+                }
+                Some(Msg::Close(done)) => {
+                    ctx.spool.remove(&entry.task_id, entry.attempt);
+                    let _ = done.send(());
+                    return;
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                if dirty {
+                    save(&ctx.spool, &entry);
+                    dirty = false;
+                }
+                if !entry.pending.is_empty() && Instant::now() >= retry_at && !stale.is_cancelled() {
+                    match send_events(&ctx.client, &entry).await {
+                        Ok(sent) => {
+                            entry.pending.drain(..sent);
+                            failures = 0;
+                            dirty = true;
+                        }
+                        Err(e) if e.is_stale() => stale.cancel(),
+                        Err(e) => {
+                            failures += 1;
+                            retry_at = Instant::now() + backoff(failures);
+                            tracing::warn!(task_id = %entry.task_id, error = %e, "Sending events failed; kept in the spool.");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn save(spool: &Spool, entry: &SpoolEntry) {
+    if let Err(e) = spool.save(entry) {
+        tracing::error!(task_id = %entry.task_id, error = %e, "Cannot write the spool.");
+    }
+}
+
+/// Sends up to one batch of pending events; returns how many were sent.
+async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Result<usize> {
+    let n = entry.pending.len().min(BATCH);
+    let req = AppendEvents {
+        attempt: entry.attempt,
+        lease_token: entry.lease_token.clone(),
+        events: entry.pending[..n].to_vec(),
+    };
+    client.append_events(&entry.task_id, &req).await?;
+    Ok(n)
+}
+
+/// Delivers every pending event, then the result; keeps trying (with back-off) until the
+/// server has them, the server refuses the attempt, or the runner is stopping (the spool keeps
+/// them for the next start).
+pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let step = async {
+            while !entry.pending.is_empty() {
+                let sent = send_events(&ctx.client, entry).await?;
+                entry.pending.drain(..sent);
+            }
+            if let Some(f) = &entry.finish {
+                ctx.client.finish(&entry.task_id, f).await?;
+            }
+            Ok::<(), tunnel_client::ClientError>(())
+        };
+        match step.await {
+            Ok(()) => {
+                ctx.spool.remove(&entry.task_id, entry.attempt);
+                return;
+            }
+            Err(e) if e.is_stale() => {
+                tracing::warn!(task_id = %entry.task_id, error = %e, "The server refused this attempt's report; dropping it.");
+                stale.cancel();
+                ctx.spool.remove(&entry.task_id, entry.attempt);
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                save(&ctx.spool, entry);
+                tracing::warn!(task_id = %entry.task_id, error = %e, "Reporting the result failed; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(failures)) => {}
+                    _ = ctx.abort.cancelled(), if failures > 3 => {
+                        tracing::warn!(task_id = %entry.task_id, "Stopping with the result still in the spool; it is sent at the next start.");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Finishes attempts an earlier run of this runner left in the spool: stops leftover agent
+/// processes, sends what was kept, and reports an attempt that never finished as failed.
+pub(crate) async fn recover(ctx: Arc<Ctx>) {
+    for mut entry in ctx.spool.leftovers() {
+        if let Some(pgid) = entry.pgid.take() {
+            supervisor::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if entry.finish.is_none() {
+            entry.finish = Some(FinishRequest {
+                attempt: entry.attempt,
+                lease_token: entry.lease_token.clone(),
+                outcome: Outcome::Failed,
+                result: TaskResult {
+                    error: Some(format!(
+                        "runner {} restarted while the agent was running; the agent was stopped",
+                        ctx.config.name
+                    )),
+                    ..Default::default()
+                },
+                not_before: None,
+            });
+        }
+        tracing::info!(task_id = %entry.task_id, attempt = entry.attempt, events = entry.pending.len(), "Re-sending what an earlier run left in the spool.");
+        deliver(&ctx, &mut entry, &CancellationToken::new()).await;
+    }
+}

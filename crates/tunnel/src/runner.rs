@@ -1,0 +1,220 @@
+//! `tunnel runner` and `tunnel up`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tunnel_runner::{AgentConfig, AgentKind, RunnerConfig, Shutdown};
+
+use crate::cli::{RunnerArgs, RunnerOpts, UpArgs};
+use crate::config::{self, FileConfig, RunnerSection};
+use crate::serve;
+
+/// Reads a duration in milliseconds from a seed env name (`LONG_POLL_WAIT`, `CC_TIMEOUT`, …).
+fn env_ms(name: &str) -> Result<Option<Duration>> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => {
+            let ms: u64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("{name}={v:?} is not a number of milliseconds"))?;
+            Ok(Some(Duration::from_millis(ms)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The runner's configuration: flags, then env (the original's names), then `[runner]` in the
+/// config file, then defaults.
+pub(crate) fn runner_config(
+    server: String,
+    token: String,
+    opts: &RunnerOpts,
+    file: RunnerSection,
+) -> Result<RunnerConfig> {
+    let data = config::data_dir();
+    let mut c = RunnerConfig::new(server, token, data.clone());
+    if let Some(n) = opts.name.clone().or(file.name) {
+        c.name = n;
+    }
+    if let Some(m) = opts.max_concurrent.or(file.max_concurrent) {
+        if !(1..=50).contains(&m) {
+            bail!("max concurrent tasks must be 1 to 50 (got {m})");
+        }
+        c.max_concurrent = m;
+    }
+    if let Some(w) = env_ms("LONG_POLL_WAIT")?.or(file.long_poll_wait_secs.map(Duration::from_secs))
+    {
+        c.long_poll_wait = w.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    }
+    if let Some(p) = env_ms("POLL_INTERVAL")? {
+        c.retry_base = p.clamp(Duration::from_millis(50), Duration::from_secs(60));
+    }
+    if let Some(t) = env_ms("CC_TIMEOUT")?.or(file.default_timeout_secs.map(Duration::from_secs)) {
+        c.default_timeout = t;
+    }
+    if let Some(g) = file.shutdown_grace_secs {
+        c.shutdown_grace = Duration::from_secs(g);
+    }
+    if let Some(w) = file.work_dir {
+        c.default_dir = w;
+    }
+    if let Some(s) = file.spool_dir {
+        c.spool_dir = s;
+    }
+    c.projects = file.projects;
+    for p in &opts.projects {
+        let (name, dir) = p
+            .split_once('=')
+            .with_context(|| format!("--project {p:?} is not NAME=DIR"))?;
+        tunnel_protocol::validate_name("project", name).map_err(anyhow::Error::msg)?;
+        c.projects.insert(name.to_owned(), PathBuf::from(dir));
+    }
+    for (name, dir) in &c.projects {
+        tunnel_protocol::validate_name("project", name).map_err(anyhow::Error::msg)?;
+        if !dir.is_dir() {
+            bail!("project {name}: {} is not a directory", dir.display());
+        }
+    }
+    for (env, agent) in [
+        ("CLAUDE_PATH", "claude"),
+        ("CODEX_PATH", "codex"),
+        ("GEMINI_PATH", "gemini"),
+    ] {
+        if let Ok(path) = std::env::var(env)
+            && !path.is_empty()
+            && let Some(a) = c.agents.get_mut(agent)
+        {
+            a.program = path;
+        }
+    }
+    for (name, section) in file.agents {
+        tunnel_protocol::validate_name("agent", &name).map_err(anyhow::Error::msg)?;
+        if section.enabled == Some(false) {
+            c.agents.remove(&name);
+            continue;
+        }
+        let kind = section
+            .kind
+            .or(c.agents.get(&name).map(|a| a.kind))
+            .unwrap_or(AgentKind::Custom);
+        let mut agent = c
+            .agents
+            .remove(&name)
+            .filter(|a| a.kind == kind)
+            .unwrap_or_else(|| AgentConfig::builtin(kind, name.clone()));
+        if let Some(p) = section.program {
+            agent.program = p;
+        }
+        if let Some(cmd) = section.command {
+            agent.command = cmd;
+        }
+        if kind == AgentKind::Custom && agent.command.is_empty() && agent.program == name {
+            bail!(
+                "custom agent {name}: set `program` and `command` (use {{prompt}} where the prompt goes, or leave it out to send it on stdin)"
+            );
+        }
+        if let Some(a) = section.args {
+            agent.args = a;
+        }
+        if let Some(m) = section.models {
+            agent.models = m;
+        }
+        if let Some(o) = section.output {
+            agent.output = o;
+        }
+        agent.env.extend(section.env);
+        c.agents.insert(name, agent);
+    }
+    Ok(c)
+}
+
+pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
+    serve::init_logging(args.log_format.unwrap_or(crate::cli::LogFormat::Text));
+    let section = file.runner;
+    let server = args
+        .server
+        .or(section.server.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:3456".into());
+    let token = match args.token.or(section.token.clone()) {
+        Some(t) => t,
+        None => bail!(
+            "no runner token: set WORKER_TOKEN or --token (create one with `tunnel token create --role runner --name NAME`)"
+        ),
+    };
+    let config = runner_config(server, token, &args.opts, section)?;
+    let shutdown = Shutdown::default();
+    tokio::spawn(signals(shutdown.clone()));
+    tunnel_runner::run(config, shutdown)
+        .await
+        .context("the runner stopped")
+}
+
+/// First SIGTERM/SIGINT: stop claiming and let tasks finish; a second SIGINT: stop them now.
+async fn signals(shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot listen for signals.");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(
+        "Stopping: no new tasks; running ones may finish (Ctrl-C again to stop them now)."
+    );
+    shutdown.stop.cancel();
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("Stopping running tasks now.");
+    shutdown.abort.cancel();
+}
+
+pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
+    let FileConfig {
+        server,
+        client,
+        runner: runner_section,
+    } = file;
+    let prepared = serve::prepare(
+        args.serve,
+        FileConfig {
+            server,
+            client,
+            runner: RunnerSection::default(),
+        },
+    )
+    .await?;
+    let url = format!("http://{}", prepared.server.local_addr());
+    let token = prepared.server.local_runner_token();
+    let mut config = runner_config(url.clone(), token, &args.runner, runner_section)?;
+    // One machine, one runner: a task for a missing CLI should fail and say what to install.
+    config.offer_missing_agents = true;
+
+    let server_stop = prepared.server.shutdown_token();
+    let shutdown = Shutdown::default();
+    tokio::spawn(signals(shutdown.clone()));
+    let server = tokio::spawn(prepared.server.run());
+    let hint = if url.ends_with(":3456") {
+        String::new()
+    } else {
+        format!(" --server {url}")
+    };
+    eprintln!(
+        "\ntunnel is up at {url} with a local runner ({}).\nTry:\n\n  tunnel submit{hint} --agent echo --watch hello\n  tunnel submit{hint} --agent claude --watch \"what is in this directory?\"\n",
+        config.name
+    );
+    let result = tunnel_runner::run(config, shutdown).await;
+    server_stop.cancel();
+    server
+        .await
+        .context("the server task failed")?
+        .context("the server failed")?;
+    result.context("the runner stopped")
+}
