@@ -67,7 +67,10 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         let found = supervisor::find_program(&agent.program);
         match &found {
             Some(path) => {
-                if let Some(v) = supervisor::version_of(path).await {
+                // Only the known CLIs are asked for a version: a custom program may not
+                // understand `--version` at all.
+                let known = agent.kind != AgentKind::Custom;
+                if known && let Some(v) = supervisor::version_of(path).await {
                     versions.insert(name.clone(), v);
                 }
                 tracing::info!(agent = %name, program = %path.display(), version = versions.get(name).map(String::as_str).unwrap_or("?"), "Agent available.");

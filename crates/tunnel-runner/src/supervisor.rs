@@ -38,6 +38,7 @@ pub(crate) struct Running {
     /// Stdout, line by line (lossy UTF-8); closed at EOF.
     pub(crate) lines: mpsc::Receiver<String>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    stderr_reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub(crate) fn spawn(
@@ -80,9 +81,10 @@ pub(crate) fn spawn(
         tokio::spawn(read_lines(stdout, tx));
     }
     let stderr = Arc::new(Mutex::new(Vec::new()));
+    let mut stderr_reader = None;
     if let Some(mut err) = child.stderr.take() {
         let tail = stderr.clone();
-        tokio::spawn(async move {
+        stderr_reader = Some(tokio::spawn(async move {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf).await {
                 if n == 0 {
@@ -95,12 +97,13 @@ pub(crate) fn spawn(
                     t.drain(..cut);
                 }
             }
-        });
+        }));
     }
     Ok(Running {
         child,
         pgid,
         lines,
+        stderr_reader,
         stderr,
     })
 }
@@ -137,8 +140,12 @@ async fn read_lines(stdout: tokio::process::ChildStdout, tx: mpsc::Sender<String
 }
 
 impl Running {
-    /// The last part of what the agent wrote to stderr.
-    pub(crate) fn stderr_tail(&self) -> String {
+    /// The last part of what the agent wrote to stderr (after reading it to the end, or for a
+    /// moment if a leftover process still holds it open).
+    pub(crate) async fn stderr_tail(&mut self) -> String {
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+        }
         let t = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
         let start = t.len().saturating_sub(STDERR_TAIL);
         String::from_utf8_lossy(&t[start..]).trim().to_owned()

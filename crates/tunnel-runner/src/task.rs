@@ -214,7 +214,7 @@ async fn execute(
         let exit = Exit {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
-            stderr_tail: running.stderr_tail(),
+            stderr_tail: running.stderr_tail().await,
         };
         let partial = |error: String| TaskResult {
             error: Some(error),

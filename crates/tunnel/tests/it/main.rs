@@ -445,3 +445,104 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
+
+#[test]
+fn a_runner_killed_mid_task_reports_the_task_after_restart_and_leaves_no_agent() {
+    let s = Served::start(&[]);
+    let dir = s.data.path();
+    let pid_file = dir.join("agent.pid");
+    let script = dir.join("slow-agent");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ > {}\necho working\nexec sleep 300\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = dir.join("runner.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[runner]\nname = \"crashy\"\nspool_dir = \"{}\"\n[runner.agents.slow]\nprogram = \"{}\"\ncommand = []\n[runner.agents.claude]\nenabled = false\n[runner.agents.codex]\nenabled = false\n[runner.agents.gemini]\nenabled = false\n",
+            dir.join("spool").display(),
+            script.display()
+        ),
+    )
+    .unwrap();
+    let start_runner = || {
+        Command::new(BIN)
+            .args([
+                "runner",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--server",
+                &s.url,
+                "--token",
+                &s.admin_token(),
+            ])
+            .env("XDG_DATA_HOME", dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut runner = start_runner();
+    let out = s.cli(&["submit", "--agent", "slow", "go"]);
+    let id = stdout(&out).trim().to_owned();
+    let agent_pid = wait_for_pid(&pid_file);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stdout(&s.cli(&["tasks", &id])).contains("running") {
+        assert!(Instant::now() < deadline, "never running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    runner.kill().unwrap(); // SIGKILL: no chance to clean up
+    runner.wait().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{agent_pid}")).exists(),
+        "the agent outlived its runner (own process group)"
+    );
+
+    let mut runner = start_runner();
+    let out = s.cli(&["tasks", "--json", &id]);
+    let mut task: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while task["state"] == "running" {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted runner never reported the task: {task}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        task = serde_json::from_slice(&s.cli(&["tasks", "--json", &id]).stdout).unwrap();
+    }
+    assert_eq!(task["state"], "failed", "{task}");
+    assert!(
+        task["result"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("restarted"),
+        "{task}"
+    );
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !Path::new(&format!("/proc/{agent_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{agent_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(gone, "the restarted runner stopped the leftover agent");
+    let _ = runner.kill();
+    let _ = runner.wait();
+}
+
+fn wait_for_pid(path: &Path) -> i32 {
+    for _ in 0..200 {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(p) = s.trim().parse()
+        {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no pid in {}", path.display());
+}

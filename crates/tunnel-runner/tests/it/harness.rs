@@ -1,0 +1,172 @@
+//! A server and a runner in this process, talking HTTP on loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tunnel_client::Client;
+use tunnel_protocol::{Role, SubmitTask, Task, TaskState};
+use tunnel_runner::{AgentConfig, AgentKind, OutputMode, RunnerConfig, RunnerError, Shutdown};
+use tunnel_server::{Server, ServerConfig};
+use tunnel_store::{Database, Durability};
+
+const WORKER_TOKEN: &str = "runner-it-token-7c1e9a2b5d";
+
+pub struct World {
+    pub url: String,
+    pub admin: Client,
+    pub runner_token: String,
+    pub dir: tempfile::TempDir,
+    server_stop: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl World {
+    pub async fn start() -> World {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::Sqlite {
+            path: dir.path().join("t.db"),
+            durability: Durability::Normal,
+        };
+        let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), db);
+        cfg.worker_token = Some(WORKER_TOKEN.into());
+        let server = Server::bind(cfg).await.unwrap();
+        let url = format!("http://{}", server.local_addr());
+        let server_stop = server.shutdown_token();
+        let server = tokio::spawn(server.run());
+        let admin = Client::new(&url, WORKER_TOKEN).unwrap();
+        let runner_token = admin
+            .create_token("it-runner", Role::Runner)
+            .await
+            .unwrap()
+            .token;
+        World {
+            url,
+            admin,
+            runner_token,
+            dir,
+            server_stop,
+            server,
+        }
+    }
+
+    /// A runner config with no built-in agents, its dirs inside this world.
+    pub fn config(&self, name: &str) -> RunnerConfig {
+        let data = self.dir.path().join(format!("runner-{name}"));
+        let mut c = RunnerConfig::new(&self.url, &self.runner_token, data);
+        c.name = name.into();
+        c.agents.clear();
+        c.long_poll_wait = Duration::from_secs(5);
+        c.kill_grace = Duration::from_millis(500);
+        c.shutdown_grace = Duration::from_secs(5);
+        c
+    }
+
+    /// Writes an executable script into the world and returns its path.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    pub async fn submit(&self, req: SubmitTask) -> Task {
+        self.admin.submit(&req, None).await.unwrap()
+    }
+
+    /// Waits (server-side) until the task ends.
+    pub async fn ended(&self, id: &str) -> Task {
+        for _ in 0..6 {
+            let t = self
+                .admin
+                .task(id, Some(Duration::from_secs(10)))
+                .await
+                .unwrap();
+            if t.state.is_terminal() {
+                return t;
+            }
+        }
+        panic!("task {id} did not end");
+    }
+
+    /// Waits until the task is in `state`.
+    pub async fn reaches(&self, id: &str, state: TaskState) -> Task {
+        for _ in 0..300 {
+            let t = self.admin.task(id, None).await.unwrap();
+            if t.state == state {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("task {id} never reached {state}");
+    }
+
+    pub async fn stop(self) {
+        self.server_stop.cancel();
+        let _ = self.server.await;
+    }
+}
+
+/// A running runner.
+pub struct RunnerHandle {
+    pub shutdown: Shutdown,
+    pub join: JoinHandle<Result<(), RunnerError>>,
+}
+
+impl RunnerHandle {
+    pub fn spawn(config: RunnerConfig) -> RunnerHandle {
+        let shutdown = Shutdown::default();
+        let join = tokio::spawn(tunnel_runner::run(config, shutdown.clone()));
+        RunnerHandle { shutdown, join }
+    }
+
+    pub async fn stop(self) -> Result<(), RunnerError> {
+        self.shutdown.stop.cancel();
+        self.join.await.unwrap()
+    }
+}
+
+/// A custom agent running `program` with `command`.
+pub fn custom(program: &Path, command: &[&str], output: OutputMode) -> AgentConfig {
+    let mut a = AgentConfig::echo();
+    a.kind = AgentKind::Custom;
+    a.program = program.display().to_string();
+    a.command = command.iter().map(|s| s.to_string()).collect();
+    a.output = output;
+    a
+}
+
+/// A built-in agent kind played by a script (the fake CLIs in tests/fixtures, or a test's own).
+pub fn builtin(kind: AgentKind, program: &Path) -> AgentConfig {
+    let mut a = AgentConfig::builtin(kind, program.display().to_string());
+    a.env = BTreeMap::new();
+    a
+}
+
+pub fn task(agent: &str, prompt: &str) -> SubmitTask {
+    SubmitTask::new(agent, prompt)
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|s| s == "Z"),
+        Err(_) => false,
+    }
+}
+
+pub fn read_pid(path: &Path) -> i32 {
+    for _ in 0..100 {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(p) = s.trim().parse()
+        {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no pid in {}", path.display());
+}
