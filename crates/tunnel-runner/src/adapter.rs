@@ -314,12 +314,16 @@ impl Parser for Claude {
     fn finish(&mut self, exit: &Exit) -> Verdict {
         let sid = self.session_id.clone();
         let Some(r) = self.result.take() else {
+            let message = if exit.stderr_tail.contains("root/sudo privileges") {
+                // Claude refuses to skip permissions as root unless IS_SANDBOX is exactly 1.
+                "claude refuses --dangerously-skip-permissions as root: set IS_SANDBOX = \"1\" in \
+                 [runner.agents.claude] env (inside a sandbox), or run the runner as a normal user"
+                    .to_owned()
+            } else {
+                format!("claude ended without a result ({})", exit.describe())
+            };
             return Verdict::Failed(
-                failure_result(
-                    format!("claude ended without a result ({})", exit.describe()),
-                    exit,
-                    sid,
-                ),
+                failure_result(message, exit, sid),
                 Failure::Other("no result".into()),
             );
         };

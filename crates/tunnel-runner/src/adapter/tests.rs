@@ -314,3 +314,17 @@ fn classification() {
         Failure::Other(_)
     ));
 }
+
+#[test]
+fn claude_as_root_explains_is_sandbox() {
+    let agent = AgentConfig::builtin(AgentKind::Claude, "x");
+    let mut p = parser(&agent);
+    let stderr = "--dangerously-skip-permissions cannot be used with root/sudo privileges for security reasons";
+    let v = p.finish(&Exit {
+        code: Some(1),
+        signal: None,
+        stderr_tail: stderr.into(),
+    });
+    let Verdict::Failed(r, _) = v else { panic!() };
+    assert!(r.error.unwrap().contains("IS_SANDBOX"));
+}
