@@ -6,4 +6,5 @@
 mod harness;
 
 mod agents;
+mod clis;
 mod supervision;
