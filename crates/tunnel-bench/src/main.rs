@@ -1,0 +1,363 @@
+//! `tunnel-bench`: starts `tunnel serve` as a child process with a fresh SQLite database on
+//! disk and measures it over HTTP on loopback (see docs/BENCHMARKS.md):
+//!
+//! 1. dispatch latency: submit → a parked long-poll returns the offer;
+//! 2. full-cycle throughput: producers submit, fake runners claim, ack, post events, finish;
+//! 3. server RSS idle, during (2) and after;
+//! 4. many parked long-polls at once: RSS and wake latency (on a second fresh server);
+//! 5. runner overhead: not measured yet (there is no runner).
+//!
+//! Every phase counts what actually happened, and at the end the database files are reopened
+//! to check every task ended `succeeded`; anything else fails the run.
+
+mod phases;
+mod server;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::phases::{CycleParams, CycleReport, DispatchReport, ParkedReport};
+use crate::server::ServerProcess;
+use crate::stats::{mib, ms};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tunnel-bench",
+    about = "Measure a tunnel server over HTTP on loopback: dispatch latency, full-cycle \
+             throughput, memory, and many parked long-polls."
+)]
+struct Args {
+    /// The `tunnel` binary to start [default: `tunnel` next to this binary].
+    #[arg(long)]
+    tunnel: Option<PathBuf>,
+    /// Database file for phases 1–3 (must not exist); phase 4 uses the same name with
+    /// `-parked` added [default: a new temporary directory, removed afterwards].
+    #[arg(long)]
+    database: Option<PathBuf>,
+    /// SQLite durability the server runs with.
+    #[arg(long, value_enum, default_value = "normal")]
+    durability: DurabilityArg,
+    /// Tasks for the dispatch-latency phase (0 skips it).
+    #[arg(long, default_value_t = 1_000)]
+    dispatch: usize,
+    /// Tasks for the full-cycle phase (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u64,
+    /// Concurrent producers submitting tasks.
+    #[arg(long, default_value_t = 4)]
+    producers: u32,
+    /// Concurrent fake runners (claim, ack, events, finish).
+    #[arg(long, default_value_t = 8)]
+    runners: u32,
+    /// Events each fake runner posts per task.
+    #[arg(long, default_value_t = 3)]
+    events: u32,
+    /// Events per POST (3 events with 1 per post is 3 requests).
+    #[arg(long, default_value_t = 1)]
+    events_per_post: u32,
+    /// Long-polls parked at once in phase 4 (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    parked: usize,
+    /// Tasks submitted one by one to the parked polls.
+    #[arg(long, default_value_t = 1_000)]
+    wakes: usize,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum DurabilityArg {
+    Normal,
+    Full,
+}
+
+impl DurabilityArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            DurabilityArg::Normal => "normal",
+            DurabilityArg::Full => "full",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    durability: DurabilityArg,
+    machine: Machine,
+    rss_idle: u64,
+    dispatch: Option<DispatchReport>,
+    cycle: Option<CycleReport>,
+    parked: Option<ParkedReport>,
+    runner_overhead: &'static str,
+    total_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+}
+
+/// A shared token long enough for the server (`WORKER_TOKEN` works as an admin token).
+const TOKEN: &str = "tunnel-bench-worker-token-0123456789";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+fn progress(msg: &str) {
+    eprintln!("tunnel-bench: {msg}");
+}
+
+async fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let tunnel = match &args.tunnel {
+        Some(t) => t.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for this binary")?
+            .join("tunnel"),
+    };
+    ensure!(
+        tunnel.exists(),
+        "{} not found: build it with `cargo build --release -p tunnel -p tunnel-bench`, or pass --tunnel",
+        tunnel.display()
+    );
+    if args.parked > 0 {
+        // The bench's own sockets, the server's (the child inherits the limit), and spare.
+        server::raise_nofile(args.parked as u64 + 1_024)?;
+    }
+    let tmp;
+    let db = match &args.database {
+        Some(p) => p.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("tunnel-bench-").tempdir()?;
+            tmp.path().join("bench.db")
+        }
+    };
+    let durability = args.durability.as_str();
+
+    let mut report = Report {
+        durability: args.durability,
+        machine: machine(),
+        rss_idle: 0,
+        dispatch: None,
+        cycle: None,
+        parked: None,
+        runner_overhead: "n/a (no runner yet)",
+        total_s: 0.0,
+    };
+
+    // Phases 1–3 on one server.
+    if args.dispatch > 0 || args.tasks > 0 {
+        progress(&format!(
+            "starting {} (durability {durability})",
+            tunnel.display()
+        ));
+        let server = ServerProcess::start(&tunnel, &db, durability, TOKEN).await?;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        report.rss_idle = server.memory()?.rss;
+        let mut expected = 0;
+        if args.dispatch > 0 {
+            progress(&format!("1. dispatch latency over {} tasks", args.dispatch));
+            report.dispatch = Some(phases::dispatch(&server, TOKEN, args.dispatch).await?);
+            expected += args.dispatch as u64;
+        }
+        if args.tasks > 0 {
+            progress(&format!(
+                "2. full cycle: {} tasks, {} producers, {} runners, {} events per task",
+                args.tasks, args.producers, args.runners, args.events
+            ));
+            let p = CycleParams {
+                tasks: args.tasks,
+                producers: args.producers,
+                runners: args.runners,
+                events: args.events,
+                events_per_post: args.events_per_post.max(1),
+            };
+            report.cycle = Some(phases::full_cycle(&server, TOKEN, &p).await?);
+            expected += args.tasks;
+        }
+        let path = server.database.clone();
+        server.stop().await?;
+        phases::check_database(&path, expected).await?;
+    }
+
+    // Phase 4 on a fresh server.
+    if args.parked > 0 {
+        let db4 = with_suffix(&db, "-parked");
+        progress(&format!(
+            "4. {} parked long-polls, {} wakes (fresh server)",
+            args.parked, args.wakes
+        ));
+        let server = ServerProcess::start(&tunnel, &db4, durability, TOKEN).await?;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let wakes = args.wakes.min(args.parked);
+        let r = phases::parked(&server, TOKEN, args.parked, wakes).await?;
+        if report.rss_idle == 0 {
+            report.rss_idle = r.rss_idle;
+        }
+        report.parked = Some(r);
+        let path = server.database.clone();
+        server.stop().await?;
+        phases::check_database(&path, wakes as u64).await?;
+    }
+    report.total_s = started.elapsed().as_secs_f64();
+    progress("every task ended succeeded (checked in the database files)");
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn with_suffix(db: &Path, suffix: &str) -> PathBuf {
+    let stem = db
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match db.extension() {
+        Some(e) => format!("{stem}{suffix}.{}", e.to_string_lossy()),
+        None => format!("{stem}{suffix}"),
+    };
+    db.with_file_name(name)
+}
+
+fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+    }
+}
+
+fn print_table(r: &Report) {
+    let mut rows: Vec<(String, String, &str)> = Vec::new();
+    rows.push((
+        "server RSS idle".into(),
+        format!("{:.1} MiB", mib(r.rss_idle)),
+        "<= 15 MiB",
+    ));
+    if let Some(d) = &r.dispatch {
+        rows.push((
+            format!("1. dispatch p50/p90/p99/max (n={})", d.dispatch.n),
+            d.dispatch.line(),
+            "p50 <= 1 ms, p99 <= 5 ms",
+        ));
+        rows.push((
+            "   submit round trip p50/p99".into(),
+            format!(
+                "{} / {} ms",
+                ms(d.submit_rtt.p50_ms),
+                ms(d.submit_rtt.p99_ms)
+            ),
+            "",
+        ));
+    }
+    if let Some(c) = &r.cycle {
+        rows.push((
+            format!(
+                "2. full cycle ({} tasks, P={} C={}, {} req/task)",
+                c.tasks, c.producers, c.runners, c.http_requests_per_task
+            ),
+            format!("{:.0} tasks/s ({:.1} s)", c.tasks_per_s, c.wall_s),
+            ">= 5,000 tasks/s",
+        ));
+        rows.push((
+            "   server CPU per task".into(),
+            format!(
+                "{:.0} us ({:.2} cores busy)",
+                c.server_cpu_us_per_task, c.server_cores
+            ),
+            "",
+        ));
+        rows.push((
+            "   bench CPU per task (same machine)".into(),
+            format!("{:.0} us", c.bench_cpu_us_per_task),
+            "",
+        ));
+        rows.push((
+            "   submit / claim round trip p50/p99".into(),
+            format!(
+                "{} / {} ms, {} / {} ms",
+                ms(c.submit_rtt.p50_ms),
+                ms(c.submit_rtt.p99_ms),
+                ms(c.claim_rtt.p50_ms),
+                ms(c.claim_rtt.p99_ms)
+            ),
+            "",
+        ));
+        rows.push((
+            "3. server RSS before / peak / after / after 2 s".into(),
+            format!(
+                "{:.1} / {:.1} / {:.1} / {:.1} MiB",
+                mib(c.rss_before),
+                mib(c.rss_peak),
+                mib(c.rss_after),
+                mib(c.rss_after_2s)
+            ),
+            "peak <= 50 MiB",
+        ));
+    }
+    if let Some(p) = &r.parked {
+        rows.push((
+            format!("4. {} parked polls: RSS idle / parked", p.parked),
+            format!("{:.1} / {:.1} MiB", mib(p.rss_idle), mib(p.rss_parked)),
+            "<= 150 MiB",
+        ));
+        rows.push((
+            "   time / server CPU to park them".into(),
+            format!(
+                "{:.1} s / {:.0} us per poll",
+                p.park_s, p.park_cpu_us_per_poll
+            ),
+            "",
+        ));
+        rows.push((
+            format!("   wake p50/p90/p99/max (n={})", p.wake.n),
+            p.wake.line(),
+            "p99 <= 10 ms",
+        ));
+    }
+    rows.push((
+        "5. runner overhead".into(),
+        r.runner_overhead.into(),
+        "<= 5 ms each way",
+    ));
+
+    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
+    println!(
+        "tunnel-bench: {} x {}, SQLite on disk, durability {}, {:.0} s",
+        r.machine.cpus,
+        r.machine.cpu_model,
+        r.durability.as_str(),
+        r.total_s
+    );
+    println!("{:<w0$}  {:<w1$}  target", "measure", "result");
+    println!("{}  {}  {}", "-".repeat(w0), "-".repeat(w1), "-".repeat(24));
+    for (a, b, c) in rows {
+        println!("{a:<w0$}  {b:<w1$}  {c}");
+    }
+}

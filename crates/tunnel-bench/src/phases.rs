@@ -1,0 +1,576 @@
+//! The measurements. Each talks to the server over HTTP only, counts what actually happened
+//! and fails loudly when the server did something else.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tunnel_client::Client;
+use tunnel_protocol::{
+    AppendEvents, AttemptRef, ClaimRequest, FinishRequest, NewEvent, Offer, Outcome, SubmitTask,
+    TaskResult, TaskState,
+};
+
+use crate::server::{ServerProcess, cpu_of};
+use crate::stats::Latency;
+
+/// The agent every bench task asks for; the fake runners declare it.
+pub(crate) const AGENT: &str = "bench";
+
+/// Built from JSON, as a runner sends it, so optional fields the protocol grows keep their
+/// defaults.
+fn claim_request(runner: &str, wait_ms: u64, version: Option<String>) -> ClaimRequest {
+    serde_json::from_value(serde_json::json!({
+        "runner": runner,
+        "agents": [AGENT],
+        "capacity": 1,
+        "wait_ms": wait_ms,
+        "version": version,
+    }))
+    .expect("a valid claim request")
+}
+
+fn attempt(offer: &Offer) -> AttemptRef {
+    AttemptRef {
+        attempt: offer.attempt,
+        lease_token: offer.lease_token.clone(),
+    }
+}
+
+/// Acks the offer, posts `events` events in posts of `per_post`, finishes it `succeeded`, and
+/// checks the server says so.
+async fn run_fake_task(client: &Client, offer: &Offer, events: u32, per_post: u32) -> Result<()> {
+    let id = &offer.task.id;
+    let at = attempt(offer);
+    client.ack(id, &at).await.context("ack")?;
+    let mut n = 0u64;
+    while n < u64::from(events) {
+        let batch: Vec<NewEvent> = (0..u64::from(per_post.max(1)))
+            .map(|i| n + i + 1)
+            .take_while(|k| *k <= u64::from(events))
+            .map(|k| NewEvent {
+                n: k,
+                kind: "text".into(),
+                data: serde_json::json!({"text": format!("line {k} of the agent's answer")}),
+            })
+            .collect();
+        let sent = batch.len() as u64;
+        let ack = client
+            .append_events(
+                id,
+                &AppendEvents {
+                    attempt: at.attempt,
+                    lease_token: at.lease_token.clone(),
+                    events: batch,
+                },
+            )
+            .await
+            .context("append events")?;
+        ensure!(
+            u64::from(ack.accepted) == sent,
+            "the server accepted {} of {sent} events of task {id}",
+            ack.accepted
+        );
+        n += sent;
+    }
+    let task = client
+        .finish(
+            id,
+            &FinishRequest {
+                attempt: at.attempt,
+                lease_token: at.lease_token,
+                outcome: Outcome::Succeeded,
+                result: TaskResult {
+                    text: Some("done".into()),
+                    exit_code: Some(0),
+                    ..TaskResult::default()
+                },
+                not_before: None,
+            },
+        )
+        .await
+        .context("finish")?;
+    ensure!(
+        task.state == TaskState::Succeeded,
+        "task {id} finished as {} instead of succeeded",
+        task.state
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Dispatch latency
+
+#[derive(Debug, Serialize)]
+pub(crate) struct DispatchReport {
+    /// Submit sent → the parked poll's response read.
+    pub(crate) dispatch: Latency,
+    /// Submit round trip (201 received).
+    pub(crate) submit_rtt: Latency,
+}
+
+/// One poller parked at a time: it is known to be parked when the server has recorded its
+/// claim (the runner's `version` carries a nonce, written in the same transaction that found
+/// nothing to offer, after the poll registered its wake-up slot). Then one task is submitted.
+pub(crate) async fn dispatch(
+    server: &ServerProcess,
+    token: &str,
+    n: usize,
+) -> Result<DispatchReport> {
+    let runner_client = Client::new(&server.url, token)?;
+    let client = Client::new(&server.url, token)?;
+    let runner = "bench-dispatch";
+    let mut dispatch = Vec::with_capacity(n);
+    let mut submit_rtt = Vec::with_capacity(n);
+    for i in 0..n {
+        let nonce = format!("bench-{i}");
+        let rc = runner_client.clone();
+        let req = claim_request(runner, 30_000, Some(nonce.clone()));
+        let poll = tokio::spawn(async move {
+            let offer = rc.claim(&req).await;
+            (Instant::now(), offer)
+        });
+        wait_recorded(&client, runner, &nonce, &poll).await?;
+        let t0 = Instant::now();
+        let task = client
+            .submit(&SubmitTask::new(AGENT, format!("dispatch {i}")), None)
+            .await
+            .context("submit")?;
+        submit_rtt.push(t0.elapsed());
+        let (t1, offer) = tokio::time::timeout(Duration::from_secs(10), poll)
+            .await
+            .context("the parked poll got nothing within 10 s of the submit")??;
+        let offer = offer
+            .context("claim")?
+            .context("the parked poll ended without an offer")?;
+        ensure!(
+            offer.task.id == task.id,
+            "the parked poll was offered {} instead of the task just submitted ({})",
+            offer.task.id,
+            task.id
+        );
+        dispatch.push(t1 - t0);
+        run_fake_task(&client, &offer, 0, 1).await?;
+    }
+    Ok(DispatchReport {
+        dispatch: Latency::of(&dispatch),
+        submit_rtt: Latency::of(&submit_rtt),
+    })
+}
+
+/// Waits until the server has recorded the claim carrying `nonce` (so the poll is parked).
+async fn wait_recorded<T>(
+    client: &Client,
+    runner: &str,
+    nonce: &str,
+    poll: &tokio::task::JoinHandle<T>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let runners = client.runners().await.context("list runners")?;
+        if runners
+            .runners
+            .iter()
+            .any(|r| r.name == runner && r.version.as_deref() == Some(nonce))
+        {
+            return Ok(());
+        }
+        if poll.is_finished() {
+            bail!("the long-poll ended before anything was submitted");
+        }
+        if Instant::now() > deadline {
+            bail!("the server did not record the long-poll within 10 s");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2 + 3. Full-cycle throughput and memory under load
+
+#[derive(Debug, Clone)]
+pub(crate) struct CycleParams {
+    pub(crate) tasks: u64,
+    pub(crate) producers: u32,
+    pub(crate) runners: u32,
+    pub(crate) events: u32,
+    pub(crate) events_per_post: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct CycleReport {
+    pub(crate) tasks: u64,
+    pub(crate) producers: u32,
+    pub(crate) runners: u32,
+    pub(crate) events_per_task: u32,
+    pub(crate) event_posts_per_task: u32,
+    pub(crate) http_requests_per_task: u32,
+    pub(crate) wall_s: f64,
+    pub(crate) tasks_per_s: f64,
+    /// Server CPU (user + system) over the run, per task.
+    pub(crate) server_cpu_us_per_task: f64,
+    /// The share of one core the server used.
+    pub(crate) server_cores: f64,
+    /// The bench's own CPU (producers and runners), per task: it shares the machine.
+    pub(crate) bench_cpu_us_per_task: f64,
+    pub(crate) rss_before: u64,
+    /// Highest VmRSS sampled every 10 ms during the run.
+    pub(crate) rss_peak: u64,
+    /// VmHWM at the end of the run (peak since the server started).
+    pub(crate) rss_hwm: u64,
+    pub(crate) rss_after: u64,
+    /// 2 s after the run.
+    pub(crate) rss_after_2s: u64,
+    /// Submit round trip while the queue was busy.
+    pub(crate) submit_rtt: Latency,
+    /// Claim round trip of claims that got an offer.
+    pub(crate) claim_rtt: Latency,
+}
+
+pub(crate) async fn full_cycle(
+    server: &ServerProcess,
+    token: &str,
+    p: &CycleParams,
+) -> Result<CycleReport> {
+    let to_submit = Arc::new(AtomicU64::new(p.tasks));
+    let finished = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let rss_before = server.memory()?.rss;
+
+    // Memory sampler.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        let pid = server.pid;
+        tokio::spawn(async move {
+            let mut peak = 0u64;
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    && let Some(kb) = s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                        l[6..]
+                            .trim()
+                            .trim_end_matches("kB")
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                {
+                    peak = peak.max(kb * 1024);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            peak
+        })
+    };
+
+    let cpu0 = server.cpu()?;
+    let self0 = cpu_of("/proc/self/stat")?;
+    let t0 = Instant::now();
+
+    let mut producers = JoinSet::new();
+    for _ in 0..p.producers {
+        let client = Client::new(&server.url, token)?;
+        let to_submit = to_submit.clone();
+        producers.spawn(async move {
+            let mut rtt = Vec::new();
+            loop {
+                // Take one task to submit, if any are left.
+                let left = to_submit
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                let Ok(left) = left else { break };
+                let t = Instant::now();
+                let task = client
+                    .submit(&SubmitTask::new(AGENT, format!("cycle {left}")), None)
+                    .await
+                    .context("submit")?;
+                rtt.push(t.elapsed());
+                ensure!(
+                    task.state == TaskState::Queued,
+                    "a new task is {}",
+                    task.state
+                );
+            }
+            Ok::<_, anyhow::Error>(rtt)
+        });
+    }
+
+    let mut runners = JoinSet::new();
+    for r in 0..p.runners {
+        let client = Client::new(&server.url, token)?;
+        let finished = finished.clone();
+        let stop = stop.clone();
+        let (events, per_post, total) = (p.events, p.events_per_post, p.tasks);
+        runners.spawn(async move {
+            let name = format!("bench-runner-{r}");
+            let req = claim_request(&name, 5_000, None);
+            let mut rtt = Vec::new();
+            let result = async {
+                loop {
+                    let t = Instant::now();
+                    let offer = tokio::select! {
+                        o = client.claim(&req) => o.context("claim")?,
+                        _ = stop.cancelled() => return Ok(()),
+                    };
+                    let Some(offer) = offer else { continue };
+                    rtt.push(t.elapsed());
+                    run_fake_task(&client, &offer, events, per_post).await?;
+                    let done = finished.fetch_add(1, Ordering::SeqCst) + 1;
+                    ensure!(
+                        done <= total,
+                        "the runners finished more tasks than were submitted"
+                    );
+                    if done == total {
+                        stop.cancel();
+                    }
+                }
+            }
+            .await;
+            if result.is_err() {
+                stop.cancel();
+            }
+            result.map(|()| rtt)
+        });
+    }
+
+    let mut submit_rtt = Vec::new();
+    while let Some(r) = producers.join_next().await {
+        match r? {
+            Ok(rtt) => submit_rtt.extend(rtt),
+            Err(e) => {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+    }
+    // At most 10 minutes; a healthy run takes seconds.
+    tokio::time::timeout(Duration::from_secs(600), stop.cancelled())
+        .await
+        .context("the runners did not finish every task within 10 minutes")?;
+    let wall = t0.elapsed();
+    let cpu1 = server.cpu()?;
+    let self1 = cpu_of("/proc/self/stat")?;
+    sampling.store(false, Ordering::Relaxed);
+    let rss_peak = sampler.await?;
+    let mem_end = server.memory()?;
+    let mut claim_rtt = Vec::new();
+    while let Some(r) = runners.join_next().await {
+        claim_rtt.extend(r?.context("a fake runner failed")?);
+    }
+    let done = finished.load(Ordering::SeqCst);
+    ensure!(
+        done == p.tasks,
+        "the runners finished {done} tasks, {} were submitted",
+        p.tasks
+    );
+    let rss_after = server.memory()?.rss;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after_2s = server.memory()?.rss;
+
+    let posts = p.events.div_ceil(p.events_per_post.max(1));
+    let secs = wall.as_secs_f64();
+    let server_cpu = (cpu1 - cpu0).as_secs_f64();
+    Ok(CycleReport {
+        tasks: p.tasks,
+        producers: p.producers,
+        runners: p.runners,
+        events_per_task: p.events,
+        event_posts_per_task: posts,
+        http_requests_per_task: 4 + posts,
+        wall_s: secs,
+        tasks_per_s: p.tasks as f64 / secs,
+        server_cpu_us_per_task: server_cpu * 1e6 / p.tasks as f64,
+        server_cores: server_cpu / secs,
+        bench_cpu_us_per_task: (self1 - self0).as_secs_f64() * 1e6 / p.tasks as f64,
+        rss_before,
+        rss_peak: rss_peak.max(mem_end.rss),
+        rss_hwm: mem_end.hwm,
+        rss_after,
+        rss_after_2s,
+        submit_rtt: Latency::of(&submit_rtt),
+        claim_rtt: Latency::of(&claim_rtt),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Many parked long-polls
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ParkedReport {
+    pub(crate) parked: usize,
+    pub(crate) rss_idle: u64,
+    /// With every poll parked.
+    pub(crate) rss_parked: u64,
+    /// After the wakes.
+    pub(crate) rss_after_wakes: u64,
+    pub(crate) rss_hwm: u64,
+    /// Seconds to get every poll parked.
+    pub(crate) park_s: f64,
+    /// Server CPU to park them all, per poll.
+    pub(crate) park_cpu_us_per_poll: f64,
+    /// Submit sent → one of the parked polls has the offer, tasks one by one.
+    pub(crate) wake: Latency,
+}
+
+pub(crate) async fn parked(
+    server: &ServerProcess,
+    token: &str,
+    n: usize,
+    wakes: usize,
+) -> Result<ParkedReport> {
+    let rss_idle = server.memory()?.rss;
+    let client = Client::new(&server.url, token)?;
+    // One shared connection pool: with every request in flight at once, each gets its own
+    // connection, as n runners would.
+    let polls_client = Client::new(&server.url, token)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Offer)>();
+    let cpu0 = server.cpu()?;
+    let t0 = Instant::now();
+    let mut polls = JoinSet::new();
+    for i in 0..n {
+        let c = polls_client.clone();
+        let stop = stop.clone();
+        let tx = tx.clone();
+        polls.spawn(async move {
+            let req = claim_request(&format!("bench-parked-{i}"), 60_000, None);
+            // A poll whose wait ran out (60 s) parks again; bounded by the stop flag and the
+            // caller's own deadline.
+            while !stop.load(Ordering::SeqCst) {
+                match c.claim(&req).await {
+                    Ok(Some(offer)) => {
+                        let _ = tx.send((Instant::now(), offer));
+                        return Ok(());
+                    }
+                    Ok(None) => continue,
+                    Err(e) if stop.load(Ordering::SeqCst) => {
+                        let _ = e;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context(format!("parked poll {i}"))),
+                }
+            }
+            Ok(())
+        });
+        // Open connections in waves, so the listen backlog does not overflow (a dropped SYN
+        // costs a 1 s retransmit and measures the kernel, not the server).
+        if i % 256 == 255 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    drop(tx);
+
+    // Parked = the server recorded every runner's claim (each registered its wake-up slot
+    // before its claim found nothing).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rss_parked;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(r) = polls.try_join_next() {
+            r??;
+            bail!("a parked poll ended before any task was submitted");
+        }
+        rss_parked = server.memory()?.rss;
+        let seen = client
+            .runners()
+            .await
+            .context("list runners")?
+            .runners
+            .len();
+        if seen >= n {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {seen} of {n} long-polls reached the server within 60 s"
+        );
+    }
+    let park_s = t0.elapsed().as_secs_f64();
+    let park_cpu = (server.cpu()? - cpu0).as_secs_f64();
+    // Memory once settled (and measured before listing the runners again).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rss_parked = rss_parked.max(server.memory()?.rss);
+
+    let mut wake = Vec::with_capacity(wakes);
+    for i in 0..wakes.min(n) {
+        let t0 = Instant::now();
+        let task = client
+            .submit(&SubmitTask::new(AGENT, format!("wake {i}")), None)
+            .await
+            .context("submit")?;
+        let (t1, offer) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .context("no parked poll got the task within 10 s")?
+            .context("every parked poll ended")?;
+        ensure!(
+            offer.task.id == task.id,
+            "a parked poll was offered {} instead of the task just submitted ({})",
+            offer.task.id,
+            task.id
+        );
+        wake.push(t1 - t0);
+        run_fake_task(&client, &offer, 0, 1).await?;
+    }
+    let mem = server.memory()?;
+    stop.store(true, Ordering::SeqCst);
+    // Polls that already answered must all have ended well.
+    while let Some(r) = polls.try_join_next() {
+        r??;
+    }
+    polls.abort_all();
+    while polls.join_next().await.is_some() {}
+    Ok(ParkedReport {
+        parked: n,
+        rss_idle,
+        rss_parked,
+        rss_after_wakes: mem.rss,
+        rss_hwm: mem.hwm,
+        park_s,
+        park_cpu_us_per_poll: park_cpu * 1e6 / n as f64,
+        wake: Latency::of(&wake),
+    })
+}
+
+/// Reads the final task counts from the database file itself, after the server stopped.
+pub(crate) async fn check_database(server_db: &std::path::Path, expected: u64) -> Result<()> {
+    struct Quiet;
+    impl tunnel_store::Signals for Quiet {
+        fn task_ready(&self, _: &tunnel_store::ReadyHint) {}
+        fn task_changed(&self, _: &str) {}
+        fn deadline(&self, _: i64) {}
+    }
+    let store = tunnel_store::Store::open(
+        &tunnel_store::Database::Sqlite {
+            path: server_db.to_path_buf(),
+            durability: tunnel_store::Durability::Normal,
+        },
+        tunnel_store::QueueSettings::default(),
+        Arc::new(tunnel_store::SystemClock),
+        Arc::new(Quiet),
+    )
+    .await
+    .context("cannot reopen the database to check it")?;
+    let counts = store.counts().await?;
+    let mut succeeded = 0;
+    for (state, n) in &counts.by_state {
+        if *state == TaskState::Succeeded {
+            succeeded = *n;
+        } else if *n > 0 {
+            bail!(
+                "{n} tasks ended {state} in {}; every task must end succeeded ({:?})",
+                server_db.display(),
+                counts.by_state
+            );
+        }
+    }
+    ensure!(
+        succeeded == expected,
+        "{} holds {succeeded} succeeded tasks; the bench finished {expected}",
+        server_db.display()
+    );
+    Ok(())
+}
