@@ -10,9 +10,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, CreateToken, CreatedToken, ErrorBody,
-    EventList, FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, Role,
-    RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent, TaskList,
-    TokenInfo, TokenList,
+    EventList, FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer,
+    ReportSessions, Role, RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask,
+    Task, TaskEvent, TaskList, TokenInfo, TokenList,
 };
 
 /// What went wrong talking to the server.
@@ -272,6 +272,15 @@ impl Client {
     pub async fn finish(&self, id: &str, req: &FinishRequest) -> Result<Task> {
         self.send(self.post(&format!("/v1/tasks/{}/finish", encode(id)), req))
             .await
+    }
+
+    /// Reports the sessions found in this runner's agents' session stores.
+    pub async fn report_sessions(&self, runner: &str, report: &ReportSessions) -> Result<()> {
+        let resp = self
+            .execute(self.post(&format!("/v1/runners/{}/sessions", encode(runner)), report))
+            .await?;
+        drop(resp);
+        Ok(())
     }
 
     // -- runners, sessions, tokens ---------------------------------------------------------------

@@ -731,6 +731,43 @@ pub struct SessionList {
     pub recent: Vec<RecentSession>,
 }
 
+/// `POST /v1/runners/{name}/sessions`: the sessions a runner found in its agents' own session
+/// stores (Claude's projects, Codex's rollouts, Gemini's chats), for `recent`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReportSessions {
+    pub sessions: Vec<ReportedSession>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReportedSession {
+    pub agent: String,
+    pub session_id: String,
+    pub last_used: i64,
+}
+
+impl ReportSessions {
+    /// Most sessions in one report.
+    pub const MAX: usize = 500;
+
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.sessions.len() > Self::MAX {
+            return Err(Invalid::new(
+                "sessions",
+                format!("at most {} per report", Self::MAX),
+            ));
+        }
+        for s in &self.sessions {
+            validate_name("sessions.agent", &s.agent)?;
+            validate_session_id("sessions.session_id", &s.session_id)?;
+        }
+        Ok(())
+    }
+}
+
 /// `POST /v1/sessions/new` and `/v1/sessions/resume`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

@@ -6,6 +6,7 @@
 
 mod adapter;
 pub mod config;
+mod sessions;
 mod spool;
 mod supervisor;
 mod task;
@@ -49,6 +50,27 @@ pub enum RunnerError {
 pub struct Shutdown {
     pub stop: CancellationToken,
     pub abort: CancellationToken,
+}
+
+/// Tells the server which sessions the agents keep on this machine, at start and every few
+/// minutes, so `recent` lists them.
+async fn report_sessions(client: Client, config: Arc<RunnerConfig>, stop: CancellationToken) {
+    loop {
+        let agents = config.agents.clone();
+        let sessions = tokio::task::spawn_blocking(move || sessions::scan(&agents))
+            .await
+            .unwrap_or_default();
+        if !sessions.is_empty() {
+            let report = tunnel_protocol::ReportSessions { sessions };
+            if let Err(e) = client.report_sessions(&config.name, &report).await {
+                tracing::debug!(error = %e, "Could not report recent sessions.");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(300)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Runs until `shutdown.stop`, then drains.
@@ -103,6 +125,11 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     });
     let tracker = TaskTracker::new();
     tracker.spawn(task::recover(ctx.clone()));
+    tokio::spawn(report_sessions(
+        client.clone(),
+        config.clone(),
+        shutdown.stop.clone(),
+    ));
 
     let slots = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
     let mut failures = 0u32;

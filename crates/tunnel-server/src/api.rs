@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, CreateToken, CreatedToken, EventList,
-    FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, RunnerList,
-    SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState, TokenInfo,
-    TokenList, limits,
+    FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, ReportSessions,
+    RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState,
+    TokenInfo, TokenList, limits,
 };
 use tunnel_store::TaskFilter;
 use utoipa::IntoParams;
@@ -42,6 +42,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(append_events))
         .routes(routes!(finish))
         .routes(routes!(list_runners))
+        .routes(routes!(report_sessions))
         .routes(routes!(list_sessions))
         .routes(routes!(new_session))
         .routes(routes!(resume_session))
@@ -529,6 +530,23 @@ async fn list_runners(
     Ok(axum::Json(RunnerList {
         runners: s.store.runners().await?,
     }))
+}
+
+/// A runner reports the sessions it found in its agents' own session stores, so `recent`
+/// lists sessions started outside tunnel too.
+#[utoipa::path(post, path = "/v1/runners/{name}/sessions", tag = "runner",
+    params(("name" = String, Path, description = "runner name")), request_body = ReportSessions,
+    responses((status = 204, description = "recorded")), security(("bearer" = ["runner"])))]
+async fn report_sessions(
+    State(s): State<AppState>,
+    RunnerAuth(_): RunnerAuth,
+    Path(name): Path<String>,
+    Json(req): Json<ReportSessions>,
+) -> Result<StatusCode, ApiError> {
+    tunnel_protocol::validate_name("runner", &name)?;
+    req.validate()?;
+    s.store.report_sessions(&name, req.sessions).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 pub use clock::{Clock, ManualClock, Sleep, SystemClock};
 use tunnel_protocol::{
-    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Role,
-    RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent,
-    TaskState, TokenInfo,
+    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer,
+    ReportedSession, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask,
+    Task, TaskEvent, TaskState, TokenInfo,
 };
 
 /// What can go wrong in the store. Each variant maps to one HTTP status in the server.
@@ -287,6 +287,17 @@ impl Store {
     pub async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
         match &*self.backend {
             Backend::Sqlite(s) => s.bind_session(cmd).await,
+        }
+    }
+
+    /// Records the sessions a runner found on its disk (for `recent`).
+    pub async fn report_sessions(
+        &self,
+        runner: &str,
+        sessions: Vec<ReportedSession>,
+    ) -> Result<()> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.report_sessions(runner.to_owned(), sessions).await,
         }
     }
 

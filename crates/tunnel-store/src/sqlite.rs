@@ -795,6 +795,26 @@ impl SqliteStore {
         .await
     }
 
+    pub(crate) async fn report_sessions(
+        &self,
+        runner: String,
+        sessions: Vec<tunnel_protocol::ReportedSession>,
+    ) -> Result<()> {
+        self.write(move |w| {
+            let mut stmt = w.conn.prepare_cached(
+                "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
+                 VALUES (?1, ?2, ?3, NULL, ?4)
+                 ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
+                    last_used = MAX(last_used, excluded.last_used)",
+            )?;
+            for s in &sessions {
+                stmt.execute(params![s.agent, s.session_id, runner, s.last_used])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     pub(crate) async fn create_token(
         &self,
         id: String,

@@ -102,6 +102,16 @@ async fn fake_clis_answer_resume_and_edit() {
         std::fs::create_dir_all(&project).unwrap();
         let program = fixtures().join(format!("fake-{name}"));
         let base = BTreeMap::from([("HOME".to_owned(), home.display().to_string())]);
+        if kind == AgentKind::Claude {
+            // A session started outside tunnel, in Claude's own store: `recent` lists it.
+            let dir = home.join(".claude/projects/-elsewhere");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("0b0e0000-0000-4000-8000-00000000cafe.jsonl"),
+                "{}\n",
+            )
+            .unwrap();
+        }
         let mut tool_env = base.clone();
         tool_env.insert("FAKE_SCENARIO".into(), "tool".into());
         tool_env.insert(
