@@ -58,7 +58,7 @@ pub(crate) fn scan(agents: &BTreeMap<String, AgentConfig>) -> Vec<ReportedSessio
                 .collect(),
             AgentKind::Custom => Vec::new(),
         };
-        found.sort_by(|a: &(String, i64), b| b.1.cmp(&a.1));
+        found.sort_by_key(|(_, t): &(String, i64)| std::cmp::Reverse(*t));
         found.truncate(PER_AGENT);
         for (session_id, last_used) in found {
             if tunnel_protocol::validate_session_id("session_id", &session_id).is_ok() {
