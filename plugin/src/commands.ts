@@ -1,6 +1,8 @@
 // The chat commands. Every handler answers at once with a short text and never throws into
 // OpenClaw: an error becomes a clear reply and a log line.
 
+import { randomUUID } from "node:crypto";
+
 import { AGENT_LABELS, AGENTS } from "./config.ts";
 import type { Agent, Config } from "./config.ts";
 import { isTerminal, TunnelError } from "./client.ts";
@@ -21,6 +23,8 @@ export interface Deps {
   messageIds: MessageIds;
   logger: Logger;
   now?: () => number;
+  /** Pause before the one retry of a submit (tests shorten it). */
+  retryDelayMs?: number;
 }
 
 export const SUBCOMMANDS: { sub: Sub; suffix: string; description: (label: string) => string }[] = [
@@ -205,11 +209,28 @@ async function help(deps: Deps, agent: Agent, id: Identity): Promise<CommandResu
   return reply(lines.join("\n"));
 }
 
-function idempotencyKey(deps: Deps, ctx: CommandContext, id: Identity): string | undefined {
+/**
+ * The submit's Idempotency-Key: the chat message id when OpenClaw reported it (through the
+ * message_received hook), else a fresh id for this command, so at least the plugin's own retry
+ * of a submit whose answer was lost cannot create a second task.
+ */
+function idempotencyKey(deps: Deps, ctx: CommandContext, id: Identity): { key: string; fromMessage: boolean } {
   const messageId = deps.messageIds.take({ channel: ctx.channel, senderId: ctx.senderId, text: ctx.commandBody });
-  if (!messageId) return undefined;
   // Message ids are unique per chat, not globally.
-  return `openclaw:${id.conversation}:${messageId}`.slice(0, 256);
+  if (messageId) return { key: `openclaw:${id.conversation}:${messageId}`.slice(0, 256), fromMessage: true };
+  return { key: `openclaw:${randomUUID()}`, fromMessage: false };
+}
+
+/** Submits, retrying once after a network failure with the same key (so never twice). */
+async function submitOnce(deps: Deps, body: SubmitTask, key: string): Promise<{ task: Task; created: boolean }> {
+  try {
+    return await deps.client.submit(body, key);
+  } catch (e) {
+    if (!(e instanceof TunnelError) || e.code !== "unreachable") throw e;
+    deps.logger.warn(`tunnel: submit failed (${e.message}); retrying once with the same Idempotency-Key`);
+    await new Promise((r) => setTimeout(r, deps.retryDelayMs ?? 500));
+    return await deps.client.submit(body, key);
+  }
 }
 
 async function submit(
@@ -232,13 +253,13 @@ async function submit(
     }
     body.reply_to = id.replyTo;
   }
-  const key = idempotencyKey(deps, ctx, id);
-  const { task, created } = await client.submit(body, key);
+  const { key, fromMessage } = idempotencyKey(deps, ctx, id);
+  const { task, created } = await submitOnce(deps, body, key);
   if (!created) {
     return reply(`↩️ Already submitted as ${label} task \`${shortId(task.id)}\` (${task.state}).`);
   }
   if (config.delivery === "plugin") deps.watcher.add(task, agent, label, id.target);
-  deps.logger.info(`tunnel: submitted ${agent} task ${task.id} for ${id.conversation}${key ? "" : " (no message id)"}`);
+  deps.logger.info(`tunnel: submitted ${agent} task ${task.id} for ${id.conversation}${fromMessage ? "" : " (no chat message id)"}`);
 
   const lines: string[] = [];
   const sessionNote =
@@ -406,10 +427,10 @@ export async function stateReport(deps: Deps, conversation: string | undefined, 
       const list = await client.sessions({ conversation, limit: 20 });
       for (const agent of AGENTS) {
         const b = list.sessions.find((s) => s.agent === agent && s.conversation === conversation);
-        lines.push(`  ${AGENT_LABELS[agent]} (/${config.commands[agent]}): ${b?.session_id ? `\`${b.session_id}\`` : "no session"}`);
+        lines.push(`• ${AGENT_LABELS[agent]} (/${config.commands[agent]}): ${b?.session_id ? `\`${b.session_id}\`` : "no session"}`);
       }
     } catch (e) {
-      lines.push(`  sessions: ${(e as Error).message}`);
+      lines.push(`• sessions: ${(e as Error).message}`);
     }
   }
   return lines.join("\n");

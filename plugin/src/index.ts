@@ -13,7 +13,8 @@ const apiFits = (api: OpenClawPluginApi) => {
   const registerService: PluginApi["registerService"] = api.registerService;
   const runtime: PluginApi["runtime"] = api.runtime;
   const logger: PluginApi["logger"] = api.logger;
-  return [registerCommand, registerService, runtime, logger];
+  const lifecycle: PluginApi["lifecycle"] = api.lifecycle;
+  return [registerCommand, registerService, runtime, logger, lifecycle];
 };
 void ctxFits;
 void apiFits;

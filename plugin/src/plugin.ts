@@ -61,10 +61,16 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
         progressAfterMs: opts.progressAfterMs ?? 10_000,
         retryDelaysMs: opts.retryDelaysMs,
       });
+      // OpenClaw drains a plugin instance before it stops its services; stop following (and so
+      // close the event streams) as soon as this instance starts to retire.
+      const lifecycle = api.lifecycle;
+      lifecycle?.signal?.addEventListener("abort", () => void watcher.stop(), { once: true });
+      lifecycle?.onDispose?.(() => watcher.stop());
       await watcher.start(ctx.stateDir);
       logger.info(`tunnel: delivery service started (server ${config.serverUrl}, following ${watcher.list().length} task(s))`);
     },
     async stop() {
+      logger.info("tunnel: delivery service stopping");
       await watcher.stop();
     },
   });

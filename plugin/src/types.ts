@@ -111,6 +111,11 @@ export interface PluginApi {
       };
     };
   };
+  /** The plugin instance's lifecycle: its signal aborts when OpenClaw retires the instance. */
+  lifecycle?: {
+    signal?: AbortSignal;
+    onDispose?: (dispose: () => void | Promise<void>) => () => void;
+  };
   registerCommand: (command: CommandDefinition) => void;
   registerService: (service: ServiceDefinition) => void;
   registerTool: (tool: ToolDefinition, opts?: { optional?: boolean }) => void;

@@ -271,7 +271,7 @@ test("/cli-state really checks: server, token, runners with agents and projects,
   const text = r.text!;
   assert.match(text, /^Tunnel status\nServer: http:\/\/127\.0\.0\.1:\d+\n✅ Server reachable\n✅ Token accepted\nRunners online: 1\n/);
   assert.match(text, /🟢 runner-1 — agents: claude, codex, gemini; projects: none; busy 0\/1; seen \d+s ago/);
-  assert.ok(text.includes(`This chat: telegram:${chat}\n  Claude (/cc): no session\n  Codex (/cx): no session\n  Gemini (/gemini): no session`), text);
+  assert.ok(text.includes(`This chat: telegram:${chat}\n• Claude (/cc): no session\n• Codex (/cx): no session\n• Gemini (/gemini): no session`), text);
   const bad = new FakeApi({ serverUrl: server.url, token: "tnl_not_a_real_token_at_all" });
   register(bad, { watcher: new Watcher(), messageIds: new MessageIds(), env: {} });
   const rb = await bad.run("/cli-state", dm);

@@ -129,6 +129,12 @@ export class TestRunner {
     return r.body as Offer;
   }
 
+  /** A claim that must find nothing: the server then counts the runner as online. */
+  async touch(): Promise<void> {
+    const o = await this.claim(0);
+    if (o) throw new Error(`touch claimed task ${o.task.id} unexpectedly`);
+  }
+
   async ack(o: Offer): Promise<void> {
     const r = await this.server.call("POST", `/v1/tasks/${o.task.id}/ack`, this.token, {
       attempt: o.attempt,

@@ -1,0 +1,255 @@
+// End to end in the real `openclaw` npm package, offline: OpenClaw loads this plugin, its
+// gateway's Telegram channel talks to a Bot API stand-in, a user sends `/cc hello`, the plugin
+// submits to a real `tunnel serve`, the test plays the runner, and the answer arrives at the
+// stand-in's sendMessage through the plugin's service and OpenClaw's outbound adapter.
+//
+// Needs OPENCLAW_BIN (the openclaw CLI; test.sh installs openclaw@2026.9.6 and Node 24) and
+// TUNNEL_BIN. Each run uses a fresh OpenClaw state dir (OpenClaw remembers Telegram offsets).
+
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFile } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
+import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+
+import { FakeTelegram, visibleText } from "./fake-telegram.ts";
+import { PLUGIN_DIR, TestRunner, TunnelServer } from "../support/server.ts";
+
+const OPENCLAW_BIN = process.env.OPENCLAW_BIN;
+const BOT_TOKEN = "123456789:FAKE-tunnel-e2e-token";
+const USER = 111;
+const STRANGER = 222;
+const GROUP = -100555;
+const TOPIC = 42;
+
+let work: string;
+let env: NodeJS.ProcessEnv;
+let server: TunnelServer;
+let runner: TestRunner;
+let tg: FakeTelegram;
+let gateway: ChildProcess | undefined;
+let inspect: any;
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function run(args: string[], timeoutMs: number): Promise<{ stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    execFile(OPENCLAW_BIN!, args, { env, timeout: timeoutMs, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`openclaw ${args.join(" ")} failed: ${err.message}\n${stderr}`));
+      else resolve({ stdout, stderr });
+    });
+  });
+}
+
+async function until<T>(what: string, fn: () => T | undefined | false, ms: number): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}\n--- gateway log tail ---\n${gatewayLog().slice(-4000)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function gatewayLog(): string {
+  try {
+    return readFileSync(path.join(work, "gateway.out"), "utf8");
+  } catch {
+    return "";
+  }
+}
+
+/** Messages the bot sent to a chat (and topic), as the user would read them. */
+function sentTo(chatId: number, threadId?: number): string[] {
+  return tg.sent
+    .filter((p) => Number(p.chat_id) === chatId && (threadId === undefined ? p.message_thread_id === undefined : Number(p.message_thread_id) === threadId))
+    .map((p) => visibleText(p.text, p.parse_mode));
+}
+
+before(async () => {
+  assert.ok(OPENCLAW_BIN, "OPENCLAW_BIN is not set: run the tests with ./test.sh, which installs openclaw");
+  work = mkdtempSync(path.join(process.env.TMPDIR ?? tmpdir(), "tunnel-plugin-e2e-"));
+  for (const d of ["home", "state", "tmp"]) mkdirSync(path.join(work, d), { recursive: true });
+  server = await TunnelServer.start();
+  const clientToken = await server.token("client", "openclaw-plugin");
+  runner = new TestRunner(server, await server.token("runner"), "e2e-runner", ["claude", "codex", "gemini"]);
+  tg = new FakeTelegram(BOT_TOKEN);
+  await tg.start();
+  const config = {
+    gateway: { mode: "local", port: await freePort(), bind: "loopback", auth: { mode: "token", token: "e2e-gateway-token" } },
+    logging: { file: path.join(work, "openclaw.log") },
+    update: { checkOnStart: false },
+    models: { catalogRefresh: { enabled: false } },
+    channels: {
+      telegram: {
+        enabled: true,
+        botToken: BOT_TOKEN,
+        apiRoot: tg.apiRoot,
+        dmPolicy: "allowlist",
+        allowFrom: [String(USER)],
+        groupPolicy: "allowlist",
+        groups: { [String(GROUP)]: { requireMention: false } },
+      },
+    },
+    plugins: {
+      load: { paths: [PLUGIN_DIR] },
+      entries: {
+        tunnel: { enabled: true, config: { serverUrl: server.url, token: clientToken, delivery: "plugin" } },
+      },
+    },
+  };
+  writeFileSync(path.join(work, "state", "openclaw.json"), JSON.stringify(config, null, 2));
+  env = {
+    ...process.env,
+    HOME: path.join(work, "home"),
+    OPENCLAW_HOME: path.join(work, "home"),
+    OPENCLAW_STATE_DIR: path.join(work, "state"),
+    OPENCLAW_CONFIG_PATH: path.join(work, "state", "openclaw.json"),
+    TMPDIR: path.join(work, "tmp"),
+    OPENCLAW_NO_AUTO_UPDATE: "1",
+    NO_COLOR: "1",
+  };
+
+  const out = await run(["plugins", "inspect", "tunnel", "--runtime", "--json"], 120_000);
+  inspect = JSON.parse(out.stdout.slice(out.stdout.indexOf("{")));
+
+  const log = openSync(path.join(work, "gateway.out"), "w");
+  gateway = spawn(OPENCLAW_BIN!, ["gateway", "run", "--verbose"], { env, stdio: ["ignore", log, log] });
+  gateway.on("exit", (code, signal) => {
+    if (code !== null && code !== 0) process.stderr.write(`gateway exited with ${code ?? signal}\n`);
+  });
+  // Ready when the Telegram channel long-polls the stand-in.
+  await until("the gateway to poll Telegram", () => tg.callsOf("getUpdates").length > 0, 150_000);
+});
+
+after(async () => {
+  if (gateway && gateway.exitCode === null) {
+    const exited = new Promise((r) => gateway!.once("exit", r));
+    gateway.kill("SIGTERM");
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
+    if (gateway.exitCode === null && gateway.signalCode === null) gateway.kill("SIGKILL");
+  }
+  await tg?.stop();
+  await server?.stop();
+  if (work && !process.env.KEEP_E2E) rmSync(work, { recursive: true, force: true });
+});
+
+test("openclaw plugins inspect: the plugin loads with every command, the service and the tools", () => {
+  assert.equal(inspect.plugin.id, "tunnel");
+  assert.equal(inspect.plugin.status, "loaded");
+  assert.equal(inspect.plugin.imported, true);
+  const expected = ["cli-state"];
+  for (const base of ["cc", "cx", "gemini"]) {
+    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status"].map((s) => `${base}-${s}`));
+  }
+  assert.deepEqual([...inspect.commands].sort(), expected.sort());
+  assert.deepEqual(inspect.services, ["tunnel-delivery"]);
+  assert.deepEqual(inspect.tools.flatMap((t: { names: string[] }) => t.names).sort(), ["cc_call", "codex_call", "gemini_call", "tunnel_state"]);
+  assert.deepEqual(inspect.typedHooks.map((h: { name: string }) => h.name), ["message_received"]);
+  const errors = (inspect.diagnostics ?? []).filter((d: { level: string }) => d.level === "error");
+  assert.deepEqual(errors, []);
+});
+
+test("the gateway loads the plugin and puts its commands in the Telegram menu", async () => {
+  await until("the plugin's commands registered", () => /Registered plugin command: \/cc \(plugin: tunnel\)/.test(gatewayLog()), 30_000);
+  const menu = await until("setMyCommands with /cc", () =>
+    tg.callsOf("setMyCommands").find((c) => (c.params.commands ?? []).some((x: { command: string }) => x.command === "cc")),
+    30_000,
+  );
+  const names = menu.params.commands.map((x: { command: string }) => x.command);
+  // Telegram menu names cannot have '-': OpenClaw lists cc-new as cc_new.
+  for (const n of ["cc", "cx", "gemini", "cli_state", "cc_new", "cx_status", "gemini_resume"]) assert.ok(names.includes(n), `${n} in ${names}`);
+});
+
+test("/cc hello from Telegram: immediate ack, the runner runs it, the answer arrives through the plugin's service", async () => {
+  await runner.touch(); // a runner seen recently counts as online
+  tg.inject({ text: "/cc hello", userId: USER });
+  const ack = await until("the acknowledgement", () => sentTo(USER).find((t) => t.includes("Queued for Claude")), 30_000);
+  assert.match(ack, /^⏳ Queued for Claude — task `?[0-9a-f]{8}`?, next in line\.\nRunner: e2e-runner$/);
+  const offer = await runner.claim(20_000);
+  assert.ok(offer, "the task reached the runner");
+  assert.equal(offer.task.prompt, "hello");
+  assert.equal(offer.task.agent, "claude");
+  assert.equal(offer.task.conversation, `telegram:${USER}`);
+  assert.equal(offer.task.reply_to, undefined, "plugin delivery sends no reply_to");
+  await runner.ack(offer);
+  // The answer has characters that must be escaped for Telegram's HTML mode.
+  const answer = "echo: hello <world> & \"friends\"";
+  await runner.finish(offer, "succeeded", { text: answer, session_id: "e2e00000-0000-4000-8000-000000000001", duration_ms: 3000 });
+  const got = await until("the answer at sendMessage", () => sentTo(USER).find((t) => t.includes("echo: hello")), 30_000);
+  assert.equal(got, `✅ Claude · 3s · session e2e00000-0000-4000-8000-000000000001\n\n${answer}`);
+  // The session is bound on the server for this chat; the next /cc continues it.
+  tg.inject({ text: "/cc and again", userId: USER });
+  const next = await runner.claim(30_000);
+  assert.ok(next);
+  assert.equal(next.task.prompt, "and again");
+  assert.equal(next.resume_session_id, "e2e00000-0000-4000-8000-000000000001");
+  await runner.ack(next);
+  await runner.finish(next, "succeeded", { text: "second answer", session_id: "e2e00000-0000-4000-8000-000000000001" });
+  await until("the second answer", () => sentTo(USER).find((t) => t.endsWith("second answer")), 30_000);
+});
+
+test("a forum topic is its own conversation and gets its answers in the topic", async () => {
+  tg.inject({ text: "/cc-now", userId: USER, chatId: GROUP, threadId: TOPIC });
+  const now = await until("the /cc-now reply in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.includes("Claude session")), 30_000);
+  assert.equal(now, "No active Claude session here. /cc <prompt> starts one.");
+  tg.inject({ text: "/cc@tunnel_test_bot topic work", userId: USER, chatId: GROUP, threadId: TOPIC });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.prompt, "topic work");
+  assert.equal(offer.task.conversation, `telegram:${GROUP}:topic:${TOPIC}`);
+  assert.equal(offer.resume_session_id, undefined, "the DM's session is not the topic's");
+  await runner.ack(offer);
+  await runner.finish(offer, "succeeded", { text: "done in the topic", session_id: "e2e00000-0000-4000-8000-000000000002" });
+  const got = await until("the answer in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.endsWith("done in the topic")), 30_000);
+  assert.match(got, /^✅ Claude · \d+s · session e2e00000-0000-4000-8000-000000000002/);
+  assert.deepEqual(sentTo(GROUP).filter((t) => t.includes("topic")), [], "nothing went to the group outside the topic");
+});
+
+test("/cc-status and /cc-stop from chat cancel a running task", async () => {
+  tg.inject({ text: "/cc a long job", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  await runner.ack(offer);
+  tg.inject({ text: "/cc-status", userId: USER });
+  const status = await until("the status", () => sentTo(USER).find((t) => t.startsWith("Claude tasks here:")), 30_000);
+  assert.match(status, /^Claude tasks here:\n▶️ running on e2e-runner for \d+s — `?[0-9a-f]{8}`? a long job$/);
+  tg.inject({ text: "/cc-stop", userId: USER });
+  await until("the stop reply", () => sentTo(USER).find((t) => t.startsWith("🛑 Stopping Claude task")), 30_000);
+  assert.equal((await runner.heartbeat(offer)).cancel, true);
+  await runner.finish(offer, "cancelled", {});
+  await until("the cancel notice", () => sentTo(USER).find((t) => /^🛑 Claude task `?[0-9a-f]{8}`? was cancelled/.test(t)), 30_000);
+});
+
+test("/cli-state checks the server, the token and the runners", async () => {
+  await runner.touch();
+  tg.inject({ text: "/cli-state", userId: USER });
+  const state = await until("the state", () => sentTo(USER).find((t) => t.startsWith("Tunnel status")), 30_000);
+  assert.match(state, /✅ Server reachable\n✅ Token accepted\nRunners online: 1\n🟢 e2e-runner — agents: claude, codex, gemini/);
+  assert.match(state, /This chat: telegram:111\n• Claude \(\/cc\): `?e2e00000-0000-4000-8000-000000000001`?/);
+});
+
+test("a sender OpenClaw does not authorize cannot run tasks", async () => {
+  tg.inject({ text: "/cc rm -rf /", userId: STRANGER });
+  const reply = await until("the refusal", () => sentTo(STRANGER)[0], 30_000);
+  assert.match(reply, /requires authorization|not authorized/);
+  assert.equal(await runner.claim(500), undefined, "nothing was submitted");
+});
+
+test("the Telegram stand-in saw no call it does not know and no rejected message", () => {
+  assert.deepEqual(tg.unknown, []);
+  // Every sendMessage the gateway made was accepted (a rejected one is not in `sent`).
+  assert.equal(tg.callsOf("sendMessage").length, tg.sent.length);
+});
