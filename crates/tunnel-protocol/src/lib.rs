@@ -374,12 +374,27 @@ pub struct Task {
     /// Tasks of the same session queued ahead of this one (only while queued).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
+    /// Where the answer is, for tasks with `reply_to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryStatus>,
     pub created_at: i64,
     pub updated_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
+}
+
+/// The delivery of a task's answer to its `reply_to`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct DeliveryStatus {
+    /// `pending`, `retrying`, `sent`, `failed`, or `working_message_sent` before the answer.
+    pub state: String,
+    pub attempts: u32,
+    /// The last error (why it is retrying, or why it was given up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `GET /v1/tasks`: newest first.

@@ -92,6 +92,8 @@ pub trait Signals: Send + Sync + 'static {
     fn task_changed(&self, task_id: &str);
     /// A deadline (offer ack, lease, parked time) now exists at this time.
     fn deadline(&self, at_ms: i64);
+    /// Something was added to the outbox.
+    fn delivery_ready(&self) {}
 }
 
 /// Which tasks a caller may see.
@@ -116,6 +118,73 @@ pub struct TaskFilter {
 pub struct StoredToken {
     pub info: TokenInfo,
     pub secret_sha256: [u8; 32],
+}
+
+/// What an outbox row is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// Post the "working…" message.
+    Progress,
+    /// Edit the "working…" message with the latest progress.
+    Edit,
+    /// Post the final answer (possibly in several parts).
+    Final,
+    /// POST the final state to a webhook.
+    Webhook,
+    /// A plain message (`POST /notify`).
+    Notify,
+}
+
+impl DeliveryKind {
+    fn parse(s: &str) -> Option<DeliveryKind> {
+        Some(match s {
+            "progress" => DeliveryKind::Progress,
+            "edit" => DeliveryKind::Edit,
+            "final" => DeliveryKind::Final,
+            "webhook" => DeliveryKind::Webhook,
+            "notify" => DeliveryKind::Notify,
+            _ => return None,
+        })
+    }
+}
+
+/// A message due for delivery, with what is needed to render it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: i64,
+    pub kind: DeliveryKind,
+    pub target: tunnel_protocol::ReplyTo,
+    /// For `Notify`: `{"text": …}`.
+    pub body: Option<serde_json::Value>,
+    pub attempts: u32,
+    /// Parts of a split message already sent (resume after a crash or a retry).
+    pub done_parts: u32,
+    /// The task it is about, as it is now.
+    pub task: Option<Task>,
+    /// The "working…" message of the task, once posted (for `Edit`).
+    pub progress_message: Option<String>,
+}
+
+/// What happened to a delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryUpdate {
+    /// Some parts of a split message went out.
+    Parts {
+        done_parts: u32,
+        message_id: Option<String>,
+    },
+    Sent {
+        message_id: Option<String>,
+    },
+    /// Try again at this time.
+    Retry {
+        at: i64,
+        error: String,
+    },
+    /// Given up.
+    Failed {
+        error: String,
+    },
 }
 
 /// Counts for readiness and metrics.
@@ -322,6 +391,27 @@ impl Store {
     pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo> {
         match &*self.backend {
             Backend::Sqlite(s) => s.revoke_token(id.to_owned()).await,
+        }
+    }
+
+    /// Deliveries due now, at most one per destination (so each destination keeps its order),
+    /// and when the next one is due.
+    pub async fn due_deliveries(&self, limit: u32) -> Result<(Vec<Delivery>, Option<i64>)> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.due_deliveries(limit).await,
+        }
+    }
+
+    pub async fn update_delivery(&self, id: i64, update: DeliveryUpdate) -> Result<()> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.update_delivery(id, update).await,
+        }
+    }
+
+    /// Queues a plain message (the original's `POST /notify`).
+    pub async fn notify(&self, target: tunnel_protocol::ReplyTo, text: String) -> Result<i64> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.notify(target, text).await,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::{
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_init.sql"),
     include_str!("../migrations/sqlite/0002_agent_versions.sql"),
+    include_str!("../migrations/sqlite/0003_outbox.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -41,6 +42,8 @@ struct Effects {
     changed: Vec<String>,
     ready: Vec<ReadyHint>,
     deadlines: Vec<i64>,
+    /// Something was added to the outbox.
+    delivery: bool,
 }
 
 impl Effects {
@@ -48,6 +51,7 @@ impl Effects {
         self.changed.extend(other.changed);
         self.ready.extend(other.ready);
         self.deadlines.extend(other.deadlines);
+        self.delivery |= other.delivery;
     }
 }
 
@@ -269,6 +273,7 @@ impl SqliteStore {
             for row in rows {
                 let (seq, session_key, mut task) = row?;
                 task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
+                task.delivery = delivery_status(c, seq)?;
                 tasks.push(task);
             }
             Ok(tasks)
@@ -456,6 +461,7 @@ impl SqliteStore {
             )?;
             w.fx.changed.push(t.id.clone());
             w.fx.deadlines.push(lease_until);
+            w.deliver_started(&t)?;
             Ok(LeaseStatus {
                 lease_until,
                 lease_ms: w.settings.lease_ms,
@@ -518,6 +524,13 @@ impl SqliteStore {
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
+                let shown = req
+                    .events
+                    .iter()
+                    .any(|e| e.kind == "text" || e.kind == "tool_use");
+                if shown && t.state != TaskState::Lost {
+                    w.deliver_progress(&t)?;
+                }
             }
             Ok(AppendAck {
                 accepted,
@@ -900,6 +913,136 @@ impl SqliteStore {
         .await
     }
 
+    pub(crate) async fn due_deliveries(
+        &self,
+        limit: u32,
+    ) -> Result<(Vec<crate::Delivery>, Option<i64>)> {
+        self.read(move |c, now| {
+            let mut stmt = c.prepare_cached(
+                "SELECT o.id, o.kind, o.target, o.body, o.attempts, o.done_parts, t.id,
+                    (SELECT p.message_id FROM outbox p WHERE p.task_seq = o.task_seq
+                        AND p.kind = 'progress' AND p.state = 'sent')
+                 FROM outbox o LEFT JOIN tasks t ON t.seq = o.task_seq
+                 WHERE o.state = 'pending' AND o.next_at <= ?1
+                   AND o.id = (SELECT MIN(p.id) FROM outbox p
+                               WHERE p.destination = o.destination AND p.state = 'pending')
+                 ORDER BY o.id LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![now, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, u32>(4)?,
+                        r.get::<_, u32>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                        r.get::<_, Option<String>>(7)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut out = Vec::new();
+            for (id, kind, target, body, attempts, done_parts, task_id, progress) in rows {
+                let kind = crate::DeliveryKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("outbox {id} has kind {kind:?}")))?;
+                let target: ReplyTo = serde_json::from_str(&target)
+                    .map_err(|e| StoreError::Corrupt(format!("outbox {id} target: {e}")))?;
+                let task = match task_id {
+                    Some(tid) => Some(load_task(c, &tid, &Scope::All)?),
+                    None => None,
+                };
+                out.push(crate::Delivery {
+                    id,
+                    kind,
+                    target,
+                    body: body.and_then(|b| serde_json::from_str(&b).ok()),
+                    attempts,
+                    done_parts,
+                    task,
+                    progress_message: progress,
+                });
+            }
+            let next: Option<i64> = c
+                .prepare_cached("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")?
+                .query_row([], |r| r.get(0))?;
+            Ok((out, next))
+        })
+        .await
+    }
+
+    pub(crate) async fn update_delivery(
+        &self,
+        id: i64,
+        update: crate::DeliveryUpdate,
+    ) -> Result<()> {
+        use crate::DeliveryUpdate as U;
+        self.write(move |w| {
+            let changed = match &update {
+                U::Parts { done_parts, message_id } => w
+                    .conn
+                    .prepare_cached(
+                        "UPDATE outbox SET done_parts = ?2, message_id = COALESCE(message_id, ?3),
+                            updated_at = ?4 WHERE id = ?1",
+                    )?
+                    .execute(params![id, done_parts, message_id, w.now])?,
+                U::Sent { message_id } => w
+                    .conn
+                    .prepare_cached(
+                        "UPDATE outbox SET state = 'sent', attempts = attempts + 1,
+                            message_id = COALESCE(message_id, ?2), last_error = NULL, updated_at = ?3
+                         WHERE id = ?1",
+                    )?
+                    .execute(params![id, message_id, w.now])?,
+                U::Retry { at, error } => w
+                    .conn
+                    .prepare_cached(
+                        "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3,
+                            updated_at = ?4 WHERE id = ?1",
+                    )?
+                    .execute(params![id, at, error, w.now])?,
+                U::Failed { error } => w
+                    .conn
+                    .prepare_cached(
+                        "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2,
+                            updated_at = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id, error, w.now])?,
+            };
+            if changed == 0 {
+                return Err(StoreError::NotFound("delivery"));
+            }
+            // The task's delivery state is part of the task: tell its watchers.
+            let task: Option<String> = w
+                .conn
+                .prepare_cached("SELECT t.id FROM outbox o JOIN tasks t ON t.seq = o.task_seq WHERE o.id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()?;
+            if let Some(t) = task {
+                w.fx.changed.push(t);
+            }
+            if matches!(update, U::Retry { .. } | U::Sent { .. } | U::Failed { .. }) {
+                // The next message of this destination may now be due.
+                w.fx.delivery = true;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn notify(&self, target: ReplyTo, text: String) -> Result<i64> {
+        self.write(move |w| {
+            w.enqueue(
+                None,
+                "notify",
+                &target,
+                Some(&serde_json::json!({"text": text})),
+                0,
+            )
+        })
+        .await
+    }
+
     pub(crate) async fn counts(&self) -> Result<QueueCounts> {
         self.read(|c, _| {
             let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
@@ -1020,6 +1163,9 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, signals: Arc<dyn S
             for hint in &effects.ready {
                 signals.task_ready(hint);
             }
+            if effects.delivery {
+                signals.delivery_ready();
+            }
         }
         for done in completions {
             done(committed);
@@ -1081,11 +1227,12 @@ struct OpenTask {
     runner: Option<String>,
     ack_by: Option<i64>,
     lease_until: Option<i64>,
+    reply_to: Option<ReplyTo>,
 }
 
 const OPEN_TASK_COLUMNS: &str =
     "seq, id, agent, conversation, session_key, owner, state, attempt, runs,
-    max_attempts, lease_token, runner, ack_by, lease_until";
+    max_attempts, lease_token, runner, ack_by, lease_until, reply_to";
 
 fn open_task_from_row(r: &Row<'_>) -> rusqlite::Result<OpenTask> {
     let state: String = r.get(6)?;
@@ -1104,6 +1251,9 @@ fn open_task_from_row(r: &Row<'_>) -> rusqlite::Result<OpenTask> {
         runner: r.get(11)?,
         ack_by: r.get(12)?,
         lease_until: r.get(13)?,
+        reply_to: r
+            .get::<_, Option<String>>(14)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
@@ -1277,6 +1427,7 @@ impl W<'_> {
         }
         self.event(t.seq, t.attempt, "state", &data)?;
         self.fx.changed.push(t.id.clone());
+        self.deliver_final(t)?;
         if let Some(key) = &t.session_key {
             let next: Option<(i64, String)> = self
                 .conn
@@ -1442,6 +1593,108 @@ impl W<'_> {
 /// A task's session mode, resume id, and its conversation's bound session and runner.
 type SessionColumns = (String, Option<String>, Option<String>, Option<String>);
 
+/// How long progress edits of one task wait for more events (at most one edit per this).
+const EDIT_EVERY_MS: i64 = 3_000;
+
+fn destination(t: &ReplyTo) -> String {
+    let platform = serde_json::to_value(t.platform)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    format!(
+        "{platform}:{}:{}",
+        t.channel,
+        t.thread.as_deref().unwrap_or("")
+    )
+}
+
+impl W<'_> {
+    fn enqueue(
+        &mut self,
+        task_seq: Option<i64>,
+        kind: &str,
+        target: &ReplyTo,
+        body: Option<&serde_json::Value>,
+        delay_ms: i64,
+    ) -> Result<i64> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO outbox (task_seq, destination, kind, target, body, state, next_at,
+                    created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?7)",
+            )?
+            .execute(params![
+                task_seq,
+                destination(target),
+                kind,
+                to_json(target),
+                body.map(|b| b.to_string()),
+                self.now + delay_ms,
+                self.now
+            ])?;
+        self.fx.delivery = true;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// A chat reply target (Discord or Telegram), if the task has one.
+    fn chat_target(t: &OpenTask) -> Option<&ReplyTo> {
+        t.reply_to
+            .as_ref()
+            .filter(|r| r.platform != tunnel_protocol::Platform::Webhook)
+    }
+
+    /// The agent is working: post the "working…" message.
+    fn deliver_started(&mut self, t: &OpenTask) -> Result<()> {
+        if let Some(target) = Self::chat_target(t).cloned() {
+            let posted: bool = self
+                .conn
+                .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+                .exists(params![t.seq])?;
+            if !posted {
+                self.enqueue(Some(t.seq), "progress", &target, None, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// New output: edit the "working…" message, coalescing everything within EDIT_EVERY_MS.
+    fn deliver_progress(&mut self, t: &OpenTask) -> Result<()> {
+        if let Some(target) = Self::chat_target(t).cloned() {
+            let pending: bool = self
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
+                )?
+                .exists(params![t.seq])?;
+            if !pending {
+                self.enqueue(Some(t.seq), "edit", &target, None, EDIT_EVERY_MS)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The task ended: the final answer (or the webhook call); progress edits still waiting are
+    /// no longer worth sending.
+    fn deliver_final(&mut self, t: &OpenTask) -> Result<()> {
+        let Some(target) = t.reply_to.clone() else {
+            return Ok(());
+        };
+        self.conn
+            .prepare_cached(
+                "UPDATE outbox SET state = 'skipped', updated_at = ?2
+                 WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
+            )?
+            .execute(params![t.seq, self.now])?;
+        let kind = if target.platform == tunnel_protocol::Platform::Webhook {
+            "webhook"
+        } else {
+            "final"
+        };
+        self.enqueue(Some(t.seq), kind, &target, None, 0)?;
+        Ok(())
+    }
+}
+
 /// The session a task resumes and the runner it must run on ("home"), from its session mode
 /// and its conversation's binding.
 fn resolve_session(
@@ -1525,6 +1778,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Option<String>, Task)> {
         reason: r.get(20)?,
         result: result.and_then(|s| serde_json::from_str(&s).ok()),
         queue_position: None,
+        delivery: None,
         created_at: r.get(22)?,
         updated_at: r.get(23)?,
         started_at: r.get(24)?,
@@ -1547,7 +1801,34 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
         return Err(StoreError::NotFound("task"));
     }
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
+    task.delivery = delivery_status(c, seq)?;
     Ok(task)
+}
+
+/// Where the task's answer is: the latest final/webhook delivery, else the progress message.
+fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::DeliveryStatus>> {
+    let row: Option<(String, String, u32, Option<String>)> = c
+        .prepare_cached(
+            "SELECT kind, state, attempts, last_error FROM outbox
+             WHERE task_seq = ?1 AND kind IN ('final', 'webhook', 'progress')
+             ORDER BY kind = 'progress', id DESC LIMIT 1",
+        )?
+        .query_row(params![seq], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    Ok(row.map(
+        |(kind, state, attempts, error)| tunnel_protocol::DeliveryStatus {
+            state: match (kind.as_str(), state.as_str(), attempts) {
+                ("progress", "sent", _) => "working_message_sent".into(),
+                (_, "pending", 0) => "pending".into(),
+                (_, "pending", _) => "retrying".into(),
+                (_, s, _) => s.to_owned(),
+            },
+            attempts,
+            error,
+        },
+    ))
 }
 
 fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
