@@ -206,9 +206,20 @@ fn failure_result(error: String, exit: &Exit, session_id: Option<String>) -> Tas
 
 /// Sorts an error message into what the runner should do about it.
 pub(crate) fn classify(message: &str, reset_at: Option<i64>) -> Failure {
-    let m = message.to_lowercase();
+    // A rejected rate-limit event with a reset time (Claude) is a usage limit, whatever the
+    // wording ("hit your limit", "hit your 5-hour limit", …).
+    if reset_at.is_some() {
+        return Failure::UsageLimit {
+            message: message.to_owned(),
+            reset_at,
+        };
+    }
+    let m = message.to_lowercase().replace('’', "'");
     let usage = [
         "hit your limit",
+        "limit · resets",
+        "usage_limit_reached",
+        "exhausted your daily quota",
         "usage limit",
         "quota exceeded",
         "exceeded your current quota",
@@ -228,6 +239,8 @@ pub(crate) fn classify(message: &str, reset_at: Option<i64>) -> Failure {
         "rate_limit",
         "429",
         "issue with the selected model",
+        "high demand",
+        "resource has been exhausted",
         "model not found",
         "does not exist",
         "not supported",
@@ -352,7 +365,12 @@ impl Parser for Claude {
             (_, false) => errors.join("; "),
             _ => format!("claude failed ({}, {})", r["subtype"], exit.describe()),
         };
-        let class = if r["api_error_status"] == 529 {
+        let class = if r["api_error"] == "usage_limit_reached" {
+            Failure::UsageLimit {
+                message: message.clone(),
+                reset_at: self.reset_at,
+            }
+        } else if r["api_error_status"] == 529 {
             Failure::TryAnotherModel(message.clone())
         } else {
             classify(&message, self.reset_at)
@@ -533,7 +551,13 @@ impl Parser for Gemini {
                 .to_owned(),
             _ => format!("gemini failed ({})", exit.describe()),
         });
-        let class = classify(&format!("{message} {}", exit.stderr_tail), None);
+        let class = match classify(&format!("{message} {}", exit.stderr_tail), None) {
+            // Gemini exits with the HTTP status mod 256: 429 → 173, 500 → 244, 503 → 247.
+            Failure::Other(m) if matches!(exit.code, Some(173 | 244 | 247)) => {
+                Failure::TryAnotherModel(m)
+            }
+            other => other,
+        };
         Verdict::Failed(failure_result(message, exit, sid), class)
     }
 }
