@@ -5,7 +5,9 @@
 # stand-in) tests. Prints "N passed, M failed" last; exits non-zero on any failure.
 #
 # Env: TUNNEL_BIN         the tunnel binary (default: ../target/debug/tunnel from this directory)
-#      TUNNEL_PLUGIN_CACHE where Node 24 and openclaw are installed (default: plugin/.cache)
+#      TUNNEL_PLUGIN_CACHE where Node 24 and openclaw are installed
+#                         (default: ${XDG_CACHE_HOME:-~/.cache}/tunnel-plugin-test; kept out of
+#                         the plugin directory, which OpenClaw scans when it installs the plugin)
 #      OPENCLAW_VERSION   default 2026.9.6
 #      SUITES             which suites to run (default: "unit integration e2e")
 # Needs: npm (any Node >= 18 to run it), network access to the npm registry on the first run.
@@ -17,7 +19,7 @@ fi
 cd "$(dirname "$0")"
 PLUGIN_DIR=$PWD
 export TUNNEL_BIN=${TUNNEL_BIN:-$(realpath -m -- "$PLUGIN_DIR/../target/debug/tunnel")}
-CACHE=$(realpath -m -- "${TUNNEL_PLUGIN_CACHE:-$PLUGIN_DIR/.cache}")
+CACHE=$(realpath -m -- "${TUNNEL_PLUGIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tunnel-plugin-test}")
 OPENCLAW_VERSION=${OPENCLAW_VERSION:-2026.9.6}
 SUITES=${SUITES:-unit integration e2e}
 
@@ -65,12 +67,21 @@ if [[ ! -f "$STAMP" ]] || [[ "$(cat "$STAMP")" != "$LOCK_SUM" ]]; then
   npm ci --no-audit --no-fund >&2
   echo "$LOCK_SUM" > "$STAMP"
 fi
-# The type check resolves openclaw/plugin-sdk/* against the installed package.
-ln -sfn "$CACHE/openclaw/node_modules/openclaw" node_modules/openclaw
-
 # --- type check -----------------------------------------------------------------------------
+# Against OpenClaw's real SDK types: openclaw/plugin-sdk/* resolves into the installed package.
+TSCONFIG="$CACHE/tsconfig.check.json"
+cat > "$TSCONFIG" <<EOF
+{
+  "extends": "$PLUGIN_DIR/tsconfig.json",
+  "compilerOptions": {
+    "typeRoots": ["$PLUGIN_DIR/node_modules/@types"],
+    "paths": { "openclaw/plugin-sdk/*": ["$CACHE/openclaw/node_modules/openclaw/dist/plugin-sdk/*.d.ts"] }
+  },
+  "include": ["$PLUGIN_DIR/src", "$PLUGIN_DIR/test"]
+}
+EOF
 log "type check (tsc)"
-if ! node_modules/.bin/tsc -p tsconfig.json; then
+if ! node_modules/.bin/tsc -p "$TSCONFIG"; then
   echo "type check failed" >&2
   echo "0 passed, 1 failed"
   exit 1

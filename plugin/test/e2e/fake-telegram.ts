@@ -124,6 +124,11 @@ export class FakeTelegram {
     return this.calls.filter((c) => c.method === method);
   }
 
+  /** Makes a chat known (the bot can only send to chats it has seen). */
+  addChat(chatId: number, type: "private" | "supergroup" = chatId < 0 ? "supergroup" : "private"): void {
+    this.chats.set(chatId, type === "private" ? { id: chatId, type, first_name: "Tess" } : { id: chatId, type, title: "Test group", is_forum: true });
+  }
+
   /** Queues a message from a user, as Telegram would deliver it to getUpdates. */
   inject(o: InjectOptions): Record<string, any> {
     const chatId = o.chatId ?? o.userId;

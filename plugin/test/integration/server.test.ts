@@ -13,16 +13,22 @@ import { Watcher } from "../../src/watcher.ts";
 import type { CommandContext } from "../../src/types.ts";
 import { DISCORD_SLASH, DISCORD_TEXT, FakeApi, TELEGRAM_DM, TELEGRAM_TOPIC } from "../support/fake-api.ts";
 import { TestRunner, TunnelServer } from "../support/server.ts";
+import { FakeTelegram, visibleText } from "../e2e/fake-telegram.ts";
 
 let server: TunnelServer;
 let clientToken: string;
 let runner: TestRunner;
+/** The server's own Telegram delivery posts here (server delivery mode). */
+let telegram: FakeTelegram;
+const BOT_TOKEN = "123456789:FAKE-integration-token";
 const stateDirs: string[] = [];
 /** Every started delivery service, stopped at the end even when a test failed half-way. */
 const running: Watcher[] = [];
 
 before(async () => {
-  server = await TunnelServer.start();
+  telegram = new FakeTelegram(BOT_TOKEN);
+  await telegram.start();
+  server = await TunnelServer.start({ TELEGRAM_BOT_TOKEN: BOT_TOKEN, TELEGRAM_API_BASE_URL: telegram.apiRoot });
   clientToken = await server.token("client");
   runner = new TestRunner(server, await server.token("runner"));
 });
@@ -30,6 +36,7 @@ before(async () => {
 after(async () => {
   await Promise.all(running.map((w) => w.stop()));
   await server?.stop();
+  await telegram?.stop();
   for (const d of stateDirs) rmSync(d, { recursive: true, force: true });
 });
 
@@ -233,16 +240,20 @@ test("the same chat message id submits once (Idempotency-Key)", async () => {
   await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
 });
 
-test("server delivery mode: reply_to goes with the task and the plugin sends nothing", async () => {
+test("server delivery mode: reply_to goes with the task, the server posts the answer, the plugin sends nothing", async () => {
   const { api, watcher } = await plugin({ delivery: "server" });
-  const group = `-100${Date.now() + 1}`.slice(0, 14);
+  const group = Number(`-100${Date.now() + 1}`.slice(0, 14));
+  telegram.addChat(group);
   const r = await api.run("/cc via server", { ...TELEGRAM_TOPIC, from: `telegram:group:${group}:topic:7`, to: `telegram:${group}`, messageThreadId: 7 });
   assert.match(r.text!, /The tunnel server will post the answer here\./);
   const o = await runner.serveOne();
-  assert.deepEqual(o.task.reply_to, { platform: "telegram", channel: group, thread: "7" });
+  assert.deepEqual(o.task.reply_to, { platform: "telegram", channel: String(group), thread: "7" });
   assert.equal(watcher.list().length, 0);
-  await new Promise((res) => setTimeout(res, 300));
-  assert.equal(api.sent.length, 0);
+  // The tunnel server's own Telegram delivery posts the answer into the topic.
+  const posted = await until("the server's sendMessage", () => telegram.sent.find((p) => Number(p.chat_id) === group && visibleText(p.text, p.parse_mode).includes("echo: via server")));
+  assert.equal(Number(posted.message_thread_id), 7);
+  await new Promise((res) => setTimeout(res, 200));
+  assert.equal(api.sent.length, 0, "the plugin itself sent nothing");
 });
 
 test("tasks followed before a restart are delivered after it (state file)", async () => {

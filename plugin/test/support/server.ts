@@ -36,14 +36,15 @@ export class TunnelServer {
     this.dir = dir;
   }
 
-  static async start(): Promise<TunnelServer> {
+  /** Starts `tunnel serve`; `env` adds variables (e.g. TELEGRAM_BOT_TOKEN for server delivery). */
+  static async start(env: Record<string, string> = {}): Promise<TunnelServer> {
     const dir = mkdtempSync(path.join(process.env.TMPDIR ?? tmpdir(), "tunnel-plugin-test-"));
     const adminToken = `admin-${Math.random().toString(36).slice(2)}-${Date.now().toString(36)}-Zq7`;
     const child = spawn(
       tunnelBin(),
       ["serve", "--port", "0", "--log-format", "json", "--database", path.join(dir, "t.db")],
       {
-        env: { ...process.env, WORKER_TOKEN: adminToken, XDG_DATA_HOME: dir, XDG_CONFIG_HOME: dir, RUST_LOG: "info" },
+        env: { ...process.env, WORKER_TOKEN: adminToken, XDG_DATA_HOME: dir, XDG_CONFIG_HOME: dir, RUST_LOG: "info", ...env },
         stdio: ["ignore", "ignore", "pipe"],
       },
     );
