@@ -32,15 +32,19 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
   const logger = api.logger;
   const deps: Deps = { config, client, watcher, messageIds, logger };
 
-  watcher.configure({
-    client,
-    loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
-    cfg: () => api.config,
-    logger,
-    progress: config.progress,
-    progressAfterMs: opts.progressAfterMs ?? 10_000,
-    retryDelaysMs: opts.retryDelaysMs,
-  });
+  // Until a service starts, the latest registration configures the watcher; once one runs, its
+  // own api stays in charge (a later discovery-mode registration must not take over sending).
+  if (!watcher.running) {
+    watcher.configure({
+      client,
+      loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
+      cfg: () => api.config,
+      logger,
+      progress: config.progress,
+      progressAfterMs: opts.progressAfterMs ?? 10_000,
+      retryDelaysMs: opts.retryDelaysMs,
+    });
+  }
 
   for (const agent of AGENTS) for (const def of agentCommands(deps, agent)) api.registerCommand(def);
   api.registerCommand(stateCommand(deps));

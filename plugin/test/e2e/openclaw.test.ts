@@ -32,6 +32,8 @@ let runner: TestRunner;
 let tg: FakeTelegram;
 let gateway: ChildProcess | undefined;
 let inspect: any;
+let installOutput = "";
+let installedConfig: any;
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -65,7 +67,7 @@ async function until<T>(what: string, fn: () => T | undefined | false, ms: numbe
 
 function gatewayLog(): string {
   try {
-    return readFileSync(path.join(work, "gateway.out"), "utf8");
+    return readFileSync(path.join(work, gatewayOut), "utf8");
   } catch {
     return "";
   }
@@ -78,16 +80,45 @@ function sentTo(chatId: number, threadId?: number): string[] {
     .map((p) => visibleText(p.text, p.parse_mode));
 }
 
+let gatewayOut = "gateway.out";
+
+function configPath(): string {
+  return path.join(work, "state", "openclaw.json");
+}
+
+async function startGateway(logName: string): Promise<void> {
+  gatewayOut = logName;
+  const polls = tg.callsOf("getUpdates").length;
+  const log = openSync(path.join(work, logName), "w");
+  gateway = spawn(OPENCLAW_BIN!, ["gateway", "run", "--verbose"], { env, stdio: ["ignore", log, log] });
+  gateway.on("exit", (code, signal) => {
+    if (code !== null && code !== 0) process.stderr.write(`gateway exited with ${code ?? signal}\n`);
+  });
+  // Ready when the Telegram channel long-polls the stand-in.
+  await until("the gateway to poll Telegram", () => tg.callsOf("getUpdates").length > polls, 180_000);
+}
+
+async function stopGateway(): Promise<void> {
+  const g = gateway;
+  gateway = undefined;
+  if (!g || g.exitCode !== null || g.signalCode !== null) return;
+  const exited = new Promise((r) => g.once("exit", r));
+  g.kill("SIGTERM");
+  await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000))]);
+  if (g.exitCode === null && g.signalCode === null) g.kill("SIGKILL");
+}
+
 before(async () => {
   assert.ok(OPENCLAW_BIN, "OPENCLAW_BIN is not set: run the tests with ./test.sh, which installs openclaw");
   work = mkdtempSync(path.join(process.env.TMPDIR ?? tmpdir(), "tunnel-plugin-e2e-"));
   for (const d of ["home", "state", "tmp"]) mkdirSync(path.join(work, d), { recursive: true });
-  server = await TunnelServer.start();
-  const clientToken = await server.token("client", "openclaw-plugin");
-  runner = new TestRunner(server, await server.token("runner"), "e2e-runner", ["claude", "codex", "gemini"]);
   tg = new FakeTelegram(BOT_TOKEN);
   await tg.start();
-  const config = {
+  // The tunnel server has the same bot, for the server delivery mode.
+  server = await TunnelServer.start({ TELEGRAM_BOT_TOKEN: BOT_TOKEN, TELEGRAM_API_BASE_URL: tg.apiRoot });
+  const clientToken = await server.token("client", "openclaw-plugin");
+  runner = new TestRunner(server, await server.token("runner"), "e2e-runner", ["claude", "codex", "gemini"]);
+  const base = {
     gateway: { mode: "local", port: await freePort(), bind: "loopback", auth: { mode: "token", token: "e2e-gateway-token" } },
     logging: { file: path.join(work, "openclaw.log") },
     update: { checkOnStart: false },
@@ -103,47 +134,44 @@ before(async () => {
         groups: { [String(GROUP)]: { requireMention: false } },
       },
     },
-    plugins: {
-      load: { paths: [PLUGIN_DIR] },
-      entries: {
-        tunnel: { enabled: true, config: { serverUrl: server.url, token: clientToken, delivery: "plugin" } },
-      },
-    },
   };
-  writeFileSync(path.join(work, "state", "openclaw.json"), JSON.stringify(config, null, 2));
+  writeFileSync(configPath(), JSON.stringify(base, null, 2));
   env = {
     ...process.env,
     HOME: path.join(work, "home"),
     OPENCLAW_HOME: path.join(work, "home"),
     OPENCLAW_STATE_DIR: path.join(work, "state"),
-    OPENCLAW_CONFIG_PATH: path.join(work, "state", "openclaw.json"),
+    OPENCLAW_CONFIG_PATH: configPath(),
     TMPDIR: path.join(work, "tmp"),
     OPENCLAW_NO_AUTO_UPDATE: "1",
     NO_COLOR: "1",
   };
 
-  const out = await run(["plugins", "inspect", "tunnel", "--runtime", "--json"], 120_000);
+  // The install command the README documents.
+  const installed = await run(["plugins", "install", "--link", PLUGIN_DIR, "--force", "--accept-capabilities"], 240_000);
+  installOutput = installed.stdout + installed.stderr;
+  const cfg = JSON.parse(readFileSync(configPath(), "utf8"));
+  installedConfig = JSON.parse(JSON.stringify(cfg.plugins ?? {}));
+  cfg.plugins.entries.tunnel.config = { serverUrl: server.url, token: clientToken };
+  writeFileSync(configPath(), JSON.stringify(cfg, null, 2));
+
+  const out = await run(["plugins", "inspect", "tunnel", "--runtime", "--json"], 240_000);
   inspect = JSON.parse(out.stdout.slice(out.stdout.indexOf("{")));
 
-  const log = openSync(path.join(work, "gateway.out"), "w");
-  gateway = spawn(OPENCLAW_BIN!, ["gateway", "run", "--verbose"], { env, stdio: ["ignore", log, log] });
-  gateway.on("exit", (code, signal) => {
-    if (code !== null && code !== 0) process.stderr.write(`gateway exited with ${code ?? signal}\n`);
-  });
-  // Ready when the Telegram channel long-polls the stand-in.
-  await until("the gateway to poll Telegram", () => tg.callsOf("getUpdates").length > 0, 150_000);
+  await startGateway("gateway.out");
 });
 
 after(async () => {
-  if (gateway && gateway.exitCode === null) {
-    const exited = new Promise((r) => gateway!.once("exit", r));
-    gateway.kill("SIGTERM");
-    await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-    if (gateway.exitCode === null && gateway.signalCode === null) gateway.kill("SIGKILL");
-  }
+  await stopGateway();
   await tg?.stop();
   await server?.stop();
   if (work && !process.env.KEEP_E2E) rmSync(work, { recursive: true, force: true });
+});
+
+test("the documented install command links the plugin and enables it", () => {
+  assert.match(installOutput, /Linked plugin path: /);
+  assert.deepEqual(installedConfig.load?.paths, [PLUGIN_DIR]);
+  assert.equal(installedConfig.entries?.tunnel?.enabled, true);
 });
 
 test("openclaw plugins inspect: the plugin loads with every command, the service and the tools", () => {
@@ -252,4 +280,25 @@ test("the Telegram stand-in saw no call it does not know and no rejected message
   assert.deepEqual(tg.unknown, []);
   // Every sendMessage the gateway made was accepted (a rejected one is not in `sent`).
   assert.equal(tg.callsOf("sendMessage").length, tg.sent.length);
+});
+
+test("server delivery (after a restart with delivery: server): the tunnel server posts the answer, the plugin only acknowledges", async () => {
+  await stopGateway();
+  const cfg = JSON.parse(readFileSync(configPath(), "utf8"));
+  cfg.plugins.entries.tunnel.config.delivery = "server";
+  writeFileSync(configPath(), JSON.stringify(cfg, null, 2));
+  await startGateway("gateway-server-delivery.out");
+  await runner.touch();
+  tg.inject({ text: "/cc via the server", userId: USER });
+  const ack = await until("the acknowledgement", () => sentTo(USER).find((t) => t.includes("The tunnel server will post the answer here.")), 60_000);
+  assert.match(ack, /^⏳ Queued for Claude — task `?[0-9a-f]{8}`?, next in line\.\nRunner: e2e-runner\nThe tunnel server will post the answer here\.$/);
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.prompt, "via the server");
+  assert.deepEqual(offer.task.reply_to, { platform: "telegram", channel: String(USER) });
+  await runner.ack(offer);
+  await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003" });
+  await until("the server's answer at sendMessage", () => sentTo(USER).find((t) => t.includes("answer posted by the tunnel server")), 60_000);
+  assert.doesNotMatch(gatewayLog(), new RegExp(`task ${offer.task.id} succeeded; answer sent`), "the plugin did not send it");
+  assert.deepEqual(tg.unknown, []);
 });

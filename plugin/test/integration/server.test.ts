@@ -173,6 +173,16 @@ test("a task that waited gets a start notice; failures carry the error", async (
   await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
 });
 
+test("a later registration (OpenClaw calls register() more than once) does not take over sending", async () => {
+  const { api, watcher, dm } = await plugin();
+  const later = new FakeApi({ serverUrl: server.url, token: clientToken });
+  register(later, { watcher, messageIds: new MessageIds(), env: {} });
+  await later.run("/cc from a later registration", dm);
+  await runner.serveOne();
+  await until("the answer", () => api.sent.find((s) => s.text.includes("echo: from a later registration")));
+  assert.equal(later.sent.length, 0);
+});
+
 test("Discord slash and text commands in one channel share a conversation; the answer goes to the channel, never slash:", async () => {
   const { api } = await plugin();
   const chan = `8${Date.now()}`.slice(0, 18);
