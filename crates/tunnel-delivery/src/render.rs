@@ -1,0 +1,253 @@
+//! What the messages say: the final answer and the "working…" progress message.
+
+use serde_json::Value;
+use tunnel_protocol::{Task, TaskEvent, TaskState};
+
+use crate::split::{defuse_fences, head, open_fence_closer, split, tail, text_len};
+
+/// Most of a failure's stderr shown (units), before the platform limit is considered.
+const STDERR_MAX: usize = 1500;
+/// Tool uses shown in a progress message.
+const PROGRESS_TOOLS: usize = 5;
+/// Longest tool-use line in a progress message.
+const TOOL_LINE_MAX: usize = 100;
+
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn cost(usd: f64) -> String {
+    if usd >= 0.1 {
+        format!("${usd:.2}")
+    } else {
+        format!("${usd:.4}")
+    }
+}
+
+fn model_of(task: &Task) -> Option<String> {
+    task.model.clone().or_else(|| {
+        task.result
+            .as_ref()?
+            .usage
+            .as_ref()?
+            .get("model")?
+            .as_str()
+            .map(str::to_owned)
+    })
+}
+
+fn outcome(state: TaskState) -> (&'static str, &'static str) {
+    match state {
+        TaskState::Succeeded => ("✅", ""),
+        TaskState::Failed => ("❌", "failed"),
+        TaskState::TimedOut => ("⏱️", "timed out"),
+        TaskState::Cancelled => ("🚫", "cancelled"),
+        TaskState::Lost => ("⚠️", "lost (its runner stopped answering)"),
+        TaskState::Queued => ("🕓", "queued"),
+        TaskState::Offered | TaskState::Running | TaskState::Cancelling => ("⏳", "running"),
+        TaskState::Parked => ("⏸️", "parked"),
+    }
+}
+
+/// The final message(s) of a task, split at `limit` ([`split`]): a header (outcome, agent,
+/// model when known, duration, cost when the agent reported `usage.cost_usd`), the answer —
+/// or for a failure the error, the reason and the tail of stderr in a code block, then any
+/// partial answer — and a footer with the task id and the session id to resume with
+/// (`tunnel submit --resume <id>`).
+pub fn render_final(task: &Task, limit: usize) -> Vec<String> {
+    let result = task.result.as_ref();
+    let (icon, word) = outcome(task.state);
+    let mut header = format!("{icon} {}", task.agent);
+    if let Some(m) = model_of(task) {
+        header.push_str(&format!(" · {m}"));
+    }
+    if !word.is_empty() {
+        header.push_str(&format!(" · {word}"));
+    }
+    let ms = result.and_then(|r| r.duration_ms).or_else(|| {
+        let end = task.finished_at?;
+        let start = task.started_at?;
+        u64::try_from(end - start).ok()
+    });
+    if let Some(ms) = ms {
+        header.push_str(&format!(" · {}", duration(ms)));
+    }
+    if let Some(usd) = result
+        .and_then(|r| r.usage.as_ref())
+        .and_then(|u| u.get("cost_usd"))
+        .and_then(Value::as_f64)
+    {
+        header.push_str(&format!(" · {}", cost(usd)));
+    }
+
+    let answer = result
+        .and_then(|r| r.text.as_deref())
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let mut body = String::new();
+    if task.state == TaskState::Succeeded {
+        body.push_str(answer.unwrap_or("(the agent finished without a text answer)"));
+    } else {
+        let error = result.and_then(|r| r.error.as_deref()).map(str::trim);
+        let reason = task.reason.as_deref().map(str::trim);
+        let mut said = false;
+        if let Some(e) = error.filter(|e| !e.is_empty()) {
+            body.push_str(e);
+            said = true;
+        }
+        if let Some(r) = reason.filter(|r| !r.is_empty() && Some(*r) != error) {
+            if said {
+                body.push('\n');
+            }
+            body.push_str(r);
+            said = true;
+        }
+        if let Some(code) = result.and_then(|r| r.exit_code) {
+            body.push_str(&format!("{}exit code {code}", if said { "\n" } else { "" }));
+            said = true;
+        }
+        let stderr = result
+            .and_then(|r| r.stderr_tail.as_deref())
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        if let Some(s) = stderr {
+            let max = STDERR_MAX.min(limit / 2).max(20);
+            body.push_str(&format!(
+                "{}stderr:\n```\n{}\n```",
+                if said { "\n\n" } else { "" },
+                defuse_fences(&tail(s, max))
+            ));
+            said = true;
+        }
+        if let Some(a) = answer {
+            body.push_str(&format!(
+                "{}Partial answer:\n{a}",
+                if said { "\n\n" } else { "" }
+            ));
+            said = true;
+        }
+        if !said {
+            body.push_str(&format!(
+                "The task ended as {} with no error message, exit code or stderr captured.",
+                task.state
+            ));
+        }
+    }
+    if let Some(closer) = open_fence_closer(&body) {
+        body.push('\n');
+        body.push_str(&closer);
+    }
+
+    let mut footer = format!("task {}", task.id);
+    if let Some(sid) = result.and_then(|r| r.session_id.as_deref()) {
+        footer.push_str(&format!(" · session {sid} (resume: --resume {sid})"));
+    }
+    split(&format!("{header}\n\n{body}\n\n{footer}"), limit)
+}
+
+/// [`render_progress_at`] now.
+pub fn render_progress(task: &Task, recent: &[TaskEvent], limit: usize) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    render_progress_at(task, recent, limit, now)
+}
+
+/// One-line summary of a tool use's `data` (`{"name", "input"}` from the runner's adapters).
+fn tool_line(data: &Value) -> String {
+    let name = data["name"].as_str().unwrap_or("tool");
+    let input = &data["input"];
+    let detail = match input {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => [
+            "command",
+            "file_path",
+            "path",
+            "pattern",
+            "query",
+            "url",
+            "description",
+            "prompt",
+        ]
+        .iter()
+        .find_map(|k| o.get(*k).and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| input.to_string()),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let detail: String = detail.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = if detail.is_empty() {
+        format!("› {name}")
+    } else {
+        format!("› {name}: {detail}")
+    };
+    head(&defuse_fences(&line), TOOL_LINE_MAX)
+}
+
+/// The "working…" message: agent (and model once known), time since the task started, the
+/// last few tool uses and the tail of the latest agent text, within `limit`. `recent` are the
+/// task's latest events in order (the caller keeps a window); `now_ms` is Unix milliseconds.
+/// Triple backticks in agent output are defused so a half-shown code block cannot swallow
+/// the message.
+pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_ms: i64) -> String {
+    let mut model = task.model.clone();
+    let mut tools: Vec<String> = Vec::new();
+    let mut text = String::new();
+    let mut last_was_text = false;
+    for e in recent {
+        match e.kind.as_str() {
+            "text" => {
+                let t = e.data["text"].as_str().unwrap_or_default();
+                if e.data["delta"] == true && last_was_text {
+                    text.push_str(t);
+                } else if !t.trim().is_empty() {
+                    text = t.to_owned();
+                }
+                last_was_text = true;
+                continue;
+            }
+            "tool_use" => tools.push(tool_line(&e.data)),
+            "session" if model.is_none() => {
+                model = e.data["model"].as_str().map(str::to_owned);
+            }
+            "fallback" => {
+                if let Some(to) = e.data["to"].as_str() {
+                    model = Some(to.to_owned());
+                }
+            }
+            _ => {}
+        }
+        last_was_text = false;
+    }
+    let start = task.started_at.unwrap_or(task.created_at);
+    let elapsed = u64::try_from(now_ms - start).unwrap_or(0);
+    let mut msg = format!("⏳ {}", task.agent);
+    if let Some(m) = model {
+        msg.push_str(&format!(" · {m}"));
+    }
+    let state = match task.state {
+        TaskState::Cancelling => "cancelling…",
+        TaskState::Queued | TaskState::Offered => "starting…",
+        _ => "working…",
+    };
+    msg.push_str(&format!(" · {state} {}", duration(elapsed)));
+    let skip = tools.len().saturating_sub(PROGRESS_TOOLS);
+    for t in &tools[skip..] {
+        msg.push('\n');
+        msg.push_str(t);
+    }
+    let text = text.trim();
+    if !text.is_empty() {
+        let room = limit.saturating_sub(text_len(&msg) + 2);
+        if room >= 20 {
+            msg.push_str("\n\n");
+            msg.push_str(&tail(&defuse_fences(text), room));
+        }
+    }
+    head(&msg, limit)
+}
