@@ -48,6 +48,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(resume_session))
         .routes(routes!(create_token, list_tokens))
         .routes(routes!(revoke_token))
+        .routes(routes!(notify))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
 }
@@ -134,6 +135,11 @@ async fn submit_task(
     Json(req): Json<SubmitTask>,
 ) -> Result<Response, ApiError> {
     req.validate()?;
+    if let Some(to) = &req.reply_to
+        && !s.platforms.supports(to)
+    {
+        return Err(ApiError::bad_request(unsupported(to)));
+    }
     let key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
         None => None,
         Some(v) => {
@@ -160,6 +166,62 @@ async fn submit_task(
         StatusCode::OK
     };
     Ok((status, axum::Json(task)).into_response())
+}
+
+fn unsupported(to: &tunnel_protocol::ReplyTo) -> String {
+    match to.platform {
+        tunnel_protocol::Platform::Discord => {
+            "reply_to: this server has no Discord bot; set CALLBACK_BOT_TOKEN".into()
+        }
+        tunnel_protocol::Platform::Telegram => {
+            "reply_to: this server has no Telegram bot; set TELEGRAM_BOT_TOKEN".into()
+        }
+        tunnel_protocol::Platform::Webhook => format!(
+            "reply_to: no webhook named {:?}; set TUNNEL_WEBHOOK_<NAME>_URL and _SECRET",
+            to.channel
+        ),
+    }
+}
+
+/// The original's `POST /notify`: send a message to a chat channel (Discord by default).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NotifyRequest {
+    channel: String,
+    message: String,
+    /// `discord` (default) or `telegram`.
+    #[serde(default)]
+    platform: Option<tunnel_protocol::Platform>,
+    #[serde(default)]
+    thread: Option<String>,
+}
+
+/// Send a message to a channel through the outbox (retried, rate limited, never pings).
+#[utoipa::path(post, path = "/notify", tag = "delivery", request_body = NotifyRequest,
+    responses((status = 200, description = "queued for delivery")),
+    security(("bearer" = ["client"])))]
+async fn notify(
+    State(s): State<AppState>,
+    ClientAuth(_): ClientAuth,
+    Json(req): Json<NotifyRequest>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let to = tunnel_protocol::ReplyTo {
+        platform: req.platform.unwrap_or(tunnel_protocol::Platform::Discord),
+        channel: req.channel,
+        thread: req.thread,
+        message: None,
+    };
+    let mut check = SubmitTask::new("notify", "x");
+    check.reply_to = Some(to.clone());
+    check.validate()?;
+    if req.message.trim().is_empty() || req.message.len() > 64 * 1024 {
+        return Err(ApiError::bad_request("message must be 1 byte to 64 KiB"));
+    }
+    if to.platform == tunnel_protocol::Platform::Webhook || !s.platforms.supports(&to) {
+        return Err(ApiError::bad_request(unsupported(&to)));
+    }
+    let id = s.store.notify(to, req.message).await?;
+    Ok(axum::Json(serde_json::json!({"ok": true, "queued": id})))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -44,6 +44,7 @@ pub(crate) struct Hub {
     /// The deadline the timer sleeps towards (`i64::MAX` while it recomputes or has none).
     timer_target: AtomicI64,
     timer_wake: Notify,
+    delivery_wake: Notify,
 }
 
 impl Hub {
@@ -101,6 +102,11 @@ impl Hub {
         self.timer_wake.notified()
     }
 
+    /// Waits until something is added to the outbox.
+    pub(crate) fn delivery_woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.delivery_wake.notified()
+    }
+
     /// The deadline timer says what it now sleeps towards.
     pub(crate) fn set_timer_target(&self, at: Option<i64>) {
         self.timer_target
@@ -135,6 +141,10 @@ impl Signals for Hub {
                 }
             }
         }
+    }
+
+    fn delivery_ready(&self) {
+        self.delivery_wake.notify_one();
     }
 
     fn deadline(&self, at_ms: i64) {

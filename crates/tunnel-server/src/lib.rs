@@ -8,6 +8,7 @@
 
 mod api;
 mod auth;
+mod delivery;
 mod error;
 mod hub;
 mod openapi;
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub max_wait_ms: u64,
     pub queue: QueueSettings,
     pub clock: Arc<dyn Clock>,
+    /// Bot tokens and webhooks for delivering answers to `reply_to`.
+    pub delivery: tunnel_delivery::PlatformsConfig,
 }
 
 impl ServerConfig {
@@ -47,6 +50,7 @@ impl ServerConfig {
             max_wait_ms: tunnel_protocol::limits::WAIT_MAX_MS,
             queue: QueueSettings::default(),
             clock: Arc::new(tunnel_store::SystemClock),
+            delivery: tunnel_delivery::PlatformsConfig::default(),
         }
     }
 }
@@ -72,6 +76,7 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_wait_ms: u64,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) platforms: Arc<tunnel_delivery::Platforms>,
 }
 
 /// Shared by every handler.
@@ -91,6 +96,10 @@ impl Server {
         if let Some(t) = &config.worker_token {
             check_worker_token(t).map_err(StartError::Config)?;
         }
+        let platforms = Arc::new(
+            tunnel_delivery::Platforms::new(config.delivery.clone())
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        );
         let hub = hub::Hub::new();
         let store = Store::open(
             &config.database,
@@ -108,6 +117,7 @@ impl Server {
             clock: config.clock.clone(),
             max_wait_ms: config.max_wait_ms,
             shutdown: shutdown.clone(),
+            platforms,
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =
@@ -167,12 +177,17 @@ impl Server {
     /// Serves until the shutdown token is cancelled.
     pub async fn run(self) -> std::io::Result<()> {
         let timer = tokio::spawn(deadline_timer(self.state.clone()));
+        let sender = tokio::spawn(delivery::worker(
+            self.state.clone(),
+            self.state.platforms.clone(),
+        ));
         let token = self.shutdown.clone();
         let result = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await;
         self.shutdown.cancel();
         let _ = timer.await;
+        let _ = sender.await;
         result
     }
 }

@@ -327,6 +327,13 @@ impl Store {
         }
     }
 
+    /// The last `n` events of a task, oldest first (for progress messages).
+    pub async fn last_events(&self, id: &str, n: u32) -> Result<Vec<TaskEvent>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.last_events(id.to_owned(), n).await,
+        }
+    }
+
     /// Moves every task whose deadline has passed (offer not acked, lease expired, parked
     /// time reached) and returns the next deadline, if any.
     pub async fn expire_due(&self) -> Result<Option<i64>> {

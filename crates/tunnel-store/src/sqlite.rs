@@ -657,6 +657,31 @@ impl SqliteStore {
         .await
     }
 
+    pub(crate) async fn last_events(&self, id: String, n: u32) -> Result<Vec<TaskEvent>> {
+        self.read(move |c, _| {
+            let mut stmt = c.prepare_cached(
+                "SELECT e.seq, e.attempt, e.kind, e.data, e.at FROM task_events e
+                 JOIN tasks t ON t.seq = e.task_seq WHERE t.id = ?1
+                 ORDER BY e.seq DESC LIMIT ?2",
+            )?;
+            let mut events = stmt
+                .query_map(params![id, n], |r| {
+                    let data: String = r.get(3)?;
+                    Ok(TaskEvent {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        attempt: r.get(1)?,
+                        kind: r.get(2)?,
+                        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                        at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            events.reverse();
+            Ok(events)
+        })
+        .await
+    }
+
     pub(crate) async fn expire_due(&self) -> Result<Option<i64>> {
         self.write(move |w| {
             let now = w.now;

@@ -167,6 +167,10 @@ pub(crate) struct SubmitArgs {
     /// Makes a retried submit return the first task.
     #[arg(long)]
     pub(crate) idempotency_key: Option<String>,
+    /// Send the answer to a chat: discord:CHANNEL[:THREAD], telegram:CHAT[:TOPIC] or
+    /// webhook:NAME.
+    #[arg(long, value_name = "PLATFORM:ID")]
+    pub(crate) reply_to: Option<String>,
     /// Follow the task's events until it ends.
     #[arg(long, short)]
     pub(crate) watch: bool,

@@ -108,6 +108,9 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
     req.model = args.model;
     req.timeout_ms = args.timeout.map(|s| s.saturating_mul(1000));
     req.max_attempts = args.max_attempts;
+    if let Some(r) = &args.reply_to {
+        req.reply_to = Some(parse_reply_to(r)?);
+    }
     req.session = match (args.new, args.resume) {
         (true, _) => SessionMode::New,
         (false, Some(id)) => SessionMode::Resume(id),
@@ -136,6 +139,27 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
         return watch(&client, &task.id, 0, args.client.json).await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `discord:123[:456]`, `telegram:-100123[:7]`, `webhook:ci`.
+fn parse_reply_to(s: &str) -> Result<tunnel_protocol::ReplyTo> {
+    let mut parts = s.splitn(3, ':');
+    let platform = match parts.next() {
+        Some("discord") => tunnel_protocol::Platform::Discord,
+        Some("telegram") => tunnel_protocol::Platform::Telegram,
+        Some("webhook") => tunnel_protocol::Platform::Webhook,
+        _ => bail!("--reply-to {s:?}: start with discord:, telegram: or webhook:"),
+    };
+    let channel = parts
+        .next()
+        .filter(|c| !c.is_empty())
+        .with_context(|| format!("--reply-to {s:?} has no channel"))?;
+    Ok(tunnel_protocol::ReplyTo {
+        platform,
+        channel: channel.to_owned(),
+        thread: parts.next().map(str::to_owned),
+        message: None,
+    })
 }
 
 /// Follows the event stream until the task ends, reconnecting where it left off if the

@@ -102,6 +102,17 @@ pub(crate) fn task_detail(t: &Task) {
     if let Some(r) = &t.reason {
         println!("reason:       {r}");
     }
+    if let Some(d) = &t.delivery {
+        let error = d
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        println!(
+            "delivery:     {} after {} attempt(s){error}",
+            d.state, d.attempts
+        );
+    }
     println!("prompt:       {}", one_line(&t.prompt, 200));
     if let Some(res) = &t.result {
         if let Some(sid) = &res.session_id {

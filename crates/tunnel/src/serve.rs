@@ -66,6 +66,8 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
     let worker_token = std::env::var("WORKER_TOKEN").ok().filter(|t| !t.is_empty());
     let mut cfg = ServerConfig::new(listen, database.clone());
     cfg.worker_token = worker_token.clone();
+    // Bot tokens come from the environment only (CALLBACK_BOT_TOKEN, TELEGRAM_BOT_TOKEN, …).
+    cfg.delivery = tunnel_delivery::PlatformsConfig::from_env();
     if let Some(b) = args.max_body_bytes.or(f.max_body_bytes) {
         if b < 1024 {
             bail!("max body bytes must be at least 1024");

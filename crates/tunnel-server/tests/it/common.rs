@@ -22,28 +22,29 @@ pub struct TestServer {
     pub runner: String,
     pub http: reqwest::Client,
     pub db_path: PathBuf,
+    pub delivery: tunnel_delivery::PlatformsConfig,
     shutdown: CancellationToken,
     handle: JoinHandle<std::io::Result<()>>,
     dir: Option<tempfile::TempDir>,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub max_body_bytes: Option<usize>,
+    pub delivery: tunnel_delivery::PlatformsConfig,
 }
 
 impl TestServer {
     pub async fn start() -> TestServer {
-        Self::start_with(Options {
-            max_body_bytes: None,
-        })
-        .await
+        Self::start_with(Options::default()).await
     }
 
     pub async fn start_with(opts: Options) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let db_path = dir.path().join("tunnel.db");
         let clock = Arc::new(ManualClock::new(START_MS));
-        let mut s = launch(db_path, clock, opts.max_body_bytes).await;
+        let mut s = launch(db_path, clock, opts.max_body_bytes, opts.delivery.clone()).await;
+        s.delivery = opts.delivery;
         s.client = s.create_token("client").await;
         s.runner = s.create_token("runner").await;
         s.dir = Some(dir);
@@ -59,8 +60,10 @@ impl TestServer {
             self.client.clone(),
             self.runner.clone(),
         );
+        let delivery = self.delivery.clone();
         self.stop().await;
-        let mut s = launch(db, clock, None).await;
+        let mut s = launch(db, clock, None, delivery.clone()).await;
+        s.delivery = delivery;
         s.client = client;
         s.runner = runner;
         s.dir = dir;
@@ -192,7 +195,12 @@ impl TestServer {
     }
 }
 
-async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, max_body: Option<usize>) -> TestServer {
+async fn launch(
+    db_path: PathBuf,
+    clock: Arc<ManualClock>,
+    max_body: Option<usize>,
+    delivery: tunnel_delivery::PlatformsConfig,
+) -> TestServer {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let database = Database::Sqlite {
         path: db_path.clone(),
@@ -204,6 +212,7 @@ async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, max_body: Option<usiz
     if let Some(b) = max_body {
         config.max_body_bytes = b;
     }
+    config.delivery = delivery;
     let server = Server::bind(config).await.unwrap();
     let url = format!("http://{}", server.local_addr());
     let shutdown = server.shutdown_token();
@@ -216,6 +225,7 @@ async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, max_body: Option<usiz
         runner: String::new(),
         http: reqwest::Client::new(),
         db_path,
+        delivery: Default::default(),
         shutdown,
         handle,
         dir: None,

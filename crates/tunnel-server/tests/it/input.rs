@@ -39,6 +39,7 @@ async fn raw(
 async fn malformed_submits_are_refused_with_json_errors() {
     let s = TestServer::start_with(Options {
         max_body_bytes: Some(64 * 1024),
+        ..Default::default()
     })
     .await;
     let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode)> = vec![

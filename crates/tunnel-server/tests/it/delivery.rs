@@ -1,0 +1,524 @@
+//! Answers reach Discord and Telegram stand-ins that speak their wire format: a "working…"
+//! message, throttled edits, the final answer split at the platform limit, in order, through
+//! rate limits, server errors and a server restart.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{patch, post};
+use serde_json::{Value, json};
+use tunnel_delivery::{DiscordConfig, PlatformsConfig, TelegramConfig};
+
+use crate::common::{Options, TestServer, id};
+
+const DISCORD_TOKEN: &str = "discord-secret-MTIzNDU2Nzg5MA.GhIjKl";
+const TELEGRAM_TOKEN: &str = "123456:telegram-secret-AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+
+/// One request the stand-in saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: &'static str,
+    path: String,
+    body: Value,
+    auth: Option<String>,
+}
+
+/// A canned answer: status, JSON body, headers.
+type Canned = (u16, Value, Vec<(&'static str, String)>);
+
+#[derive(Default)]
+struct Stand {
+    seen: Mutex<Vec<Seen>>,
+    /// Canned answers for the next requests (status, body, headers); then 200.
+    script: Mutex<VecDeque<Canned>>,
+    next_id: Mutex<u64>,
+}
+
+type Shared = Arc<Stand>;
+
+impl Stand {
+    fn answer(
+        &self,
+        method: &'static str,
+        path: String,
+        headers: &HeaderMap,
+        body: Value,
+        ok: impl FnOnce(u64) -> Value,
+    ) -> Response {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.seen.lock().unwrap().push(Seen {
+            method,
+            path,
+            body,
+            auth,
+        });
+        if let Some((status, body, headers)) = self.script.lock().unwrap().pop_front() {
+            let mut resp =
+                (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
+            for (k, v) in headers {
+                resp.headers_mut().insert(k, v.parse().unwrap());
+            }
+            return resp;
+        }
+        let mut n = self.next_id.lock().unwrap();
+        *n += 1;
+        axum::Json(ok(*n)).into_response()
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn then(&self, status: u16, body: Value, headers: Vec<(&'static str, String)>) {
+        self.script
+            .lock()
+            .unwrap()
+            .push_back((status, body, headers));
+    }
+}
+
+/// Discord's API v10: create and edit messages.
+async fn discord() -> (String, Shared) {
+    let stand = Shared::default();
+    let app = Router::new()
+        .route(
+            "/channels/{channel}/messages",
+            post(|State(s): State<Shared>, Path(channel): Path<String>, h: HeaderMap, axum::Json(b): axum::Json<Value>| async move {
+                s.answer("POST", format!("/channels/{channel}/messages"), &h, b.clone(), |n| {
+                    json!({"id": format!("9000{n}"), "channel_id": channel, "content": b["content"], "type": 0})
+                })
+            }),
+        )
+        .route(
+            "/channels/{channel}/messages/{message}",
+            patch(|State(s): State<Shared>, Path((channel, message)): Path<(String, String)>, h: HeaderMap, axum::Json(b): axum::Json<Value>| async move {
+                s.answer("PATCH", format!("/channels/{channel}/messages/{message}"), &h, b.clone(), |_| {
+                    json!({"id": message, "channel_id": channel, "content": b["content"]})
+                })
+            }),
+        )
+        .with_state(stand.clone());
+    (serve(app).await, stand)
+}
+
+/// The Telegram Bot API: sendMessage and editMessageText.
+async fn telegram() -> (String, Shared) {
+    let stand = Shared::default();
+    let app = Router::new()
+        .route(
+            "/{bot}/{method}",
+            post(|State(s): State<Shared>, Path((bot, method)): Path<(String, String)>, h: HeaderMap, axum::Json(b): axum::Json<Value>| async move {
+                let path = format!("/{bot}/{method}");
+                s.answer("POST", path, &h, b.clone(), |n| {
+                    json!({"ok": true, "result": {"message_id": n, "chat": {"id": b["chat_id"]}, "date": 1, "text": b["text"]}})
+                })
+            }),
+        )
+        .with_state(stand.clone());
+    (serve(app).await, stand)
+}
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+async fn server(discord_url: Option<&str>, telegram_url: Option<&str>) -> TestServer {
+    let mut delivery = PlatformsConfig::default();
+    if let Some(u) = discord_url {
+        let mut d = DiscordConfig::new(DISCORD_TOKEN);
+        d.api_base = u.to_owned();
+        delivery.discord = Some(d);
+    }
+    if let Some(u) = telegram_url {
+        let mut t = TelegramConfig::new(TELEGRAM_TOKEN);
+        t.api_base = u.to_owned();
+        delivery.telegram = Some(t);
+    }
+    TestServer::start_with(Options {
+        delivery,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Waits (polling the stand-in) until it has seen `n` requests.
+async fn until_seen(stand: &Stand, n: usize) -> Vec<Seen> {
+    for _ in 0..200 {
+        let seen = stand.seen();
+        if seen.len() >= n {
+            return seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the stand-in saw only {:?}", stand.seen());
+}
+
+/// Runs a task as a runner would: ack, events, finish with `text`.
+async fn run(s: &TestServer, task: &Value, events: &[&str], text: &str) -> Value {
+    let offer = s.claim("r", &["claude"], 5_000).await.expect("an offer");
+    assert_eq!(offer["task"]["id"], task["id"]);
+    s.attempt_call(&offer, "ack", json!({})).await;
+    if !events.is_empty() {
+        let evs: Vec<Value> = events
+            .iter()
+            .enumerate()
+            .map(|(i, t)| json!({"n": i + 1, "kind": "text", "data": {"text": t}}))
+            .collect();
+        s.attempt_call(&offer, "events", json!({"events": evs}))
+            .await;
+    }
+    let (st, done) = s
+        .attempt_call(
+            &offer,
+            "finish",
+            json!({"outcome": "succeeded", "result": {"text": text, "session_id": "sess-42"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{done}");
+    done
+}
+
+fn long_answer() -> String {
+    let mut a = String::from("Here is the fix.\n\n```rust\n");
+    for i in 0..120 {
+        a.push_str(&format!("let value_{i} = compute({i}); // step {i}\n"));
+    }
+    a.push_str("```\n\nThat's all: run `cargo test`.");
+    assert!(a.chars().count() > 4000);
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
+    let (url, stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": "fix it", "reply_to": {"platform": "discord", "channel": "1234567890", "message": "555"}}))
+        .await;
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    let seen = until_seen(&stand, 1).await;
+    assert_eq!(
+        (seen[0].method, seen[0].path.as_str()),
+        ("POST", "/channels/1234567890/messages")
+    );
+    assert!(
+        seen[0].body["content"].as_str().unwrap().contains("claude"),
+        "{:?}",
+        seen[0].body
+    );
+    assert_eq!(
+        seen[0].body["allowed_mentions"],
+        json!({"parse": []}),
+        "never pings"
+    );
+    assert_eq!(
+        seen[0].auth.as_deref(),
+        Some(format!("Bot {DISCORD_TOKEN}").as_str())
+    );
+
+    let answer = long_answer();
+    let (st, _) = s
+        .attempt_call(
+            &offer,
+            "finish",
+            json!({"outcome": "succeeded", "result": {"text": answer, "session_id": "sess-42"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, done) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+    let seen = loop {
+        let seen = stand.seen();
+        let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+        if t["delivery"]["state"] == "sent" {
+            break seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let _ = done;
+    let parts: Vec<&str> = seen[1..]
+        .iter()
+        .map(|r| r.body["content"].as_str().unwrap())
+        .collect();
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    for p in &parts {
+        assert!(
+            p.chars().count() <= 2000,
+            "a part over Discord's limit: {}",
+            p.chars().count()
+        );
+        assert_eq!(
+            p.matches("```").count() % 2,
+            0,
+            "fences balanced in every part: {p}"
+        );
+    }
+    let joined = parts.join("\n");
+    for i in [0, 57, 119] {
+        assert!(
+            joined.contains(&format!("let value_{i} = compute({i});")),
+            "line {i} arrived"
+        );
+    }
+    let first_line = joined.find("let value_0 ").unwrap();
+    let last_line = joined.find("let value_119 ").unwrap();
+    assert!(first_line < last_line, "in order");
+    assert!(
+        joined.contains("sess-42"),
+        "the session id to resume with is shown"
+    );
+    assert_eq!(
+        seen[1].body["message_reference"]["message_id"], "555",
+        "a reply to the chat message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_edits_are_throttled_and_coalesced() {
+    let (url, stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "42"}})).await;
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await;
+    // Fifty events in five batches, with no time passing: nothing is edited yet.
+    for b in 0..5 {
+        let evs: Vec<Value> = (0..10)
+            .map(|i| json!({"n": b * 10 + i + 1, "kind": "text", "data": {"text": format!("step {}", b * 10 + i)}}))
+            .collect();
+        s.attempt_call(&offer, "events", json!({"events": evs}))
+            .await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stand.seen().len(), 1, "edits wait for the throttle window");
+    s.clock.advance(3_000);
+    let seen = until_seen(&stand, 2).await;
+    assert_eq!(seen[1].method, "PATCH");
+    assert_eq!(seen[1].path, "/channels/42/messages/90001");
+    assert!(
+        seen[1].body["content"]
+            .as_str()
+            .unwrap()
+            .contains("step 49"),
+        "one edit with the latest state"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stand.seen().len(), 2, "fifty events made one edit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_honoured_and_500s_are_retried() {
+    let (url, stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "7"}})).await;
+    // The working message is rate limited for 0.5 s, then a 500, then all is well.
+    stand.then(
+        429,
+        json!({"message": "You are being rate limited.", "retry_after": 0.5, "global": false}),
+        vec![
+            ("x-ratelimit-scope", "user".into()),
+            ("retry-after", "1".into()),
+        ],
+    );
+    stand.then(
+        500,
+        json!({"message": "Internal Server Error", "code": 0}),
+        vec![],
+    );
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await;
+    // Both clocks must pass retry_after: the server's (manual here) and the client's bucket.
+    s.clock.advance(200);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(stand.seen().len(), 1, "not retried before retry_after");
+    let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+    assert_eq!(t["delivery"]["state"], "retrying", "{t}");
+    s.clock.advance(400);
+    until_seen(&stand, 2).await; // the 500
+    s.clock.advance(2_100); // back-off after the second attempt: 2 s
+    let seen = until_seen(&stand, 3).await;
+    assert_eq!(seen[2].path, "/channels/7/messages");
+    s.attempt_call(
+        &offer,
+        "finish",
+        json!({"outcome": "succeeded", "result": {"text": "ok"}}),
+    )
+    .await;
+    until_seen(&stand, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_is_given_up_with_the_reason() {
+    let (url, stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "8"}})).await;
+    stand.then(
+        403,
+        json!({"message": "Missing Access", "code": 50001}),
+        vec![],
+    );
+    stand.then(
+        403,
+        json!({"message": "Missing Access", "code": 50001}),
+        vec![],
+    );
+    run(&s, &task, &[], "answer").await;
+    let t = loop {
+        let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+        if t["delivery"]["state"] == "failed" {
+            break t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    assert!(
+        t["delivery"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Missing Access"),
+        "{t}"
+    );
+    assert_eq!(stand.seen().len(), 2, "no retries of a 403");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telegram_replies_in_the_topic_and_splits_at_4096() {
+    let (url, stand) = telegram().await;
+    let s = server(None, Some(&url)).await;
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "-1001234567890", "thread": "77", "message": "12"}}))
+        .await;
+    let answer = format!("{}\n\n{}", "word ".repeat(900), "end ".repeat(300));
+    run(&s, &task, &["thinking"], &answer).await;
+    let seen = loop {
+        let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+        if t["delivery"]["state"] == "sent" {
+            break stand.seen();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    assert!(
+        seen.iter()
+            .all(|r| r.path.starts_with("/bot") && r.auth.is_none())
+    );
+    let sends: Vec<&Seen> = seen
+        .iter()
+        .filter(|r| r.path.ends_with("/sendMessage"))
+        .collect();
+    assert!(
+        sends.len() >= 3,
+        "working message + at least two parts: {sends:?}"
+    );
+    for r in &sends {
+        assert_eq!(
+            r.body["chat_id"].to_string().trim_matches('"'),
+            "-1001234567890"
+        );
+        assert_eq!(r.body["message_thread_id"], 77);
+        assert!(r.body["text"].as_str().unwrap().encode_utf16().count() <= 4096);
+    }
+    let text: String = sends[1..]
+        .iter()
+        .map(|r| r.body["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text.matches("word").count(), 900);
+    assert_eq!(text.matches("end").count(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_waiting_at_a_restart_is_delivered_once() {
+    let (url, stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "9"}})).await;
+    // Discord is down while the task finishes: the answer waits in the outbox.
+    stand.then(502, json!({"message": "Bad Gateway"}), vec![]);
+    run(&s, &task, &[], "the answer").await;
+    until_seen(&stand, 1).await;
+    let s = s.restart().await;
+    s.clock.advance(60_000);
+    let seen = until_seen(&stand, 3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let finals = stand
+        .seen()
+        .iter()
+        .filter(|r| {
+            r.body["content"]
+                .as_str()
+                .is_some_and(|c| c.contains("the answer"))
+        })
+        .count();
+    assert_eq!(finals, 1, "delivered exactly once: {seen:?}");
+}
+
+#[tokio::test]
+async fn tokens_never_appear_in_responses_and_unconfigured_platforms_are_refused() {
+    let (url, _stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "1"}})).await;
+    for path in [
+        "/v1/tasks".to_owned(),
+        format!("/v1/tasks/{}", id(&task)),
+        "/v1/runners".into(),
+        "/v1/sessions".into(),
+    ] {
+        let (_, body) = s.get(&path, &s.admin).await;
+        assert!(!body.to_string().contains("discord-secret"), "{path}");
+    }
+    let openapi = s
+        .http
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!openapi.contains("discord-secret"));
+    let (st, body) = s
+        .post("/v1/tasks", &s.client, json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "1"}}))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TELEGRAM_BOT_TOKEN"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_sends_through_the_outbox() {
+    let (url, stand) = discord().await;
+    let s = server(Some(&url), None).await;
+    let (st, body) = s
+        .post(
+            "/notify",
+            &s.client,
+            json!({"channel": "314", "message": "deploy done @everyone"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let seen = until_seen(&stand, 1).await;
+    assert_eq!(seen[0].path, "/channels/314/messages");
+    assert_eq!(seen[0].body["content"], "deploy done @everyone");
+    assert_eq!(seen[0].body["allowed_mentions"], json!({"parse": []}));
+    let (st, _) = s
+        .post(
+            "/notify",
+            &s.client,
+            json!({"channel": "../x", "message": "m"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+}
