@@ -52,9 +52,10 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
   api.registerService({
     id: SERVICE_ID,
     async start(ctx) {
+      // In server delivery no new task is followed; tasks submitted before a switch from
+      // plugin delivery (kept in the state file) are still finished here.
       if (config.delivery !== "plugin") {
-        logger.info("tunnel: delivery mode is server; the plugin service sends nothing");
-        return;
+        logger.info("tunnel: delivery mode is server; the plugin service sends no new answers");
       }
       watcher.configure({
         client,

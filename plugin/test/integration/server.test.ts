@@ -286,6 +286,28 @@ test("tasks followed before a restart are delivered after it (state file)", asyn
   await api2.services[0].stop!({ config: {}, stateDir: "", logger: api2.logger });
 });
 
+test("switching to server delivery still finishes the tasks submitted in plugin delivery", async () => {
+  const first = await plugin();
+  await first.api.run("/cc submitted before the switch", first.dm);
+  await first.api.services[0].stop!({ config: {}, stateDir: first.stateDir, logger: first.api.logger });
+  const api2 = new FakeApi({ serverUrl: server.url, token: clientToken, delivery: "server" });
+  const watcher2 = new Watcher();
+  running.push(watcher2);
+  register(api2, { watcher: watcher2, messageIds: new MessageIds(), env: {}, retryDelaysMs: [50] });
+  await api2.services[0].start({ config: api2.config, stateDir: first.stateDir, logger: api2.logger });
+  await runner.serveOne();
+  const s = await until("the answer", () => api2.sent[0]);
+  assert.match(s.text, /echo: submitted before the switch$/);
+  // New tasks in server mode are not followed by the plugin.
+  const group = Number(`-100${Date.now() + 2}`.slice(0, 14));
+  telegram.addChat(group);
+  await api2.run("/cc new in server mode", { ...TELEGRAM_TOPIC, from: `telegram:group:${group}:topic:9`, to: `telegram:${group}`, messageThreadId: 9 });
+  assert.equal(watcher2.list().length, 0);
+  await runner.serveOne();
+  await until("the server's sendMessage", () => telegram.sent.find((p) => Number(p.chat_id) === group));
+  assert.equal(api2.sent.length, 1);
+});
+
 test("/cli-state really checks: server, token, runners with agents and projects, sessions here", async () => {
   const { api, dm, chat } = await plugin();
   const r = await api.run("/cli-state", dm);
