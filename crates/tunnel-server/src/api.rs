@@ -49,6 +49,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_token, list_tokens))
         .routes(routes!(revoke_token))
         .routes(routes!(notify))
+        .routes(routes!(metrics))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
 }
@@ -158,6 +159,9 @@ async fn submit_task(
     };
     let (task, created) = s.store.submit(&caller.token_id, key, req).await?;
     if created {
+        s.metrics
+            .submitted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(task_id = %task.id, agent = %task.agent, "Task submitted.");
     }
     let status = if created {
@@ -479,6 +483,8 @@ async fn claim(
         let offer = s.store.claim(&req).await?;
         if let Some(offer) = offer {
             drop(slot);
+            s.metrics
+                .dispatched(s.clock.now_ms() - offer.task.created_at);
             pending.settle(Some(&offer.task.id));
             tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
             return Ok(axum::Json(offer).into_response());
@@ -575,6 +581,9 @@ async fn finish(
     check_task_id(&id)?;
     req.validate()?;
     let task = s.store.finish(&id, req).await?;
+    s.metrics
+        .finished_by_runner
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(task_id = %task.id, state = %task.state, "Task attempt finished.");
     Ok(axum::Json(task))
 }
@@ -721,6 +730,28 @@ async fn healthz() -> axum::Json<Health> {
     axum::Json(Health {
         status: "ok".into(),
     })
+}
+
+/// Prometheus metrics: tasks by state, dispatch latency, parked long-polls, runners online,
+/// deliveries. Names are specified in ARCHITECTURE.md.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let counts = s.store.counts().await?;
+    let db_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let online = s.store.runners().await?.iter().filter(|r| r.online).count();
+    let text = s
+        .metrics
+        .render(&counts.by_state, s.hub.parked(), online, db_ms);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Readiness: the database answers.

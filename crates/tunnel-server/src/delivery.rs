@@ -107,6 +107,14 @@ async fn deliver(state: AppState, platforms: Arc<Platforms>, pause: Arc<Mutex<i6
 }
 
 async fn record(state: &AppState, d: &Delivery, update: DeliveryUpdate) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &state.metrics;
+    match &update {
+        DeliveryUpdate::Sent { .. } => m.deliveries_sent.fetch_add(1, Relaxed),
+        DeliveryUpdate::Retry { .. } => m.delivery_retries.fetch_add(1, Relaxed),
+        DeliveryUpdate::Failed { .. } => m.delivery_failures.fetch_add(1, Relaxed),
+        DeliveryUpdate::Parts { .. } => 0,
+    };
     if let Err(e) = state.store.update_delivery(d.id, update).await {
         tracing::error!(delivery = d.id, error = %e, "Recording a delivery failed.");
     }

@@ -79,6 +79,11 @@ impl Hub {
         }
     }
 
+    /// Long-polls parked right now.
+    pub(crate) fn parked(&self) -> usize {
+        self.lock_waiters().len()
+    }
+
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiter>> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -11,6 +11,7 @@ mod auth;
 mod delivery;
 mod error;
 mod hub;
+mod metrics;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -77,6 +78,7 @@ pub(crate) struct Inner {
     pub(crate) max_wait_ms: u64,
     pub(crate) shutdown: CancellationToken,
     pub(crate) platforms: Arc<tunnel_delivery::Platforms>,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 /// Shared by every handler.
@@ -118,6 +120,7 @@ impl Server {
             max_wait_ms: config.max_wait_ms,
             shutdown: shutdown.clone(),
             platforms,
+            metrics: metrics::Metrics::default(),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =

@@ -211,3 +211,31 @@ async fn bearer_scheme_is_case_insensitive_but_required() {
         assert_eq!(st, want, "{header}");
     }
 }
+
+#[tokio::test]
+async fn metrics_count_what_happens() {
+    let s = TestServer::start().await;
+    let t = s.submit(json!({"agent": "claude", "prompt": "p"})).await;
+    let offer = s.claim("r", &["claude"], 0).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    let (st, text) = s.request(Method::GET, "/metrics", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let text = text.as_str().unwrap().to_owned();
+    for line in [
+        "tunnel_tasks{state=\"running\"} 1",
+        "tunnel_tasks{state=\"queued\"} 0",
+        "tunnel_tasks_submitted_total 1",
+        "tunnel_tasks_offered_total 1",
+        "tunnel_dispatch_latency_seconds_count 1",
+        "tunnel_runners_online 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(
+        !text.contains(t["id"].as_str().unwrap()),
+        "no task ids in metrics"
+    );
+}

@@ -111,9 +111,16 @@ impl TestServer {
         }
         let resp = r.send().await.unwrap();
         let status = resp.status();
+        // Only /metrics answers in text (Prometheus); everything else must be JSON.
+        let resp_is_text = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or_default().starts_with("text/plain"));
         let text = resp.text().await.unwrap();
         let value = if text.is_empty() {
             Value::Null
+        } else if resp_is_text {
+            Value::String(text)
         } else {
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"))
         };
