@@ -261,6 +261,15 @@ test("/cc-status and /cc-stop from chat cancel a running task", async () => {
   await until("the cancel notice", () => sentTo(USER).find((t) => /^🛑 Claude task `?[0-9a-f]{8}`? was cancelled/.test(t)), 30_000);
 });
 
+test("the Telegram menu form /cc_new (no '-' allowed there) runs /cc-new", async () => {
+  tg.inject({ text: "/cc_new", userId: USER });
+  const reply = await until("the reset reply", () => sentTo(USER).find((t) => t.startsWith("🔄 Claude session reset")), 30_000);
+  assert.equal(reply, "🔄 Claude session reset. The next /cc starts a new session.");
+  // Put the DM's session back for the /cli-state check below.
+  tg.inject({ text: "/cc-resume e2e00000-0000-4000-8000-000000000001", userId: USER });
+  await until("the resume reply", () => sentTo(USER).find((t) => t.startsWith("🔗 Switched to Claude session")), 30_000);
+});
+
 test("/cli-state checks the server, the token and the runners", async () => {
   await runner.touch();
   tg.inject({ text: "/cli-state", userId: USER });
