@@ -5,11 +5,13 @@
 //!
 //! **Architecture Invariant:** this crate is the only one that contains SQL.
 //!
-//! Backends: SQLite (embedded, the default; see [`sqlite`]). The API is shaped so a PostgreSQL
-//! backend can be added as another [`Backend`] arm without touching the server: every method
-//! is async, takes protocol types, and reports what changed through [`Signals`] after commit.
+//! Backends: SQLite (embedded, the default; see `sqlite.rs`) and PostgreSQL (several servers
+//! on one database; see `postgres.rs`). Every method is async, takes protocol types, and
+//! reports what changed through [`Signals`] after commit; with PostgreSQL, also what other
+//! servers committed (LISTEN/NOTIFY, with a fallback poll).
 
 mod clock;
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -201,6 +203,7 @@ pub struct Store {
 
 enum Backend {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
 }
 
 /// Where to keep the data.
@@ -210,18 +213,23 @@ pub enum Database {
         path: std::path::PathBuf,
         durability: Durability,
     },
+    /// A PostgreSQL URL (`postgres://user@host:port/db`); several servers may share it.
+    Postgres { url: String },
 }
 
 impl Database {
-    /// Parses `sqlite:PATH`, `sqlite://PATH` or a bare path.
+    /// Parses `postgres://…` / `postgresql://…` (PostgreSQL), or `sqlite:PATH`,
+    /// `sqlite://PATH` or a bare path (SQLite).
     pub fn parse(s: &str) -> std::result::Result<Database, String> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            s.parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("bad PostgreSQL URL: {e}"))?;
+            return Ok(Database::Postgres { url: s.to_owned() });
+        }
         let path = s
             .strip_prefix("sqlite://")
             .or_else(|| s.strip_prefix("sqlite:"))
             .unwrap_or(s);
-        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Err("PostgreSQL is not supported by this build yet; use a SQLite path".into());
-        }
         if path.is_empty() {
             return Err("the database path is empty".into());
         }
@@ -244,6 +252,9 @@ impl Store {
             Database::Sqlite { path, durability } => Backend::Sqlite(
                 sqlite::SqliteStore::open(path, *durability, settings, clock, signals).await?,
             ),
+            Database::Postgres { url } => {
+                Backend::Postgres(postgres::PgStore::open(url, settings, clock, signals).await?)
+            }
         };
         Ok(Store {
             backend: Arc::new(backend),
@@ -260,18 +271,21 @@ impl Store {
     ) -> Result<(Task, bool)> {
         match &*self.backend {
             Backend::Sqlite(s) => s.submit(owner.to_owned(), idempotency_key, req).await,
+            Backend::Postgres(s) => s.submit(owner.to_owned(), idempotency_key, req).await,
         }
     }
 
     pub async fn task(&self, id: &str, scope: &Scope) -> Result<Task> {
         match &*self.backend {
             Backend::Sqlite(s) => s.task(id.to_owned(), scope.clone()).await,
+            Backend::Postgres(s) => s.task(id.to_owned(), scope.clone()).await,
         }
     }
 
     pub async fn tasks(&self, filter: TaskFilter, scope: &Scope) -> Result<Vec<Task>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.tasks(filter, scope.clone()).await,
+            Backend::Postgres(s) => s.tasks(filter, scope.clone()).await,
         }
     }
 
@@ -280,6 +294,7 @@ impl Store {
     pub async fn cancel(&self, id: &str, scope: &Scope) -> Result<Task> {
         match &*self.backend {
             Backend::Sqlite(s) => s.cancel(id.to_owned(), scope.clone()).await,
+            Backend::Postgres(s) => s.cancel(id.to_owned(), scope.clone()).await,
         }
     }
 
@@ -287,30 +302,35 @@ impl Store {
     pub async fn claim(&self, req: &ClaimRequest) -> Result<Option<Offer>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.claim(req.clone()).await,
+            Backend::Postgres(s) => s.claim(req.clone()).await,
         }
     }
 
     pub async fn ack(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
         match &*self.backend {
             Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone()).await,
+            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone()).await,
         }
     }
 
     pub async fn heartbeat(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
         match &*self.backend {
             Backend::Sqlite(s) => s.heartbeat(id.to_owned(), attempt.clone()).await,
+            Backend::Postgres(s) => s.heartbeat(id.to_owned(), attempt.clone()).await,
         }
     }
 
     pub async fn append_events(&self, id: &str, req: AppendEvents) -> Result<AppendAck> {
         match &*self.backend {
             Backend::Sqlite(s) => s.append_events(id.to_owned(), req).await,
+            Backend::Postgres(s) => s.append_events(id.to_owned(), req).await,
         }
     }
 
     pub async fn finish(&self, id: &str, req: FinishRequest) -> Result<Task> {
         match &*self.backend {
             Backend::Sqlite(s) => s.finish(id.to_owned(), req).await,
+            Backend::Postgres(s) => s.finish(id.to_owned(), req).await,
         }
     }
 
@@ -324,6 +344,7 @@ impl Store {
     ) -> Result<(Vec<TaskEvent>, TaskState)> {
         match &*self.backend {
             Backend::Sqlite(s) => s.events(id.to_owned(), scope.clone(), after, limit).await,
+            Backend::Postgres(s) => s.events(id.to_owned(), scope.clone(), after, limit).await,
         }
     }
 
@@ -331,6 +352,7 @@ impl Store {
     pub async fn last_events(&self, id: &str, n: u32) -> Result<Vec<TaskEvent>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.last_events(id.to_owned(), n).await,
+            Backend::Postgres(s) => s.last_events(id.to_owned(), n).await,
         }
     }
 
@@ -339,12 +361,14 @@ impl Store {
     pub async fn expire_due(&self) -> Result<Option<i64>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.expire_due().await,
+            Backend::Postgres(s) => s.expire_due().await,
         }
     }
 
     pub async fn runners(&self) -> Result<Vec<RunnerInfo>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.runners().await,
+            Backend::Postgres(s) => s.runners().await,
         }
     }
 
@@ -356,6 +380,7 @@ impl Store {
     ) -> Result<SessionList> {
         match &*self.backend {
             Backend::Sqlite(s) => s.sessions(conversation, agent, limit).await,
+            Backend::Postgres(s) => s.sessions(conversation, agent, limit).await,
         }
     }
 
@@ -363,6 +388,7 @@ impl Store {
     pub async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
         match &*self.backend {
             Backend::Sqlite(s) => s.bind_session(cmd).await,
+            Backend::Postgres(s) => s.bind_session(cmd).await,
         }
     }
 
@@ -374,6 +400,7 @@ impl Store {
     ) -> Result<()> {
         match &*self.backend {
             Backend::Sqlite(s) => s.report_sessions(runner.to_owned(), sessions).await,
+            Backend::Postgres(s) => s.report_sessions(runner.to_owned(), sessions).await,
         }
     }
 
@@ -386,18 +413,21 @@ impl Store {
     ) -> Result<TokenInfo> {
         match &*self.backend {
             Backend::Sqlite(s) => s.create_token(id, name, role, secret_sha256).await,
+            Backend::Postgres(s) => s.create_token(id, name, role, secret_sha256).await,
         }
     }
 
     pub async fn tokens(&self) -> Result<Vec<StoredToken>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.tokens().await,
+            Backend::Postgres(s) => s.tokens().await,
         }
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo> {
         match &*self.backend {
             Backend::Sqlite(s) => s.revoke_token(id.to_owned()).await,
+            Backend::Postgres(s) => s.revoke_token(id.to_owned()).await,
         }
     }
 
@@ -406,12 +436,14 @@ impl Store {
     pub async fn due_deliveries(&self, limit: u32) -> Result<(Vec<Delivery>, Option<i64>)> {
         match &*self.backend {
             Backend::Sqlite(s) => s.due_deliveries(limit).await,
+            Backend::Postgres(s) => s.due_deliveries(limit).await,
         }
     }
 
     pub async fn update_delivery(&self, id: i64, update: DeliveryUpdate) -> Result<()> {
         match &*self.backend {
             Backend::Sqlite(s) => s.update_delivery(id, update).await,
+            Backend::Postgres(s) => s.update_delivery(id, update).await,
         }
     }
 
@@ -419,6 +451,7 @@ impl Store {
     pub async fn notify(&self, target: tunnel_protocol::ReplyTo, text: String) -> Result<i64> {
         match &*self.backend {
             Backend::Sqlite(s) => s.notify(target, text).await,
+            Backend::Postgres(s) => s.notify(target, text).await,
         }
     }
 
@@ -426,6 +459,7 @@ impl Store {
     pub async fn counts(&self) -> Result<QueueCounts> {
         match &*self.backend {
             Backend::Sqlite(s) => s.counts().await,
+            Backend::Postgres(s) => s.counts().await,
         }
     }
 }

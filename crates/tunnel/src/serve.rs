@@ -51,7 +51,12 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
             bail!("durability {other:?} in the config file is not normal or full")
         }
     };
-    let db_arg = args.database.or(f.database);
+    // Flag or TUNNEL_DATABASE, then DATABASE_URL (the usual name for a PostgreSQL URL), then
+    // the config file.
+    let db_arg = args
+        .database
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|d| !d.is_empty()))
+        .or(f.database);
     let database = match db_arg {
         Some(d) => Database::parse(&d).map_err(anyhow::Error::msg)?,
         None => Database::Sqlite {
@@ -61,6 +66,7 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
     };
     let database = match database {
         Database::Sqlite { path, .. } => Database::Sqlite { path, durability },
+        pg @ Database::Postgres { .. } => pg,
     };
 
     let worker_token = std::env::var("WORKER_TOKEN").ok().filter(|t| !t.is_empty());
@@ -97,10 +103,29 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
     }
 
     let addr = server.local_addr();
-    let Database::Sqlite { path, .. } = &database;
-    tracing::info!(address = %addr, database = %path.display(), "Tunnel server listening.");
+    let shown = match &database {
+        Database::Sqlite { path, .. } => path.display().to_string(),
+        Database::Postgres { url } => redact_url(url),
+    };
+    tracing::info!(address = %addr, database = %shown, "Tunnel server listening.");
 
     Ok(Prepared { server })
+}
+
+/// A database URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let masked = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{masked}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 fn listen_addr(listen: Option<String>, port: Option<u16>) -> Result<SocketAddr> {

@@ -1,0 +1,2305 @@
+//! PostgreSQL backend: several servers share one queue.
+//!
+//! The semantics are those of the SQLite backend (`sqlite.rs`), transition for transition.
+//! What differs is how writes are kept apart, since here several processes write at once:
+//!
+//! - Every write is one transaction at READ COMMITTED. A write that changes a task locks its
+//!   row (`SELECT … FOR UPDATE`) and decides on what it read *after* the lock, so it always
+//!   sees the latest committed state. Writes that can change which task of a session is first
+//!   (submit, and every path to a terminal state) first take a transaction-scoped advisory
+//!   lock on the session key, before any row lock: a submit racing the finish of the task
+//!   ahead of it can then never leave the new task not ready. A deadlock or serialization
+//!   failure (which PostgreSQL reports rather than hangs on) re-runs the whole write.
+//! - A claim picks the oldest ready task it may take with `FOR UPDATE SKIP LOCKED` (claimers
+//!   never queue on each other's rows) and re-checks the row after locking it.
+//! - Background duties run on every instance: expiring a deadline re-checks the task under
+//!   its lock, one task per transaction; due outbox rows are claimed with `FOR UPDATE SKIP
+//!   LOCKED` and an in-flight lease (`claimed_until`), so two instances never send one row.
+//! - After each commit the effects go to this instance's [`Signals`] directly and to the
+//!   others through `NOTIFY tunnel` (sent inside the transaction, so delivered only if it
+//!   commits). Each instance `LISTEN`s and calls the same [`Signals`]. NOTIFY is a hint: the
+//!   listener reconnects when its connection drops and then re-signals what changed while it
+//!   was away, and a poll every second re-wakes ready tasks, deadlines and the outbox.
+//!
+//! Refusals (stale, conflict, not found) commit what the write did before refusing, as in
+//! SQLite; database errors roll back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tunnel_protocol::{
+    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
+    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList,
+    SessionMode, SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
+};
+
+use crate::{
+    Clock, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals, StoreError, StoredToken,
+    TaskFilter, new_id, random_hex,
+};
+
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        "0002_agent_versions",
+        include_str!("../migrations/postgres/0002_agent_versions.sql"),
+    ),
+    (
+        "0003_outbox",
+        include_str!("../migrations/postgres/0003_outbox.sql"),
+    ),
+];
+
+/// The NOTIFY channel every instance listens on.
+const CHANNEL: &str = "tunnel";
+/// Connections per instance (plus one for the listener).
+const POOL_SIZE: usize = 16;
+/// How often the fallback poll re-wakes ready tasks, deadlines and the outbox.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How long an instance holds an outbox row it is sending before another may take it.
+const OUTBOX_CLAIM_MS: i64 = 120_000;
+/// Re-runs of a write that hit a deadlock or serialization failure.
+const MAX_TRIES: u32 = 10;
+/// Ready tasks re-woken per poll.
+const POLL_READY: i64 = 32;
+/// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
+const MAX_PAYLOAD: usize = 7000;
+
+type P<'a> = &'a (dyn ToSql + Sync);
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            // An error the database reported: a bug or a corrupt row, not an outage.
+            Some(db) => StoreError::Corrupt(format!(
+                "PostgreSQL error {}: {}",
+                db.code().code(),
+                db.message()
+            )),
+            // The connection: closed, refused, timed out.
+            None => StoreError::Unavailable(format!("PostgreSQL: {e}")),
+        }
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!("no PostgreSQL connection: {e}"))
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
+}
+
+fn get<'a, T: FromSql<'a>>(r: &'a Row, i: usize) -> Result<T> {
+    Ok(r.try_get(i)?)
+}
+
+fn get_u32(r: &Row, i: usize) -> Result<u32> {
+    Ok(r.try_get::<_, i64>(i)? as u32)
+}
+
+/// What a committed write changed, applied to [`Signals`] after the commit, here and (via
+/// NOTIFY) on every other instance.
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
+struct Effects {
+    #[serde(default, rename = "c", skip_serializing_if = "Vec::is_empty")]
+    changed: Vec<String>,
+    #[serde(default, rename = "r", skip_serializing_if = "Vec::is_empty")]
+    ready: Vec<WireHint>,
+    #[serde(default, rename = "d", skip_serializing_if = "Vec::is_empty")]
+    deadlines: Vec<i64>,
+    #[serde(default, rename = "o", skip_serializing_if = "std::ops::Not::not")]
+    delivery: bool,
+}
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct WireHint {
+    t: String,
+    a: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    p: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<String>,
+}
+
+impl From<ReadyHint> for WireHint {
+    fn from(h: ReadyHint) -> Self {
+        WireHint {
+            t: h.task_id,
+            a: h.agent,
+            p: h.project,
+            r: h.runner,
+        }
+    }
+}
+
+impl From<WireHint> for ReadyHint {
+    fn from(h: WireHint) -> Self {
+        ReadyHint {
+            task_id: h.t,
+            agent: h.a,
+            project: h.p,
+            runner: h.r,
+        }
+    }
+}
+
+/// One NOTIFY: who sent it, and what changed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Note {
+    i: String,
+    #[serde(flatten)]
+    fx: Effects,
+}
+
+impl Effects {
+    fn is_empty(&self) -> bool {
+        self.changed.is_empty()
+            && self.ready.is_empty()
+            && self.deadlines.is_empty()
+            && !self.delivery
+    }
+
+    fn apply(&self, signals: &dyn Signals) {
+        for at in &self.deadlines {
+            signals.deadline(*at);
+        }
+        for id in &self.changed {
+            signals.task_changed(id);
+        }
+        for hint in &self.ready {
+            signals.task_ready(&hint.clone().into());
+        }
+        if self.delivery {
+            signals.delivery_ready();
+        }
+    }
+
+    /// The NOTIFY payloads that carry these effects, each under the size limit.
+    fn payloads(&self, instance: &str) -> Vec<String> {
+        let note = Note {
+            i: instance.to_owned(),
+            fx: self.clone(),
+        };
+        let json = serde_json::to_string(&note).unwrap_or_default();
+        let items = self.changed.len() + self.ready.len() + self.deadlines.len();
+        if json.len() <= MAX_PAYLOAD || items <= 1 {
+            return vec![json];
+        }
+        // Split in two halves (by list) until each fits.
+        let mut a = Effects {
+            delivery: self.delivery,
+            ..Default::default()
+        };
+        let mut b = Effects::default();
+        let hc = self.changed.len() / 2;
+        a.changed = self.changed[..hc].to_vec();
+        b.changed = self.changed[hc..].to_vec();
+        let hr = self.ready.len() / 2;
+        a.ready = self.ready[..hr].to_vec();
+        b.ready = self.ready[hr..].to_vec();
+        let hd = self.deadlines.len() / 2;
+        a.deadlines = self.deadlines[..hd].to_vec();
+        b.deadlines = self.deadlines[hd..].to_vec();
+        let mut out = a.payloads(instance);
+        out.extend(b.payloads(instance));
+        out
+    }
+}
+
+/// Aborts the background tasks when the store goes away.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+pub(crate) struct PgStore {
+    pool: Pool,
+    clock: Arc<dyn Clock>,
+    settings: Arc<QueueSettings>,
+    signals: Arc<dyn Signals>,
+    /// This instance's id in NOTIFY payloads (its own notes are not applied twice).
+    instance: String,
+    _background: Background,
+}
+
+/// A write in progress: the transaction, the time it runs at, and what it changed.
+struct W<'a> {
+    tx: &'a deadpool_postgres::Transaction<'a>,
+    now: i64,
+    fx: Effects,
+    settings: &'a QueueSettings,
+    /// A statement failed in a way that a re-run may fix (deadlock, serialization).
+    retry: AtomicBool,
+}
+
+enum Concluded<T> {
+    Done(Result<T>),
+    Retry,
+}
+
+/// Helps type inference: the body of a write is a future of a store `Result`.
+fn typed<T, F: std::future::Future<Output = Result<T>>>(f: F) -> F {
+    f
+}
+
+/// Runs `$body` (with `$w: W`) in a transaction; commits, re-runs on deadlock, answers after
+/// the commit.
+macro_rules! write {
+    ($s:expr, |$w:ident| $body:expr) => {{
+        let s: &PgStore = $s;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut client = s.pool.get().await.map_err(pool_err)?;
+            let tx = client.transaction().await?;
+            #[allow(unused_mut)]
+            let mut $w = W {
+                tx: &tx,
+                now: s.clock.now_ms(),
+                fx: Effects::default(),
+                settings: &s.settings,
+                retry: AtomicBool::new(false),
+            };
+            let result = typed(async { $body }).await;
+            let retry = $w.retry.load(Ordering::Relaxed);
+            let fx = std::mem::take(&mut $w.fx);
+            match s.conclude(tx, fx, result, retry).await {
+                Concluded::Done(r) => break r,
+                Concluded::Retry if tries < MAX_TRIES => {
+                    tokio::time::sleep(Duration::from_millis(2 * tries as u64)).await;
+                    continue;
+                }
+                Concluded::Retry => {
+                    break Err(StoreError::Unavailable(
+                        "too many conflicting writes; try again".into(),
+                    ));
+                }
+            }
+        }
+    }};
+}
+
+impl PgStore {
+    pub(crate) async fn open(
+        url: &str,
+        settings: QueueSettings,
+        clock: Arc<dyn Clock>,
+        signals: Arc<dyn Signals>,
+    ) -> Result<PgStore> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("bad PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        if config.get_application_name().is_none() {
+            config.application_name("tunnel");
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot build the pool: {e}")))?;
+        migrate(&pool).await?;
+        let instance = random_hex(8);
+        let listener = tokio::spawn(listen_loop(
+            config,
+            pool.clone(),
+            signals.clone(),
+            instance.clone(),
+            clock.clone(),
+        ));
+        let poller = tokio::spawn(poll_loop(pool.clone(), signals.clone(), clock.clone()));
+        Ok(PgStore {
+            pool,
+            clock,
+            settings: Arc::new(settings),
+            signals,
+            instance,
+            _background: Background(vec![listener, poller]),
+        })
+    }
+
+    async fn conclude<T>(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        fx: Effects,
+        result: Result<T>,
+        retry: bool,
+    ) -> Concluded<T> {
+        let keep = match &result {
+            Ok(_) => true,
+            Err(e) => matches!(
+                e,
+                StoreError::Stale(_) | StoreError::Conflict(_) | StoreError::NotFound(_)
+            ),
+        };
+        if !keep {
+            let _ = tx.rollback().await;
+            return if retry {
+                Concluded::Retry
+            } else {
+                Concluded::Done(result)
+            };
+        }
+        if !fx.is_empty() {
+            for payload in fx.payloads(&self.instance) {
+                if let Err(e) = tx
+                    .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                    .await
+                {
+                    let _ = tx.rollback().await;
+                    return if retryable(&e) {
+                        Concluded::Retry
+                    } else {
+                        Concluded::Done(Err(e.into()))
+                    };
+                }
+            }
+        }
+        match tx.commit().await {
+            Ok(()) => {
+                fx.apply(&*self.signals);
+                Concluded::Done(result)
+            }
+            Err(e) if retryable(&e) => Concluded::Retry,
+            Err(e) => Concluded::Done(Err(StoreError::Unavailable(format!(
+                "the commit failed: {e}"
+            )))),
+        }
+    }
+
+    async fn conn(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    pub(crate) async fn submit(
+        &self,
+        owner: String,
+        key: Option<String>,
+        req: SubmitTask,
+    ) -> Result<(Task, bool)> {
+        write!(self, |w| {
+            let session_key = req
+                .conversation
+                .as_ref()
+                .map(|c| session_key(&req.agent, c));
+            if let Some(k) = &key {
+                w.lock_key(&format!("idem\u{1f}{owner}\u{1f}{k}")).await?;
+                let existing = w
+                    .opt(
+                        "SELECT id FROM tasks WHERE owner = $1 AND idempotency_key = $2",
+                        &[&owner, k],
+                    )
+                    .await?;
+                if let Some(row) = existing {
+                    let id: String = get(&row, 0)?;
+                    return Ok((load_task(w.tx, &id, &Scope::All).await?, false));
+                }
+            }
+            if let Some(k) = &session_key {
+                w.lock_key(k).await?;
+            }
+            let id = new_id();
+            let busy = match &session_key {
+                Some(k) => w
+                    .opt(
+                        "SELECT 1 FROM tasks WHERE session_key = $1 AND finished_at IS NULL LIMIT 1",
+                        &[k],
+                    )
+                    .await?
+                    .is_some(),
+                None => false,
+            };
+            let (mode, resume_id) = match &req.session {
+                SessionMode::Continue => ("continue", None),
+                SessionMode::New => ("new", None),
+                SessionMode::Resume(id) => ("resume", Some(id.clone())),
+            };
+            let reply_to = req.reply_to.as_ref().map(to_json);
+            let row = w
+                .one(
+                    "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
+                        timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
+                        idempotency_key, state, ready, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                        'queued', $15, $16, $16)
+                     RETURNING seq",
+                    &[
+                        &id,
+                        &req.agent,
+                        &req.prompt,
+                        &req.conversation,
+                        &session_key,
+                        &req.project,
+                        &req.model,
+                        &req.timeout_ms.map(|t| t as i64),
+                        &mode,
+                        &resume_id,
+                        &(req.max_attempts.unwrap_or(1) as i64),
+                        &reply_to,
+                        &owner,
+                        &key,
+                        &!busy,
+                        &w.now,
+                    ],
+                )
+                .await?;
+            let seq: i64 = get(&row, 0)?;
+            w.event(seq, 0, "state", &serde_json::json!({"state": "queued"}))
+                .await?;
+            w.fx.changed.push(id.clone());
+            if !busy {
+                let hint = w.ready_hint(seq).await?;
+                w.fx.ready.push(hint.into());
+            }
+            Ok((load_task(w.tx, &id, &Scope::All).await?, true))
+        })
+    }
+
+    pub(crate) async fn task(&self, id: String, scope: Scope) -> Result<Task> {
+        let c = self.conn().await?;
+        load_task(&c, &id, &scope).await
+    }
+
+    pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
+        let c = self.conn().await?;
+        let owner = match &scope {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o.clone()),
+        };
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks
+             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR conversation = $2)
+               AND ($3::text IS NULL OR agent = $3) AND ($4::text IS NULL OR owner = $4)
+             ORDER BY seq DESC LIMIT $5"
+        );
+        let rows = q_all(
+            &c,
+            &sql,
+            &[
+                &filter.state.map(|s| s.as_str()),
+                &filter.conversation,
+                &filter.agent,
+                &owner,
+                &(filter.limit.clamp(1, 1000) as i64),
+            ],
+        )
+        .await?;
+        let mut tasks = Vec::new();
+        for row in rows {
+            let (seq, session_key, mut task) = task_from_row(&row)?;
+            task.queue_position = queue_position(&c, seq, session_key.as_deref(), &task).await?;
+            task.delivery = delivery_status(&c, seq).await?;
+            tasks.push(task);
+        }
+        Ok(tasks)
+    }
+
+    pub(crate) async fn cancel(&self, id: String, scope: Scope) -> Result<Task> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            if let Scope::Owner(o) = &scope
+                && &t.owner != o
+            {
+                return Err(StoreError::NotFound("task"));
+            }
+            match t.state {
+                TaskState::Queued | TaskState::Parked | TaskState::Offered => {
+                    w.finish_task(
+                        &t,
+                        TaskState::Cancelled,
+                        Some("cancelled before it ran"),
+                        None,
+                    )
+                    .await?;
+                }
+                TaskState::Running => {
+                    w.exec(
+                        "UPDATE tasks SET state = 'cancelling', cancel_requested = TRUE,
+                         reason = 'cancel requested', updated_at = $2 WHERE seq = $1",
+                        &[&t.seq, &w.now],
+                    )
+                    .await?;
+                    w.event(
+                        t.seq,
+                        t.attempt,
+                        "state",
+                        &serde_json::json!({"state": "cancelling"}),
+                    )
+                    .await?;
+                    w.fx.changed.push(t.id.clone());
+                }
+                TaskState::Cancelling => {}
+                s => {
+                    return Err(StoreError::Conflict(format!(
+                        "task has already ended ({s})"
+                    )));
+                }
+            }
+            load_task(w.tx, &id, &Scope::All).await
+        })
+    }
+
+    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
+        write!(self, |w| {
+            w.touch_runner(&req).await?;
+            // The oldest ready task this runner may take, locked; tasks other claimers hold
+            // are skipped, not waited for.
+            let sql = format!(
+                "SELECT t.seq FROM tasks t
+                 LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                 WHERE t.ready AND (t.not_before IS NULL OR t.not_before <= $1)
+                   AND t.agent = ANY($2) AND (t.project IS NULL OR t.project = ANY($3))
+                   AND COALESCE({HOME_EXPR}, $4) = $4
+                 ORDER BY t.seq LIMIT 1
+                 FOR UPDATE OF t SKIP LOCKED"
+            );
+            let mut chosen = None;
+            for _ in 0..3 {
+                let Some(row) = w
+                    .opt(&sql, &[&w.now, &req.agents, &req.projects, &req.runner])
+                    .await?
+                else {
+                    break;
+                };
+                let seq: i64 = get(&row, 0)?;
+                // Re-check under the lock: the row is what was last committed.
+                let row = w
+                    .one(
+                        "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
+                            s.session_id, s.runner
+                         FROM tasks t
+                         LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                         WHERE t.seq = $1",
+                        &[&seq],
+                    )
+                    .await?;
+                let ready: bool = get(&row, 0)?;
+                let not_before: Option<i64> = get(&row, 1)?;
+                let agent: String = get(&row, 2)?;
+                let mode: String = get(&row, 3)?;
+                if !ready || not_before.is_some_and(|nb| nb > w.now) {
+                    continue;
+                }
+                let (resume, home) = resolve_session(
+                    w.tx,
+                    &agent,
+                    &mode,
+                    get(&row, 4)?,
+                    get(&row, 5)?,
+                    get(&row, 6)?,
+                )
+                .await?;
+                if home.as_ref().is_some_and(|h| h != &req.runner) {
+                    continue;
+                }
+                chosen = Some((seq, mode, resume));
+                break;
+            }
+            let Some((seq, mode, resume)) = chosen else {
+                return Ok(None);
+            };
+            let lease_token = random_hex(16);
+            let ack_by = w.now + w.settings.ack_timeout_ms;
+            w.exec(
+                "UPDATE tasks SET state = 'offered', ready = FALSE, attempt = attempt + 1,
+                    lease_token = $2, runner = $3, ack_by = $4, lease_until = NULL,
+                    not_before = NULL, reason = NULL, updated_at = $5
+                 WHERE seq = $1",
+                &[&seq, &lease_token, &req.runner, &ack_by, &w.now],
+            )
+            .await?;
+            let task = load_task_by_seq(w.tx, seq).await?;
+            if let Some(conv) = &task.conversation
+                && mode != "continue"
+            {
+                let runner = if resume.is_some() {
+                    history_runner(w.tx, &task.agent, resume.as_deref().unwrap_or_default()).await?
+                } else {
+                    None
+                };
+                w.set_binding(&task.agent, conv, resume.as_deref(), runner.as_deref())
+                    .await?;
+            }
+            w.event(
+                seq,
+                task.attempt,
+                "state",
+                &serde_json::json!({"state": "offered", "runner": req.runner}),
+            )
+            .await?;
+            w.fx.changed.push(task.id.clone());
+            w.fx.deadlines.push(ack_by);
+            Ok(Some(Offer {
+                attempt: task.attempt,
+                lease_token,
+                ack_by,
+                resume_session_id: resume,
+                task,
+            }))
+        })
+    }
+
+    pub(crate) async fn ack(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            w.check_attempt(&t, &at)?;
+            match t.state {
+                TaskState::Offered => {}
+                TaskState::Running | TaskState::Cancelling => {
+                    return Ok(LeaseStatus {
+                        lease_ms: w.settings.lease_ms,
+                        lease_until: t.lease_until.unwrap_or(w.now),
+                        cancel: t.state == TaskState::Cancelling,
+                    });
+                }
+                s => {
+                    return Err(StoreError::Stale(format!(
+                        "attempt {} can no longer start: task is {s}",
+                        at.attempt
+                    )));
+                }
+            }
+            if t.ack_by.is_some_and(|d| d < w.now) {
+                w.requeue_offer(&t).await?;
+                return Err(StoreError::Stale(format!(
+                    "offer of attempt {} expired before it was acked",
+                    at.attempt
+                )));
+            }
+            let lease_until = w.now + w.settings.lease_ms;
+            w.exec(
+                "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
+                    lease_until = $2, started_at = COALESCE(started_at, $3), updated_at = $3
+                 WHERE seq = $1",
+                &[&t.seq, &lease_until, &w.now],
+            )
+            .await?;
+            w.event(
+                t.seq,
+                t.attempt,
+                "state",
+                &serde_json::json!({"state": "running", "runner": t.runner}),
+            )
+            .await?;
+            w.fx.changed.push(t.id.clone());
+            w.fx.deadlines.push(lease_until);
+            w.deliver_started(&t).await?;
+            Ok(LeaseStatus {
+                lease_until,
+                lease_ms: w.settings.lease_ms,
+                cancel: false,
+            })
+        })
+    }
+
+    pub(crate) async fn heartbeat(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            w.check_attempt(&t, &at)?;
+            let lease_until = w.renew_lease(&t).await?;
+            Ok(LeaseStatus {
+                lease_until,
+                lease_ms: w.settings.lease_ms,
+                cancel: t.state == TaskState::Cancelling,
+            })
+        })
+    }
+
+    pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            w.check_attempt(
+                &t,
+                &AttemptRef {
+                    attempt: req.attempt,
+                    lease_token: req.lease_token.clone(),
+                },
+            )?;
+            if t.state != TaskState::Lost {
+                w.renew_lease(&t).await?;
+            }
+            let mut accepted = 0;
+            for e in &req.events {
+                let dup = w
+                    .opt(
+                        "SELECT 1 FROM task_events WHERE task_seq = $1 AND attempt = $2 AND n = $3",
+                        &[&t.seq, &(t.attempt as i64), &(e.n as i64)],
+                    )
+                    .await?
+                    .is_some();
+                if dup {
+                    continue;
+                }
+                w.insert_event(t.seq, t.attempt, Some(e.n), &e.kind, &e.data)
+                    .await?;
+                accepted += 1;
+                if e.kind == "session"
+                    && let Some(sid) = e.data.get("session_id").and_then(|v| v.as_str())
+                    && tunnel_protocol::validate_session_id("session_id", sid).is_ok()
+                {
+                    w.record_session(&t, sid).await?;
+                }
+            }
+            if accepted > 0 {
+                w.fx.changed.push(t.id.clone());
+                let shown = req
+                    .events
+                    .iter()
+                    .any(|e| e.kind == "text" || e.kind == "tool_use");
+                if shown && t.state != TaskState::Lost {
+                    w.deliver_progress(&t).await?;
+                }
+            }
+            Ok(AppendAck {
+                accepted,
+                cancel: t.state == TaskState::Cancelling,
+            })
+        })
+    }
+
+    pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            w.check_attempt(
+                &t,
+                &AttemptRef {
+                    attempt: req.attempt,
+                    lease_token: req.lease_token.clone(),
+                },
+            )?;
+            match t.state {
+                TaskState::Offered | TaskState::Running | TaskState::Cancelling => {}
+                s if s.is_terminal() => return load_task_by_seq(w.tx, t.seq).await,
+                s => {
+                    return Err(StoreError::Stale(format!(
+                        "attempt {} has already ended: task is {s}",
+                        req.attempt
+                    )));
+                }
+            }
+            if t.state != TaskState::Offered {
+                w.check_lease(&t).await?;
+            }
+            if let Some(sid) = &req.result.session_id {
+                w.record_session(&t, sid).await?;
+            }
+            let result = to_json(&req.result);
+            w.exec(
+                "UPDATE tasks SET result = $2 WHERE seq = $1",
+                &[&t.seq, &result],
+            )
+            .await?;
+            match req.outcome {
+                Outcome::Parked => {
+                    let not_before = req.not_before.unwrap_or(w.now);
+                    let reason = req
+                        .result
+                        .error
+                        .as_deref()
+                        .unwrap_or("parked by the runner")
+                        .to_owned();
+                    w.exec(
+                        "UPDATE tasks SET state = 'parked', ready = TRUE, not_before = $2,
+                            lease_until = NULL, ack_by = NULL, lease_token = NULL,
+                            reason = $3, updated_at = $4
+                         WHERE seq = $1",
+                        &[&t.seq, &not_before, &reason, &w.now],
+                    )
+                    .await?;
+                    w.event(
+                        t.seq,
+                        t.attempt,
+                        "state",
+                        &serde_json::json!({"state": "parked", "not_before": not_before}),
+                    )
+                    .await?;
+                    w.fx.changed.push(t.id.clone());
+                    w.fx.deadlines.push(not_before);
+                    if not_before <= w.now {
+                        let hint = w.ready_hint(t.seq).await?;
+                        w.fx.ready.push(hint.into());
+                    }
+                }
+                outcome => {
+                    let reason = match outcome {
+                        Outcome::Failed => req.result.error.as_deref(),
+                        Outcome::TimedOut => Some("the agent ran past its timeout"),
+                        Outcome::Cancelled => Some("cancelled"),
+                        _ => None,
+                    };
+                    w.finish_task(&t, outcome.state(), reason, Some(&req.result))
+                        .await?;
+                }
+            }
+            load_task_by_seq(w.tx, t.seq).await
+        })
+    }
+
+    pub(crate) async fn events(
+        &self,
+        id: String,
+        scope: Scope,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<TaskEvent>, TaskState)> {
+        let c = self.conn().await?;
+        let row = q_opt(
+            &c,
+            "SELECT seq, owner, state FROM tasks WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+        let seq: i64 = get(&row, 0)?;
+        let owner: String = get(&row, 1)?;
+        let state: String = get(&row, 2)?;
+        if let Scope::Owner(o) = &scope
+            && o != &owner
+        {
+            return Err(StoreError::NotFound("task"));
+        }
+        let rows = q_all(
+            &c,
+            "SELECT seq, attempt, kind, data, at FROM task_events
+             WHERE task_seq = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&seq, &(after as i64), &(limit.clamp(1, 10_000) as i64)],
+        )
+        .await?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok((events, parse_state(&state)?))
+    }
+
+    pub(crate) async fn last_events(&self, id: String, n: u32) -> Result<Vec<TaskEvent>> {
+        let c = self.conn().await?;
+        let rows = q_all(
+            &c,
+            "SELECT e.seq, e.attempt, e.kind, e.data, e.at FROM task_events e
+             JOIN tasks t ON t.seq = e.task_seq WHERE t.id = $1
+             ORDER BY e.seq DESC LIMIT $2",
+            &[&id, &(n as i64)],
+        )
+        .await?;
+        let mut events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
+    pub(crate) async fn expire_due(&self) -> Result<Option<i64>> {
+        let now = self.clock.now_ms();
+        let due = {
+            let c = self.conn().await?;
+            q_all(
+                &c,
+                "SELECT seq, 1 FROM tasks WHERE state = 'offered' AND ack_by <= $1
+                 UNION ALL SELECT seq, 2 FROM tasks
+                    WHERE state IN ('running', 'cancelling') AND lease_until <= $1
+                 UNION ALL SELECT seq, 3 FROM tasks WHERE state = 'parked' AND not_before <= $1
+                 ORDER BY 1 LIMIT 1000",
+                &[&now],
+            )
+            .await?
+        };
+        // One transaction per task, each re-checking the deadline under the task's lock:
+        // another instance may have handled it first.
+        for row in &due {
+            let seq: i64 = get(row, 0)?;
+            let kind: i32 = get(row, 1)?;
+            write!(self, |w| {
+                let Some(t) = w.open_task_seq(seq).await? else {
+                    return Ok(());
+                };
+                match kind {
+                    1 if t.state == TaskState::Offered && t.ack_by.is_some_and(|d| d <= w.now) => {
+                        w.requeue_offer(&t).await?;
+                    }
+                    2 if matches!(t.state, TaskState::Running | TaskState::Cancelling)
+                        && t.lease_until.is_some_and(|l| l <= w.now) =>
+                    {
+                        w.expire_lease(&t).await?;
+                    }
+                    3 if t.state == TaskState::Parked
+                        && t.not_before.is_some_and(|n| n <= w.now) =>
+                    {
+                        w.exec(
+                            "UPDATE tasks SET state = 'queued', not_before = NULL, updated_at = $2
+                             WHERE seq = $1",
+                            &[&seq, &w.now],
+                        )
+                        .await?;
+                        w.event(
+                            seq,
+                            t.attempt,
+                            "state",
+                            &serde_json::json!({"state": "queued"}),
+                        )
+                        .await?;
+                        w.fx.changed.push(t.id.clone());
+                        let hint = w.ready_hint(seq).await?;
+                        w.fx.ready.push(hint.into());
+                    }
+                    _ => {}
+                }
+                Ok(())
+            })?;
+        }
+        let c = self.conn().await?;
+        next_deadline(&c).await
+    }
+
+    pub(crate) async fn runners(&self) -> Result<Vec<RunnerInfo>> {
+        let online_ms = self.settings.runner_online_ms;
+        let now = self.clock.now_ms();
+        let c = self.conn().await?;
+        let rows = q_all(
+            &c,
+            "SELECT r.name, r.agents, r.projects, r.capacity, r.version, r.first_seen, r.last_seen,
+                r.agent_versions,
+                (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
+                    AND t.state IN ('offered', 'running', 'cancelling'))
+             FROM runners r ORDER BY r.name",
+            &[],
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let agents: String = get(r, 1)?;
+            let projects: String = get(r, 2)?;
+            let last_seen: i64 = get(r, 6)?;
+            let versions: String = get(r, 7)?;
+            out.push(RunnerInfo {
+                agent_versions: serde_json::from_str(&versions).unwrap_or_default(),
+                name: get(r, 0)?,
+                agents: serde_json::from_str(&agents).unwrap_or_default(),
+                projects: serde_json::from_str(&projects).unwrap_or_default(),
+                capacity: get_u32(r, 3)?,
+                version: get(r, 4)?,
+                first_seen: get(r, 5)?,
+                last_seen,
+                online: now - last_seen <= online_ms,
+                active_tasks: get_u32(r, 8)?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn sessions(
+        &self,
+        conversation: Option<String>,
+        agent: Option<String>,
+        limit: u32,
+    ) -> Result<SessionList> {
+        let c = self.conn().await?;
+        let limit = limit.clamp(1, 1000) as i64;
+        let rows = q_all(
+            &c,
+            "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
+             WHERE ($1::text IS NULL OR conversation = $1) AND ($2::text IS NULL OR agent = $2)
+             ORDER BY updated_at DESC LIMIT $3",
+            &[&conversation, &agent, &limit],
+        )
+        .await?;
+        let sessions = rows
+            .iter()
+            .map(|r| {
+                Ok(SessionBinding {
+                    conversation: get(r, 0)?,
+                    agent: get(r, 1)?,
+                    session_id: get(r, 2)?,
+                    runner: get(r, 3)?,
+                    updated_at: get(r, 4)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows = q_all(
+            &c,
+            "SELECT agent, session_id, runner, conversation, last_used FROM session_history
+             WHERE ($1::text IS NULL OR conversation = $1) AND ($2::text IS NULL OR agent = $2)
+             ORDER BY last_used DESC LIMIT $3",
+            &[&conversation, &agent, &limit],
+        )
+        .await?;
+        let recent = rows
+            .iter()
+            .map(|r| {
+                Ok(RecentSession {
+                    agent: get(r, 0)?,
+                    session_id: get(r, 1)?,
+                    runner: get(r, 2)?,
+                    conversation: get(r, 3)?,
+                    last_used: get(r, 4)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SessionList { sessions, recent })
+    }
+
+    pub(crate) async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
+        write!(self, |w| {
+            let runner = match (&cmd.session_id, &cmd.runner) {
+                (_, Some(r)) => Some(r.clone()),
+                (Some(id), None) => history_runner(w.tx, &cmd.agent, id).await?,
+                (None, None) => None,
+            };
+            w.set_binding(
+                &cmd.agent,
+                &cmd.conversation,
+                cmd.session_id.as_deref(),
+                runner.as_deref(),
+            )
+            .await?;
+            if let Some(id) = &cmd.session_id {
+                w.exec(
+                    "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (agent, session_id) DO UPDATE SET
+                        runner = COALESCE(EXCLUDED.runner, session_history.runner),
+                        conversation = EXCLUDED.conversation, last_used = EXCLUDED.last_used",
+                    &[&cmd.agent, id, &runner, &cmd.conversation, &w.now],
+                )
+                .await?;
+            }
+            Ok(SessionBinding {
+                conversation: cmd.conversation.clone(),
+                agent: cmd.agent.clone(),
+                session_id: cmd.session_id.clone(),
+                runner,
+                updated_at: w.now,
+            })
+        })
+    }
+
+    pub(crate) async fn report_sessions(
+        &self,
+        runner: String,
+        sessions: Vec<tunnel_protocol::ReportedSession>,
+    ) -> Result<()> {
+        write!(self, |w| {
+            for s in &sessions {
+                w.exec(
+                    "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
+                     VALUES ($1, $2, $3, NULL, $4)
+                     ON CONFLICT (agent, session_id) DO UPDATE SET runner = EXCLUDED.runner,
+                        last_used = GREATEST(session_history.last_used, EXCLUDED.last_used)",
+                    &[&s.agent, &s.session_id, &runner, &s.last_used],
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) async fn create_token(
+        &self,
+        id: String,
+        name: String,
+        role: Role,
+        hash: [u8; 32],
+    ) -> Result<TokenInfo> {
+        write!(self, |w| {
+            w.exec(
+                "INSERT INTO tokens (id, name, role, secret_sha256, created_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&id, &name, &role.as_str(), &&hash[..], &w.now],
+            )
+            .await?;
+            Ok(TokenInfo {
+                id: id.clone(),
+                name: name.clone(),
+                role,
+                created_at: w.now,
+                revoked_at: None,
+            })
+        })
+    }
+
+    pub(crate) async fn tokens(&self) -> Result<Vec<StoredToken>> {
+        let c = self.conn().await?;
+        let rows = q_all(
+            &c,
+            "SELECT id, name, role, secret_sha256, created_at, revoked_at FROM tokens
+             ORDER BY created_at, id",
+            &[],
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let id: String = get(r, 0)?;
+            let name: String = get(r, 1)?;
+            let role: String = get(r, 2)?;
+            let hash: Vec<u8> = get(r, 3)?;
+            let role = Role::parse(&role)
+                .ok_or_else(|| StoreError::Corrupt(format!("token {id} has role {role:?}")))?;
+            let secret_sha256: [u8; 32] = hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("token {id} has a bad hash")))?;
+            out.push(StoredToken {
+                info: TokenInfo {
+                    id,
+                    name,
+                    role,
+                    created_at: get(r, 4)?,
+                    revoked_at: get(r, 5)?,
+                },
+                secret_sha256,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn revoke_token(&self, id: String) -> Result<TokenInfo> {
+        write!(self, |w| {
+            let row = w
+                .opt(
+                    "UPDATE tokens SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1
+                     RETURNING name, role, created_at, revoked_at",
+                    &[&id, &w.now],
+                )
+                .await?
+                .ok_or(StoreError::NotFound("token"))?;
+            let role: String = get(&row, 1)?;
+            Ok(TokenInfo {
+                id: id.clone(),
+                name: get(&row, 0)?,
+                role: Role::parse(&role).unwrap_or(Role::Client),
+                created_at: get(&row, 2)?,
+                revoked_at: get(&row, 3)?,
+            })
+        })
+    }
+
+    /// Due rows, at most one per destination (its oldest pending one), each claimed for this
+    /// instance until it records the outcome (or `OUTBOX_CLAIM_MS` passes).
+    pub(crate) async fn due_deliveries(
+        &self,
+        limit: u32,
+    ) -> Result<(Vec<crate::Delivery>, Option<i64>)> {
+        let claimed: Vec<i64> = write!(self, |w| {
+            let rows = w
+                .all(
+                    "WITH due AS (
+                        SELECT o.id FROM outbox o
+                        WHERE o.state = 'pending' AND o.next_at <= $1
+                          AND (o.claimed_until IS NULL OR o.claimed_until <= $1)
+                          AND o.id = (SELECT MIN(p.id) FROM outbox p
+                                      WHERE p.destination = o.destination AND p.state = 'pending')
+                        ORDER BY o.id LIMIT $2
+                        FOR UPDATE SKIP LOCKED)
+                     UPDATE outbox SET claimed_until = $3 FROM due
+                     WHERE outbox.id = due.id AND outbox.state = 'pending'
+                       AND (outbox.claimed_until IS NULL OR outbox.claimed_until <= $1)
+                     RETURNING outbox.id",
+                    &[&w.now, &(limit as i64), &(w.now + OUTBOX_CLAIM_MS)],
+                )
+                .await?;
+            rows.iter().map(|r| get::<i64>(r, 0)).collect()
+        })?;
+        let c = self.conn().await?;
+        let mut out = Vec::new();
+        let mut ids = claimed;
+        ids.sort_unstable();
+        for id in ids {
+            let Some(r) = q_opt(
+                &c,
+                "SELECT o.id, o.kind, o.target, o.body, o.attempts, o.done_parts, t.id,
+                    (SELECT p.message_id FROM outbox p WHERE p.task_seq = o.task_seq
+                        AND p.kind = 'progress' AND p.state = 'sent' LIMIT 1)
+                 FROM outbox o LEFT JOIN tasks t ON t.seq = o.task_seq WHERE o.id = $1",
+                &[&id],
+            )
+            .await?
+            else {
+                continue;
+            };
+            let kind: String = get(&r, 1)?;
+            let target: String = get(&r, 2)?;
+            let body: Option<String> = get(&r, 3)?;
+            let task_id: Option<String> = get(&r, 6)?;
+            let kind = crate::DeliveryKind::parse(&kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox {id} has kind {kind:?}")))?;
+            let target: ReplyTo = serde_json::from_str(&target)
+                .map_err(|e| StoreError::Corrupt(format!("outbox {id} target: {e}")))?;
+            let task = match task_id {
+                Some(tid) => Some(load_task(&c, &tid, &Scope::All).await?),
+                None => None,
+            };
+            out.push(crate::Delivery {
+                id,
+                kind,
+                target,
+                body: body.and_then(|b| serde_json::from_str(&b).ok()),
+                attempts: get_u32(&r, 4)?,
+                done_parts: get_u32(&r, 5)?,
+                task,
+                progress_message: get(&r, 7)?,
+            });
+        }
+        let row = q_one(
+            &c,
+            "SELECT MIN(GREATEST(next_at, COALESCE(claimed_until, 0))) FROM outbox
+             WHERE state = 'pending'",
+            &[],
+        )
+        .await?;
+        Ok((out, get(&row, 0)?))
+    }
+
+    pub(crate) async fn update_delivery(
+        &self,
+        id: i64,
+        update: crate::DeliveryUpdate,
+    ) -> Result<()> {
+        use crate::DeliveryUpdate as U;
+        write!(self, |w| {
+            let changed = match &update {
+                U::Parts {
+                    done_parts,
+                    message_id,
+                } => {
+                    w.exec(
+                        "UPDATE outbox SET done_parts = $2, message_id = COALESCE(message_id, $3),
+                            claimed_until = $5, updated_at = $4 WHERE id = $1",
+                        &[
+                            &id,
+                            &(*done_parts as i64),
+                            message_id,
+                            &w.now,
+                            &(w.now + OUTBOX_CLAIM_MS),
+                        ],
+                    )
+                    .await?
+                }
+                U::Sent { message_id } => {
+                    w.exec(
+                        "UPDATE outbox SET state = 'sent', attempts = attempts + 1,
+                            message_id = COALESCE(message_id, $2), last_error = NULL,
+                            claimed_until = NULL, updated_at = $3
+                         WHERE id = $1",
+                        &[&id, message_id, &w.now],
+                    )
+                    .await?
+                }
+                U::Retry { at, error } => {
+                    w.exec(
+                        "UPDATE outbox SET attempts = attempts + 1, next_at = $2, last_error = $3,
+                            claimed_until = NULL, updated_at = $4 WHERE id = $1",
+                        &[&id, at, error, &w.now],
+                    )
+                    .await?
+                }
+                U::Failed { error } => {
+                    w.exec(
+                        "UPDATE outbox SET state = 'failed', attempts = attempts + 1,
+                            last_error = $2, claimed_until = NULL, updated_at = $3 WHERE id = $1",
+                        &[&id, error, &w.now],
+                    )
+                    .await?
+                }
+            };
+            if changed == 0 {
+                return Err(StoreError::NotFound("delivery"));
+            }
+            if let Some(row) = w
+                .opt(
+                    "SELECT t.id FROM outbox o JOIN tasks t ON t.seq = o.task_seq WHERE o.id = $1",
+                    &[&id],
+                )
+                .await?
+            {
+                w.fx.changed.push(get(&row, 0)?);
+            }
+            if matches!(update, U::Retry { .. } | U::Sent { .. } | U::Failed { .. }) {
+                w.fx.delivery = true;
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) async fn notify(&self, target: ReplyTo, text: String) -> Result<i64> {
+        write!(self, |w| {
+            w.enqueue(
+                None,
+                "notify",
+                &target,
+                Some(&serde_json::json!({"text": text})),
+                0,
+            )
+            .await
+        })
+    }
+
+    pub(crate) async fn counts(&self) -> Result<QueueCounts> {
+        let c = self.conn().await?;
+        let rows = q_all(&c, "SELECT state, COUNT(*) FROM tasks GROUP BY state", &[]).await?;
+        let mut by_state = Vec::new();
+        for r in &rows {
+            let s: String = get(r, 0)?;
+            let n: i64 = get(r, 1)?;
+            by_state.push((parse_state(&s)?, n as u64));
+        }
+        Ok(QueueCounts { by_state })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migrations
+
+/// Applies the embedded migrations not yet applied, under an advisory lock so that several
+/// servers starting together apply each exactly once.
+async fn migrate(pool: &Pool) -> Result<()> {
+    let mut c = pool.get().await.map_err(pool_err)?;
+    let tx = c.transaction().await?;
+    // Two-key form: a different key space from the one-key session locks.
+    tx.execute("SELECT pg_advisory_xact_lock(1953396334, 1)", &[])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tunnel_migrations (
+            version    BIGINT PRIMARY KEY,
+            name       TEXT   NOT NULL,
+            applied_at BIGINT NOT NULL
+        )",
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM tunnel_migrations",
+            &[],
+        )
+        .await?;
+    let version: i64 = get(&row, 0)?;
+    if version as usize > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "the database is at schema version {version}, newer than this build knows ({}); upgrade tunnel",
+            MIGRATIONS.len()
+        )));
+    }
+    let now = crate::SystemClock.now_ms();
+    for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO tunnel_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            &[&(i as i64 + 1), name, &now],
+        )
+        .await?;
+        tracing::info!(version = i + 1, "Applied PostgreSQL migration.");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-instance wake-ups
+
+/// Listens on the NOTIFY channel and applies other instances' effects to our [`Signals`].
+/// Reconnects when the connection drops, then re-signals what changed meanwhile.
+async fn listen_loop(
+    config: tokio_postgres::Config,
+    pool: Pool,
+    signals: Arc<dyn Signals>,
+    instance: String,
+    clock: Arc<dyn Clock>,
+) {
+    let mut lost_since: Option<i64> = None;
+    loop {
+        let (client, mut connection) = match config.connect(NoTls).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL listener cannot connect; retrying in 1 s.");
+                lost_since.get_or_insert(clock.now_ms());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "PostgreSQL listener connection lost.");
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+            tracing::warn!(error = %e, "PostgreSQL LISTEN failed; retrying in 1 s.");
+            driver.abort();
+            lost_since.get_or_insert(clock.now_ms());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if let Some(since) = lost_since.take() {
+            tracing::info!("PostgreSQL listener reconnected.");
+            if let Err(e) = resync(&pool, &*signals, since - 5_000, clock.now_ms()).await {
+                tracing::warn!(error = %e, "Re-signalling after a reconnect failed.");
+            }
+        }
+        while let Some(payload) = rx.recv().await {
+            match serde_json::from_str::<Note>(&payload) {
+                Ok(note) if note.i == instance => {}
+                Ok(note) => note.fx.apply(&*signals),
+                Err(e) => tracing::warn!(error = %e, "Unreadable notification ignored."),
+            }
+        }
+        driver.abort();
+        drop(client);
+        lost_since = Some(clock.now_ms());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// After the listener was away: everything that may have been missed.
+async fn resync(pool: &Pool, signals: &dyn Signals, since: i64, now: i64) -> Result<()> {
+    let c = pool.get().await.map_err(pool_err)?;
+    let rows = q_all(
+        &c,
+        "SELECT id FROM tasks WHERE updated_at >= $1
+         UNION SELECT t.id FROM task_events e JOIN tasks t ON t.seq = e.task_seq WHERE e.at >= $1",
+        &[&since],
+    )
+    .await?;
+    for r in &rows {
+        let id: String = get(r, 0)?;
+        signals.task_changed(&id);
+    }
+    poll_once(&c, signals, now).await
+}
+
+/// The fallback poll: a lost notification costs at most `POLL_EVERY`.
+async fn poll_loop(pool: Pool, signals: Arc<dyn Signals>, clock: Arc<dyn Clock>) {
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(c) = pool.get().await else { continue };
+        if let Err(e) = poll_once(&c, &*signals, clock.now_ms()).await {
+            tracing::debug!(error = %e, "The fallback poll failed.");
+        }
+    }
+}
+
+async fn poll_once<C: GenericClient>(c: &C, signals: &dyn Signals, now: i64) -> Result<()> {
+    let sql = format!(
+        "SELECT t.id, t.agent, t.project, {HOME_EXPR} FROM tasks t
+         LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+         WHERE t.ready AND (t.not_before IS NULL OR t.not_before <= $1)
+         ORDER BY t.seq LIMIT $2"
+    );
+    let hints = q_all(c, &sql, &[&now, &POLL_READY]).await?;
+    if let Some(next) = next_deadline(c).await? {
+        signals.deadline(next);
+    }
+    let row = q_one(
+        c,
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE state = 'pending' AND next_at <= $1
+            AND (claimed_until IS NULL OR claimed_until <= $1))",
+        &[&now],
+    )
+    .await?;
+    if get::<bool>(&row, 0)? {
+        signals.delivery_ready();
+    }
+    for r in &hints {
+        signals.task_ready(&ReadyHint {
+            task_id: get(r, 0)?,
+            agent: get(r, 1)?,
+            project: get(r, 2)?,
+            runner: get(r, 3)?,
+        });
+    }
+    Ok(())
+}
+
+async fn next_deadline<C: GenericClient>(c: &C) -> Result<Option<i64>> {
+    let row = q_one(
+        c,
+        "SELECT LEAST(
+            (SELECT MIN(ack_by) FROM tasks WHERE state = 'offered'),
+            (SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')),
+            (SELECT MIN(not_before) FROM tasks WHERE state = 'parked'))",
+        &[],
+    )
+    .await?;
+    get(&row, 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statements
+
+async fn q_all<C: GenericClient>(c: &C, sql: &str, p: &[P<'_>]) -> Result<Vec<Row>> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query(&st, p).await?)
+}
+
+async fn q_opt<C: GenericClient>(c: &C, sql: &str, p: &[P<'_>]) -> Result<Option<Row>> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query_opt(&st, p).await?)
+}
+
+async fn q_one<C: GenericClient>(c: &C, sql: &str, p: &[P<'_>]) -> Result<Row> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query_one(&st, p).await?)
+}
+
+/// The runner a ready task must run on (its session's home), as SQL over `tasks t` left-joined
+/// with `sessions s`; the same rule as [`resolve_session`].
+const HOME_EXPR: &str = "CASE t.session_mode
+        WHEN 'new' THEN NULL
+        WHEN 'resume' THEN (SELECT h.runner FROM session_history h
+            WHERE h.agent = t.agent AND h.session_id = COALESCE(t.resume_id, ''))
+        ELSE CASE WHEN s.session_id IS NOT NULL THEN s.runner END
+    END";
+
+/// The columns of a task a write needs to decide a transition.
+struct OpenTask {
+    seq: i64,
+    id: String,
+    agent: String,
+    conversation: Option<String>,
+    session_key: Option<String>,
+    owner: String,
+    state: TaskState,
+    attempt: u32,
+    runs: u32,
+    max_attempts: u32,
+    lease_token: Option<String>,
+    runner: Option<String>,
+    ack_by: Option<i64>,
+    lease_until: Option<i64>,
+    not_before: Option<i64>,
+    reply_to: Option<ReplyTo>,
+}
+
+const OPEN_TASK_COLUMNS: &str = "seq, id, agent, conversation, session_key, owner, state, attempt,
+    runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before";
+
+fn open_task_from_row(r: &Row) -> Result<OpenTask> {
+    let state: String = get(r, 6)?;
+    let reply_to: Option<String> = get(r, 14)?;
+    Ok(OpenTask {
+        seq: get(r, 0)?,
+        id: get(r, 1)?,
+        agent: get(r, 2)?,
+        conversation: get(r, 3)?,
+        session_key: get(r, 4)?,
+        owner: get(r, 5)?,
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        attempt: get_u32(r, 7)?,
+        runs: get_u32(r, 8)?,
+        max_attempts: get_u32(r, 9)?,
+        lease_token: get(r, 10)?,
+        runner: get(r, 11)?,
+        ack_by: get(r, 12)?,
+        lease_until: get(r, 13)?,
+        reply_to: reply_to.and_then(|s| serde_json::from_str(&s).ok()),
+        not_before: get(r, 15)?,
+    })
+}
+
+impl W<'_> {
+    fn err(&self, e: tokio_postgres::Error) -> StoreError {
+        if retryable(&e) {
+            self.retry.store(true, Ordering::Relaxed);
+        }
+        e.into()
+    }
+
+    async fn exec(&self, sql: &str, p: &[P<'_>]) -> Result<u64> {
+        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+        self.tx.execute(&st, p).await.map_err(|e| self.err(e))
+    }
+
+    async fn all(&self, sql: &str, p: &[P<'_>]) -> Result<Vec<Row>> {
+        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+        self.tx.query(&st, p).await.map_err(|e| self.err(e))
+    }
+
+    async fn opt(&self, sql: &str, p: &[P<'_>]) -> Result<Option<Row>> {
+        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+        self.tx.query_opt(&st, p).await.map_err(|e| self.err(e))
+    }
+
+    async fn one(&self, sql: &str, p: &[P<'_>]) -> Result<Row> {
+        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+        self.tx.query_one(&st, p).await.map_err(|e| self.err(e))
+    }
+
+    /// Serializes this transaction with every other one that locks the same key (a session,
+    /// an idempotency key) until commit.
+    async fn lock_key(&self, key: &str) -> Result<()> {
+        self.exec(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Locks a task for a transition: its session first (see the module docs), then its row.
+    async fn open_task(&self, id: &str) -> Result<OpenTask> {
+        let row = self
+            .opt("SELECT session_key FROM tasks WHERE id = $1", &[&id])
+            .await?
+            .ok_or(StoreError::NotFound("task"))?;
+        let key: Option<String> = get(&row, 0)?;
+        if let Some(k) = &key {
+            self.lock_key(k).await?;
+        }
+        let sql = format!("SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE");
+        let row = self
+            .opt(&sql, &[&id])
+            .await?
+            .ok_or(StoreError::NotFound("task"))?;
+        open_task_from_row(&row)
+    }
+
+    async fn open_task_seq(&self, seq: i64) -> Result<Option<OpenTask>> {
+        let Some(row) = self
+            .opt("SELECT id FROM tasks WHERE seq = $1", &[&seq])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let id: String = get(&row, 0)?;
+        match self.open_task(&id).await {
+            Ok(t) => Ok(Some(t)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn check_attempt(&self, t: &OpenTask, at: &AttemptRef) -> Result<()> {
+        if at.attempt != t.attempt
+            || !t
+                .lease_token
+                .as_deref()
+                .is_some_and(|lt| subtle_eq(lt, &at.lease_token))
+        {
+            return Err(StoreError::Stale(if at.attempt == t.attempt {
+                format!(
+                    "attempt {} of task {} has ended (task is {})",
+                    at.attempt, t.id, t.state
+                )
+            } else {
+                format!(
+                    "attempt {} is not the current attempt of task {} (current: {}, {})",
+                    at.attempt, t.id, t.attempt, t.state
+                )
+            }));
+        }
+        Ok(())
+    }
+
+    async fn check_lease(&mut self, t: &OpenTask) -> Result<()> {
+        match t.state {
+            TaskState::Running | TaskState::Cancelling => {}
+            s => {
+                return Err(StoreError::Stale(format!(
+                    "attempt {} is not running: task is {s}",
+                    t.attempt
+                )));
+            }
+        }
+        if t.lease_until.is_some_and(|l| l < self.now) {
+            self.expire_lease(t).await?;
+            return Err(StoreError::Stale(format!(
+                "the lease of attempt {} expired before this call",
+                t.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    async fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
+        self.check_lease(t).await?;
+        let lease_until = self.now + self.settings.lease_ms;
+        self.exec(
+            "UPDATE tasks SET lease_until = $2 WHERE seq = $1",
+            &[&t.seq, &lease_until],
+        )
+        .await?;
+        if let Some(r) = &t.runner {
+            self.exec(
+                "UPDATE runners SET last_seen = GREATEST(last_seen, $2) WHERE name = $1",
+                &[r, &self.now],
+            )
+            .await?;
+        }
+        Ok(lease_until)
+    }
+
+    async fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
+        let reason = format!(
+            "offer to runner {} was not acked in time; queued again",
+            t.runner.as_deref().unwrap_or("?")
+        );
+        self.exec(
+            "UPDATE tasks SET state = 'queued', ready = TRUE, ack_by = NULL, lease_token = NULL,
+                reason = $2, updated_at = $3 WHERE seq = $1",
+            &[&t.seq, &reason, &self.now],
+        )
+        .await?;
+        self.event(
+            t.seq,
+            t.attempt,
+            "state",
+            &serde_json::json!({"state": "queued", "reason": reason}),
+        )
+        .await?;
+        self.fx.changed.push(t.id.clone());
+        let hint = self.ready_hint(t.seq).await?;
+        self.fx.ready.push(hint.into());
+        Ok(())
+    }
+
+    async fn expire_lease(&mut self, t: &OpenTask) -> Result<()> {
+        let runner = t.runner.as_deref().unwrap_or("?");
+        if t.state == TaskState::Cancelling {
+            let reason = format!("cancelled; runner {runner} stopped responding before confirming");
+            return self
+                .finish_task(t, TaskState::Cancelled, Some(&reason), None)
+                .await;
+        }
+        if t.runs < t.max_attempts {
+            let reason = format!(
+                "runner {runner} stopped heartbeating (lease expired); retrying, {} of {} attempts used",
+                t.runs, t.max_attempts
+            );
+            self.exec(
+                "UPDATE tasks SET state = 'queued', ready = TRUE, lease_until = NULL,
+                    lease_token = NULL, reason = $2, updated_at = $3 WHERE seq = $1",
+                &[&t.seq, &reason, &self.now],
+            )
+            .await?;
+            self.event(
+                t.seq,
+                t.attempt,
+                "state",
+                &serde_json::json!({"state": "queued", "reason": reason}),
+            )
+            .await?;
+            self.fx.changed.push(t.id.clone());
+            let hint = self.ready_hint(t.seq).await?;
+            self.fx.ready.push(hint.into());
+            return Ok(());
+        }
+        let reason = format!("runner {runner} stopped heartbeating; its lease expired");
+        self.finish_task(t, TaskState::Lost, Some(&reason), None)
+            .await
+    }
+
+    /// Moves a task to a terminal state and lets the next task of its session go. The caller
+    /// holds the session lock (`open_task`).
+    async fn finish_task(
+        &mut self,
+        t: &OpenTask,
+        state: TaskState,
+        reason: Option<&str>,
+        result: Option<&TaskResult>,
+    ) -> Result<()> {
+        debug_assert!(state.is_terminal());
+        self.exec(
+            "UPDATE tasks SET state = $2, ready = FALSE, ack_by = NULL, lease_until = NULL,
+                not_before = NULL, reason = $3, finished_at = $4, updated_at = $4
+             WHERE seq = $1",
+            &[&t.seq, &state.as_str(), &reason, &self.now],
+        )
+        .await?;
+        let mut data = serde_json::json!({"state": state.as_str()});
+        if let Some(r) = reason {
+            data["reason"] = r.into();
+        }
+        if let Some(res) = result {
+            data["result"] = serde_json::to_value(res).unwrap_or_default();
+        }
+        self.event(t.seq, t.attempt, "state", &data).await?;
+        self.fx.changed.push(t.id.clone());
+        self.deliver_final(t).await?;
+        if let Some(key) = &t.session_key {
+            let next = self
+                .opt(
+                    "SELECT seq, state FROM tasks WHERE session_key = $1 AND finished_at IS NULL
+                     ORDER BY seq LIMIT 1",
+                    &[key],
+                )
+                .await?;
+            if let Some(row) = next {
+                let seq: i64 = get(&row, 0)?;
+                let s: String = get(&row, 1)?;
+                if s == "queued" || s == "parked" {
+                    self.exec("UPDATE tasks SET ready = TRUE WHERE seq = $1", &[&seq])
+                        .await?;
+                    let hint = self.ready_hint(seq).await?;
+                    self.fx.ready.push(hint.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn event(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<()> {
+        self.insert_event(task_seq, attempt, None, kind, data).await
+    }
+
+    async fn insert_event(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        n: Option<u64>,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<()> {
+        let row = self
+            .one(
+                "UPDATE tasks SET next_event_seq = next_event_seq + 1 WHERE seq = $1
+                 RETURNING next_event_seq - 1",
+                &[&task_seq],
+            )
+            .await?;
+        let seq: i64 = get(&row, 0)?;
+        self.exec(
+            "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &task_seq,
+                &seq,
+                &(attempt as i64),
+                &n.map(|n| n as i64),
+                &kind,
+                &data.to_string(),
+                &self.now,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn ready_hint(&self, seq: i64) -> Result<ReadyHint> {
+        let sql = format!(
+            "SELECT t.id, t.agent, t.project, {HOME_EXPR} FROM tasks t
+             LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+             WHERE t.seq = $1"
+        );
+        let r = self.one(&sql, &[&seq]).await?;
+        Ok(ReadyHint {
+            task_id: get(&r, 0)?,
+            agent: get(&r, 1)?,
+            project: get(&r, 2)?,
+            runner: get(&r, 3)?,
+        })
+    }
+
+    async fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
+        self.exec(
+            "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
+                first_seen, last_seen)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+             ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
+                projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
+                version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
+                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen)",
+            &[
+                &req.runner,
+                &to_json(&req.agents),
+                &to_json(&req.projects),
+                &(req.capacity as i64),
+                &req.version,
+                &to_json(&req.agent_versions),
+                &self.now,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_binding(
+        &self,
+        agent: &str,
+        conversation: &str,
+        session_id: Option<&str>,
+        runner: Option<&str>,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (agent, conversation) DO UPDATE SET session_id = EXCLUDED.session_id,
+                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at",
+            &[&agent, &conversation, &session_id, &runner, &self.now],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn record_session(&self, t: &OpenTask, session_id: &str) -> Result<()> {
+        self.exec(
+            "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (agent, session_id) DO UPDATE SET runner = EXCLUDED.runner,
+                conversation = COALESCE(EXCLUDED.conversation, session_history.conversation),
+                last_used = EXCLUDED.last_used",
+            &[&t.agent, &session_id, &t.runner, &t.conversation, &self.now],
+        )
+        .await?;
+        if let Some(conv) = &t.conversation {
+            self.set_binding(&t.agent, conv, Some(session_id), t.runner.as_deref())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn enqueue(
+        &mut self,
+        task_seq: Option<i64>,
+        kind: &str,
+        target: &ReplyTo,
+        body: Option<&serde_json::Value>,
+        delay_ms: i64,
+    ) -> Result<i64> {
+        let row = self
+            .one(
+                "INSERT INTO outbox (task_seq, destination, kind, target, body, state, next_at,
+                    created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $7)
+                 RETURNING id",
+                &[
+                    &task_seq,
+                    &destination(target),
+                    &kind,
+                    &to_json(target),
+                    &body.map(|b| b.to_string()),
+                    &(self.now + delay_ms),
+                    &self.now,
+                ],
+            )
+            .await?;
+        self.fx.delivery = true;
+        get(&row, 0)
+    }
+
+    fn chat_target(t: &OpenTask) -> Option<&ReplyTo> {
+        t.reply_to
+            .as_ref()
+            .filter(|r| r.platform != tunnel_protocol::Platform::Webhook)
+    }
+
+    async fn deliver_started(&mut self, t: &OpenTask) -> Result<()> {
+        if let Some(target) = Self::chat_target(t).cloned() {
+            let posted = self
+                .opt(
+                    "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'progress'",
+                    &[&t.seq],
+                )
+                .await?
+                .is_some();
+            if !posted {
+                self.enqueue(Some(t.seq), "progress", &target, None, 0)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver_progress(&mut self, t: &OpenTask) -> Result<()> {
+        if let Some(target) = Self::chat_target(t).cloned() {
+            let pending = self
+                .opt(
+                    "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'edit' AND state = 'pending'",
+                    &[&t.seq],
+                )
+                .await?
+                .is_some();
+            if !pending {
+                self.enqueue(Some(t.seq), "edit", &target, None, EDIT_EVERY_MS)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver_final(&mut self, t: &OpenTask) -> Result<()> {
+        let Some(target) = t.reply_to.clone() else {
+            return Ok(());
+        };
+        self.exec(
+            "UPDATE outbox SET state = 'skipped', updated_at = $2
+             WHERE task_seq = $1 AND kind = 'edit' AND state = 'pending'",
+            &[&t.seq, &self.now],
+        )
+        .await?;
+        let kind = if target.platform == tunnel_protocol::Platform::Webhook {
+            "webhook"
+        } else {
+            "final"
+        };
+        self.enqueue(Some(t.seq), kind, &target, None, 0).await?;
+        Ok(())
+    }
+}
+
+/// How long progress edits of one task wait for more events (at most one edit per this).
+const EDIT_EVERY_MS: i64 = 3_000;
+
+fn destination(t: &ReplyTo) -> String {
+    let platform = serde_json::to_value(t.platform)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    format!(
+        "{platform}:{}:{}",
+        t.channel,
+        t.thread.as_deref().unwrap_or("")
+    )
+}
+
+async fn resolve_session<C: GenericClient>(
+    c: &C,
+    agent: &str,
+    mode: &str,
+    resume_id: Option<String>,
+    bound_session: Option<String>,
+    bound_runner: Option<String>,
+) -> Result<(Option<String>, Option<String>)> {
+    Ok(match mode {
+        "new" => (None, None),
+        "resume" => {
+            let id = resume_id.unwrap_or_default();
+            let home = history_runner(c, agent, &id).await?;
+            (Some(id), home)
+        }
+        _ => {
+            let home = bound_session.as_ref().and(bound_runner);
+            (bound_session, home)
+        }
+    })
+}
+
+async fn history_runner<C: GenericClient>(
+    c: &C,
+    agent: &str,
+    session_id: &str,
+) -> Result<Option<String>> {
+    match q_opt(
+        c,
+        "SELECT runner FROM session_history WHERE agent = $1 AND session_id = $2",
+        &[&agent, &session_id],
+    )
+    .await?
+    {
+        Some(r) => get(&r, 0),
+        None => Ok(None),
+    }
+}
+
+fn subtle_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading tasks
+
+const TASK_COLUMNS: &str = "seq, session_key, id, agent, prompt, conversation, project, model,
+    timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
+    cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
+    started_at, finished_at, owner";
+
+fn task_from_row(r: &Row) -> Result<(i64, Option<String>, Task)> {
+    let state: String = get(r, 13)?;
+    let mode: String = get(r, 9)?;
+    let resume_id: Option<String> = get(r, 10)?;
+    let reply_to: Option<String> = get(r, 12)?;
+    let result: Option<String> = get(r, 21)?;
+    let session = match mode.as_str() {
+        "new" => SessionMode::New,
+        "resume" => SessionMode::Resume(resume_id.unwrap_or_default()),
+        _ => SessionMode::Continue,
+    };
+    let task = Task {
+        id: get(r, 2)?,
+        agent: get(r, 3)?,
+        prompt: get(r, 4)?,
+        conversation: get(r, 5)?,
+        project: get(r, 6)?,
+        model: get(r, 7)?,
+        timeout_ms: get::<Option<i64>>(r, 8)?.map(|t| t as u64),
+        session,
+        max_attempts: get_u32(r, 11)?,
+        reply_to: reply_to.and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        attempt: get_u32(r, 14)?,
+        runner: get(r, 15)?,
+        cancel_requested: get(r, 16)?,
+        not_before: get(r, 17)?,
+        ack_by: get(r, 18)?,
+        lease_until: get(r, 19)?,
+        reason: get(r, 20)?,
+        result: result.and_then(|s| serde_json::from_str(&s).ok()),
+        queue_position: None,
+        delivery: None,
+        created_at: get(r, 22)?,
+        updated_at: get(r, 23)?,
+        started_at: get(r, 24)?,
+        finished_at: get(r, 25)?,
+    };
+    Ok((get(r, 0)?, get(r, 1)?, task))
+}
+
+fn event_from_row(r: &Row) -> Result<TaskEvent> {
+    let data: String = get(r, 3)?;
+    Ok(TaskEvent {
+        seq: get::<i64>(r, 0)? as u64,
+        attempt: get_u32(r, 1)?,
+        kind: get(r, 2)?,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+        at: get(r, 4)?,
+    })
+}
+
+async fn load_task<C: GenericClient>(c: &C, id: &str, scope: &Scope) -> Result<Task> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+    let row = q_opt(c, &sql, &[&id])
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+    let (seq, session_key, mut task) = task_from_row(&row)?;
+    let owner: String = get(&row, 26)?;
+    if let Scope::Owner(o) = scope
+        && o != &owner
+    {
+        return Err(StoreError::NotFound("task"));
+    }
+    task.queue_position = queue_position(c, seq, session_key.as_deref(), &task).await?;
+    task.delivery = delivery_status(c, seq).await?;
+    Ok(task)
+}
+
+async fn load_task_by_seq<C: GenericClient>(c: &C, seq: i64) -> Result<Task> {
+    let row = q_one(c, "SELECT id FROM tasks WHERE seq = $1", &[&seq]).await?;
+    let id: String = get(&row, 0)?;
+    load_task(c, &id, &Scope::All).await
+}
+
+async fn delivery_status<C: GenericClient>(
+    c: &C,
+    seq: i64,
+) -> Result<Option<tunnel_protocol::DeliveryStatus>> {
+    let Some(r) = q_opt(
+        c,
+        "SELECT kind, state, attempts, last_error FROM outbox
+         WHERE task_seq = $1 AND kind IN ('final', 'webhook', 'progress')
+         ORDER BY kind = 'progress', id DESC LIMIT 1",
+        &[&seq],
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    let kind: String = get(&r, 0)?;
+    let state: String = get(&r, 1)?;
+    let attempts = get_u32(&r, 2)?;
+    let error: Option<String> = get(&r, 3)?;
+    Ok(Some(tunnel_protocol::DeliveryStatus {
+        state: match (kind.as_str(), state.as_str(), attempts) {
+            ("progress", "sent", _) => "working_message_sent".into(),
+            (_, "pending", 0) => "pending".into(),
+            (_, "pending", _) => "retrying".into(),
+            (_, s, _) => s.to_owned(),
+        },
+        attempts,
+        error,
+    }))
+}
+
+async fn queue_position<C: GenericClient>(
+    c: &C,
+    seq: i64,
+    session_key: Option<&str>,
+    t: &Task,
+) -> Result<Option<u32>> {
+    if !matches!(t.state, TaskState::Queued | TaskState::Parked) {
+        return Ok(None);
+    }
+    let row = match session_key {
+        Some(k) => {
+            q_one(
+                c,
+                "SELECT COUNT(*) FROM tasks WHERE session_key = $1 AND finished_at IS NULL
+                 AND seq < $2",
+                &[&k, &seq],
+            )
+            .await?
+        }
+        None => {
+            q_one(
+                c,
+                "SELECT COUNT(*) FROM tasks WHERE ready AND seq < $1 AND agent = $2",
+                &[&seq, &t.agent],
+            )
+            .await?
+        }
+    };
+    Ok(Some(get::<i64>(&row, 0)? as u32))
+}
+
+fn parse_state(s: &str) -> Result<TaskState> {
+    TaskState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown task state {s:?}")))
+}
+
+fn session_key(agent: &str, conversation: &str) -> String {
+    format!("{agent}\u{1f}{conversation}")
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
