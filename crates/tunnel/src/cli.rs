@@ -41,6 +41,19 @@ pub(crate) enum Command {
     Runners(ClientArgs),
     /// Create, list and revoke API tokens (admin).
     Token(TokenArgs),
+    /// Check this machine's setup (server, token, agent CLIs, projects, bots) and say how to
+    /// fix what is wrong.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DoctorArgs {
+    /// Server URL [default: WORKER_URL, the config file, then http://127.0.0.1:3456].
+    #[arg(long)]
+    pub(crate) server: Option<String>,
+    /// Token [default: WORKER_TOKEN, the config file, then the local admin token].
+    #[arg(long, hide_env_values = true)]
+    pub(crate) token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

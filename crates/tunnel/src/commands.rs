@@ -39,6 +39,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sessions(args) => sessions(args, &file.client).await,
         Command::Runners(args) => runners(args, &file.client).await,
         Command::Token(args) => token(args, &file.client).await,
+        Command::Doctor(args) => crate::doctor::doctor(args, file).await,
     }
 }
 

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod config;
+mod doctor;
 mod output;
 mod runner;
 mod serve;
@@ -15,6 +16,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // `tunnel tasks | head` closes stdout early: that is not an error worth a panic message.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload_as_str().unwrap_or_default();
+        if msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -546,3 +546,46 @@ fn wait_for_pid(path: &Path) -> i32 {
     }
     panic!("no pid in {}", path.display());
 }
+
+#[test]
+fn doctor_explains_a_missing_cli_and_a_wrong_token() {
+    let s = Served::start(&[]);
+    let cfg = s.data.path().join("doctor.toml");
+    std::fs::write(
+        &cfg,
+        "[runner.agents.aider]\nprogram = \"/nonexistent/aider\"\ncommand = [\"{prompt}\"]\n",
+    )
+    .unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    let text = stdout(&out);
+    assert!(
+        !out.status.success(),
+        "a missing custom agent is a problem: {text}"
+    );
+    assert!(
+        text.contains("aider: `/nonexistent/aider` not found"),
+        "{text}"
+    );
+    assert!(text.contains("the token is valid"), "{text}");
+    assert!(
+        text.contains("npm install -g @anthropic-ai/claude-code") || text.contains("claude: /"),
+        "{text}"
+    );
+
+    let out = s.cli(&[
+        "doctor",
+        "--server",
+        &s.url,
+        "--token",
+        "tnl_000000000000_nope",
+    ]);
+    let text = stdout(&out);
+    assert!(!out.status.success());
+    assert!(text.contains("refuses the token (401)"), "{text}");
+}

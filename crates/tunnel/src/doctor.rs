@@ -1,0 +1,365 @@
+//! `tunnel doctor`: checks this machine's setup and says how to fix what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use tunnel_client::{Client, ClientError};
+use tunnel_runner::{AgentKind, RunnerConfig};
+
+use crate::cli::{DoctorArgs, RunnerOpts};
+use crate::config::{self, FileConfig};
+
+struct Report {
+    problems: u32,
+    warnings: u32,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("  ok    {what}");
+    }
+
+    fn warn(&mut self, what: &str, fix: &str) {
+        self.warnings += 1;
+        println!("  warn  {what}\n        → {fix}");
+    }
+
+    fn fail(&mut self, what: &str, fix: &str) {
+        self.problems += 1;
+        println!("  FAIL  {what}\n        → {fix}");
+    }
+}
+
+pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCode> {
+    let mut r = Report {
+        problems: 0,
+        warnings: 0,
+    };
+    let FileConfig { client, runner, .. } = file;
+
+    println!("server");
+    let server = args
+        .server
+        .clone()
+        .or_else(|| std::env::var("WORKER_URL").ok().filter(|s| !s.is_empty()))
+        .or(runner.server.clone())
+        .or(client.server.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:3456".into());
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("WORKER_TOKEN").ok().filter(|s| !s.is_empty()))
+        .or(runner.token.clone())
+        .or(client.token.clone())
+        .or_else(|| {
+            std::fs::read_to_string(config::local_admin_token_path())
+                .ok()
+                .map(|t| t.trim().to_owned())
+        });
+    check_server(&mut r, &server, token.as_deref()).await;
+
+    println!("agents");
+    let opts = RunnerOpts {
+        name: None,
+        max_concurrent: None,
+        projects: vec![],
+    };
+    match crate::runner::runner_config(server.clone(), token.unwrap_or_default(), &opts, runner) {
+        Ok(cfg) => {
+            check_agents(&mut r, &cfg).await;
+            println!("projects");
+            check_projects(&mut r, &cfg);
+        }
+        Err(e) => r.fail(
+            &format!("the [runner] config is invalid: {e:#}"),
+            "fix the config file",
+        ),
+    }
+
+    println!("delivery");
+    check_delivery(&mut r);
+
+    println!();
+    match (r.problems, r.warnings) {
+        (0, 0) => println!("All good."),
+        (0, w) => println!("No problems; {w} warning(s)."),
+        (p, w) => println!("{p} problem(s), {w} warning(s)."),
+    }
+    Ok(if r.problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn check_server(r: &mut Report, server: &str, token: Option<&str>) {
+    let client = match Client::new(server, token.unwrap_or("-")) {
+        Ok(c) => c,
+        Err(e) => {
+            return r.fail(
+                &format!("{e}"),
+                "set --server / WORKER_URL to http(s)://host:port",
+            );
+        }
+    };
+    let started = std::time::Instant::now();
+    match client.health().await {
+        Ok(_) => r.ok(&format!(
+            "{server} answers ({} ms)",
+            started.elapsed().as_millis()
+        )),
+        Err(e) => {
+            return r.fail(
+                &format!("{server} does not answer: {e}"),
+                "start it with `tunnel up` (or `tunnel serve`), or fix --server / WORKER_URL",
+            );
+        }
+    }
+    if let Some(skew) = clock_skew(server).await {
+        if skew.as_secs() >= 5 {
+            r.warn(
+                &format!("this machine's clock is {} s off the server's", skew.as_secs()),
+                "enable NTP (timedatectl set-ntp true); leases and parked times use the server's clock",
+            );
+        } else {
+            r.ok("clocks agree");
+        }
+    }
+    let Some(_) = token else {
+        return r.fail(
+            "no token",
+            "set WORKER_TOKEN or --token (create one with `tunnel token create`)",
+        );
+    };
+    match client
+        .tasks(&tunnel_client::TaskQuery {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => r.ok("the token is valid (client or admin)"),
+        Err(ClientError::Api { status: 403, .. }) => r.ok("the token is valid (runner)"),
+        Err(ClientError::Api { status: 401, .. }) => r.fail(
+            "the server refuses the token (401)",
+            "check WORKER_TOKEN / --token; `tunnel token list` on the server shows which exist",
+        ),
+        Err(e) => r.fail(
+            &format!("the token check failed: {e}"),
+            "see the server's log",
+        ),
+    }
+}
+
+/// How far the server's `Date` header is from this machine's clock.
+async fn clock_skew(server: &str) -> Option<Duration> {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sI",
+            "--max-time",
+            "5",
+            &format!("{}/healthz", server.trim_end_matches('/')),
+        ])
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let date = text.lines().find_map(|l| {
+        l.strip_prefix("date: ")
+            .or_else(|| l.strip_prefix("Date: "))
+    })?;
+    let server_secs = parse_http_date(date.trim())?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(Duration::from_secs(server_secs.abs_diff(now)))
+}
+
+/// `Wed, 25 Nov 2026 14:22:05 GMT` → Unix seconds.
+fn parse_http_date(s: &str) -> Option<i64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, month, year, time, _] = parts.as_slice() else {
+        return None;
+    };
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let m = months.iter().position(|x| x == month)? as i64 + 1;
+    let (d, y): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let t: Vec<i64> = time.split(':').filter_map(|x| x.parse().ok()).collect();
+    let [hh, mm, ss] = t.as_slice() else {
+        return None;
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+async fn check_agents(r: &mut Report, cfg: &RunnerConfig) {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    for (name, agent) in &cfg.agents {
+        let Some(path) = find(&agent.program) else {
+            let level = if agent.kind == AgentKind::Custom {
+                "FAIL"
+            } else {
+                "warn"
+            };
+            let what = format!("{name}: `{}` not found", agent.program);
+            if level == "FAIL" {
+                r.fail(&what, &agent.install_hint());
+            } else {
+                r.warn(&what, &agent.install_hint());
+            }
+            continue;
+        };
+        let version = if agent.kind == AgentKind::Custom {
+            None
+        } else {
+            version(&path).await
+        };
+        r.ok(&format!(
+            "{name}: {}{}",
+            path.display(),
+            version.map(|v| format!(" ({v})")).unwrap_or_default()
+        ));
+        let env = |k: &str| {
+            agent
+                .env
+                .get(k)
+                .cloned()
+                .or_else(|| std::env::var(k).ok())
+                .filter(|v| !v.is_empty())
+        };
+        let logged_in = match agent.kind {
+            AgentKind::Claude => Some(
+                env("ANTHROPIC_API_KEY").is_some()
+                    || env("CLAUDE_CODE_OAUTH_TOKEN").is_some()
+                    || home.join(".claude/.credentials.json").exists(),
+            ),
+            AgentKind::Codex => Some(
+                env("CODEX_API_KEY").is_some()
+                    || env("OPENAI_API_KEY").is_some()
+                    || home.join(".codex/auth.json").exists(),
+            ),
+            AgentKind::Gemini => Some(
+                env("GEMINI_API_KEY").is_some()
+                    || env("GOOGLE_API_KEY").is_some()
+                    || home.join(".gemini/oauth_creds.json").exists(),
+            ),
+            AgentKind::Custom => None,
+        };
+        if logged_in == Some(false) {
+            r.warn(
+                &format!("{name}: no login found"),
+                &format!(
+                    "log in once: run `{}` interactively, or set its API key",
+                    agent.program
+                ),
+            );
+        }
+        let root = nix::unistd::Uid::effective().is_root();
+        if agent.kind == AgentKind::Claude
+            && root
+            && agent
+                .args
+                .iter()
+                .any(|a| a == "--dangerously-skip-permissions")
+            && agent.env.get("IS_SANDBOX").map(String::as_str) != Some("1")
+        {
+            r.warn(
+                "claude: running as root, Claude refuses to skip permissions",
+                "in a sandbox, set IS_SANDBOX = \"1\" under [runner.agents.claude] env; else run the runner as a normal user",
+            );
+        }
+    }
+}
+
+fn check_projects(r: &mut Report, cfg: &RunnerConfig) {
+    if cfg.projects.is_empty() {
+        r.ok(&format!(
+            "no projects; tasks run in {}",
+            cfg.default_dir.display()
+        ));
+    }
+    for (name, dir) in &cfg.projects {
+        if dir.is_dir() {
+            r.ok(&format!("{name}: {}", dir.display()));
+        } else {
+            r.fail(
+                &format!("{name}: {} is not a directory", dir.display()),
+                "fix [runner.projects] or --project",
+            );
+        }
+    }
+}
+
+fn check_delivery(r: &mut Report) {
+    let config = tunnel_delivery::PlatformsConfig::from_env();
+    let any = config.discord.is_some() || config.telegram.is_some() || !config.webhooks.is_empty();
+    match tunnel_delivery::Platforms::new(config.clone()) {
+        Err(e) => r.fail(&e.to_string(), "fix the bot token / webhook variables"),
+        Ok(_) if !any => r.ok("no bot configured (answers go through the plugin or the API)"),
+        Ok(_) => {
+            if config.discord.is_some() {
+                r.ok("Discord bot token set (CALLBACK_BOT_TOKEN)");
+            }
+            if config.telegram.is_some() {
+                r.ok("Telegram bot token set (TELEGRAM_BOT_TOKEN)");
+            }
+            for name in config.webhooks.keys() {
+                r.ok(&format!("webhook {name}"));
+            }
+        }
+    }
+}
+
+fn find(program: &str) -> Option<PathBuf> {
+    let p = Path::new(program);
+    if p.components().count() > 1 {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|c| c.is_file())
+}
+
+async fn version(path: &Path) -> Option<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(path)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn http_dates() {
+        assert_eq!(
+            super::parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"),
+            Some(0)
+        );
+        assert_eq!(
+            super::parse_http_date("Wed, 25 Nov 2026 14:22:05 GMT"),
+            Some(1_795_616_525)
+        );
+        assert_eq!(super::parse_http_date("garbage"), None);
+    }
+}
