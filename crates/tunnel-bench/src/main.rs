@@ -97,6 +97,9 @@ struct Report {
     parked: Option<ParkedReport>,
     runner_overhead: &'static str,
     total_s: f64,
+    /// /proc/loadavg when the bench started and ended: the machine may be shared.
+    load_before: String,
+    load_after: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -140,7 +143,8 @@ async fn run(args: Args) -> Result<()> {
     }
     let tmp;
     let db = match &args.database {
-        Some(p) => p.clone(),
+        // Absolute: the server runs in the database's directory.
+        Some(p) => std::path::absolute(p)?,
         None => {
             tmp = tempfile::Builder::new().prefix("tunnel-bench-").tempdir()?;
             tmp.path().join("bench.db")
@@ -157,6 +161,8 @@ async fn run(args: Args) -> Result<()> {
         parked: None,
         runner_overhead: "n/a (no runner yet)",
         total_s: 0.0,
+        load_before: loadavg(),
+        load_after: String::new(),
     };
 
     // Phases 1–3 on one server.
@@ -214,6 +220,7 @@ async fn run(args: Args) -> Result<()> {
         phases::check_database(&path, wakes as u64).await?;
     }
     report.total_s = started.elapsed().as_secs_f64();
+    report.load_after = loadavg();
     progress("every task ended succeeded (checked in the database files)");
 
     if args.json {
@@ -234,6 +241,13 @@ fn with_suffix(db: &Path, suffix: &str) -> PathBuf {
         None => format!("{stem}{suffix}"),
     };
     db.with_file_name(name)
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn machine() -> Machine {
@@ -354,6 +368,10 @@ fn print_table(r: &Report) {
         r.machine.cpu_model,
         r.durability.as_str(),
         r.total_s
+    );
+    println!(
+        "load average before: {}, after: {} (other work on the machine skews the figures)",
+        r.load_before, r.load_after
     );
     println!("{:<w0$}  {:<w1$}  target", "measure", "result");
     println!("{}  {}  {}", "-".repeat(w0), "-".repeat(w1), "-".repeat(24));

@@ -39,9 +39,20 @@ impl ServerProcess {
             .arg(database)
             .args(["--durability", durability])
             .env("WORKER_TOKEN", token)
-            // The production log level (info: a line per submit, offer and finish).
+            // The production log level (info: a line per submit, offer and finish), default
+            // timeouts, and no config file or environment that could override the flags.
             .env_remove("RUST_LOG")
             .env_remove("TUNNEL_CONFIG")
+            .env_remove("DATABASE_URL")
+            .env_remove("TUNNEL_ACK_TIMEOUT")
+            .env_remove("TUNNEL_LEASE")
+            .env_remove("TUNNEL_MAX_BODY_BYTES")
+            .current_dir(
+                database
+                    .parent()
+                    .filter(|d| d.is_dir())
+                    .unwrap_or(Path::new("/")),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
