@@ -96,6 +96,9 @@ pub trait Signals: Send + Sync + 'static {
     fn deadline(&self, at_ms: i64);
     /// Something was added to the outbox.
     fn delivery_ready(&self) {}
+    /// A token was created or revoked by another server on the same database (PostgreSQL):
+    /// re-read the tokens. Never called for this process's own writes.
+    fn tokens_changed(&self) {}
 }
 
 /// Which tasks a caller may see.

@@ -79,6 +79,16 @@ type P<'a> = &'a (dyn ToSql + Sync);
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
+            // The server going away or refusing connections (admin shutdown, restart, too
+            // many connections, connection exceptions): an outage, try again.
+            Some(db)
+                if e.is_closed()
+                    || ["08", "53", "57"]
+                        .iter()
+                        .any(|class| db.code().code().starts_with(class)) =>
+            {
+                StoreError::Unavailable(format!("PostgreSQL: {}", db.message()))
+            }
             // An error the database reported: a bug or a corrupt row, not an outage.
             Some(db) => StoreError::Corrupt(format!(
                 "PostgreSQL error {}: {}",
@@ -121,6 +131,9 @@ struct Effects {
     deadlines: Vec<i64>,
     #[serde(default, rename = "o", skip_serializing_if = "std::ops::Not::not")]
     delivery: bool,
+    /// Tokens changed (applied on the other instances only: this one reloads itself).
+    #[serde(default, rename = "k", skip_serializing_if = "std::ops::Not::not")]
+    tokens: bool,
 }
 
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -169,6 +182,15 @@ impl Effects {
             && self.ready.is_empty()
             && self.deadlines.is_empty()
             && !self.delivery
+            && !self.tokens
+    }
+
+    /// Applies effects another instance committed.
+    fn apply_remote(&self, signals: &dyn Signals) {
+        if self.tokens {
+            signals.tokens_changed();
+        }
+        self.apply(signals);
     }
 
     fn apply(&self, signals: &dyn Signals) {
@@ -200,6 +222,7 @@ impl Effects {
         // Split in two halves (by list) until each fits.
         let mut a = Effects {
             delivery: self.delivery,
+            tokens: self.tokens,
             ..Default::default()
         };
         let mut b = Effects::default();
@@ -331,13 +354,23 @@ impl PgStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot build the pool: {e}")))?;
         migrate(&pool).await?;
         let instance = random_hex(8);
+        let (listening_tx, listening) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen_loop(
             config,
             pool.clone(),
             signals.clone(),
             instance.clone(),
             clock.clone(),
+            listening_tx,
         ));
+        // Open returns once this instance hears the others (or, if LISTEN is slow to come up,
+        // after 5 s: the fallback poll covers the gap).
+        if tokio::time::timeout(Duration::from_secs(5), listening)
+            .await
+            .is_err()
+        {
+            tracing::warn!("PostgreSQL LISTEN is not up yet; relying on the poll until it is.");
+        }
         let poller = tokio::spawn(poll_loop(pool.clone(), signals.clone(), clock.clone()));
         Ok(PgStore {
             pool,
@@ -1139,6 +1172,7 @@ impl PgStore {
                 &[&id, &name, &role.as_str(), &&hash[..], &w.now],
             )
             .await?;
+            w.fx.tokens = true;
             Ok(TokenInfo {
                 id: id.clone(),
                 name: name.clone(),
@@ -1193,6 +1227,7 @@ impl PgStore {
                 )
                 .await?
                 .ok_or(StoreError::NotFound("token"))?;
+            w.fx.tokens = true;
             let role: String = get(&row, 1)?;
             Ok(TokenInfo {
                 id: id.clone(),
@@ -1434,7 +1469,9 @@ async fn listen_loop(
     signals: Arc<dyn Signals>,
     instance: String,
     clock: Arc<dyn Clock>,
+    listening: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut listening = Some(listening);
     let mut lost_since: Option<i64> = None;
     loop {
         let (client, mut connection) = match config.connect(NoTls).await {
@@ -1471,6 +1508,9 @@ async fn listen_loop(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
+        if let Some(tx) = listening.take() {
+            let _ = tx.send(());
+        }
         if let Some(since) = lost_since.take() {
             tracing::info!("PostgreSQL listener reconnected.");
             if let Err(e) = resync(&pool, &*signals, since - 5_000, clock.now_ms()).await {
@@ -1480,7 +1520,7 @@ async fn listen_loop(
         while let Some(payload) = rx.recv().await {
             match serde_json::from_str::<Note>(&payload) {
                 Ok(note) if note.i == instance => {}
-                Ok(note) => note.fx.apply(&*signals),
+                Ok(note) => note.fx.apply_remote(&*signals),
                 Err(e) => tracing::warn!(error = %e, "Unreadable notification ignored."),
             }
         }

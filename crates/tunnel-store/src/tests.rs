@@ -1,10 +1,17 @@
-//! Store behaviour through its public API on a temp-file SQLite database. These are the seed
-//! of the conformance suite every backend must pass.
+//! The store conformance suite: store behaviour through its public API, run against every
+//! backend. SQLite always (a temp file); PostgreSQL whenever one is reachable at
+//! `TUNNEL_TEST_PG_URL` (else `postgres://postgres@127.0.0.1:5432/postgres`), each test in a
+//! fresh database `tunnel_test_<uuid>` dropped at the end. Without PostgreSQL the PostgreSQL
+//! tests say so and pass, unless `TUNNEL_REQUIRE_PG=1`, which makes them fail.
+//!
+//! `postgres_only` holds what only PostgreSQL has: several stores ("instances") on one
+//! database.
 
 use std::sync::{Arc, Mutex};
 
 use tunnel_protocol::{
-    AttemptRef, ClaimRequest, FinishRequest, Outcome, SubmitTask, TaskResult, TaskState,
+    AttemptRef, ClaimRequest, FinishRequest, NewEvent, Outcome, Platform, ReplyTo, Role,
+    SessionCommand, SubmitTask, TaskResult, TaskState,
 };
 
 use super::*;
@@ -12,31 +19,67 @@ use super::*;
 #[derive(Default)]
 struct Recorder {
     ready: Mutex<Vec<String>>,
+    changed: Mutex<Vec<String>>,
+    deadlines: Mutex<Vec<i64>>,
+    deliveries: std::sync::atomic::AtomicUsize,
+    woken: tokio::sync::Notify,
 }
 
 impl Signals for Recorder {
     fn task_ready(&self, hint: &ReadyHint) {
         self.ready.lock().unwrap().push(hint.task_id.clone());
+        self.woken.notify_waiters();
     }
-    fn task_changed(&self, _: &str) {}
-    fn deadline(&self, _: i64) {}
+    fn task_changed(&self, id: &str) {
+        self.changed.lock().unwrap().push(id.to_owned());
+        self.woken.notify_waiters();
+    }
+    fn deadline(&self, at: i64) {
+        self.deadlines.lock().unwrap().push(at);
+    }
+    fn delivery_ready(&self) {
+        self.deliveries
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.woken.notify_waiters();
+    }
+}
+
+enum Guard {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Pg(#[allow(dead_code)] Arc<PgDb>),
 }
 
 struct Fixture {
     store: Store,
     clock: Arc<ManualClock>,
     signals: Arc<Recorder>,
-    _dir: tempfile::TempDir,
+    db: Database,
+    _guard: Guard,
 }
 
-async fn fixture() -> Fixture {
+impl Fixture {
+    /// Another store ("instance") on the same database, with its own signals.
+    async fn another(&self, clock: Arc<dyn Clock>) -> (Store, Arc<Recorder>) {
+        let signals = Arc::new(Recorder::default());
+        let store = Store::open(&self.db, QueueSettings::default(), clock, signals.clone())
+            .await
+            .unwrap();
+        (store, signals)
+    }
+}
+
+async fn sqlite_fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let signals = Arc::new(Recorder::default());
     let db = Database::Sqlite {
         path: dir.path().join("t.db"),
         durability: Durability::Normal,
     };
+    open_fixture(db, Guard::Dir(dir)).await
+}
+
+async fn open_fixture(db: Database, guard: Guard) -> Fixture {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let signals = Arc::new(Recorder::default());
     let store = Store::open(
         &db,
         QueueSettings::default(),
@@ -49,9 +92,155 @@ async fn fixture() -> Fixture {
         store,
         clock,
         signals,
-        _dir: dir,
+        db,
+        _guard: guard,
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL test databases
+
+fn pg_admin_url() -> String {
+    std::env::var("TUNNEL_TEST_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The URL with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (base, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let authority = base.split('/').next().unwrap_or(base);
+    format!("{scheme}://{authority}/{name}{query}")
+}
+
+/// A fresh database, dropped (with its connections) when the last holder goes away.
+struct PgDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+async fn admin_client(url: &str) -> Result<tokio_postgres::Client, String> {
+    let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(std::time::Duration::from_secs(3), connect)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+impl PgDb {
+    /// `None` (after saying so) when no PostgreSQL answers and it is not required.
+    async fn create() -> Option<Arc<PgDb>> {
+        let admin_url = pg_admin_url();
+        let client = match admin_client(&admin_url).await {
+            Ok(c) => c,
+            Err(e) => {
+                if std::env::var("TUNNEL_REQUIRE_PG").is_ok_and(|v| v == "1") {
+                    panic!(
+                        "TUNNEL_REQUIRE_PG=1 but PostgreSQL at {admin_url} is not reachable: {e}"
+                    );
+                }
+                eprintln!(
+                    "SKIPPED (PostgreSQL backend): no PostgreSQL at {admin_url} ({e}); set \
+                     TUNNEL_TEST_PG_URL, or TUNNEL_REQUIRE_PG=1 to make this a failure"
+                );
+                return None;
+            }
+        };
+        let name = format!("tunnel_test_{}", uuid::Uuid::now_v7().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
+        let url = with_database(&admin_url, &name);
+        Some(Arc::new(PgDb {
+            admin_url,
+            name,
+            url,
+        }))
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let admin = self.admin_url.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(c) = admin_client(&admin).await {
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn pg_fixture() -> Option<Fixture> {
+    let db = PgDb::create().await?;
+    let database = Database::Postgres {
+        url: db.url.clone(),
+    };
+    Some(open_fixture(database, Guard::Pg(db)).await)
+}
+
+/// Each listed test runs once per backend: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::sqlite_fixture().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(f) = super::pg_fixture().await {
+                        super::$name(f).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    session_tasks_are_ready_one_at_a_time_in_order,
+    expired_offer_and_lease_are_handled_by_expire_due,
+    idempotency_key_is_per_owner,
+    cancel_before_and_while_running,
+    events_are_deduplicated_per_attempt,
+    finish_is_fenced_and_repeatable,
+    parked_task_runs_again_after_not_before,
+    sessions_bind_resume_and_report,
+    runner_affinity_and_filters,
+    tokens_create_list_revoke,
+    outbox_keeps_destination_order_and_reports_status,
+    listing_and_counts,
+    scope_hides_other_owners,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
 
 fn claim_req(runner: &str) -> ClaimRequest {
     ClaimRequest {
@@ -71,9 +260,43 @@ fn in_conv(prompt: &str, conv: &str) -> SubmitTask {
     t
 }
 
-#[tokio::test]
-async fn session_tasks_are_ready_one_at_a_time_in_order() {
-    let f = fixture().await;
+fn attempt_of(o: &Offer) -> AttemptRef {
+    AttemptRef {
+        attempt: o.attempt,
+        lease_token: o.lease_token.clone(),
+    }
+}
+
+fn finish_req(o: &Offer, outcome: Outcome, session: Option<&str>) -> FinishRequest {
+    FinishRequest {
+        attempt: o.attempt,
+        lease_token: o.lease_token.clone(),
+        outcome,
+        result: TaskResult {
+            session_id: session.map(str::to_owned),
+            text: Some("done".into()),
+            ..Default::default()
+        },
+        not_before: None,
+    }
+}
+
+async fn run_to_end(store: &Store, o: &Offer) {
+    store.ack(&o.task.id, &attempt_of(o)).await.unwrap();
+    store
+        .finish(&o.task.id, finish_req(o, Outcome::Succeeded, None))
+        .await
+        .unwrap();
+}
+
+fn discord(channel: &str) -> ReplyTo {
+    serde_json::from_value(serde_json::json!({"platform": "discord", "channel": channel})).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The conformance tests
+
+async fn session_tasks_are_ready_one_at_a_time_in_order(f: Fixture) {
     let (a, _) = f.store.submit("o", None, in_conv("a", "c1")).await.unwrap();
     let (b, _) = f.store.submit("o", None, in_conv("b", "c1")).await.unwrap();
     let (x, _) = f.store.submit("o", None, in_conv("x", "c2")).await.unwrap();
@@ -94,22 +317,11 @@ async fn session_tasks_are_ready_one_at_a_time_in_order() {
         "b must wait for a"
     );
 
-    let at = AttemptRef {
-        attempt: o1.attempt,
-        lease_token: o1.lease_token.clone(),
-    };
-    f.store.ack(&a.id, &at).await.unwrap();
-    let fin = FinishRequest {
-        attempt: o1.attempt,
-        lease_token: o1.lease_token,
-        outcome: Outcome::Succeeded,
-        result: TaskResult {
-            session_id: Some("sess-1".into()),
-            ..Default::default()
-        },
-        not_before: None,
-    };
-    f.store.finish(&a.id, fin).await.unwrap();
+    f.store.ack(&a.id, &attempt_of(&o1)).await.unwrap();
+    f.store
+        .finish(&a.id, finish_req(&o1, Outcome::Succeeded, Some("sess-1")))
+        .await
+        .unwrap();
     assert_eq!(f.signals.ready.lock().unwrap().last(), Some(&b.id));
     // b continues a's session, and only on the runner that holds it.
     assert!(f.store.claim(&claim_req("r2")).await.unwrap().is_none());
@@ -118,9 +330,7 @@ async fn session_tasks_are_ready_one_at_a_time_in_order() {
     assert_eq!(ob.resume_session_id.as_deref(), Some("sess-1"));
 }
 
-#[tokio::test]
-async fn expired_offer_and_lease_are_handled_by_expire_due() {
-    let f = fixture().await;
+async fn expired_offer_and_lease_are_handled_by_expire_due(f: Fixture) {
     let mut req = SubmitTask::new("claude", "p");
     req.max_attempts = Some(2);
     let (t, _) = f.store.submit("o", None, req).await.unwrap();
@@ -135,10 +345,7 @@ async fn expired_offer_and_lease_are_handled_by_expire_due() {
 
     let o = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
     assert_eq!(o.attempt, 2);
-    let at = AttemptRef {
-        attempt: o.attempt,
-        lease_token: o.lease_token.clone(),
-    };
+    let at = attempt_of(&o);
     f.store.ack(&t.id, &at).await.unwrap();
     f.clock.advance(QueueSettings::default().lease_ms + 1);
     f.store.expire_due().await.unwrap();
@@ -146,22 +353,19 @@ async fn expired_offer_and_lease_are_handled_by_expire_due() {
     let again = f.store.task(&t.id, &Scope::All).await.unwrap();
     assert_eq!(again.state, TaskState::Queued, "{again:?}");
     let o = f.store.claim(&claim_req("r2")).await.unwrap().unwrap();
-    let at = AttemptRef {
-        attempt: o.attempt,
-        lease_token: o.lease_token.clone(),
-    };
+    let at = attempt_of(&o);
     f.store.ack(&t.id, &at).await.unwrap();
     f.clock.advance(QueueSettings::default().lease_ms + 1);
+    // A late heartbeat finds the lease expired: refused, and the expiry is kept.
     let err = f.store.heartbeat(&t.id, &at).await.unwrap_err();
     assert!(matches!(err, StoreError::Stale(_)), "{err:?}");
     let lost = f.store.task(&t.id, &Scope::All).await.unwrap();
     assert_eq!(lost.state, TaskState::Lost);
     assert!(lost.reason.unwrap().contains("r2"));
+    assert_eq!(f.store.expire_due().await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn idempotency_key_is_per_owner() {
-    let f = fixture().await;
+async fn idempotency_key_is_per_owner(f: Fixture) {
     let (a, created) = f
         .store
         .submit("o1", Some("k".into()), SubmitTask::new("claude", "p"))
@@ -183,3 +387,471 @@ async fn idempotency_key_is_per_owner() {
     assert!(created);
     assert_ne!(a.id, c.id);
 }
+
+async fn cancel_before_and_while_running(f: Fixture) {
+    let (a, _) = f.store.submit("o", None, in_conv("a", "c")).await.unwrap();
+    let (b, _) = f.store.submit("o", None, in_conv("b", "c")).await.unwrap();
+    // Cancelling the first queued task lets the next one go.
+    let t = f.store.cancel(&a.id, &Scope::All).await.unwrap();
+    assert_eq!(t.state, TaskState::Cancelled);
+    assert!(t.finished_at.is_some());
+    assert_eq!(f.signals.ready.lock().unwrap().last(), Some(&b.id));
+    let err = f.store.cancel(&a.id, &Scope::All).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    assert_eq!(o.task.id, b.id);
+    f.store.ack(&b.id, &attempt_of(&o)).await.unwrap();
+    let t = f.store.cancel(&b.id, &Scope::All).await.unwrap();
+    assert_eq!(t.state, TaskState::Cancelling);
+    assert!(t.cancel_requested);
+    let hb = f.store.heartbeat(&b.id, &attempt_of(&o)).await.unwrap();
+    assert!(hb.cancel);
+    let t = f
+        .store
+        .finish(&b.id, finish_req(&o, Outcome::Cancelled, None))
+        .await
+        .unwrap();
+    assert_eq!(t.state, TaskState::Cancelled);
+    let err = f.store.cancel("nope", &Scope::All).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+async fn events_are_deduplicated_per_attempt(f: Fixture) {
+    let (t, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    f.store.ack(&t.id, &attempt_of(&o)).await.unwrap();
+    let ev = |n: u64, text: &str| NewEvent {
+        n,
+        kind: "text".into(),
+        data: serde_json::json!({"text": text}),
+    };
+    let append = |events: Vec<NewEvent>| AppendEvents {
+        attempt: o.attempt,
+        lease_token: o.lease_token.clone(),
+        events,
+    };
+    let ack = f
+        .store
+        .append_events(&t.id, append(vec![ev(1, "a"), ev(2, "b")]))
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 2);
+    let ack = f
+        .store
+        .append_events(&t.id, append(vec![ev(2, "b"), ev(3, "c")]))
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 1);
+    let (events, state) = f.store.events(&t.id, &Scope::All, 0, 100).await.unwrap();
+    assert_eq!(state, TaskState::Running);
+    let texts: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "text")
+        .map(|e| e.data["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["a", "b", "c"]);
+    // Event seqs are 1, 2, 3, … per task.
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let last = f.store.last_events(&t.id, 2).await.unwrap();
+    assert_eq!(last.len(), 2);
+    assert_eq!(last[1].data["text"], "c");
+    let (after, _) = f
+        .store
+        .events(&t.id, &Scope::All, seqs[seqs.len() - 2], 100)
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    // A stale attempt is refused.
+    let mut stale = append(vec![ev(4, "d")]);
+    stale.lease_token = "0".repeat(32);
+    let err = f.store.append_events(&t.id, stale).await.unwrap_err();
+    assert!(matches!(err, StoreError::Stale(_)), "{err:?}");
+}
+
+async fn finish_is_fenced_and_repeatable(f: Fixture) {
+    let (t, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    let at = attempt_of(&o);
+    f.store.ack(&t.id, &at).await.unwrap();
+    // A retried ack answers as the first did.
+    f.store.ack(&t.id, &at).await.unwrap();
+    let done = f
+        .store
+        .finish(&t.id, finish_req(&o, Outcome::Succeeded, None))
+        .await
+        .unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.result.as_ref().unwrap().text.as_deref(), Some("done"));
+    let again = f
+        .store
+        .finish(&t.id, finish_req(&o, Outcome::Failed, None))
+        .await
+        .unwrap();
+    assert_eq!(again.state, TaskState::Succeeded, "the first finish stands");
+    let mut wrong = finish_req(&o, Outcome::Succeeded, None);
+    wrong.attempt += 1;
+    let err = f.store.finish(&t.id, wrong).await.unwrap_err();
+    assert!(matches!(err, StoreError::Stale(_)), "{err:?}");
+    let err = f.store.heartbeat(&t.id, &at).await.unwrap_err();
+    assert!(matches!(err, StoreError::Stale(_)), "{err:?}");
+}
+
+async fn parked_task_runs_again_after_not_before(f: Fixture) {
+    let (t, _) = f.store.submit("o", None, in_conv("p", "c")).await.unwrap();
+    let (next, _) = f.store.submit("o", None, in_conv("q", "c")).await.unwrap();
+    let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    f.store.ack(&t.id, &attempt_of(&o)).await.unwrap();
+    let until = f.clock.now_ms() + 60_000;
+    let mut park = finish_req(&o, Outcome::Parked, None);
+    park.not_before = Some(until);
+    let parked = f.store.finish(&t.id, park).await.unwrap();
+    assert_eq!(parked.state, TaskState::Parked);
+    assert_eq!(parked.not_before, Some(until));
+    // Nothing to claim: it waits, and its conversation waits behind it.
+    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    assert_eq!(f.store.expire_due().await.unwrap(), Some(until));
+    f.clock.advance(60_001);
+    assert_eq!(f.store.expire_due().await.unwrap(), None);
+    assert_eq!(
+        f.store.task(&t.id, &Scope::All).await.unwrap().state,
+        TaskState::Queued
+    );
+    let o2 = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    assert_eq!(o2.task.id, t.id);
+    assert_eq!(o2.attempt, 2);
+    run_to_end(&f.store, &o2).await;
+    let o3 = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    assert_eq!(o3.task.id, next.id);
+}
+
+async fn sessions_bind_resume_and_report(f: Fixture) {
+    let (a, _) = f.store.submit("o", None, in_conv("a", "c")).await.unwrap();
+    let o = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+    f.store.ack(&a.id, &attempt_of(&o)).await.unwrap();
+    // A session event binds at once.
+    f.store
+        .append_events(
+            &a.id,
+            AppendEvents {
+                attempt: o.attempt,
+                lease_token: o.lease_token.clone(),
+                events: vec![NewEvent {
+                    n: 1,
+                    kind: "session".into(),
+                    data: serde_json::json!({"session_id": "s-1"}),
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    let list = f.store.sessions(Some("c".into()), None, 10).await.unwrap();
+    assert_eq!(list.sessions.len(), 1);
+    assert_eq!(list.sessions[0].session_id.as_deref(), Some("s-1"));
+    assert_eq!(list.sessions[0].runner.as_deref(), Some("r1"));
+    f.store
+        .finish(&a.id, finish_req(&o, Outcome::Succeeded, None))
+        .await
+        .unwrap();
+
+    // A fresh session: the next task may run anywhere.
+    let b = f
+        .store
+        .bind_session(SessionCommand {
+            conversation: "c".into(),
+            agent: "claude".into(),
+            session_id: None,
+            runner: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(b.session_id, None);
+    let (t2, _) = f.store.submit("o", None, in_conv("b", "c")).await.unwrap();
+    let o2 = f.store.claim(&claim_req("r2")).await.unwrap().unwrap();
+    assert_eq!(o2.task.id, t2.id);
+    assert_eq!(o2.resume_session_id, None);
+    run_to_end(&f.store, &o2).await;
+
+    // Resume s-1: back on r1, which reported it.
+    let b = f
+        .store
+        .bind_session(SessionCommand {
+            conversation: "c".into(),
+            agent: "claude".into(),
+            session_id: Some("s-1".into()),
+            runner: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(b.runner.as_deref(), Some("r1"));
+    let (t3, _) = f.store.submit("o", None, in_conv("c", "c")).await.unwrap();
+    assert!(f.store.claim(&claim_req("r2")).await.unwrap().is_none());
+    let o3 = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+    assert_eq!(o3.task.id, t3.id);
+    assert_eq!(o3.resume_session_id.as_deref(), Some("s-1"));
+    run_to_end(&f.store, &o3).await;
+
+    // A submit that resumes a session found on a runner's disk.
+    f.store
+        .report_sessions(
+            "r3",
+            vec![tunnel_protocol::ReportedSession {
+                agent: "claude".into(),
+                session_id: "disk-1".into(),
+                last_used: 5,
+            }],
+        )
+        .await
+        .unwrap();
+    let mut req = SubmitTask::new("claude", "resume it");
+    req.conversation = Some("d".into());
+    req.session = tunnel_protocol::SessionMode::Resume("disk-1".into());
+    let (t4, _) = f.store.submit("o", None, req).await.unwrap();
+    assert!(f.store.claim(&claim_req("r1")).await.unwrap().is_none());
+    let o4 = f.store.claim(&claim_req("r3")).await.unwrap().unwrap();
+    assert_eq!(o4.task.id, t4.id);
+    assert_eq!(o4.resume_session_id.as_deref(), Some("disk-1"));
+    let list = f.store.sessions(None, None, 10).await.unwrap();
+    assert!(list.recent.iter().any(|r| r.session_id == "disk-1"));
+    let d = list
+        .sessions
+        .iter()
+        .find(|s| s.conversation == "d")
+        .unwrap();
+    assert_eq!(d.session_id.as_deref(), Some("disk-1"));
+}
+
+async fn runner_affinity_and_filters(f: Fixture) {
+    let mut p = SubmitTask::new("claude", "in web");
+    p.project = Some("web".into());
+    let (tp, _) = f.store.submit("o", None, p).await.unwrap();
+    let (tc, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("codex", "codex"))
+        .await
+        .unwrap();
+    // r has claude and no projects: neither task.
+    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    let mut with_web = claim_req("r");
+    with_web.projects = vec!["web".into()];
+    let o = f.store.claim(&with_web).await.unwrap().unwrap();
+    assert_eq!(o.task.id, tp.id);
+    let mut codex = claim_req("r");
+    codex.agents = vec!["codex".into()];
+    codex.capacity = 3;
+    let o2 = f.store.claim(&codex).await.unwrap().unwrap();
+    assert_eq!(o2.task.id, tc.id);
+    let runners = f.store.runners().await.unwrap();
+    assert_eq!(runners.len(), 1);
+    assert_eq!(runners[0].name, "r");
+    assert_eq!(runners[0].agents, ["codex"]);
+    assert_eq!(runners[0].capacity, 3);
+    assert_eq!(runners[0].active_tasks, 2);
+    assert!(runners[0].online);
+}
+
+async fn tokens_create_list_revoke(f: Fixture) {
+    let hash = [7u8; 32];
+    let info = f
+        .store
+        .create_token("t1".into(), "bot".into(), Role::Client, hash)
+        .await
+        .unwrap();
+    assert_eq!(info.revoked_at, None);
+    let tokens = f.store.tokens().await.unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].secret_sha256, hash);
+    assert_eq!(tokens[0].info.role, Role::Client);
+    let revoked = f.store.revoke_token("t1").await.unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(revoked.name, "bot");
+    let err = f.store.revoke_token("t2").await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+async fn outbox_keeps_destination_order_and_reports_status(f: Fixture) {
+    let mut req = SubmitTask::new("claude", "p");
+    req.reply_to = Some(discord("chan"));
+    let (t, _) = f.store.submit("o", None, req).await.unwrap();
+    let n1 = f.store.notify(discord("chan"), "one".into()).await.unwrap();
+    let n2 = f
+        .store
+        .notify(discord("other"), "two".into())
+        .await
+        .unwrap();
+    let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    f.store.ack(&t.id, &attempt_of(&o)).await.unwrap();
+    // The "working…" message was queued at ack.
+    let (due, _) = f.store.due_deliveries(10).await.unwrap();
+    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+    // One per destination: n1 first on "chan", n2 on "other".
+    assert_eq!(ids, [n1, n2]);
+    assert_eq!(due[0].body.as_ref().unwrap()["text"], "one");
+    assert_eq!(due[0].target.platform, Platform::Discord);
+    f.store
+        .update_delivery(n1, DeliveryUpdate::Sent { message_id: None })
+        .await
+        .unwrap();
+    f.store
+        .update_delivery(
+            n2,
+            DeliveryUpdate::Retry {
+                at: f.clock.now_ms() + 5_000,
+                error: "429".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let (due, next) = f.store.due_deliveries(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].kind, DeliveryKind::Progress);
+    assert_eq!(due[0].task.as_ref().unwrap().id, t.id);
+    assert!(next.is_some());
+    f.store
+        .update_delivery(
+            due[0].id,
+            DeliveryUpdate::Sent {
+                message_id: Some("m-1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let task = f.store.task(&t.id, &Scope::All).await.unwrap();
+    assert_eq!(task.delivery.unwrap().state, "working_message_sent");
+    f.store
+        .finish(&t.id, finish_req(&o, Outcome::Succeeded, None))
+        .await
+        .unwrap();
+    let (due, _) = f.store.due_deliveries(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].kind, DeliveryKind::Final);
+    assert_eq!(due[0].progress_message.as_deref(), Some("m-1"));
+    let final_id = due[0].id;
+    f.store
+        .update_delivery(
+            final_id,
+            DeliveryUpdate::Parts {
+                done_parts: 1,
+                message_id: Some("m-2".into()),
+            },
+        )
+        .await
+        .unwrap();
+    f.store
+        .update_delivery(
+            final_id,
+            DeliveryUpdate::Failed {
+                error: "403".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let task = f.store.task(&t.id, &Scope::All).await.unwrap();
+    let status = task.delivery.unwrap();
+    assert_eq!(status.state, "failed");
+    assert_eq!(status.error.as_deref(), Some("403"));
+    f.clock.advance(5_000);
+    let (due, _) = f.store.due_deliveries(10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.id).collect::<Vec<_>>(), [n2]);
+    assert_eq!(due[0].attempts, 1);
+    let err = f
+        .store
+        .update_delivery(999_999, DeliveryUpdate::Sent { message_id: None })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+async fn listing_and_counts(f: Fixture) {
+    for i in 0..3 {
+        f.store
+            .submit("o", None, in_conv(&format!("p{i}"), "c"))
+            .await
+            .unwrap();
+    }
+    f.store
+        .submit("o", None, SubmitTask::new("codex", "x"))
+        .await
+        .unwrap();
+    let all = f
+        .store
+        .tasks(
+            TaskFilter {
+                limit: 10,
+                ..Default::default()
+            },
+            &Scope::All,
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[0].agent, "codex", "newest first");
+    let conv = f
+        .store
+        .tasks(
+            TaskFilter {
+                conversation: Some("c".into()),
+                limit: 2,
+                ..Default::default()
+            },
+            &Scope::All,
+        )
+        .await
+        .unwrap();
+    assert_eq!(conv.len(), 2);
+    assert_eq!(conv[0].queue_position, Some(2));
+    let queued = f
+        .store
+        .tasks(
+            TaskFilter {
+                state: Some(TaskState::Queued),
+                agent: Some("codex".into()),
+                limit: 10,
+                ..Default::default()
+            },
+            &Scope::All,
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    let counts = f.store.counts().await.unwrap();
+    assert_eq!(counts.by_state, vec![(TaskState::Queued, 4)]);
+}
+
+async fn scope_hides_other_owners(f: Fixture) {
+    let (t, _) = f
+        .store
+        .submit("alice", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let bob = Scope::Owner("bob".into());
+    let err = f.store.task(&t.id, &bob).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = f.store.cancel(&t.id, &bob).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = f.store.events(&t.id, &bob, 0, 10).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let mine = f
+        .store
+        .tasks(
+            TaskFilter {
+                limit: 10,
+                ..Default::default()
+            },
+            &Scope::Owner("alice".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+}
+
+mod postgres_only;
