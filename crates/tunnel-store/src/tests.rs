@@ -27,7 +27,13 @@ struct Recorder {
 
 impl Signals for Recorder {
     fn task_ready(&self, hint: &ReadyHint) {
-        self.ready.lock().unwrap().push(hint.task_id.clone());
+        // Each task once, in the order first told: PostgreSQL's fallback poll repeats hints
+        // for tasks still ready.
+        let mut ready = self.ready.lock().unwrap();
+        if !ready.contains(&hint.task_id) {
+            ready.push(hint.task_id.clone());
+        }
+        drop(ready);
         self.woken.notify_waiters();
     }
     fn task_changed(&self, id: &str) {
