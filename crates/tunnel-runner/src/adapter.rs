@@ -64,6 +64,14 @@ pub(crate) fn invocation(agent: &AgentConfig, input: &InvocationInput<'_>) -> In
                 args.extend(["--resume".into(), r.into()]);
             }
         }
+        AgentKind::Shell => {
+            return Invocation {
+                program: agent.program.clone(),
+                args: vec!["-c".into(), input.prompt.to_owned()],
+                stdin: None,
+            };
+        }
+        AgentKind::Files => unreachable!("file tasks run inside the runner, see files.rs"),
         AgentKind::Custom => {
             let mut used_prompt = false;
             for a in &agent.command {
@@ -155,7 +163,7 @@ pub(crate) fn parser(agent: &AgentConfig) -> Box<dyn Parser> {
         AgentKind::Claude => Box::<Claude>::default(),
         AgentKind::Codex => Box::<Codex>::default(),
         AgentKind::Gemini => Box::<Gemini>::default(),
-        AgentKind::Custom => Box::new(Custom {
+        AgentKind::Custom | AgentKind::Shell | AgentKind::Files => Box::new(Custom {
             mode: agent.output,
             ..Default::default()
         }),

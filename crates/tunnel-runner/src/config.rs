@@ -15,6 +15,12 @@ pub enum AgentKind {
     Gemini,
     /// A command template from config.
     Custom,
+    /// The original's shell tasks: the prompt is run by `sh -c` in the project directory. Off
+    /// unless the runner's config declares an agent of this kind.
+    Shell,
+    /// The original's file tasks: the prompt is a JSON request (read, write, edit) on a path
+    /// inside the project directory, done by the runner itself. Off unless declared.
+    Files,
 }
 
 /// How a custom agent's stdout is read.
@@ -28,6 +34,9 @@ pub enum OutputMode {
     /// objects are kept as events.
     JsonLines,
 }
+
+/// What file tasks show as their program: they run inside the runner.
+pub(crate) const FILES_PROGRAM: &str = "(built in)";
 
 /// One agent this runner offers.
 #[derive(Debug, Clone)]
@@ -58,11 +67,16 @@ impl AgentConfig {
             AgentKind::Claude => vec!["--dangerously-skip-permissions".into()],
             AgentKind::Codex => vec!["--sandbox".into(), "workspace-write".into()],
             AgentKind::Gemini => vec!["--approval-mode".into(), "yolo".into()],
-            AgentKind::Custom => vec![],
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => vec![],
+        };
+        let program = match kind {
+            AgentKind::Shell => "sh".to_owned(),
+            AgentKind::Files => FILES_PROGRAM.to_owned(),
+            _ => program.into(),
         };
         AgentConfig {
             kind,
-            program: program.into(),
+            program,
             command: vec![],
             args,
             models: vec![],
@@ -97,6 +111,7 @@ impl AgentConfig {
             AgentKind::Gemini => {
                 "install it with `npm install -g @google/gemini-cli` or set GEMINI_PATH".into()
             }
+            AgentKind::Shell | AgentKind::Files => "it is built in; check the runner config".into(),
             AgentKind::Custom => format!(
                 "check the `program` of this agent in the runner config ({:?})",
                 self.program

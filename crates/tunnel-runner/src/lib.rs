@@ -6,6 +6,7 @@
 
 mod adapter;
 pub mod config;
+mod files;
 mod sessions;
 mod spool;
 mod supervisor;
@@ -86,12 +87,18 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     let mut programs = BTreeMap::new();
     let mut versions = BTreeMap::new();
     for (name, agent) in &config.agents {
-        let found = supervisor::find_program(&agent.program);
+        let found = match agent.kind {
+            AgentKind::Files => Some(std::path::PathBuf::from(config::FILES_PROGRAM)),
+            _ => supervisor::find_program(&agent.program),
+        };
         match &found {
             Some(path) => {
                 // Only the known CLIs are asked for a version: a custom program may not
                 // understand `--version` at all.
-                let known = agent.kind != AgentKind::Custom;
+                let known = matches!(
+                    agent.kind,
+                    AgentKind::Claude | AgentKind::Codex | AgentKind::Gemini
+                );
                 if known && let Some(v) = supervisor::version_of(path).await {
                     versions.insert(name.clone(), v);
                 }

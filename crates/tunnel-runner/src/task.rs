@@ -144,6 +144,20 @@ async fn execute(
     if let Err(e) = std::fs::create_dir_all(&dir) {
         return failed(format!("cannot use the directory {}: {e}", dir.display()));
     }
+    if agent.kind == crate::config::AgentKind::Files {
+        // Done here, not by a child process: nothing to supervise.
+        return match crate::files::run(&dir, &task.prompt) {
+            Ok(text) => (
+                Outcome::Succeeded,
+                TaskResult {
+                    text: Some(text),
+                    ..Default::default()
+                },
+                None,
+            ),
+            Err(e) => failed(e),
+        };
+    }
     let timeout = task
         .timeout_ms
         .map(Duration::from_millis)

@@ -253,7 +253,7 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig) {
                     || env("GOOGLE_API_KEY").is_some()
                     || home.join(".gemini/oauth_creds.json").exists(),
             ),
-            AgentKind::Custom => None,
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => None,
         };
         if logged_in == Some(false) {
             r.warn(

@@ -202,3 +202,72 @@ async fn projects_choose_the_directory() {
     let _ = Duration::ZERO;
     r.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_and_file_tasks_run_only_where_enabled_and_inside_the_project() {
+    let w = World::start().await;
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    // A runner with the default agents offers neither.
+    let mut plain = w.config("plain");
+    plain
+        .agents
+        .insert("echo".into(), tunnel_runner::AgentConfig::echo());
+    let r1 = RunnerHandle::spawn(plain);
+    let mut shell_task = task("shell", "echo made > out.txt && cat out.txt");
+    shell_task.project = Some("proj".into());
+    let queued = w.submit(shell_task.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.admin.task(&queued.id, None).await.unwrap().state,
+        TaskState::Queued,
+        "not offered to a runner without shell"
+    );
+    r1.stop().await.unwrap();
+
+    let mut c = w.config("ops");
+    c.agents.insert(
+        "shell".into(),
+        tunnel_runner::AgentConfig::builtin(AgentKind::Shell, "shell"),
+    );
+    c.agents.insert(
+        "files".into(),
+        tunnel_runner::AgentConfig::builtin(AgentKind::Files, "files"),
+    );
+    c.projects.insert("proj".into(), proj.clone());
+    let r2 = RunnerHandle::spawn(c);
+    let done = w.ended(&queued.id).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(done.result.unwrap().text.as_deref(), Some("made"));
+    assert!(
+        proj.join("out.txt").exists(),
+        "the command ran in the project"
+    );
+
+    let mut edit = task(
+        "files",
+        r#"{"op":"edit","path":"out.txt","old_string":"made","new_string":"edited"}"#,
+    );
+    edit.project = Some("proj".into());
+    assert_eq!(
+        w.ended(&w.submit(edit).await.id).await.state,
+        TaskState::Succeeded
+    );
+    assert_eq!(
+        std::fs::read_to_string(proj.join("out.txt")).unwrap(),
+        "edited\n"
+    );
+    let mut escape = task("files", r#"{"op":"read","path":"../t.db"}"#);
+    escape.project = Some("proj".into());
+    let refused = w.ended(&w.submit(escape).await.id).await;
+    assert_eq!(refused.state, TaskState::Failed);
+    assert!(
+        refused
+            .result
+            .unwrap()
+            .error
+            .unwrap()
+            .contains("inside the project")
+    );
+    r2.stop().await.unwrap();
+}
