@@ -371,7 +371,8 @@ pub struct Task {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<TaskResult>,
-    /// Tasks of the same session queued ahead of this one (only while queued).
+    /// While queued: unfinished tasks ahead of this one in its conversation (a running one
+    /// counts), or, without a conversation, ready tasks of its agent submitted before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
     /// Where the answer is, for tasks with `reply_to`.
