@@ -167,16 +167,9 @@ impl Authenticator {
         name: String,
         role: Role,
     ) -> Result<CreatedToken, StoreError> {
-        let id = tunnel_store::random_hex(6);
-        let secret = tunnel_store::random_hex(24);
-        let info: TokenInfo = store
-            .create_token(id.clone(), name, role, sha256(secret.as_bytes()))
-            .await?;
+        let created = mint_token(store, name, role).await?;
         self.reload(store).await?;
-        Ok(CreatedToken {
-            info,
-            token: format!("{TOKEN_PREFIX}{id}_{secret}"),
-        })
+        Ok(created)
     }
 
     /// A token kept in memory only, valid until this process ends.
@@ -200,6 +193,25 @@ impl Authenticator {
         self.reload(store).await?;
         Ok(info)
     }
+}
+
+/// Creates a token in the store: a public id, a random secret of which only the SHA-256 is
+/// kept, and the whole token (`tnl_<id>_<secret>`) returned once. `tunnel init` uses it before
+/// any server runs.
+pub async fn mint_token(
+    store: &Store,
+    name: String,
+    role: Role,
+) -> Result<CreatedToken, StoreError> {
+    let id = tunnel_store::random_hex(6);
+    let secret = tunnel_store::random_hex(24);
+    let info: TokenInfo = store
+        .create_token(id.clone(), name, role, sha256(secret.as_bytes()))
+        .await?;
+    Ok(CreatedToken {
+        info,
+        token: format!("{TOKEN_PREFIX}{id}_{secret}"),
+    })
 }
 
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnel_store::{Clock, Database, QueueSettings, Store};
 
-pub use auth::{WORKER_TOKEN_MIN_LEN, check_worker_token};
+pub use auth::{WORKER_TOKEN_MIN_LEN, check_worker_token, mint_token};
 pub use openapi::openapi_json;
 
 /// Everything the server needs to start.

@@ -21,6 +21,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Set up this machine: config file, tokens, and the next command to run.
+    Init(InitArgs),
     /// Server and a local runner in one process, on SQLite: the quickest start.
     Up(UpArgs),
     /// Run the server (API, queue, event streams) on SQLite.
@@ -44,6 +46,48 @@ pub(crate) enum Command {
     /// Check this machine's setup (server, token, agent CLIs, projects, bots) and say how to
     /// fix what is wrong.
     Doctor(DoctorArgs),
+}
+
+/// The three deployment scenarios.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum Scenario {
+    /// Everything on this machine (`tunnel up`).
+    Local,
+    /// This machine is the server; runners connect from elsewhere.
+    Server,
+    /// This machine runs agents for a server elsewhere.
+    Runner,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Which setup [default: asked, or local with --yes].
+    #[arg(long, value_enum)]
+    pub(crate) scenario: Option<Scenario>,
+    /// For a runner: the server's URL.
+    #[arg(long)]
+    pub(crate) server: Option<String>,
+    /// For a runner: its token (`tunnel token create --role runner` on the server).
+    #[arg(long, hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// For a server: the URL runners and OpenClaw will use.
+    #[arg(long)]
+    pub(crate) public_url: Option<String>,
+    /// For a runner: its name [default: the host name].
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// A project, as NAME=DIR (repeat for more).
+    #[arg(long = "project", value_name = "NAME=DIR")]
+    pub(crate) projects: Vec<String>,
+    /// Ask nothing; use the flags and defaults.
+    #[arg(long, short)]
+    pub(crate) yes: bool,
+    /// Replace an existing config (its tokens stop being used).
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Where to write [default: ~/.config/tunnel/tunnel.toml].
+    #[arg(long)]
+    pub(crate) output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -40,6 +40,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Runners(args) => runners(args, &file.client).await,
         Command::Token(args) => token(args, &file.client).await,
         Command::Doctor(args) => crate::doctor::doctor(args, file).await,
+        Command::Init(args) => crate::init::init(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -105,17 +105,18 @@ pub(crate) struct ClientSection {
 }
 
 impl FileConfig {
-    /// Reads `path`, or `./tunnel.toml` when no path was given and it exists.
+    /// Reads `path`; without one, `./tunnel.toml`, then the one `tunnel init` writes
+    /// (`~/.config/tunnel/tunnel.toml`), whichever exists first.
     pub(crate) fn load(path: Option<&Path>) -> Result<FileConfig> {
         let path = match path {
             Some(p) => p.to_path_buf(),
-            None => {
-                let default = PathBuf::from("tunnel.toml");
-                if !default.exists() {
-                    return Ok(FileConfig::default());
-                }
-                default
-            }
+            None => match [PathBuf::from("tunnel.toml"), default_config_path()]
+                .into_iter()
+                .find(|p| p.exists())
+            {
+                Some(p) => p,
+                None => return Ok(FileConfig::default()),
+            },
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -133,6 +134,21 @@ pub(crate) fn data_dir() -> PathBuf {
         Some(h) => PathBuf::from(h).join(".local/share/tunnel"),
         None => PathBuf::from(".tunnel"),
     }
+}
+
+/// Where `tunnel init` writes the config: `$XDG_CONFIG_HOME/tunnel/tunnel.toml` or
+/// `~/.config/tunnel/tunnel.toml`.
+pub(crate) fn default_config_path() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| PathBuf::from(h).join(".config"))
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tunnel/tunnel.toml")
 }
 
 /// The admin token `tunnel serve` created on first start, for local CLI use.

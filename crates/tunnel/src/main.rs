@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod doctor;
+mod init;
 mod output;
 mod runner;
 mod serve;

@@ -20,10 +20,16 @@ struct Served {
 
 impl Served {
     fn start(extra_env: &[(&str, &str)]) -> Served {
-        let data = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra_env)
+    }
+
+    /// Serves with `data` as its data and config home (so a config `tunnel init` wrote there is
+    /// read).
+    fn start_in(data: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Served {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--port", "0", "--log-format", "json"])
             .env("XDG_DATA_HOME", data.path())
+            .env("XDG_CONFIG_HOME", data.path())
             .env_remove("WORKER_TOKEN")
             .env_remove("TUNNEL_TOKEN")
             .env_remove("PORT")
@@ -64,6 +70,7 @@ impl Served {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env("XDG_DATA_HOME", self.data.path())
+            .env("XDG_CONFIG_HOME", self.data.path())
             .env("TUNNEL_URL", &self.url)
             .env_remove("WORKER_TOKEN")
             .env_remove("TUNNEL_TOKEN")
@@ -441,6 +448,7 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env("XDG_DATA_HOME", dir)
+        .env("XDG_CONFIG_HOME", dir)
         .env_remove("WORKER_TOKEN")
         .output()
         .unwrap()
@@ -588,4 +596,96 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
     let text = stdout(&out);
     assert!(!out.status.success());
     assert!(text.contains("refuses the token (401)"), "{text}");
+}
+
+#[test]
+fn init_writes_a_private_config_with_tokens_and_never_overwrites_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let proj = dir.path().join("web");
+    std::fs::create_dir_all(&proj).unwrap();
+    let out = run_in(
+        dir.path(),
+        &[
+            "init",
+            "--yes",
+            "--scenario",
+            "local",
+            "--project",
+            &format!("web={}", proj.display()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg = dir.path().join("tunnel/tunnel.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cfg).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the config holds secrets");
+    assert!(
+        text.contains("[runner.projects]") && text.contains("token = \"tnl_"),
+        "{text}"
+    );
+    assert!(
+        stdout(&out).contains("\"token\": \"tnl_"),
+        "prints the plugin config: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("tunnel up"), "says what to run next");
+
+    let again = run_in(dir.path(), &["init", "--yes"]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        text,
+        "nothing replaced"
+    );
+
+    // The server started on this machine knows the tokens init made.
+    let s = Served::start_in(dir, &[]);
+    let out = s.cli(&["token", "list"]);
+    assert!(
+        stdout(&out).contains("openclaw") && stdout(&out).contains("client"),
+        "{}",
+        stdout(&out)
+    );
+
+    let runner_cfg = s.data.path().join("runner.toml");
+    let out = s.cli(&[
+        "init",
+        "--yes",
+        "--scenario",
+        "runner",
+        "--output",
+        runner_cfg.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--server is needed"),
+        "{}",
+        stderr(&out)
+    );
+    let out = s.cli(&[
+        "init",
+        "--yes",
+        "--scenario",
+        "runner",
+        "--server",
+        &s.url,
+        "--token",
+        "tnl_x_y",
+        "--name",
+        "box",
+        "--output",
+        runner_cfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&runner_cfg).unwrap();
+    assert!(
+        text.contains("name = \"box\"") && text.contains(&s.url),
+        "{text}"
+    );
 }
