@@ -26,9 +26,9 @@ pub(crate) enum Command {
     /// Server and a local runner in one process, on SQLite: the quickest start.
     Up(UpArgs),
     /// Run the server (API, queue, event streams) on SQLite.
-    Serve(ServeArgs),
+    Serve(ServeCmd),
     /// Run a runner: claim tasks from a server and run agent CLIs on this machine.
-    Runner(RunnerArgs),
+    Runner(RunnerCmd),
     /// Submit a task.
     Submit(SubmitArgs),
     /// Follow a task's events live until it ends (exit 0 if it succeeded).
@@ -112,6 +112,35 @@ pub(crate) enum DurabilityArg {
     Normal,
     /// A commit is on disk before it is acknowledged (synchronous=FULL).
     Full,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeCmd {
+    #[command(flatten)]
+    pub(crate) args: ServeArgs,
+    #[command(subcommand)]
+    pub(crate) service: Option<ServiceAction>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunnerCmd {
+    #[command(flatten)]
+    pub(crate) args: RunnerArgs,
+    #[command(subcommand)]
+    pub(crate) service: Option<ServiceAction>,
+}
+
+/// Run it as a service of this user (systemd on Linux, launchd on macOS).
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServiceAction {
+    /// Write the unit (it runs with the config file, where the token stays) and start it.
+    InstallService {
+        /// Only write the unit; don't enable or start it.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop the service and remove its unit.
+    UninstallService,
 }
 
 #[derive(Debug, Args)]

@@ -20,13 +20,21 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:3456";
 pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
     let file = FileConfig::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Serve(args) => crate::serve::serve(args, file)
+        Command::Serve(crate::cli::ServeCmd {
+            service: Some(action),
+            ..
+        }) => crate::service::service(crate::service::Kind::Server, action, cli.config.as_deref()),
+        Command::Runner(crate::cli::RunnerCmd {
+            service: Some(action),
+            ..
+        }) => crate::service::service(crate::service::Kind::Runner, action, cli.config.as_deref()),
+        Command::Serve(crate::cli::ServeCmd { args, .. }) => crate::serve::serve(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Up(args) => crate::runner::up(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Runner(args) => crate::runner::runner(args, file)
+        Command::Runner(crate::cli::RunnerCmd { args, .. }) => crate::runner::runner(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Submit(args) => submit(args, &file.client).await,

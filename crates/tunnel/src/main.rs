@@ -11,6 +11,7 @@ mod init;
 mod output;
 mod runner;
 mod serve;
+mod service;
 
 use std::process::ExitCode;
 

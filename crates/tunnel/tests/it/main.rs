@@ -689,3 +689,52 @@ fn init_writes_a_private_config_with_tokens_and_never_overwrites_it() {
         "{text}"
     );
 }
+
+#[test]
+fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(dir.path(), &["runner", "install-service", "--no-start"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("tunnel init"), "{}", stderr(&out));
+
+    let out = run_in(
+        dir.path(),
+        &[
+            "init",
+            "--yes",
+            "--scenario",
+            "runner",
+            "--server",
+            "http://127.0.0.1:9",
+            "--token",
+            "tnl_abc_secretsecret",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_in(dir.path(), &["runner", "install-service", "--no-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unit =
+        std::fs::read_to_string(dir.path().join("systemd/user/tunnel-runner.service")).unwrap();
+    let cfg = dir.path().join("tunnel/tunnel.toml");
+    assert!(
+        unit.contains(&format!("runner --config {}", cfg.display())),
+        "{unit}"
+    );
+    assert!(
+        !unit.contains("secretsecret"),
+        "the token stays in the private config file"
+    );
+    assert!(
+        stdout(&out).contains("systemctl --user enable --now tunnel-runner"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = run_in(dir.path(), &["runner", "uninstall-service"]);
+    assert!(out.status.success());
+    assert!(
+        !dir.path()
+            .join("systemd/user/tunnel-runner.service")
+            .exists()
+    );
+}

@@ -1,0 +1,205 @@
+//! `tunnel runner install-service` and `tunnel serve install-service`: a systemd user unit on
+//! Linux, a launchd agent on macOS. The unit runs the binary with the config file; the token
+//! stays in that file (readable only by its owner), never in the unit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cli::ServiceAction;
+use crate::config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Runner,
+    Server,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Runner => "tunnel-runner",
+            Kind::Server => "tunnel-server",
+        }
+    }
+
+    fn subcommand(self) -> &'static str {
+        match self {
+            Kind::Runner => "runner",
+            Kind::Server => "serve",
+        }
+    }
+}
+
+fn home() -> Result<PathBuf> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")
+}
+
+/// The unit file's path for this platform.
+fn unit_path(kind: Kind) -> Result<PathBuf> {
+    Ok(if cfg!(target_os = "macos") {
+        home()?.join(format!(
+            "Library/LaunchAgents/dev.tunnel.{}.plist",
+            kind.subcommand()
+        ))
+    } else {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .map_or_else(|| home().map(|h| h.join(".config")), Ok)?;
+        base.join(format!("systemd/user/{}.service", kind.name()))
+    })
+}
+
+/// A systemd user unit.
+pub(crate) fn systemd_unit(kind: Kind, exe: &Path, config: &Path) -> String {
+    format!(
+        "[Unit]\nDescription=tunnel {sub} (coding tasks from chat to AI agents)\n\
+         After=network-online.target\nWants=network-online.target\n\n\
+         [Service]\nExecStart={exe} {sub} --config {config}\n\
+         Restart=on-failure\nRestartSec=5\n\
+         # SIGTERM lets running tasks finish (up to the runner's grace), then they are stopped.\n\
+         KillMode=mixed\nTimeoutStopSec=90\n\n\
+         [Install]\nWantedBy=default.target\n",
+        sub = kind.subcommand(),
+        exe = exe.display(),
+        config = config.display(),
+    )
+}
+
+/// A launchd agent.
+pub(crate) fn launchd_plist(kind: Kind, exe: &Path, config: &Path, logs: &Path) -> String {
+    let label = format!("dev.tunnel.{}", kind.subcommand());
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
+         <plist version=\"1.0\">\n<dict>\n\
+         \t<key>Label</key><string>{label}</string>\n\
+         \t<key>ProgramArguments</key>\n\t<array>\n\
+         \t\t<string>{exe}</string><string>{sub}</string><string>--config</string><string>{config}</string>\n\
+         \t</array>\n\
+         \t<key>RunAtLoad</key><true/>\n\t<key>KeepAlive</key><true/>\n\
+         \t<key>StandardOutPath</key><string>{log}</string>\n\
+         \t<key>StandardErrorPath</key><string>{log}</string>\n\
+         </dict>\n</plist>\n",
+        exe = exe.display(),
+        sub = kind.subcommand(),
+        config = config.display(),
+        log = logs.join(format!("{}.log", kind.name())).display(),
+    )
+}
+
+pub(crate) fn service(
+    kind: Kind,
+    action: ServiceAction,
+    config: Option<&Path>,
+) -> Result<ExitCode> {
+    let unit = unit_path(kind)?;
+    match action {
+        ServiceAction::InstallService { no_start } => {
+            let config = match config {
+                Some(c) => c
+                    .canonicalize()
+                    .with_context(|| format!("config file {}", c.display()))?,
+                None => config::default_config_path(),
+            };
+            if !config.exists() {
+                bail!(
+                    "{} does not exist: run `tunnel init` first (the service reads its token from there)",
+                    config.display()
+                );
+            }
+            let exe = std::env::current_exe().context("cannot find the tunnel binary")?;
+            let text = if cfg!(target_os = "macos") {
+                launchd_plist(kind, &exe, &config, &home()?.join("Library/Logs"))
+            } else {
+                systemd_unit(kind, &exe, &config)
+            };
+            if let Some(dir) = unit.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            std::fs::write(&unit, text)
+                .with_context(|| format!("cannot write {}", unit.display()))?;
+            println!("Wrote {}.", unit.display());
+            let start: Vec<Vec<String>> = if cfg!(target_os = "macos") {
+                vec![vec![
+                    "launchctl".into(),
+                    "load".into(),
+                    "-w".into(),
+                    unit.display().to_string(),
+                ]]
+            } else {
+                vec![
+                    vec!["systemctl".into(), "--user".into(), "daemon-reload".into()],
+                    vec![
+                        "systemctl".into(),
+                        "--user".into(),
+                        "enable".into(),
+                        "--now".into(),
+                        kind.name().into(),
+                    ],
+                ]
+            };
+            if no_start {
+                println!("Start it with:");
+                for c in &start {
+                    println!("  {}", c.join(" "));
+                }
+            } else {
+                for c in &start {
+                    let ok = Command::new(&c[0])
+                        .args(&c[1..])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if !ok {
+                        println!(
+                            "`{}` did not succeed; run it yourself once the user service manager is available.",
+                            c.join(" ")
+                        );
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                println!(
+                    "Started. Logs: {}",
+                    if cfg!(target_os = "macos") {
+                        "~/Library/Logs"
+                    } else {
+                        "journalctl --user -u <name>"
+                    }
+                );
+            }
+            if !cfg!(target_os = "macos") {
+                println!(
+                    "To keep it running when you are logged out: loginctl enable-linger $USER"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceAction::UninstallService => {
+            if cfg!(target_os = "macos") {
+                let _ = Command::new("launchctl")
+                    .args(["unload", "-w"])
+                    .arg(&unit)
+                    .status();
+            } else {
+                let _ = Command::new("systemctl")
+                    .args(["--user", "disable", "--now", kind.name()])
+                    .status();
+            }
+            match std::fs::remove_file(&unit) {
+                Ok(()) => println!("Removed {}.", unit.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("No service was installed ({}).", unit.display())
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", unit.display()));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
