@@ -178,6 +178,9 @@ pub(crate) fn runners(runners: &[RunnerInfo]) {
             r.agents.join(","),
             r.projects.join(",")
         );
+        for (agent, version) in &r.agent_versions {
+            println!("{:<20}    {agent}: {version}", "");
+        }
     }
 }
 
