@@ -642,16 +642,10 @@ impl SqliteStore {
                  WHERE task_seq = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
             let events = stmt
-                .query_map(params![seq, after as i64, limit.clamp(1, 10_000)], |r| {
-                    let data: String = r.get(3)?;
-                    Ok(TaskEvent {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        attempt: r.get(1)?,
-                        kind: r.get(2)?,
-                        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
-                        at: r.get(4)?,
-                    })
-                })?
+                .query_map(
+                    params![seq, after as i64, limit.clamp(1, 10_000)],
+                    event_from_row,
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok((events, parse_state(&state)?))
         })
@@ -666,16 +660,7 @@ impl SqliteStore {
                  ORDER BY e.seq DESC LIMIT ?2",
             )?;
             let mut events = stmt
-                .query_map(params![id, n], |r| {
-                    let data: String = r.get(3)?;
-                    Ok(TaskEvent {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        attempt: r.get(1)?,
-                        kind: r.get(2)?,
-                        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
-                        at: r.get(4)?,
-                    })
-                })?
+                .query_map(params![id, n], event_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             events.reverse();
             Ok(events)
@@ -1935,6 +1920,18 @@ fn queue_position(
             .query_row(params![seq, t.agent], |r| r.get(0))?,
     };
     Ok(Some(n as u32))
+}
+
+/// A `task_events` row selected as `seq, attempt, kind, data, at`.
+fn event_from_row(r: &Row<'_>) -> rusqlite::Result<TaskEvent> {
+    let data: String = r.get(3)?;
+    Ok(TaskEvent {
+        seq: r.get::<_, i64>(0)? as u64,
+        attempt: r.get(1)?,
+        kind: r.get(2)?,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+        at: r.get(4)?,
+    })
 }
 
 fn parse_state(s: &str) -> Result<TaskState> {
