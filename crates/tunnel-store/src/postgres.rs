@@ -2323,7 +2323,9 @@ async fn queue_position<C: GenericClient>(
         None => {
             q_one(
                 c,
-                "SELECT COUNT(*) FROM tasks WHERE ready AND seq < $1 AND agent = $2",
+                // Capped, as in SQLite: the exact figure behind a deep backlog is not worth the scan.
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE ready AND seq < $1 AND agent = $2
+                    LIMIT 1000) x",
                 &[&seq, &t.agent],
             )
             .await?
