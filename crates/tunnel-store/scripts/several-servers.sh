@@ -83,7 +83,7 @@ done | xargs -d '\n' -P 8 -n 1 sh -c 'curl -fsS -o /dev/null -H "authorization: 
 echo "submitted $TASKS in $(echo "$(date +%s.%N) - $start" | bc) s"
 
 killed=0
-for _ in $(seq 1 1200); do
+for _ in $(seq 1 3000); do
     done_n=$(sql "SELECT count(*) FROM tasks WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)
     if ((killed == 0 && done_n >= TASKS / 2)); then
         k=$(psql "$ADMIN_URL" -Atc "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '$DB' AND pid <> pg_backend_pid()")
@@ -95,6 +95,7 @@ for _ in $(seq 1 1200); do
     sleep 0.5
 done
 took=$(echo "$(date +%s.%N) - $start" | bc)
+echo "all tasks finished $(sql "SELECT (max(finished_at) - min(created_at)) / 1000.0 FROM tasks") s after the first submit"
 
 echo "--- after ${took} s"
 sql "SELECT state, attempt, count(*) FROM tasks GROUP BY 1, 2 ORDER BY 1, 2"
@@ -102,7 +103,10 @@ ok=1
 check() { # name, actual, expected
     if [[ "$2" == "$3" ]]; then echo "ok   $1: $2"; else echo "FAIL $1: $2 (expected $3)"; ok=0; fi
 }
-check "tasks succeeded on attempt 1" "$(sql "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND attempt = 1 AND runs = 1")" "$TASKS"
+# runs = offers acked; an offer whose ack failed (e.g. while the connections were killed) is
+# offered again after the ack timeout, so attempt may be 2, but the task ran once.
+check "tasks succeeded, run once (runs = 1)" "$(sql "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND runs = 1")" "$TASKS"
+echo "info tasks offered more than once (an offer not acked in time): $(sql "SELECT count(*) FROM tasks WHERE attempt > 1")"
 check "tasks run more than once (running events != 1)" "$(sql "SELECT count(*) FROM (SELECT t.seq FROM tasks t LEFT JOIN task_events e ON e.task_seq = t.seq AND e.kind = 'state' AND e.data::jsonb->>'state' = 'running' GROUP BY t.seq HAVING count(e.seq) <> 1) x")" 0
 check "conversation order violations" "$(sql "SELECT count(*) FROM tasks a JOIN tasks b ON a.session_key = b.session_key AND a.seq < b.seq WHERE b.started_at < a.finished_at")" 0
 check "runners that ran tasks" "$(sql "SELECT count(DISTINCT runner) FROM tasks")" "$((SERVERS * RUNNERS_PER_SERVER))"
