@@ -51,6 +51,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(notify))
         .routes(routes!(metrics))
         .routes(routes!(healthz))
+        .routes(routes!(health))
         .routes(routes!(readyz))
 }
 
@@ -752,6 +753,13 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
         text,
     )
         .into_response())
+}
+
+/// The original's liveness route (openclaw-tunnel's Docker healthcheck and plugin use it).
+/// Unlike the original, it reveals no paths or counts.
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = Health)))]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok".into() })
 }
 
 /// Readiness: the database answers.
