@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several `tunnel serve` processes on one PostgreSQL database, with real `tunnel runner`s
 # (the built-in echo agent) spread across them. Submits TASKS tasks round-robin to the servers
-# (two thirds in 100 conversations, each with a webhook answer), kills every PostgreSQL
+# (two thirds in 100 conversations, each with a webhook answer to one of four webhooks), kills every PostgreSQL
 # connection of the database halfway through, then checks in the database and at the webhook
 # sink: every task succeeded, each was offered and run exactly once, each conversation ran in
 # order, and every answer was delivered exactly once.
@@ -51,7 +51,10 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
 python3 "$WORK/sink.py" "$SINK_PORT" "$WORK/delivered" & PIDS+=($!)
-export TUNNEL_WEBHOOK_SINK_URL=http://127.0.0.1:$SINK_PORT/ TUNNEL_WEBHOOK_SINK_SECRET=sink-secret
+# Four webhooks (four destinations, each delivered in order, in parallel with the others).
+for w in 0 1 2 3; do
+    export TUNNEL_WEBHOOK_SINK${w}_URL=http://127.0.0.1:$SINK_PORT/ TUNNEL_WEBHOOK_SINK${w}_SECRET=sink-secret
+done
 
 URLS=()
 for i in $(seq 1 "$SERVERS"); do
@@ -78,7 +81,7 @@ start=$(date +%s.%N)
 seq 1 "$TASKS" | while read -r i; do
     u=${URLS[$((i % SERVERS))]}
     if ((i % 3)); then conv=",\"conversation\":\"c$((i % 100))\""; else conv=""; fi
-    echo "$u {\"agent\":\"echo\",\"prompt\":\"task $i\"$conv,\"reply_to\":{\"platform\":\"webhook\",\"channel\":\"sink\"}}"
+    echo "$u {\"agent\":\"echo\",\"prompt\":\"task $i\"$conv,\"reply_to\":{\"platform\":\"webhook\",\"channel\":\"sink$((i % 4))\"}}"
 done | xargs -d '\n' -P 8 -n 1 sh -c 'curl -fsS -o /dev/null -H "authorization: Bearer $WORKER_TOKEN" -H "content-type: application/json" "${1%% *}/v1/tasks" -d "${1#* }" || echo "submit failed: $1" >&2' _
 echo "submitted $TASKS in $(echo "$(date +%s.%N) - $start" | bc) s"
 

@@ -66,7 +66,9 @@ const POOL_SIZE: usize = 16;
 /// How often the fallback poll re-wakes ready tasks, deadlines and the outbox.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 /// How long an instance holds an outbox row it is sending before another may take it.
-const OUTBOX_CLAIM_MS: i64 = 120_000;
+/// Longer than one send can take (a 15 s request timeout plus a short rate-limit wait); each
+/// part of a split message renews it.
+const OUTBOX_CLAIM_MS: i64 = 60_000;
 /// Re-runs of a write that hit a deadlock or serialization failure.
 const MAX_TRIES: u32 = 10;
 /// Ready tasks re-woken per poll.
@@ -291,7 +293,13 @@ macro_rules! write {
         loop {
             tries += 1;
             let mut client = s.pool.get().await.map_err(pool_err)?;
-            let tx = client.transaction().await?;
+            let tx = match client.transaction().await {
+                Ok(tx) => tx,
+                // A pooled connection that died (server restart, killed backend): nothing has
+                // run yet, so take another one.
+                Err(e) if e.as_db_error().is_none() && tries < MAX_TRIES => continue,
+                Err(e) => break Err(e.into()),
+            };
             #[allow(unused_mut)]
             let mut $w = W {
                 tx: &tx,
