@@ -107,6 +107,20 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Unavailable(format!("no PostgreSQL connection: {e}"))
 }
 
+/// The connection failed or the server ended it (killed backend, restart, too many
+/// connections): a transaction that had not reached COMMIT did not happen.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            e.is_closed()
+                || ["08", "53", "57"]
+                    .iter()
+                    .any(|class| db.code().code().starts_with(class))
+        }
+    }
+}
+
 fn retryable(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
@@ -297,7 +311,7 @@ macro_rules! write {
                 Ok(tx) => tx,
                 // A pooled connection that died (server restart, killed backend): nothing has
                 // run yet, so take another one.
-                Err(e) if e.as_db_error().is_none() && tries < MAX_TRIES => continue,
+                Err(e) if connection_lost(&e) && tries < MAX_TRIES => continue,
                 Err(e) => break Err(e.into()),
             };
             #[allow(unused_mut)]
@@ -419,7 +433,7 @@ impl PgStore {
                     .await
                 {
                     let _ = tx.rollback().await;
-                    return if retryable(&e) {
+                    return if retryable(&e) || connection_lost(&e) {
                         Concluded::Retry
                     } else {
                         Concluded::Done(Err(e.into()))
@@ -1689,7 +1703,9 @@ fn open_task_from_row(r: &Row) -> Result<OpenTask> {
 
 impl W<'_> {
     fn err(&self, e: tokio_postgres::Error) -> StoreError {
-        if retryable(&e) {
+        // Before COMMIT, a lost connection means the transaction did not happen: re-run it on
+        // another connection.
+        if retryable(&e) || connection_lost(&e) {
             self.retry.store(true, Ordering::Relaxed);
         }
         e.into()
