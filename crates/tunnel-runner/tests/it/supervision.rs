@@ -141,13 +141,21 @@ async fn a_bad_token_stops_the_runner_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_concurrently_up_to_the_limit() {
     let w = World::start().await;
-    let agent = w.script("nap", "cat > /dev/null; sleep 1; echo ok");
+    let marks = w.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Each run marks when it starts and ends; with four slots, all four overlap.
+    let agent = w.script(
+        "nap",
+        &format!(
+            "name=$(cat); date +%s%N > {m}/start.$name; sleep 1; date +%s%N > {m}/end.$name; echo ok",
+            m = marks.display()
+        ),
+    );
     let mut c = w.config("r1");
     c.agents
         .insert("nap".into(), custom(&agent, &[], OutputMode::Text));
     c.max_concurrent = 4;
     let r = RunnerHandle::spawn(c);
-    let started = Instant::now();
     let mut ids = Vec::new();
     for i in 0..4 {
         ids.push(w.submit(task("nap", &format!("t{i}"))).await.id);
@@ -155,11 +163,16 @@ async fn tasks_run_concurrently_up_to_the_limit() {
     for id in ids {
         assert_eq!(w.ended(&id).await.state, TaskState::Succeeded);
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(3_500),
-        "4 one-second tasks in parallel took {:?}",
-        started.elapsed()
-    );
+    let read = |kind: &str, i: usize| -> u128 {
+        std::fs::read_to_string(marks.join(format!("{kind}.t{i}")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let last_start = (0..4).map(|i| read("start", i)).max().unwrap();
+    let first_end = (0..4).map(|i| read("end", i)).min().unwrap();
+    assert!(last_start < first_end, "all four ran at once");
     r.stop().await.unwrap();
     w.stop().await;
 }
