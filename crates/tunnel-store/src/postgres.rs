@@ -69,6 +69,8 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 /// Longer than one send can take (a 15 s request timeout plus a short rate-limit wait); each
 /// part of a split message renews it.
 const OUTBOX_CLAIM_MS: i64 = 60_000;
+/// How a COMMIT whose outcome is unknown is reported.
+const COMMIT_FAILED: &str = "the commit failed";
 /// Re-runs of a write that hit a deadlock or serialization failure.
 const MAX_TRIES: u32 = 10;
 /// Ready tasks re-woken per poll.
@@ -448,7 +450,7 @@ impl PgStore {
             }
             Err(e) if retryable(&e) => Concluded::Retry,
             Err(e) => Concluded::Done(Err(StoreError::Unavailable(format!(
-                "the commit failed: {e}"
+                "{COMMIT_FAILED}: {e}"
             )))),
         }
     }
@@ -1342,9 +1344,26 @@ impl PgStore {
         id: i64,
         update: crate::DeliveryUpdate,
     ) -> Result<()> {
+        // Recording an outcome twice is harmless (at most one attempt counted twice); not
+        // recording it sends the message again once the claim runs out. So a COMMIT whose
+        // outcome is unknown (the connection dropped during it) is simply done again.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.record_delivery(id, &update).await {
+                Err(StoreError::Unavailable(m)) if m.starts_with(COMMIT_FAILED) && tries < 5 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(StoreError::NotFound(_)) if tries > 1 => return Ok(()),
+                other => return other,
+            }
+        }
+    }
+
+    async fn record_delivery(&self, id: i64, update: &crate::DeliveryUpdate) -> Result<()> {
         use crate::DeliveryUpdate as U;
         write!(self, |w| {
-            let changed = match &update {
+            let changed = match update {
                 U::Parts {
                     done_parts,
                     message_id,
