@@ -759,7 +759,9 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
 /// Unlike the original, it reveals no paths or counts.
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = Health)))]
 async fn health() -> axum::Json<Health> {
-    axum::Json(Health { status: "ok".into() })
+    axum::Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Readiness: the database answers.

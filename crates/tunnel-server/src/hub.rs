@@ -45,6 +45,7 @@ pub(crate) struct Hub {
     timer_target: AtomicI64,
     timer_wake: Notify,
     delivery_wake: Notify,
+    tokens_wake: Notify,
 }
 
 impl Hub {
@@ -107,6 +108,11 @@ impl Hub {
         self.timer_wake.notified()
     }
 
+    /// Waits until another server changed the token table.
+    pub(crate) fn tokens_woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.tokens_wake.notified()
+    }
+
     /// Waits until something is added to the outbox.
     pub(crate) fn delivery_woken(&self) -> tokio::sync::futures::Notified<'_> {
         self.delivery_wake.notified()
@@ -150,6 +156,10 @@ impl Signals for Hub {
 
     fn delivery_ready(&self) {
         self.delivery_wake.notify_one();
+    }
+
+    fn tokens_changed(&self) {
+        self.tokens_wake.notify_one();
     }
 
     fn deadline(&self, at_ms: i64) {

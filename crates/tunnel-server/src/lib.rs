@@ -184,6 +184,7 @@ impl Server {
             self.state.clone(),
             self.state.platforms.clone(),
         ));
+        let tokens = tokio::spawn(token_reloader(self.state.clone()));
         let token = self.shutdown.clone();
         // `into_make_service` shares one route table; passing the router builds one per
         // connection (about 10 KB each, which 10,000 parked long-polls feel).
@@ -193,7 +194,23 @@ impl Server {
         self.shutdown.cancel();
         let _ = timer.await;
         let _ = sender.await;
+        let _ = tokens.await;
         result
+    }
+}
+
+/// Re-reads the token table when another server (sharing a PostgreSQL store) changed it, so a
+/// token created or revoked there works or stops working here too.
+async fn token_reloader(state: AppState) {
+    loop {
+        tokio::select! {
+            _ = state.hub.tokens_woken() => {
+                if let Err(e) = state.auth.reload(&state.store).await {
+                    tracing::error!(error = %e, "Reloading tokens failed.");
+                }
+            }
+            _ = state.shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -151,7 +151,8 @@ pub(crate) struct ServeArgs {
     /// Port on 127.0.0.1 (or the --listen host); PORT and WORKER_PORT as in openclaw-tunnel.
     #[arg(long, env = "PORT")]
     pub(crate) port: Option<u16>,
-    /// SQLite database file [default: $XDG_DATA_HOME/tunnel/tunnel.db].
+    /// SQLite database file, or a PostgreSQL URL (postgres://…) so several servers share one
+    /// queue [default: DATABASE_URL, else $XDG_DATA_HOME/tunnel/tunnel.db].
     #[arg(long, env = "TUNNEL_DATABASE")]
     pub(crate) database: Option<String>,
     /// How hard SQLite works to keep a commit across a crash [default: normal].
