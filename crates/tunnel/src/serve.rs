@@ -118,13 +118,44 @@ fn redact_url(url: &str) -> String {
         return url.to_owned();
     };
     let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    // `?password=…` in the query is a password too.
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
             let masked = if userinfo.contains(':') { ":***" } else { "" };
             format!("{scheme}://{user}{masked}@{host}{tail}")
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{authority}{tail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_urls_lose_their_passwords() {
+        let r = super::redact_url;
+        assert_eq!(
+            r("postgres://u:secret@db:5432/t"),
+            "postgres://u:***@db:5432/t"
+        );
+        assert_eq!(
+            r("postgres://db/t?user=u&password=secret&sslmode=disable"),
+            "postgres://db/t?user=u&password=***&sslmode=disable"
+        );
+        assert_eq!(r("postgres://u@db/t"), "postgres://u@db/t");
     }
 }
 
