@@ -142,23 +142,6 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn database_urls_lose_their_passwords() {
-        let r = super::redact_url;
-        assert_eq!(
-            r("postgres://u:secret@db:5432/t"),
-            "postgres://u:***@db:5432/t"
-        );
-        assert_eq!(
-            r("postgres://db/t?user=u&password=secret&sslmode=disable"),
-            "postgres://db/t?user=u&password=***&sslmode=disable"
-        );
-        assert_eq!(r("postgres://u@db/t"), "postgres://u@db/t");
-    }
-}
-
 fn listen_addr(listen: Option<String>, port: Option<u16>) -> Result<SocketAddr> {
     let port = match port {
         Some(p) => Some(p),
@@ -239,5 +222,22 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_urls_lose_their_passwords() {
+        let r = super::redact_url;
+        assert_eq!(
+            r("postgres://u:secret@db:5432/t"),
+            "postgres://u:***@db:5432/t"
+        );
+        assert_eq!(
+            r("postgres://db/t?user=u&password=secret&sslmode=disable"),
+            "postgres://db/t?user=u&password=***&sslmode=disable"
+        );
+        assert_eq!(r("postgres://u@db/t"), "postgres://u@db/t");
     }
 }
