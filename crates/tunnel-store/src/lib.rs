@@ -467,6 +467,38 @@ impl Store {
     }
 }
 
+/// Fencing, the same in every backend: only the task's current attempt, with its lease token,
+/// may act; anything else is told it is stale.
+pub(crate) fn fence(
+    task_id: &str,
+    state: TaskState,
+    current: u32,
+    lease_token: Option<&str>,
+    at: &AttemptRef,
+) -> Result<()> {
+    if at.attempt == current && lease_token.is_some_and(|lt| constant_time_eq(lt, &at.lease_token))
+    {
+        return Ok(());
+    }
+    Err(StoreError::Stale(if at.attempt == current {
+        format!(
+            "attempt {} of task {task_id} has ended (task is {state})",
+            at.attempt
+        )
+    } else {
+        format!(
+            "attempt {} is not the current attempt of task {task_id} (current: {current}, {state})",
+            at.attempt
+        )
+    }))
+}
+
+/// Constant-time string equality (lease tokens).
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A new random id: a UUIDv7, so ids sort by creation time.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()

@@ -1795,25 +1795,7 @@ impl W<'_> {
     }
 
     fn check_attempt(&self, t: &OpenTask, at: &AttemptRef) -> Result<()> {
-        if at.attempt != t.attempt
-            || !t
-                .lease_token
-                .as_deref()
-                .is_some_and(|lt| subtle_eq(lt, &at.lease_token))
-        {
-            return Err(StoreError::Stale(if at.attempt == t.attempt {
-                format!(
-                    "attempt {} of task {} has ended (task is {})",
-                    at.attempt, t.id, t.state
-                )
-            } else {
-                format!(
-                    "attempt {} is not the current attempt of task {} (current: {}, {})",
-                    at.attempt, t.id, t.attempt, t.state
-                )
-            }));
-        }
-        Ok(())
+        crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), at)
     }
 
     async fn check_lease(&mut self, t: &OpenTask) -> Result<()> {
@@ -2220,14 +2202,6 @@ async fn history_runner<C: GenericClient>(
         Some(r) => get(&r, 0),
         None => Ok(None),
     }
-}
-
-fn subtle_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 // ---------------------------------------------------------------------------------------------

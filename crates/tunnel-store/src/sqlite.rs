@@ -1344,25 +1344,7 @@ impl W<'_> {
 
     /// Fencing: only the current attempt, with its lease token, may act.
     fn check_attempt(&self, t: &OpenTask, at: &AttemptRef) -> Result<()> {
-        if at.attempt != t.attempt
-            || !t
-                .lease_token
-                .as_deref()
-                .is_some_and(|lt| subtle_eq(lt, &at.lease_token))
-        {
-            return Err(StoreError::Stale(if at.attempt == t.attempt {
-                format!(
-                    "attempt {} of task {} has ended (task is {})",
-                    at.attempt, t.id, t.state
-                )
-            } else {
-                format!(
-                    "attempt {} is not the current attempt of task {} (current: {}, {})",
-                    at.attempt, t.id, t.attempt, t.state
-                )
-            }));
-        }
-        Ok(())
+        crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), at)
     }
 
     /// The lease of a running attempt must not have run out; if it has, the attempt is ended
@@ -1784,15 +1766,6 @@ fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Op
         })
         .optional()?
         .flatten())
-}
-
-/// Constant-time string equality (lease tokens).
-fn subtle_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 // ---------------------------------------------------------------------------------------------
