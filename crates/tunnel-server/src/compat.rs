@@ -551,10 +551,9 @@ async fn submit_cli(
             .trim_start_matches("slash:")
             .to_owned()
     });
-    let dispatch_mode = match text(&body, "dispatchMode") {
-        Some(m @ ("direct-command" | "agent-tool")) => m,
-        _ => "unspecified",
-    };
+    let dispatch_mode = text(&body, "dispatchMode")
+        .filter(|m| matches!(*m, "direct-command" | "agent-tool"))
+        .unwrap_or("unspecified");
     let mut meta = Map::new();
     meta.insert("type".into(), ty.into());
     meta.insert("sessionId".into(), session_id.clone().into());
@@ -1335,7 +1334,7 @@ async fn events(
             }
         }
     }
-    out.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    out.sort_by_key(|e| std::cmp::Reverse((e.0, e.1)));
     out.truncate(limit);
     let events: Vec<Value> = out.into_iter().map(|(_, _, v)| v).collect();
     Ok(axum::Json(json!({ "events": events })).into_response())

@@ -648,6 +648,8 @@ async fn bad_input_gets_the_originals_400s_and_changes_nothing() {
     );
 }
 
+type Route = (Method, String);
+
 #[tokio::test]
 async fn every_route_checks_the_token_and_its_role() {
     let s = TestServer::start().await;
@@ -684,7 +686,7 @@ async fn every_route_checks_the_token_and_its_role() {
             raw(s, m, &p, auth.as_deref(), ct, body).await
         }
     };
-    let groups: [(&[(Method, String)], &[&str], &str); 3] = [
+    let groups: [(&[Route], &[&str], &str); 3] = [
         (&client_routes, &["runner"], "client"),
         (&runner_routes, &["client"], "runner"),
         (&admin_routes, &["client", "runner"], "admin"),
