@@ -852,7 +852,8 @@ async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
                 // is over; the runner polls again.
                 tracing::error!(error = %e, "An openclaw-tunnel runner poll failed; answering null.");
                 drop(slot);
-                pending.settle(None);
+                // A wake-up it was acting on goes to another poll.
+                drop(pending);
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => {}
                     _ = s.shutdown.cancelled() => {}
