@@ -998,6 +998,28 @@ async fn with_a_discord_bot_the_server_posts_the_answer_and_the_runner_does_not(
     }
     let (what, _) = answer.expect("the answer reached Discord");
     assert!(what.ends_with(CHANNEL), "{what}");
+    // The original's `POST /notify {channel, message}` goes out through the same bot.
+    let (st, n) = seed(
+        &s,
+        Method::POST,
+        "/notify",
+        Some(json!({"channel": "777", "message": "deploy done"})),
+    )
+    .await;
+    assert_eq!((st, n["ok"].as_bool()), (StatusCode::OK, Some(true)), "{n}");
+    let mut notified = false;
+    for _ in 0..200 {
+        notified = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(w, b)| w == "POST 777" && b["content"] == "deploy done");
+        if notified {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(notified, "{:?}", seen.lock().unwrap());
     let all = seen.lock().unwrap().clone();
     assert!(all.iter().all(|(_, b)| !b.to_string().contains(BOT_TOKEN)));
 }
