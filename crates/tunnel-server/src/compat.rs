@@ -349,9 +349,25 @@ fn dispatch_meta(task: &Task, meta: &Map<String, Value>) -> Map<String, Value> {
     m
 }
 
-/// The original's `sessionId` of a task: the one it was submitted with, else its conversation.
+/// The original's `sessionId` of a task: the one it was submitted with, else its conversation,
+/// if it is a session id (the original runner puts it on the agent's command line).
 fn seed_session_id(task: &Task, meta: &Map<String, Value>) -> Option<String> {
-    meta_str(meta, "sessionId").or_else(|| task.conversation.clone())
+    meta_str(meta, "sessionId")
+        .or_else(|| task.conversation.clone())
+        .filter(|id| tunnel_protocol::validate_session_id("sessionId", id).is_ok())
+}
+
+/// Whether a channel id is safe in the original runner's `POST …/channels/{id}/messages` (it
+/// does not encode it) and acceptable as a Discord `reply_to`.
+fn valid_channel(ch: &str) -> bool {
+    let mut check = SubmitTask::new("claude", "x");
+    check.reply_to = Some(ReplyTo {
+        platform: Platform::Discord,
+        channel: ch.to_owned(),
+        thread: None,
+        message: None,
+    });
+    check.validate().is_ok()
 }
 
 /// The task as the original's poll hands it to a runner (§1.3 of the original's spec): its
@@ -401,7 +417,7 @@ fn seed_task(task: &Task) -> Option<Value> {
             // The server posts the answer itself when it has `reply_to`; handing the channel
             // on as well would make the runner post it a second time.
             if task.reply_to.is_none()
-                && let Some(ch) = meta_str(&meta, "callbackChannel")
+                && let Some(ch) = meta_str(&meta, "callbackChannel").filter(|c| valid_channel(c))
             {
                 o.insert("callbackChannel".into(), ch.into());
             }
@@ -537,8 +553,9 @@ async fn submit_cli(
         .ok_or_else(|| SeedError::bad_request("prompt is required"))?;
     let session_given = text(&body, "sessionId").is_some();
     let session_id = match text(&body, "sessionId") {
+        // Stricter than the original: the runner puts it on the agent's command line.
         Some(id) => {
-            tunnel_protocol::validate_text("sessionId", id, limits::CONVERSATION_MAX)?;
+            tunnel_protocol::validate_session_id("sessionId", id)?;
             id.to_owned()
         }
         None => tunnel_store::new_id(),
@@ -580,19 +597,17 @@ async fn submit_cli(
     req.timeout_ms = Some(timeout);
     req.model = text(&body, "model").map(str::to_owned);
     if let Some(ch) = channel.filter(|c| !c.is_empty()) {
+        if !valid_channel(&ch) {
+            return Err(SeedError::bad_request(format!(
+                "callbackChannel {ch:?} is not a Discord channel id"
+            )));
+        }
         let to = ReplyTo {
             platform: Platform::Discord,
             channel: ch.clone(),
             thread: None,
             message: None,
         };
-        let mut check = SubmitTask::new(agent, "x");
-        check.reply_to = Some(to.clone());
-        if check.validate().is_err() {
-            return Err(SeedError::bad_request(format!(
-                "callbackChannel {ch:?} is not a Discord channel id"
-            )));
-        }
         if s.platforms.supports(&to) {
             req.reply_to = Some(to);
         }

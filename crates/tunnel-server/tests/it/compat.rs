@@ -576,6 +576,12 @@ async fn bad_input_gets_the_originals_400s_and_changes_nothing() {
             "callbackChannel \"../../guilds\" is not a Discord channel id",
         ),
         (
+            "/claude",
+            Some("application/json"),
+            r#"{"prompt": "hi", "sessionId": "--resume"}"#,
+            "sessionId: \"--resume\" is not a session id (letters, digits and -_.:)",
+        ),
+        (
             "/tasks",
             Some("application/json"),
             r#"{"command": "  "}"#,
@@ -1022,4 +1028,42 @@ async fn with_a_discord_bot_the_server_posts_the_answer_and_the_runner_does_not(
     assert!(notified, "{:?}", seen.lock().unwrap());
     let all = seen.lock().unwrap().clone();
     assert!(all.iter().all(|(_, b)| !b.to_string().contains(BOT_TOKEN)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_v1_tasks_reach_an_original_runner_safely() {
+    let s = TestServer::start().await;
+    // A v1 client's own meta cannot make the original runner post to an arbitrary path or put
+    // an option on the agent's command line.
+    let t = s
+        .submit(
+            json!({"agent": "claude", "prompt": "p", "conversation": "-rf",
+            "meta": {"openclaw": {"callbackChannel": "../../guilds/1", "sessionId": "--help"}}}),
+        )
+        .await;
+    let task = poll(&s, 5_000).await;
+    assert_eq!(task["id"], t["id"]);
+    assert!(task.get("callbackChannel").is_none(), "{task}");
+    assert_eq!(task["sessionId"], t["id"], "{task}");
+    // A plain v1 task in a conversation: its conversation is the session id.
+    let t = s
+        .submit(
+            json!({"agent": "codex", "prompt": "p", "conversation": "discord:42", "model": "o3"}),
+        )
+        .await;
+    let task = poll(&s, 5_000).await;
+    assert_eq!(
+        (
+            task["id"].clone(),
+            task["type"].as_str(),
+            task["sessionId"].as_str(),
+            task["model"].as_str()
+        ),
+        (
+            t["id"].clone(),
+            Some("codex-cli"),
+            Some("discord:42"),
+            Some("o3")
+        )
+    );
 }
