@@ -222,9 +222,13 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let value = header
         .to_str()
         .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(|| {
-        ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-    })?;
+    // Any whitespace after the scheme, as the original accepted (`^Bearer\s+(.+)$`, any case).
+    let (scheme, token) = value
+        .trim_start()
+        .split_once(char::is_whitespace)
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        })?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(ApiError::unauthorized(
             "the Authorization header must be `Bearer <token>`",

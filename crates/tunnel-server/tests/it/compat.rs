@@ -502,6 +502,17 @@ async fn a_poll_answers_only_a_task_null_or_401() {
             json!({"error": "Unauthorized"})
         );
     }
+    // Any case and any whitespace, as the original's `^Bearer\s+(.+)$`.
+    let (st, text) = raw(
+        &s,
+        Method::GET,
+        "/worker/poll?wait=1000",
+        Some(&format!("BEARER\t{WORKER_TOKEN} ")),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((st, text.as_str()), (StatusCode::OK, "null"));
     // Odd queries are clamped, never refused.
     for q in ["wait=-5", "wait=1000&extra=1", "wait=1e3"] {
         let (st, v) = seed(&s, Method::GET, &format!("/worker/poll?{q}"), None).await;
