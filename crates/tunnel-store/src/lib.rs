@@ -39,6 +39,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// An error PostgreSQL reported that is not an outage (a constraint, a bad query).
+    #[error("PostgreSQL error {code}: {message}")]
+    Postgres { code: String, message: String },
     #[error("corrupt row: {0}")]
     Corrupt(String),
 }

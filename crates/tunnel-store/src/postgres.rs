@@ -87,23 +87,12 @@ type P<'a> = &'a (dyn ToSql + Sync);
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
-            // The server going away or refusing connections (admin shutdown, restart, too
-            // many connections, connection exceptions): an outage, try again.
-            Some(db)
-                if e.is_closed()
-                    || ["08", "53", "57"]
-                        .iter()
-                        .any(|class| db.code().code().starts_with(class)) =>
-            {
-                StoreError::Unavailable(format!("PostgreSQL: {}", db.message()))
-            }
-            // An error the database reported: a bug or a corrupt row, not an outage.
-            Some(db) => StoreError::Corrupt(format!(
-                "PostgreSQL error {}: {}",
-                db.code().code(),
-                db.message()
-            )),
-            // The connection: closed, refused, timed out.
+            // An error the database reported that is not an outage: a bug, not a retry.
+            Some(db) if !connection_lost(&e) => StoreError::Postgres {
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+            },
+            Some(db) => StoreError::Unavailable(format!("PostgreSQL: {}", db.message())),
             None => StoreError::Unavailable(format!("PostgreSQL: {e}")),
         }
     }
