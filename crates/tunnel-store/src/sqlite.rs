@@ -1070,19 +1070,13 @@ impl SqliteStore {
                 .collect::<rusqlite::Result<Vec<i64>>>()?;
             let mut out = crate::Pruned::default();
             for seq in seqs {
-                // Counted one table at a time: cascaded deletes are not counted by SQLite.
-                out.events += w
-                    .conn
-                    .prepare_cached("DELETE FROM task_events WHERE task_seq = ?1")?
-                    .execute([seq])? as u64;
-                out.deliveries += w
-                    .conn
-                    .prepare_cached("DELETE FROM outbox WHERE task_seq = ?1")?
-                    .execute([seq])? as u64;
-                out.tasks += w
-                    .conn
-                    .prepare_cached("DELETE FROM tasks WHERE seq = ?1")?
-                    .execute([seq])? as u64;
+                // One table at a time: SQLite does not count cascaded deletes.
+                let delete = |sql: &str| -> Result<u64> {
+                    Ok(w.conn.prepare_cached(sql)?.execute([seq])? as u64)
+                };
+                out.events += delete("DELETE FROM task_events WHERE task_seq = ?1")?;
+                out.deliveries += delete("DELETE FROM outbox WHERE task_seq = ?1")?;
+                out.tasks += delete("DELETE FROM tasks WHERE seq = ?1")?;
             }
             out.deliveries += w
                 .conn
