@@ -58,8 +58,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/postgres/0003_outbox.sql"),
     ),
     (
-        "0004_retention",
-        include_str!("../migrations/postgres/0004_retention.sql"),
+        "0005_retention",
+        include_str!("../migrations/postgres/0005_retention.sql"),
     ),
 ];
 

@@ -29,7 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_init.sql"),
     include_str!("../migrations/sqlite/0002_agent_versions.sql"),
     include_str!("../migrations/sqlite/0003_outbox.sql"),
-    include_str!("../migrations/sqlite/0004_retention.sql"),
+    include_str!("../migrations/sqlite/0005_retention.sql"),
 ];
 
 /// Most writes committed in one transaction.
