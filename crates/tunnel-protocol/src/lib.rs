@@ -41,6 +41,8 @@ pub mod limits {
     pub const RUNNER_LIST_MAX: usize = 64;
     /// Longest reply_to channel/thread/message id.
     pub const REPLY_ID_MAX: usize = 128;
+    /// Largest `meta` object of a task, as JSON text.
+    pub const META_MAX: usize = 4 * 1024;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,6 +234,12 @@ pub struct SubmitTask {
     pub max_attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyTo>,
+    /// The client's own data about the task: a JSON object of at most 4 KiB, kept and
+    /// returned as given. tunnel does not act on it (the openclaw-tunnel compatibility routes
+    /// keep the original's task fields here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub meta: Option<serde_json::Value>,
 }
 
 impl SubmitTask {
@@ -247,6 +255,7 @@ impl SubmitTask {
             session: SessionMode::Continue,
             max_attempts: None,
             reply_to: None,
+            meta: None,
         }
     }
 
@@ -300,6 +309,17 @@ impl SubmitTask {
                 validate_reply_id("reply_to.message", m)?;
             }
         }
+        if let Some(m) = &self.meta {
+            if !m.is_object() {
+                return Err(Invalid::new("meta", "must be a JSON object"));
+            }
+            if m.to_string().len() > limits::META_MAX {
+                return Err(Invalid::new(
+                    "meta",
+                    format!("must be at most {} bytes of JSON", limits::META_MAX),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -350,6 +370,10 @@ pub struct Task {
     pub max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyTo>,
+    /// The client's data, as submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub meta: Option<serde_json::Value>,
     pub state: TaskState,
     /// Number of attempts started so far (0 until the first offer).
     pub attempt: u32,

@@ -75,3 +75,14 @@ fn states_round_trip() {
     }
     assert_eq!(TaskState::parse("done"), None);
 }
+
+#[test]
+fn meta_must_be_a_small_object() {
+    let mut t = SubmitTask::new("claude", "p");
+    t.meta = Some(serde_json::json!({"origin": "x"}));
+    assert!(t.validate().is_ok());
+    t.meta = Some(serde_json::json!("text"));
+    assert_eq!(t.validate().unwrap_err().field, "meta");
+    t.meta = Some(serde_json::json!({"big": "x".repeat(limits::META_MAX)}));
+    assert_eq!(t.validate().unwrap_err().field, "meta");
+}

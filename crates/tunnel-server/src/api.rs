@@ -59,6 +59,7 @@ pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (router, _) = api_routes().split_for_parts();
     router
         .route("/openapi.json", get(openapi_route))
+        .merge(crate::compat::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -233,7 +233,11 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
-fn authorize(parts: &Parts, state: &AppState, allowed: &[Role]) -> Result<Caller, ApiError> {
+pub(crate) fn authorize(
+    parts: &Parts,
+    state: &AppState,
+    allowed: &[Role],
+) -> Result<Caller, ApiError> {
     let token = bearer(parts)?;
     let caller = state
         .auth

@@ -8,6 +8,7 @@
 
 mod api;
 mod auth;
+mod compat;
 mod delivery;
 mod error;
 mod hub;

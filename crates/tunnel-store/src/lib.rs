@@ -195,6 +195,25 @@ pub enum DeliveryUpdate {
     },
 }
 
+/// A task's current attempt and its lease token (see [`Store::current_attempt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentAttempt {
+    pub attempt: u32,
+    pub lease_token: String,
+    /// The runner it was offered to.
+    pub runner: Option<String>,
+    pub state: TaskState,
+}
+
+impl CurrentAttempt {
+    pub fn attempt_ref(&self) -> AttemptRef {
+        AttemptRef {
+            attempt: self.attempt,
+            lease_token: self.lease_token.clone(),
+        }
+    }
+}
+
 /// Counts for readiness and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueCounts {
@@ -323,8 +342,34 @@ impl Store {
 
     pub async fn ack(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone()).await,
-            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone()).await,
+            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), None).await,
+            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), None).await,
+        }
+    }
+
+    /// Acks with a lease of `lease_ms` instead of the configured one, for a runner that never
+    /// heartbeats (the original openclaw-tunnel runner): the lease covers the whole run.
+    /// Heartbeats and events never shorten it.
+    pub async fn ack_with_lease(
+        &self,
+        id: &str,
+        attempt: &AttemptRef,
+        lease_ms: i64,
+    ) -> Result<LeaseStatus> {
+        let lease_ms = Some(lease_ms.max(1));
+        match &*self.backend {
+            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), lease_ms).await,
+            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), lease_ms).await,
+        }
+    }
+
+    /// The task's current attempt with its lease token, `None` when no attempt holds it (never
+    /// offered, or queued again). For a server acting for a runner that does not carry its
+    /// lease (the openclaw-tunnel compatibility routes); never sent over the wire.
+    pub async fn current_attempt(&self, id: &str) -> Result<Option<CurrentAttempt>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.current_attempt(id.to_owned()).await,
+            Backend::Postgres(s) => s.current_attempt(id.to_owned()).await,
         }
     }
 

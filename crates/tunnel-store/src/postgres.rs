@@ -40,8 +40,8 @@ use tunnel_protocol::{
 };
 
 use crate::{
-    Clock, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals, StoreError, StoredToken,
-    TaskFilter, new_id, random_hex,
+    Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals,
+    StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -56,6 +56,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_outbox",
         include_str!("../migrations/postgres/0003_outbox.sql"),
+    ),
+    (
+        "0004_task_meta",
+        include_str!("../migrations/postgres/0004_task_meta.sql"),
     ),
     (
         "0005_retention",
@@ -500,9 +504,9 @@ impl PgStore {
                 .one(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
-                        idempotency_key, state, ready, created_at, updated_at)
+                        idempotency_key, state, ready, created_at, updated_at, meta)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                        'queued', $15, $16, $16)
+                        'queued', $15, $16, $16, $17)
                      RETURNING seq",
                     &[
                         &id,
@@ -521,6 +525,7 @@ impl PgStore {
                         &key,
                         &!busy,
                         &w.now,
+                        &req.meta.as_ref().map(to_json),
                     ],
                 )
                 .await?;
@@ -720,15 +725,21 @@ impl PgStore {
         })
     }
 
-    pub(crate) async fn ack(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
+    pub(crate) async fn ack(
+        &self,
+        id: String,
+        at: AttemptRef,
+        lease_ms: Option<i64>,
+    ) -> Result<LeaseStatus> {
         write!(self, |w| {
+            let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id).await?;
             w.check_attempt(&t, &at)?;
             match t.state {
                 TaskState::Offered => {}
                 TaskState::Running | TaskState::Cancelling => {
                     return Ok(LeaseStatus {
-                        lease_ms: w.settings.lease_ms,
+                        lease_ms,
                         lease_until: t.lease_until.unwrap_or(w.now),
                         cancel: t.state == TaskState::Cancelling,
                     });
@@ -747,7 +758,7 @@ impl PgStore {
                     at.attempt
                 )));
             }
-            let lease_until = w.now + w.settings.lease_ms;
+            let lease_until = w.now + lease_ms;
             w.exec(
                 "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
                     lease_until = $2, started_at = COALESCE(started_at, $3), updated_at = $3
@@ -767,9 +778,31 @@ impl PgStore {
             w.deliver_started(&t).await?;
             Ok(LeaseStatus {
                 lease_until,
-                lease_ms: w.settings.lease_ms,
+                lease_ms,
                 cancel: false,
             })
+        })
+    }
+
+    pub(crate) async fn current_attempt(&self, id: String) -> Result<Option<CurrentAttempt>> {
+        let c = self.conn().await?;
+        let row = q_opt(
+            &c,
+            "SELECT attempt, lease_token, runner, state FROM tasks WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+        let lease_token: Option<String> = get(&row, 1)?;
+        let state: String = get(&row, 3)?;
+        Ok(match lease_token {
+            None => None,
+            Some(lease_token) => Some(CurrentAttempt {
+                attempt: get_u32(&row, 0)?,
+                lease_token,
+                runner: get(&row, 2)?,
+                state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+            }),
         })
     }
 
@@ -1862,7 +1895,9 @@ impl W<'_> {
 
     async fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t).await?;
-        let lease_until = self.now + self.settings.lease_ms;
+        // Never shortens a lease: one granted longer at ack (a runner that cannot heartbeat)
+        // keeps its length.
+        let lease_until = (self.now + self.settings.lease_ms).max(t.lease_until.unwrap_or(0));
         self.exec(
             "UPDATE tasks SET lease_until = $2 WHERE seq = $1",
             &[&t.seq, &lease_until],
@@ -2252,7 +2287,7 @@ async fn history_runner<C: GenericClient>(
 const TASK_COLUMNS: &str = "seq, session_key, id, agent, prompt, conversation, project, model,
     timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
     cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
-    started_at, finished_at, owner";
+    started_at, finished_at, owner, meta";
 
 fn task_from_row(r: &Row) -> Result<(i64, Option<String>, Task)> {
     let state: String = get(r, 13)?;
@@ -2276,6 +2311,7 @@ fn task_from_row(r: &Row) -> Result<(i64, Option<String>, Task)> {
         session,
         max_attempts: get_u32(r, 11)?,
         reply_to: reply_to.and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
+        meta: get::<Option<String>>(r, 27)?.and_then(|s| serde_json::from_str(&s).ok()),
         state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
         attempt: get_u32(r, 14)?,
         runner: get(r, 15)?,

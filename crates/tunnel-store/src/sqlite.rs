@@ -21,14 +21,15 @@ use tunnel_protocol::{
 };
 
 use crate::{
-    Clock, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals, StoreError,
-    StoredToken, TaskFilter, new_id, random_hex,
+    Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
+    Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_init.sql"),
     include_str!("../migrations/sqlite/0002_agent_versions.sql"),
     include_str!("../migrations/sqlite/0003_outbox.sql"),
+    include_str!("../migrations/sqlite/0004_task_meta.sql"),
     include_str!("../migrations/sqlite/0005_retention.sql"),
 ];
 
@@ -211,9 +212,9 @@ impl SqliteStore {
                 .prepare_cached(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
-                        idempotency_key, state, ready, created_at, updated_at)
+                        idempotency_key, state, ready, created_at, updated_at, meta)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                        'queued', ?15, ?16, ?16)",
+                        'queued', ?15, ?16, ?16, ?17)",
                 )?
                 .execute(params![
                     id,
@@ -232,6 +233,7 @@ impl SqliteStore {
                     key,
                     !busy,
                     w.now,
+                    req.meta.as_ref().map(to_json),
                 ])?;
             let seq = w.conn.last_insert_rowid();
             w.event(seq, 0, "state", &serde_json::json!({"state": "queued"}))?;
@@ -419,8 +421,14 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn ack(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
+    pub(crate) async fn ack(
+        &self,
+        id: String,
+        at: AttemptRef,
+        lease_ms: Option<i64>,
+    ) -> Result<LeaseStatus> {
         self.write(move |w| {
+            let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id)?;
             w.check_attempt(&t, &at)?;
             match t.state {
@@ -428,7 +436,7 @@ impl SqliteStore {
                 // A retried ack of the same attempt: answer as the first one did.
                 TaskState::Running | TaskState::Cancelling => {
                     return Ok(LeaseStatus {
-                        lease_ms: w.settings.lease_ms,
+                        lease_ms,
                         lease_until: t.lease_until.unwrap_or(w.now),
                         cancel: t.state == TaskState::Cancelling,
                     });
@@ -447,7 +455,7 @@ impl SqliteStore {
                     at.attempt
                 )));
             }
-            let lease_until = w.now + w.settings.lease_ms;
+            let lease_until = w.now + lease_ms;
             w.conn
                 .prepare_cached(
                     "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
@@ -466,9 +474,35 @@ impl SqliteStore {
             w.deliver_started(&t)?;
             Ok(LeaseStatus {
                 lease_until,
-                lease_ms: w.settings.lease_ms,
+                lease_ms,
                 cancel: false,
             })
+        })
+        .await
+    }
+
+    pub(crate) async fn current_attempt(&self, id: String) -> Result<Option<CurrentAttempt>> {
+        self.read(move |c, _| {
+            let (attempt, lease_token, runner, state): (
+                u32,
+                Option<String>,
+                Option<String>,
+                String,
+            ) = c
+                .prepare_cached(
+                    "SELECT attempt, lease_token, runner, state FROM tasks WHERE id = ?1",
+                )?
+                .query_row(params![id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            Ok(lease_token.map(|lease_token| CurrentAttempt {
+                attempt,
+                lease_token,
+                runner,
+                state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+            }))
         })
         .await
     }
@@ -1415,7 +1449,9 @@ impl W<'_> {
 
     fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t)?;
-        let lease_until = self.now + self.settings.lease_ms;
+        // Never shortens a lease: one granted longer at ack (a runner that cannot heartbeat)
+        // keeps its length.
+        let lease_until = (self.now + self.settings.lease_ms).max(t.lease_until.unwrap_or(0));
         self.conn
             .prepare_cached("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
             .execute(params![t.seq, lease_until])?;
@@ -1818,7 +1854,7 @@ fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Op
 const TASK_COLUMNS: &str = "seq, session_key, id, agent, prompt, conversation, project, model,
     timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
     cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
-    started_at, finished_at, owner";
+    started_at, finished_at, owner, meta";
 
 fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Option<String>, Task)> {
     let state: String = r.get(13)?;
@@ -1842,6 +1878,9 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Option<String>, Task)> {
         session,
         max_attempts: r.get(11)?,
         reply_to: reply_to.and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
+        meta: r
+            .get::<_, Option<String>>(27)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
         state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
         attempt: r.get(14)?,
         runner: r.get(15)?,

@@ -244,6 +244,8 @@ conformance!(
     listing_and_counts,
     scope_hides_other_owners,
     prune_removes_only_old_finished_and_delivered,
+    long_lease_ack_and_current_attempt,
+    meta_is_kept_as_submitted,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -966,4 +968,101 @@ async fn prune_removes_only_old_finished_and_delivered(f: Fixture) {
     assert_eq!(pruned.tasks, 1, "{pruned:?}");
     f.store.task(&running.id, &Scope::All).await.unwrap();
     f.store.task(&queued.id, &Scope::All).await.unwrap();
+}
+
+async fn long_lease_ack_and_current_attempt(f: Fixture) {
+    let (t, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    assert_eq!(f.store.current_attempt(&t.id).await.unwrap(), None);
+    assert!(matches!(
+        f.store
+            .current_attempt("01900000-0000-7000-8000-000000000000")
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    let o = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+    let current = f.store.current_attempt(&t.id).await.unwrap().unwrap();
+    assert_eq!(current.attempt_ref(), attempt_of(&o));
+    assert_eq!(current.runner.as_deref(), Some("r1"));
+    assert_eq!(current.state, TaskState::Offered);
+
+    let long = 10 * QueueSettings::default().lease_ms;
+    let lease = f
+        .store
+        .ack_with_lease(&t.id, &attempt_of(&o), long)
+        .await
+        .unwrap();
+    assert_eq!(lease.lease_ms, long);
+    assert_eq!(lease.lease_until, f.clock.now_ms() + long);
+    // A heartbeat or an event never shortens it.
+    let hb = f.store.heartbeat(&t.id, &attempt_of(&o)).await.unwrap();
+    assert_eq!(hb.lease_until, lease.lease_until);
+    f.store
+        .append_events(
+            &t.id,
+            tunnel_protocol::AppendEvents {
+                attempt: o.attempt,
+                lease_token: o.lease_token.clone(),
+                events: vec![NewEvent {
+                    n: 1,
+                    kind: "text".into(),
+                    data: serde_json::json!({"text": "hi"}),
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    // Well past the configured lease, the task still runs.
+    f.clock.advance(5 * QueueSettings::default().lease_ms);
+    f.store.expire_due().await.unwrap();
+    let running = f.store.task(&t.id, &Scope::All).await.unwrap();
+    assert_eq!(running.state, TaskState::Running);
+    assert_eq!(running.lease_until, Some(lease.lease_until));
+    // Past the long lease, it is lost like any other.
+    f.clock.advance(5 * QueueSettings::default().lease_ms + 1);
+    f.store.expire_due().await.unwrap();
+    assert_eq!(
+        f.store.task(&t.id, &Scope::All).await.unwrap().state,
+        TaskState::Lost
+    );
+    // The lease token stays with the last attempt, so a replayed finish is still fenced.
+    assert_eq!(
+        f.store
+            .current_attempt(&t.id)
+            .await
+            .unwrap()
+            .map(|c| c.state),
+        Some(TaskState::Lost)
+    );
+}
+
+async fn meta_is_kept_as_submitted(f: Fixture) {
+    let mut req = SubmitTask::new("claude", "p");
+    let meta = serde_json::json!({"origin": "x", "nested": {"n": 1}});
+    req.meta = Some(meta.clone());
+    let (t, _) = f.store.submit("o", None, req).await.unwrap();
+    assert_eq!(t.meta.as_ref(), Some(&meta));
+    let o = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+    assert_eq!(o.task.meta.as_ref(), Some(&meta));
+    let listed = f
+        .store
+        .tasks(
+            TaskFilter {
+                limit: 10,
+                ..Default::default()
+            },
+            &Scope::All,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed[0].meta.as_ref(), Some(&meta));
+    let (plain, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "q"))
+        .await
+        .unwrap();
+    assert_eq!(plain.meta, None);
 }

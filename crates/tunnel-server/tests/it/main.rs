@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod compat;
 mod delivery;
 mod input;
 mod lifecycle;
