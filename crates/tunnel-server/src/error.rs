@@ -82,7 +82,8 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %m, "Store unavailable.");
                 ApiError::unavailable("the database is unavailable; try again")
             }
-            e @ (StoreError::Database(_) | StoreError::Corrupt(_)) => {
+            e
+            @ (StoreError::Database(_) | StoreError::Postgres { .. } | StoreError::Corrupt(_)) => {
                 tracing::error!(error = %e, "Store error.");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -40,6 +40,11 @@ pub struct ServerConfig {
     pub clock: Arc<dyn Clock>,
     /// Bot tokens and webhooks for delivering answers to `reply_to`.
     pub delivery: tunnel_delivery::PlatformsConfig,
+    /// Finished tasks (with their events and deliveries) are removed this long after they
+    /// finished; `None` keeps them forever.
+    pub retain_finished_ms: Option<i64>,
+    /// How often old finished tasks are looked for.
+    pub prune_every: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -53,9 +58,15 @@ impl ServerConfig {
             queue: QueueSettings::default(),
             clock: Arc::new(tunnel_store::SystemClock),
             delivery: tunnel_delivery::PlatformsConfig::default(),
+            retain_finished_ms: Some(DEFAULT_RETAIN_FINISHED_MS),
+            prune_every: std::time::Duration::from_secs(600),
         }
     }
 }
+
+/// Finished tasks are kept a week by default: long enough to look back, short enough that
+/// the database does not grow without bound.
+pub const DEFAULT_RETAIN_FINISHED_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +102,7 @@ pub struct Server {
     state: AppState,
     router: axum::Router,
     shutdown: CancellationToken,
+    retention: Option<(i64, std::time::Duration)>,
 }
 
 impl Server {
@@ -131,11 +143,24 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let retention = match config.retain_finished_ms {
+            Some(ms) if ms <= 0 => {
+                return Err(StartError::Config(
+                    "the retention of finished tasks must be positive (or off)".into(),
+                ));
+            }
+            Some(ms) => Some((
+                ms,
+                config.prune_every.max(std::time::Duration::from_millis(10)),
+            )),
+            None => None,
+        };
         Ok(Server {
             listener,
             state,
             router,
             shutdown,
+            retention,
         })
     }
 
@@ -186,6 +211,9 @@ impl Server {
             self.state.platforms.clone(),
         ));
         let tokens = tokio::spawn(token_reloader(self.state.clone()));
+        let pruner = self
+            .retention
+            .map(|(keep, every)| tokio::spawn(pruner(self.state.clone(), keep, every)));
         let token = self.shutdown.clone();
         // `into_make_service` shares one route table; passing the router builds one per
         // connection (about 10 KB each, which 10,000 parked long-polls feel).
@@ -196,6 +224,9 @@ impl Server {
         let _ = timer.await;
         let _ = sender.await;
         let _ = tokens.await;
+        if let Some(p) = pruner {
+            let _ = p.await;
+        }
         result
     }
 }
@@ -211,6 +242,53 @@ async fn token_reloader(state: AppState) {
                 }
             }
             _ = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Removes tasks finished more than `keep` ms ago, every `every`, in batches so the writer
+/// is never held long.
+async fn pruner(state: AppState, keep: i64, every: std::time::Duration) {
+    const BATCH: u32 = 500;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let before = state.clock.now_ms() - keep;
+        let mut total = tunnel_store::Pruned::default();
+        loop {
+            match state.store.prune(before, BATCH).await {
+                Ok(p) => {
+                    total.tasks += p.tasks;
+                    total.events += p.events;
+                    total.deliveries += p.deliveries;
+                    total.runners += p.runners;
+                    if p.tasks < u64::from(BATCH) && p.deliveries < u64::from(BATCH) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Removing old finished tasks failed; will retry.");
+                    break;
+                }
+            }
+            if state.shutdown.is_cancelled() {
+                return;
+            }
+        }
+        state
+            .metrics
+            .pruned_tasks
+            .fetch_add(total.tasks, std::sync::atomic::Ordering::Relaxed);
+        if total != tunnel_store::Pruned::default() {
+            tracing::info!(
+                tasks = total.tasks,
+                events = total.events,
+                deliveries = total.deliveries,
+                runners = total.runners,
+                "Removed data older than the retention."
+            );
         }
     }
 }

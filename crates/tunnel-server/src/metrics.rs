@@ -20,6 +20,7 @@ pub(crate) struct Metrics {
     pub(crate) deliveries_sent: AtomicU64,
     pub(crate) delivery_retries: AtomicU64,
     pub(crate) delivery_failures: AtomicU64,
+    pub(crate) pruned_tasks: AtomicU64,
     dispatch_buckets: [AtomicU64; BUCKETS.len()],
     dispatch_count: AtomicU64,
     dispatch_sum_us: AtomicU64,
@@ -138,6 +139,12 @@ impl Metrics {
             "tunnel_delivery_failures_total",
             "Deliveries given up.",
             self.delivery_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "tunnel_tasks_pruned_total",
+            "Finished tasks removed after the retention period.",
+            self.pruned_tasks.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

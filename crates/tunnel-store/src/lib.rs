@@ -39,6 +39,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// An error PostgreSQL reported that is not an outage (a constraint, a bad query).
+    #[error("PostgreSQL error {code}: {message}")]
+    Postgres { code: String, message: String },
     #[error("corrupt row: {0}")]
     Corrupt(String),
 }
@@ -215,6 +218,15 @@ impl CurrentAttempt {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueCounts {
     pub by_state: Vec<(TaskState, u64)>,
+}
+
+/// What one [`Store::prune`] call removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub tasks: u64,
+    pub events: u64,
+    pub deliveries: u64,
+    pub runners: u64,
 }
 
 /// The store. Cheap to clone; all clones share one database.
@@ -500,6 +512,17 @@ impl Store {
         match &*self.backend {
             Backend::Sqlite(s) => s.notify(target, text).await,
             Backend::Postgres(s) => s.notify(target, text).await,
+        }
+    }
+
+    /// Removes up to `limit` tasks that finished before `before` (ms) with their events and
+    /// deliveries, plus finished plain notifications and runners unseen since then. A task that
+    /// has not finished, or whose answer is still waiting to be delivered, is never removed.
+    /// Call it again while it returns `limit` tasks.
+    pub async fn prune(&self, before: i64, limit: u32) -> Result<Pruned> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.prune(before, limit).await,
+            Backend::Postgres(s) => s.prune(before, limit).await,
         }
     }
 

@@ -61,6 +61,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_task_meta",
         include_str!("../migrations/postgres/0004_task_meta.sql"),
     ),
+    (
+        "0005_retention",
+        include_str!("../migrations/postgres/0005_retention.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -87,23 +91,12 @@ type P<'a> = &'a (dyn ToSql + Sync);
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
-            // The server going away or refusing connections (admin shutdown, restart, too
-            // many connections, connection exceptions): an outage, try again.
-            Some(db)
-                if e.is_closed()
-                    || ["08", "53", "57"]
-                        .iter()
-                        .any(|class| db.code().code().starts_with(class)) =>
-            {
-                StoreError::Unavailable(format!("PostgreSQL: {}", db.message()))
-            }
-            // An error the database reported: a bug or a corrupt row, not an outage.
-            Some(db) => StoreError::Corrupt(format!(
-                "PostgreSQL error {}: {}",
-                db.code().code(),
-                db.message()
-            )),
-            // The connection: closed, refused, timed out.
+            // An error the database reported that is not an outage: a bug, not a retry.
+            Some(db) if !connection_lost(&e) => StoreError::Postgres {
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+            },
+            Some(db) => StoreError::Unavailable(format!("PostgreSQL: {}", db.message())),
             None => StoreError::Unavailable(format!("PostgreSQL: {e}")),
         }
     }
@@ -1470,6 +1463,55 @@ impl PgStore {
                 0,
             )
             .await
+        })
+    }
+
+    pub(crate) async fn prune(&self, before: i64, limit: u32) -> Result<crate::Pruned> {
+        write!(self, |w| {
+            // SKIP LOCKED: another server pruning at the same time takes other rows.
+            let rows = w
+                .all(
+                    "SELECT seq FROM tasks t
+                     WHERE finished_at IS NOT NULL AND finished_at < $1
+                       AND NOT EXISTS (SELECT 1 FROM outbox o
+                                       WHERE o.task_seq = t.seq AND o.state = 'pending')
+                     ORDER BY finished_at LIMIT $2
+                     FOR UPDATE OF t SKIP LOCKED",
+                    &[&before, &i64::from(limit)],
+                )
+                .await?;
+            let seqs = rows
+                .iter()
+                .map(|r| get::<i64>(r, 0))
+                .collect::<Result<Vec<i64>>>()?;
+            let mut out = crate::Pruned::default();
+            if !seqs.is_empty() {
+                out.events = w
+                    .exec("DELETE FROM task_events WHERE task_seq = ANY($1)", &[&seqs])
+                    .await?;
+                out.deliveries = w
+                    .exec("DELETE FROM outbox WHERE task_seq = ANY($1)", &[&seqs])
+                    .await?;
+                out.tasks = w
+                    .exec("DELETE FROM tasks WHERE seq = ANY($1)", &[&seqs])
+                    .await?;
+            }
+            out.deliveries += w
+                .exec(
+                    "DELETE FROM outbox WHERE id IN (
+                        SELECT id FROM outbox WHERE task_seq IS NULL AND state <> 'pending'
+                          AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&before, &i64::from(limit)],
+                )
+                .await?;
+            out.runners = w
+                .exec(
+                    "DELETE FROM runners WHERE last_seen < $1 AND NOT EXISTS (
+                        SELECT 1 FROM tasks WHERE runner = runners.name AND finished_at IS NULL)",
+                    &[&before],
+                )
+                .await?;
+            Ok(out)
         })
     }
 

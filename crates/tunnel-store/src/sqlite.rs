@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0002_agent_versions.sql"),
     include_str!("../migrations/sqlite/0003_outbox.sql"),
     include_str!("../migrations/sqlite/0004_task_meta.sql"),
+    include_str!("../migrations/sqlite/0005_retention.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -1084,6 +1085,49 @@ impl SqliteStore {
                 Some(&serde_json::json!({"text": text})),
                 0,
             )
+        })
+        .await
+    }
+
+    pub(crate) async fn prune(&self, before: i64, limit: u32) -> Result<crate::Pruned> {
+        self.write(move |w| {
+            let seqs = w
+                .conn
+                .prepare_cached(
+                    "SELECT seq FROM tasks t
+                     WHERE finished_at IS NOT NULL AND finished_at < ?1
+                       AND NOT EXISTS (SELECT 1 FROM outbox o
+                                       WHERE o.task_seq = t.seq AND o.state = 'pending')
+                     ORDER BY finished_at LIMIT ?2",
+                )?
+                .query_map(params![before, limit], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            let mut out = crate::Pruned::default();
+            for seq in seqs {
+                // One table at a time: SQLite does not count cascaded deletes.
+                let delete = |sql: &str| -> Result<u64> {
+                    Ok(w.conn.prepare_cached(sql)?.execute([seq])? as u64)
+                };
+                out.events += delete("DELETE FROM task_events WHERE task_seq = ?1")?;
+                out.deliveries += delete("DELETE FROM outbox WHERE task_seq = ?1")?;
+                out.tasks += delete("DELETE FROM tasks WHERE seq = ?1")?;
+            }
+            out.deliveries += w
+                .conn
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE id IN (
+                        SELECT id FROM outbox WHERE task_seq IS NULL AND state <> 'pending'
+                          AND updated_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before, limit])? as u64;
+            out.runners += w
+                .conn
+                .prepare_cached(
+                    "DELETE FROM runners WHERE last_seen < ?1 AND NOT EXISTS (
+                        SELECT 1 FROM tasks WHERE runner = runners.name AND finished_at IS NULL)",
+                )?
+                .execute([before])? as u64;
+            Ok(out)
         })
         .await
     }

@@ -243,6 +243,7 @@ conformance!(
     outbox_keeps_destination_order_and_reports_status,
     listing_and_counts,
     scope_hides_other_owners,
+    prune_removes_only_old_finished_and_delivered,
     long_lease_ack_and_current_attempt,
     meta_is_kept_as_submitted,
 );
@@ -863,6 +864,111 @@ async fn scope_hides_other_owners(f: Fixture) {
 }
 
 mod postgres_only;
+
+/// Marks every due delivery sent, until none is due.
+async fn deliver_all(store: &Store) -> usize {
+    let mut sent = 0;
+    loop {
+        let (due, _) = store.due_deliveries(10).await.unwrap();
+        if due.is_empty() {
+            return sent;
+        }
+        for d in due {
+            store
+                .update_delivery(d.id, DeliveryUpdate::Sent { message_id: None })
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+}
+
+async fn prune_removes_only_old_finished_and_delivered(f: Fixture) {
+    let with_reply = |channel: &str| {
+        let mut req = SubmitTask::new("claude", "p");
+        req.reply_to = Some(discord(channel));
+        req
+    };
+    // Old, finished, everything delivered: the one to go.
+    let (old, _) = f.store.submit("o", None, with_reply("a")).await.unwrap();
+    let o = f.store.claim(&claim_req("gone")).await.unwrap().unwrap();
+    run_to_end(&f.store, &o).await;
+    f.store.notify(discord("n"), "note".into()).await.unwrap();
+    assert!(deliver_all(&f.store).await >= 3, "working, final, note");
+    // Old and finished, but its answer is not delivered yet: kept.
+    let (undelivered, _) = f.store.submit("o", None, with_reply("b")).await.unwrap();
+    let ou = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    run_to_end(&f.store, &ou).await;
+    // Old but running, and old but queued: kept.
+    let (running, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let or = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    f.store.ack(&running.id, &attempt_of(&or)).await.unwrap();
+    let mut other = SubmitTask::new("codex", "p");
+    other.conversation = Some("c".into());
+    let (queued, _) = f.store.submit("o", None, other).await.unwrap();
+
+    f.clock.advance(10_000);
+    let (recent, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let orc = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    run_to_end(&f.store, &orc).await;
+
+    let cutoff = f.clock.now_ms() - 5_000;
+    let pruned = f.store.prune(cutoff, 100).await.unwrap();
+    assert_eq!(pruned.tasks, 1, "{pruned:?}");
+    assert!(
+        pruned.events >= 3,
+        "queued, offered, running, succeeded: {pruned:?}"
+    );
+    // working + final of `old`, and the plain note.
+    assert_eq!(pruned.deliveries, 3, "{pruned:?}");
+    assert_eq!(
+        pruned.runners, 1,
+        "`gone` has not been seen since: {pruned:?}"
+    );
+    let gone = f.store.task(&old.id, &Scope::All).await.unwrap_err();
+    assert!(matches!(gone, StoreError::NotFound(_)), "{gone:?}");
+    assert!(
+        f.store.events(&old.id, &Scope::All, 0, 10).await.is_err(),
+        "events go with their task"
+    );
+    for id in [&undelivered.id, &running.id, &queued.id, &recent.id] {
+        f.store.task(id, &Scope::All).await.unwrap();
+    }
+    let runners: Vec<String> = f
+        .store
+        .runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(runners, ["r"]);
+
+    // Nothing more until the answer is delivered; then it goes too.
+    assert_eq!(f.store.prune(cutoff, 100).await.unwrap(), Pruned::default());
+    assert!(deliver_all(&f.store).await >= 1);
+    let pruned = f.store.prune(cutoff, 100).await.unwrap();
+    assert_eq!(pruned.tasks, 1, "{pruned:?}");
+    f.store
+        .task(&undelivered.id, &Scope::All)
+        .await
+        .unwrap_err();
+
+    // The limit bounds one call.
+    f.clock.advance(10_000);
+    let pruned = f.store.prune(f.clock.now_ms(), 1).await.unwrap();
+    assert_eq!(pruned.tasks, 1, "{pruned:?}");
+    f.store.task(&running.id, &Scope::All).await.unwrap();
+    f.store.task(&queued.id, &Scope::All).await.unwrap();
+}
 
 async fn long_lease_ack_and_current_attempt(f: Fixture) {
     let (t, _) = f

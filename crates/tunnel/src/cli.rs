@@ -167,6 +167,11 @@ pub(crate) struct ServeArgs {
     /// Seconds a lease lasts without a heartbeat [default: 30].
     #[arg(long, env = "TUNNEL_LEASE")]
     pub(crate) lease: Option<u64>,
+    /// How long finished tasks (with their events and delivered messages) are kept, as 7d,
+    /// 12h, 30m or 90s; "off" keeps them forever. Queued and running tasks are never removed
+    /// [default: 7d].
+    #[arg(long, env = "TUNNEL_RETENTION", value_name = "DURATION")]
+    pub(crate) retention: Option<String>,
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,

@@ -8,6 +8,7 @@
 //! max_body_bytes = 4194304
 //! ack_timeout_secs = 15
 //! lease_secs = 30
+//! retention = "7d"           # finished tasks kept this long; "off" keeps them forever
 //! log_format = "text"        # or "json"
 //!
 //! [client]
@@ -94,6 +95,7 @@ pub(crate) struct ServerSection {
     pub(crate) max_body_bytes: Option<usize>,
     pub(crate) ack_timeout_secs: Option<u64>,
     pub(crate) lease_secs: Option<u64>,
+    pub(crate) retention: Option<String>,
     pub(crate) log_format: Option<String>,
 }
 

@@ -87,6 +87,15 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
         lease_ms: secs_ms("lease", args.lease.or(f.lease_secs))?.unwrap_or(defaults.lease_ms),
         runner_online_ms: defaults.runner_online_ms,
     };
+    if let Some(r) = args.retention.or(f.retention) {
+        cfg.retain_finished_ms = parse_retention(&r)?;
+        // Look often enough that nothing outlives its retention by more than a tenth.
+        if let Some(ms) = cfg.retain_finished_ms {
+            cfg.prune_every = cfg
+                .prune_every
+                .min(std::time::Duration::from_millis((ms / 10).max(1_000) as u64));
+        }
+    }
 
     let server = Server::bind(cfg).await.context("cannot start the server")?;
     if worker_token.is_none()
@@ -110,6 +119,32 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
     tracing::info!(address = %addr, database = %shown, "Tunnel server listening.");
 
     Ok(Prepared { server })
+}
+
+/// `7d`, `12h`, `30m`, `90s` → milliseconds; `off` → keep forever.
+fn parse_retention(s: &str) -> Result<Option<i64>> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    let bad = || {
+        anyhow::anyhow!(
+            "retention {s:?} is not a duration: use a number with s, m, h or d (e.g. 7d, 12h), or off"
+        )
+    };
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let unit_ms: i64 = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        bail!("retention must be more than 0 (use off to keep finished tasks forever)");
+    }
+    n.checked_mul(unit_ms).map(Some).ok_or_else(bad)
 }
 
 /// A database URL without its password, for logs.
@@ -227,6 +262,21 @@ async fn wait_for_signal() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retention_durations() {
+        let p = super::parse_retention;
+        assert_eq!(p("7d").unwrap(), Some(7 * 86_400_000));
+        assert_eq!(p(" 12h ").unwrap(), Some(12 * 3_600_000));
+        assert_eq!(p("30m").unwrap(), Some(1_800_000));
+        assert_eq!(p("90s").unwrap(), Some(90_000));
+        assert_eq!(p("off").unwrap(), None);
+        for bad in ["", "7", "d", "7w", "-1d", "1.5h", "99999999999999999999d"] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains("not a duration"), "{bad}: {e}");
+        }
+        assert!(p("0d").unwrap_err().to_string().contains("off"));
+    }
+
     #[test]
     fn database_urls_lose_their_passwords() {
         let r = super::redact_url;

@@ -32,6 +32,9 @@ pub struct TestServer {
 pub struct Options {
     pub max_body_bytes: Option<usize>,
     pub delivery: tunnel_delivery::PlatformsConfig,
+    /// Retention of finished tasks (clock ms) and how often to prune; the server's default
+    /// (a week) when `None`.
+    pub retention: Option<(i64, std::time::Duration)>,
 }
 
 impl TestServer {
@@ -43,8 +46,9 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let db_path = dir.path().join("tunnel.db");
         let clock = Arc::new(ManualClock::new(START_MS));
-        let mut s = launch(db_path, clock, opts.max_body_bytes, opts.delivery.clone()).await;
-        s.delivery = opts.delivery;
+        let delivery = opts.delivery.clone();
+        let mut s = launch(db_path, clock, opts).await;
+        s.delivery = delivery;
         s.client = s.create_token("client").await;
         s.runner = s.create_token("runner").await;
         s.dir = Some(dir);
@@ -62,7 +66,11 @@ impl TestServer {
         );
         let delivery = self.delivery.clone();
         self.stop().await;
-        let mut s = launch(db, clock, None, delivery.clone()).await;
+        let opts = Options {
+            delivery: delivery.clone(),
+            ..Options::default()
+        };
+        let mut s = launch(db, clock, opts).await;
         s.delivery = delivery;
         s.client = client;
         s.runner = runner;
@@ -202,12 +210,7 @@ impl TestServer {
     }
 }
 
-async fn launch(
-    db_path: PathBuf,
-    clock: Arc<ManualClock>,
-    max_body: Option<usize>,
-    delivery: tunnel_delivery::PlatformsConfig,
-) -> TestServer {
+async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, opts: Options) -> TestServer {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let database = Database::Sqlite {
         path: db_path.clone(),
@@ -216,10 +219,14 @@ async fn launch(
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), database);
     config.worker_token = Some(WORKER_TOKEN.into());
     config.clock = clock.clone();
-    if let Some(b) = max_body {
+    if let Some(b) = opts.max_body_bytes {
         config.max_body_bytes = b;
     }
-    config.delivery = delivery;
+    config.delivery = opts.delivery;
+    if let Some((keep, every)) = opts.retention {
+        config.retain_finished_ms = Some(keep);
+        config.prune_every = every;
+    }
     let server = Server::bind(config).await.unwrap();
     let url = format!("http://{}", server.local_addr());
     let shutdown = server.shutdown_token();

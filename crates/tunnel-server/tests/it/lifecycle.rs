@@ -522,3 +522,57 @@ async fn a_held_heartbeat_returns_as_soon_as_cancel_is_asked() {
     );
     assert_eq!(hb["lease_ms"], s.settings().lease_ms);
 }
+
+#[tokio::test]
+async fn finished_tasks_are_removed_after_the_retention_but_open_ones_stay() {
+    let s = TestServer::start_with(crate::common::Options {
+        retention: Some((60_000, std::time::Duration::from_millis(20))),
+        ..Default::default()
+    })
+    .await;
+    let done = s.submit(json!({"agent": "claude", "prompt": "old"})).await;
+    let offer = s.claim("r1", &["claude"], 0).await.expect("an offer");
+    s.run_to_success(&offer, "answer").await;
+    let running = s.submit(json!({"agent": "claude", "prompt": "long"})).await;
+    let offer = s.claim("r1", &["claude"], 0).await.expect("an offer");
+    let (st, _) = s.attempt_call(&offer, "ack", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let queued = s
+        .submit(json!({"agent": "codex", "prompt": "waiting"}))
+        .await;
+
+    // Not old enough yet: several prune rounds leave it alone.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(s.task(&id(&done)).await["state"], "succeeded");
+
+    // Past the retention, with the running task's lease kept alive on the way.
+    for _ in 0..4 {
+        let (st, _) = s.attempt_call(&offer, "heartbeat", json!({})).await;
+        assert_eq!(st, StatusCode::OK);
+        s.clock.advance(15_500);
+    }
+    let (st, _) = s.attempt_call(&offer, "heartbeat", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let mut gone = false;
+    for _ in 0..200 {
+        let (st, _) = s.get(&format!("/v1/tasks/{}", id(&done)), &s.client).await;
+        if st == StatusCode::NOT_FOUND {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(gone, "the finished task outlived its retention");
+    assert_eq!(s.task(&id(&running)).await["state"], "running");
+    assert_eq!(s.task(&id(&queued)).await["state"], "queued");
+    let (_, metrics) = s
+        .request(reqwest::Method::GET, "/metrics", None, None)
+        .await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("tunnel_tasks_pruned_total 1\n"),
+        "{metrics}"
+    );
+}

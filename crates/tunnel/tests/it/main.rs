@@ -404,6 +404,19 @@ fn config_file_is_read_and_checked() {
         "{}",
         stderr(&out)
     );
+
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\nretention = \"2 weeks\"\n",
+    )
+    .unwrap();
+    let out = run_in(dir.path(), &["serve"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("retention \"2 weeks\" is not a duration"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
