@@ -1078,3 +1078,103 @@ async fn api_v1_tasks_reach_an_original_runner_safely() {
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_original_runners_take_each_task_once_in_session_order() {
+    let s = Arc::new(TestServer::start().await);
+    const SESSIONS: usize = 6;
+    const PER_SESSION: usize = 10;
+    let mut ids = Vec::new();
+    for i in 0..PER_SESSION {
+        for k in 0..SESSIONS {
+            let c = submit_cc(&s, &format!("s{k}-{i}"), Some(&format!("sess-{k}"))).await;
+            ids.push(c["taskId"].as_str().unwrap().to_owned());
+        }
+    }
+    // Four runners polling at once, as four original runners (each answers with its prompt).
+    let handed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let mut runners = Vec::new();
+    for _ in 0..4 {
+        let (s, handed) = (s.clone(), handed.clone());
+        runners.push(tokio::spawn(async move {
+            loop {
+                let t = poll(&s, 1_000).await;
+                if t.is_null() {
+                    if handed.lock().unwrap().len() == SESSIONS * PER_SESSION {
+                        return;
+                    }
+                    continue;
+                }
+                let prompt = t["prompt"].as_str().unwrap().to_owned();
+                handed
+                    .lock()
+                    .unwrap()
+                    .push((t["id"].as_str().unwrap().to_owned(), prompt.clone()));
+                let (st, v) = post_result(
+                    &s,
+                    json!({"taskId": t["id"], "stdout": prompt, "exitCode": 0}),
+                )
+                .await;
+                assert_eq!(st, StatusCode::OK, "{v}");
+            }
+        }));
+    }
+    for r in runners {
+        tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let handed = handed.lock().unwrap().clone();
+    let mut unique: Vec<&String> = handed.iter().map(|(id, _)| id).collect();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), handed.len(), "a task was handed out twice");
+    assert_eq!(handed.len(), SESSIONS * PER_SESSION);
+    for k in 0..SESSIONS {
+        let order: Vec<&str> = handed
+            .iter()
+            .filter(|(_, p)| p.starts_with(&format!("s{k}-")))
+            .map(|(_, p)| p.as_str())
+            .collect();
+        let want: Vec<String> = (0..PER_SESSION).map(|i| format!("s{k}-{i}")).collect();
+        assert_eq!(order, want, "session {k} out of order");
+    }
+    for id in &ids {
+        let t = v1_task(&s, id).await;
+        assert_eq!(
+            (t["state"].as_str(), t["attempt"].as_u64()),
+            (Some("succeeded"), Some(1)),
+            "{t}"
+        );
+        assert_eq!(t["result"]["text"], t["prompt"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_wait_answers_when_the_result_arrives() {
+    let s = Arc::new(TestServer::start().await);
+    let c = submit_cc(&s, "wait for me", None).await;
+    let id = c["taskId"].as_str().unwrap().to_owned();
+    poll(&s, 5_000).await;
+    let waiter = {
+        let (s, id) = (s.clone(), id.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = seed(&s, Method::GET, &format!("/tasks/{id}?wait=60000"), None).await;
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    post_result(&s, json!({"taskId": id, "stdout": "here", "exitCode": 0})).await;
+    let ((st, r), took) = waiter.await.unwrap();
+    assert_eq!(
+        (st, r["stdout"].as_str()),
+        (StatusCode::OK, Some("here")),
+        "{r}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "woken by the result, not the 60 s wait: {took:?}"
+    );
+}
