@@ -929,6 +929,9 @@ async fn codex_and_gemini_submits_and_the_read_routes() {
     // `/health` answers the Docker healthcheck and reveals nothing.
     let (st, text) = raw(&s, Method::GET, "/health", None, None, None).await;
     assert_eq!((st, text.as_str()), (StatusCode::OK, r#"{"status":"ok"}"#));
+    // The original's Docker healthcheck is `wget -q --spider …/health`: a HEAD request.
+    let (st, _) = raw(&s, Method::HEAD, "/health", None, None, None).await;
+    assert_eq!(st, StatusCode::OK);
 }
 
 // ---------------------------------------------------------------------------------------------
