@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
 
+mod chaos;
+
 /// A `tunnel serve` child process on a free port with its own data dir.
 struct Served {
     child: Child,
