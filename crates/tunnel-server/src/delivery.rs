@@ -67,7 +67,7 @@ async fn deliver(state: AppState, platforms: Arc<Platforms>, pause: Arc<Mutex<i6
     let now = state.clock.now_ms();
     let paused_until = *pause.lock().unwrap_or_else(|p| p.into_inner());
     if d.target.platform == Platform::Discord && paused_until > now {
-        let update = DeliveryUpdate::Retry {
+        let update = DeliveryUpdate::Wait {
             at: paused_until,
             error: "Discord's global rate limit".into(),
         };
@@ -82,7 +82,7 @@ async fn deliver(state: AppState, platforms: Arc<Platforms>, pause: Arc<Mutex<i6
                 let mut p = pause.lock().unwrap_or_else(|p| p.into_inner());
                 *p = (*p).max(at);
             }
-            DeliveryUpdate::Retry {
+            DeliveryUpdate::Wait {
                 at,
                 error: format!("rate limited for {} ms", after.as_millis()),
             }
@@ -111,7 +111,9 @@ async fn record(state: &AppState, d: &Delivery, update: DeliveryUpdate) {
     let m = &state.metrics;
     match &update {
         DeliveryUpdate::Sent { .. } => m.deliveries_sent.fetch_add(1, Relaxed),
-        DeliveryUpdate::Retry { .. } => m.delivery_retries.fetch_add(1, Relaxed),
+        DeliveryUpdate::Retry { .. } | DeliveryUpdate::Wait { .. } => {
+            m.delivery_retries.fetch_add(1, Relaxed)
+        }
         DeliveryUpdate::Failed { .. } => m.delivery_failures.fetch_add(1, Relaxed),
         DeliveryUpdate::Parts { .. } => 0,
     };

@@ -40,11 +40,9 @@ pub(crate) struct Faults {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Message {
-    pub(crate) id: u64,
     /// Discord channel id or Telegram chat id.
     pub(crate) channel: String,
     pub(crate) text: String,
-    pub(crate) at: Instant,
 }
 
 #[derive(Default)]
@@ -126,7 +124,10 @@ impl Chat {
             ],
             Kind::Telegram => vec![
                 ("TELEGRAM_BOT_TOKEN".into(), TELEGRAM_TOKEN.into()),
-                ("TELEGRAM_API_BASE_URL".into(), format!("http://{}", self.addr)),
+                (
+                    "TELEGRAM_API_BASE_URL".into(),
+                    format!("http://{}", self.addr),
+                ),
             ],
         }
     }
@@ -246,24 +247,48 @@ impl Chat {
         let (channel, create, edit) = match self.kind {
             Kind::Discord => {
                 if auth != Some(&format!("Bot {DISCORD_TOKEN}")) {
-                    return Plan::Answer(401, json!({"message": "401: Unauthorized", "code": 0}), vec![]);
+                    return Plan::Answer(
+                        401,
+                        json!({"message": "401: Unauthorized", "code": 0}),
+                        vec![],
+                    );
                 }
                 let p: Vec<&str> = path.trim_start_matches('/').split('/').collect();
                 match (method, p.as_slice()) {
-                    ("POST", ["api", "v10", "channels", ch, "messages"]) => (ch.to_string(), true, false),
-                    ("PATCH", ["api", "v10", "channels", ch, "messages", _]) => (ch.to_string(), false, true),
-                    _ => return Plan::Answer(404, json!({"message": "404: Not Found", "code": 0}), vec![]),
+                    ("POST", ["api", "v10", "channels", ch, "messages"]) => {
+                        (ch.to_string(), true, false)
+                    }
+                    ("PATCH", ["api", "v10", "channels", ch, "messages", _]) => {
+                        (ch.to_string(), false, true)
+                    }
+                    _ => {
+                        return Plan::Answer(
+                            404,
+                            json!({"message": "404: Not Found", "code": 0}),
+                            vec![],
+                        );
+                    }
                 }
             }
             Kind::Telegram => {
                 let Some(m) = path.strip_prefix(&format!("/bot{TELEGRAM_TOKEN}/")) else {
-                    return Plan::Answer(401, json!({"ok": false, "error_code": 401, "description": "Unauthorized"}), vec![]);
+                    return Plan::Answer(
+                        401,
+                        json!({"ok": false, "error_code": 401, "description": "Unauthorized"}),
+                        vec![],
+                    );
                 };
                 let ch = body["chat_id"].to_string().trim_matches('"').to_owned();
                 match m {
                     "sendMessage" => (ch, true, false),
                     "editMessageText" => (ch, false, true),
-                    _ => return Plan::Answer(404, json!({"ok": false, "error_code": 404, "description": "Not Found"}), vec![]),
+                    _ => {
+                        return Plan::Answer(
+                            404,
+                            json!({"ok": false, "error_code": 404, "description": "Not Found"}),
+                            vec![],
+                        );
+                    }
                 }
             }
         };
@@ -287,7 +312,11 @@ impl Chat {
             let (lo, hi) = f.retry_after;
             let after = ((lo + (hi - lo) * st.draw()) * 1000.0).round() / 1000.0;
             let global = self.kind == Kind::Discord && st.draw() < f.global;
-            let key = if global { String::new() } else { channel.clone() };
+            let key = if global {
+                String::new()
+            } else {
+                channel.clone()
+            };
             st.limited_until
                 .insert(key, now + Duration::from_secs_f64(after));
             *st.counts.entry("429").or_default() += 1;
@@ -301,7 +330,10 @@ impl Chat {
                         ("x-ratelimit-remaining".into(), "0".into()),
                         ("x-ratelimit-reset-after".into(), format!("{after:.3}")),
                         ("x-ratelimit-bucket".into(), "chaos0001".into()),
-                        ("x-ratelimit-scope".into(), if global { "global" } else { "user" }.into()),
+                        (
+                            "x-ratelimit-scope".into(),
+                            if global { "global" } else { "user" }.into(),
+                        ),
                     ]
                     .into_iter()
                     .chain(global.then(|| ("x-ratelimit-global".to_owned(), "true".to_owned())))
@@ -319,8 +351,16 @@ impl Chat {
         if pick(f.server_error) {
             *st.counts.entry("500").or_default() += 1;
             return match self.kind {
-                Kind::Discord => Plan::Answer(500, json!({"message": "500: Internal Server Error", "code": 0}), vec![]),
-                Kind::Telegram => Plan::Answer(500, json!({"ok": false, "error_code": 500, "description": "Internal Server Error"}), vec![]),
+                Kind::Discord => Plan::Answer(
+                    500,
+                    json!({"message": "500: Internal Server Error", "code": 0}),
+                    vec![],
+                ),
+                Kind::Telegram => Plan::Answer(
+                    500,
+                    json!({"ok": false, "error_code": 500, "description": "Internal Server Error"}),
+                    vec![],
+                ),
             };
         }
         if pick(f.reset_before) {
@@ -347,10 +387,8 @@ impl Chat {
                 None => {
                     let id = 1_000_000 + st.messages.len() as u64;
                     st.messages.push(Message {
-                        id,
                         channel: channel.clone(),
                         text: text.clone(),
-                        at: now,
                     });
                     if let Some(n) = nonce {
                         st.nonces.insert(n, id);
@@ -362,7 +400,11 @@ impl Chat {
             debug_assert!(edit);
             st.edits += 1;
             match self.kind {
-                Kind::Discord => path.rsplit('/').next().and_then(|s| s.parse().ok()).unwrap_or(0),
+                Kind::Discord => path
+                    .rsplit('/')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
                 Kind::Telegram => body["message_id"].as_u64().unwrap_or(0),
             }
         };

@@ -172,18 +172,24 @@ impl Server {
         assert!(self.child.is_none());
         for _ in 0..50 {
             let mut cmd = Command::new(BIN);
-            cmd.args(["serve", "--port", &self.port.to_string(), "--log-format", "json"])
-                .args(&self.args)
-                .env("XDG_DATA_HOME", &self.data)
-                .env("XDG_CONFIG_HOME", &self.data)
-                .env("WORKER_TOKEN", TOKEN)
-                .env("RUST_LOG", "info")
-                .env_remove("TUNNEL_TOKEN")
-                .env_remove("PORT")
-                .env_remove("DATABASE_URL")
-                .current_dir(&self.data)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
+            cmd.args([
+                "serve",
+                "--port",
+                &self.port.to_string(),
+                "--log-format",
+                "json",
+            ])
+            .args(&self.args)
+            .env("XDG_DATA_HOME", &self.data)
+            .env("XDG_CONFIG_HOME", &self.data)
+            .env("WORKER_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .env_remove("TUNNEL_TOKEN")
+            .env_remove("PORT")
+            .env_remove("DATABASE_URL")
+            .current_dir(&self.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
             for (k, v) in &self.env {
                 cmd.env(k, v);
             }
@@ -234,10 +240,6 @@ impl Server {
     pub(crate) fn sigterm(&mut self) -> (ExitStatus, Duration) {
         let mut c = self.child.take().expect("running");
         sigterm(&mut c)
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -476,7 +478,11 @@ impl Api {
     }
 
     /// Waits until every task is in a terminal state (or `limit` passes); returns them.
-    pub(crate) async fn wait_all(&self, ids: &[String], limit: Duration) -> BTreeMap<String, Value> {
+    pub(crate) async fn wait_all(
+        &self,
+        ids: &[String],
+        limit: Duration,
+    ) -> BTreeMap<String, Value> {
         let t = Instant::now();
         let mut done = BTreeMap::new();
         loop {
@@ -513,7 +519,11 @@ impl Api {
 }
 
 /// A task body for the fake agent.
-pub(crate) fn task_body(prompt: &str, conversation: Option<&str>, reply_to: Option<Value>) -> Value {
+pub(crate) fn task_body(
+    prompt: &str,
+    conversation: Option<&str>,
+    reply_to: Option<Value>,
+) -> Value {
     let mut b = json!({"agent": "fake", "prompt": prompt});
     if let Some(c) = conversation {
         b["conversation"] = c.into();
@@ -535,20 +545,23 @@ pub(crate) struct Tally {
     pub(crate) answered_twice: usize,
     pub(crate) unanswered: usize,
     pub(crate) out_of_order: usize,
+    /// Answers posted somewhere else than the task's `reply_to`.
+    pub(crate) misdirected: usize,
 }
 
 impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "tasks {} · lost (not succeeded) {} · run twice {} · never run {} · answered twice {} · unanswered {} · answers out of order {}",
+            "tasks {} · lost (not succeeded) {} · run twice {} · never run {} · answered twice {} · unanswered {} · answers out of order {} · misdirected {}",
             self.tasks,
             self.lost,
             self.duplicates,
             self.not_run,
             self.answered_twice,
             self.unanswered,
-            self.out_of_order
+            self.out_of_order,
+            self.misdirected
         )
     }
 }
@@ -593,8 +606,19 @@ pub(crate) fn tally(
         duplicates: starts.values().filter(|n| **n > 1).count(),
         not_run: ids.iter().filter(|id| !starts.contains_key(*id)).count(),
         answered_twice: answers.values().filter(|v| v.len() > 1).count(),
-        unanswered: ids.iter().filter(|id| !answers.contains_key(id.as_str())).count(),
+        unanswered: ids
+            .iter()
+            .filter(|id| !answers.contains_key(id.as_str()))
+            .count(),
         out_of_order,
+        misdirected: finals
+            .iter()
+            .filter(|(id, m)| {
+                tasks
+                    .get(id)
+                    .is_some_and(|t| t["reply_to"]["channel"].as_str() != Some(m.channel.as_str()))
+            })
+            .count(),
     }
 }
 
@@ -605,7 +629,8 @@ pub(crate) fn assert_clean(t: &Tally, what: &str) {
             && t.not_run == 0
             && t.answered_twice == 0
             && t.unanswered == 0
-            && t.out_of_order == 0,
+            && t.out_of_order == 0
+            && t.misdirected == 0,
         "{what}: {t}"
     );
 }
