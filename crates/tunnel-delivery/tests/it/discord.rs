@@ -46,9 +46,13 @@ async fn post_has_discords_exact_shape_and_never_pings() {
 async fn post_once_sends_a_nonce_discord_enforces() {
     let d = StandIn::discord().await;
     let p = platforms(Some(&d), None, None);
-    p.post_once(&to(Platform::Discord, "123"), "answer", Some("0a1b2c3d.42.0"))
-        .await
-        .unwrap();
+    p.post_once(
+        &to(Platform::Discord, "123"),
+        "answer",
+        Some("0a1b2c3d.42.0"),
+    )
+    .await
+    .unwrap();
     // Longer than Discord's 25 characters: sent without one rather than refused.
     p.post_once(&to(Platform::Discord, "123"), "b", Some(&"x".repeat(26)))
         .await
