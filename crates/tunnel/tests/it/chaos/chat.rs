@@ -56,8 +56,9 @@ struct State {
     messages: Vec<Message>,
     edits: usize,
     nonces: HashMap<String, u64>,
-    /// Channel ("" for Discord's global limit) → no request allowed before then.
-    limited_until: HashMap<String, Instant>,
+    /// Channel ("" for Discord's global limit) → (when the 429 was given, no request allowed
+    /// before then).
+    limited_until: HashMap<String, (Instant, Instant)>,
     /// (channel, how early) for each request that ignored a retry_after.
     early: Vec<(String, Duration)>,
     counts: HashMap<&'static str, usize>,
@@ -292,12 +293,15 @@ impl Chat {
                 }
             }
         };
-        // Did the client wait as long as it was told to?
+        // Did the client wait as long as it was told to? Requests already on their way when
+        // the 429 went out (other channels, for a global limit) could not know yet.
         for key in [channel.as_str(), ""] {
-            if let Some(until) = st.limited_until.get(key).copied()
+            if let Some((given, until)) = st.limited_until.get(key).copied()
+                && now > given + Duration::from_millis(100)
                 && now + Duration::from_millis(20) < until
             {
-                st.early.push((channel.clone(), until - now));
+                let what = if key.is_empty() { "global" } else { "channel" };
+                st.early.push((format!("{channel} ({what})"), until - now));
             }
         }
         let f = st.faults.clone();
@@ -318,7 +322,7 @@ impl Chat {
                 channel.clone()
             };
             st.limited_until
-                .insert(key, now + Duration::from_secs_f64(after));
+                .insert(key, (now, now + Duration::from_secs_f64(after)));
             *st.counts.entry("429").or_default() += 1;
             return match self.kind {
                 Kind::Discord => Plan::Answer(
