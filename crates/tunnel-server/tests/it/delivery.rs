@@ -281,6 +281,16 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         seen[1].body["message_reference"]["message_id"], "555",
         "a reply to the chat message"
     );
+    // Every message carries its own nonce, enforced, so a repeated send is not posted twice.
+    let nonces: std::collections::BTreeSet<&str> = seen
+        .iter()
+        .map(|r| {
+            assert_eq!(r.body["enforce_nonce"], true, "{:?}", r.body);
+            r.body["nonce"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(nonces.len(), seen.len());
+    assert!(nonces.iter().all(|n| n.len() <= 25), "{nonces:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +356,8 @@ async fn a_429_is_honoured_and_500s_are_retried() {
     assert_eq!(t["delivery"]["state"], "retrying", "{t}");
     s.clock.advance(400);
     until_seen(&stand, 2).await; // the 500
-    s.clock.advance(2_100); // back-off after the second attempt: 2 s
+    // Back-off after the first failed attempt: 1 s (the 429 was a wait, not a failure).
+    s.clock.advance(1_100);
     let seen = until_seen(&stand, 3).await;
     assert_eq!(seen[2].path, "/channels/7/messages");
     s.attempt_call(

@@ -122,6 +122,26 @@ impl World {
     }
 }
 
+/// Whatever else a test checks: no server or runner panicked (their logs are read when the
+/// world goes, after the processes).
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let mut logs = vec![self.path("server.log")];
+        if let Ok(dir) = std::fs::read_dir(self.dir.path()) {
+            logs.extend(dir.flatten().map(|e| e.path().join("runner.log")));
+        }
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("panicked")) {
+                panic!("{} has a panic: {line}", log.display());
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Exec {
     pub(crate) what: String,
