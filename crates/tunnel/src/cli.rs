@@ -167,6 +167,10 @@ pub(crate) struct ServeArgs {
     /// Seconds a lease lasts without a heartbeat [default: 30].
     #[arg(long, env = "TUNNEL_LEASE")]
     pub(crate) lease: Option<u64>,
+    /// Longest a long-poll (claim, `?wait=`, heartbeat) is held, in milliseconds [default:
+    /// 60000]. Tests that call every route (scripts/schemathesis) shorten it.
+    #[arg(long, env = "TUNNEL_MAX_WAIT_MS")]
+    pub(crate) max_wait_ms: Option<u64>,
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,
