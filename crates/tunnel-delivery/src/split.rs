@@ -37,15 +37,16 @@ impl Fence {
     }
 }
 
-/// The fence state after the line `line`, starting from `state`.
-fn step(state: Option<Fence>, line: &str) -> Option<Fence> {
+/// The fence state after the line `line`, starting from `state`. A fence of more than
+/// `max_ticks` backticks does not open (see [`split`]).
+fn step(state: Option<Fence>, line: &str, max_ticks: usize) -> Option<Fence> {
     let t = line.trim_start().trim_end_matches('\r');
     let ticks = t.bytes().take_while(|&b| b == b'`').count();
     match state {
         None => {
             // An opening fence: three or more backticks, and an info string without backticks
             // (otherwise it is inline code such as ```x```).
-            if ticks >= 3 && !t[ticks..].contains('`') {
+            if (3..=max_ticks).contains(&ticks) && !t[ticks..].contains('`') {
                 Some(Fence {
                     opener: t.trim_end().to_owned(),
                     ticks,
@@ -64,9 +65,18 @@ fn step(state: Option<Fence>, line: &str) -> Option<Fence> {
     }
 }
 
-fn state_after(mut state: Option<Fence>, text: &str) -> Option<Fence> {
-    for line in text.split('\n') {
-        state = step(state, line);
+/// The fence state at the end of `text`. With `mid_line`, `text` starts in the middle of a
+/// line (after a cut inside it), so its first line can neither open nor close a fence.
+fn state_after(
+    mut state: Option<Fence>,
+    text: &str,
+    mid_line: bool,
+    max_ticks: usize,
+) -> Option<Fence> {
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 || !mid_line {
+            state = step(state, line, max_ticks);
+        }
     }
     state
 }
@@ -91,7 +101,11 @@ fn cut(rest: &str, budget: usize) -> (&str, &str) {
     };
     let para = |i: usize| bytes[i] == b'\n' && bytes.get(i + 1) == Some(&b'\n');
     let line = |i: usize| bytes[i] == b'\n';
-    let space = |i: usize| bytes[i] == b' ' || bytes[i] == b'\t';
+    // A chunk never starts with backticks cut from the middle of a line: they would open a
+    // code block in the chat.
+    let space = |i: usize| {
+        (bytes[i] == b' ' || bytes[i] == b'\t') && !rest[i..].trim_start().starts_with('`')
+    };
     let nonblank = |i: usize| !rest[..i].trim().is_empty();
 
     let newline_cut = |i: usize| (&rest[..i], rest[i..].trim_start_matches(['\n', '\r']));
@@ -109,13 +123,20 @@ fn cut(rest: &str, budget: usize) -> (&str, &str) {
     if let Some(i) = last(&line, 1).filter(|&i| nonblank(i)) {
         return newline_cut(i);
     }
-    (&rest[..max], &rest[max..])
+    let mut at = max;
+    while rest[at..].trim_start().starts_with('`') && at > 0 {
+        at = rest[..at].char_indices().next_back().map_or(0, |(i, _)| i);
+    }
+    let at = if at == 0 { max } else { at };
+    (&rest[..at], &rest[at..])
 }
 
 /// If `rest` starts with a line that closes `fence`, what follows that line.
 fn strip_closing_line<'a>(rest: &'a str, fence: &Fence) -> Option<&'a str> {
     let (first, after) = rest.split_once('\n').unwrap_or((rest, ""));
-    step(Some(fence.clone()), first).is_none().then_some(after)
+    step(Some(fence.clone()), first, fence.ticks)
+        .is_none()
+        .then_some(after)
 }
 
 /// Splits `text` into chunks of at most `limit` units ([`text_len`]: UTF-16 code units),
@@ -125,18 +146,24 @@ fn strip_closing_line<'a>(rest: &'a str, fence: &Fence) -> Option<&'a str> {
 ///   limit is the only thing cut in the middle.
 /// - Never leaves a code fence open across chunks: a chunk that ends inside a ``` block is
 ///   closed with ``` and the next chunk reopens it with the same info string (```rust).
-///   An unclosed fence at the end of the text is closed too.
+///   An unclosed fence at the end of the text is closed too. Below a limit of 16, and for a
+///   fence whose closing and reopening lines would leave no room for text within the limit,
+///   fences are plain text. Backticks after a cut inside a line never open a fence.
 /// - Drops whitespace at the cuts and at both ends; never returns an empty or blank chunk
 ///   (an empty or blank text gives no chunks).
 pub fn split(text: &str, limit: usize) -> Vec<String> {
     let limit = limit.max(1);
-    // Below this, a reopened fence would eat most of the chunk: treat fences as plain text.
-    let fences = limit >= 16;
+    // Below 16, a reopened fence would eat most of the chunk; above `max_ticks`, the closing
+    // line, the reopening line and one character would not fit: treat those as plain text.
+    let max_ticks = if limit >= 16 { (limit - 3) / 2 } else { 0 };
     let mut out = Vec::new();
     let mut rest = text.trim_end().trim_start_matches(['\n', '\r']);
     let mut open: Option<Fence> = None;
+    // Whether `rest` starts inside a line (the previous chunk was cut in the middle of it).
+    let mut mid_line = false;
     while !rest.trim().is_empty() {
         if let Some(f) = &open
+            && !mid_line
             && let Some(after) = strip_closing_line(rest, f)
         {
             // The previous chunk already closed this block.
@@ -152,12 +179,13 @@ pub fn split(text: &str, limit: usize) -> Vec<String> {
             None => String::new(),
         };
         let budget = limit.saturating_sub(text_len(&prefix)).max(1);
+        // Whether a line is a fence depends on all of it: a piece cut inside a line is judged
+        // with that whole line.
         let end_state = |piece: &str| {
-            if fences {
-                state_after(open.clone(), piece)
-            } else {
-                None
-            }
+            let end = rest[piece.len()..]
+                .find('\n')
+                .map_or(rest.len(), |i| piece.len() + i);
+            state_after(open.clone(), &rest[..end], mid_line, max_ticks)
         };
         let closing = |st: &Option<Fence>| st.as_ref().map_or(0, |f| 1 + f.ticks);
 
@@ -188,6 +216,9 @@ pub fn split(text: &str, limit: usize) -> Vec<String> {
             out.push(chunk);
         }
         open = state;
+        // What the cut dropped between the piece and the rest: a line break or not.
+        let dropped = &rest[piece.len()..rest.len() - next.len()];
+        mid_line = !next.is_empty() && !dropped.contains('\n');
         rest = next;
     }
     out
@@ -232,7 +263,7 @@ pub(crate) fn head(text: &str, max: usize) -> String {
 
 /// The closing line for a code fence left open at the end of `text`, if one is.
 pub(crate) fn open_fence_closer(text: &str) -> Option<String> {
-    state_after(None, text).map(|f| f.closer())
+    state_after(None, text, false, usize::MAX).map(|f| f.closer())
 }
 
 /// `text` with every run of three backticks broken by zero-width spaces, so it can sit inside

@@ -193,6 +193,12 @@ fn snippet_value(v: &Value) -> Value {
     }
 }
 
+/// A session id the agent printed, if the server would take it (`validate_session_id`): an id
+/// it refuses would make the attempt's result impossible to report.
+fn session_id(sid: Option<&str>) -> Option<&str> {
+    sid.filter(|s| tunnel_protocol::validate_session_id("session_id", s).is_ok())
+}
+
 /// Non-JSON output lines are kept as log events, never fatal.
 fn log_line(line: &str) -> Vec<Ev> {
     if line.trim().is_empty() {
@@ -276,7 +282,7 @@ impl Parser for Claude {
             return log_line(line);
         };
         let mut out = Vec::new();
-        if let Some(sid) = v["session_id"].as_str()
+        if let Some(sid) = session_id(v["session_id"].as_str())
             && self.session_id.as_deref() != Some(sid)
         {
             self.session_id = Some(sid.to_owned());
@@ -406,11 +412,13 @@ impl Parser for Codex {
         };
         let item = &v["item"];
         match v["type"].as_str().unwrap_or_default() {
-            "thread.started" => {
-                let sid = v["thread_id"].as_str().unwrap_or_default().to_owned();
-                self.session_id = Some(sid.clone());
-                vec![ev("session", json!({"session_id": sid}))]
-            }
+            "thread.started" => match session_id(v["thread_id"].as_str()) {
+                Some(sid) => {
+                    self.session_id = Some(sid.to_owned());
+                    vec![ev("session", json!({"session_id": sid}))]
+                }
+                None => vec![ev("agent", snippet_value(&v))],
+            },
             "turn.started" => vec![],
             "turn.completed" => {
                 self.completed = true;
@@ -499,14 +507,16 @@ impl Parser for Gemini {
             return log_line(line);
         };
         match v["type"].as_str().unwrap_or_default() {
-            "init" => {
-                let sid = v["session_id"].as_str().unwrap_or_default().to_owned();
-                self.session_id = Some(sid.clone());
-                vec![ev(
-                    "session",
-                    json!({"session_id": sid, "model": v["model"]}),
-                )]
-            }
+            "init" => match session_id(v["session_id"].as_str()) {
+                Some(sid) => {
+                    self.session_id = Some(sid.to_owned());
+                    vec![ev(
+                        "session",
+                        json!({"session_id": sid, "model": v["model"]}),
+                    )]
+                }
+                None => vec![ev("agent", snippet_value(&v))],
+            },
             "message" if v["role"] == "assistant" => {
                 let chunk = v["content"].as_str().unwrap_or_default();
                 self.text.push_str(chunk);
@@ -594,7 +604,7 @@ impl Parser for Custom {
                     return log_line(line);
                 };
                 let mut out = Vec::new();
-                if let Some(sid) = v["session_id"].as_str() {
+                if let Some(sid) = session_id(v["session_id"].as_str()) {
                     self.session_id = Some(sid.to_owned());
                     out.push(ev("session", json!({"session_id": sid})));
                 }

@@ -7,6 +7,9 @@
 mod adapter;
 pub mod config;
 mod files;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod sessions;
 mod spool;
 mod supervisor;

@@ -61,7 +61,8 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         done.clone(),
     ));
 
-    let (outcome, result, not_before) = execute(&ctx, &offer, &reporter, &cancel).await;
+    let (outcome, mut result, not_before) = execute(&ctx, &offer, &reporter, &cancel).await;
+    fit_result(&mut result);
     let stale = reporter.stale.is_cancelled();
     let finish = FinishRequest {
         attempt: offer.attempt,
@@ -429,6 +430,81 @@ impl Reporter {
 
 /// Most events in one append.
 const BATCH: usize = 200;
+/// Most bytes of events in one append (the server takes 4 MiB by default).
+const BATCH_BYTES: usize = 1 << 20;
+/// Largest event kept whole (its JSON); a longer text is cut (an agent can print a 1 MiB line
+/// of control characters, each six bytes as JSON).
+const EVENT_MAX_BYTES: usize = 256 << 10;
+/// Largest answer, error or stderr tail kept in a result (bytes of text).
+const RESULT_TEXT_MAX: usize = 1 << 20;
+
+fn json_len(v: &impl serde::Serialize) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
+/// The first `max` bytes of `s` (on a char boundary) and a note of what was cut.
+fn cut_head(s: &str, max: usize) -> String {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} bytes cut]", &s[..end], s.len() - end)
+}
+
+/// The last `max` bytes of `s` (on a char boundary) after a note of what was cut: the end of an
+/// answer is where its conclusion is.
+fn cut_tail(s: &str, max: usize) -> String {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[{start} bytes cut] …{}", &s[start..])
+}
+
+/// An event small enough to send: a text too long is cut, anything else too long becomes a
+/// note with the start of its JSON.
+fn fit_event(e: Ev) -> Ev {
+    if json_len(&e.data) <= EVENT_MAX_BYTES {
+        return e;
+    }
+    let mut data = e.data;
+    // Control characters take up to 6 bytes as JSON: cut the text to a sixth of the room.
+    if let Some(text) = data.get("text").and_then(|t| t.as_str()).map(str::to_owned) {
+        data["text"] = json!(cut_head(&text, EVENT_MAX_BYTES / 6));
+        if json_len(&data) <= EVENT_MAX_BYTES {
+            return Ev { kind: e.kind, data };
+        }
+    }
+    let text = data.to_string();
+    Ev {
+        kind: e.kind,
+        data: json!({"truncated": true, "start": cut_head(&text, EVENT_MAX_BYTES / 6)}),
+    }
+}
+
+/// A result small enough to send: the answer keeps its end, the error its start, the stderr
+/// tail its end; usage figures that are too large are dropped.
+fn fit_result(r: &mut TaskResult) {
+    let max = RESULT_TEXT_MAX / 6;
+    if let Some(t) = &r.text
+        && json_len(t) > RESULT_TEXT_MAX
+    {
+        r.text = Some(cut_tail(t, max));
+    }
+    if let Some(t) = &r.error
+        && json_len(t) > RESULT_TEXT_MAX / 4
+    {
+        r.error = Some(cut_head(t, max / 4));
+    }
+    if let Some(t) = &r.stderr_tail
+        && json_len(t) > RESULT_TEXT_MAX / 4
+    {
+        r.stderr_tail = Some(cut_tail(t, max / 4));
+    }
+    if r.usage.as_ref().is_some_and(|u| json_len(u) > 64 << 10) {
+        r.usage = Some(json!({"truncated": true}));
+    }
+}
 /// How often buffered events are sent.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
@@ -447,6 +523,7 @@ async fn report_loop(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(Msg::Event(e)) => {
+                    let e = fit_event(e);
                     entry.pending.push(NewEvent { n: next_n, kind: e.kind.into(), data: e.data });
                     next_n += 1;
                     dirty = true;
@@ -501,21 +578,80 @@ fn save(spool: &Spool, entry: &SpoolEntry) {
     }
 }
 
-/// Sends up to one batch of pending events; returns how many were sent.
+/// Whether the server will never take this request as it is (too large, or refused as
+/// invalid): sending it again cannot help.
+fn refused_for_good(e: &tunnel_client::ClientError) -> bool {
+    matches!(e.status(), Some(400 | 413 | 422))
+}
+
+/// Sends up to one batch of pending events; returns how many were sent (or dropped: a single
+/// event the server refuses for good is dropped, so one bad event cannot stop the report).
 async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Result<usize> {
-    let n = entry.pending.len().min(BATCH);
-    let req = AppendEvents {
-        attempt: entry.attempt,
-        lease_token: entry.lease_token.clone(),
-        events: entry.pending[..n].to_vec(),
+    let mut n = 0;
+    let mut bytes = 0;
+    for e in entry.pending.iter().take(BATCH) {
+        bytes += json_len(e);
+        if n > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    loop {
+        let req = AppendEvents {
+            attempt: entry.attempt,
+            lease_token: entry.lease_token.clone(),
+            events: entry.pending[..n].to_vec(),
+        };
+        match client.append_events(&entry.task_id, &req).await {
+            Ok(_) => return Ok(n),
+            // A smaller server limit: halve the batch; a single event that is still refused
+            // is dropped.
+            Err(e) if refused_for_good(&e) && n > 1 => n /= 2,
+            Err(e) if refused_for_good(&e) => {
+                tracing::warn!(task_id = %entry.task_id, error = %e, "The server refused an event; dropped.");
+                return Ok(1);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The finish to send instead of one the server refused for good (`tries` refusals so far):
+/// first the same outcome with the end of the answer and a note why, then a bare failure.
+fn smaller_finish(f: &FinishRequest, refusal: &str, tries: u32) -> Option<FinishRequest> {
+    let error = Some(format!(
+        "the server refused this attempt's result ({refusal})"
+    ));
+    let result = match tries {
+        1 => TaskResult {
+            text: f.result.text.as_deref().map(|t| cut_tail(t, 16 << 10)),
+            error,
+            exit_code: f.result.exit_code,
+            ..Default::default()
+        },
+        2 => {
+            return Some(FinishRequest {
+                outcome: Outcome::Failed,
+                not_before: None,
+                result: TaskResult {
+                    error,
+                    ..Default::default()
+                },
+                ..f.clone()
+            });
+        }
+        _ => return None,
     };
-    client.append_events(&entry.task_id, &req).await?;
-    Ok(n)
+    Some(FinishRequest {
+        result,
+        ..f.clone()
+    })
 }
 
 /// Delivers every pending event, then the result; keeps trying (with back-off) until the
 /// server has them, the server refuses the attempt, or the runner is stopping (the spool keeps
-/// them for the next start).
+/// them for the next start). A result the server refuses for good (too large, invalid) is
+/// replaced by a smaller one, so the attempt is always reported.
 pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &CancellationToken) {
     let mut failures = 0u32;
     loop {
@@ -524,8 +660,20 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
                 let sent = send_events(&ctx.client, entry).await?;
                 entry.pending.drain(..sent);
             }
-            if let Some(f) = &entry.finish {
-                ctx.client.finish(&entry.task_id, f).await?;
+            let mut refusals = 0;
+            while let Some(f) = &entry.finish {
+                match ctx.client.finish(&entry.task_id, f).await {
+                    Ok(_) => break,
+                    Err(e) if refused_for_good(&e) => {
+                        tracing::warn!(task_id = %entry.task_id, error = %e, "The server refused the result; sending a smaller one.");
+                        refusals += 1;
+                        match smaller_finish(f, &e.to_string(), refusals) {
+                            Some(smaller) => entry.finish = Some(smaller),
+                            None => return Err(e),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Ok::<(), tunnel_client::ClientError>(())
         };

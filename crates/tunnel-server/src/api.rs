@@ -231,6 +231,7 @@ async fn notify(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     /// Only tasks in this state.
@@ -238,6 +239,7 @@ struct ListQuery {
     conversation: Option<String>,
     agent: Option<String>,
     /// At most this many (default 50, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -271,9 +273,11 @@ async fn list_tasks(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
     /// Seconds to wait for the task to end before answering (at most 60).
+    #[param(minimum = 0)]
     wait: Option<f64>,
 }
 
@@ -334,10 +338,12 @@ async fn cancel_task(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// Only events after this sequence number (like the `Last-Event-ID` header).
-    after: Option<u64>,
+    #[param(minimum = 0)]
+    after: Option<i64>,
     /// `sse` (default): a live stream that ends when the task ends; `json`: the log so far.
     format: Option<String>,
 }
@@ -347,7 +353,8 @@ struct EventsQuery {
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
     params(("id" = String, Path, description = "task id"), EventsQuery,
         ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event")),
-    responses((status = 200, description = "text/event-stream of TaskEvent, or EventList", body = EventList)),
+    responses((status = 200, description = "a text/event-stream of TaskEvent (each `data:` is one TaskEvent as JSON), or with ?format=json an EventList",
+        content((EventList = "application/json"), (SseEvent = "text/event-stream")))),
     security(("bearer" = ["client"])))]
 async fn task_events(
     State(s): State<AppState>,
@@ -368,7 +375,13 @@ async fn task_events(
                 })?,
         ),
     };
-    let after = header_after.or(q.after).unwrap_or(0);
+    let query_after = match q.after {
+        Some(a) => Some(
+            u64::try_from(a).map_err(|_| ApiError::bad_request("after must be a seq number"))?,
+        ),
+        None => None,
+    };
+    let after = header_after.or(query_after).unwrap_or(0);
     let scope = caller.scope();
     match q.format.as_deref() {
         Some("json") => {
@@ -388,6 +401,18 @@ async fn task_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// One Server-Sent Event of `GET /v1/tasks/{id}/events` (for the OpenAPI document).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct SseEvent {
+    /// The event's `seq` (absent on an `error` event).
+    id: Option<String>,
+    /// The event's `kind` (`state`, `text`, …), or `error` when the log cannot be read.
+    event: String,
+    /// The `TaskEvent` as JSON (a message on an `error` event).
+    data: String,
 }
 
 struct StreamState {
@@ -623,11 +648,13 @@ async fn report_sessions(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SessionQuery {
     conversation: Option<String>,
     agent: Option<String>,
-    /// At most this many of each list (default 20).
+    /// At most this many of each list (default 20, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 

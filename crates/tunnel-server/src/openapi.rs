@@ -53,6 +53,72 @@ pub fn openapi_json() -> &'static str {
                     .build(),
             ),
         );
+        document_errors(&mut doc);
         doc.to_json().expect("the OpenAPI document serialises")
     })
+}
+
+/// Adds the error answers every operation can give, so the document lists every status the
+/// server sends (schemathesis checks it): 401 and 403 where a token is needed, 400 where there
+/// is a body, query or path to refuse (and 413, 415 for bodies), 404 where a path names a
+/// task or token, 409 for task transitions, and 503 where the database is asked. Each is an
+/// `ErrorBody`. Operations keep what their annotation already says.
+fn document_errors(doc: &mut OpenApi) {
+    use utoipa::openapi::path::ParameterIn;
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+    let error = |what: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let mut add: Vec<(&str, &str)> = Vec::new();
+            let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            if secured {
+                add.push(("401", "no token, or not a valid one"));
+                add.push(("403", "the token's role may not call this"));
+                add.push(("503", "the database is unavailable; try again"));
+            }
+            let params = op.parameters.as_deref().unwrap_or_default();
+            if op.request_body.is_some() || !params.is_empty() || path.contains('{') {
+                add.push(("400", "the request is not valid"));
+            }
+            if op.request_body.is_some() {
+                add.push(("413", "the body is larger than the server accepts"));
+                add.push(("415", "the body is not sent as JSON"));
+            }
+            if params
+                .iter()
+                .any(|p| matches!(p, RefOr::T(p) if matches!(p.parameter_in, ParameterIn::Path)))
+            {
+                add.push(("404", "no such task or token (or not yours)"));
+            }
+            if path.starts_with("/v1/tasks/{id}/") {
+                add.push(("409", "the task or attempt has moved on"));
+            }
+            for (status, what) in add {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| error(what));
+            }
+        }
+    }
 }

@@ -172,6 +172,10 @@ pub(crate) struct ServeArgs {
     /// [default: 7d].
     #[arg(long, env = "TUNNEL_RETENTION", value_name = "DURATION")]
     pub(crate) retention: Option<String>,
+    /// Longest a long-poll (claim, `?wait=`, heartbeat) is held, in milliseconds [default:
+    /// 60000]. Tests that call every route (scripts/schemathesis) shorten it.
+    #[arg(long, env = "TUNNEL_MAX_WAIT_MS")]
+    pub(crate) max_wait_ms: Option<u64>,
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,

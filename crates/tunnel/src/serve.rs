@@ -80,6 +80,9 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
         }
         cfg.max_body_bytes = b;
     }
+    if let Some(ms) = args.max_wait_ms {
+        cfg.max_wait_ms = ms.min(tunnel_protocol::limits::WAIT_MAX_MS);
+    }
     let defaults = QueueSettings::default();
     cfg.queue = QueueSettings {
         ack_timeout_ms: secs_ms("ack timeout", args.ack_timeout.or(f.ack_timeout_secs))?

@@ -245,3 +245,42 @@ fn property_many_generated_texts_split_within_limit_balanced_and_complete() {
     }
     assert!(checked > 3000);
 }
+
+/// Found by the `split` fuzz target (fuzz/regressions/split/): a fence of 8 backticks with a
+/// limit of 16 made a 17-unit chunk, because its closing and reopening lines left no room for
+/// text. Such a fence is now plain text, and every chunk is within the limit.
+#[test]
+fn a_fence_too_long_for_the_limit_is_plain_text() {
+    let text = "\u{0}\u{0}\u{0}\u{4}\u{4}`\u{0}  \u{1}'\u{0}\u{4}\u{0}\u{4}\u{b}\n````````\n\n\u{2}`\u{f}\n`";
+    for limit in [16, 17, 20] {
+        for c in split(text, limit) {
+            assert!(
+                text_len(&c) <= limit,
+                "{} units > {limit}: {c:?}",
+                text_len(&c)
+            );
+        }
+    }
+    let long = format!("{0}\nx\n{0}", "`".repeat(40));
+    for c in split(&long, 64) {
+        assert!(text_len(&c) <= 64, "{} units: {c:?}", text_len(&c));
+    }
+}
+
+/// Found by the `split` fuzz target: a cut just before backticks inside a line started the
+/// next chunk with them, and the chat showed a code block the text never had. Cuts inside a
+/// line now avoid the spot before backticks, and such backticks never open a fence.
+#[test]
+fn backticks_inside_a_line_never_start_a_chunk() {
+    let text = "run it with ```cargo test -p tunnel``` and then ```cargo fmt``` before the commit \
+                and also ```scripts/test``` at the end of the day";
+    for limit in 16..60 {
+        let chunks = check(text, limit);
+        for c in &chunks {
+            assert!(
+                !c.trim_start().starts_with("```"),
+                "limit {limit}: chunk starts with backticks: {c:?}\nall: {chunks:#?}"
+            );
+        }
+    }
+}

@@ -328,3 +328,48 @@ fn claude_as_root_explains_is_sandbox() {
     let Verdict::Failed(r, _) = v else { panic!() };
     assert!(r.error.unwrap().contains("IS_SANDBOX"));
 }
+
+/// Found by the `agent_output` fuzz target (fuzz/regressions/agent_output/): a session id the
+/// server refuses (here with a U+FFFD from invalid UTF-8; an empty Codex `thread_id`) went
+/// into the result, so the runner's finish was refused with 400 and retried forever, and the
+/// task stayed running. Such ids are now ignored.
+#[test]
+fn session_ids_the_server_would_refuse_are_ignored() {
+    let bad = "ea0682eb-8e4b-44ba-807d\u{fffd}-4f7c2677c601";
+    let claude = [
+        format!(r#"{{"type":"system","subtype":"init","session_id":"{bad}"}}"#),
+        r#"{"type":"result","subtype":"success","is_error":false,"result":"ok"}"#.to_owned(),
+    ];
+    let codex = [
+        r#"{"type":"thread.started"}"#.to_owned(),
+        r#"{"type":"turn.completed","usage":{}}"#.to_owned(),
+    ];
+    let gemini = [
+        r#"{"type":"init","session_id":"--help"}"#.to_owned(),
+        r#"{"type":"result","status":"success"}"#.to_owned(),
+    ];
+    for (kind, lines) in [
+        (AgentKind::Claude, &claude),
+        (AgentKind::Codex, &codex),
+        (AgentKind::Gemini, &gemini),
+    ] {
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let (events, verdict) = run(kind, &lines, 0);
+        assert!(!kinds(&events).contains(&"session"), "{kind:?}: {events:?}");
+        let Verdict::Succeeded(r) = verdict else {
+            panic!("{kind:?}: {verdict:?}")
+        };
+        assert_eq!(r.session_id, None, "{kind:?}");
+    }
+    let mut agent = AgentConfig::echo();
+    agent.output = OutputMode::JsonLines;
+    let mut p = parser(&agent);
+    assert!(p.line(r#"{"session_id":"has space"}"#).is_empty());
+    let v = p.finish(&Exit {
+        code: Some(0),
+        signal: None,
+        stderr_tail: String::new(),
+    });
+    let Verdict::Succeeded(r) = v else { panic!() };
+    assert_eq!(r.session_id, None);
+}
