@@ -481,7 +481,9 @@ async fn claim(
     loop {
         // Register before looking, so a task that becomes ready in between still wakes us.
         let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
-        let offer = s.store.claim(&req).await?;
+        // Boxed: the store's future is large (the PostgreSQL one most), and an unboxed one
+        // would be part of every parked poll's future while it waits.
+        let offer = Box::pin(s.store.claim(&req)).await?;
         if let Some(offer) = offer {
             drop(slot);
             s.metrics
