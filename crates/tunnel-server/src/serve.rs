@@ -7,6 +7,7 @@
 //! future stays small (docs/BENCHMARKS.md has the measurements).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,6 +28,7 @@ pub(crate) async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     // As `axum::serve` had it: no timer, so no header read timeout.
     http.header_read_timeout(None);
+    let http = Arc::new(http);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -43,10 +45,12 @@ pub(crate) async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        let service = TowerToHyperService::new(router.clone());
-        let conn = http.serve_connection(TokioIo::new(stream), service);
-        let shutdown = shutdown.clone();
+        let (http, router, shutdown) = (http.clone(), router.clone(), shutdown.clone());
         connections.spawn(async move {
+            // Made inside the task, so the task holds one connection, not a moved-from copy
+            // as well (each is over 600 bytes; an idle long-poll is mostly this).
+            let service = TowerToHyperService::new(router);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
