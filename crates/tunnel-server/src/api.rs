@@ -507,14 +507,16 @@ async fn claim(
     loop {
         // Register before looking, so a task that becomes ready in between still wakes us.
         let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
-        let offer = s.store.claim(&req).await?;
+        // Boxed: the store's future is large (the PostgreSQL one most), and an unboxed one
+        // would be part of every parked poll's future while it waits.
+        let offer = Box::pin(s.store.claim(&req)).await?.map(Box::new);
         if let Some(offer) = offer {
             drop(slot);
             s.metrics
                 .dispatched(s.clock.now_ms() - offer.task.created_at);
             pending.settle(Some(&offer.task.id));
             tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
-            return Ok(axum::Json(offer).into_response());
+            return Ok(axum::Json(*offer).into_response());
         }
         pending.hint = None;
         tokio::select! {

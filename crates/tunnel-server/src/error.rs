@@ -102,7 +102,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        // Boxed: reading the body is the largest step of a handler's future, and the
+        // future of a parked long-poll would carry its room while it waits.
+        match Box::pin(axum::Json::<T>::from_request(req, state)).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }

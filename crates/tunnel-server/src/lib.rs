@@ -14,6 +14,7 @@ mod error;
 mod hub;
 mod metrics;
 mod openapi;
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -214,12 +215,7 @@ impl Server {
         let pruner = self
             .retention
             .map(|(keep, every)| tokio::spawn(pruner(self.state.clone(), keep, every)));
-        let token = self.shutdown.clone();
-        // `into_make_service` shares one route table; passing the router builds one per
-        // connection (about 10 KB each, which 10,000 parked long-polls feel).
-        let result = axum::serve(self.listener, self.router.into_make_service())
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
+        let result = serve::serve(self.listener, self.router, self.shutdown.clone()).await;
         self.shutdown.cancel();
         let _ = timer.await;
         let _ = sender.await;
