@@ -136,6 +136,7 @@ pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
         .server
         .or(section.server.clone())
         .unwrap_or_else(|| "http://127.0.0.1:3456".into());
+    let from_file = args.token.is_none() && section.token.is_some();
     let token = match args.token.or(section.token.clone()) {
         Some(t) => t,
         None => bail!(
@@ -147,7 +148,11 @@ pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
     tokio::spawn(signals(shutdown.clone()));
     tunnel_runner::run(config, shutdown)
         .await
-        .context("the runner stopped")
+        .context(if from_file {
+            "the runner stopped (its token is `token` under [runner] in the config file)"
+        } else {
+            "the runner stopped"
+        })
 }
 
 /// First SIGTERM/SIGINT: stop claiming and let tasks finish; a second SIGINT: stop them now.

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod setup;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
 
 /// A `tunnel serve` child process on a free port with its own data dir.
@@ -608,7 +610,11 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
     ]);
     let text = stdout(&out);
     assert!(!out.status.success());
-    assert!(text.contains("refuses the token (401)"), "{text}");
+    assert!(
+        text.contains("refuses the token from --token (401: unknown, mistyped or revoked)"),
+        "{text}"
+    );
+    assert!(text.contains("tunnel token create --role runner"), "{text}");
 }
 
 #[test]
@@ -681,6 +687,9 @@ fn init_writes_a_private_config_with_tokens_and_never_overwrites_it() {
         "{}",
         stderr(&out)
     );
+    let out = s.cli(&["token", "create", "--name", "box", "--role", "runner"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let runner_token = stdout(&out).trim().to_owned();
     let out = s.cli(&[
         "init",
         "--yes",
@@ -689,7 +698,7 @@ fn init_writes_a_private_config_with_tokens_and_never_overwrites_it() {
         "--server",
         &s.url,
         "--token",
-        "tnl_x_y",
+        &runner_token,
         "--name",
         "box",
         "--output",
@@ -730,13 +739,35 @@ fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
         std::fs::read_to_string(dir.path().join("systemd/user/tunnel-runner.service")).unwrap();
     let cfg = dir.path().join("tunnel/tunnel.toml");
     assert!(
-        unit.contains(&format!("runner --config {}", cfg.display())),
+        unit.contains(&format!("runner --config \"{}\"", cfg.display())),
         "{unit}"
     );
     assert!(
         !unit.contains("secretsecret"),
         "the token stays in the private config file"
     );
+    assert!(
+        unit.contains("\nEnvironment=\"PATH="),
+        "the agent CLIs are found with the installing shell's PATH: {unit}"
+    );
+    assert!(
+        !unit.contains("network-online"),
+        "a user manager has no network-online.target: {unit}"
+    );
+    // systemd checks the unit where it is installed (not PID 1 here: verify only).
+    let runtime = tempfile::tempdir().unwrap();
+    if let Ok(v) = Command::new("systemd-analyze")
+        .args(["verify", "--user"])
+        .arg(dir.path().join("systemd/user/tunnel-runner.service"))
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .output()
+    {
+        assert!(
+            v.status.success() && v.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
     assert!(
         stdout(&out).contains("systemctl --user enable --now tunnel-runner"),
         "{}",
