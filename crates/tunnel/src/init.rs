@@ -191,6 +191,7 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
                 "127.0.0.1:3456"
             };
             let db = config::data_dir().join("tunnel.db");
+            config::private_dir(&config::data_dir())?;
             let store = Store::open(
                 &Database::Sqlite {
                     path: db.clone(),

@@ -144,6 +144,8 @@ pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
         ),
     };
     let config = runner_config(server, token, &args.opts, section)?;
+    // The spool and the default work directory hold prompts and answers.
+    config::private_dir(&config::data_dir())?;
     let shutdown = Shutdown::default();
     tokio::spawn(signals(shutdown.clone()));
     tunnel_runner::run(config, shutdown)

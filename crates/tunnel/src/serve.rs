@@ -65,7 +65,12 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
         },
     };
     let database = match database {
-        Database::Sqlite { path, .. } => Database::Sqlite { path, durability },
+        Database::Sqlite { path, .. } => {
+            if let Some(dir) = path.parent() {
+                config::private_dir(dir)?;
+            }
+            Database::Sqlite { path, durability }
+        }
         pg @ Database::Postgres { .. } => pg,
     };
 
@@ -219,7 +224,7 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        config::private_dir(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)

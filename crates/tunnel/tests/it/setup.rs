@@ -142,9 +142,13 @@ fn wait_healthy(url: &str) {
     panic!("{url} did not come up");
 }
 
-fn private(path: &Path) -> bool {
+fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777 == 0o600
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn private(path: &Path) -> bool {
+    mode(path) == 0o600
 }
 
 /// The lines of `text` that are indented commands, in order.
@@ -279,6 +283,11 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     assert!(ran.status.success(), "{}{}", ran.out, ran.err);
     assert!(ran.out.contains("reversed: dlrow olleh"), "{}", ran.out);
     assert!(ran.err.contains("[running: box]"), "{}", ran.err);
+    assert_eq!(
+        mode(&home.path().join(".local/share/tunnel")),
+        0o700,
+        "the runner's spool and work directory hold prompts and answers"
+    );
 
     // A task the way the plugin sends it, with its client token.
     let auth = format!("authorization: Bearer {client_token}");
