@@ -190,19 +190,33 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
             } else {
                 "127.0.0.1:3456"
             };
-            let db = config::data_dir().join("tunnel.db");
-            config::private_dir(&config::data_dir())?;
+            // The database `tunnel serve` will use: the tokens must be made in it.
+            let db = std::env::var("TUNNEL_DATABASE")
+                .ok()
+                .or_else(|| std::env::var("DATABASE_URL").ok())
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| config::data_dir().join("tunnel.db").display().to_string());
+            let database = Database::parse(&db).map_err(anyhow::Error::msg)?;
+            let database = match database {
+                Database::Sqlite { path, .. } => {
+                    if let Some(dir) = path.parent() {
+                        config::private_dir(dir)?;
+                    }
+                    Database::Sqlite {
+                        path,
+                        durability: Durability::Normal,
+                    }
+                }
+                pg => pg,
+            };
             let store = Store::open(
-                &Database::Sqlite {
-                    path: db.clone(),
-                    durability: Durability::Normal,
-                },
+                &database,
                 QueueSettings::default(),
                 Arc::new(SystemClock),
                 Arc::new(Quiet),
             )
             .await
-            .with_context(|| format!("cannot open {}", db.display()))?;
+            .with_context(|| format!("cannot open the database {}", shown_db(&db)))?;
             let admin =
                 tunnel_server::mint_token(&store, "admin (tunnel init)".into(), Role::Admin)
                     .await?;
@@ -212,7 +226,7 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
                 "# Written by `tunnel init` ({}). Secrets live here: keep it private.\n\
                  [server]\nlisten = \"{listen}\"\ndatabase = {}\n\n[client]\nserver = \"http://127.0.0.1:3456\"\ntoken = {}\n",
                 scenario_name(scenario),
-                toml_str(&db.display().to_string()),
+                toml_str(&db),
                 toml_str(&admin.token)
             );
             if !projects.is_empty() {
@@ -311,6 +325,16 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
     write_private(&path, text.trim_end())?;
     println!("Wrote {} (readable only by you).", path.display());
     Ok(())
+}
+
+/// A database for messages: a PostgreSQL URL without its password.
+fn shown_db(db: &str) -> String {
+    match db.split_once("://") {
+        Some((scheme, rest)) if rest.contains('@') => {
+            format!("{scheme}://…@{}", rest.rsplit_once('@').map_or("", |x| x.1))
+        }
+        _ => db.to_owned(),
+    }
 }
 
 /// A TOML string, quoted and escaped.
