@@ -185,7 +185,11 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
             } else {
                 String::new()
             };
-            let listen = if scenario == Scenario::Server && !behind_proxy {
+            // A loopback URL (everything on one host, or an SSH tunnel) needs no open port.
+            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|p| public.starts_with(p));
+            let listen = if scenario == Scenario::Server && !behind_proxy && !loopback {
                 "0.0.0.0:3456"
             } else {
                 "127.0.0.1:3456"
@@ -257,10 +261,17 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
                     "\nOn each runner machine (add --project NAME=DIR for each repository the agents may work in):\n  tunnel init --scenario runner --server {public} --token {}\n  tunnel runner\n",
                     runner.token
                 );
-                if behind_proxy {
+                if behind_proxy || loopback {
                     println!(
-                        "Next, on this machine: `tunnel serve` (it listens on 127.0.0.1:3456) and a TLS reverse proxy from {public} to it (README, \"Docker\": deploy/Caddyfile).\n\
-                         `tunnel serve install-service` runs it at login; `tunnel doctor` checks it."
+                        "Next, on this machine: `tunnel serve` (it listens on 127.0.0.1:3456){}.\n\
+                         `tunnel serve install-service` runs it at login; `tunnel doctor` checks it.",
+                        if behind_proxy {
+                            format!(
+                                " and a TLS reverse proxy from {public} to it (README, \"Docker\": deploy/Caddyfile)"
+                            )
+                        } else {
+                            String::new()
+                        }
                     );
                 } else {
                     println!(

@@ -601,6 +601,35 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         "{text}"
     );
 
+    // A runner machine (its config names the server) where no agent CLI is installed.
+    let out = s.cli(&["token", "create", "--name", "box", "--role", "runner"]);
+    let runner_token = stdout(&out).trim().to_owned();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[runner]\nserver = \"{}\"\ntoken = \"{runner_token}\"\n",
+            s.url
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["doctor", "--config", cfg.to_str().unwrap()])
+        .env("CLAUDE_PATH", "/nonexistent/claude")
+        .env("CODEX_PATH", "/nonexistent/codex")
+        .env("GEMINI_PATH", "/nonexistent/gemini")
+        .env_remove("WORKER_TOKEN")
+        .env_remove("WORKER_URL")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("the token is valid (runner)"), "{text}");
+    assert!(
+        text.contains("FAIL  no agent CLI is installed")
+            && text.contains("claude: `/nonexistent/claude` not found"),
+        "{text}"
+    );
+
     let out = s.cli(&[
         "doctor",
         "--server",

@@ -180,12 +180,8 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     );
     let text = std::fs::read_to_string(server.config()).unwrap();
     assert!(
-        text.contains("listen = \"0.0.0.0:3456\""),
-        "a plain-http URL is reached directly: {text}"
-    );
-    assert!(
-        init.out.contains("plain HTTP"),
-        "warns that http:// is unencrypted: {}",
+        text.contains("listen = \"127.0.0.1:3456\"") && !init.out.contains("plain HTTP"),
+        "a loopback URL needs no open port: {text}{}",
         init.out
     );
     // The plugin block is valid JSON with the client token and the public URL.
@@ -321,6 +317,53 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
         "{}",
         doctor.out
     );
+}
+
+/// Where the server listens follows the URL runners use: behind a TLS proxy on loopback, on a
+/// private network on every interface (with a warning), and a URL that is none is refused.
+#[test]
+fn server_init_listens_where_its_public_url_needs() {
+    for (url, listen, warns) in [
+        ("https://tunnel.example.com", "127.0.0.1:3456", false),
+        ("http://10.0.0.5:3456", "0.0.0.0:3456", true),
+    ] {
+        let m = Machine::new();
+        let ran = m.run(
+            &["init", "--yes", "--scenario", "server", "--public-url", url],
+            "",
+        );
+        assert!(ran.status.success(), "{}", ran.err);
+        let text = std::fs::read_to_string(m.config()).unwrap();
+        assert!(
+            text.contains(&format!("listen = \"{listen}\"")),
+            "{url}: {text}"
+        );
+        assert_eq!(ran.out.contains("plain HTTP"), warns, "{url}: {}", ran.out);
+        assert_eq!(
+            ran.out.contains("deploy/Caddyfile"),
+            !warns,
+            "{url}: {}",
+            ran.out
+        );
+    }
+    let m = Machine::new();
+    let ran = m.run(&["init", "--yes", "--scenario", "server"], "");
+    assert!(!ran.status.success());
+    assert!(ran.err.contains("--public-url is needed"), "{}", ran.err);
+    let ran = m.run(
+        &[
+            "init",
+            "--yes",
+            "--scenario",
+            "server",
+            "--public-url",
+            "tunnel.example.com",
+        ],
+        "",
+    );
+    assert!(!ran.status.success());
+    assert!(ran.err.contains("is not a URL"), "{}", ran.err);
+    assert!(!m.config().exists(), "nothing written");
 }
 
 /// Scenario 1: `tunnel init` then `tunnel up` and the submit it suggests.
