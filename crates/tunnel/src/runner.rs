@@ -196,6 +196,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
             client,
             runner: RunnerSection::default(),
         },
+        true,
     )
     .await?;
     let url = format!("http://{}", prepared.server.local_addr());

@@ -18,7 +18,7 @@ pub(crate) struct Prepared {
 }
 
 pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
-    let prepared = prepare(args, file).await?;
+    let prepared = prepare(args, file, false).await?;
     let server = prepared.server;
     let token = server.shutdown_token();
     tokio::spawn(async move {
@@ -33,7 +33,12 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
 
 /// Reads the configuration, starts logging, opens the store, binds, and makes the first admin
 /// token on a fresh install.
-pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepared> {
+/// `local_runner`: `tunnel up`, which runs a runner beside the server (and says so itself).
+pub(crate) async fn prepare(
+    args: ServeArgs,
+    file: FileConfig,
+    local_runner: bool,
+) -> Result<Prepared> {
     let f = file.server;
     let log_format = match (args.log_format, f.log_format.as_deref()) {
         (Some(l), _) => l,
@@ -108,10 +113,17 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
     {
         let file = config::local_admin_token_path();
         write_private(&file, &token)?;
+        let next = if local_runner {
+            ""
+        } else {
+            "This server has no runner of its own (`tunnel up` has one): make a runner token\n\
+             with `tunnel token create --role runner --name NAME` and start `tunnel runner` with it\n\
+             where the agent CLIs are (`tunnel init --scenario runner` sets that machine up).\n\
+             Tasks wait in the queue until a runner takes them.\n"
+        };
         eprintln!(
             "\nCreated the first admin token and saved it to {} (only you can read it).\n\
-             The tunnel CLI on this machine uses it automatically. Next, try:\n\n  \
-             tunnel submit --agent claude \"say hello\"\n  tunnel tasks\n",
+             The tunnel CLI on this machine uses it automatically.\n{next}",
             file.display()
         );
     }
