@@ -310,6 +310,31 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     assert_eq!(done["runner"], "box");
     assert_eq!(done["result"]["text"], "from the plugin");
 
+    // A task no connected runner can take is not left waiting in silence.
+    let ran = server.run(
+        &[
+            "submit",
+            "--server",
+            &url,
+            "--agent",
+            "rev",
+            "--project",
+            "nope",
+            "hi",
+        ],
+        "",
+    );
+    assert!(ran.status.success(), "{}", ran.err);
+    assert!(
+        ran.err
+            .contains("no connected runner offers agent rev with project nope")
+            && ran.err.contains("connected: box ("),
+        "{}",
+        ran.err
+    );
+    let ran = server.run(&["cancel", "--server", &url, ran.out.trim()], "");
+    assert!(ran.status.success(), "{}", ran.err);
+
     // The server machine's doctor sees the runner.
     let doctor = server.run(&["doctor", "--server", &url], "");
     assert!(
