@@ -179,7 +179,7 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
         Err(ClientError::Api { status: 403, .. }) => r.ok("the token is valid (runner)"),
         Err(ClientError::Api { status: 401, .. }) => r.fail(
             &format!("the server refuses the token from {source} (401: unknown, mistyped or revoked)"),
-            "make a new one on the server (`tunnel token create --role runner --name NAME`) and put it there; `tunnel token list` on the server shows which tokens exist",
+            "make a new one on the server (`tunnel token create --role runner --name NAME`, or --role client for the CLI and the plugin) and put it there; `tunnel token list` on the server shows which tokens exist",
         ),
         Err(e) => r.fail(
             &format!("the token check failed: {e}"),

@@ -287,3 +287,51 @@ pub(crate) fn service(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{Kind, launchd_plist, systemd_unit};
+
+    #[test]
+    fn odd_paths_stay_literal_in_a_systemd_unit() {
+        let unit = systemd_unit(
+            Kind::Runner,
+            Path::new("/opt/my tools/tunnel"),
+            Path::new("/home/a%b/$HOME/\"q\".toml"),
+            Some("/usr/bin:/home/a%b/.npm/bin"),
+        );
+        assert!(
+            unit.contains(
+                "ExecStart=\"/opt/my tools/tunnel\" runner --config \"/home/a%%b/$$HOME/\\\"q\\\".toml\""
+            ),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("Environment=\"PATH=/usr/bin:/home/a%%b/.npm/bin\""),
+            "{unit}"
+        );
+    }
+
+    #[test]
+    fn a_launchd_agent_escapes_xml_and_carries_path() {
+        let plist = launchd_plist(
+            Kind::Server,
+            Path::new("/Users/a&b/tunnel"),
+            Path::new("/Users/a&b/.config/tunnel/tunnel.toml"),
+            Path::new("/Users/a&b/Library/Logs"),
+            Some("/opt/homebrew/bin:/usr/bin"),
+        );
+        assert!(
+            plist.contains("<string>/Users/a&amp;b/tunnel</string><string>serve</string>"),
+            "{plist}"
+        );
+        assert!(!plist.contains("a&b"), "{plist}");
+        assert!(
+            plist.contains("<key>PATH</key><string>/opt/homebrew/bin:/usr/bin</string>"),
+            "{plist}"
+        );
+        assert!(plist.contains("<key>Label</key><string>dev.tunnel.serve</string>"));
+    }
+}
