@@ -120,6 +120,7 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
                 ),
                 "no",
             )?
+            .to_lowercase()
             .starts_with('y');
         if !replace {
             bail!(
@@ -135,10 +136,10 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
             println!(
                 "Where do things run?\n  local   everything on this machine (server + runner)\n  server  this machine is the server; runners connect from elsewhere\n  runner  this machine runs agents for a server elsewhere"
             );
-            match ask("scenario", "local")?.as_str() {
-                "local" | "1" => Scenario::Local,
-                "server" | "2" => Scenario::Server,
-                "runner" | "3" => Scenario::Runner,
+            match ask("scenario", "local")?.to_lowercase().as_str() {
+                "local" => Scenario::Local,
+                "server" => Scenario::Server,
+                "runner" => Scenario::Runner,
                 other => bail!("unknown scenario {other:?}: local, server or runner"),
             }
         }
@@ -250,8 +251,15 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
             let plugin = serde_json::json!({"plugins": {"entries": {"tunnel": {"enabled": true, "config": {
                 "serverUrl": plugin_url,
                 "token": client.token}}}}});
+            // The checkout this binary was built from has the plugin, if it is still there.
+            let plugin_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugin");
+            let plugin_dir = std::fs::canonicalize(&plugin_dir).map_or_else(
+                |_| "/path/to/tunnel/plugin".to_owned(),
+                |d| d.display().to_string(),
+            );
             println!(
-                "\nOpenClaw plugin config (merge into openclaw.json, then restart the gateway):\n{}\n({plugin_note}.)",
+                "\nOpenClaw: install the plugin once on its host, from a tunnel checkout there:\n  openclaw plugins install --link {plugin_dir} --force --accept-capabilities\n\
+                 then merge this into openclaw.json and restart the gateway:\n{}\n({plugin_note}.)",
                 serde_json::to_string_pretty(&plugin)?
             );
             if scenario == Scenario::Server {
