@@ -8,7 +8,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin tunnel \
+ && useradd --uid 10001 --no-create-home --home-dir /data --shell /usr/sbin/nologin tunnel \
  && mkdir -p /data && chown tunnel /data
 COPY --from=build /src/target/release/tunnel /usr/local/bin/tunnel
 USER tunnel
@@ -19,7 +19,8 @@ ENV XDG_DATA_HOME=/data \
     TUNNEL_LOG_FORMAT=json
 VOLUME /data
 EXPOSE 3456
+# The port follows TUNNEL_LISTEN, so changing it does not make the container unhealthy.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s \
-  CMD curl -fsS http://127.0.0.1:3456/healthz || exit 1
+  CMD curl -fsS "http://127.0.0.1:${TUNNEL_LISTEN##*:}/healthz" || exit 1
 ENTRYPOINT ["tunnel"]
 CMD ["serve"]

@@ -95,9 +95,18 @@ impl Discord {
         }
     }
 
-    pub(crate) async fn post(&self, to: &ReplyTo, text: &str) -> Result<MessageId, DeliveryError> {
+    pub(crate) async fn post(
+        &self,
+        to: &ReplyTo,
+        text: &str,
+        nonce: Option<&str>,
+    ) -> Result<MessageId, DeliveryError> {
         let channel = snowflake("channel", to.thread.as_deref().unwrap_or(&to.channel))?;
         let mut body = json!({"content": text, "allowed_mentions": {"parse": []}});
+        if let Some(n) = nonce.filter(|n| !n.is_empty() && n.len() <= 25) {
+            body["nonce"] = n.into();
+            body["enforce_nonce"] = true.into();
+        }
         if let Some(m) = &to.message {
             // fail_if_not_exists: false — a deleted question must not lose the answer.
             body["message_reference"] =

@@ -472,9 +472,23 @@ impl Platforms {
     ///
     /// A text longer than the platform's limit is cut (with a warning): [`split`] it first.
     pub async fn post(&self, to: &ReplyTo, text: &str) -> Result<MessageId, DeliveryError> {
+        self.post_once(to, text, None).await
+    }
+
+    /// [`Platforms::post`] with a key that makes a repeated send of the same message (after a
+    /// lost answer, a timeout or a crash before the outcome was recorded) return the first
+    /// message instead of creating another: Discord's `nonce` with `enforce_nonce` (checked by
+    /// Discord for a few minutes; at most 25 characters). Telegram and webhooks have no such
+    /// key; there the send is repeated.
+    pub async fn post_once(
+        &self,
+        to: &ReplyTo,
+        text: &str,
+        key: Option<&str>,
+    ) -> Result<MessageId, DeliveryError> {
         let text = fit(text, self.limit(to.platform))?;
         match to.platform {
-            Platform::Discord => self.discord()?.post(to, &text).await,
+            Platform::Discord => self.discord()?.post(to, &text, key).await,
             Platform::Telegram => self.telegram()?.post(to, &text).await,
             Platform::Webhook => {
                 let hook = self.hook(&to.channel)?;

@@ -39,6 +39,26 @@ pub(crate) struct Running {
     pub(crate) lines: mpsc::Receiver<String>,
     stderr: Arc<Mutex<Vec<u8>>>,
     stderr_reader: Option<tokio::task::JoinHandle<()>>,
+    /// See [`guard`].
+    guard: Option<Child>,
+}
+
+/// A process in the agent's group that kills the whole group when the runner dies: it waits
+/// on a pipe whose only writer is the runner, and the kernel closes that pipe however the
+/// runner ends (even SIGKILL). Without it an agent whose runner was killed keeps running (and
+/// editing files) while its task is retried elsewhere. Being in the group, it also keeps the
+/// group id from being reused while it lives. Disarmed (killed) when the task ends normally.
+fn guard(pgid: i32) -> Option<Child> {
+    Command::new("sh")
+        .args(["-c", "read _; kill -KILL 0"])
+        .process_group(pgid)
+        .kill_on_drop(true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        // The agent may already be gone (nothing to guard).
+        .ok()
 }
 
 pub(crate) fn spawn(
@@ -99,12 +119,14 @@ pub(crate) fn spawn(
             }
         }));
     }
+    let guard = guard(pgid);
     Ok(Running {
         child,
         pgid,
         lines,
         stderr_reader,
         stderr,
+        guard,
     })
 }
 
@@ -167,7 +189,11 @@ impl Running {
 
     /// Whatever the agent left behind in its group (a server it started, a `sleep &`) is
     /// stopped too: TERM, a moment, then KILL.
-    pub(crate) async fn reap_group(&self) {
+    pub(crate) async fn reap_group(&mut self) {
+        // The guard first: it is in the group and would keep it alive.
+        if let Some(mut g) = self.guard.take() {
+            let _ = g.kill().await;
+        }
         if signal_group(self.pgid, Signal::SIGTERM) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             signal_group(self.pgid, Signal::SIGKILL);

@@ -36,14 +36,8 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         attempt: offer.attempt,
         lease_token: offer.lease_token.clone(),
     };
-    let lease = match ctx.client.ack(&id, &at).await {
-        Ok(l) => l,
-        Err(e) => {
-            // Stale (cancelled or expired meanwhile) or unreachable: either way the offer goes
-            // back to the server's control; nothing was started.
-            tracing::warn!(task_id = %id, error = %e, "Could not ack the offer; not starting it.");
-            return;
-        }
+    let Some(lease) = ack(&ctx, &id, &at).await else {
+        return;
     };
     tracing::info!(task_id = %id, agent = %offer.task.agent, attempt = offer.attempt, "Task started.");
     let entry = SpoolEntry {
@@ -85,6 +79,42 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
     }
     done.cancel();
     let _ = heartbeat.await;
+}
+
+/// How long an ack whose outcome is unknown is retried. Longer than any lease, so that by
+/// then the server has either started the attempt (a retry answers 200: acks are idempotent)
+/// or taken the offer back (409).
+const ACK_RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// Acks an offer. An ack that got no answer (connection lost, server restarting, 5xx) may
+/// have started the attempt on the server anyway; giving up then would leave the task
+/// "running" with nobody running it until its lease ran out (lost). So it is retried until
+/// the server says yes (start) or no (409: expired or cancelled; the offer is the server's
+/// again), or the runner is told to stop now.
+async fn ack(ctx: &Ctx, id: &str, at: &AttemptRef) -> Option<tunnel_protocol::LeaseStatus> {
+    let started = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        match ctx.client.ack(id, at).await {
+            Ok(l) => return Some(l),
+            Err(e) if e.is_stale() || e.status().is_some_and(|s| (400..500).contains(&s)) => {
+                tracing::warn!(task_id = %id, error = %e, "The offer is gone; not starting it.");
+                return None;
+            }
+            Err(e) => {
+                failures += 1;
+                if started.elapsed() > ACK_RETRY_FOR {
+                    tracing::warn!(task_id = %id, error = %e, "Could not ack the offer; not starting it.");
+                    return None;
+                }
+                tracing::warn!(task_id = %id, error = %e, "Ack got no answer; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(failures).min(Duration::from_secs(5))) => {}
+                    _ = ctx.abort.cancelled() => return None,
+                }
+            }
+        }
+    }
 }
 
 fn failed(message: impl Into<String>) -> (Outcome, TaskResult, Option<i64>) {

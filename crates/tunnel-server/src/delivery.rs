@@ -67,7 +67,7 @@ async fn deliver(state: AppState, platforms: Arc<Platforms>, pause: Arc<Mutex<i6
     let now = state.clock.now_ms();
     let paused_until = *pause.lock().unwrap_or_else(|p| p.into_inner());
     if d.target.platform == Platform::Discord && paused_until > now {
-        let update = DeliveryUpdate::Retry {
+        let update = DeliveryUpdate::Wait {
             at: paused_until,
             error: "Discord's global rate limit".into(),
         };
@@ -82,7 +82,7 @@ async fn deliver(state: AppState, platforms: Arc<Platforms>, pause: Arc<Mutex<i6
                 let mut p = pause.lock().unwrap_or_else(|p| p.into_inner());
                 *p = (*p).max(at);
             }
-            DeliveryUpdate::Retry {
+            DeliveryUpdate::Wait {
                 at,
                 error: format!("rate limited for {} ms", after.as_millis()),
             }
@@ -111,7 +111,9 @@ async fn record(state: &AppState, d: &Delivery, update: DeliveryUpdate) {
     let m = &state.metrics;
     match &update {
         DeliveryUpdate::Sent { .. } => m.deliveries_sent.fetch_add(1, Relaxed),
-        DeliveryUpdate::Retry { .. } => m.delivery_retries.fetch_add(1, Relaxed),
+        DeliveryUpdate::Retry { .. } | DeliveryUpdate::Wait { .. } => {
+            m.delivery_retries.fetch_add(1, Relaxed)
+        }
         DeliveryUpdate::Failed { .. } => m.delivery_failures.fetch_add(1, Relaxed),
         DeliveryUpdate::Parts { .. } => 0,
     };
@@ -139,7 +141,11 @@ async fn send(
                 .map_err(|e| DeliveryError::Transient(format!("reading events: {e}")))?;
             let text = tunnel_delivery::render_progress(task, &recent, limit);
             if d.kind == DeliveryKind::Progress {
-                return platforms.post(&d.target, &text).await.map(|id| Some(id.0));
+                let key = once_key(d, "p");
+                return platforms
+                    .post_once(&d.target, &text, key.as_deref())
+                    .await
+                    .map(|id| Some(id.0));
             }
             match &d.progress_message {
                 Some(id) => {
@@ -190,7 +196,8 @@ async fn send_parts(
 ) -> Result<Option<String>, DeliveryError> {
     let mut first = None;
     for (i, part) in parts.iter().enumerate().skip(d.done_parts as usize) {
-        let id = platforms.post(&d.target, part).await?;
+        let key = once_key(d, &i.to_string());
+        let id = platforms.post_once(&d.target, part, key.as_deref()).await?;
         if i == 0 {
             first = Some(id.0.clone());
         }
@@ -205,6 +212,17 @@ async fn send_parts(
         }
     }
     Ok(first)
+}
+
+/// The key that makes a repeated send of one part of a task's message return the first one
+/// (Discord's nonce, at most 25 characters): the outbox row and the part, plus the random end
+/// of the task's id so that two servers with the same bot never share a key. `Notify` rows
+/// have no task, so no key: a lost answer may repeat them rather than risk swallowing one.
+fn once_key(d: &Delivery, part: &str) -> Option<String> {
+    let task = d.task.as_ref()?;
+    let tail: String = task.id.chars().filter(char::is_ascii_hexdigit).collect();
+    let tail = &tail[tail.len().saturating_sub(8)..];
+    Some(format!("{tail}.{}.{part}", d.id))
 }
 
 /// 1 s, 2 s, 4 s … capped at 5 minutes.

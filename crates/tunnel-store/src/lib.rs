@@ -184,8 +184,15 @@ pub enum DeliveryUpdate {
     Sent {
         message_id: Option<String>,
     },
-    /// Try again at this time.
+    /// Try again at this time (a failed attempt: counts towards giving up).
     Retry {
+        at: i64,
+        error: String,
+    },
+    /// Try again at this time, as the platform asked (a rate limit's `retry_after`): not a
+    /// failure, so not counted as an attempt. A long 429 storm must not use up the attempts
+    /// that a 5xx or a network error is allowed afterwards.
+    Wait {
         at: i64,
         error: String,
     },

@@ -1425,6 +1425,14 @@ impl PgStore {
                     )
                     .await?
                 }
+                U::Wait { at, error } => {
+                    w.exec(
+                        "UPDATE outbox SET next_at = $2, last_error = $3,
+                            claimed_until = NULL, updated_at = $4 WHERE id = $1",
+                        &[&id, at, error, &w.now],
+                    )
+                    .await?
+                }
                 U::Failed { error } => {
                     w.exec(
                         "UPDATE outbox SET state = 'failed', attempts = attempts + 1,
@@ -1446,7 +1454,10 @@ impl PgStore {
             {
                 w.fx.changed.push(get(&row, 0)?);
             }
-            if matches!(update, U::Retry { .. } | U::Sent { .. } | U::Failed { .. }) {
+            if matches!(
+                update,
+                U::Retry { .. } | U::Wait { .. } | U::Sent { .. } | U::Failed { .. }
+            ) {
                 w.fx.delivery = true;
             }
             Ok(())
@@ -2387,7 +2398,8 @@ async fn delivery_status<C: GenericClient>(
     Ok(Some(tunnel_protocol::DeliveryStatus {
         state: match (kind.as_str(), state.as_str(), attempts) {
             ("progress", "sent", _) => "working_message_sent".into(),
-            (_, "pending", 0) => "pending".into(),
+            // A rate-limit wait counts no attempt but leaves its reason.
+            (_, "pending", 0) if error.is_none() => "pending".into(),
             (_, "pending", _) => "retrying".into(),
             (_, s, _) => s.to_owned(),
         },

@@ -1047,6 +1047,13 @@ impl SqliteStore {
                             updated_at = ?4 WHERE id = ?1",
                     )?
                     .execute(params![id, at, error, w.now])?,
+                U::Wait { at, error } => w
+                    .conn
+                    .prepare_cached(
+                        "UPDATE outbox SET next_at = ?2, last_error = ?3, updated_at = ?4
+                         WHERE id = ?1",
+                    )?
+                    .execute(params![id, at, error, w.now])?,
                 U::Failed { error } => w
                     .conn
                     .prepare_cached(
@@ -1067,7 +1074,10 @@ impl SqliteStore {
             if let Some(t) = task {
                 w.fx.changed.push(t);
             }
-            if matches!(update, U::Retry { .. } | U::Sent { .. } | U::Failed { .. }) {
+            if matches!(
+                update,
+                U::Retry { .. } | U::Wait { .. } | U::Sent { .. } | U::Failed { .. }
+            ) {
                 // The next message of this destination may now be due.
                 w.fx.delivery = true;
             }
@@ -1934,7 +1944,8 @@ fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::D
         |(kind, state, attempts, error)| tunnel_protocol::DeliveryStatus {
             state: match (kind.as_str(), state.as_str(), attempts) {
                 ("progress", "sent", _) => "working_message_sent".into(),
-                (_, "pending", 0) => "pending".into(),
+                // A rate-limit wait counts no attempt but leaves its reason.
+                (_, "pending", 0) if error.is_none() => "pending".into(),
                 (_, "pending", _) => "retrying".into(),
                 (_, s, _) => s.to_owned(),
             },

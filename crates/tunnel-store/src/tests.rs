@@ -710,12 +710,23 @@ async fn outbox_keeps_destination_order_and_reports_status(f: Fixture) {
         .update_delivery(n1, DeliveryUpdate::Sent { message_id: None })
         .await
         .unwrap();
+    // A rate limit's wait is not a failed attempt; a 5xx's retry is.
+    f.store
+        .update_delivery(
+            n2,
+            DeliveryUpdate::Wait {
+                at: f.clock.now_ms() + 1_000,
+                error: "429".into(),
+            },
+        )
+        .await
+        .unwrap();
     f.store
         .update_delivery(
             n2,
             DeliveryUpdate::Retry {
                 at: f.clock.now_ms() + 5_000,
-                error: "429".into(),
+                error: "500".into(),
             },
         )
         .await

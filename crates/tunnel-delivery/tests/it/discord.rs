@@ -39,6 +39,36 @@ async fn post_has_discords_exact_shape_and_never_pings() {
     );
 }
 
+/// A repeated send (after a lost answer or a crash before the outcome was recorded) carries
+/// the same nonce with `enforce_nonce`, so Discord returns the first message instead of
+/// posting the answer twice (found by the server-crash chaos test).
+#[tokio::test]
+async fn post_once_sends_a_nonce_discord_enforces() {
+    let d = StandIn::discord().await;
+    let p = platforms(Some(&d), None, None);
+    p.post_once(
+        &to(Platform::Discord, "123"),
+        "answer",
+        Some("0a1b2c3d.42.0"),
+    )
+    .await
+    .unwrap();
+    // Longer than Discord's 25 characters: sent without one rather than refused.
+    p.post_once(&to(Platform::Discord, "123"), "b", Some(&"x".repeat(26)))
+        .await
+        .unwrap();
+    let r = d.requests();
+    assert_eq!(
+        r[0].body,
+        json!({"content": "answer", "allowed_mentions": {"parse": []},
+               "nonce": "0a1b2c3d.42.0", "enforce_nonce": true})
+    );
+    assert_eq!(
+        r[1].body,
+        json!({"content": "b", "allowed_mentions": {"parse": []}})
+    );
+}
+
 #[tokio::test]
 async fn post_into_a_thread_replying_to_a_message() {
     let d = StandIn::discord().await;

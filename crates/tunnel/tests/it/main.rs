@@ -13,6 +13,8 @@ mod setup;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
 
+mod chaos;
+
 /// A `tunnel serve` child process on a free port with its own data dir.
 struct Served {
     child: Child,
@@ -522,10 +524,15 @@ fn a_runner_killed_mid_task_reports_the_task_after_restart_and_leaves_no_agent()
     }
     runner.kill().unwrap(); // SIGKILL: no chance to clean up
     runner.wait().unwrap();
-    assert!(
-        Path::new(&format!("/proc/{agent_pid}")).exists(),
-        "the agent outlived its runner (own process group)"
-    );
+    // The agent runs in its own process group, but the group's guard stops it when its runner
+    // dies, so it does not go on working (and editing files) for a task nobody reports.
+    let orphan_gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !Path::new(&format!("/proc/{agent_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{agent_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(orphan_gone, "the agent outlived its runner");
 
     let mut runner = start_runner();
     let out = s.cli(&["tasks", "--json", &id]);
