@@ -141,6 +141,9 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
             task.id,
             output::state_phrase(&task)
         );
+        if task.state == TaskState::Queued {
+            warn_if_nobody_can_run(&client, &task).await;
+        }
         if !args.watch {
             println!("{}", task.id);
         }
@@ -149,6 +152,49 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
         return watch(&client, &task.id, 0, args.client.json).await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A queued task that no connected runner can take waits silently: say so, and why.
+async fn warn_if_nobody_can_run(client: &Client, task: &tunnel_protocol::Task) {
+    let Ok(list) = client.runners().await else {
+        return;
+    };
+    let online: Vec<_> = list.runners.iter().filter(|r| r.online).collect();
+    let fits = |r: &&tunnel_protocol::RunnerInfo| {
+        r.agents.contains(&task.agent)
+            && task
+                .project
+                .as_ref()
+                .is_none_or(|p| r.projects.iter().any(|x| x == p))
+    };
+    if online.iter().any(fits) {
+        return;
+    }
+    let wanted = match &task.project {
+        Some(p) => format!("agent {} with project {p}", task.agent),
+        None => format!("agent {}", task.agent),
+    };
+    if online.is_empty() {
+        eprintln!(
+            "note: no runner is connected; the task waits in the queue until one offering {wanted} connects (`tunnel runners`)."
+        );
+    } else {
+        let have: Vec<String> = online
+            .iter()
+            .map(|r| {
+                let projects = if r.projects.is_empty() {
+                    String::new()
+                } else {
+                    format!("; projects {}", r.projects.join(", "))
+                };
+                format!("{} ({}{projects})", r.name, r.agents.join(", "))
+            })
+            .collect();
+        eprintln!(
+            "note: no connected runner offers {wanted}, so the task waits in the queue (connected: {}). Install the agent's CLI on a runner (`tunnel doctor` there) or give it the project, then restart it.",
+            have.join("; ")
+        );
+    }
 }
 
 /// `discord:123[:456]`, `telegram:-100123[:7]`, `webhook:ci`.

@@ -153,6 +153,20 @@ pub(crate) fn default_config_path() -> PathBuf {
     base.join("tunnel/tunnel.toml")
 }
 
+/// Creates `dir` (and missing parents) readable only by this user: the database and the spool
+/// hold prompts and answers. An existing directory keeps the permissions it has.
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
 /// The admin token `tunnel serve` created on first start, for local CLI use.
 pub(crate) fn local_admin_token_path() -> PathBuf {
     data_dir().join("admin.token")

@@ -47,20 +47,36 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
         .or(runner.server.clone())
         .or(client.server.clone())
         .unwrap_or_else(|| "http://127.0.0.1:3456".into());
-    let token = args
-        .token
-        .clone()
-        .or_else(|| std::env::var("WORKER_TOKEN").ok().filter(|s| !s.is_empty()))
-        .or(runner.token.clone())
-        .or(client.token.clone())
-        .or_else(|| {
-            std::fs::read_to_string(config::local_admin_token_path())
-                .ok()
-                .map(|t| t.trim().to_owned())
-        });
-    check_server(&mut r, &server, token.as_deref()).await;
+    // Where the token came from, so a refused one can be found and replaced.
+    let admin_file = config::local_admin_token_path();
+    let (token, token_source) = if let Some(t) = args.token.clone() {
+        (Some(t), "--token".to_owned())
+    } else if let Some(t) = std::env::var("WORKER_TOKEN").ok().filter(|s| !s.is_empty()) {
+        (Some(t), "WORKER_TOKEN".to_owned())
+    } else if let Some(t) = runner.token.clone() {
+        (
+            Some(t),
+            "`token` under [runner] in the config file".to_owned(),
+        )
+    } else if let Some(t) = client.token.clone() {
+        (
+            Some(t),
+            "`token` under [client] in the config file".to_owned(),
+        )
+    } else {
+        let saved = std::fs::read_to_string(&admin_file)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        (saved, admin_file.display().to_string())
+    };
+    check_server(&mut r, &server, token.as_deref(), &token_source).await;
 
     println!("agents");
+    // A runner's own config names its server; elsewhere (a server, `tunnel up`) a machine
+    // without agent CLIs may be intended.
+    let runner_machine =
+        runner.server.is_some() || std::env::var("WORKER_URL").is_ok_and(|s| !s.is_empty());
     let opts = RunnerOpts {
         name: None,
         max_concurrent: None,
@@ -68,7 +84,7 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
     };
     match crate::runner::runner_config(server.clone(), token.unwrap_or_default(), &opts, runner) {
         Ok(cfg) => {
-            check_agents(&mut r, &cfg).await;
+            check_agents(&mut r, &cfg, runner_machine).await;
             println!("projects");
             check_projects(&mut r, &cfg);
         }
@@ -94,7 +110,7 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
     })
 }
 
-async fn check_server(r: &mut Report, server: &str, token: Option<&str>) {
+async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source: &str) {
     let client = match Client::new(server, token.unwrap_or("-")) {
         Ok(c) => c,
         Err(e) => {
@@ -130,7 +146,7 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>) {
     let Some(_) = token else {
         return r.fail(
             "no token",
-            "set WORKER_TOKEN or --token (create one with `tunnel token create`)",
+            "set WORKER_TOKEN or --token, or run `tunnel init` (a token is made on the server with `tunnel token create`)",
         );
     };
     match client
@@ -140,11 +156,30 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>) {
         })
         .await
     {
-        Ok(_) => r.ok("the token is valid (client or admin)"),
+        Ok(_) => {
+            r.ok("the token is valid (client or admin)");
+            // What a client needs next: somebody to run its tasks.
+            if let Ok(list) = client.runners().await {
+                let online: Vec<String> = list
+                    .runners
+                    .iter()
+                    .filter(|x| x.online)
+                    .map(|x| format!("{} ({})", x.name, x.agents.join(", ")))
+                    .collect();
+                if online.is_empty() {
+                    r.warn(
+                        "no runner is connected, so tasks wait in the queue",
+                        "start one: `tunnel runner` on a machine with the agent CLIs (`tunnel init --scenario runner` sets it up), or `tunnel up` here",
+                    );
+                } else {
+                    r.ok(&format!("runners online: {}", online.join("; ")));
+                }
+            }
+        }
         Err(ClientError::Api { status: 403, .. }) => r.ok("the token is valid (runner)"),
         Err(ClientError::Api { status: 401, .. }) => r.fail(
-            "the server refuses the token (401)",
-            "check WORKER_TOKEN / --token; `tunnel token list` on the server shows which exist",
+            &format!("the server refuses the token from {source} (401: unknown, mistyped or revoked)"),
+            "make a new one on the server (`tunnel token create --role runner --name NAME`, or --role client for the CLI and the plugin) and put it there; `tunnel token list` on the server shows which tokens exist",
         ),
         Err(e) => r.fail(
             &format!("the token check failed: {e}"),
@@ -200,7 +235,22 @@ fn parse_http_date(s: &str) -> Option<i64> {
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
-async fn check_agents(r: &mut Report, cfg: &RunnerConfig) {
+async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) {
+    // `echo` is only a smoke test: a runner whose every real agent is missing can do no work.
+    let usable = cfg
+        .agents
+        .iter()
+        .filter(|(name, a)| name.as_str() != "echo" && find(&a.program).is_some())
+        .count();
+    if usable == 0 {
+        let what = "no agent CLI is installed: a runner here can run only the `echo` test agent";
+        let fix = "install one (`npm install -g @anthropic-ai/claude-code`, `@openai/codex` or `@google/gemini-cli`), or declare a custom agent under [runner.agents.NAME]";
+        if runner_machine {
+            r.fail(what, fix);
+        } else {
+            r.warn(what, fix);
+        }
+    }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_default();

@@ -193,7 +193,8 @@ pub(crate) fn tokens(tokens: &[TokenInfo]) {
         println!(
             "{:<14}  {:<7}  {:<10}  {:<10}  {}",
             t.id,
-            t.role,
+            // Role's Display ignores the width.
+            t.role.to_string(),
             ago(t.created_at),
             if t.revoked_at.is_some() {
                 "revoked"

@@ -136,6 +136,7 @@ pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
         .server
         .or(section.server.clone())
         .unwrap_or_else(|| "http://127.0.0.1:3456".into());
+    let from_file = args.token.is_none() && section.token.is_some();
     let token = match args.token.or(section.token.clone()) {
         Some(t) => t,
         None => bail!(
@@ -143,11 +144,17 @@ pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
         ),
     };
     let config = runner_config(server, token, &args.opts, section)?;
+    // The spool and the default work directory hold prompts and answers.
+    config::private_dir(&config::data_dir())?;
     let shutdown = Shutdown::default();
     tokio::spawn(signals(shutdown.clone()));
     tunnel_runner::run(config, shutdown)
         .await
-        .context("the runner stopped")
+        .context(if from_file {
+            "the runner stopped (its token is `token` under [runner] in the config file)"
+        } else {
+            "the runner stopped"
+        })
 }
 
 /// First SIGTERM/SIGINT: stop claiming and let tasks finish; a second SIGINT: stop them now.
@@ -189,6 +196,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
             client,
             runner: RunnerSection::default(),
         },
+        true,
     )
     .await?;
     let url = format!("http://{}", prepared.server.local_addr());

@@ -18,7 +18,7 @@ pub(crate) struct Prepared {
 }
 
 pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
-    let prepared = prepare(args, file).await?;
+    let prepared = prepare(args, file, false).await?;
     let server = prepared.server;
     let token = server.shutdown_token();
     tokio::spawn(async move {
@@ -33,7 +33,12 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
 
 /// Reads the configuration, starts logging, opens the store, binds, and makes the first admin
 /// token on a fresh install.
-pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepared> {
+/// `local_runner`: `tunnel up`, which runs a runner beside the server (and says so itself).
+pub(crate) async fn prepare(
+    args: ServeArgs,
+    file: FileConfig,
+    local_runner: bool,
+) -> Result<Prepared> {
     let f = file.server;
     let log_format = match (args.log_format, f.log_format.as_deref()) {
         (Some(l), _) => l,
@@ -65,7 +70,12 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
         },
     };
     let database = match database {
-        Database::Sqlite { path, .. } => Database::Sqlite { path, durability },
+        Database::Sqlite { path, .. } => {
+            if let Some(dir) = path.parent() {
+                config::private_dir(dir)?;
+            }
+            Database::Sqlite { path, durability }
+        }
         pg @ Database::Postgres { .. } => pg,
     };
 
@@ -106,10 +116,17 @@ pub(crate) async fn prepare(args: ServeArgs, file: FileConfig) -> Result<Prepare
     {
         let file = config::local_admin_token_path();
         write_private(&file, &token)?;
+        let next = if local_runner {
+            ""
+        } else {
+            "This server has no runner of its own (`tunnel up` has one): make a runner token\n\
+             with `tunnel token create --role runner --name NAME` and start `tunnel runner` with it\n\
+             where the agent CLIs are (`tunnel init --scenario runner` sets that machine up).\n\
+             Tasks wait in the queue until a runner takes them.\n"
+        };
         eprintln!(
             "\nCreated the first admin token and saved it to {} (only you can read it).\n\
-             The tunnel CLI on this machine uses it automatically. Next, try:\n\n  \
-             tunnel submit --agent claude \"say hello\"\n  tunnel tasks\n",
+             The tunnel CLI on this machine uses it automatically.\n{next}",
             file.display()
         );
     }
@@ -222,7 +239,7 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        config::private_dir(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)

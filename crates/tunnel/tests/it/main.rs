@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod setup;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
 
 mod chaos;
@@ -606,6 +608,35 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         "{text}"
     );
 
+    // A runner machine (its config names the server) where no agent CLI is installed.
+    let out = s.cli(&["token", "create", "--name", "box", "--role", "runner"]);
+    let runner_token = stdout(&out).trim().to_owned();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[runner]\nserver = \"{}\"\ntoken = \"{runner_token}\"\n",
+            s.url
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["doctor", "--config", cfg.to_str().unwrap()])
+        .env("CLAUDE_PATH", "/nonexistent/claude")
+        .env("CODEX_PATH", "/nonexistent/codex")
+        .env("GEMINI_PATH", "/nonexistent/gemini")
+        .env_remove("WORKER_TOKEN")
+        .env_remove("WORKER_URL")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("the token is valid (runner)"), "{text}");
+    assert!(
+        text.contains("FAIL  no agent CLI is installed")
+            && text.contains("claude: `/nonexistent/claude` not found"),
+        "{text}"
+    );
+
     let out = s.cli(&[
         "doctor",
         "--server",
@@ -615,7 +646,11 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
     ]);
     let text = stdout(&out);
     assert!(!out.status.success());
-    assert!(text.contains("refuses the token (401)"), "{text}");
+    assert!(
+        text.contains("refuses the token from --token (401: unknown, mistyped or revoked)"),
+        "{text}"
+    );
+    assert!(text.contains("tunnel token create --role runner"), "{text}");
 }
 
 #[test]
@@ -688,6 +723,9 @@ fn init_writes_a_private_config_with_tokens_and_never_overwrites_it() {
         "{}",
         stderr(&out)
     );
+    let out = s.cli(&["token", "create", "--name", "box", "--role", "runner"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let runner_token = stdout(&out).trim().to_owned();
     let out = s.cli(&[
         "init",
         "--yes",
@@ -696,7 +734,7 @@ fn init_writes_a_private_config_with_tokens_and_never_overwrites_it() {
         "--server",
         &s.url,
         "--token",
-        "tnl_x_y",
+        &runner_token,
         "--name",
         "box",
         "--output",
@@ -737,13 +775,35 @@ fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
         std::fs::read_to_string(dir.path().join("systemd/user/tunnel-runner.service")).unwrap();
     let cfg = dir.path().join("tunnel/tunnel.toml");
     assert!(
-        unit.contains(&format!("runner --config {}", cfg.display())),
+        unit.contains(&format!("runner --config \"{}\"", cfg.display())),
         "{unit}"
     );
     assert!(
         !unit.contains("secretsecret"),
         "the token stays in the private config file"
     );
+    assert!(
+        unit.contains("\nEnvironment=\"PATH="),
+        "the agent CLIs are found with the installing shell's PATH: {unit}"
+    );
+    assert!(
+        !unit.contains("network-online"),
+        "a user manager has no network-online.target: {unit}"
+    );
+    // systemd checks the unit where it is installed (not PID 1 here: verify only).
+    let runtime = tempfile::tempdir().unwrap();
+    if let Ok(v) = Command::new("systemd-analyze")
+        .args(["verify", "--user"])
+        .arg(dir.path().join("systemd/user/tunnel-runner.service"))
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .output()
+    {
+        assert!(
+            v.status.success() && v.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
     assert!(
         stdout(&out).contains("systemctl --user enable --now tunnel-runner"),
         "{}",
