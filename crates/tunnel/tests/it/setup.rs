@@ -417,3 +417,55 @@ fn local_setup_by_init_runs_the_suggested_task() {
     assert!(ran.status.success(), "{}{}", ran.out, ran.err);
     assert_eq!(ran.out.trim(), "hello");
 }
+
+/// A web server that answers 404 to everything, as a wrong URL or a proxy's wrong route does.
+fn not_a_tunnel_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot found",
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn a_url_that_is_not_a_tunnel_server_is_refused_by_init_and_explained_by_doctor() {
+    let url = not_a_tunnel_server();
+    let m = Machine::new();
+    let ran = m.run(
+        &[
+            "init",
+            "--yes",
+            "--scenario",
+            "runner",
+            "--server",
+            &url,
+            "--token",
+            "tnl_a_b",
+        ],
+        "",
+    );
+    assert!(!ran.status.success());
+    assert!(
+        ran.err.contains("answers HTTP 404 on /healthz") && ran.err.contains("nothing was written"),
+        "{}",
+        ran.err
+    );
+    assert!(!m.config().exists());
+
+    let ran = m.run(&["doctor", "--server", &url, "--token", "tnl_a_b"], "");
+    assert!(!ran.status.success());
+    assert!(
+        ran.out
+            .contains("answers HTTP 404 on /healthz: that is not a tunnel server"),
+        "{}",
+        ran.out
+    );
+}
