@@ -256,7 +256,10 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
         .filter(|(name, a)| name.as_str() != "echo" && find(&a.program).is_some())
         .count();
     // A declared custom agent that is missing fails on its own line below.
-    let custom = cfg.agents.values().any(|a| a.kind == AgentKind::Custom);
+    let custom = cfg
+        .agents
+        .iter()
+        .any(|(name, a)| name != "echo" && a.kind == AgentKind::Custom);
     if usable == 0 && !custom {
         let what = "no agent CLI is installed: a runner here can run only the `echo` test agent";
         let fix = "install one (`npm install -g @anthropic-ai/claude-code`, `@openai/codex` or `@google/gemini-cli`), or declare a custom agent under [runner.agents.NAME]";
