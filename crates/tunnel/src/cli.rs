@@ -24,7 +24,7 @@ pub(crate) enum Command {
     /// Set up this machine: config file, tokens, and the next command to run.
     Init(InitArgs),
     /// Server and a local runner in one process, on SQLite: the quickest start.
-    Up(UpArgs),
+    Up(UpCmd),
     /// Run the server (API, queue, event streams) on SQLite.
     Serve(ServeCmd),
     /// Run a runner: claim tasks from a server and run agent CLIs on this machine.
@@ -205,6 +205,14 @@ pub(crate) struct RunnerArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpCmd {
+    #[command(flatten)]
+    pub(crate) args: UpArgs,
+    #[command(subcommand)]
+    pub(crate) service: Option<ServiceAction>,
 }
 
 #[derive(Debug, Args)]

@@ -304,7 +304,10 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
                     );
                 }
             } else {
-                println!("\nNext: `tunnel up`, then `tunnel submit --agent echo --watch hello`.");
+                println!(
+                    "\nNext: `tunnel up`, then `tunnel submit --agent echo --watch hello`.\n\
+                     `tunnel up install-service` runs it at login; `tunnel doctor` checks the agent CLIs."
+                );
             }
             text
         }
