@@ -371,6 +371,19 @@ fn server_init_listens_where_its_public_url_needs() {
             ran.out
         );
     }
+    // --force over a config someone made readable by others leaves it private again.
+    let m = Machine::new();
+    std::fs::create_dir_all(m.config().parent().unwrap()).unwrap();
+    std::fs::write(m.config(), "# mine\n").unwrap();
+    std::fs::set_permissions(
+        m.config(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let ran = m.run(&["init", "--yes", "--force"], "");
+    assert!(ran.status.success(), "{}", ran.err);
+    assert!(private(&m.config()));
+
     let m = Machine::new();
     let ran = m.run(&["init", "--yes", "--scenario", "server"], "");
     assert!(!ran.status.success());
