@@ -247,7 +247,8 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     );
     // A trivial custom agent stands in for an AI CLI.
     cfg.push_str(
-        "\n[runner.agents.rev]\nprogram = \"sh\"\ncommand = [\"-c\", \"printf 'reversed: '; rev\"]\n",
+        "\n[runner.agents.rev]\nprogram = \"sh\"\ncommand = [\"-c\", \"printf 'reversed: '; rev\"]\n\
+         \n[runner.agents.where]\nprogram = \"pwd\"\ncommand = []\n",
     );
     std::fs::write(home.config(), cfg).unwrap();
     let doctor = home.run(&["doctor"], "");
@@ -283,6 +284,27 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
         mode(&home.path().join(".local/share/tunnel")),
         0o700,
         "the runner's spool and work directory hold prompts and answers"
+    );
+
+    // It ran in the project directory init wrote.
+    let ran = server.run(
+        &[
+            "submit",
+            "--server",
+            &url,
+            "--agent",
+            "where",
+            "--project",
+            "web",
+            "--watch",
+            "?",
+        ],
+        "",
+    );
+    assert!(ran.status.success(), "{}{}", ran.out, ran.err);
+    assert_eq!(
+        Path::new(ran.out.trim()),
+        home.path().join("src/web").canonicalize().unwrap()
     );
 
     // A task the way the plugin sends it, with its client token.
@@ -338,7 +360,9 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     // The server machine's doctor sees the runner.
     let doctor = server.run(&["doctor", "--server", &url], "");
     assert!(
-        doctor.out.contains("runners online: box (echo, rev)"),
+        doctor
+            .out
+            .contains("runners online: box (echo, rev, where)"),
         "{}",
         doctor.out
     );
