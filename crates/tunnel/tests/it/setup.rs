@@ -360,9 +360,8 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     // The server machine's doctor sees the runner.
     let doctor = server.run(&["doctor", "--server", &url], "");
     assert!(
-        doctor
-            .out
-            .contains("runners online: box (echo, rev, where)"),
+        // (plus any agent CLI this machine happens to have)
+        doctor.out.contains("runners online: box (") && doctor.out.contains("rev, where)"),
         "{}",
         doctor.out
     );
