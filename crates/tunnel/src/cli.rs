@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Hand coding tasks from chat to AI coding agents on another machine."
 )]
 pub(crate) struct Cli {
-    /// Config file (TOML). Default: tunnel.toml in the current directory, if present.
+    /// Config file (TOML). Default: tunnel.toml in the current directory, else
+    /// ~/.config/tunnel/tunnel.toml (the one `tunnel init` writes), if present.
     #[arg(long, global = true, env = "TUNNEL_CONFIG")]
     pub(crate) config: Option<PathBuf>,
     #[command(subcommand)]
@@ -24,7 +25,7 @@ pub(crate) enum Command {
     /// Set up this machine: config file, tokens, and the next command to run.
     Init(InitArgs),
     /// Server and a local runner in one process, on SQLite: the quickest start.
-    Up(UpArgs),
+    Up(UpCmd),
     /// Run the server (API, queue, event streams) on SQLite.
     Serve(ServeCmd),
     /// Run a runner: claim tasks from a server and run agent CLIs on this machine.
@@ -67,10 +68,12 @@ pub(crate) struct InitArgs {
     /// For a runner: the server's URL.
     #[arg(long)]
     pub(crate) server: Option<String>,
-    /// For a runner: its token (`tunnel token create --role runner` on the server).
+    /// For a runner: its token (printed by `tunnel init` on the server, or `tunnel token create
+    /// --role runner` there); checked with the server before anything is written.
     #[arg(long, hide_env_values = true)]
     pub(crate) token: Option<String>,
-    /// For a server: the URL runners and OpenClaw will use.
+    /// For a server: the URL runners and OpenClaw will use (https:// behind a TLS proxy, or
+    /// http://ADDRESS:3456 on a private network); needed with --yes.
     #[arg(long)]
     pub(crate) public_url: Option<String>,
     /// For a runner: its name [default: the host name].
@@ -82,7 +85,7 @@ pub(crate) struct InitArgs {
     /// Ask nothing; use the flags and defaults.
     #[arg(long, short)]
     pub(crate) yes: bool,
-    /// Replace an existing config (its tokens stop being used).
+    /// Replace an existing config without asking (tokens already handed out keep working).
     #[arg(long)]
     pub(crate) force: bool,
     /// Where to write [default: ~/.config/tunnel/tunnel.toml].
@@ -209,6 +212,14 @@ pub(crate) struct RunnerArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpCmd {
+    #[command(flatten)]
+    pub(crate) args: UpArgs,
+    #[command(subcommand)]
+    pub(crate) service: Option<ServiceAction>,
 }
 
 #[derive(Debug, Args)]

@@ -31,7 +31,11 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(crate::cli::ServeCmd { args, .. }) => crate::serve::serve(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Up(args) => crate::runner::up(args, file)
+        Command::Up(crate::cli::UpCmd {
+            service: Some(action),
+            ..
+        }) => crate::service::service(crate::service::Kind::Up, action, cli.config.as_deref()),
+        Command::Up(crate::cli::UpCmd { args, .. }) => crate::runner::up(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Runner(crate::cli::RunnerCmd { args, .. }) => crate::runner::runner(args, file)

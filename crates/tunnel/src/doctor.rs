@@ -126,11 +126,24 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
             "{server} answers ({} ms)",
             started.elapsed().as_millis()
         )),
-        Err(e) => {
+        Err(ClientError::Api { status, .. }) => {
             return r.fail(
-                &format!("{server} does not answer: {e}"),
-                "start it with `tunnel up` (or `tunnel serve`), or fix --server / WORKER_URL",
+                &format!(
+                    "{server} answers HTTP {status} on /healthz: that is not a tunnel server"
+                ),
+                "check the URL and port; behind a reverse proxy, check that it forwards to `tunnel serve` (a 502 means the server behind it is down)",
             );
+        }
+        Err(e) => {
+            let local = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|p| server.starts_with(p));
+            let fix = if local {
+                "start it here with `tunnel up` (or `tunnel serve`), or fix --server / WORKER_URL / `server` in the config file"
+            } else {
+                "check that the server runs and that this URL reaches it from here (firewall, proxy, DNS); fix --server / WORKER_URL / `server` in the config file"
+            };
+            return r.fail(&format!("{server} does not answer: {e}"), fix);
         }
     }
     if let Some(skew) = clock_skew(server).await {
@@ -242,7 +255,12 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
         .iter()
         .filter(|(name, a)| name.as_str() != "echo" && find(&a.program).is_some())
         .count();
-    if usable == 0 {
+    // A declared custom agent that is missing fails on its own line below.
+    let custom = cfg
+        .agents
+        .iter()
+        .any(|(name, a)| name != "echo" && a.kind == AgentKind::Custom);
+    if usable == 0 && !custom {
         let what = "no agent CLI is installed: a runner here can run only the `echo` test agent";
         let fix = "install one (`npm install -g @anthropic-ai/claude-code`, `@openai/codex` or `@google/gemini-cli`), or declare a custom agent under [runner.agents.NAME]";
         if runner_machine {

@@ -77,11 +77,26 @@ fn project_line(p: &str) -> Result<String> {
 /// cheaper than a runner that restarts forever.
 async fn check_runner_token(server: &str, token: &str) -> Result<()> {
     let client = tunnel_client::Client::new(server, token)?;
-    if let Err(e) = client.health().await {
-        println!(
-            "warning: the server does not answer yet ({e}); the runner will keep trying. Check the URL with `tunnel doctor` once it is up."
-        );
-        return Ok(());
+    match client.health().await {
+        Ok(_) => {}
+        // Something else answers there (a 4xx): this URL will never work.
+        Err(tunnel_client::ClientError::Api { status, .. }) if (400..500).contains(&status) => {
+            bail!(
+                "{server} answers HTTP {status} on /healthz, which a tunnel server does not: check the URL (and the proxy's route to `tunnel serve`); nothing was written"
+            )
+        }
+        Err(tunnel_client::ClientError::Api { status, .. }) => {
+            println!(
+                "warning: {server} answers HTTP {status} on /healthz, which a tunnel server does not (a wrong URL, or the server behind the proxy is down); the runner will keep trying. `tunnel doctor` checks it again."
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            println!(
+                "warning: the server does not answer yet ({e}); the runner will keep trying. Check the URL with `tunnel doctor` once it is up."
+            );
+            return Ok(());
+        }
     }
     let q = tunnel_client::TaskQuery {
         limit: Some(1),
@@ -289,7 +304,10 @@ pub(crate) async fn init(args: InitArgs) -> Result<()> {
                     );
                 }
             } else {
-                println!("\nNext: `tunnel up`, then `tunnel submit --agent echo --watch hello`.");
+                println!(
+                    "\nNext: `tunnel up`, then `tunnel submit --agent echo --watch hello`.\n\
+                     `tunnel up install-service` runs it at login; `tunnel doctor` checks the agent CLIs."
+                );
             }
             text
         }

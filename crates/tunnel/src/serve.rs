@@ -248,6 +248,9 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
+    // `mode` applies only to a new file: an existing one may have been readable by others.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", path.display()))?;
     writeln!(f, "{contents}").with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

@@ -14,6 +14,8 @@ use crate::config;
 pub(crate) enum Kind {
     Runner,
     Server,
+    /// `tunnel up`: the server and a runner in one process (everything on one machine).
+    Up,
 }
 
 impl Kind {
@@ -21,6 +23,7 @@ impl Kind {
         match self {
             Kind::Runner => "tunnel-runner",
             Kind::Server => "tunnel-server",
+            Kind::Up => "tunnel-up",
         }
     }
 
@@ -28,6 +31,7 @@ impl Kind {
         match self {
             Kind::Runner => "runner",
             Kind::Server => "serve",
+            Kind::Up => "up",
         }
     }
 }
@@ -205,7 +209,7 @@ pub(crate) fn service(
                 .into_iter()
                 .filter(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
                 .collect();
-            if kind == Kind::Runner && !keys.is_empty() {
+            if kind != Kind::Server && !keys.is_empty() {
                 println!(
                     "Note: {} is set in this shell but the service will not see it; put it under [runner.agents.NAME] env in {} (readable only by you), or log the CLI in once.",
                     keys.join(", "),

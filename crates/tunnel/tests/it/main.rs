@@ -810,6 +810,18 @@ fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
         stdout(&out)
     );
 
+    // Everything on one machine: `tunnel up` as the service.
+    let out = run_in(dir.path(), &["up", "install-service", "--no-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unit = std::fs::read_to_string(dir.path().join("systemd/user/tunnel-up.service")).unwrap();
+    assert!(
+        unit.contains(&format!("\" up --config \"{}\"", cfg.display())),
+        "{unit}"
+    );
+    let out = run_in(dir.path(), &["up", "uninstall-service"]);
+    assert!(out.status.success());
+    assert!(!dir.path().join("systemd/user/tunnel-up.service").exists());
+
     let out = run_in(dir.path(), &["runner", "uninstall-service"]);
     assert!(out.status.success());
     assert!(

@@ -247,7 +247,8 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     );
     // A trivial custom agent stands in for an AI CLI.
     cfg.push_str(
-        "\n[runner.agents.rev]\nprogram = \"sh\"\ncommand = [\"-c\", \"printf 'reversed: '; rev\"]\n",
+        "\n[runner.agents.rev]\nprogram = \"sh\"\ncommand = [\"-c\", \"printf 'reversed: '; rev\"]\n\
+         \n[runner.agents.where]\nprogram = \"pwd\"\ncommand = []\n",
     );
     std::fs::write(home.config(), cfg).unwrap();
     let doctor = home.run(&["doctor"], "");
@@ -283,6 +284,27 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
         mode(&home.path().join(".local/share/tunnel")),
         0o700,
         "the runner's spool and work directory hold prompts and answers"
+    );
+
+    // It ran in the project directory init wrote.
+    let ran = server.run(
+        &[
+            "submit",
+            "--server",
+            &url,
+            "--agent",
+            "where",
+            "--project",
+            "web",
+            "--watch",
+            "?",
+        ],
+        "",
+    );
+    assert!(ran.status.success(), "{}{}", ran.out, ran.err);
+    assert_eq!(
+        Path::new(ran.out.trim()),
+        home.path().join("src/web").canonicalize().unwrap()
     );
 
     // A task the way the plugin sends it, with its client token.
@@ -338,7 +360,8 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
     // The server machine's doctor sees the runner.
     let doctor = server.run(&["doctor", "--server", &url], "");
     assert!(
-        doctor.out.contains("runners online: box (echo, rev)"),
+        // (plus any agent CLI this machine happens to have)
+        doctor.out.contains("runners online: box (") && doctor.out.contains("rev, where)"),
         "{}",
         doctor.out
     );
@@ -371,6 +394,19 @@ fn server_init_listens_where_its_public_url_needs() {
             ran.out
         );
     }
+    // --force over a config someone made readable by others leaves it private again.
+    let m = Machine::new();
+    std::fs::create_dir_all(m.config().parent().unwrap()).unwrap();
+    std::fs::write(m.config(), "# mine\n").unwrap();
+    std::fs::set_permissions(
+        m.config(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let ran = m.run(&["init", "--yes", "--force"], "");
+    assert!(ran.status.success(), "{}", ran.err);
+    assert!(private(&m.config()));
+
     let m = Machine::new();
     let ran = m.run(&["init", "--yes", "--scenario", "server"], "");
     assert!(!ran.status.success());
@@ -416,4 +452,56 @@ fn local_setup_by_init_runs_the_suggested_task() {
     );
     assert!(ran.status.success(), "{}{}", ran.out, ran.err);
     assert_eq!(ran.out.trim(), "hello");
+}
+
+/// A web server that answers 404 to everything, as a wrong URL or a proxy's wrong route does.
+fn not_a_tunnel_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nnot found",
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn a_url_that_is_not_a_tunnel_server_is_refused_by_init_and_explained_by_doctor() {
+    let url = not_a_tunnel_server();
+    let m = Machine::new();
+    let ran = m.run(
+        &[
+            "init",
+            "--yes",
+            "--scenario",
+            "runner",
+            "--server",
+            &url,
+            "--token",
+            "tnl_a_b",
+        ],
+        "",
+    );
+    assert!(!ran.status.success());
+    assert!(
+        ran.err.contains("answers HTTP 404 on /healthz") && ran.err.contains("nothing was written"),
+        "{}",
+        ran.err
+    );
+    assert!(!m.config().exists());
+
+    let ran = m.run(&["doctor", "--server", &url, "--token", "tnl_a_b"], "");
+    assert!(!ran.status.success());
+    assert!(
+        ran.out
+            .contains("answers HTTP 404 on /healthz: that is not a tunnel server"),
+        "{}",
+        ran.out
+    );
 }
