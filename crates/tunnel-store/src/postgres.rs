@@ -35,10 +35,14 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
-    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList,
-    SessionMode, SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
+    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SessionMode,
+    SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
 };
 
+use crate::model::{
+    Columns, OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
+    event_from_row, open_task_from_row, recent_from_row, task_from_row,
+};
 use crate::{
     Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals,
     StoreError, StoredToken, TaskFilter, new_id, random_hex,
@@ -132,6 +136,27 @@ fn get<'a, T: FromSql<'a>>(r: &'a Row, i: usize) -> Result<T> {
 
 fn get_u32(r: &Row, i: usize) -> Result<u32> {
     Ok(r.try_get::<_, i64>(i)? as u32)
+}
+
+impl Columns for Row {
+    fn text(&self, i: usize) -> Result<String> {
+        get(self, i)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        get(self, i)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        get(self, i)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        get(self, i)
+    }
+    fn uint(&self, i: usize) -> Result<u32> {
+        get_u32(self, i)
+    }
+    fn flag(&self, i: usize) -> Result<bool> {
+        get(self, i)
+    }
 }
 
 /// What a committed write changed, applied to [`Signals`] after the commit, here and (via
@@ -1120,15 +1145,7 @@ impl PgStore {
         .await?;
         let sessions = rows
             .iter()
-            .map(|r| {
-                Ok(SessionBinding {
-                    conversation: get(r, 0)?,
-                    agent: get(r, 1)?,
-                    session_id: get(r, 2)?,
-                    runner: get(r, 3)?,
-                    updated_at: get(r, 4)?,
-                })
-            })
+            .map(binding_from_row)
             .collect::<Result<Vec<_>>>()?;
         let rows = q_all(
             &c,
@@ -1140,15 +1157,7 @@ impl PgStore {
         .await?;
         let recent = rows
             .iter()
-            .map(|r| {
-                Ok(RecentSession {
-                    agent: get(r, 0)?,
-                    session_id: get(r, 1)?,
-                    runner: get(r, 2)?,
-                    conversation: get(r, 3)?,
-                    last_used: get(r, 4)?,
-                })
-            })
+            .map(recent_from_row)
             .collect::<Result<Vec<_>>>()?;
         Ok(SessionList { sessions, recent })
     }
@@ -1760,52 +1769,6 @@ const HOME_EXPR: &str = "CASE t.session_mode
         ELSE CASE WHEN s.session_id IS NOT NULL THEN s.runner END
     END";
 
-/// The columns of a task a write needs to decide a transition.
-struct OpenTask {
-    seq: i64,
-    id: String,
-    agent: String,
-    conversation: Option<String>,
-    session_key: Option<String>,
-    owner: String,
-    state: TaskState,
-    attempt: u32,
-    runs: u32,
-    max_attempts: u32,
-    lease_token: Option<String>,
-    runner: Option<String>,
-    ack_by: Option<i64>,
-    lease_until: Option<i64>,
-    not_before: Option<i64>,
-    reply_to: Option<ReplyTo>,
-}
-
-const OPEN_TASK_COLUMNS: &str = "seq, id, agent, conversation, session_key, owner, state, attempt,
-    runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before";
-
-fn open_task_from_row(r: &Row) -> Result<OpenTask> {
-    let state: String = get(r, 6)?;
-    let reply_to: Option<String> = get(r, 14)?;
-    Ok(OpenTask {
-        seq: get(r, 0)?,
-        id: get(r, 1)?,
-        agent: get(r, 2)?,
-        conversation: get(r, 3)?,
-        session_key: get(r, 4)?,
-        owner: get(r, 5)?,
-        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
-        attempt: get_u32(r, 7)?,
-        runs: get_u32(r, 8)?,
-        max_attempts: get_u32(r, 9)?,
-        lease_token: get(r, 10)?,
-        runner: get(r, 11)?,
-        ack_by: get(r, 12)?,
-        lease_until: get(r, 13)?,
-        reply_to: reply_to.and_then(|s| serde_json::from_str(&s).ok()),
-        not_before: get(r, 15)?,
-    })
-}
-
 impl W<'_> {
     fn err(&self, e: tokio_postgres::Error) -> StoreError {
         // Before COMMIT, a lost connection means the transaction did not happen: re-run it on
@@ -2295,71 +2258,13 @@ async fn history_runner<C: GenericClient>(
 // ---------------------------------------------------------------------------------------------
 // Reading tasks
 
-const TASK_COLUMNS: &str = "seq, session_key, id, agent, prompt, conversation, project, model,
-    timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
-    cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
-    started_at, finished_at, owner, meta";
-
-fn task_from_row(r: &Row) -> Result<(i64, Option<String>, Task)> {
-    let state: String = get(r, 13)?;
-    let mode: String = get(r, 9)?;
-    let resume_id: Option<String> = get(r, 10)?;
-    let reply_to: Option<String> = get(r, 12)?;
-    let result: Option<String> = get(r, 21)?;
-    let session = match mode.as_str() {
-        "new" => SessionMode::New,
-        "resume" => SessionMode::Resume(resume_id.unwrap_or_default()),
-        _ => SessionMode::Continue,
-    };
-    let task = Task {
-        id: get(r, 2)?,
-        agent: get(r, 3)?,
-        prompt: get(r, 4)?,
-        conversation: get(r, 5)?,
-        project: get(r, 6)?,
-        model: get(r, 7)?,
-        timeout_ms: get::<Option<i64>>(r, 8)?.map(|t| t as u64),
-        session,
-        max_attempts: get_u32(r, 11)?,
-        reply_to: reply_to.and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
-        meta: get::<Option<String>>(r, 27)?.and_then(|s| serde_json::from_str(&s).ok()),
-        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
-        attempt: get_u32(r, 14)?,
-        runner: get(r, 15)?,
-        cancel_requested: get(r, 16)?,
-        not_before: get(r, 17)?,
-        ack_by: get(r, 18)?,
-        lease_until: get(r, 19)?,
-        reason: get(r, 20)?,
-        result: result.and_then(|s| serde_json::from_str(&s).ok()),
-        queue_position: None,
-        delivery: None,
-        created_at: get(r, 22)?,
-        updated_at: get(r, 23)?,
-        started_at: get(r, 24)?,
-        finished_at: get(r, 25)?,
-    };
-    Ok((get(r, 0)?, get(r, 1)?, task))
-}
-
-fn event_from_row(r: &Row) -> Result<TaskEvent> {
-    let data: String = get(r, 3)?;
-    Ok(TaskEvent {
-        seq: get::<i64>(r, 0)? as u64,
-        attempt: get_u32(r, 1)?,
-        kind: get(r, 2)?,
-        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
-        at: get(r, 4)?,
-    })
-}
-
 async fn load_task<C: GenericClient>(c: &C, id: &str, scope: &Scope) -> Result<Task> {
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
     let row = q_opt(c, &sql, &[&id])
         .await?
         .ok_or(StoreError::NotFound("task"))?;
     let (seq, session_key, mut task) = task_from_row(&row)?;
-    let owner: String = get(&row, 26)?;
+    let owner = row.text(TASK_OWNER)?;
     if let Scope::Owner(o) = scope
         && o != &owner
     {

@@ -16,10 +16,14 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::oneshot;
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
-    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList,
-    SessionMode, SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
+    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SessionMode,
+    SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
 };
 
+use crate::model::{
+    Columns, OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
+    event_from_row, open_task_from_row, recent_from_row, task_from_row,
+};
 use crate::{
     Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
     Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
@@ -271,11 +275,11 @@ impl SqliteStore {
                     owner,
                     filter.limit.clamp(1, 1000)
                 ],
-                task_from_row,
+                |r| Ok(task_from_row(r)),
             )?;
             let mut tasks = Vec::new();
             for row in rows {
-                let (seq, session_key, mut task) = row?;
+                let (seq, session_key, mut task) = row??;
                 task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
                 task.delivery = delivery_status(c, seq)?;
                 tasks.push(task);
@@ -676,12 +680,10 @@ impl SqliteStore {
                 "SELECT seq, attempt, kind, data, at FROM task_events
                  WHERE task_seq = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let events = stmt
-                .query_map(
-                    params![seq, after as i64, limit.clamp(1, 10_000)],
-                    event_from_row,
-                )?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let events = all(
+                stmt.query(params![seq, after as i64, limit.clamp(1, 10_000)])?,
+                |r| event_from_row(r),
+            )?;
             Ok((events, parse_state(&state)?))
         })
         .await
@@ -694,9 +696,7 @@ impl SqliteStore {
                  JOIN tasks t ON t.seq = e.task_seq WHERE t.id = ?1
                  ORDER BY e.seq DESC LIMIT ?2",
             )?;
-            let mut events = stmt
-                .query_map(params![id, n], event_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut events = all(stmt.query(params![id, n])?, |r| event_from_row(r))?;
             events.reverse();
             Ok(events)
         })
@@ -787,38 +787,24 @@ impl SqliteStore {
     ) -> Result<SessionList> {
         self.read(move |c, _| {
             let limit = limit.clamp(1, 1000);
-            let sessions = c
-                .prepare_cached(
+            let sessions = all(
+                c.prepare_cached(
                     "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
                      WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
                      ORDER BY updated_at DESC LIMIT ?3",
                 )?
-                .query_map(params![conversation, agent, limit], |r| {
-                    Ok(SessionBinding {
-                        conversation: r.get(0)?,
-                        agent: r.get(1)?,
-                        session_id: r.get(2)?,
-                        runner: r.get(3)?,
-                        updated_at: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let recent = c
-                .prepare_cached(
+                .query(params![conversation, agent, limit])?,
+                |r| binding_from_row(r),
+            )?;
+            let recent = all(
+                c.prepare_cached(
                     "SELECT agent, session_id, runner, conversation, last_used FROM session_history
                      WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
                      ORDER BY last_used DESC LIMIT ?3",
                 )?
-                .query_map(params![conversation, agent, limit], |r| {
-                    Ok(RecentSession {
-                        agent: r.get(0)?,
-                        session_id: r.get(1)?,
-                        runner: r.get(2)?,
-                        conversation: r.get(3)?,
-                        last_used: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .query(params![conversation, agent, limit])?,
+                |r| recent_from_row(r),
+            )?;
             Ok(SessionList { sessions, recent })
         })
         .await
@@ -1368,70 +1354,23 @@ fn run_in_savepoint<T>(
 // ---------------------------------------------------------------------------------------------
 // Writes on the writer thread
 
-/// The columns of a task a write needs to decide a transition.
-struct OpenTask {
-    seq: i64,
-    id: String,
-    agent: String,
-    conversation: Option<String>,
-    session_key: Option<String>,
-    owner: String,
-    state: TaskState,
-    attempt: u32,
-    runs: u32,
-    max_attempts: u32,
-    lease_token: Option<String>,
-    runner: Option<String>,
-    ack_by: Option<i64>,
-    lease_until: Option<i64>,
-    reply_to: Option<ReplyTo>,
-}
-
-const OPEN_TASK_COLUMNS: &str =
-    "seq, id, agent, conversation, session_key, owner, state, attempt, runs,
-    max_attempts, lease_token, runner, ack_by, lease_until, reply_to";
-
-fn open_task_from_row(r: &Row<'_>) -> rusqlite::Result<OpenTask> {
-    let state: String = r.get(6)?;
-    Ok(OpenTask {
-        seq: r.get(0)?,
-        id: r.get(1)?,
-        agent: r.get(2)?,
-        conversation: r.get(3)?,
-        session_key: r.get(4)?,
-        owner: r.get(5)?,
-        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
-        attempt: r.get(7)?,
-        runs: r.get(8)?,
-        max_attempts: r.get(9)?,
-        lease_token: r.get(10)?,
-        runner: r.get(11)?,
-        ack_by: r.get(12)?,
-        lease_until: r.get(13)?,
-        reply_to: r
-            .get::<_, Option<String>>(14)?
-            .and_then(|s| serde_json::from_str(&s).ok()),
-    })
-}
-
 impl W<'_> {
     fn open_task(&self, id: &str) -> Result<OpenTask> {
         self.conn
             .prepare_cached(&format!(
                 "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = ?1"
             ))?
-            .query_row(params![id], open_task_from_row)
+            .query_row(params![id], |r| Ok(open_task_from_row(r)))
             .optional()?
-            .ok_or(StoreError::NotFound("task"))
+            .ok_or(StoreError::NotFound("task"))?
     }
 
     fn task_by_seq(&self, seq: i64) -> Result<OpenTask> {
-        Ok(self
-            .conn
+        self.conn
             .prepare_cached(&format!(
                 "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE seq = ?1"
             ))?
-            .query_row(params![seq], open_task_from_row)?)
+            .query_row(params![seq], |r| Ok(open_task_from_row(r)))?
     }
 
     fn due(&self, sql: &str) -> Result<Vec<i64>> {
@@ -1873,63 +1812,14 @@ fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Op
 // ---------------------------------------------------------------------------------------------
 // Reading tasks
 
-const TASK_COLUMNS: &str = "seq, session_key, id, agent, prompt, conversation, project, model,
-    timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
-    cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
-    started_at, finished_at, owner, meta";
-
-fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, Option<String>, Task)> {
-    let state: String = r.get(13)?;
-    let mode: String = r.get(9)?;
-    let resume_id: Option<String> = r.get(10)?;
-    let reply_to: Option<String> = r.get(12)?;
-    let result: Option<String> = r.get(21)?;
-    let session = match mode.as_str() {
-        "new" => SessionMode::New,
-        "resume" => SessionMode::Resume(resume_id.unwrap_or_default()),
-        _ => SessionMode::Continue,
-    };
-    let task = Task {
-        id: r.get(2)?,
-        agent: r.get(3)?,
-        prompt: r.get(4)?,
-        conversation: r.get(5)?,
-        project: r.get(6)?,
-        model: r.get(7)?,
-        timeout_ms: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
-        session,
-        max_attempts: r.get(11)?,
-        reply_to: reply_to.and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
-        meta: r
-            .get::<_, Option<String>>(27)?
-            .and_then(|s| serde_json::from_str(&s).ok()),
-        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
-        attempt: r.get(14)?,
-        runner: r.get(15)?,
-        cancel_requested: r.get(16)?,
-        not_before: r.get(17)?,
-        ack_by: r.get(18)?,
-        lease_until: r.get(19)?,
-        reason: r.get(20)?,
-        result: result.and_then(|s| serde_json::from_str(&s).ok()),
-        queue_position: None,
-        delivery: None,
-        created_at: r.get(22)?,
-        updated_at: r.get(23)?,
-        started_at: r.get(24)?,
-        finished_at: r.get(25)?,
-    };
-    Ok((r.get(0)?, r.get(1)?, task))
-}
-
 fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
     let row = c
         .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?
         .query_row(params![id], |r| {
-            Ok((task_from_row(r)?, r.get::<_, String>(26)?))
+            Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
         })
         .optional()?;
-    let ((seq, session_key, mut task), owner) = row.ok_or(StoreError::NotFound("task"))?;
+    let ((seq, session_key, mut task), owner) = row.ok_or(StoreError::NotFound("task"))??;
     if let Scope::Owner(o) = scope
         && o != &owner
     {
@@ -2001,16 +1891,34 @@ fn queue_position(
     Ok(Some(n as u32))
 }
 
-/// A `task_events` row selected as `seq, attempt, kind, data, at`.
-fn event_from_row(r: &Row<'_>) -> rusqlite::Result<TaskEvent> {
-    let data: String = r.get(3)?;
-    Ok(TaskEvent {
-        seq: r.get::<_, i64>(0)? as u64,
-        attempt: r.get(1)?,
-        kind: r.get(2)?,
-        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
-        at: r.get(4)?,
-    })
+impl Columns for Row<'_> {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.get(i)?)
+    }
+    fn uint(&self, i: usize) -> Result<u32> {
+        Ok(self.get(i)?)
+    }
+    fn flag(&self, i: usize) -> Result<bool> {
+        Ok(self.get(i)?)
+    }
+}
+
+/// Every row of a query, mapped by one of the shared row mappings.
+fn all<T>(mut rows: rusqlite::Rows<'_>, f: impl Fn(&Row<'_>) -> Result<T>) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(f(r)?);
+    }
+    Ok(out)
 }
 
 fn parse_state(s: &str) -> Result<TaskState> {
