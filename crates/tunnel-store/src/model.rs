@@ -4,10 +4,11 @@
 //! backends; only dialect-free column lists live here, next to the mappings that read them.
 
 use tunnel_protocol::{
-    RecentSession, ReplyTo, SessionBinding, SessionMode, Task, TaskEvent, TaskState,
+    AttemptRef, LeaseStatus, NewEvent, Outcome, RecentSession, ReplyTo, SessionBinding,
+    SessionMode, Task, TaskEvent, TaskResult, TaskState,
 };
 
-use crate::Result;
+use crate::{Result, Scope, StoreError};
 
 /// A result row, read by column index. Each backend implements it for its own row type with
 /// its own integer widths (PostgreSQL stores counts as BIGINT).
@@ -156,4 +157,236 @@ pub(crate) fn open_task_from_row(r: &impl Columns) -> Result<OpenTask> {
         reply_to: r.opt_text(14)?.and_then(|s| serde_json::from_str(&s).ok()),
         not_before: r.opt_int(15)?,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions
+
+/// A task outside the caller's scope is answered as if it did not exist.
+pub(crate) fn check_owner(scope: &Scope, owner: &str) -> Result<()> {
+    match scope {
+        Scope::Owner(o) if o != owner => Err(StoreError::NotFound("task")),
+        _ => Ok(()),
+    }
+}
+
+/// Fencing: only the current attempt, with its lease token, may act.
+pub(crate) fn check_attempt(t: &OpenTask, at: &AttemptRef) -> Result<()> {
+    crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), at)
+}
+
+/// What a cancel does to a task.
+pub(crate) enum Cancel {
+    /// It has not started: it ends now, cancelled with [`CANCELLED_BEFORE_RUN`].
+    Now,
+    /// It is running: it goes to `cancelling` and its runner learns it on the next heartbeat.
+    Request,
+    /// Cancel was already asked: nothing to do.
+    AlreadyRequested,
+}
+
+pub(crate) const CANCELLED_BEFORE_RUN: &str = "cancelled before it ran";
+
+pub(crate) fn cancel(t: &OpenTask, scope: &Scope) -> Result<Cancel> {
+    check_owner(scope, &t.owner)?;
+    match t.state {
+        TaskState::Queued | TaskState::Parked | TaskState::Offered => Ok(Cancel::Now),
+        TaskState::Running => Ok(Cancel::Request),
+        TaskState::Cancelling => Ok(Cancel::AlreadyRequested),
+        s => Err(StoreError::Conflict(format!(
+            "task has already ended ({s})"
+        ))),
+    }
+}
+
+/// What an ack of the (fenced) current attempt does.
+pub(crate) enum Ack {
+    /// Start the attempt, leased until then.
+    Start { lease_until: i64 },
+    /// A retried ack of the same attempt: answer as the first one did.
+    Again(LeaseStatus),
+    /// The offer ran out before the ack: queue the task again, then refuse with this error.
+    Expired(StoreError),
+}
+
+pub(crate) fn ack(t: &OpenTask, at: &AttemptRef, now: i64, lease_ms: i64) -> Result<Ack> {
+    match t.state {
+        TaskState::Offered => {}
+        TaskState::Running | TaskState::Cancelling => {
+            return Ok(Ack::Again(LeaseStatus {
+                lease_ms,
+                lease_until: t.lease_until.unwrap_or(now),
+                cancel: t.state == TaskState::Cancelling,
+            }));
+        }
+        s => {
+            return Err(StoreError::Stale(format!(
+                "attempt {} can no longer start: task is {s}",
+                at.attempt
+            )));
+        }
+    }
+    if t.ack_by.is_some_and(|d| d < now) {
+        return Ok(Ack::Expired(StoreError::Stale(format!(
+            "offer of attempt {} expired before it was acked",
+            at.attempt
+        ))));
+    }
+    Ok(Ack::Start {
+        lease_until: now + lease_ms,
+    })
+}
+
+/// Whether a running attempt's lease still holds.
+pub(crate) enum Lease {
+    Live,
+    /// It ran out: end the attempt now (as the deadline timer would), then refuse with this.
+    Expired(StoreError),
+}
+
+pub(crate) fn check_lease(t: &OpenTask, now: i64) -> Result<Lease> {
+    match t.state {
+        TaskState::Running | TaskState::Cancelling => {}
+        s => {
+            return Err(StoreError::Stale(format!(
+                "attempt {} is not running: task is {s}",
+                t.attempt
+            )));
+        }
+    }
+    if t.lease_until.is_some_and(|l| l < now) {
+        return Ok(Lease::Expired(StoreError::Stale(format!(
+            "the lease of attempt {} expired before this call",
+            t.attempt
+        ))));
+    }
+    Ok(Lease::Live)
+}
+
+/// The lease after a heartbeat or events. Never shortens a lease: one granted longer at ack
+/// (a runner that cannot heartbeat) keeps its length.
+pub(crate) fn renewed_lease(t: &OpenTask, now: i64, lease_ms: i64) -> i64 {
+    (now + lease_ms).max(t.lease_until.unwrap_or(0))
+}
+
+/// What a heartbeat answers once the lease is renewed.
+pub(crate) fn heartbeat_status(t: &OpenTask, lease_until: i64, lease_ms: i64) -> LeaseStatus {
+    LeaseStatus {
+        lease_until,
+        lease_ms,
+        cancel: t.state == TaskState::Cancelling,
+    }
+}
+
+/// Whether appended events renew the lease: a runner that comes back after its lease expired
+/// may still deliver what the agent wrote (from its spool): the log keeps it, the task's fate
+/// stays `lost`.
+pub(crate) fn events_renew_lease(t: &OpenTask) -> bool {
+    t.state != TaskState::Lost
+}
+
+/// The session id an appended event reports, if it is a valid one. A session id reported
+/// mid-run binds the conversation at once, so a crash later still leaves it resumable.
+pub(crate) fn reported_session(e: &NewEvent) -> Option<&str> {
+    if e.kind != "session" {
+        return None;
+    }
+    e.data
+        .get("session_id")
+        .and_then(|v| v.as_str())
+        .filter(|sid| tunnel_protocol::validate_session_id("session_id", sid).is_ok())
+}
+
+/// Whether accepted events should edit the "working…" message.
+pub(crate) fn shows_progress(t: &OpenTask, events: &[NewEvent]) -> bool {
+    events_renew_lease(t)
+        && events
+            .iter()
+            .any(|e| e.kind == "text" || e.kind == "tool_use")
+}
+
+/// What a finish of the (fenced) current attempt does.
+pub(crate) enum Finish {
+    /// Record it; a running attempt's lease must still hold first.
+    Record { check_lease: bool },
+    /// The same attempt finishing again (its first answer was lost): answer as before.
+    Again,
+}
+
+pub(crate) fn finish(t: &OpenTask, attempt: u32) -> Result<Finish> {
+    match t.state {
+        TaskState::Offered => Ok(Finish::Record { check_lease: false }),
+        TaskState::Running | TaskState::Cancelling => Ok(Finish::Record { check_lease: true }),
+        s if s.is_terminal() => Ok(Finish::Again),
+        s => Err(StoreError::Stale(format!(
+            "attempt {attempt} has already ended: task is {s}"
+        ))),
+    }
+}
+
+/// The reason a parked task shows.
+pub(crate) fn parked_reason(result: &TaskResult) -> &str {
+    result.error.as_deref().unwrap_or("parked by the runner")
+}
+
+/// The reason a task that finished with this (terminal) outcome shows.
+pub(crate) fn finished_reason(outcome: Outcome, result: &TaskResult) -> Option<&str> {
+    match outcome {
+        Outcome::Failed => result.error.as_deref(),
+        Outcome::TimedOut => Some("the agent ran past its timeout"),
+        Outcome::Cancelled => Some("cancelled"),
+        _ => None,
+    }
+}
+
+/// The reason an offer that was not acked in time shows when it goes back to the queue.
+pub(crate) fn offer_expired_reason(t: &OpenTask) -> String {
+    format!(
+        "offer to runner {} was not acked in time; queued again",
+        t.runner.as_deref().unwrap_or("?")
+    )
+}
+
+/// What happens to a task whose lease ran out (the runner is gone); each with its reason.
+pub(crate) enum Expiry {
+    /// Attempts are left: it is queued again.
+    Retry(String),
+    /// It ends in this state: cancelled if cancel was asked, else lost.
+    End(TaskState, String),
+}
+
+pub(crate) fn lease_expiry(t: &OpenTask) -> Expiry {
+    let runner = t.runner.as_deref().unwrap_or("?");
+    if t.state == TaskState::Cancelling {
+        return Expiry::End(
+            TaskState::Cancelled,
+            format!("cancelled; runner {runner} stopped responding before confirming"),
+        );
+    }
+    if t.runs < t.max_attempts {
+        return Expiry::Retry(format!(
+            "runner {runner} stopped heartbeating (lease expired); retrying, {} of {} attempts used",
+            t.runs, t.max_attempts
+        ));
+    }
+    Expiry::End(
+        TaskState::Lost,
+        format!("runner {runner} stopped heartbeating; its lease expired"),
+    )
+}
+
+/// The `state` event of a task that reached a terminal state.
+pub(crate) fn finished_event(
+    state: TaskState,
+    reason: Option<&str>,
+    result: Option<&TaskResult>,
+) -> serde_json::Value {
+    let mut data = serde_json::json!({"state": state.as_str()});
+    if let Some(r) = reason {
+        data["reason"] = r.into();
+    }
+    if let Some(res) = result {
+        data["result"] = serde_json::to_value(res).unwrap_or_default();
+    }
+    data
 }

@@ -40,8 +40,9 @@ use tunnel_protocol::{
 };
 
 use crate::model::{
-    Columns, OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
-    event_from_row, open_task_from_row, recent_from_row, task_from_row,
+    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, Expiry, Finish, Lease, OPEN_TASK_COLUMNS,
+    OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row, event_from_row, open_task_from_row,
+    recent_from_row, task_from_row,
 };
 use crate::{
     Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals,
@@ -608,22 +609,12 @@ impl PgStore {
     pub(crate) async fn cancel(&self, id: String, scope: Scope) -> Result<Task> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            if let Scope::Owner(o) = &scope
-                && &t.owner != o
-            {
-                return Err(StoreError::NotFound("task"));
-            }
-            match t.state {
-                TaskState::Queued | TaskState::Parked | TaskState::Offered => {
-                    w.finish_task(
-                        &t,
-                        TaskState::Cancelled,
-                        Some("cancelled before it ran"),
-                        None,
-                    )
-                    .await?;
+            match model::cancel(&t, &scope)? {
+                Cancel::Now => {
+                    w.finish_task(&t, TaskState::Cancelled, Some(CANCELLED_BEFORE_RUN), None)
+                        .await?;
                 }
-                TaskState::Running => {
+                Cancel::Request => {
                     w.exec(
                         "UPDATE tasks SET state = 'cancelling', cancel_requested = TRUE,
                          reason = 'cancel requested', updated_at = $2 WHERE seq = $1",
@@ -639,12 +630,7 @@ impl PgStore {
                     .await?;
                     w.fx.changed.push(t.id.clone());
                 }
-                TaskState::Cancelling => {}
-                s => {
-                    return Err(StoreError::Conflict(format!(
-                        "task has already ended ({s})"
-                    )));
-                }
+                Cancel::AlreadyRequested => {}
             }
             load_task(w.tx, &id, &Scope::All).await
         })
@@ -759,31 +745,15 @@ impl PgStore {
         write!(self, |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id).await?;
-            w.check_attempt(&t, &at)?;
-            match t.state {
-                TaskState::Offered => {}
-                TaskState::Running | TaskState::Cancelling => {
-                    return Ok(LeaseStatus {
-                        lease_ms,
-                        lease_until: t.lease_until.unwrap_or(w.now),
-                        cancel: t.state == TaskState::Cancelling,
-                    });
+            model::check_attempt(&t, &at)?;
+            let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
+                Ack::Start { lease_until } => lease_until,
+                Ack::Again(status) => return Ok(status),
+                Ack::Expired(e) => {
+                    w.requeue_offer(&t).await?;
+                    return Err(e);
                 }
-                s => {
-                    return Err(StoreError::Stale(format!(
-                        "attempt {} can no longer start: task is {s}",
-                        at.attempt
-                    )));
-                }
-            }
-            if t.ack_by.is_some_and(|d| d < w.now) {
-                w.requeue_offer(&t).await?;
-                return Err(StoreError::Stale(format!(
-                    "offer of attempt {} expired before it was acked",
-                    at.attempt
-                )));
-            }
-            let lease_until = w.now + lease_ms;
+            };
             w.exec(
                 "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
                     lease_until = $2, started_at = COALESCE(started_at, $3), updated_at = $3
@@ -834,27 +804,27 @@ impl PgStore {
     pub(crate) async fn heartbeat(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            w.check_attempt(&t, &at)?;
+            model::check_attempt(&t, &at)?;
             let lease_until = w.renew_lease(&t).await?;
-            Ok(LeaseStatus {
+            Ok(model::heartbeat_status(
+                &t,
                 lease_until,
-                lease_ms: w.settings.lease_ms,
-                cancel: t.state == TaskState::Cancelling,
-            })
+                w.settings.lease_ms,
+            ))
         })
     }
 
     pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            w.check_attempt(
+            model::check_attempt(
                 &t,
                 &AttemptRef {
                     attempt: req.attempt,
                     lease_token: req.lease_token.clone(),
                 },
             )?;
-            if t.state != TaskState::Lost {
+            if model::events_renew_lease(&t) {
                 w.renew_lease(&t).await?;
             }
             let mut accepted = 0;
@@ -872,20 +842,13 @@ impl PgStore {
                 w.insert_event(t.seq, t.attempt, Some(e.n), &e.kind, &e.data)
                     .await?;
                 accepted += 1;
-                if e.kind == "session"
-                    && let Some(sid) = e.data.get("session_id").and_then(|v| v.as_str())
-                    && tunnel_protocol::validate_session_id("session_id", sid).is_ok()
-                {
+                if let Some(sid) = model::reported_session(e) {
                     w.record_session(&t, sid).await?;
                 }
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
-                let shown = req
-                    .events
-                    .iter()
-                    .any(|e| e.kind == "text" || e.kind == "tool_use");
-                if shown && t.state != TaskState::Lost {
+                if model::shows_progress(&t, &req.events) {
                     w.deliver_progress(&t).await?;
                 }
             }
@@ -899,25 +862,20 @@ impl PgStore {
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            w.check_attempt(
+            model::check_attempt(
                 &t,
                 &AttemptRef {
                     attempt: req.attempt,
                     lease_token: req.lease_token.clone(),
                 },
             )?;
-            match t.state {
-                TaskState::Offered | TaskState::Running | TaskState::Cancelling => {}
-                s if s.is_terminal() => return load_task_by_seq(w.tx, t.seq).await,
-                s => {
-                    return Err(StoreError::Stale(format!(
-                        "attempt {} has already ended: task is {s}",
-                        req.attempt
-                    )));
+            match model::finish(&t, req.attempt)? {
+                Finish::Record { check_lease } => {
+                    if check_lease {
+                        w.check_lease(&t).await?;
+                    }
                 }
-            }
-            if t.state != TaskState::Offered {
-                w.check_lease(&t).await?;
+                Finish::Again => return load_task_by_seq(w.tx, t.seq).await,
             }
             if let Some(sid) = &req.result.session_id {
                 w.record_session(&t, sid).await?;
@@ -931,12 +889,7 @@ impl PgStore {
             match req.outcome {
                 Outcome::Parked => {
                     let not_before = req.not_before.unwrap_or(w.now);
-                    let reason = req
-                        .result
-                        .error
-                        .as_deref()
-                        .unwrap_or("parked by the runner")
-                        .to_owned();
+                    let reason = model::parked_reason(&req.result).to_owned();
                     w.exec(
                         "UPDATE tasks SET state = 'parked', ready = TRUE, not_before = $2,
                             lease_until = NULL, ack_by = NULL, lease_token = NULL,
@@ -960,12 +913,7 @@ impl PgStore {
                     }
                 }
                 outcome => {
-                    let reason = match outcome {
-                        Outcome::Failed => req.result.error.as_deref(),
-                        Outcome::TimedOut => Some("the agent ran past its timeout"),
-                        Outcome::Cancelled => Some("cancelled"),
-                        _ => None,
-                    };
+                    let reason = model::finished_reason(outcome, &req.result);
                     w.finish_task(&t, outcome.state(), reason, Some(&req.result))
                         .await?;
                 }
@@ -992,11 +940,7 @@ impl PgStore {
         let seq: i64 = get(&row, 0)?;
         let owner: String = get(&row, 1)?;
         let state: String = get(&row, 2)?;
-        if let Scope::Owner(o) = &scope
-            && o != &owner
-        {
-            return Err(StoreError::NotFound("task"));
-        }
+        model::check_owner(&scope, &owner)?;
         let rows = q_all(
             &c,
             "SELECT seq, attempt, kind, data, at FROM task_events
@@ -1843,35 +1787,19 @@ impl W<'_> {
         }
     }
 
-    fn check_attempt(&self, t: &OpenTask, at: &AttemptRef) -> Result<()> {
-        crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), at)
-    }
-
     async fn check_lease(&mut self, t: &OpenTask) -> Result<()> {
-        match t.state {
-            TaskState::Running | TaskState::Cancelling => {}
-            s => {
-                return Err(StoreError::Stale(format!(
-                    "attempt {} is not running: task is {s}",
-                    t.attempt
-                )));
+        match model::check_lease(t, self.now)? {
+            Lease::Live => Ok(()),
+            Lease::Expired(e) => {
+                self.expire_lease(t).await?;
+                Err(e)
             }
         }
-        if t.lease_until.is_some_and(|l| l < self.now) {
-            self.expire_lease(t).await?;
-            return Err(StoreError::Stale(format!(
-                "the lease of attempt {} expired before this call",
-                t.attempt
-            )));
-        }
-        Ok(())
     }
 
     async fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t).await?;
-        // Never shortens a lease: one granted longer at ack (a runner that cannot heartbeat)
-        // keeps its length.
-        let lease_until = (self.now + self.settings.lease_ms).max(t.lease_until.unwrap_or(0));
+        let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
         self.exec(
             "UPDATE tasks SET lease_until = $2 WHERE seq = $1",
             &[&t.seq, &lease_until],
@@ -1888,10 +1816,7 @@ impl W<'_> {
     }
 
     async fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
-        let reason = format!(
-            "offer to runner {} was not acked in time; queued again",
-            t.runner.as_deref().unwrap_or("?")
-        );
+        let reason = model::offer_expired_reason(t);
         self.exec(
             "UPDATE tasks SET state = 'queued', ready = TRUE, ack_by = NULL, lease_token = NULL,
                 reason = $2, updated_at = $3 WHERE seq = $1",
@@ -1912,39 +1837,29 @@ impl W<'_> {
     }
 
     async fn expire_lease(&mut self, t: &OpenTask) -> Result<()> {
-        let runner = t.runner.as_deref().unwrap_or("?");
-        if t.state == TaskState::Cancelling {
-            let reason = format!("cancelled; runner {runner} stopped responding before confirming");
-            return self
-                .finish_task(t, TaskState::Cancelled, Some(&reason), None)
-                .await;
-        }
-        if t.runs < t.max_attempts {
-            let reason = format!(
-                "runner {runner} stopped heartbeating (lease expired); retrying, {} of {} attempts used",
-                t.runs, t.max_attempts
-            );
-            self.exec(
-                "UPDATE tasks SET state = 'queued', ready = TRUE, lease_until = NULL,
-                    lease_token = NULL, reason = $2, updated_at = $3 WHERE seq = $1",
-                &[&t.seq, &reason, &self.now],
-            )
-            .await?;
-            self.event(
-                t.seq,
-                t.attempt,
-                "state",
-                &serde_json::json!({"state": "queued", "reason": reason}),
-            )
-            .await?;
-            self.fx.changed.push(t.id.clone());
-            let hint = self.ready_hint(t.seq).await?;
-            self.fx.ready.push(hint.into());
-            return Ok(());
-        }
-        let reason = format!("runner {runner} stopped heartbeating; its lease expired");
-        self.finish_task(t, TaskState::Lost, Some(&reason), None)
-            .await
+        let reason = match model::lease_expiry(t) {
+            Expiry::End(state, reason) => {
+                return self.finish_task(t, state, Some(&reason), None).await;
+            }
+            Expiry::Retry(reason) => reason,
+        };
+        self.exec(
+            "UPDATE tasks SET state = 'queued', ready = TRUE, lease_until = NULL,
+                lease_token = NULL, reason = $2, updated_at = $3 WHERE seq = $1",
+            &[&t.seq, &reason, &self.now],
+        )
+        .await?;
+        self.event(
+            t.seq,
+            t.attempt,
+            "state",
+            &serde_json::json!({"state": "queued", "reason": reason}),
+        )
+        .await?;
+        self.fx.changed.push(t.id.clone());
+        let hint = self.ready_hint(t.seq).await?;
+        self.fx.ready.push(hint.into());
+        Ok(())
     }
 
     /// Moves a task to a terminal state and lets the next task of its session go. The caller
@@ -1964,13 +1879,7 @@ impl W<'_> {
             &[&t.seq, &state.as_str(), &reason, &self.now],
         )
         .await?;
-        let mut data = serde_json::json!({"state": state.as_str()});
-        if let Some(r) = reason {
-            data["reason"] = r.into();
-        }
-        if let Some(res) = result {
-            data["result"] = serde_json::to_value(res).unwrap_or_default();
-        }
+        let data = model::finished_event(state, reason, result);
         self.event(t.seq, t.attempt, "state", &data).await?;
         self.fx.changed.push(t.id.clone());
         self.deliver_final(t).await?;
@@ -2264,12 +2173,7 @@ async fn load_task<C: GenericClient>(c: &C, id: &str, scope: &Scope) -> Result<T
         .await?
         .ok_or(StoreError::NotFound("task"))?;
     let (seq, session_key, mut task) = task_from_row(&row)?;
-    let owner = row.text(TASK_OWNER)?;
-    if let Scope::Owner(o) = scope
-        && o != &owner
-    {
-        return Err(StoreError::NotFound("task"));
-    }
+    model::check_owner(scope, &row.text(TASK_OWNER)?)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task).await?;
     task.delivery = delivery_status(c, seq).await?;
     Ok(task)

@@ -21,8 +21,9 @@ use tunnel_protocol::{
 };
 
 use crate::model::{
-    Columns, OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
-    event_from_row, open_task_from_row, recent_from_row, task_from_row,
+    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, Expiry, Finish, Lease, OPEN_TASK_COLUMNS,
+    OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row, event_from_row, open_task_from_row,
+    recent_from_row, task_from_row,
 };
 use crate::{
     Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
@@ -292,21 +293,11 @@ impl SqliteStore {
     pub(crate) async fn cancel(&self, id: String, scope: Scope) -> Result<Task> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            if let Scope::Owner(o) = &scope
-                && &t.owner != o
-            {
-                return Err(StoreError::NotFound("task"));
-            }
-            match t.state {
-                TaskState::Queued | TaskState::Parked | TaskState::Offered => {
-                    w.finish_task(
-                        &t,
-                        TaskState::Cancelled,
-                        Some("cancelled before it ran"),
-                        None,
-                    )?;
+            match model::cancel(&t, &scope)? {
+                Cancel::Now => {
+                    w.finish_task(&t, TaskState::Cancelled, Some(CANCELLED_BEFORE_RUN), None)?;
                 }
-                TaskState::Running => {
+                Cancel::Request => {
                     w.conn
                         .prepare_cached(
                             "UPDATE tasks SET state = 'cancelling', cancel_requested = 1,
@@ -321,12 +312,7 @@ impl SqliteStore {
                     )?;
                     w.fx.changed.push(t.id.clone());
                 }
-                TaskState::Cancelling => {}
-                s => {
-                    return Err(StoreError::Conflict(format!(
-                        "task has already ended ({s})"
-                    )));
-                }
+                Cancel::AlreadyRequested => {}
             }
             load_task(w.conn, &id, &Scope::All)
         })
@@ -434,32 +420,15 @@ impl SqliteStore {
         self.write(move |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id)?;
-            w.check_attempt(&t, &at)?;
-            match t.state {
-                TaskState::Offered => {}
-                // A retried ack of the same attempt: answer as the first one did.
-                TaskState::Running | TaskState::Cancelling => {
-                    return Ok(LeaseStatus {
-                        lease_ms,
-                        lease_until: t.lease_until.unwrap_or(w.now),
-                        cancel: t.state == TaskState::Cancelling,
-                    });
+            model::check_attempt(&t, &at)?;
+            let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
+                Ack::Start { lease_until } => lease_until,
+                Ack::Again(status) => return Ok(status),
+                Ack::Expired(e) => {
+                    w.requeue_offer(&t)?;
+                    return Err(e);
                 }
-                s => {
-                    return Err(StoreError::Stale(format!(
-                        "attempt {} can no longer start: task is {s}",
-                        at.attempt
-                    )));
-                }
-            }
-            if t.ack_by.is_some_and(|d| d < w.now) {
-                w.requeue_offer(&t)?;
-                return Err(StoreError::Stale(format!(
-                    "offer of attempt {} expired before it was acked",
-                    at.attempt
-                )));
-            }
-            let lease_until = w.now + lease_ms;
+            };
             w.conn
                 .prepare_cached(
                     "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
@@ -514,13 +483,13 @@ impl SqliteStore {
     pub(crate) async fn heartbeat(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            w.check_attempt(&t, &at)?;
+            model::check_attempt(&t, &at)?;
             let lease_until = w.renew_lease(&t)?;
-            Ok(LeaseStatus {
+            Ok(model::heartbeat_status(
+                &t,
                 lease_until,
-                lease_ms: w.settings.lease_ms,
-                cancel: t.state == TaskState::Cancelling,
-            })
+                w.settings.lease_ms,
+            ))
         })
         .await
     }
@@ -528,16 +497,14 @@ impl SqliteStore {
     pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            w.check_attempt(
+            model::check_attempt(
                 &t,
                 &AttemptRef {
                     attempt: req.attempt,
                     lease_token: req.lease_token.clone(),
                 },
             )?;
-            // A runner that comes back after its lease expired may still deliver what the
-            // agent wrote (from its spool): the log keeps it, the task's fate stays `lost`.
-            if t.state != TaskState::Lost {
+            if model::events_renew_lease(&t) {
                 w.renew_lease(&t)?;
             }
             let mut accepted = 0;
@@ -553,22 +520,13 @@ impl SqliteStore {
                 }
                 w.insert_event(t.seq, t.attempt, Some(e.n), &e.kind, &e.data)?;
                 accepted += 1;
-                // A session id reported mid-run binds the conversation at once, so a crash
-                // later still leaves the session resumable.
-                if e.kind == "session"
-                    && let Some(sid) = e.data.get("session_id").and_then(|v| v.as_str())
-                    && tunnel_protocol::validate_session_id("session_id", sid).is_ok()
-                {
+                if let Some(sid) = model::reported_session(e) {
                     w.record_session(&t, sid)?;
                 }
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
-                let shown = req
-                    .events
-                    .iter()
-                    .any(|e| e.kind == "text" || e.kind == "tool_use");
-                if shown && t.state != TaskState::Lost {
+                if model::shows_progress(&t, &req.events) {
                     w.deliver_progress(&t)?;
                 }
             }
@@ -583,26 +541,20 @@ impl SqliteStore {
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            w.check_attempt(
+            model::check_attempt(
                 &t,
                 &AttemptRef {
                     attempt: req.attempt,
                     lease_token: req.lease_token.clone(),
                 },
             )?;
-            match t.state {
-                TaskState::Offered | TaskState::Running | TaskState::Cancelling => {}
-                // The same attempt finishing again (its first answer was lost): answer as before.
-                s if s.is_terminal() => return load_task_by_seq(w.conn, t.seq),
-                s => {
-                    return Err(StoreError::Stale(format!(
-                        "attempt {} has already ended: task is {s}",
-                        req.attempt
-                    )));
+            match model::finish(&t, req.attempt)? {
+                Finish::Record { check_lease } => {
+                    if check_lease {
+                        w.check_lease(&t)?;
+                    }
                 }
-            }
-            if t.state != TaskState::Offered {
-                w.check_lease(&t)?;
+                Finish::Again => return load_task_by_seq(w.conn, t.seq),
             }
             if let Some(sid) = &req.result.session_id {
                 w.record_session(&t, sid)?;
@@ -624,10 +576,7 @@ impl SqliteStore {
                         .execute(params![
                             t.seq,
                             not_before,
-                            req.result
-                                .error
-                                .as_deref()
-                                .unwrap_or("parked by the runner"),
+                            model::parked_reason(&req.result),
                             w.now
                         ])?;
                     w.event(
@@ -644,12 +593,7 @@ impl SqliteStore {
                     }
                 }
                 outcome => {
-                    let reason = match outcome {
-                        Outcome::Failed => req.result.error.as_deref(),
-                        Outcome::TimedOut => Some("the agent ran past its timeout"),
-                        Outcome::Cancelled => Some("cancelled"),
-                        _ => None,
-                    };
+                    let reason = model::finished_reason(outcome, &req.result);
                     w.finish_task(&t, outcome.state(), reason, Some(&req.result))?;
                 }
             }
@@ -671,11 +615,7 @@ impl SqliteStore {
                 .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?
                 .ok_or(StoreError::NotFound("task"))?;
-            if let Scope::Owner(o) = &scope
-                && o != &owner
-            {
-                return Err(StoreError::NotFound("task"));
-            }
+            model::check_owner(&scope, &owner)?;
             let mut stmt = c.prepare_cached(
                 "SELECT seq, attempt, kind, data, at FROM task_events
                  WHERE task_seq = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -1381,38 +1321,21 @@ impl W<'_> {
         Ok(seqs)
     }
 
-    /// Fencing: only the current attempt, with its lease token, may act.
-    fn check_attempt(&self, t: &OpenTask, at: &AttemptRef) -> Result<()> {
-        crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), at)
-    }
-
     /// The lease of a running attempt must not have run out; if it has, the attempt is ended
     /// now (as the deadline timer would) and the caller is told it is stale.
     fn check_lease(&mut self, t: &OpenTask) -> Result<()> {
-        match t.state {
-            TaskState::Running | TaskState::Cancelling => {}
-            s => {
-                return Err(StoreError::Stale(format!(
-                    "attempt {} is not running: task is {s}",
-                    t.attempt
-                )));
+        match model::check_lease(t, self.now)? {
+            Lease::Live => Ok(()),
+            Lease::Expired(e) => {
+                self.expire_lease(t)?;
+                Err(e)
             }
         }
-        if t.lease_until.is_some_and(|l| l < self.now) {
-            self.expire_lease(t)?;
-            return Err(StoreError::Stale(format!(
-                "the lease of attempt {} expired before this call",
-                t.attempt
-            )));
-        }
-        Ok(())
     }
 
     fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t)?;
-        // Never shortens a lease: one granted longer at ack (a runner that cannot heartbeat)
-        // keeps its length.
-        let lease_until = (self.now + self.settings.lease_ms).max(t.lease_until.unwrap_or(0));
+        let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
         self.conn
             .prepare_cached("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
             .execute(params![t.seq, lease_until])?;
@@ -1426,10 +1349,7 @@ impl W<'_> {
 
     /// An offer that was not acked in time goes back to the head of its session.
     fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
-        let reason = format!(
-            "offer to runner {} was not acked in time; queued again",
-            t.runner.as_deref().unwrap_or("?")
-        );
+        let reason = model::offer_expired_reason(t);
         self.conn
             .prepare_cached(
                 "UPDATE tasks SET state = 'queued', ready = 1, ack_by = NULL, lease_token = NULL,
@@ -1451,35 +1371,26 @@ impl W<'_> {
     /// A lease ran out: the runner is gone. Cancel if cancel was asked, retry if attempts are
     /// left, else report the task lost.
     fn expire_lease(&mut self, t: &OpenTask) -> Result<()> {
-        let runner = t.runner.as_deref().unwrap_or("?");
-        if t.state == TaskState::Cancelling {
-            let reason = format!("cancelled; runner {runner} stopped responding before confirming");
-            return self.finish_task(t, TaskState::Cancelled, Some(&reason), None);
-        }
-        if t.runs < t.max_attempts {
-            let reason = format!(
-                "runner {runner} stopped heartbeating (lease expired); retrying, {} of {} attempts used",
-                t.runs, t.max_attempts
-            );
-            self.conn
-                .prepare_cached(
-                    "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
+        let reason = match model::lease_expiry(t) {
+            Expiry::End(state, reason) => return self.finish_task(t, state, Some(&reason), None),
+            Expiry::Retry(reason) => reason,
+        };
+        self.conn
+            .prepare_cached(
+                "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
                         lease_token = NULL, reason = ?2, updated_at = ?3 WHERE seq = ?1",
-                )?
-                .execute(params![t.seq, reason, self.now])?;
-            self.event(
-                t.seq,
-                t.attempt,
-                "state",
-                &serde_json::json!({"state": "queued", "reason": reason}),
-            )?;
-            self.fx.changed.push(t.id.clone());
-            let hint = self.ready_hint(t.seq)?;
-            self.fx.ready.push(hint);
-            return Ok(());
-        }
-        let reason = format!("runner {runner} stopped heartbeating; its lease expired");
-        self.finish_task(t, TaskState::Lost, Some(&reason), None)
+            )?
+            .execute(params![t.seq, reason, self.now])?;
+        self.event(
+            t.seq,
+            t.attempt,
+            "state",
+            &serde_json::json!({"state": "queued", "reason": reason}),
+        )?;
+        self.fx.changed.push(t.id.clone());
+        let hint = self.ready_hint(t.seq)?;
+        self.fx.ready.push(hint);
+        Ok(())
     }
 
     /// Moves a task to a terminal state and lets the next task of its session go.
@@ -1498,13 +1409,7 @@ impl W<'_> {
                  WHERE seq = ?1",
             )?
             .execute(params![t.seq, state.as_str(), reason, self.now])?;
-        let mut data = serde_json::json!({"state": state.as_str()});
-        if let Some(r) = reason {
-            data["reason"] = r.into();
-        }
-        if let Some(res) = result {
-            data["result"] = serde_json::to_value(res).unwrap_or_default();
-        }
+        let data = model::finished_event(state, reason, result);
         self.event(t.seq, t.attempt, "state", &data)?;
         self.fx.changed.push(t.id.clone());
         self.deliver_final(t)?;
@@ -1820,11 +1725,7 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
         })
         .optional()?;
     let ((seq, session_key, mut task), owner) = row.ok_or(StoreError::NotFound("task"))??;
-    if let Scope::Owner(o) = scope
-        && o != &owner
-    {
-        return Err(StoreError::NotFound("task"));
-    }
+    model::check_owner(scope, &owner)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
     task.delivery = delivery_status(c, seq)?;
     Ok(task)
