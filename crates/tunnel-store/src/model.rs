@@ -171,8 +171,12 @@ pub(crate) fn check_owner(scope: &Scope, owner: &str) -> Result<()> {
 }
 
 /// Fencing: only the current attempt, with its lease token, may act.
-pub(crate) fn check_attempt(t: &OpenTask, at: &AttemptRef) -> Result<()> {
-    crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), at)
+pub(crate) fn check_attempt(t: &OpenTask, attempt: u32, lease_token: &str) -> Result<()> {
+    let at = AttemptRef {
+        attempt,
+        lease_token: lease_token.to_owned(),
+    };
+    crate::fence(&t.id, t.state, t.attempt, t.lease_token.as_deref(), &at)
 }
 
 /// What a cancel does to a task.

@@ -745,7 +745,7 @@ impl PgStore {
         write!(self, |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id).await?;
-            model::check_attempt(&t, &at)?;
+            model::check_attempt(&t, at.attempt, &at.lease_token)?;
             let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
                 Ack::Start { lease_until } => lease_until,
                 Ack::Again(status) => return Ok(status),
@@ -804,7 +804,7 @@ impl PgStore {
     pub(crate) async fn heartbeat(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            model::check_attempt(&t, &at)?;
+            model::check_attempt(&t, at.attempt, &at.lease_token)?;
             let lease_until = w.renew_lease(&t).await?;
             Ok(model::heartbeat_status(
                 &t,
@@ -817,13 +817,7 @@ impl PgStore {
     pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            model::check_attempt(
-                &t,
-                &AttemptRef {
-                    attempt: req.attempt,
-                    lease_token: req.lease_token.clone(),
-                },
-            )?;
+            model::check_attempt(&t, req.attempt, &req.lease_token)?;
             if model::events_renew_lease(&t) {
                 w.renew_lease(&t).await?;
             }
@@ -862,13 +856,7 @@ impl PgStore {
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
-            model::check_attempt(
-                &t,
-                &AttemptRef {
-                    attempt: req.attempt,
-                    lease_token: req.lease_token.clone(),
-                },
-            )?;
+            model::check_attempt(&t, req.attempt, &req.lease_token)?;
             match model::finish(&t, req.attempt)? {
                 Finish::Record { check_lease } => {
                     if check_lease {
@@ -1816,13 +1804,18 @@ impl W<'_> {
     }
 
     async fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
-        let reason = model::offer_expired_reason(t);
-        self.exec(
+        self.queue_again(
+            t,
             "UPDATE tasks SET state = 'queued', ready = TRUE, ack_by = NULL, lease_token = NULL,
                 reason = $2, updated_at = $3 WHERE seq = $1",
-            &[&t.seq, &reason, &self.now],
+            &model::offer_expired_reason(t),
         )
-        .await?;
+        .await
+    }
+
+    /// Puts an attempt's task back in the queue (`sql` ends the attempt), with its reason.
+    async fn queue_again(&mut self, t: &OpenTask, sql: &str, reason: &str) -> Result<()> {
+        self.exec(sql, &[&t.seq, &reason, &self.now]).await?;
         self.event(
             t.seq,
             t.attempt,
@@ -1843,23 +1836,13 @@ impl W<'_> {
             }
             Expiry::Retry(reason) => reason,
         };
-        self.exec(
+        self.queue_again(
+            t,
             "UPDATE tasks SET state = 'queued', ready = TRUE, lease_until = NULL,
                 lease_token = NULL, reason = $2, updated_at = $3 WHERE seq = $1",
-            &[&t.seq, &reason, &self.now],
+            &reason,
         )
-        .await?;
-        self.event(
-            t.seq,
-            t.attempt,
-            "state",
-            &serde_json::json!({"state": "queued", "reason": reason}),
-        )
-        .await?;
-        self.fx.changed.push(t.id.clone());
-        let hint = self.ready_hint(t.seq).await?;
-        self.fx.ready.push(hint.into());
-        Ok(())
+        .await
     }
 
     /// Moves a task to a terminal state and lets the next task of its session go. The caller

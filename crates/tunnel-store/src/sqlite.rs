@@ -420,7 +420,7 @@ impl SqliteStore {
         self.write(move |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id)?;
-            model::check_attempt(&t, &at)?;
+            model::check_attempt(&t, at.attempt, &at.lease_token)?;
             let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
                 Ack::Start { lease_until } => lease_until,
                 Ack::Again(status) => return Ok(status),
@@ -483,7 +483,7 @@ impl SqliteStore {
     pub(crate) async fn heartbeat(&self, id: String, at: AttemptRef) -> Result<LeaseStatus> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            model::check_attempt(&t, &at)?;
+            model::check_attempt(&t, at.attempt, &at.lease_token)?;
             let lease_until = w.renew_lease(&t)?;
             Ok(model::heartbeat_status(
                 &t,
@@ -497,13 +497,7 @@ impl SqliteStore {
     pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            model::check_attempt(
-                &t,
-                &AttemptRef {
-                    attempt: req.attempt,
-                    lease_token: req.lease_token.clone(),
-                },
-            )?;
+            model::check_attempt(&t, req.attempt, &req.lease_token)?;
             if model::events_renew_lease(&t) {
                 w.renew_lease(&t)?;
             }
@@ -541,13 +535,7 @@ impl SqliteStore {
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
         self.write(move |w| {
             let t = w.open_task(&id)?;
-            model::check_attempt(
-                &t,
-                &AttemptRef {
-                    attempt: req.attempt,
-                    lease_token: req.lease_token.clone(),
-                },
-            )?;
+            model::check_attempt(&t, req.attempt, &req.lease_token)?;
             match model::finish(&t, req.attempt)? {
                 Finish::Record { check_lease } => {
                     if check_lease {
@@ -1349,12 +1337,18 @@ impl W<'_> {
 
     /// An offer that was not acked in time goes back to the head of its session.
     fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
-        let reason = model::offer_expired_reason(t);
+        self.queue_again(
+            t,
+            "UPDATE tasks SET state = 'queued', ready = 1, ack_by = NULL, lease_token = NULL,
+                reason = ?2, updated_at = ?3 WHERE seq = ?1",
+            &model::offer_expired_reason(t),
+        )
+    }
+
+    /// Puts an attempt's task back in the queue (`sql` ends the attempt), with its reason.
+    fn queue_again(&mut self, t: &OpenTask, sql: &str, reason: &str) -> Result<()> {
         self.conn
-            .prepare_cached(
-                "UPDATE tasks SET state = 'queued', ready = 1, ack_by = NULL, lease_token = NULL,
-                    reason = ?2, updated_at = ?3 WHERE seq = ?1",
-            )?
+            .prepare_cached(sql)?
             .execute(params![t.seq, reason, self.now])?;
         self.event(
             t.seq,
@@ -1375,22 +1369,12 @@ impl W<'_> {
             Expiry::End(state, reason) => return self.finish_task(t, state, Some(&reason), None),
             Expiry::Retry(reason) => reason,
         };
-        self.conn
-            .prepare_cached(
-                "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
-                        lease_token = NULL, reason = ?2, updated_at = ?3 WHERE seq = ?1",
-            )?
-            .execute(params![t.seq, reason, self.now])?;
-        self.event(
-            t.seq,
-            t.attempt,
-            "state",
-            &serde_json::json!({"state": "queued", "reason": reason}),
-        )?;
-        self.fx.changed.push(t.id.clone());
-        let hint = self.ready_hint(t.seq)?;
-        self.fx.ready.push(hint);
-        Ok(())
+        self.queue_again(
+            t,
+            "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
+                lease_token = NULL, reason = ?2, updated_at = ?3 WHERE seq = ?1",
+            &reason,
+        )
     }
 
     /// Moves a task to a terminal state and lets the next task of its session go.
