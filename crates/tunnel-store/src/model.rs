@@ -4,11 +4,12 @@
 //! backends; only dialect-free column lists live here, next to the mappings that read them.
 
 use tunnel_protocol::{
-    AttemptRef, LeaseStatus, NewEvent, Outcome, RecentSession, ReplyTo, SessionBinding,
-    SessionMode, Task, TaskEvent, TaskResult, TaskState,
+    AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome, Platform, RecentSession, ReplyTo,
+    Role, RunnerInfo, SessionBinding, SessionMode, Task, TaskEvent, TaskResult, TaskState,
+    TokenInfo,
 };
 
-use crate::{Result, Scope, StoreError};
+use crate::{DeliveryKind, DeliveryUpdate, Result, Scope, StoreError, StoredToken};
 
 /// A result row, read by column index. Each backend implements it for its own row type with
 /// its own integer widths (PostgreSQL stores counts as BIGINT).
@@ -19,6 +20,7 @@ pub(crate) trait Columns {
     fn opt_int(&self, i: usize) -> Result<Option<i64>>;
     fn uint(&self, i: usize) -> Result<u32>;
     fn flag(&self, i: usize) -> Result<bool>;
+    fn bytes(&self, i: usize) -> Result<Vec<u8>>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,6 +112,78 @@ pub(crate) fn recent_from_row(r: &impl Columns) -> Result<RecentSession> {
         conversation: r.opt_text(3)?,
         last_used: r.int(4)?,
     })
+}
+
+/// A `runners` row selected as `name, agents, projects, capacity, version, first_seen,
+/// last_seen, agent_versions, <active task count>`, as seen at `now`.
+pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Result<RunnerInfo> {
+    let last_seen = r.int(6)?;
+    Ok(RunnerInfo {
+        agent_versions: serde_json::from_str(&r.text(7)?).unwrap_or_default(),
+        name: r.text(0)?,
+        agents: serde_json::from_str(&r.text(1)?).unwrap_or_default(),
+        projects: serde_json::from_str(&r.text(2)?).unwrap_or_default(),
+        capacity: r.uint(3)?,
+        version: r.opt_text(4)?,
+        first_seen: r.int(5)?,
+        last_seen,
+        online: now - last_seen <= online_ms,
+        active_tasks: r.uint(8)?,
+    })
+}
+
+/// A `tokens` row selected as `id, name, role, secret_sha256, created_at, revoked_at`.
+pub(crate) fn token_from_row(r: &impl Columns) -> Result<StoredToken> {
+    let id = r.text(0)?;
+    let role = r.text(2)?;
+    let role = Role::parse(&role)
+        .ok_or_else(|| StoreError::Corrupt(format!("token {id} has role {role:?}")))?;
+    let secret_sha256: [u8; 32] = r
+        .bytes(3)?
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("token {id} has a bad hash")))?;
+    Ok(StoredToken {
+        info: TokenInfo {
+            name: r.text(1)?,
+            role,
+            created_at: r.int(4)?,
+            revoked_at: r.opt_int(5)?,
+            id,
+        },
+        secret_sha256,
+    })
+}
+
+/// An `outbox` row selected as `kind, state, attempts, last_error`: where the task's answer is.
+pub(crate) fn delivery_status_from_row(r: &impl Columns) -> Result<DeliveryStatus> {
+    let kind = r.text(0)?;
+    let state = r.text(1)?;
+    let attempts = r.uint(2)?;
+    let error = r.opt_text(3)?;
+    Ok(DeliveryStatus {
+        state: match (kind.as_str(), state.as_str(), attempts) {
+            ("progress", "sent", _) => "working_message_sent".into(),
+            // A rate-limit wait counts no attempt but leaves its reason.
+            (_, "pending", 0) if error.is_none() => "pending".into(),
+            (_, "pending", _) => "retrying".into(),
+            (_, s, _) => s.to_owned(),
+        },
+        attempts,
+        error,
+    })
+}
+
+/// An outbox row's kind and target, checked.
+pub(crate) fn outbox_kind_target(
+    id: i64,
+    kind: &str,
+    target: &str,
+) -> Result<(DeliveryKind, ReplyTo)> {
+    let kind = DeliveryKind::parse(kind)
+        .ok_or_else(|| StoreError::Corrupt(format!("outbox {id} has kind {kind:?}")))?;
+    let target: ReplyTo = serde_json::from_str(target)
+        .map_err(|e| StoreError::Corrupt(format!("outbox {id} target: {e}")))?;
+    Ok((kind, target))
 }
 
 /// The columns of a task a write needs to decide a transition.
@@ -393,4 +467,98 @@ pub(crate) fn finished_event(
         data["result"] = serde_json::to_value(res).unwrap_or_default();
     }
     data
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions and deliveries
+
+/// The key that orders the tasks of one conversation with one agent.
+pub(crate) fn session_key(agent: &str, conversation: &str) -> String {
+    format!("{agent}\u{1f}{conversation}")
+}
+
+/// A task's session mode as stored: `session_mode` and `resume_id`.
+pub(crate) fn session_mode_columns(mode: &SessionMode) -> (&'static str, Option<String>) {
+    match mode {
+        SessionMode::Continue => ("continue", None),
+        SessionMode::New => ("new", None),
+        SessionMode::Resume(id) => ("resume", Some(id.clone())),
+    }
+}
+
+/// Where a task's session lives, before any history lookup.
+pub(crate) enum Home {
+    /// Known: the session to resume (if any) and the runner it must run on (if any).
+    Known(Option<String>, Option<String>),
+    /// Resuming this session id: it runs where the session history says the session lives.
+    History(String),
+}
+
+/// The session a task resumes and the runner it must run on ("home"), from its session mode
+/// and its conversation's binding.
+pub(crate) fn session_home(
+    mode: &str,
+    resume_id: Option<String>,
+    bound_session: Option<String>,
+    bound_runner: Option<String>,
+) -> Home {
+    match mode {
+        "new" => Home::Known(None, None),
+        "resume" => Home::History(resume_id.unwrap_or_default()),
+        _ => {
+            let home = bound_session.as_ref().and(bound_runner);
+            Home::Known(bound_session, home)
+        }
+    }
+}
+
+/// How long progress edits of one task wait for more events (at most one edit per this).
+pub(crate) const EDIT_EVERY_MS: i64 = 3_000;
+
+/// Messages to one destination go out in order; this names it.
+pub(crate) fn destination(t: &ReplyTo) -> String {
+    let platform = serde_json::to_value(t.platform)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    format!(
+        "{platform}:{}:{}",
+        t.channel,
+        t.thread.as_deref().unwrap_or("")
+    )
+}
+
+/// A chat reply target (Discord or Telegram), if the task has one.
+pub(crate) fn chat_target(t: &OpenTask) -> Option<&ReplyTo> {
+    t.reply_to
+        .as_ref()
+        .filter(|r| r.platform != Platform::Webhook)
+}
+
+/// The outbox kind of a task's final answer to this target.
+pub(crate) fn final_kind(target: &ReplyTo) -> &'static str {
+    if target.platform == Platform::Webhook {
+        "webhook"
+    } else {
+        "final"
+    }
+}
+
+/// Whether a recorded delivery outcome may make the next message of its destination due.
+pub(crate) fn frees_destination(update: &DeliveryUpdate) -> bool {
+    matches!(
+        update,
+        DeliveryUpdate::Retry { .. }
+            | DeliveryUpdate::Wait { .. }
+            | DeliveryUpdate::Sent { .. }
+            | DeliveryUpdate::Failed { .. }
+    )
+}
+
+pub(crate) fn parse_state(s: &str) -> Result<TaskState> {
+    TaskState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown task state {s:?}")))
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }

@@ -35,14 +35,15 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
-    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SessionMode,
-    SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
+    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task,
+    TaskEvent, TaskResult, TaskState, TokenInfo,
 };
 
 use crate::model::{
-    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, Expiry, Finish, Lease, OPEN_TASK_COLUMNS,
-    OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row, event_from_row, open_task_from_row,
-    recent_from_row, task_from_row,
+    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
+    OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
+    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
+    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
     Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals,
@@ -156,6 +157,9 @@ impl Columns for Row {
         get_u32(self, i)
     }
     fn flag(&self, i: usize) -> Result<bool> {
+        get(self, i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>> {
         get(self, i)
     }
 }
@@ -520,11 +524,7 @@ impl PgStore {
                     .is_some(),
                 None => false,
             };
-            let (mode, resume_id) = match &req.session {
-                SessionMode::Continue => ("continue", None),
-                SessionMode::New => ("new", None),
-                SessionMode::Resume(id) => ("resume", Some(id.clone())),
-            };
+            let (mode, resume_id) = model::session_mode_columns(&req.session);
             let reply_to = req.reply_to.as_ref().map(to_json);
             let row = w
                 .one(
@@ -1037,26 +1037,9 @@ impl PgStore {
             &[],
         )
         .await?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let agents: String = get(r, 1)?;
-            let projects: String = get(r, 2)?;
-            let last_seen: i64 = get(r, 6)?;
-            let versions: String = get(r, 7)?;
-            out.push(RunnerInfo {
-                agent_versions: serde_json::from_str(&versions).unwrap_or_default(),
-                name: get(r, 0)?,
-                agents: serde_json::from_str(&agents).unwrap_or_default(),
-                projects: serde_json::from_str(&projects).unwrap_or_default(),
-                capacity: get_u32(r, 3)?,
-                version: get(r, 4)?,
-                first_seen: get(r, 5)?,
-                last_seen,
-                online: now - last_seen <= online_ms,
-                active_tasks: get_u32(r, 8)?,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|r| runner_from_row(r, now, online_ms))
+            .collect()
     }
 
     pub(crate) async fn sessions(
@@ -1183,29 +1166,7 @@ impl PgStore {
             &[],
         )
         .await?;
-        let mut out = Vec::new();
-        for r in &rows {
-            let id: String = get(r, 0)?;
-            let name: String = get(r, 1)?;
-            let role: String = get(r, 2)?;
-            let hash: Vec<u8> = get(r, 3)?;
-            let role = Role::parse(&role)
-                .ok_or_else(|| StoreError::Corrupt(format!("token {id} has role {role:?}")))?;
-            let secret_sha256: [u8; 32] = hash
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(format!("token {id} has a bad hash")))?;
-            out.push(StoredToken {
-                info: TokenInfo {
-                    id,
-                    name,
-                    role,
-                    created_at: get(r, 4)?,
-                    revoked_at: get(r, 5)?,
-                },
-                secret_sha256,
-            });
-        }
-        Ok(out)
+        rows.iter().map(token_from_row).collect()
     }
 
     pub(crate) async fn revoke_token(&self, id: String) -> Result<TokenInfo> {
@@ -1277,10 +1238,7 @@ impl PgStore {
             let target: String = get(&r, 2)?;
             let body: Option<String> = get(&r, 3)?;
             let task_id: Option<String> = get(&r, 6)?;
-            let kind = crate::DeliveryKind::parse(&kind)
-                .ok_or_else(|| StoreError::Corrupt(format!("outbox {id} has kind {kind:?}")))?;
-            let target: ReplyTo = serde_json::from_str(&target)
-                .map_err(|e| StoreError::Corrupt(format!("outbox {id} target: {e}")))?;
+            let (kind, target) = model::outbox_kind_target(id, &kind, &target)?;
             let task = match task_id {
                 Some(tid) => Some(load_task(&c, &tid, &Scope::All).await?),
                 None => None,
@@ -1395,10 +1353,7 @@ impl PgStore {
             {
                 w.fx.changed.push(get(&row, 0)?);
             }
-            if matches!(
-                update,
-                U::Retry { .. } | U::Wait { .. } | U::Sent { .. } | U::Failed { .. }
-            ) {
+            if model::frees_destination(update) {
                 w.fx.delivery = true;
             }
             Ok(())
@@ -2033,14 +1988,8 @@ impl W<'_> {
         get(&row, 0)
     }
 
-    fn chat_target(t: &OpenTask) -> Option<&ReplyTo> {
-        t.reply_to
-            .as_ref()
-            .filter(|r| r.platform != tunnel_protocol::Platform::Webhook)
-    }
-
     async fn deliver_started(&mut self, t: &OpenTask) -> Result<()> {
-        if let Some(target) = Self::chat_target(t).cloned() {
+        if let Some(target) = model::chat_target(t).cloned() {
             let posted = self
                 .opt(
                     "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'progress'",
@@ -2057,7 +2006,7 @@ impl W<'_> {
     }
 
     async fn deliver_progress(&mut self, t: &OpenTask) -> Result<()> {
-        if let Some(target) = Self::chat_target(t).cloned() {
+        if let Some(target) = model::chat_target(t).cloned() {
             let pending = self
                 .opt(
                     "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'edit' AND state = 'pending'",
@@ -2083,29 +2032,10 @@ impl W<'_> {
             &[&t.seq, &self.now],
         )
         .await?;
-        let kind = if target.platform == tunnel_protocol::Platform::Webhook {
-            "webhook"
-        } else {
-            "final"
-        };
-        self.enqueue(Some(t.seq), kind, &target, None, 0).await?;
+        self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)
+            .await?;
         Ok(())
     }
-}
-
-/// How long progress edits of one task wait for more events (at most one edit per this).
-const EDIT_EVERY_MS: i64 = 3_000;
-
-fn destination(t: &ReplyTo) -> String {
-    let platform = serde_json::to_value(t.platform)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    format!(
-        "{platform}:{}:{}",
-        t.channel,
-        t.thread.as_deref().unwrap_or("")
-    )
 }
 
 async fn resolve_session<C: GenericClient>(
@@ -2116,18 +2046,15 @@ async fn resolve_session<C: GenericClient>(
     bound_session: Option<String>,
     bound_runner: Option<String>,
 ) -> Result<(Option<String>, Option<String>)> {
-    Ok(match mode {
-        "new" => (None, None),
-        "resume" => {
-            let id = resume_id.unwrap_or_default();
-            let home = history_runner(c, agent, &id).await?;
-            (Some(id), home)
-        }
-        _ => {
-            let home = bound_session.as_ref().and(bound_runner);
-            (bound_session, home)
-        }
-    })
+    Ok(
+        match model::session_home(mode, resume_id, bound_session, bound_runner) {
+            Home::Known(session, home) => (session, home),
+            Home::History(id) => {
+                let home = history_runner(c, agent, &id).await?;
+                (Some(id), home)
+            }
+        },
+    )
 }
 
 async fn history_runner<C: GenericClient>(
@@ -2183,21 +2110,7 @@ async fn delivery_status<C: GenericClient>(
     else {
         return Ok(None);
     };
-    let kind: String = get(&r, 0)?;
-    let state: String = get(&r, 1)?;
-    let attempts = get_u32(&r, 2)?;
-    let error: Option<String> = get(&r, 3)?;
-    Ok(Some(tunnel_protocol::DeliveryStatus {
-        state: match (kind.as_str(), state.as_str(), attempts) {
-            ("progress", "sent", _) => "working_message_sent".into(),
-            // A rate-limit wait counts no attempt but leaves its reason.
-            (_, "pending", 0) if error.is_none() => "pending".into(),
-            (_, "pending", _) => "retrying".into(),
-            (_, s, _) => s.to_owned(),
-        },
-        attempts,
-        error,
-    }))
+    delivery_status_from_row(&r).map(Some)
 }
 
 async fn queue_position<C: GenericClient>(
@@ -2231,16 +2144,4 @@ async fn queue_position<C: GenericClient>(
         }
     };
     Ok(Some(get::<i64>(&row, 0)? as u32))
-}
-
-fn parse_state(s: &str) -> Result<TaskState> {
-    TaskState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown task state {s:?}")))
-}
-
-fn session_key(agent: &str, conversation: &str) -> String {
-    format!("{agent}\u{1f}{conversation}")
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }

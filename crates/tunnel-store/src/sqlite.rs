@@ -16,14 +16,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::oneshot;
 use tunnel_protocol::{
     AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
-    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SessionMode,
-    SubmitTask, Task, TaskEvent, TaskResult, TaskState, TokenInfo,
+    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task,
+    TaskEvent, TaskResult, TaskState, TokenInfo,
 };
 
 use crate::model::{
-    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, Expiry, Finish, Lease, OPEN_TASK_COLUMNS,
-    OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row, event_from_row, open_task_from_row,
-    recent_from_row, task_from_row,
+    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
+    OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
+    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
+    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
     Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
@@ -207,11 +208,7 @@ impl SqliteStore {
                     .exists(params![k])?,
                 None => false,
             };
-            let (mode, resume_id) = match &req.session {
-                SessionMode::Continue => ("continue", None),
-                SessionMode::New => ("new", None),
-                SessionMode::Resume(id) => ("resume", Some(id.clone())),
-            };
+            let (mode, resume_id) = model::session_mode_columns(&req.session);
             let reply_to = req.reply_to.as_ref().map(to_json);
             w.conn
                 .prepare_cached(
@@ -682,27 +679,7 @@ impl SqliteStore {
                         AND t.state IN ('offered', 'running', 'cancelling'))
                  FROM runners r ORDER BY r.name",
             )?;
-            let runners = stmt
-                .query_map([], |r| {
-                    let agents: String = r.get(1)?;
-                    let projects: String = r.get(2)?;
-                    let last_seen: i64 = r.get(6)?;
-                    let versions: String = r.get(7)?;
-                    Ok(RunnerInfo {
-                        agent_versions: serde_json::from_str(&versions).unwrap_or_default(),
-                        name: r.get(0)?,
-                        agents: serde_json::from_str(&agents).unwrap_or_default(),
-                        projects: serde_json::from_str(&projects).unwrap_or_default(),
-                        capacity: r.get(3)?,
-                        version: r.get(4)?,
-                        first_seen: r.get(5)?,
-                        last_seen,
-                        online: now - last_seen <= online_ms,
-                        active_tasks: r.get(8)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(runners)
+            all(stmt.query([])?, |r| runner_from_row(r, now, online_ms))
         })
         .await
     }
@@ -811,30 +788,7 @@ impl SqliteStore {
             let mut stmt = c.prepare_cached(
                 "SELECT id, name, role, secret_sha256, created_at, revoked_at FROM tokens ORDER BY created_at, id",
             )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Vec<u8>>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, name, role, hash, created_at, revoked_at) = row?;
-                let role = Role::parse(&role)
-                    .ok_or_else(|| StoreError::Corrupt(format!("token {id} has role {role:?}")))?;
-                let secret_sha256: [u8; 32] = hash
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt(format!("token {id} has a bad hash")))?;
-                out.push(StoredToken {
-                    info: TokenInfo { id, name, role, created_at, revoked_at },
-                    secret_sha256,
-                });
-            }
-            Ok(out)
+            all(stmt.query([])?, |r| token_from_row(r))
         })
         .await
     }
@@ -904,10 +858,7 @@ impl SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut out = Vec::new();
             for (id, kind, target, body, attempts, done_parts, task_id, progress) in rows {
-                let kind = crate::DeliveryKind::parse(&kind)
-                    .ok_or_else(|| StoreError::Corrupt(format!("outbox {id} has kind {kind:?}")))?;
-                let target: ReplyTo = serde_json::from_str(&target)
-                    .map_err(|e| StoreError::Corrupt(format!("outbox {id} target: {e}")))?;
+                let (kind, target) = model::outbox_kind_target(id, &kind, &target)?;
                 let task = match task_id {
                     Some(tid) => Some(load_task(c, &tid, &Scope::All)?),
                     None => None,
@@ -988,10 +939,7 @@ impl SqliteStore {
             if let Some(t) = task {
                 w.fx.changed.push(t);
             }
-            if matches!(
-                update,
-                U::Retry { .. } | U::Wait { .. } | U::Sent { .. } | U::Failed { .. }
-            ) {
+            if model::frees_destination(&update) {
                 // The next message of this destination may now be due.
                 w.fx.delivery = true;
             }
@@ -1562,21 +1510,6 @@ impl W<'_> {
 /// A task's session mode, resume id, and its conversation's bound session and runner.
 type SessionColumns = (String, Option<String>, Option<String>, Option<String>);
 
-/// How long progress edits of one task wait for more events (at most one edit per this).
-const EDIT_EVERY_MS: i64 = 3_000;
-
-fn destination(t: &ReplyTo) -> String {
-    let platform = serde_json::to_value(t.platform)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    format!(
-        "{platform}:{}:{}",
-        t.channel,
-        t.thread.as_deref().unwrap_or("")
-    )
-}
-
 impl W<'_> {
     fn enqueue(
         &mut self,
@@ -1605,16 +1538,9 @@ impl W<'_> {
         Ok(self.conn.last_insert_rowid())
     }
 
-    /// A chat reply target (Discord or Telegram), if the task has one.
-    fn chat_target(t: &OpenTask) -> Option<&ReplyTo> {
-        t.reply_to
-            .as_ref()
-            .filter(|r| r.platform != tunnel_protocol::Platform::Webhook)
-    }
-
     /// The agent is working: post the "working…" message.
     fn deliver_started(&mut self, t: &OpenTask) -> Result<()> {
-        if let Some(target) = Self::chat_target(t).cloned() {
+        if let Some(target) = model::chat_target(t).cloned() {
             let posted: bool = self
                 .conn
                 .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
@@ -1628,7 +1554,7 @@ impl W<'_> {
 
     /// New output: edit the "working…" message, coalescing everything within EDIT_EVERY_MS.
     fn deliver_progress(&mut self, t: &OpenTask) -> Result<()> {
-        if let Some(target) = Self::chat_target(t).cloned() {
+        if let Some(target) = model::chat_target(t).cloned() {
             let pending: bool = self
                 .conn
                 .prepare_cached(
@@ -1654,12 +1580,7 @@ impl W<'_> {
                  WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
             )?
             .execute(params![t.seq, self.now])?;
-        let kind = if target.platform == tunnel_protocol::Platform::Webhook {
-            "webhook"
-        } else {
-            "final"
-        };
-        self.enqueue(Some(t.seq), kind, &target, None, 0)?;
+        self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)?;
         Ok(())
     }
 }
@@ -1674,18 +1595,15 @@ fn resolve_session(
     bound_session: Option<String>,
     bound_runner: Option<String>,
 ) -> Result<(Option<String>, Option<String>)> {
-    Ok(match mode {
-        "new" => (None, None),
-        "resume" => {
-            let id = resume_id.unwrap_or_default();
-            let home = history_runner(conn, agent, &id)?;
-            (Some(id), home)
-        }
-        _ => {
-            let home = bound_session.as_ref().and(bound_runner);
-            (bound_session, home)
-        }
-    })
+    Ok(
+        match model::session_home(mode, resume_id, bound_session, bound_runner) {
+            Home::Known(session, home) => (session, home),
+            Home::History(id) => {
+                let home = history_runner(conn, agent, &id)?;
+                (Some(id), home)
+            }
+        },
+    )
 }
 
 fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Option<String>> {
@@ -1717,29 +1635,14 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
 
 /// Where the task's answer is: the latest final/webhook delivery, else the progress message.
 fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::DeliveryStatus>> {
-    let row: Option<(String, String, u32, Option<String>)> = c
-        .prepare_cached(
-            "SELECT kind, state, attempts, last_error FROM outbox
-             WHERE task_seq = ?1 AND kind IN ('final', 'webhook', 'progress')
-             ORDER BY kind = 'progress', id DESC LIMIT 1",
-        )?
-        .query_row(params![seq], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
-        .optional()?;
-    Ok(row.map(
-        |(kind, state, attempts, error)| tunnel_protocol::DeliveryStatus {
-            state: match (kind.as_str(), state.as_str(), attempts) {
-                ("progress", "sent", _) => "working_message_sent".into(),
-                // A rate-limit wait counts no attempt but leaves its reason.
-                (_, "pending", 0) if error.is_none() => "pending".into(),
-                (_, "pending", _) => "retrying".into(),
-                (_, s, _) => s.to_owned(),
-            },
-            attempts,
-            error,
-        },
-    ))
+    c.prepare_cached(
+        "SELECT kind, state, attempts, last_error FROM outbox
+         WHERE task_seq = ?1 AND kind IN ('final', 'webhook', 'progress')
+         ORDER BY kind = 'progress', id DESC LIMIT 1",
+    )?
+    .query_row(params![seq], |r| Ok(delivery_status_from_row(r)))
+    .optional()?
+    .transpose()
 }
 
 fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
@@ -1795,6 +1698,9 @@ impl Columns for Row<'_> {
     fn flag(&self, i: usize) -> Result<bool> {
         Ok(self.get(i)?)
     }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>> {
+        Ok(self.get(i)?)
+    }
 }
 
 /// Every row of a query, mapped by one of the shared row mappings.
@@ -1804,16 +1710,4 @@ fn all<T>(mut rows: rusqlite::Rows<'_>, f: impl Fn(&Row<'_>) -> Result<T>) -> Re
         out.push(f(r)?);
     }
     Ok(out)
-}
-
-fn parse_state(s: &str) -> Result<TaskState> {
-    TaskState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown task state {s:?}")))
-}
-
-fn session_key(agent: &str, conversation: &str) -> String {
-    format!("{agent}\u{1f}{conversation}")
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
