@@ -512,6 +512,24 @@ pub(crate) fn session_home(
     }
 }
 
+/// Whether an offer in this session mode rebinds the conversation at once: `new` and
+/// `resume` do, so tasks after it continue from there even if this one never reports a session
+/// id.
+pub(crate) fn rebinds_on_offer(mode: &str) -> bool {
+    mode != "continue"
+}
+
+/// Whether a task waits in its session's queue (and so has a queue position, and takes its
+/// turn when the task ahead of it ends).
+pub(crate) fn waits_in_queue(state: TaskState) -> bool {
+    matches!(state, TaskState::Queued | TaskState::Parked)
+}
+
+/// The body of a plain message (`POST /notify`) in the outbox.
+pub(crate) fn notify_body(text: &str) -> serde_json::Value {
+    serde_json::json!({"text": text})
+}
+
 /// How long progress edits of one task wait for more events (at most one edit per this).
 pub(crate) const EDIT_EVERY_MS: i64 = 3_000;
 

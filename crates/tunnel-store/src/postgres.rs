@@ -707,7 +707,7 @@ impl PgStore {
             .await?;
             let task = load_task_by_seq(w.tx, seq).await?;
             if let Some(conv) = &task.conversation
-                && mode != "continue"
+                && model::rebinds_on_offer(&mode)
             {
                 let runner = if resume.is_some() {
                     history_runner(w.tx, &task.agent, resume.as_deref().unwrap_or_default()).await?
@@ -1362,14 +1362,8 @@ impl PgStore {
 
     pub(crate) async fn notify(&self, target: ReplyTo, text: String) -> Result<i64> {
         write!(self, |w| {
-            w.enqueue(
-                None,
-                "notify",
-                &target,
-                Some(&serde_json::json!({"text": text})),
-                0,
-            )
-            .await
+            w.enqueue(None, "notify", &target, Some(&model::notify_body(&text)), 0)
+                .await
         })
     }
 
@@ -1832,7 +1826,7 @@ impl W<'_> {
             if let Some(row) = next {
                 let seq: i64 = get(&row, 0)?;
                 let s: String = get(&row, 1)?;
-                if s == "queued" || s == "parked" {
+                if model::parse_state(&s).is_ok_and(model::waits_in_queue) {
                     self.exec("UPDATE tasks SET ready = TRUE WHERE seq = $1", &[&seq])
                         .await?;
                     let hint = self.ready_hint(seq).await?;
@@ -2119,7 +2113,7 @@ async fn queue_position<C: GenericClient>(
     session_key: Option<&str>,
     t: &Task,
 ) -> Result<Option<u32>> {
-    if !matches!(t.state, TaskState::Queued | TaskState::Parked) {
+    if !model::waits_in_queue(t.state) {
         return Ok(None);
     }
     let row = match session_key {

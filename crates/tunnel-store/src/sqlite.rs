@@ -378,10 +378,8 @@ impl SqliteStore {
                 .execute(params![seq, lease_token, req.runner, ack_by, w.now])?;
             let task = load_task_by_seq(w.conn, seq)?;
             if let Some(conv) = &task.conversation
-                && mode != "continue"
+                && model::rebinds_on_offer(&mode)
             {
-                // `new` and `resume` rebind the conversation now, so tasks after it continue
-                // from here even if this one never reports a session id.
                 let runner = if resume.is_some() {
                     history_runner(w.conn, &task.agent, resume.as_deref().unwrap_or_default())?
                 } else {
@@ -949,16 +947,8 @@ impl SqliteStore {
     }
 
     pub(crate) async fn notify(&self, target: ReplyTo, text: String) -> Result<i64> {
-        self.write(move |w| {
-            w.enqueue(
-                None,
-                "notify",
-                &target,
-                Some(&serde_json::json!({"text": text})),
-                0,
-            )
-        })
-        .await
+        self.write(move |w| w.enqueue(None, "notify", &target, Some(&model::notify_body(&text)), 0))
+            .await
     }
 
     pub(crate) async fn prune(&self, before: i64, limit: u32) -> Result<crate::Pruned> {
@@ -1355,7 +1345,7 @@ impl W<'_> {
                 .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             if let Some((seq, s)) = next
-                && (s == "queued" || s == "parked")
+                && model::parse_state(&s).is_ok_and(model::waits_in_queue)
             {
                 self.conn
                     .prepare_cached("UPDATE tasks SET ready = 1 WHERE seq = ?1")?
@@ -1659,7 +1649,7 @@ fn queue_position(
     session_key: Option<&str>,
     t: &Task,
 ) -> Result<Option<u32>> {
-    if !matches!(t.state, TaskState::Queued | TaskState::Parked) {
+    if !model::waits_in_queue(t.state) {
         return Ok(None);
     }
     let n: i64 = match session_key {
