@@ -453,6 +453,41 @@ pub(crate) fn lease_expiry(t: &OpenTask) -> Expiry {
     )
 }
 
+/// The `state` event of a task that moved to a state other than a terminal one (see
+/// [`finished_event`]): what watchers and `GET /events` see.
+pub(crate) enum StateEvent<'a> {
+    /// Queued (again), with why if it is again.
+    Queued(Option<&'a str>),
+    /// Offered to this runner.
+    Offered(&'a str),
+    /// Acked by its runner.
+    Running(Option<&'a str>),
+    /// Parked until then.
+    Parked(i64),
+    Cancelling,
+}
+
+impl StateEvent<'_> {
+    pub(crate) fn data(&self) -> serde_json::Value {
+        match self {
+            StateEvent::Queued(None) => serde_json::json!({"state": "queued"}),
+            StateEvent::Queued(Some(reason)) => {
+                serde_json::json!({"state": "queued", "reason": reason})
+            }
+            StateEvent::Offered(runner) => {
+                serde_json::json!({"state": "offered", "runner": runner})
+            }
+            StateEvent::Running(runner) => {
+                serde_json::json!({"state": "running", "runner": runner})
+            }
+            StateEvent::Parked(not_before) => {
+                serde_json::json!({"state": "parked", "not_before": not_before})
+            }
+            StateEvent::Cancelling => serde_json::json!({"state": "cancelling"}),
+        }
+    }
+}
+
 /// The `state` event of a task that reached a terminal state.
 pub(crate) fn finished_event(
     state: TaskState,

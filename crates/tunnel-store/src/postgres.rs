@@ -41,7 +41,7 @@ use tunnel_protocol::{
 
 use crate::model::{
     self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
-    OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
+    OPEN_TASK_COLUMNS, OpenTask, StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row,
     delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
     recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
@@ -556,7 +556,7 @@ impl PgStore {
                 )
                 .await?;
             let seq: i64 = get(&row, 0)?;
-            w.event(seq, 0, "state", &serde_json::json!({"state": "queued"}))
+            w.event(seq, 0, "state", &StateEvent::Queued(None).data())
                 .await?;
             w.fx.changed.push(id.clone());
             if !busy {
@@ -621,13 +621,8 @@ impl PgStore {
                         &[&t.seq, &w.now],
                     )
                     .await?;
-                    w.event(
-                        t.seq,
-                        t.attempt,
-                        "state",
-                        &serde_json::json!({"state": "cancelling"}),
-                    )
-                    .await?;
+                    w.event(t.seq, t.attempt, "state", &StateEvent::Cancelling.data())
+                        .await?;
                     w.fx.changed.push(t.id.clone());
                 }
                 Cancel::AlreadyRequested => {}
@@ -721,7 +716,7 @@ impl PgStore {
                 seq,
                 task.attempt,
                 "state",
-                &serde_json::json!({"state": "offered", "runner": req.runner}),
+                &StateEvent::Offered(&req.runner).data(),
             )
             .await?;
             w.fx.changed.push(task.id.clone());
@@ -765,7 +760,7 @@ impl PgStore {
                 t.seq,
                 t.attempt,
                 "state",
-                &serde_json::json!({"state": "running", "runner": t.runner}),
+                &StateEvent::Running(t.runner.as_deref()).data(),
             )
             .await?;
             w.fx.changed.push(t.id.clone());
@@ -890,7 +885,7 @@ impl PgStore {
                         t.seq,
                         t.attempt,
                         "state",
-                        &serde_json::json!({"state": "parked", "not_before": not_before}),
+                        &StateEvent::Parked(not_before).data(),
                     )
                     .await?;
                     w.fx.changed.push(t.id.clone());
@@ -1003,13 +998,8 @@ impl PgStore {
                             &[&seq, &w.now],
                         )
                         .await?;
-                        w.event(
-                            seq,
-                            t.attempt,
-                            "state",
-                            &serde_json::json!({"state": "queued"}),
-                        )
-                        .await?;
+                        w.event(seq, t.attempt, "state", &StateEvent::Queued(None).data())
+                            .await?;
                         w.fx.changed.push(t.id.clone());
                         let hint = w.ready_hint(seq).await?;
                         w.fx.ready.push(hint.into());
@@ -1769,7 +1759,7 @@ impl W<'_> {
             t.seq,
             t.attempt,
             "state",
-            &serde_json::json!({"state": "queued", "reason": reason}),
+            &StateEvent::Queued(Some(reason)).data(),
         )
         .await?;
         self.fx.changed.push(t.id.clone());

@@ -22,7 +22,7 @@ use tunnel_protocol::{
 
 use crate::model::{
     self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
-    OPEN_TASK_COLUMNS, OpenTask, TASK_COLUMNS, TASK_OWNER, binding_from_row,
+    OPEN_TASK_COLUMNS, OpenTask, StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row,
     delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
     recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
@@ -238,7 +238,7 @@ impl SqliteStore {
                     req.meta.as_ref().map(to_json),
                 ])?;
             let seq = w.conn.last_insert_rowid();
-            w.event(seq, 0, "state", &serde_json::json!({"state": "queued"}))?;
+            w.event(seq, 0, "state", &StateEvent::Queued(None).data())?;
             w.fx.changed.push(id.clone());
             if !busy {
                 let hint = w.ready_hint(seq)?;
@@ -301,12 +301,7 @@ impl SqliteStore {
                              reason = 'cancel requested', updated_at = ?2 WHERE seq = ?1",
                         )?
                         .execute(params![t.seq, w.now])?;
-                    w.event(
-                        t.seq,
-                        t.attempt,
-                        "state",
-                        &serde_json::json!({"state": "cancelling"}),
-                    )?;
+                    w.event(t.seq, t.attempt, "state", &StateEvent::Cancelling.data())?;
                     w.fx.changed.push(t.id.clone());
                 }
                 Cancel::AlreadyRequested => {}
@@ -391,7 +386,7 @@ impl SqliteStore {
                 seq,
                 task.attempt,
                 "state",
-                &serde_json::json!({"state": "offered", "runner": req.runner}),
+                &StateEvent::Offered(&req.runner).data(),
             )?;
             w.fx.changed.push(task.id.clone());
             w.fx.deadlines.push(ack_by);
@@ -435,7 +430,7 @@ impl SqliteStore {
                 t.seq,
                 t.attempt,
                 "state",
-                &serde_json::json!({"state": "running", "runner": t.runner}),
+                &StateEvent::Running(t.runner.as_deref()).data(),
             )?;
             w.fx.changed.push(t.id.clone());
             w.fx.deadlines.push(lease_until);
@@ -566,7 +561,7 @@ impl SqliteStore {
                         t.seq,
                         t.attempt,
                         "state",
-                        &serde_json::json!({"state": "parked", "not_before": not_before}),
+                        &StateEvent::Parked(not_before).data(),
                     )?;
                     w.fx.changed.push(t.id.clone());
                     w.fx.deadlines.push(not_before);
@@ -649,7 +644,7 @@ impl SqliteStore {
                         "UPDATE tasks SET state = 'queued', not_before = NULL, updated_at = ?2 WHERE seq = ?1",
                     )?
                     .execute(params![seq, now])?;
-                w.event(seq, t.attempt, "state", &serde_json::json!({"state": "queued"}))?;
+                w.event(seq, t.attempt, "state", &StateEvent::Queued(None).data())?;
                 w.fx.changed.push(t.id.clone());
                 let hint = w.ready_hint(seq)?;
                 w.fx.ready.push(hint);
@@ -1292,7 +1287,7 @@ impl W<'_> {
             t.seq,
             t.attempt,
             "state",
-            &serde_json::json!({"state": "queued", "reason": reason}),
+            &StateEvent::Queued(Some(reason)).data(),
         )?;
         self.fx.changed.push(t.id.clone());
         let hint = self.ready_hint(t.seq)?;
