@@ -9,7 +9,7 @@ use tunnel_protocol::{
     TokenInfo,
 };
 
-use crate::{DeliveryKind, DeliveryUpdate, Result, Scope, StoreError, StoredToken};
+use crate::{Delivery, DeliveryKind, DeliveryUpdate, Result, Scope, StoreError, StoredToken};
 
 /// A result row, read by column index. Each backend implements it for its own row type with
 /// its own integer widths (PostgreSQL stores counts as BIGINT).
@@ -173,17 +173,26 @@ pub(crate) fn delivery_status_from_row(r: &impl Columns) -> Result<DeliveryStatu
     })
 }
 
-/// An outbox row's kind and target, checked.
-pub(crate) fn outbox_kind_target(
-    id: i64,
-    kind: &str,
-    target: &str,
-) -> Result<(DeliveryKind, ReplyTo)> {
-    let kind = DeliveryKind::parse(kind)
+/// An outbox row selected as `id, kind, target, body, attempts, done_parts, <task id>,
+/// <progress message id>`: the delivery, its task still to be loaded (by the returned id).
+pub(crate) fn delivery_from_row(r: &impl Columns) -> Result<(Delivery, Option<String>)> {
+    let id = r.int(0)?;
+    let kind = r.text(1)?;
+    let kind = DeliveryKind::parse(&kind)
         .ok_or_else(|| StoreError::Corrupt(format!("outbox {id} has kind {kind:?}")))?;
-    let target: ReplyTo = serde_json::from_str(target)
+    let target: ReplyTo = serde_json::from_str(&r.text(2)?)
         .map_err(|e| StoreError::Corrupt(format!("outbox {id} target: {e}")))?;
-    Ok((kind, target))
+    let delivery = Delivery {
+        id,
+        kind,
+        target,
+        body: r.opt_text(3)?.and_then(|b| serde_json::from_str(&b).ok()),
+        attempts: r.uint(4)?,
+        done_parts: r.uint(5)?,
+        task: None,
+        progress_message: r.opt_text(7)?,
+    };
+    Ok((delivery, r.opt_text(6)?))
 }
 
 /// The columns of a task a write needs to decide a transition.

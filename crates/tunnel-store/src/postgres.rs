@@ -42,8 +42,9 @@ use tunnel_protocol::{
 use crate::model::{
     self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
     OPEN_TASK_COLUMNS, OpenTask, StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row,
-    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
-    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
+    delivery_from_row, delivery_status_from_row, destination, event_from_row, open_task_from_row,
+    parse_state, recent_from_row, runner_from_row, session_key, task_from_row, to_json,
+    token_from_row,
 };
 use crate::{
     Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals,
@@ -1224,25 +1225,11 @@ impl PgStore {
             else {
                 continue;
             };
-            let kind: String = get(&r, 1)?;
-            let target: String = get(&r, 2)?;
-            let body: Option<String> = get(&r, 3)?;
-            let task_id: Option<String> = get(&r, 6)?;
-            let (kind, target) = model::outbox_kind_target(id, &kind, &target)?;
-            let task = match task_id {
-                Some(tid) => Some(load_task(&c, &tid, &Scope::All).await?),
-                None => None,
-            };
-            out.push(crate::Delivery {
-                id,
-                kind,
-                target,
-                body: body.and_then(|b| serde_json::from_str(&b).ok()),
-                attempts: get_u32(&r, 4)?,
-                done_parts: get_u32(&r, 5)?,
-                task,
-                progress_message: get(&r, 7)?,
-            });
+            let (mut delivery, task_id) = delivery_from_row(&r)?;
+            if let Some(tid) = task_id {
+                delivery.task = Some(load_task(&c, &tid, &Scope::All).await?);
+            }
+            out.push(delivery);
         }
         let row = q_one(
             &c,

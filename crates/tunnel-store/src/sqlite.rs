@@ -23,8 +23,9 @@ use tunnel_protocol::{
 use crate::model::{
     self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
     OPEN_TASK_COLUMNS, OpenTask, StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row,
-    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
-    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
+    delivery_from_row, delivery_status_from_row, destination, event_from_row, open_task_from_row,
+    parse_state, recent_from_row, runner_from_row, session_key, task_from_row, to_json,
+    token_from_row,
 };
 use crate::{
     Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
@@ -835,37 +836,13 @@ impl SqliteStore {
                                WHERE p.destination = o.destination AND p.state = 'pending')
                  ORDER BY o.id LIMIT ?2",
             )?;
-            let rows = stmt
-                .query_map(params![now, limit], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, u32>(4)?,
-                        r.get::<_, u32>(5)?,
-                        r.get::<_, Option<String>>(6)?,
-                        r.get::<_, Option<String>>(7)?,
-                    ))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = all(stmt.query(params![now, limit])?, |r| delivery_from_row(r))?;
             let mut out = Vec::new();
-            for (id, kind, target, body, attempts, done_parts, task_id, progress) in rows {
-                let (kind, target) = model::outbox_kind_target(id, &kind, &target)?;
-                let task = match task_id {
-                    Some(tid) => Some(load_task(c, &tid, &Scope::All)?),
-                    None => None,
-                };
-                out.push(crate::Delivery {
-                    id,
-                    kind,
-                    target,
-                    body: body.and_then(|b| serde_json::from_str(&b).ok()),
-                    attempts,
-                    done_parts,
-                    task,
-                    progress_message: progress,
-                });
+            for (mut delivery, task_id) in rows {
+                if let Some(tid) = task_id {
+                    delivery.task = Some(load_task(c, &tid, &Scope::All)?);
+                }
+                out.push(delivery);
             }
             let next: Option<i64> = c
                 .prepare_cached("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")?
