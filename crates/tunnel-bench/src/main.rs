@@ -5,12 +5,13 @@
 //! 2. full-cycle throughput: producers submit, fake runners claim, ack, post events, finish;
 //! 3. server RSS idle, during (2) and after;
 //! 4. many parked long-polls at once: RSS and wake latency (on a second fresh server);
-//! 5. runner overhead: not measured yet (there is no runner).
+//! 5. runner overhead: the real runner in this process runs a trivial agent (this binary).
 //!
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
 
 mod phases;
+mod runner;
 mod server;
 mod stats;
 
@@ -66,6 +67,9 @@ struct Args {
     /// Tasks submitted one by one to the parked polls.
     #[arg(long, default_value_t = 1_000)]
     wakes: usize,
+    /// Tasks run one by one by a real runner with a trivial agent (0 skips phase 5).
+    #[arg(long, default_value_t = 200)]
+    runner_tasks: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -95,7 +99,7 @@ struct Report {
     dispatch: Option<DispatchReport>,
     cycle: Option<CycleReport>,
     parked: Option<ParkedReport>,
-    runner_overhead: &'static str,
+    runner: Option<runner::RunnerReport>,
     total_s: f64,
     /// /proc/loadavg when the bench started and ended: the machine may be shared.
     load_before: String,
@@ -112,6 +116,13 @@ struct Machine {
 const TOKEN: &str = "tunnel-bench-worker-token-0123456789";
 
 fn main() -> Result<()> {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == runner::AGENT_PROBE)
+    {
+        runner::agent_probe();
+        return Ok(());
+    }
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -159,14 +170,14 @@ async fn run(args: Args) -> Result<()> {
         dispatch: None,
         cycle: None,
         parked: None,
-        runner_overhead: "n/a (no runner yet)",
+        runner: None,
         total_s: 0.0,
         load_before: loadavg(),
         load_after: String::new(),
     };
 
-    // Phases 1–3 on one server.
-    if args.dispatch > 0 || args.tasks > 0 {
+    // Phases 1–3 and 5 on one server.
+    if args.dispatch > 0 || args.tasks > 0 || args.runner_tasks > 0 {
         progress(&format!(
             "starting {} (durability {durability})",
             tunnel.display()
@@ -194,6 +205,14 @@ async fn run(args: Args) -> Result<()> {
             };
             report.cycle = Some(phases::full_cycle(&server, TOKEN, &p).await?);
             expected += args.tasks;
+        }
+        if args.runner_tasks > 0 {
+            progress(&format!(
+                "5. runner overhead: {} tasks, one at a time, real runner, trivial agent",
+                args.runner_tasks
+            ));
+            report.runner = Some(runner::runner_overhead(&server, TOKEN, args.runner_tasks).await?);
+            expected += args.runner_tasks as u64;
         }
         let path = server.database.clone();
         server.stop().await?;
@@ -354,11 +373,29 @@ fn print_table(r: &Report) {
             "p99 <= 10 ms",
         ));
     }
-    rows.push((
-        "5. runner overhead".into(),
-        r.runner_overhead.into(),
-        "<= 5 ms each way",
-    ));
+    match &r.runner {
+        Some(o) => {
+            rows.push((
+                format!(
+                    "5. runner: offer -> agent started p50/p90/p99/max (n={})",
+                    o.tasks
+                ),
+                o.offer_to_start.line(),
+                "<= 5 ms",
+            ));
+            rows.push((
+                "   runner: agent exit -> finish acknowledged".into(),
+                o.exit_to_finish.line(),
+                "<= 5 ms",
+            ));
+            rows.push((
+                "   submit -> task read back done".into(),
+                o.submit_to_done.line(),
+                "",
+            ));
+        }
+        None => rows.push(("5. runner overhead".into(), "skipped".into(), "")),
+    }
 
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +15,9 @@ pub(crate) struct ServerProcess {
     pub(crate) pid: u32,
     pub(crate) url: String,
     pub(crate) database: PathBuf,
+    /// While `Some`, the server's "Task offered." and "Task attempt finished." log lines are
+    /// kept here (their timestamps have microseconds).
+    pub(crate) task_log: Arc<Mutex<Option<Vec<String>>>>,
 }
 
 impl ServerProcess {
@@ -79,10 +83,19 @@ impl ServerProcess {
             seen.push(line);
         };
         // Keep draining stderr so the server never blocks on a full pipe; show warnings.
+        let task_log: Arc<Mutex<Option<Vec<String>>>> = Arc::default();
+        let log = task_log.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
                     eprintln!("server: {line}");
+                }
+                if line.contains("\"Task offered.\"") || line.contains("\"Task attempt finished.\"")
+                {
+                    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(l) = log.as_mut() {
+                        l.push(line);
+                    }
                 }
             }
         });
@@ -91,6 +104,7 @@ impl ServerProcess {
             pid,
             url: format!("http://{address}"),
             database: database.to_path_buf(),
+            task_log,
         })
     }
 
