@@ -1,5 +1,6 @@
-//! `tunnel-bench`: starts `tunnel serve` as a child process with a fresh SQLite database on
-//! disk and measures it over HTTP on loopback (see docs/BENCHMARKS.md):
+//! `tunnel-bench`: starts `tunnel serve` as a child process with a fresh database (SQLite on
+//! disk, or PostgreSQL with `--database postgres://…`) and measures it over HTTP on loopback
+//! (see docs/BENCHMARKS.md):
 //!
 //! 1. dispatch latency: submit → a parked long-poll returns the offer;
 //! 2. full-cycle throughput: producers submit, fake runners claim, ack, post events, finish;
@@ -10,6 +11,7 @@
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
 
+mod db;
 mod phases;
 mod runner;
 mod server;
@@ -36,10 +38,12 @@ struct Args {
     /// The `tunnel` binary to start [default: `tunnel` next to this binary].
     #[arg(long)]
     tunnel: Option<PathBuf>,
-    /// Database file for phases 1–3 (must not exist); phase 4 uses the same name with
-    /// `-parked` added [default: a new temporary directory, removed afterwards].
+    /// Database file for phases 1–3 and 5 (must not exist); phase 4 uses the same name with
+    /// `-parked` added [default: a new temporary directory, removed afterwards]. Or a
+    /// PostgreSQL URL (`postgres://user@host:port/db`): each server then gets a new database
+    /// created there and dropped after the run (`--durability` does not apply).
     #[arg(long)]
-    database: Option<PathBuf>,
+    database: Option<String>,
     /// SQLite durability the server runs with.
     #[arg(long, value_enum, default_value = "normal")]
     durability: DurabilityArg,
@@ -94,6 +98,7 @@ impl DurabilityArg {
 #[derive(Debug, Serialize)]
 struct Report {
     durability: DurabilityArg,
+    database: &'static str,
     machine: Machine,
     rss_idle: u64,
     dispatch: Option<DispatchReport>,
@@ -153,7 +158,9 @@ async fn run(args: Args) -> Result<()> {
         server::raise_nofile(args.parked as u64 + 1_024)?;
     }
     let tmp;
+    let pg = args.database.as_deref().filter(|d| db::is_postgres(d));
     let db = match &args.database {
+        Some(_) if pg.is_some() => PathBuf::new(),
         // Absolute: the server runs in the database's directory.
         Some(p) => std::path::absolute(p)?,
         None => {
@@ -161,10 +168,21 @@ async fn run(args: Args) -> Result<()> {
             tmp.path().join("bench.db")
         }
     };
+    let fresh = async |tag: &str, suffix: &str| -> Result<db::BenchDb> {
+        match pg {
+            Some(url) => db::BenchDb::postgres(url, tag).await,
+            None => db::BenchDb::sqlite(&with_suffix(&db, suffix)),
+        }
+    };
     let durability = args.durability.as_str();
 
     let mut report = Report {
         durability: args.durability,
+        database: if pg.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite on disk"
+        },
         machine: machine(),
         rss_idle: 0,
         dispatch: None,
@@ -178,11 +196,13 @@ async fn run(args: Args) -> Result<()> {
 
     // Phases 1–3 and 5 on one server.
     if args.dispatch > 0 || args.tasks > 0 || args.runner_tasks > 0 {
+        let db13 = fresh("main", "").await?;
         progress(&format!(
-            "starting {} (durability {durability})",
-            tunnel.display()
+            "starting {} on {} (durability {durability})",
+            tunnel.display(),
+            db13.describe()
         ));
-        let server = ServerProcess::start(&tunnel, &db, durability, TOKEN).await?;
+        let server = ServerProcess::start(&tunnel, &db13, durability, TOKEN).await?;
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         report.rss_idle = server.memory()?.rss;
         let mut expected = 0;
@@ -214,14 +234,15 @@ async fn run(args: Args) -> Result<()> {
             report.runner = Some(runner::runner_overhead(&server, TOKEN, args.runner_tasks).await?);
             expected += args.runner_tasks as u64;
         }
-        let path = server.database.clone();
         server.stop().await?;
-        phases::check_database(&path, expected).await?;
+        let checked = phases::check_database(&db13, expected).await;
+        db13.remove().await?;
+        checked?;
     }
 
     // Phase 4 on a fresh server.
     if args.parked > 0 {
-        let db4 = with_suffix(&db, "-parked");
+        let db4 = fresh("parked", "-parked").await?;
         progress(&format!(
             "4. {} parked long-polls, {} wakes (fresh server)",
             args.parked, args.wakes
@@ -234,9 +255,10 @@ async fn run(args: Args) -> Result<()> {
             report.rss_idle = r.rss_idle;
         }
         report.parked = Some(r);
-        let path = server.database.clone();
         server.stop().await?;
-        phases::check_database(&path, wakes as u64).await?;
+        let checked = phases::check_database(&db4, wakes as u64).await;
+        db4.remove().await?;
+        checked?;
     }
     report.total_s = started.elapsed().as_secs_f64();
     report.load_after = loadavg();
@@ -399,12 +421,14 @@ fn print_table(r: &Report) {
 
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
+    let durability = if r.database == "PostgreSQL" {
+        "the PostgreSQL server's own settings".to_owned()
+    } else {
+        format!("durability {}", r.durability.as_str())
+    };
     println!(
-        "tunnel-bench: {} x {}, SQLite on disk, durability {}, {:.0} s",
-        r.machine.cpus,
-        r.machine.cpu_model,
-        r.durability.as_str(),
-        r.total_s
+        "tunnel-bench: {} x {}, {}, {durability}, {:.0} s",
+        r.machine.cpus, r.machine.cpu_model, r.database, r.total_s
     );
     println!(
         "load average before: {}, after: {} (other work on the machine skews the figures)",
