@@ -149,14 +149,20 @@ async fn measure(server: &ServerProcess, token: &str, n: usize) -> Result<Runner
         };
         agent_times.insert(done.id.clone(), (read("start ")?, read("end ")?));
     }
-    // The finish's log line is written before its answer, and the answer before the task
-    // reads as ended: every line is in by now.
-    let lines = server
-        .task_log
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or_default();
+    // The server wrote each line before answering, but the task draining its stderr may not
+    // have read them all yet: two lines per task.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        {
+            let mut log = server.task_log.lock().unwrap_or_else(|p| p.into_inner());
+            if log.as_ref().is_some_and(|l| l.len() >= 2 * n)
+                || std::time::Instant::now() > deadline
+            {
+                break log.take().unwrap_or_default();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let mut offered = HashMap::new();
     let mut finished = HashMap::new();
     for line in &lines {
