@@ -1,16 +1,19 @@
-//! `tunnel-bench`: starts `tunnel serve` as a child process with a fresh SQLite database on
-//! disk and measures it over HTTP on loopback (see docs/BENCHMARKS.md):
+//! `tunnel-bench`: starts `tunnel serve` as a child process with a fresh database (SQLite on
+//! disk, or PostgreSQL with `--database postgres://…`) and measures it over HTTP on loopback
+//! (see docs/BENCHMARKS.md):
 //!
 //! 1. dispatch latency: submit → a parked long-poll returns the offer;
 //! 2. full-cycle throughput: producers submit, fake runners claim, ack, post events, finish;
 //! 3. server RSS idle, during (2) and after;
 //! 4. many parked long-polls at once: RSS and wake latency (on a second fresh server);
-//! 5. runner overhead: not measured yet (there is no runner).
+//! 5. runner overhead: the real runner in this process runs a trivial agent (this binary).
 //!
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
 
+mod db;
 mod phases;
+mod runner;
 mod server;
 mod stats;
 
@@ -35,10 +38,12 @@ struct Args {
     /// The `tunnel` binary to start [default: `tunnel` next to this binary].
     #[arg(long)]
     tunnel: Option<PathBuf>,
-    /// Database file for phases 1–3 (must not exist); phase 4 uses the same name with
-    /// `-parked` added [default: a new temporary directory, removed afterwards].
+    /// Database file for phases 1–3 and 5 (must not exist); phase 4 uses the same name with
+    /// `-parked` added [default: a new temporary directory, removed afterwards]. Or a
+    /// PostgreSQL URL (`postgres://user@host:port/db`): each server then gets a new database
+    /// created there and dropped after the run (`--durability` does not apply).
     #[arg(long)]
-    database: Option<PathBuf>,
+    database: Option<String>,
     /// SQLite durability the server runs with.
     #[arg(long, value_enum, default_value = "normal")]
     durability: DurabilityArg,
@@ -66,6 +71,9 @@ struct Args {
     /// Tasks submitted one by one to the parked polls.
     #[arg(long, default_value_t = 1_000)]
     wakes: usize,
+    /// Tasks run one by one by a real runner with a trivial agent (0 skips phase 5).
+    #[arg(long, default_value_t = 200)]
+    runner_tasks: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -90,12 +98,13 @@ impl DurabilityArg {
 #[derive(Debug, Serialize)]
 struct Report {
     durability: DurabilityArg,
+    database: &'static str,
     machine: Machine,
     rss_idle: u64,
     dispatch: Option<DispatchReport>,
     cycle: Option<CycleReport>,
     parked: Option<ParkedReport>,
-    runner_overhead: &'static str,
+    runner: Option<runner::RunnerReport>,
     total_s: f64,
     /// /proc/loadavg when the bench started and ended: the machine may be shared.
     load_before: String,
@@ -112,6 +121,13 @@ struct Machine {
 const TOKEN: &str = "tunnel-bench-worker-token-0123456789";
 
 fn main() -> Result<()> {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == runner::AGENT_PROBE)
+    {
+        runner::agent_probe();
+        return Ok(());
+    }
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -142,7 +158,9 @@ async fn run(args: Args) -> Result<()> {
         server::raise_nofile(args.parked as u64 + 1_024)?;
     }
     let tmp;
+    let pg = args.database.as_deref().filter(|d| db::is_postgres(d));
     let db = match &args.database {
+        Some(_) if pg.is_some() => PathBuf::new(),
         // Absolute: the server runs in the database's directory.
         Some(p) => std::path::absolute(p)?,
         None => {
@@ -150,28 +168,41 @@ async fn run(args: Args) -> Result<()> {
             tmp.path().join("bench.db")
         }
     };
+    let fresh = async |tag: &str, suffix: &str| -> Result<db::BenchDb> {
+        match pg {
+            Some(url) => db::BenchDb::postgres(url, tag).await,
+            None => db::BenchDb::sqlite(&with_suffix(&db, suffix)),
+        }
+    };
     let durability = args.durability.as_str();
 
     let mut report = Report {
         durability: args.durability,
+        database: if pg.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite on disk"
+        },
         machine: machine(),
         rss_idle: 0,
         dispatch: None,
         cycle: None,
         parked: None,
-        runner_overhead: "n/a (no runner yet)",
+        runner: None,
         total_s: 0.0,
         load_before: loadavg(),
         load_after: String::new(),
     };
 
-    // Phases 1–3 on one server.
-    if args.dispatch > 0 || args.tasks > 0 {
+    // Phases 1–3 and 5 on one server.
+    if args.dispatch > 0 || args.tasks > 0 || args.runner_tasks > 0 {
+        let db13 = fresh("main", "").await?;
         progress(&format!(
-            "starting {} (durability {durability})",
-            tunnel.display()
+            "starting {} on {} (durability {durability})",
+            tunnel.display(),
+            db13.describe()
         ));
-        let server = ServerProcess::start(&tunnel, &db, durability, TOKEN).await?;
+        let server = ServerProcess::start(&tunnel, &db13, durability, TOKEN).await?;
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         report.rss_idle = server.memory()?.rss;
         let mut expected = 0;
@@ -195,14 +226,23 @@ async fn run(args: Args) -> Result<()> {
             report.cycle = Some(phases::full_cycle(&server, TOKEN, &p).await?);
             expected += args.tasks;
         }
-        let path = server.database.clone();
+        if args.runner_tasks > 0 {
+            progress(&format!(
+                "5. runner overhead: {} tasks, one at a time, real runner, trivial agent",
+                args.runner_tasks
+            ));
+            report.runner = Some(runner::runner_overhead(&server, TOKEN, args.runner_tasks).await?);
+            expected += args.runner_tasks as u64;
+        }
         server.stop().await?;
-        phases::check_database(&path, expected).await?;
+        let checked = phases::check_database(&db13, expected).await;
+        db13.remove().await?;
+        checked?;
     }
 
     // Phase 4 on a fresh server.
     if args.parked > 0 {
-        let db4 = with_suffix(&db, "-parked");
+        let db4 = fresh("parked", "-parked").await?;
         progress(&format!(
             "4. {} parked long-polls, {} wakes (fresh server)",
             args.parked, args.wakes
@@ -215,9 +255,10 @@ async fn run(args: Args) -> Result<()> {
             report.rss_idle = r.rss_idle;
         }
         report.parked = Some(r);
-        let path = server.database.clone();
         server.stop().await?;
-        phases::check_database(&path, wakes as u64).await?;
+        let checked = phases::check_database(&db4, wakes as u64).await;
+        db4.remove().await?;
+        checked?;
     }
     report.total_s = started.elapsed().as_secs_f64();
     report.load_after = loadavg();
@@ -354,20 +395,40 @@ fn print_table(r: &Report) {
             "p99 <= 10 ms",
         ));
     }
-    rows.push((
-        "5. runner overhead".into(),
-        r.runner_overhead.into(),
-        "<= 5 ms each way",
-    ));
+    match &r.runner {
+        Some(o) => {
+            rows.push((
+                format!(
+                    "5. runner: offer -> agent started p50/p90/p99/max (n={})",
+                    o.tasks
+                ),
+                o.offer_to_start.line(),
+                "<= 5 ms",
+            ));
+            rows.push((
+                "   runner: agent exit -> finish acknowledged".into(),
+                o.exit_to_finish.line(),
+                "<= 5 ms",
+            ));
+            rows.push((
+                "   submit -> task read back done".into(),
+                o.submit_to_done.line(),
+                "",
+            ));
+        }
+        None => rows.push(("5. runner overhead".into(), "skipped".into(), "")),
+    }
 
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0);
+    let durability = if r.database == "PostgreSQL" {
+        "the PostgreSQL server's own settings".to_owned()
+    } else {
+        format!("durability {}", r.durability.as_str())
+    };
     println!(
-        "tunnel-bench: {} x {}, SQLite on disk, durability {}, {:.0} s",
-        r.machine.cpus,
-        r.machine.cpu_model,
-        r.durability.as_str(),
-        r.total_s
+        "tunnel-bench: {} x {}, {}, {durability}, {:.0} s",
+        r.machine.cpus, r.machine.cpu_model, r.database, r.total_s
     );
     println!(
         "load average before: {}, after: {} (other work on the machine skews the figures)",

@@ -535,8 +535,8 @@ pub(crate) async fn parked(
     })
 }
 
-/// Reads the final task counts from the database file itself, after the server stopped.
-pub(crate) async fn check_database(server_db: &std::path::Path, expected: u64) -> Result<()> {
+/// Reads the final task counts from the database itself, after the server stopped.
+pub(crate) async fn check_database(db: &crate::db::BenchDb, expected: u64) -> Result<()> {
     struct Quiet;
     impl tunnel_store::Signals for Quiet {
         fn task_ready(&self, _: &tunnel_store::ReadyHint) {}
@@ -544,10 +544,7 @@ pub(crate) async fn check_database(server_db: &std::path::Path, expected: u64) -
         fn deadline(&self, _: i64) {}
     }
     let store = tunnel_store::Store::open(
-        &tunnel_store::Database::Sqlite {
-            path: server_db.to_path_buf(),
-            durability: tunnel_store::Durability::Normal,
-        },
+        &db.store_database(),
         tunnel_store::QueueSettings::default(),
         Arc::new(tunnel_store::SystemClock),
         Arc::new(Quiet),
@@ -562,7 +559,7 @@ pub(crate) async fn check_database(server_db: &std::path::Path, expected: u64) -
         } else if *n > 0 {
             bail!(
                 "{n} tasks ended {state} in {}; every task must end succeeded ({:?})",
-                server_db.display(),
+                db.describe(),
                 counts.by_state
             );
         }
@@ -570,7 +567,7 @@ pub(crate) async fn check_database(server_db: &std::path::Path, expected: u64) -
     ensure!(
         succeeded == expected,
         "{} holds {succeeded} succeeded tasks; the bench finished {expected}",
-        server_db.display()
+        db.describe()
     );
     Ok(())
 }

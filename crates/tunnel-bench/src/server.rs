@@ -1,19 +1,24 @@
 //! The server under test: a `tunnel serve` child process, and what /proc says about it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::db::BenchDb;
+
 /// A running `tunnel serve`.
 pub(crate) struct ServerProcess {
     child: Child,
     pub(crate) pid: u32,
     pub(crate) url: String,
-    pub(crate) database: PathBuf,
+    /// While `Some`, the server's "Task offered." and "Task attempt finished." log lines are
+    /// kept here (their timestamps have microseconds).
+    pub(crate) task_log: Arc<Mutex<Option<Vec<String>>>>,
 }
 
 impl ServerProcess {
@@ -21,22 +26,20 @@ impl ServerProcess {
     /// logs the address it listens on.
     pub(crate) async fn start(
         tunnel: &Path,
-        database: &Path,
+        database: &BenchDb,
         durability: &str,
         token: &str,
     ) -> Result<ServerProcess> {
-        if database.exists() {
-            bail!(
-                "{} already exists; the bench needs a fresh database (remove it or pick another path)",
-                database.display()
-            );
-        }
+        let dir = match database {
+            BenchDb::Sqlite(p) => p.parent().filter(|d| d.is_dir()).unwrap_or(Path::new("/")),
+            BenchDb::Postgres { .. } => Path::new("/"),
+        };
         let mut child = Command::new(tunnel)
             .args(["serve", "--port", "0", "--log-format", "json"])
             .arg("--listen")
             .arg("127.0.0.1")
             .arg("--database")
-            .arg(database)
+            .arg(database.server_arg())
             .args(["--durability", durability])
             .env("WORKER_TOKEN", token)
             // The production log level (info: a line per submit, offer and finish), default
@@ -47,12 +50,7 @@ impl ServerProcess {
             .env_remove("TUNNEL_ACK_TIMEOUT")
             .env_remove("TUNNEL_LEASE")
             .env_remove("TUNNEL_MAX_BODY_BYTES")
-            .current_dir(
-                database
-                    .parent()
-                    .filter(|d| d.is_dir())
-                    .unwrap_or(Path::new("/")),
-            )
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -79,10 +77,19 @@ impl ServerProcess {
             seen.push(line);
         };
         // Keep draining stderr so the server never blocks on a full pipe; show warnings.
+        let task_log: Arc<Mutex<Option<Vec<String>>>> = Arc::default();
+        let log = task_log.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
                     eprintln!("server: {line}");
+                }
+                if line.contains("\"Task offered.\"") || line.contains("\"Task attempt finished.\"")
+                {
+                    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(l) = log.as_mut() {
+                        l.push(line);
+                    }
                 }
             }
         });
@@ -90,7 +97,7 @@ impl ServerProcess {
             child,
             pid,
             url: format!("http://{address}"),
-            database: database.to_path_buf(),
+            task_log,
         })
     }
 

@@ -72,6 +72,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_retention",
         include_str!("../migrations/postgres/0005_retention.sql"),
     ),
+    (
+        "0006_ready_by_agent",
+        include_str!("../migrations/postgres/0006_ready_by_agent.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.

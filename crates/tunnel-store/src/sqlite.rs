@@ -38,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0003_outbox.sql"),
     include_str!("../migrations/sqlite/0004_task_meta.sql"),
     include_str!("../migrations/sqlite/0005_retention.sql"),
+    include_str!("../migrations/sqlite/0006_ready_by_agent.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -1633,8 +1634,8 @@ fn queue_position(
         None => c
             // Capped: with a deep backlog the exact figure is not worth a long scan per submit.
             .prepare_cached(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE ready = 1 AND seq < ?1 AND agent = ?2
-                    LIMIT 1000)",
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_ready_agent
+                    WHERE ready = 1 AND agent = ?2 AND seq < ?1 LIMIT 1000)",
             )?
             .query_row(params![seq, t.agent], |r| r.get(0))?,
     };
