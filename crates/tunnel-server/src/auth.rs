@@ -299,3 +299,135 @@ mod tests {
         assert!(check_worker_token("3f9c1d7e8a2b4c6d0e1f").is_ok());
     }
 }
+
+/// Token comparison time must not depend on how much of the secret a guess gets right. Not a
+/// pass/fail test (timing on a shared machine is noise): it prints figures for
+/// docs/RELIABILITY.md. Run optimized: `scripts/token-timing`.
+#[cfg(test)]
+mod timing {
+    use std::collections::HashMap;
+    use std::hint::black_box;
+    use std::sync::RwLock;
+    use std::time::Instant;
+
+    use subtle::ConstantTimeEq;
+    use tunnel_protocol::Role;
+
+    use super::{Authenticator, KnownToken, TOKEN_PREFIX, sha256};
+
+    const SECRET: &str = "3f9c1d7e8a2b4c6d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f7";
+
+    /// Runs the two cases alternately, `rounds` times `per_round` calls each (so changes in the
+    /// machine's load hit both), and gives each one's median nanoseconds per call.
+    fn compare(
+        rounds: usize,
+        per_round: usize,
+        mut a: impl FnMut(),
+        mut b: impl FnMut(),
+    ) -> (f64, f64) {
+        let time = |f: &mut dyn FnMut()| {
+            let start = Instant::now();
+            for _ in 0..per_round {
+                f();
+            }
+            start.elapsed().as_nanos() as f64 / per_round as f64
+        };
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            xs.push(time(&mut a));
+            ys.push(time(&mut b));
+        }
+        xs.sort_by(f64::total_cmp);
+        ys.sort_by(f64::total_cmp);
+        (xs[rounds / 2], ys[rounds / 2])
+    }
+
+    fn report(what: &str, (a, b): (f64, f64)) {
+        println!(
+            "{what}: prefix of 0 right {a:.2} ns, all but the last right {b:.2} ns \
+             (difference {:+.2} ns, {:+.2} %)",
+            b - a,
+            (b - a) / a * 100.0
+        );
+    }
+
+    /// A guess whose first character is wrong, and one whose last only is wrong.
+    fn guesses(secret: &str) -> (String, String) {
+        let flip = |c: u8| if c == b'0' { "1" } else { "0" };
+        let b = secret.as_bytes();
+        let none = format!("{}{}", flip(b[0]), &secret[1..]);
+        let most = format!("{}{}", &secret[..b.len() - 1], flip(b[b.len() - 1]));
+        (none, most)
+    }
+
+    #[test]
+    #[ignore = "prints timing figures; run by scripts/token-timing"]
+    fn token_timing() {
+        let mut tokens = HashMap::new();
+        tokens.insert(
+            "a1b2c3d4e5f6".to_owned(),
+            KnownToken {
+                role: Role::Client,
+                secret_sha256: sha256(SECRET.as_bytes()),
+                revoked: false,
+            },
+        );
+        let auth = Authenticator {
+            worker_token_sha256: Some(sha256(SECRET.as_bytes())),
+            tokens: RwLock::new(tokens),
+            ephemeral: RwLock::new(HashMap::new()),
+        };
+        let rounds = 301;
+        let (none, most) = guesses(SECRET);
+        let token = |s: &str| format!("{TOKEN_PREFIX}a1b2c3d4e5f6_{s}");
+        let (t_none, t_most) = (token(&none), token(&most));
+        assert!(auth.verify(&token(SECRET)).is_some());
+        report(
+            "verify, tnl_ token with a wrong secret",
+            compare(
+                rounds,
+                20_000,
+                || assert!(black_box(&auth).verify(black_box(&t_none)).is_none()),
+                || assert!(black_box(&auth).verify(black_box(&t_most)).is_none()),
+            ),
+        );
+        report(
+            "verify, wrong WORKER_TOKEN",
+            compare(
+                rounds,
+                20_000,
+                || assert!(black_box(&auth).verify(black_box(&none)).is_none()),
+                || assert!(black_box(&auth).verify(black_box(&most)).is_none()),
+            ),
+        );
+        // The comparison alone: 32-byte digests with 0 or 31 leading bytes equal.
+        let d = sha256(b"x");
+        let (mut d0, mut d31) = (d, d);
+        d0[0] ^= 1;
+        d31[31] ^= 1;
+        report(
+            "ct_eq of two SHA-256 digests (bytes)",
+            compare(
+                rounds,
+                200_000,
+                || assert!(!bool::from(black_box(&d).ct_eq(black_box(&d0)))),
+                || assert!(!bool::from(black_box(&d).ct_eq(black_box(&d31)))),
+            ),
+        );
+        // Control: a plain `==` does depend on the prefix, and this measurement sees it.
+        let big = vec![7u8; 64 << 10];
+        let mut big0 = big.clone();
+        big0[0] = 8;
+        let mut big_last = big.clone();
+        *big_last.last_mut().unwrap() = 8;
+        report(
+            "control: `==` on 64 KiB (bytes)",
+            compare(
+                rounds,
+                1_000,
+                || assert!(black_box(&big) != black_box(&big0)),
+                || assert!(black_box(&big) != black_box(&big_last)),
+            ),
+        );
+    }
+}
