@@ -18,7 +18,7 @@ fn open_fence(text: &str, limit: usize) -> bool {
         let t = line.trim_start().trim_end_matches('\r');
         let ticks = t.bytes().take_while(|&b| b == b'`').count();
         open = match open {
-            None if ticks >= 3 && !t[ticks..].contains('`') && 2 * (ticks + 1) < limit => {
+            None if ticks >= 3 && !t[ticks..].contains('`') && 2 * ticks + 4 <= limit => {
                 Some(ticks)
             }
             None => None,

@@ -154,8 +154,8 @@ fn strip_closing_line<'a>(rest: &'a str, fence: &Fence) -> Option<&'a str> {
 pub fn split(text: &str, limit: usize) -> Vec<String> {
     let limit = limit.max(1);
     // Below 16, a reopened fence would eat most of the chunk; above `max_ticks`, the closing
-    // line, the reopening line and one character would not fit: treat those as plain text.
-    let max_ticks = if limit >= 16 { (limit - 3) / 2 } else { 0 };
+    // line, the reopening line and one character (two units) would not fit: plain text.
+    let max_ticks = if limit >= 16 { (limit - 4) / 2 } else { 0 };
     let mut out = Vec::new();
     let mut rest = text.trim_end().trim_start_matches(['\n', '\r']);
     let mut open: Option<Fence> = None;

@@ -86,3 +86,15 @@ fn meta_must_be_a_small_object() {
     t.meta = Some(serde_json::json!({"big": "x".repeat(limits::META_MAX)}));
     assert_eq!(t.validate().unwrap_err().field, "meta");
 }
+
+/// Found by the `requests` fuzz target (fuzz/regressions/requests/): without serde_json's
+/// `float_roundtrip`, this number parsed 1 ulp off, so an event's data changed between the
+/// runner's request and what the server stored and served.
+#[test]
+fn numbers_in_event_data_round_trip_exactly() {
+    let body = r#"{"attempt":9,"lease_token":"t","events":[{"n":8,"kind":".","data":[[9000000000000000000000000000000000000000000000000000143676128,"",[]]]}]}"#;
+    let first: AppendEvents = serde_json::from_str(body).unwrap();
+    let again: AppendEvents =
+        serde_json::from_str(&serde_json::to_string(&first).unwrap()).unwrap();
+    assert_eq!(first, again);
+}

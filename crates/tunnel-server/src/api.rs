@@ -129,7 +129,9 @@ fn wait_budget(state: &AppState, ms: u64) -> Instant {
     params(("Idempotency-Key" = Option<String>, Header, description = "makes a retried submit return the first task")),
     request_body = SubmitTask,
     responses((status = 201, body = Task), (status = 200, description = "replayed", body = Task),
-        (status = 400, body = tunnel_protocol::ErrorBody)),
+        (status = 400, body = tunnel_protocol::ErrorBody),
+        (status = 404, description = "resume of a session another client's task made", body = tunnel_protocol::ErrorBody),
+        (status = 409, description = "the conversation belongs to another client token", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["client"])))]
 async fn submit_task(
     State(s): State<AppState>,
@@ -660,12 +662,14 @@ struct SessionQuery {
     limit: Option<u32>,
 }
 
-/// Session bindings (conversation × agent → native session, runner) and recent sessions.
+/// Session bindings (conversation × agent → native session, runner) and recent sessions. A
+/// client token sees its own and the shared ones (made by an admin, or found on a runner's
+/// disk); admin sees all.
 #[utoipa::path(get, path = "/v1/sessions", tag = "sessions", params(SessionQuery),
     responses((status = 200, body = SessionList)), security(("bearer" = ["client"])))]
 async fn list_sessions(
     State(s): State<AppState>,
-    ClientAuth(_): ClientAuth,
+    ClientAuth(caller): ClientAuth,
     Query(q): Query<SessionQuery>,
 ) -> Result<axum::Json<SessionList>, ApiError> {
     let limit = q.limit.unwrap_or(20);
@@ -673,32 +677,42 @@ async fn list_sessions(
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
     Ok(axum::Json(
-        s.store.sessions(q.conversation, q.agent, limit).await?,
+        s.store
+            .sessions(q.conversation, q.agent, limit, &caller.scope())
+            .await?,
     ))
 }
 
-/// Start fresh: the conversation's next task starts a new agent session.
+/// Start fresh: the conversation's next task starts a new agent session. A client cannot
+/// rebind another client's conversation (404).
 #[utoipa::path(post, path = "/v1/sessions/new", tag = "sessions", request_body = SessionCommand,
-    responses((status = 200, body = SessionBinding)), security(("bearer" = ["client"])))]
+    responses((status = 200, body = SessionBinding), (status = 404, body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["client"])))]
 async fn new_session(
     State(s): State<AppState>,
-    ClientAuth(_): ClientAuth,
+    ClientAuth(caller): ClientAuth,
     Json(cmd): Json<SessionCommand>,
 ) -> Result<axum::Json<SessionBinding>, ApiError> {
     cmd.validate(false)?;
-    Ok(axum::Json(s.store.bind_session(cmd).await?))
+    Ok(axum::Json(
+        s.store.bind_session(cmd, &caller.scope()).await?,
+    ))
 }
 
-/// Bind the conversation to an existing native session id.
+/// Bind the conversation to an existing native session id. A client cannot rebind another
+/// client's conversation, nor take a session another client's task made (404).
 #[utoipa::path(post, path = "/v1/sessions/resume", tag = "sessions", request_body = SessionCommand,
-    responses((status = 200, body = SessionBinding)), security(("bearer" = ["client"])))]
+    responses((status = 200, body = SessionBinding), (status = 404, body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["client"])))]
 async fn resume_session(
     State(s): State<AppState>,
-    ClientAuth(_): ClientAuth,
+    ClientAuth(caller): ClientAuth,
     Json(cmd): Json<SessionCommand>,
 ) -> Result<axum::Json<SessionBinding>, ApiError> {
     cmd.validate(true)?;
-    Ok(axum::Json(s.store.bind_session(cmd).await?))
+    Ok(axum::Json(
+        s.store.bind_session(cmd, &caller.scope()).await?,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -309,8 +309,8 @@ mod tests {
 }
 
 /// Token comparison time must not depend on how much of the secret a guess gets right. Not a
-/// pass/fail test (timing on a shared machine is noise); it prints figures for
-/// docs/RELIABILITY.md: `cargo test -p tunnel-server --lib token_timing -- --ignored --nocapture`.
+/// pass/fail test (timing on a shared machine is noise): it prints figures for
+/// docs/RELIABILITY.md. Run optimized: `scripts/token-timing`.
 #[cfg(test)]
 mod timing {
     use std::collections::HashMap;
@@ -318,56 +318,58 @@ mod timing {
     use std::sync::RwLock;
     use std::time::Instant;
 
-    use super::{Authenticator, KnownToken, TOKEN_PREFIX, sha256};
+    use subtle::ConstantTimeEq;
     use tunnel_protocol::Role;
+
+    use super::{Authenticator, KnownToken, TOKEN_PREFIX, sha256};
 
     const SECRET: &str = "3f9c1d7e8a2b4c6d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f7";
 
-    /// Median nanoseconds per call of `f` over `rounds` rounds of `per_round` calls.
-    fn median_ns(rounds: usize, per_round: usize, mut f: impl FnMut()) -> f64 {
-        let mut samples: Vec<f64> = (0..rounds)
-            .map(|_| {
-                let start = Instant::now();
-                for _ in 0..per_round {
-                    f();
-                }
-                start.elapsed().as_nanos() as f64 / per_round as f64
-            })
-            .collect();
-        samples.sort_by(f64::total_cmp);
-        samples[rounds / 2]
-    }
-
-    /// Runs the two cases alternately (so load changes hit both) and gives their medians.
+    /// Runs the two cases alternately, `rounds` times `per_round` calls each (so changes in the
+    /// machine's load hit both), and gives each one's median nanoseconds per call.
     fn compare(
         rounds: usize,
         per_round: usize,
         mut a: impl FnMut(),
         mut b: impl FnMut(),
     ) -> (f64, f64) {
+        let time = |f: &mut dyn FnMut()| {
+            let start = Instant::now();
+            for _ in 0..per_round {
+                f();
+            }
+            start.elapsed().as_nanos() as f64 / per_round as f64
+        };
         let (mut xs, mut ys) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            xs.push(median_ns(1, per_round, &mut a));
-            ys.push(median_ns(1, per_round, &mut b));
+            xs.push(time(&mut a));
+            ys.push(time(&mut b));
         }
         xs.sort_by(f64::total_cmp);
         ys.sort_by(f64::total_cmp);
         (xs[rounds / 2], ys[rounds / 2])
     }
 
-    /// A guess that differs in the first character, and one that differs only in the last.
+    fn report(what: &str, (a, b): (f64, f64)) {
+        println!(
+            "{what}: prefix of 0 right {a:.2} ns, all but the last right {b:.2} ns \
+             (difference {:+.2} ns, {:+.2} %)",
+            b - a,
+            (b - a) / a * 100.0
+        );
+    }
+
+    /// A guess whose first character is wrong, and one whose last only is wrong.
     fn guesses(secret: &str) -> (String, String) {
-        let flip = |c: char| if c == '0' { '1' } else { '0' };
-        let mut none = secret.to_owned();
-        none.replace_range(0..1, &flip(secret.chars().next().unwrap()).to_string());
-        let mut most = secret.to_owned();
-        let last = secret.len() - 1;
-        most.replace_range(last.., &flip(secret.chars().last().unwrap()).to_string());
+        let flip = |c: u8| if c == b'0' { "1" } else { "0" };
+        let b = secret.as_bytes();
+        let none = format!("{}{}", flip(b[0]), &secret[1..]);
+        let most = format!("{}{}", &secret[..b.len() - 1], flip(b[b.len() - 1]));
         (none, most)
     }
 
     #[test]
-    #[ignore = "prints timing figures; run by hand"]
+    #[ignore = "prints timing figures; run by scripts/token-timing"]
     fn token_timing() {
         let mut tokens = HashMap::new();
         tokens.insert(
@@ -383,64 +385,57 @@ mod timing {
             tokens: RwLock::new(tokens),
             ephemeral: RwLock::new(HashMap::new()),
         };
-        let (rounds, per_round) = (201, 20_000);
+        let rounds = 301;
         let (none, most) = guesses(SECRET);
         let token = |s: &str| format!("{TOKEN_PREFIX}a1b2c3d4e5f6_{s}");
         let (t_none, t_most) = (token(&none), token(&most));
-        let (a, b) = compare(
-            rounds,
-            per_round,
-            || assert!(black_box(&auth).verify(black_box(&t_none)).is_none()),
-            || assert!(black_box(&auth).verify(black_box(&t_most)).is_none()),
+        assert!(auth.verify(&token(SECRET)).is_some());
+        report(
+            "verify, tnl_ token with a wrong secret",
+            compare(
+                rounds,
+                20_000,
+                || assert!(black_box(&auth).verify(black_box(&t_none)).is_none()),
+                || assert!(black_box(&auth).verify(black_box(&t_most)).is_none()),
+            ),
         );
-        println!(
-            "tnl_ token, wrong secret: first char wrong {a:.1} ns, all but the last right {b:.1} ns per verify (difference {:+.1} ns, {:+.2} %)",
-            b - a,
-            (b - a) / a * 100.0
+        report(
+            "verify, wrong WORKER_TOKEN",
+            compare(
+                rounds,
+                20_000,
+                || assert!(black_box(&auth).verify(black_box(&none)).is_none()),
+                || assert!(black_box(&auth).verify(black_box(&most)).is_none()),
+            ),
         );
-        let (a, b) = compare(
-            rounds,
-            per_round,
-            || assert!(black_box(&auth).verify(black_box(&none)).is_none()),
-            || assert!(black_box(&auth).verify(black_box(&most)).is_none()),
-        );
-        println!(
-            "WORKER_TOKEN, wrong: first char wrong {a:.1} ns, all but the last right {b:.1} ns per verify (difference {:+.1} ns, {:+.2} %)",
-            b - a,
-            (b - a) / a * 100.0
-        );
-        // The comparison alone: 32-byte digests equal in 0 vs 31 leading bytes.
-        use subtle::ConstantTimeEq;
+        // The comparison alone: 32-byte digests with 0 or 31 leading bytes equal.
         let d = sha256(b"x");
-        let mut d0 = d;
+        let (mut d0, mut d31) = (d, d);
         d0[0] ^= 1;
-        let mut d31 = d;
         d31[31] ^= 1;
-        let (a, b) = compare(
-            rounds,
-            per_round * 10,
-            || assert!(!bool::from(black_box(&d).ct_eq(black_box(&d0)))),
-            || assert!(!bool::from(black_box(&d).ct_eq(black_box(&d31)))),
+        report(
+            "ct_eq of two SHA-256 digests (bytes)",
+            compare(
+                rounds,
+                200_000,
+                || assert!(!bool::from(black_box(&d).ct_eq(black_box(&d0)))),
+                || assert!(!bool::from(black_box(&d).ct_eq(black_box(&d31)))),
+            ),
         );
-        println!(
-            "ct_eq of 32-byte digests: 0 leading bytes equal {a:.2} ns, 31 equal {b:.2} ns (difference {:+.2} ns)",
-            b - a
-        );
-        // Control: a plain `==` on 64 KiB does depend on the prefix, and this measurement sees it.
+        // Control: a plain `==` does depend on the prefix, and this measurement sees it.
         let big = vec![7u8; 64 << 10];
         let mut big0 = big.clone();
         big0[0] = 8;
         let mut big_last = big.clone();
         *big_last.last_mut().unwrap() = 8;
-        let (a, b) = compare(
-            rounds,
-            per_round / 20,
-            || assert!(black_box(&big) != black_box(&big0)),
-            || assert!(black_box(&big) != black_box(&big_last)),
-        );
-        println!(
-            "control, `==` on 64 KiB: first byte differs {a:.1} ns, last byte differs {b:.1} ns (difference {:+.1} ns)",
-            b - a
+        report(
+            "control: `==` on 64 KiB (bytes)",
+            compare(
+                rounds,
+                1_000,
+                || assert!(black_box(&big) != black_box(&big0)),
+                || assert!(black_box(&big) != black_box(&big_last)),
+            ),
         );
     }
 }

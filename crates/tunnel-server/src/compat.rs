@@ -1156,19 +1156,24 @@ fn iso8601(ms: i64) -> String {
     )
 }
 
+/// The conversations this caller may see: its own (an admin token, as the original's shared
+/// WORKER_TOKEN is, sees all).
 async fn bindings(
     s: &AppState,
+    caller: &Caller,
     agent: Option<String>,
     limit: u32,
 ) -> Result<tunnel_protocol::SessionList, SeedError> {
-    Ok(s.store.sessions(None, agent, limit).await?)
+    Ok(s.store
+        .sessions(None, agent, limit, &caller.scope())
+        .await?)
 }
 
 async fn claude_sessions(
     State(s): State<AppState>,
-    SeedClient(_): SeedClient,
+    SeedClient(caller): SeedClient,
 ) -> Result<Response, SeedError> {
-    let list = bindings(&s, Some("claude".into()), 200).await?;
+    let list = bindings(&s, &caller, Some("claude".into()), 200).await?;
     let sessions: Vec<Value> = list
         .sessions
         .iter()
@@ -1186,9 +1191,14 @@ async fn claude_sessions(
 }
 
 /// Recent native sessions of an agent, from what runners reported and what tasks used.
-async fn recent(s: &AppState, agent: &str, query: &Option<String>) -> Result<Response, SeedError> {
+async fn recent(
+    s: &AppState,
+    caller: &Caller,
+    agent: &str,
+    query: &Option<String>,
+) -> Result<Response, SeedError> {
     let limit = int_param(query, "limit", 10, 1, 20) as usize;
-    let list = bindings(s, Some(agent.into()), 200).await?;
+    let list = bindings(s, caller, Some(agent.into()), 200).await?;
     let sessions: Vec<Value> = list
         .recent
         .iter()
@@ -1209,25 +1219,25 @@ async fn recent(s: &AppState, agent: &str, query: &Option<String>) -> Result<Res
 
 async fn claude_recent(
     State(s): State<AppState>,
-    SeedClient(_): SeedClient,
+    SeedClient(caller): SeedClient,
     RawQuery(query): RawQuery,
 ) -> Result<Response, SeedError> {
-    recent(&s, "claude", &query).await
+    recent(&s, &caller, "claude", &query).await
 }
 
 async fn codex_recent(
     State(s): State<AppState>,
-    SeedClient(_): SeedClient,
+    SeedClient(caller): SeedClient,
     RawQuery(query): RawQuery,
 ) -> Result<Response, SeedError> {
-    recent(&s, "codex", &query).await
+    recent(&s, &caller, "codex", &query).await
 }
 
 async fn session_stats(
     State(s): State<AppState>,
-    SeedClient(_): SeedClient,
+    SeedClient(caller): SeedClient,
 ) -> Result<Response, SeedError> {
-    let list = bindings(&s, None, 1000).await?;
+    let list = bindings(&s, &caller, None, 1000).await?;
     let mut by_type: std::collections::BTreeMap<&str, u64> = Default::default();
     for b in &list.sessions {
         *by_type.entry(b.agent.as_str()).or_default() += 1;
@@ -1244,12 +1254,12 @@ async fn session_stats(
 
 async fn session_state(
     State(s): State<AppState>,
-    SeedClient(_): SeedClient,
+    SeedClient(caller): SeedClient,
     RawQuery(query): RawQuery,
 ) -> Result<Response, SeedError> {
     let limit = int_param(&query, "limit", 50, 1, 500) as u32;
     let agent = str_param(&query, "cliType");
-    let list = bindings(&s, agent, limit).await?;
+    let list = bindings(&s, &caller, agent, limit).await?;
     let sessions: Vec<Value> = list
         .sessions
         .iter()

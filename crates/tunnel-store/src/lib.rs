@@ -440,23 +440,30 @@ impl Store {
         }
     }
 
+    /// Bindings and recent sessions. A client (`Scope::Owner`) sees its own and the shared
+    /// ones (made by an admin, or found on a runner's disk), not other clients'.
     pub async fn sessions(
         &self,
         conversation: Option<String>,
         agent: Option<String>,
         limit: u32,
+        scope: &Scope,
     ) -> Result<SessionList> {
+        let scope = scope.clone();
         match &*self.backend {
-            Backend::Sqlite(s) => s.sessions(conversation, agent, limit).await,
-            Backend::Postgres(s) => s.sessions(conversation, agent, limit).await,
+            Backend::Sqlite(s) => s.sessions(conversation, agent, limit, scope).await,
+            Backend::Postgres(s) => s.sessions(conversation, agent, limit, scope).await,
         }
     }
 
-    /// Binds a conversation to a fresh session (`session_id` none) or to the given one.
-    pub async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
+    /// Binds a conversation to a fresh session (`session_id` none) or to the given one. A
+    /// client cannot rebind another client's conversation, nor bind another client's session
+    /// (`NotFound`); the binding becomes the client's.
+    pub async fn bind_session(&self, cmd: SessionCommand, scope: &Scope) -> Result<SessionBinding> {
+        let scope = scope.clone();
         match &*self.backend {
-            Backend::Sqlite(s) => s.bind_session(cmd).await,
-            Backend::Postgres(s) => s.bind_session(cmd).await,
+            Backend::Sqlite(s) => s.bind_session(cmd, scope).await,
+            Backend::Postgres(s) => s.bind_session(cmd, scope).await,
         }
     }
 

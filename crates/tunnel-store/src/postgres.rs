@@ -76,6 +76,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_ready_by_agent",
         include_str!("../migrations/postgres/0006_ready_by_agent.sql"),
     ),
+    (
+        "0007_session_owner",
+        include_str!("../migrations/postgres/0007_session_owner.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -518,6 +522,7 @@ impl PgStore {
             if let Some(k) = &session_key {
                 w.lock_key(k).await?;
             }
+            w.check_session_owner(&owner, &req).await?;
             let id = new_id();
             let busy = match &session_key {
                 Some(k) => w
@@ -714,8 +719,14 @@ impl PgStore {
                 } else {
                     None
                 };
-                w.set_binding(&task.agent, conv, resume.as_deref(), runner.as_deref())
-                    .await?;
+                w.set_binding(
+                    &task.agent,
+                    conv,
+                    resume.as_deref(),
+                    runner.as_deref(),
+                    None,
+                )
+                .await?;
             }
             w.event(
                 seq,
@@ -1042,15 +1053,21 @@ impl PgStore {
         conversation: Option<String>,
         agent: Option<String>,
         limit: u32,
+        scope: Scope,
     ) -> Result<SessionList> {
+        let owner = match scope {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o),
+        };
         let c = self.conn().await?;
         let limit = limit.clamp(1, 1000) as i64;
         let rows = q_all(
             &c,
             "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
              WHERE ($1::text IS NULL OR conversation = $1) AND ($2::text IS NULL OR agent = $2)
+                AND ($4::text IS NULL OR owner IS NULL OR owner = $4)
              ORDER BY updated_at DESC LIMIT $3",
-            &[&conversation, &agent, &limit],
+            &[&conversation, &agent, &limit, &owner],
         )
         .await?;
         let sessions = rows
@@ -1061,8 +1078,9 @@ impl PgStore {
             &c,
             "SELECT agent, session_id, runner, conversation, last_used FROM session_history
              WHERE ($1::text IS NULL OR conversation = $1) AND ($2::text IS NULL OR agent = $2)
+                AND ($4::text IS NULL OR owner IS NULL OR owner = $4)
              ORDER BY last_used DESC LIMIT $3",
-            &[&conversation, &agent, &limit],
+            &[&conversation, &agent, &limit, &owner],
         )
         .await?;
         let recent = rows
@@ -1072,8 +1090,44 @@ impl PgStore {
         Ok(SessionList { sessions, recent })
     }
 
-    pub(crate) async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
+    pub(crate) async fn bind_session(
+        &self,
+        cmd: SessionCommand,
+        scope: Scope,
+    ) -> Result<SessionBinding> {
         write!(self, |w| {
+            let owner = match &scope {
+                Scope::All => None,
+                Scope::Owner(o) => Some(o.clone()),
+            };
+            w.lock_key(&session_key(&cmd.agent, &cmd.conversation))
+                .await?;
+            if let Some(o) = &owner {
+                let bound = w
+                    .opt(
+                        "SELECT owner FROM sessions WHERE agent = $1 AND conversation = $2",
+                        &[&cmd.agent, &cmd.conversation],
+                    )
+                    .await?;
+                if let Some(row) = bound
+                    && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
+                {
+                    return Err(StoreError::NotFound("conversation"));
+                }
+                if let Some(id) = &cmd.session_id {
+                    let made = w
+                        .opt(
+                            "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
+                            &[&cmd.agent, id],
+                        )
+                        .await?;
+                    if let Some(row) = made
+                        && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
+                    {
+                        return Err(StoreError::NotFound("session"));
+                    }
+                }
+            }
             let runner = match (&cmd.session_id, &cmd.runner) {
                 (_, Some(r)) => Some(r.clone()),
                 (Some(id), None) => history_runner(w.tx, &cmd.agent, id).await?,
@@ -1084,16 +1138,18 @@ impl PgStore {
                 &cmd.conversation,
                 cmd.session_id.as_deref(),
                 runner.as_deref(),
+                owner.as_deref(),
             )
             .await?;
             if let Some(id) = &cmd.session_id {
                 w.exec(
-                    "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
-                     VALUES ($1, $2, $3, $4, $5)
+                    "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
+                     VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (agent, session_id) DO UPDATE SET
                         runner = COALESCE(EXCLUDED.runner, session_history.runner),
-                        conversation = EXCLUDED.conversation, last_used = EXCLUDED.last_used",
-                    &[&cmd.agent, id, &runner, &cmd.conversation, &w.now],
+                        conversation = EXCLUDED.conversation, last_used = EXCLUDED.last_used,
+                        owner = COALESCE(session_history.owner, EXCLUDED.owner)",
+                    &[&cmd.agent, id, &runner, &cmd.conversation, &w.now, &owner],
                 )
                 .await?;
             }
@@ -1899,37 +1955,106 @@ impl W<'_> {
         Ok(())
     }
 
+    /// Binds a conversation. `owner`: the token the binding belongs to if it has none yet,
+    /// when that token is a client's (an admin's bindings stay shared).
     async fn set_binding(
         &self,
         agent: &str,
         conversation: &str,
         session_id: Option<&str>,
         runner: Option<&str>,
+        owner: Option<&str>,
     ) -> Result<()> {
         self.exec(
-            "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at, owner)
+             VALUES ($1, $2, $3, $4, $5,
+                (SELECT id FROM tokens WHERE id = $6 AND role = 'client'))
              ON CONFLICT (agent, conversation) DO UPDATE SET session_id = EXCLUDED.session_id,
-                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at",
-            &[&agent, &conversation, &session_id, &runner, &self.now],
+                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at,
+                owner = COALESCE(sessions.owner, EXCLUDED.owner)",
+            &[
+                &agent,
+                &conversation,
+                &session_id,
+                &runner,
+                &self.now,
+                &owner,
+            ],
         )
         .await?;
         Ok(())
     }
 
+    /// A client may not submit into another client's conversation or resume another client's
+    /// session (its task would run in that agent session, with what it holds).
+    async fn check_session_owner(&self, owner: &str, req: &SubmitTask) -> Result<()> {
+        let client = self
+            .opt(
+                "SELECT 1 FROM tokens WHERE id = $1 AND role = 'client'",
+                &[&owner],
+            )
+            .await?
+            .is_some();
+        if !client {
+            return Ok(());
+        }
+        if let Some(conv) = &req.conversation {
+            let row = self
+                .opt(
+                    "SELECT owner FROM sessions WHERE agent = $1 AND conversation = $2
+                        AND owner IS NOT NULL
+                     UNION ALL
+                     SELECT t.owner FROM tasks t
+                        JOIN tokens k ON k.id = t.owner AND k.role = 'client'
+                     WHERE t.session_key = $3 AND t.finished_at IS NULL
+                     LIMIT 1",
+                    &[&req.agent, conv, &session_key(&req.agent, conv)],
+                )
+                .await?;
+            if let Some(row) = row
+                && get::<String>(&row, 0)? != owner
+            {
+                return Err(StoreError::Conflict(format!(
+                    "conversation {conv:?} belongs to another token"
+                )));
+            }
+        }
+        if let tunnel_protocol::SessionMode::Resume(id) = &req.session {
+            let row = self
+                .opt(
+                    "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
+                    &[&req.agent, id],
+                )
+                .await?;
+            if let Some(row) = row
+                && get::<Option<String>>(&row, 0)?.is_some_and(|o| o != owner)
+            {
+                return Err(StoreError::NotFound("session"));
+            }
+        }
+        Ok(())
+    }
+
     async fn record_session(&self, t: &OpenTask, session_id: &str) -> Result<()> {
         self.exec(
-            "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
+             VALUES ($1, $2, $3, $4, $5, (SELECT id FROM tokens WHERE id = $6 AND role = 'client'))
              ON CONFLICT (agent, session_id) DO UPDATE SET runner = EXCLUDED.runner,
                 conversation = COALESCE(EXCLUDED.conversation, session_history.conversation),
-                last_used = EXCLUDED.last_used",
-            &[&t.agent, &session_id, &t.runner, &t.conversation, &self.now],
+                last_used = EXCLUDED.last_used,
+                owner = COALESCE(session_history.owner, EXCLUDED.owner)",
+            &[&t.agent, &session_id, &t.runner, &t.conversation, &self.now, &t.owner],
         )
         .await?;
         if let Some(conv) = &t.conversation {
-            self.set_binding(&t.agent, conv, Some(session_id), t.runner.as_deref())
-                .await?;
+            self.set_binding(
+                &t.agent,
+                conv,
+                Some(session_id),
+                t.runner.as_deref(),
+                Some(&t.owner),
+            )
+            .await?;
         }
         Ok(())
     }

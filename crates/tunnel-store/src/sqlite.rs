@@ -39,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0004_task_meta.sql"),
     include_str!("../migrations/sqlite/0005_retention.sql"),
     include_str!("../migrations/sqlite/0006_ready_by_agent.sql"),
+    include_str!("../migrations/sqlite/0007_session_owner.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -199,6 +200,7 @@ impl SqliteStore {
                     return Ok((load_task(w.conn, &id, &Scope::All)?, false));
                 }
             }
+            w.check_session_owner(&owner, &req)?;
             let id = new_id();
             let session_key = req.conversation.as_ref().map(|c| session_key(&req.agent, c));
             let busy = match &session_key {
@@ -382,7 +384,13 @@ impl SqliteStore {
                 } else {
                     None
                 };
-                w.set_binding(&task.agent, conv, resume.as_deref(), runner.as_deref())?;
+                w.set_binding(
+                    &task.agent,
+                    conv,
+                    resume.as_deref(),
+                    runner.as_deref(),
+                    None,
+                )?;
             }
             w.event(
                 seq,
@@ -684,25 +692,32 @@ impl SqliteStore {
         conversation: Option<String>,
         agent: Option<String>,
         limit: u32,
+        scope: Scope,
     ) -> Result<SessionList> {
+        let owner = match scope {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o),
+        };
         self.read(move |c, _| {
             let limit = limit.clamp(1, 1000);
             let sessions = all(
                 c.prepare_cached(
                     "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
                      WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
+                        AND (?4 IS NULL OR owner IS NULL OR owner = ?4)
                      ORDER BY updated_at DESC LIMIT ?3",
                 )?
-                .query(params![conversation, agent, limit])?,
+                .query(params![conversation, agent, limit, owner])?,
                 |r| binding_from_row(r),
             )?;
             let recent = all(
                 c.prepare_cached(
                     "SELECT agent, session_id, runner, conversation, last_used FROM session_history
                      WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
+                        AND (?4 IS NULL OR owner IS NULL OR owner = ?4)
                      ORDER BY last_used DESC LIMIT ?3",
                 )?
-                .query(params![conversation, agent, limit])?,
+                .query(params![conversation, agent, limit, owner])?,
                 |r| recent_from_row(r),
             )?;
             Ok(SessionList { sessions, recent })
@@ -710,24 +725,67 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn bind_session(&self, cmd: SessionCommand) -> Result<SessionBinding> {
+    pub(crate) async fn bind_session(
+        &self,
+        cmd: SessionCommand,
+        scope: Scope,
+    ) -> Result<SessionBinding> {
         self.write(move |w| {
+            let owner = match &scope {
+                Scope::All => None,
+                Scope::Owner(o) => Some(o.as_str()),
+            };
+            if let Some(o) = owner {
+                let bound: Option<String> = w
+                    .conn
+                    .query_row(
+                        "SELECT owner FROM sessions WHERE agent = ?1 AND conversation = ?2",
+                        params![cmd.agent, cmd.conversation],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .flatten();
+                if bound.is_some_and(|b| b != o) {
+                    return Err(StoreError::NotFound("conversation"));
+                }
+                if let Some(id) = &cmd.session_id {
+                    let made_by: Option<String> = w
+                        .conn
+                        .query_row(
+                            "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
+                            params![cmd.agent, id],
+                            |r| r.get(0),
+                        )
+                        .optional()?
+                        .flatten();
+                    if made_by.is_some_and(|b| b != o) {
+                        return Err(StoreError::NotFound("session"));
+                    }
+                }
+            }
             let runner = match (&cmd.session_id, &cmd.runner) {
                 (_, Some(r)) => Some(r.clone()),
                 (Some(id), None) => history_runner(w.conn, &cmd.agent, id)?,
                 (None, None) => None,
             };
-            w.set_binding(&cmd.agent, &cmd.conversation, cmd.session_id.as_deref(), runner.as_deref())?;
+            w.set_binding(
+                &cmd.agent,
+                &cmd.conversation,
+                cmd.session_id.as_deref(),
+                runner.as_deref(),
+                owner,
+            )?;
             if let Some(id) = &cmd.session_id {
                 w.conn
                     .prepare_cached(
-                        "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
+                        "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                          ON CONFLICT (agent, session_id) DO UPDATE SET
                             runner = COALESCE(excluded.runner, runner),
-                            conversation = excluded.conversation, last_used = excluded.last_used",
+                            conversation = excluded.conversation, last_used = excluded.last_used,
+                            owner = COALESCE(owner, excluded.owner)",
                     )?
-                    .execute(params![cmd.agent, id, runner, cmd.conversation, w.now])?;
+                    .execute(params![cmd.agent, id, runner, cmd.conversation, w.now, owner])?;
             }
             Ok(SessionBinding {
                 conversation: cmd.conversation,
@@ -1428,43 +1486,116 @@ impl W<'_> {
         Ok(())
     }
 
+    /// Binds a conversation. `owner`: the token the binding belongs to if it has none yet,
+    /// when that token is a client's (an admin's bindings stay shared).
     fn set_binding(
         &self,
         agent: &str,
         conversation: &str,
         session_id: Option<&str>,
         runner: Option<&str>,
+        owner: Option<&str>,
     ) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5,
+                    (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
                  ON CONFLICT (agent, conversation) DO UPDATE SET session_id = excluded.session_id,
-                    runner = excluded.runner, updated_at = excluded.updated_at",
+                    runner = excluded.runner, updated_at = excluded.updated_at,
+                    owner = COALESCE(owner, excluded.owner)",
             )?
-            .execute(params![agent, conversation, session_id, runner, self.now])?;
+            .execute(params![
+                agent,
+                conversation,
+                session_id,
+                runner,
+                self.now,
+                owner
+            ])?;
         Ok(())
+    }
+
+    /// A client may not submit into another client's conversation or resume another client's
+    /// session (its task would run in that agent session, with what it holds).
+    fn check_session_owner(&self, owner: &str, req: &SubmitTask) -> Result<()> {
+        let client = self
+            .conn
+            .prepare_cached("SELECT 1 FROM tokens WHERE id = ?1 AND role = 'client'")?
+            .exists(params![owner])?;
+        if !client {
+            return Ok(());
+        }
+        if let Some(conv) = &req.conversation
+            && self
+                .conversation_owner(&req.agent, conv)?
+                .is_some_and(|o| o != owner)
+        {
+            return Err(StoreError::Conflict(format!(
+                "conversation {conv:?} belongs to another token"
+            )));
+        }
+        if let tunnel_protocol::SessionMode::Resume(id) = &req.session {
+            let made_by: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
+                    params![req.agent, id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            if made_by.is_some_and(|o| o != owner) {
+                return Err(StoreError::NotFound("session"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whose a conversation is: the client token its binding belongs to, else the client token
+    /// of an unfinished task in it.
+    fn conversation_owner(&self, agent: &str, conversation: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT owner FROM sessions WHERE agent = ?1 AND conversation = ?2
+                    AND owner IS NOT NULL
+                 UNION ALL
+                 SELECT t.owner FROM tasks t JOIN tokens k ON k.id = t.owner AND k.role = 'client'
+                 WHERE t.session_key = ?3 AND t.finished_at IS NULL
+                 LIMIT 1",
+                params![agent, conversation, session_key(agent, conversation)],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// The agent reported its native session id: remember it and bind the conversation.
     fn record_session(&self, t: &OpenTask, session_id: &str) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
                  ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
                     conversation = COALESCE(excluded.conversation, conversation),
-                    last_used = excluded.last_used",
+                    last_used = excluded.last_used, owner = COALESCE(owner, excluded.owner)",
             )?
             .execute(params![
                 t.agent,
                 session_id,
                 t.runner,
                 t.conversation,
-                self.now
+                self.now,
+                t.owner
             ])?;
         if let Some(conv) = &t.conversation {
-            self.set_binding(&t.agent, conv, Some(session_id), t.runner.as_deref())?;
+            self.set_binding(
+                &t.agent,
+                conv,
+                Some(session_id),
+                t.runner.as_deref(),
+                Some(&t.owner),
+            )?;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tunnel_protocol::{
     AttemptRef, ClaimRequest, FinishRequest, NewEvent, Outcome, Platform, ReplyTo, Role,
-    SessionCommand, SubmitTask, TaskResult, TaskState,
+    SessionCommand, SessionMode, SubmitTask, TaskResult, TaskState,
 };
 
 use super::*;
@@ -246,6 +246,7 @@ conformance!(
     prune_removes_only_old_finished_and_delivered,
     long_lease_ack_and_current_attempt,
     meta_is_kept_as_submitted,
+    sessions_belong_to_their_client,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -563,7 +564,11 @@ async fn sessions_bind_resume_and_report(f: Fixture) {
         )
         .await
         .unwrap();
-    let list = f.store.sessions(Some("c".into()), None, 10).await.unwrap();
+    let list = f
+        .store
+        .sessions(Some("c".into()), None, 10, &Scope::All)
+        .await
+        .unwrap();
     assert_eq!(list.sessions.len(), 1);
     assert_eq!(list.sessions[0].session_id.as_deref(), Some("s-1"));
     assert_eq!(list.sessions[0].runner.as_deref(), Some("r1"));
@@ -575,12 +580,15 @@ async fn sessions_bind_resume_and_report(f: Fixture) {
     // A fresh session: the next task may run anywhere.
     let b = f
         .store
-        .bind_session(SessionCommand {
-            conversation: "c".into(),
-            agent: "claude".into(),
-            session_id: None,
-            runner: None,
-        })
+        .bind_session(
+            SessionCommand {
+                conversation: "c".into(),
+                agent: "claude".into(),
+                session_id: None,
+                runner: None,
+            },
+            &Scope::All,
+        )
         .await
         .unwrap();
     assert_eq!(b.session_id, None);
@@ -593,12 +601,15 @@ async fn sessions_bind_resume_and_report(f: Fixture) {
     // Resume s-1: back on r1, which reported it.
     let b = f
         .store
-        .bind_session(SessionCommand {
-            conversation: "c".into(),
-            agent: "claude".into(),
-            session_id: Some("s-1".into()),
-            runner: None,
-        })
+        .bind_session(
+            SessionCommand {
+                conversation: "c".into(),
+                agent: "claude".into(),
+                session_id: Some("s-1".into()),
+                runner: None,
+            },
+            &Scope::All,
+        )
         .await
         .unwrap();
     assert_eq!(b.runner.as_deref(), Some("r1"));
@@ -629,7 +640,7 @@ async fn sessions_bind_resume_and_report(f: Fixture) {
     let o4 = f.store.claim(&claim_req("r3")).await.unwrap().unwrap();
     assert_eq!(o4.task.id, t4.id);
     assert_eq!(o4.resume_session_id.as_deref(), Some("disk-1"));
-    let list = f.store.sessions(None, None, 10).await.unwrap();
+    let list = f.store.sessions(None, None, 10, &Scope::All).await.unwrap();
     assert!(list.recent.iter().any(|r| r.session_id == "disk-1"));
     let d = list
         .sessions
@@ -1076,4 +1087,110 @@ async fn meta_is_kept_as_submitted(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(plain.meta, None);
+}
+
+/// A client's bindings and the sessions its tasks made are its own: another client neither
+/// lists, rebinds, submits into nor resumes them; an admin's bindings and sessions found on a
+/// runner's disk are shared.
+async fn sessions_belong_to_their_client(f: Fixture) {
+    for (id, role) in [
+        ("ca", Role::Client),
+        ("cb", Role::Client),
+        ("ad", Role::Admin),
+    ] {
+        f.store
+            .create_token(id.into(), id.into(), role, [0; 32])
+            .await
+            .unwrap();
+    }
+    let (a, _) = f.store.submit("ca", None, in_conv("a", "c")).await.unwrap();
+    let o = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+    f.store.ack(&a.id, &attempt_of(&o)).await.unwrap();
+    f.store
+        .finish(
+            &a.id,
+            FinishRequest {
+                attempt: o.attempt,
+                lease_token: o.lease_token.clone(),
+                outcome: Outcome::Succeeded,
+                result: TaskResult {
+                    session_id: Some("s-a".into()),
+                    ..Default::default()
+                },
+                not_before: None,
+            },
+        )
+        .await
+        .unwrap();
+    f.store
+        .report_sessions(
+            "r1",
+            vec![tunnel_protocol::ReportedSession {
+                agent: "claude".into(),
+                session_id: "disk".into(),
+                last_used: 1,
+            }],
+        )
+        .await
+        .unwrap();
+    let a_scope = Scope::Owner("ca".into());
+    let b_scope = Scope::Owner("cb".into());
+    let mine = f.store.sessions(None, None, 10, &a_scope).await.unwrap();
+    assert_eq!(mine.sessions.len(), 1);
+    let theirs = f.store.sessions(None, None, 10, &b_scope).await.unwrap();
+    assert!(theirs.sessions.is_empty(), "{theirs:?}");
+    let recent: Vec<&str> = theirs
+        .recent
+        .iter()
+        .map(|r| r.session_id.as_str())
+        .collect();
+    assert_eq!(recent, ["disk"]);
+
+    let cmd = |conv: &str, sid: Option<&str>| SessionCommand {
+        conversation: conv.into(),
+        agent: "claude".into(),
+        session_id: sid.map(Into::into),
+        runner: None,
+    };
+    let refused = f.store.bind_session(cmd("c", None), &b_scope).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+    let refused = f.store.bind_session(cmd("x", Some("s-a")), &b_scope).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+    let refused = f.store.submit("cb", None, in_conv("b", "c")).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    let mut resume = in_conv("b", "y");
+    resume.session = SessionMode::Resume("s-a".into());
+    let refused = f.store.submit("cb", None, resume).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+    // Its own conversations, and the disk's sessions, are fine; admin may do anything.
+    f.store
+        .bind_session(cmd("y", Some("disk")), &b_scope)
+        .await
+        .unwrap();
+    f.store.submit("cb", None, in_conv("b", "y")).await.unwrap();
+    f.store.submit("ad", None, in_conv("d", "c")).await.unwrap();
+    f.store
+        .bind_session(cmd("c", None), &Scope::All)
+        .await
+        .unwrap();
+    let all = f.store.sessions(None, None, 10, &Scope::All).await.unwrap();
+    assert_eq!(all.sessions.len(), 2);
+    let mine = f.store.sessions(None, None, 10, &a_scope).await.unwrap();
+    assert_eq!(
+        mine.sessions.len(),
+        1,
+        "admin's rebind keeps the owner: {mine:?}"
+    );
 }

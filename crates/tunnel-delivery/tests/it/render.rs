@@ -205,3 +205,29 @@ fn progress_shows_agent_elapsed_tools_and_latest_text_within_the_limit() {
     assert!(msg.ends_with("\n\nHello there"), "{msg}");
     assert_eq!(split(&msg, 2000), vec![msg.clone()]);
 }
+
+/// Found by the `render` fuzz target (fuzz/regressions/render/): an error made of long
+/// backtick runs rendered a 64-unit message with more than 64 units (a fence too long to
+/// close and reopen within the limit).
+#[test]
+fn an_error_of_backtick_runs_stays_within_a_small_limit() {
+    let error = "!``````````` ```````\u{5}```````````` ```````\u{5}```` \
+                 ````````````````````````````````\n\nz\n<S\nJJ\nez\n\u{5}";
+    let result = TaskResult {
+        text: Some(String::new()),
+        error: Some(error.into()),
+        stderr_tail: Some(String::new()),
+        session_id: Some("0193a0b0-1111-7000-8000-000000000000".into()),
+        ..Default::default()
+    };
+    for state in TaskState::ALL {
+        let t = task(state, Some(result.clone()));
+        for part in render_final(&t, 64) {
+            assert!(
+                text_len(&part) <= 64,
+                "{state}: {} units: {part:?}",
+                text_len(&part)
+            );
+        }
+    }
+}

@@ -284,3 +284,19 @@ fn backticks_inside_a_line_never_start_a_chunk() {
         }
     }
 }
+
+/// Found by the `split` fuzz target: with a limit of 17, a 7-backtick fence left room for one
+/// unit of text, and a character of two UTF-16 units made an 18-unit chunk.
+#[test]
+fn a_fence_leaves_room_for_a_two_unit_character() {
+    let text = "```````\n\u{9f5e8}\n\u{9f5e8}\n```````";
+    for limit in 16..24 {
+        for c in split(text, limit) {
+            assert!(
+                text_len(&c) <= limit,
+                "{} units > {limit}: {c:?}",
+                text_len(&c)
+            );
+        }
+    }
+}
