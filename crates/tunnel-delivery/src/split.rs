@@ -124,7 +124,9 @@ fn cut(rest: &str, budget: usize) -> (&str, &str) {
         return newline_cut(i);
     }
     let mut at = max;
-    while rest[at..].trim_start().starts_with('`') && at > 0 {
+    // Back up while the rest would start inside a line with backticks; a line start is fine
+    // (its backticks are a real fence line).
+    while at > 0 && bytes[at - 1] != b'\n' && rest[at..].trim_start().starts_with('`') {
         at = rest[..at].char_indices().next_back().map_or(0, |(i, _)| i);
     }
     let at = if at == 0 { max } else { at };
@@ -182,9 +184,13 @@ pub fn split(text: &str, limit: usize) -> Vec<String> {
         // Whether a line is a fence depends on all of it: a piece cut inside a line is judged
         // with that whole line.
         let end_state = |piece: &str| {
-            let end = rest[piece.len()..]
-                .find('\n')
-                .map_or(rest.len(), |i| piece.len() + i);
+            let end = if piece.is_empty() || piece.ends_with('\n') {
+                piece.len()
+            } else {
+                rest[piece.len()..]
+                    .find('\n')
+                    .map_or(rest.len(), |i| piece.len() + i)
+            };
             state_after(open.clone(), &rest[..end], mid_line, max_ticks)
         };
         let closing = |st: &Option<Fence>| st.as_ref().map_or(0, |f| 1 + f.ticks);
@@ -218,7 +224,7 @@ pub fn split(text: &str, limit: usize) -> Vec<String> {
         open = state;
         // What the cut dropped between the piece and the rest: a line break or not.
         let dropped = &rest[piece.len()..rest.len() - next.len()];
-        mid_line = !next.is_empty() && !dropped.contains('\n');
+        mid_line = !next.is_empty() && !dropped.contains('\n') && !piece.ends_with('\n');
         rest = next;
     }
     out

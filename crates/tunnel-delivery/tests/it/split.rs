@@ -300,3 +300,15 @@ fn a_fence_leaves_room_for_a_two_unit_character() {
         }
     }
 }
+
+/// Found by the `split` fuzz target: a fence line cut because nothing else fitted left the
+/// fence state wrong (a blank piece judged by the next line), and a part ended inside a fence
+/// without closing it.
+#[test]
+fn a_fence_line_after_a_forced_cut_keeps_parts_balanced() {
+    let text = "``vvvvvv\u{1}\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{1}vvvv\n\u{2}`vvvvvvvvAvvvvvvvvvvvvvvvvvvvvvfvvvv\u{1}\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{1}vvvv        \u{b}\n2   @@@@@@@@@@@@@@@@@@@@@@@                         \n```ll\n\u{2}`\n``\n\n`";
+    for c in split(text, 16) {
+        assert!(text_len(&c) <= 16, "{c:?}");
+        assert!(balanced(&c), "unbalanced: {c:?}");
+    }
+}
