@@ -59,9 +59,9 @@ const RUNNER_AGENTS: [&str; 5] = ["claude", "codex", "gemini", "shell", "files"]
 
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
-        .route("/claude", post(submit_claude))
-        .route("/codex", post(submit_codex))
-        .route("/gemini", post(submit_gemini))
+        .route("/claude", post(submit_agent::<0>))
+        .route("/codex", post(submit_agent::<1>))
+        .route("/gemini", post(submit_agent::<2>))
         .route("/tasks", post(submit_command))
         .route("/files/write", post(files_write))
         .route("/files/read", post(files_read))
@@ -489,31 +489,18 @@ fn is_task_id(id: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Submitting (the plugin)
 
-async fn submit_claude(
-    State(s): State<AppState>,
-    SeedClient(caller): SeedClient,
-    headers: HeaderMap,
-    SeedBody(body): SeedBody,
-) -> Result<Response, SeedError> {
-    submit_cli(s, caller, headers, body, "claude", 120_000).await
-}
+/// The original's CLI routes: the agent and its default timeout, by route (`CLI_ROUTES[N]`).
+const CLI_ROUTES: [(&str, u64); 3] = [("claude", 120_000), ("codex", 300_000), ("gemini", 300_000)];
 
-async fn submit_codex(
+/// `POST /claude`, `/codex`, `/gemini`: one handler per entry of [`CLI_ROUTES`].
+async fn submit_agent<const N: usize>(
     State(s): State<AppState>,
     SeedClient(caller): SeedClient,
     headers: HeaderMap,
     SeedBody(body): SeedBody,
 ) -> Result<Response, SeedError> {
-    submit_cli(s, caller, headers, body, "codex", 300_000).await
-}
-
-async fn submit_gemini(
-    State(s): State<AppState>,
-    SeedClient(caller): SeedClient,
-    headers: HeaderMap,
-    SeedBody(body): SeedBody,
-) -> Result<Response, SeedError> {
-    submit_cli(s, caller, headers, body, "gemini", 300_000).await
+    let (agent, timeout) = CLI_ROUTES[N];
+    submit_cli(s, caller, headers, body, agent, timeout).await
 }
 
 /// The original's timeout: a number of ms (else the default), clamped to [1 s, 24 h].
