@@ -231,14 +231,17 @@ fn truthy(v: Option<&Value>) -> bool {
     }
 }
 
+/// The first value of `key` in the query string, decoded (`%xx`, `+`) as Express decodes it.
+fn query_value(query: &Option<String>, key: &str, non_empty: bool) -> Option<String> {
+    form_urlencoded::parse(query.as_deref()?.as_bytes())
+        .find(|(k, v)| k == key && !(non_empty && v.is_empty()))
+        .map(|(_, v)| v.into_owned())
+}
+
 /// A query parameter as the original's `parseInt`: a leading integer, else `default`, then
 /// clamped.
 fn int_param(query: &Option<String>, key: &str, default: i64, min: i64, max: i64) -> i64 {
-    let raw = query.as_deref().unwrap_or("").split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then_some(v)
-    });
-    let parsed = raw.and_then(|v| {
+    let parsed = query_value(query, key, false).and_then(|v| {
         let v = v.trim_start();
         let end = v
             .char_indices()
@@ -250,37 +253,7 @@ fn int_param(query: &Option<String>, key: &str, default: i64, min: i64, max: i64
 }
 
 fn str_param(query: &Option<String>, key: &str) -> Option<String> {
-    query.as_deref()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key && !v.is_empty()).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                match (
-                    bytes.get(i + 1).and_then(|b| hex(*b)),
-                    bytes.get(i + 2).and_then(|b| hex(*b)),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    query_value(query, key, true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1408,7 +1381,10 @@ mod tests {
             str_param(&Some("cliType=claude&taskId=".into()), "cliType").as_deref(),
             Some("claude")
         );
-        assert_eq!(percent_decode("a%20b+c%zz"), "a b c%zz");
+        assert_eq!(
+            str_param(&Some("t=a%20b+c%zz".into()), "t").as_deref(),
+            Some("a b c%zz")
+        );
     }
 
     #[test]
