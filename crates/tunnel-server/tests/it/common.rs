@@ -205,6 +205,29 @@ impl TestServer {
         task
     }
 
+    /// The `tunnel_long_polls_parked` line of /metrics once it reads 0 (a closed poll's socket
+    /// is noticed), or as it stands after 5 s.
+    pub async fn parked_polls_line_once_settled(&self) -> String {
+        let mut parked = String::new();
+        for _ in 0..200 {
+            let (_, m) = self
+                .request(reqwest::Method::GET, "/metrics", None, None)
+                .await;
+            parked = m
+                .as_str()
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("tunnel_long_polls_parked "))
+                .unwrap()
+                .to_owned();
+            if parked == "tunnel_long_polls_parked 0" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        parked
+    }
+
     pub fn settings(&self) -> QueueSettings {
         QueueSettings::default()
     }

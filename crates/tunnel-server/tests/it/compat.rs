@@ -359,21 +359,7 @@ async fn a_poll_whose_client_went_away_claims_nothing() {
         .await;
     assert!(gone.unwrap_err().is_timeout());
     // The server notices the closed socket and drops the parked poll.
-    let mut parked = String::new();
-    for _ in 0..200 {
-        let (_, m) = s.request(Method::GET, "/metrics", None, None).await;
-        parked = m
-            .as_str()
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("tunnel_long_polls_parked "))
-            .unwrap()
-            .to_owned();
-        if parked == "tunnel_long_polls_parked 0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let parked = s.parked_polls_line_once_settled().await;
     assert_eq!(
         parked, "tunnel_long_polls_parked 0",
         "the dead poll was dropped"
