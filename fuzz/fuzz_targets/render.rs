@@ -10,42 +10,9 @@ use serde_json::json;
 use tunnel_delivery::{render_final, render_progress_at, text_len};
 use tunnel_protocol::{Task, TaskEvent, TaskState};
 
-/// Whether a fence is left open at the end of `text`. A fence too long to close and reopen
-/// within the limit is plain text to the splitter.
-fn open_fence(text: &str, limit: usize) -> bool {
-    let mut open: Option<usize> = None;
-    for line in text.split('\n') {
-        let t = line.trim_start().trim_end_matches('\r');
-        let ticks = t.bytes().take_while(|&b| b == b'`').count();
-        open = match open {
-            None if ticks >= 3 && !t[ticks..].contains('`') && 2 * ticks + 4 <= limit => {
-                Some(ticks)
-            }
-            None => None,
-            Some(n) if ticks >= n && t[ticks..].trim().is_empty() => None,
-            Some(n) => Some(n),
-        };
-    }
-    open.is_some()
-}
-
-/// Whether the text's code fences are the ordinary kind: every run of three or more backticks
-/// is a whole fence line of 3 to 5 backticks, indented by at most 3 spaces, and an
-/// optional info word (```rust). Fence
-/// balance is checked only for such texts: when a line that merely starts with backticks
-/// (```x` …, or 30 backticks) must be cut, its pieces can look like fences in the chat.
-fn fences_at_line_starts(text: &str) -> bool {
-    text.split('\n').all(|line| {
-        let t = line.trim_start_matches(' ');
-        let lead = t.bytes().take_while(|&b| b == b'`').count();
-        let indent = line.len() - t.len();
-        !t[lead..].contains("```")
-            && (lead < 3
-                || (indent <= 3
-                    && lead <= 5
-                    && t[lead..].chars().all(|c| c.is_ascii_alphanumeric())))
-    })
-}
+#[path = "fences.rs"]
+mod fences;
+use fences::{fences_at_line_starts, open_at_end};
 
 fuzz_target!(|data: &[u8]| {
     let [state, limit, rest @ ..] = data else {
@@ -89,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
             "a final part over {limit}: {part:?}"
         );
         assert!(
-            !balanced || !open_fence(&part, limit),
+            !balanced || !open_at_end(&part, limit),
             "a final part leaves a fence open: {part:?}"
         );
     }
@@ -117,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
         "progress over {limit}: {progress:?}"
     );
     assert!(
-        !balanced || !open_fence(&progress, limit),
+        !balanced || !open_at_end(&progress, limit),
         "progress leaves a fence open: {progress:?}"
     );
 });

@@ -7,6 +7,10 @@
 use libfuzzer_sys::fuzz_target;
 use tunnel_delivery::{split, text_len};
 
+#[path = "fences.rs"]
+mod fences;
+use fences::{fences_at_line_starts, open_at_end};
+
 /// A line that opens or closes a code fence: three or more backticks, then an info string
 /// without backticks.
 fn is_fence_line(line: &str) -> bool {
@@ -15,49 +19,12 @@ fn is_fence_line(line: &str) -> bool {
     ticks >= 3 && !t[ticks..].contains('`')
 }
 
-/// Whether a fence is left open at the end of `text` (the splitter's own rule, restated). A
-/// fence too long to close and reopen within the limit is plain text.
-fn open_at_end(text: &str, limit: usize) -> bool {
-    let mut open: Option<usize> = None;
-    for line in text.split('\n') {
-        let t = line.trim_start().trim_end_matches('\r');
-        let ticks = t.bytes().take_while(|&b| b == b'`').count();
-        open = match open {
-            None if ticks >= 3 && !t[ticks..].contains('`') && 2 * ticks + 4 <= limit => {
-                Some(ticks)
-            }
-            None => None,
-            Some(n) if ticks >= n && t[ticks..].trim().is_empty() => None,
-            Some(n) => Some(n),
-        };
-    }
-    open.is_some()
-}
-
 fn content(text: &str) -> String {
     text.split('\n')
         .filter(|l| !is_fence_line(l))
         .flat_map(|l| l.chars())
         .filter(|c| !c.is_whitespace())
         .collect()
-}
-
-/// Whether the text's code fences are the ordinary kind: every run of three or more backticks
-/// is a whole fence line of 3 to 5 backticks, indented by at most 3 spaces, and an
-/// optional info word (```rust). Fence
-/// balance is checked only for such texts: when a line that merely starts with backticks
-/// (```x` …, or 30 backticks) must be cut, its pieces can look like fences in the chat.
-fn fences_at_line_starts(text: &str) -> bool {
-    text.split('\n').all(|line| {
-        let t = line.trim_start_matches(' ');
-        let lead = t.bytes().take_while(|&b| b == b'`').count();
-        let indent = line.len() - t.len();
-        !t[lead..].contains("```")
-            && (lead < 3
-                || (indent <= 3
-                    && lead <= 5
-                    && t[lead..].chars().all(|c| c.is_ascii_alphanumeric())))
-    })
 }
 
 fuzz_target!(|data: &[u8]| {
