@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "openapi")]
 use utoipa::ToSchema;
 
+mod approval;
+pub use approval::*;
+
 /// The path prefix of API v1.
 pub const API_PREFIX: &str = "/v1";
 /// Header that makes a submit idempotent (the plugin sends the chat message id).
