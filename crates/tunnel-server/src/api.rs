@@ -269,6 +269,7 @@ async fn list_tasks(
         conversation: q.conversation,
         agent: q.agent,
         limit,
+        ..Default::default()
     };
     let tasks = s.store.tasks(filter, &caller.scope()).await?;
     Ok(axum::Json(TaskList { tasks }))

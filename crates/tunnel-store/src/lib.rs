@@ -119,7 +119,109 @@ pub struct TaskFilter {
     pub state: Option<TaskState>,
     pub conversation: Option<String>,
     pub agent: Option<String>,
+    /// The runner it was last offered to.
+    pub runner: Option<String>,
+    /// Text the prompt contains (case-insensitive for ASCII).
+    pub search: Option<String>,
+    /// Keyset pagination: only tasks submitted before this task (by id).
+    pub before: Option<String>,
     pub limit: u32,
+}
+
+impl TaskFilter {
+    /// The `WHERE` clause (without the keyword, `TRUE` when empty) and its text parameters,
+    /// numbered from 1 by `ph`. Only the filters given become conditions, so each query can
+    /// use the index that fits (`state IS NULL OR …` would defeat it).
+    pub(crate) fn where_clause(
+        &self,
+        scope: &Scope,
+        ph: impl Fn(usize) -> String,
+        like: &str,
+    ) -> (String, Vec<String>) {
+        let mut conds: Vec<String> = Vec::new();
+        let mut params: Vec<String> = Vec::new();
+        let mut add = |sql: &dyn Fn(&str) -> String, value: String| {
+            params.push(value);
+            conds.push(sql(&ph(params.len())));
+        };
+        if let Some(s) = self.state {
+            add(&|p| format!("state = {p}"), s.as_str().to_owned());
+        }
+        if let Some(c) = &self.conversation {
+            add(&|p| format!("conversation = {p}"), c.clone());
+        }
+        if let Some(a) = &self.agent {
+            add(&|p| format!("agent = {p}"), a.clone());
+        }
+        if let Some(r) = &self.runner {
+            add(&|p| format!("runner = {p}"), r.clone());
+        }
+        if let Scope::Owner(o) = scope {
+            add(&|p| format!("owner = {p}"), o.clone());
+        }
+        if let Some(q) = self.search.as_deref().filter(|q| !q.is_empty()) {
+            let escaped = q
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            add(
+                &|p| format!("prompt {like} {p} ESCAPE '\\'"),
+                format!("%{escaped}%"),
+            );
+        }
+        if let Some(b) = &self.before {
+            add(
+                &|p| format!("seq < (SELECT b.seq FROM tasks b WHERE b.id = {p})"),
+                b.clone(),
+            );
+        }
+        if conds.is_empty() {
+            ("TRUE".into(), params)
+        } else {
+            (conds.join(" AND "), params)
+        }
+    }
+}
+
+/// What the dashboard's overview counts (see [`Store::overview`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overview {
+    /// Per agent: tasks waiting (queued or parked) and when the oldest was submitted.
+    pub queues: Vec<AgentQueue>,
+    /// Per minute (start, ms) since the asked time: tasks that succeeded, and that ended
+    /// otherwise (failed, cancelled, timed out).
+    pub finished_per_minute: Vec<(i64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentQueue {
+    pub agent: String,
+    pub waiting: u64,
+    pub oldest_created_at: i64,
+}
+
+/// A dashboard sign-in kept in the store (only the SHA-256 of its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSession {
+    pub token_id: String,
+    pub role: Role,
+    pub expires_at: i64,
+}
+
+/// What a [`WebSession`] row is: a session cookie, or a one-time sign-in code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebSessionKind {
+    Session,
+    Code,
+}
+
+impl WebSessionKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            WebSessionKind::Session => "session",
+            WebSessionKind::Code => "code",
+        }
+    }
 }
 
 /// A stored token (the secret itself is never stored, only its SHA-256).
@@ -538,6 +640,43 @@ impl Store {
         match &*self.backend {
             Backend::Sqlite(s) => s.prune(before, limit).await,
             Backend::Postgres(s) => s.prune(before, limit).await,
+        }
+    }
+
+    /// Waiting tasks per agent and finished tasks per minute since `since` (ms), within the
+    /// scope: the dashboard's overview.
+    pub async fn overview(&self, since: i64, scope: &Scope) -> Result<Overview> {
+        let scope = scope.clone();
+        match &*self.backend {
+            Backend::Sqlite(s) => s.overview(since, scope).await,
+            Backend::Postgres(s) => s.overview(since, scope).await,
+        }
+    }
+
+    /// Stores a sign-in under the SHA-256 of its secret; expired ones are removed on the way.
+    pub async fn put_web_session(
+        &self,
+        id_sha256: [u8; 32],
+        kind: WebSessionKind,
+        session: WebSession,
+    ) -> Result<()> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.put_web_session(id_sha256, kind, session).await,
+            Backend::Postgres(s) => s.put_web_session(id_sha256, kind, session).await,
+        }
+    }
+
+    /// The unexpired sign-in with this hash; with `take`, it is also removed (one-time codes,
+    /// signing out), so two servers cannot both use it.
+    pub async fn web_session(
+        &self,
+        id_sha256: [u8; 32],
+        kind: WebSessionKind,
+        take: bool,
+    ) -> Result<Option<WebSession>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.web_session(id_sha256, kind, take).await,
+            Backend::Postgres(s) => s.web_session(id_sha256, kind, take).await,
         }
     }
 

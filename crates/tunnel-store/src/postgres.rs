@@ -80,6 +80,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_session_owner",
         include_str!("../migrations/postgres/0007_session_owner.sql"),
     ),
+    (
+        "0010_web_sessions",
+        include_str!("../migrations/postgres/0010_web_sessions.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -584,28 +588,13 @@ impl PgStore {
 
     pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
         let c = self.conn().await?;
-        let owner = match &scope {
-            Scope::All => None,
-            Scope::Owner(o) => Some(o.clone()),
-        };
+        let (cond, args) = filter.where_clause(&scope, |i| format!("${i}"), "ILIKE");
         let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks
-             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR conversation = $2)
-               AND ($3::text IS NULL OR agent = $3) AND ($4::text IS NULL OR owner = $4)
-             ORDER BY seq DESC LIMIT $5"
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE {cond} ORDER BY seq DESC LIMIT {}",
+            filter.limit.clamp(1, 1000)
         );
-        let rows = q_all(
-            &c,
-            &sql,
-            &[
-                &filter.state.map(|s| s.as_str()),
-                &filter.conversation,
-                &filter.agent,
-                &owner,
-                &(filter.limit.clamp(1, 1000) as i64),
-            ],
-        )
-        .await?;
+        let params: Vec<P<'_>> = args.iter().map(|a| a as P<'_>).collect();
+        let rows = q_all(&c, &sql, &params).await?;
         let mut tasks = Vec::new();
         for row in rows {
             let (seq, session_key, mut task) = task_from_row(&row)?;
@@ -614,6 +603,110 @@ impl PgStore {
             tasks.push(task);
         }
         Ok(tasks)
+    }
+
+    pub(crate) async fn overview(&self, since: i64, scope: Scope) -> Result<crate::Overview> {
+        let c = self.conn().await?;
+        let owner = match scope {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o),
+        };
+        let rows = q_all(
+            &c,
+            "SELECT agent, COUNT(*), MIN(created_at) FROM tasks
+             WHERE state IN ('queued', 'parked') AND ($1::text IS NULL OR owner = $1)
+             GROUP BY agent ORDER BY agent",
+            &[&owner],
+        )
+        .await?;
+        let mut queues = Vec::new();
+        for r in &rows {
+            queues.push(crate::AgentQueue {
+                agent: get(r, 0)?,
+                waiting: get::<i64>(r, 1)? as u64,
+                oldest_created_at: get(r, 2)?,
+            });
+        }
+        let rows = q_all(
+            &c,
+            "SELECT finished_at / 60000 * 60000,
+                COUNT(*) FILTER (WHERE state = 'succeeded'),
+                COUNT(*) FILTER (WHERE state <> 'succeeded')
+             FROM tasks WHERE finished_at >= $1 AND ($2::text IS NULL OR owner = $2)
+             GROUP BY 1 ORDER BY 1",
+            &[&since, &owner],
+        )
+        .await?;
+        let mut finished_per_minute = Vec::new();
+        for r in &rows {
+            finished_per_minute.push((
+                get(r, 0)?,
+                get::<i64>(r, 1)? as u64,
+                get::<i64>(r, 2)? as u64,
+            ));
+        }
+        Ok(crate::Overview {
+            queues,
+            finished_per_minute,
+        })
+    }
+
+    pub(crate) async fn put_web_session(
+        &self,
+        hash: [u8; 32],
+        kind: crate::WebSessionKind,
+        session: crate::WebSession,
+    ) -> Result<()> {
+        let c = self.conn().await?;
+        let now = self.clock.now_ms();
+        q_all(&c, "DELETE FROM web_sessions WHERE expires_at <= $1", &[&now]).await?;
+        q_all(
+            &c,
+            "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &&hash[..],
+                &kind.as_str(),
+                &session.token_id,
+                &session.role.as_str(),
+                &now,
+                &session.expires_at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn web_session(
+        &self,
+        hash: [u8; 32],
+        kind: crate::WebSessionKind,
+        take: bool,
+    ) -> Result<Option<crate::WebSession>> {
+        let c = self.conn().await?;
+        let now = self.clock.now_ms();
+        // DELETE … RETURNING: of two servers taking the same code, one gets the row.
+        let sql = if take {
+            "DELETE FROM web_sessions WHERE id_sha256 = $1 AND kind = $2
+             RETURNING token_id, role, expires_at"
+        } else {
+            "SELECT token_id, role, expires_at FROM web_sessions
+             WHERE id_sha256 = $1 AND kind = $2"
+        };
+        let Some(r) = q_opt(&c, sql, &[&&hash[..], &kind.as_str()]).await? else {
+            return Ok(None);
+        };
+        let role: String = get(&r, 1)?;
+        let expires_at: i64 = get(&r, 2)?;
+        Ok((expires_at > now)
+            .then(|| {
+                Some(crate::WebSession {
+                    token_id: get(&r, 0).ok()?,
+                    role: Role::parse(&role)?,
+                    expires_at,
+                })
+            })
+            .flatten())
     }
 
     pub(crate) async fn cancel(&self, id: String, scope: Scope) -> Result<Task> {

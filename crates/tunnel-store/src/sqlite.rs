@@ -40,6 +40,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0005_retention.sql"),
     include_str!("../migrations/sqlite/0006_ready_by_agent.sql"),
     include_str!("../migrations/sqlite/0007_session_owner.sql"),
+    include_str!("../migrations/sqlite/0010_web_sessions.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -259,26 +260,14 @@ impl SqliteStore {
 
     pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
         self.read(move |c, _| {
-            let owner = match &scope {
-                Scope::All => None,
-                Scope::Owner(o) => Some(o.clone()),
-            };
+            let (cond, args) = filter.where_clause(&scope, |i| format!("?{i}"), "LIKE");
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {TASK_COLUMNS} FROM tasks
-                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR conversation = ?2)
-                   AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR owner = ?4)
-                 ORDER BY seq DESC LIMIT ?5"
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE {cond} ORDER BY seq DESC LIMIT {}",
+                filter.limit.clamp(1, 1000)
             ))?;
-            let rows = stmt.query_map(
-                params![
-                    filter.state.map(|s| s.as_str()),
-                    filter.conversation,
-                    filter.agent,
-                    owner,
-                    filter.limit.clamp(1, 1000)
-                ],
-                |r| Ok(task_from_row(r)),
-            )?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok(task_from_row(r))
+            })?;
             let mut tasks = Vec::new();
             for row in rows {
                 let (seq, session_key, mut task) = row??;
@@ -289,6 +278,124 @@ impl SqliteStore {
             Ok(tasks)
         })
         .await
+    }
+
+    pub(crate) async fn overview(&self, since: i64, scope: Scope) -> Result<crate::Overview> {
+        let owner = match scope {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o),
+        };
+        self.read(move |c, _| {
+            let queues = all(
+                c.prepare_cached(
+                    "SELECT agent, COUNT(*), MIN(created_at) FROM tasks
+                     WHERE state IN ('queued', 'parked') AND (?1 IS NULL OR owner = ?1)
+                     GROUP BY agent ORDER BY agent",
+                )?
+                .query(params![owner])?,
+                |r| {
+                    Ok(crate::AgentQueue {
+                        agent: r.get(0)?,
+                        waiting: r.get::<_, i64>(1)? as u64,
+                        oldest_created_at: r.get(2)?,
+                    })
+                },
+            )?;
+            let finished_per_minute = all(
+                c.prepare_cached(
+                    "SELECT finished_at / 60000 * 60000,
+                        SUM(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END),
+                        SUM(CASE WHEN state = 'succeeded' THEN 0 ELSE 1 END)
+                     FROM tasks WHERE finished_at >= ?1 AND (?2 IS NULL OR owner = ?2)
+                     GROUP BY 1 ORDER BY 1",
+                )?
+                .query(params![since, owner])?,
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                },
+            )?;
+            Ok(crate::Overview {
+                queues,
+                finished_per_minute,
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn put_web_session(
+        &self,
+        hash: [u8; 32],
+        kind: crate::WebSessionKind,
+        session: crate::WebSession,
+    ) -> Result<()> {
+        self.write(move |w| {
+            w.conn
+                .prepare_cached("DELETE FROM web_sessions WHERE expires_at <= ?1")?
+                .execute(params![w.now])?;
+            w.conn
+                .prepare_cached(
+                    "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    &hash[..],
+                    kind.as_str(),
+                    session.token_id,
+                    session.role.as_str(),
+                    w.now,
+                    session.expires_at
+                ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn web_session(
+        &self,
+        hash: [u8; 32],
+        kind: crate::WebSessionKind,
+        take: bool,
+    ) -> Result<Option<crate::WebSession>> {
+        let row = |r: &Row<'_>| -> rusqlite::Result<(String, String, i64)> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        };
+        let found = if take {
+            self.write(move |w| {
+                let found = w
+                    .conn
+                    .prepare_cached(
+                        "DELETE FROM web_sessions WHERE id_sha256 = ?1 AND kind = ?2
+                         RETURNING token_id, role, expires_at",
+                    )?
+                    .query_row(params![&hash[..], kind.as_str()], row)
+                    .optional()?;
+                Ok(found.map(|f| (f, w.now)))
+            })
+            .await?
+        } else {
+            self.read(move |c, now| {
+                let found = c
+                    .prepare_cached(
+                        "SELECT token_id, role, expires_at FROM web_sessions
+                         WHERE id_sha256 = ?1 AND kind = ?2",
+                    )?
+                    .query_row(params![&hash[..], kind.as_str()], row)
+                    .optional()?;
+                Ok(found.map(|f| (f, now)))
+            })
+            .await?
+        };
+        Ok(found.and_then(|((token_id, role, expires_at), now)| {
+            (expires_at > now).then_some(crate::WebSession {
+                token_id,
+                role: Role::parse(&role)?,
+                expires_at,
+            })
+        }))
     }
 
     pub(crate) async fn cancel(&self, id: String, scope: Scope) -> Result<Task> {

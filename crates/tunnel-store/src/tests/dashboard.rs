@@ -1,0 +1,170 @@
+//! What the web dashboard asks of the store: task listing with every filter and keyset
+//! pagination, the overview's counts, and sign-ins kept hashed.
+
+use super::*;
+
+conformance!(
+    task_filters_and_keyset_pages,
+    overview_counts_waiting_and_finished,
+    web_sessions_expire_and_codes_are_taken_once,
+);
+
+fn filter(limit: u32) -> TaskFilter {
+    TaskFilter {
+        limit,
+        ..Default::default()
+    }
+}
+
+async fn ids(f: &Fixture, filter: TaskFilter, scope: &Scope) -> Vec<String> {
+    let tasks = f.store.tasks(filter, scope).await.unwrap();
+    tasks.into_iter().map(|t| t.prompt).collect()
+}
+
+async fn task_filters_and_keyset_pages(f: Fixture) {
+    for i in 0..5 {
+        f.store
+            .submit("alice", None, SubmitTask::new("claude", format!("p{i} fix 100%_done")))
+            .await
+            .unwrap();
+    }
+    f.store
+        .submit("bob", None, SubmitTask::new("codex", "bob's <b>secret</b>"))
+        .await
+        .unwrap();
+    let offer = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+    assert_eq!(offer.task.prompt, "p0 fix 100%_done");
+
+    // Pages of two, newest first, each continuing after the last id of the one before.
+    let all = f.store.tasks(filter(10), &Scope::All).await.unwrap();
+    assert_eq!(all.len(), 6);
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = f
+            .store
+            .tasks(
+                TaskFilter {
+                    before: before.clone(),
+                    ..filter(2)
+                },
+                &Scope::All,
+            )
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = Some(page.last().unwrap().id.clone());
+        seen.extend(page.into_iter().map(|t| t.id));
+    }
+    assert_eq!(seen, all.iter().map(|t| t.id.clone()).collect::<Vec<_>>());
+
+    let by_runner = TaskFilter {
+        runner: Some("r1".into()),
+        ..filter(10)
+    };
+    assert_eq!(ids(&f, by_runner, &Scope::All).await, ["p0 fix 100%_done"]);
+    // `%` and `_` are text, not wildcards; case does not matter.
+    let search = |q: &str| TaskFilter {
+        search: Some(q.into()),
+        ..filter(10)
+    };
+    assert_eq!(ids(&f, search("100%_D"), &Scope::All).await.len(), 5);
+    assert!(ids(&f, search("1000"), &Scope::All).await.is_empty());
+    assert!(ids(&f, search("%"), &Scope::All).await.len() == 5);
+    assert_eq!(
+        ids(&f, search("<B>SECRET"), &Scope::All).await,
+        ["bob's <b>secret</b>"]
+    );
+    // A client's search never reaches another client's tasks.
+    let alice = Scope::Owner("alice".into());
+    assert!(ids(&f, search("secret"), &alice).await.is_empty());
+    let codex = TaskFilter {
+        agent: Some("codex".into()),
+        ..filter(10)
+    };
+    assert!(ids(&f, codex, &alice).await.is_empty());
+    let queued = TaskFilter {
+        state: Some(TaskState::Queued),
+        ..filter(10)
+    };
+    assert_eq!(ids(&f, queued, &alice).await.len(), 4);
+    // An unknown cursor gives an empty page, not everything.
+    let unknown = TaskFilter {
+        before: Some(new_id()),
+        ..filter(10)
+    };
+    assert!(ids(&f, unknown, &Scope::All).await.is_empty());
+}
+
+async fn overview_counts_waiting_and_finished(f: Fixture) {
+    let start = f.clock.now_ms();
+    f.store
+        .submit("alice", None, SubmitTask::new("claude", "a"))
+        .await
+        .unwrap();
+    f.clock.advance(61_000);
+    for p in ["b", "c"] {
+        f.store
+            .submit("bob", None, SubmitTask::new("claude", p))
+            .await
+            .unwrap();
+    }
+    let (t, _) = f
+        .store
+        .submit("bob", None, SubmitTask::new("codex", "d"))
+        .await
+        .unwrap();
+    f.store.cancel(&t.id, &Scope::All).await.unwrap();
+    let o = f.store.overview(start, &Scope::All).await.unwrap();
+    assert_eq!(
+        o.queues,
+        [AgentQueue {
+            agent: "claude".into(),
+            waiting: 3,
+            oldest_created_at: start,
+        }]
+    );
+    let now = f.clock.now_ms();
+    assert_eq!(o.finished_per_minute, [(now / 60_000 * 60_000, 0, 1)]);
+    let alice = f
+        .store
+        .overview(start, &Scope::Owner("alice".into()))
+        .await
+        .unwrap();
+    assert_eq!(alice.queues[0].waiting, 1);
+    assert!(alice.finished_per_minute.is_empty());
+    let later = f.store.overview(now + 60_000, &Scope::All).await.unwrap();
+    assert!(later.finished_per_minute.is_empty());
+}
+
+async fn web_sessions_expire_and_codes_are_taken_once(f: Fixture) {
+    let now = f.clock.now_ms();
+    let session = |expires_at| WebSession {
+        token_id: "tok1".into(),
+        role: Role::Client,
+        expires_at,
+    };
+    let (s, c) = ([1u8; 32], [2u8; 32]);
+    f.store
+        .put_web_session(s, WebSessionKind::Session, session(now + 1000))
+        .await
+        .unwrap();
+    f.store
+        .put_web_session(c, WebSessionKind::Code, session(now + 1000))
+        .await
+        .unwrap();
+    let got = f.store.web_session(s, WebSessionKind::Session, false).await;
+    assert_eq!(got.unwrap(), Some(session(now + 1000)));
+    // A code is not a session, and a session hash is not a code.
+    let wrong = f.store.web_session(c, WebSessionKind::Session, false).await;
+    assert_eq!(wrong.unwrap(), None);
+    let taken = f.store.web_session(c, WebSessionKind::Code, true).await;
+    assert_eq!(taken.unwrap(), Some(session(now + 1000)));
+    let again = f.store.web_session(c, WebSessionKind::Code, true).await;
+    assert_eq!(again.unwrap(), None, "a code works once");
+    f.clock.advance(1000);
+    let expired = f.store.web_session(s, WebSessionKind::Session, false).await;
+    assert_eq!(expired.unwrap(), None);
+}
