@@ -60,6 +60,7 @@ pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
     router
         .route("/openapi.json", get(openapi_route))
         .merge(crate::compat::router())
+        .merge(crate::web::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -160,6 +160,28 @@ impl Authenticator {
             .and_then(check)
     }
 
+    /// The role of a token that is still valid (not revoked), by id: a dashboard session lives
+    /// only as long as the token it was exchanged for.
+    pub(crate) fn role_of(&self, token_id: &str) -> Option<Role> {
+        if token_id == WORKER_TOKEN_ID {
+            return self.worker_token_sha256.map(|_| Role::Admin);
+        }
+        let live = |k: &KnownToken| (!k.revoked).then_some(k.role);
+        if let Some(k) = self
+            .tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token_id)
+        {
+            return live(k);
+        }
+        self.ephemeral
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token_id)
+            .and_then(live)
+    }
+
     /// Creates a token; the secret is returned once and only its hash is kept.
     pub(crate) async fn create(
         &self,

@@ -46,6 +46,8 @@ pub(crate) struct Hub {
     timer_wake: Notify,
     delivery_wake: Notify,
     tokens_wake: Notify,
+    /// Bumped on any task change or newly ready task: the dashboard's live pages listen.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Hub {
@@ -54,6 +56,15 @@ impl Hub {
             timer_target: AtomicI64::new(i64::MAX),
             ..Default::default()
         })
+    }
+
+    /// A receiver that sees every later task change (the dashboard's live updates).
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Registers a parked long-poll. Dropping the slot unregisters it, and passes on a wake-up
@@ -127,6 +138,7 @@ impl Hub {
 
 impl Signals for Hub {
     fn task_ready(&self, hint: &ReadyHint) {
+        self.bump();
         let mut waiters = self.lock_waiters();
         let mut i = 0;
         while i < waiters.len() {
@@ -143,6 +155,7 @@ impl Signals for Hub {
     }
 
     fn task_changed(&self, task_id: &str) {
+        self.bump();
         let mut map = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = map.get(task_id) {
             match w.upgrade() {

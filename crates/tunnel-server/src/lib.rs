@@ -15,6 +15,7 @@ mod hub;
 mod metrics;
 mod openapi;
 mod serve;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +93,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     pub(crate) platforms: Arc<tunnel_delivery::Platforms>,
     pub(crate) metrics: metrics::Metrics,
+    pub(crate) web: web::WebState,
 }
 
 /// Shared by every handler.
@@ -135,6 +137,7 @@ impl Server {
             shutdown: shutdown.clone(),
             platforms,
             metrics: metrics::Metrics::default(),
+            web: web::WebState::default(),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =
