@@ -659,7 +659,12 @@ impl PgStore {
     ) -> Result<()> {
         let c = self.conn().await?;
         let now = self.clock.now_ms();
-        q_all(&c, "DELETE FROM web_sessions WHERE expires_at <= $1", &[&now]).await?;
+        q_all(
+            &c,
+            "DELETE FROM web_sessions WHERE expires_at <= $1",
+            &[&now],
+        )
+        .await?;
         q_all(
             &c,
             "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)

@@ -208,7 +208,10 @@ fn cookie_secret(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The session of this request, if it has a valid one whose token still works.
-pub(crate) async fn signed_in(s: &AppState, headers: &HeaderMap) -> Result<Option<Signed>, WebError> {
+pub(crate) async fn signed_in(
+    s: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<Signed>, WebError> {
     let Some(secret) = cookie_secret(headers) else {
         return Ok(None);
     };
@@ -291,7 +294,10 @@ pub(crate) async fn check_post(
     form: &Form,
 ) -> Result<Signed, WebError> {
     if !same_origin(headers) {
-        return Err(ApiError::forbidden("cross-origin request refused (Origin does not match Host)").into());
+        return Err(ApiError::forbidden(
+            "cross-origin request refused (Origin does not match Host)",
+        )
+        .into());
     }
     let signed = signed_in(s, headers)
         .await?
@@ -357,7 +363,11 @@ async fn try_login(s: &AppState, headers: &HeaderMap, form: &Form) -> Result<Res
         )
         .await?;
     tracing::info!(token_id = %caller.token_id, "Dashboard sign-in.");
-    let secure = if behind_https(headers) { "; Secure" } else { "" };
+    let secure = if behind_https(headers) {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
         "{COOKIE}={secret}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         SESSION_MS / 1000
@@ -370,7 +380,11 @@ async fn try_login(s: &AppState, headers: &HeaderMap, form: &Form) -> Result<Res
     Ok(resp)
 }
 
-async fn logout(State(s): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn logout(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let form = Form::parse(&body);
     if let Err(e) = check_post(&s, &headers, &form).await {
         return e.into_response();

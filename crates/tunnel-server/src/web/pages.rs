@@ -261,9 +261,7 @@ async fn render_overview(s: &AppState, signed: &Signed) -> Result<Html, WebError
         .raw("</div><div class=\"small muted\">");
     match oldest {
         Some(at) => {
-            h.raw("oldest waiting ")
-                .text(&duration(now - at))
-                .raw("");
+            h.raw("oldest waiting ").text(&duration(now - at)).raw("");
         }
         None => {
             h.raw("nothing waiting");
@@ -299,7 +297,12 @@ async fn render_overview(s: &AppState, signed: &Signed) -> Result<Html, WebError
             h.raw("fail ");
         }
         h.raw("h").num(level as i64).raw("\" title=\"");
-        h.text(&utc(minute)).raw(": ").num(ok as i64).raw(" ok, ").num(bad as i64).raw(" not ok\"></span>");
+        h.text(&utc(minute))
+            .raw(": ")
+            .num(ok as i64)
+            .raw(" ok, ")
+            .num(bad as i64)
+            .raw(" not ok\"></span>");
     }
     h.raw("</div></div></div>");
 
@@ -381,18 +384,18 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
     let now = s.clock.now_ms();
     let field = |k: &str| -> Result<Option<String>, WebError> {
         match q.get(k).map(str::trim).filter(|v| !v.is_empty()) {
-            Some(v) if v.len() > FILTER_MAX => Err(ApiError::bad_request(format!(
-                "{k} is longer than {FILTER_MAX} bytes"
-            ))
-            .into()),
+            Some(v) if v.len() > FILTER_MAX => {
+                Err(ApiError::bad_request(format!("{k} is longer than {FILTER_MAX} bytes")).into())
+            }
             v => Ok(v.map(str::to_owned)),
         }
     };
     let state = match field("state")? {
         None => None,
-        Some(st) => Some(TaskState::parse(&st).ok_or_else(|| {
-            ApiError::bad_request(format!("{st:?} is not a task state"))
-        })?),
+        Some(st) => Some(
+            TaskState::parse(&st)
+                .ok_or_else(|| ApiError::bad_request(format!("{st:?} is not a task state")))?,
+        ),
     };
     let before = field("before")?;
     if let Some(b) = &before
@@ -412,7 +415,10 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
     let keep = [
         ("state", state.map(|s| s.as_str()).unwrap_or("").to_owned()),
         ("agent", filter.agent.clone().unwrap_or_default()),
-        ("conversation", filter.conversation.clone().unwrap_or_default()),
+        (
+            "conversation",
+            filter.conversation.clone().unwrap_or_default(),
+        ),
         ("runner", filter.runner.clone().unwrap_or_default()),
         ("q", filter.search.clone().unwrap_or_default()),
     ];
@@ -437,7 +443,10 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
         ("runner", "Runner"),
         ("q", "Prompt contains"),
     ] {
-        let value = keep.iter().find(|k| k.0 == name).map_or("", |k| k.1.as_str());
+        let value = keep
+            .iter()
+            .find(|k| k.0 == name)
+            .map_or("", |k| k.1.as_str());
         h.raw("<label>")
             .text(label)
             .raw("<input name=\"")
@@ -458,7 +467,9 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
     if more && let Some(last) = tasks.last() {
         let mut pairs: Vec<(&str, &str)> = keep.iter().map(|(k, v)| (*k, v.as_str())).collect();
         pairs.push(("before", &last.id));
-        h.raw("<a id=\"older\" href=\"").url("/ui/tasks", &pairs).raw("\">Older →</a>");
+        h.raw("<a id=\"older\" href=\"")
+            .url("/ui/tasks", &pairs)
+            .raw("\">Older →</a>");
     }
     h.raw("</div>");
     end(&mut h, true);
@@ -487,8 +498,12 @@ async fn render_task(s: &AppState, signed: &Signed, id: &str) -> Result<Html, We
     live_start(&mut h, s);
     h.raw("<div class=\"card\"><div class=\"actions\">");
     badge(&mut h, t.state);
-    h.raw("<span class=\"mono small\">").text(&t.id).raw("</span></div>");
-    h.raw("<div class=\"prompt\" id=\"prompt\">").text(&t.prompt).raw("</div>");
+    h.raw("<span class=\"mono small\">")
+        .text(&t.id)
+        .raw("</span></div>");
+    h.raw("<div class=\"prompt\" id=\"prompt\">")
+        .text(&t.prompt)
+        .raw("</div>");
     h.raw("<div class=\"actions\">");
     if !t.state.is_terminal() && t.state != TaskState::Cancelling {
         h.raw("<form method=\"post\" action=\"")
@@ -510,7 +525,11 @@ async fn render_task(s: &AppState, signed: &Signed, id: &str) -> Result<Html, We
     h.raw("<div class=\"card\"><dl class=\"facts\">");
     let mut fact = |label: &'static str, value: Option<String>| {
         if let Some(v) = value {
-            h.raw("<dt>").raw(label).raw("</dt><dd>").text(&v).raw("</dd>");
+            h.raw("<dt>")
+                .raw(label)
+                .raw("</dt><dd>")
+                .text(&v)
+                .raw("</dd>");
         }
     };
     fact("Agent", Some(t.agent.clone()));
@@ -530,7 +549,10 @@ async fn render_task(s: &AppState, signed: &Signed, id: &str) -> Result<Html, We
         t.result.as_ref().and_then(|r| r.session_id.clone()),
     );
     fact("Runner", t.runner.clone());
-    fact("Attempt", Some(format!("{} of {}", t.attempt, t.max_attempts)));
+    fact(
+        "Attempt",
+        Some(format!("{} of {}", t.attempt, t.max_attempts)),
+    );
     fact("Queue position", t.queue_position.map(|p| p.to_string()));
     fact("Submitted", Some(utc(t.created_at)));
     fact("Started", t.started_at.map(utc));
@@ -571,13 +593,17 @@ async fn render_task(s: &AppState, signed: &Signed, id: &str) -> Result<Html, We
             h.raw("<p class=\"error\">").text(e).raw("</p>");
         }
         if let Some(code) = r.exit_code {
-            h.raw("<p class=\"small muted\">exit code ").num(code).raw("</p>");
+            h.raw("<p class=\"small muted\">exit code ")
+                .num(code)
+                .raw("</p>");
         }
         if let Some(tail) = &r.stderr_tail {
             h.raw("<pre class=\"small\">").text(tail).raw("</pre>");
         }
         if let Some(u) = &r.usage {
-            h.raw("<p class=\"small muted\">usage ").text(&u.to_string()).raw("</p>");
+            h.raw("<p class=\"small muted\">usage ")
+                .text(&u.to_string())
+                .raw("</p>");
         }
         h.raw("</div>");
     }
@@ -599,7 +625,9 @@ fn event(h: &mut Html, e: &TaskEvent, now: i64) {
     let str_of = |k: &str| e.data[k].as_str().unwrap_or_default().to_owned();
     match e.kind.as_str() {
         "text" => {
-            h.raw("<div class=\"out text prompt\">").text(&str_of("text")).raw("</div>");
+            h.raw("<div class=\"out text prompt\">")
+                .text(&str_of("text"))
+                .raw("</div>");
         }
         "tool_use" => {
             let input = match &e.data["input"] {
@@ -630,13 +658,19 @@ fn event(h: &mut Html, e: &TaskEvent, now: i64) {
                     h.raw(" · ").text(&v);
                 }
             }
-            h.raw(" <span class=\"muted small\">").ago(e.at, now).raw("</span></div>");
+            h.raw(" <span class=\"muted small\">")
+                .ago(e.at, now)
+                .raw("</span></div>");
         }
         "usage" => {
-            h.raw("<div class=\"out usage\">usage ").text(&e.data.to_string()).raw("</div>");
+            h.raw("<div class=\"out usage\">usage ")
+                .text(&e.data.to_string())
+                .raw("</div>");
         }
         "session" => {
-            h.raw("<div class=\"out log\">session ").text(&str_of("session_id")).raw("</div>");
+            h.raw("<div class=\"out log\">session ")
+                .text(&str_of("session_id"))
+                .raw("</div>");
         }
         other => {
             h.raw("<div class=\"out log\">")
@@ -712,7 +746,9 @@ pub(crate) async fn approvals(State(s): State<AppState>, headers: HeaderMap) -> 
         start(&mut h, &s, "Approvals", "approvals", &signed, true);
         live_start(&mut h, &s);
         if pending.is_empty() {
-            h.raw("<p class=\"muted\" id=\"no-approvals\">No approval is waiting for an answer.</p>");
+            h.raw(
+                "<p class=\"muted\" id=\"no-approvals\">No approval is waiting for an answer.</p>",
+            );
         }
         for a in &pending {
             h.raw("<div class=\"card\"><p><strong>")
@@ -877,7 +913,9 @@ async fn render_tokens(
             .raw("</td><td>");
         match t.revoked_at {
             Some(at) => {
-                h.raw("<span class=\"muted small\">revoked ").ago(at, now).raw("</span>");
+                h.raw("<span class=\"muted small\">revoked ")
+                    .ago(at, now)
+                    .raw("</span>");
             }
             None => {
                 h.raw("<form method=\"post\" action=\"")

@@ -7,6 +7,7 @@ mod common;
 
 mod auth;
 mod compat;
+mod dashboard;
 mod delivery;
 mod input;
 mod lifecycle;

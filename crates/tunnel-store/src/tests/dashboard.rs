@@ -24,7 +24,11 @@ async fn ids(f: &Fixture, filter: TaskFilter, scope: &Scope) -> Vec<String> {
 async fn task_filters_and_keyset_pages(f: Fixture) {
     for i in 0..5 {
         f.store
-            .submit("alice", None, SubmitTask::new("claude", format!("p{i} fix 100%_done")))
+            .submit(
+                "alice",
+                None,
+                SubmitTask::new("claude", format!("p{i} fix 100%_done")),
+            )
             .await
             .unwrap();
     }

@@ -1,0 +1,454 @@
+//! The web dashboard over plain HTTP: sign-in, its refusals, CSRF, headers, escaping, scope.
+//! (The real-browser checks are in `browser.rs`.)
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde_json::json;
+
+use crate::common::{TestServer, id};
+
+/// A cookie-less client that never follows redirects, so each answer can be checked.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// `application/x-www-form-urlencoded`, as a browser sends a form.
+trait FormBody {
+    fn form_body(self, pairs: &[(&str, &str)]) -> Self;
+}
+
+impl FormBody for reqwest::RequestBuilder {
+    fn form_body(self, pairs: &[(&str, &str)]) -> Self {
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            ser.append_pair(k, v);
+        }
+        self.header("content-type", "application/x-www-form-urlencoded")
+            .body(ser.finish())
+    }
+}
+
+fn host(s: &TestServer) -> String {
+    s.url.trim_start_matches("http://").to_owned()
+}
+
+/// Posts a form as a page of this server would (same Origin), with the session cookie.
+pub async fn post_form(
+    s: &TestServer,
+    path: &str,
+    cookie: Option<&str>,
+    origin: Option<&str>,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = http().post(format!("{}{path}", s.url)).form_body(form);
+    if let Some(c) = cookie {
+        r = r.header("cookie", c);
+    }
+    if let Some(o) = origin {
+        r = r.header("origin", o);
+    }
+    r.send().await.unwrap()
+}
+
+/// Signs in with a token; returns the `tunnel_session=…` cookie pair.
+pub async fn sign_in(s: &TestServer, token: &str) -> String {
+    let resp = post_form(s, "/ui/login", None, Some(&s.url), &[("token", token)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let set = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui", "Max-Age="] {
+        assert!(set.contains(attr), "{attr} missing in {set}");
+    }
+    assert!(!set.contains("Secure"), "plain http: no Secure flag");
+    set.split(';').next().unwrap().to_owned()
+}
+
+async fn get_page(
+    s: &TestServer,
+    path: &str,
+    cookie: Option<&str>,
+) -> (StatusCode, HeaderMap, String) {
+    let mut r = http().get(format!("{}{path}", s.url));
+    if let Some(c) = cookie {
+        r = r.header("cookie", c);
+    }
+    let resp = r.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (status, headers, resp.text().await.unwrap())
+}
+
+/// The CSRF token in a page's forms.
+fn csrf(page: &str) -> String {
+    let at = page
+        .find("name=\"_csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 20;
+    page[at..at + 64].to_owned()
+}
+
+#[tokio::test]
+async fn sign_in_refusals_and_security_headers() {
+    let s = TestServer::start().await;
+    // Not signed in: pages send to the sign-in page, the live stream refuses.
+    let (status, headers, _) = get_page(&s, "/ui/", None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/ui/login");
+    let (status, _, _) = get_page(&s, "/ui/live", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, headers, _) = get_page(&s, "/", None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/ui/");
+
+    // A forged or unknown cookie is no session.
+    let forged = format!("tunnel_session={}", "a".repeat(64));
+    let (status, _, _) = get_page(&s, "/ui/tasks", Some(&forged)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+
+    // Sign-in refusals: a runner token, a wrong token, a cross-origin or origin-less form.
+    for (token, origin) in [
+        (s.runner.as_str(), Some(s.url.as_str())),
+        ("tnl_nope_nope", Some(s.url.as_str())),
+        (s.client.as_str(), Some("http://evil.example")),
+        (s.client.as_str(), None),
+    ] {
+        let resp = post_form(&s, "/ui/login", None, origin, &[("token", token)]).await;
+        assert!(resp.headers().get("set-cookie").is_none());
+        assert!(
+            matches!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            ),
+            "{token} from {origin:?}: {}",
+            resp.status()
+        );
+    }
+
+    let cookie = sign_in(&s, &s.admin).await;
+    let (status, headers, page) = get_page(&s, "/ui/", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    assert!(!csp.contains("unsafe-inline"));
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    // No inline script anywhere: only the one file of our own.
+    assert_eq!(page.matches("<script").count(), 1);
+    assert!(page.contains("<script src=\"/ui/app.js\" defer></script>"));
+
+    // Behind a TLS proxy the cookie is Secure.
+    let resp = http()
+        .post(format!("{}/ui/login", s.url))
+        .header("origin", format!("https://{}", host(&s)))
+        .header("x-forwarded-proto", "https")
+        .form_body(&[("token", s.client.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("; Secure")
+    );
+
+    // Signing out ends the session in the store, not just in the browser.
+    let page = get_page(&s, "/ui/", Some(&cookie)).await.2;
+    let resp = post_form(
+        &s,
+        "/ui/logout",
+        Some(&cookie),
+        Some(&s.url),
+        &[("_csrf", &csrf(&page))],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (status, _, _) = get_page(&s, "/ui/", Some(&cookie)).await;
+    assert_eq!(
+        status,
+        StatusCode::SEE_OTHER,
+        "the old cookie no longer works"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn posts_need_the_csrf_token_and_the_same_origin() {
+    let s = TestServer::start().await;
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": "keep me"}))
+        .await;
+    let tid = id(&task);
+    let cookie = sign_in(&s, &s.client).await;
+    let page = get_page(&s, &format!("/ui/tasks/{tid}"), Some(&cookie))
+        .await
+        .2;
+    let token = csrf(&page);
+    let path = format!("/ui/tasks/{tid}/cancel");
+    let other = sign_in(&s, &s.client).await;
+    let other_token = csrf(&get_page(&s, "/ui/", Some(&other)).await.2);
+    for (origin, form, why) in [
+        (Some(s.url.as_str()), vec![], "no CSRF token"),
+        (
+            Some(s.url.as_str()),
+            vec![("_csrf", "0".repeat(64))],
+            "a wrong token",
+        ),
+        (
+            Some(s.url.as_str()),
+            vec![("_csrf", other_token.clone())],
+            "another session's token",
+        ),
+        (
+            Some("http://evil.example"),
+            vec![("_csrf", token.clone())],
+            "another origin",
+        ),
+        (None, vec![("_csrf", token.clone())], "no Origin"),
+    ] {
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let resp = post_form(&s, &path, Some(&cookie), origin, &form).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{why}");
+        assert_eq!(
+            s.task(&tid).await["state"],
+            "queued",
+            "{why}: nothing changed"
+        );
+    }
+    // A Referer of this server stands in for a missing Origin.
+    let resp = http()
+        .post(format!("{}{path}", s.url))
+        .header("cookie", &cookie)
+        .header(
+            "referer",
+            HeaderValue::from_str(&format!("{}/ui/tasks/{tid}", s.url)).unwrap(),
+        )
+        .form_body(&[("_csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(s.task(&tid).await["state"], "cancelled");
+
+    // Run again: a new task with the same prompt, owned by the signed-in token.
+    let resp = post_form(
+        &s,
+        &format!("/ui/tasks/{tid}/retry"),
+        Some(&cookie),
+        Some(&s.url),
+        &[("_csrf", &token)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let again = resp.headers()["location"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("/ui/tasks/")
+        .to_owned();
+    assert_ne!(again, tid);
+    assert_eq!(s.task(&again).await["prompt"], "keep me");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn text_is_escaped_and_clients_see_only_their_tasks() {
+    let s = TestServer::start().await;
+    let xss = "<img src=x onerror=alert(1)></script><script>alert(2)</script>\u{1b}[31m";
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": xss, "conversation": "<b>conv</b>\"'"}))
+        .await;
+    let tid = id(&task);
+    let mine = sign_in(&s, &s.client).await;
+    for path in [
+        "/ui/",
+        "/ui/tasks",
+        &format!("/ui/tasks/{tid}"),
+        "/ui/tasks?q=%3Cimg",
+    ] {
+        let (status, _, page) = get_page(&s, path, Some(&mine)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(!page.contains("<img"), "{path}");
+        assert!(!page.contains("<b>conv"), "{path}");
+        assert!(!page.contains("\u{1b}"), "{path}");
+        assert_eq!(page.matches("<script").count(), 1, "{path}");
+    }
+    let page = get_page(&s, &format!("/ui/tasks/{tid}"), Some(&mine))
+        .await
+        .2;
+    assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;&lt;/script&gt;&lt;script&gt;"));
+    let page = get_page(&s, "/ui/tasks?q=%3Cimg", Some(&mine)).await.2;
+    assert!(page.contains(&tid), "the search finds it");
+
+    // Another client token: not in its list, its search, nor by id; cannot cancel it.
+    let other_token = s.create_token("client").await;
+    let other = sign_in(&s, &other_token).await;
+    let (_, _, list) = get_page(&s, "/ui/tasks", Some(&other)).await;
+    assert!(!list.contains(&tid));
+    let (_, _, list) = get_page(&s, "/ui/tasks?q=img", Some(&other)).await;
+    assert!(!list.contains(&tid));
+    let (status, _, page) = get_page(&s, &format!("/ui/tasks/{tid}"), Some(&other)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!page.contains("onerror"));
+    let token = csrf(&get_page(&s, "/ui/", Some(&other)).await.2);
+    let resp = post_form(
+        &s,
+        &format!("/ui/tasks/{tid}/cancel"),
+        Some(&other),
+        Some(&s.url),
+        &[("_csrf", &token)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(s.task(&tid).await["state"], "queued");
+    // Clients have no tokens page.
+    let (status, _, _) = get_page(&s, "/ui/tokens", Some(&other)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Bad filters are a clear 400, not an empty list.
+    for q in [
+        "state=nope",
+        "before=xyz",
+        &format!("q={}", "a".repeat(300)),
+    ] {
+        let (status, _, _) = get_page(&s, &format!("/ui/tasks?{q}"), Some(&mine)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{q}");
+    }
+    // Revoking the token ends its dashboard sessions.
+    let path = format!("/v1/tokens/{}", other_token.split('_').nth(1).unwrap());
+    let (st, _) = s
+        .request(reqwest::Method::DELETE, &path, Some(&s.admin), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (status, _, _) = get_page(&s, "/ui/", Some(&other)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_page_creates_once_shown_secrets_and_revokes() {
+    let s = TestServer::start().await;
+    let cookie = sign_in(&s, &s.admin).await;
+    let token = csrf(&get_page(&s, "/ui/tokens", Some(&cookie)).await.2);
+    let resp = post_form(
+        &s,
+        "/ui/tokens",
+        Some(&cookie),
+        Some(&s.url),
+        &[("_csrf", &token), ("name", "<phone>"), ("role", "client")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let page = resp.text().await.unwrap();
+    assert!(page.contains("&lt;phone&gt;"));
+    let at = page.find("class=\"secret\">").unwrap() + 15;
+    let secret = &page[at..at + page[at..].find('<').unwrap()];
+    assert!(secret.starts_with("tnl_"));
+    // The new token works, and the list never shows it again.
+    let (st, _) = s.get("/v1/tasks", secret).await;
+    assert_eq!(st, StatusCode::OK);
+    let list = get_page(&s, "/ui/tokens", Some(&cookie)).await.2;
+    assert!(!list.contains(secret));
+    let tid = secret.split('_').nth(1).unwrap();
+    let resp = post_form(
+        &s,
+        &format!("/ui/tokens/{tid}/revoke"),
+        Some(&cookie),
+        Some(&s.url),
+        &[("_csrf", &token)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (st, _) = s.get("/v1/tasks", secret).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // Bad input: a clear 400, nothing created.
+    let resp = post_form(
+        &s,
+        "/ui/tokens",
+        Some(&cookie),
+        Some(&s.url),
+        &[("_csrf", &token), ("name", "x"), ("role", "root")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn one_time_codes_and_the_login_rate_limit() {
+    let s = TestServer::start().await;
+    // Only a bearer token gets a code.
+    let resp = http()
+        .post(format!("{}/ui/code", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = http()
+        .post(format!("{}/ui/code", s.url))
+        .bearer_auth(&s.client)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let code = body["code"].as_str().unwrap().to_owned();
+    assert_eq!(body["path"], format!("/ui/login?code={code}"));
+    let (status, _, page) = get_page(&s, &format!("/ui/login?code={code}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(&code));
+    let resp = post_form(&s, "/ui/login", None, Some(&s.url), &[("code", &code)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (status, _, page) = get_page(&s, "/ui/tasks", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("client"));
+    let resp = post_form(&s, "/ui/login", None, Some(&s.url), &[("code", &code)]).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "a code works once");
+    // An expired code.
+    let resp = http()
+        .post(format!("{}/ui/code", s.url))
+        .bearer_auth(&s.client)
+        .send()
+        .await
+        .unwrap();
+    let late: serde_json::Value = resp.json().await.unwrap();
+    s.clock.advance(121_000);
+    let resp = post_form(
+        &s,
+        "/ui/login",
+        None,
+        Some(&s.url),
+        &[("code", late["code"].as_str().unwrap())],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // Guessing is cut off: after 20 failures even a good token must wait.
+    for _ in 0..20 {
+        post_form(
+            &s,
+            "/ui/login",
+            None,
+            Some(&s.url),
+            &[("token", "tnl_x_guess")],
+        )
+        .await;
+    }
+    let resp = post_form(&s, "/ui/login", None, Some(&s.url), &[("token", &s.client)]).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    s.stop().await;
+}
