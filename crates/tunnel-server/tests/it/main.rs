@@ -6,6 +6,8 @@
 mod common;
 
 mod auth;
+mod browser;
+mod cdp;
 mod compat;
 mod dashboard;
 mod delivery;
