@@ -66,6 +66,15 @@ pub struct TaskQuery {
 }
 
 /// A client bound to one server and token.
+/// A one-time dashboard sign-in code.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SignInCode {
+    pub code: String,
+    /// `/ui/login?code=…`, to append to the server's URL.
+    pub path: String,
+    pub expires_in_ms: i64,
+}
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -284,6 +293,12 @@ impl Client {
     }
 
     // -- runners, sessions, tokens ---------------------------------------------------------------
+
+    /// A one-time sign-in code for the web dashboard (`POST /ui/code`).
+    pub async fn dashboard_code(&self) -> Result<SignInCode> {
+        self.send(self.post("/ui/code", &serde_json::json!({})))
+            .await
+    }
 
     pub async fn runners(&self) -> Result<RunnerList> {
         self.send(self.get("/v1/runners")).await

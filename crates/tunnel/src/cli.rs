@@ -44,6 +44,9 @@ pub(crate) enum Command {
     Runners(ClientArgs),
     /// Create, list and revoke API tokens (admin).
     Token(TokenArgs),
+    /// Print a sign-in link to the web dashboard (a one-time code, not the token) and open it
+    /// in a browser when one is available.
+    Dashboard(DashboardArgs),
     /// Check this machine's setup (server, token, agent CLIs, projects, bots) and say how to
     /// fix what is wrong.
     Doctor(DoctorArgs),
@@ -351,6 +354,15 @@ pub(crate) enum SessionAction {
         runner: Option<String>,
         session_id: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DashboardArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// Only print the link; do not start a browser.
+    #[arg(long)]
+    pub(crate) no_open: bool,
 }
 
 #[derive(Debug, Args)]

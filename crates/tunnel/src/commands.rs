@@ -51,6 +51,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sessions(args) => sessions(args, &file.client).await,
         Command::Runners(args) => runners(args, &file.client).await,
         Command::Token(args) => token(args, &file.client).await,
+        Command::Dashboard(args) => dashboard(args, &file.client).await,
         Command::Doctor(args) => crate::doctor::doctor(args, file).await,
         Command::Init(args) => crate::init::init(args).await.map(|()| ExitCode::SUCCESS),
     }
@@ -370,6 +371,59 @@ async fn runners(args: ClientArgs, file: &ClientSection) -> Result<ExitCode> {
         output::runners(&list.runners)
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A one-time sign-in link to the dashboard; opened in a browser when this machine has one.
+async fn dashboard(args: crate::cli::DashboardArgs, file: &ClientSection) -> Result<ExitCode> {
+    let client = connect(&args.client, file)?;
+    let code = client.dashboard_code().await.map_err(explain)?;
+    let link = format!("{}{}", client.base_url(), code.path);
+    if args.client.json {
+        output::json(&serde_json::json!({"url": link, "expires_in_ms": code.expires_in_ms}))?;
+    } else {
+        println!("{link}");
+        eprintln!(
+            "A one-time sign-in link to the dashboard, valid {} s. Or sign in at {}/ui/ with a token.",
+            code.expires_in_ms / 1000,
+            client.base_url()
+        );
+    }
+    if !args.no_open
+        && let Some(opener) = browser_opener()
+    {
+        // Detached, quiet: the browser outlives this command.
+        let started = std::process::Command::new(&opener)
+            .arg(&link)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = started {
+            eprintln!("(could not start {opener}: {e}; open the link yourself)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The program that opens a URL in the user's browser, when there is a screen to show it on:
+/// `$BROWSER`, else `open` (macOS) or `xdg-open` with a display.
+fn browser_opener() -> Option<String> {
+    if let Ok(b) = std::env::var("BROWSER")
+        && !b.trim().is_empty()
+    {
+        return Some(b);
+    }
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if cfg!(target_os = "macos") && on_path("open") {
+        return Some("open".into());
+    }
+    let display = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    (display && on_path("xdg-open")).then(|| "xdg-open".into())
 }
 
 async fn token(args: TokenArgs, file: &ClientSection) -> Result<ExitCode> {

@@ -215,7 +215,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
         format!(" --server {url}")
     };
     eprintln!(
-        "\ntunnel is up at {url} with a local runner ({}).\nTry:\n\n  tunnel submit{hint} --agent echo --watch hello\n  tunnel submit{hint} --agent claude --watch \"what is in this directory?\"\n",
+        "\ntunnel is up at {url} with a local runner ({}).\nDashboard: {url}/ui/ (sign in with `tunnel dashboard{hint}`)\nTry:\n\n  tunnel submit{hint} --agent echo --watch hello\n  tunnel submit{hint} --agent claude --watch \"what is in this directory?\"\n",
         config.name
     );
     let result = tunnel_runner::run(config, shutdown).await;

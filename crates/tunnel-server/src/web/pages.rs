@@ -269,7 +269,7 @@ async fn render_overview(s: &AppState, signed: &Signed) -> Result<Html, WebError
     }
     h.raw("</div></div><div class=\"card\"><div class=\"muted small\">Running</div><div class=\"stat\" id=\"running\">")
         .num(running.len() as i64)
-        .raw("</div></div><div class=\"card\"><div class=\"muted small\">Finished in the last hour</div><div class=\"stat\">")
+        .raw("</div></div><div class=\"card span2\"><div class=\"muted small\">Finished in the last hour</div><div class=\"stat\">")
         .num((done + not_ok) as i64)
         .raw("</div><div class=\"small muted\">")
         .num(not_ok as i64)

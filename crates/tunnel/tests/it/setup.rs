@@ -452,6 +452,46 @@ fn local_setup_by_init_runs_the_suggested_task() {
     );
     assert!(ran.status.success(), "{}{}", ran.out, ran.err);
     assert_eq!(ran.out.trim(), "hello");
+
+    // `tunnel up` names the dashboard; `tunnel dashboard` prints a one-time sign-in link
+    // (never the token), which signs a browser in once.
+    let log = std::fs::read_to_string(me.path().join("up.log")).unwrap();
+    assert!(log.contains(&format!("Dashboard: {url}/ui/")), "{log}");
+    let ran = me.run(&["dashboard", "--server", &url, "--no-open"], "");
+    assert!(ran.status.success(), "{}{}", ran.out, ran.err);
+    let link = ran.out.trim().to_owned();
+    let code = link
+        .strip_prefix(&format!("{url}/ui/login?code="))
+        .unwrap_or_else(|| panic!("not a sign-in link: {link}"));
+    assert!(
+        code.len() == 32 && code.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a code, not a token: {link}"
+    );
+    let sign_in = || {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-D", "-", "-X", "POST"])
+            .args([
+                "-H",
+                &format!("Origin: {url}"),
+                "--data",
+                &format!("code={code}"),
+            ])
+            .arg(format!("{url}/ui/login"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = sign_in();
+    assert!(first.starts_with("HTTP/1.1 303"), "{first}");
+    assert!(
+        first.to_lowercase().contains("set-cookie: tunnel_session="),
+        "{first}"
+    );
+    let again = sign_in();
+    assert!(
+        again.starts_with("HTTP/1.1 401"),
+        "a code works once: {again}"
+    );
 }
 
 /// A web server that answers 404 to everything, as a wrong URL or a proxy's wrong route does.
