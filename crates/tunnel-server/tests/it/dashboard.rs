@@ -452,3 +452,155 @@ async fn one_time_codes_and_the_login_rate_limit() {
     assert!(resp.headers().contains_key("retry-after"));
     s.stop().await;
 }
+
+/// Server time per dashboard page with 100,000 tasks in the store (goal: p50 ≤ 20 ms). Prints
+/// figures for docs/BENCHMARKS.md; not a pass/fail timing. Run optimized:
+/// `cargo test --release -p tunnel-server --test it dashboard_page_timing -- --ignored --nocapture`
+/// (`TUNNEL_DASHBOARD_TASKS` changes the count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints timing figures; run optimized"]
+async fn dashboard_page_timing() {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use tunnel_protocol::SubmitTask;
+    use tunnel_store::{Database, Durability, QueueSettings, ReadyHint, Scope, Signals, Store};
+
+    struct Quiet;
+    impl Signals for Quiet {
+        fn task_ready(&self, _: &ReadyHint) {}
+        fn task_changed(&self, _: &str) {}
+        fn deadline(&self, _: i64) {}
+    }
+
+    let n: usize = std::env::var("TUNNEL_DASHBOARD_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let s = TestServer::start().await;
+    let client_id = s.client.split('_').nth(1).unwrap().to_owned();
+    // A second store on the same file seeds it, on the server's (manual) clock.
+    let db = Database::Sqlite {
+        path: s.db_path.clone(),
+        durability: Durability::Normal,
+    };
+    let store = Store::open(
+        &db,
+        QueueSettings::default(),
+        s.clock.clone(),
+        Arc::new(Quiet),
+    )
+    .await
+    .unwrap();
+    let seeding = Instant::now();
+    let agents = ["claude", "codex", "gemini"];
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
+        let submits = chunk.iter().map(|&i| {
+            let mut req = SubmitTask::new(
+                agents[i % 3],
+                format!(
+                    "task {i}: fix the flaky test in module m{} and explain why",
+                    i % 97
+                ),
+            );
+            req.conversation = Some(format!("conv-{}", i % 500));
+            let owner = if i % 2 == 0 {
+                client_id.clone()
+            } else {
+                "other".into()
+            };
+            let store = store.clone();
+            async move { store.submit(&owner, None, req).await.unwrap().0.id }
+        });
+        ids.extend(futures_util::future::join_all(submits).await);
+        // Spread over the last hour or so: 36 ms per task at 100,000.
+        s.clock
+            .advance(36 * chunk.len() as i64 * 100_000 / n.max(1) as i64);
+    }
+    // Nine in ten end (cancelled, which finishes them); one in ten stays queued.
+    let ends = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 0)
+        .map(|(_, id)| id.clone())
+        .collect::<Vec<_>>();
+    for chunk in ends.chunks(256) {
+        let cancels = chunk.iter().map(|id| {
+            let store = store.clone();
+            async move { store.cancel(id, &Scope::All).await.unwrap() }
+        });
+        futures_util::future::join_all(cancels).await;
+    }
+    println!(
+        "seeded {n} tasks in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+    let sample = ids[n / 2].clone();
+    let older = ids[n / 3].clone();
+    let admin = sign_in(&s, &s.admin).await;
+    let client = sign_in(&s, &s.client).await;
+    let pages = [
+        ("overview (admin)", "/ui/".to_owned(), &admin),
+        ("overview (client)", "/ui/".to_owned(), &client),
+        ("tasks, newest 50", "/ui/tasks".to_owned(), &admin),
+        (
+            "tasks, page deep in the list",
+            format!("/ui/tasks?before={older}"),
+            &admin,
+        ),
+        (
+            "tasks, state=queued",
+            "/ui/tasks?state=queued".to_owned(),
+            &admin,
+        ),
+        (
+            "tasks, agent=codex (client)",
+            "/ui/tasks?agent=codex".to_owned(),
+            &client,
+        ),
+        (
+            "tasks, conversation",
+            "/ui/tasks?conversation=conv-42".to_owned(),
+            &admin,
+        ),
+        (
+            "tasks, search prompt (common)",
+            "/ui/tasks?q=module+m42".to_owned(),
+            &admin,
+        ),
+        (
+            "tasks, search prompt (no match)",
+            "/ui/tasks?q=zzz-nothing".to_owned(),
+            &admin,
+        ),
+        ("task", format!("/ui/tasks/{sample}"), &admin),
+        ("sessions", "/ui/sessions".to_owned(), &admin),
+        ("approvals", "/ui/approvals".to_owned(), &admin),
+        ("tokens", "/ui/tokens".to_owned(), &admin),
+    ];
+    println!("| page | p50 | p90 | max | bytes |\n| --- | --- | --- | --- | --- |");
+    for (name, path, cookie) in pages {
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for round in 0..60 {
+            let started = Instant::now();
+            let (status, _, body) = get_page(&s, &path, Some(cookie)).await;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            bytes = body.len();
+            if round >= 10 {
+                times.push(ms);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {:.2} ms | {bytes} |",
+            at(0.5),
+            at(0.9),
+            times[times.len() - 1]
+        );
+    }
+    s.stop().await;
+}
