@@ -59,7 +59,7 @@ fn scope(signed: &Signed) -> Scope {
 // Layout
 
 /// The top of every signed-in page, up to the live region's opening tag.
-fn start(h: &mut Html, s: &AppState, title: &str, active: &str, signed: &Signed, live: bool) {
+fn start(h: &mut Html, title: &str, active: &str, signed: &Signed) {
     h.raw("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">")
         .raw("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">")
         .raw("<link rel=\"stylesheet\" href=\"/ui/app.css\">")
@@ -92,7 +92,6 @@ fn start(h: &mut Html, s: &AppState, title: &str, active: &str, signed: &Signed,
     h.raw("<button type=\"submit\">Sign out</button></form></header><main><h1>")
         .text(title)
         .raw("</h1>");
-    let _ = (s, live);
 }
 
 /// Opens the region the script refreshes when tasks change (`/ui/live` says when).
@@ -243,7 +242,7 @@ async fn render_overview(s: &AppState, signed: &Signed) -> Result<Html, WebError
         ),
     )?;
     let mut h = Html::new();
-    start(&mut h, s, "Overview", "overview", signed, true);
+    start(&mut h, "Overview", "overview", signed);
     live_start(&mut h, s);
 
     // Totals and throughput.
@@ -427,7 +426,7 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
     tasks.truncate(PAGE as usize);
 
     let mut h = Html::new();
-    start(&mut h, s, "Tasks", "tasks", signed, true);
+    start(&mut h, "Tasks", "tasks", signed);
     h.raw("<form class=\"filters\" method=\"get\" action=\"/ui/tasks\"><label>State<select name=\"state\"><option value=\"\">any</option>");
     for st in TaskState::ALL {
         h.raw("<option");
@@ -494,7 +493,7 @@ async fn render_task(s: &AppState, signed: &Signed, id: &str) -> Result<Html, We
     let t = s.store.task(id, &scope(signed)).await?;
     let events = s.store.last_events(id, EVENTS_SHOWN).await?;
     let mut h = Html::new();
-    start(&mut h, s, "Task", "tasks", signed, true);
+    start(&mut h, "Task", "tasks", signed);
     live_start(&mut h, s);
     h.raw("<div class=\"card\"><div class=\"actions\">");
     badge(&mut h, t.state);
@@ -743,7 +742,7 @@ pub(crate) async fn approvals(State(s): State<AppState>, headers: HeaderMap) -> 
         let now = s.clock.now_ms();
         let pending = pending_approvals(&s, &scope(&signed)).await?;
         let mut h = Html::new();
-        start(&mut h, &s, "Approvals", "approvals", &signed, true);
+        start(&mut h, "Approvals", "approvals", &signed);
         live_start(&mut h, &s);
         if pending.is_empty() {
             h.raw(
@@ -811,7 +810,7 @@ pub(crate) async fn sessions(State(s): State<AppState>, headers: HeaderMap) -> R
         let now = s.clock.now_ms();
         let list = s.store.sessions(None, None, 100, &scope(&signed)).await?;
         let mut h = Html::new();
-        start(&mut h, &s, "Sessions", "sessions", &signed, true);
+        start(&mut h, "Sessions", "sessions", &signed);
         live_start(&mut h, &s);
         h.raw("<h2>Conversations</h2><div class=\"table-wrap\"><table><thead><tr><th>Conversation</th>")
             .raw("<th>Agent</th><th>Session</th><th class=\"wide\">Runner</th><th>Updated</th></tr></thead><tbody>");
@@ -883,7 +882,7 @@ async fn render_tokens(
     let now = s.clock.now_ms();
     let tokens = s.store.tokens().await?;
     let mut h = Html::new();
-    start(&mut h, s, "Tokens", "tokens", signed, false);
+    start(&mut h, "Tokens", "tokens", signed);
     if let Some(c) = created {
         h.raw("<div class=\"notice\" id=\"new-token\"><p>Token <strong>")
             .text(&c.info.name)
