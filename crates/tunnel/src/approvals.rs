@@ -165,7 +165,9 @@ pub(crate) fn print_event(data: &serde_json::Value) {
 /// how to answer with `tunnel approve`.
 pub(crate) struct Prompt {
     tty: bool,
-    asking: Option<String>,
+    /// Pending requests to ask about, oldest first; the first is the one being asked (an agent
+    /// may ask several at once: parallel tool calls).
+    queue: std::collections::VecDeque<Approval>,
     lines: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
 }
 
@@ -175,13 +177,29 @@ impl Prompt {
     pub(crate) fn new() -> Prompt {
         Prompt {
             tty: std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
-            asking: None,
+            queue: std::collections::VecDeque::new(),
             lines: None,
         }
     }
 
     pub(crate) fn asking(&self) -> bool {
-        self.asking.is_some()
+        !self.queue.is_empty()
+    }
+
+    /// Asks about the first request waiting (repeating its title when it is not the one just
+    /// printed).
+    fn ask_next(&self, repeat: bool) {
+        if let Some(a) = self.queue.front() {
+            if repeat {
+                eprintln!(
+                    "🔐 {} still asks: {} ({})",
+                    a.agent,
+                    output::one_line(&a.tool.title, 200),
+                    a.id
+                );
+            }
+            eprint!("{QUESTION}");
+        }
     }
 
     /// The next line typed (`None` when stdin closed).
@@ -200,8 +218,10 @@ impl Prompt {
             return;
         };
         if a.state.is_final() {
-            if self.asking.as_deref() == Some(a.id.as_str()) {
-                self.asking = None;
+            let was_first = self.queue.front().is_some_and(|q| q.id == a.id);
+            self.queue.retain(|q| q.id != a.id);
+            if was_first {
+                self.ask_next(true);
             }
             return;
         }
@@ -225,20 +245,31 @@ impl Prompt {
             });
             self.lines = Some(rx);
         }
-        self.asking = Some(a.id);
-        eprint!("{QUESTION}");
+        if self.queue.iter().any(|q| q.id == a.id) {
+            return;
+        }
+        self.queue.push_back(a);
+        if self.queue.len() == 1 {
+            self.ask_next(false);
+        } else {
+            eprintln!("    (asked next, after the question above)");
+        }
     }
 
     /// Answers the request being asked about with what was typed.
     pub(crate) async fn answer(&mut self, client: &Client, line: Option<String>) {
-        let Some(id) = self.asking.clone() else {
+        let Some(id) = self.queue.front().map(|a| a.id.clone()) else {
             return;
         };
         let Some(line) = line else {
             // stdin closed: stop asking, say how to answer instead.
             self.tty = false;
-            self.asking = None;
-            eprintln!("\n    answer with: tunnel approve {id} [--session | --deny [MESSAGE]]");
+            for a in self.queue.drain(..) {
+                eprintln!(
+                    "\n    answer with: tunnel approve {} [--session | --deny [MESSAGE]]",
+                    a.id
+                );
+            }
             return;
         };
         let line = line.trim();
@@ -265,9 +296,11 @@ impl Prompt {
             eprint!("{QUESTION}");
             return;
         }
-        self.asking = None;
+        // Whatever the server says, this one is no longer ours to ask about.
+        self.queue.pop_front();
         if let Err(e) = client.answer_approval(&id, &answer).await {
             eprintln!("{}", refusal(&id, e));
         }
+        self.ask_next(true);
     }
 }

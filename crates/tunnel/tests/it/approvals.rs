@@ -142,11 +142,22 @@ fn approvals_are_listed_and_answered_from_the_cli() {
 }
 
 /// On a terminal (a pseudo-terminal from util-linux `script`), `watch` asks and the answer
-/// typed goes to the server.
+/// typed goes to the server; two requests at once are asked one after the other.
 #[test]
 fn watch_on_a_terminal_asks_and_answers() {
     let s = Served::start(&[]);
     let (id, at, aid) = asking(&s);
+    let mut second = at.clone();
+    second["key"] = json!("call_2");
+    second["tool"] = json!({"kind": "edit", "title": "Edit README.md", "paths": ["README.md"]});
+    second["options"] = json!([
+        {"id": "y", "name": "Allow", "kind": "allow_once"},
+        {"id": "a", "name": "Always", "kind": "allow_always"},
+        {"id": "n", "name": "Reject", "kind": "reject_once"}
+    ]);
+    let (code, b) = s.post(&format!("/v1/tasks/{id}/approvals"), second);
+    assert_eq!(code, 201, "{b}");
+    let bid = b["id"].as_str().unwrap().to_owned();
     let cmd = format!("{BIN} watch {id}");
     let mut child = Command::new("script")
         .args(["-qfec", &cmd, "/dev/null"])
@@ -160,20 +171,27 @@ fn watch_on_a_terminal_asks_and_answers() {
         .spawn()
         .expect("util-linux `script` is installed");
     let mut input = child.stdin.take().unwrap();
-    input.write_all(b"n keep the build\n").unwrap();
+    input.write_all(b"n keep the build\ns\n").unwrap();
     input.flush().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let decided = loop {
-        let (_, a) = super::curl(&[
-            &format!("{}/v1/approvals/{aid}", s.url),
-            "-H",
-            &format!("authorization: Bearer {}", s.admin_token()),
-        ]);
-        if a["state"] != "pending" || Instant::now() > deadline {
-            break a;
+    let settled = |aid: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, a) = super::curl(&[
+                &format!("{}/v1/approvals/{aid}", s.url),
+                "-H",
+                &format!("authorization: Bearer {}", s.admin_token()),
+            ]);
+            if a["state"] != "pending" || Instant::now() > deadline {
+                break a;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
+    let decided = settled(&aid);
+    let second = settled(&bid);
+    assert_eq!(second["state"], "allowed", "{second}");
+    assert_eq!(second["outcome"]["decision"], "allow_session");
+    assert_eq!(second["outcome"]["option_id"], "a");
     assert_eq!(decided["state"], "denied", "{decided}");
     assert_eq!(decided["outcome"]["message"], "keep the build");
     assert_eq!(decided["outcome"]["by"], "cli:pat via token local-admin");
