@@ -233,7 +233,10 @@ impl Cell {
     pub(crate) fn describe(&self) -> String {
         match &self.cgroup {
             Some(dir) => format!("containment: cgroup v2 ({})", dir.display()),
-            None => format!("containment: process-tree walk (marker {MARK_VAR}={})", self.mark),
+            None => format!(
+                "containment: process-tree walk (marker {MARK_VAR}={})",
+                self.mark
+            ),
         }
     }
 
@@ -410,7 +413,10 @@ fn table() -> Vec<Proc> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
-            let f: Vec<i32> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let f: Vec<i32> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             Some(Proc {
                 pid: *f.first()?,
                 ppid: *f.get(1)?,
@@ -491,7 +497,10 @@ pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
             };
             let n = cell.kill_all(0, None);
             cell.remove();
-            done.push(format!("killed {n} process(es) of cgroup {}", dir.display()));
+            done.push(format!(
+                "killed {n} process(es) of cgroup {}",
+                dir.display()
+            ));
         }
     }
     if let Some(mark) = l.mark.as_deref().filter(|m| !m.is_empty()) {
@@ -521,7 +530,10 @@ pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
                 done.push(format!("killed process group {pgid}"));
             }
         } else {
-            tracing::warn!(pgid, "Process {pgid} is no longer the agent this runner started (pid reused); not signalled.");
+            tracing::warn!(
+                pgid,
+                "Process {pgid} is no longer the agent this runner started (pid reused); not signalled."
+            );
             done.push(format!(
                 "process group {pgid} left alone: its leader is another process now"
             ));
