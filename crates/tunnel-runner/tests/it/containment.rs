@@ -100,7 +100,7 @@ fn unique_tag(case: &str) -> String {
 // The real `claude`, whose Bash tool runs a command in a session of its own.
 
 /// How long the tool command sleeps before it writes its file.
-const TOOL_SLEEP: u64 = 12;
+const TOOL_SLEEP: u64 = 20;
 
 struct Claude {
     w: World,
@@ -112,7 +112,7 @@ struct Claude {
     tag: String,
 }
 
-async fn claude_case(case: &str) -> Option<Claude> {
+async fn claude_case(case: &str, answer_delay: u64) -> Option<Claude> {
     let Some(bin) = std::env::var("CLAUDE_BIN")
         .ok()
         .map(PathBuf::from)
@@ -132,14 +132,18 @@ async fn claude_case(case: &str) -> Option<Claude> {
     let api = ModelApi::start(&w.dir.path().join("requests.jsonl"));
     let started = w.dir.path().join("started");
     let marker = w.dir.path().join("late-write");
-    // The model asks for one Bash call that outlives the agent's stop by seconds.
+    // The model asks for one Bash call that leaves a command running in the background (as a
+    // dev server or a long build would), then thinks for `answer_delay` seconds. Claude starts
+    // the call in a session of its own and, stopped with SIGTERM, ends only the call in
+    // progress: the background command is what outlives it.
     api.scenario(serde_json::json!({
         "scenario": "tool",
         "tool_command": format!(
-            "echo $$ > {}; sleep {TOOL_SLEEP}; touch {}",
-            started.display(),
-            marker.display()
+            "(sleep {TOOL_SLEEP}; touch {m}) >/dev/null 2>&1 & echo $! > {s}",
+            s = started.display(),
+            m = marker.display()
         ),
+        "answer_delay": answer_delay,
     }));
     let tag = unique_tag(case);
     let mut env = real_env("claude", &w.dir.path().join("home"), &api.url);
@@ -165,10 +169,23 @@ impl Claude {
         c
     }
 
-    /// The tool command's shell, once it runs.
+    /// The background command, once it runs and the tool call that started it is over (Claude
+    /// has sent the tool's result to the model).
     async fn tool_started(&self) -> (i32, Instant) {
         wait_file(&self.started, Duration::from_secs(60)).await;
         let at = Instant::now();
+        let log = self.w.dir.path().join("requests.jsonl");
+        let limit = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("tool_result")
+        {
+            assert!(
+                Instant::now() < limit,
+                "Claude never sent the tool's result"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let pid = read_pid(&self.started);
         assert!(
             tagged(&self.tag).iter().any(|(p, _)| *p == pid),
@@ -180,7 +197,7 @@ impl Claude {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_tool_command_ends_on_cancel() {
-    let Some(cl) = claude_case("claude-cancel").await else {
+    let Some(cl) = claude_case("claude-cancel", 600).await else {
         return;
     };
     let r = RunnerHandle::spawn(cl.config());
@@ -192,7 +209,7 @@ async fn real_claude_tool_command_ends_on_cancel() {
     let done = cl.w.ended(&t.id).await;
     assert_eq!(done.state, TaskState::Cancelled, "{done:?}");
     none_left(&cl.tag, "real claude, cancel");
-    assert!(!alive(pid), "the Bash tool's shell is gone");
+    assert!(!alive(pid), "the background command is gone");
     println!(
         "containment figure: real claude, cancel: reported {:?} after the cancel (processes gone at {gone:?})",
         asked.elapsed()
@@ -203,13 +220,13 @@ async fn real_claude_tool_command_ends_on_cancel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_tool_command_ends_on_timeout() {
-    let Some(cl) = claude_case("claude-timeout").await else {
+    let Some(cl) = claude_case("claude-timeout", 600).await else {
         return;
     };
     let r = RunnerHandle::spawn(cl.config());
     let mut t = task("claude", "run the tool");
     // Long enough for Claude to start and call its tool, well short of the tool's sleep.
-    t.timeout_ms = Some(9_000);
+    t.timeout_ms = Some(12_000);
     let t = cl.w.submit(t).await;
     let (pid, started) = cl.tool_started().await;
     let done = cl.w.ended(&t.id).await;
@@ -224,7 +241,7 @@ async fn real_claude_tool_command_ends_on_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_tool_command_ends_on_runner_shutdown() {
-    let Some(cl) = claude_case("claude-shutdown").await else {
+    let Some(cl) = claude_case("claude-shutdown", 600).await else {
         return;
     };
     let mut c = cl.config();
@@ -249,6 +266,24 @@ async fn real_claude_tool_command_ends_on_runner_shutdown() {
         "real claude, runner shutdown",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_claude_background_command_ends_when_claude_exits() {
+    let Some(cl) = claude_case("claude-exit", 0).await else {
+        return;
+    };
+    let r = RunnerHandle::spawn(cl.config());
+    let t = cl.w.submit(task("claude", "run the tool")).await;
+    let (pid, started) = cl.tool_started().await;
+    let done = cl.w.ended(&t.id).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    let reported = Instant::now();
+    none_left(&cl.tag, "real claude, normal exit");
+    assert!(!alive(pid));
+    all_gone(&cl.tag, reported, "real claude, normal exit").await;
+    never_written(&cl.marker, started, TOOL_SLEEP, "real claude, normal exit").await;
+    r.stop().await.unwrap();
 }
 
 /// A runner in a child process (this test binary, re-run on [`child_runner`]), so that it can
@@ -304,7 +339,7 @@ fn child_runner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_tool_command_ends_when_the_runner_is_killed() {
-    let Some(cl) = claude_case("claude-kill9").await else {
+    let Some(cl) = claude_case("claude-kill9", 600).await else {
         return;
     };
     let c = cl.config();
