@@ -268,35 +268,50 @@ async fn real_claude_tool_command_ends_on_runner_shutdown() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_claude_background_command_ends_when_claude_exits() {
-    let Some(cl) = claude_case("claude-exit", 0).await else {
+async fn claude_exit_case(containment: Containment, label: &str) {
+    let Some(cl) = claude_case(&format!("claude-exit-{label}"), 0).await else {
         return;
     };
-    let r = RunnerHandle::spawn(cl.config());
+    let mut c = cl.config();
+    c.containment = containment;
+    let r = RunnerHandle::spawn(c);
     let t = cl.w.submit(task("claude", "run the tool")).await;
     let (pid, started) = cl.tool_started().await;
     let done = cl.w.ended(&t.id).await;
     assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
     let reported = Instant::now();
-    none_left(&cl.tag, "real claude, normal exit");
+    let what = format!("real claude, normal exit, {label}");
+    none_left(&cl.tag, &what);
     assert!(!alive(pid));
-    all_gone(&cl.tag, reported, "real claude, normal exit").await;
-    never_written(&cl.marker, started, TOOL_SLEEP, "real claude, normal exit").await;
+    all_gone(&cl.tag, reported, &what).await;
+    never_written(&cl.marker, started, TOOL_SLEEP, &what).await;
     r.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_claude_background_command_ends_when_claude_exits() {
+    claude_exit_case(Containment::Auto, "auto").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_claude_background_command_ends_under_the_process_tree_walk_too() {
+    claude_exit_case(Containment::ProcessTree, "process-tree").await;
+}
+
 /// A runner in a child process (this test binary, re-run on [`child_runner`]), so that it can
-/// be killed with SIGKILL.
+/// be killed with SIGKILL. Its one agent is `claude` (the real CLI at `bin`) or, with `custom`, the script at `bin`
+/// under the name `custom`.
 fn spawn_child_runner(
     c: &RunnerConfig,
     agent_env: &BTreeMap<String, String>,
     bin: &Path,
+    custom: bool,
 ) -> std::process::Child {
     let spec = serde_json::json!({
         "server": c.server, "token": c.token, "name": c.name,
         "spool_dir": c.spool_dir, "default_dir": c.default_dir,
-        "program": bin, "env": agent_env,
+        "program": bin, "env": agent_env, "custom": custom,
+        "process_tree": c.containment == Containment::ProcessTree,
     });
     Command::new(std::env::current_exe().unwrap())
         .args([
@@ -314,7 +329,7 @@ fn spawn_child_runner(
 }
 
 #[test]
-#[ignore = "the runner process of real_claude_tool_command_ends_when_the_runner_is_killed"]
+#[ignore = "the runner process of the kill -9 tests, started by them"]
 fn child_runner() {
     let Ok(spec) = std::env::var("CONTAIN_CHILD_RUNNER") else {
         return;
@@ -326,11 +341,19 @@ fn child_runner() {
     c.spool_dir = s("spool_dir").into();
     c.default_dir = s("default_dir").into();
     c.agents.clear();
+    if spec["process_tree"] == true {
+        c.containment = Containment::ProcessTree;
+    }
     let env: BTreeMap<String, String> = serde_json::from_value(spec["env"].clone()).unwrap();
-    c.agents.insert(
-        "claude".into(),
-        agent(AgentKind::Claude, Path::new(&s("program")), env),
-    );
+    let program = PathBuf::from(s("program"));
+    if spec["custom"] == true {
+        let mut a = custom(&program, &[], OutputMode::Text);
+        a.env = env;
+        c.agents.insert("custom".into(), a);
+    } else {
+        c.agents
+            .insert("claude".into(), agent(AgentKind::Claude, &program, env));
+    }
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(tunnel_runner::run(c, Default::default()))
@@ -343,7 +366,7 @@ async fn real_claude_tool_command_ends_when_the_runner_is_killed() {
         return;
     };
     let c = cl.config();
-    let mut runner = spawn_child_runner(&c, &cl.env, &cl.bin);
+    let mut runner = spawn_child_runner(&c, &cl.env, &cl.bin, false);
     let t = cl.w.submit(task("claude", "run the tool")).await;
     let (pid, started) = cl.tool_started().await;
     let killed = Instant::now();
@@ -456,10 +479,34 @@ async fn daemon_cases(containment: Containment, label: &str) {
     println!("{label}: the task's event: {line}");
     checks.push((marker.clone(), started));
 
+    r.stop().await.unwrap();
+
+    // The runner is killed (SIGKILL) while the agent and its daemon run: the guard ends both.
+    let (script, pid_file, marker) = daemonizing_agent(&w, "kill9", "while true; do sleep 1; done");
+    let tag = unique_tag("kill9");
+    let mut c = w.config("r-kill9");
+    c.containment = containment;
+    let env = BTreeMap::from([(TAG_VAR.to_owned(), tag.clone())]);
+    let mut runner = spawn_child_runner(&c, &env, &script, true);
+    let t = w.submit(task("custom", "go")).await;
+    let daemon = read_pid(&pid_file);
+    let started = Instant::now();
+    assert!(alive(daemon));
+    let killed = Instant::now();
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    all_gone(
+        &tag,
+        killed,
+        &format!("{label}, daemon, runner killed (SIGKILL)"),
+    )
+    .await;
+    checks.push((marker, started));
+    let _ = t;
+
     for (marker, started) in checks {
         never_written(&marker, started, DAEMON_SLEEP, label).await;
     }
-    r.stop().await.unwrap();
     w.stop().await;
 }
 
