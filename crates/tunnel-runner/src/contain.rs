@@ -110,21 +110,26 @@ fn unique(kind: &str) -> String {
 /// agent is inside before it runs a single instruction of its own (no race with its forks).
 const ENTER: &str = r#"echo 0 > "$0/cgroup.procs" || { echo "tunnel: cannot enter the task's cgroup $0" >&2; exit 125; }; exec "$@""#;
 
-/// The cgroup v2 directory of this process, if a child cgroup can be made there, entered and
-/// killed.
-#[cfg(target_os = "linux")]
-fn cgroup_parent() -> Result<PathBuf, String> {
+/// Where the cgroup v2 hierarchy is mounted.
+fn cgroup2_mount() -> Result<PathBuf, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     // "… mount-point … - cgroup2 …": field 5 is the mount point, the type follows " - ".
-    let mount = mountinfo
+    Ok(mountinfo
         .lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             (right.split_whitespace().next()? == "cgroup2")
                 .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
         })
-        .ok_or("no cgroup v2 hierarchy is mounted")?;
+        .ok_or("no cgroup v2 hierarchy is mounted")?)
+}
+
+/// The cgroup v2 directory of this process, if a child cgroup can be made there, entered and
+/// killed.
+#[cfg(target_os = "linux")]
+fn cgroup_parent() -> Result<PathBuf, String> {
+    let mount = cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let own = own
@@ -244,7 +249,10 @@ impl Cell {
     /// on the runner's death it ends the whole cell, then the agent's process group.
     pub(crate) fn guard_script(&self) -> &'static str {
         match &self.cgroup {
-            Some(_) => r#"read _; echo 1 > "$0/cgroup.kill"; kill -KILL 0"#,
+            // The guard is outside the cgroup: it removes it once empty, then ends the group.
+            Some(_) => {
+                r#"read _; echo 1 > "$0/cgroup.kill"; for i in 1 2 3 4 5 6 7 8 9 10; do rmdir "$0" 2>/dev/null && break; sleep 0.1; done; kill -KILL 0"#
+            }
             // Two passes: a process may fork while the first one runs.
             None if cfg!(target_os = "linux") => {
                 r#"read _; for i in 1 2; do for e in /proc/[0-9]*/environ; do grep -qzx "TUNNEL_TASK_MARK=$0" "$e" 2>/dev/null && { p=${e#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; }; done; done; kill -KILL 0"#
@@ -352,7 +360,12 @@ struct Proc {
 /// `/proc/<pid>/stat`: (ppid, pgrp, session, start time in clock ticks since boot).
 #[cfg(target_os = "linux")]
 fn stat(pid: i32) -> Option<(i32, i32, i32, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// See [`stat`]; `None` for a zombie.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn parse_stat(s: &str) -> Option<(i32, i32, i32, u64)> {
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let f: Vec<&str> = s.get(s.rfind(')')? + 1..)?.split_whitespace().collect();
     // f[0] is field 3 (state); field N is f[N - 3].
@@ -484,7 +497,9 @@ pub(crate) struct Leftover {
 pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
     let mut done = Vec::new();
     if let Some(dir) = &l.cgroup {
-        let ours = dir.is_absolute()
+        // Only a cgroup (inside the cgroup v2 mount) of the name the runner gives.
+        let ours = cgroup2_mount().is_ok_and(|m| dir.starts_with(m))
+            && !dir.components().any(|c| c == std::path::Component::ParentDir)
             && dir
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -540,4 +555,33 @@ pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
         }
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_read_after_the_command_name_whatever_it_holds() {
+        // A command may name itself ") S 1 1 1" to fool a naive parser.
+        let line = "4242 (evil) S 1 1 1 x) R 77 4242 4100 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
+        assert_eq!(parse_stat(line), Some((77, 4242, 4100, 987654)));
+        let zombie = "4243 (gone) Z 77 4242 4100 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987655 0 0";
+        assert_eq!(parse_stat(zombie), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_recorded_cgroup_that_is_not_the_runners_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("not-a-cgroup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
+        let done = end_leftover(&Leftover {
+            cgroup: Some(dir.clone()),
+            ..Default::default()
+        });
+        assert!(done.is_empty(), "{done:?}");
+        assert!(dir.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
