@@ -730,10 +730,14 @@ pub(crate) async fn retry(
 // ---------------------------------------------------------------------------------------------
 // Approvals
 
-/// The pending approvals the caller may answer. The approvals store (issue #12/#15) is not in
-/// this build yet, so there are none; point this at the store's approval query when it lands.
-async fn pending_approvals(_s: &AppState, _scope: &Scope) -> Result<Vec<Approval>, WebError> {
-    Ok(Vec::new())
+/// The pending approvals the caller may answer (a client: its own tasks' only).
+async fn pending_approvals(s: &AppState, scope: &Scope) -> Result<Vec<Approval>, WebError> {
+    let filter = tunnel_store::ApprovalFilter {
+        state: Some(tunnel_protocol::ApprovalState::Pending),
+        task: None,
+        limit: 100,
+    };
+    Ok(s.store.approvals(filter, scope).await?)
 }
 
 pub(crate) async fn approvals(State(s): State<AppState>, headers: HeaderMap) -> Response {
@@ -789,14 +793,32 @@ pub(crate) async fn approvals(State(s): State<AppState>, headers: HeaderMap) -> 
 pub(crate) async fn answer_approval(
     State(s): State<AppState>,
     headers: HeaderMap,
-    Path(_id): Path<String>,
+    Path(aid): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
     let r = async {
-        check_post(&s, &headers, &Form::parse(&body)).await?;
-        Err::<Response, _>(WebError::from(ApiError::not_found(
-            "no pending approval with that id",
-        )))
+        let form = Form::parse(&body);
+        let signed = check_post(&s, &headers, &form).await?;
+        if !tunnel_protocol::is_approval_id(&aid) {
+            return Err(WebError::from(ApiError::not_found("no such approval")));
+        }
+        let decision = serde_json::from_value::<tunnel_protocol::Decision>(serde_json::json!(
+            form.get("decision").unwrap_or_default()
+        ))
+        .map_err(|_| ApiError::bad_request("decision must be allow_once, allow_session or deny"))?;
+        let answer = tunnel_protocol::ApprovalAnswer {
+            decision,
+            message: None,
+            by: Some("dashboard".into()),
+        };
+        answer.validate().map_err(ApiError::from)?;
+        let a = s
+            .store
+            .answer_approval(&aid, &scope(&signed), &signed.caller.token_id, answer)
+            .await?;
+        tracing::info!(task_id = %a.task_id, approval_id = %a.id, state = %a.state,
+            token_id = %signed.caller.token_id, "Approval answered from the dashboard.");
+        Ok(Redirect::to("/ui/approvals").into_response())
     };
     r.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -604,3 +604,85 @@ async fn dashboard_page_timing() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn approvals_are_listed_escaped_and_answered_from_the_page() {
+    let s = TestServer::start().await;
+    s.submit(json!({"agent": "claude", "prompt": "clean up"}))
+        .await;
+    let offer = s.claim("r1", &["claude"], 0).await.expect("an offer");
+    let (st, _) = s.attempt_call(&offer, "ack", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let ask = json!({
+        "key": "call_1",
+        "tool": {"kind": "execute", "title": "Run <img src=x onerror=alert(1)>", "command": "rm -rf build </script>"},
+        "options": [
+            {"id": "allow", "name": "Allow", "kind": "allow_once"},
+            {"id": "reject", "name": "Reject", "kind": "reject_once"}
+        ]
+    });
+    let (st, a) = s.attempt_call(&offer, "approvals", ask).await;
+    assert_eq!(st, StatusCode::CREATED, "{a}");
+    let aid = id(&a);
+
+    // The submitting client sees it, escaped; another client does not.
+    let mine = sign_in(&s, &s.client).await;
+    let page = get_page(&s, "/ui/approvals", Some(&mine)).await.2;
+    assert!(page.contains(&aid), "{page}");
+    assert!(page.contains("Run &lt;img src=x onerror=alert(1)&gt;"));
+    assert!(page.contains("rm -rf build &lt;/script&gt;"));
+    assert!(!page.contains("<img"));
+    let other = sign_in(&s, &s.create_token("client").await).await;
+    let theirs = get_page(&s, "/ui/approvals", Some(&other)).await.2;
+    assert!(!theirs.contains(&aid));
+    assert!(theirs.contains("No approval is waiting"));
+    let their_csrf = csrf(&theirs);
+    let path = format!("/ui/approvals/{aid}");
+    let resp = post_form(
+        &s,
+        &path,
+        Some(&other),
+        Some(&s.url),
+        &[("_csrf", &their_csrf), ("decision", "allow_once")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    // Without the CSRF token: refused, still pending. A bad decision: 400.
+    let resp = post_form(
+        &s,
+        &path,
+        Some(&mine),
+        Some(&s.url),
+        &[("decision", "allow_once")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let token = csrf(&page);
+    let resp = post_form(
+        &s,
+        &path,
+        Some(&mine),
+        Some(&s.url),
+        &[("_csrf", &token), ("decision", "yes")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let (_, now) = s.get(&format!("/v1/approvals/{aid}"), &s.client).await;
+    assert_eq!(now["state"], "pending");
+
+    let resp = post_form(
+        &s,
+        &path,
+        Some(&mine),
+        Some(&s.url),
+        &[("_csrf", &token), ("decision", "deny")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (_, now) = s.get(&format!("/v1/approvals/{aid}"), &s.client).await;
+    assert_eq!(now["state"], "denied", "{now}");
+    let page = get_page(&s, "/ui/approvals", Some(&mine)).await.2;
+    assert!(!page.contains(&aid), "answered: no longer pending");
+    s.stop().await;
+}
