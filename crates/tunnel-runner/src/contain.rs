@@ -417,7 +417,8 @@ fn table() -> Vec<Proc> {
 #[cfg(not(target_os = "linux"))]
 fn table() -> Vec<Proc> {
     let Ok(out) = std::process::Command::new("ps")
-        .args(["-A", "-o", "pid=,ppid=,pgid=,sess="])
+        // No session id: macOS's `sess` is a kernel address.
+        .args(["-A", "-o", "pid=,ppid=,pgid="])
         .stderr(std::process::Stdio::null())
         .output()
     else {
@@ -434,7 +435,7 @@ fn table() -> Vec<Proc> {
                 pid: *f.first()?,
                 ppid: *f.get(1)?,
                 pgrp: *f.get(2)?,
-                session: f.get(3).copied().unwrap_or(0),
+                session: 0,
             })
         })
         .collect()
