@@ -608,6 +608,13 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         text.contains("npm install -g @anthropic-ai/claude-code") || text.contains("claude: /"),
         "{text}"
     );
+    // Which mechanism ends everything an agent starts.
+    assert!(
+        text.contains("containment\n")
+            && (text.contains("cgroup v2: each task in its own cgroup")
+                || text.contains("process-tree walk (")),
+        "{text}"
+    );
 
     // A runner machine (its config names the server) where no agent CLI is installed.
     let out = s.cli(&["token", "create", "--name", "box", "--role", "runner"]);
