@@ -493,8 +493,8 @@ pub(crate) struct Leftover {
 
 /// Ends what an earlier run left, never an unrelated process: a cgroup only if it is one the
 /// runner makes; marked processes (the marker is unique to the task run); the process group
-/// only if its leader is still the agent (same start time) or gone (a group id cannot be
-/// reused while any member lives). Blocking. Returns what was done, for the log.
+/// only while its leader is still the agent (same start time). Blocking. Returns what was
+/// done, for the log.
 pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
     let mut done = Vec::new();
     if let Some(dir) = &l.cgroup {
@@ -536,25 +536,24 @@ pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
         }
     }
     if let Some(pgid) = l.pgid.filter(|&p| p > 1) {
-        let leader = start_time(pgid);
-        let same = match (leader, l.pgid_start) {
-            // The leader is gone: only original members can still carry the group id.
-            (None, _) => true,
-            (Some(now), Some(then)) => now == then,
-            (Some(_), None) => false,
-        };
-        if same {
-            if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
-                done.push(format!("killed process group {pgid}"));
+        match (start_time(pgid), l.pgid_start) {
+            (Some(now), Some(then)) if now == then => {
+                if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+                    done.push(format!("killed process group {pgid}"));
+                }
             }
-        } else {
-            tracing::warn!(
-                pgid,
-                "Process {pgid} is no longer the agent this runner started (pid reused); not signalled."
-            );
-            done.push(format!(
-                "process group {pgid} left alone: its leader is another process now"
-            ));
+            // The agent is gone: the group id may since have been taken by a process that
+            // reused the pid and left children. What the agent left is the cell's (above).
+            (None, _) => {}
+            _ => {
+                tracing::warn!(
+                    pgid,
+                    "Process {pgid} is no longer the agent this runner started (pid reused); not signalled."
+                );
+                done.push(format!(
+                    "process group {pgid} left alone: its leader is another process now"
+                ));
+            }
         }
     }
     done
