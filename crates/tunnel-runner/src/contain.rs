@@ -255,7 +255,7 @@ impl Cell {
             }
             // Two passes: a process may fork while the first one runs.
             None if cfg!(target_os = "linux") => {
-                r#"read _; for i in 1 2; do for e in /proc/[0-9]*/environ; do grep -qzx "TUNNEL_TASK_MARK=$0" "$e" 2>/dev/null && { p=${e#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; }; done; done; kill -KILL 0"#
+                r#"read _; for i in 1 2; do for e in $(grep -lzx "TUNNEL_TASK_MARK=$0" /proc/[0-9]*/environ 2>/dev/null); do p=${e#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; done; done; kill -KILL 0"#
             }
             None => "read _; kill -KILL 0",
         }
@@ -266,6 +266,20 @@ impl Cell {
             Some(dir) => dir.clone().into_os_string(),
             None => self.mark.clone().into(),
         }
+    }
+
+    /// Sends `signal` to every process of the cell outside the agent's process group `root`
+    /// (the group gets its own signal: a second SIGTERM can mean "quit now" to a CLI).
+    pub(crate) fn signal_outside_group(&self, root: i32, signal: Signal) -> usize {
+        let pids: Vec<i32> = self
+            .members(root, None)
+            .into_iter()
+            .filter(|&p| pgrp_of(p) != Some(root))
+            .collect();
+        for &p in &pids {
+            let _ = kill(Pid::from_raw(p), signal);
+        }
+        pids.len()
     }
 
     /// Sends `signal` to every process of the cell (the agent `root` included, `spare` not);
@@ -378,6 +392,19 @@ fn parse_stat(s: &str) -> Option<(i32, i32, i32, u64)> {
         f.get(3)?.parse().ok()?,
         f.get(19)?.parse().ok()?,
     ))
+}
+
+/// The process group of a process (Linux; elsewhere unknown).
+fn pgrp_of(pid: i32) -> Option<i32> {
+    #[cfg(target_os = "linux")]
+    {
+        stat(pid).map(|s| s.1)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        None
+    }
 }
 
 /// When a process started (clock ticks since boot; Linux), to tell it from a later process
