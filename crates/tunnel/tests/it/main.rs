@@ -838,3 +838,37 @@ fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
             .exists()
     );
 }
+
+#[test]
+fn containment_is_chosen_in_the_config_and_shown_by_doctor() {
+    let s = Served::start(&[]);
+    let cfg = s.data.path().join("contain.toml");
+    std::fs::write(&cfg, "[runner]\ncontainment = \"process-tree\"\n").unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("warn  process-tree walk (chosen in the config)"),
+        "{text}"
+    );
+
+    std::fs::write(&cfg, "[runner]\ncontainment = \"none\"\n").unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    assert!(!out.status.success());
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        all.contains("unknown variant `none`") && all.contains("process-tree"),
+        "{all}"
+    );
+}
