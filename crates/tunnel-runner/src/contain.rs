@@ -271,10 +271,12 @@ impl Cell {
     /// Sends `signal` to every process of the cell outside the agent's process group `root`
     /// (the group gets its own signal: a second SIGTERM can mean "quit now" to a CLI).
     pub(crate) fn signal_outside_group(&self, root: i32, signal: Signal) -> usize {
+        let groups: std::collections::HashMap<i32, i32> =
+            table().into_iter().map(|p| (p.pid, p.pgrp)).collect();
         let pids: Vec<i32> = self
             .members(root, None)
             .into_iter()
-            .filter(|&p| pgrp_of(p) != Some(root))
+            .filter(|p| groups.get(p) != Some(&root))
             .collect();
         for &p in &pids {
             let _ = kill(Pid::from_raw(p), signal);
@@ -392,19 +394,6 @@ fn parse_stat(s: &str) -> Option<(i32, i32, i32, u64)> {
         f.get(3)?.parse().ok()?,
         f.get(19)?.parse().ok()?,
     ))
-}
-
-/// The process group of a process (Linux; elsewhere unknown).
-fn pgrp_of(pid: i32) -> Option<i32> {
-    #[cfg(target_os = "linux")]
-    {
-        stat(pid).map(|s| s.1)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = pid;
-        None
-    }
 }
 
 /// When a process started (clock ticks since boot; Linux), to tell it from a later process
