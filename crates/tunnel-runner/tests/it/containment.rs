@@ -299,8 +299,9 @@ async fn real_claude_background_command_ends_under_the_process_tree_walk_too() {
 }
 
 /// A runner in a child process (this test binary, re-run on [`child_runner`]), so that it can
-/// be killed with SIGKILL. Its one agent is `claude` (the real CLI at `bin`) or, with `custom`, the script at `bin`
-/// under the name `custom`.
+/// be killed with SIGKILL. Its one agent is `claude` (the real CLI at `bin`) or, with `custom`,
+/// the script at `bin` under the name `custom`. It exits when its stdin closes: a test that
+/// fails before killing it leaves no runner behind.
 fn spawn_child_runner(
     c: &RunnerConfig,
     agent_env: &BTreeMap<String, String>,
@@ -321,7 +322,7 @@ fn spawn_child_runner(
             "--nocapture",
         ])
         .env("CONTAIN_CHILD_RUNNER", spec.to_string())
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -334,6 +335,10 @@ fn child_runner() {
     let Ok(spec) = std::env::var("CONTAIN_CHILD_RUNNER") else {
         return;
     };
+    std::thread::spawn(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        std::process::exit(0);
+    });
     let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
     let s = |k: &str| spec[k].as_str().unwrap().to_owned();
     let mut c = RunnerConfig::new(s("server"), s("token"), PathBuf::from("/nonexistent"));
