@@ -180,7 +180,7 @@ test("openclaw plugins inspect: the plugin loads with every command, the service
   assert.equal(inspect.plugin.imported, true);
   const expected = ["cli-state"];
   for (const base of ["cc", "cx", "gemini"]) {
-    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status"].map((s) => `${base}-${s}`));
+    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status", "approve"].map((s) => `${base}-${s}`));
   }
   assert.deepEqual([...inspect.commands].sort(), expected.sort());
   assert.deepEqual(inspect.services, ["tunnel-delivery"]);
