@@ -259,6 +259,11 @@ export interface ApprovalDeps {
   editor?: (channel: string) => ApprovalEditor | undefined;
   /** The followed task of an id (to record that a tap already settled its question). */
   watchOf?: (taskId: string) => ApprovalWatch | undefined;
+  /**
+   * Sets the phase of the task's live progress message (chat-ux's `Watcher.setPhase`), so it
+   * shows the pending question instead of a silent "working…"; back to "running" when settled.
+   */
+  setPhase?: (taskId: string, phase: string, detail?: string) => void;
   now?: () => number;
 }
 
@@ -272,8 +277,16 @@ function asApproval(data: unknown): Approval | undefined {
   return a && typeof a.id === "string" && typeof a.state === "string" && a.tool && typeof a.tool.title === "string" ? (a as Approval) : undefined;
 }
 
+/** The progress phase while a task waits for an answer, and its head line for PROGRESS_PHASES. */
+export const APPROVAL_PHASE = "approval";
+export function approvalPhaseLine(v: { label: string }, elapsed: string): string {
+  return `⏸️ ${v.label} waits for your approval… ${elapsed}`;
+}
+
 export class ApprovalDelivery {
   private readonly deps: ApprovalDeps;
+  /** Pending questions per task, oldest first (what the progress message shows). */
+  private readonly pending = new Map<string, Approval[]>();
 
   constructor(deps: ApprovalDeps) {
     this.deps = deps;
@@ -293,6 +306,7 @@ export class ApprovalDelivery {
     try {
       w.approvals ??= {};
       const seen = w.approvals[a.id];
+      this.track(a);
       if (a.state === "pending") {
         if (!seen) await this.post(w, a);
       } else if (!seen?.settled) {
@@ -301,6 +315,22 @@ export class ApprovalDelivery {
     } catch (e) {
       this.log("warn", `task ${w.taskId}: approval ${a.id}: ${(e as Error).message}`);
     }
+  }
+
+  /** Keeps the progress message's phase in step with the task's pending questions. */
+  private track(a: Approval): void {
+    const list = (this.pending.get(a.task_id) ?? []).filter((x) => x.id !== a.id);
+    if (a.state === "pending") list.push(a);
+    if (list.length) this.pending.set(a.task_id, list);
+    else this.pending.delete(a.task_id);
+    const first = list[0];
+    const more = list.length > 1 ? ` (+${list.length - 1} more)` : "";
+    this.deps.setPhase?.(a.task_id, first ? APPROVAL_PHASE : "running", first ? `${waitingLine(first)}${more}` : undefined);
+  }
+
+  /** The questions a followed task waits on now. */
+  waiting(taskId: string): Approval[] {
+    return [...(this.pending.get(taskId) ?? [])];
   }
 
   private async post(w: ApprovalWatch, a: Approval): Promise<void> {

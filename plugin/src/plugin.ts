@@ -44,6 +44,9 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
     editor: (channel) =>
       channel === "telegram" && opts.telegramAccount ? telegramApprovalEditor(opts.telegramAccount, () => api.config, opts.fetch) : undefined,
     watchOf: (taskId) => watcher.get(taskId),
+    // The live progress message's phase, where the watcher has one (chat-ux, issue #18).
+    setPhase: (taskId, phase, detail) =>
+      (watcher as { setPhase?: (id: string, p: string, d?: string) => void }).setPhase?.(taskId, phase, detail),
   });
   const deps: Deps = { config, client, watcher, messageIds, logger, approvals };
 

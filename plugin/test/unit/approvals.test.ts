@@ -6,7 +6,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
+  ApprovalDelivery,
   approvalFlags,
+  approvalPhaseLine,
   callbackValue,
   fence,
   outcomeLine,
@@ -401,4 +403,32 @@ test("an outcome already shown by a tap is not edited again when its event arriv
   await deps.approvals!.onEvent(w, settled({}));
   assert.deepEqual(edits, []);
   assert.deepEqual(w.approvals, { [AID]: { messageId: "1", settled: true } });
+});
+
+test("while a task waits for an answer its progress phase shows the question, and goes back to running when settled", async () => {
+  const phases: [string, string, string | undefined][] = [];
+  const api = new FakeApi({});
+  const d = new ApprovalDelivery({
+    client: undefined as never,
+    loadAdapter: (c) => api.runtime.channel.outbound.loadAdapter(c),
+    cfg: () => ({}),
+    logger: api.logger,
+    commandOf: () => "cc",
+    setPhase: (id, phase, detail) => void phases.push([id, phase, detail]),
+  });
+  const w = { taskId: TASK_ID, agent: "claude", label: "Claude", target: { channel: "telegram", to: "111" } };
+  const second = approval({ id: "apr_0193a5b2-7c1d-7e4f-8a9b-000000000009", tool: { kind: "edit", title: "Edit a.rs" } });
+  await d.onEvent(w, approval());
+  await d.onEvent(w, second);
+  assert.deepEqual(d.waiting(TASK_ID).map((a) => a.id), [AID, second.id]);
+  await d.onEvent(w, settled({}));
+  await d.onEvent(w, { ...second, state: "expired", outcome: { by: "timeout", at: 1 } });
+  assert.deepEqual(phases, [
+    [TASK_ID, "approval", `⏸️ waiting for approval: rm -rf build (\`${AID}\`)`],
+    [TASK_ID, "approval", `⏸️ waiting for approval: rm -rf build (\`${AID}\`) (+1 more)`],
+    [TASK_ID, "approval", `⏸️ waiting for approval: Edit a.rs (\`${second.id}\`)`],
+    [TASK_ID, "running", undefined],
+  ]);
+  assert.deepEqual(d.waiting(TASK_ID), []);
+  assert.equal(approvalPhaseLine({ label: "Claude" }, "12s"), "⏸️ Claude waits for your approval… 12s");
 });
