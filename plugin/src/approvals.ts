@@ -79,7 +79,7 @@ export function parseApprove(args: string | undefined): ApproveArgs {
   if (!decision) return { kind: "usage", message: `\`${word.slice(0, 30)}\` is not once, session or deny.` };
   const message = rest.trim();
   if (message && decision !== "deny") return { kind: "usage", message: "A message goes with deny only (it is told to the agent)." };
-  if (message.length > 2000) return { kind: "usage", message: "The message is too long (at most 2000 characters)." };
+  if (Buffer.byteLength(message, "utf8") > 2048) return { kind: "usage", message: "The message is too long (at most 2048 bytes)." };
   return message ? { kind: "approve", id: id.toLowerCase(), decision, message } : { kind: "approve", id: id.toLowerCase(), decision };
 }
 
@@ -427,16 +427,21 @@ export class ApprovalDelivery {
     const by = ctx.senderUsername ? `@${ctx.senderUsername}` : `telegram:${ctx.senderId ?? "?"}`;
     const r = await this.answer(tap.id, tap.decision, by);
     const approval = r.approval;
-    if (approval && approval.state !== "pending") {
-      const w = this.deps.watchOf?.(approval.task_id);
-      const label = w?.label ?? labelOf(approval.agent);
-      if (w) (w.approvals ??= {})[approval.id] = { ...w.approvals[approval.id], settled: true };
-      await ctx.respond.editMessage({ text: settledText(approval, label) });
-    }
     if (!r.ok) {
       if (!approval) await ctx.respond.clearButtons().catch(() => {});
       await ctx.respond.reply({ text: r.text });
     } else this.log("info", `approval ${tap.id}: ${approval!.state} by ${by}`);
+    if (approval && approval.state !== "pending") {
+      const w = this.deps.watchOf?.(approval.task_id);
+      const label = w?.label ?? labelOf(approval.agent);
+      if (w) (w.approvals ??= {})[approval.id] = { ...w.approvals[approval.id], settled: true };
+      try {
+        await ctx.respond.editMessage({ text: settledText(approval, label) });
+      } catch (e) {
+        // A late tap on a question already edited to the same outcome: nothing to change.
+        if (!/message is not modified/.test((e as Error).message)) throw e;
+      }
+    }
   }
 }
 

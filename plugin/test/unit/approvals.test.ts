@@ -111,7 +111,9 @@ test("/cc -approve arguments: id, once|session|deny, a message with deny only", 
   assert.match((parseApprove(`${AID} maybe`) as { message: string }).message, /not once, session or deny/);
   assert.match((parseApprove(`${AID} once and more`) as { message: string }).message, /with deny only/);
   assert.match((parseApprove("'; drop table once") as { message: string }).message, /not an approval id/);
-  assert.equal(parseApprove(`${AID} deny ${"x".repeat(2001)}`).kind, "usage");
+  assert.equal(parseApprove(`${AID} deny ${"x".repeat(2049)}`).kind, "usage");
+  assert.equal(parseApprove(`${AID} deny ${"é".repeat(1025)}`).kind, "usage", "the limit is in bytes, as the server counts");
+  assert.equal(parseApprove(`${AID} deny ${"x".repeat(2048)}`).kind, "approve");
 });
 
 test("the question shows the exact command in a code block, the buttons, and the text answer", () => {
@@ -272,6 +274,14 @@ test("a late tap is told who decided and when, and the question shows the real o
   const { ctx, seen } = tapCtx(`o:${AID.slice(4)}`);
   await api.interactive[0].handler(ctx);
   assert.deepEqual(seen.edits, ["🚫 denied by token admin\nClaude: Run rm -rf build\n$ rm -rf build"]);
+  // Tapped again on a question already showing that outcome: Telegram refuses the identical
+  // edit, and the person is still told who decided.
+  const again = tapCtx(`o:${AID.slice(4)}`);
+  again.ctx.respond.editMessage = async () => {
+    throw new Error("Call to 'editMessageText' failed! (400: Bad Request: message is not modified: specified new message content and reply markup are exactly the same)");
+  };
+  await api.interactive[0].handler(again.ctx);
+  assert.deepEqual(again.seen.replies, ["⚠️ Already decided: 🚫 denied by token admin at 2023-11-14 22:13:20 UTC."]);
   assert.deepEqual(seen.replies, ["⚠️ Already decided: 🚫 denied by token admin at 2023-11-14 22:13:20 UTC."]);
 });
 
