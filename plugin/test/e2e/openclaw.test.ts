@@ -445,3 +445,24 @@ test("server delivery (after a restart with delivery: server): the tunnel server
   assert.doesNotMatch(gatewayLog(), new RegExp(`task ${offer.task.id} succeeded; answer sent`), "the plugin did not send it");
   assert.deepEqual(tg.unknown, []);
 });
+
+test("server delivery: the tunnel server posts the question, /cc -approve in chat answers it, the server edits it", async () => {
+  await runner.touch();
+  tg.inject({ text: "/cc -ask remove the logs", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.approvals, "ask");
+  await runner.ack(offer);
+  const a = await runner.ask(offer, { key: "call_srv_1", tool: { ...RM, title: "Run rm -rf logs", command: "rm -rf logs" } });
+  const q = await until("the server's question", () => messageWith(USER, a.id), 60_000);
+  assert.match(q.text, /rm -rf logs/);
+  tg.inject({ text: `/cc -approve ${a.id} deny keep the logs`, userId: USER });
+  await until("the -approve reply", () => sentTo(USER).find((t) => t === "🚫 Denied: rm -rf logs"), 30_000);
+  const decided = await runner.waitApproval(offer, a.id, 20_000);
+  assert.equal(decided.state, "denied");
+  assert.equal(decided.outcome.message, "keep the logs");
+  await until("the server's edit of the question", () => tg.messages.get(`${USER}:${q.message_id}`)?.text.startsWith("🚫 denied by"), 60_000);
+  await runner.finish(offer, "succeeded", { text: "kept the logs", session_id: "e2e00000-0000-4000-8000-000000000003" });
+  await until("the server's answer", () => sentTo(USER).find((t) => t.includes("kept the logs")), 60_000);
+  assert.deepEqual(tg.unknown, []);
+});
