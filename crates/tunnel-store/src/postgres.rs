@@ -2418,6 +2418,14 @@ impl W<'_> {
         .await?;
         self.fx.changed.push(t.id.clone());
         if let Some(target) = model::chat_target(t).cloned() {
+            // A progress edit waiting would hold the edit of the question behind it (one
+            // destination, in order): send it now instead.
+            self.exec(
+                "UPDATE outbox SET next_at = LEAST(next_at, $2)
+                 WHERE task_seq = $1 AND kind = 'edit' AND state = 'pending'",
+                &[&t.seq, &self.now],
+            )
+            .await?;
             let body = model::approval_body(&a.id);
             let asked = self
                 .opt(

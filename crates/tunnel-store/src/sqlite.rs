@@ -1852,6 +1852,14 @@ impl W<'_> {
         )?;
         self.fx.changed.push(t.id.clone());
         if let Some(target) = model::chat_target(&t).cloned() {
+            // A progress edit waiting would hold the edit of the question behind it (one
+            // destination, in order): send it now instead.
+            self.conn
+                .prepare_cached(
+                    "UPDATE outbox SET next_at = MIN(next_at, ?2)
+                     WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
+                )?
+                .execute(params![t.seq, self.now])?;
             let asked: bool = self
                 .conn
                 .prepare_cached(
