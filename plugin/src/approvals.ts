@@ -257,8 +257,8 @@ export interface ApprovalDeps {
   commandOf: (agent: string) => string;
   /** Per-channel message editor, where the plugin has one. */
   editor?: (channel: string) => ApprovalEditor | undefined;
-  /** The followed task of an id (to record that a tap already settled its question). */
-  watchOf?: (taskId: string) => ApprovalWatch | undefined;
+  /** The followed task that posted a question (so a tap's outcome is not shown twice). */
+  watchOfApproval?: (approvalId: string) => ApprovalWatch | undefined;
   /**
    * Sets the phase of the task's live progress message (chat-ux's `Watcher.setPhase`), so it
    * shows the pending question instead of a silent "working…"; back to "running" when settled.
@@ -425,16 +425,26 @@ export class ApprovalDelivery {
       return;
     }
     const by = ctx.senderUsername ? `@${ctx.senderUsername}` : `telegram:${ctx.senderId ?? "?"}`;
-    const r = await this.answer(tap.id, tap.decision, by);
+    // This tap shows the outcome itself: mark it before asking, since the outcome event can
+    // reach the watcher before the answer's response reaches here.
+    const w = this.deps.watchOfApproval?.(tap.id);
+    const entry = w?.approvals?.[tap.id];
+    const wasSettled = entry?.settled;
+    if (entry) entry.settled = true;
+    let r: Awaited<ReturnType<ApprovalDelivery["answer"]>>;
+    try {
+      r = await this.answer(tap.id, tap.decision, by);
+    } catch (e) {
+      if (entry) entry.settled = wasSettled;
+      throw e;
+    }
     const approval = r.approval;
     if (!r.ok) {
       if (!approval) await ctx.respond.clearButtons().catch(() => {});
       await ctx.respond.reply({ text: r.text });
     } else this.log("info", `approval ${tap.id}: ${approval!.state} by ${by}`);
     if (approval && approval.state !== "pending") {
-      const w = this.deps.watchOf?.(approval.task_id);
       const label = w?.label ?? labelOf(approval.agent);
-      if (w) (w.approvals ??= {})[approval.id] = { ...w.approvals[approval.id], settled: true };
       try {
         await ctx.respond.editMessage({ text: settledText(approval, label) });
       } catch (e) {

@@ -43,7 +43,7 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
     commandOf: (agent) => config.commands[agent as keyof typeof config.commands] ?? agent,
     editor: (channel) =>
       channel === "telegram" && opts.telegramAccount ? telegramApprovalEditor(opts.telegramAccount, () => api.config, opts.fetch) : undefined,
-    watchOf: (taskId) => watcher.get(taskId),
+    watchOfApproval: (aid) => watcher.list().find((w) => w.approvals?.[aid]),
     // The live progress message's phase, where the watcher has one (chat-ux, issue #18).
     setPhase: (taskId, phase, detail) =>
       (watcher as { setPhase?: (id: string, p: string, d?: string) => void }).setPhase?.(taskId, phase, detail),

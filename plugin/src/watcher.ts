@@ -68,9 +68,6 @@ export class Watcher {
     return [...this.watches.values()];
   }
 
-  get(taskId: string): Watch | undefined {
-    return this.watches.get(taskId);
-  }
 
   /** Starts following the persisted tasks and any added since. */
   async start(stateDir: string | undefined): Promise<void> {

@@ -397,18 +397,25 @@ test("the watcher posts the question with buttons on Telegram, as text elsewhere
   assert.equal(api.sent[2].text, "⏰ expired — denied\nCodex: Run rm -rf build\n$ rm -rf build");
 });
 
-test("an outcome already shown by a tap is not edited again when its event arrives", async () => {
-  const { api, deps, watcher, edits } = setup((r) => (r.method === "POST" ? { status: 200, body: settled({}) } : undefined));
+test("an outcome already shown by a tap is not edited again when its event arrives (even before the answer's response)", async () => {
+  let raced: Promise<void> | undefined;
+  const { api, deps, watcher, edits } = setup((r) => {
+    if (r.method !== "POST") return undefined;
+    // The server writes the outcome event before it responds: the watcher may see it first.
+    raced = deps.approvals!.onEvent(watcher.list()[0], settled({}));
+    return { status: 200, body: settled({}) };
+  });
   watcher.add(
     { id: TASK_ID, agent: "claude", prompt: "x", session: "continue", state: "running", attempt: 1, created_at: 1 },
     "claude",
     "Claude",
     { channel: "telegram", to: "111", accountId: "default" },
   );
-  const w = watcher.get(TASK_ID)!;
+  const w = watcher.list()[0];
   await deps.approvals!.onEvent(w, approval());
   const { ctx, seen } = tapCtx(`o:${AID.slice(4)}`);
   await api.interactive[0].handler(ctx);
+  await raced;
   assert.equal(seen.edits.length, 1);
   await deps.approvals!.onEvent(w, settled({}));
   assert.deepEqual(edits, []);
