@@ -6,6 +6,7 @@
 
 mod adapter;
 pub mod config;
+pub mod contain;
 mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -25,6 +26,7 @@ use tunnel_client::{Client, ClientError};
 use tunnel_protocol::ClaimRequest;
 
 pub use config::{AgentConfig, AgentKind, OutputMode, RunnerConfig};
+pub use contain::{Containment, Mechanism};
 
 /// Why the runner stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +127,14 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     let projects: Vec<String> = config.projects.keys().cloned().collect();
 
+    let choice = config.containment;
+    let containment = tokio::task::spawn_blocking(move || contain::detect(choice))
+        .await
+        .unwrap_or_else(|e| contain::Mechanism::ProcessTree(format!("detection failed: {e}")));
+    tracing::info!(containment = %containment, "Agent containment.");
     let config = Arc::new(config);
     let ctx = Arc::new(task::Ctx {
+        containment,
         client: client.clone(),
         config: config.clone(),
         spool,

@@ -62,6 +62,9 @@ pub(crate) fn runner_config(
     if let Some(s) = file.spool_dir {
         c.spool_dir = s;
     }
+    if let Some(k) = file.containment {
+        c.containment = k;
+    }
     c.projects = file.projects;
     for p in &opts.projects {
         let (name, dir) = p
