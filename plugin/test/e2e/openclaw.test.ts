@@ -304,7 +304,7 @@ function messageWith(chatId: number, needle: string): Record<string, any> | unde
 
 const RM = { kind: "execute", title: "Run rm -rf build", command: "rm -rf build" };
 
-test("/cc -ask: the question arrives with an inline keyboard, a tap allows it, the message is edited, the task completes", async () => {
+test("/cc -ask: the question arrives with an inline keyboard, a tap allows it, the message is edited, the task completes", async (t) => {
   await runner.touch();
   tg.inject({ text: "/cc -ask delete the build folder", userId: USER });
   const ack = await until("the acknowledgement", () => sentTo(USER).find((t) => t.includes("asks here before it runs")), 30_000);
@@ -313,6 +313,7 @@ test("/cc -ask: the question arrives with an inline keyboard, a tap allows it, t
   assert.ok(offer);
   assert.equal(offer.task.prompt, "delete the build folder");
   await runner.ack(offer);
+  const asked = Date.now();
   const a = await runner.ask(offer, { key: "call_rm_1", tool: RM });
   assert.equal(a.state, "pending");
   const uuid = a.id.slice(4);
@@ -335,11 +336,19 @@ test("/cc -ask: the question arrives with an inline keyboard, a tap allows it, t
   assert.match(shown, new RegExp(`Or type: /cc -approve ${a.id} once\\|session\\|deny \\[message\\]$`));
   assert.equal((await runner.waitApproval(offer, a.id, 0)).state, "pending", "nothing answered yet");
 
-  // The user taps "Allow once": a real callback_query update.
+  const shownAt = tg.callsOf("sendMessage").find((c) => c.params.reply_markup && String(c.params.text).includes("rm -rf build"))!.at;
+
+  // The user taps "Allow once": a real callback_query update. The agent's wait is already held.
   const msg = messageWith(USER, "Run rm -rf build")!;
+  const held = runner.waitApproval(offer, a.id, 20_000);
+  await new Promise((r) => setTimeout(r, 50));
+  const tapped = Date.now();
   const upd = tg.injectCallback({ chatId: USER, messageId: msg.message_id, userId: USER, data: keyboard[0][0].callback_data });
+  const decided = await held;
+  const answered = Date.now();
   await until("answerCallbackQuery", () => tg.callsOf("answerCallbackQuery").find((c) => String(c.params.callback_query_id) === upd.callback_query.id), 30_000);
-  const decided = await runner.waitApproval(offer, a.id, 20_000);
+  // Figures, not assertions: the whole chat path through the real gateway (stand-in Telegram).
+  t.diagnostic(`approval via OpenClaw: runner asks → question at Telegram ${shownAt - asked} ms; tap → runner's wait returns ${answered - tapped} ms`);
   assert.equal(decided.state, "allowed");
   assert.equal(decided.outcome.decision, "allow_once");
   assert.equal(decided.outcome.option_id, "allow");
