@@ -346,14 +346,27 @@ export class ApprovalDelivery {
     };
     const presentation = questionPresentation(a);
     // Buttons only where this plugin handles their callbacks (Telegram); elsewhere the text command.
-    let result: unknown;
-    if (presentation && w.target.channel === "telegram" && adapter?.sendPayload) {
-      result = await adapter.sendPayload({ ...base, payload: { text, presentation } });
-    } else if (adapter?.sendText) {
-      result = await adapter.sendText(base);
-    } else {
+    const send =
+      presentation && w.target.channel === "telegram" && adapter?.sendPayload
+        ? () => adapter.sendPayload!({ ...base, payload: { text, presentation } })
+        : adapter?.sendText
+          ? () => adapter.sendText!(base)
+          : undefined;
+    if (!send) {
       this.log("error", `no outbound adapter for ${w.target.channel}; approval question ${a.id} not posted`);
       return;
+    }
+    // A question that never arrives makes the agent wait until it expires: retry a little.
+    let result: unknown;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        result = await send();
+        break;
+      } catch (e) {
+        if (attempt >= 3) throw e;
+        this.log("warn", `posting approval question ${a.id} failed (${(e as Error).message}); retrying`);
+        await new Promise((r) => setTimeout(r, 500 * attempt));
+      }
     }
     w.approvals![a.id] = { messageId: messageIdOf(result) };
     this.log("info", `task ${w.taskId}: approval question ${a.id} posted to ${w.target.channel}:${w.target.to}`);

@@ -67,6 +67,10 @@ export class FakeApi implements PluginApi {
               ? {}
               : {
                   sendPayload: async (ctx: OutboundPayload) => {
+                    if (this.failSends > 0) {
+                      this.failSends--;
+                      throw new Error("fake send failure");
+                    }
                     this.sent.push({ channel, ...ctx });
                     return { channel, messageId: String(this.sent.length) };
                   },

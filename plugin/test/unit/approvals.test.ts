@@ -449,3 +449,13 @@ test("while a task waits for an answer its progress phase shows the question, an
   assert.deepEqual(d.waiting(TASK_ID), []);
   assert.equal(approvalPhaseLine({ label: "Claude" }, "12s"), "⏸️ Claude waits for your approval… 12s");
 });
+
+test("a question whose send fails is retried, so the agent does not wait for nothing", async () => {
+  const { api, deps } = setup(() => undefined);
+  api.failSends = 1;
+  const w = { taskId: TASK_ID, agent: "claude", label: "Claude", target: { channel: "telegram", to: "111" } };
+  await deps.approvals!.onEvent(w, approval());
+  assert.equal(api.sent.length, 1);
+  assert.ok(api.sent[0].payload?.presentation);
+  assert.match(api.warnings().join("\n"), /posting approval question apr_\S+ failed \(fake send failure\); retrying/);
+});
