@@ -369,16 +369,22 @@ test("/cc -ask: the question arrives with an inline keyboard, a tap allows it, t
   assert.match(late, /^⚠️ Already decided: ✅ allowed once by @tester111 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\.$/);
 });
 
-test("Deny from a button: the agent is told no and the task still completes", async () => {
+test("Deny from a button: the agent is told no and the task still completes", async (t) => {
   tg.inject({ text: "/cc -ask clean up", userId: USER });
   const offer = await runner.claim(30_000);
   assert.ok(offer);
   await runner.ack(offer);
+  const asked = Date.now();
   const a = await runner.ask(offer, { key: "call_rm_2", tool: { ...RM, title: "Run rm -rf dist", command: "rm -rf dist" } });
   const msg = await until("the question", () => messageWith(USER, "Run rm -rf dist"), 30_000);
+  const shownAt = tg.callsOf("sendMessage").find((c) => c.params.reply_markup && String(c.params.text).includes("rm -rf dist"))!.at;
   const deny = tg.keyboard(USER, msg.message_id).flat().find((b) => b.text === "🚫 Deny")!;
+  const held = runner.waitApproval(offer, a.id, 20_000);
+  await new Promise((r) => setTimeout(r, 50));
+  const tapped = Date.now();
   tg.injectCallback({ chatId: USER, messageId: msg.message_id, userId: USER, data: deny.callback_data! });
-  const decided = await runner.waitApproval(offer, a.id, 20_000);
+  const decided = await held;
+  t.diagnostic(`approval via OpenClaw (second): runner asks → question at Telegram ${shownAt - asked} ms; tap → runner's wait returns ${Date.now() - tapped} ms`);
   assert.equal(decided.state, "denied");
   assert.equal(decided.outcome.option_id, "reject");
   await until("the question edited to denied", () => tg.messages.get(`${USER}:${msg.message_id}`)?.text.startsWith("🚫 denied by @tester111"), 30_000);
