@@ -35,13 +35,13 @@ after(async () => {
   for (const d of stateDirs) rmSync(d, { recursive: true, force: true });
 });
 
-async function until<T>(what: string, fn: () => T | undefined | false, ms = 10_000): Promise<T> {
+async function until<T>(what: string, fn: () => T | undefined | false, ms = 10_000, everyMs = 25): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
     const v = fn();
     if (v) return v;
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
+    await new Promise((r) => setTimeout(r, everyMs));
   }
 }
 
@@ -104,9 +104,10 @@ async function askedTask(p: Awaited<ReturnType<typeof plugin>>, prompt: string, 
   const offer = (await runner.claim(10_000)) as Offer;
   assert.ok(offer, "the task reached the runner");
   await runner.ack(offer);
+  const asked = performance.now();
   const a = await runner.ask(offer, { key, tool, ...(timeoutMs ? { timeout_ms: timeoutMs } : {}) });
-  const question = await until("the question", () => p.api.sent.find((s) => s.text.includes(String(tool.title))));
-  return { offer, a, question };
+  const question = await until("the question", () => p.api.sent.find((s) => s.text.includes(String(tool.title))), 10_000, 1);
+  return { offer, a, question, askToQuestionMs: performance.now() - asked };
 }
 
 /** The callback value of a button of the posted question. */
@@ -115,9 +116,10 @@ function button(question: { payload?: { presentation?: any } }, label: string): 
   return b.action.value as string;
 }
 
-test("-ask reaches the runner; a tap answers with the plugin's token; the agent's wait sees it; the question shows the outcome", async () => {
+test("-ask reaches the runner; a tap answers with the plugin's token; the agent's wait sees it; the question shows the outcome", async (t) => {
   const p = await plugin();
-  const { offer, a, question } = await askedTask(p, "delete the build folder", "call_1");
+  const { offer, a, question, askToQuestionMs } = await askedTask(p, "delete the build folder", "call_1");
+  t.diagnostic(`plugin without OpenClaw: runner asks → question handed to the outbound adapter ${askToQuestionMs.toFixed(1)} ms`);
   assert.equal(offer.task.approvals, "ask");
   assert.equal(question.channel, "telegram");
   assert.equal(question.to, p.chat);
