@@ -499,7 +499,9 @@ pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
     if let Some(dir) = &l.cgroup {
         // Only a cgroup (inside the cgroup v2 mount) of the name the runner gives.
         let ours = cgroup2_mount().is_ok_and(|m| dir.starts_with(m))
-            && !dir.components().any(|c| c == std::path::Component::ParentDir)
+            && !dir
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
             && dir
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -566,7 +568,8 @@ mod tests {
         // A command may name itself ") S 1 1 1" to fool a naive parser.
         let line = "4242 (evil) S 1 1 1 x) R 77 4242 4100 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
         assert_eq!(parse_stat(line), Some((77, 4242, 4100, 987654)));
-        let zombie = "4243 (gone) Z 77 4242 4100 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987655 0 0";
+        let zombie =
+            "4243 (gone) Z 77 4242 4100 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987655 0 0";
         assert_eq!(parse_stat(zombie), None);
         assert_eq!(parse_stat("garbage"), None);
     }
@@ -575,7 +578,11 @@ mod tests {
     fn a_recorded_cgroup_that_is_not_the_runners_is_left_alone() {
         let dir = std::env::temp_dir().join(format!("not-a-cgroup-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cgroup.procs"), format!("{}\n", std::process::id())).unwrap();
+        std::fs::write(
+            dir.join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
         let done = end_leftover(&Leftover {
             cgroup: Some(dir.clone()),
             ..Default::default()
