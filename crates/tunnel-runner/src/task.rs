@@ -15,7 +15,8 @@ use tunnel_protocol::{
 };
 
 use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
-use crate::config::RunnerConfig;
+use crate::approvals::{ApprovalApi, Gate};
+use crate::config::{AgentKind, ApprovalPolicy, RunnerConfig};
 use crate::spool::{Spool, SpoolEntry};
 use crate::supervisor;
 
@@ -26,6 +27,10 @@ pub(crate) struct Ctx {
     pub(crate) spool: Spool,
     /// Agent name → the program found for it (`None`: not installed here).
     pub(crate) programs: BTreeMap<String, Option<PathBuf>>,
+    /// Built-in agent name → its ACP adapter found here (used when a task must ask).
+    pub(crate) acp_programs: BTreeMap<String, Option<PathBuf>>,
+    /// The server's approval routes (`ask`).
+    pub(crate) approvals: Option<Arc<dyn ApprovalApi>>,
     /// The runner is stopping now: stop agents and report.
     pub(crate) abort: CancellationToken,
 }
@@ -136,7 +141,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-enum Stop {
+pub(crate) enum Stop {
     Cancelled,
     TimedOut,
     Shutdown,
@@ -158,12 +163,46 @@ async fn execute(
             task.agent
         ));
     };
-    let Some(Some(program)) = ctx.programs.get(&task.agent) else {
-        return failed(format!(
-            "{} is not installed on runner {runner}: {}",
-            agent.program,
-            agent.install_hint()
-        ));
+    // The stricter of the agent's and the task's policy; anything but `auto` needs an agent
+    // that can ask (ACP), never an unattended print-mode run.
+    let policy = agent.approvals.stricter(task_policy(task));
+    let acp: Option<(PathBuf, Vec<String>)> = match (agent.kind, &agent.acp) {
+        (AgentKind::Acp, _) => None,
+        (_, _) if policy == ApprovalPolicy::Auto => None,
+        (_, Some(launch)) => match ctx.acp_programs.get(&task.agent) {
+            Some(Some(p)) => Some((p.clone(), launch.args.clone())),
+            _ => {
+                return failed(format!(
+                    "approvals = \"{}\" needs the ACP adapter {} on runner {runner}: {}",
+                    policy.as_str(),
+                    launch.program,
+                    agent.acp_install_hint().unwrap_or_default()
+                ));
+            }
+        },
+        (_, None) => {
+            return failed(format!(
+                "agent {:?} cannot ask before it acts, so it does not run with approvals = \"{}\"; \
+                 use an ACP agent (kind = \"acp\") or a built-in one (claude, codex, gemini)",
+                task.agent,
+                policy.as_str()
+            ));
+        }
+    };
+    let program = match (ctx.programs.get(&task.agent), &acp) {
+        (_, Some((p, _))) => p.clone(),
+        (Some(Some(p)), None) => p.clone(),
+        _ => {
+            return failed(format!(
+                "{} is not installed on runner {runner}: {}",
+                agent.program,
+                agent.install_hint()
+            ));
+        }
+    };
+    let acp = match agent.kind {
+        AgentKind::Acp => Some((program.clone(), agent.args.clone())),
+        _ => acp,
     };
     let dir = match &task.project {
         Some(p) => match cfg.projects.get(p) {
@@ -201,8 +240,52 @@ async fn execute(
     };
     let mut resolved = agent.clone();
     resolved.program = program.display().to_string();
+    let gate_cancel = cancel.child_token();
+    let gate = Arc::new(Gate::new(
+        policy,
+        ctx.approvals.clone(),
+        task.id.clone(),
+        offer.attempt,
+        offer.lease_token.clone(),
+        cfg.approval_timeout,
+        gate_cancel.clone(),
+    ));
+    let _stop_gate = gate_cancel.drop_guard();
 
     for (i, model) in models.iter().enumerate() {
+        let (stop, exit, verdict) = if let Some((acp_program, acp_args)) = &acp {
+            let mut env = agent.env.clone();
+            // Claude and Gemini read the model from their env; other agents get it through
+            // their session `model` option.
+            let model_env = match agent.kind {
+                AgentKind::Claude => Some("ANTHROPIC_MODEL"),
+                AgentKind::Gemini => Some("GEMINI_MODEL"),
+                _ => None,
+            };
+            if let (Some(k), Some(m)) = (model_env, model) {
+                env.insert(k.into(), m.clone());
+            }
+            let program = acp_program.display().to_string();
+            let run = crate::acp::AcpRun {
+                program: &program,
+                args: acp_args,
+                env: &env,
+                dir: &dir,
+                prompt: &task.prompt,
+                model: if model_env.is_some() { None } else { model.as_deref() },
+                resume: offer.resume_session_id.as_deref(),
+                mode: agent.acp_mode.as_deref(),
+            };
+            let watch = crate::acp::Watch {
+                cancel,
+                abort: &ctx.abort,
+                stale: &reporter.stale,
+                deadline,
+                kill_grace: cfg.kill_grace,
+            };
+            let ended = crate::acp::run(&run, gate.clone(), reporter, &watch).await;
+            (ended.stop, ended.exit, Some(ended.verdict))
+        } else {
         let inv = adapter::invocation(
             &resolved,
             &InvocationInput {
@@ -261,6 +344,12 @@ async fn execute(
             signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
             stderr_tail: running.stderr_tail().await,
         };
+        let verdict = match stop {
+            None => Some(parser.finish(&exit)),
+            Some(_) => None,
+        };
+        (stop, exit, verdict)
+        };
         let partial = |error: String| TaskResult {
             error: Some(error),
             stderr_tail: (!exit.stderr_tail.is_empty()).then(|| exit.stderr_tail.clone()),
@@ -291,7 +380,10 @@ async fn execute(
             Some(Stop::Stale) => return (Outcome::Failed, partial("stale attempt".into()), None),
             None => {}
         }
-        match parser.finish(&exit) {
+        let Some(verdict) = verdict else {
+            return failed("the agent ended without a verdict");
+        };
+        match verdict {
             Verdict::Succeeded(r) => return (Outcome::Succeeded, r, None),
             Verdict::Failed(_, Failure::TryAnotherModel(reason)) if i + 1 < models.len() => {
                 reporter.event(Ev {
@@ -311,6 +403,11 @@ async fn execute(
         }
     }
     failed("no model left to try")
+}
+
+/// The task's own approval policy (from its submit).
+fn task_policy(_task: &tunnel_protocol::Task) -> ApprovalPolicy {
+    ApprovalPolicy::Auto
 }
 
 /// Renews the lease until the task is done; a held heartbeat brings a cancel at once.
@@ -412,7 +509,19 @@ impl Reporter {
     fn set_pgid(&self, pgid: Option<i32>) {
         let _ = self.tx.send(Msg::Pgid(pgid));
     }
+}
 
+impl crate::acp::Sink for Reporter {
+    fn event(&self, e: Ev) {
+        Reporter::event(self, e);
+    }
+
+    fn pgid(&self, pgid: Option<i32>) {
+        self.set_pgid(pgid);
+    }
+}
+
+impl Reporter {
     async fn finish(&self, f: FinishRequest) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Finish(f, tx)).is_ok() {

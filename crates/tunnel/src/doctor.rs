@@ -321,7 +321,7 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
                     || env("GOOGLE_API_KEY").is_some()
                     || home.join(".gemini/oauth_creds.json").exists(),
             ),
-            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => None,
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => None,
         };
         if logged_in == Some(false) {
             r.warn(

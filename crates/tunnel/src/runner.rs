@@ -62,6 +62,15 @@ pub(crate) fn runner_config(
     if let Some(s) = file.spool_dir {
         c.spool_dir = s;
     }
+    if let Some(t) = file.approval_timeout_secs {
+        let ms = t.saturating_mul(1000);
+        let limits = tunnel_protocol::approval_limits::TIMEOUT_MIN_MS
+            ..=tunnel_protocol::approval_limits::TIMEOUT_MAX_MS;
+        if !limits.contains(&ms) {
+            bail!("approval_timeout_secs must be 1 to 86400 (got {t})");
+        }
+        c.approval_timeout = Duration::from_millis(ms);
+    }
     c.projects = file.projects;
     for p in &opts.projects {
         let (name, dir) = p
@@ -109,6 +118,11 @@ pub(crate) fn runner_config(
         if let Some(cmd) = section.command {
             agent.command = cmd;
         }
+        if kind == AgentKind::Acp && section.program.is_none() {
+            bail!(
+                "ACP agent {name}: set `program` (and `args`), e.g. program = \"claude-agent-acp\" or program = \"gemini\", args = [\"--acp\"]"
+            );
+        }
         if kind == AgentKind::Custom && agent.command.is_empty() && agent.program == name {
             bail!(
                 "custom agent {name}: set `program` and `command` (use {{prompt}} where the prompt goes, or leave it out to send it on stdin)"
@@ -124,6 +138,34 @@ pub(crate) fn runner_config(
             agent.output = o;
         }
         agent.env.extend(section.env);
+        if let Some(a) = section.approvals {
+            agent.approvals = a;
+        }
+        if section.acp_program.is_some() || section.acp_args.is_some() {
+            let Some(launch) = agent.acp.as_mut() else {
+                bail!(
+                    "agent {name}: acp_program / acp_args are for the built-in agents (claude, codex, gemini); an ACP agent of its own is kind = \"acp\" with program and args"
+                );
+            };
+            if let Some(p) = section.acp_program {
+                launch.program = p;
+            }
+            if let Some(a) = section.acp_args {
+                launch.args = a;
+            }
+        }
+        if let Some(m) = section.acp_mode {
+            agent.acp_mode = Some(m);
+        }
+        if agent.approvals != tunnel_runner::ApprovalPolicy::Auto
+            && agent.acp.is_none()
+            && kind != AgentKind::Acp
+        {
+            bail!(
+                "agent {name}: approvals = \"{}\" needs an agent that can ask (kind = \"acp\", or claude, codex, gemini through their ACP adapter)",
+                agent.approvals.as_str()
+            );
+        }
         c.agents.insert(name, agent);
     }
     Ok(c)

@@ -1,0 +1,305 @@
+//! Agents over ACP: a tiny ACP agent (tests/fixtures/acp-agent.py) always, and the real Claude
+//! adapter (`claude-agent-acp`), `gemini --acp` and `codex-acp` from npm when CLAUDE_ACP_BIN /
+//! GEMINI_BIN / CODEX_ACP_BIN point at them (install-real-clis.sh prints them), driven
+//! offline against the model-API stand-in.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tunnel_protocol::{SessionMode, TaskEvent, TaskState};
+use tunnel_runner::{AgentConfig, AgentKind, ApprovalPolicy};
+
+use crate::harness::{RunnerHandle, World, task};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// An ACP agent from config: `kind = "acp"`, program and args.
+fn acp_agent(program: &Path, args: &[&str]) -> AgentConfig {
+    let mut a = AgentConfig::echo();
+    a.kind = AgentKind::Acp;
+    a.program = program.display().to_string();
+    a.command = vec![];
+    a.args = args.iter().map(|s| s.to_string()).collect();
+    a
+}
+
+fn tiny(log: &Path) -> AgentConfig {
+    let mut a = acp_agent(Path::new("python3"), &[]);
+    a.args = vec![fixtures().join("acp-agent.py").display().to_string()];
+    a.env
+        .insert("ACP_AGENT_LOG".into(), log.display().to_string());
+    a
+}
+
+fn kinds(events: &[TaskEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+fn approvals(events: &[TaskEvent]) -> Vec<&serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e.kind == "approval")
+        .map(|e| &e.data)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acp_agent_from_config_runs_tasks_end_to_end() {
+    let w = World::start().await;
+    let log = w.dir.path().join("agent.log");
+    let mut c = w.config("r-acp");
+    c.agents.insert("tiny".into(), tiny(&log));
+    let r = RunnerHandle::spawn(c);
+
+    let mut first = task("tiny", "hello there");
+    first.conversation = Some("conv-tiny".into());
+    let t1 = w.ended(&w.submit(first.clone()).await.id).await;
+    assert_eq!(t1.state, TaskState::Succeeded, "{t1:?}");
+    let r1 = t1.result.clone().unwrap();
+    assert_eq!(r1.text.as_deref(), Some("echo: hello there"));
+    let sid = r1.session_id.clone().expect("the ACP session id");
+    assert!(sid.starts_with("tiny-"), "{sid}");
+    let ev = w.admin.events(&t1.id, 0).await.unwrap().events;
+    let k = kinds(&ev);
+    for want in ["session", "thought", "plan", "text"] {
+        assert!(k.contains(&want), "{want} in {k:?}");
+    }
+    // The two message chunks are one text event.
+    let texts: Vec<_> = ev.iter().filter(|e| e.kind == "text").collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(texts[0].data["text"], "echo: hello there");
+
+    // The follow-up resumes the session with session/load; the replayed history is not news.
+    let mut again = first.clone();
+    again.prompt = "and again".into();
+    let t2 = w.ended(&w.submit(again).await.id).await;
+    assert_eq!(t2.state, TaskState::Succeeded, "{t2:?}");
+    let r2 = t2.result.unwrap();
+    assert_eq!(r2.session_id.as_deref(), Some(sid.as_str()));
+    assert_eq!(r2.text.as_deref(), Some("echo: and again"));
+    let ev2 = w.admin.events(&t2.id, 0).await.unwrap().events;
+    assert!(
+        !ev2.iter().any(|e| e.data.to_string().contains("OLD ANSWER")),
+        "{ev2:?}"
+    );
+    let sent = std::fs::read_to_string(&log).unwrap();
+    assert!(sent.contains("\"session/load\""), "{sent}");
+    // No fs or terminal capability is advertised.
+    assert!(sent.contains("\"terminal\": false"), "{sent}");
+
+    // A client method the runner does not offer gets "method not found".
+    let t3 = w.ended(&w.submit(task("tiny", "fs")).await.id).await;
+    assert_eq!(
+        t3.result.unwrap().text.as_deref(),
+        Some("fs error -32601"),
+        "the agent was told -32601"
+    );
+
+    // A JSON-RPC error from the prompt is a clear failure.
+    let t4 = w.ended(&w.submit(task("tiny", "fail")).await.id).await;
+    assert_eq!(t4.state, TaskState::Failed, "{t4:?}");
+    assert!(
+        t4.result
+            .unwrap()
+            .error
+            .unwrap_or_default()
+            .contains("model overloaded"),
+    );
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_allows_and_deny_rejects_at_once() {
+    let w = World::start().await;
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let log = w.dir.path().join("agent.log");
+    let mut c = w.config("r-pol");
+    c.projects.insert("proj".into(), proj.clone());
+    c.agents.insert("auto".into(), tiny(&log));
+    let mut deny = tiny(&log);
+    deny.approvals = ApprovalPolicy::Deny;
+    c.agents.insert("deny".into(), deny);
+    let r = RunnerHandle::spawn(c);
+
+    let mut t = task("deny", "tool: echo denied > out.txt");
+    t.project = Some("proj".into());
+    let t1 = w.ended(&w.submit(t).await.id).await;
+    assert_eq!(t1.state, TaskState::Succeeded, "{t1:?}");
+    assert_eq!(t1.result.unwrap().text.as_deref(), Some("denied:no"));
+    assert!(!proj.join("out.txt").exists(), "a denied command never ran");
+    let ev = w.admin.events(&t1.id, 0).await.unwrap().events;
+    let a = approvals(&ev);
+    assert_eq!(a.len(), 1, "{ev:?}");
+    assert_eq!(a[0]["state"], "denied");
+    assert_eq!(a[0]["by"], "policy deny");
+    assert_eq!(a[0]["tool"]["command"], "echo denied > out.txt");
+    assert!(kinds(&ev).contains(&"tool_call"), "{ev:?}");
+
+    let mut t = task("auto", "tool: echo allowed > out.txt");
+    t.project = Some("proj".into());
+    let t2 = w.ended(&w.submit(t).await.id).await;
+    assert_eq!(t2.state, TaskState::Succeeded, "{t2:?}");
+    assert_eq!(t2.result.unwrap().text.as_deref(), Some("allowed:yes"));
+    assert_eq!(
+        std::fs::read_to_string(proj.join("out.txt")).unwrap().trim(),
+        "allowed"
+    );
+    let ev = w.admin.events(&t2.id, 0).await.unwrap().events;
+    assert_eq!(approvals(&ev)[0]["by"], "policy auto");
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_acp_agent_as_session_cancel() {
+    let w = World::start().await;
+    let log = w.dir.path().join("agent.log");
+    let mut c = w.config("r-cancel");
+    c.agents.insert("tiny".into(), tiny(&log));
+    let r = RunnerHandle::spawn(c);
+    let t = w.submit(task("tiny", "hang")).await;
+    w.reaches(&t.id, TaskState::Running).await;
+    // Let the prompt reach the agent.
+    for _ in 0..100 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("session/prompt")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.admin.cancel(&t.id).await.unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+    let sent = std::fs::read_to_string(&log).unwrap();
+    assert!(sent.contains("\"session/cancel\""), "{sent}");
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_print_mode_agent_refuses_a_policy_it_cannot_keep() {
+    let w = World::start().await;
+    let mut c = w.config("r-refuse");
+    let mut echo = AgentConfig::echo();
+    echo.approvals = ApprovalPolicy::Ask;
+    c.agents.insert("echo".into(), echo);
+    let r = RunnerHandle::spawn(c);
+    let t = w.ended(&w.submit(task("echo", "hi")).await.id).await;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert!(
+        t.result
+            .unwrap()
+            .error
+            .unwrap_or_default()
+            .contains("cannot ask before it acts"),
+    );
+    r.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real adapters, offline.
+
+/// The adapter binary named by `var`, or why the test is skipped.
+fn real_bin(var: &str, test: &str) -> Option<PathBuf> {
+    let found = std::env::var(var)
+        .ok()
+        .map(PathBuf::from)
+        .filter(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("TUNNEL_REAL_CLIS").as_deref() != Ok("1"),
+            "TUNNEL_REAL_CLIS=1 but {var} is not set to an installed adapter"
+        );
+        eprintln!("SKIPPED {test}: set {var} (scripts/test installs it when TUNNEL_REAL_CLIS=1)");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_claude_adapter_runs_tasks_and_keeps_policies() {
+    let Some(bin) = real_bin("CLAUDE_ACP_BIN", "real_claude_adapter_runs_tasks_and_keeps_policies")
+    else {
+        return;
+    };
+    let w = World::start().await;
+    let api = crate::clis::ModelApi::start(&w.dir.path().join("claude-acp-requests.jsonl"));
+    let home = w.dir.path().join("home-claude-acp");
+    let env = crate::clis::real_env("claude", &home, &api.url);
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+
+    // The built-in claude driven through its adapter (approvals ≠ auto), and the same adapter
+    // as an ACP agent of its own (auto).
+    let mut claude = AgentConfig::builtin(AgentKind::Claude, "/nonexistent/claude");
+    claude.env = env.clone();
+    claude.acp.as_mut().unwrap().program = bin.display().to_string();
+    claude.approvals = ApprovalPolicy::Deny;
+    let mut custom = acp_agent(&bin, &[]);
+    custom.env = env.clone();
+    custom.acp_mode = Some("default".into());
+    let mut c = w.config("r-claude-acp");
+    c.projects.insert("proj".into(), proj.clone());
+    c.agents.insert("claude".into(), claude);
+    c.agents.insert("claude-acp".into(), custom);
+    let r = RunnerHandle::spawn(c);
+
+    api.scenario(serde_json::json!({"scenario": "text"}));
+    let mut first = task("claude-acp", "say hi");
+    first.conversation = Some("conv-claude-acp".into());
+    first.project = Some("proj".into());
+    let t1 = w.ended(&w.submit(first.clone()).await.id).await;
+    let ev = w.admin.events(&t1.id, 0).await.unwrap().events;
+    assert_eq!(t1.state, TaskState::Succeeded, "{t1:?} {ev:?}");
+    let r1 = t1.result.unwrap();
+    assert_eq!(r1.text.as_deref(), Some("fake reply to: say hi"), "{ev:?}");
+    let sid = r1.session_id.expect("the adapter's session id");
+    assert!(r1.usage.is_some(), "usage is reported");
+    let mut again = first.clone();
+    again.prompt = "again".into();
+    let t2 = w.ended(&w.submit(again).await.id).await;
+    assert_eq!(t2.state, TaskState::Succeeded, "{t2:?}");
+    let r2 = t2.result.unwrap();
+    assert_eq!(r2.session_id.as_deref(), Some(sid.as_str()), "resumed");
+    assert_eq!(r2.text.as_deref(), Some("fake reply to: again"));
+
+    // auto: the command that needs permission runs.
+    api.scenario(
+        serde_json::json!({"scenario": "tool", "tool_command": "echo from-acp > acp.txt", "tool_calls": 1}),
+    );
+    let mut edit = task("claude-acp", "write the file");
+    edit.project = Some("proj".into());
+    edit.session = SessionMode::New;
+    let t3 = w.ended(&w.submit(edit).await.id).await;
+    let ev = w.admin.events(&t3.id, 0).await.unwrap().events;
+    assert_eq!(t3.state, TaskState::Succeeded, "{t3:?} {ev:?}");
+    assert_eq!(
+        std::fs::read_to_string(proj.join("acp.txt"))
+            .unwrap_or_default()
+            .trim(),
+        "from-acp",
+        "{ev:?}"
+    );
+    let k = kinds(&ev);
+    assert!(k.contains(&"tool_call") && k.contains(&"tool_call_update"), "{k:?}");
+    let a = approvals(&ev);
+    assert_eq!(a.len(), 1, "{ev:?}");
+    assert_eq!(a[0]["by"], "policy auto");
+    assert_eq!(a[0]["tool"]["kind"], "execute");
+    assert_eq!(a[0]["tool"]["command"], "echo from-acp > acp.txt");
+
+    // deny (the built-in claude, through the adapter): not done, and the model is told.
+    api.scenario(serde_json::json!({"scenario": "tool", "tool_command": "echo nope > denied.txt"}));
+    let mut denied = task("claude", "write another file");
+    denied.project = Some("proj".into());
+    let t4 = w.ended(&w.submit(denied).await.id).await;
+    let ev = w.admin.events(&t4.id, 0).await.unwrap().events;
+    assert_eq!(t4.state, TaskState::Succeeded, "{t4:?} {ev:?}");
+    assert!(!proj.join("denied.txt").exists(), "{ev:?}");
+    assert_eq!(approvals(&ev)[0]["state"], "denied", "{ev:?}");
+    let text = t4.result.unwrap().text.unwrap_or_default();
+    assert!(text.contains("refused permission"), "the model was told: {text}");
+    r.stop().await.unwrap();
+}
