@@ -227,7 +227,10 @@ async fn real_claude_adapter_runs_tasks_and_keeps_policies() {
     let w = World::start().await;
     let api = crate::clis::ModelApi::start(&w.dir.path().join("claude-acp-requests.jsonl"));
     let home = w.dir.path().join("home-claude-acp");
-    let env = crate::clis::real_env("claude", &home, &api.url);
+    let mut env = crate::clis::real_env("claude", &home, &api.url);
+    // As root the adapter passes Claude its bypass flag whenever IS_SANDBOX is set at all, and
+    // Claude then wants exactly "1" (this box exports IS_SANDBOX=yes).
+    env.insert("IS_SANDBOX".into(), "1".into());
     let proj = w.dir.path().join("proj");
     std::fs::create_dir_all(&proj).unwrap();
 
