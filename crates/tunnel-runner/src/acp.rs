@@ -82,6 +82,8 @@ enum End {
     Rpc(i64, String),
     /// The agent closed its stdout (it ended).
     Gone,
+    /// The agent refused the task's model: worth the next model.
+    Model(String),
 }
 
 pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Watch<'_>) -> Ended {
@@ -170,6 +172,13 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
             res.text = d.mapper.answer();
             (None, Verdict::Failed(res, class))
         }
+        Err(End::Model(msg)) => (
+            None,
+            Verdict::Failed(
+                adapter::failure_result(msg.clone(), &exit, sid),
+                Failure::TryAnotherModel(msg),
+            ),
+        ),
         Err(End::Gone) => {
             let msg = format!(
                 "{} ended before answering ({}){}",
@@ -347,11 +356,11 @@ impl Driver<'_> {
                 .await
             {
                 Ok(_) => {}
-                Err(End::Rpc(code, m)) => {
-                    return Err(End::Rpc(
-                        code,
-                        format!("model {model} not available: {m}"),
-                    ));
+                Err(End::Rpc(_, m)) => {
+                    return Err(End::Model(format!(
+                        "the agent did not take model {model}: {}",
+                        snippet(&m)
+                    )));
                 }
                 Err(e) => return Err(e),
             }
@@ -488,6 +497,16 @@ impl Driver<'_> {
             return;
         }
         let tc = &params["toolCall"];
+        // Gemini asks before it announces the call: the call is recorded from the question.
+        if let Some(id) = tc["toolCallId"].as_str()
+            && !self.mapper.seen.contains(id)
+            && let Value::Object(mut announce) = tc.clone()
+        {
+            announce.insert("sessionUpdate".into(), json!("tool_call"));
+            for e in self.mapper.update(&Value::Object(announce)) {
+                self.sink.event(e);
+            }
+        }
         let key = tc["toolCallId"]
             .as_str()
             .filter(|s| !s.is_empty())
@@ -516,6 +535,9 @@ impl Driver<'_> {
             return;
         };
         self.send(json!({"jsonrpc": "2.0", "id": id, "result": result}));
+        if settled.state != ApprovalState::Allowed {
+            self.mapper.denied = Some(tool.title.clone());
+        }
         for e in self.mapper.flush() {
             self.sink.event(e);
         }
@@ -608,7 +630,14 @@ pub(crate) fn tool_of(tc: &Value) -> ApprovalTool {
         _ => None,
     }
     .map(|c| multi_line(&c))
-    .filter(|c| !c.trim().is_empty());
+    .filter(|c| !c.trim().is_empty())
+    // Gemini sends no raw input; the title of its shell call is the command line.
+    .or_else(|| {
+        (kind == "execute")
+            .then(|| tc["title"].as_str().map(multi_line))
+            .flatten()
+            .filter(|t| !t.trim().is_empty())
+    });
     let mut paths: Vec<String> = Vec::new();
     let mut diff = String::new();
     for loc in tc["locations"].as_array().into_iter().flatten() {
@@ -699,6 +728,10 @@ pub(crate) struct Mapper {
     all: String,
     usage: Option<Value>,
     prompt_usage: Option<Value>,
+    /// The title of the last request that was not allowed (an agent may end its turn then).
+    denied: Option<String>,
+    /// Tool call ids announced so far.
+    seen: std::collections::HashSet<String>,
 }
 
 impl Mapper {
@@ -757,6 +790,11 @@ impl Mapper {
                 out.extend(self.flush());
                 if kind == "tool_call" {
                     self.answer.clear();
+                    if let Some(id) = u["toolCallId"].as_str()
+                        && self.seen.len() < 10_000
+                    {
+                        self.seen.insert(id.to_owned());
+                    }
                 }
                 let mut data = json!({"id": u["toolCallId"]});
                 for (from, to) in [("title", "title"), ("kind", "kind"), ("status", "status")] {
@@ -852,6 +890,11 @@ impl Mapper {
                     "max_tokens" => "the agent reached its token limit".to_owned(),
                     "max_turn_requests" => "the agent reached its turn limit".to_owned(),
                     "refusal" => "the agent refused to continue".to_owned(),
+                    // Codex ends its turn when a request is denied.
+                    "cancelled" if self.denied.is_some() => format!(
+                        "the agent stopped after a denied request ({})",
+                        self.denied.as_deref().unwrap_or_default()
+                    ),
                     o => format!("the agent stopped ({})", snippet(o)),
                 };
                 let mut r = adapter::failure_result(why.clone(), exit, sid);

@@ -105,9 +105,12 @@ impl AgentConfig {
             AgentKind::Gemini => vec!["--approval-mode".into(), "yolo".into()],
             AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => vec![],
         };
+        // The adapter's session mode in which the agent asks before it acts: Claude's ACP
+        // default is "auto" (a classifier decides alone), Codex's "agent" (asks only for what
+        // it finds unsafe); Gemini's "default" already asks.
         let acp_mode = match kind {
-            // Claude's ACP default is "auto" (it decides alone); "default" asks for every change.
-            AgentKind::Claude => Some("default".to_owned()),
+            AgentKind::Claude | AgentKind::Gemini => Some("default".to_owned()),
+            AgentKind::Codex => Some("read-only".to_owned()),
             _ => None,
         };
         let program = match kind {
