@@ -416,7 +416,14 @@ impl Driver<'_> {
                 _ = w.abort.cancelled() => return Err(End::Stop(Stop::Shutdown)),
                 _ = w.stale.cancelled() => return Err(End::Stop(Stop::Stale)),
                 _ = tokio::time::sleep_until(w.deadline) => return Err(End::Stop(Stop::TimedOut)),
-                Some(done) = self.perm_rx.recv() => self.answered(done),
+                Some(done) = self.perm_rx.recv() => {
+                    // A question the server cancelled (the task was cancelled, the attempt
+                    // ended) ends the prompt too, before the heartbeat brings the cancel.
+                    if self.answered(done) && self.cancelling.is_none() {
+                        self.cancel();
+                        self.cancelling = Some(Instant::now() + w.kill_grace);
+                    }
+                }
                 line = running.lines.recv() => match line {
                     None => return Err(End::Gone),
                     Some(l) => {
@@ -530,9 +537,10 @@ impl Driver<'_> {
         self.pending.insert(id_text, (id, handle.abort_handle()));
     }
 
-    fn answered(&mut self, (id_text, result, settled, tool): PermDone) {
+    /// Sends the answer to the agent; true if the question was cancelled.
+    fn answered(&mut self, (id_text, result, settled, tool): PermDone) -> bool {
         let Some((id, _)) = self.pending.remove(&id_text) else {
-            return;
+            return false;
         };
         self.send(json!({"jsonrpc": "2.0", "id": id, "result": result}));
         if settled.state != ApprovalState::Allowed {
@@ -541,8 +549,10 @@ impl Driver<'_> {
         for e in self.mapper.flush() {
             self.sink.event(e);
         }
+        // "permission", not "approval": the server logs its own `approval` events for the
+        // questions it holds; this one is the runner's answer to the agent, whatever decided it.
         self.sink.event(ev(
-            "approval",
+            "permission",
             json!({
                 "approval_id": settled.approval_id,
                 "tool": {"kind": tool.kind, "title": tool.title, "command": tool.command},
@@ -553,6 +563,7 @@ impl Driver<'_> {
                 "by": settled.by,
             }),
         ));
+        settled.state == ApprovalState::Cancelled
     }
 }
 

@@ -337,5 +337,40 @@ fn cut(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
+/// The real routes, through the tunnel client.
+impl ApprovalApi for tunnel_client::Client {
+    fn create<'a>(
+        &'a self,
+        task_id: &'a str,
+        req: &'a ApprovalRequest,
+    ) -> BoxFut<'a, Result<Approval, ApiError>> {
+        Box::pin(async move {
+            self.create_approval(task_id, req)
+                .await
+                .map_err(api_error)
+        })
+    }
+
+    fn wait<'a>(
+        &'a self,
+        task_id: &'a str,
+        approval_id: &'a str,
+        req: &'a ApprovalWait,
+    ) -> BoxFut<'a, Result<Approval, ApiError>> {
+        Box::pin(async move {
+            self.wait_approval(task_id, approval_id, req)
+                .await
+                .map_err(api_error)
+        })
+    }
+}
+
+fn api_error(e: tunnel_client::ClientError) -> ApiError {
+    match e.status() {
+        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => ApiError::Refused(e.to_string()),
+        _ => ApiError::Transient(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -146,7 +146,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         spool,
         programs,
         acp_programs,
-        approvals: None,
+        approvals: Some(Arc::new(client.clone())),
         abort: shutdown.abort.clone(),
     });
     let tracker = TaskTracker::new();

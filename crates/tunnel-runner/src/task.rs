@@ -406,8 +406,8 @@ async fn execute(
 }
 
 /// The task's own approval policy (from its submit).
-fn task_policy(_task: &tunnel_protocol::Task) -> ApprovalPolicy {
-    ApprovalPolicy::Auto
+fn task_policy(task: &tunnel_protocol::Task) -> ApprovalPolicy {
+    task.approvals.unwrap_or_default()
 }
 
 /// Renews the lease until the task is done; a held heartbeat brings a cancel at once.

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tunnel_protocol::{SessionMode, TaskEvent, TaskState};
+use tunnel_client::ApprovalQuery;
+use tunnel_protocol::{
+    Approval, ApprovalAnswer, ApprovalState, Decision, SessionMode, TaskEvent, TaskState,
+};
 use tunnel_runner::{AgentConfig, AgentKind, ApprovalPolicy};
 
 use crate::harness::{RunnerHandle, World, task};
@@ -37,10 +40,10 @@ fn kinds(events: &[TaskEvent]) -> Vec<&str> {
     events.iter().map(|e| e.kind.as_str()).collect()
 }
 
-fn approvals(events: &[TaskEvent]) -> Vec<&serde_json::Value> {
+fn permissions(events: &[TaskEvent]) -> Vec<&serde_json::Value> {
     events
         .iter()
-        .filter(|e| e.kind == "approval")
+        .filter(|e| e.kind == "permission")
         .map(|e| &e.data)
         .collect()
 }
@@ -131,7 +134,7 @@ async fn auto_allows_and_deny_rejects_at_once() {
     assert_eq!(t1.result.unwrap().text.as_deref(), Some("denied:no"));
     assert!(!proj.join("out.txt").exists(), "a denied command never ran");
     let ev = w.admin.events(&t1.id, 0).await.unwrap().events;
-    let a = approvals(&ev);
+    let a = permissions(&ev);
     assert_eq!(a.len(), 1, "{ev:?}");
     assert_eq!(a[0]["state"], "denied");
     assert_eq!(a[0]["by"], "policy deny");
@@ -148,7 +151,7 @@ async fn auto_allows_and_deny_rejects_at_once() {
         "allowed"
     );
     let ev = w.admin.events(&t2.id, 0).await.unwrap().events;
-    assert_eq!(approvals(&ev)[0]["by"], "policy auto");
+    assert_eq!(permissions(&ev)[0]["by"], "policy auto");
     r.stop().await.unwrap();
 }
 
@@ -196,6 +199,196 @@ async fn a_print_mode_agent_refuses_a_policy_it_cannot_keep() {
             .unwrap_or_default()
             .contains("cannot ask before it acts"),
     );
+    r.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// ask: the question goes to the server and waits for a person.
+
+/// The task's pending question, once the runner has asked it.
+async fn pending(w: &World, task_id: &str) -> Approval {
+    for _ in 0..600 {
+        let q = ApprovalQuery {
+            state: Some("pending".into()),
+            task: Some(task_id.into()),
+            limit: None,
+        };
+        if let Some(a) = w.admin.list_approvals(&q).await.unwrap().into_iter().next() {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("task {task_id} never asked");
+}
+
+async fn all_approvals(w: &World, task_id: &str) -> Vec<Approval> {
+    let q = ApprovalQuery {
+        state: None,
+        task: Some(task_id.into()),
+        limit: None,
+    };
+    w.admin.list_approvals(&q).await.unwrap()
+}
+
+fn answer(decision: Decision, message: Option<&str>) -> ApprovalAnswer {
+    ApprovalAnswer {
+        decision,
+        message: message.map(str::to_owned),
+        by: Some("alice".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_waits_for_a_person_and_does_what_they_said() {
+    let w = World::start().await;
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let log = w.dir.path().join("agent.log");
+    let mut c = w.config("r-ask");
+    c.projects.insert("proj".into(), proj.clone());
+    let mut ask = tiny(&log);
+    ask.approvals = ApprovalPolicy::Ask;
+    c.agents.insert("tiny".into(), ask);
+    c.agents.insert("loose".into(), tiny(&log));
+    let r = RunnerHandle::spawn(c);
+    let submit = |prompt: &str, agent: &str| {
+        let mut t = task(agent, prompt);
+        t.project = Some("proj".into());
+        t
+    };
+
+    // Allow once.
+    let t = w.submit(submit("tool: echo yes > once.txt", "tiny")).await;
+    let a = pending(&w, &t.id).await;
+    assert_eq!(a.tool.kind, "execute");
+    assert_eq!(a.tool.command.as_deref(), Some("echo yes > once.txt"));
+    assert_eq!(a.tool.paths, vec![proj.join("out.txt").display().to_string()]);
+    assert_eq!(a.options.len(), 3, "{a:?}");
+    assert!(!proj.join("once.txt").exists(), "nothing runs before the answer");
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::AllowOnce, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("allowed:yes"));
+    assert!(proj.join("once.txt").exists());
+    let ev = w.admin.events(&t.id, 0).await.unwrap().events;
+    let logged = permissions(&ev);
+    assert_eq!(logged.len(), 1, "{ev:?}");
+    assert_eq!(logged[0]["state"], "allowed");
+    assert_eq!(logged[0]["approval_id"], a.id.as_str());
+
+    // Deny, with a message.
+    let t = w.submit(submit("tool: echo no > deny.txt", "tiny")).await;
+    let a = pending(&w, &t.id).await;
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::Deny, Some("not now")))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("denied:no"));
+    assert!(!proj.join("deny.txt").exists(), "a denied command never ran");
+
+    // Allow for the session: the second identical request is not asked again.
+    let t = w.submit(submit("twice: echo s >> session.txt", "tiny")).await;
+    let a = pending(&w, &t.id).await;
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::AllowSession, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(
+        t.result.unwrap().text.as_deref(),
+        Some("allowed:always allowed:always")
+    );
+    assert_eq!(
+        std::fs::read_to_string(proj.join("session.txt")).unwrap(),
+        "s\ns\n"
+    );
+    assert_eq!(all_approvals(&w, &t.id).await.len(), 1, "asked once");
+    let ev = w.admin.events(&t.id, 0).await.unwrap().events;
+    let logged = permissions(&ev);
+    assert_eq!(logged.len(), 2, "{ev:?}");
+    assert_eq!(logged[1]["by"], "allowed for this session earlier");
+
+    // A task asks for `ask` on an agent configured `auto`: the stricter wins.
+    let mut strict = submit("tool: echo t > task.txt", "loose");
+    strict.approvals = Some(ApprovalPolicy::Ask);
+    let t = w.submit(strict).await;
+    let a = pending(&w, &t.id).await;
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::Deny, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("denied:no"));
+
+    // Cancel while the question is pending: cancelled, nothing executed.
+    let t = w.submit(submit("tool: echo c > cancel.txt", "tiny")).await;
+    let a = pending(&w, &t.id).await;
+    w.admin.cancel(&t.id).await.unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+    assert!(!proj.join("cancel.txt").exists());
+    let a = w.admin.get_approval(&a.id).await.unwrap();
+    assert_eq!(a.state, ApprovalState::Cancelled, "{a:?}");
+    let sent = std::fs::read_to_string(&log).unwrap();
+    assert!(sent.contains("\"session/cancel\""), "{sent}");
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_question_times_out_as_denied() {
+    let w = World::start().await;
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let mut c = w.config("r-timeout");
+    c.projects.insert("proj".into(), proj.clone());
+    c.approval_timeout = Duration::from_secs(1);
+    let mut ask = tiny(&w.dir.path().join("agent.log"));
+    ask.approvals = ApprovalPolicy::Ask;
+    c.agents.insert("tiny".into(), ask);
+    let r = RunnerHandle::spawn(c);
+    let mut t = task("tiny", "tool: echo late > late.txt");
+    t.project = Some("proj".into());
+    let t = w.ended(&w.submit(t).await.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("denied:no"));
+    assert!(!proj.join("late.txt").exists());
+    let ev = w.admin.events(&t.id, 0).await.unwrap().events;
+    assert_eq!(permissions(&ev)[0]["state"], "expired", "{ev:?}");
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_question_survives_a_server_restart() {
+    let mut w = World::start().await;
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let mut c = w.config("r-restart");
+    c.projects.insert("proj".into(), proj.clone());
+    let mut ask = tiny(&w.dir.path().join("agent.log"));
+    ask.approvals = ApprovalPolicy::Ask;
+    c.agents.insert("tiny".into(), ask);
+    let r = RunnerHandle::spawn(c);
+    let mut t = task("tiny", "tool: echo after > restart.txt");
+    t.project = Some("proj".into());
+    let t = w.submit(t).await;
+    let a = pending(&w, &t.id).await;
+    w.restart_server().await;
+    // Still pending after the restart, and answerable.
+    let again = w.admin.get_approval(&a.id).await.unwrap();
+    assert_eq!(again.state, ApprovalState::Pending, "{again:?}");
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::AllowOnce, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("allowed:yes"));
+    assert!(proj.join("restart.txt").exists());
     r.stop().await.unwrap();
 }
 
@@ -317,7 +510,7 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
     );
     let k = kinds(&ev);
     assert!(k.contains(&"tool_call") && k.contains(&"tool_call_update"), "{name}: {k:?}");
-    let a = approvals(&ev);
+    let a = permissions(&ev);
     assert_eq!(a.len(), 1, "{name}: {ev:?}");
     assert_eq!(a[0]["by"], "policy auto");
     assert_eq!(a[0]["tool"]["kind"], "execute");
@@ -330,7 +523,7 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
     let t4 = w.ended(&w.submit(denied).await.id).await;
     let ev = w.admin.events(&t4.id, 0).await.unwrap().events;
     assert!(!proj.join("denied.txt").exists(), "{name}: {ev:?}");
-    assert_eq!(approvals(&ev)[0]["state"], "denied", "{name}: {ev:?}");
+    assert_eq!(permissions(&ev)[0]["state"], "denied", "{name}: {ev:?}");
     let res = t4.result.clone().unwrap();
     if r.kind == AgentKind::Codex {
         // Codex ends its turn when told no: the task fails and says why.
