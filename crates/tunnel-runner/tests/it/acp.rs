@@ -562,3 +562,98 @@ async fn real_codex_adapter_runs_tasks_and_keeps_policies() {
         real_adapter_runs_tasks_and_keeps_policies(r).await;
     }
 }
+
+/// `ask` with the real agent: allow once runs the command; allow for the session answers the
+/// second identical request without asking; a cancel while the question waits runs nothing.
+async fn real_adapter_asks(r: Real) {
+    let name = r.name;
+    let w = World::start().await;
+    let api = crate::clis::ModelApi::start(&w.dir.path().join(format!("{name}-requests.jsonl")));
+    let home = w.dir.path().join(format!("home-{name}"));
+    let mut env = crate::clis::real_env(name, &home, &api.url);
+    env.insert("IS_SANDBOX".into(), "1".into());
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let mut agent = AgentConfig::builtin(r.kind, "/nonexistent/print-mode-cli");
+    agent.env = env;
+    let launch = agent.acp.as_mut().unwrap();
+    launch.program = r.bin.display().to_string();
+    launch.args = r.args.clone();
+    agent.approvals = ApprovalPolicy::Ask;
+    let mut c = w.config(&format!("r-{name}-ask"));
+    c.projects.insert("proj".into(), proj.clone());
+    c.agents.insert(name.into(), agent);
+    let runner = RunnerHandle::spawn(c);
+    let submit = |prompt: &str| {
+        let mut t = task(name, prompt);
+        t.project = Some("proj".into());
+        t.session = SessionMode::New;
+        t
+    };
+
+    api.scenario(serde_json::json!({"scenario": "tool", "tool_command": "echo asked > asked.txt", "tool_calls": 1, "escalate": r.escalate}));
+    let t = w.submit(submit("write it")).await;
+    let a = pending(&w, &t.id).await;
+    assert_eq!(a.tool.kind, "execute", "{name}: {a:?}");
+    assert_eq!(a.tool.command.as_deref(), Some("echo asked > asked.txt"), "{name}: {a:?}");
+    assert!(!proj.join("asked.txt").exists(), "{name}: nothing runs before the answer");
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::AllowOnce, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    let ev = w.admin.events(&t.id, 0).await.unwrap().events;
+    assert_eq!(t.state, TaskState::Succeeded, "{name}: {t:?} {ev:?}");
+    assert!(proj.join("asked.txt").exists(), "{name}: {ev:?}");
+
+    api.scenario(serde_json::json!({"scenario": "tool", "tool_command": "echo s >> session.txt", "tool_calls": 2, "escalate": r.escalate}));
+    let t = w.submit(submit("write it twice")).await;
+    let a = pending(&w, &t.id).await;
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::AllowSession, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    let ev = w.admin.events(&t.id, 0).await.unwrap().events;
+    assert_eq!(t.state, TaskState::Succeeded, "{name}: {t:?} {ev:?}");
+    assert_eq!(
+        std::fs::read_to_string(proj.join("session.txt")).unwrap_or_default(),
+        "s\ns\n",
+        "{name}: {ev:?}"
+    );
+    assert_eq!(all_approvals(&w, &t.id).await.len(), 1, "{name}: asked once");
+
+    api.scenario(serde_json::json!({"scenario": "tool", "tool_command": "echo c > cancel.txt", "tool_calls": 1, "escalate": r.escalate}));
+    let t = w.submit(submit("write, then be cancelled")).await;
+    let a = pending(&w, &t.id).await;
+    w.admin.cancel(&t.id).await.unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Cancelled, "{name}: {t:?}");
+    let a = w.admin.get_approval(&a.id).await.unwrap();
+    assert_eq!(a.state, ApprovalState::Cancelled, "{name}: {a:?}");
+    // Give a runaway agent the time it would need to run the command anyway.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!proj.join("cancel.txt").exists(), "{name}: nothing ran");
+    runner.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_claude_adapter_asks() {
+    if let Some(r) = real("claude", AgentKind::Claude, "CLAUDE_ACP_BIN", &[], "real_claude_adapter_asks") {
+        real_adapter_asks(r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_gemini_acp_asks() {
+    if let Some(r) = real("gemini", AgentKind::Gemini, "GEMINI_BIN", &["--acp"], "real_gemini_acp_asks") {
+        real_adapter_asks(r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_codex_adapter_asks() {
+    if let Some(r) = real("codex", AgentKind::Codex, "CODEX_ACP_BIN", &[], "real_codex_adapter_asks") {
+        real_adapter_asks(r).await;
+    }
+}
