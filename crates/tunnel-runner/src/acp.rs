@@ -8,13 +8,13 @@
 //! [`Gate`]). The client advertises no `fs` or `terminal` capability: the agent works on its
 //! own disk, and any `fs/*`, `terminal/*` or other request gets -32601 (method not found).
 //!
-//! Why a hand-written client instead of the `agent-client-protocol` crate (5.2.0, no default
-//! features), measured on this 2-core box (see docs/BENCHMARKS.md): the crate pulls 63 crates,
-//! 24 of them new to the workspace (derive_more, darling, serde_with, strum, futures-concurrency
-//! …) and a cold debug build of it alone took about 53 s of wall time; this module needs the
-//! dozen messages below, uses the serde_json and tokio the runner already has, and adds no
-//! dependency. The wire format is small and stable (v1), and the types that matter to the rest
-//! of tunnel (approvals) are our own protocol types anyway.
+//! Why a hand-written client instead of the `agent-client-protocol` crate (5.2.0, features
+//! off), measured on the 2-core build box (docs/BENCHMARKS.md): the crate alone compiles 63
+//! crates, 24 of them new to this workspace (derive_more, darling, serde_with, strum,
+//! futures-concurrency…); its cold debug build took 1 min 44 s wall (49 s user CPU) and 342 MB
+//! of target. This module needs the dozen v1 messages below, uses the serde_json and tokio the
+//! runner already has, and adds no dependency; the types that reach the rest of tunnel
+//! (approvals) are our own protocol types anyway.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
