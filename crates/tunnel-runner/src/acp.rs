@@ -919,3 +919,74 @@ impl Mapper {
 
 #[cfg(test)]
 mod tests;
+
+/// What an agent said to `initialize` (for `tunnel doctor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpProbe {
+    pub protocol_version: u64,
+    /// `agentInfo.name` and `.version`, when the agent sends them.
+    pub agent_name: Option<String>,
+    pub agent_version: Option<String>,
+}
+
+/// Starts an ACP agent, sends `initialize`, and stops it: whether it speaks ACP and which.
+pub async fn probe(
+    program: &str,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    dir: &Path,
+    within: Duration,
+) -> Result<AcpProbe, String> {
+    let inv = Invocation {
+        program: program.to_owned(),
+        args: args.to_vec(),
+        stdin: None,
+        keep_stdin: true,
+    };
+    let mut running =
+        supervisor::spawn(&inv, dir, env).map_err(|e| format!("cannot start {program}: {e}"))?;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": PROTOCOL_VERSION,
+        "clientCapabilities": {"fs": {"readTextFile": false, "writeTextFile": false}, "terminal": false},
+        "clientInfo": {"name": "tunnel-doctor", "version": env!("CARGO_PKG_VERSION")},
+    }});
+    let mut stdin = running.child.stdin.take();
+    let answer = async {
+        let s = stdin.as_mut().ok_or("no stdin")?;
+        s.write_all(format!("{init}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.flush().await.map_err(|e| e.to_string())?;
+        while let Some(line) = running.lines.recv().await {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["id"] == 1 && v.get("method").is_none() {
+                if !v["error"].is_null() {
+                    return Err(format!(
+                        "initialize failed: {}",
+                        snippet(&v["error"].to_string())
+                    ));
+                }
+                let r = &v["result"];
+                return Ok(AcpProbe {
+                    protocol_version: r["protocolVersion"].as_u64().unwrap_or(0),
+                    agent_name: r["agentInfo"]["name"].as_str().map(str::to_owned),
+                    agent_version: r["agentInfo"]["version"].as_str().map(str::to_owned),
+                });
+            }
+        }
+        Err("it ended without answering initialize".to_owned())
+    };
+    let result = match tokio::time::timeout(within, answer).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no answer to initialize within {} s",
+            within.as_secs()
+        )),
+    };
+    drop(stdin);
+    running.terminate(Duration::from_millis(500)).await;
+    let tail = running.stderr_tail().await;
+    result.map_err(|e| format!("{e}{}", last_line(&tail)))
+}

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tunnel_client::{Client, ClientError};
 use tunnel_protocol::ClaimRequest;
 
+pub use acp::{AcpProbe, probe as acp_probe};
 pub use config::{AcpLaunch, AgentConfig, AgentKind, ApprovalPolicy, OutputMode, RunnerConfig};
 
 /// Why the runner stopped on its own.

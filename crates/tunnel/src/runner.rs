@@ -112,13 +112,14 @@ pub(crate) fn runner_config(
             .remove(&name)
             .filter(|a| a.kind == kind)
             .unwrap_or_else(|| AgentConfig::builtin(kind, name.clone()));
+        let has_program = section.program.is_some();
         if let Some(p) = section.program {
             agent.program = p;
         }
         if let Some(cmd) = section.command {
             agent.command = cmd;
         }
-        if kind == AgentKind::Acp && section.program.is_none() {
+        if kind == AgentKind::Acp && !has_program {
             bail!(
                 "ACP agent {name}: set `program` (and `args`), e.g. program = \"claude-agent-acp\" or program = \"gemini\", args = [\"--acp\"]"
             );
