@@ -269,3 +269,72 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
         .context("the server failed")?;
     result.context("the runner stopped")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<RunnerConfig> {
+        let file: FileConfig = toml::from_str(toml_text).unwrap();
+        let opts = RunnerOpts {
+            name: Some("t".into()),
+            max_concurrent: None,
+            projects: vec![],
+        };
+        runner_config("http://127.0.0.1:1".into(), "x".into(), &opts, file.runner)
+    }
+
+    #[test]
+    fn acp_agents_and_approval_policies_come_from_the_config() {
+        let c = parse(
+            r#"
+            [runner]
+            approval_timeout_secs = 120
+            [runner.agents.claude]
+            approvals = "ask"
+            acp_program = "/opt/claude-agent-acp"
+            [runner.agents.qwen]
+            kind = "acp"
+            program = "qwen"
+            args = ["--acp"]
+            approvals = "deny"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.approval_timeout, Duration::from_secs(120));
+        let claude = &c.agents["claude"];
+        assert_eq!(claude.approvals, tunnel_runner::ApprovalPolicy::Ask);
+        assert_eq!(claude.acp.as_ref().unwrap().program, "/opt/claude-agent-acp");
+        assert_eq!(claude.acp_mode.as_deref(), Some("default"));
+        let qwen = &c.agents["qwen"];
+        assert_eq!(qwen.kind, AgentKind::Acp);
+        assert_eq!(qwen.args, vec!["--acp"]);
+        // Untouched built-ins keep auto and their adapters.
+        assert_eq!(c.agents["codex"].approvals, tunnel_runner::ApprovalPolicy::Auto);
+        assert_eq!(c.agents["codex"].acp.as_ref().unwrap().program, "codex-acp");
+    }
+
+    #[test]
+    fn a_policy_an_agent_cannot_keep_is_refused() {
+        let e = parse(
+            r#"
+            [runner.agents.mine]
+            program = "my-agent"
+            command = ["{prompt}"]
+            approvals = "ask"
+            "#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("needs an agent that can ask"), "{e}");
+        let e = parse("[runner.agents.x]\nkind = \"acp\"\n").unwrap_err();
+        assert!(e.to_string().contains("set `program`"), "{e}");
+        let e = parse("[runner.agents.echo]\nacp_program = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("for the built-in agents"), "{e}");
+        let e = parse("[runner]\napproval_timeout_secs = 0\n").unwrap_err();
+        assert!(e.to_string().contains("approval_timeout_secs"), "{e}");
+        assert!(
+            toml::from_str::<FileConfig>("[runner.agents.claude]\napprovals = \"maybe\"\n")
+                .is_err()
+        );
+    }
+}
