@@ -344,6 +344,14 @@ impl Driver<'_> {
             }
         }
         if let Some(model) = r.model
+            && model_option(&info).is_none()
+        {
+            self.sink.event(ev(
+                "log",
+                json!({"line": format!("the agent has no model option; model {} not applied", snippet(model))}),
+            ));
+        }
+        if let Some(model) = r.model
             && let Some(option) = model_option(&info)
         {
             match self

@@ -114,6 +114,36 @@ async fn an_acp_agent_from_config_runs_tasks_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_fallback_and_usage_limits_work_over_acp() {
+    let w = World::start().await;
+    let mut c = w.config("r-models");
+    let mut a = tiny(&w.dir.path().join("agent.log"));
+    a.models = vec!["bad".into(), "unknown".into(), "good".into()];
+    c.agents.insert("tiny".into(), a);
+    let r = RunnerHandle::spawn(c);
+    let t = w.ended(&w.submit(task("tiny", "hi")).await.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("echo: hi"));
+    let ev = w.admin.events(&t.id, 0).await.unwrap().events;
+    let fallbacks: Vec<_> = ev.iter().filter(|e| e.kind == "fallback").collect();
+    assert_eq!(fallbacks.len(), 2, "{ev:?}");
+    assert_eq!(fallbacks[0].data["to"], "unknown");
+    assert!(
+        fallbacks[1].data["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not take model unknown"),
+        "{fallbacks:?}"
+    );
+
+    // A usage limit parks the task (no reset time from the agent: the default park).
+    let t = w.submit(task("tiny", "limit")).await;
+    let t = w.reaches(&t.id, TaskState::Parked).await;
+    assert!(t.not_before.is_some(), "{t:?}");
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_allows_and_deny_rejects_at_once() {
     let w = World::start().await;
     let proj = w.dir.path().join("proj");
