@@ -426,11 +426,17 @@ impl Driver<'_> {
                 _ = tokio::time::sleep_until(w.deadline) => return Err(End::Stop(Stop::TimedOut)),
                 Some(done) = self.perm_rx.recv() => {
                     // A question the server cancelled (the task was cancelled, the attempt
-                    // ended) ends the prompt too, before the heartbeat brings the cancel.
-                    if self.answered(done) && self.cancelling.is_none() {
+                    // ended) ends the prompt too, before the heartbeat brings the cancel:
+                    // `session/cancel` first, then the answers, as ACP asks.
+                    if done.2.state == ApprovalState::Cancelled && self.cancelling.is_none() {
+                        let this = self.pending.remove(&done.0);
                         self.cancel();
                         self.cancelling = Some(Instant::now() + w.kill_grace);
+                        if let Some(p) = this {
+                            self.pending.insert(done.0.clone(), p);
+                        }
                     }
+                    self.answered(done);
                 }
                 line = running.lines.recv() => match line {
                     None => return Err(End::Gone),
@@ -444,15 +450,15 @@ impl Driver<'_> {
         }
     }
 
-    /// Cancels the prompt: pending questions are answered `cancelled`, then `session/cancel`.
+    /// Cancels the prompt: `session/cancel`, then every pending question answered `cancelled`.
     fn cancel(&mut self) {
+        if let Some(sid) = &self.session_id {
+            self.send(json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}}));
+        }
         self.gate_stop.cancel();
         for (_, (id, task)) in self.pending.drain() {
             task.abort();
             let _ = self.out.send(json!({"jsonrpc": "2.0", "id": id, "result": {"outcome": {"outcome": "cancelled"}}}));
-        }
-        if let Some(sid) = &self.session_id {
-            self.send(json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}}));
         }
         self.sink
             .event(ev("log", json!({"line": "cancel sent to the agent"})));
@@ -545,10 +551,10 @@ impl Driver<'_> {
         self.pending.insert(id_text, (id, handle.abort_handle()));
     }
 
-    /// Sends the answer to the agent; true if the question was cancelled.
-    fn answered(&mut self, (id_text, result, settled, tool): PermDone) -> bool {
+    /// Sends the answer to the agent.
+    fn answered(&mut self, (id_text, result, settled, tool): PermDone) {
         let Some((id, _)) = self.pending.remove(&id_text) else {
-            return false;
+            return;
         };
         self.send(json!({"jsonrpc": "2.0", "id": id, "result": result}));
         if settled.state != ApprovalState::Allowed {
@@ -571,7 +577,6 @@ impl Driver<'_> {
                 "by": settled.by,
             }),
         ));
-        settled.state == ApprovalState::Cancelled
     }
 }
 
