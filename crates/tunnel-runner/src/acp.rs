@@ -136,7 +136,9 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
     gate_stop.cancel();
     for (_, (id, task)) in d.pending.drain() {
         task.abort();
-        let _ = d.out.send(json!({"jsonrpc": "2.0", "id": id, "result": {"outcome": {"outcome": "cancelled"}}}));
+        let _ = d.out.send(
+            json!({"jsonrpc": "2.0", "id": id, "result": {"outcome": {"outcome": "cancelled"}}}),
+        );
     }
     for e in d.mapper.flush() {
         sink.event(e);
@@ -266,7 +268,9 @@ impl Driver<'_> {
         if version != PROTOCOL_VERSION {
             return Err(End::Rpc(
                 0,
-                format!("the agent speaks ACP version {version}; tunnel speaks version {PROTOCOL_VERSION}"),
+                format!(
+                    "the agent speaks ACP version {version}; tunnel speaks version {PROTOCOL_VERSION}"
+                ),
             ));
         }
         let can_load = init["agentCapabilities"]["loadSession"] == true;
@@ -326,8 +330,8 @@ impl Driver<'_> {
             let offered = info["modes"]["availableModes"]
                 .as_array()
                 .is_some_and(|m| m.iter().any(|x| x["id"] == mode));
-            if offered {
-                if let Err(End::Rpc(_, m)) = self
+            let failed = if offered {
+                match self
                     .call(
                         running,
                         w,
@@ -336,11 +340,18 @@ impl Driver<'_> {
                     )
                     .await
                 {
-                    self.sink.event(ev(
-                        "log",
-                        json!({"line": format!("could not select mode {mode}: {}", snippet(&m))}),
-                    ));
+                    Ok(_) => None,
+                    Err(End::Rpc(_, m)) => Some(snippet(&m)),
+                    Err(e) => return Err(e),
                 }
+            } else {
+                Some("the agent does not offer it".to_owned())
+            };
+            if let Some(why) = failed {
+                self.sink.event(ev(
+                    "log",
+                    json!({"line": format!("could not select mode {mode}: {why}")}),
+                ));
             }
         }
         if let Some(model) = r.model
@@ -453,7 +464,9 @@ impl Driver<'_> {
     /// Cancels the prompt: `session/cancel`, then every pending question answered `cancelled`.
     fn cancel(&mut self) {
         if let Some(sid) = &self.session_id {
-            self.send(json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}}));
+            self.send(
+                json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}}),
+            );
         }
         self.gate_stop.cancel();
         for (_, (id, task)) in self.pending.drain() {
@@ -469,8 +482,7 @@ impl Driver<'_> {
         let Ok(msg) = serde_json::from_str::<Value>(line) else {
             // Not JSON-RPC (an agent printing to stdout): kept as a log line.
             if !line.trim().is_empty() {
-                self.sink
-                    .event(ev("log", json!({"line": snippet(line)})));
+                self.sink.event(ev("log", json!({"line": snippet(line)})));
             }
             return None;
         };
@@ -835,7 +847,10 @@ impl Mapper {
                 if !locations.is_empty() {
                     data["locations"] = json!(locations);
                 }
-                if let Some(i) = u.get("rawInput").filter(|v| !v.is_null() && **v != json!({})) {
+                if let Some(i) = u
+                    .get("rawInput")
+                    .filter(|v| !v.is_null() && **v != json!({}))
+                {
                     data["input"] = snippet_value(i);
                 }
                 let texts: Vec<String> = u["content"]
@@ -860,7 +875,14 @@ impl Mapper {
                 }
                 // An update that says nothing a reader can use (only adapter metadata) is dropped.
                 if data.as_object().is_some_and(|o| o.len() > 1) {
-                    out.push(ev(if kind == "tool_call" { "tool_call" } else { "tool_call_update" }, data));
+                    out.push(ev(
+                        if kind == "tool_call" {
+                            "tool_call"
+                        } else {
+                            "tool_call_update"
+                        },
+                        data,
+                    ));
                 }
             }
             "plan" => {
@@ -871,7 +893,9 @@ impl Mapper {
                 self.usage = Some(json!({"used": u["used"], "size": u["size"], "cost": u["cost"]}));
             }
             // Menus and settings of an interactive client: nothing a task reader needs.
-            "available_commands_update" | "config_option_update" | "current_mode_update"
+            "available_commands_update"
+            | "config_option_update"
+            | "current_mode_update"
             | "session_info_update" => {}
             _ => {
                 out.extend(self.flush());
@@ -898,7 +922,12 @@ impl Mapper {
     }
 
     /// The result of a prompt that ended with `stop_reason`.
-    pub(crate) fn verdict(&mut self, stop_reason: &str, sid: Option<String>, exit: &Exit) -> Verdict {
+    pub(crate) fn verdict(
+        &mut self,
+        stop_reason: &str,
+        sid: Option<String>,
+        exit: &Exit,
+    ) -> Verdict {
         let text = self.answer();
         let usage = self.usage();
         let ok = TaskResult {

@@ -169,10 +169,12 @@ pub(crate) fn parser(agent: &AgentConfig) -> Box<dyn Parser> {
         AgentKind::Claude => Box::<Claude>::default(),
         AgentKind::Codex => Box::<Codex>::default(),
         AgentKind::Gemini => Box::<Gemini>::default(),
-        AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => Box::new(Custom {
-            mode: agent.output,
-            ..Default::default()
-        }),
+        AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => {
+            Box::new(Custom {
+                mode: agent.output,
+                ..Default::default()
+            })
+        }
     }
 }
 

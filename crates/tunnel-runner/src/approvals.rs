@@ -84,29 +84,37 @@ pub(crate) fn signature(tool: &ApprovalTool) -> String {
 }
 
 fn pick(options: &[ApprovalOption], kinds: &[ApprovalOptionKind]) -> Option<String> {
-    kinds.iter().find_map(|k| {
-        options
-            .iter()
-            .find(|o| o.kind == *k)
-            .map(|o| o.id.clone())
-    })
+    kinds
+        .iter()
+        .find_map(|k| options.iter().find(|o| o.kind == *k).map(|o| o.id.clone()))
 }
 
 pub(crate) fn allow_option(options: &[ApprovalOption]) -> Option<String> {
     pick(
         options,
-        &[ApprovalOptionKind::AllowOnce, ApprovalOptionKind::AllowAlways],
+        &[
+            ApprovalOptionKind::AllowOnce,
+            ApprovalOptionKind::AllowAlways,
+        ],
     )
 }
 
 pub(crate) fn reject_option(options: &[ApprovalOption]) -> Option<String> {
     pick(
         options,
-        &[ApprovalOptionKind::RejectOnce, ApprovalOptionKind::RejectAlways],
+        &[
+            ApprovalOptionKind::RejectOnce,
+            ApprovalOptionKind::RejectAlways,
+        ],
     )
 }
 
-fn local(state: ApprovalState, decision: Option<Decision>, option_id: Option<String>, by: &str) -> Settled {
+fn local(
+    state: ApprovalState,
+    decision: Option<Decision>,
+    option_id: Option<String>,
+    by: &str,
+) -> Settled {
     Settled {
         state,
         decision,
@@ -177,7 +185,10 @@ impl Gate {
         if remembered {
             let id = pick(
                 options,
-                &[ApprovalOptionKind::AllowAlways, ApprovalOptionKind::AllowOnce],
+                &[
+                    ApprovalOptionKind::AllowAlways,
+                    ApprovalOptionKind::AllowOnce,
+                ],
             );
             return local(
                 ApprovalState::Allowed,
@@ -278,7 +289,12 @@ impl Gate {
                 Err(ApiError::Refused(m)) => {
                     return Settled {
                         approval_id: Some(approval.id.clone()),
-                        ..local(ApprovalState::Cancelled, None, None, &format!("server: {m}"))
+                        ..local(
+                            ApprovalState::Cancelled,
+                            None,
+                            None,
+                            &format!("server: {m}"),
+                        )
                     };
                 }
                 Err(ApiError::Transient(m)) => {
@@ -299,13 +315,15 @@ impl Gate {
                 }
             }
         }
-        let outcome = approval.outcome.unwrap_or(tunnel_protocol::ApprovalOutcome {
-            decision: None,
-            option_id: None,
-            message: None,
-            by: "server".into(),
-            at: 0,
-        });
+        let outcome = approval
+            .outcome
+            .unwrap_or(tunnel_protocol::ApprovalOutcome {
+                decision: None,
+                option_id: None,
+                message: None,
+                by: "server".into(),
+                at: 0,
+            });
         // Only an option the agent offered is ever sent back to it.
         let option_id = outcome
             .option_id
@@ -344,11 +362,7 @@ impl ApprovalApi for tunnel_client::Client {
         task_id: &'a str,
         req: &'a ApprovalRequest,
     ) -> BoxFut<'a, Result<Approval, ApiError>> {
-        Box::pin(async move {
-            self.create_approval(task_id, req)
-                .await
-                .map_err(api_error)
-        })
+        Box::pin(async move { self.create_approval(task_id, req).await.map_err(api_error) })
     }
 
     fn wait<'a>(
@@ -367,7 +381,9 @@ impl ApprovalApi for tunnel_client::Client {
 
 fn api_error(e: tunnel_client::ClientError) -> ApiError {
     match e.status() {
-        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => ApiError::Refused(e.to_string()),
+        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
+            ApiError::Refused(e.to_string())
+        }
         _ => ApiError::Transient(e.to_string()),
     }
 }

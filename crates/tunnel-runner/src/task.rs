@@ -272,7 +272,11 @@ async fn execute(
                 env: &env,
                 dir: &dir,
                 prompt: &task.prompt,
-                model: if model_env.is_some() { None } else { model.as_deref() },
+                model: if model_env.is_some() {
+                    None
+                } else {
+                    model.as_deref()
+                },
                 resume: offer.resume_session_id.as_deref(),
                 mode: agent.acp_mode.as_deref(),
             };
@@ -286,69 +290,69 @@ async fn execute(
             let ended = crate::acp::run(&run, gate.clone(), reporter, &watch).await;
             (ended.stop, ended.exit, Some(ended.verdict))
         } else {
-        let inv = adapter::invocation(
-            &resolved,
-            &InvocationInput {
-                prompt: &task.prompt,
-                model: model.as_deref(),
-                resume: offer.resume_session_id.as_deref(),
-                task_id: &task.id,
-                project_dir: &dir,
-            },
-        );
-        let mut running = match supervisor::spawn(&inv, &dir, &agent.env) {
-            Ok(r) => r,
-            Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
-        };
-        reporter.set_pgid(Some(running.pgid));
-        let mut parser = adapter::parser(agent);
-        let mut stop = None;
-        let mut stdout_open = true;
-        let status = loop {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {
-                    stop = Some(Stop::Cancelled);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                _ = ctx.abort.cancelled() => {
-                    stop = Some(Stop::Shutdown);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                _ = reporter.stale.cancelled() => {
-                    stop = Some(Stop::Stale);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    stop = Some(Stop::TimedOut);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                line = running.lines.recv(), if stdout_open => match line {
-                    Some(l) => parser.line(&l).into_iter().for_each(|e| reporter.event(e)),
-                    None => stdout_open = false,
+            let inv = adapter::invocation(
+                &resolved,
+                &InvocationInput {
+                    prompt: &task.prompt,
+                    model: model.as_deref(),
+                    resume: offer.resume_session_id.as_deref(),
+                    task_id: &task.id,
+                    project_dir: &dir,
                 },
-                status = running.child.wait() => break status.ok(),
+            );
+            let mut running = match supervisor::spawn(&inv, &dir, &agent.env) {
+                Ok(r) => r,
+                Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+            };
+            reporter.set_pgid(Some(running.pgid));
+            let mut parser = adapter::parser(agent);
+            let mut stop = None;
+            let mut stdout_open = true;
+            let status = loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {
+                        stop = Some(Stop::Cancelled);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    _ = ctx.abort.cancelled() => {
+                        stop = Some(Stop::Shutdown);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    _ = reporter.stale.cancelled() => {
+                        stop = Some(Stop::Stale);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        stop = Some(Stop::TimedOut);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    line = running.lines.recv(), if stdout_open => match line {
+                        Some(l) => parser.line(&l).into_iter().for_each(|e| reporter.event(e)),
+                        None => stdout_open = false,
+                    },
+                    status = running.child.wait() => break status.ok(),
+                }
+            };
+            running.reap_group().await;
+            // What the agent printed just before it ended (bounded: a leftover grandchild may hold
+            // the pipe open).
+            while let Ok(Some(l)) =
+                tokio::time::timeout(Duration::from_secs(2), running.lines.recv()).await
+            {
+                parser.line(&l).into_iter().for_each(|e| reporter.event(e));
             }
-        };
-        running.reap_group().await;
-        // What the agent printed just before it ended (bounded: a leftover grandchild may hold
-        // the pipe open).
-        while let Ok(Some(l)) =
-            tokio::time::timeout(Duration::from_secs(2), running.lines.recv()).await
-        {
-            parser.line(&l).into_iter().for_each(|e| reporter.event(e));
-        }
-        reporter.set_pgid(None);
-        let exit = Exit {
-            code: status.and_then(|s| s.code()),
-            signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
-            stderr_tail: running.stderr_tail().await,
-        };
-        let verdict = match stop {
-            None => Some(parser.finish(&exit)),
-            Some(_) => None,
-        };
-        (stop, exit, verdict)
+            reporter.set_pgid(None);
+            let exit = Exit {
+                code: status.and_then(|s| s.code()),
+                signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+                stderr_tail: running.stderr_tail().await,
+            };
+            let verdict = match stop {
+                None => Some(parser.finish(&exit)),
+                Some(_) => None,
+            };
+            (stop, exit, verdict)
         };
         let partial = |error: String| TaskResult {
             error: Some(error),

@@ -465,7 +465,10 @@ async fn check_acp(r: &mut Report, name: &str, agent: &tunnel_runner::AgentConfi
         ),
         Err(e) => {
             let what = format!("{shown}: no ACP answer ({e})");
-            let fix = format!("run `{program} {}` by hand: it should wait for JSON-RPC on stdin", args.join(" "));
+            let fix = format!(
+                "run `{program} {}` by hand: it should wait for JSON-RPC on stdin",
+                args.join(" ")
+            );
             if needed {
                 r.fail(&what, &fix);
             } else {

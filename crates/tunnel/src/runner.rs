@@ -304,13 +304,19 @@ mod tests {
         assert_eq!(c.approval_timeout, Duration::from_secs(120));
         let claude = &c.agents["claude"];
         assert_eq!(claude.approvals, tunnel_runner::ApprovalPolicy::Ask);
-        assert_eq!(claude.acp.as_ref().unwrap().program, "/opt/claude-agent-acp");
+        assert_eq!(
+            claude.acp.as_ref().unwrap().program,
+            "/opt/claude-agent-acp"
+        );
         assert_eq!(claude.acp_mode.as_deref(), Some("default"));
         let qwen = &c.agents["qwen"];
         assert_eq!(qwen.kind, AgentKind::Acp);
         assert_eq!(qwen.args, vec!["--acp"]);
         // Untouched built-ins keep auto and their adapters.
-        assert_eq!(c.agents["codex"].approvals, tunnel_runner::ApprovalPolicy::Auto);
+        assert_eq!(
+            c.agents["codex"].approvals,
+            tunnel_runner::ApprovalPolicy::Auto
+        );
         assert_eq!(c.agents["codex"].acp.as_ref().unwrap().program, "codex-acp");
     }
 

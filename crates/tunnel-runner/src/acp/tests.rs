@@ -80,12 +80,20 @@ fn what_the_agent_is_told() {
     let o = opts();
     let sel = |v: Value| v["outcome"]["optionId"].as_str().map(str::to_owned);
     assert_eq!(
-        sel(permission_result(&settled(ApprovalState::Allowed, Some("always")), &o)).as_deref(),
+        sel(permission_result(
+            &settled(ApprovalState::Allowed, Some("always")),
+            &o
+        ))
+        .as_deref(),
         Some("always")
     );
     // Expired or denied without an option: the agent's own reject, so it can tell the model.
     assert_eq!(
-        sel(permission_result(&settled(ApprovalState::Expired, None), &o)).as_deref(),
+        sel(permission_result(
+            &settled(ApprovalState::Expired, None),
+            &o
+        ))
+        .as_deref(),
         Some("reject")
     );
     // A cancelled question is `cancelled`, whatever option came with it.
@@ -109,25 +117,41 @@ fn updates_become_structured_events() {
     let e = m.update(&chunk("agent_message_chunk", "I will "));
     assert_eq!(e, vec![ev("thought", json!({"text": "hmm ok"}))]);
     m.update(&chunk("agent_message_chunk", "run it"));
-    let e = m.update(&json!({"sessionUpdate": "tool_call", "toolCallId": "c1", "title": "ls",
-        "kind": "execute", "status": "pending", "rawInput": {}, "locations": [{"path": "/w"}]}));
+    let e = m.update(
+        &json!({"sessionUpdate": "tool_call", "toolCallId": "c1", "title": "ls",
+        "kind": "execute", "status": "pending", "rawInput": {}, "locations": [{"path": "/w"}]}),
+    );
     assert_eq!(e[0], ev("text", json!({"text": "I will run it"})));
     assert_eq!(
         e[1],
-        ev("tool_call", json!({"id": "c1", "title": "ls", "kind": "execute", "status": "pending", "locations": ["/w"]}))
+        ev(
+            "tool_call",
+            json!({"id": "c1", "title": "ls", "kind": "execute", "status": "pending", "locations": ["/w"]})
+        )
     );
     // An update carrying only adapter metadata says nothing: dropped.
-    assert!(m
-        .update(&json!({"sessionUpdate": "tool_call_update", "toolCallId": "c1", "_meta": {"x": 1}}))
-        .is_empty());
-    let e = m.update(&json!({"sessionUpdate": "tool_call_update", "toolCallId": "c1",
-        "status": "completed", "rawOutput": "a\nb"}));
+    assert!(
+        m.update(
+            &json!({"sessionUpdate": "tool_call_update", "toolCallId": "c1", "_meta": {"x": 1}})
+        )
+        .is_empty()
+    );
+    let e = m.update(
+        &json!({"sessionUpdate": "tool_call_update", "toolCallId": "c1",
+        "status": "completed", "rawOutput": "a\nb"}),
+    );
     assert_eq!(
         e,
-        vec![ev("tool_call_update", json!({"id": "c1", "status": "completed", "output": "a\nb"}))]
+        vec![ev(
+            "tool_call_update",
+            json!({"id": "c1", "status": "completed", "output": "a\nb"})
+        )]
     );
     m.update(&json!({"sessionUpdate": "usage_update", "used": 19, "size": 1000}));
-    assert!(m.update(&json!({"sessionUpdate": "available_commands_update", "availableCommands": []})).is_empty());
+    assert!(
+        m.update(&json!({"sessionUpdate": "available_commands_update", "availableCommands": []}))
+            .is_empty()
+    );
     m.update(&chunk("agent_message_chunk", "done: a"));
     let notice = json!({"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "Warning"},
         "_meta": {"claudeCode": {"kind": "informational"}}});
@@ -136,7 +160,11 @@ fn updates_become_structured_events() {
     assert_eq!(m.flush(), vec![]);
     // The answer is the text after the last tool call, without the adapter's notice.
     assert_eq!(m.answer().as_deref(), Some("done: a"));
-    let exit = Exit { code: Some(0), signal: None, stderr_tail: String::new() };
+    let exit = Exit {
+        code: Some(0),
+        signal: None,
+        stderr_tail: String::new(),
+    };
     let Verdict::Succeeded(r) = m.verdict("end_turn", Some("s1".into()), &exit) else {
         panic!("end_turn succeeds");
     };
@@ -146,12 +174,19 @@ fn updates_become_structured_events() {
 
 #[test]
 fn a_replayed_history_is_not_recorded_and_a_denial_explains_a_stop() {
-    let mut m = Mapper { replaying: true, ..Default::default() };
+    let mut m = Mapper {
+        replaying: true,
+        ..Default::default()
+    };
     assert!(m.update(&chunk("agent_message_chunk", "old")).is_empty());
     m.replaying = false;
     assert_eq!(m.answer(), None);
     m.denied = Some("rm -rf build".into());
-    let exit = Exit { code: None, signal: None, stderr_tail: String::new() };
+    let exit = Exit {
+        code: None,
+        signal: None,
+        stderr_tail: String::new(),
+    };
     let Verdict::Failed(r, Failure::Other(why)) = m.verdict("cancelled", None, &exit) else {
         panic!("a stop after a denial fails");
     };

@@ -84,7 +84,8 @@ async fn an_acp_agent_from_config_runs_tasks_end_to_end() {
     assert_eq!(r2.text.as_deref(), Some("echo: and again"));
     let ev2 = w.admin.events(&t2.id, 0).await.unwrap().events;
     assert!(
-        !ev2.iter().any(|e| e.data.to_string().contains("OLD ANSWER")),
+        !ev2.iter()
+            .any(|e| e.data.to_string().contains("OLD ANSWER")),
         "{ev2:?}"
     );
     let sent = std::fs::read_to_string(&log).unwrap();
@@ -177,7 +178,9 @@ async fn auto_allows_and_deny_rejects_at_once() {
     assert_eq!(t2.state, TaskState::Succeeded, "{t2:?}");
     assert_eq!(t2.result.unwrap().text.as_deref(), Some("allowed:yes"));
     assert_eq!(
-        std::fs::read_to_string(proj.join("out.txt")).unwrap().trim(),
+        std::fs::read_to_string(proj.join("out.txt"))
+            .unwrap()
+            .trim(),
         "allowed"
     );
     let ev = w.admin.events(&t2.id, 0).await.unwrap().events;
@@ -292,9 +295,15 @@ async fn ask_waits_for_a_person_and_does_what_they_said() {
     let a = pending(&w, &t.id).await;
     assert_eq!(a.tool.kind, "execute");
     assert_eq!(a.tool.command.as_deref(), Some("echo yes > once.txt"));
-    assert_eq!(a.tool.paths, vec![proj.join("out.txt").display().to_string()]);
+    assert_eq!(
+        a.tool.paths,
+        vec![proj.join("out.txt").display().to_string()]
+    );
     assert_eq!(a.options.len(), 3, "{a:?}");
-    assert!(!proj.join("once.txt").exists(), "nothing runs before the answer");
+    assert!(
+        !proj.join("once.txt").exists(),
+        "nothing runs before the answer"
+    );
     w.admin
         .answer_approval(&a.id, &answer(Decision::AllowOnce, None))
         .await
@@ -318,10 +327,15 @@ async fn ask_waits_for_a_person_and_does_what_they_said() {
         .unwrap();
     let t = w.ended(&t.id).await;
     assert_eq!(t.result.unwrap().text.as_deref(), Some("denied:no"));
-    assert!(!proj.join("deny.txt").exists(), "a denied command never ran");
+    assert!(
+        !proj.join("deny.txt").exists(),
+        "a denied command never ran"
+    );
 
     // Allow for the session: the second identical request is not asked again.
-    let t = w.submit(submit("twice: echo s >> session.txt", "tiny")).await;
+    let t = w
+        .submit(submit("twice: echo s >> session.txt", "tiny"))
+        .await;
     let a = pending(&w, &t.id).await;
     w.admin
         .answer_approval(&a.id, &answer(Decision::AllowSession, None))
@@ -502,7 +516,11 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
     let ev = w.admin.events(&t1.id, 0).await.unwrap().events;
     assert_eq!(t1.state, TaskState::Succeeded, "{name}: {t1:?} {ev:?}");
     let r1 = t1.result.unwrap();
-    assert_eq!(r1.text.as_deref(), Some("fake reply to: say hi"), "{name}: {ev:?}");
+    assert_eq!(
+        r1.text.as_deref(),
+        Some("fake reply to: say hi"),
+        "{name}: {ev:?}"
+    );
     let sid = r1.session_id.expect("the adapter's session id");
     let mut again = first.clone();
     again.prompt = "again".into();
@@ -510,7 +528,11 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
     let ev = w.admin.events(&t2.id, 0).await.unwrap().events;
     assert_eq!(t2.state, TaskState::Succeeded, "{name}: {t2:?} {ev:?}");
     let r2 = t2.result.unwrap();
-    assert_eq!(r2.text.as_deref(), Some("fake reply to: again"), "{name}: {ev:?}");
+    assert_eq!(
+        r2.text.as_deref(),
+        Some("fake reply to: again"),
+        "{name}: {ev:?}"
+    );
     if r.kind == AgentKind::Gemini {
         // Gemini 0.61's session/load resets its own chat record before reading it, then says
         // "Invalid session identifier": the runner goes on in a new session and says so.
@@ -520,7 +542,11 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
             "{name}: {ev:?}"
         );
     } else {
-        assert_eq!(r2.session_id.as_deref(), Some(sid.as_str()), "{name} resumed");
+        assert_eq!(
+            r2.session_id.as_deref(),
+            Some(sid.as_str()),
+            "{name} resumed"
+        );
     }
 
     // auto: the command that needs permission runs.
@@ -539,7 +565,10 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
         "{name}: {ev:?}"
     );
     let k = kinds(&ev);
-    assert!(k.contains(&"tool_call") && k.contains(&"tool_call_update"), "{name}: {k:?}");
+    assert!(
+        k.contains(&"tool_call") && k.contains(&"tool_call_update"),
+        "{name}: {k:?}"
+    );
     let a = permissions(&ev);
     assert_eq!(a.len(), 1, "{name}: {ev:?}");
     assert_eq!(a[0]["by"], "policy auto");
@@ -559,12 +588,18 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
         // Codex ends its turn when told no: the task fails and says why.
         assert_eq!(t4.state, TaskState::Failed, "{name}: {t4:?}");
         let err = res.error.unwrap_or_default();
-        assert!(err.contains("denied request (echo nope > denied.txt)"), "{name}: {err}");
+        assert!(
+            err.contains("denied request (echo nope > denied.txt)"),
+            "{name}: {err}"
+        );
     } else {
         // The stand-in's model answers "done: <what the tool call returned>".
         assert_eq!(t4.state, TaskState::Succeeded, "{name}: {t4:?} {ev:?}");
         let text = res.text.unwrap_or_default();
-        assert!(text.starts_with("done: "), "{name}: the model was told: {text}");
+        assert!(
+            text.starts_with("done: "),
+            "{name}: the model was told: {text}"
+        );
     }
     runner.stop().await.unwrap();
 }
@@ -625,8 +660,15 @@ async fn real_adapter_asks(r: Real) {
     let t = w.submit(submit("write it")).await;
     let a = pending(&w, &t.id).await;
     assert_eq!(a.tool.kind, "execute", "{name}: {a:?}");
-    assert_eq!(a.tool.command.as_deref(), Some("echo asked > asked.txt"), "{name}: {a:?}");
-    assert!(!proj.join("asked.txt").exists(), "{name}: nothing runs before the answer");
+    assert_eq!(
+        a.tool.command.as_deref(),
+        Some("echo asked > asked.txt"),
+        "{name}: {a:?}"
+    );
+    assert!(
+        !proj.join("asked.txt").exists(),
+        "{name}: nothing runs before the answer"
+    );
     w.admin
         .answer_approval(&a.id, &answer(Decision::AllowOnce, None))
         .await
@@ -651,7 +693,11 @@ async fn real_adapter_asks(r: Real) {
         "s\ns\n",
         "{name}: {ev:?}"
     );
-    assert_eq!(all_approvals(&w, &t.id).await.len(), 1, "{name}: asked once");
+    assert_eq!(
+        all_approvals(&w, &t.id).await.len(),
+        1,
+        "{name}: asked once"
+    );
 
     api.scenario(serde_json::json!({"scenario": "tool", "tool_command": "echo c > cancel.txt", "tool_calls": 1, "escalate": r.escalate}));
     let t = w.submit(submit("write, then be cancelled")).await;
@@ -669,21 +715,39 @@ async fn real_adapter_asks(r: Real) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_adapter_asks() {
-    if let Some(r) = real("claude", AgentKind::Claude, "CLAUDE_ACP_BIN", &[], "real_claude_adapter_asks") {
+    if let Some(r) = real(
+        "claude",
+        AgentKind::Claude,
+        "CLAUDE_ACP_BIN",
+        &[],
+        "real_claude_adapter_asks",
+    ) {
         real_adapter_asks(r).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_gemini_acp_asks() {
-    if let Some(r) = real("gemini", AgentKind::Gemini, "GEMINI_BIN", &["--acp"], "real_gemini_acp_asks") {
+    if let Some(r) = real(
+        "gemini",
+        AgentKind::Gemini,
+        "GEMINI_BIN",
+        &["--acp"],
+        "real_gemini_acp_asks",
+    ) {
         real_adapter_asks(r).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_codex_adapter_asks() {
-    if let Some(r) = real("codex", AgentKind::Codex, "CODEX_ACP_BIN", &[], "real_codex_adapter_asks") {
+    if let Some(r) = real(
+        "codex",
+        AgentKind::Codex,
+        "CODEX_ACP_BIN",
+        &[],
+        "real_codex_adapter_asks",
+    ) {
         real_adapter_asks(r).await;
     }
 }
