@@ -436,6 +436,82 @@ async fn a_pending_question_survives_a_server_restart() {
     r.stop().await.unwrap();
 }
 
+/// The approval round trip through tunnel, with a person who answers at once: from the agent's
+/// `session/request_permission` to the answer back at the agent, and the part of it until the
+/// question reached a client (the task's SSE stream). Prints figures; run with
+/// `cargo test -p tunnel-runner --test it approval_round_trip -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: prints figures"]
+async fn approval_round_trip() {
+    let w = World::start().await;
+    let log = w.dir.path().join("agent.log");
+    let mut c = w.config("r-rtt");
+    let mut ask = tiny(&log);
+    ask.approvals = ApprovalPolicy::Ask;
+    c.agents.insert("tiny".into(), ask);
+    let r = RunnerHandle::spawn(c);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let runs = 30;
+    let mut visible = Vec::new();
+    for _ in 0..runs {
+        let t = w.submit(task("tiny", "tool: true")).await;
+        let mut stream = w.admin.event_stream(&t.id, 0).await.unwrap();
+        let id = loop {
+            let e = stream.next().await.unwrap().unwrap();
+            if e.kind == "approval" && e.data["state"] == "pending" {
+                visible.push(now());
+                break e.data["id"].as_str().unwrap().to_owned();
+            }
+        };
+        w.admin
+            .answer_approval(&id, &answer(Decision::AllowOnce, None))
+            .await
+            .unwrap();
+        let t = w.ended(&t.id).await;
+        assert_eq!(t.result.unwrap().text.as_deref(), Some("allowed:yes"));
+    }
+    r.stop().await.unwrap();
+    // Pair each question the agent sent with the answer it received.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut total = Vec::new();
+    let mut to_client = Vec::new();
+    let mut asked = None;
+    for l in &lines {
+        if l["sent"] == "session/request_permission" {
+            asked = Some((l["request"].clone(), l["t"].as_f64().unwrap()));
+        } else if let Some((rid, t0)) = &asked
+            && l["id"] == *rid
+            && l.get("method").is_none()
+        {
+            total.push((l["t"].as_f64().unwrap() - t0) * 1000.0);
+            to_client.push((visible[total.len() - 1] - t0) * 1000.0);
+            asked = None;
+        }
+    }
+    assert_eq!(total.len(), runs, "every question was answered");
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    println!(
+        "approval round trip, {runs} runs (ms): agent asks → client sees it p50 {:.1} p90 {:.1}; agent asks → agent has the answer p50 {:.1} p90 {:.1} max {:.1}",
+        pct(&mut to_client, 0.5),
+        pct(&mut to_client, 0.9),
+        pct(&mut total, 0.5),
+        pct(&mut total, 0.9),
+        pct(&mut total, 1.0),
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real adapters, offline.
 
