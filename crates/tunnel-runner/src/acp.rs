@@ -227,6 +227,23 @@ async fn write_loop(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Unbound
 
 type PermDone = (String, Value, Settled, ApprovalTool);
 
+/// Most permission requests of one agent waiting for an answer at once.
+const MAX_PENDING: usize = 32;
+
+/// Most answer text kept (its end: where the conclusion is); the events carry all of it.
+const ANSWER_MAX: usize = 2 << 20;
+
+fn push_capped(buf: &mut String, text: &str) {
+    buf.push_str(text);
+    if buf.len() > ANSWER_MAX {
+        let mut cut = buf.len() - ANSWER_MAX / 2;
+        while !buf.is_char_boundary(cut) {
+            cut += 1;
+        }
+        buf.drain(..cut);
+    }
+}
+
 struct Driver<'s> {
     out: mpsc::UnboundedSender<Value>,
     next_id: u64,
@@ -524,8 +541,9 @@ impl Driver<'_> {
             self.send(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("method not found: {}", snippet(method))}}));
             return;
         }
-        // A question asked while the prompt is being cancelled is answered `cancelled`.
-        if self.cancelling.is_some() {
+        // A question asked while the prompt is being cancelled is answered `cancelled`, and so
+        // is one beyond what a sane agent has open at once (each costs a task and a request).
+        if self.cancelling.is_some() || self.pending.len() >= MAX_PENDING {
             self.send(json!({"jsonrpc": "2.0", "id": id, "result": {"outcome": {"outcome": "cancelled"}}}));
             return;
         }
@@ -814,8 +832,8 @@ impl Mapper {
                         out.extend(self.flush());
                     }
                     self.text.push_str(t);
-                    self.answer.push_str(t);
-                    self.all.push_str(t);
+                    push_capped(&mut self.answer, t);
+                    push_capped(&mut self.all, t);
                 }
                 if self.text.len() + self.thought.len() > CHUNK_FLUSH {
                     out.extend(self.flush());

@@ -203,3 +203,14 @@ fn long_text_is_flushed_in_pieces() {
     assert_eq!(e.len(), 1);
     assert_eq!(m.answer().map(|a| a.len()), Some(big.len() * 2));
 }
+
+#[test]
+fn a_flood_of_text_keeps_memory_bounded() {
+    let mut m = Mapper::default();
+    let piece = "y".repeat(64 << 10);
+    for _ in 0..100 {
+        m.update(&chunk("agent_message_chunk", &piece));
+    }
+    assert!(m.all.len() <= ANSWER_MAX && m.answer.len() <= ANSWER_MAX);
+    assert!(m.answer().unwrap().ends_with('y'));
+}

@@ -407,6 +407,31 @@ async fn an_unanswered_question_times_out_as_denied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_go_on_while_a_question_waits() {
+    // A lease of 1.5 s and a question that waits 5 s: only the heartbeats keep the attempt.
+    let w = World::start_with(|c| c.queue.lease_ms = 1_500).await;
+    let mut c = w.config("r-lease");
+    let mut ask = tiny(&w.dir.path().join("agent.log"));
+    ask.approvals = ApprovalPolicy::Ask;
+    c.agents.insert("tiny".into(), ask);
+    let r = RunnerHandle::spawn(c);
+    let t = w.submit(task("tiny", "tool: true")).await;
+    let a = pending(&w, &t.id).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let running = w.admin.task(&t.id, None).await.unwrap();
+    assert_eq!(running.state, TaskState::Running, "{running:?}");
+    assert_eq!(running.attempt, 1, "the attempt was never lost");
+    w.admin
+        .answer_approval(&a.id, &answer(Decision::AllowOnce, None))
+        .await
+        .unwrap();
+    let t = w.ended(&t.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("allowed:yes"));
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_question_survives_a_server_restart() {
     let mut w = World::start().await;
     let proj = w.dir.path().join("proj");

@@ -26,6 +26,11 @@ pub struct World {
 
 impl World {
     pub async fn start() -> World {
+        World::start_with(|_| {}).await
+    }
+
+    /// A world whose server config `tune` changes first (e.g. a short lease).
+    pub async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> World {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let db = Database::Sqlite {
@@ -34,6 +39,7 @@ impl World {
         };
         let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), db);
         cfg.worker_token = Some(WORKER_TOKEN.into());
+        tune(&mut cfg);
         let server = Server::bind(cfg).await.unwrap();
         let addr = server.local_addr();
         let url = format!("http://{addr}");
