@@ -33,6 +33,7 @@ use tunnel_protocol::{
 
 use crate::adapter::{self, Ev, Exit, Failure, Invocation, Verdict, ev, snippet, snippet_value};
 use crate::approvals::{Gate, Settled, reject_option};
+use crate::contain::{Leftover, Mechanism};
 use crate::supervisor::{self, Running};
 use crate::task::Stop;
 
@@ -51,6 +52,8 @@ pub(crate) struct AcpRun<'a> {
     pub(crate) resume: Option<&'a str>,
     /// `session/set_mode` before the prompt, if the agent offers this mode.
     pub(crate) mode: Option<&'a str>,
+    /// The same containment as any agent (process group or cgroup cell).
+    pub(crate) containment: &'a Mechanism,
 }
 
 /// What ends a run early, watched while waiting for the agent.
@@ -62,10 +65,11 @@ pub(crate) struct Watch<'a> {
     pub(crate) kill_grace: Duration,
 }
 
-/// Where events and the process group go (the task's reporter).
+/// Where events and the agent's processes go (the task's reporter, which keeps them in the
+/// spool so a restarted runner stops leftovers).
 pub(crate) trait Sink: Send + Sync {
     fn event(&self, e: Ev);
-    fn pgid(&self, pgid: Option<i32>);
+    fn procs(&self, procs: Option<Leftover>);
 }
 
 /// How a run ended.
@@ -93,7 +97,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
         stdin: None,
         keep_stdin: true,
     };
-    let mut running = match supervisor::spawn(&inv, r.dir, r.env) {
+    let mut running = match supervisor::spawn(&inv, r.dir, r.env, r.containment) {
         Ok(x) => x,
         Err(e) => {
             let exit = Exit {
@@ -112,7 +116,13 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
             };
         }
     };
-    sink.pgid(Some(running.pgid));
+    sink.procs(Some(Leftover {
+        pgid: Some(running.pgid),
+        pgid_start: running.start_time,
+        cgroup: running.cell.cgroup.clone(),
+        mark: Some(running.cell.mark.clone()),
+    }));
+    sink.event(ev("log", json!({"line": running.cell.describe()})));
     let (wtx, wrx) = mpsc::unbounded_channel::<Value>();
     if let Some(stdin) = running.child.stdin.take() {
         tokio::spawn(write_loop(stdin, wrx));
@@ -148,7 +158,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
     let status = running
         .terminate(w.kill_grace.min(Duration::from_secs(2)))
         .await;
-    sink.pgid(None);
+    sink.procs(None);
     let exit = Exit {
         code: status.and_then(|s| s.code()),
         signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
@@ -997,14 +1007,16 @@ pub async fn probe(
     dir: &Path,
     within: Duration,
 ) -> Result<AcpProbe, String> {
+    // A process group is enough for a few seconds of `initialize`.
+    let containment = Mechanism::ProcessTree("a probe".into());
     let inv = Invocation {
         program: program.to_owned(),
         args: args.to_vec(),
         stdin: None,
         keep_stdin: true,
     };
-    let mut running =
-        supervisor::spawn(&inv, dir, env).map_err(|e| format!("cannot start {program}: {e}"))?;
+    let mut running = supervisor::spawn(&inv, dir, env, &containment)
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": PROTOCOL_VERSION,
         "clientCapabilities": {"fs": {"readTextFile": false, "writeTextFile": false}, "terminal": false},

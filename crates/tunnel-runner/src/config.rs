@@ -216,6 +216,9 @@ pub struct RunnerConfig {
     /// Offer agents whose CLI is missing (they fail with an install hint) instead of hiding
     /// them. `tunnel up` does this so a newcomer learns what to install.
     pub offer_missing_agents: bool,
+    /// How agents' processes are contained (`containment`): a cgroup v2 per task where
+    /// possible, else the process-tree walk.
+    pub containment: crate::contain::Containment,
 }
 
 impl RunnerConfig {
@@ -258,6 +261,7 @@ impl RunnerConfig {
                 tunnel_protocol::approval_limits::TIMEOUT_DEFAULT_MS,
             ),
             offer_missing_agents: false,
+            containment: Default::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ mod acp;
 mod adapter;
 mod approvals;
 pub mod config;
+pub mod contain;
 mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -28,6 +29,7 @@ use tunnel_protocol::ClaimRequest;
 
 pub use acp::{AcpProbe, probe as acp_probe};
 pub use config::{AcpLaunch, AgentConfig, AgentKind, ApprovalPolicy, OutputMode, RunnerConfig};
+pub use contain::{Containment, Mechanism};
 
 /// Why the runner stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +142,14 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     let projects: Vec<String> = config.projects.keys().cloned().collect();
 
+    let choice = config.containment;
+    let containment = tokio::task::spawn_blocking(move || contain::detect(choice))
+        .await
+        .unwrap_or_else(|e| contain::Mechanism::ProcessTree(format!("detection failed: {e}")));
+    tracing::info!(containment = %containment, "Agent containment.");
     let config = Arc::new(config);
     let ctx = Arc::new(task::Ctx {
+        containment,
         client: client.clone(),
         config: config.clone(),
         spool,

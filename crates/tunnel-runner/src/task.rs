@@ -17,6 +17,7 @@ use tunnel_protocol::{
 use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
 use crate::approvals::{ApprovalApi, Gate};
 use crate::config::{AgentKind, ApprovalPolicy, RunnerConfig};
+use crate::contain::Leftover;
 use crate::spool::{Spool, SpoolEntry};
 use crate::supervisor;
 
@@ -33,6 +34,8 @@ pub(crate) struct Ctx {
     pub(crate) approvals: Option<Arc<dyn ApprovalApi>>,
     /// The runner is stopping now: stop agents and report.
     pub(crate) abort: CancellationToken,
+    /// How agents' processes are contained here.
+    pub(crate) containment: crate::contain::Mechanism,
 }
 
 pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
@@ -50,6 +53,9 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         attempt: offer.attempt,
         lease_token: offer.lease_token.clone(),
         pgid: None,
+        pgid_start: None,
+        cgroup: None,
+        mark: None,
         pending: vec![],
         finish: None,
     };
@@ -279,6 +285,7 @@ async fn execute(
                 },
                 resume: offer.resume_session_id.as_deref(),
                 mode: agent.acp_mode.as_deref(),
+                containment: &ctx.containment,
             };
             let watch = crate::acp::Watch {
                 cancel,
@@ -300,11 +307,20 @@ async fn execute(
                     project_dir: &dir,
                 },
             );
-            let mut running = match supervisor::spawn(&inv, &dir, &agent.env) {
+            let mut running = match supervisor::spawn(&inv, &dir, &agent.env, &ctx.containment) {
                 Ok(r) => r,
                 Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
             };
-            reporter.set_pgid(Some(running.pgid));
+            reporter.set_procs(Some(Leftover {
+                pgid: Some(running.pgid),
+                pgid_start: running.start_time,
+                cgroup: running.cell.cgroup.clone(),
+                mark: Some(running.cell.mark.clone()),
+            }));
+            reporter.event(Ev {
+                kind: "log",
+                data: json!({"line": running.cell.describe()}),
+            });
             let mut parser = adapter::parser(agent);
             let mut stop = None;
             let mut stdout_open = true;
@@ -342,7 +358,7 @@ async fn execute(
             {
                 parser.line(&l).into_iter().for_each(|e| reporter.event(e));
             }
-            reporter.set_pgid(None);
+            reporter.set_procs(None);
             let exit = Exit {
                 code: status.and_then(|s| s.code()),
                 signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
@@ -485,7 +501,7 @@ pub(crate) fn backoff(failures: u32) -> Duration {
 
 enum Msg {
     Event(Ev),
-    Pgid(Option<i32>),
+    Procs(Option<Leftover>),
     Finish(FinishRequest, oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
 }
@@ -510,8 +526,9 @@ impl Reporter {
         let _ = self.tx.send(Msg::Event(e));
     }
 
-    fn set_pgid(&self, pgid: Option<i32>) {
-        let _ = self.tx.send(Msg::Pgid(pgid));
+    /// What a restarted runner must end if this one dies (`None`: nothing runs).
+    fn set_procs(&self, procs: Option<Leftover>) {
+        let _ = self.tx.send(Msg::Procs(procs));
     }
 }
 
@@ -520,8 +537,8 @@ impl crate::acp::Sink for Reporter {
         Reporter::event(self, e);
     }
 
-    fn pgid(&self, pgid: Option<i32>) {
-        self.set_pgid(pgid);
+    fn procs(&self, procs: Option<Leftover>) {
+        self.set_procs(procs);
     }
 }
 
@@ -641,8 +658,12 @@ async fn report_loop(
                     next_n += 1;
                     dirty = true;
                 }
-                Some(Msg::Pgid(p)) => {
-                    entry.pgid = p;
+                Some(Msg::Procs(p)) => {
+                    let p = p.unwrap_or_default();
+                    entry.pgid = p.pgid;
+                    entry.pgid_start = p.pgid_start;
+                    entry.cgroup = p.cgroup;
+                    entry.mark = p.mark;
                     save(&ctx.spool, &entry);
                     dirty = false;
                 }
@@ -672,7 +693,7 @@ async fn report_loop(
                             failures = 0;
                             dirty = true;
                         }
-                        Err(e) if e.is_stale() => stale.cancel(),
+                        Err(e) if e.is_stale() || e.status() == Some(404) => stale.cancel(),
                         Err(e) => {
                             failures += 1;
                             retry_at = Instant::now() + backoff(failures);
@@ -801,6 +822,14 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
                 ctx.spool.remove(&entry.task_id, entry.attempt);
                 return;
             }
+            // The task is gone from the server (deleted, or another server's): sending again
+            // cannot help, and retrying would hold the runner's shutdown.
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!(task_id = %entry.task_id, attempt = entry.attempt, error = %e, "The server no longer has this task; its spooled report is dropped.");
+                stale.cancel();
+                ctx.spool.remove(&entry.task_id, entry.attempt);
+                return;
+            }
             Err(e) => {
                 failures += 1;
                 save(&ctx.spool, entry);
@@ -821,8 +850,17 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
 /// processes, sends what was kept, and reports an attempt that never finished as failed.
 pub(crate) async fn recover(ctx: Arc<Ctx>) {
     for mut entry in ctx.spool.leftovers() {
-        if let Some(pgid) = entry.pgid.take() {
-            supervisor::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        let leftover = Leftover {
+            pgid: entry.pgid.take(),
+            pgid_start: entry.pgid_start.take(),
+            cgroup: entry.cgroup.take(),
+            mark: entry.mark.take(),
+        };
+        let ended = tokio::task::spawn_blocking(move || crate::contain::end_leftover(&leftover))
+            .await
+            .unwrap_or_default();
+        if !ended.is_empty() {
+            tracing::info!(task_id = %entry.task_id, attempt = entry.attempt, "Leftovers of an earlier run: {}.", ended.join("; "));
         }
         if entry.finish.is_none() {
             entry.finish = Some(FinishRequest {

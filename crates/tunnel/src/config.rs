@@ -65,6 +65,8 @@ pub(crate) struct RunnerSection {
     pub(crate) spool_dir: Option<PathBuf>,
     /// How long an `ask` approval waits for an answer before it counts as denied (default 600).
     pub(crate) approval_timeout_secs: Option<u64>,
+    /// `auto` (a cgroup v2 per task where possible) or `process-tree`.
+    pub(crate) containment: Option<tunnel_runner::Containment>,
     #[serde(default)]
     pub(crate) projects: std::collections::BTreeMap<String, PathBuf>,
     #[serde(default)]

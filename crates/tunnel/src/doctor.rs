@@ -87,6 +87,8 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
             check_agents(&mut r, &cfg, runner_machine).await;
             println!("projects");
             check_projects(&mut r, &cfg);
+            println!("containment");
+            check_containment(&mut r, &cfg).await;
         }
         Err(e) => r.fail(
             &format!("the [runner] config is invalid: {e:#}"),
@@ -352,6 +354,22 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
                 "in a sandbox, set IS_SANDBOX = \"1\" under [runner.agents.claude] env; else run the runner as a normal user",
             );
         }
+    }
+}
+
+/// Which mechanism makes everything an agent starts end with its task.
+async fn check_containment(r: &mut Report, cfg: &RunnerConfig) {
+    let choice = cfg.containment;
+    let mech = tokio::task::spawn_blocking(move || tunnel_runner::contain::detect(choice))
+        .await
+        .unwrap_or_else(|e| tunnel_runner::Mechanism::ProcessTree(e.to_string()));
+    if mech.is_complete() {
+        r.ok(&mech.to_string());
+    } else {
+        r.warn(
+            &mech.to_string(),
+            "run the runner where it can create a cgroup v2 (a systemd user service: `tunnel install-service`; or as root)",
+        );
     }
 }
 

@@ -71,6 +71,9 @@ pub(crate) fn runner_config(
         }
         c.approval_timeout = Duration::from_millis(ms);
     }
+    if let Some(k) = file.containment {
+        c.containment = k;
+    }
     c.projects = file.projects;
     for p in &opts.projects {
         let (name, dir) = p

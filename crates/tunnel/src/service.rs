@@ -95,7 +95,9 @@ pub(crate) fn systemd_unit(kind: Kind, exe: &Path, config: &Path, path: Option<&
          [Service]\nExecStart={exe} {sub} --config {config}\n{env}\
          Restart=on-failure\nRestartSec=5\n\
          # SIGTERM lets running tasks finish (up to the runner's grace), then they are stopped.\n\
-         KillMode=mixed\nTimeoutStopSec=90\n\n\
+         KillMode=mixed\nTimeoutStopSec=90\n\
+         # The runner puts each task in a cgroup of its own under this one (see `tunnel doctor`).\n\
+         Delegate=yes\n\n\
          [Install]\nWantedBy=default.target\n",
         sub = kind.subcommand(),
         exe = systemd_quote(&exe.display().to_string(), true),

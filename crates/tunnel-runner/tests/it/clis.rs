@@ -13,7 +13,7 @@ use tunnel_runner::{AgentConfig, AgentKind};
 
 use crate::harness::{RunnerHandle, World, task};
 
-fn fixtures() -> PathBuf {
+pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
@@ -23,7 +23,7 @@ const KINDS: [(AgentKind, &str); 3] = [
     (AgentKind::Gemini, "gemini"),
 ];
 
-fn agent(kind: AgentKind, program: &Path, env: BTreeMap<String, String>) -> AgentConfig {
+pub fn agent(kind: AgentKind, program: &Path, env: BTreeMap<String, String>) -> AgentConfig {
     let mut a = AgentConfig::builtin(kind, program.display().to_string());
     a.env = env;
     // The tests run as root in CI; Claude needs exactly this to skip permissions there.

@@ -9,4 +9,5 @@ mod acp;
 mod agents;
 mod bad_input;
 mod clis;
+mod containment;
 mod supervision;
