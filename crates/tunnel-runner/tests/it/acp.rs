@@ -216,6 +216,38 @@ async fn a_cancel_reaches_the_acp_agent_as_session_cancel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_acp_agent_started_ends_with_its_task() {
+    let w = World::start().await;
+    let proj = w.dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    let mut c = w.config("r-contain");
+    c.projects.insert("proj".into(), proj.clone());
+    c.agents
+        .insert("tiny".into(), tiny(&w.dir.path().join("agent.log")));
+    let r = RunnerHandle::spawn(c);
+    // The allowed command leaves a daemon behind, as an agent's `npm run dev &` would.
+    let mut t = task(
+        "tiny",
+        "tool: sh -c 'echo $$ > daemon.pid; exec sleep 300' &",
+    );
+    t.project = Some("proj".into());
+    let t = w.ended(&w.submit(t).await.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    let pid = crate::harness::read_pid(&proj.join("daemon.pid"));
+    for _ in 0..100 {
+        if !crate::harness::alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !crate::harness::alive(pid),
+        "the daemon {pid} outlived its task"
+    );
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_print_mode_agent_refuses_a_policy_it_cannot_keep() {
     let w = World::start().await;
     let mut c = w.config("r-refuse");
