@@ -174,7 +174,19 @@ async fn execute(
     let policy = agent.approvals.stricter(task_policy(task));
     let acp: Option<(PathBuf, Vec<String>)> = match (agent.kind, &agent.acp) {
         (AgentKind::Acp, _) => None,
-        (_, _) if policy == ApprovalPolicy::Auto => None,
+        (_, launch) if policy == ApprovalPolicy::Auto => {
+            match (
+                ctx.programs.get(&task.agent),
+                launch,
+                ctx.acp_programs.get(&task.agent),
+            ) {
+                (Some(Some(_)), _, _) => None,
+                // The print-mode CLI is missing but its ACP adapter is here (the Claude adapter
+                // brings its own Claude Code): run through the adapter.
+                (_, Some(l), Some(Some(p))) => Some((p.clone(), l.args.clone())),
+                _ => None,
+            }
+        }
         (_, Some(launch)) => match ctx.acp_programs.get(&task.agent) {
             Some(Some(p)) => Some((p.clone(), launch.args.clone())),
             _ => {

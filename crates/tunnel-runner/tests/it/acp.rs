@@ -248,6 +248,22 @@ async fn what_an_acp_agent_started_ends_with_its_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_in_agent_runs_through_its_adapter_when_only_the_adapter_is_installed() {
+    let w = World::start().await;
+    let mut c = w.config("r-adapter-only");
+    let mut claude = AgentConfig::builtin(AgentKind::Claude, "/nonexistent/claude");
+    let launch = claude.acp.as_mut().unwrap();
+    launch.program = "python3".into();
+    launch.args = vec![fixtures().join("acp-agent.py").display().to_string()];
+    c.agents.insert("claude".into(), claude);
+    let r = RunnerHandle::spawn(c);
+    let t = w.ended(&w.submit(task("claude", "hello")).await.id).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.result.unwrap().text.as_deref(), Some("echo: hello"));
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_print_mode_agent_refuses_a_policy_it_cannot_keep() {
     let w = World::start().await;
     let mut c = w.config("r-refuse");
