@@ -213,9 +213,10 @@ impl Running {
     /// still there.
     pub(crate) async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         signal_group(self.pgid, Signal::SIGTERM);
-        let (cell, root, spare) = (self.cell.clone(), self.pgid, self.guard_pid());
+        let (cell, root) = (self.cell.clone(), self.pgid);
         let _ =
-            tokio::task::spawn_blocking(move || cell.signal(root, spare, Signal::SIGTERM)).await;
+            tokio::task::spawn_blocking(move || cell.signal_outside_group(root, Signal::SIGTERM))
+                .await;
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(s)) => Some(s),
             _ => {
