@@ -82,7 +82,7 @@ pub(crate) fn spawn(
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true)
-        .stdin(if inv.stdin.is_some() {
+        .stdin(if inv.stdin.is_some() || inv.keep_stdin {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -115,7 +115,10 @@ pub(crate) fn spawn(
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let start_time = crate::contain::start_time(pgid);
 
-    if let (Some(mut stdin), Some(text)) = (child.stdin.take(), inv.stdin.clone()) {
+    // With `keep_stdin` the pipe stays in `child.stdin` for the caller (ACP speaks over it).
+    if let Some(text) = inv.stdin.clone()
+        && let Some(mut stdin) = child.stdin.take()
+    {
         tokio::spawn(async move {
             // A CLI that exits without reading its stdin is not an error here.
             let _ = stdin.write_all(text.as_bytes()).await;
