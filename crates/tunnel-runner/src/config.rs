@@ -151,6 +151,11 @@ pub struct RunnerConfig {
     /// Offer agents whose CLI is missing (they fail with an install hint) instead of hiding
     /// them. `tunnel up` does this so a newcomer learns what to install.
     pub offer_missing_agents: bool,
+    /// How agents are confined beyond a clean environment (sandbox wrapper, another user).
+    pub contain: crate::contain::Containment,
+    /// File tasks may write VCS metadata (`.git/`, `.hg/`, `.svn/`, `.jj/`): a `.git/config`
+    /// or hook runs code on the next git command, so off by default.
+    pub files_write_vcs: bool,
 }
 
 impl RunnerConfig {
@@ -190,6 +195,8 @@ impl RunnerConfig {
             shutdown_grace: Duration::from_secs(60),
             default_park: Duration::from_secs(30 * 60),
             offer_missing_agents: false,
+            contain: crate::contain::Containment::default(),
+            files_write_vcs: false,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod adapter;
 pub mod config;
+pub mod contain;
 mod files;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -25,6 +26,7 @@ use tunnel_client::{Client, ClientError};
 use tunnel_protocol::ClaimRequest;
 
 pub use config::{AgentConfig, AgentKind, OutputMode, RunnerConfig};
+pub use contain::{Containment, RunAs};
 
 /// Why the runner stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +104,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
                     agent.kind,
                     AgentKind::Claude | AgentKind::Codex | AgentKind::Gemini
                 );
-                if known && let Some(v) = supervisor::version_of(path).await {
+                if known && let Some(v) = supervisor::version_of(path, &config.contain).await {
                     versions.insert(name.clone(), v);
                 }
                 tracing::info!(agent = %name, program = %path.display(), version = versions.get(name).map(String::as_str).unwrap_or("?"), "Agent available.");

@@ -10,25 +10,16 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
 use crate::adapter::Invocation;
+use crate::contain::{self, Containment};
 
 /// Longest stdout line kept whole; longer lines are cut (an agent cannot exhaust memory).
 const MAX_LINE: usize = 1 << 20;
 /// Bytes of stderr kept for the failure message.
 const STDERR_TAIL: usize = 4_096;
-
-/// Environment variables the agent never sees: the runner's own credentials.
-const SECRET_ENV: &[&str] = &[
-    "WORKER_TOKEN",
-    "TUNNEL_TOKEN",
-    "CALLBACK_BOT_TOKEN",
-    "DISCORD_BOT_TOKEN",
-    "TELEGRAM_BOT_TOKEN",
-    "OPENCLAW_HOOKS_TOKEN",
-];
 
 /// A running agent.
 pub(crate) struct Running {
@@ -49,7 +40,8 @@ pub(crate) struct Running {
 /// editing files) while its task is retried elsewhere. Being in the group, it also keeps the
 /// group id from being reused while it lives. Disarmed (killed) when the task ends normally.
 fn guard(pgid: i32) -> Option<Child> {
-    Command::new("sh")
+    // The runner's own helper: the environment policy, but not the agent's user or sandbox.
+    contain::command("sh", &Containment::default())
         .args(["-c", "read _; kill -KILL 0"])
         .process_group(pgid)
         .kill_on_drop(true)
@@ -65,9 +57,12 @@ pub(crate) fn spawn(
     inv: &Invocation,
     cwd: &Path,
     extra_env: &BTreeMap<String, String>,
+    contain: &Containment,
 ) -> std::io::Result<Running> {
-    let mut cmd = Command::new(&inv.program);
-    cmd.args(&inv.args)
+    // The environment, the user and the sandbox are decided in `contain`, for every child.
+    let (program, args) = contain::wrapped(contain, &inv.program, &inv.args, &[cwd]);
+    let mut cmd = contain::command(program, contain);
+    cmd.args(&args)
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true)
@@ -78,12 +73,6 @@ pub(crate) fn spawn(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, _) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if SECRET_ENV.contains(&name.as_ref()) || name.starts_with("TUNNEL_") {
-            cmd.env_remove(&k);
-        }
-    }
     cmd.envs(extra_env);
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
@@ -229,10 +218,10 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// `<program> --version`, first line, within a few seconds.
-pub(crate) async fn version_of(program: &Path) -> Option<String> {
+pub(crate) async fn version_of(program: &Path, contain: &Containment) -> Option<String> {
     let out = tokio::time::timeout(
         Duration::from_secs(10),
-        Command::new(program)
+        contain::command(program, contain)
             .arg("--version")
             .stdin(Stdio::null())
             .stderr(Stdio::null())

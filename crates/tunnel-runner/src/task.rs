@@ -213,7 +213,7 @@ async fn execute(
                 project_dir: &dir,
             },
         );
-        let mut running = match supervisor::spawn(&inv, &dir, &agent.env) {
+        let mut running = match supervisor::spawn(&inv, &dir, &agent.env, &cfg.contain) {
             Ok(r) => r,
             Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
         };

@@ -21,6 +21,9 @@
 //! max_concurrent = 5
 //! default_timeout_secs = 600
 //! work_dir = "/home/me/tunnel-work"
+//! sandbox = true                       # Landlock closes tunnel's files to agents (Linux)
+//! run_as = "agent"                     # a runner started as root runs agents as this user
+//! files_write_vcs = false              # file tasks may not write .git/ and the like
 //! [runner.projects]
 //! web = "/home/me/src/web"
 //! [runner.agents.claude]
@@ -67,6 +70,16 @@ pub(crate) struct RunnerSection {
     pub(crate) projects: std::collections::BTreeMap<String, PathBuf>,
     #[serde(default)]
     pub(crate) agents: std::collections::BTreeMap<String, AgentSection>,
+    /// Close tunnel's own files (data and config directories) to agents with Landlock where
+    /// the kernel has it (default true).
+    pub(crate) sandbox: Option<bool>,
+    /// Run agents as this OS user; the runner must run as root.
+    pub(crate) run_as: Option<String>,
+    /// File tasks may write VCS metadata (`.git/`, `.hg/`, `.svn/`, `.jj/`; default false).
+    pub(crate) files_write_vcs: Option<bool>,
+    /// The file this came from (the agents must not read it).
+    #[serde(skip)]
+    pub(crate) config_file: Option<PathBuf>,
 }
 
 /// `[runner.agents.NAME]`: changes a built-in agent (claude, codex, gemini, echo) or adds a
@@ -107,22 +120,25 @@ pub(crate) struct ClientSection {
 }
 
 impl FileConfig {
-    /// Reads `path`; without one, `./tunnel.toml`, then the one `tunnel init` writes
-    /// (`~/.config/tunnel/tunnel.toml`), whichever exists first.
+    /// Reads `path`; without one, the one `tunnel init` writes (`~/.config/tunnel/tunnel.toml`)
+    /// if it exists. Never a file from the current directory: a cloned repository could hold
+    /// a `tunnel.toml` naming its own server (which would get the local admin token) or its
+    /// own agent programs. A config elsewhere is used only when named (`--config`,
+    /// `TUNNEL_CONFIG`).
     pub(crate) fn load(path: Option<&Path>) -> Result<FileConfig> {
         let path = match path {
             Some(p) => p.to_path_buf(),
-            None => match [PathBuf::from("tunnel.toml"), default_config_path()]
-                .into_iter()
-                .find(|p| p.exists())
-            {
+            None => match Some(default_config_path()).filter(|p| p.exists()) {
                 Some(p) => p,
                 None => return Ok(FileConfig::default()),
             },
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+        let mut file: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        file.runner.config_file = Some(path);
+        Ok(file)
     }
 }
 

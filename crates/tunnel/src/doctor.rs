@@ -87,6 +87,8 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
             check_agents(&mut r, &cfg, runner_machine).await;
             println!("projects");
             check_projects(&mut r, &cfg);
+            println!("protections");
+            check_protections(&mut r, &cfg);
         }
         Err(e) => r.fail(
             &format!("the [runner] config is invalid: {e:#}"),
@@ -365,6 +367,59 @@ fn check_projects(r: &mut Report, cfg: &RunnerConfig) {
                 "fix [runner.projects] or --project",
             );
         }
+    }
+}
+
+/// What keeps an agent away from tunnel's credentials on this machine.
+fn check_protections(r: &mut Report, cfg: &RunnerConfig) {
+    match crate::sandbox::is_not_dumpable() {
+        Some(true) => r.ok("non-dumpable: other processes of this user cannot read tunnel's environment or memory (/proc/PID/environ, /proc/PID/mem); root still can"),
+        Some(false) => r.warn("tunnel is dumpable", "PR_SET_DUMPABLE failed; see the warning printed at start"),
+        None => r.warn(
+            "non-dumpable: unavailable on this OS",
+            "agents of this user may read tunnel's memory; run the runner as a dedicated user",
+        ),
+    }
+    let withheld: Vec<String> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| tunnel_runner::contain::is_withheld(k))
+        .map(|k| k.to_string_lossy().into_owned())
+        .collect();
+    r.ok(&format!(
+        "environment scrubbed: agents never get tunnel's variables{}",
+        if withheld.is_empty() {
+            String::new()
+        } else {
+            format!(" (withheld here: {})", withheld.join(", "))
+        }
+    ));
+    match (crate::sandbox::landlock_abi(), &cfg.contain.wrapper) {
+        (Ok(abi), Some(_)) => r.ok(&format!(
+            "Landlock ABI {abi}: agents cannot read or change {}",
+            cfg.contain
+                .deny
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        (Ok(abi), None) => r.warn(
+            &format!("Landlock ABI {abi} is available but `sandbox = false`: agents can read tunnel's tokens"),
+            "remove `sandbox = false` from [runner]",
+        ),
+        (Err(why), _) => r.warn(
+            &format!("Landlock unavailable: {why}"),
+            "agents can read what this user can (admin token, config): run the runner as a dedicated user with only its projects",
+        ),
+    }
+    let root = nix::unistd::Uid::effective().is_root();
+    match (&cfg.contain.run_as, root) {
+        (Some(u), _) => r.ok(&format!("agents run as user {} (uid {})", u.name, u.uid)),
+        (None, true) => r.warn(
+            "running as root without run_as: an agent is root and can read any process's memory and any file",
+            "set run_as = \"USER\" under [runner], or run the runner as a normal user",
+        ),
+        (None, false) => r.ok("agents run as this user"),
     }
 }
 
