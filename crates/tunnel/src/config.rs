@@ -187,3 +187,72 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
 pub(crate) fn local_admin_token_path() -> PathBuf {
     data_dir().join("admin.token")
 }
+
+/// The address of the local server the admin token belongs to (written by `tunnel serve` and
+/// `tunnel up` at each start).
+pub(crate) fn local_admin_server_path() -> PathBuf {
+    data_dir().join("admin.server")
+}
+
+/// The saved local admin token, if `server` is the local server it belongs to. A server named
+/// by a config file, a flag or a variable is not trusted with it just because no token was
+/// given: `Err` says why it is withheld.
+pub(crate) fn local_admin_token_for(server: &str) -> std::result::Result<Option<String>, String> {
+    let token = match std::fs::read_to_string(local_admin_token_path()) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        _ => return Ok(None),
+    };
+    let local = std::fs::read_to_string(local_admin_server_path()).unwrap_or_default();
+    let local = local.trim();
+    let same = match endpoint(server) {
+        Some((host, port)) if !local.is_empty() => {
+            endpoint(local).is_some_and(|(lh, lp)| lp == port && (lh == host || (loopback(&lh) && loopback(&host))))
+        }
+        // Saved before servers recorded their address: the default local address only.
+        Some((host, port)) => loopback(&host) && port == 3456,
+        None => false,
+    };
+    if same {
+        Ok(Some(token))
+    } else {
+        Err(format!(
+            "the local admin token ({}) belongs to the server on this machine{}; it is not sent to {server}: pass --token (or TUNNEL_TOKEN) for that server",
+            local_admin_token_path().display(),
+            if local.is_empty() { String::new() } else { format!(" ({local})") }
+        ))
+    }
+}
+
+/// `http://HOST:PORT/…` → (host, port); plain HTTP only (the local server does not do TLS).
+fn endpoint(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.contains('@') {
+        return None;
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().ok()?),
+        _ => (authority, 80),
+    };
+    Some((host.trim_matches(['[', ']']).to_ascii_lowercase(), port))
+}
+
+fn loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoints() {
+        use super::endpoint;
+        assert_eq!(endpoint("http://127.0.0.1:3456"), Some(("127.0.0.1".into(), 3456)));
+        assert_eq!(endpoint("http://LocalHost:80/x"), Some(("localhost".into(), 80)));
+        assert_eq!(endpoint("http://[::1]:9/"), Some(("::1".into(), 9)));
+        assert_eq!(endpoint("http://a@127.0.0.1:9/"), None);
+        assert_eq!(endpoint("https://127.0.0.1:9/"), None);
+    }
+}

@@ -64,11 +64,13 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
             "`token` under [client] in the config file".to_owned(),
         )
     } else {
-        let saved = std::fs::read_to_string(&admin_file)
-            .ok()
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty());
-        (saved, admin_file.display().to_string())
+        match config::local_admin_token_for(&server) {
+            Ok(saved) => (saved, admin_file.display().to_string()),
+            Err(why) => {
+                r.warn(&why, "pass --token for that server");
+                (None, admin_file.display().to_string())
+            }
+        }
     };
     check_server(&mut r, &server, token.as_deref(), &token_source).await;
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod contain;
 mod setup;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
@@ -401,7 +402,7 @@ fn config_file_is_read_and_checked() {
     );
 
     std::fs::write(&cfg, "[server]\nlisten_address = \"x\"\n").unwrap();
-    let out = run_in(dir.path(), &["serve"]);
+    let out = run_in(dir.path(), &["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("unknown field `listen_address`"),
@@ -414,7 +415,7 @@ fn config_file_is_read_and_checked() {
         "[server]\nlisten = \"127.0.0.1:0\"\nretention = \"2 weeks\"\n",
     )
     .unwrap();
-    let out = run_in(dir.path(), &["serve"]);
+    let out = run_in(dir.path(), &["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("retention \"2 weeks\" is not a duration"),
