@@ -180,7 +180,16 @@ mod tests {
         assert_eq!(p, "/usr/bin/tunnel");
         assert_eq!(
             a,
-            ["__sandbox", "--deny", "/d", "--allow", "/w", "--", "claude", "-p"]
+            [
+                "__sandbox",
+                "--deny",
+                "/d",
+                "--allow",
+                "/w",
+                "--",
+                "claude",
+                "-p"
+            ]
         );
         let (p, a) = wrapped(&Containment::default(), "claude", &["-p".into()], &[]);
         assert_eq!((p.as_os_str(), a.len()), (OsStr::new("claude"), 1));

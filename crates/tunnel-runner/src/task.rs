@@ -176,8 +176,22 @@ async fn execute(
         return failed(format!("cannot use the directory {}: {e}", dir.display()));
     }
     if agent.kind == crate::config::AgentKind::Files {
-        // Done here, not by a child process: nothing to supervise.
-        return match crate::files::run(&dir, &task.prompt) {
+        // Done here, not by a child process: nothing to supervise. Off the async runtime and
+        // bounded in time: a file on a hung network mount must not stall the runner.
+        let opts = crate::files::Options {
+            write_vcs: cfg.files_write_vcs,
+        };
+        let (project, prompt) = (dir.clone(), task.prompt.clone());
+        let work = tokio::task::spawn_blocking(move || crate::files::run(&project, &prompt, opts));
+        let done = match tokio::time::timeout(crate::files::TIMEOUT, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("the file task failed: {e}")),
+            Err(_) => Err(format!(
+                "the file task did not finish within {} s",
+                crate::files::TIMEOUT.as_secs()
+            )),
+        };
+        return match done {
             Ok(text) => (
                 Outcome::Succeeded,
                 TaskResult {

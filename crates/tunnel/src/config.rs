@@ -205,9 +205,9 @@ pub(crate) fn local_admin_token_for(server: &str) -> std::result::Result<Option<
     let local = std::fs::read_to_string(local_admin_server_path()).unwrap_or_default();
     let local = local.trim();
     let same = match endpoint(server) {
-        Some((host, port)) if !local.is_empty() => {
-            endpoint(local).is_some_and(|(lh, lp)| lp == port && (lh == host || (loopback(&lh) && loopback(&host))))
-        }
+        Some((host, port)) if !local.is_empty() => endpoint(local).is_some_and(|(lh, lp)| {
+            lp == port && (lh == host || (loopback(&lh) && loopback(&host)))
+        }),
         // Saved before servers recorded their address: the default local address only.
         Some((host, port)) => loopback(&host) && port == 3456,
         None => false,
@@ -218,7 +218,11 @@ pub(crate) fn local_admin_token_for(server: &str) -> std::result::Result<Option<
         Err(format!(
             "the local admin token ({}) belongs to the server on this machine{}; it is not sent to {server}: pass --token (or TUNNEL_TOKEN) for that server",
             local_admin_token_path().display(),
-            if local.is_empty() { String::new() } else { format!(" ({local})") }
+            if local.is_empty() {
+                String::new()
+            } else {
+                format!(" ({local})")
+            }
         ))
     }
 }
@@ -249,8 +253,14 @@ mod tests {
     #[test]
     fn endpoints() {
         use super::endpoint;
-        assert_eq!(endpoint("http://127.0.0.1:3456"), Some(("127.0.0.1".into(), 3456)));
-        assert_eq!(endpoint("http://LocalHost:80/x"), Some(("localhost".into(), 80)));
+        assert_eq!(
+            endpoint("http://127.0.0.1:3456"),
+            Some(("127.0.0.1".into(), 3456))
+        );
+        assert_eq!(
+            endpoint("http://LocalHost:80/x"),
+            Some(("localhost".into(), 80))
+        );
         assert_eq!(endpoint("http://[::1]:9/"), Some(("::1".into(), 9)));
         assert_eq!(endpoint("http://a@127.0.0.1:9/"), None);
         assert_eq!(endpoint("https://127.0.0.1:9/"), None);

@@ -34,7 +34,8 @@ pub(crate) fn runner_config(
 ) -> Result<RunnerConfig> {
     let data = config::data_dir();
     let mut c = RunnerConfig::new(server, token, data.clone());
-    let (sandbox, run_as, config_file) = (file.sandbox, file.run_as.clone(), file.config_file.clone());
+    let (sandbox, run_as, config_file) =
+        (file.sandbox, file.run_as.clone(), file.config_file.clone());
     c.files_write_vcs = file.files_write_vcs.unwrap_or(false);
     if let Some(n) = opts.name.clone().or(file.name) {
         c.name = n;

@@ -112,8 +112,8 @@ mod imp {
     use std::path::{Path, PathBuf};
 
     use landlock::{
-        ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
-        RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+        ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope,
     };
 
     /// The rights handled (so denied unless allowed): every file-system right up to ABI 5
@@ -149,7 +149,9 @@ mod imp {
                 .handle_access(AccessFs::from_all(ABI::V1))
                 .and_then(|r| r.create())
             {
-                Err(e) => format!("the kernel offers no Landlock ({e}); Linux ≥ 5.13 with `lsm=…,landlock` has it"),
+                Err(e) => format!(
+                    "the kernel offers no Landlock ({e}); Linux ≥ 5.13 with `lsm=…,landlock` has it"
+                ),
                 Ok(_) => "unknown".into(),
             }
         })

@@ -137,7 +137,10 @@ pub(crate) async fn prepare(
     if local.ip().is_unspecified() {
         local.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
-    if let Err(e) = write_private(&config::local_admin_server_path(), &format!("http://{local}")) {
+    if let Err(e) = write_private(
+        &config::local_admin_server_path(),
+        &format!("http://{local}"),
+    ) {
         tracing::warn!(error = %e, "Cannot record this server's address for the local CLI.");
     }
     let shown = match &database {

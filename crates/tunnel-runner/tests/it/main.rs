@@ -8,4 +8,5 @@ mod harness;
 mod agents;
 mod bad_input;
 mod clis;
+mod files;
 mod supervision;

@@ -211,8 +211,19 @@ fn wait_healthy(url: &str, home: &Home) {
 fn run_spy(url: &str, token: &str) -> Output {
     let out = Command::new(BIN)
         .args([
-            "submit", "--server", url, "--token", token, "--agent", "spy", "--project", "proj",
-            "--timeout", "60", "--watch", "look around",
+            "submit",
+            "--server",
+            url,
+            "--token",
+            token,
+            "--agent",
+            "spy",
+            "--project",
+            "proj",
+            "--timeout",
+            "60",
+            "--watch",
+            "look around",
         ])
         .env_remove("TUNNEL_CONFIG")
         .stdin(Stdio::null())
@@ -224,7 +235,10 @@ fn run_spy(url: &str, token: &str) -> Output {
 /// Secrets in the environment of a tunnel process that it has no use for, or that it uses
 /// itself: none may reach an agent.
 const ENV_SECRETS: &[(&str, &str)] = &[
-    ("DISCORD_PROXY", "http://proxyuser:SECRET-proxy-pw@127.0.0.1:9"),
+    (
+        "DISCORD_PROXY",
+        "http://proxyuser:SECRET-proxy-pw@127.0.0.1:9",
+    ),
     ("OPENCLAW_HOOKS_TOKEN", "SECRET-hooks-token"),
     ("TUNNEL_WEBHOOK_CI_SECRET", "SECRET-webhook"),
     ("TELEGRAM_BOT_TOKEN", "123:SECRET-telegram"),
@@ -267,7 +281,11 @@ fn an_agent_of_tunnel_runner_finds_no_secret() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let runner_token = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .find(|w| w.starts_with("tnl_"))
@@ -295,7 +313,11 @@ fn an_agent_of_tunnel_runner_finds_no_secret() {
     let mut secrets: Vec<String> = ENV_SECRETS.iter().map(|(_, v)| v.to_string()).collect();
     secrets.extend([admin, runner_token, db_pw.to_owned(), "SECRET-".into()]);
     assert_no_secret(&answer, &secrets, &home);
-    assert!(out.status.success(), "{answer}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -328,7 +350,11 @@ fn an_agent_of_tunnel_up_finds_no_secret() {
     let mut secrets: Vec<String> = ENV_SECRETS.iter().map(|(_, v)| v.to_string()).collect();
     secrets.extend([admin, "SECRET".into()]);
     assert_no_secret(&answer, &secrets, &home);
-    assert!(out.status.success(), "{answer}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{answer}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A config file in the current directory (a cloned repository) is not read: `tunnel tasks`
@@ -402,8 +428,7 @@ fn a_config_in_the_current_directory_gets_no_token() {
         "the local admin token went to another server: {got:?}"
     );
     assert!(
-        !out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("not sent to"),
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not sent to"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
