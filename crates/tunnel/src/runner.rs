@@ -111,6 +111,9 @@ pub(crate) fn runner_config(
         }
         if let Some(cmd) = section.command {
             agent.command = cmd;
+            if let Some(why) = agent.prompt_as_option() {
+                bail!("custom agent {name}: {why}");
+            }
         }
         if kind == AgentKind::Custom && agent.command.is_empty() && agent.program == name {
             bail!(

@@ -433,3 +433,44 @@ fn a_config_in_the_current_directory_gets_no_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A custom agent whose template puts `{prompt}` where its program reads options is refused
+/// when the config is loaded: a prompt like `--help` or `-rf` must never become an option.
+#[test]
+fn a_prompt_in_an_option_position_is_refused_at_config_load() {
+    let home = Home::new();
+    for (command, refused) in [
+        (r#"["{prompt}"]"#, Some("right after the program")),
+        (r#"["run", "{prompt}"]"#, Some("after the argument \"run\"")),
+        (r#"["--", "{prompt}"]"#, None),
+        (r#"["--yes", "--message", "{prompt}"]"#, None),
+    ] {
+        std::fs::write(
+            home.config(),
+            format!("[runner.agents.rm]\nprogram = \"rm\"\ncommand = {command}\n"),
+        )
+        .unwrap();
+        let out = Command::new(BIN)
+            .args([
+                "doctor",
+                "--server",
+                "http://127.0.0.1:9",
+                "--token",
+                "x",
+                "--config",
+            ])
+            .arg(home.config())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        match refused {
+            Some(why) => assert!(
+                text.contains("custom agent rm: {prompt} comes")
+                    && text.contains(why)
+                    && text.contains("put \"--\" before {prompt}"),
+                "{command}: {text}"
+            ),
+            None => assert!(!text.contains("{prompt} comes"), "{command}: {text}"),
+        }
+    }
+}

@@ -584,7 +584,7 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
     let cfg = s.data.path().join("doctor.toml");
     std::fs::write(
         &cfg,
-        "[runner.agents.aider]\nprogram = \"/nonexistent/aider\"\ncommand = [\"{prompt}\"]\n",
+        "[runner.agents.aider]\nprogram = \"/nonexistent/aider\"\ncommand = [\"--message\", \"{prompt}\"]\n",
     )
     .unwrap();
     let out = s.cli(&[
