@@ -31,15 +31,21 @@ fn is_root() -> bool {
 /// A machine's home for one user: data and config inside, owned by the user tunnel runs as.
 struct Home {
     dir: tempfile::TempDir,
+    /// tunnel itself runs as `nobody` (the tests run as root).
+    as_nobody: bool,
 }
 
 impl Home {
     fn new() -> Home {
+        Self::with_owner(is_root())
+    }
+
+    fn with_owner(as_nobody: bool) -> Home {
         let dir = tempfile::tempdir().unwrap();
         for d in ["data", "config/tunnel", "proj"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
-        Home { dir }
+        Home { dir, as_nobody }
     }
 
     fn path(&self) -> &Path {
@@ -52,7 +58,7 @@ impl Home {
 
     /// Everything belongs to the user tunnel runs as.
     fn hand_over(&self) {
-        if is_root() {
+        if self.as_nobody {
             let ok = Command::new("chown")
                 .args(["-R", &format!("{NOBODY}:{NOBODY}")])
                 .arg(self.path())
@@ -84,7 +90,7 @@ impl Home {
             cmd.env_remove(k);
         }
         cmd.envs(env.iter().copied());
-        if is_root() {
+        if self.as_nobody {
             cmd.uid(NOBODY).gid(NOBODY);
         }
         cmd
@@ -129,6 +135,7 @@ impl Home {
         let body = format!(
             r#"#!/bin/sh
 echo "== own environment"; env
+echo "== id: $(id)"
 p=$$
 while [ "$p" -gt 1 ]; do
   pp=$(awk '/^PPid:/{{print $2}}' /proc/$p/status)
@@ -264,7 +271,34 @@ fn assert_no_secret(answer: &str, secrets: &[String], home: &Home) {
 
 #[test]
 fn an_agent_of_tunnel_runner_finds_no_secret() {
-    let home = Home::new();
+    runner_spy(None);
+}
+
+/// A runner started as root runs its agents as another user (`run_as`): the agent cannot
+/// read the root runner's memory, environment or files.
+#[test]
+fn an_agent_run_as_another_user_finds_no_secret() {
+    if !is_root() {
+        eprintln!("not root: run_as needs a runner started as root; skipped");
+        return;
+    }
+    runner_spy(Some("nobody"));
+}
+
+fn runner_spy(run_as: Option<&str>) {
+    let home = if run_as.is_some() {
+        // tunnel runs as root; the agent's user must reach its script and project.
+        let h = Home::with_owner(false);
+        use std::os::unix::fs::PermissionsExt;
+        let open = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        open(h.path(), 0o755);
+        open(&h.path().join("proj"), 0o777);
+        h
+    } else {
+        Home::new()
+    };
     let spy = home.spy();
     let db_pw = "SECRET-db-pw";
     // The server: its own process, its admin token saved in the data dir.
@@ -295,7 +329,8 @@ fn an_agent_of_tunnel_runner_finds_no_secret() {
     std::fs::write(
         home.config(),
         format!(
-            "[runner]\nserver = \"{url}\"\ntoken = \"{runner_token}\"\n[runner.projects]\nproj = \"{}\"\n[runner.agents.spy]\nprogram = \"{}\"\n",
+            "[runner]\nserver = \"{url}\"\ntoken = \"{runner_token}\"\n{}[runner.projects]\nproj = \"{}\"\n[runner.agents.spy]\nprogram = \"{}\"\n",
+            run_as.map(|u| format!("run_as = \"{u}\"\n")).unwrap_or_default(),
             home.path().join("proj").display(),
             spy.display()
         ),
@@ -313,6 +348,12 @@ fn an_agent_of_tunnel_runner_finds_no_secret() {
     let mut secrets: Vec<String> = ENV_SECRETS.iter().map(|(_, v)| v.to_string()).collect();
     secrets.extend([admin, runner_token, db_pw.to_owned(), "SECRET-".into()]);
     assert_no_secret(&answer, &secrets, &home);
+    if run_as.is_some() {
+        assert!(
+            answer.contains(&format!("== id: uid={NOBODY}(")),
+            "{answer}"
+        );
+    }
     assert!(
         out.status.success(),
         "{answer}{}",
