@@ -208,6 +208,8 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
 /// How far the server's `Date` header is from this machine's clock.
 async fn clock_skew(server: &str) -> Option<Duration> {
     let out = tokio::process::Command::new("curl")
+        .env_clear()
+        .envs(tunnel_runner::contain::child_env())
         .args([
             "-sI",
             "--max-time",
@@ -459,6 +461,8 @@ async fn version(path: &Path) -> Option<String> {
     let out = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::process::Command::new(path)
+            .env_clear()
+            .envs(tunnel_runner::contain::child_env())
             .arg("--version")
             .stdin(std::process::Stdio::null())
             .output(),

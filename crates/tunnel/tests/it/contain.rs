@@ -216,7 +216,7 @@ fn wait_healthy(url: &str, home: &Home) {
 
 /// `tunnel submit --watch` for the spy, as the test; its answer.
 fn run_spy(url: &str, token: &str) -> Output {
-    let out = Command::new(BIN)
+    Command::new(BIN)
         .args([
             "submit",
             "--server",
@@ -235,8 +235,7 @@ fn run_spy(url: &str, token: &str) -> Output {
         .env_remove("TUNNEL_CONFIG")
         .stdin(Stdio::null())
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 /// Secrets in the environment of a tunnel process that it has no use for, or that it uses
