@@ -53,6 +53,8 @@ pub(crate) fn landlock_abi() -> Result<u8, String> {
     ))
 }
 
+// Only Linux applies `deny` and `allow`.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Args {
     deny: Vec<PathBuf>,
     allow: Vec<PathBuf>,

@@ -476,7 +476,10 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
 fn a_runner_killed_mid_task_reports_the_task_after_restart_and_leaves_no_agent() {
     let s = Served::start(&[]);
     let dir = s.data.path();
-    let pid_file = dir.join("agent.pid");
+    // In a folder of its own: `dir` holds tunnel's data directory, so the sandboxed agent may
+    // not create new files directly in it.
+    std::fs::create_dir_all(dir.join("agent")).unwrap();
+    let pid_file = dir.join("agent/agent.pid");
     let script = dir.join("slow-agent");
     std::fs::write(
         &script,
