@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use tunnel_protocol::{
-    AppendEvents, AttemptRef, ClaimRequest, CreateToken, FinishRequest, Heartbeat, ReportSessions,
-    SessionCommand, SubmitTask,
+    AppendEvents, ApprovalAnswer, ApprovalRequest, ApprovalWait, AttemptRef, ClaimRequest,
+    CreateToken, FinishRequest, Heartbeat, ReportSessions, SessionCommand, SubmitTask,
 };
 
 fn check<T>(body: &[u8], validate: impl Fn(&T) -> bool)
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    match which % 9 {
+    match which % 12 {
         0 => check::<SubmitTask>(body, |v| v.validate().is_ok()),
         1 => check::<ClaimRequest>(body, |v| v.validate().is_ok()),
         2 => check::<FinishRequest>(body, |v| v.validate().is_ok()),
@@ -45,6 +45,9 @@ fuzz_target!(|data: &[u8]| {
         5 => check::<AttemptRef>(body, |_| true),
         6 => check::<SessionCommand>(body, |v| v.validate(true).is_ok()),
         7 => check::<CreateToken>(body, |v| v.validate().is_ok()),
+        8 => check::<ApprovalRequest>(body, |v| v.validate().is_ok()),
+        9 => check::<ApprovalAnswer>(body, |v| v.validate().is_ok()),
+        10 => check::<ApprovalWait>(body, |_| true),
         _ => check::<ReportSessions>(body, |v| v.validate().is_ok()),
     }
 });

@@ -11,6 +11,7 @@
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
 
+mod approvals;
 mod db;
 mod phases;
 mod runner;
@@ -74,6 +75,9 @@ struct Args {
     /// Tasks run one by one by a real runner with a trivial agent (0 skips phase 5).
     #[arg(long, default_value_t = 200)]
     runner_tasks: usize,
+    /// Approval requests asked and answered one by one (0 skips phase 6).
+    #[arg(long, default_value_t = 200)]
+    approvals: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -105,6 +109,7 @@ struct Report {
     cycle: Option<CycleReport>,
     parked: Option<ParkedReport>,
     runner: Option<runner::RunnerReport>,
+    approvals: Option<approvals::ApprovalReport>,
     total_s: f64,
     /// /proc/loadavg when the bench started and ended: the machine may be shared.
     load_before: String,
@@ -189,13 +194,14 @@ async fn run(args: Args) -> Result<()> {
         cycle: None,
         parked: None,
         runner: None,
+        approvals: None,
         total_s: 0.0,
         load_before: loadavg(),
         load_after: String::new(),
     };
 
     // Phases 1–3 and 5 on one server.
-    if args.dispatch > 0 || args.tasks > 0 || args.runner_tasks > 0 {
+    if args.dispatch > 0 || args.tasks > 0 || args.runner_tasks > 0 || args.approvals > 0 {
         let db13 = fresh("main", "").await?;
         progress(&format!(
             "starting {} on {} (durability {durability})",
@@ -233,6 +239,15 @@ async fn run(args: Args) -> Result<()> {
             ));
             report.runner = Some(runner::runner_overhead(&server, TOKEN, args.runner_tasks).await?);
             expected += args.runner_tasks as u64;
+        }
+        if args.approvals > 0 {
+            progress(&format!(
+                "6. approval round trip: {} requests, one at a time",
+                args.approvals
+            ));
+            report.approvals =
+                Some(approvals::approval_round_trip(&server, TOKEN, args.approvals).await?);
+            expected += 1;
         }
         server.stop().await?;
         let checked = phases::check_database(&db13, expected).await;
@@ -417,6 +432,49 @@ fn print_table(r: &Report) {
             ));
         }
         None => rows.push(("5. runner overhead".into(), "skipped".into(), "")),
+    }
+    if let Some(a) = &r.approvals {
+        rows.push((
+            format!("6. approval: ask -> event on the stream (n={})", a.requests),
+            a.ask_to_event.line(),
+            "",
+        ));
+        rows.push((
+            "   ask round trip / ask -> listed pending".into(),
+            format!(
+                "{} / {} ms p50, {} / {} ms p99",
+                ms(a.ask_rtt.p50_ms),
+                ms(a.ask_to_listed.p50_ms),
+                ms(a.ask_rtt.p99_ms),
+                ms(a.ask_to_listed.p99_ms)
+            ),
+            "",
+        ));
+        rows.push((
+            "   answer -> the runner's wait returns".into(),
+            a.answer_to_runner.line(),
+            "",
+        ));
+        rows.push((
+            "   answer round trip / answer -> event".into(),
+            format!(
+                "{} / {} ms p50, {} / {} ms p99",
+                ms(a.answer_rtt.p50_ms),
+                ms(a.answer_to_event.p50_ms),
+                ms(a.answer_rtt.p99_ms),
+                ms(a.answer_to_event.p99_ms)
+            ),
+            "",
+        ));
+        rows.push((
+            "   server's share: ask -> event + answer -> runner, p50 / p99".into(),
+            format!(
+                "{} / {} ms",
+                ms(a.ask_to_event.p50_ms + a.answer_to_runner.p50_ms),
+                ms(a.ask_to_event.p99_ms + a.answer_to_runner.p99_ms)
+            ),
+            "<= 50 ms",
+        ));
     }
 
     let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);

@@ -9,10 +9,11 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tunnel_protocol::{
-    AppendAck, AppendEvents, AttemptRef, ClaimRequest, CreateToken, CreatedToken, ErrorBody,
-    EventList, FinishRequest, Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer,
-    ReportSessions, Role, RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask,
-    Task, TaskEvent, TaskList, TokenInfo, TokenList,
+    AppendAck, AppendEvents, Approval, ApprovalAnswer, ApprovalList, ApprovalRequest, ApprovalWait,
+    AttemptRef, ClaimRequest, CreateToken, CreatedToken, ErrorBody, EventList, FinishRequest,
+    Health, Heartbeat, IDEMPOTENCY_KEY_HEADER, LeaseStatus, Offer, ReportSessions, Role,
+    RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent, TaskList,
+    TokenInfo, TokenList,
 };
 
 /// What went wrong talking to the server.
@@ -62,6 +63,16 @@ pub struct TaskQuery {
     pub state: Option<String>,
     pub conversation: Option<String>,
     pub agent: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Filters for [`Client::list_approvals`].
+#[derive(Debug, Default, Clone)]
+pub struct ApprovalQuery {
+    /// `pending`, `allowed`, `denied`, `expired` or `cancelled`.
+    pub state: Option<String>,
+    /// Only this task's requests.
+    pub task: Option<String>,
     pub limit: Option<u32>,
 }
 
@@ -281,6 +292,63 @@ impl Client {
             .await?;
         drop(resp);
         Ok(())
+    }
+
+    // -- approvals -----------------------------------------------------------------------------
+
+    /// The running attempt's agent asks (runner). Retrying with the same `key` returns the
+    /// first request.
+    pub async fn create_approval(&self, task_id: &str, req: &ApprovalRequest) -> Result<Approval> {
+        self.send(self.post(&format!("/v1/tasks/{}/approvals", encode(task_id)), req))
+            .await
+    }
+
+    /// Waits for the answer to a request (runner): at once when it is settled, else held up to
+    /// `wait_ms` by the server; still `pending` when the wait ran out (ask again).
+    pub async fn wait_approval(
+        &self,
+        task_id: &str,
+        approval_id: &str,
+        req: &ApprovalWait,
+    ) -> Result<Approval> {
+        let timeout = self.timeout + Duration::from_millis(req.wait_ms);
+        let r = self
+            .http
+            .post(self.url(&format!(
+                "/v1/tasks/{}/approvals/{}/wait",
+                encode(task_id),
+                encode(approval_id)
+            )))
+            .timeout(timeout)
+            .json(req);
+        self.send(r).await
+    }
+
+    /// Approval requests, newest first (a client token sees its own tasks').
+    pub async fn list_approvals(&self, q: &ApprovalQuery) -> Result<Vec<Approval>> {
+        let mut params = Vec::new();
+        push_param(&mut params, "state", q.state.as_deref());
+        push_param(&mut params, "task", q.task.as_deref());
+        push_param(
+            &mut params,
+            "limit",
+            q.limit.map(|l| l.to_string()).as_deref(),
+        );
+        let list: ApprovalList = self
+            .send(self.get(&format!("/v1/approvals{}", query(&params))))
+            .await?;
+        Ok(list.approvals)
+    }
+
+    pub async fn get_approval(&self, id: &str) -> Result<Approval> {
+        self.send(self.get(&format!("/v1/approvals/{}", encode(id))))
+            .await
+    }
+
+    /// Answers a pending request (the task's owner or admin).
+    pub async fn answer_approval(&self, id: &str, answer: &ApprovalAnswer) -> Result<Approval> {
+        self.send(self.post(&format!("/v1/approvals/{}", encode(id)), answer))
+            .await
     }
 
     // -- runners, sessions, tokens ---------------------------------------------------------------

@@ -70,6 +70,7 @@
 //! `Debug` output: reqwest errors are stripped of their URL (Telegram's contains the token) and
 //! every error text is scrubbed of the configured secrets.
 
+mod approval;
 mod discord;
 mod render;
 mod split;
@@ -81,6 +82,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use approval::{approval_outcome_line, render_approval, render_approval_settled};
 pub use render::{render_final, render_progress, render_progress_at};
 pub use split::{split, text_len};
 pub use tunnel_protocol::{Platform, ReplyTo};

@@ -230,12 +230,30 @@ pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_m
     if let Some(m) = model {
         msg.push_str(&format!(" · {m}"));
     }
+    // The question the agent waits on, from its `approval` event (the newest one of that id).
+    let question = task.waiting_for_approval.as_ref().and_then(|id| {
+        recent
+            .iter()
+            .rev()
+            .filter(|e| e.kind == "approval" && e.data["id"].as_str() == Some(id))
+            .find_map(|e| serde_json::from_value::<tunnel_protocol::Approval>(e.data.clone()).ok())
+    });
     let state = match task.state {
         TaskState::Cancelling => "cancelling…",
         TaskState::Queued | TaskState::Offered => "starting…",
+        _ if task.waiting_for_approval.is_some() => "waiting for approval",
         _ => "working…",
     };
     msg.push_str(&format!(" · {state} {}", duration(elapsed)));
+    if let Some(id) = &task.waiting_for_approval {
+        let what = question
+            .as_ref()
+            .map(|a| head(&defuse_fences(a.tool.title.trim()), TOOL_LINE_MAX))
+            .unwrap_or_else(|| "an action".into());
+        msg.push_str(&format!(
+            "\n🔐 asks: {what}\nAnswer: `/cc -approve {id} once|session|deny`"
+        ));
+    }
     let skip = tools.len().saturating_sub(PROGRESS_TOOLS);
     for t in &tools[skip..] {
         msg.push('\n');

@@ -247,9 +247,83 @@ pub enum ApprovalState {
 }
 
 impl ApprovalState {
+    pub const ALL: [ApprovalState; 5] = [
+        ApprovalState::Pending,
+        ApprovalState::Allowed,
+        ApprovalState::Denied,
+        ApprovalState::Expired,
+        ApprovalState::Cancelled,
+    ];
+
     pub fn is_final(self) -> bool {
         self != ApprovalState::Pending
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Allowed => "allowed",
+            ApprovalState::Denied => "denied",
+            ApprovalState::Expired => "expired",
+            ApprovalState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ApprovalState> {
+        ApprovalState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ApprovalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::AllowOnce => "allow_once",
+            Decision::AllowSession => "allow_session",
+            Decision::Deny => "deny",
+        }
+    }
+
+    /// The agent option that carries this decision: allow once → its allow-once option (never
+    /// an allow-always one: that would grant more than was said), allow for the session → its
+    /// allow-always option (else allow-once), deny → its reject-once option (else
+    /// reject-always). `None` when it offers no such option: the runner then cancels the
+    /// request, which the agent reads as no.
+    pub fn option_for(self, options: &[ApprovalOption]) -> Option<String> {
+        use ApprovalOptionKind as K;
+        let prefs: &[K] = match self {
+            Decision::AllowOnce => &[K::AllowOnce],
+            Decision::AllowSession => &[K::AllowAlways, K::AllowOnce],
+            Decision::Deny => &[K::RejectOnce, K::RejectAlways],
+        };
+        prefs
+            .iter()
+            .find_map(|k| options.iter().find(|o| o.kind == *k))
+            .map(|o| o.id.clone())
+    }
+}
+
+/// Prefix of approval ids.
+pub const APPROVAL_ID_PREFIX: &str = "apr_";
+
+/// Whether `id` has the shape of an approval id (`apr_` and a UUID), so a path segment that
+/// is not one is refused as a bad request, never looked up.
+pub fn is_approval_id(id: &str) -> bool {
+    id.strip_prefix(APPROVAL_ID_PREFIX).is_some_and(|u| {
+        u.len() == 36
+            && u.char_indices().all(|(i, c)| {
+                if [8, 13, 18, 23].contains(&i) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            })
+    })
 }
 
 /// A person's choice.

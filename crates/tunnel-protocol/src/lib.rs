@@ -14,6 +14,30 @@ use utoipa::ToSchema;
 mod approval;
 pub use approval::*;
 
+/// `2026-11-25T15:50:09.000Z` from Unix milliseconds.
+pub fn iso8601(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// The path prefix of API v1.
 pub const API_PREFIX: &str = "/v1";
 /// Header that makes a submit idempotent (the plugin sends the chat message id).
@@ -243,6 +267,10 @@ pub struct SubmitTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub meta: Option<serde_json::Value>,
+    /// How the agent's permission requests are handled for this task; the stricter of this and
+    /// the runner's configuration for the agent wins. None: the runner's configuration decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<ApprovalPolicy>,
 }
 
 impl SubmitTask {
@@ -259,6 +287,7 @@ impl SubmitTask {
             max_attempts: None,
             reply_to: None,
             meta: None,
+            approvals: None,
         }
     }
 
@@ -377,6 +406,9 @@ pub struct Task {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub meta: Option<serde_json::Value>,
+    /// The task's approval policy, as submitted (None: the runner's configuration decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<ApprovalPolicy>,
     pub state: TaskState,
     /// Number of attempts started so far (0 until the first offer).
     pub attempt: u32,
@@ -405,6 +437,10 @@ pub struct Task {
     /// Where the answer is, for tasks with `reply_to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryStatus>,
+    /// While the agent waits for a person's answer: the id of the oldest pending approval
+    /// request of the task (`GET /v1/approvals/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_approval: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -179,8 +179,11 @@ pub struct RunnerConfig {
     /// Offer agents whose CLI is missing (they fail with an install hint) instead of hiding
     /// them. `tunnel up` does this so a newcomer learns what to install.
     pub offer_missing_agents: bool,
+    /// How agents' processes are contained (`containment`): a cgroup v2 per task where
+    /// possible, else the process-tree walk.
+    pub containment: crate::contain::Containment,
     /// How agents are confined beyond a clean environment (sandbox wrapper, another user).
-    pub contain: crate::contain::Containment,
+    pub confine: crate::confine::Confinement,
     /// File tasks may write VCS metadata (`.git/`, `.hg/`, `.svn/`, `.jj/`): a `.git/config`
     /// or hook runs code on the next git command, so off by default.
     pub files_write_vcs: bool,
@@ -223,7 +226,8 @@ impl RunnerConfig {
             shutdown_grace: Duration::from_secs(60),
             default_park: Duration::from_secs(30 * 60),
             offer_missing_agents: false,
-            contain: crate::contain::Containment::default(),
+            containment: Default::default(),
+            confine: crate::confine::Confinement::default(),
             files_write_vcs: false,
         }
     }

@@ -6,6 +6,7 @@
 
 mod adapter;
 pub mod config;
+pub mod confine;
 pub mod contain;
 mod files;
 #[cfg(feature = "fuzzing")]
@@ -26,7 +27,8 @@ use tunnel_client::{Client, ClientError};
 use tunnel_protocol::ClaimRequest;
 
 pub use config::{AgentConfig, AgentKind, OutputMode, RunnerConfig};
-pub use contain::{Containment, RunAs};
+pub use confine::{Confinement, RunAs};
+pub use contain::{Containment, Mechanism};
 
 /// Why the runner stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +106,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
                     agent.kind,
                     AgentKind::Claude | AgentKind::Codex | AgentKind::Gemini
                 );
-                if known && let Some(v) = supervisor::version_of(path, &config.contain).await {
+                if known && let Some(v) = supervisor::version_of(path, &config.confine).await {
                     versions.insert(name.clone(), v);
                 }
                 tracing::info!(agent = %name, program = %path.display(), version = versions.get(name).map(String::as_str).unwrap_or("?"), "Agent available.");
@@ -127,8 +129,14 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     let projects: Vec<String> = config.projects.keys().cloned().collect();
 
+    let choice = config.containment;
+    let containment = tokio::task::spawn_blocking(move || contain::detect(choice))
+        .await
+        .unwrap_or_else(|e| contain::Mechanism::ProcessTree(format!("detection failed: {e}")));
+    tracing::info!(containment = %containment, "Agent containment.");
     let config = Arc::new(config);
     let ctx = Arc::new(task::Ctx {
+        containment,
         client: client.clone(),
         config: config.clone(),
         spool,

@@ -15,6 +15,16 @@ pub(crate) struct SpoolEntry {
     pub(crate) lease_token: String,
     /// The agent's process group while it runs, to stop leftovers after a runner crash.
     pub(crate) pgid: Option<i32>,
+    /// The start time of the agent (`pgid`), so a restarted runner never signals a process
+    /// that reused the id.
+    #[serde(default)]
+    pub(crate) pgid_start: Option<u64>,
+    /// The task's cgroup, when cgroups contain it.
+    #[serde(default)]
+    pub(crate) cgroup: Option<PathBuf>,
+    /// The marker in the environment of the task's processes.
+    #[serde(default)]
+    pub(crate) mark: Option<String>,
     /// Events not yet acknowledged by the server.
     pub(crate) pending: Vec<NewEvent>,
     /// The result, once the agent is done and until the server has it.

@@ -1,5 +1,5 @@
-//! Starting an agent in its own process group, reading its output, and stopping the whole
-//! group (grandchildren included) on timeout, cancel or shutdown.
+//! Starting an agent in its own process group and containment cell (see [`crate::contain`]),
+//! reading its output, and stopping everything it started on timeout, cancel or shutdown.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +14,8 @@ use tokio::process::Child;
 use tokio::sync::mpsc;
 
 use crate::adapter::Invocation;
-use crate::contain::{self, Containment};
+use crate::confine::{self, Confinement};
+use crate::contain::{Cell, MARK_VAR, Mechanism};
 
 /// Longest stdout line kept whole; longer lines are cut (an agent cannot exhaust memory).
 const MAX_LINE: usize = 1 << 20;
@@ -32,17 +33,24 @@ pub(crate) struct Running {
     stderr_reader: Option<tokio::task::JoinHandle<()>>,
     /// See [`guard`].
     guard: Option<Child>,
+    /// Everything the agent starts, wherever it goes.
+    pub(crate) cell: Cell,
+    /// When the agent started (see [`crate::contain::start_time`]), to recognise it later.
+    pub(crate) start_time: Option<u64>,
 }
 
-/// A process in the agent's group that kills the whole group when the runner dies: it waits
-/// on a pipe whose only writer is the runner, and the kernel closes that pipe however the
-/// runner ends (even SIGKILL). Without it an agent whose runner was killed keeps running (and
-/// editing files) while its task is retried elsewhere. Being in the group, it also keeps the
-/// group id from being reused while it lives. Disarmed (killed) when the task ends normally.
-fn guard(pgid: i32) -> Option<Child> {
-    // The runner's own helper: the environment policy, but not the agent's user or sandbox.
-    contain::command("sh", &Containment::default())
-        .args(["-c", "read _; kill -KILL 0"])
+/// A process in the agent's group that kills the task's cell and the whole group when the
+/// runner dies: it waits on a pipe whose only writer is the runner, and the kernel closes that
+/// pipe however the runner ends (even SIGKILL). Without it an agent whose runner was killed
+/// keeps running (and editing files) while its task is retried elsewhere. Being in the group,
+/// it also keeps the group id from being reused while it lives. Disarmed (killed) when the
+/// task ends normally.
+fn guard(pgid: i32, cell: &Cell) -> Option<Child> {
+    // The runner's own helper: the environment policy, not the agent's user or sandbox.
+    confine::command("sh", &Confinement::default())
+        .arg("-c")
+        .arg(cell.guard_script())
+        .arg(cell.guard_arg())
         .process_group(pgid)
         .kill_on_drop(true)
         .stdin(Stdio::piped())
@@ -57,12 +65,20 @@ pub(crate) fn spawn(
     inv: &Invocation,
     cwd: &Path,
     extra_env: &BTreeMap<String, String>,
-    contain: &Containment,
+    confine: &Confinement,
+    containment: &Mechanism,
 ) -> std::io::Result<Running> {
-    // The environment, the user and the sandbox are decided in `contain`, for every child.
-    let (program, args) = contain::wrapped(contain, &inv.program, &inv.args, &[cwd]);
-    let mut cmd = contain::command(program, contain);
-    cmd.args(&args)
+    let cell = Cell::new(containment);
+    // The environment, the user and the sandbox are decided in `confine` for every child; the
+    // cell's wrapper (entering the task's cgroup) goes in front of the sandbox wrapper.
+    let (program, args) = confine::wrapped(confine, &inv.program, &inv.args, &[cwd]);
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (program, args) = cell.wrap(Path::new(&program), &args);
+    let mut cmd = confine::command(program, confine);
+    cmd.args(args)
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true)
@@ -74,8 +90,24 @@ pub(crate) fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd.envs(extra_env);
-    let mut child = cmd.spawn()?;
+    cmd.env(MARK_VAR, &cell.mark);
+    if cell.cgroup.is_some() && find_program(&inv.program).is_none() {
+        // Behind the wrapper a missing program would be a shell error, not a spawn error.
+        cell.remove();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "No such file or directory",
+        ));
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            cell.remove();
+            return Err(e);
+        }
+    };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let start_time = crate::contain::start_time(pgid);
 
     if let (Some(mut stdin), Some(text)) = (child.stdin.take(), inv.stdin.clone()) {
         tokio::spawn(async move {
@@ -108,7 +140,7 @@ pub(crate) fn spawn(
             }
         }));
     }
-    let guard = guard(pgid);
+    let guard = guard(pgid, &cell);
     Ok(Running {
         child,
         pgid,
@@ -116,6 +148,8 @@ pub(crate) fn spawn(
         stderr_reader,
         stderr,
         guard,
+        cell,
+        start_time,
     })
 }
 
@@ -162,9 +196,17 @@ impl Running {
         String::from_utf8_lossy(&t[start..]).trim().to_owned()
     }
 
-    /// SIGTERM to the group, then SIGKILL after `grace` if the agent is still there.
+    fn guard_pid(&self) -> Option<i32> {
+        self.guard.as_ref().and_then(|g| g.id()).map(|p| p as i32)
+    }
+
+    /// SIGTERM to the group and the whole cell, then SIGKILL after `grace` if the agent is
+    /// still there.
     pub(crate) async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         signal_group(self.pgid, Signal::SIGTERM);
+        let (cell, root, spare) = (self.cell.clone(), self.pgid, self.guard_pid());
+        let _ =
+            tokio::task::spawn_blocking(move || cell.signal(root, spare, Signal::SIGTERM)).await;
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(s)) => Some(s),
             _ => {
@@ -176,10 +218,20 @@ impl Running {
         status
     }
 
-    /// Whatever the agent left behind in its group (a server it started, a `sleep &`) is
-    /// stopped too: TERM, a moment, then KILL.
+    /// Whatever the agent left behind (a server it started, a `sleep &`, a command in a new
+    /// session, a daemon) is stopped too: TERM, a moment, then KILL, to the whole cell and
+    /// the group.
     pub(crate) async fn reap_group(&mut self) {
-        // The guard first: it is in the group and would keep it alive.
+        let (cell, root, spare) = (self.cell.clone(), self.pgid, self.guard_pid());
+        let _ = tokio::task::spawn_blocking(move || {
+            if cell.signal(root, spare, Signal::SIGTERM) > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+                cell.kill_all(root, spare);
+            }
+            cell.remove();
+        })
+        .await;
+        // Then the guard: it is in the group and would keep it alive.
         if let Some(mut g) = self.guard.take() {
             let _ = g.kill().await;
         }
@@ -218,11 +270,18 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// `<program> --version`, first line, within a few seconds.
-pub(crate) async fn version_of(program: &Path, contain: &Containment) -> Option<String> {
+pub(crate) async fn version_of(program: &Path, confine: &Confinement) -> Option<String> {
+    // As the agents run: same user, same sandbox, same environment.
+    let (program, args) = confine::wrapped(
+        confine,
+        &program.to_string_lossy(),
+        &["--version".to_owned()],
+        &[],
+    );
     let out = tokio::time::timeout(
         Duration::from_secs(10),
-        contain::command(program, contain)
-            .arg("--version")
+        confine::command(program, confine)
+            .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

@@ -16,6 +16,7 @@ use tunnel_protocol::{
 
 use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
 use crate::config::RunnerConfig;
+use crate::contain::Leftover;
 use crate::spool::{Spool, SpoolEntry};
 use crate::supervisor;
 
@@ -28,6 +29,8 @@ pub(crate) struct Ctx {
     pub(crate) programs: BTreeMap<String, Option<PathBuf>>,
     /// The runner is stopping now: stop agents and report.
     pub(crate) abort: CancellationToken,
+    /// How agents' processes are contained here.
+    pub(crate) containment: crate::contain::Mechanism,
 }
 
 pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
@@ -45,6 +48,9 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         attempt: offer.attempt,
         lease_token: offer.lease_token.clone(),
         pgid: None,
+        pgid_start: None,
+        cgroup: None,
+        mark: None,
         pending: vec![],
         finish: None,
     };
@@ -227,11 +233,21 @@ async fn execute(
                 project_dir: &dir,
             },
         );
-        let mut running = match supervisor::spawn(&inv, &dir, &agent.env, &cfg.contain) {
-            Ok(r) => r,
-            Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
-        };
-        reporter.set_pgid(Some(running.pgid));
+        let mut running =
+            match supervisor::spawn(&inv, &dir, &agent.env, &cfg.confine, &ctx.containment) {
+                Ok(r) => r,
+                Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+            };
+        reporter.set_procs(Some(Leftover {
+            pgid: Some(running.pgid),
+            pgid_start: running.start_time,
+            cgroup: running.cell.cgroup.clone(),
+            mark: Some(running.cell.mark.clone()),
+        }));
+        reporter.event(Ev {
+            kind: "log",
+            data: json!({"line": running.cell.describe()}),
+        });
         let mut parser = adapter::parser(agent);
         let mut stop = None;
         let mut stdout_open = true;
@@ -269,7 +285,7 @@ async fn execute(
         {
             parser.line(&l).into_iter().for_each(|e| reporter.event(e));
         }
-        reporter.set_pgid(None);
+        reporter.set_procs(None);
         let exit = Exit {
             code: status.and_then(|s| s.code()),
             signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
@@ -398,7 +414,7 @@ pub(crate) fn backoff(failures: u32) -> Duration {
 
 enum Msg {
     Event(Ev),
-    Pgid(Option<i32>),
+    Procs(Option<Leftover>),
     Finish(FinishRequest, oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
 }
@@ -423,8 +439,9 @@ impl Reporter {
         let _ = self.tx.send(Msg::Event(e));
     }
 
-    fn set_pgid(&self, pgid: Option<i32>) {
-        let _ = self.tx.send(Msg::Pgid(pgid));
+    /// What a restarted runner must end if this one dies (`None`: nothing runs).
+    fn set_procs(&self, procs: Option<Leftover>) {
+        let _ = self.tx.send(Msg::Procs(procs));
     }
 
     async fn finish(&self, f: FinishRequest) {
@@ -542,8 +559,12 @@ async fn report_loop(
                     next_n += 1;
                     dirty = true;
                 }
-                Some(Msg::Pgid(p)) => {
-                    entry.pgid = p;
+                Some(Msg::Procs(p)) => {
+                    let p = p.unwrap_or_default();
+                    entry.pgid = p.pgid;
+                    entry.pgid_start = p.pgid_start;
+                    entry.cgroup = p.cgroup;
+                    entry.mark = p.mark;
                     save(&ctx.spool, &entry);
                     dirty = false;
                 }
@@ -573,7 +594,7 @@ async fn report_loop(
                             failures = 0;
                             dirty = true;
                         }
-                        Err(e) if e.is_stale() => stale.cancel(),
+                        Err(e) if e.is_stale() || e.status() == Some(404) => stale.cancel(),
                         Err(e) => {
                             failures += 1;
                             retry_at = Instant::now() + backoff(failures);
@@ -702,6 +723,14 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
                 ctx.spool.remove(&entry.task_id, entry.attempt);
                 return;
             }
+            // The task is gone from the server (deleted, or another server's): sending again
+            // cannot help, and retrying would hold the runner's shutdown.
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!(task_id = %entry.task_id, attempt = entry.attempt, error = %e, "The server no longer has this task; its spooled report is dropped.");
+                stale.cancel();
+                ctx.spool.remove(&entry.task_id, entry.attempt);
+                return;
+            }
             Err(e) => {
                 failures += 1;
                 save(&ctx.spool, entry);
@@ -722,8 +751,17 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
 /// processes, sends what was kept, and reports an attempt that never finished as failed.
 pub(crate) async fn recover(ctx: Arc<Ctx>) {
     for mut entry in ctx.spool.leftovers() {
-        if let Some(pgid) = entry.pgid.take() {
-            supervisor::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        let leftover = Leftover {
+            pgid: entry.pgid.take(),
+            pgid_start: entry.pgid_start.take(),
+            cgroup: entry.cgroup.take(),
+            mark: entry.mark.take(),
+        };
+        let ended = tokio::task::spawn_blocking(move || crate::contain::end_leftover(&leftover))
+            .await
+            .unwrap_or_default();
+        if !ended.is_empty() {
+            tracing::info!(task_id = %entry.task_id, attempt = entry.attempt, "Leftovers of an earlier run: {}.", ended.join("; "));
         }
         if entry.finish.is_none() {
             entry.finish = Some(FinishRequest {

@@ -41,6 +41,13 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(heartbeat))
         .routes(routes!(append_events))
         .routes(routes!(finish))
+        .routes(routes!(crate::approvals::create_approval))
+        .routes(routes!(crate::approvals::wait_approval))
+        .routes(routes!(crate::approvals::list_approvals))
+        .routes(routes!(
+            crate::approvals::get_approval,
+            crate::approvals::answer_approval
+        ))
         .routes(routes!(list_runners))
         .routes(routes!(report_sessions))
         .routes(routes!(list_sessions))
@@ -98,7 +105,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send>) -> Response {
 }
 
 /// Task ids are UUIDs; anything else is a client mistake, not a missing task.
-fn check_task_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_task_id(id: &str) -> Result<(), ApiError> {
     let ok = id.len() == 36
         && id.char_indices().all(|(i, c)| {
             if [8, 13, 18, 23].contains(&i) {
@@ -114,7 +121,7 @@ fn check_task_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-fn wait_budget(state: &AppState, ms: u64) -> Instant {
+pub(crate) fn wait_budget(state: &AppState, ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(ms.min(state.max_wait_ms))
 }
 

@@ -35,6 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
+use tunnel_protocol::iso8601;
 use tunnel_protocol::{
     AppendEvents, ClaimRequest, FinishRequest, NewEvent, Outcome, Platform, ReplyTo, Role,
     SubmitTask, Task, TaskResult, TaskState, limits,
@@ -1091,30 +1092,6 @@ async fn event(
 
 // ---------------------------------------------------------------------------------------------
 // Sessions
-
-/// `2026-11-25T15:50:09.000Z` from Unix milliseconds.
-fn iso8601(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
 
 /// The conversations this caller may see: its own (an admin token, as the original's shared
 /// WORKER_TOKEN is, sees all).

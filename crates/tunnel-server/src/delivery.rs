@@ -173,6 +173,37 @@ async fn send(
             let parts = tunnel_delivery::split(text, limit);
             send_parts(state, platforms, d, &parts).await
         }
+        DeliveryKind::Approval => {
+            let Some(a) = &d.approval else {
+                return Err(DeliveryError::Permanent(
+                    "the approval request is gone".into(),
+                ));
+            };
+            if a.state.is_final() {
+                // Settled before the question went out (a chat outage): post the outcome.
+                let text = tunnel_delivery::render_approval_settled(a, limit);
+                return send_parts(state, platforms, d, &[text]).await;
+            }
+            let text = tunnel_delivery::render_approval(a, limit);
+            send_parts(state, platforms, d, &[text]).await
+        }
+        DeliveryKind::ApprovalEdit => {
+            let Some(a) = &d.approval else {
+                return Err(DeliveryError::Permanent(
+                    "the approval request is gone".into(),
+                ));
+            };
+            let text = tunnel_delivery::render_approval_settled(a, limit);
+            match &d.approval_message {
+                Some(id) => {
+                    let id = tunnel_delivery::MessageId(id.clone());
+                    platforms.edit(&d.target, &id, &text).await.map(|()| None)
+                }
+                None => Err(DeliveryError::Permanent(
+                    "the approval question was never posted".into(),
+                )),
+            }
+        }
         DeliveryKind::Webhook => {
             let Some(task) = &d.task else {
                 return Err(DeliveryError::Permanent("the task is gone".into()));

@@ -78,6 +78,9 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             StoreError::Stale(m) => ApiError::new(StatusCode::CONFLICT, "stale_attempt", m),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::Settled { code, message } => {
+                ApiError::new(StatusCode::CONFLICT, code, message)
+            }
             StoreError::Unavailable(m) => {
                 tracing::error!(error = %m, "Store unavailable.");
                 ApiError::unavailable("the database is unavailable; try again")

@@ -7,6 +7,7 @@
 //! [`tunnel_store::Store`] only.
 
 mod api;
+mod approvals;
 mod auth;
 mod compat;
 mod delivery;
@@ -89,6 +90,8 @@ pub(crate) struct Inner {
     pub(crate) auth: auth::Authenticator,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_wait_ms: u64,
+    /// The lease a heartbeat grants; runner waits are held at most half of it.
+    pub(crate) lease_ms: i64,
     pub(crate) shutdown: CancellationToken,
     pub(crate) platforms: Arc<tunnel_delivery::Platforms>,
     pub(crate) metrics: metrics::Metrics,
@@ -132,6 +135,7 @@ impl Server {
             auth,
             clock: config.clock.clone(),
             max_wait_ms: config.max_wait_ms,
+            lease_ms: config.queue.lease_ms,
             shutdown: shutdown.clone(),
             platforms,
             metrics: metrics::Metrics::default(),
@@ -289,7 +293,8 @@ async fn pruner(state: AppState, keep: i64, every: std::time::Duration) {
     }
 }
 
-/// Moves tasks whose deadline passed (offer not acked, lease expired, parked time reached).
+/// Moves tasks whose deadline passed (offer not acked, lease expired, parked time reached)
+/// and expires approval requests nobody answered in time.
 /// Sleeps until the next deadline; woken early when an earlier one appears.
 async fn deadline_timer(state: AppState) {
     loop {

@@ -19,9 +19,9 @@ use std::sync::Arc;
 
 pub use clock::{Clock, ManualClock, Sleep, SystemClock};
 use tunnel_protocol::{
-    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer,
-    ReportedSession, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask,
-    Task, TaskEvent, TaskState, TokenInfo,
+    AppendAck, AppendEvents, Approval, ApprovalAnswer, ApprovalRequest, ApprovalState, AttemptRef,
+    ClaimRequest, FinishRequest, LeaseStatus, Offer, ReportedSession, Role, RunnerInfo,
+    SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent, TaskState, TokenInfo,
 };
 
 /// What can go wrong in the store. Each variant maps to one HTTP status in the server.
@@ -35,6 +35,10 @@ pub enum StoreError {
     /// The request is valid but the task's state does not allow it.
     #[error("{0}")]
     Conflict(String),
+    /// An approval request was already settled (`already_decided`) or ran out of time
+    /// (`approval_expired`); the message says how and by whom.
+    #[error("{message}")]
+    Settled { code: &'static str, message: String },
     /// The database cannot be used right now.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -113,6 +117,15 @@ pub enum Scope {
     Owner(String),
 }
 
+/// Filters for listing approval requests.
+#[derive(Debug, Clone, Default)]
+pub struct ApprovalFilter {
+    pub state: Option<ApprovalState>,
+    /// Only this task's requests.
+    pub task: Option<String>,
+    pub limit: u32,
+}
+
 /// Filters for listing tasks.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
@@ -142,6 +155,10 @@ pub enum DeliveryKind {
     Webhook,
     /// A plain message (`POST /notify`).
     Notify,
+    /// Post an approval question (body `{"approval": id}`).
+    Approval,
+    /// Edit a posted approval question to its outcome (body `{"approval": id}`).
+    ApprovalEdit,
 }
 
 impl DeliveryKind {
@@ -152,6 +169,8 @@ impl DeliveryKind {
             "final" => DeliveryKind::Final,
             "webhook" => DeliveryKind::Webhook,
             "notify" => DeliveryKind::Notify,
+            "approval" => DeliveryKind::Approval,
+            "approval_edit" => DeliveryKind::ApprovalEdit,
             _ => return None,
         })
     }
@@ -172,6 +191,10 @@ pub struct Delivery {
     pub task: Option<Task>,
     /// The "working…" message of the task, once posted (for `Edit`).
     pub progress_message: Option<String>,
+    /// For `Approval` and `ApprovalEdit`: the request, as it is now.
+    pub approval: Option<tunnel_protocol::Approval>,
+    /// For `ApprovalEdit`: the message that asked the question, once posted.
+    pub approval_message: Option<String>,
 }
 
 /// What happened to a delivery attempt.
@@ -538,6 +561,68 @@ impl Store {
         match &*self.backend {
             Backend::Sqlite(s) => s.prune(before, limit).await,
             Backend::Postgres(s) => s.prune(before, limit).await,
+        }
+    }
+
+    /// A runner's agent asks (the attempt is fenced; the task must be running). The same key
+    /// within the attempt returns the first request and `false`. Writes an `approval` event
+    /// and, for a chat `reply_to`, the question to post.
+    pub async fn create_approval(
+        &self,
+        task_id: &str,
+        req: ApprovalRequest,
+    ) -> Result<(Approval, bool)> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.create_approval(task_id.to_owned(), req).await,
+            Backend::Postgres(s) => s.create_approval(task_id.to_owned(), req).await,
+        }
+    }
+
+    /// A request of the caller's attempt, for its wait (fenced; another task's or attempt's
+    /// request is `NotFound`).
+    pub async fn runner_approval(
+        &self,
+        task_id: &str,
+        id: &str,
+        at: &AttemptRef,
+    ) -> Result<Approval> {
+        let (task_id, id, at) = (task_id.to_owned(), id.to_owned(), at.clone());
+        match &*self.backend {
+            Backend::Sqlite(s) => s.runner_approval(task_id, id, at).await,
+            Backend::Postgres(s) => s.runner_approval(task_id, id, at).await,
+        }
+    }
+
+    /// One request; another client's is `NotFound`.
+    pub async fn approval(&self, id: &str, scope: &Scope) -> Result<Approval> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.approval(id.to_owned(), scope.clone()).await,
+            Backend::Postgres(s) => s.approval(id.to_owned(), scope.clone()).await,
+        }
+    }
+
+    /// Requests, newest first: a client sees its own tasks' requests, admin all.
+    pub async fn approvals(&self, filter: ApprovalFilter, scope: &Scope) -> Result<Vec<Approval>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.approvals(filter, scope.clone()).await,
+            Backend::Postgres(s) => s.approvals(filter, scope.clone()).await,
+        }
+    }
+
+    /// Answers a pending request for the caller (`token_id`: recorded by its name, beside the
+    /// answer's `by`). A settled one is refused with [`StoreError::Settled`]; one past its time
+    /// is expired now and refused the same way.
+    pub async fn answer_approval(
+        &self,
+        id: &str,
+        scope: &Scope,
+        token_id: &str,
+        answer: ApprovalAnswer,
+    ) -> Result<Approval> {
+        let (id, scope, token_id) = (id.to_owned(), scope.clone(), token_id.to_owned());
+        match &*self.backend {
+            Backend::Sqlite(s) => s.answer_approval(id, scope, token_id, answer).await,
+            Backend::Postgres(s) => s.answer_approval(id, scope, token_id, answer).await,
         }
     }
 

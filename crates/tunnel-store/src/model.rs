@@ -4,9 +4,10 @@
 //! backends; only dialect-free column lists live here, next to the mappings that read them.
 
 use tunnel_protocol::{
-    AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome, Platform, RecentSession, ReplyTo,
-    Role, RunnerInfo, SessionBinding, SessionMode, Task, TaskEvent, TaskResult, TaskState,
-    TokenInfo,
+    Approval, ApprovalAnswer, ApprovalOption, ApprovalOutcome, ApprovalPolicy, ApprovalState,
+    ApprovalTool, AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome, Platform,
+    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionMode, Task, TaskEvent,
+    TaskResult, TaskState, TokenInfo,
 };
 
 use crate::{Delivery, DeliveryKind, DeliveryUpdate, Result, Scope, StoreError, StoredToken};
@@ -31,7 +32,7 @@ pub(crate) const TASK_COLUMNS: &str =
     "seq, session_key, id, agent, prompt, conversation, project, model,
     timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
     cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
-    started_at, finished_at, owner, meta";
+    started_at, finished_at, owner, meta, approvals";
 
 /// Index of `owner` in [`TASK_COLUMNS`].
 pub(crate) const TASK_OWNER: usize = 26;
@@ -61,6 +62,7 @@ pub(crate) fn task_from_row(r: &impl Columns) -> Result<(i64, Option<String>, Ta
             .opt_text(12)?
             .and_then(|s| serde_json::from_str::<ReplyTo>(&s).ok()),
         meta: r.opt_text(27)?.and_then(|s| serde_json::from_str(&s).ok()),
+        approvals: r.opt_text(28)?.as_deref().and_then(parse_policy),
         state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
         attempt: r.uint(14)?,
         runner: r.opt_text(15)?,
@@ -72,6 +74,7 @@ pub(crate) fn task_from_row(r: &impl Columns) -> Result<(i64, Option<String>, Ta
         result: r.opt_text(21)?.and_then(|s| serde_json::from_str(&s).ok()),
         queue_position: None,
         delivery: None,
+        waiting_for_approval: None,
         created_at: r.int(22)?,
         updated_at: r.int(23)?,
         started_at: r.opt_int(24)?,
@@ -191,6 +194,8 @@ pub(crate) fn delivery_from_row(r: &impl Columns) -> Result<(Delivery, Option<St
         done_parts: r.uint(5)?,
         task: None,
         progress_message: r.opt_text(7)?,
+        approval: None,
+        approval_message: None,
     };
     Ok((delivery, r.opt_text(6)?))
 }
@@ -623,4 +628,220 @@ pub(crate) fn parse_state(s: &str) -> Result<TaskState> {
 
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Approvals
+
+pub(crate) fn parse_policy(s: &str) -> Option<ApprovalPolicy> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+/// The columns [`approval_from_row`] reads, in its order, over `approvals a JOIN tasks t ON
+/// t.seq = a.task_seq`.
+pub(crate) const APPROVAL_COLUMNS: &str = "a.id, t.id, a.attempt, a.agent, a.runner, a.state,
+    a.tool, a.options, a.asked_at, a.expires_at, a.outcome, a.owner";
+
+/// Index of `owner` in [`APPROVAL_COLUMNS`].
+pub(crate) const APPROVAL_OWNER: usize = 11;
+
+pub(crate) fn approval_from_row(r: &impl Columns) -> Result<Approval> {
+    let id = r.text(0)?;
+    let state = r.text(5)?;
+    let corrupt = |what: &str, e: serde_json::Error| {
+        StoreError::Corrupt(format!("approval {id} {what}: {e}"))
+    };
+    let tool: ApprovalTool = serde_json::from_str(&r.text(6)?).map_err(|e| corrupt("tool", e))?;
+    let options: Vec<ApprovalOption> =
+        serde_json::from_str(&r.text(7)?).map_err(|e| corrupt("options", e))?;
+    let outcome: Option<ApprovalOutcome> = match r.opt_text(10)? {
+        Some(o) => Some(serde_json::from_str(&o).map_err(|e| corrupt("outcome", e))?),
+        None => None,
+    };
+    Ok(Approval {
+        task_id: r.text(1)?,
+        attempt: r.uint(2)?,
+        agent: r.text(3)?,
+        runner: r.opt_text(4)?,
+        state: ApprovalState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("approval {id} has state {state:?}")))?,
+        tool,
+        options,
+        asked_at: r.int(8)?,
+        expires_at: r.int(9)?,
+        outcome,
+        id,
+    })
+}
+
+/// An approval outside the caller's scope is answered as if it did not exist.
+pub(crate) fn check_approval_owner(scope: &Scope, owner: &str) -> Result<()> {
+    match scope {
+        Scope::Owner(o) if o != owner => Err(StoreError::NotFound("approval")),
+        _ => Ok(()),
+    }
+}
+
+/// Most requests of one task that may wait at once, and most requests one attempt may make:
+/// a runner cannot fill the database or a chat with questions.
+pub(crate) const PENDING_PER_TASK_MAX: i64 = 32;
+pub(crate) const APPROVALS_PER_ATTEMPT_MAX: i64 = 1_000;
+
+/// A new approval id: `apr_` and a UUIDv7, so ids sort by creation time.
+pub(crate) fn new_approval_id() -> String {
+    format!("{}{}", tunnel_protocol::APPROVAL_ID_PREFIX, crate::new_id())
+}
+
+/// Whether the (fenced) attempt may ask now: only a running task's agent asks; a task being
+/// cancelled does not start new questions.
+pub(crate) fn check_can_ask(t: &OpenTask, pending: i64, asked: i64) -> Result<()> {
+    match t.state {
+        TaskState::Running => {}
+        TaskState::Cancelling => {
+            return Err(StoreError::Conflict(
+                "the task is being cancelled; no new approval requests".into(),
+            ));
+        }
+        s => {
+            return Err(StoreError::Stale(format!(
+                "attempt {} is not running: task is {s}",
+                t.attempt
+            )));
+        }
+    }
+    if pending >= PENDING_PER_TASK_MAX {
+        return Err(StoreError::Conflict(format!(
+            "the task already has {pending} approval requests waiting (at most {PENDING_PER_TASK_MAX})"
+        )));
+    }
+    if asked >= APPROVALS_PER_ATTEMPT_MAX {
+        return Err(StoreError::Conflict(format!(
+            "this attempt already asked {asked} approval requests (at most {APPROVALS_PER_ATTEMPT_MAX})"
+        )));
+    }
+    Ok(())
+}
+
+/// When a request asked now runs out.
+pub(crate) fn approval_expires(now: i64, timeout_ms: Option<u64>) -> i64 {
+    let t = timeout_ms.unwrap_or(tunnel_protocol::approval_limits::TIMEOUT_DEFAULT_MS);
+    now.saturating_add(t.min(i64::MAX as u64) as i64)
+}
+
+/// Who answered, as recorded: the client's name for the person, and the token's name.
+pub(crate) fn answered_by(by: Option<&str>, token_name: &str) -> String {
+    match by {
+        Some(b) => format!("{b} via token {token_name}"),
+        None => format!("token {token_name}"),
+    }
+}
+
+pub(crate) const BY_TIMEOUT: &str = "timeout";
+pub(crate) const BY_CANCEL: &str = "cancel";
+
+/// The outcome of a request that ran out of time: no, with the reject option where there is one.
+pub(crate) fn expired_outcome(a: &Approval, now: i64) -> ApprovalOutcome {
+    ApprovalOutcome {
+        decision: None,
+        option_id: tunnel_protocol::Decision::Deny.option_for(&a.options),
+        message: Some("nobody answered in time; the request was denied".into()),
+        by: BY_TIMEOUT.into(),
+        at: now,
+    }
+}
+
+/// The outcome of a request whose task was cancelled or whose attempt ended first.
+pub(crate) fn cancelled_outcome(now: i64, why: &str) -> ApprovalOutcome {
+    ApprovalOutcome {
+        decision: None,
+        option_id: None,
+        message: Some(why.to_owned()),
+        by: BY_CANCEL.into(),
+        at: now,
+    }
+}
+
+/// What an answer does to a request.
+pub(crate) enum Answer {
+    /// Settle it in this state with this outcome.
+    Settle(ApprovalState, ApprovalOutcome),
+    /// It ran out before the answer: expire it now (as the timer would), then refuse.
+    Expired(ApprovalOutcome, StoreError),
+}
+
+pub(crate) fn answer(a: &Approval, ans: &ApprovalAnswer, by: String, now: i64) -> Result<Answer> {
+    if let Some(o) = &a.outcome {
+        return Err(settled_error(a.state, o));
+    }
+    if a.expires_at <= now {
+        let outcome = expired_outcome(a, now);
+        let err = settled_error(ApprovalState::Expired, &outcome);
+        return Ok(Answer::Expired(outcome, err));
+    }
+    let state = match ans.decision {
+        tunnel_protocol::Decision::Deny => ApprovalState::Denied,
+        _ => ApprovalState::Allowed,
+    };
+    Ok(Answer::Settle(
+        state,
+        ApprovalOutcome {
+            decision: Some(ans.decision),
+            option_id: ans.decision.option_for(&a.options),
+            message: ans.message.clone(),
+            by,
+            at: now,
+        },
+    ))
+}
+
+/// The refusal of an answer to a settled request: how, by whom and when.
+pub(crate) fn settled_error(state: ApprovalState, o: &ApprovalOutcome) -> StoreError {
+    let at = tunnel_protocol::iso8601(o.at);
+    match state {
+        ApprovalState::Expired => StoreError::Settled {
+            code: "approval_expired",
+            message: format!("the approval request expired at {at} (answered deny)"),
+        },
+        ApprovalState::Cancelled => StoreError::Settled {
+            code: "already_decided",
+            message: format!(
+                "the approval request was already cancelled at {at} ({})",
+                o.message.as_deref().unwrap_or("the task ended")
+            ),
+        },
+        s => {
+            let how = match o.decision {
+                Some(tunnel_protocol::Decision::AllowOnce) => "allowed once",
+                Some(tunnel_protocol::Decision::AllowSession) => "allowed for the session",
+                Some(tunnel_protocol::Decision::Deny) => "denied",
+                None => s.as_str(),
+            };
+            StoreError::Settled {
+                code: "already_decided",
+                message: format!("the approval request was already {how} by {} at {at}", o.by),
+            }
+        }
+    }
+}
+
+/// The `approval` event written when a request is made and when it is settled.
+pub(crate) fn approval_event(a: &Approval) -> serde_json::Value {
+    serde_json::to_value(a).unwrap_or_default()
+}
+
+/// The approval request an outbox row is about, if it is one.
+pub(crate) fn delivery_approval(d: &Delivery) -> Option<String> {
+    if !matches!(d.kind, DeliveryKind::Approval | DeliveryKind::ApprovalEdit) {
+        return None;
+    }
+    d.body
+        .as_ref()
+        .and_then(|b| b.get("approval"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+}
+
+/// The outbox body of a delivery about one approval request.
+pub(crate) fn approval_body(id: &str) -> serde_json::Value {
+    serde_json::json!({ "approval": id })
 }

@@ -34,21 +34,22 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use tunnel_protocol::{
-    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
-    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task,
-    TaskEvent, TaskResult, TaskState, TokenInfo,
+    AppendAck, AppendEvents, Approval, ApprovalAnswer, ApprovalOutcome, ApprovalRequest,
+    ApprovalState, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome, ReplyTo,
+    Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent,
+    TaskResult, TaskState, TokenInfo,
 };
 
 use crate::model::{
-    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
-    OPEN_TASK_COLUMNS, OpenTask, StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row,
-    delivery_from_row, delivery_status_from_row, destination, event_from_row, open_task_from_row,
-    parse_state, recent_from_row, runner_from_row, session_key, task_from_row, to_json,
-    token_from_row,
+    self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, CANCELLED_BEFORE_RUN, Cancel, Columns,
+    EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask, StateEvent,
+    TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row, delivery_status_from_row,
+    destination, event_from_row, open_task_from_row, parse_state, recent_from_row, runner_from_row,
+    session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
-    Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope, Signals,
-    StoreError, StoredToken, TaskFilter, new_id, random_hex,
+    ApprovalFilter, Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
+    Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -79,6 +80,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0007_session_owner",
         include_str!("../migrations/postgres/0007_session_owner.sql"),
+    ),
+    (
+        "0008_approvals",
+        include_str!("../migrations/postgres/0008_approvals.sql"),
     ),
 ];
 
@@ -453,7 +458,10 @@ impl PgStore {
             Ok(_) => true,
             Err(e) => matches!(
                 e,
-                StoreError::Stale(_) | StoreError::Conflict(_) | StoreError::NotFound(_)
+                StoreError::Stale(_)
+                    | StoreError::Conflict(_)
+                    | StoreError::NotFound(_)
+                    | StoreError::Settled { .. }
             ),
         };
         if !keep {
@@ -540,9 +548,9 @@ impl PgStore {
                 .one(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
-                        idempotency_key, state, ready, created_at, updated_at, meta)
+                        idempotency_key, state, ready, created_at, updated_at, meta, approvals)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                        'queued', $15, $16, $16, $17)
+                        'queued', $15, $16, $16, $17, $18)
                      RETURNING seq",
                     &[
                         &id,
@@ -562,6 +570,7 @@ impl PgStore {
                         &!busy,
                         &w.now,
                         &req.meta.as_ref().map(to_json),
+                        &req.approvals.map(|p| p.as_str()),
                     ],
                 )
                 .await?;
@@ -611,6 +620,7 @@ impl PgStore {
             let (seq, session_key, mut task) = task_from_row(&row)?;
             task.queue_position = queue_position(&c, seq, session_key.as_deref(), &task).await?;
             task.delivery = delivery_status(&c, seq).await?;
+            task.waiting_for_approval = waiting_for_approval(&c, seq, &task).await?;
             tasks.push(task);
         }
         Ok(tasks)
@@ -634,6 +644,7 @@ impl PgStore {
                     w.event(t.seq, t.attempt, "state", &StateEvent::Cancelling.data())
                         .await?;
                     w.fx.changed.push(t.id.clone());
+                    w.settle_pending(&t, "the task was cancelled").await?;
                 }
                 Cancel::AlreadyRequested => {}
             }
@@ -887,6 +898,7 @@ impl PgStore {
             .await?;
             match req.outcome {
                 Outcome::Parked => {
+                    w.settle_pending(&t, "the attempt ended").await?;
                     let not_before = req.not_before.unwrap_or(w.now);
                     let reason = model::parked_reason(&req.result).to_owned();
                     w.exec(
@@ -982,6 +994,8 @@ impl PgStore {
                  UNION ALL SELECT seq, 2 FROM tasks
                     WHERE state IN ('running', 'cancelling') AND lease_until <= $1
                  UNION ALL SELECT seq, 3 FROM tasks WHERE state = 'parked' AND not_before <= $1
+                 UNION ALL SELECT task_seq, 4 FROM approvals
+                    WHERE state = 'pending' AND expires_at <= $1
                  ORDER BY 1 LIMIT 1000",
                 &[&now],
             )
@@ -1019,6 +1033,24 @@ impl PgStore {
                         w.fx.changed.push(t.id.clone());
                         let hint = w.ready_hint(seq).await?;
                         w.fx.ready.push(hint.into());
+                    }
+                    4 => {
+                        // Under the task's lock: each request still pending and past its time.
+                        let rows = w
+                            .all(
+                                "SELECT id FROM approvals WHERE task_seq = $1
+                                    AND state = 'pending' AND expires_at <= $2
+                                 ORDER BY id FOR UPDATE",
+                                &[&seq, &w.now],
+                            )
+                            .await?;
+                        for r in &rows {
+                            let id: String = get(r, 0)?;
+                            let a = load_approval(w.tx, &id).await?.0;
+                            let outcome = model::expired_outcome(&a, w.now);
+                            w.settle_approval(&t, &a, ApprovalState::Expired, outcome)
+                                .await?;
+                        }
                     }
                     _ => {}
                 }
@@ -1286,6 +1318,29 @@ impl PgStore {
                 continue;
             };
             let (mut delivery, task_id) = delivery_from_row(&r)?;
+            if let Some(aid) = model::delivery_approval(&delivery) {
+                delivery.approval = match load_approval(&c, &aid).await {
+                    Ok((a, _)) => Some(a),
+                    Err(StoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                };
+                if let Some(tid) = &task_id {
+                    let body = model::approval_body(&aid).to_string();
+                    delivery.approval_message = match q_opt(
+                        &c,
+                        "SELECT message_id FROM outbox
+                         WHERE task_seq = (SELECT seq FROM tasks WHERE id = $1)
+                           AND kind = 'approval' AND body = $2 AND message_id IS NOT NULL
+                         LIMIT 1",
+                        &[tid, &body],
+                    )
+                    .await?
+                    {
+                        Some(r) => get(&r, 0)?,
+                        None => None,
+                    };
+                }
+            }
             if let Some(tid) = task_id {
                 delivery.task = Some(load_task(&c, &tid, &Scope::All).await?);
             }
@@ -1450,6 +1505,178 @@ impl PgStore {
                 )
                 .await?;
             Ok(out)
+        })
+    }
+
+    pub(crate) async fn create_approval(
+        &self,
+        id: String,
+        req: ApprovalRequest,
+    ) -> Result<(Approval, bool)> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            let existing = w
+                .opt(
+                    "SELECT id FROM approvals WHERE task_seq = $1 AND attempt = $2 AND key = $3",
+                    &[&t.seq, &(t.attempt as i64), &req.key],
+                )
+                .await?;
+            if let Some(row) = existing {
+                let aid: String = get(&row, 0)?;
+                return Ok((load_approval(w.tx, &aid).await?.0, false));
+            }
+            w.check_lease(&t).await?;
+            let row = w
+                .one(
+                    "SELECT COUNT(*) FILTER (WHERE state = 'pending'),
+                        COUNT(*) FILTER (WHERE attempt = $2)
+                     FROM approvals WHERE task_seq = $1",
+                    &[&t.seq, &(t.attempt as i64)],
+                )
+                .await?;
+            model::check_can_ask(&t, get(&row, 0)?, get(&row, 1)?)?;
+            w.renew_lease(&t).await?;
+            let aid = model::new_approval_id();
+            let expires_at = model::approval_expires(w.now, req.timeout_ms);
+            w.exec(
+                "INSERT INTO approvals (id, task_seq, attempt, key, agent, runner, owner, state,
+                    tool, options, asked_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $9, $10, $11)",
+                &[
+                    &aid,
+                    &t.seq,
+                    &(t.attempt as i64),
+                    &req.key,
+                    &t.agent,
+                    &t.runner,
+                    &t.owner,
+                    &to_json(&req.tool),
+                    &to_json(&req.options),
+                    &w.now,
+                    &expires_at,
+                ],
+            )
+            .await?;
+            let a = load_approval(w.tx, &aid).await?.0;
+            w.event(t.seq, t.attempt, "approval", &model::approval_event(&a))
+                .await?;
+            w.fx.changed.push(t.id.clone());
+            w.fx.deadlines.push(expires_at);
+            w.deliver_question(&t, &aid).await?;
+            Ok((a, true))
+        })
+    }
+
+    pub(crate) async fn runner_approval(
+        &self,
+        task_id: String,
+        id: String,
+        at: AttemptRef,
+    ) -> Result<Approval> {
+        let c = self.conn().await?;
+        let row = q_opt(
+            &c,
+            "SELECT attempt, lease_token, state FROM tasks WHERE id = $1",
+            &[&task_id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+        let attempt = get_u32(&row, 0)?;
+        let lease_token: Option<String> = get(&row, 1)?;
+        let state: String = get(&row, 2)?;
+        crate::fence(
+            &task_id,
+            parse_state(&state)?,
+            attempt,
+            lease_token.as_deref(),
+            &at,
+        )?;
+        let (a, _) = load_approval(&c, &id).await?;
+        if a.task_id != task_id || a.attempt != at.attempt {
+            return Err(StoreError::NotFound("approval"));
+        }
+        Ok(a)
+    }
+
+    pub(crate) async fn approval(&self, id: String, scope: Scope) -> Result<Approval> {
+        let c = self.conn().await?;
+        let (a, owner) = load_approval(&c, &id).await?;
+        model::check_approval_owner(&scope, &owner)?;
+        Ok(a)
+    }
+
+    pub(crate) async fn approvals(
+        &self,
+        filter: ApprovalFilter,
+        scope: Scope,
+    ) -> Result<Vec<Approval>> {
+        let c = self.conn().await?;
+        let owner = match &scope {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o.clone()),
+        };
+        let sql = format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals a JOIN tasks t ON t.seq = a.task_seq
+             WHERE ($1::text IS NULL OR a.state = $1) AND ($2::text IS NULL OR t.id = $2)
+               AND ($3::text IS NULL OR a.owner = $3)
+             ORDER BY a.id DESC LIMIT $4"
+        );
+        let rows = q_all(
+            &c,
+            &sql,
+            &[
+                &filter.state.map(|s| s.as_str()),
+                &filter.task,
+                &owner,
+                &(filter.limit.clamp(1, 1000) as i64),
+            ],
+        )
+        .await?;
+        rows.iter().map(model::approval_from_row).collect()
+    }
+
+    pub(crate) async fn answer_approval(
+        &self,
+        id: String,
+        scope: Scope,
+        token_id: String,
+        ans: ApprovalAnswer,
+    ) -> Result<Approval> {
+        write!(self, |w| {
+            // The task first, then the request: the order every other write takes them in.
+            let task_id: String = match w
+                .opt(
+                    "SELECT t.id FROM approvals a JOIN tasks t ON t.seq = a.task_seq
+                     WHERE a.id = $1",
+                    &[&id],
+                )
+                .await?
+            {
+                Some(r) => get(&r, 0)?,
+                None => return Err(StoreError::NotFound("approval")),
+            };
+            let t = w.open_task(&task_id).await?;
+            w.exec("SELECT 1 FROM approvals WHERE id = $1 FOR UPDATE", &[&id])
+                .await?;
+            let (a, owner) = load_approval(w.tx, &id).await?;
+            model::check_approval_owner(&scope, &owner)?;
+            let name: String = match w
+                .opt("SELECT name FROM tokens WHERE id = $1", &[&token_id])
+                .await?
+            {
+                Some(r) => get(&r, 0)?,
+                None => token_id.clone(),
+            };
+            let by = model::answered_by(ans.by.as_deref(), &name);
+            match model::answer(&a, &ans, by, w.now)? {
+                Answer::Settle(state, outcome) => w.settle_approval(&t, &a, state, outcome).await,
+                Answer::Expired(outcome, err) => {
+                    w.settle_approval(&t, &a, ApprovalState::Expired, outcome)
+                        .await?;
+                    Err(err)
+                }
+            }
         })
     }
 
@@ -1653,7 +1880,8 @@ async fn next_deadline<C: GenericClient>(c: &C) -> Result<Option<i64>> {
         "SELECT LEAST(
             (SELECT MIN(ack_by) FROM tasks WHERE state = 'offered'),
             (SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')),
-            (SELECT MIN(not_before) FROM tasks WHERE state = 'parked'))",
+            (SELECT MIN(not_before) FROM tasks WHERE state = 'parked'),
+            (SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'))",
         &[],
     )
     .await?;
@@ -1801,6 +2029,7 @@ impl W<'_> {
 
     /// Puts an attempt's task back in the queue (`sql` ends the attempt), with its reason.
     async fn queue_again(&mut self, t: &OpenTask, sql: &str, reason: &str) -> Result<()> {
+        self.settle_pending(t, "the attempt ended").await?;
         self.exec(sql, &[&t.seq, &reason, &self.now]).await?;
         self.event(
             t.seq,
@@ -1841,6 +2070,12 @@ impl W<'_> {
         result: Option<&TaskResult>,
     ) -> Result<()> {
         debug_assert!(state.is_terminal());
+        let why = if state == TaskState::Cancelled {
+            "the task was cancelled"
+        } else {
+            "the attempt ended"
+        };
+        self.settle_pending(t, why).await?;
         self.exec(
             "UPDATE tasks SET state = $2, ready = FALSE, ack_by = NULL, lease_until = NULL,
                 not_before = NULL, reason = $3, finished_at = $4, updated_at = $4
@@ -2138,6 +2373,89 @@ impl W<'_> {
     }
 }
 
+impl W<'_> {
+    /// Settles every pending request of the task as cancelled (the task was cancelled, or the
+    /// attempt ended). The caller holds the task's lock.
+    async fn settle_pending(&mut self, t: &OpenTask, why: &str) -> Result<()> {
+        let rows = self
+            .all(
+                "SELECT id FROM approvals WHERE task_seq = $1 AND state = 'pending'
+                 ORDER BY id FOR UPDATE",
+                &[&t.seq],
+            )
+            .await?;
+        for r in &rows {
+            let id: String = get(r, 0)?;
+            let a = load_approval(self.tx, &id).await?.0;
+            let outcome = model::cancelled_outcome(self.now, why);
+            self.settle_approval(t, &a, ApprovalState::Cancelled, outcome)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Records how a pending request was settled: its row, an `approval` event, the edit of
+    /// the question in chat. The caller holds the task's lock.
+    async fn settle_approval(
+        &mut self,
+        t: &OpenTask,
+        a: &Approval,
+        state: ApprovalState,
+        outcome: ApprovalOutcome,
+    ) -> Result<Approval> {
+        self.exec(
+            "UPDATE approvals SET state = $2, outcome = $3 WHERE id = $1 AND state = 'pending'",
+            &[&a.id, &state.as_str(), &to_json(&outcome)],
+        )
+        .await?;
+        let (settled, _) = load_approval(self.tx, &a.id).await?;
+        self.event(
+            t.seq,
+            a.attempt,
+            "approval",
+            &model::approval_event(&settled),
+        )
+        .await?;
+        self.fx.changed.push(t.id.clone());
+        if let Some(target) = model::chat_target(t).cloned() {
+            // A progress edit waiting would hold the edit of the question behind it (one
+            // destination, in order): send it now instead.
+            self.exec(
+                "UPDATE outbox SET next_at = LEAST(next_at, $2)
+                 WHERE task_seq = $1 AND kind = 'edit' AND state = 'pending'",
+                &[&t.seq, &self.now],
+            )
+            .await?;
+            let body = model::approval_body(&a.id);
+            let asked = self
+                .opt(
+                    "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'approval' AND body = $2",
+                    &[&t.seq, &body.to_string()],
+                )
+                .await?
+                .is_some();
+            if asked {
+                self.enqueue(Some(t.seq), "approval_edit", &target, Some(&body), 0)
+                    .await?;
+            }
+            if !t.state.is_terminal() {
+                self.deliver_progress(t).await?;
+            }
+        }
+        Ok(settled)
+    }
+
+    async fn deliver_question(&mut self, t: &OpenTask, id: &str) -> Result<()> {
+        if let Some(target) = model::chat_target(t).cloned() {
+            let body = model::approval_body(id);
+            self.enqueue(Some(t.seq), "approval", &target, Some(&body), 0)
+                .await?;
+            self.deliver_progress(t).await?;
+        }
+        Ok(())
+    }
+}
+
 async fn resolve_session<C: GenericClient>(
     c: &C,
     agent: &str,
@@ -2186,7 +2504,41 @@ async fn load_task<C: GenericClient>(c: &C, id: &str, scope: &Scope) -> Result<T
     model::check_owner(scope, &row.text(TASK_OWNER)?)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task).await?;
     task.delivery = delivery_status(c, seq).await?;
+    task.waiting_for_approval = waiting_for_approval(c, seq, &task).await?;
     Ok(task)
+}
+
+/// The oldest pending approval request of a running task.
+async fn waiting_for_approval<C: GenericClient>(
+    c: &C,
+    seq: i64,
+    t: &Task,
+) -> Result<Option<String>> {
+    if !matches!(t.state, TaskState::Running | TaskState::Cancelling) {
+        return Ok(None);
+    }
+    match q_opt(
+        c,
+        "SELECT id FROM approvals WHERE task_seq = $1 AND state = 'pending' ORDER BY id LIMIT 1",
+        &[&seq],
+    )
+    .await?
+    {
+        Some(r) => get(&r, 0),
+        None => Ok(None),
+    }
+}
+
+/// An approval request and its owner token.
+async fn load_approval<C: GenericClient>(c: &C, id: &str) -> Result<(Approval, String)> {
+    let sql = format!(
+        "SELECT {APPROVAL_COLUMNS} FROM approvals a JOIN tasks t ON t.seq = a.task_seq
+         WHERE a.id = $1"
+    );
+    let row = q_opt(c, &sql, &[&id])
+        .await?
+        .ok_or(StoreError::NotFound("approval"))?;
+    Ok((model::approval_from_row(&row)?, row.text(APPROVAL_OWNER)?))
 }
 
 async fn load_task_by_seq<C: GenericClient>(c: &C, seq: i64) -> Result<Task> {

@@ -15,21 +15,22 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::oneshot;
 use tunnel_protocol::{
-    AppendAck, AppendEvents, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome,
-    ReplyTo, Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task,
-    TaskEvent, TaskResult, TaskState, TokenInfo,
+    AppendAck, AppendEvents, Approval, ApprovalAnswer, ApprovalOutcome, ApprovalRequest,
+    ApprovalState, AttemptRef, ClaimRequest, FinishRequest, LeaseStatus, Offer, Outcome, ReplyTo,
+    Role, RunnerInfo, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskEvent,
+    TaskResult, TaskState, TokenInfo,
 };
 
 use crate::model::{
-    self, Ack, CANCELLED_BEFORE_RUN, Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease,
-    OPEN_TASK_COLUMNS, OpenTask, StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row,
-    delivery_from_row, delivery_status_from_row, destination, event_from_row, open_task_from_row,
-    parse_state, recent_from_row, runner_from_row, session_key, task_from_row, to_json,
-    token_from_row,
+    self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, CANCELLED_BEFORE_RUN, Cancel, Columns,
+    EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask, StateEvent,
+    TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row, delivery_status_from_row,
+    destination, event_from_row, open_task_from_row, parse_state, recent_from_row, runner_from_row,
+    session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
-    Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
-    Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
+    ApprovalFilter, Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint,
+    Result, Scope, Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -40,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0005_retention.sql"),
     include_str!("../migrations/sqlite/0006_ready_by_agent.sql"),
     include_str!("../migrations/sqlite/0007_session_owner.sql"),
+    include_str!("../migrations/sqlite/0008_approvals.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -218,9 +220,9 @@ impl SqliteStore {
                 .prepare_cached(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
-                        idempotency_key, state, ready, created_at, updated_at, meta)
+                        idempotency_key, state, ready, created_at, updated_at, meta, approvals)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                        'queued', ?15, ?16, ?16, ?17)",
+                        'queued', ?15, ?16, ?16, ?17, ?18)",
                 )?
                 .execute(params![
                     id,
@@ -240,6 +242,7 @@ impl SqliteStore {
                     !busy,
                     w.now,
                     req.meta.as_ref().map(to_json),
+                    req.approvals.map(|p| p.as_str()),
                 ])?;
             let seq = w.conn.last_insert_rowid();
             w.event(seq, 0, "state", &StateEvent::Queued(None).data())?;
@@ -284,6 +287,7 @@ impl SqliteStore {
                 let (seq, session_key, mut task) = row??;
                 task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
                 task.delivery = delivery_status(c, seq)?;
+                task.waiting_for_approval = waiting_for_approval(c, seq, &task)?;
                 tasks.push(task);
             }
             Ok(tasks)
@@ -307,6 +311,7 @@ impl SqliteStore {
                         .execute(params![t.seq, w.now])?;
                     w.event(t.seq, t.attempt, "state", &StateEvent::Cancelling.data())?;
                     w.fx.changed.push(t.id.clone());
+                    w.settle_pending(&t, "the task was cancelled")?;
                 }
                 Cancel::AlreadyRequested => {}
             }
@@ -553,6 +558,7 @@ impl SqliteStore {
                 .execute(params![t.seq, result])?;
             match req.outcome {
                 Outcome::Parked => {
+                    w.settle_pending(&t, "the attempt ended")?;
                     let not_before = req.not_before.unwrap_or(w.now);
                     w.conn
                         .prepare_cached(
@@ -659,11 +665,24 @@ impl SqliteStore {
                 let hint = w.ready_hint(seq)?;
                 w.fx.ready.push(hint);
             }
+            let expired = {
+                let mut stmt = w.conn.prepare_cached(
+                    "SELECT id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
+                )?;
+                stmt.query_map(params![now], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?
+            };
+            for id in expired {
+                let a = load_approval(w.conn, &id)?.0;
+                let outcome = model::expired_outcome(&a, now);
+                w.settle_approval(&a, ApprovalState::Expired, outcome)?;
+            }
             let next: Option<i64> = w.conn.query_row(
                 "SELECT MIN(d) FROM (
                     SELECT MIN(ack_by) AS d FROM tasks WHERE state = 'offered'
                     UNION ALL SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')
-                    UNION ALL SELECT MIN(not_before) FROM tasks WHERE state = 'parked')",
+                    UNION ALL SELECT MIN(not_before) FROM tasks WHERE state = 'parked'
+                    UNION ALL SELECT MIN(expires_at) FROM approvals WHERE state = 'pending')",
                 [],
                 |r| r.get(0),
             )?;
@@ -898,6 +917,25 @@ impl SqliteStore {
             let rows = all(stmt.query(params![now, limit])?, |r| delivery_from_row(r))?;
             let mut out = Vec::new();
             for (mut delivery, task_id) in rows {
+                if let Some(aid) = model::delivery_approval(&delivery) {
+                    delivery.approval = match load_approval(c, &aid) {
+                        Ok((a, _)) => Some(a),
+                        Err(StoreError::NotFound(_)) => None,
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(tid) = &task_id {
+                        delivery.approval_message = c
+                            .prepare_cached(
+                                "SELECT message_id FROM outbox
+                                 WHERE task_seq = (SELECT seq FROM tasks WHERE id = ?1)
+                                   AND kind = 'approval' AND body = ?2 AND message_id IS NOT NULL",
+                            )?
+                            .query_row(params![tid, model::approval_body(&aid).to_string()], |r| {
+                                r.get(0)
+                            })
+                            .optional()?;
+                    }
+                }
                 if let Some(tid) = task_id {
                     delivery.task = Some(load_task(c, &tid, &Scope::All)?);
                 }
@@ -1021,6 +1059,159 @@ impl SqliteStore {
                 )?
                 .execute([before])? as u64;
             Ok(out)
+        })
+        .await
+    }
+
+    pub(crate) async fn create_approval(
+        &self,
+        id: String,
+        req: ApprovalRequest,
+    ) -> Result<(Approval, bool)> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            let existing: Option<String> = w
+                .conn
+                .prepare_cached(
+                    "SELECT id FROM approvals WHERE task_seq = ?1 AND attempt = ?2 AND key = ?3",
+                )?
+                .query_row(params![t.seq, t.attempt, req.key], |r| r.get(0))
+                .optional()?;
+            if let Some(aid) = existing {
+                return Ok((load_approval(w.conn, &aid)?.0, false));
+            }
+            w.check_lease(&t)?;
+            let (pending, asked): (i64, i64) = w
+                .conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(attempt = ?2), 0)
+                     FROM approvals WHERE task_seq = ?1",
+                )?
+                .query_row(params![t.seq, t.attempt], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            model::check_can_ask(&t, pending, asked)?;
+            w.renew_lease(&t)?;
+            let aid = model::new_approval_id();
+            let expires_at = model::approval_expires(w.now, req.timeout_ms);
+            w.conn
+                .prepare_cached(
+                    "INSERT INTO approvals (id, task_seq, attempt, key, agent, runner, owner, state,
+                        tool, options, asked_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, ?10, ?11)",
+                )?
+                .execute(params![
+                    aid,
+                    t.seq,
+                    t.attempt,
+                    req.key,
+                    t.agent,
+                    t.runner,
+                    t.owner,
+                    to_json(&req.tool),
+                    to_json(&req.options),
+                    w.now,
+                    expires_at
+                ])?;
+            let a = load_approval(w.conn, &aid)?.0;
+            w.event(t.seq, t.attempt, "approval", &model::approval_event(&a))?;
+            w.fx.changed.push(t.id.clone());
+            w.fx.deadlines.push(expires_at);
+            w.deliver_question(&t, &aid)?;
+            Ok((a, true))
+        })
+        .await
+    }
+
+    pub(crate) async fn runner_approval(
+        &self,
+        task_id: String,
+        id: String,
+        at: AttemptRef,
+    ) -> Result<Approval> {
+        self.read(move |c, _| {
+            let (attempt, lease_token, state): (u32, Option<String>, String) = c
+                .prepare_cached("SELECT attempt, lease_token, state FROM tasks WHERE id = ?1")?
+                .query_row(params![task_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            crate::fence(
+                &task_id,
+                parse_state(&state)?,
+                attempt,
+                lease_token.as_deref(),
+                &at,
+            )?;
+            let (a, _) = load_approval(c, &id)?;
+            if a.task_id != task_id || a.attempt != at.attempt {
+                return Err(StoreError::NotFound("approval"));
+            }
+            Ok(a)
+        })
+        .await
+    }
+
+    pub(crate) async fn approval(&self, id: String, scope: Scope) -> Result<Approval> {
+        self.read(move |c, _| {
+            let (a, owner) = load_approval(c, &id)?;
+            model::check_approval_owner(&scope, &owner)?;
+            Ok(a)
+        })
+        .await
+    }
+
+    pub(crate) async fn approvals(
+        &self,
+        filter: ApprovalFilter,
+        scope: Scope,
+    ) -> Result<Vec<Approval>> {
+        self.read(move |c, _| {
+            let owner = match &scope {
+                Scope::All => None,
+                Scope::Owner(o) => Some(o.clone()),
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals a JOIN tasks t ON t.seq = a.task_seq
+                 WHERE (?1 IS NULL OR a.state = ?1) AND (?2 IS NULL OR t.id = ?2)
+                   AND (?3 IS NULL OR a.owner = ?3)
+                 ORDER BY a.id DESC LIMIT ?4"
+            ))?;
+            all(
+                stmt.query(params![
+                    filter.state.map(|s| s.as_str()),
+                    filter.task,
+                    owner,
+                    filter.limit.clamp(1, 1000)
+                ])?,
+                |r| model::approval_from_row(r),
+            )
+        })
+        .await
+    }
+
+    pub(crate) async fn answer_approval(
+        &self,
+        id: String,
+        scope: Scope,
+        token_id: String,
+        ans: ApprovalAnswer,
+    ) -> Result<Approval> {
+        self.write(move |w| {
+            let (a, owner) = load_approval(w.conn, &id)?;
+            model::check_approval_owner(&scope, &owner)?;
+            let name: String = w
+                .conn
+                .prepare_cached("SELECT name FROM tokens WHERE id = ?1")?
+                .query_row(params![token_id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(token_id);
+            let by = model::answered_by(ans.by.as_deref(), &name);
+            match model::answer(&a, &ans, by, w.now)? {
+                Answer::Settle(state, outcome) => w.settle_approval(&a, state, outcome),
+                Answer::Expired(outcome, err) => {
+                    w.settle_approval(&a, ApprovalState::Expired, outcome)?;
+                    Err(err)
+                }
+            }
         })
         .await
     }
@@ -1237,7 +1428,10 @@ fn run_in_savepoint<T>(
         Ok(_) => true,
         Err(e) => matches!(
             e,
-            StoreError::Stale(_) | StoreError::Conflict(_) | StoreError::NotFound(_)
+            StoreError::Stale(_)
+                | StoreError::Conflict(_)
+                | StoreError::NotFound(_)
+                | StoreError::Settled { .. }
         ),
     };
     if keep {
@@ -1324,6 +1518,7 @@ impl W<'_> {
 
     /// Puts an attempt's task back in the queue (`sql` ends the attempt), with its reason.
     fn queue_again(&mut self, t: &OpenTask, sql: &str, reason: &str) -> Result<()> {
+        self.settle_pending(t, "the attempt ended")?;
         self.conn
             .prepare_cached(sql)?
             .execute(params![t.seq, reason, self.now])?;
@@ -1363,6 +1558,12 @@ impl W<'_> {
         result: Option<&TaskResult>,
     ) -> Result<()> {
         debug_assert!(state.is_terminal());
+        let why = if state == TaskState::Cancelled {
+            "the task was cancelled"
+        } else {
+            "the attempt ended"
+        };
+        self.settle_pending(t, why)?;
         self.conn
             .prepare_cached(
                 "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
@@ -1609,6 +1810,85 @@ impl W<'_> {
     }
 }
 
+impl W<'_> {
+    /// Settles every pending request of the task's current attempt as cancelled (the task was
+    /// cancelled, or the attempt ended): the agent is not waiting any more.
+    fn settle_pending(&mut self, t: &OpenTask, why: &str) -> Result<()> {
+        let ids = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id FROM approvals WHERE task_seq = ?1 AND state = 'pending' ORDER BY id",
+            )?;
+            stmt.query_map(params![t.seq], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?
+        };
+        for id in ids {
+            let a = load_approval(self.conn, &id)?.0;
+            let outcome = model::cancelled_outcome(self.now, why);
+            self.settle_approval(&a, ApprovalState::Cancelled, outcome)?;
+        }
+        Ok(())
+    }
+
+    /// Records how a pending request was settled: its row, an `approval` event, the edit of
+    /// the question in chat. Wakes the runner's wait (the task changed).
+    fn settle_approval(
+        &mut self,
+        a: &Approval,
+        state: ApprovalState,
+        outcome: ApprovalOutcome,
+    ) -> Result<Approval> {
+        self.conn
+            .prepare_cached(
+                "UPDATE approvals SET state = ?2, outcome = ?3 WHERE id = ?1 AND state = 'pending'",
+            )?
+            .execute(params![a.id, state.as_str(), to_json(&outcome)])?;
+        let (settled, _) = load_approval(self.conn, &a.id)?;
+        let t = self.open_task(&a.task_id)?;
+        self.event(
+            t.seq,
+            a.attempt,
+            "approval",
+            &model::approval_event(&settled),
+        )?;
+        self.fx.changed.push(t.id.clone());
+        if let Some(target) = model::chat_target(&t).cloned() {
+            // A progress edit waiting would hold the edit of the question behind it (one
+            // destination, in order): send it now instead.
+            self.conn
+                .prepare_cached(
+                    "UPDATE outbox SET next_at = MIN(next_at, ?2)
+                     WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
+                )?
+                .execute(params![t.seq, self.now])?;
+            let asked: bool = self
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'approval' AND body = ?2",
+                )?
+                .exists(params![t.seq, model::approval_body(&a.id).to_string()])?;
+            if asked {
+                let body = model::approval_body(&a.id);
+                self.enqueue(Some(t.seq), "approval_edit", &target, Some(&body), 0)?;
+            }
+            if !t.state.is_terminal() {
+                self.deliver_progress(&t)?;
+            }
+        }
+        Ok(settled)
+    }
+
+    /// A new request: post the question to the task's chat, and show it in the progress
+    /// message.
+    fn deliver_question(&mut self, t: &OpenTask, id: &str) -> Result<()> {
+        if let Some(target) = model::chat_target(t).cloned() {
+            let body = model::approval_body(id);
+            self.enqueue(Some(t.seq), "approval", &target, Some(&body), 0)?;
+            self.deliver_progress(t)?;
+        }
+        Ok(())
+    }
+}
+
 /// A task's session mode, resume id, and its conversation's bound session and runner.
 type SessionColumns = (String, Option<String>, Option<String>, Option<String>);
 
@@ -1732,7 +2012,33 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
     model::check_owner(scope, &owner)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
     task.delivery = delivery_status(c, seq)?;
+    task.waiting_for_approval = waiting_for_approval(c, seq, &task)?;
     Ok(task)
+}
+
+/// The oldest pending approval request of a running task.
+fn waiting_for_approval(c: &Connection, seq: i64, t: &Task) -> Result<Option<String>> {
+    if !matches!(t.state, TaskState::Running | TaskState::Cancelling) {
+        return Ok(None);
+    }
+    Ok(c.prepare_cached(
+        "SELECT id FROM approvals WHERE task_seq = ?1 AND state = 'pending' ORDER BY id LIMIT 1",
+    )?
+    .query_row(params![seq], |r| r.get(0))
+    .optional()?)
+}
+
+/// An approval request and its owner token.
+fn load_approval(c: &Connection, id: &str) -> Result<(Approval, String)> {
+    c.prepare_cached(&format!(
+        "SELECT {APPROVAL_COLUMNS} FROM approvals a JOIN tasks t ON t.seq = a.task_seq
+         WHERE a.id = ?1"
+    ))?
+    .query_row(params![id], |r| {
+        Ok(model::approval_from_row(r).and_then(|a| Ok((a, r.text(APPROVAL_OWNER)?))))
+    })
+    .optional()?
+    .ok_or(StoreError::NotFound("approval"))?
 }
 
 /// Where the task's answer is: the latest final/webhook delivery, else the progress message.

@@ -885,6 +885,7 @@ async fn scope_hides_other_owners(f: Fixture) {
     assert_eq!(mine.len(), 1);
 }
 
+mod approvals;
 mod postgres_only;
 
 /// Marks every due delivery sent, until none is due.

@@ -38,6 +38,10 @@ pub(crate) enum Command {
     Tasks(TasksArgs),
     /// Cancel a task.
     Cancel(CancelArgs),
+    /// List what agents are waiting for you to approve (pending; --all for every state).
+    Approvals(ApprovalsArgs),
+    /// Answer an agent's approval request: allow once (default), for the session, or deny.
+    Approve(ApproveArgs),
     /// Show or change which agent session a conversation continues.
     Sessions(SessionsArgs),
     /// List the runners the server has seen.
@@ -278,12 +282,55 @@ pub(crate) struct SubmitArgs {
     /// webhook:NAME.
     #[arg(long, value_name = "PLATFORM:ID")]
     pub(crate) reply_to: Option<String>,
+    /// How the agent's permission requests are handled for this task: ask (wait for your
+    /// answer: `tunnel approve`, chat, `--watch`), auto (allow) or deny. The stricter of this and
+    /// the runner's setting for the agent wins [default: the runner's setting].
+    #[arg(long, value_enum)]
+    pub(crate) approvals: Option<PolicyArg>,
     /// Follow the task's events until it ends.
     #[arg(long, short)]
     pub(crate) watch: bool,
     /// The prompt; `-` reads it from standard input.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
     pub(crate) prompt: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum PolicyArg {
+    Ask,
+    Auto,
+    Deny,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ApprovalsArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// Every request, answered or not (default: only the pending ones).
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// Only this task's requests.
+    #[arg(long)]
+    pub(crate) task: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ApproveArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// The request's id (apr_…), from `tunnel approvals` or the chat message.
+    pub(crate) id: String,
+    /// Allow this and the same kind of action for the rest of the agent's session.
+    #[arg(long, conflicts_with = "deny")]
+    pub(crate) session: bool,
+    /// Deny it; the optional message is passed to the agent.
+    #[arg(long, value_name = "MESSAGE", num_args = 0..=1, default_missing_value = "")]
+    pub(crate) deny: Option<String>,
+    /// Who is answering, as recorded beside the token's name [default: $USER].
+    #[arg(long)]
+    pub(crate) by: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -48,6 +48,14 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Tasks(args) => tasks(args, &file.client).await,
         Command::Cancel(args) => cancel(args, &file.client).await,
+        Command::Approvals(args) => {
+            let client = connect(&args.client, &file.client)?;
+            crate::approvals::list(&client, args).await
+        }
+        Command::Approve(args) => {
+            let client = connect(&args.client, &file.client)?;
+            crate::approvals::approve(&client, args).await
+        }
         Command::Sessions(args) => sessions(args, &file.client).await,
         Command::Runners(args) => runners(args, &file.client).await,
         Command::Token(args) => token(args, &file.client).await,
@@ -58,7 +66,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Builds the client: flag/env, then `WORKER_URL`/`WORKER_TOKEN`, then the config file, then
 /// local defaults (the admin token `tunnel serve` saved on this machine).
-fn connect(args: &ClientArgs, file: &ClientSection) -> Result<Client> {
+pub(crate) fn connect(args: &ClientArgs, file: &ClientSection) -> Result<Client> {
     let server = args
         .server
         .clone()
@@ -84,7 +92,7 @@ fn connect(args: &ClientArgs, file: &ClientSection) -> Result<Client> {
 }
 
 /// Adds a hint to the errors a newcomer is most likely to meet.
-fn explain(e: ClientError) -> anyhow::Error {
+pub(crate) fn explain(e: ClientError) -> anyhow::Error {
     let hint = match &e {
         ClientError::Transport { .. } => {
             Some("is `tunnel serve` running? Check --server / TUNNEL_URL")
@@ -119,6 +127,11 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
     req.model = args.model;
     req.timeout_ms = args.timeout.map(|s| s.saturating_mul(1000));
     req.max_attempts = args.max_attempts;
+    req.approvals = args.approvals.map(|p| match p {
+        crate::cli::PolicyArg::Ask => tunnel_protocol::ApprovalPolicy::Ask,
+        crate::cli::PolicyArg::Auto => tunnel_protocol::ApprovalPolicy::Auto,
+        crate::cli::PolicyArg::Deny => tunnel_protocol::ApprovalPolicy::Deny,
+    });
     if let Some(r) = &args.reply_to {
         req.reply_to = Some(parse_reply_to(r)?);
     }
@@ -224,6 +237,7 @@ fn parse_reply_to(s: &str) -> Result<tunnel_protocol::ReplyTo> {
 pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> Result<ExitCode> {
     let mut after = after;
     let mut printer = output::EventPrinter::new(json);
+    let mut prompt = crate::approvals::Prompt::new();
     let mut failures = 0u32;
     loop {
         let mut stream = match client.event_stream(id, after).await {
@@ -238,12 +252,23 @@ pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> 
                 continue;
             }
         };
-        while let Some(item) = stream.next().await {
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                line = prompt.line(), if prompt.asking() => {
+                    prompt.answer(client, line).await;
+                    continue;
+                }
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(event) => {
                     failures = 0;
                     after = event.seq;
                     printer.print(&event)?;
+                    if !json {
+                        prompt.on_event(&event);
+                    }
                 }
                 Err(e) => {
                     eprintln!("(stream interrupted: {e}; reconnecting)");

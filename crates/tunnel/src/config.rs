@@ -66,6 +66,8 @@ pub(crate) struct RunnerSection {
     /// Where tasks without a project run.
     pub(crate) work_dir: Option<PathBuf>,
     pub(crate) spool_dir: Option<PathBuf>,
+    /// `auto` (a cgroup v2 per task where possible) or `process-tree`.
+    pub(crate) containment: Option<tunnel_runner::Containment>,
     #[serde(default)]
     pub(crate) projects: std::collections::BTreeMap<String, PathBuf>,
     #[serde(default)]

@@ -89,6 +89,8 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
             check_agents(&mut r, &cfg, runner_machine).await;
             println!("projects");
             check_projects(&mut r, &cfg);
+            println!("containment");
+            check_containment(&mut r, &cfg).await;
             println!("protections");
             check_protections(&mut r, &cfg);
         }
@@ -209,7 +211,7 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
 async fn clock_skew(server: &str) -> Option<Duration> {
     let out = tokio::process::Command::new("curl")
         .env_clear()
-        .envs(tunnel_runner::contain::child_env())
+        .envs(tunnel_runner::confine::child_env())
         .args([
             "-sI",
             "--max-time",
@@ -355,6 +357,22 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
     }
 }
 
+/// Which mechanism makes everything an agent starts end with its task.
+async fn check_containment(r: &mut Report, cfg: &RunnerConfig) {
+    let choice = cfg.containment;
+    let mech = tokio::task::spawn_blocking(move || tunnel_runner::contain::detect(choice))
+        .await
+        .unwrap_or_else(|e| tunnel_runner::Mechanism::ProcessTree(e.to_string()));
+    if mech.is_complete() {
+        r.ok(&mech.to_string());
+    } else {
+        r.warn(
+            &mech.to_string(),
+            "run the runner where it can create a cgroup v2 (a systemd user service: `tunnel install-service`; or as root)",
+        );
+    }
+}
+
 fn check_projects(r: &mut Report, cfg: &RunnerConfig) {
     if cfg.projects.is_empty() {
         r.ok(&format!(
@@ -386,7 +404,7 @@ fn check_protections(r: &mut Report, cfg: &RunnerConfig) {
     }
     let withheld: Vec<String> = std::env::vars_os()
         .map(|(k, _)| k)
-        .filter(|k| tunnel_runner::contain::is_withheld(k))
+        .filter(|k| tunnel_runner::confine::is_withheld(k))
         .map(|k| k.to_string_lossy().into_owned())
         .collect();
     r.ok(&format!(
@@ -397,17 +415,17 @@ fn check_protections(r: &mut Report, cfg: &RunnerConfig) {
             format!(" (withheld here: {})", withheld.join(", "))
         }
     ));
-    match (crate::sandbox::landlock_abi(), &cfg.contain.wrapper) {
-        (Ok(abi), Some(_)) => r.ok(&format!(
+    match (crate::sandbox::landlock_abi(), cfg.confine.deny.is_empty()) {
+        (Ok(abi), false) => r.ok(&format!(
             "Landlock ABI {abi}: agents cannot read or change {}",
-            cfg.contain
+            cfg.confine
                 .deny
                 .iter()
                 .map(|d| d.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
-        (Ok(abi), None) => r.warn(
+        (Ok(abi), true) => r.warn(
             &format!("Landlock ABI {abi} is available but `sandbox = false`: agents can read tunnel's tokens"),
             "remove `sandbox = false` from [runner]",
         ),
@@ -417,7 +435,7 @@ fn check_protections(r: &mut Report, cfg: &RunnerConfig) {
         ),
     }
     let root = nix::unistd::Uid::effective().is_root();
-    match (&cfg.contain.run_as, root) {
+    match (&cfg.confine.run_as, root) {
         (Some(u), _) => r.ok(&format!("agents run as user {} (uid {})", u.name, u.uid)),
         (None, true) => r.warn(
             "running as root without run_as: an agent is root and can read any process's memory and any file",
@@ -462,7 +480,7 @@ async fn version(path: &Path) -> Option<String> {
         Duration::from_secs(10),
         tokio::process::Command::new(path)
             .env_clear()
-            .envs(tunnel_runner::contain::child_env())
+            .envs(tunnel_runner::confine::child_env())
             .arg("--version")
             .stdin(std::process::Stdio::null())
             .output(),

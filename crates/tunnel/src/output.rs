@@ -17,7 +17,7 @@ pub(crate) fn json<T: Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -35,7 +35,7 @@ pub(crate) fn ago(ms: i64) -> String {
     }
 }
 
-fn one_line(s: &str, max: usize) -> String {
+pub(crate) fn one_line(s: &str, max: usize) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if flat.chars().count() <= max {
         flat
@@ -47,6 +47,9 @@ fn one_line(s: &str, max: usize) -> String {
 
 /// "queued, 2 ahead", "running on r1", "succeeded".
 pub(crate) fn state_phrase(t: &Task) -> String {
+    if t.state == TaskState::Running && t.waiting_for_approval.is_some() {
+        return "waiting for approval".into();
+    }
     match (t.state, &t.runner, t.queue_position) {
         (TaskState::Queued, _, Some(0)) => "queued, next".into(),
         (TaskState::Queued, _, Some(n)) => format!("queued, {n} ahead"),
@@ -101,6 +104,12 @@ pub(crate) fn task_detail(t: &Task) {
     }
     if let Some(r) = &t.reason {
         println!("reason:       {r}");
+    }
+    if let Some(a) = &t.approvals {
+        println!("approvals:    {}", a.as_str());
+    }
+    if let Some(id) = &t.waiting_for_approval {
+        println!("waiting for:  approval {id} (`tunnel approvals`, `tunnel approve {id}`)");
     }
     if let Some(d) = &t.delivery {
         let error = d
@@ -256,6 +265,7 @@ impl EventPrinter {
                     .unwrap_or("tool");
                 eprintln!("→ {name}");
             }
+            "approval" => crate::approvals::print_event(&e.data),
             other => eprintln!("[{other}] {}", one_line(&e.data.to_string(), 200)),
         }
         Ok(())

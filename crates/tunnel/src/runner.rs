@@ -65,6 +65,9 @@ pub(crate) fn runner_config(
     if let Some(s) = file.spool_dir {
         c.spool_dir = s;
     }
+    if let Some(k) = file.containment {
+        c.containment = k;
+    }
     c.projects = file.projects;
     for p in &opts.projects {
         let (name, dir) = p
@@ -132,32 +135,35 @@ pub(crate) fn runner_config(
         agent.env.extend(section.env);
         c.agents.insert(name, agent);
     }
-    c.contain = containment(&c, sandbox, run_as.as_deref(), config_file.as_deref())?;
+    c.confine = confinement(&c, sandbox, run_as.as_deref(), config_file.as_deref())?;
     Ok(c)
 }
 
 /// How agents are confined beyond a clean environment: Landlock closes tunnel's data and
 /// config directories to them (when the kernel has it and `sandbox = false` is not set), and
 /// `run_as` runs them as another user.
-fn containment(
+fn confinement(
     c: &RunnerConfig,
     sandbox: Option<bool>,
     run_as: Option<&str>,
     config_file: Option<&std::path::Path>,
-) -> Result<tunnel_runner::Containment> {
-    let mut contain = tunnel_runner::Containment::default();
+) -> Result<tunnel_runner::Confinement> {
+    let mut contain = tunnel_runner::Confinement::default();
+    let exe = || {
+        std::env::current_exe()
+            .context("cannot find the tunnel binary to start agents through its wrapper")
+    };
     if let Some(user) = run_as {
         contain.run_as = Some(tunnel_runner::RunAs::lookup(user).map_err(anyhow::Error::msg)?);
+        // The wrapper changes user after the agent entered its task's cgroup.
+        contain.wrapper = Some(exe()?);
     }
     if sandbox == Some(false) {
         return Ok(contain);
     }
     match crate::sandbox::landlock_abi() {
         Ok(_) => {
-            contain.wrapper = Some(
-                std::env::current_exe()
-                    .context("cannot find the tunnel binary to start agents through its sandbox")?,
-            );
+            contain.wrapper = Some(exe()?);
             let config_dir = config::default_config_path();
             contain.deny = [
                 Some(config::data_dir()),
@@ -285,15 +291,15 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
 
 /// Says once, at start, what keeps agents away from tunnel's secrets.
 fn log_containment(c: &RunnerConfig) {
-    let user = c.contain.run_as.as_ref().map(|u| u.name.as_str());
-    match (&c.contain.wrapper, crate::sandbox::landlock_abi()) {
-        (Some(_), Ok(abi)) => tracing::info!(
+    let user = c.confine.run_as.as_ref().map(|u| u.name.as_str());
+    match (c.confine.deny.is_empty(), crate::sandbox::landlock_abi()) {
+        (false, Ok(abi)) => tracing::info!(
             landlock_abi = abi,
             run_as = user,
-            denied = ?c.contain.deny,
+            denied = ?c.confine.deny,
             "Agents are confined: tunnel's files are closed to them (Landlock)."
         ),
-        (None, Ok(_)) => tracing::warn!(
+        (true, Ok(_)) => tracing::warn!(
             run_as = user,
             "Agents are not sandboxed (`sandbox = false`): they can read what this user can, tunnel's tokens included."
         ),

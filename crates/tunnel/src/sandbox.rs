@@ -56,6 +56,8 @@ pub(crate) fn landlock_abi() -> Result<u8, String> {
 // Only Linux applies `deny` and `allow`.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Args {
+    /// Become this user (`run_as`; the runner is root).
+    user: Option<(u32, u32)>,
     deny: Vec<PathBuf>,
     allow: Vec<PathBuf>,
     program: OsString,
@@ -65,11 +67,18 @@ struct Args {
 fn parse(argv: Vec<OsString>) -> Result<Args, String> {
     let mut it = argv.into_iter();
     let (mut deny, mut allow) = (vec![], vec![]);
+    let (mut uid, mut gid) = (None, None);
+    let id = |v: Option<OsString>, what: &str| -> Result<u32, String> {
+        v.and_then(|v| v.to_str()?.parse().ok())
+            .ok_or_else(|| format!("{what} needs a number"))
+    };
     loop {
         let Some(a) = it.next() else {
             return Err("missing `-- PROGRAM`".into());
         };
         match a.to_str() {
+            Some("--uid") => uid = Some(id(it.next(), "--uid")?),
+            Some("--gid") => gid = Some(id(it.next(), "--gid")?),
             Some("--deny") => deny.push(it.next().ok_or("--deny needs a path")?.into()),
             Some("--allow") => allow.push(it.next().ok_or("--allow needs a path")?.into()),
             Some("--") => break,
@@ -77,7 +86,13 @@ fn parse(argv: Vec<OsString>) -> Result<Args, String> {
         }
     }
     let program = it.next().ok_or("missing the program after --")?;
+    let user = match (uid, gid) {
+        (Some(u), Some(g)) => Some((u, g)),
+        (None, None) => None,
+        _ => return Err("--uid and --gid go together".into()),
+    };
     Ok(Args {
+        user,
         deny,
         allow,
         program,
@@ -95,8 +110,16 @@ pub(crate) fn main(argv: Vec<OsString>) -> ExitCode {
             return ExitCode::from(126);
         }
     };
+    if let Some((uid, gid)) = args.user
+        && let Err(e) = become_user(uid, gid)
+    {
+        eprintln!("tunnel sandbox: cannot run the agent as uid {uid}: {e}");
+        return ExitCode::from(126);
+    }
     #[cfg(target_os = "linux")]
-    if let Err(e) = imp::restrict(&args.deny, &args.allow) {
+    if !args.deny.is_empty()
+        && let Err(e) = imp::restrict(&args.deny, &args.allow)
+    {
         eprintln!("tunnel sandbox: cannot confine the agent: {e}");
         return ExitCode::from(126);
     }
@@ -106,6 +129,16 @@ pub(crate) fn main(argv: Vec<OsString>) -> ExitCode {
         .exec();
     eprintln!("tunnel sandbox: cannot start {:?}: {e}", args.program);
     ExitCode::from(127)
+}
+
+/// Drops to `uid`/`gid` for good: supplementary groups, then group, then user.
+fn become_user(uid: u32, gid: u32) -> nix::Result<()> {
+    use nix::unistd::{Gid, Uid, setgid, setuid};
+    let gid = Gid::from_raw(gid);
+    #[cfg(not(target_vendor = "apple"))]
+    nix::unistd::setgroups(&[gid])?;
+    setgid(gid)?;
+    setuid(Uid::from_raw(uid))
 }
 
 #[cfg(target_os = "linux")]

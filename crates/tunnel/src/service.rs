@@ -95,7 +95,9 @@ pub(crate) fn systemd_unit(kind: Kind, exe: &Path, config: &Path, path: Option<&
          [Service]\nExecStart={exe} {sub} --config {config}\n{env}\
          Restart=on-failure\nRestartSec=5\n\
          # SIGTERM lets running tasks finish (up to the runner's grace), then they are stopped.\n\
-         KillMode=mixed\nTimeoutStopSec=90\n\n\
+         KillMode=mixed\nTimeoutStopSec=90\n\
+         # The runner puts each task in a cgroup of its own under this one (see `tunnel doctor`).\n\
+         Delegate=yes\n\n\
          [Install]\nWantedBy=default.target\n",
         sub = kind.subcommand(),
         exe = systemd_quote(&exe.display().to_string(), true),
@@ -244,7 +246,7 @@ pub(crate) fn service(
                 for c in &start {
                     let ok = Command::new(&c[0])
                         .env_clear()
-                        .envs(tunnel_runner::contain::child_env())
+                        .envs(tunnel_runner::confine::child_env())
                         .args(&c[1..])
                         .status()
                         .is_ok_and(|s| s.success());
@@ -273,14 +275,14 @@ pub(crate) fn service(
             if cfg!(target_os = "macos") {
                 let _ = Command::new("launchctl")
                     .env_clear()
-                    .envs(tunnel_runner::contain::child_env())
+                    .envs(tunnel_runner::confine::child_env())
                     .args(["unload", "-w"])
                     .arg(&unit)
                     .status();
             } else {
                 let _ = Command::new("systemctl")
                     .env_clear()
-                    .envs(tunnel_runner::contain::child_env())
+                    .envs(tunnel_runner::confine::child_env())
                     .args(["--user", "disable", "--now", kind.name()])
                     .status();
             }

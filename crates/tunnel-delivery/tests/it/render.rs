@@ -231,3 +231,46 @@ fn an_error_of_backtick_runs_stays_within_a_small_limit() {
         }
     }
 }
+
+/// While the agent waits for a person, the progress message says so and shows the question
+/// and how to answer it, not a silent "working…".
+#[test]
+fn progress_shows_the_pending_question() {
+    let mut t = task(TaskState::Running, None);
+    let id = "apr_0199aa00-0000-7000-8000-000000000001";
+    t.waiting_for_approval = Some(id.into());
+    let question = json!({
+        "id": id, "task_id": t.id, "attempt": 1, "agent": "claude", "state": "pending",
+        "tool": {"kind": "execute", "title": "Run rm -rf build ```", "command": "rm -rf build"},
+        "options": [{"id": "a", "name": "Allow", "kind": "allow_once"}],
+        "asked_at": 1_010_000, "expires_at": 1_610_000
+    });
+    let events = vec![
+        ev(
+            1,
+            "tool_use",
+            json!({"name": "Bash", "input": {"command": "ls"}}),
+        ),
+        ev(2, "approval", question),
+    ];
+    let msg = render_progress_at(&t, &events, 2000, 1_072_000);
+    let mut lines = msg.lines();
+    assert_eq!(
+        lines.next(),
+        Some("⏳ claude · waiting for approval 1m 12s"),
+        "{msg}"
+    );
+    assert!(msg.contains("🔐 asks: Run rm -rf build"), "{msg}");
+    assert!(
+        msg.contains(&format!("`/cc -approve {id} once|session|deny`")),
+        "{msg}"
+    );
+    assert!(!msg.contains("```"), "fences defused: {msg}");
+    // Answered: back to working.
+    t.waiting_for_approval = None;
+    let msg = render_progress_at(&t, &events, 2000, 1_072_000);
+    assert!(
+        msg.starts_with("⏳ claude · working…") && !msg.contains("🔐"),
+        "{msg}"
+    );
+}

@@ -13,7 +13,7 @@ use tunnel_runner::{AgentConfig, AgentKind};
 
 use crate::harness::{RunnerHandle, World, task};
 
-fn fixtures() -> PathBuf {
+pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
@@ -23,7 +23,7 @@ const KINDS: [(AgentKind, &str); 3] = [
     (AgentKind::Gemini, "gemini"),
 ];
 
-fn agent(kind: AgentKind, program: &Path, env: BTreeMap<String, String>) -> AgentConfig {
+pub fn agent(kind: AgentKind, program: &Path, env: BTreeMap<String, String>) -> AgentConfig {
     let mut a = AgentConfig::builtin(kind, program.display().to_string());
     a.env = env;
     // The tests run as root in CI; Claude needs exactly this to skip permissions there.
@@ -130,13 +130,13 @@ async fn fake_clis_answer_resume_and_edit() {
 }
 
 /// `fake_model_api.py` on a free port.
-struct ModelApi {
+pub struct ModelApi {
     child: Child,
-    url: String,
+    pub url: String,
 }
 
 impl ModelApi {
-    fn start(log: &Path) -> ModelApi {
+    pub fn start(log: &Path) -> ModelApi {
         let mut child = Command::new("python3")
             .arg(fixtures().join("fake_model_api.py"))
             .args(["--port", "0", "--log"])
@@ -159,7 +159,7 @@ impl ModelApi {
         }
     }
 
-    fn scenario(&self, body: serde_json::Value) {
+    pub fn scenario(&self, body: serde_json::Value) {
         let status = Command::new("curl")
             .args([
                 "-sf",
@@ -184,7 +184,7 @@ impl Drop for ModelApi {
 }
 
 /// The env a real CLI needs to talk to the stand-in (written by `real-cli-env.sh`).
-fn real_env(cli: &str, home: &Path, url: &str) -> BTreeMap<String, String> {
+pub fn real_env(cli: &str, home: &Path, url: &str) -> BTreeMap<String, String> {
     let out = Command::new("bash")
         .arg(fixtures().join("real-cli-env.sh"))
         .args([cli, home.to_str().unwrap(), url])

@@ -8,5 +8,6 @@ mod harness;
 mod agents;
 mod bad_input;
 mod clis;
+mod containment;
 mod files;
 mod supervision;

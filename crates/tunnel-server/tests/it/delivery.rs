@@ -533,3 +533,70 @@ async fn notify_sends_through_the_outbox() {
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
 }
+
+/// A pending approval reaches the chat as a question with the command and the text commands
+/// that answer it; the progress message shows it; the answer edits the question to the
+/// outcome and the progress message goes back to working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
+    let (url, stand) = telegram().await;
+    let s = server(None, Some(&url)).await;
+    s.submit(json!({"agent": "claude", "prompt": "clean", "reply_to": {"platform": "telegram", "channel": "-100123"}}))
+        .await;
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await; // the "working…" message, message_id 1
+    let (st, a) = s
+        .attempt_call(
+            &offer,
+            "approvals",
+            json!({
+                "key": "call_1",
+                "tool": {"kind": "execute", "title": "Run rm -rf build", "command": "rm -rf build"},
+                "options": [{"id": "y", "name": "Allow", "kind": "allow_once"},
+                            {"id": "n", "name": "Reject", "kind": "reject_once"}]
+            }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{a}");
+    let aid = a["id"].as_str().unwrap().to_owned();
+    let seen = until_seen(&stand, 2).await;
+    assert!(seen[1].path.ends_with("/sendMessage"), "{:?}", seen[1]);
+    let q = seen[1].body["text"].as_str().unwrap();
+    assert!(q.contains("claude asks to run a command"), "{q}");
+    assert!(q.contains("```\nrm -rf build\n```"), "{q}");
+    assert!(q.contains(&format!("/cc -approve {aid} once")), "{q}");
+    let question_id = 2; // the stand-in numbers its messages
+
+    // The progress edit (due 3 s after the question) shows the question.
+    s.clock.advance(3_000);
+    let seen = until_seen(&stand, 3).await;
+    assert!(seen[2].path.ends_with("/editMessageText"), "{:?}", seen[2]);
+    assert_eq!(seen[2].body["message_id"], 1);
+    let progress = seen[2].body["text"].as_str().unwrap();
+    assert!(progress.contains("waiting for approval"), "{progress}");
+    assert!(progress.contains("Run rm -rf build"), "{progress}");
+
+    let (st, b) = s
+        .post(
+            &format!("/v1/approvals/{aid}"),
+            &s.client,
+            json!({"decision": "deny", "by": "alice", "message": "keep it"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let seen = until_seen(&stand, 4).await;
+    let edit = seen
+        .iter()
+        .skip(3)
+        .find(|r| r.body["message_id"] == question_id)
+        .unwrap_or_else(|| panic!("no edit of the question: {seen:?}"));
+    assert!(edit.path.ends_with("/editMessageText"));
+    let text = edit.body["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("🚫 denied by alice via token it-client: keep it"),
+        "{text}"
+    );
+    assert!(!text.contains("/cc -approve"), "{text}");
+    s.stop().await;
+}

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod approvals;
 mod auth;
 mod compat;
 mod delivery;
