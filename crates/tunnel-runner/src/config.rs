@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use tunnel_protocol::ApprovalPolicy;
 
 /// The agent CLIs tunnel knows how to drive, and custom commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -21,6 +22,9 @@ pub enum AgentKind {
     /// The original's file tasks: the prompt is a JSON request (read, write, edit) on a path
     /// inside the project directory, done by the runner itself. Off unless declared.
     Files,
+    /// Any agent that speaks the Agent Client Protocol (v1, JSON-RPC on stdio): `program` and
+    /// `args` start it (Copilot, OpenCode, Qwen, the Claude and Codex adapters, `gemini --acp`…).
+    Acp,
 }
 
 /// How a custom agent's stdout is read.
@@ -56,6 +60,38 @@ pub struct AgentConfig {
     pub output: OutputMode,
     /// Extra environment for the agent.
     pub env: BTreeMap<String, String>,
+    /// How the agent's permission requests are answered (`auto`, `ask`, `deny`); a task may ask
+    /// for a stricter policy, never a looser one.
+    pub approvals: ApprovalPolicy,
+    /// For the built-in CLIs: the ACP adapter that drives them when a task's policy is `ask` or
+    /// `deny` (print mode cannot ask). `None` for the other kinds (`acp` agents are ACP anyway).
+    pub acp: Option<AcpLaunch>,
+    /// The ACP session mode selected before the prompt (`session/set_mode`), e.g. Claude's
+    /// `default` ("always ask"), so that the agent asks instead of deciding alone.
+    pub acp_mode: Option<String>,
+}
+
+/// How to start an ACP adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpLaunch {
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+impl AcpLaunch {
+    /// The adapter for a built-in CLI: `claude-agent-acp`, `codex-acp`, `gemini --acp`.
+    pub fn builtin(kind: AgentKind) -> Option<AcpLaunch> {
+        let (program, args): (&str, &[&str]) = match kind {
+            AgentKind::Claude => ("claude-agent-acp", &[]),
+            AgentKind::Codex => ("codex-acp", &[]),
+            AgentKind::Gemini => ("gemini", &["--acp"]),
+            _ => return None,
+        };
+        Some(AcpLaunch {
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        })
+    }
 }
 
 impl AgentConfig {
@@ -67,7 +103,15 @@ impl AgentConfig {
             AgentKind::Claude => vec!["--dangerously-skip-permissions".into()],
             AgentKind::Codex => vec!["--sandbox".into(), "workspace-write".into()],
             AgentKind::Gemini => vec!["--approval-mode".into(), "yolo".into()],
-            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => vec![],
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => vec![],
+        };
+        // The adapter's session mode in which the agent asks before it acts: Claude's ACP
+        // default is "auto" (a classifier decides alone), Codex's "agent" (asks only for what
+        // it finds unsafe); Gemini's "default" already asks.
+        let acp_mode = match kind {
+            AgentKind::Claude | AgentKind::Gemini => Some("default".to_owned()),
+            AgentKind::Codex => Some("read-only".to_owned()),
+            _ => None,
         };
         let program = match kind {
             AgentKind::Shell => "sh".to_owned(),
@@ -82,6 +126,9 @@ impl AgentConfig {
             models: vec![],
             output: OutputMode::Text,
             env: BTreeMap::new(),
+            approvals: ApprovalPolicy::Auto,
+            acp: AcpLaunch::builtin(kind),
+            acp_mode,
         }
     }
 
@@ -95,7 +142,23 @@ impl AgentConfig {
             models: vec![],
             output: OutputMode::Text,
             env: BTreeMap::new(),
+            approvals: ApprovalPolicy::Auto,
+            acp: None,
+            acp_mode: None,
         }
+    }
+
+    /// How to install the ACP adapter of this agent, when it has one.
+    pub fn acp_install_hint(&self) -> Option<&'static str> {
+        let acp = self.acp.as_ref()?;
+        Some(match acp.program.as_str() {
+            "claude-agent-acp" => {
+                "install it with `npm install -g @agentclientprotocol/claude-agent-acp`"
+            }
+            "codex-acp" => "install it with `npm install -g @agentclientprotocol/codex-acp`",
+            "gemini" => "install it with `npm install -g @google/gemini-cli`",
+            _ => "check `acp_program` of this agent in the runner config",
+        })
     }
 
     /// How to install the CLI, for the message when it is missing.
@@ -112,7 +175,7 @@ impl AgentConfig {
                 "install it with `npm install -g @google/gemini-cli` or set GEMINI_PATH".into()
             }
             AgentKind::Shell | AgentKind::Files => "it is built in; check the runner config".into(),
-            AgentKind::Custom => format!(
+            AgentKind::Custom | AgentKind::Acp => format!(
                 "check the `program` of this agent in the runner config ({:?})",
                 self.program
             ),
@@ -176,6 +239,8 @@ pub struct RunnerConfig {
     pub shutdown_grace: Duration,
     /// How long a task parks after a usage limit whose reset time could not be read.
     pub default_park: Duration,
+    /// How long an `ask` approval waits for a person before it counts as denied.
+    pub approval_timeout: Duration,
     /// Offer agents whose CLI is missing (they fail with an install hint) instead of hiding
     /// them. `tunnel up` does this so a newcomer learns what to install.
     pub offer_missing_agents: bool,
@@ -225,6 +290,9 @@ impl RunnerConfig {
             kill_grace: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(60),
             default_park: Duration::from_secs(30 * 60),
+            approval_timeout: Duration::from_millis(
+                tunnel_protocol::approval_limits::TIMEOUT_DEFAULT_MS,
+            ),
             offer_missing_agents: false,
             containment: Default::default(),
             confine: crate::confine::Confinement::default(),

@@ -4,7 +4,9 @@
 //! **Architecture Invariant:** the runner never opens the database; everything goes through the
 //! HTTP API (`tunnel-client`), so a runner works behind NAT and through proxies.
 
+mod acp;
 mod adapter;
+mod approvals;
 pub mod config;
 pub mod confine;
 pub mod contain;
@@ -26,7 +28,8 @@ use tokio_util::task::TaskTracker;
 use tunnel_client::{Client, ClientError};
 use tunnel_protocol::ClaimRequest;
 
-pub use config::{AgentConfig, AgentKind, OutputMode, RunnerConfig};
+pub use acp::{AcpProbe, probe as acp_probe};
+pub use config::{AcpLaunch, AgentConfig, AgentKind, ApprovalPolicy, OutputMode, RunnerConfig};
 pub use confine::{Confinement, RunAs};
 pub use contain::{Containment, Mechanism};
 
@@ -92,8 +95,16 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     })?;
 
     let mut programs = BTreeMap::new();
+    let mut acp_programs = BTreeMap::new();
     let mut versions = BTreeMap::new();
     for (name, agent) in &config.agents {
+        if let Some(launch) = &agent.acp {
+            let found = supervisor::find_program(&launch.program);
+            if found.is_none() && agent.approvals != ApprovalPolicy::Auto {
+                tracing::warn!(agent = %name, program = %launch.program, "ACP adapter not found: {}.", agent.acp_install_hint().unwrap_or_default());
+            }
+            acp_programs.insert(name.clone(), found);
+        }
         let found = match agent.kind {
             AgentKind::Files => Some(std::path::PathBuf::from(config::FILES_PROGRAM)),
             _ => supervisor::find_program(&agent.program),
@@ -119,7 +130,11 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     let offered: Vec<String> = programs
         .iter()
-        .filter(|(_, p)| p.is_some() || config.offer_missing_agents)
+        .filter(|(n, p)| {
+            p.is_some()
+                || config.offer_missing_agents
+                || acp_programs.get(*n).is_some_and(Option::is_some)
+        })
         .map(|(n, _)| n.clone())
         .collect();
     if offered.is_empty() {
@@ -141,6 +156,8 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         config: config.clone(),
         spool,
         programs,
+        acp_programs,
+        approvals: Some(Arc::new(client.clone())),
         abort: shutdown.abort.clone(),
     });
     let tracker = TaskTracker::new();

@@ -82,7 +82,7 @@ pub(crate) fn spawn(
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true)
-        .stdin(if inv.stdin.is_some() {
+        .stdin(if inv.stdin.is_some() || inv.keep_stdin {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -109,7 +109,10 @@ pub(crate) fn spawn(
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let start_time = crate::contain::start_time(pgid);
 
-    if let (Some(mut stdin), Some(text)) = (child.stdin.take(), inv.stdin.clone()) {
+    // With `keep_stdin` the pipe stays in `child.stdin` for the caller (ACP speaks over it).
+    if let Some(text) = inv.stdin.clone()
+        && let Some(mut stdin) = child.stdin.take()
+    {
         tokio::spawn(async move {
             // A CLI that exits without reading its stdin is not an error here.
             let _ = stdin.write_all(text.as_bytes()).await;
@@ -204,9 +207,10 @@ impl Running {
     /// still there.
     pub(crate) async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         signal_group(self.pgid, Signal::SIGTERM);
-        let (cell, root, spare) = (self.cell.clone(), self.pgid, self.guard_pid());
+        let (cell, root) = (self.cell.clone(), self.pgid);
         let _ =
-            tokio::task::spawn_blocking(move || cell.signal(root, spare, Signal::SIGTERM)).await;
+            tokio::task::spawn_blocking(move || cell.signal_outside_group(root, Signal::SIGTERM))
+                .await;
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(s)) => Some(s),
             _ => {

@@ -66,6 +66,8 @@ pub(crate) struct RunnerSection {
     /// Where tasks without a project run.
     pub(crate) work_dir: Option<PathBuf>,
     pub(crate) spool_dir: Option<PathBuf>,
+    /// How long an `ask` approval waits for an answer before it counts as denied (default 600).
+    pub(crate) approval_timeout_secs: Option<u64>,
     /// `auto` (a cgroup v2 per task where possible) or `process-tree`.
     pub(crate) containment: Option<tunnel_runner::Containment>,
     #[serde(default)]
@@ -99,6 +101,14 @@ pub(crate) struct AgentSection {
     pub(crate) env: std::collections::BTreeMap<String, String>,
     /// Set false to stop offering a built-in agent.
     pub(crate) enabled: Option<bool>,
+    /// `auto` | `ask` | `deny`: how the agent's permission requests are answered.
+    pub(crate) approvals: Option<tunnel_runner::ApprovalPolicy>,
+    /// The ACP adapter of a built-in agent (default `claude-agent-acp`, `codex-acp`,
+    /// `gemini --acp`), used when approvals are `ask` or `deny`.
+    pub(crate) acp_program: Option<String>,
+    pub(crate) acp_args: Option<Vec<String>>,
+    /// The ACP session mode to select before the prompt (Claude: `default`, which asks).
+    pub(crate) acp_mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

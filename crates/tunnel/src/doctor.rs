@@ -261,7 +261,7 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
     let usable = cfg
         .agents
         .iter()
-        .filter(|(name, a)| name.as_str() != "echo" && find(&a.program).is_some())
+        .filter(|(name, a)| name.as_str() != "echo" && (find(&a.program).is_some() || acp_only(a)))
         .count();
     // A declared custom agent that is missing fails on its own line below.
     let custom = cfg
@@ -281,6 +281,12 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
         .map(PathBuf::from)
         .unwrap_or_default();
     for (name, agent) in &cfg.agents {
+        check_acp(r, name, agent).await;
+        // An ACP agent, or a built-in one that always runs through its adapter, needs no
+        // print-mode CLI.
+        if agent.kind == AgentKind::Acp || acp_only(agent) {
+            continue;
+        }
         let Some(path) = find(&agent.program) else {
             let level = if agent.kind == AgentKind::Custom {
                 "FAIL"
@@ -329,7 +335,7 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
                     || env("GOOGLE_API_KEY").is_some()
                     || home.join(".gemini/oauth_creds.json").exists(),
             ),
-            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => None,
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => None,
         };
         if logged_in == Some(false) {
             r.warn(
@@ -460,6 +466,90 @@ fn check_delivery(r: &mut Report) {
             }
             for name in config.webhooks.keys() {
                 r.ok(&format!("webhook {name}"));
+            }
+        }
+    }
+}
+
+/// Whether the agent runs only through its ACP adapter here (approvals other than `auto`,
+/// adapter installed).
+fn acp_only(agent: &tunnel_runner::AgentConfig) -> bool {
+    agent.approvals != tunnel_runner::ApprovalPolicy::Auto
+        && agent
+            .acp
+            .as_ref()
+            .is_some_and(|l| find(&l.program).is_some())
+}
+
+/// An ACP agent (or the adapter of a built-in one): found, its version, and an `initialize`
+/// round trip (protocol version, agent name).
+async fn check_acp(r: &mut Report, name: &str, agent: &tunnel_runner::AgentConfig) {
+    use tunnel_runner::ApprovalPolicy;
+    let (program, args, needed, hint) = match (agent.kind, &agent.acp) {
+        (AgentKind::Acp, _) => (
+            agent.program.clone(),
+            agent.args.clone(),
+            true,
+            agent.install_hint(),
+        ),
+        (_, Some(l)) => (
+            l.program.clone(),
+            l.args.clone(),
+            agent.approvals != ApprovalPolicy::Auto,
+            agent.acp_install_hint().unwrap_or_default().to_owned(),
+        ),
+        _ => return,
+    };
+    let Some(path) = find(&program) else {
+        if needed {
+            r.fail(&format!("{name} (ACP): `{program}` not found"), &hint);
+        } else {
+            // Only tasks that ask for approvals need it: not a problem, but say how to get it.
+            r.ok(&format!(
+                "{name} (ACP): `{program}` not installed; needed for approvals = \"ask\" or \"deny\" ({hint})"
+            ));
+        }
+        return;
+    };
+    // A generic ACP agent may not know `--version` (it could wait on stdin): only the known
+    // adapters are asked.
+    let version = match agent.kind {
+        AgentKind::Acp => None,
+        _ => version(&path).await,
+    };
+    let shown = format!(
+        "{name} (ACP): {}{}",
+        path.display(),
+        version.map(|v| format!(" ({v})")).unwrap_or_default()
+    );
+    let probe = tunnel_runner::acp_probe(
+        &path.display().to_string(),
+        &args,
+        &agent.env,
+        &std::env::temp_dir(),
+        Duration::from_secs(30),
+    )
+    .await;
+    match probe {
+        Ok(p) if p.protocol_version == 1 => r.ok(&format!(
+            "{shown}; initialize: ACP v1, {} {}",
+            p.agent_name.as_deref().unwrap_or("(unnamed agent)"),
+            p.agent_version.as_deref().unwrap_or("")
+        )),
+        Ok(p) => r.fail(
+            &format!("{shown} speaks ACP version {}", p.protocol_version),
+            "tunnel speaks ACP version 1: install a version of the agent that does",
+        ),
+        Err(e) => {
+            let what = format!("{shown}: no ACP answer ({e})");
+            let fix = format!(
+                "run `{program} {}` by hand: it should wait for JSON-RPC on stdin",
+                args.join(" ")
+            );
+            if needed {
+                r.fail(&what, &fix);
+            } else {
+                r.warn(&what, &fix);
             }
         }
     }

@@ -65,6 +65,15 @@ pub(crate) fn runner_config(
     if let Some(s) = file.spool_dir {
         c.spool_dir = s;
     }
+    if let Some(t) = file.approval_timeout_secs {
+        let ms = t.saturating_mul(1000);
+        let limits = tunnel_protocol::approval_limits::TIMEOUT_MIN_MS
+            ..=tunnel_protocol::approval_limits::TIMEOUT_MAX_MS;
+        if !limits.contains(&ms) {
+            bail!("approval_timeout_secs must be 1 to 86400 (got {t})");
+        }
+        c.approval_timeout = Duration::from_millis(ms);
+    }
     if let Some(k) = file.containment {
         c.containment = k;
     }
@@ -109,6 +118,7 @@ pub(crate) fn runner_config(
             .remove(&name)
             .filter(|a| a.kind == kind)
             .unwrap_or_else(|| AgentConfig::builtin(kind, name.clone()));
+        let has_program = section.program.is_some();
         if let Some(p) = section.program {
             agent.program = p;
         }
@@ -117,6 +127,11 @@ pub(crate) fn runner_config(
             if let Some(why) = agent.prompt_as_option() {
                 bail!("custom agent {name}: {why}");
             }
+        }
+        if kind == AgentKind::Acp && !has_program {
+            bail!(
+                "ACP agent {name}: set `program` (and `args`), e.g. program = \"claude-agent-acp\" or program = \"gemini\", args = [\"--acp\"]"
+            );
         }
         if kind == AgentKind::Custom && agent.command.is_empty() && agent.program == name {
             bail!(
@@ -133,6 +148,34 @@ pub(crate) fn runner_config(
             agent.output = o;
         }
         agent.env.extend(section.env);
+        if let Some(a) = section.approvals {
+            agent.approvals = a;
+        }
+        if section.acp_program.is_some() || section.acp_args.is_some() {
+            let Some(launch) = agent.acp.as_mut() else {
+                bail!(
+                    "agent {name}: acp_program / acp_args are for the built-in agents (claude, codex, gemini); an ACP agent of its own is kind = \"acp\" with program and args"
+                );
+            };
+            if let Some(p) = section.acp_program {
+                launch.program = p;
+            }
+            if let Some(a) = section.acp_args {
+                launch.args = a;
+            }
+        }
+        if let Some(m) = section.acp_mode {
+            agent.acp_mode = Some(m);
+        }
+        if agent.approvals != tunnel_runner::ApprovalPolicy::Auto
+            && agent.acp.is_none()
+            && kind != AgentKind::Acp
+        {
+            bail!(
+                "agent {name}: approvals = \"{}\" needs an agent that can ask (kind = \"acp\", or claude, codex, gemini through their ACP adapter)",
+                agent.approvals.as_str()
+            );
+        }
         c.agents.insert(name, agent);
     }
     c.confine = confinement(&c, sandbox, run_as.as_deref(), config_file.as_deref())?;
@@ -308,5 +351,80 @@ fn log_containment(c: &RunnerConfig) {
             %why,
             "Agents are not sandboxed: they can read what this user can, tunnel's tokens included; run the runner as a dedicated user."
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<RunnerConfig> {
+        let file: FileConfig = toml::from_str(toml_text).unwrap();
+        let opts = RunnerOpts {
+            name: Some("t".into()),
+            max_concurrent: None,
+            projects: vec![],
+        };
+        runner_config("http://127.0.0.1:1".into(), "x".into(), &opts, file.runner)
+    }
+
+    #[test]
+    fn acp_agents_and_approval_policies_come_from_the_config() {
+        let c = parse(
+            r#"
+            [runner]
+            approval_timeout_secs = 120
+            [runner.agents.claude]
+            approvals = "ask"
+            acp_program = "/opt/claude-agent-acp"
+            [runner.agents.qwen]
+            kind = "acp"
+            program = "qwen"
+            args = ["--acp"]
+            approvals = "deny"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.approval_timeout, Duration::from_secs(120));
+        let claude = &c.agents["claude"];
+        assert_eq!(claude.approvals, tunnel_runner::ApprovalPolicy::Ask);
+        assert_eq!(
+            claude.acp.as_ref().unwrap().program,
+            "/opt/claude-agent-acp"
+        );
+        assert_eq!(claude.acp_mode.as_deref(), Some("default"));
+        let qwen = &c.agents["qwen"];
+        assert_eq!(qwen.kind, AgentKind::Acp);
+        assert_eq!(qwen.args, vec!["--acp"]);
+        // Untouched built-ins keep auto and their adapters.
+        assert_eq!(
+            c.agents["codex"].approvals,
+            tunnel_runner::ApprovalPolicy::Auto
+        );
+        assert_eq!(c.agents["codex"].acp.as_ref().unwrap().program, "codex-acp");
+    }
+
+    #[test]
+    fn a_policy_an_agent_cannot_keep_is_refused() {
+        let e = parse(
+            r#"
+            [runner.agents.mine]
+            program = "my-agent"
+            command = ["--", "{prompt}"]
+            approvals = "ask"
+            "#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("needs an agent that can ask"), "{e}");
+        let e = parse("[runner.agents.x]\nkind = \"acp\"\n").unwrap_err();
+        assert!(e.to_string().contains("set `program`"), "{e}");
+        let e = parse("[runner.agents.echo]\nacp_program = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("for the built-in agents"), "{e}");
+        let e = parse("[runner]\napproval_timeout_secs = 0\n").unwrap_err();
+        assert!(e.to_string().contains("approval_timeout_secs"), "{e}");
+        assert!(
+            toml::from_str::<FileConfig>("[runner.agents.claude]\napprovals = \"maybe\"\n")
+                .is_err()
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod acp;
 mod agents;
 mod bad_input;
 mod clis;

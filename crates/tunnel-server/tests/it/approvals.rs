@@ -130,6 +130,7 @@ async fn ask_list_answer_and_the_wait_returns() {
     assert_eq!((st, w["state"].as_str()), (StatusCode::OK, Some("allowed")));
     assert_eq!(w["outcome"]["option_id"], "allow");
     let lag = done.saturating_duration_since(answered);
+    eprintln!("answer sent -> the runner's held wait returned: {lag:?}");
     assert!(
         lag < Duration::from_secs(5),
         "the wait ended {lag:?} after the answer"

@@ -612,6 +612,13 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         text.contains("npm install -g @anthropic-ai/claude-code") || text.contains("claude: /"),
         "{text}"
     );
+    // Which mechanism ends everything an agent starts.
+    assert!(
+        text.contains("containment\n")
+            && (text.contains("cgroup v2: each task in its own cgroup")
+                || text.contains("process-tree walk (")),
+        "{text}"
+    );
 
     // A runner machine (its config names the server) where no agent CLI is installed.
     let out = s.cli(&["token", "create", "--name", "box", "--role", "runner"]);
@@ -833,5 +840,39 @@ fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
         !dir.path()
             .join("systemd/user/tunnel-runner.service")
             .exists()
+    );
+}
+
+#[test]
+fn containment_is_chosen_in_the_config_and_shown_by_doctor() {
+    let s = Served::start(&[]);
+    let cfg = s.data.path().join("contain.toml");
+    std::fs::write(&cfg, "[runner]\ncontainment = \"process-tree\"\n").unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("warn  process-tree walk (chosen in the config)"),
+        "{text}"
+    );
+
+    std::fs::write(&cfg, "[runner]\ncontainment = \"none\"\n").unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    assert!(!out.status.success());
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        all.contains("unknown variant `none`") && all.contains("process-tree"),
+        "{all}"
     );
 }
