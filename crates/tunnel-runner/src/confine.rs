@@ -203,6 +203,21 @@ mod tests {
                 "-p"
             ]
         );
+        let c = Confinement {
+            run_as: Some(RunAs {
+                name: "agent".into(),
+                uid: 1001,
+                gid: 1002,
+                home: "/home/agent".into(),
+            }),
+            ..c
+        };
+        let (_, a) = wrapped(&c, "claude", &[], &[]);
+        assert_eq!(
+            a[..5],
+            ["__sandbox", "--uid", "1001", "--gid", "1002"],
+            "the wrapper changes user (after the cell's cgroup is entered)"
+        );
         let (p, a) = wrapped(&Confinement::default(), "claude", &["-p".into()], &[]);
         assert_eq!((p.as_os_str(), a.len()), (OsStr::new("claude"), 1));
     }
