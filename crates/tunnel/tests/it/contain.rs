@@ -172,7 +172,7 @@ for line in maps:
 print("memory scan done,", found, "hits")
 EOF
 for f in "{home}/data/tunnel/admin.token" "{home}/config/tunnel/tunnel.toml" "$HOME/.local/share/tunnel/admin.token" "$HOME/.config/tunnel/tunnel.toml"; do
-  echo "== $f"; cat "$f" 2>&1
+  echo "== file: $f"; cat "$f" 2>&1
 done
 echo "== data dir"; ls -la "{home}/data/tunnel" 2>&1
 echo "done" > spy-was-here.txt && echo "== wrote spy-was-here.txt"
@@ -250,12 +250,31 @@ const ENV_SECRETS: &[(&str, &str)] = &[
     ("TELEGRAM_BOT_TOKEN", "123:SECRET-telegram"),
 ];
 
+/// Whether this kernel lets tunnel's sandbox wrapper apply Landlock.
+fn landlock_here() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    Command::new(BIN)
+        .args(["__sandbox", "--deny"])
+        .arg(dir.path())
+        .args(["--", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn assert_no_secret(answer: &str, secrets: &[String], home: &Home) {
     assert!(
         answer.contains("== environ of") && answer.contains("== memory of the parent"),
         "the spy ran: {answer}\n{}",
         home.log()
     );
+    // Without Landlock (an old kernel, CI without it) tunnel's files are protected by nothing
+    // but their owner, which the agent shares; the rest must hold all the same.
+    let answer = if landlock_here() || !home.as_nobody && is_root() {
+        answer
+    } else {
+        eprintln!("Landlock is unavailable here: the file reads are not checked");
+        answer.split("== file: ").next().unwrap_or_default()
+    };
     for s in secrets {
         assert!(
             !answer.contains(s.as_str()),
