@@ -54,6 +54,8 @@ pub(crate) struct AcpRun<'a> {
     pub(crate) mode: Option<&'a str>,
     /// The same containment as any agent (process group or cgroup cell).
     pub(crate) containment: &'a Mechanism,
+    /// The same environment, user and sandbox as any agent.
+    pub(crate) confine: &'a crate::confine::Confinement,
 }
 
 /// What ends a run early, watched while waiting for the agent.
@@ -97,7 +99,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
         stdin: None,
         keep_stdin: true,
     };
-    let mut running = match supervisor::spawn(&inv, r.dir, r.env, r.containment) {
+    let mut running = match supervisor::spawn(&inv, r.dir, r.env, r.confine, r.containment) {
         Ok(x) => x,
         Err(e) => {
             let exit = Exit {
@@ -1015,7 +1017,9 @@ pub async fn probe(
         stdin: None,
         keep_stdin: true,
     };
-    let mut running = supervisor::spawn(&inv, dir, env, &containment)
+    // The environment policy applies; the sandbox and user are the runner's (doctor's) own.
+    let confine = crate::confine::Confinement::default();
+    let mut running = supervisor::spawn(&inv, dir, env, &confine, &containment)
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": PROTOCOL_VERSION,

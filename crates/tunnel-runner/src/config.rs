@@ -183,6 +183,34 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Why this custom agent's template could hand the prompt to its program as an option, if
+    /// it could: `{prompt}` right after the program, or after a positional argument (a
+    /// subcommand), with no `--` before it. A prompt such as `--help` or `-rf` would then be
+    /// an option, not text. After an option (`--message {prompt}`) it is that option's value.
+    pub fn prompt_as_option(&self) -> Option<String> {
+        if self.kind != AgentKind::Custom {
+            return None;
+        }
+        let at = self.command.iter().position(|a| a == "{prompt}")?;
+        let before = &self.command[..at];
+        if before.iter().any(|a| a == "--") {
+            return None;
+        }
+        match before.last() {
+            Some(prev) if prev.starts_with('-') => None,
+            prev => Some(format!(
+                "{{prompt}} comes {} with no `--` before it, so a prompt such as `--help` or `-rf` would reach {} as an option; put \"--\" before {{prompt}} if the program accepts it, pass it as an option's value (e.g. [\"--message\", \"{{prompt}}\"]), or leave {{prompt}} out to send the prompt on stdin",
+                match prev {
+                    Some(p) => format!("after the argument {p:?}"),
+                    None => "right after the program".to_owned(),
+                },
+                self.program
+            )),
+        }
+    }
+}
+
 /// Everything a runner needs.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -219,6 +247,11 @@ pub struct RunnerConfig {
     /// How agents' processes are contained (`containment`): a cgroup v2 per task where
     /// possible, else the process-tree walk.
     pub containment: crate::contain::Containment,
+    /// How agents are confined beyond a clean environment (sandbox wrapper, another user).
+    pub confine: crate::confine::Confinement,
+    /// File tasks may write VCS metadata (`.git/`, `.hg/`, `.svn/`, `.jj/`): a `.git/config`
+    /// or hook runs code on the next git command, so off by default.
+    pub files_write_vcs: bool,
 }
 
 impl RunnerConfig {
@@ -262,6 +295,8 @@ impl RunnerConfig {
             ),
             offer_missing_agents: false,
             containment: Default::default(),
+            confine: crate::confine::Confinement::default(),
+            files_write_vcs: false,
         }
     }
 }
@@ -291,5 +326,27 @@ pub fn default_name() -> String {
         clean
     } else {
         "runner".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_where_options_are_read_is_found() {
+        let mut a = AgentConfig::echo();
+        let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (c, risky) in [
+            (&["{prompt}"][..], true),
+            (&["exec", "{prompt}"][..], true),
+            (&["--", "{prompt}"][..], false),
+            (&["--", "exec", "{prompt}"][..], false),
+            (&["-m", "{prompt}"][..], false),
+            (&["--model", "{model}"][..], false),
+        ] {
+            a.command = cmd(c);
+            assert_eq!(a.prompt_as_option().is_some(), risky, "{c:?}");
+        }
     }
 }

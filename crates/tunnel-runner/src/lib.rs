@@ -8,6 +8,7 @@ mod acp;
 mod adapter;
 mod approvals;
 pub mod config;
+pub mod confine;
 pub mod contain;
 mod files;
 #[cfg(feature = "fuzzing")]
@@ -29,6 +30,7 @@ use tunnel_protocol::ClaimRequest;
 
 pub use acp::{AcpProbe, probe as acp_probe};
 pub use config::{AcpLaunch, AgentConfig, AgentKind, ApprovalPolicy, OutputMode, RunnerConfig};
+pub use confine::{Confinement, RunAs};
 pub use contain::{Containment, Mechanism};
 
 /// Why the runner stopped on its own.
@@ -115,7 +117,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
                     agent.kind,
                     AgentKind::Claude | AgentKind::Codex | AgentKind::Gemini
                 );
-                if known && let Some(v) = supervisor::version_of(path).await {
+                if known && let Some(v) = supervisor::version_of(path, &config.confine).await {
                     versions.insert(name.clone(), v);
                 }
                 tracing::info!(agent = %name, program = %path.display(), version = versions.get(name).map(String::as_str).unwrap_or("?"), "Agent available.");

@@ -234,7 +234,22 @@ async fn execute(
     }
     if agent.kind == crate::config::AgentKind::Files {
         // Done here, not by a child process: nothing to supervise.
-        return match crate::files::run(&dir, &task.prompt) {
+        // Off the async runtime and bounded in time: a file on a hung network mount must not
+        // stall the runner.
+        let opts = crate::files::Options {
+            write_vcs: cfg.files_write_vcs,
+        };
+        let (project, prompt) = (dir.clone(), task.prompt.clone());
+        let work = tokio::task::spawn_blocking(move || crate::files::run(&project, &prompt, opts));
+        let done = match tokio::time::timeout(crate::files::TIMEOUT, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("the file task failed: {e}")),
+            Err(_) => Err(format!(
+                "the file task did not finish within {} s",
+                crate::files::TIMEOUT.as_secs()
+            )),
+        };
+        return match done {
             Ok(text) => (
                 Outcome::Succeeded,
                 TaskResult {
@@ -298,6 +313,7 @@ async fn execute(
                 resume: offer.resume_session_id.as_deref(),
                 mode: agent.acp_mode.as_deref(),
                 containment: &ctx.containment,
+                confine: &cfg.confine,
             };
             let watch = crate::acp::Watch {
                 cancel,
@@ -319,10 +335,11 @@ async fn execute(
                     project_dir: &dir,
                 },
             );
-            let mut running = match supervisor::spawn(&inv, &dir, &agent.env, &ctx.containment) {
-                Ok(r) => r,
-                Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
-            };
+            let mut running =
+                match supervisor::spawn(&inv, &dir, &agent.env, &cfg.confine, &ctx.containment) {
+                    Ok(r) => r,
+                    Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+                };
             reporter.set_procs(Some(Leftover {
                 pgid: Some(running.pgid),
                 pgid_start: running.start_time,

@@ -34,6 +34,9 @@ pub(crate) fn runner_config(
 ) -> Result<RunnerConfig> {
     let data = config::data_dir();
     let mut c = RunnerConfig::new(server, token, data.clone());
+    let (sandbox, run_as, config_file) =
+        (file.sandbox, file.run_as.clone(), file.config_file.clone());
+    c.files_write_vcs = file.files_write_vcs.unwrap_or(false);
     if let Some(n) = opts.name.clone().or(file.name) {
         c.name = n;
     }
@@ -121,6 +124,9 @@ pub(crate) fn runner_config(
         }
         if let Some(cmd) = section.command {
             agent.command = cmd;
+            if let Some(why) = agent.prompt_as_option() {
+                bail!("custom agent {name}: {why}");
+            }
         }
         if kind == AgentKind::Acp && !has_program {
             bail!(
@@ -172,7 +178,58 @@ pub(crate) fn runner_config(
         }
         c.agents.insert(name, agent);
     }
+    c.confine = confinement(&c, sandbox, run_as.as_deref(), config_file.as_deref())?;
     Ok(c)
+}
+
+/// How agents are confined beyond a clean environment: Landlock closes tunnel's data and
+/// config directories to them (when the kernel has it and `sandbox = false` is not set), and
+/// `run_as` runs them as another user.
+fn confinement(
+    c: &RunnerConfig,
+    sandbox: Option<bool>,
+    run_as: Option<&str>,
+    config_file: Option<&std::path::Path>,
+) -> Result<tunnel_runner::Confinement> {
+    let mut contain = tunnel_runner::Confinement::default();
+    let exe = || {
+        std::env::current_exe()
+            .context("cannot find the tunnel binary to start agents through its wrapper")
+    };
+    if let Some(user) = run_as {
+        contain.run_as = Some(tunnel_runner::RunAs::lookup(user).map_err(anyhow::Error::msg)?);
+        // The wrapper changes user after the agent entered its task's cgroup.
+        contain.wrapper = Some(exe()?);
+    }
+    if sandbox == Some(false) {
+        return Ok(contain);
+    }
+    match crate::sandbox::landlock_abi() {
+        Ok(_) => {
+            contain.wrapper = Some(exe()?);
+            let config_dir = config::default_config_path();
+            contain.deny = [
+                Some(config::data_dir()),
+                config_dir.parent().map(PathBuf::from),
+                config_file.map(PathBuf::from),
+                Some(c.spool_dir.clone()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            // Shortest first, so a path inside one already denied is dropped.
+            contain.deny.sort_by_key(|p| p.components().count());
+            let mut kept: Vec<PathBuf> = Vec::new();
+            for d in std::mem::take(&mut contain.deny) {
+                if !kept.iter().any(|k| d.starts_with(k)) {
+                    kept.push(d);
+                }
+            }
+            contain.deny = kept;
+        }
+        Err(why) => tracing::debug!(%why, "Landlock is unavailable."),
+    }
+    Ok(contain)
 }
 
 pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
@@ -192,6 +249,7 @@ pub(crate) async fn runner(args: RunnerArgs, file: FileConfig) -> Result<()> {
     let config = runner_config(server, token, &args.opts, section)?;
     // The spool and the default work directory hold prompts and answers.
     config::private_dir(&config::data_dir())?;
+    log_containment(&config);
     let shutdown = Shutdown::default();
     tokio::spawn(signals(shutdown.clone()));
     tunnel_runner::run(config, shutdown)
@@ -250,6 +308,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
     let mut config = runner_config(url.clone(), token, &args.runner, runner_section)?;
     // One machine, one runner: a task for a missing CLI should fail and say what to install.
     config.offer_missing_agents = true;
+    log_containment(&config);
 
     let server_stop = prepared.server.shutdown_token();
     let shutdown = Shutdown::default();
@@ -271,6 +330,28 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
         .context("the server task failed")?
         .context("the server failed")?;
     result.context("the runner stopped")
+}
+
+/// Says once, at start, what keeps agents away from tunnel's secrets.
+fn log_containment(c: &RunnerConfig) {
+    let user = c.confine.run_as.as_ref().map(|u| u.name.as_str());
+    match (c.confine.deny.is_empty(), crate::sandbox::landlock_abi()) {
+        (false, Ok(abi)) => tracing::info!(
+            landlock_abi = abi,
+            run_as = user,
+            denied = ?c.confine.deny,
+            "Agents are confined: tunnel's files are closed to them (Landlock)."
+        ),
+        (true, Ok(_)) => tracing::warn!(
+            run_as = user,
+            "Agents are not sandboxed (`sandbox = false`): they can read what this user can, tunnel's tokens included."
+        ),
+        (_, Err(why)) => tracing::warn!(
+            run_as = user,
+            %why,
+            "Agents are not sandboxed: they can read what this user can, tunnel's tokens included; run the runner as a dedicated user."
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -329,7 +410,7 @@ mod tests {
             r#"
             [runner.agents.mine]
             program = "my-agent"
-            command = ["{prompt}"]
+            command = ["--", "{prompt}"]
             approvals = "ask"
             "#,
         )

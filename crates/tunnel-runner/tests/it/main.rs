@@ -10,4 +10,5 @@ mod agents;
 mod bad_input;
 mod clis;
 mod containment;
+mod files;
 mod supervision;
