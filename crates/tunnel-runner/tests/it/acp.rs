@@ -225,10 +225,12 @@ async fn what_an_acp_agent_started_ends_with_its_task() {
     c.agents
         .insert("tiny".into(), tiny(&w.dir.path().join("agent.log")));
     let r = RunnerHandle::spawn(c);
-    // The allowed command leaves a daemon behind, as an agent's `npm run dev &` would.
+    // The allowed command leaves a daemon behind, as an agent's `npm run dev &` would. Its pid
+    // is written by the command itself before it returns (the daemon writing its own pid raced
+    // the end of the task and could be killed first).
     let mut t = task(
         "tiny",
-        "tool: sh -c 'echo $$ > daemon.pid; exec sleep 300' &",
+        "tool: sh -c 'exec sleep 300' & echo $! > daemon.pid",
     );
     t.project = Some("proj".into());
     let t = w.ended(&w.submit(t).await.id).await;
