@@ -90,7 +90,8 @@ fi
 # --- tests ----------------------------------------------------------------------------------
 PASSED=0
 FAILED=0
-REPORTS="$CACHE/tmp/reports"
+# Per run: two checkouts sharing the cache must not count each other's results.
+REPORTS=$(mktemp -d "$CACHE/tmp/reports.XXXXXX")
 mkdir -p "$REPORTS"
 run_suite() {
   local name=$1 timeout=$2
@@ -125,5 +126,6 @@ for suite in $SUITES; do
   esac
 done
 
+rm -rf "$REPORTS"
 echo "$PASSED passed, $FAILED failed"
 [[ $FAILED -eq 0 ]]

@@ -37,6 +37,8 @@ export interface SubmitTask {
   timeout_ms?: number;
   session?: SessionMode;
   reply_to?: ReplyTo;
+  /** How the runner treats the agent's permission requests (the stricter of this and the runner's wins). */
+  approvals?: ApprovalPolicy;
 }
 
 export interface TaskResult {
@@ -105,6 +107,48 @@ export interface RecentSession {
 export interface SessionList {
   sessions: SessionBinding[];
   recent: RecentSession[];
+}
+
+// --- approvals (crates/tunnel-protocol/src/approval.rs) ------------------------------------
+
+export type ApprovalPolicy = "auto" | "ask" | "deny";
+export type ApprovalState = "pending" | "allowed" | "denied" | "expired" | "cancelled";
+export type Decision = "allow_once" | "allow_session" | "deny";
+
+export interface ApprovalTool {
+  kind: string;
+  title: string;
+  command?: string;
+  paths?: string[];
+  diff?: string;
+}
+
+export interface ApprovalOutcome {
+  decision?: Decision;
+  option_id?: string;
+  message?: string;
+  by: string;
+  at: number;
+}
+
+export interface Approval {
+  id: string;
+  task_id: string;
+  attempt: number;
+  agent: string;
+  runner?: string;
+  state: ApprovalState;
+  tool: ApprovalTool;
+  options: { id: string; name: string; kind: string }[];
+  asked_at: number;
+  expires_at: number;
+  outcome?: ApprovalOutcome;
+}
+
+export interface ApprovalAnswer {
+  decision: Decision;
+  message?: string;
+  by?: string;
 }
 
 /** Any failure talking to the server, with the server's error code when it sent one. */
@@ -294,6 +338,25 @@ export class TunnelClient {
     } finally {
       reader.releaseLock();
     }
+  }
+
+  /** Approval requests of this token's tasks, newest first. */
+  async approvals(filter: { state?: ApprovalState; task?: string; limit?: number } = {}): Promise<Approval[]> {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(filter)) if (v !== undefined) q.set(k, String(v));
+    const r = await this.request<{ approvals: Approval[] }>("GET", `/v1/approvals?${q}`);
+    return r.body.approvals;
+  }
+
+  async approval(id: string): Promise<Approval> {
+    const r = await this.request<Approval>("GET", `/v1/approvals/${encodeURIComponent(id)}`);
+    return r.body;
+  }
+
+  /** Answers a pending request; a 409 (`already_decided`, `approval_expired`) says by whom and when. */
+  async answerApproval(id: string, answer: ApprovalAnswer): Promise<Approval> {
+    const r = await this.request<Approval>("POST", `/v1/approvals/${encodeURIComponent(id)}`, { body: answer });
+    return r.body;
   }
 
   async runners(): Promise<RunnerInfo[]> {

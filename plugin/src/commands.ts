@@ -3,10 +3,12 @@
 
 import { randomUUID } from "node:crypto";
 
+import { approvalFlags, parseApprove, resolveApprovalId, waitingLine } from "./approvals.ts";
+import type { ApprovalDelivery } from "./approvals.ts";
 import { AGENT_LABELS, AGENTS } from "./config.ts";
 import type { Agent, Config } from "./config.ts";
 import { isTerminal, TunnelError } from "./client.ts";
-import type { SessionMode, SubmitTask, Task, TunnelClient } from "./client.ts";
+import type { ApprovalPolicy, SessionMode, SubmitTask, Task, TunnelClient } from "./client.ts";
 import { ago, duration, excerpt, position, shortId } from "./format.ts";
 import { identify } from "./identity.ts";
 import type { Identity } from "./identity.ts";
@@ -25,6 +27,8 @@ export interface Deps {
   now?: () => number;
   /** Pause before the one retry of a submit (tests shorten it). */
   retryDelayMs?: number;
+  /** Approvals in chat (approvals.ts); absent in tests that do not need them. */
+  approvals?: ApprovalDelivery;
 }
 
 export const SUBCOMMANDS: { sub: Sub; suffix: string; description: (label: string) => string }[] = [
@@ -93,7 +97,19 @@ export function agentCommands(deps: Deps, agent: Agent): CommandDefinition[] {
       description: `Ask ${label} on a tunnel runner (continues this chat's session)`,
       acceptsArgs: true,
       requireAuth,
-      handler: safe(deps, `/${base}`, (ctx) => run(deps, agent, ctx, parseCommand(undefined, ctx.args))),
+      handler: safe(deps, `/${base}`, (ctx) => {
+        // `-ask <prompt>` and `-approve <id> …` (approvals.ts) come before the usual parsing.
+        const f = approvalFlags(ctx.args);
+        if (f.approve) return approve(deps, agent, ctx, f.args);
+        return run(deps, agent, ctx, parseCommand(undefined, f.args), f.approvals);
+      }),
+    },
+    {
+      name: `${base}-approve`,
+      description: `Answer a ${label} approval question: <id> once|session|deny [message]`,
+      acceptsArgs: true,
+      requireAuth,
+      handler: safe(deps, `/${base}-approve`, (ctx) => approve(deps, agent, ctx, ctx.args)),
     },
   ];
   for (const s of SUBCOMMANDS) {
@@ -103,13 +119,16 @@ export function agentCommands(deps: Deps, agent: Agent): CommandDefinition[] {
       description: s.description(label),
       acceptsArgs: true,
       requireAuth,
-      handler: safe(deps, `/${name}`, (ctx) => run(deps, agent, ctx, parseCommand(s.sub, ctx.args))),
+      handler: safe(deps, `/${name}`, (ctx) => {
+        const f = approvalFlags(ctx.args);
+        return run(deps, agent, ctx, parseCommand(s.sub, f.approve ? ctx.args : f.args), f.approvals);
+      }),
     });
   }
   return defs;
 }
 
-async function run(deps: Deps, agent: Agent, ctx: CommandContext, p: Parsed): Promise<CommandResult> {
+async function run(deps: Deps, agent: Agent, ctx: CommandContext, p: Parsed, approvals?: ApprovalPolicy): Promise<CommandResult> {
   const id = identify(ctx);
   if ("error" in id) {
     deps.logger.warn(`tunnel: no conversation for a command on ${ctx.channel}: ${id.error}`);
@@ -117,20 +136,25 @@ async function run(deps: Deps, agent: Agent, ctx: CommandContext, p: Parsed): Pr
   }
   const label = AGENT_LABELS[agent];
   const cmd = deps.config.commands[agent];
+  // `-ask` goes with a prompt only.
+  const prompted = p.kind === "submit" || ((p.kind === "new" || p.kind === "resume") && p.prompt);
+  if (approvals && !prompted) {
+    return reply(`-ask needs a prompt.\nUsage: /${cmd} -ask <prompt> (the agent asks here before it runs a command or edits a file)`, true);
+  }
   switch (p.kind) {
     case "help":
       return help(deps, agent, id);
     case "usage":
       return reply(`${p.message}\n${usageLine(cmd, p.sub)}`, true);
     case "submit":
-      return submit(deps, agent, ctx, id, p.prompt, "continue");
+      return submit(deps, agent, ctx, id, p.prompt, "continue", approvals);
     case "new":
-      if (p.prompt) return submit(deps, agent, ctx, id, p.prompt, "new");
+      if (p.prompt) return submit(deps, agent, ctx, id, p.prompt, "new", approvals);
       await deps.client.newSession(id.conversation, agent);
       return reply(`🔄 ${label} session reset. The next /${cmd} starts a new session.`);
     case "resume": {
       const sessionId = await resolveSessionId(deps, agent, p.id);
-      if (p.prompt) return submit(deps, agent, ctx, id, p.prompt, { resume: sessionId });
+      if (p.prompt) return submit(deps, agent, ctx, id, p.prompt, { resume: sessionId }, approvals);
       const b = await deps.client.resumeSession(id.conversation, agent, sessionId);
       return reply(
         `🔗 Switched to ${label} session \`${sessionId}\`${b.runner ? ` (on runner ${b.runner})` : ""}.\nThe next /${cmd} <prompt> continues it.`,
@@ -198,6 +222,8 @@ async function help(deps: Deps, agent: Agent, id: Identity): Promise<CommandResu
     `/${c}-now — this chat's current session`,
     `/${c}-stop [all] — cancel the running task (all: queued too)`,
     `/${c}-status — running and queued tasks here`,
+    `/${c} -ask <prompt> — ${label} asks here before it runs a command or edits a file`,
+    `/${c}-approve <id> once|session|deny [message] — answer such a question`,
     `/${deps.config.commands.state} — server, token and runners`,
     "",
   ];
@@ -240,10 +266,12 @@ async function submit(
   id: Identity,
   prompt: string,
   session: SessionMode,
+  approvals?: ApprovalPolicy,
 ): Promise<CommandResult> {
   const { config, client } = deps;
   const label = AGENT_LABELS[agent];
   const body: SubmitTask = { agent, prompt, conversation: id.conversation, session };
+  if (approvals) body.approvals = approvals;
   if (config.defaultProject) body.project = config.defaultProject;
   if (config.timeoutMs) body.timeout_ms = config.timeoutMs;
   if (config.delivery === "server") {
@@ -285,6 +313,7 @@ async function submit(
     deps.logger.warn(`tunnel: listing runners failed: ${(e as Error).message}`);
   }
   if (config.delivery === "server") lines.push("The tunnel server will post the answer here.");
+  if (approvals === "ask") lines.push(`🔐 ${label} asks here before it runs a command or edits a file.`);
   return reply(lines.join("\n"));
 }
 
@@ -353,12 +382,14 @@ async function status(deps: Deps, agent: Agent, id: Identity): Promise<CommandRe
   const open = await openTasks(deps, agent, id);
   if (!open.length) return reply(`No ${label} tasks running or queued here.`);
   const lines = [`${label} tasks here:`];
+  const waiting = await pendingApprovals(deps, open);
   for (const t of open) {
     const tid = `\`${shortId(t.id)}\``;
     const what = excerpt(t.prompt, 50);
     if (ACTIVE.has(t.state)) {
       const since = t.started_at ? ` for ${duration(now - t.started_at)}` : "";
       lines.push(`▶️ ${t.state} on ${t.runner ?? "a runner"}${since} — ${tid} ${what}`);
+      for (const a of waiting.filter((x) => x.task_id === t.id)) lines.push(`   ${waitingLine(a)}`);
     } else if (t.state === "parked") {
       const until = t.not_before ? ` until ${new Date(t.not_before).toISOString()}` : "";
       lines.push(`⏸️ parked${until} — ${tid} ${what}`);
@@ -367,6 +398,45 @@ async function status(deps: Deps, agent: Agent, id: Identity): Promise<CommandRe
     }
   }
   return reply(lines.join("\n"));
+}
+
+/** Pending approval questions of running tasks (none when the server has no approvals yet). */
+async function pendingApprovals(deps: Deps, open: Task[]) {
+  if (!open.some((t) => ACTIVE.has(t.state))) return [];
+  try {
+    const ids = new Set(open.map((t) => t.id));
+    return (await deps.client.approvals({ state: "pending", limit: 100 })).filter((a) => ids.has(a.task_id));
+  } catch (e) {
+    deps.logger.warn(`tunnel: listing approvals failed: ${(e as Error).message}`);
+    return [];
+  }
+}
+
+/** `/cc -approve <id> once|session|deny [message]`: the text answer, for every channel. */
+async function approve(deps: Deps, agent: Agent, ctx: CommandContext, args: string | undefined): Promise<CommandResult> {
+  const cmd = deps.config.commands[agent];
+  const usage = `Usage: /${cmd} -approve <id> once|session|deny [message for the agent]`;
+  const p = parseApprove(args);
+  if (p.kind === "usage") return reply(`${p.message}\n${usage}`, true);
+  if (!deps.approvals) return reply("❌ Approvals are not available in this plugin instance.", true);
+  const here = identify(ctx);
+  if ("error" in here) return reply(`❌ ${here.error}`, true);
+  const aid = await resolveApprovalId(deps.client, p.id);
+  if (typeof aid !== "string") return reply(`❌ ${aid.error}`, true);
+  // Answer only questions of this conversation's tasks: the plugin's token owns every chat's
+  // tasks, so without this check anyone authorised in a group could answer a DM's question.
+  const a = await deps.client.approval(aid);
+  const task = await deps.client.task(a.task_id);
+  if (task.conversation !== here.conversation) {
+    deps.logger.warn(`tunnel: refused to answer approval ${aid} of ${task.conversation ?? "?"} from ${here.conversation}`);
+    return reply("❌ That question belongs to another conversation; answer it there.", true);
+  }
+  const by = `${ctx.channel}:${ctx.senderId ?? ctx.from ?? "?"}`;
+  const r = await deps.approvals.answer(aid, p.decision, by, p.message);
+  if (!r.ok) return reply(r.text, true);
+  deps.logger.info(`tunnel: approval ${aid}: ${r.approval.state} by ${by} (text command)`);
+  const outcome = { allow_once: "✅ Allowed once", allow_session: "🔁 Allowed for this session", deny: "🚫 Denied" }[p.decision];
+  return reply(`${outcome}: ${excerpt(a.tool.command ?? a.tool.title, 80)}`);
 }
 
 /** `/cli-state [all]`: really checks the server, the token and the runners. */

@@ -2,9 +2,11 @@
 
 import { definePluginEntry } from "openclaw/plugin-sdk/plugin-entry";
 import type { OpenClawPluginApi, PluginCommandContext } from "openclaw/plugin-sdk/plugin-entry";
+import type { MessagePresentation } from "openclaw/plugin-sdk/interactive-runtime";
+import { resolveTelegramAccount } from "openclaw/plugin-sdk/telegram-account";
 
 import { PLUGIN_ID, register } from "./plugin.ts";
-import type { CommandContext, PluginApi } from "./types.ts";
+import type { CommandContext, PluginApi, Presentation } from "./types.ts";
 
 // Compile-time checks that the SDK's real types still fit the narrow ones the code uses.
 const ctxFits = (c: PluginCommandContext): CommandContext => c;
@@ -14,16 +16,27 @@ const apiFits = (api: OpenClawPluginApi) => {
   const runtime: PluginApi["runtime"] = api.runtime;
   const logger: PluginApi["logger"] = api.logger;
   const lifecycle: PluginApi["lifecycle"] = api.lifecycle;
-  return [registerCommand, registerService, runtime, logger, lifecycle];
+  const registerInteractiveHandler: PluginApi["registerInteractiveHandler"] = api.registerInteractiveHandler;
+  return [registerCommand, registerService, runtime, logger, lifecycle, registerInteractiveHandler];
 };
+const presentationFits = (p: Presentation): MessagePresentation => p;
 void ctxFits;
 void apiFits;
+void presentationFits;
+
+/** The Telegram bot token and API root OpenClaw uses (to edit approval questions). */
+function telegramAccount(cfg: unknown, accountId: string | undefined): { token: string; apiRoot?: string } | undefined {
+  const a = resolveTelegramAccount({ cfg: cfg as Parameters<typeof resolveTelegramAccount>[0]["cfg"], accountId });
+  if (!a?.token) return undefined;
+  const apiRoot = (a.config as { apiRoot?: unknown }).apiRoot;
+  return { token: a.token, apiRoot: typeof apiRoot === "string" ? apiRoot : undefined };
+}
 
 export default definePluginEntry({
   id: PLUGIN_ID,
   name: "Tunnel",
   description: "Hand coding tasks from chat to Claude Code, Codex and Gemini CLI on runner machines.",
   register(api: OpenClawPluginApi) {
-    register(api as unknown as PluginApi);
+    register(api as unknown as PluginApi, { telegramAccount });
   },
 });

@@ -2,6 +2,8 @@
 // `register()` runs several times per process (full, discovery, tool-discovery); it only
 // registers and never starts work. The service's start() does.
 
+import { ApprovalDelivery, telegramApprovalEditor } from "./approvals.ts";
+import type { TelegramAccountResolver } from "./approvals.ts";
 import { agentCommands, stateCommand } from "./commands.ts";
 import type { Deps } from "./commands.ts";
 import { AGENTS, readConfig } from "./config.ts";
@@ -22,6 +24,8 @@ export interface RegisterOptions {
   env?: Record<string, string | undefined>;
   progressAfterMs?: number;
   retryDelaysMs?: number[];
+  /** The Telegram bot token OpenClaw uses (index.ts), to edit approval questions to their outcome. */
+  telegramAccount?: TelegramAccountResolver;
 }
 
 export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
@@ -30,7 +34,21 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
   const watcher = opts.watcher ?? sharedWatcher();
   const messageIds = opts.messageIds ?? sharedMessageIds();
   const logger = api.logger;
-  const deps: Deps = { config, client, watcher, messageIds, logger };
+  // Approvals (approvals.ts): questions posted by the watcher, answered by a tap or `-approve`.
+  const approvals = new ApprovalDelivery({
+    client,
+    loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
+    cfg: () => api.config,
+    logger,
+    commandOf: (agent) => config.commands[agent as keyof typeof config.commands] ?? agent,
+    editor: (channel) =>
+      channel === "telegram" && opts.telegramAccount ? telegramApprovalEditor(opts.telegramAccount, () => api.config, opts.fetch) : undefined,
+    watchOfApproval: (aid) => watcher.list().find((w) => w.approvals?.[aid]),
+    // The live progress message's phase, where the watcher has one (chat-ux, issue #18).
+    setPhase: (taskId, phase, detail) =>
+      (watcher as { setPhase?: (id: string, p: string, d?: string) => void }).setPhase?.(taskId, phase, detail),
+  });
+  const deps: Deps = { config, client, watcher, messageIds, logger, approvals };
 
   // Until a service starts, the latest registration configures the watcher; once one runs, its
   // own api stays in charge (a later discovery-mode registration must not take over sending).
@@ -43,6 +61,7 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
       progress: config.progress,
       progressAfterMs: opts.progressAfterMs ?? 10_000,
       retryDelaysMs: opts.retryDelaysMs,
+      onApproval: (w, data) => approvals.onEvent(w, data),
     });
   }
 
@@ -65,6 +84,7 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
         progress: config.progress,
         progressAfterMs: opts.progressAfterMs ?? 10_000,
         retryDelaysMs: opts.retryDelaysMs,
+        onApproval: (w, data) => approvals.onEvent(w, data),
       });
       // OpenClaw drains a plugin instance before it stops its services; stop following (and so
       // close the event streams) as soon as this instance starts to retire.
@@ -82,6 +102,7 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
 
   for (const agent of AGENTS) api.registerTool(callTool(deps, agent), { optional: true });
   api.registerTool(stateTool(deps), { optional: true });
+  api.registerInteractiveHandler?.(approvals.interactiveHandler());
 
   api.on?.("message_received", (event, ctx) => {
     try {

@@ -78,9 +78,59 @@ export interface OutboundText {
   threadId?: string | number | null;
 }
 
+/** A reply payload with OpenClaw `presentation` blocks (a subset of ReplyPayload). */
+export interface OutboundPayload extends OutboundText {
+  payload: { text?: string; presentation?: Presentation };
+}
+
 export interface OutboundAdapter {
   sendText?: (ctx: OutboundText) => Promise<unknown>;
+  /** Sends a payload with presentation blocks (Telegram renders buttons as an inline keyboard). */
+  sendPayload?: (ctx: OutboundPayload) => Promise<unknown>;
   textChunkLimit?: number;
+}
+
+/** OpenClaw's portable message presentation (docs/plugins/message-presentation.md), the part used here. */
+export interface Presentation {
+  title?: string;
+  tone?: "neutral" | "info" | "success" | "warning" | "danger";
+  blocks: (
+    | { type: "text"; text: string }
+    | { type: "context"; text: string }
+    | {
+        type: "buttons";
+        buttons: {
+          label: string;
+          action: { type: "callback"; value: string };
+          style?: "primary" | "secondary" | "success" | "danger";
+        }[];
+      }
+  )[];
+}
+
+/** What a Telegram interactive handler receives (OpenClaw's TelegramInteractiveHandlerContext, subset). */
+export interface TelegramInteractiveContext {
+  channel: "telegram";
+  accountId: string;
+  conversationId: string;
+  senderId?: string;
+  senderUsername?: string;
+  threadId?: number;
+  isGroup: boolean;
+  auth: { isAuthorizedSender: boolean };
+  callback: { data: string; namespace: string; payload: string; messageId: number; chatId: string; messageText?: string };
+  respond: {
+    reply: (p: { text: string }) => Promise<void>;
+    editMessage: (p: { text: string }) => Promise<void>;
+    clearButtons: () => Promise<void>;
+  };
+}
+
+export interface InteractiveRegistration {
+  channel: string;
+  namespace: string;
+  // OpenClaw types the context per channel; the handler checks the channel itself.
+  handler: (ctx: any) => Promise<{ handled?: boolean } | void>;
 }
 
 /** Event passed to the `message_received` hook (subset). */
@@ -119,6 +169,8 @@ export interface PluginApi {
   registerCommand: (command: CommandDefinition) => void;
   registerService: (service: ServiceDefinition) => void;
   registerTool: (tool: ToolDefinition, opts?: { optional?: boolean }) => void;
+  /** Claims callback buttons whose data starts with `<namespace>:` (approvals). */
+  registerInteractiveHandler?: (registration: InteractiveRegistration) => void;
   on?: (
     hook: "message_received",
     handler: (event: MessageReceivedEvent, ctx: MessageHookContext) => void,

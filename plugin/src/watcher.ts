@@ -25,6 +25,8 @@ export interface Watch {
   addedAt: number;
   lastSeq: number;
   startNotified: boolean;
+  /** Approval questions posted for this task (approvals.ts). */
+  approvals?: Record<string, { messageId?: string; settled?: boolean }>;
 }
 
 export interface WatcherDeps {
@@ -39,6 +41,8 @@ export interface WatcherDeps {
   now?: () => number;
   /** Delays between retries, for tests. */
   retryDelaysMs?: number[];
+  /** An `approval` event of a followed task (approvals.ts posts or settles the question). */
+  onApproval?: (w: Watch, data: unknown) => Promise<void>;
 }
 
 const DEFAULT_RETRY_DELAYS = [1000, 2000, 5000, 10_000, 30_000];
@@ -63,6 +67,7 @@ export class Watcher {
   list(): Watch[] {
     return [...this.watches.values()];
   }
+
 
   /** Starts following the persisted tasks and any added since. */
   async start(stateDir: string | undefined): Promise<void> {
@@ -166,6 +171,11 @@ export class Watcher {
   private async onEvent(w: Watch, ev: TaskEvent): Promise<void> {
     w.lastSeq = Math.max(w.lastSeq, ev.seq);
     const deps = this.deps;
+    if (ev.kind === "approval") {
+      await deps?.onApproval?.(w, ev.data);
+      void this.save();
+      return;
+    }
     if (!deps?.progress || w.startNotified || ev.kind !== "state") return;
     const data = (ev.data ?? {}) as { state?: string; runner?: string };
     if (data.state !== "running") return;

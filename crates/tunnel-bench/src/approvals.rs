@@ -1,6 +1,6 @@
-//! 6. The server's share of an approval round trip: the runner asks → a watcher (SSE, as chat
-//! and `tunnel watch` follow a task) and a lister (`GET /v1/approvals`) see the question; a
-//! person answers → the runner's held wait returns. One task, requests one at a time, fake
+//! Phase 6, the server's share of an approval round trip: the runner asks → a watcher (SSE, as
+//! chat and `tunnel watch` follow a task) and a lister (`GET /v1/approvals`) see the question;
+//! a person answers → the runner's held wait returns. One task, requests one at a time, fake
 //! runner over HTTP; no agent and no chat in the loop, so the figures are tunnel's overhead.
 
 use std::time::{Duration, Instant};

@@ -73,6 +73,9 @@ pub(crate) async fn runner_overhead(
             models: vec![],
             output: OutputMode::Text,
             env: BTreeMap::new(),
+            approvals: Default::default(),
+            acp: None,
+            acp_mode: None,
         },
     )]);
     let shutdown = Shutdown::default();

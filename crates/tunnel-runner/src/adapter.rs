@@ -16,8 +16,10 @@ use crate::config::{AgentConfig, AgentKind, OutputMode};
 pub(crate) struct Invocation {
     pub(crate) program: String,
     pub(crate) args: Vec<String>,
-    /// Written to stdin, which is then closed. `None`: stdin is /dev/null.
+    /// Written to stdin, which is then closed. `None`: stdin is /dev/null (unless `keep_stdin`).
     pub(crate) stdin: Option<String>,
+    /// Leave stdin open as a pipe for the caller (an ACP agent reads requests from it).
+    pub(crate) keep_stdin: bool,
 }
 
 pub(crate) struct InvocationInput<'a> {
@@ -69,9 +71,11 @@ pub(crate) fn invocation(agent: &AgentConfig, input: &InvocationInput<'_>) -> In
                 program: agent.program.clone(),
                 args: vec!["-c".into(), input.prompt.to_owned()],
                 stdin: None,
+                keep_stdin: false,
             };
         }
         AgentKind::Files => unreachable!("file tasks run inside the runner, see files.rs"),
+        AgentKind::Acp => unreachable!("ACP agents are driven by acp.rs"),
         AgentKind::Custom => {
             let mut used_prompt = false;
             for a in &agent.command {
@@ -92,6 +96,7 @@ pub(crate) fn invocation(agent: &AgentConfig, input: &InvocationInput<'_>) -> In
                 program: agent.program.clone(),
                 args,
                 stdin: if used_prompt { None } else { prompt },
+                keep_stdin: false,
             };
         }
     }
@@ -99,6 +104,7 @@ pub(crate) fn invocation(agent: &AgentConfig, input: &InvocationInput<'_>) -> In
         program: agent.program.clone(),
         args,
         stdin: prompt,
+        keep_stdin: false,
     }
 }
 
@@ -109,7 +115,7 @@ pub(crate) struct Ev {
     pub(crate) data: Value,
 }
 
-fn ev(kind: &'static str, data: Value) -> Ev {
+pub(crate) fn ev(kind: &'static str, data: Value) -> Ev {
     Ev { kind, data }
 }
 
@@ -143,7 +149,7 @@ pub(crate) struct Exit {
 }
 
 impl Exit {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match (self.code, self.signal) {
             (Some(c), _) => format!("exit code {c}"),
             (None, Some(s)) => format!("killed by signal {s}"),
@@ -163,17 +169,19 @@ pub(crate) fn parser(agent: &AgentConfig) -> Box<dyn Parser> {
         AgentKind::Claude => Box::<Claude>::default(),
         AgentKind::Codex => Box::<Codex>::default(),
         AgentKind::Gemini => Box::<Gemini>::default(),
-        AgentKind::Custom | AgentKind::Shell | AgentKind::Files => Box::new(Custom {
-            mode: agent.output,
-            ..Default::default()
-        }),
+        AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => {
+            Box::new(Custom {
+                mode: agent.output,
+                ..Default::default()
+            })
+        }
     }
 }
 
 /// Longest text kept from one tool input or output in an event.
 const SNIPPET: usize = 2_000;
 
-fn snippet(s: &str) -> String {
+pub(crate) fn snippet(s: &str) -> String {
     if s.len() <= SNIPPET {
         return s.to_owned();
     }
@@ -184,7 +192,7 @@ fn snippet(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-fn snippet_value(v: &Value) -> Value {
+pub(crate) fn snippet_value(v: &Value) -> Value {
     let text = v.to_string();
     if text.len() <= SNIPPET {
         v.clone()
@@ -195,7 +203,7 @@ fn snippet_value(v: &Value) -> Value {
 
 /// A session id the agent printed, if the server would take it (`validate_session_id`): an id
 /// it refuses would make the attempt's result impossible to report.
-fn session_id(sid: Option<&str>) -> Option<&str> {
+pub(crate) fn session_id(sid: Option<&str>) -> Option<&str> {
     sid.filter(|s| tunnel_protocol::validate_session_id("session_id", s).is_ok())
 }
 
@@ -208,7 +216,7 @@ fn log_line(line: &str) -> Vec<Ev> {
     }
 }
 
-fn failure_result(error: String, exit: &Exit, session_id: Option<String>) -> TaskResult {
+pub(crate) fn failure_result(error: String, exit: &Exit, session_id: Option<String>) -> TaskResult {
     TaskResult {
         error: Some(error),
         exit_code: exit.code,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use tunnel_protocol::ApprovalPolicy;
 
 /// The agent CLIs tunnel knows how to drive, and custom commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -21,6 +22,9 @@ pub enum AgentKind {
     /// The original's file tasks: the prompt is a JSON request (read, write, edit) on a path
     /// inside the project directory, done by the runner itself. Off unless declared.
     Files,
+    /// Any agent that speaks the Agent Client Protocol (v1, JSON-RPC on stdio): `program` and
+    /// `args` start it (Copilot, OpenCode, Qwen, the Claude and Codex adapters, `gemini --acp`…).
+    Acp,
 }
 
 /// How a custom agent's stdout is read.
@@ -56,6 +60,38 @@ pub struct AgentConfig {
     pub output: OutputMode,
     /// Extra environment for the agent.
     pub env: BTreeMap<String, String>,
+    /// How the agent's permission requests are answered (`auto`, `ask`, `deny`); a task may ask
+    /// for a stricter policy, never a looser one.
+    pub approvals: ApprovalPolicy,
+    /// For the built-in CLIs: the ACP adapter that drives them when a task's policy is `ask` or
+    /// `deny` (print mode cannot ask). `None` for the other kinds (`acp` agents are ACP anyway).
+    pub acp: Option<AcpLaunch>,
+    /// The ACP session mode selected before the prompt (`session/set_mode`), e.g. Claude's
+    /// `default` ("always ask"), so that the agent asks instead of deciding alone.
+    pub acp_mode: Option<String>,
+}
+
+/// How to start an ACP adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpLaunch {
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+impl AcpLaunch {
+    /// The adapter for a built-in CLI: `claude-agent-acp`, `codex-acp`, `gemini --acp`.
+    pub fn builtin(kind: AgentKind) -> Option<AcpLaunch> {
+        let (program, args): (&str, &[&str]) = match kind {
+            AgentKind::Claude => ("claude-agent-acp", &[]),
+            AgentKind::Codex => ("codex-acp", &[]),
+            AgentKind::Gemini => ("gemini", &["--acp"]),
+            _ => return None,
+        };
+        Some(AcpLaunch {
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        })
+    }
 }
 
 impl AgentConfig {
@@ -67,7 +103,15 @@ impl AgentConfig {
             AgentKind::Claude => vec!["--dangerously-skip-permissions".into()],
             AgentKind::Codex => vec!["--sandbox".into(), "workspace-write".into()],
             AgentKind::Gemini => vec!["--approval-mode".into(), "yolo".into()],
-            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => vec![],
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => vec![],
+        };
+        // The adapter's session mode in which the agent asks before it acts: Claude's ACP
+        // default is "auto" (a classifier decides alone), Codex's "agent" (asks only for what
+        // it finds unsafe); Gemini's "default" already asks.
+        let acp_mode = match kind {
+            AgentKind::Claude | AgentKind::Gemini => Some("default".to_owned()),
+            AgentKind::Codex => Some("read-only".to_owned()),
+            _ => None,
         };
         let program = match kind {
             AgentKind::Shell => "sh".to_owned(),
@@ -82,6 +126,9 @@ impl AgentConfig {
             models: vec![],
             output: OutputMode::Text,
             env: BTreeMap::new(),
+            approvals: ApprovalPolicy::Auto,
+            acp: AcpLaunch::builtin(kind),
+            acp_mode,
         }
     }
 
@@ -95,7 +142,23 @@ impl AgentConfig {
             models: vec![],
             output: OutputMode::Text,
             env: BTreeMap::new(),
+            approvals: ApprovalPolicy::Auto,
+            acp: None,
+            acp_mode: None,
         }
+    }
+
+    /// How to install the ACP adapter of this agent, when it has one.
+    pub fn acp_install_hint(&self) -> Option<&'static str> {
+        let acp = self.acp.as_ref()?;
+        Some(match acp.program.as_str() {
+            "claude-agent-acp" => {
+                "install it with `npm install -g @agentclientprotocol/claude-agent-acp`"
+            }
+            "codex-acp" => "install it with `npm install -g @agentclientprotocol/codex-acp`",
+            "gemini" => "install it with `npm install -g @google/gemini-cli`",
+            _ => "check `acp_program` of this agent in the runner config",
+        })
     }
 
     /// How to install the CLI, for the message when it is missing.
@@ -112,10 +175,38 @@ impl AgentConfig {
                 "install it with `npm install -g @google/gemini-cli` or set GEMINI_PATH".into()
             }
             AgentKind::Shell | AgentKind::Files => "it is built in; check the runner config".into(),
-            AgentKind::Custom => format!(
+            AgentKind::Custom | AgentKind::Acp => format!(
                 "check the `program` of this agent in the runner config ({:?})",
                 self.program
             ),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Why this custom agent's template could hand the prompt to its program as an option, if
+    /// it could: `{prompt}` right after the program, or after a positional argument (a
+    /// subcommand), with no `--` before it. A prompt such as `--help` or `-rf` would then be
+    /// an option, not text. After an option (`--message {prompt}`) it is that option's value.
+    pub fn prompt_as_option(&self) -> Option<String> {
+        if self.kind != AgentKind::Custom {
+            return None;
+        }
+        let at = self.command.iter().position(|a| a == "{prompt}")?;
+        let before = &self.command[..at];
+        if before.iter().any(|a| a == "--") {
+            return None;
+        }
+        match before.last() {
+            Some(prev) if prev.starts_with('-') => None,
+            prev => Some(format!(
+                "{{prompt}} comes {} with no `--` before it, so a prompt such as `--help` or `-rf` would reach {} as an option; put \"--\" before {{prompt}} if the program accepts it, pass it as an option's value (e.g. [\"--message\", \"{{prompt}}\"]), or leave {{prompt}} out to send the prompt on stdin",
+                match prev {
+                    Some(p) => format!("after the argument {p:?}"),
+                    None => "right after the program".to_owned(),
+                },
+                self.program
+            )),
         }
     }
 }
@@ -148,12 +239,19 @@ pub struct RunnerConfig {
     pub shutdown_grace: Duration,
     /// How long a task parks after a usage limit whose reset time could not be read.
     pub default_park: Duration,
+    /// How long an `ask` approval waits for a person before it counts as denied.
+    pub approval_timeout: Duration,
     /// Offer agents whose CLI is missing (they fail with an install hint) instead of hiding
     /// them. `tunnel up` does this so a newcomer learns what to install.
     pub offer_missing_agents: bool,
     /// How agents' processes are contained (`containment`): a cgroup v2 per task where
     /// possible, else the process-tree walk.
     pub containment: crate::contain::Containment,
+    /// How agents are confined beyond a clean environment (sandbox wrapper, another user).
+    pub confine: crate::confine::Confinement,
+    /// File tasks may write VCS metadata (`.git/`, `.hg/`, `.svn/`, `.jj/`): a `.git/config`
+    /// or hook runs code on the next git command, so off by default.
+    pub files_write_vcs: bool,
 }
 
 impl RunnerConfig {
@@ -192,8 +290,13 @@ impl RunnerConfig {
             kill_grace: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(60),
             default_park: Duration::from_secs(30 * 60),
+            approval_timeout: Duration::from_millis(
+                tunnel_protocol::approval_limits::TIMEOUT_DEFAULT_MS,
+            ),
             offer_missing_agents: false,
             containment: Default::default(),
+            confine: crate::confine::Confinement::default(),
+            files_write_vcs: false,
         }
     }
 }
@@ -223,5 +326,27 @@ pub fn default_name() -> String {
         clean
     } else {
         "runner".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_where_options_are_read_is_found() {
+        let mut a = AgentConfig::echo();
+        let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (c, risky) in [
+            (&["{prompt}"][..], true),
+            (&["exec", "{prompt}"][..], true),
+            (&["--", "{prompt}"][..], false),
+            (&["--", "exec", "{prompt}"][..], false),
+            (&["-m", "{prompt}"][..], false),
+            (&["--model", "{model}"][..], false),
+        ] {
+            a.command = cmd(c);
+            assert_eq!(a.prompt_as_option().is_some(), risky, "{c:?}");
+        }
     }
 }

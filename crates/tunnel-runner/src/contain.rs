@@ -255,7 +255,7 @@ impl Cell {
             }
             // Two passes: a process may fork while the first one runs.
             None if cfg!(target_os = "linux") => {
-                r#"read _; for i in 1 2; do for e in /proc/[0-9]*/environ; do grep -qzx "TUNNEL_TASK_MARK=$0" "$e" 2>/dev/null && { p=${e#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; }; done; done; kill -KILL 0"#
+                r#"read _; for i in 1 2; do for e in $(grep -lzx "TUNNEL_TASK_MARK=$0" /proc/[0-9]*/environ 2>/dev/null); do p=${e#/proc/}; kill -KILL "${p%/environ}" 2>/dev/null; done; done; kill -KILL 0"#
             }
             None => "read _; kill -KILL 0",
         }
@@ -266,6 +266,22 @@ impl Cell {
             Some(dir) => dir.clone().into_os_string(),
             None => self.mark.clone().into(),
         }
+    }
+
+    /// Sends `signal` to every process of the cell outside the agent's process group `root`
+    /// (the group gets its own signal: a second SIGTERM can mean "quit now" to a CLI).
+    pub(crate) fn signal_outside_group(&self, root: i32, signal: Signal) -> usize {
+        let groups: std::collections::HashMap<i32, i32> =
+            table().into_iter().map(|p| (p.pid, p.pgrp)).collect();
+        let pids: Vec<i32> = self
+            .members(root, None)
+            .into_iter()
+            .filter(|p| groups.get(p) != Some(&root))
+            .collect();
+        for &p in &pids {
+            let _ = kill(Pid::from_raw(p), signal);
+        }
+        pids.len()
     }
 
     /// Sends `signal` to every process of the cell (the agent `root` included, `spare` not);
@@ -417,7 +433,8 @@ fn table() -> Vec<Proc> {
 #[cfg(not(target_os = "linux"))]
 fn table() -> Vec<Proc> {
     let Ok(out) = std::process::Command::new("ps")
-        .args(["-A", "-o", "pid=,ppid=,pgid=,sess="])
+        // No session id: macOS's `sess` is a kernel address.
+        .args(["-A", "-o", "pid=,ppid=,pgid="])
         .stderr(std::process::Stdio::null())
         .output()
     else {
@@ -434,7 +451,7 @@ fn table() -> Vec<Proc> {
                 pid: *f.first()?,
                 ppid: *f.get(1)?,
                 pgrp: *f.get(2)?,
-                session: f.get(3).copied().unwrap_or(0),
+                session: 0,
             })
         })
         .collect()
@@ -492,8 +509,8 @@ pub(crate) struct Leftover {
 
 /// Ends what an earlier run left, never an unrelated process: a cgroup only if it is one the
 /// runner makes; marked processes (the marker is unique to the task run); the process group
-/// only if its leader is still the agent (same start time) or gone (a group id cannot be
-/// reused while any member lives). Blocking. Returns what was done, for the log.
+/// only while its leader is still the agent (same start time). Blocking. Returns what was
+/// done, for the log.
 pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
     let mut done = Vec::new();
     if let Some(dir) = &l.cgroup {
@@ -535,25 +552,24 @@ pub(crate) fn end_leftover(l: &Leftover) -> Vec<String> {
         }
     }
     if let Some(pgid) = l.pgid.filter(|&p| p > 1) {
-        let leader = start_time(pgid);
-        let same = match (leader, l.pgid_start) {
-            // The leader is gone: only original members can still carry the group id.
-            (None, _) => true,
-            (Some(now), Some(then)) => now == then,
-            (Some(_), None) => false,
-        };
-        if same {
-            if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
-                done.push(format!("killed process group {pgid}"));
+        match (start_time(pgid), l.pgid_start) {
+            (Some(now), Some(then)) if now == then => {
+                if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+                    done.push(format!("killed process group {pgid}"));
+                }
             }
-        } else {
-            tracing::warn!(
-                pgid,
-                "Process {pgid} is no longer the agent this runner started (pid reused); not signalled."
-            );
-            done.push(format!(
-                "process group {pgid} left alone: its leader is another process now"
-            ));
+            // The agent is gone: the group id may since have been taken by a process that
+            // reused the pid and left children. What the agent left is the cell's (above).
+            (None, _) => {}
+            _ => {
+                tracing::warn!(
+                    pgid,
+                    "Process {pgid} is no longer the agent this runner started (pid reused); not signalled."
+                );
+                done.push(format!(
+                    "process group {pgid} left alone: its leader is another process now"
+                ));
+            }
         }
     }
     done

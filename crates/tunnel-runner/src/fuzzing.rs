@@ -73,7 +73,7 @@ pub fn invocation(
     (inv.program, inv.args, inv.stdin)
 }
 
-/// A file task (read, write, edit) in `project`.
+/// A file task (read, write, edit) in `project`, with the runner's default options.
 pub fn file_request(project: &Path, prompt: &str) -> Result<String, String> {
-    crate::files::run(project, prompt)
+    crate::files::run(project, prompt, crate::files::Options::default())
 }

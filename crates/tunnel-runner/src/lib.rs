@@ -4,8 +4,11 @@
 //! **Architecture Invariant:** the runner never opens the database; everything goes through the
 //! HTTP API (`tunnel-client`), so a runner works behind NAT and through proxies.
 
+mod acp;
 mod adapter;
+mod approvals;
 pub mod config;
+pub mod confine;
 pub mod contain;
 mod files;
 #[cfg(feature = "fuzzing")]
@@ -25,7 +28,9 @@ use tokio_util::task::TaskTracker;
 use tunnel_client::{Client, ClientError};
 use tunnel_protocol::ClaimRequest;
 
-pub use config::{AgentConfig, AgentKind, OutputMode, RunnerConfig};
+pub use acp::{AcpProbe, probe as acp_probe};
+pub use config::{AcpLaunch, AgentConfig, AgentKind, ApprovalPolicy, OutputMode, RunnerConfig};
+pub use confine::{Confinement, RunAs};
 pub use contain::{Containment, Mechanism};
 
 /// Why the runner stopped on its own.
@@ -90,8 +95,16 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     })?;
 
     let mut programs = BTreeMap::new();
+    let mut acp_programs = BTreeMap::new();
     let mut versions = BTreeMap::new();
     for (name, agent) in &config.agents {
+        if let Some(launch) = &agent.acp {
+            let found = supervisor::find_program(&launch.program);
+            if found.is_none() && agent.approvals != ApprovalPolicy::Auto {
+                tracing::warn!(agent = %name, program = %launch.program, "ACP adapter not found: {}.", agent.acp_install_hint().unwrap_or_default());
+            }
+            acp_programs.insert(name.clone(), found);
+        }
         let found = match agent.kind {
             AgentKind::Files => Some(std::path::PathBuf::from(config::FILES_PROGRAM)),
             _ => supervisor::find_program(&agent.program),
@@ -104,7 +117,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
                     agent.kind,
                     AgentKind::Claude | AgentKind::Codex | AgentKind::Gemini
                 );
-                if known && let Some(v) = supervisor::version_of(path).await {
+                if known && let Some(v) = supervisor::version_of(path, &config.confine).await {
                     versions.insert(name.clone(), v);
                 }
                 tracing::info!(agent = %name, program = %path.display(), version = versions.get(name).map(String::as_str).unwrap_or("?"), "Agent available.");
@@ -117,7 +130,11 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     let offered: Vec<String> = programs
         .iter()
-        .filter(|(_, p)| p.is_some() || config.offer_missing_agents)
+        .filter(|(n, p)| {
+            p.is_some()
+                || config.offer_missing_agents
+                || acp_programs.get(*n).is_some_and(Option::is_some)
+        })
         .map(|(n, _)| n.clone())
         .collect();
     if offered.is_empty() {
@@ -139,6 +156,8 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         config: config.clone(),
         spool,
         programs,
+        acp_programs,
+        approvals: Some(Arc::new(client.clone())),
         abort: shutdown.abort.clone(),
     });
     let tracker = TaskTracker::new();

@@ -56,7 +56,7 @@ pub(crate) fn scan(agents: &BTreeMap<String, AgentConfig>) -> Vec<ReportedSessio
                 .filter(|(p, _)| p.parent().is_some_and(|d| d.ends_with("chats")))
                 .filter_map(|(p, t)| Some((gemini_id(&p)?, t)))
                 .collect(),
-            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => Vec::new(),
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => Vec::new(),
         };
         found.sort_by_key(|(_, t): &(String, i64)| std::cmp::Reverse(*t));
         found.truncate(PER_AGENT);

@@ -10,26 +10,17 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
 use crate::adapter::Invocation;
+use crate::confine::{self, Confinement};
 use crate::contain::{Cell, MARK_VAR, Mechanism};
 
 /// Longest stdout line kept whole; longer lines are cut (an agent cannot exhaust memory).
 const MAX_LINE: usize = 1 << 20;
 /// Bytes of stderr kept for the failure message.
 const STDERR_TAIL: usize = 4_096;
-
-/// Environment variables the agent never sees: the runner's own credentials.
-const SECRET_ENV: &[&str] = &[
-    "WORKER_TOKEN",
-    "TUNNEL_TOKEN",
-    "CALLBACK_BOT_TOKEN",
-    "DISCORD_BOT_TOKEN",
-    "TELEGRAM_BOT_TOKEN",
-    "OPENCLAW_HOOKS_TOKEN",
-];
 
 /// A running agent.
 pub(crate) struct Running {
@@ -55,7 +46,8 @@ pub(crate) struct Running {
 /// it also keeps the group id from being reused while it lives. Disarmed (killed) when the
 /// task ends normally.
 fn guard(pgid: i32, cell: &Cell) -> Option<Child> {
-    Command::new("sh")
+    // The runner's own helper: the environment policy, not the agent's user or sandbox.
+    confine::command("sh", &Confinement::default())
         .arg("-c")
         .arg(cell.guard_script())
         .arg(cell.guard_arg())
@@ -73,28 +65,30 @@ pub(crate) fn spawn(
     inv: &Invocation,
     cwd: &Path,
     extra_env: &BTreeMap<String, String>,
+    confine: &Confinement,
     containment: &Mechanism,
 ) -> std::io::Result<Running> {
     let cell = Cell::new(containment);
-    let (program, args) = cell.wrap(Path::new(&inv.program), &inv.args);
-    let mut cmd = Command::new(program);
+    // The environment, the user and the sandbox are decided in `confine` for every child; the
+    // cell's wrapper (entering the task's cgroup) goes in front of the sandbox wrapper.
+    let (program, args) = confine::wrapped(confine, &inv.program, &inv.args, &[cwd]);
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (program, args) = cell.wrap(Path::new(&program), &args);
+    let mut cmd = confine::command(program, confine);
     cmd.args(args)
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true)
-        .stdin(if inv.stdin.is_some() {
+        .stdin(if inv.stdin.is_some() || inv.keep_stdin {
             Stdio::piped()
         } else {
             Stdio::null()
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, _) in std::env::vars_os() {
-        let name = k.to_string_lossy();
-        if SECRET_ENV.contains(&name.as_ref()) || name.starts_with("TUNNEL_") {
-            cmd.env_remove(&k);
-        }
-    }
     cmd.envs(extra_env);
     cmd.env(MARK_VAR, &cell.mark);
     if cell.cgroup.is_some() && find_program(&inv.program).is_none() {
@@ -115,7 +109,10 @@ pub(crate) fn spawn(
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let start_time = crate::contain::start_time(pgid);
 
-    if let (Some(mut stdin), Some(text)) = (child.stdin.take(), inv.stdin.clone()) {
+    // With `keep_stdin` the pipe stays in `child.stdin` for the caller (ACP speaks over it).
+    if let Some(text) = inv.stdin.clone()
+        && let Some(mut stdin) = child.stdin.take()
+    {
         tokio::spawn(async move {
             // A CLI that exits without reading its stdin is not an error here.
             let _ = stdin.write_all(text.as_bytes()).await;
@@ -210,9 +207,10 @@ impl Running {
     /// still there.
     pub(crate) async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         signal_group(self.pgid, Signal::SIGTERM);
-        let (cell, root, spare) = (self.cell.clone(), self.pgid, self.guard_pid());
+        let (cell, root) = (self.cell.clone(), self.pgid);
         let _ =
-            tokio::task::spawn_blocking(move || cell.signal(root, spare, Signal::SIGTERM)).await;
+            tokio::task::spawn_blocking(move || cell.signal_outside_group(root, Signal::SIGTERM))
+                .await;
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(s)) => Some(s),
             _ => {
@@ -276,11 +274,18 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// `<program> --version`, first line, within a few seconds.
-pub(crate) async fn version_of(program: &Path) -> Option<String> {
+pub(crate) async fn version_of(program: &Path, confine: &Confinement) -> Option<String> {
+    // As the agents run: same user, same sandbox, same environment.
+    let (program, args) = confine::wrapped(
+        confine,
+        &program.to_string_lossy(),
+        &["--version".to_owned()],
+        &[],
+    );
     let out = tokio::time::timeout(
         Duration::from_secs(10),
-        Command::new(program)
-            .arg("--version")
+        confine::command(program, confine)
+            .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

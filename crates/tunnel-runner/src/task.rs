@@ -15,7 +15,8 @@ use tunnel_protocol::{
 };
 
 use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
-use crate::config::RunnerConfig;
+use crate::approvals::{ApprovalApi, Gate};
+use crate::config::{AgentKind, ApprovalPolicy, RunnerConfig};
 use crate::contain::Leftover;
 use crate::spool::{Spool, SpoolEntry};
 use crate::supervisor;
@@ -27,6 +28,10 @@ pub(crate) struct Ctx {
     pub(crate) spool: Spool,
     /// Agent name → the program found for it (`None`: not installed here).
     pub(crate) programs: BTreeMap<String, Option<PathBuf>>,
+    /// Built-in agent name → its ACP adapter found here (used when a task must ask).
+    pub(crate) acp_programs: BTreeMap<String, Option<PathBuf>>,
+    /// The server's approval routes (`ask`).
+    pub(crate) approvals: Option<Arc<dyn ApprovalApi>>,
     /// The runner is stopping now: stop agents and report.
     pub(crate) abort: CancellationToken,
     /// How agents' processes are contained here.
@@ -142,7 +147,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-enum Stop {
+pub(crate) enum Stop {
     Cancelled,
     TimedOut,
     Shutdown,
@@ -164,12 +169,58 @@ async fn execute(
             task.agent
         ));
     };
-    let Some(Some(program)) = ctx.programs.get(&task.agent) else {
-        return failed(format!(
-            "{} is not installed on runner {runner}: {}",
-            agent.program,
-            agent.install_hint()
-        ));
+    // The stricter of the agent's and the task's policy; anything but `auto` needs an agent
+    // that can ask (ACP), never an unattended print-mode run.
+    let policy = agent.approvals.stricter(task_policy(task));
+    let acp: Option<(PathBuf, Vec<String>)> = match (agent.kind, &agent.acp) {
+        (AgentKind::Acp, _) => None,
+        (_, launch) if policy == ApprovalPolicy::Auto => {
+            match (
+                ctx.programs.get(&task.agent),
+                launch,
+                ctx.acp_programs.get(&task.agent),
+            ) {
+                (Some(Some(_)), _, _) => None,
+                // The print-mode CLI is missing but its ACP adapter is here (the Claude adapter
+                // brings its own Claude Code): run through the adapter.
+                (_, Some(l), Some(Some(p))) => Some((p.clone(), l.args.clone())),
+                _ => None,
+            }
+        }
+        (_, Some(launch)) => match ctx.acp_programs.get(&task.agent) {
+            Some(Some(p)) => Some((p.clone(), launch.args.clone())),
+            _ => {
+                return failed(format!(
+                    "approvals = \"{}\" needs the ACP adapter {} on runner {runner}: {}",
+                    policy.as_str(),
+                    launch.program,
+                    agent.acp_install_hint().unwrap_or_default()
+                ));
+            }
+        },
+        (_, None) => {
+            return failed(format!(
+                "agent {:?} cannot ask before it acts, so it does not run with approvals = \"{}\"; \
+                 use an ACP agent (kind = \"acp\") or a built-in one (claude, codex, gemini)",
+                task.agent,
+                policy.as_str()
+            ));
+        }
+    };
+    let program = match (ctx.programs.get(&task.agent), &acp) {
+        (_, Some((p, _))) => p.clone(),
+        (Some(Some(p)), None) => p.clone(),
+        _ => {
+            return failed(format!(
+                "{} is not installed on runner {runner}: {}",
+                agent.program,
+                agent.install_hint()
+            ));
+        }
+    };
+    let acp = match agent.kind {
+        AgentKind::Acp => Some((program.clone(), agent.args.clone())),
+        _ => acp,
     };
     let dir = match &task.project {
         Some(p) => match cfg.projects.get(p) {
@@ -183,7 +234,22 @@ async fn execute(
     }
     if agent.kind == crate::config::AgentKind::Files {
         // Done here, not by a child process: nothing to supervise.
-        return match crate::files::run(&dir, &task.prompt) {
+        // Off the async runtime and bounded in time: a file on a hung network mount must not
+        // stall the runner.
+        let opts = crate::files::Options {
+            write_vcs: cfg.files_write_vcs,
+        };
+        let (project, prompt) = (dir.clone(), task.prompt.clone());
+        let work = tokio::task::spawn_blocking(move || crate::files::run(&project, &prompt, opts));
+        let done = match tokio::time::timeout(crate::files::TIMEOUT, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("the file task failed: {e}")),
+            Err(_) => Err(format!(
+                "the file task did not finish within {} s",
+                crate::files::TIMEOUT.as_secs()
+            )),
+        };
+        return match done {
             Ok(text) => (
                 Outcome::Succeeded,
                 TaskResult {
@@ -207,74 +273,131 @@ async fn execute(
     };
     let mut resolved = agent.clone();
     resolved.program = program.display().to_string();
+    let gate_cancel = cancel.child_token();
+    let gate = Arc::new(Gate::new(
+        policy,
+        ctx.approvals.clone(),
+        task.id.clone(),
+        offer.attempt,
+        offer.lease_token.clone(),
+        cfg.approval_timeout,
+        gate_cancel.clone(),
+    ));
+    let _stop_gate = gate_cancel.drop_guard();
 
     for (i, model) in models.iter().enumerate() {
-        let inv = adapter::invocation(
-            &resolved,
-            &InvocationInput {
-                prompt: &task.prompt,
-                model: model.as_deref(),
-                resume: offer.resume_session_id.as_deref(),
-                task_id: &task.id,
-                project_dir: &dir,
-            },
-        );
-        let mut running = match supervisor::spawn(&inv, &dir, &agent.env, &ctx.containment) {
-            Ok(r) => r,
-            Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
-        };
-        reporter.set_procs(Some(Leftover {
-            pgid: Some(running.pgid),
-            pgid_start: running.start_time,
-            cgroup: running.cell.cgroup.clone(),
-            mark: Some(running.cell.mark.clone()),
-        }));
-        reporter.event(Ev {
-            kind: "log",
-            data: json!({"line": running.cell.describe()}),
-        });
-        let mut parser = adapter::parser(agent);
-        let mut stop = None;
-        let mut stdout_open = true;
-        let status = loop {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {
-                    stop = Some(Stop::Cancelled);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                _ = ctx.abort.cancelled() => {
-                    stop = Some(Stop::Shutdown);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                _ = reporter.stale.cancelled() => {
-                    stop = Some(Stop::Stale);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    stop = Some(Stop::TimedOut);
-                    break running.terminate(cfg.kill_grace).await;
-                }
-                line = running.lines.recv(), if stdout_open => match line {
-                    Some(l) => parser.line(&l).into_iter().for_each(|e| reporter.event(e)),
-                    None => stdout_open = false,
-                },
-                status = running.child.wait() => break status.ok(),
+        let (stop, exit, verdict) = if let Some((acp_program, acp_args)) = &acp {
+            let mut env = agent.env.clone();
+            // Claude and Gemini read the model from their env; other agents get it through
+            // their session `model` option.
+            let model_env = match agent.kind {
+                AgentKind::Claude => Some("ANTHROPIC_MODEL"),
+                AgentKind::Gemini => Some("GEMINI_MODEL"),
+                _ => None,
+            };
+            if let (Some(k), Some(m)) = (model_env, model) {
+                env.insert(k.into(), m.clone());
             }
-        };
-        running.reap_group().await;
-        // What the agent printed just before it ended (bounded: a leftover grandchild may hold
-        // the pipe open).
-        while let Ok(Some(l)) =
-            tokio::time::timeout(Duration::from_secs(2), running.lines.recv()).await
-        {
-            parser.line(&l).into_iter().for_each(|e| reporter.event(e));
-        }
-        reporter.set_procs(None);
-        let exit = Exit {
-            code: status.and_then(|s| s.code()),
-            signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
-            stderr_tail: running.stderr_tail().await,
+            let program = acp_program.display().to_string();
+            let run = crate::acp::AcpRun {
+                program: &program,
+                args: acp_args,
+                env: &env,
+                dir: &dir,
+                prompt: &task.prompt,
+                model: if model_env.is_some() {
+                    None
+                } else {
+                    model.as_deref()
+                },
+                resume: offer.resume_session_id.as_deref(),
+                mode: agent.acp_mode.as_deref(),
+                containment: &ctx.containment,
+                confine: &cfg.confine,
+            };
+            let watch = crate::acp::Watch {
+                cancel,
+                abort: &ctx.abort,
+                stale: &reporter.stale,
+                deadline,
+                kill_grace: cfg.kill_grace,
+            };
+            let ended = crate::acp::run(&run, gate.clone(), reporter, &watch).await;
+            (ended.stop, ended.exit, Some(ended.verdict))
+        } else {
+            let inv = adapter::invocation(
+                &resolved,
+                &InvocationInput {
+                    prompt: &task.prompt,
+                    model: model.as_deref(),
+                    resume: offer.resume_session_id.as_deref(),
+                    task_id: &task.id,
+                    project_dir: &dir,
+                },
+            );
+            let mut running =
+                match supervisor::spawn(&inv, &dir, &agent.env, &cfg.confine, &ctx.containment) {
+                    Ok(r) => r,
+                    Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+                };
+            reporter.set_procs(Some(Leftover {
+                pgid: Some(running.pgid),
+                pgid_start: running.start_time,
+                cgroup: running.cell.cgroup.clone(),
+                mark: Some(running.cell.mark.clone()),
+            }));
+            reporter.event(Ev {
+                kind: "log",
+                data: json!({"line": running.cell.describe()}),
+            });
+            let mut parser = adapter::parser(agent);
+            let mut stop = None;
+            let mut stdout_open = true;
+            let status = loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {
+                        stop = Some(Stop::Cancelled);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    _ = ctx.abort.cancelled() => {
+                        stop = Some(Stop::Shutdown);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    _ = reporter.stale.cancelled() => {
+                        stop = Some(Stop::Stale);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        stop = Some(Stop::TimedOut);
+                        break running.terminate(cfg.kill_grace).await;
+                    }
+                    line = running.lines.recv(), if stdout_open => match line {
+                        Some(l) => parser.line(&l).into_iter().for_each(|e| reporter.event(e)),
+                        None => stdout_open = false,
+                    },
+                    status = running.child.wait() => break status.ok(),
+                }
+            };
+            running.reap_group().await;
+            // What the agent printed just before it ended (bounded: a leftover grandchild may hold
+            // the pipe open).
+            while let Ok(Some(l)) =
+                tokio::time::timeout(Duration::from_secs(2), running.lines.recv()).await
+            {
+                parser.line(&l).into_iter().for_each(|e| reporter.event(e));
+            }
+            reporter.set_procs(None);
+            let exit = Exit {
+                code: status.and_then(|s| s.code()),
+                signal: status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+                stderr_tail: running.stderr_tail().await,
+            };
+            let verdict = match stop {
+                None => Some(parser.finish(&exit)),
+                Some(_) => None,
+            };
+            (stop, exit, verdict)
         };
         let partial = |error: String| TaskResult {
             error: Some(error),
@@ -306,7 +429,10 @@ async fn execute(
             Some(Stop::Stale) => return (Outcome::Failed, partial("stale attempt".into()), None),
             None => {}
         }
-        match parser.finish(&exit) {
+        let Some(verdict) = verdict else {
+            return failed("the agent ended without a verdict");
+        };
+        match verdict {
             Verdict::Succeeded(r) => return (Outcome::Succeeded, r, None),
             Verdict::Failed(_, Failure::TryAnotherModel(reason)) if i + 1 < models.len() => {
                 reporter.event(Ev {
@@ -326,6 +452,11 @@ async fn execute(
         }
     }
     failed("no model left to try")
+}
+
+/// The task's own approval policy (from its submit).
+fn task_policy(task: &tunnel_protocol::Task) -> ApprovalPolicy {
+    task.approvals.unwrap_or_default()
 }
 
 /// Renews the lease until the task is done; a held heartbeat brings a cancel at once.
@@ -428,7 +559,19 @@ impl Reporter {
     fn set_procs(&self, procs: Option<Leftover>) {
         let _ = self.tx.send(Msg::Procs(procs));
     }
+}
 
+impl crate::acp::Sink for Reporter {
+    fn event(&self, e: Ev) {
+        Reporter::event(self, e);
+    }
+
+    fn procs(&self, procs: Option<Leftover>) {
+        self.set_procs(procs);
+    }
+}
+
+impl Reporter {
     async fn finish(&self, f: FinishRequest) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Finish(f, tx)).is_ok() {

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Hand coding tasks from chat to AI coding agents on another machine."
 )]
 pub(crate) struct Cli {
-    /// Config file (TOML). Default: tunnel.toml in the current directory, else
-    /// ~/.config/tunnel/tunnel.toml (the one `tunnel init` writes), if present.
+    /// Config file (TOML). Default: ~/.config/tunnel/tunnel.toml (the one `tunnel init`
+    /// writes), if present; a tunnel.toml in the current directory is never read implicitly.
     #[arg(long, global = true, env = "TUNNEL_CONFIG")]
     pub(crate) config: Option<PathBuf>,
     #[command(subcommand)]

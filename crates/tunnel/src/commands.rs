@@ -81,16 +81,13 @@ pub(crate) fn connect(args: &ClientArgs, file: &ClientSection) -> Result<Client>
         .or_else(|| file.token.clone())
     {
         Some(t) => t,
-        None => {
-            let path = config::local_admin_token_path();
-            match std::fs::read_to_string(&path) {
-                Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
-                _ => bail!(
-                    "no API token: pass --token, set TUNNEL_TOKEN, or run `tunnel serve` on this machine once (it saves an admin token to {})",
-                    path.display()
-                ),
-            }
-        }
+        None => match config::local_admin_token_for(&server).map_err(anyhow::Error::msg)? {
+            Some(t) => t,
+            None => bail!(
+                "no API token: pass --token, set TUNNEL_TOKEN, or run `tunnel serve` on this machine once (it saves an admin token to {})",
+                config::local_admin_token_path().display()
+            ),
+        },
     };
     Client::new(&server, &token).map_err(Into::into)
 }

@@ -21,6 +21,9 @@
 //! max_concurrent = 5
 //! default_timeout_secs = 600
 //! work_dir = "/home/me/tunnel-work"
+//! sandbox = true                       # Landlock closes tunnel's files to agents (Linux)
+//! run_as = "agent"                     # a runner started as root runs agents as this user
+//! files_write_vcs = false              # file tasks may not write .git/ and the like
 //! [runner.projects]
 //! web = "/home/me/src/web"
 //! [runner.agents.claude]
@@ -63,12 +66,24 @@ pub(crate) struct RunnerSection {
     /// Where tasks without a project run.
     pub(crate) work_dir: Option<PathBuf>,
     pub(crate) spool_dir: Option<PathBuf>,
+    /// How long an `ask` approval waits for an answer before it counts as denied (default 600).
+    pub(crate) approval_timeout_secs: Option<u64>,
     /// `auto` (a cgroup v2 per task where possible) or `process-tree`.
     pub(crate) containment: Option<tunnel_runner::Containment>,
     #[serde(default)]
     pub(crate) projects: std::collections::BTreeMap<String, PathBuf>,
     #[serde(default)]
     pub(crate) agents: std::collections::BTreeMap<String, AgentSection>,
+    /// Close tunnel's own files (data and config directories) to agents with Landlock where
+    /// the kernel has it (default true).
+    pub(crate) sandbox: Option<bool>,
+    /// Run agents as this OS user; the runner must run as root.
+    pub(crate) run_as: Option<String>,
+    /// File tasks may write VCS metadata (`.git/`, `.hg/`, `.svn/`, `.jj/`; default false).
+    pub(crate) files_write_vcs: Option<bool>,
+    /// The file this came from (the agents must not read it).
+    #[serde(skip)]
+    pub(crate) config_file: Option<PathBuf>,
 }
 
 /// `[runner.agents.NAME]`: changes a built-in agent (claude, codex, gemini, echo) or adds a
@@ -86,6 +101,14 @@ pub(crate) struct AgentSection {
     pub(crate) env: std::collections::BTreeMap<String, String>,
     /// Set false to stop offering a built-in agent.
     pub(crate) enabled: Option<bool>,
+    /// `auto` | `ask` | `deny`: how the agent's permission requests are answered.
+    pub(crate) approvals: Option<tunnel_runner::ApprovalPolicy>,
+    /// The ACP adapter of a built-in agent (default `claude-agent-acp`, `codex-acp`,
+    /// `gemini --acp`), used when approvals are `ask` or `deny`.
+    pub(crate) acp_program: Option<String>,
+    pub(crate) acp_args: Option<Vec<String>>,
+    /// The ACP session mode to select before the prompt (Claude: `default`, which asks).
+    pub(crate) acp_mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,22 +132,25 @@ pub(crate) struct ClientSection {
 }
 
 impl FileConfig {
-    /// Reads `path`; without one, `./tunnel.toml`, then the one `tunnel init` writes
-    /// (`~/.config/tunnel/tunnel.toml`), whichever exists first.
+    /// Reads `path`; without one, the one `tunnel init` writes (`~/.config/tunnel/tunnel.toml`)
+    /// if it exists. Never a file from the current directory: a cloned repository could hold
+    /// a `tunnel.toml` naming its own server (which would get the local admin token) or its
+    /// own agent programs. A config elsewhere is used only when named (`--config`,
+    /// `TUNNEL_CONFIG`).
     pub(crate) fn load(path: Option<&Path>) -> Result<FileConfig> {
         let path = match path {
             Some(p) => p.to_path_buf(),
-            None => match [PathBuf::from("tunnel.toml"), default_config_path()]
-                .into_iter()
-                .find(|p| p.exists())
-            {
+            None => match Some(default_config_path()).filter(|p| p.exists()) {
                 Some(p) => p,
                 None => return Ok(FileConfig::default()),
             },
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+        let mut file: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        file.runner.config_file = Some(path);
+        Ok(file)
     }
 }
 
@@ -172,4 +198,83 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
 /// The admin token `tunnel serve` created on first start, for local CLI use.
 pub(crate) fn local_admin_token_path() -> PathBuf {
     data_dir().join("admin.token")
+}
+
+/// The address of the local server the admin token belongs to (written by `tunnel serve` and
+/// `tunnel up` at each start).
+pub(crate) fn local_admin_server_path() -> PathBuf {
+    data_dir().join("admin.server")
+}
+
+/// The saved local admin token, if `server` is the local server it belongs to. A server named
+/// by a config file, a flag or a variable is not trusted with it just because no token was
+/// given: `Err` says why it is withheld.
+pub(crate) fn local_admin_token_for(server: &str) -> std::result::Result<Option<String>, String> {
+    let token = match std::fs::read_to_string(local_admin_token_path()) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        _ => return Ok(None),
+    };
+    let local = std::fs::read_to_string(local_admin_server_path()).unwrap_or_default();
+    let local = local.trim();
+    let same = match endpoint(server) {
+        Some((host, port)) if !local.is_empty() => endpoint(local).is_some_and(|(lh, lp)| {
+            lp == port && (lh == host || (loopback(&lh) && loopback(&host)))
+        }),
+        // Saved before servers recorded their address: the default local address only.
+        Some((host, port)) => loopback(&host) && port == 3456,
+        None => false,
+    };
+    if same {
+        Ok(Some(token))
+    } else {
+        Err(format!(
+            "the local admin token ({}) belongs to the server on this machine{}; it is not sent to {server}: pass --token (or TUNNEL_TOKEN) for that server",
+            local_admin_token_path().display(),
+            if local.is_empty() {
+                String::new()
+            } else {
+                format!(" ({local})")
+            }
+        ))
+    }
+}
+
+/// `http://HOST:PORT/…` → (host, port); plain HTTP only (the local server does not do TLS).
+fn endpoint(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.contains('@') {
+        return None;
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().ok()?),
+        _ => (authority, 80),
+    };
+    Some((host.trim_matches(['[', ']']).to_ascii_lowercase(), port))
+}
+
+fn loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoints() {
+        use super::endpoint;
+        assert_eq!(
+            endpoint("http://127.0.0.1:3456"),
+            Some(("127.0.0.1".into(), 3456))
+        );
+        assert_eq!(
+            endpoint("http://LocalHost:80/x"),
+            Some(("localhost".into(), 80))
+        );
+        assert_eq!(endpoint("http://[::1]:9/"), Some(("::1".into(), 9)));
+        assert_eq!(endpoint("http://a@127.0.0.1:9/"), None);
+        assert_eq!(endpoint("https://127.0.0.1:9/"), None);
+    }
 }

@@ -64,11 +64,13 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
             "`token` under [client] in the config file".to_owned(),
         )
     } else {
-        let saved = std::fs::read_to_string(&admin_file)
-            .ok()
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty());
-        (saved, admin_file.display().to_string())
+        match config::local_admin_token_for(&server) {
+            Ok(saved) => (saved, admin_file.display().to_string()),
+            Err(why) => {
+                r.warn(&why, "pass --token for that server");
+                (None, admin_file.display().to_string())
+            }
+        }
     };
     check_server(&mut r, &server, token.as_deref(), &token_source).await;
 
@@ -89,6 +91,8 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
             check_projects(&mut r, &cfg);
             println!("containment");
             check_containment(&mut r, &cfg).await;
+            println!("protections");
+            check_protections(&mut r, &cfg);
         }
         Err(e) => r.fail(
             &format!("the [runner] config is invalid: {e:#}"),
@@ -206,6 +210,8 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
 /// How far the server's `Date` header is from this machine's clock.
 async fn clock_skew(server: &str) -> Option<Duration> {
     let out = tokio::process::Command::new("curl")
+        .env_clear()
+        .envs(tunnel_runner::confine::child_env())
         .args([
             "-sI",
             "--max-time",
@@ -255,7 +261,7 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
     let usable = cfg
         .agents
         .iter()
-        .filter(|(name, a)| name.as_str() != "echo" && find(&a.program).is_some())
+        .filter(|(name, a)| name.as_str() != "echo" && (find(&a.program).is_some() || acp_only(a)))
         .count();
     // A declared custom agent that is missing fails on its own line below.
     let custom = cfg
@@ -275,6 +281,12 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
         .map(PathBuf::from)
         .unwrap_or_default();
     for (name, agent) in &cfg.agents {
+        check_acp(r, name, agent).await;
+        // An ACP agent, or a built-in one that always runs through its adapter, needs no
+        // print-mode CLI.
+        if agent.kind == AgentKind::Acp || acp_only(agent) {
+            continue;
+        }
         let Some(path) = find(&agent.program) else {
             let level = if agent.kind == AgentKind::Custom {
                 "FAIL"
@@ -323,7 +335,7 @@ async fn check_agents(r: &mut Report, cfg: &RunnerConfig, runner_machine: bool) 
                     || env("GOOGLE_API_KEY").is_some()
                     || home.join(".gemini/oauth_creds.json").exists(),
             ),
-            AgentKind::Custom | AgentKind::Shell | AgentKind::Files => None,
+            AgentKind::Custom | AgentKind::Shell | AgentKind::Files | AgentKind::Acp => None,
         };
         if logged_in == Some(false) {
             r.warn(
@@ -386,6 +398,59 @@ fn check_projects(r: &mut Report, cfg: &RunnerConfig) {
     }
 }
 
+/// What keeps an agent away from tunnel's credentials on this machine.
+fn check_protections(r: &mut Report, cfg: &RunnerConfig) {
+    match crate::sandbox::is_not_dumpable() {
+        Some(true) => r.ok("non-dumpable: other processes of this user cannot read tunnel's environment or memory (/proc/PID/environ, /proc/PID/mem); root still can"),
+        Some(false) => r.warn("tunnel is dumpable", "PR_SET_DUMPABLE failed; see the warning printed at start"),
+        None => r.warn(
+            "non-dumpable: unavailable on this OS",
+            "agents of this user may read tunnel's memory; run the runner as a dedicated user",
+        ),
+    }
+    let withheld: Vec<String> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| tunnel_runner::confine::is_withheld(k))
+        .map(|k| k.to_string_lossy().into_owned())
+        .collect();
+    r.ok(&format!(
+        "environment scrubbed: agents never get tunnel's variables{}",
+        if withheld.is_empty() {
+            String::new()
+        } else {
+            format!(" (withheld here: {})", withheld.join(", "))
+        }
+    ));
+    match (crate::sandbox::landlock_abi(), cfg.confine.deny.is_empty()) {
+        (Ok(abi), false) => r.ok(&format!(
+            "Landlock ABI {abi}: agents cannot read or change {}",
+            cfg.confine
+                .deny
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        (Ok(abi), true) => r.warn(
+            &format!("Landlock ABI {abi} is available but `sandbox = false`: agents can read tunnel's tokens"),
+            "remove `sandbox = false` from [runner]",
+        ),
+        (Err(why), _) => r.warn(
+            &format!("Landlock unavailable: {why}"),
+            "agents can read what this user can (admin token, config): run the runner as a dedicated user with only its projects",
+        ),
+    }
+    let root = nix::unistd::Uid::effective().is_root();
+    match (&cfg.confine.run_as, root) {
+        (Some(u), _) => r.ok(&format!("agents run as user {} (uid {})", u.name, u.uid)),
+        (None, true) => r.warn(
+            "running as root without run_as: an agent is root and can read any process's memory and any file",
+            "set run_as = \"USER\" under [runner], or run the runner as a normal user",
+        ),
+        (None, false) => r.ok("agents run as this user"),
+    }
+}
+
 fn check_delivery(r: &mut Report) {
     let config = tunnel_delivery::PlatformsConfig::from_env();
     let any = config.discord.is_some() || config.telegram.is_some() || !config.webhooks.is_empty();
@@ -406,6 +471,90 @@ fn check_delivery(r: &mut Report) {
     }
 }
 
+/// Whether the agent runs only through its ACP adapter here (approvals other than `auto`,
+/// adapter installed).
+fn acp_only(agent: &tunnel_runner::AgentConfig) -> bool {
+    agent.approvals != tunnel_runner::ApprovalPolicy::Auto
+        && agent
+            .acp
+            .as_ref()
+            .is_some_and(|l| find(&l.program).is_some())
+}
+
+/// An ACP agent (or the adapter of a built-in one): found, its version, and an `initialize`
+/// round trip (protocol version, agent name).
+async fn check_acp(r: &mut Report, name: &str, agent: &tunnel_runner::AgentConfig) {
+    use tunnel_runner::ApprovalPolicy;
+    let (program, args, needed, hint) = match (agent.kind, &agent.acp) {
+        (AgentKind::Acp, _) => (
+            agent.program.clone(),
+            agent.args.clone(),
+            true,
+            agent.install_hint(),
+        ),
+        (_, Some(l)) => (
+            l.program.clone(),
+            l.args.clone(),
+            agent.approvals != ApprovalPolicy::Auto,
+            agent.acp_install_hint().unwrap_or_default().to_owned(),
+        ),
+        _ => return,
+    };
+    let Some(path) = find(&program) else {
+        if needed {
+            r.fail(&format!("{name} (ACP): `{program}` not found"), &hint);
+        } else {
+            // Only tasks that ask for approvals need it: not a problem, but say how to get it.
+            r.ok(&format!(
+                "{name} (ACP): `{program}` not installed; needed for approvals = \"ask\" or \"deny\" ({hint})"
+            ));
+        }
+        return;
+    };
+    // A generic ACP agent may not know `--version` (it could wait on stdin): only the known
+    // adapters are asked.
+    let version = match agent.kind {
+        AgentKind::Acp => None,
+        _ => version(&path).await,
+    };
+    let shown = format!(
+        "{name} (ACP): {}{}",
+        path.display(),
+        version.map(|v| format!(" ({v})")).unwrap_or_default()
+    );
+    let probe = tunnel_runner::acp_probe(
+        &path.display().to_string(),
+        &args,
+        &agent.env,
+        &std::env::temp_dir(),
+        Duration::from_secs(30),
+    )
+    .await;
+    match probe {
+        Ok(p) if p.protocol_version == 1 => r.ok(&format!(
+            "{shown}; initialize: ACP v1, {} {}",
+            p.agent_name.as_deref().unwrap_or("(unnamed agent)"),
+            p.agent_version.as_deref().unwrap_or("")
+        )),
+        Ok(p) => r.fail(
+            &format!("{shown} speaks ACP version {}", p.protocol_version),
+            "tunnel speaks ACP version 1: install a version of the agent that does",
+        ),
+        Err(e) => {
+            let what = format!("{shown}: no ACP answer ({e})");
+            let fix = format!(
+                "run `{program} {}` by hand: it should wait for JSON-RPC on stdin",
+                args.join(" ")
+            );
+            if needed {
+                r.fail(&what, &fix);
+            } else {
+                r.warn(&what, &fix);
+            }
+        }
+    }
+}
+
 fn find(program: &str) -> Option<PathBuf> {
     let p = Path::new(program);
     if p.components().count() > 1 {
@@ -420,6 +569,8 @@ async fn version(path: &Path) -> Option<String> {
     let out = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::process::Command::new(path)
+            .env_clear()
+            .envs(tunnel_runner::confine::child_env())
             .arg("--version")
             .stdin(std::process::Stdio::null())
             .output(),

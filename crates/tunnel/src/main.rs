@@ -11,6 +11,7 @@ mod doctor;
 mod init;
 mod output;
 mod runner;
+mod sandbox;
 mod serve;
 mod service;
 
@@ -19,6 +20,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before anything reads a secret: other processes of this user (an agent) cannot read
+    // this one's environment or memory.
+    sandbox::not_dumpable();
+    let mut argv = std::env::args_os();
+    if argv.nth(1).is_some_and(|a| a == sandbox::SUBCOMMAND) {
+        return sandbox::main(argv.collect());
+    }
     // `tunnel tasks | head` closes stdout early: that is not an error worth a panic message.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -132,6 +132,17 @@ pub(crate) async fn prepare(
     }
 
     let addr = server.local_addr();
+    // Which server the saved admin token belongs to: the CLI sends it nowhere else.
+    let mut local = addr;
+    if local.ip().is_unspecified() {
+        local.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    if let Err(e) = write_private(
+        &config::local_admin_server_path(),
+        &format!("http://{local}"),
+    ) {
+        tracing::warn!(error = %e, "Cannot record this server's address for the local CLI.");
+    }
     let shown = match &database {
         Database::Sqlite { path, .. } => path.display().to_string(),
         Database::Postgres { url } => redact_url(url),

@@ -245,6 +245,8 @@ pub(crate) fn service(
             } else {
                 for c in &start {
                     let ok = Command::new(&c[0])
+                        .env_clear()
+                        .envs(tunnel_runner::confine::child_env())
                         .args(&c[1..])
                         .status()
                         .is_ok_and(|s| s.success());
@@ -272,11 +274,15 @@ pub(crate) fn service(
         ServiceAction::UninstallService => {
             if cfg!(target_os = "macos") {
                 let _ = Command::new("launchctl")
+                    .env_clear()
+                    .envs(tunnel_runner::confine::child_env())
                     .args(["unload", "-w"])
                     .arg(&unit)
                     .status();
             } else {
                 let _ = Command::new("systemctl")
+                    .env_clear()
+                    .envs(tunnel_runner::confine::child_env())
                     .args(["--user", "disable", "--now", kind.name()])
                     .status();
             }

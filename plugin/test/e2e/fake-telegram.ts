@@ -5,7 +5,11 @@
 // with a JSON, form or query body; answers `{"ok":true,"result":…}` or
 // `{"ok":false,"error_code":N,"description":"…"}` with the same HTTP status. getUpdates long-polls
 // and honours offset/limit/timeout; sendMessage checks the text (empty, too long, HTML that
-// Telegram could not parse) the way Telegram does and returns the sent Message.
+// Telegram could not parse) the way Telegram does and returns the sent Message. Inline keyboards
+// (`reply_markup.inline_keyboard`, callback_data of 1–64 bytes) are checked and kept with the
+// message; `injectCallback` queues a `callback_query` update for a tap on one of its buttons, and
+// answerCallbackQuery, editMessageText (which drops the keyboard unless it is sent again) and
+// editMessageReplyMarkup work on the kept messages.
 
 import http from "node:http";
 import type { AddressInfo } from "node:net";
@@ -92,6 +96,11 @@ export class FakeTelegram {
   private nextMessageId = 500;
   private waiters: (() => void)[] = [];
   private readonly chats = new Map<number, Record<string, any>>();
+  /** Messages the bot sent, by `${chat_id}:${message_id}`, as they are now (after edits). */
+  readonly messages = new Map<string, Record<string, any>>();
+  /** Callback queries sent to the bot and not yet answered. */
+  private readonly openQueries = new Set<string>();
+  private nextQueryId = 9_000_000;
 
   constructor(token: string) {
     this.token = token;
@@ -160,6 +169,30 @@ export class FakeTelegram {
     return update;
   }
 
+  /**
+   * Queues a tap on a button of a message the bot sent, as Telegram delivers it: a
+   * `callback_query` with the whole message and the button's callback_data. Returns the update.
+   */
+  injectCallback(o: { chatId: number; messageId: number; userId: number; data: string; username?: string }): Record<string, any> {
+    const message = this.messages.get(`${o.chatId}:${o.messageId}`);
+    if (!message) throw new Error(`no message ${o.messageId} in chat ${o.chatId}`);
+    const from = { id: o.userId, is_bot: false, first_name: "Tess", last_name: "Tester", username: o.username ?? `tester${o.userId}`, language_code: "en" };
+    const id = String(this.nextQueryId++);
+    this.openQueries.add(id);
+    const update = {
+      update_id: this.nextUpdateId++,
+      callback_query: { id, from, message: structuredClone(message), chat_instance: String(-4_000_000_000 - o.chatId), data: o.data },
+    };
+    this.updates.push(update);
+    for (const w of this.waiters.splice(0)) w();
+    return update;
+  }
+
+  /** The buttons of a message as the user sees them now (text and callback_data). */
+  keyboard(chatId: number, messageId: number): { text: string; callback_data?: string }[][] {
+    return this.messages.get(`${chatId}:${messageId}`)?.reply_markup?.inline_keyboard ?? [];
+  }
+
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? "/", "http://x");
     const chunks: Buffer[] = [];
@@ -214,6 +247,12 @@ export class FakeTelegram {
         return this.getUpdates(p);
       case "sendmessage":
         return this.sendMessage(p);
+      case "editmessagetext":
+        return this.editMessageText(p);
+      case "editmessagereplymarkup":
+        return this.editMessageReplyMarkup(p);
+      case "answercallbackquery":
+        return this.answerCallbackQuery(p);
       default:
         return undefined;
     }
@@ -240,12 +279,86 @@ export class FakeTelegram {
     }
   }
 
-  private sendMessage(p: Record<string, any>): Record<string, any> {
+  private checkText(p: Record<string, any>): string {
     const text = typeof p.text === "string" ? p.text : p.text === undefined ? "" : String(p.text);
-    if (p.chat_id === undefined || p.chat_id === "") throw new ApiError(400, "Bad Request: chat_id is empty");
     if (!text.trim()) throw new ApiError(400, "Bad Request: message text is empty");
     if (p.parse_mode === "HTML") checkHtml(text);
     if (visibleText(text, p.parse_mode).length > 4096) throw new ApiError(400, "Bad Request: message is too long");
+    return text;
+  }
+
+  /** An inline keyboard as Telegram checks it (form bodies carry it as a JSON string). */
+  private replyMarkup(raw: unknown): Record<string, any> | undefined {
+    if (raw === undefined) return undefined;
+    let m: any = raw;
+    if (typeof raw === "string") {
+      try {
+        m = JSON.parse(raw);
+      } catch {
+        throw new ApiError(400, "Bad Request: can't parse reply keyboard markup JSON object");
+      }
+    }
+    if (!m || typeof m !== "object") throw new ApiError(400, "Bad Request: can't parse reply keyboard markup JSON object");
+    if (m.inline_keyboard === undefined) return m;
+    if (!Array.isArray(m.inline_keyboard)) throw new ApiError(400, "Bad Request: field \"inline_keyboard\" must be an Array");
+    for (const row of m.inline_keyboard) {
+      if (!Array.isArray(row)) throw new ApiError(400, "Bad Request: field \"inline_keyboard\" must be an Array of Array");
+      for (const b of row) {
+        if (typeof b?.text !== "string" || !b.text) throw new ApiError(400, "Bad Request: can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard");
+        if (b.callback_data !== undefined) {
+          const n = Buffer.byteLength(String(b.callback_data), "utf8");
+          if (n < 1 || n > 64) throw new ApiError(400, "Bad Request: BUTTON_DATA_INVALID");
+        } else if (b.url === undefined && b.web_app === undefined) {
+          throw new ApiError(400, "Bad Request: can't parse inline keyboard button: InlineKeyboardButton must have exactly one optional field");
+        }
+      }
+    }
+    return m;
+  }
+
+  private kept(p: Record<string, any>): Record<string, any> {
+    const msg = this.messages.get(`${Number(p.chat_id)}:${Number(p.message_id)}`);
+    if (!msg) throw new ApiError(400, "Bad Request: message to edit not found");
+    return msg;
+  }
+
+  private editMessageText(p: Record<string, any>): Record<string, any> {
+    const msg = this.kept(p);
+    const text = visibleText(this.checkText(p), p.parse_mode);
+    const markup = this.replyMarkup(p.reply_markup);
+    if (msg.text === text && JSON.stringify(msg.reply_markup) === JSON.stringify(markup)) {
+      throw new ApiError(400, "Bad Request: message is not modified: specified new message content and reply markup are exactly the same as a current content and reply markup of the message");
+    }
+    msg.text = text;
+    msg.edit_date = Math.floor(Date.now() / 1000);
+    // Telegram drops the inline keyboard of an edited message unless the edit sends it again.
+    if (markup?.inline_keyboard?.length) msg.reply_markup = markup;
+    else delete msg.reply_markup;
+    return structuredClone(msg);
+  }
+
+  private editMessageReplyMarkup(p: Record<string, any>): Record<string, any> {
+    const msg = this.kept(p);
+    const markup = this.replyMarkup(p.reply_markup);
+    const before = JSON.stringify(msg.reply_markup ?? { inline_keyboard: [] });
+    const after = JSON.stringify(markup?.inline_keyboard?.length ? markup : { inline_keyboard: [] });
+    if (before === after) throw new ApiError(400, "Bad Request: message is not modified: specified new message content and reply markup are exactly the same as a current content and reply markup of the message");
+    if (markup?.inline_keyboard?.length) msg.reply_markup = markup;
+    else delete msg.reply_markup;
+    msg.edit_date = Math.floor(Date.now() / 1000);
+    return structuredClone(msg);
+  }
+
+  private answerCallbackQuery(p: Record<string, any>): boolean {
+    const id = String(p.callback_query_id ?? "");
+    if (!this.openQueries.delete(id)) throw new ApiError(400, "Bad Request: query is too old and response timeout expired or query ID is invalid");
+    return true;
+  }
+
+  private sendMessage(p: Record<string, any>): Record<string, any> {
+    if (p.chat_id === undefined || p.chat_id === "") throw new ApiError(400, "Bad Request: chat_id is empty");
+    const text = this.checkText(p);
+    const markup = this.replyMarkup(p.reply_markup);
     const chatId = Number(p.chat_id);
     const chat = this.chats.get(chatId);
     if (!chat) throw new ApiError(400, "Bad Request: chat not found");
@@ -261,6 +374,8 @@ export class FakeTelegram {
       msg.message_thread_id = Number(p.message_thread_id);
       msg.is_topic_message = true;
     }
+    if (markup?.inline_keyboard?.length) msg.reply_markup = markup;
+    this.messages.set(`${chatId}:${msg.message_id}`, structuredClone(msg));
     return msg;
   }
 }

@@ -180,7 +180,7 @@ test("openclaw plugins inspect: the plugin loads with every command, the service
   assert.equal(inspect.plugin.imported, true);
   const expected = ["cli-state"];
   for (const base of ["cc", "cx", "gemini"]) {
-    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status"].map((s) => `${base}-${s}`));
+    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status", "approve"].map((s) => `${base}-${s}`));
   }
   assert.deepEqual([...inspect.commands].sort(), expected.sort());
   assert.deepEqual(inspect.services, ["tunnel-delivery"]);
@@ -285,6 +285,155 @@ test("a sender OpenClaw does not authorize cannot run tasks", async () => {
   assert.equal(await runner.claim(500), undefined, "nothing was submitted");
 });
 
+// --- approvals (issue #15): the question with buttons, a tap, the edit, the text fallback -----
+
+/** OpenClaw's wrapping of a typed callback value before it goes to Telegram (tgcb1:<sum>:<value>). */
+function openclawWrap(value: string): string {
+  let hash = 2166136261;
+  for (let i = 0; i < value.length; i++) {
+    hash ^= value.charCodeAt(i);
+    hash = Math.imul(hash, 16777619) >>> 0;
+  }
+  return `tgcb1:${hash.toString(36).slice(0, 5).padStart(5, "0")}:${value}`;
+}
+
+/** The message the bot sent to a chat whose text contains `needle` (as it is now, after edits). */
+function messageWith(chatId: number, needle: string): Record<string, any> | undefined {
+  return [...tg.messages.values()].find((m) => m.chat.id === chatId && String(m.text).includes(needle));
+}
+
+const RM = { kind: "execute", title: "Run rm -rf build", command: "rm -rf build" };
+
+test("/cc -ask: the question arrives with an inline keyboard, a tap allows it, the message is edited, the task completes", async (t) => {
+  await runner.touch();
+  tg.inject({ text: "/cc -ask delete the build folder", userId: USER });
+  const ack = await until("the acknowledgement", () => sentTo(USER).find((t) => t.includes("asks here before it runs")), 30_000);
+  assert.match(ack, /^⏳ Queued for Claude — task `?[0-9a-f]{8}`?, next in line\.\nRunner: e2e-runner\n🔐 Claude asks here before it runs a command or edits a file\.$/);
+  const offer = await runner.claim(20_000);
+  assert.ok(offer);
+  assert.equal(offer.task.prompt, "delete the build folder");
+  await runner.ack(offer);
+  const asked = Date.now();
+  const a = await runner.ask(offer, { key: "call_rm_1", tool: RM });
+  assert.equal(a.state, "pending");
+  const uuid = a.id.slice(4);
+
+  // The exact Bot API request: sendMessage with the command in a code block and three buttons.
+  const req = await until("the question at sendMessage", () => tg.sent.find((p) => Number(p.chat_id) === USER && p.reply_markup && String(p.text).includes("rm -rf build")), 30_000);
+  const keyboard = (typeof req.reply_markup === "string" ? JSON.parse(req.reply_markup) : req.reply_markup).inline_keyboard;
+  assert.deepEqual(
+    keyboard.map((row: any[]) => row.map((b) => [b.text, b.callback_data])),
+    [[
+      ["✅ Allow once", openclawWrap(`tunnel:o:${uuid}`)],
+      ["🔁 Allow for session", openclawWrap(`tunnel:s:${uuid}`)],
+      ["🚫 Deny", openclawWrap(`tunnel:d:${uuid}`)],
+    ]],
+  );
+  for (const b of keyboard.flat()) assert.ok(Buffer.byteLength(b.callback_data) <= 64, b.callback_data);
+  assert.match(req.text, /<pre><code[^>]*>rm -rf build\n?<\/code><\/pre>/);
+  const shown = visibleText(req.text, req.parse_mode);
+  assert.match(shown, new RegExp(`^🔐 Claude asks to run a command — task ${offer.task.id.slice(0, 8)}\nRun rm -rf build\n`));
+  assert.match(shown, new RegExp(`Or type: /cc -approve ${a.id} once\\|session\\|deny \\[message\\]$`));
+  assert.equal((await runner.waitApproval(offer, a.id, 0)).state, "pending", "nothing answered yet");
+
+  const shownAt = tg.callsOf("sendMessage").find((c) => c.params.reply_markup && String(c.params.text).includes("rm -rf build"))!.at;
+
+  // The user taps "Allow once": a real callback_query update. The agent's wait is already held.
+  const msg = messageWith(USER, "Run rm -rf build")!;
+  const held = runner.waitApproval(offer, a.id, 20_000);
+  await new Promise((r) => setTimeout(r, 50));
+  const tapped = Date.now();
+  const upd = tg.injectCallback({ chatId: USER, messageId: msg.message_id, userId: USER, data: keyboard[0][0].callback_data });
+  const decided = await held;
+  const answered = Date.now();
+  await until("answerCallbackQuery", () => tg.callsOf("answerCallbackQuery").find((c) => String(c.params.callback_query_id) === upd.callback_query.id), 30_000);
+  // Figures, not assertions: the whole chat path through the real gateway (stand-in Telegram).
+  t.diagnostic(`approval via OpenClaw: runner asks → question at Telegram ${shownAt - asked} ms; tap → runner's wait returns ${answered - tapped} ms`);
+  assert.equal(decided.state, "allowed");
+  assert.equal(decided.outcome.decision, "allow_once");
+  assert.equal(decided.outcome.option_id, "allow");
+  assert.match(decided.outcome.by, /@tester111/);
+  const edited = await until("the question edited to its outcome", () => {
+    const m = tg.messages.get(`${USER}:${msg.message_id}`);
+    return m?.edit_date && m.text.startsWith("✅") ? m : undefined;
+  }, 30_000);
+  assert.equal(edited.text, "✅ allowed once by @tester111\nClaude: Run rm -rf build\n$ rm -rf build");
+  assert.deepEqual(tg.keyboard(USER, msg.message_id), [], "the buttons are gone");
+
+  await runner.finish(offer, "succeeded", { text: "deleted build/", session_id: "e2e00000-0000-4000-8000-000000000001" });
+  await until("the answer", () => sentTo(USER).find((t) => t.endsWith("deleted build/")), 30_000);
+
+  // A second tap on the stale keyboard is told who decided and when.
+  tg.injectCallback({ chatId: USER, messageId: msg.message_id, userId: USER, data: keyboard[0][2].callback_data });
+  const late = await until("the late-tap reply", () => sentTo(USER).find((t) => t.startsWith("⚠️ Already decided")), 30_000);
+  assert.match(late, /^⚠️ Already decided: ✅ allowed once by @tester111 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\.$/);
+});
+
+test("Deny from a button: the agent is told no and the task still completes", async (t) => {
+  tg.inject({ text: "/cc -ask clean up", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  await runner.ack(offer);
+  const asked = Date.now();
+  const a = await runner.ask(offer, { key: "call_rm_2", tool: { ...RM, title: "Run rm -rf dist", command: "rm -rf dist" } });
+  const msg = await until("the question", () => messageWith(USER, "Run rm -rf dist"), 30_000);
+  const shownAt = tg.callsOf("sendMessage").find((c) => c.params.reply_markup && String(c.params.text).includes("rm -rf dist"))!.at;
+  const deny = tg.keyboard(USER, msg.message_id).flat().find((b) => b.text === "🚫 Deny")!;
+  const held = runner.waitApproval(offer, a.id, 20_000);
+  await new Promise((r) => setTimeout(r, 50));
+  const tapped = Date.now();
+  tg.injectCallback({ chatId: USER, messageId: msg.message_id, userId: USER, data: deny.callback_data! });
+  const decided = await held;
+  t.diagnostic(`approval via OpenClaw (second): runner asks → question at Telegram ${shownAt - asked} ms; tap → runner's wait returns ${Date.now() - tapped} ms`);
+  assert.equal(decided.state, "denied");
+  assert.equal(decided.outcome.option_id, "reject");
+  await until("the question edited to denied", () => tg.messages.get(`${USER}:${msg.message_id}`)?.text.startsWith("🚫 denied by @tester111"), 30_000);
+  assert.deepEqual(tg.keyboard(USER, msg.message_id), []);
+  await runner.finish(offer, "succeeded", { text: "left dist/ alone", session_id: "e2e00000-0000-4000-8000-000000000001" });
+  await until("the answer", () => sentTo(USER).find((t) => t.endsWith("left dist/ alone")), 30_000);
+});
+
+test("in a group topic an unauthorised tap is refused; the text fallback /cc -approve answers; an expiry is shown", async () => {
+  tg.inject({ text: "/cc -ask tidy the repo", userId: USER, chatId: GROUP, threadId: TOPIC });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.conversation, `telegram:${GROUP}:topic:${TOPIC}`);
+  await runner.ack(offer);
+  const a = await runner.ask(offer, { key: "call_mv_1", tool: { kind: "move", title: "Move notes.md to docs/", paths: ["notes.md", "docs/notes.md"] } });
+  const msg = await until("the question in the topic", () => messageWith(GROUP, "Move notes.md"), 30_000);
+  assert.equal(msg.message_thread_id, TOPIC);
+  const allow = tg.keyboard(GROUP, msg.message_id).flat()[0];
+
+  // Someone OpenClaw does not authorise taps Allow: nothing is answered, the buttons stay.
+  const upd = tg.injectCallback({ chatId: GROUP, messageId: msg.message_id, userId: STRANGER, data: allow.callback_data! });
+  await until("answerCallbackQuery for the stranger", () => tg.callsOf("answerCallbackQuery").find((c) => String(c.params.callback_query_id) === upd.callback_query.id), 30_000);
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal((await runner.waitApproval(offer, a.id, 0)).state, "pending");
+  assert.equal(tg.keyboard(GROUP, msg.message_id).flat().length, 3, "the buttons are still there");
+
+  // The text fallback, from the authorised user in the same topic.
+  tg.inject({ text: `/cc -approve ${a.id} session`, userId: USER, chatId: GROUP, threadId: TOPIC });
+  const ok = await until("the -approve reply", () => sentTo(GROUP, TOPIC).find((t) => t.startsWith("🔁 Allowed for this session")), 30_000);
+  assert.equal(ok, "🔁 Allowed for this session: Move notes.md to docs/");
+  const decided = await runner.waitApproval(offer, a.id, 20_000);
+  assert.equal(decided.state, "allowed");
+  assert.equal(decided.outcome.decision, "allow_session");
+  assert.equal(decided.outcome.option_id, "always");
+  // The plugin learns the outcome from the task's events and edits the question (Bot API).
+  await until("the question edited", () => tg.messages.get(`${GROUP}:${msg.message_id}`)?.text.startsWith("🔁 allowed for this session by telegram:111"), 30_000);
+  assert.deepEqual(tg.keyboard(GROUP, msg.message_id), []);
+
+  // Nobody answers the next one in time: it expires, and the question says so.
+  const b = await runner.ask(offer, { key: "call_rm_3", tool: { ...RM, title: "Run rm -rf .git", command: "rm -rf .git" }, timeout_ms: 1000 });
+  const q = await until("the second question", () => messageWith(GROUP, "Run rm -rf .git"), 30_000);
+  const expired = await runner.waitApproval(offer, b.id, 20_000);
+  assert.equal(expired.state, "expired");
+  await until("the question edited to expired", () => tg.messages.get(`${GROUP}:${q.message_id}`)?.text.startsWith("⏰ expired — denied"), 30_000);
+  assert.deepEqual(tg.keyboard(GROUP, q.message_id), []);
+  await runner.finish(offer, "succeeded", { text: "moved the notes", session_id: "e2e00000-0000-4000-8000-000000000002" });
+  await until("the answer in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.endsWith("moved the notes")), 30_000);
+});
+
 test("the Telegram stand-in saw no call it does not know and no rejected message", () => {
   assert.deepEqual(tg.unknown, []);
   // Every sendMessage the gateway made was accepted (a rejected one is not in `sent`).
@@ -309,5 +458,26 @@ test("server delivery (after a restart with delivery: server): the tunnel server
   await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003" });
   await until("the server's answer at sendMessage", () => sentTo(USER).find((t) => t.includes("answer posted by the tunnel server")), 60_000);
   assert.doesNotMatch(gatewayLog(), new RegExp(`task ${offer.task.id} succeeded; answer sent`), "the plugin did not send it");
+  assert.deepEqual(tg.unknown, []);
+});
+
+test("server delivery: the tunnel server posts the question, /cc -approve in chat answers it, the server edits it", async () => {
+  await runner.touch();
+  tg.inject({ text: "/cc -ask remove the logs", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.approvals, "ask");
+  await runner.ack(offer);
+  const a = await runner.ask(offer, { key: "call_srv_1", tool: { ...RM, title: "Run rm -rf logs", command: "rm -rf logs" } });
+  const q = await until("the server's question", () => messageWith(USER, a.id), 60_000);
+  assert.match(q.text, /rm -rf logs/);
+  tg.inject({ text: `/cc -approve ${a.id} deny keep the logs`, userId: USER });
+  await until("the -approve reply", () => sentTo(USER).find((t) => t === "🚫 Denied: rm -rf logs"), 30_000);
+  const decided = await runner.waitApproval(offer, a.id, 20_000);
+  assert.equal(decided.state, "denied");
+  assert.equal(decided.outcome.message, "keep the logs");
+  await until("the server's edit of the question", () => tg.messages.get(`${USER}:${q.message_id}`)?.text.startsWith("🚫 denied by"), 60_000);
+  await runner.finish(offer, "succeeded", { text: "kept the logs", session_id: "e2e00000-0000-4000-8000-000000000003" });
+  await until("the server's answer", () => sentTo(USER).find((t) => t.includes("kept the logs")), 60_000);
   assert.deepEqual(tg.unknown, []);
 });

@@ -2,12 +2,14 @@
 // stands in for the outbound adapter so tests can see what the service sends.
 
 import type {
+  InteractiveRegistration,
   CommandContext,
   CommandDefinition,
   CommandResult,
   MessageHookContext,
   MessageReceivedEvent,
   OutboundAdapter,
+  OutboundPayload,
   OutboundText,
   PluginApi,
   ServiceDefinition,
@@ -16,6 +18,8 @@ import type {
 
 export interface Sent extends OutboundText {
   channel: string;
+  /** Set when it went through sendPayload (presentation blocks, e.g. approval buttons). */
+  payload?: OutboundPayload["payload"];
 }
 
 export class FakeApi implements PluginApi {
@@ -27,10 +31,13 @@ export class FakeApi implements PluginApi {
   readonly services: ServiceDefinition[] = [];
   readonly tools = new Map<string, { tool: ToolDefinition; optional?: boolean }>();
   readonly hooks: ((e: MessageReceivedEvent, c: MessageHookContext) => void)[] = [];
+  readonly interactive: InteractiveRegistration[] = [];
   readonly logs: { level: string; message: string }[] = [];
   readonly sent: Sent[] = [];
   /** Channels without an adapter (loadAdapter gives undefined). */
   readonly missingAdapters = new Set<string>();
+  /** Channels whose adapter has no sendPayload (text only). */
+  readonly noPayload = new Set<string>();
   /** Make the next N sendText calls throw. */
   failSends = 0;
 
@@ -56,6 +63,18 @@ export class FakeApi implements PluginApi {
               this.sent.push({ channel, ...ctx });
               return { channel, messageId: String(this.sent.length) };
             },
+            ...(this.noPayload.has(channel)
+              ? {}
+              : {
+                  sendPayload: async (ctx: OutboundPayload) => {
+                    if (this.failSends > 0) {
+                      this.failSends--;
+                      throw new Error("fake send failure");
+                    }
+                    this.sent.push({ channel, ...ctx });
+                    return { channel, messageId: String(this.sent.length) };
+                  },
+                }),
           };
         },
       },
@@ -75,6 +94,10 @@ export class FakeApi implements PluginApi {
   };
   registerTool = (tool: ToolDefinition, opts?: { optional?: boolean }) => {
     this.tools.set(tool.name, { tool, optional: opts?.optional });
+  };
+  registerInteractiveHandler = (r: InteractiveRegistration) => {
+    if (this.interactive.some((x) => x.channel === r.channel && x.namespace === r.namespace)) throw new Error(`duplicate namespace ${r.namespace}`);
+    this.interactive.push(r);
   };
   on = (hook: "message_received", handler: (e: MessageReceivedEvent, c: MessageHookContext) => void) => {
     if (hook === "message_received") this.hooks.push(handler);

@@ -16,7 +16,7 @@ export function tunnelBin(): string {
 }
 
 export interface Offer {
-  task: { id: string; agent: string; prompt: string; conversation?: string; session: unknown; reply_to?: unknown };
+  task: { id: string; agent: string; prompt: string; conversation?: string; session: unknown; reply_to?: unknown; approvals?: string };
   attempt: number;
   lease_token: string;
   resume_session_id?: string;
@@ -175,6 +175,36 @@ export class TestRunner {
       result,
     });
     if (r.status !== 200) throw new Error(`finish: ${r.status} ${JSON.stringify(r.body)}`);
+    return r.body;
+  }
+
+  /** The agent asks for permission (`POST /v1/tasks/{id}/approvals`); returns the approval. */
+  async ask(
+    o: Offer,
+    req: { key: string; tool: Record<string, unknown>; options?: { id: string; name: string; kind: string }[]; timeout_ms?: number },
+  ): Promise<any> {
+    const r = await this.server.call("POST", `/v1/tasks/${o.task.id}/approvals`, this.token, {
+      attempt: o.attempt,
+      lease_token: o.lease_token,
+      options: [
+        { id: "allow", name: "Allow", kind: "allow_once" },
+        { id: "always", name: "Always allow", kind: "allow_always" },
+        { id: "reject", name: "Reject", kind: "reject_once" },
+      ],
+      ...req,
+    });
+    if (r.status !== 200 && r.status !== 201) throw new Error(`ask: ${r.status} ${JSON.stringify(r.body)}`);
+    return r.body;
+  }
+
+  /** Waits for the answer (`…/approvals/{aid}/wait`, a long-poll); returns the approval. */
+  async waitApproval(o: Offer, aid: string, waitMs = 10_000): Promise<any> {
+    const r = await this.server.call("POST", `/v1/tasks/${o.task.id}/approvals/${aid}/wait`, this.token, {
+      attempt: o.attempt,
+      lease_token: o.lease_token,
+      wait_ms: waitMs,
+    });
+    if (r.status !== 200) throw new Error(`wait: ${r.status} ${JSON.stringify(r.body)}`);
     return r.body;
   }
 

@@ -73,7 +73,7 @@ test("registers every command, the delivery service, four optional tools and the
   const names = [...api.commands.keys()].sort();
   const expected: string[] = ["cli-state"];
   for (const base of ["cc", "cx", "gemini"]) {
-    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status"].map((s) => `${base}-${s}`));
+    expected.push(base, ...["new", "recent", "resume", "now", "stop", "status", "approve"].map((s) => `${base}-${s}`));
   }
   assert.deepEqual(names, expected.sort());
   for (const c of api.commands.values()) {

@@ -299,8 +299,9 @@ async fn real_claude_background_command_ends_under_the_process_tree_walk_too() {
 }
 
 /// A runner in a child process (this test binary, re-run on [`child_runner`]), so that it can
-/// be killed with SIGKILL. Its one agent is `claude` (the real CLI at `bin`) or, with `custom`, the script at `bin`
-/// under the name `custom`.
+/// be killed with SIGKILL. Its one agent is `claude` (the real CLI at `bin`) or, with `custom`,
+/// the script at `bin` under the name `custom`. It exits when its stdin closes: a test that
+/// fails before killing it leaves no runner behind.
 fn spawn_child_runner(
     c: &RunnerConfig,
     agent_env: &BTreeMap<String, String>,
@@ -321,7 +322,7 @@ fn spawn_child_runner(
             "--nocapture",
         ])
         .env("CONTAIN_CHILD_RUNNER", spec.to_string())
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -334,6 +335,10 @@ fn child_runner() {
     let Ok(spec) = std::env::var("CONTAIN_CHILD_RUNNER") else {
         return;
     };
+    std::thread::spawn(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        std::process::exit(0);
+    });
     let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
     let s = |k: &str| spec[k].as_str().unwrap().to_owned();
     let mut c = RunnerConfig::new(s("server"), s("token"), PathBuf::from("/nonexistent"));
@@ -444,7 +449,9 @@ async fn daemon_cases(containment: Containment, label: &str) {
     // Timeout.
     let (tag, pid_file, marker) = &tags["timeout"];
     let mut t = task("timeout", "go");
-    t.timeout_ms = Some(1_000);
+    // Long enough for the daemon to be up before the timeout even on a loaded box (1 s lost
+    // that race at load 20).
+    t.timeout_ms = Some(4_000);
     let t = w.submit(t).await;
     let daemon = read_pid(pid_file);
     let started = Instant::now();
@@ -656,5 +663,92 @@ async fn a_spooled_report_of_a_task_the_server_no_longer_has_is_dropped() {
         w.admin.task(&real, None).await.unwrap().state,
         TaskState::Queued
     );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_runner_ends_what_the_cell_of_an_earlier_run_still_holds() {
+    let w = World::start().await;
+    let mut c = w.config("r1");
+    c.agents
+        .insert("echo".into(), tunnel_runner::AgentConfig::echo());
+    std::fs::create_dir_all(&c.spool_dir).unwrap();
+    let tag = unique_tag("leftover");
+    let mut spawned = Vec::new();
+    let mut entries = Vec::new();
+
+    // A leftover that left the agent's group and session but carries the task's marker.
+    let mark = format!("test-{tag}");
+    let marked = Command::new("setsid")
+        .args(["sleep", "300"])
+        .env("TUNNEL_TASK_MARK", &mark)
+        .env(TAG_VAR, &tag)
+        .spawn()
+        .unwrap();
+    spawned.push(marked);
+    entries.push(serde_json::json!({"pgid": null, "mark": mark}));
+
+    // A leftover in the task's cgroup, where cgroups are available.
+    let mut cgroup = None;
+    if let tunnel_runner::Mechanism::CgroupV2(parent) =
+        tunnel_runner::contain::detect(Containment::Auto)
+    {
+        let dir = parent.join(format!("tunnel-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let inside = Command::new("sh")
+            .args([
+                "-c",
+                r#"echo 0 > "$0/cgroup.procs" && exec setsid sleep 300"#,
+            ])
+            .arg(&dir)
+            .env(TAG_VAR, &tag)
+            .spawn()
+            .unwrap();
+        spawned.push(inside);
+        let procs = dir.join("cgroup.procs");
+        while std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        entries.push(serde_json::json!({"pgid": null, "cgroup": dir}));
+        cgroup = Some(dir);
+    } else {
+        eprintln!("no writable cgroup v2 here: only the marked leftover is checked");
+    }
+    assert_eq!(tagged(&tag).len(), entries.len());
+
+    for e in &entries {
+        let (id, attempt, lease_token) = acked_attempt(&w, "r1").await;
+        let mut entry = serde_json::json!({
+            "task_id": id, "attempt": attempt, "lease_token": lease_token,
+            "pending": [], "finish": null
+        });
+        for (k, v) in e.as_object().unwrap() {
+            entry[k] = v.clone();
+        }
+        std::fs::write(
+            c.spool_dir.join(format!("{id}.{attempt}.json")),
+            entry.to_string(),
+        )
+        .unwrap();
+    }
+    let started = Instant::now();
+    let r = RunnerHandle::spawn(c);
+    all_gone(&tag, started, "restarted runner, leftovers of a cell").await;
+    for mut p in spawned {
+        let status = p.wait().unwrap();
+        assert!(status.code().is_none(), "killed by a signal: {status:?}");
+    }
+    if let Some(dir) = cgroup {
+        let limit = Instant::now() + Duration::from_secs(5);
+        while dir.exists() {
+            assert!(Instant::now() < limit, "the task's cgroup was removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    r.stop().await.unwrap();
     w.stop().await;
 }

@@ -21,10 +21,16 @@ pub struct World {
     pub dir: tempfile::TempDir,
     server_stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
+    addr: std::net::SocketAddr,
 }
 
 impl World {
     pub async fn start() -> World {
+        World::start_with(|_| {}).await
+    }
+
+    /// A world whose server config `tune` changes first (e.g. a short lease).
+    pub async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> World {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let db = Database::Sqlite {
@@ -33,8 +39,10 @@ impl World {
         };
         let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), db);
         cfg.worker_token = Some(WORKER_TOKEN.into());
+        tune(&mut cfg);
         let server = Server::bind(cfg).await.unwrap();
-        let url = format!("http://{}", server.local_addr());
+        let addr = server.local_addr();
+        let url = format!("http://{addr}");
         let server_stop = server.shutdown_token();
         let server = tokio::spawn(server.run());
         let admin = Client::new(&url, WORKER_TOKEN).unwrap();
@@ -50,7 +58,35 @@ impl World {
             dir,
             server_stop,
             server,
+            addr,
         }
+    }
+
+    /// Stops the server and starts a new one on the same address and database (what a
+    /// restart or crash of the server does to the runners and their waiting questions).
+    pub async fn restart_server(&mut self) {
+        self.server_stop.cancel();
+        let _ = (&mut self.server).await;
+        let db = Database::Sqlite {
+            path: self.dir.path().join("t.db"),
+            durability: Durability::Normal,
+        };
+        let mut cfg = ServerConfig::new(self.addr, db);
+        cfg.worker_token = Some(WORKER_TOKEN.into());
+        let mut tries = 0;
+        let server = loop {
+            match Server::bind(cfg.clone()).await {
+                Ok(s) => break s,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the server did not restart: {e}"),
+            }
+        };
+        self.server_stop = server.shutdown_token();
+        self.server = tokio::spawn(server.run());
     }
 
     /// A runner config with no built-in agents, its dirs inside this world.

@@ -5,8 +5,10 @@
 
 mod harness;
 
+mod acp;
 mod agents;
 mod bad_input;
 mod clis;
 mod containment;
+mod files;
 mod supervision;

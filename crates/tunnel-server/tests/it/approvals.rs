@@ -130,6 +130,7 @@ async fn ask_list_answer_and_the_wait_returns() {
     assert_eq!((st, w["state"].as_str()), (StatusCode::OK, Some("allowed")));
     assert_eq!(w["outcome"]["option_id"], "allow");
     let lag = done.saturating_duration_since(answered);
+    eprintln!("answer sent -> the runner's held wait returned: {lag:?}");
     assert!(
         lag < Duration::from_secs(5),
         "the wait ended {lag:?} after the answer"
@@ -384,6 +385,31 @@ async fn refusals() {
     short["timeout_ms"] = json!(5);
     let (st, _) = ask(&s, &offer, short).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
+    // A wait with a bad body, and runner paths that are not ids.
+    let (st, _) = s
+        .attempt_call(
+            &offer,
+            &format!("approvals/{aid}/wait"),
+            json!({"wait_ms": "soon"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _) = s
+        .post(
+            &format!("/v1/tasks/{task_id}/approvals/nope/wait"),
+            &s.runner,
+            json!({"attempt": 1, "lease_token": "x"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _) = s
+        .post("/v1/tasks/nope/approvals", &s.runner, request("k"))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    // Another task's request is not found through that task's (valid) attempt.
+    let other = running_with(&s, json!({"agent": "claude", "prompt": "other"})).await;
+    let (st, _) = wait(&s, &other, &aid, 0).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
     // Stale attempt: a wrong lease token, for the ask and the wait.
     let mut stale = offer.clone();
     stale["lease_token"] = json!("0123456789abcdef0123456789abcdef");

@@ -525,7 +525,19 @@ async fn a_poll_answers_only_a_task_null_or_401() {
             .unwrap();
         (r.status(), r.text().await.unwrap())
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Shut down only once the poll is parked: a fixed sleep lost the race on a loaded box
+    // (the request then met a closed port).
+    for _ in 0..400 {
+        let (_, m) = s.request(Method::GET, "/metrics", None, None).await;
+        if m.as_str()
+            .unwrap()
+            .lines()
+            .any(|l| l == "tunnel_long_polls_parked 1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let token = s.shutdown_token();
     let stopping = tokio::spawn(s.stop());
     token.cancel();

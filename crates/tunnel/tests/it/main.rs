@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod approvals;
+mod contain;
 mod setup;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
@@ -402,7 +403,7 @@ fn config_file_is_read_and_checked() {
     );
 
     std::fs::write(&cfg, "[server]\nlisten_address = \"x\"\n").unwrap();
-    let out = run_in(dir.path(), &["serve"]);
+    let out = run_in(dir.path(), &["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("unknown field `listen_address`"),
@@ -415,7 +416,7 @@ fn config_file_is_read_and_checked() {
         "[server]\nlisten = \"127.0.0.1:0\"\nretention = \"2 weeks\"\n",
     )
     .unwrap();
-    let out = run_in(dir.path(), &["serve"]);
+    let out = run_in(dir.path(), &["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("retention \"2 weeks\" is not a duration"),
@@ -476,7 +477,10 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
 fn a_runner_killed_mid_task_reports_the_task_after_restart_and_leaves_no_agent() {
     let s = Served::start(&[]);
     let dir = s.data.path();
-    let pid_file = dir.join("agent.pid");
+    // In a folder of its own: `dir` holds tunnel's data directory, so the sandboxed agent may
+    // not create new files directly in it.
+    std::fs::create_dir_all(dir.join("agent")).unwrap();
+    let pid_file = dir.join("agent/agent.pid");
     let script = dir.join("slow-agent");
     std::fs::write(
         &script,
@@ -584,7 +588,7 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
     let cfg = s.data.path().join("doctor.toml");
     std::fs::write(
         &cfg,
-        "[runner.agents.aider]\nprogram = \"/nonexistent/aider\"\ncommand = [\"{prompt}\"]\n",
+        "[runner.agents.aider]\nprogram = \"/nonexistent/aider\"\ncommand = [\"--message\", \"{prompt}\"]\n",
     )
     .unwrap();
     let out = s.cli(&[
@@ -606,6 +610,13 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
     assert!(text.contains("the token is valid"), "{text}");
     assert!(
         text.contains("npm install -g @anthropic-ai/claude-code") || text.contains("claude: /"),
+        "{text}"
+    );
+    // Which mechanism ends everything an agent starts.
+    assert!(
+        text.contains("containment\n")
+            && (text.contains("cgroup v2: each task in its own cgroup")
+                || text.contains("process-tree walk (")),
         "{text}"
     );
 
@@ -829,5 +840,39 @@ fn install_service_writes_a_user_unit_that_reads_the_token_from_the_config() {
         !dir.path()
             .join("systemd/user/tunnel-runner.service")
             .exists()
+    );
+}
+
+#[test]
+fn containment_is_chosen_in_the_config_and_shown_by_doctor() {
+    let s = Served::start(&[]);
+    let cfg = s.data.path().join("contain.toml");
+    std::fs::write(&cfg, "[runner]\ncontainment = \"process-tree\"\n").unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("warn  process-tree walk (chosen in the config)"),
+        "{text}"
+    );
+
+    std::fs::write(&cfg, "[runner]\ncontainment = \"none\"\n").unwrap();
+    let out = s.cli(&[
+        "doctor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--server",
+        &s.url,
+    ]);
+    assert!(!out.status.success());
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        all.contains("unknown variant `none`") && all.contains("process-tree"),
+        "{all}"
     );
 }

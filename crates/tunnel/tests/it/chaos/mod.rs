@@ -46,6 +46,7 @@ pub(crate) fn now_ms() -> i64 {
 /// and the time in ms to `$EXEC_LOG`, sleeps as long as the prompt says, and answers. Prompt:
 /// `<quiet|chatty> <seconds>`; a chatty agent prints a line every 0.2 s while it works.
 const FAKE_AGENT: &str = r#"#!/bin/sh
+[ "$1" = -- ] && shift
 id=$1
 set -- $2
 mode=$1; secs=$2
@@ -331,7 +332,7 @@ impl Runner {
         let cfg = format!(
             "[runner]\nname = \"{name}\"\nmax_concurrent = {mc}\nlong_poll_wait_secs = 10\n\
              shutdown_grace_secs = {grace}\nspool_dir = \"{spool}\"\nwork_dir = \"{work}\"\n\
-             [runner.agents.fake]\nprogram = \"{agent}\"\ncommand = [\"{{task_id}}\", \"{{prompt}}\"]\n\
+             [runner.agents.fake]\nprogram = \"{agent}\"\ncommand = [\"--\", \"{{task_id}}\", \"{{prompt}}\"]\n\
              env = {{ {env} }}\n\
              [runner.agents.claude]\nenabled = false\n[runner.agents.codex]\nenabled = false\n\
              [runner.agents.gemini]\nenabled = false\n",

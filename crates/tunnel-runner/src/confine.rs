@@ -1,0 +1,224 @@
+//! What every child process tunnel starts gets, in one place: an environment without tunnel's
+//! secrets ([`child_env`]), and, when the runner is configured for it ([`Confinement`]), a
+//! wrapper in front of the agent that closes tunnel's files to it (Landlock, applied by the
+//! `tunnel` binary re-executed as `tunnel __sandbox`) and another OS user to run it as.
+//!
+//! Any child the runner starts (agent, `--version` probe, the guard process, an adapter) goes
+//! through [`command`], so a new kind of child cannot forget the policy.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+
+/// Variables tunnel itself reads that hold a credential or name a place holding one. None of
+/// them is ever passed to a child. Every `TUNNEL_*` variable is dropped too (tokens, webhook
+/// secrets, the database, the config file).
+pub const SECRET_VARS: &[&str] = &[
+    // The runner's token, the server's bootstrap admin token; where they are used.
+    "WORKER_TOKEN",
+    "WORKER_URL",
+    // The server's database: a PostgreSQL URL carries its password.
+    "DATABASE_URL",
+    // Chat bots and their endpoints (the proxy URL may carry a user and password).
+    "CALLBACK_BOT_TOKEN",
+    "DISCORD_BOT_TOKEN",
+    "TELEGRAM_BOT_TOKEN",
+    "DISCORD_PROXY",
+    "CALLBACK_API_BASE_URL",
+    "DISCORD_API_BASE_URL",
+    "TELEGRAM_API_BASE_URL",
+    // The OpenClaw plugin's hook token, when the gateway and tunnel share an environment.
+    "OPENCLAW_HOOKS_TOKEN",
+    // The agent CLIs' paths and the runner's tuning: not secret, but tunnel's own.
+    "CLAUDE_PATH",
+    "CODEX_PATH",
+    "GEMINI_PATH",
+    "MAX_CONCURRENT",
+    "LONG_POLL_WAIT",
+    "POLL_INTERVAL",
+    "CC_TIMEOUT",
+    "PORT",
+    "WORKER_PORT",
+];
+
+/// Whether a child must not see this variable.
+pub fn is_withheld(name: &OsStr) -> bool {
+    let name = name.to_string_lossy();
+    let upper = name.to_ascii_uppercase();
+    upper.starts_with("TUNNEL_")
+        || upper.starts_with("OPENCLAW_")
+        || SECRET_VARS.contains(&upper.as_str())
+}
+
+/// The environment every child of tunnel starts with: this process's, without tunnel's
+/// variables.
+pub fn child_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| !is_withheld(k))
+        .collect()
+}
+
+/// A command for any child of the runner: the policy's environment (plus `extra`, the agent's
+/// own `env` from config), and the user in [`Confinement::run_as`].
+pub(crate) fn command(
+    program: impl AsRef<OsStr>,
+    confine: &Confinement,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.env_clear().envs(child_env());
+    if let Some(user) = &confine.run_as {
+        // With a wrapper, the wrapper changes user (after the task's cgroup is entered, which
+        // needs the runner's rights); without, std does (clearing the supplementary groups).
+        if confine.wrapper.is_none() {
+            cmd.uid(user.uid).gid(user.gid);
+        }
+        cmd.env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    cmd
+}
+
+/// How agents are confined beyond their environment.
+#[derive(Debug, Clone, Default)]
+pub struct Confinement {
+    /// A program that restricts itself and then `exec`s the agent, started as
+    /// `<wrapper> __sandbox [--uid N --gid N] [--deny PATH]… [--allow PATH]… -- PROGRAM ARGS…`
+    /// (the `tunnel` binary; see its `sandbox` module): it changes to `run_as`'s user, closes
+    /// `deny` with Landlock (when not empty), then `exec`s. `None`: agents start directly, and tunnel's files are
+    /// protected by their permissions only.
+    pub wrapper: Option<PathBuf>,
+    /// What the agent must not read or change (tunnel's data and config directories).
+    pub deny: Vec<PathBuf>,
+    /// Run agents as this user (the runner must be root).
+    pub run_as: Option<RunAs>,
+}
+
+/// Another OS user to run agents as.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Looks the user up; the runner must be root to switch to it.
+    pub fn lookup(name: &str) -> Result<RunAs, String> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
+            .ok_or_else(|| format!("run_as: there is no user {name:?} on this machine"))?;
+        if !nix::unistd::Uid::effective().is_root() && user.uid != nix::unistd::Uid::effective() {
+            return Err(format!(
+                "run_as = {name:?} needs the runner to run as root (it runs as uid {})",
+                nix::unistd::Uid::effective()
+            ));
+        }
+        Ok(RunAs {
+            name: name.to_owned(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        })
+    }
+}
+
+/// The program and arguments to start `program args` with under `confine`: through the
+/// wrapper when there is one. `allow` are the directories the agent works in (its project),
+/// kept open even when they lie inside a denied directory.
+pub(crate) fn wrapped(
+    confine: &Confinement,
+    program: &str,
+    args: &[String],
+    allow: &[&Path],
+) -> (OsString, Vec<OsString>) {
+    let Some(wrapper) = &confine.wrapper else {
+        return (program.into(), args.iter().map(OsString::from).collect());
+    };
+    let mut argv: Vec<OsString> = vec!["__sandbox".into()];
+    if let Some(user) = &confine.run_as {
+        argv.extend([
+            "--uid".into(),
+            user.uid.to_string().into(),
+            "--gid".into(),
+            user.gid.to_string().into(),
+        ]);
+    }
+    for d in &confine.deny {
+        argv.push("--deny".into());
+        argv.push(d.into());
+    }
+    for a in allow {
+        argv.push("--allow".into());
+        argv.push(a.into());
+    }
+    argv.push("--".into());
+    argv.push(program.into());
+    argv.extend(args.iter().map(OsString::from));
+    (wrapper.into(), argv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_variables_are_withheld_and_others_kept() {
+        for v in [
+            "WORKER_TOKEN",
+            "TUNNEL_TOKEN",
+            "TUNNEL_WEBHOOK_CI_SECRET",
+            "tunnel_database",
+            "DATABASE_URL",
+            "DISCORD_PROXY",
+            "OPENCLAW_HOOKS_TOKEN",
+            "CALLBACK_BOT_TOKEN",
+        ] {
+            assert!(is_withheld(OsStr::new(v)), "{v}");
+        }
+        for v in ["PATH", "HOME", "ANTHROPIC_API_KEY", "HTTPS_PROXY", "LANG"] {
+            assert!(!is_withheld(OsStr::new(v)), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_wrapper_goes_in_front() {
+        let c = Confinement {
+            wrapper: Some("/usr/bin/tunnel".into()),
+            deny: vec!["/d".into()],
+            run_as: None,
+        };
+        let (p, a) = wrapped(&c, "claude", &["-p".into()], &[Path::new("/w")]);
+        assert_eq!(p, "/usr/bin/tunnel");
+        assert_eq!(
+            a,
+            [
+                "__sandbox",
+                "--deny",
+                "/d",
+                "--allow",
+                "/w",
+                "--",
+                "claude",
+                "-p"
+            ]
+        );
+        let c = Confinement {
+            run_as: Some(RunAs {
+                name: "agent".into(),
+                uid: 1001,
+                gid: 1002,
+                home: "/home/agent".into(),
+            }),
+            ..c
+        };
+        let (_, a) = wrapped(&c, "claude", &[], &[]);
+        assert_eq!(
+            a[..5],
+            ["__sandbox", "--uid", "1001", "--gid", "1002"],
+            "the wrapper changes user (after the cell's cgroup is entered)"
+        );
+        let (p, a) = wrapped(&Confinement::default(), "claude", &["-p".into()], &[]);
+        assert_eq!((p.as_os_str(), a.len()), (OsStr::new("claude"), 1));
+    }
+}
