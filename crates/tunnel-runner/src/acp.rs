@@ -241,6 +241,10 @@ type PermDone = (String, Value, Settled, ApprovalTool);
 
 /// Most permission requests of one agent waiting for an answer at once.
 const MAX_PENDING: usize = 32;
+/// How long an agent must be quiet after `session/load` before the prompt is sent.
+const REPLAY_QUIET: Duration = Duration::from_millis(100);
+/// The longest a replay is waited for.
+const REPLAY_MAX: Duration = Duration::from_secs(3);
 
 /// Most answer text kept (its end: where the conclusion is); the events carry all of it.
 const ANSWER_MAX: usize = 2 << 20;
@@ -317,6 +321,11 @@ impl Driver<'_> {
                         json!({"sessionId": resume, "cwd": cwd, "mcpServers": []}),
                     )
                     .await;
+                if loaded.is_ok() {
+                    // Gemini replays the history without awaiting it, so the replay goes on
+                    // after its answer to `session/load`: wait until the agent is quiet.
+                    self.drain_replay(running, w).await?;
+                }
                 self.mapper.replaying = false;
                 match loaded {
                     Ok(v) => session = Some((resume.to_owned(), v)),
@@ -484,6 +493,30 @@ impl Driver<'_> {
                         if let Some(res) = self.incoming(&l, id) {
                             return res;
                         }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reads what the agent sends after `session/load` answered, until it is quiet for
+    /// [`REPLAY_QUIET`] (at most [`REPLAY_MAX`]): the rest of a replay, not the task's events.
+    async fn drain_replay(&mut self, running: &mut Running, w: &Watch<'_>) -> Result<(), End> {
+        let until = Instant::now() + REPLAY_MAX;
+        loop {
+            let quiet = (Instant::now() + REPLAY_QUIET).min(until);
+            tokio::select! {
+                biased;
+                _ = w.cancel.cancelled() => return Err(End::Stop(Stop::Cancelled)),
+                _ = w.abort.cancelled() => return Err(End::Stop(Stop::Shutdown)),
+                _ = w.stale.cancelled() => return Err(End::Stop(Stop::Stale)),
+                _ = tokio::time::sleep_until(w.deadline) => return Err(End::Stop(Stop::TimedOut)),
+                _ = tokio::time::sleep_until(quiet) => return Ok(()),
+                line = running.lines.recv() => match line {
+                    None => return Err(End::Gone),
+                    // No request is waiting for an answer: id 0 is never sent.
+                    Some(l) => {
+                        let _ = self.incoming(&l, 0);
                     }
                 },
             }

@@ -86,7 +86,7 @@ async fn an_acp_agent_from_config_runs_tasks_end_to_end() {
     assert!(
         !ev2.iter()
             .any(|e| e.data.to_string().contains("OLD ANSWER")),
-        "{ev2:?}"
+        "nothing of the replay (not even what came after the answer to session/load): {ev2:?}"
     );
     let sent = std::fs::read_to_string(&log).unwrap();
     assert!(sent.contains("\"session/load\""), "{sent}");
@@ -684,9 +684,19 @@ async fn real_adapter_runs_tasks_and_keeps_policies(r: Real) {
         Some("fake reply to: again"),
         "{name}: {ev:?}"
     );
-    if r.kind == AgentKind::Gemini {
-        // Gemini 0.61's session/load resets its own chat record before reading it, then says
-        // "Invalid session identifier": the runner goes on in a new session and says so.
+    println!(
+        "{name}: the follow-up {} the session",
+        if r2.session_id.as_deref() == Some(sid.as_str()) {
+            "resumed"
+        } else {
+            "could not resume"
+        }
+    );
+    if r.kind == AgentKind::Gemini && r2.session_id.as_deref() != Some(sid.as_str()) {
+        // Gemini 0.61's session/load races with its own writing of the chat record: it either
+        // loads (and replays the history after its answer, which the runner must not count
+        // as the task's output, checked by the text above) or says "Invalid session
+        // identifier", and then the runner goes on in a new session and says so.
         assert!(
             ev.iter()
                 .any(|e| e.kind == "log" && e.data.to_string().contains("could not resume")),

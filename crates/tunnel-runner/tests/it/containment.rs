@@ -393,8 +393,9 @@ async fn real_claude_tool_command_ends_when_the_runner_is_killed() {
 // ---------------------------------------------------------------------------------------------
 // A synthetic agent that leaves a daemon: double fork, `setsid`, stdio closed.
 
-/// Seconds the daemon sleeps before it writes its file.
-const DAEMON_SLEEP: u64 = 4;
+/// Seconds the daemon sleeps before it writes its file: well beyond the timeout case's
+/// 4 s plus the kill grace (at 4 s the daemon could write its file before the timeout fired).
+const DAEMON_SLEEP: u64 = 9;
 
 fn daemonizing_agent(w: &World, case: &str, then: &str) -> (PathBuf, PathBuf, PathBuf) {
     let pid = w.dir.path().join(format!("daemon-{case}.pid"));
