@@ -136,6 +136,9 @@ pub struct TaskFilter {
     pub runner: Option<String>,
     /// Text the prompt contains (case-insensitive for ASCII).
     pub search: Option<String>,
+    /// With `search`: only the newest this many tasks (of every owner, before the `before`
+    /// cursor) are searched, so a search that matches nothing costs a bounded scan. 0: all.
+    pub search_depth: u32,
     /// Keyset pagination: only tasks submitted before this task (by id).
     pub before: Option<String>,
     pub limit: u32,
@@ -153,6 +156,8 @@ impl TaskFilter {
     ) -> (String, Vec<String>) {
         let mut conds: Vec<String> = Vec::new();
         let mut params: Vec<String> = Vec::new();
+        // Conditions without a parameter.
+        let mut unnumbered: Vec<String> = Vec::new();
         let mut add = |sql: &dyn Fn(&str) -> String, value: String| {
             params.push(value);
             conds.push(sql(&ph(params.len())));
@@ -173,6 +178,20 @@ impl TaskFilter {
             add(&|p| format!("owner = {p}"), o.clone());
         }
         if let Some(q) = self.search.as_deref().filter(|q| !q.is_empty()) {
+            if self.search_depth > 0 {
+                let depth = self.search_depth;
+                match &self.before {
+                    Some(b) => add(
+                        &|p| {
+                            format!("seq >= (SELECT b.seq FROM tasks b WHERE b.id = {p}) - {depth}")
+                        },
+                        b.clone(),
+                    ),
+                    None => unnumbered.push(format!(
+                        "seq > (SELECT COALESCE(MAX(m.seq), 0) FROM tasks m) - {depth}"
+                    )),
+                }
+            }
             let escaped = q
                 .replace('\\', "\\\\")
                 .replace('%', "\\%")
@@ -188,6 +207,7 @@ impl TaskFilter {
                 b.clone(),
             );
         }
+        conds.extend(unnumbered);
         if conds.is_empty() {
             ("TRUE".into(), params)
         } else {
@@ -201,8 +221,8 @@ impl TaskFilter {
 pub struct Overview {
     /// Per agent: tasks waiting (queued or parked) and when the oldest was submitted.
     pub queues: Vec<AgentQueue>,
-    /// Per minute (start, ms) since the asked time: tasks that succeeded, and that ended
-    /// otherwise (failed, cancelled, timed out).
+    /// Per minute (start, ms), from the minute of the asked time on: tasks that succeeded,
+    /// and that ended otherwise (failed, cancelled, timed out).
     pub finished_per_minute: Vec<(i64, u64, u64)>,
 }
 

@@ -642,7 +642,7 @@ impl PgStore {
             "SELECT finished_at / 60000 * 60000,
                 COUNT(*) FILTER (WHERE state = 'succeeded'),
                 COUNT(*) FILTER (WHERE state <> 'succeeded')
-             FROM tasks WHERE finished_at >= $1 AND ($2::text IS NULL OR owner = $2)
+             FROM tasks WHERE finished_at >= $1::bigint / 60000 * 60000 AND ($2::text IS NULL OR owner = $2)
              GROUP BY 1 ORDER BY 1",
             &[&since, &owner],
         )

@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0007_session_owner.sql"),
     include_str!("../migrations/sqlite/0008_approvals.sql"),
     include_str!("../migrations/sqlite/0010_web_sessions.sql"),
+    include_str!("../migrations/sqlite/0017_finished_minutes.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -307,10 +308,8 @@ impl SqliteStore {
             )?;
             let finished_per_minute = all(
                 c.prepare_cached(
-                    "SELECT finished_at / 60000 * 60000,
-                        SUM(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END),
-                        SUM(CASE WHEN state = 'succeeded' THEN 0 ELSE 1 END)
-                     FROM tasks WHERE finished_at >= ?1 AND (?2 IS NULL OR owner = ?2)
+                    "SELECT minute, SUM(succeeded), SUM(other) FROM finished_minutes
+                     WHERE minute >= ?1 / 60000 * 60000 AND (?2 IS NULL OR owner = ?2)
                      GROUP BY 1 ORDER BY 1",
                 )?
                 .query(params![since, owner])?,
@@ -1158,6 +1157,10 @@ impl SqliteStore {
                           AND updated_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![before, limit])? as u64;
+            // The chart's rollup: the same horizon as the tasks it counted.
+            w.conn
+                .prepare_cached("DELETE FROM finished_minutes WHERE minute < ?1 / 60000 * 60000")?
+                .execute([before])?;
             out.runners += w
                 .conn
                 .prepare_cached(

@@ -23,6 +23,9 @@ const PAGE: u32 = 50;
 const EVENTS_SHOWN: u32 = 500;
 /// Longest filter value accepted.
 const FILTER_MAX: usize = 200;
+/// A prompt search looks at this many tasks before the page's cursor at most: a search that
+/// matches nothing reads every prompt it looks at (54 ms p50 for 100,000), so it is bounded.
+const SEARCH_DEPTH: u32 = 20_000;
 
 macro_rules! signed {
     ($s:expr, $headers:expr) => {
@@ -408,9 +411,11 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
         conversation: field("conversation")?,
         runner: field("runner")?,
         search: field("q")?,
+        search_depth: SEARCH_DEPTH,
         before: before.clone(),
         limit: PAGE + 1,
     };
+    let searching = filter.search.is_some();
     let keep = [
         ("state", state.map(|s| s.as_str()).unwrap_or("").to_owned()),
         ("agent", filter.agent.clone().unwrap_or_default()),
@@ -457,6 +462,18 @@ async fn render_tasks(s: &AppState, signed: &Signed, q: &Form) -> Result<Html, W
     h.raw("<button type=\"submit\">Filter</button> <a href=\"/ui/tasks\">clear</a></form>");
     live_start(&mut h, s);
     task_table(&mut h, &tasks, now);
+    if searching && !more {
+        h.raw("<p class=\"muted small\" id=\"search-depth\">")
+            .text(&format!(
+                "Only the {SEARCH_DEPTH} newest tasks{} were searched.",
+                if before.is_some() {
+                    " before this page"
+                } else {
+                    ""
+                }
+            ))
+            .raw("</p>");
+    }
     h.raw("<div class=\"pager\">");
     if before.is_some() {
         h.raw("<a href=\"");

@@ -285,6 +285,13 @@ async fn text_is_escaped_and_clients_see_only_their_tasks() {
     assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;&lt;/script&gt;&lt;script&gt;"));
     let page = get_page(&s, "/ui/tasks?q=%3Cimg", Some(&mine)).await.2;
     assert!(page.contains(&tid), "the search finds it");
+    // A search says how far back it looked (it is bounded); the plain list does not.
+    assert!(
+        page.contains("Only the 20000 newest tasks were searched."),
+        "{page}"
+    );
+    let page = get_page(&s, "/ui/tasks", Some(&mine)).await.2;
+    assert!(!page.contains("search-depth"));
 
     // Another client token: not in its list, its search, nor by id; cannot cancel it.
     let other_token = s.create_token("client").await;

@@ -81,6 +81,29 @@ async fn task_filters_and_keyset_pages(f: Fixture) {
         ids(&f, search("<B>SECRET"), &Scope::All).await,
         ["bob's <b>secret</b>"]
     );
+    // A bounded search looks at the newest tasks only (bob's is the newest of six), and
+    // from a cursor on, at the ones just before it.
+    let shallow = |q: &str, depth: u32, before: Option<String>| TaskFilter {
+        search: Some(q.into()),
+        search_depth: depth,
+        before,
+        ..filter(10)
+    };
+    assert!(
+        ids(&f, shallow("fix", 1, None), &Scope::All)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        ids(&f, shallow("fix", 3, None), &Scope::All).await,
+        ["p4 fix 100%_done", "p3 fix 100%_done"]
+    );
+    assert_eq!(ids(&f, shallow("fix", 6, None), &Scope::All).await.len(), 5);
+    let p3 = all.iter().find(|t| t.prompt.starts_with("p3")).unwrap();
+    assert_eq!(
+        ids(&f, shallow("fix", 2, Some(p3.id.clone())), &Scope::All).await,
+        ["p2 fix 100%_done", "p1 fix 100%_done"]
+    );
     // A client's search never reaches another client's tasks.
     let alice = Scope::Owner("alice".into());
     assert!(ids(&f, search("secret"), &alice).await.is_empty());
@@ -141,6 +164,30 @@ async fn overview_counts_waiting_and_finished(f: Fixture) {
     assert!(alice.finished_per_minute.is_empty());
     let later = f.store.overview(now + 60_000, &Scope::All).await.unwrap();
     assert!(later.finished_per_minute.is_empty());
+    // A task that ends by running to success counts as succeeded, in its own minute.
+    f.clock.advance(60_000);
+    let (t, _) = f
+        .store
+        .submit("alice", None, SubmitTask::new("gemini", "e"))
+        .await
+        .unwrap();
+    let gemini = ClaimRequest {
+        agents: vec!["gemini".into()],
+        ..claim_req("r1")
+    };
+    let o = f.store.claim(&gemini).await.unwrap().unwrap();
+    assert_eq!(o.task.id, t.id);
+    run_to_end(&f.store, &o).await;
+    let next = f.clock.now_ms() / 60_000 * 60_000;
+    let o = f.store.overview(start, &Scope::All).await.unwrap();
+    assert_eq!(
+        o.finished_per_minute,
+        [(now / 60_000 * 60_000, 0, 1), (next, 1, 0)]
+    );
+    // Pruning the tasks prunes what the chart counted of them.
+    f.store.prune(next, 100).await.unwrap();
+    let o = f.store.overview(start, &Scope::All).await.unwrap();
+    assert_eq!(o.finished_per_minute, [(next, 1, 0)]);
 }
 
 async fn web_sessions_expire_and_codes_are_taken_once(f: Fixture) {
