@@ -238,10 +238,10 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
     assert_eq!(st, StatusCode::OK);
     let (_, done) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
     let seen = loop {
-        let seen = stand.seen();
+        // The state first: a snapshot taken before it could miss the last part.
         let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
         if t["delivery"]["state"] == "sent" {
-            break seen;
+            break stand.seen();
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     };
