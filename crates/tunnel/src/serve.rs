@@ -220,21 +220,41 @@ fn listen_addr(listen: Option<String>, port: Option<u16>) -> Result<SocketAddr> 
         },
     };
     let mut addr = match listen {
-        Some(l) => l
-            .parse::<SocketAddr>()
-            .or_else(|_| {
-                l.parse::<IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
-            })
-            .with_context(|| {
-                format!("listen address {l:?} is not HOST:PORT (e.g. 0.0.0.0:3456)")
-            })?,
+        Some(l) => parse_listen(&l).with_context(|| {
+            format!("listen address {l:?} is not HOST:PORT (e.g. 0.0.0.0:3456 or localhost:3456)")
+        })?,
         None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
     };
     if let Some(p) = port {
         addr.set_port(p);
     }
     Ok(addr)
+}
+
+/// `IP:PORT`, `IP`, `HOST:PORT` or `HOST` (a name such as localhost, resolved once; IPv4
+/// first, as the CLI's default URL is 127.0.0.1).
+fn parse_listen(l: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = l.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    if let Ok(ip) = l.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, DEFAULT_PORT));
+    }
+    let with_port = if l
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        l.to_owned()
+    } else {
+        format!("{l}:{DEFAULT_PORT}")
+    };
+    let addrs: Vec<SocketAddr> = with_port.to_socket_addrs().ok()?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
 }
 
 fn secs_ms(what: &str, secs: Option<u64>) -> Result<Option<i64>> {
