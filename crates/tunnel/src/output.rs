@@ -148,6 +148,9 @@ pub(crate) fn task_detail(t: &Task) {
     if let Some(m) = &t.model {
         out!("model:        {m}");
     }
+    if let Some(r) = &t.runner {
+        out!("runner:       {r}");
+    }
     out!(
         "attempt:      {} (of at most {})",
         t.attempt,
@@ -156,6 +159,25 @@ pub(crate) fn task_detail(t: &Task) {
     out!("created:      {}", ago(t.created_at));
     if let Some(f) = t.finished_at {
         out!("finished:     {}", ago(f));
+    }
+    let res = t.result.as_ref();
+    let ms = res.and_then(|r| r.duration_ms).or_else(|| {
+        let start = t.started_at?;
+        u64::try_from(t.finished_at.unwrap_or_else(now_ms) - start).ok()
+    });
+    if let Some(ms) = ms {
+        let so_far = if t.finished_at.is_none() {
+            " so far"
+        } else {
+            ""
+        };
+        out!("duration:     {}{so_far}", duration(ms));
+    }
+    if let Some(usd) = res
+        .and_then(|r| r.usage.as_ref())
+        .and_then(|u| u["cost_usd"].as_f64())
+    {
+        out!("cost:         {}", cost(usd));
     }
     if let Some(r) = &t.reason {
         out!("reason:       {r}");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod approvals;
+mod cli_ux;
 mod contain;
 mod setup;
 

@@ -1,0 +1,393 @@
+//! What a person sees from the CLI (issue 18, CLI items; issue 14, terminal escapes): the
+//! binary against a real `tunnel serve`, the runner's part by hand with curl.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{BIN, Served, stderr, stdout};
+
+/// Submits `prompt` for `agent` through the CLI; returns the task id.
+fn submit(s: &Served, agent: &str, prompt: &str) -> String {
+    let out = s.cli(&["submit", "--agent", agent, "--queue-anyway", prompt]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_owned()
+}
+
+/// Claims and acks `id` as runner `runner`; returns the attempt reference.
+fn start(s: &Served, id: &str, runner: &str, agent: &str) -> Value {
+    let (code, offer) = s.post(
+        "/v1/claim",
+        json!({"runner": runner, "agents": [agent], "wait_ms": 1000}),
+    );
+    assert_eq!(code, 200, "{offer}");
+    assert_eq!(offer["task"]["id"], id);
+    let at = json!({"attempt": offer["attempt"], "lease_token": offer["lease_token"]});
+    assert_eq!(s.post(&format!("/v1/tasks/{id}/ack"), at.clone()).0, 200);
+    at
+}
+
+fn events(s: &Served, id: &str, at: &Value, events: Value) {
+    let mut body = at.clone();
+    body["events"] = events;
+    let (code, v) = s.post(&format!("/v1/tasks/{id}/events"), body);
+    assert_eq!(code, 200, "{v}");
+}
+
+fn finish(s: &Served, id: &str, at: &Value, outcome: &str, result: Value) {
+    let mut body = at.clone();
+    body["outcome"] = json!(outcome);
+    body["result"] = result;
+    let (code, v) = s.post(&format!("/v1/tasks/{id}/finish"), body);
+    assert_eq!(code, 200, "{v}");
+}
+
+#[test]
+fn an_agent_no_runner_offers_is_refused_with_a_suggestion() {
+    let s = Served::start(&[]);
+    // Before any runner: the built-in agents are known, a typo is not.
+    let out = s.cli(&["submit", "--agent", "claud", "--watch", "hi"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Did you mean claude?"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("--queue-anyway"), "{}", stderr(&out));
+    let out = s.cli(&["tasks", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!([]),
+        "nothing was submitted"
+    );
+    let out = s.cli(&["submit", "--agent", "claude", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Once runners have connected, the agents they offered are the known ones.
+    let (code, _) = s.post(
+        "/v1/claim",
+        json!({"runner": "r1", "agents": ["reviewer"], "wait_ms": 0}),
+    );
+    assert!(code == 200 || code == 204, "{code}");
+    let out = s.cli(&["submit", "--agent", "reviewr", "hi"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("Did you mean reviewer?"), "{err}");
+    assert!(err.contains("no runner has ever offered"), "{err}");
+    // Error text once, not repeated by the error chain.
+    assert_eq!(err.matches("Did you mean").count(), 1, "{err}");
+    let out = s.cli(&["submit", "--agent", "reviewr", "--queue-anyway", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn watch_shows_steps_for_people_and_raw_events_on_request() {
+    let s = Served::start(&[]);
+    let id = submit(&s, "claude", "list the files");
+    let at = start(&s, &id, "box", "claude");
+    events(
+        &s,
+        &id,
+        &at,
+        json!([
+            {"n": 1, "kind": "session", "data": {"session_id": "s-9", "model": "claude-sonnet-4-5"}},
+            {"n": 2, "kind": "tool_use", "data": {"name": "Bash", "id": "t1", "input": {"command": "ls -la src"}}},
+            {"n": 3, "kind": "tool_result", "data": {"id": "t1", "is_error": false, "output": "a.rs"}},
+            {"n": 4, "kind": "tool_use", "data": {"name": "Read", "id": "t2", "input": {"file_path": "/w/src/a.rs"}}},
+            {"n": 5, "kind": "text", "data": {"text": "There is one file."}},
+            {"n": 6, "kind": "usage", "data": {"cost_usd": 0.0123, "usage": {"input_tokens": 10}, "num_turns": 2, "duration_ms": 65000}},
+        ]),
+    );
+    finish(
+        &s,
+        &id,
+        &at,
+        "succeeded",
+        json!({"text": "There is one file.", "session_id": "s-9", "duration_ms": 65000,
+               "usage": {"cost_usd": 0.0123}}),
+    );
+
+    let out = s.cli(&["watch", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("› Bash: ls -la src"), "{err}");
+    assert!(err.contains("› Read: /w/src/a.rs"), "{err}");
+    assert!(err.contains("running on box"), "{err}");
+    assert!(!err.contains('{'), "no raw JSON for people: {err}");
+    let last = err.lines().last().unwrap();
+    for part in [
+        "succeeded",
+        "1m 05s",
+        "claude-sonnet-4-5",
+        "$0.0123",
+        "session s-9",
+    ] {
+        assert!(last.contains(part), "{part:?} in the final line: {last}");
+    }
+    assert_eq!(stdout(&out).trim(), "There is one file.");
+
+    let out = s.cli(&["watch", "--verbose", &id]);
+    let err = stderr(&out);
+    assert!(err.contains("[session] {"), "{err}");
+    assert!(err.contains("\"command\":\"ls -la src\""), "{err}");
+
+    let out = s.cli(&["watch", "--json", &id]);
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|e| e["kind"] == "tool_use"));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+
+    // `tasks ID` shows where, how long and what it cost.
+    let out = s.cli(&["tasks", &id]);
+    let o = stdout(&out);
+    assert!(o.contains("runner:       box"), "{o}");
+    assert!(o.contains("duration:     1m 05s"), "{o}");
+    assert!(o.contains("cost:         $0.0123"), "{o}");
+}
+
+#[test]
+fn a_failure_is_said_once() {
+    let s = Served::start(&[]);
+    let id = submit(&s, "codex", "fail");
+    let at = start(&s, &id, "box", "codex");
+    events(
+        &s,
+        &id,
+        &at,
+        json!([{"n": 1, "kind": "error", "data": {"message": "model overloaded, try later"}}]),
+    );
+    finish(
+        &s,
+        &id,
+        &at,
+        "failed",
+        json!({"error": "model overloaded, try later", "exit_code": 1}),
+    );
+    let out = s.cli(&["watch", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.matches("model overloaded").count(), 1, "{err}");
+    assert!(err.lines().last().unwrap().contains("failed"), "{err}");
+    assert_eq!(err.matches("failed").count(), 1, "{err}");
+}
+
+#[test]
+fn terminal_escapes_from_the_server_are_made_visible_but_json_is_unchanged() {
+    let s = Served::start(&[]);
+    // OSC 52 writes the clipboard; CSI 2J clears the screen.
+    let prompt = "hi \u{1b}]52;c;ZWNobyBwd25lZA==\u{7} there";
+    let id = submit(&s, "claude", prompt);
+    let at = start(&s, &id, "box", "claude");
+    events(
+        &s,
+        &id,
+        &at,
+        json!([{"n": 1, "kind": "text", "data": {"text": "done\u{1b}[2J\u{9b}31m"}},
+               {"n": 2, "kind": "tool_use", "data": {"name": "Bash\u{1b}]0;title\u{7}", "input": {"command": "ls"}}}]),
+    );
+    finish(&s, &id, &at, "succeeded", json!({"text": "done\u{1b}[2J"}));
+    for args in [
+        vec!["tasks"],
+        vec!["tasks", id.as_str()],
+        vec!["watch", id.as_str()],
+        vec!["watch", "--verbose", id.as_str()],
+        vec!["runners"],
+    ] {
+        let out = s.cli(&args);
+        let all = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+        assert!(
+            !all.contains(&0x1b) && !all.contains(&0x07),
+            "{args:?}: raw control characters: {}",
+            String::from_utf8_lossy(&all)
+        );
+        assert!(
+            !String::from_utf8_lossy(&all).contains('\u{9b}'),
+            "{args:?}: raw C1 control"
+        );
+    }
+    let out = s.cli(&["tasks", &id]);
+    assert!(
+        stdout(&out).contains("hi \\x1b]52;c;ZWNobyBwd25lZA==\\x07 there"),
+        "{}",
+        stdout(&out)
+    );
+    let out = s.cli(&["tasks", "--json", &id]);
+    let task: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(task["prompt"], prompt, "--json carries the data unchanged");
+}
+
+/// `tunnel submit --watch` for a task no runner takes, with stderr read line by line.
+struct Watching {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watching {
+    fn start(s: &Served, extra: &[&str]) -> Watching {
+        let mut child = Command::new(BIN)
+            .args(["submit", "--agent", "claude", "--watch"])
+            .args(extra)
+            .arg("hello")
+            .env("XDG_DATA_HOME", s.data.path())
+            .env("XDG_CONFIG_HOME", s.data.path())
+            .env("TUNNEL_URL", &s.url)
+            .env_remove("WORKER_TOKEN")
+            .env_remove("TUNNEL_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Watching {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `what`.
+    fn wait_for(&mut self, what: &str) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => {
+                    let hit = l.contains(what);
+                    self.seen.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no {what:?} on stderr: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn rest(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        (status.code(), self.seen.join("\n"))
+    }
+}
+
+#[test]
+fn ctrl_c_leaves_the_task_running_and_says_how_to_come_back() {
+    let s = Served::start(&[]);
+    let mut w = Watching::start(&s, &[]);
+    w.wait_for("waiting for a runner offering agent claude");
+    let pid = w.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, err) = w.rest();
+    assert_eq!(code, Some(130), "{err}");
+    let out = s.cli(&["tasks", "--json"]);
+    let tasks: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = tasks[0]["id"].as_str().unwrap();
+    assert_eq!(tasks[0]["state"], "queued", "the task goes on");
+    assert!(err.contains(&format!("`tunnel watch {id}`")), "{err}");
+    assert!(err.contains(&format!("`tunnel cancel {id}`")), "{err}");
+}
+
+#[test]
+fn watch_gives_up_after_its_timeout_and_says_what_it_waited_for() {
+    let s = Served::start(&[]);
+    let id = submit(&s, "gemini", "hi");
+    let out = s.cli(&["watch", "--timeout", "1", &id]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("Gave up watching after 1 s"), "{err}");
+    assert!(
+        err.contains("still queued, waiting for a runner offering agent gemini"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("`tunnel cancel {id}`")), "{err}");
+
+    // `submit --watch --timeout`: the same limit while nothing takes the task.
+    let mut w = Watching::start(&s, &["--timeout", "1"]);
+    w.wait_for("Gave up watching after 1 s");
+    let (code, _) = w.rest();
+    assert_eq!(code, Some(124));
+}
+
+#[test]
+fn help_describes_every_option_and_serve_is_not_sqlite_only() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let top = stdout(&out);
+    assert!(top.contains("SQLite or PostgreSQL"), "{top}");
+    for sub in [
+        "init",
+        "up",
+        "serve",
+        "serve install-service",
+        "runner",
+        "submit",
+        "watch",
+        "tasks",
+        "cancel",
+        "approvals",
+        "approve",
+        "sessions",
+        "sessions new",
+        "sessions resume",
+        "runners",
+        "token",
+        "token create",
+        "token revoke",
+        "dashboard",
+        "doctor",
+    ] {
+        let out = Command::new(BIN)
+            .args(sub.split(' '))
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = stdout(&out);
+        assert!(out.status.success(), "{sub}: {}", stderr(&out));
+        assert!(
+            !help.contains("scripts/") && !help.contains("schemathesis"),
+            "{sub}: test scripts in user help: {help}"
+        );
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim();
+            // Options (`-a, --agent <AGENT>`) and arguments (`<ID>`), not value lists (`- x: …`).
+            let option = (t.starts_with('-') && !t.starts_with("- "))
+                || (t.starts_with('<') && line.starts_with("  "));
+            if !option {
+                continue;
+            }
+            // What follows the option on its line, without `[default: …]`, else the next line
+            // when it is indented further (clap's long form).
+            let same = t.split_once("  ").map(|(_, d)| d.trim()).unwrap_or("");
+            let said = !same.is_empty() && !same.starts_with('[')
+                || lines.get(i + 1).is_some_and(|n| {
+                    let indent = |s: &str| s.len() - s.trim_start().len();
+                    !n.trim().is_empty() && !n.trim().starts_with('[') && indent(n) > indent(line)
+                });
+            assert!(said, "{sub}: {t:?} has no description:\n{help}");
+        }
+    }
+}
+
+#[test]
+fn listen_accepts_a_host_name() {
+    let s = Served::start(&[("TUNNEL_LISTEN", "localhost:3456")]);
+    assert!(s.url.starts_with("http://127.0.0.1:"), "{}", s.url);
+    let out = s.cli(&["tasks"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
