@@ -391,3 +391,149 @@ fn listen_accepts_a_host_name() {
     let out = s.cli(&["tasks"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// `tunnel serve` with text logs, under a pseudo-terminal when `tty` (script(1)); returns what
+/// it wrote once it is listening, then stops it.
+fn serve_log(tty: bool, no_color: bool) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = format!("exec {BIN} serve --port 0 --log-format text");
+    let mut cmd = if tty {
+        let mut c = Command::new("script");
+        c.args(["-qefc", &format!("echo PID $$; {serve}"), "/dev/null"]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("echo PID $$ >&2; {serve}")]);
+        c
+    };
+    cmd.env("XDG_DATA_HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .env_remove("WORKER_TOKEN")
+        .env_remove("PORT")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(if tty { Stdio::piped() } else { Stdio::null() })
+        .stderr(if tty { Stdio::null() } else { Stdio::piped() });
+    if no_color {
+        cmd.env("NO_COLOR", "1");
+    } else {
+        cmd.env_remove("NO_COLOR");
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out: Box<dyn std::io::Read + Send> = if tty {
+        Box::new(child.stdout.take().unwrap())
+    } else {
+        Box::new(child.stderr.take().unwrap())
+    };
+    let mut reader = BufReader::new(out);
+    let mut all = Vec::new();
+    let mut pid = None;
+    loop {
+        let mut line = Vec::new();
+        assert!(
+            reader.read_until(b'\n', &mut line).unwrap() > 0,
+            "ended early: {}",
+            String::from_utf8_lossy(&all)
+        );
+        let text = String::from_utf8_lossy(&line).into_owned();
+        if let Some(p) = text.trim().strip_prefix("PID ") {
+            pid = Some(p.to_owned());
+        }
+        all.extend_from_slice(&line);
+        if text.contains("listening") {
+            break;
+        }
+    }
+    Command::new("kill")
+        .args(["-TERM", &pid.unwrap()])
+        .status()
+        .unwrap();
+    let _ = std::io::Read::read_to_end(&mut reader, &mut all);
+    child.wait().unwrap();
+    all
+}
+
+#[test]
+fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+    assert!(
+        !serve_log(false, false).contains(&0x1b),
+        "no colour codes in a log file"
+    );
+    assert!(
+        !serve_log(true, true).contains(&0x1b),
+        "NO_COLOR is honoured"
+    );
+    assert!(
+        serve_log(true, false).windows(2).any(|w| w == b"\x1b["),
+        "a person at a terminal still gets colour"
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_sqlite_file_or_port_is_refused_clearly() {
+    let s = Served::start(&[]);
+    let out = Command::new(BIN)
+        .args(["serve", "--port", "0"])
+        .env("XDG_DATA_HOME", s.data.path())
+        .env("XDG_CONFIG_HOME", s.data.path())
+        .env_remove("WORKER_TOKEN")
+        .env_remove("PORT")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("is already serving the database"), "{err}");
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", s.child.id())),
+        "names the holder: {err}"
+    );
+    // `tunnel up` takes the same lock.
+    let out = Command::new(BIN)
+        .args(["up", "--port", "0"])
+        .env("XDG_DATA_HOME", s.data.path())
+        .env("XDG_CONFIG_HOME", s.data.path())
+        .env_remove("WORKER_TOKEN")
+        .env_remove("PORT")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is already serving the database"),
+        "{}",
+        stderr(&out)
+    );
+    // The first one is unharmed.
+    assert!(s.cli(&["tasks"]).status.success());
+
+    // A busy port, with another database.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--port", &port])
+        .env("XDG_DATA_HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .env_remove("WORKER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("another tunnel may be running") && err.contains("use --port"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+}
+
+#[test]
+fn an_error_and_its_cause_are_said_once() {
+    let out = Command::new(BIN)
+        .args(["tasks", "--server", "http://127.0.0.1:9", "--token", "x"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("error sending request"), "{err}");
+    assert_eq!(err.matches("error sending request").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
