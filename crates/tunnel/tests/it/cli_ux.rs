@@ -537,3 +537,31 @@ fn an_error_and_its_cause_are_said_once() {
     assert_eq!(err.matches("error sending request").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn doctor_follows_tunnel_url_and_names_the_tokens_role() {
+    let s = Served::start(&[]);
+    // TUNNEL_URL only (set by `cli`), as for every other client command.
+    let out = s.cli(&["doctor"]);
+    let text = stdout(&out);
+    assert!(text.contains(&format!("{} answers", s.url)), "{text}");
+    assert!(text.contains("its role is admin"), "{text}");
+    let out = s.cli(&["token", "create", "--name", "cli", "--role", "client"]);
+    let client = stdout(&out).trim().to_owned();
+    let mut cmd = Command::new(BIN);
+    let out = cmd
+        .arg("doctor")
+        .env("XDG_DATA_HOME", s.data.path())
+        .env("XDG_CONFIG_HOME", s.data.path())
+        .env("TUNNEL_URL", &s.url)
+        .env("TUNNEL_TOKEN", &client)
+        .env_remove("WORKER_TOKEN")
+        .env_remove("WORKER_URL")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("the token from TUNNEL_TOKEN is valid; its role is client"),
+        "{text}"
+    );
+}

@@ -608,7 +608,7 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         text.contains("aider: `/nonexistent/aider` not found"),
         "{text}"
     );
-    assert!(text.contains("the token is valid"), "{text}");
+    assert!(text.contains("is valid; its role is admin"), "{text}");
     assert!(
         text.contains("npm install -g @anthropic-ai/claude-code") || text.contains("claude: /"),
         "{text}"
@@ -643,7 +643,7 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         .unwrap();
     let text = stdout(&out);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("the token is valid (runner)"), "{text}");
+    assert!(text.contains("its role is runner"), "{text}");
     assert!(
         text.contains("FAIL  no agent CLI is installed")
             && text.contains("claude: `/nonexistent/claude` not found"),
