@@ -368,6 +368,14 @@ impl Client {
             .await
     }
 
+    /// This runner stops cleanly: the server shows it offline at once.
+    pub async fn goodbye(&self, runner: &str) -> Result<()> {
+        let url = self.url(&format!("/v1/runners/{}/goodbye", encode(runner)));
+        self.execute(self.http.post(url).timeout(Duration::from_secs(5)))
+            .await
+            .map(drop)
+    }
+
     pub async fn runners(&self) -> Result<RunnerList> {
         self.send(self.get("/v1/runners")).await
     }

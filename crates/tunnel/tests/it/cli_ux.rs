@@ -565,3 +565,135 @@ fn doctor_follows_tunnel_url_and_names_the_tokens_role() {
         "{text}"
     );
 }
+
+fn runner_online(s: &Served, name: &str) -> Option<bool> {
+    let out = s.cli(&["runners", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .map(|r| r["online"] == true)
+}
+
+fn goodbye(s: &Served, name: &str, token: &str) -> (u16, Value) {
+    super::curl(&[
+        "-X",
+        "POST",
+        &format!("{}/v1/runners/{name}/goodbye", s.url),
+        "-H",
+        &format!("authorization: Bearer {token}"),
+    ])
+}
+
+fn token(s: &Served, name: &str, role: &str) -> String {
+    let out = s.cli(&["token", "create", "--name", name, "--role", role]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_owned()
+}
+
+#[test]
+fn a_runner_stopped_cleanly_is_offline_at_once() {
+    let s = Served::start(&[]);
+    let runner_token = token(&s, "box", "runner");
+    let home = tempfile::tempdir().unwrap();
+    let mut runner = Command::new(BIN)
+        .args(["runner", "--server", &s.url, "--name", "box"])
+        .env("WORKER_TOKEN", &runner_token)
+        .env("XDG_DATA_HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path())
+        .env("HOME", home.path())
+        .env_remove("WORKER_URL")
+        .current_dir(home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its first claim registers it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while runner_online(&s, "box") != Some(true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runner never came online"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = runner.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = runner.wait().unwrap();
+    let log = {
+        let mut s = String::new();
+        std::io::Read::read_to_string(runner.stderr.as_mut().unwrap(), &mut s).unwrap();
+        s
+    };
+    assert!(out.success(), "{log}");
+    assert!(log.contains("the server shows it offline"), "{log}");
+    assert_eq!(runner_online(&s, "box"), Some(false), "offline at once");
+    let out = s.cli(&["submit", "--agent", "echo", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no runner is connected"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Its next claim brings it back.
+    let claim = |token: &str| {
+        super::curl(&[
+            "-X",
+            "POST",
+            &format!("{}/v1/claim", s.url),
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"runner":"box","agents":["other"],"wait_ms":0}"#,
+        ])
+    };
+    assert_eq!(claim(&runner_token).0, 204);
+    assert_eq!(runner_online(&s, "box"), Some(true));
+}
+
+#[test]
+fn only_the_token_that_claimed_as_a_runner_may_say_its_goodbye() {
+    let s = Served::start(&[]);
+    let a = token(&s, "a", "runner");
+    let b = token(&s, "b", "runner");
+    let client = token(&s, "c", "client");
+    let (code, _) = super::curl(&[
+        "-X",
+        "POST",
+        &format!("{}/v1/claim", s.url),
+        "-H",
+        &format!("authorization: Bearer {a}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"runner":"box","agents":["other"],"wait_ms":0}"#,
+    ]);
+    assert_eq!(code, 204);
+    assert_eq!(runner_online(&s, "box"), Some(true));
+
+    assert_eq!(goodbye(&s, "box", &client).0, 403, "a client token");
+    let (code, body) = goodbye(&s, "box", &b);
+    assert_eq!(code, 403, "another runner's token: {body}");
+    assert_eq!(
+        goodbye(&s, "box", &s.admin_token()).0,
+        403,
+        "an admin that never claimed as box"
+    );
+    assert_eq!(goodbye(&s, "box", "tnl_000000000000_nope").0, 401);
+    assert_eq!(goodbye(&s, "b%20x", &a).0, 400, "not a runner name");
+    assert_eq!(goodbye(&s, "nobody", &a).0, 403, "a name it never claimed");
+    assert_eq!(
+        runner_online(&s, "box"),
+        Some(true),
+        "refusals changed nothing"
+    );
+
+    assert_eq!(goodbye(&s, "box", &a).0, 204);
+    assert_eq!(runner_online(&s, "box"), Some(false));
+}
