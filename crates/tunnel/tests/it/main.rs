@@ -520,7 +520,8 @@ fn a_runner_killed_mid_task_reports_the_task_after_restart_and_leaves_no_agent()
             .unwrap()
     };
     let mut runner = start_runner();
-    let out = s.cli(&["submit", "--agent", "slow", "go"]);
+    // The runner may not have claimed (and so offered `slow`) yet.
+    let out = s.cli(&["submit", "--agent", "slow", "--queue-anyway", "go"]);
     let id = stdout(&out).trim().to_owned();
     let agent_pid = wait_for_pid(&pid_file);
     let deadline = Instant::now() + Duration::from_secs(20);
