@@ -689,7 +689,10 @@ async fn a_runner_that_left_is_offline_until_it_claims(f: Fixture) {
     assert!(!r.online, "offline at once");
     f.clock.advance(1);
     assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
-    assert!(f.store.runners().await.unwrap()[0].online, "back with its claim");
+    assert!(
+        f.store.runners().await.unwrap()[0].online,
+        "back with its claim"
+    );
 }
 
 async fn tokens_create_list_revoke(f: Fixture) {

@@ -700,3 +700,15 @@ async fn token(args: TokenArgs, file: &ClientSection) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn edit_distance_finds_typos() {
+        use super::edit_distance as d;
+        assert_eq!(d("claud", "claude"), 1);
+        assert_eq!(d("cluade", "claude"), 2);
+        assert_eq!(d("codex", "codex"), 0);
+        assert_eq!(d("", "abc"), 3);
+    }
+}

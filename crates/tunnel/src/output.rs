@@ -628,3 +628,44 @@ impl EventPrinter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{tool_line, visible};
+
+    #[test]
+    fn control_characters_become_visible() {
+        assert_eq!(visible("plain\ttext\nnext"), "plain\ttext\nnext");
+        assert_eq!(visible("a\r\nb"), "a\nb");
+        assert_eq!(
+            visible("\u{1b}]52;c;eA==\u{7}x\rover"),
+            "\\x1b]52;c;eA==\\x07x\\x0dover"
+        );
+        assert_eq!(
+            visible("\u{9b}2J \u{202e}txt.exe"),
+            "\\u{9b}2J \\u{202e}txt.exe"
+        );
+        assert_eq!(visible("\u{7f}"), "\\x7f");
+    }
+
+    #[test]
+    fn tool_lines_name_what_the_tool_works_on() {
+        let t = |v| tool_line(&serde_json::json!(v));
+        assert_eq!(
+            t(serde_json::json!({"name": "Bash", "input": {"command": "ls  -la\n src"}})),
+            "Bash: ls -la src"
+        );
+        assert_eq!(
+            t(serde_json::json!({"name": "shell", "input": {"command": ["bash", "-lc", "make"]}})),
+            "shell: bash -lc make"
+        );
+        assert_eq!(
+            t(serde_json::json!({"name": "Edit", "input": {"file_path": "/a/b.rs", "old": "x"}})),
+            "Edit: /a/b.rs"
+        );
+        assert_eq!(
+            t(serde_json::json!({"name": "TodoWrite", "input": {}})),
+            "TodoWrite"
+        );
+    }
+}
