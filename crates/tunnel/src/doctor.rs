@@ -18,17 +18,17 @@ struct Report {
 
 impl Report {
     fn ok(&self, what: &str) {
-        println!("  ok    {what}");
+        crate::output::out!("  ok    {what}");
     }
 
     fn warn(&mut self, what: &str, fix: &str) {
         self.warnings += 1;
-        println!("  warn  {what}\n        → {fix}");
+        crate::output::out!("  warn  {what}\n        → {fix}");
     }
 
     fn fail(&mut self, what: &str, fix: &str) {
         self.problems += 1;
-        println!("  FAIL  {what}\n        → {fix}");
+        crate::output::out!("  FAIL  {what}\n        → {fix}");
     }
 }
 
