@@ -509,13 +509,14 @@ impl EventPrinter {
             }
             "error" => {
                 if let Some(m) = s("message") {
-                    self.shown_errors.push(m.to_owned());
+                    self.shown(m);
                     let line = format!("error: {m}");
                     self.note(&line);
                 }
             }
             "log" => {
                 if let Some(l) = s("line").filter(|l| !l.trim().is_empty()) {
+                    self.shown(l);
                     let line = format!("{}   {}", self.elapsed(e.at), one_line(l, 200));
                     self.note(&line);
                 }
@@ -532,6 +533,14 @@ impl EventPrinter {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Remembers a message shown live (the latest few), so the end does not repeat it.
+    fn shown(&mut self, m: &str) {
+        if self.shown_errors.len() >= 32 {
+            self.shown_errors.remove(0);
+        }
+        self.shown_errors.push(m.trim().to_owned());
     }
 
     fn text(&mut self, e: &TaskEvent) {
@@ -578,14 +587,16 @@ impl EventPrinter {
             {
                 if m.is_empty()
                     || said.iter().any(|s| s.contains(m))
-                    || self.shown_errors.iter().any(|s| s.trim() == m)
+                    || self.shown_errors.iter().any(|s| s == m)
                 {
                     continue;
                 }
                 err!("error: {m}");
                 said.push(m);
             }
+            // A cancelled agent's stderr is its reaction to being stopped: not news.
             if let Some(tail) = res
+                .filter(|_| t.state != TaskState::Cancelled)
                 .and_then(|r| r.stderr_tail.as_deref())
                 .map(str::trim)
                 .filter(|s| !s.is_empty())

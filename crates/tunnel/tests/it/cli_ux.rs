@@ -697,3 +697,25 @@ fn only_the_token_that_claimed_as_a_runner_may_say_its_goodbye() {
     assert_eq!(goodbye(&s, "box", &a).0, 204);
     assert_eq!(runner_online(&s, "box"), Some(false));
 }
+
+#[test]
+fn a_cancelled_task_is_said_to_be_cancelled_once() {
+    let s = Served::start(&[]);
+    let id = submit(&s, "claude", "long job");
+    let at = start(&s, &id, "box", "claude");
+    let out = s.cli(&["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    finish(
+        &s,
+        &id,
+        &at,
+        "cancelled",
+        json!({"error": "cancelled; the agent was stopped", "exit_code": 143, "stderr_tail": "cancelled\nTerminated"}),
+    );
+    let out = s.cli(&["watch", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.matches("the agent was stopped").count(), 1, "{err}");
+    assert!(!err.contains("Terminated"), "{err}");
+    assert!(err.lines().last().unwrap().contains("cancelled"), "{err}");
+}
