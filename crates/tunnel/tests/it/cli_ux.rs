@@ -719,3 +719,162 @@ fn a_cancelled_task_is_said_to_be_cancelled_once() {
     assert!(!err.contains("Terminated"), "{err}");
     assert!(err.lines().last().unwrap().contains("cancelled"), "{err}");
 }
+
+/// The runner crate's fixtures: the model-API stand-in and the env a real CLI needs for it.
+fn runner_fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tunnel-runner/tests/fixtures")
+}
+
+/// `tunnel submit --watch` against the real `claude` (CLAUDE_BIN) run by `tunnel up`, its
+/// model answered by the offline stand-in: what a person sees for a real tool call.
+#[test]
+fn watch_shows_a_real_claude_run_for_people() {
+    let Some(bin) = std::env::var("CLAUDE_BIN")
+        .ok()
+        .filter(|p| std::path::Path::new(p).is_file())
+    else {
+        assert_ne!(
+            std::env::var("TUNNEL_REAL_CLIS").as_deref(),
+            Ok("1"),
+            "TUNNEL_REAL_CLIS=1 but CLAUDE_BIN is not set"
+        );
+        eprintln!("SKIPPED watch_shows_a_real_claude_run_for_people: set CLAUDE_BIN");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = Command::new("python3")
+        .arg(runner_fixtures().join("fake_model_api.py"))
+        .args(["--port", "0", "--scenario", "tool"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut api_lines = BufReader::new(api.stdout.take().unwrap()).lines();
+    let port = api_lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("FAKE_MODEL_API_PORT=").map(str::to_owned))
+        .expect("the stand-in printed its port");
+    std::thread::spawn(move || api_lines.for_each(drop));
+    let api_url = format!("http://127.0.0.1:{port}");
+    let set = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "POST",
+            &format!("{api_url}/_fake/scenario"),
+            "-d",
+        ])
+        .arg(
+            json!({"scenario": "tool", "tool_command": "echo hi-from-claude > out.txt"})
+                .to_string(),
+        )
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(set.success());
+
+    let home = dir.path().join("claude-home");
+    let env = Command::new("bash")
+        .arg(runner_fixtures().join("real-cli-env.sh"))
+        .args(["claude", home.to_str().unwrap(), &api_url])
+        .output()
+        .unwrap();
+    assert!(env.status.success(), "{}", stderr(&env));
+    let mut env_toml: Vec<String> = String::from_utf8(env.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| format!("{k} = {}", json!(v)))
+        .collect();
+    // The tests run as root; README: Claude needs it there.
+    env_toml.push("IS_SANDBOX = \"1\"".into());
+    let project = dir.path().join("proj");
+    std::fs::create_dir_all(&project).unwrap();
+    let cfg = dir.path().join("tunnel.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[runner]\nname = \"real\"\n[runner.projects]\nproj = {}\n[runner.agents.claude]\nprogram = {}\nenv = {{ {} }}\n[runner.agents.codex]\nenabled = false\n[runner.agents.gemini]\nenabled = false\n",
+            json!(project.display().to_string()),
+            json!(bin),
+            env_toml.join(", ")
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut up = Command::new(BIN)
+        .args(["up", "--port", "0", "--log-format", "json", "--config"])
+        .arg(&cfg)
+        .env("XDG_DATA_HOME", &data)
+        .env("XDG_CONFIG_HOME", &data)
+        .env_remove("WORKER_TOKEN")
+        .env_remove("PORT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let up_err = up.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(up_err).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(addr) = v["fields"]["address"].as_str()
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let url = format!(
+        "http://{}",
+        rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    );
+    let out = Command::new(BIN)
+        .args([
+            "submit",
+            "--agent",
+            "claude",
+            "--project",
+            "proj",
+            "--queue-anyway",
+            "--timeout",
+            "120",
+            "--watch",
+            "write the file",
+        ])
+        .env("XDG_DATA_HOME", &data)
+        .env("XDG_CONFIG_HOME", &data)
+        .env("TUNNEL_URL", &url)
+        .env_remove("WORKER_TOKEN")
+        .env_remove("TUNNEL_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = up.kill();
+    let _ = up.wait();
+    let _ = api.kill();
+    let _ = api.wait();
+    let err = stderr(&out);
+    // What a person saw, for the test log.
+    eprintln!("{err}{}", stdout(&out));
+    assert!(out.status.success(), "{err}\n{}", stdout(&out));
+    assert!(
+        err.contains("› Bash: echo hi-from-claude > out.txt"),
+        "the tool and its command: {err}"
+    );
+    assert!(
+        !err.contains("[session]") && !err.contains("[usage]"),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("succeeded") && last.contains(" · session "),
+        "{last}"
+    );
+    assert!(
+        std::fs::read_to_string(project.join("out.txt"))
+            .unwrap_or_default()
+            .contains("hi-from-claude")
+    );
+}
