@@ -368,6 +368,14 @@ impl Client {
             .await
     }
 
+    /// This runner stops cleanly: the server shows it offline at once.
+    pub async fn goodbye(&self, runner: &str) -> Result<()> {
+        let url = self.url(&format!("/v1/runners/{}/goodbye", encode(runner)));
+        self.execute(self.http.post(url).timeout(Duration::from_secs(5)))
+            .await
+            .map(drop)
+    }
+
     pub async fn runners(&self) -> Result<RunnerList> {
         self.send(self.get("/v1/runners")).await
     }
@@ -498,10 +506,13 @@ fn parse_block(block: &str) -> Option<Result<TaskEvent>> {
     if data.is_empty() {
         return None;
     }
-    if event.as_deref() == Some("error") {
-        return Some(Err(ClientError::Decode(data)));
+    match serde_json::from_str::<TaskEvent>(&data) {
+        Ok(e) => Some(Ok(e)),
+        // The server's own `event: error` carries a sentence; an agent's `error` event (Codex
+        // sends them) is a task event like any other and parsed above.
+        Err(_) if event.as_deref() == Some("error") => Some(Err(ClientError::Decode(data))),
+        Err(e) => Some(Err(ClientError::Decode(e.to_string()))),
     }
-    Some(serde_json::from_str(&data).map_err(|e| ClientError::Decode(e.to_string())))
 }
 
 fn push_param(params: &mut Vec<String>, key: &str, value: Option<&str>) {
@@ -548,6 +559,18 @@ mod tests {
             "an incomplete block stays buffered"
         );
         assert_eq!(buf, b"id: 2");
+    }
+
+    #[test]
+    fn an_agents_error_event_is_an_event_not_a_broken_stream() {
+        let block = "id: 4\nevent: error\ndata: {\"seq\":4,\"attempt\":1,\"kind\":\"error\",\"data\":{\"message\":\"overloaded\"},\"at\":5}";
+        let e = parse_block(block).unwrap().unwrap();
+        assert_eq!((e.seq, e.kind.as_str()), (4, "error"));
+        let server = "event: error\ndata: the event log could not be read";
+        assert!(matches!(
+            parse_block(server),
+            Some(Err(ClientError::Decode(_)))
+        ));
     }
 
     #[test]

@@ -242,6 +242,15 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     // After an abort, tasks stop their agents and report; wait for that.
     tracker.wait().await;
-    tracing::info!("Runner stopped.");
+    if result.is_ok() {
+        // Offline at once on the server, rather than "online" for its online window while
+        // tasks are submitted to nobody. Best effort: the window still covers a failure.
+        match client.goodbye(&config.name).await {
+            Ok(()) => tracing::info!("Runner stopped; the server shows it offline."),
+            Err(e) => tracing::info!(error = %e, "Runner stopped (the server was not told)."),
+        }
+    } else {
+        tracing::info!("Runner stopped.");
+    }
     result
 }

@@ -97,6 +97,9 @@ pub(crate) struct Inner {
     pub(crate) platforms: Arc<tunnel_delivery::Platforms>,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) web: web::WebState,
+    /// Which token last claimed as each runner name on this server process: only that token
+    /// may say goodbye for the name. At most [`api::RUNNER_OWNERS_MAX`] names.
+    pub(crate) runner_owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// Shared by every handler.
@@ -142,6 +145,7 @@ impl Server {
             platforms,
             metrics: metrics::Metrics::default(),
             web: web::WebState::default(),
+            runner_owners: Default::default(),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =

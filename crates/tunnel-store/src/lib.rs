@@ -578,6 +578,15 @@ impl Store {
         }
     }
 
+    /// A runner stopped cleanly: offline from now until its next claim. False if the server
+    /// has never seen it.
+    pub async fn runner_left(&self, name: &str) -> Result<bool> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.runner_left(name.to_owned()).await,
+            Backend::Postgres(s) => s.runner_left(name.to_owned()).await,
+        }
+    }
+
     pub async fn runners(&self) -> Result<Vec<RunnerInfo>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.runners().await,

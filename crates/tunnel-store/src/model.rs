@@ -118,9 +118,11 @@ pub(crate) fn recent_from_row(r: &impl Columns) -> Result<RecentSession> {
 }
 
 /// A `runners` row selected as `name, agents, projects, capacity, version, first_seen,
-/// last_seen, agent_versions, <active task count>`, as seen at `now`.
+/// last_seen, agent_versions, <active task count>, left_at`, as seen at `now`. Online: seen
+/// within `online_ms` and not seen off (a goodbye counts until the runner is seen after it).
 pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Result<RunnerInfo> {
     let last_seen = r.int(6)?;
+    let left = r.opt_int(9)?.is_some_and(|l| l >= last_seen);
     Ok(RunnerInfo {
         agent_versions: serde_json::from_str(&r.text(7)?).unwrap_or_default(),
         name: r.text(0)?,
@@ -130,7 +132,7 @@ pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Res
         version: r.opt_text(4)?,
         first_seen: r.int(5)?,
         last_seen,
-        online: now - last_seen <= online_ms,
+        online: now - last_seen <= online_ms && !left,
         active_tasks: r.uint(8)?,
     })
 }

@@ -89,6 +89,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0010_web_sessions",
         include_str!("../migrations/postgres/0010_web_sessions.sql"),
     ),
+    (
+        "0014_runner_left",
+        include_str!("../migrations/postgres/0014_runner_left.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -1168,7 +1172,8 @@ impl PgStore {
             "SELECT r.name, r.agents, r.projects, r.capacity, r.version, r.first_seen, r.last_seen,
                 r.agent_versions,
                 (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
-                    AND t.state IN ('offered', 'running', 'cancelling'))
+                    AND t.state IN ('offered', 'running', 'cancelling')),
+                r.left_at
              FROM runners r ORDER BY r.name",
             &[],
         )
@@ -1310,6 +1315,18 @@ impl PgStore {
                 .await?;
             }
             Ok(())
+        })
+    }
+
+    pub(crate) async fn runner_left(&self, name: String) -> Result<bool> {
+        write!(self, |w| {
+            let n = w
+                .exec(
+                    "UPDATE runners SET left_at = $2 WHERE name = $1",
+                    &[&name, &w.now],
+                )
+                .await?;
+            Ok(n > 0)
         })
     }
 
@@ -2273,7 +2290,7 @@ impl W<'_> {
              ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
                 projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
                 version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
-                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen)",
+                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL",
             &[
                 &req.runner,
                 &to_json(&req.agents),

@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0008_approvals.sql"),
     include_str!("../migrations/sqlite/0010_web_sessions.sql"),
     include_str!("../migrations/sqlite/0017_finished_minutes.sql"),
+    include_str!("../migrations/sqlite/0014_runner_left.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -804,7 +805,8 @@ impl SqliteStore {
                 "SELECT r.name, r.agents, r.projects, r.capacity, r.version, r.first_seen, r.last_seen,
                     r.agent_versions,
                     (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
-                        AND t.state IN ('offered', 'running', 'cancelling'))
+                        AND t.state IN ('offered', 'running', 'cancelling')),
+                    r.left_at
                  FROM runners r ORDER BY r.name",
             )?;
             all(stmt.query([])?, |r| runner_from_row(r, now, online_ms))
@@ -939,6 +941,17 @@ impl SqliteStore {
                 stmt.execute(params![s.agent, s.session_id, runner, s.last_used])?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn runner_left(&self, name: String) -> Result<bool> {
+        self.write(move |w| {
+            let n = w
+                .conn
+                .prepare_cached("UPDATE runners SET left_at = ?2 WHERE name = ?1")?
+                .execute(params![name, w.now])?;
+            Ok(n > 0)
         })
         .await
     }
@@ -1791,7 +1804,7 @@ impl W<'_> {
                  ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
                     projects = excluded.projects, capacity = excluded.capacity,
                     version = excluded.version, agent_versions = excluded.agent_versions,
-                    last_seen = excluded.last_seen",
+                    last_seen = excluded.last_seen, left_at = NULL",
             )?
             .execute(params![
                 req.runner,

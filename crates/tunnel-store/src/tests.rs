@@ -247,6 +247,7 @@ conformance!(
     long_lease_ack_and_current_attempt,
     meta_is_kept_as_submitted,
     sessions_belong_to_their_client,
+    a_runner_that_left_is_offline_until_it_claims,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -677,6 +678,21 @@ async fn runner_affinity_and_filters(f: Fixture) {
     assert_eq!(runners[0].capacity, 3);
     assert_eq!(runners[0].active_tasks, 2);
     assert!(runners[0].online);
+}
+
+async fn a_runner_that_left_is_offline_until_it_claims(f: Fixture) {
+    assert!(!f.store.runner_left("r").await.unwrap(), "never seen");
+    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    assert!(f.store.runners().await.unwrap()[0].online);
+    assert!(f.store.runner_left("r").await.unwrap());
+    let r = &f.store.runners().await.unwrap()[0];
+    assert!(!r.online, "offline at once");
+    f.clock.advance(1);
+    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    assert!(
+        f.store.runners().await.unwrap()[0].online,
+        "back with its claim"
+    );
 }
 
 async fn tokens_create_list_revoke(f: Fixture) {

@@ -13,7 +13,7 @@ use tunnel_protocol::{Approval, ApprovalAnswer, ApprovalState, Decision, TaskEve
 
 use crate::cli::{ApprovalsArgs, ApproveArgs};
 use crate::commands::explain;
-use crate::output;
+use crate::output::{self, err, out};
 
 pub(crate) async fn list(client: &Client, args: ApprovalsArgs) -> Result<ExitCode> {
     let q = ApprovalQuery {
@@ -25,7 +25,7 @@ pub(crate) async fn list(client: &Client, args: ApprovalsArgs) -> Result<ExitCod
     if args.client.json {
         output::json(&approvals)?;
     } else if approvals.is_empty() {
-        println!(
+        out!(
             "{}",
             if args.all {
                 "no approval requests"
@@ -58,12 +58,17 @@ fn expires(a: &Approval) -> String {
 }
 
 fn table(list: &[Approval]) {
-    println!(
+    out!(
         "{:<40}  {:<8}  {:<8}  {:<8}  {:<8}  {:<10}  WHAT",
-        "ID", "TASK", "AGENT", "KIND", "ASKED", "EXPIRES"
+        "ID",
+        "TASK",
+        "AGENT",
+        "KIND",
+        "ASKED",
+        "EXPIRES"
     );
     for a in list {
-        println!(
+        out!(
             "{:<40}  {:<8}  {:<8}  {:<8}  {:<8}  {:<10}  {}",
             a.id,
             a.task_id.chars().take(8).collect::<String>(),
@@ -107,7 +112,7 @@ pub(crate) async fn approve(client: &Client, args: ApproveArgs) -> Result<ExitCo
     if args.client.json {
         output::json(&a)?;
     } else {
-        println!("{}: {}", a.id, tunnel_delivery::approval_outcome_line(&a));
+        out!("{}: {}", a.id, tunnel_delivery::approval_outcome_line(&a));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -135,29 +140,29 @@ fn refusal(id: &str, e: ClientError) -> anyhow::Error {
 /// One `approval` event, as `tunnel watch` prints it (on stderr, like other non-text events).
 pub(crate) fn print_event(data: &serde_json::Value) {
     let Ok(a) = serde_json::from_value::<Approval>(data.clone()) else {
-        eprintln!("[approval] {}", output::one_line(&data.to_string(), 200));
+        err!("[approval] {}", output::one_line(&data.to_string(), 200));
         return;
     };
     if a.state == ApprovalState::Pending {
-        eprintln!(
+        err!(
             "🔐 {} asks: {}",
             a.agent,
             output::one_line(&a.tool.title, 200)
         );
         if let Some(c) = &a.tool.command {
-            eprintln!("    $ {}", output::one_line(c, 400));
+            err!("    $ {}", output::one_line(c, 400));
         }
         if let Some(d) = &a.tool.diff {
             for line in d.lines().take(20) {
-                eprintln!("    {line}");
+                err!("    {line}");
             }
         }
         if !a.tool.paths.is_empty() {
-            eprintln!("    files: {}", a.tool.paths.join(", "));
+            err!("    files: {}", a.tool.paths.join(", "));
         }
-        eprintln!("    request {}", a.id);
+        err!("    request {}", a.id);
     } else {
-        eprintln!("[{}]", tunnel_delivery::approval_outcome_line(&a));
+        err!("[{}]", tunnel_delivery::approval_outcome_line(&a));
     }
 }
 
@@ -191,7 +196,7 @@ impl Prompt {
     fn ask_next(&self, repeat: bool) {
         if let Some(a) = self.queue.front() {
             if repeat {
-                eprintln!(
+                err!(
                     "🔐 {} still asks: {} ({})",
                     a.agent,
                     output::one_line(&a.tool.title, 200),
@@ -226,7 +231,7 @@ impl Prompt {
             return;
         }
         if !self.tty {
-            eprintln!(
+            err!(
                 "    answer with: tunnel approve {id}  |  tunnel approve {id} --session  |  tunnel approve {id} --deny [MESSAGE]",
                 id = a.id
             );
@@ -252,7 +257,7 @@ impl Prompt {
         if self.queue.len() == 1 {
             self.ask_next(false);
         } else {
-            eprintln!("    (asked next, after the question above)");
+            err!("    (asked next, after the question above)");
         }
     }
 
@@ -265,7 +270,7 @@ impl Prompt {
             // stdin closed: stop asking, say how to answer instead.
             self.tty = false;
             for a in self.queue.drain(..) {
-                eprintln!(
+                err!(
                     "\n    answer with: tunnel approve {} [--session | --deny [MESSAGE]]",
                     a.id
                 );
@@ -292,14 +297,14 @@ impl Prompt {
             by: by(None),
         };
         if let Err(e) = answer.validate() {
-            eprintln!("invalid answer: {e}");
+            err!("invalid answer: {e}");
             eprint!("{QUESTION}");
             return;
         }
         // Whatever the server says, this one is no longer ours to ask about.
         self.queue.pop_front();
         if let Err(e) = client.answer_approval(&id, &answer).await {
-            eprintln!("{}", refusal(&id, e));
+            err!("{}", refusal(&id, e));
         }
         self.ask_next(true);
     }

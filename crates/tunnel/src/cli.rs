@@ -24,9 +24,9 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Set up this machine: config file, tokens, and the next command to run.
     Init(InitArgs),
-    /// Server and a local runner in one process, on SQLite: the quickest start.
+    /// Server and a local runner in one process: the quickest start.
     Up(UpCmd),
-    /// Run the server (API, queue, event streams) on SQLite.
+    /// Run the server (API, queue, event streams) on SQLite or PostgreSQL.
     Serve(ServeCmd),
     /// Run a runner: claim tasks from a server and run agent CLIs on this machine.
     Runner(RunnerCmd),
@@ -102,11 +102,12 @@ pub(crate) struct InitArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct DoctorArgs {
-    /// Server URL [default: WORKER_URL, the config file, then http://127.0.0.1:3456].
-    #[arg(long)]
+    /// Server URL [default: TUNNEL_URL, WORKER_URL, the config file, then
+    /// http://127.0.0.1:3456].
+    #[arg(long, env = "TUNNEL_URL")]
     pub(crate) server: Option<String>,
-    /// Token [default: WORKER_TOKEN, the config file, then the local admin token].
-    #[arg(long, hide_env_values = true)]
+    /// Token [default: TUNNEL_TOKEN, WORKER_TOKEN, the config file, then the local admin token].
+    #[arg(long, env = "TUNNEL_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
 }
 
@@ -183,7 +184,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TUNNEL_RETENTION", value_name = "DURATION")]
     pub(crate) retention: Option<String>,
     /// Longest a long-poll (claim, `?wait=`, heartbeat) is held, in milliseconds [default:
-    /// 60000]. Tests that call every route (scripts/schemathesis) shorten it.
+    /// 60000].
     #[arg(long, env = "TUNNEL_MAX_WAIT_MS")]
     pub(crate) max_wait_ms: Option<u64>,
     /// Log format [default: text].
@@ -264,10 +265,13 @@ pub(crate) struct SubmitArgs {
     /// A project a runner declared.
     #[arg(long, short)]
     pub(crate) project: Option<String>,
+    /// The model the agent uses (its own name for it, e.g. sonnet, gpt-5, gemini-2.5-pro)
+    /// [default: the agent's or the runner's].
     #[arg(long, short)]
     pub(crate) model: Option<String>,
-    /// Give up after this many seconds.
-    #[arg(long)]
+    /// Stop the agent after it has run this many seconds (the task ends timed_out). With
+    /// --watch, also stop watching if the task has not started within that time.
+    #[arg(long, value_name = "SECONDS")]
     pub(crate) timeout: Option<u64>,
     /// Start a fresh agent session.
     #[arg(long, conflicts_with = "resume")]
@@ -290,9 +294,15 @@ pub(crate) struct SubmitArgs {
     /// the runner's setting for the agent wins [default: the runner's setting].
     #[arg(long, value_enum)]
     pub(crate) approvals: Option<PolicyArg>,
-    /// Follow the task's events until it ends.
+    /// Follow the task's events until it ends (Ctrl-C stops watching, not the task).
     #[arg(long, short)]
     pub(crate) watch: bool,
+    /// With --watch: show every event raw, as `[kind] data`.
+    #[arg(long, short)]
+    pub(crate) verbose: bool,
+    /// Queue the task even though no runner has ever offered the agent (one may come later).
+    #[arg(long)]
+    pub(crate) queue_anyway: bool,
     /// The prompt; `-` reads it from standard input.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
     pub(crate) prompt: Vec<String>,
@@ -315,6 +325,7 @@ pub(crate) struct ApprovalsArgs {
     /// Only this task's requests.
     #[arg(long)]
     pub(crate) task: Option<String>,
+    /// Show at most this many requests, newest first.
     #[arg(long, default_value_t = 50)]
     pub(crate) limit: u32,
 }
@@ -340,24 +351,36 @@ pub(crate) struct ApproveArgs {
 pub(crate) struct WatchArgs {
     #[command(flatten)]
     pub(crate) client: ClientArgs,
+    /// The task's id (printed by `tunnel submit`, listed by `tunnel tasks`).
     pub(crate) id: String,
     /// Start after this event seq (0 = from the beginning).
     #[arg(long, default_value_t = 0)]
     pub(crate) after: u64,
+    /// Show every event raw, as `[kind] data`.
+    #[arg(long, short)]
+    pub(crate) verbose: bool,
+    /// Stop watching after this many seconds (exit 124); the task goes on.
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct TasksArgs {
     #[command(flatten)]
     pub(crate) client: ClientArgs,
-    /// Show this task instead of listing.
+    /// Show this task (runner, duration, cost, answer) instead of listing.
     pub(crate) id: Option<String>,
+    /// Only tasks in this state: queued, offered, running, cancelling, parked, succeeded,
+    /// failed, timed_out, cancelled or lost.
     #[arg(long)]
     pub(crate) state: Option<String>,
+    /// Only this conversation's tasks.
     #[arg(long)]
     pub(crate) conversation: Option<String>,
+    /// Only this agent's tasks.
     #[arg(long)]
     pub(crate) agent: Option<String>,
+    /// Show at most this many, newest first.
     #[arg(long, default_value_t = 20)]
     pub(crate) limit: u32,
 }
@@ -366,6 +389,7 @@ pub(crate) struct TasksArgs {
 pub(crate) struct CancelArgs {
     #[command(flatten)]
     pub(crate) client: ClientArgs,
+    /// The task's id (printed by `tunnel submit`, listed by `tunnel tasks`).
     pub(crate) id: String,
 }
 
@@ -375,8 +399,10 @@ pub(crate) struct SessionsArgs {
     pub(crate) client: ClientArgs,
     #[command(subcommand)]
     pub(crate) action: Option<SessionAction>,
+    /// Only this conversation's binding.
     #[arg(long)]
     pub(crate) conversation: Option<String>,
+    /// Only this agent's bindings and sessions.
     #[arg(long)]
     pub(crate) agent: Option<String>,
 }
@@ -385,20 +411,25 @@ pub(crate) struct SessionsArgs {
 pub(crate) enum SessionAction {
     /// The conversation's next task starts a fresh session.
     New {
+        /// The conversation (as given to `submit --conversation`).
         #[arg(long)]
         conversation: String,
+        /// The agent whose session starts fresh.
         #[arg(long)]
         agent: String,
     },
     /// The conversation continues this native session id.
     Resume {
+        /// The conversation (as given to `submit --conversation`).
         #[arg(long)]
         conversation: String,
+        /// The agent the session belongs to.
         #[arg(long)]
         agent: String,
         /// Runner that has the session (default: the one that last reported it).
         #[arg(long)]
         runner: Option<String>,
+        /// The agent's own session id (from `tunnel sessions` or a task's answer).
         session_id: String,
     },
 }
@@ -424,6 +455,7 @@ pub(crate) struct TokenArgs {
 pub(crate) enum TokenAction {
     /// Create a token; its secret is printed once.
     Create {
+        /// What the token is for (shown by `token list`), e.g. openclaw or laptop.
         #[arg(long)]
         name: String,
         /// client (submit and read its tasks), runner (run tasks) or admin.
@@ -433,5 +465,8 @@ pub(crate) enum TokenAction {
     /// List tokens.
     List,
     /// Revoke a token by id.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (from `tunnel token list`), not its secret.
+        id: String,
+    },
 }

@@ -13,7 +13,7 @@ use crate::cli::{
     TokenAction, TokenArgs,
 };
 use crate::config::{self, ClientSection, FileConfig};
-use crate::output;
+use crate::output::{self, err, out};
 
 const DEFAULT_SERVER: &str = "http://127.0.0.1:3456";
 
@@ -44,7 +44,12 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Submit(args) => submit(args, &file.client).await,
         Command::Watch(args) => {
             let client = connect(&args.client, &file.client)?;
-            watch(&client, &args.id, args.after, args.client.json).await
+            let limit = match args.timeout {
+                Some(s) => WatchLimit::For(Duration::from_secs(s)),
+                None => WatchLimit::None,
+            };
+            let style = style(args.client.json, args.verbose);
+            watch(&client, &args.id, args.after, style, limit).await
         }
         Command::Tasks(args) => tasks(args, &file.client).await,
         Command::Cancel(args) => cancel(args, &file.client).await,
@@ -62,6 +67,14 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dashboard(args) => dashboard(args, &file.client).await,
         Command::Doctor(args) => crate::doctor::doctor(args, file).await,
         Command::Init(args) => crate::init::init(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn style(json: bool, verbose: bool) -> output::Style {
+    match (json, verbose) {
+        (true, _) => output::Style::Json,
+        (false, true) => output::Style::Verbose,
+        (false, false) => output::Style::Human,
     }
 }
 
@@ -144,6 +157,9 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
     // Check here too, so a typo is explained before anything is sent.
     req.validate()
         .map_err(|e| anyhow::anyhow!("invalid task: {e}"))?;
+    if !args.queue_anyway {
+        check_agent_known(&client, &req.agent).await?;
+    }
     let task = client
         .submit(&req, args.idempotency_key.as_deref())
         .await
@@ -151,7 +167,7 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
     if args.client.json && !args.watch {
         output::json(&task)?;
     } else if !args.client.json {
-        eprintln!(
+        err!(
             "submitted task {} ({})",
             task.id,
             output::state_phrase(&task)
@@ -160,13 +176,79 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
             warn_if_nobody_can_run(&client, &task).await;
         }
         if !args.watch {
-            println!("{}", task.id);
+            out!("{}", task.id);
         }
     }
     if args.watch {
-        return watch(&client, &task.id, 0, args.client.json).await;
+        let limit = match args.timeout {
+            Some(s) => WatchLimit::Task(Duration::from_secs(s)),
+            None => WatchLimit::None,
+        };
+        let style = style(args.client.json, args.verbose);
+        return watch(&client, &task.id, 0, style, limit).await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The agents tunnel knows before any runner has connected.
+const BUILT_IN_AGENTS: [&str; 3] = ["claude", "codex", "gemini"];
+
+/// Refuses an agent that no runner has ever offered (a typo waits in the queue forever),
+/// suggesting the nearest known name. Before any runner has connected, the built-in agents
+/// are the known ones. When the runner list cannot be read, nothing is refused.
+async fn check_agent_known(client: &Client, agent: &str) -> Result<()> {
+    let Ok(list) = client.runners().await else {
+        return Ok(());
+    };
+    let mut known: Vec<String> = list
+        .runners
+        .iter()
+        .flat_map(|r| r.agents.iter().cloned())
+        .collect();
+    if list.runners.is_empty() {
+        known = BUILT_IN_AGENTS.iter().map(|s| (*s).to_owned()).collect();
+    }
+    known.sort();
+    known.dedup();
+    if known.iter().any(|k| k == agent) {
+        return Ok(());
+    }
+    let nearest = known
+        .iter()
+        .map(|k| (edit_distance(agent, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| format!(" Did you mean {k}?"))
+        .unwrap_or_default();
+    let offered = if list.runners.is_empty() {
+        format!(
+            "no runner has connected yet, and {agent:?} is not a built-in agent ({})",
+            known.join(", ")
+        )
+    } else {
+        format!(
+            "no runner has ever offered agent {agent:?} (offered: {})",
+            known.join(", ")
+        )
+    };
+    bail!(
+        "{offered}.{nearest} Nothing was submitted; pass --queue-anyway to queue it for a runner that will offer it."
+    )
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// A queued task that no connected runner can take waits silently: say so, and why.
@@ -190,7 +272,7 @@ async fn warn_if_nobody_can_run(client: &Client, task: &tunnel_protocol::Task) {
         None => format!("agent {}", task.agent),
     };
     if online.is_empty() {
-        eprintln!(
+        err!(
             "note: no runner is connected; the task waits in the queue until one offering {wanted} connects (`tunnel runners`)."
         );
     } else {
@@ -205,7 +287,7 @@ async fn warn_if_nobody_can_run(client: &Client, task: &tunnel_protocol::Task) {
                 format!("{} ({}{projects})", r.name, r.agents.join(", "))
             })
             .collect();
-        eprintln!(
+        err!(
             "note: no connected runner offers {wanted}, so the task waits in the queue (connected: {}). Install the agent's CLI on a runner (`tunnel doctor` there) or give it the project, then restart it.",
             have.join("; ")
         );
@@ -233,18 +315,61 @@ fn parse_reply_to(s: &str) -> Result<tunnel_protocol::ReplyTo> {
     })
 }
 
+/// How long `watch` follows a task before giving up (the task goes on either way).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WatchLimit {
+    None,
+    /// `tunnel watch --timeout`: this long, whatever the task does.
+    For(Duration),
+    /// `tunnel submit --watch --timeout`: this long while the task waits to start; once it runs,
+    /// the task's own timeout (the same figure) plus time for its runner to report.
+    Task(Duration),
+}
+
+/// Exit code when `watch` gives up before the task ended (as timeout(1)).
+const EXIT_GAVE_UP: u8 = 124;
+/// Exit code after Ctrl-C (128 + SIGINT, as a shell reports it).
+const EXIT_INTERRUPTED: u8 = 130;
+/// What a runner needs beyond the task's timeout to stop the agent and report.
+const REPORT_GRACE: Duration = Duration::from_secs(30);
+
 /// Follows the event stream until the task ends, reconnecting where it left off if the
-/// connection drops. Exit 0 if the task succeeded.
-pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> Result<ExitCode> {
+/// connection drops. Exit 0 if the task succeeded. Ctrl-C or the limit leave the task running
+/// and say how to come back to it.
+pub(crate) async fn watch(
+    client: &Client,
+    id: &str,
+    after: u64,
+    style: output::Style,
+    limit: WatchLimit,
+) -> Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Before anything is printed, so a Ctrl-C from the first line on is ours.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    let started = tokio::time::Instant::now();
+    let mut deadline = match limit {
+        WatchLimit::None => None,
+        WatchLimit::For(d) | WatchLimit::Task(d) => Some(started + d),
+    };
+    let task = client.task(id, None).await.map_err(explain)?;
+    let mut printer = output::EventPrinter::new(style, &task);
+    let json = style == output::Style::Json;
+    if !json && after > 0 && matches!(task.state, TaskState::Queued | TaskState::Parked) {
+        err!("waiting for {}", printer.waiting_for());
+    }
     let mut after = after;
-    let mut printer = output::EventPrinter::new(json);
     let mut prompt = crate::approvals::Prompt::new();
     let mut failures = 0u32;
     loop {
-        let mut stream = match client.event_stream(id, after).await {
-            Ok(s) => s,
-            Err(e @ ClientError::Api { .. }) => return Err(explain(e)),
-            Err(e) => {
+        let connected = tokio::select! {
+            s = client.event_stream(id, after) => Ok(s),
+            _ = interrupt.recv() => Err(Stop::Interrupted),
+            _ = sleep_until(deadline) => Err(Stop::Limit),
+        };
+        let mut stream = match connected {
+            Ok(Ok(s)) => s,
+            Ok(Err(e @ ClientError::Api { .. })) => return Err(explain(e)),
+            Ok(Err(e)) => {
                 failures += 1;
                 if failures > 30 {
                     return Err(explain(e));
@@ -252,7 +377,12 @@ pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> 
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            Err(stop) => match stopped(client, id, stop, limit, &mut deadline, &printer).await? {
+                Some(code) => return Ok(code),
+                None => continue,
+            },
         };
+        let mut stop = None;
         loop {
             let item = tokio::select! {
                 item = stream.next() => item,
@@ -260,6 +390,8 @@ pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> 
                     prompt.answer(client, line).await;
                     continue;
                 }
+                _ = interrupt.recv() => { stop = Some(Stop::Interrupted); break }
+                _ = sleep_until(deadline) => { stop = Some(Stop::Limit); break }
             };
             let Some(item) = item else { break };
             match item {
@@ -272,9 +404,15 @@ pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> 
                     }
                 }
                 Err(e) => {
-                    eprintln!("(stream interrupted: {e}; reconnecting)");
+                    err!("(stream interrupted: {e}; reconnecting)");
                     break;
                 }
+            }
+        }
+        if let Some(stop) = stop {
+            match stopped(client, id, stop, limit, &mut deadline, &printer).await? {
+                Some(code) => return Ok(code),
+                None => continue,
             }
         }
         let task = client.task(id, None).await.map_err(explain)?;
@@ -292,6 +430,82 @@ pub(crate) async fn watch(client: &Client, id: &str, after: u64, json: bool) -> 
             });
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Interrupted,
+    Limit,
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ctrl-C or the limit: if the task still runs, say so and how to come back to it or stop it,
+/// and return the exit code; `None` to keep watching (the task ended meanwhile, or it started
+/// running and the limit moves to its own timeout).
+async fn stopped(
+    client: &Client,
+    id: &str,
+    stop: Stop,
+    limit: WatchLimit,
+    deadline: &mut Option<tokio::time::Instant>,
+    printer: &output::EventPrinter,
+) -> Result<Option<ExitCode>> {
+    let task = match client.task(id, None).await {
+        Ok(t) => t,
+        // Interrupted while the server is away: still say how to come back.
+        Err(_) if stop == Stop::Interrupted => {
+            err!(
+                "\nStopped watching. Task {id} may still be running: `tunnel watch {id}` follows it again, `tunnel cancel {id}` stops it."
+            );
+            return Ok(Some(ExitCode::from(EXIT_INTERRUPTED)));
+        }
+        Err(e) => return Err(explain(e)),
+    };
+    if task.state.is_terminal() {
+        // The end is in the log: the caller reads it.
+        *deadline = None;
+        return Ok(None);
+    }
+    if stop == Stop::Limit
+        && let (WatchLimit::Task(d), Some(start)) = (limit, task.started_at)
+    {
+        // Running: its own timeout applies from its start; wait for that and the report.
+        let ends =
+            start.saturating_add(i64::try_from((d + REPORT_GRACE).as_millis()).unwrap_or(i64::MAX));
+        let left = u64::try_from(ends - output::now_ms()).unwrap_or(0);
+        if left > 0 {
+            *deadline = Some(tokio::time::Instant::now() + Duration::from_millis(left));
+            return Ok(None);
+        }
+    }
+    let what = match task.state {
+        TaskState::Queued | TaskState::Parked => {
+            format!("is still queued, waiting for {}", printer.waiting_for())
+        }
+        _ => format!("is still {}", output::state_phrase(&task)),
+    };
+    let (why, code) = match stop {
+        Stop::Interrupted => ("Stopped watching".to_owned(), EXIT_INTERRUPTED),
+        Stop::Limit => (
+            match limit {
+                WatchLimit::For(d) | WatchLimit::Task(d) => {
+                    format!("Gave up watching after {} s", d.as_secs())
+                }
+                WatchLimit::None => "Gave up watching".to_owned(),
+            },
+            EXIT_GAVE_UP,
+        ),
+    };
+    err!(
+        "\n{why}. Task {id} {what}: `tunnel watch {id}` follows it again, `tunnel cancel {id}` stops it."
+    );
+    Ok(Some(ExitCode::from(code)))
 }
 
 async fn tasks(args: TasksArgs, file: &ClientSection) -> Result<ExitCode> {
@@ -326,7 +540,7 @@ async fn cancel(args: CancelArgs, file: &ClientSection) -> Result<ExitCode> {
     if args.client.json {
         output::json(&task)?;
     } else {
-        println!("{} {}", task.id, output::state_phrase(&task));
+        out!("{} {}", task.id, output::state_phrase(&task));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -356,7 +570,7 @@ async fn sessions(args: SessionsArgs, file: &ClientSection) -> Result<ExitCode> 
             if args.client.json {
                 output::json(&b)?;
             } else {
-                println!("{conversation} ({agent}): the next task starts a new session");
+                out!("{conversation} ({agent}): the next task starts a new session");
             }
         }
         Some(SessionAction::Resume {
@@ -372,7 +586,7 @@ async fn sessions(args: SessionsArgs, file: &ClientSection) -> Result<ExitCode> 
             if args.client.json {
                 output::json(&b)?;
             } else {
-                println!(
+                out!(
                     "{conversation} ({agent}): continues session {session_id}{}",
                     b.runner
                         .map(|r| format!(" on runner {r}"))
@@ -403,8 +617,8 @@ async fn dashboard(args: crate::cli::DashboardArgs, file: &ClientSection) -> Res
     if args.client.json {
         output::json(&serde_json::json!({"url": link, "expires_in_ms": code.expires_in_ms}))?;
     } else {
-        println!("{link}");
-        eprintln!(
+        out!("{link}");
+        err!(
             "A one-time sign-in link to the dashboard, valid {} s. Or sign in at {}/ui/ with a token.",
             code.expires_in_ms / 1000,
             client.base_url()
@@ -421,7 +635,7 @@ async fn dashboard(args: crate::cli::DashboardArgs, file: &ClientSection) -> Res
             .stderr(std::process::Stdio::null())
             .spawn();
         if let Err(e) = started {
-            eprintln!("(could not start {opener}: {e}; open the link yourself)");
+            err!("(could not start {opener}: {e}; open the link yourself)");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -458,11 +672,13 @@ async fn token(args: TokenArgs, file: &ClientSection) -> Result<ExitCode> {
             if args.client.json {
                 output::json(&created)?;
             } else {
-                eprintln!(
+                err!(
                     "created {} token {:?} (id {}); it is shown only now:",
-                    role, name, created.info.id
+                    role,
+                    name,
+                    created.info.id
                 );
-                println!("{}", created.token);
+                out!("{}", created.token);
             }
         }
         TokenAction::List => {
@@ -478,9 +694,21 @@ async fn token(args: TokenArgs, file: &ClientSection) -> Result<ExitCode> {
             if args.client.json {
                 output::json(&info)?
             } else {
-                println!("revoked token {} ({})", info.id, info.name)
+                out!("revoked token {} ({})", info.id, info.name)
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn edit_distance_finds_typos() {
+        use super::edit_distance as d;
+        assert_eq!(d("claud", "claude"), 1);
+        assert_eq!(d("cluade", "claude"), 2);
+        assert_eq!(d("codex", "codex"), 0);
+        assert_eq!(d("", "abc"), 3);
+    }
 }

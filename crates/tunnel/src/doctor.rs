@@ -18,17 +18,17 @@ struct Report {
 
 impl Report {
     fn ok(&self, what: &str) {
-        println!("  ok    {what}");
+        crate::output::out!("  ok    {what}");
     }
 
     fn warn(&mut self, what: &str, fix: &str) {
         self.warnings += 1;
-        println!("  warn  {what}\n        → {fix}");
+        crate::output::out!("  warn  {what}\n        → {fix}");
     }
 
     fn fail(&mut self, what: &str, fix: &str) {
         self.problems += 1;
-        println!("  FAIL  {what}\n        → {fix}");
+        crate::output::out!("  FAIL  {what}\n        → {fix}");
     }
 }
 
@@ -50,7 +50,12 @@ pub(crate) async fn doctor(args: DoctorArgs, file: FileConfig) -> Result<ExitCod
     // Where the token came from, so a refused one can be found and replaced.
     let admin_file = config::local_admin_token_path();
     let (token, token_source) = if let Some(t) = args.token.clone() {
-        (Some(t), "--token".to_owned())
+        let from = if std::env::var("TUNNEL_TOKEN").is_ok_and(|e| e == t) {
+            "TUNNEL_TOKEN"
+        } else {
+            "--token"
+        };
+        (Some(t), from.to_owned())
     } else if let Some(t) = std::env::var("WORKER_TOKEN").ok().filter(|s| !s.is_empty()) {
         (Some(t), "WORKER_TOKEN".to_owned())
     } else if let Some(t) = runner.token.clone() {
@@ -176,7 +181,12 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
         .await
     {
         Ok(_) => {
-            r.ok("the token is valid (client or admin)");
+            // Listing tokens is for admins only: that tells the two roles apart.
+            let role = match client.tokens().await {
+                Ok(_) => "admin: every command, token management included",
+                Err(_) => "client: submits and reads its own tasks",
+            };
+            r.ok(&format!("the token from {source} is valid; its role is {role}"));
             // What a client needs next: somebody to run its tasks.
             if let Ok(list) = client.runners().await {
                 let online: Vec<String> = list
@@ -195,7 +205,9 @@ async fn check_server(r: &mut Report, server: &str, token: Option<&str>, source:
                 }
             }
         }
-        Err(ClientError::Api { status: 403, .. }) => r.ok("the token is valid (runner)"),
+        Err(ClientError::Api { status: 403, .. }) => r.ok(&format!(
+            "the token from {source} is valid; its role is runner: claims and runs tasks, cannot submit"
+        )),
         Err(ClientError::Api { status: 401, .. }) => r.fail(
             &format!("the server refuses the token from {source} (401: unknown, mistyped or revoked)"),
             "make a new one on the server (`tunnel token create --role runner --name NAME`, or --role client for the CLI and the plugin) and put it there; `tunnel token list` on the server shows which tokens exist",

@@ -15,6 +15,8 @@ const DEFAULT_PORT: u16 = 3456;
 /// A bound server, ready to run.
 pub(crate) struct Prepared {
     pub(crate) server: Server,
+    /// Held while the process lives: one server per SQLite file.
+    pub(crate) _db_lock: Option<std::fs::File>,
 }
 
 pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
@@ -69,11 +71,13 @@ pub(crate) async fn prepare(
             durability,
         },
     };
+    let mut db_lock = None;
     let database = match database {
         Database::Sqlite { path, .. } => {
             if let Some(dir) = path.parent() {
                 config::private_dir(dir)?;
             }
+            db_lock = Some(lock_database(&path)?);
             Database::Sqlite { path, durability }
         }
         pg @ Database::Postgres { .. } => pg,
@@ -110,7 +114,17 @@ pub(crate) async fn prepare(
         }
     }
 
-    let server = Server::bind(cfg).await.context("cannot start the server")?;
+    let server = match Server::bind(cfg).await {
+        Ok(s) => s,
+        Err(tunnel_server::StartError::Bind { addr, source })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            bail!(
+                "cannot listen on {addr}: the port is in use; another tunnel may be running (`tunnel doctor`); use --port to pick another"
+            )
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot start the server")),
+    };
     if worker_token.is_none()
         && let Some(token) = server.bootstrap_admin_token().await?
     {
@@ -149,7 +163,53 @@ pub(crate) async fn prepare(
     };
     tracing::info!(address = %addr, database = %shown, "Tunnel server listening.");
 
-    Ok(Prepared { server })
+    Ok(Prepared {
+        server,
+        _db_lock: db_lock,
+    })
+}
+
+/// Takes `<database>.lock` for this process (released when it exits, however it exits), so
+/// a second server on the same SQLite file is refused instead of fighting over it.
+fn lock_database(db: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::path::PathBuf::from(format!("{}.lock", db.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let pid = holder.trim();
+            let who = if pid.is_empty() {
+                "another tunnel".to_owned()
+            } else {
+                format!("another tunnel (pid {pid})")
+            };
+            bail!(
+                "{who} is already serving the database {}: two servers on one SQLite file would \
+                 undo each other's work. Stop it first (or use it: `tunnel doctor`); to run several \
+                 servers, give them one PostgreSQL database (--database postgres://…)",
+                db.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    // Who holds it, for the next one's message.
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 /// `7d`, `12h`, `30m`, `90s` → milliseconds; `off` → keep forever.
@@ -220,21 +280,41 @@ fn listen_addr(listen: Option<String>, port: Option<u16>) -> Result<SocketAddr> 
         },
     };
     let mut addr = match listen {
-        Some(l) => l
-            .parse::<SocketAddr>()
-            .or_else(|_| {
-                l.parse::<IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
-            })
-            .with_context(|| {
-                format!("listen address {l:?} is not HOST:PORT (e.g. 0.0.0.0:3456)")
-            })?,
+        Some(l) => parse_listen(&l).with_context(|| {
+            format!("listen address {l:?} is not HOST:PORT (e.g. 0.0.0.0:3456 or localhost:3456)")
+        })?,
         None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT),
     };
     if let Some(p) = port {
         addr.set_port(p);
     }
     Ok(addr)
+}
+
+/// `IP:PORT`, `IP`, `HOST:PORT` or `HOST` (a name such as localhost, resolved once; IPv4
+/// first, as the CLI's default URL is 127.0.0.1).
+fn parse_listen(l: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = l.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    if let Ok(ip) = l.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, DEFAULT_PORT));
+    }
+    let with_port = if l
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        l.to_owned()
+    } else {
+        format!("{l}:{DEFAULT_PORT}")
+    };
+    let addrs: Vec<SocketAddr> = with_port.to_socket_addrs().ok()?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
 }
 
 fn secs_ms(what: &str, secs: Option<u64>) -> Result<Option<i64>> {
@@ -266,11 +346,18 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// Colour only for a person at a terminal: not in a file or journald, not with NO_COLOR set
+/// (no-color.org: any non-empty value).
+pub(crate) fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 pub(crate) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -225,6 +225,8 @@ fn run_spy(url: &str, token: &str) -> Output {
             token,
             "--agent",
             "spy",
+            // The runner may not have claimed (and so offered `spy`) yet.
+            "--queue-anyway",
             "--project",
             "proj",
             "--timeout",

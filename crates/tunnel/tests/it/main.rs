@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 mod approvals;
+mod cli_ux;
 mod contain;
 mod setup;
 
@@ -519,7 +520,8 @@ fn a_runner_killed_mid_task_reports_the_task_after_restart_and_leaves_no_agent()
             .unwrap()
     };
     let mut runner = start_runner();
-    let out = s.cli(&["submit", "--agent", "slow", "go"]);
+    // The runner may not have claimed (and so offered `slow`) yet.
+    let out = s.cli(&["submit", "--agent", "slow", "--queue-anyway", "go"]);
     let id = stdout(&out).trim().to_owned();
     let agent_pid = wait_for_pid(&pid_file);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -607,7 +609,7 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         text.contains("aider: `/nonexistent/aider` not found"),
         "{text}"
     );
-    assert!(text.contains("the token is valid"), "{text}");
+    assert!(text.contains("is valid; its role is admin"), "{text}");
     assert!(
         text.contains("npm install -g @anthropic-ai/claude-code") || text.contains("claude: /"),
         "{text}"
@@ -642,7 +644,7 @@ fn doctor_explains_a_missing_cli_and_a_wrong_token() {
         .unwrap();
     let text = stdout(&out);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("the token is valid (runner)"), "{text}");
+    assert!(text.contains("its role is runner"), "{text}");
     assert!(
         text.contains("FAIL  no agent CLI is installed")
             && text.contains("claude: `/nonexistent/claude` not found"),
