@@ -2465,6 +2465,18 @@ impl W<'_> {
             &[&t.seq, &self.now],
         )
         .await?;
+        // The "working…" message ends in the outcome before the answer is posted (one
+        // destination goes in order), so no chat keeps a stale "working…".
+        let working = self
+            .opt(
+                "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'progress'",
+                &[&t.seq],
+            )
+            .await?
+            .is_some();
+        if working && let Some(chat) = model::chat_target(t).cloned() {
+            self.enqueue(Some(t.seq), "edit", &chat, None, 0).await?;
+        }
         self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)
             .await?;
         Ok(())

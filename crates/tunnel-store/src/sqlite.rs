@@ -2069,6 +2069,15 @@ impl W<'_> {
                  WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
             )?
             .execute(params![t.seq, self.now])?;
+        // The "working…" message ends in the outcome before the answer is posted (one
+        // destination goes in order), so no chat keeps a stale "working…".
+        let working: bool = self
+            .conn
+            .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+            .exists(params![t.seq])?;
+        if working && let Some(chat) = model::chat_target(t).cloned() {
+            self.enqueue(Some(t.seq), "edit", &chat, None, 0)?;
+        }
         self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)?;
         Ok(())
     }

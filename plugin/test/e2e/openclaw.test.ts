@@ -73,6 +73,19 @@ function gatewayLog(): string {
   }
 }
 
+/** The live progress messages (posted as "⏳ <agent> · working…", later edited). */
+const progressIds = new Set<string>();
+function isProgress(m: Record<string, any>): boolean {
+  const key = `${m.chat.id}:${m.message_id}`;
+  if (/^⏳ \w+ · (working|starting|waiting)/.test(String(m.text))) progressIds.add(key);
+  return progressIds.has(key);
+}
+
+/** The newest live progress message in a chat. */
+function progressMessage(chatId: number): Record<string, any> | undefined {
+  return [...tg.messages.values()].filter((m) => m.chat.id === chatId && isProgress(m)).at(-1);
+}
+
 /** Messages the bot sent to a chat (and topic), as the user would read them. */
 function sentTo(chatId: number, threadId?: number): string[] {
   return tg.sent
@@ -229,6 +242,49 @@ test("/cc hello from Telegram: immediate ack, the runner runs it, the answer arr
   await until("the second answer", () => sentTo(USER).find((t) => t.endsWith("second answer")), 30_000);
 });
 
+test("plugin delivery: one progress message, edited in place with the current step, typing shown, ending in the outcome before the answer", async (t) => {
+  await runner.touch();
+  const typingBefore = tg.callsOf("sendChatAction").length;
+  tg.inject({ text: "/cc run the tests", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  await runner.ack(offer);
+  const posted = Date.now();
+  const msg = await until("the progress message", () => progressMessage(USER), 30_000);
+  assert.match(msg.text, /^⏳ claude · working… \d+s$/);
+  await runner.events(offer, [{ n: 1, kind: "tool_use", data: { name: "Bash", input: { command: "cargo test --workspace" } } }]);
+  const first = await until("the edit with the step", () => {
+    const m = tg.messages.get(`${USER}:${msg.message_id}`);
+    return m?.text.includes("› Bash: cargo test --workspace") ? m : undefined;
+  }, 30_000);
+  assert.match(first.text, /^⏳ claude · working… \d+s\n› Bash: cargo test --workspace$/);
+  await runner.events(offer, [
+    { n: 2, kind: "tool_use", data: { name: "Read", input: { file_path: "src/lib.rs" } } },
+    { n: 3, kind: "text", data: { text: "Reading the code." } },
+  ]);
+  await until("the second step", () => tg.messages.get(`${USER}:${msg.message_id}`)?.text.includes("› Read: src/lib.rs"), 30_000);
+  const edits = tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id);
+  // Figures, not assertions: edits are at most every 3 s by construction.
+  const gaps = edits.slice(1).map((c, i) => c.at - edits[i].at);
+  t.diagnostic(`live progress via OpenClaw: posted ${msg.date ? "" : "?"}${Date.now() - posted} ms after start; gaps between edits ${gaps.join(", ") || "-"} ms`);
+  const typing = tg.callsOf("sendChatAction").slice(typingBefore);
+  assert.ok(typing.some((c) => Number(c.params.chat_id) === USER && c.params.action === "typing"), "typing… is shown while it runs");
+
+  await runner.finish(offer, "succeeded", { text: "all 212 tests pass", session_id: "e2e00000-0000-4000-8000-000000000001", duration_ms: 4000 });
+  await until("the answer", () => sentTo(USER).find((x) => x.endsWith("all 212 tests pass")), 30_000);
+  assert.equal(tg.messages.get(`${USER}:${msg.message_id}`)!.text, "✅ claude · done in 4s — the answer follows");
+  // In order: the progress message ended before the answer was posted, and nothing after it.
+  const ended = tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id).at(-1)!;
+  const answer = tg.callsOf("sendMessage").find((c) => String(c.params.text).includes("all 212 tests pass"))!;
+  assert.ok(ended.at <= answer.at, "the outcome edit came before the answer");
+  const progressPosts = tg.sent.filter((p) => Number(p.chat_id) === USER && String(p.text).includes("claude · working"));
+  assert.equal(progressPosts.length, 1, "one progress message, edited in place");
+  const typingAfter = tg.callsOf("sendChatAction").length;
+  await new Promise((r) => setTimeout(r, 3500));
+  assert.equal(tg.callsOf("sendChatAction").length, typingAfter, "no typing… after the answer");
+  assert.equal(tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id).length, edits.length + 1, "no edit after the end");
+});
+
 test("a forum topic is its own conversation and gets its answers in the topic", async () => {
   tg.inject({ text: "/cc-now", userId: USER, chatId: GROUP, threadId: TOPIC });
   const now = await until("the /cc-now reply in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.includes("Claude session")), 30_000);
@@ -257,8 +313,13 @@ test("/cc-status and /cc-stop from chat cancel a running task", async () => {
   tg.inject({ text: "/cc-stop", userId: USER });
   await until("the stop reply", () => sentTo(USER).find((t) => t.startsWith("🛑 Stopping Claude task")), 30_000);
   assert.equal((await runner.heartbeat(offer)).cancel, true);
-  await runner.finish(offer, "cancelled", {});
-  await until("the cancel notice", () => sentTo(USER).find((t) => /^🛑 Claude task `?[0-9a-f]{8}`? was cancelled/.test(t)), 30_000);
+  // What a runner reports for a cancel: its error and the signal's exit code.
+  await runner.finish(offer, "cancelled", { error: "cancelled; the agent was stopped", exit_code: 143 });
+  const notice = await until("the cancel notice", () => sentTo(USER).find((t) => /^🛑 Claude task `?[0-9a-f]{8}`? cancelled/.test(t)), 30_000);
+  // One clear line (issue #18): not "was cancelled (cancelled)." nor the exit code.
+  assert.match(notice, /^🛑 Claude task `?[0-9a-f]{8}`? cancelled after \d+s\.$/);
+  // Its progress message says so too.
+  assert.match(progressMessage(USER)!.text, /^🛑 claude · cancelled after \d+s$/);
 });
 
 test("the Telegram menu form /cc_new (no '-' allowed there) runs /cc-new", async () => {
@@ -297,9 +358,9 @@ function openclawWrap(value: string): string {
   return `tgcb1:${hash.toString(36).slice(0, 5).padStart(5, "0")}:${value}`;
 }
 
-/** The message the bot sent to a chat whose text contains `needle` (as it is now, after edits). */
+/** The message the bot sent to a chat whose text contains `needle` (as it is now, after edits), not a progress message. */
 function messageWith(chatId: number, needle: string): Record<string, any> | undefined {
-  return [...tg.messages.values()].find((m) => m.chat.id === chatId && String(m.text).includes(needle));
+  return [...tg.messages.values()].find((m) => m.chat.id === chatId && !isProgress(m) && String(m.text).includes(needle));
 }
 
 const RM = { kind: "execute", title: "Run rm -rf build", command: "rm -rf build" };

@@ -246,7 +246,21 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     };
     let _ = done;
-    let parts: Vec<&str> = seen[1..]
+    // The working message ends in its outcome before the answer (issue #18): an edit of
+    // message 90001, then the parts.
+    assert_eq!(
+        (seen[1].method, seen[1].path.as_str()),
+        ("PATCH", "/channels/1234567890/messages/90001"),
+        "{seen:?}"
+    );
+    let ended = seen[1].body["content"].as_str().unwrap();
+    assert!(
+        ended.starts_with("✅ claude · done") && ended.ends_with("the answer follows"),
+        "{ended}"
+    );
+    let seen = seen[2..].to_vec();
+    assert!(seen.iter().all(|r| r.method == "POST"), "{seen:?}");
+    let parts: Vec<&str> = seen
         .iter()
         .map(|r| r.body["content"].as_str().unwrap())
         .collect();
@@ -278,7 +292,7 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         "the session id to resume with is shown"
     );
     assert_eq!(
-        seen[1].body["message_reference"]["message_id"], "555",
+        seen[0].body["message_reference"]["message_id"], "555",
         "a reply to the chat message"
     );
     // Every message carries its own nonce, enforced, so a repeated send is not posted twice.
@@ -290,7 +304,89 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         })
         .collect();
     assert_eq!(nonces.len(), seen.len());
+    // Nothing about the task after its answer.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stand.seen().len(), seen.len() + 2);
     assert!(nonces.iter().all(|n| n.len() <= 25), "{nonces:?}");
+}
+
+/// Issue #18: a "working…" message held back by 429s until the task ended is never posted
+/// (the answer replaces it), and nothing about the task comes after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_message_held_by_429s_past_the_end_is_not_posted() {
+    let (url, stand) = telegram().await;
+    let s = server(None, Some(&url)).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "77"}})).await;
+    stand.then(
+        429,
+        json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1", "parameters": {"retry_after": 1}}),
+        vec![],
+    );
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await; // the working message, refused with a 429
+    let (st, _) = s
+        .attempt_call(
+            &offer,
+            "finish",
+            json!({"outcome": "succeeded", "result": {"text": "the answer"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    s.clock.advance(1_500);
+    let seen = loop {
+        let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+        if t["delivery"]["state"] == "sent" {
+            break stand.seen();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stand.seen().len(), seen.len(), "nothing after the answer");
+    let texts: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|r| (r.path.rsplit('/').next().unwrap(), r.body["text"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(texts.len(), 2, "the refused working message, then the answer: {texts:?}");
+    assert!(texts[0].1.starts_with("⏳ claude"), "{texts:?}");
+    assert_eq!(texts[1].0, "sendMessage");
+    assert!(texts[1].1.starts_with("✅ claude") && texts[1].1.contains("the answer"), "{texts:?}");
+}
+
+/// Issue #18: a cancelled task's working message says so, and the answer is one clear line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_ends_the_working_message_and_says_it_once() {
+    let (url, stand) = telegram().await;
+    let s = server(None, Some(&url)).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "78"}})).await;
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await;
+    let (st, _) = s
+        .post(&format!("/v1/tasks/{}/cancel", id(&task)), &s.client, json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    // What the runner reports for a cancel: its error, the signal's exit code, stderr.
+    s.attempt_call(
+        &offer,
+        "finish",
+        json!({"outcome": "cancelled", "result": {"error": "cancelled; the agent was stopped", "exit_code": 143, "stderr_tail": "Terminated"}}),
+    )
+    .await;
+    let seen = until_seen(&stand, 3).await;
+    assert_eq!(seen[1].path.rsplit('/').next(), Some("editMessageText"));
+    assert_eq!(seen[1].body["message_id"], 1);
+    assert!(
+        seen[1].body["text"].as_str().unwrap().starts_with("🛑 claude · cancelled"),
+        "{:?}",
+        seen[1].body
+    );
+    let answer = seen[2].body["text"].as_str().unwrap();
+    let first = answer.lines().next().unwrap();
+    assert!(first.starts_with("🛑 claude · cancelled"), "{answer}");
+    assert_eq!(answer.matches("cancel").count(), 1, "said once: {answer}");
+    assert!(!answer.contains("143") && !answer.contains("Terminated"), "{answer}");
+    assert!(answer.ends_with(&format!("task {}", id(&task))), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,8 +553,10 @@ async fn an_answer_waiting_at_a_restart_is_delivered_once() {
     until_seen(&stand, 1).await;
     let s = s.restart().await;
     s.clock.advance(60_000);
-    let seen = until_seen(&stand, 3).await;
+    // The working message that failed is not posted after the end: the answer replaces it.
+    let seen = until_seen(&stand, 2).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(stand.seen().len(), 2, "{:?}", stand.seen());
     let finals = stand
         .seen()
         .iter()
@@ -599,4 +697,47 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
     );
     assert!(!text.contains("/cc -approve"), "{text}");
     s.stop().await;
+}
+
+/// `GET /v1/tasks/{id}/progress` (issue #18): the progress text server delivery would post,
+/// for front ends that deliver themselves (the OpenClaw plugin); only the owner's token reads
+/// it, and a bad limit changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_text_is_rendered_for_its_owner_only() {
+    let s = TestServer::start().await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p"})).await;
+    let path = format!("/v1/tasks/{}/progress", id(&task));
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    s.attempt_call(
+        &offer,
+        "events",
+        json!({"events": [{"n": 1, "kind": "tool_use", "data": {"name": "Bash", "input": {"command": "cargo test -p x"}}}]}),
+    )
+    .await;
+    let (st, p) = s.get(&path, &s.client).await;
+    assert_eq!(st, StatusCode::OK, "{p}");
+    assert_eq!(p["state"], "running");
+    let text = p["text"].as_str().unwrap();
+    assert!(text.starts_with("⏳ claude · working…"), "{text}");
+    assert!(text.contains("› Bash: cargo test -p x"), "{text}");
+
+    // Another client's token: not found, as for the task itself.
+    let other = s.create_token("client").await;
+    let (st, _) = s.get(&path, &other).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = s.get(&path, &s.runner).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, body) = s.get(&format!("{path}?limit=99999"), &s.client).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+
+    s.attempt_call(
+        &offer,
+        "finish",
+        json!({"outcome": "succeeded", "result": {"text": "ok", "duration_ms": 12_000}}),
+    )
+    .await;
+    let (_, p) = s.get(&format!("{path}?limit=300"), &s.client).await;
+    assert_eq!(p["state"], "succeeded");
+    assert_eq!(p["text"], "✅ claude · done in 12s — the answer follows");
 }
