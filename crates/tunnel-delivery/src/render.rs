@@ -155,11 +155,14 @@ pub fn render_final(task: &Task, limit: usize) -> Vec<String> {
 
 /// How long the task ran: the agent's own figure, else start to finish.
 fn ran_ms(task: &Task) -> Option<u64> {
-    task.result.as_ref().and_then(|r| r.duration_ms).or_else(|| {
-        let end = task.finished_at?;
-        let start = task.started_at?;
-        u64::try_from(end - start).ok()
-    })
+    task.result
+        .as_ref()
+        .and_then(|r| r.duration_ms)
+        .or_else(|| {
+            let end = task.finished_at?;
+            let start = task.started_at?;
+            u64::try_from(end - start).ok()
+        })
 }
 
 /// What the "working…" message becomes when the task ended: one line with the outcome, so no
@@ -216,6 +219,31 @@ fn render_cancelled(task: &Task, answer: Option<&str>, limit: usize) -> Vec<Stri
     split(&text, limit)
 }
 
+/// The acknowledgement of a task that waits: the first message a chat gets about it (server
+/// delivery posts it at submit, then edits it as the task runs).
+fn waiting_line(task: &Task) -> String {
+    let short: String = task.id.chars().take(8).collect();
+    let mut line = match task.state {
+        TaskState::Parked => format!("⏸️ {} · parked — task {short}", task.agent),
+        _ => format!("🕓 {} · queued — task {short}", task.agent),
+    };
+    match task.queue_position {
+        Some(0) => line.push_str(", next in line"),
+        Some(n) => line.push_str(&format!(", {n} ahead of it")),
+        None => {}
+    }
+    if task.state == TaskState::Parked
+        && let Some(r) = task
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+    {
+        line.push_str(&format!("\n{}", head(&defuse_fences(r), TOOL_LINE_MAX)));
+    }
+    line
+}
+
 /// [`render_progress_at`] now.
 pub fn render_progress(task: &Task, recent: &[TaskEvent], limit: usize) -> String {
     let now = std::time::SystemTime::now()
@@ -264,6 +292,9 @@ pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_m
     if task.state.is_terminal() {
         return head(&ended_line(task), limit);
     }
+    if matches!(task.state, TaskState::Queued | TaskState::Parked) {
+        return head(&waiting_line(task), limit);
+    }
     let mut model = task.model.clone();
     let mut tools: Vec<String> = Vec::new();
     let mut text = String::new();
@@ -309,7 +340,7 @@ pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_m
     });
     let state = match task.state {
         TaskState::Cancelling => "cancelling…",
-        TaskState::Queued | TaskState::Offered => "starting…",
+        TaskState::Queued | TaskState::Offered | TaskState::Parked => "starting…",
         _ if task.waiting_for_approval.is_some() => "waiting for approval",
         _ => "working…",
     };

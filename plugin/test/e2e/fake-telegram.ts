@@ -98,6 +98,8 @@ export class FakeTelegram {
   private readonly chats = new Map<number, Record<string, any>>();
   /** Messages the bot sent, by `${chat_id}:${message_id}`, as they are now (after edits). */
   readonly messages = new Map<string, Record<string, any>>();
+  /** The text each message was first sent with, by the same key (edits do not change it). */
+  readonly firstText = new Map<string, string>();
   /** Callback queries sent to the bot and not yet answered. */
   private readonly openQueries = new Set<string>();
   private nextQueryId = 9_000_000;
@@ -170,6 +172,18 @@ export class FakeTelegram {
   }
 
   /**
+   * Delivers a message again, as Telegram does when the bot did not confirm the update (the
+   * gateway stopped before its next getUpdates): the same message (id, chat, date, text) in a
+   * new update.
+   */
+  redeliver(update: Record<string, any>): Record<string, any> {
+    const again = { update_id: this.nextUpdateId++, message: structuredClone(update.message) };
+    this.updates.push(again);
+    for (const w of this.waiters.splice(0)) w();
+    return again;
+  }
+
+  /**
    * Queues a tap on a button of a message the bot sent, as Telegram delivers it: a
    * `callback_query` with the whole message and the button's callback_data. Returns the update.
    */
@@ -236,7 +250,13 @@ export class FakeTelegram {
       case "deletewebhook":
       case "setmycommands":
       case "deletemycommands":
+        return true;
       case "sendchataction":
+        if (!this.chats.has(Number(p.chat_id))) throw new ApiError(400, "Bad Request: chat not found");
+        if (!["typing", "upload_photo", "record_video", "upload_video", "record_voice", "upload_voice", "upload_document", "choose_sticker", "find_location", "record_video_note", "upload_video_note"].includes(String(p.action))) {
+          throw new ApiError(400, "Bad Request: wrong parameter action in request");
+        }
+        return true;
       case "setmessagereaction":
         return true;
       case "getmycommands":
@@ -376,6 +396,7 @@ export class FakeTelegram {
     }
     if (markup?.inline_keyboard?.length) msg.reply_markup = markup;
     this.messages.set(`${chatId}:${msg.message_id}`, structuredClone(msg));
+    this.firstText.set(`${chatId}:${msg.message_id}`, msg.text);
     return msg;
   }
 }

@@ -73,12 +73,9 @@ function gatewayLog(): string {
   }
 }
 
-/** The live progress messages (posted as "⏳ <agent> · working…", later edited). */
-const progressIds = new Set<string>();
+/** A live progress message: first sent as "⏳ <agent> · working…" (or starting, queued), then edited. */
 function isProgress(m: Record<string, any>): boolean {
-  const key = `${m.chat.id}:${m.message_id}`;
-  if (/^⏳ \w+ · (working|starting|waiting)/.test(String(m.text))) progressIds.add(key);
-  return progressIds.has(key);
+  return /^(⏳|🕓) [a-z]+ · /.test(tg.firstText.get(`${m.chat.id}:${m.message_id}`) ?? "");
 }
 
 /** The newest live progress message in a chat. */
@@ -198,7 +195,7 @@ test("openclaw plugins inspect: the plugin loads with every command, the service
   assert.deepEqual([...inspect.commands].sort(), expected.sort());
   assert.deepEqual(inspect.services, ["tunnel-delivery"]);
   assert.deepEqual(inspect.tools.flatMap((t: { names: string[] }) => t.names).sort(), ["cc_call", "codex_call", "gemini_call", "tunnel_state"]);
-  assert.deepEqual(inspect.typedHooks.map((h: { name: string }) => h.name), ["message_received"]);
+  assert.deepEqual(inspect.typedHooks.map((h: { name: string }) => h.name).sort(), ["before_dispatch", "message_received"]);
   const errors = (inspect.diagnostics ?? []).filter((d: { level: string }) => d.level === "error");
   assert.deepEqual(errors, []);
 });
@@ -266,7 +263,7 @@ test("plugin delivery: one progress message, edited in place with the current st
   const edits = tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id);
   // Figures, not assertions: edits are at most every 3 s by construction.
   const gaps = edits.slice(1).map((c, i) => c.at - edits[i].at);
-  t.diagnostic(`live progress via OpenClaw: posted ${msg.date ? "" : "?"}${Date.now() - posted} ms after start; gaps between edits ${gaps.join(", ") || "-"} ms`);
+  t.diagnostic(`live progress via OpenClaw: shown ${Date.now() - posted} ms after the start or sooner; gaps between edits ${gaps.join(", ") || "-"} ms`);
   const typing = tg.callsOf("sendChatAction").slice(typingBefore);
   assert.ok(typing.some((c) => Number(c.params.chat_id) === USER && c.params.action === "typing"), "typing… is shown while it runs");
 
@@ -495,29 +492,77 @@ test("in a group topic an unauthorised tap is refused; the text fallback /cc -ap
   await until("the answer in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.endsWith("moved the notes")), 30_000);
 });
 
+/** Tasks of a chat with this prompt, as the server has them. */
+async function tasksWith(chat: number, prompt: string): Promise<any[]> {
+  const r = await server.call("GET", `/v1/tasks?conversation=telegram:${chat}&limit=100`, server.adminToken);
+  return r.body.tasks.filter((t: any) => t.prompt === prompt);
+}
+
+let redelivered: { update: Record<string, any>; offer: any } | undefined;
+
+test("a chat message delivered twice starts one task (issue #18)", async () => {
+  await runner.touch();
+  const update = tg.inject({ text: "/cc only once please", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.prompt, "only once please");
+  await runner.ack(offer);
+  // The key the plugin sent comes from the chat message, not a random id.
+  const [t] = await tasksWith(USER, "only once please");
+  assert.ok(t, "the task is on the server");
+  tg.redeliver(update);
+  // In one gateway process OpenClaw drops the duplicate itself (it remembers message ids for
+  // 20 minutes); after a restart only the plugin's key can (the server delivery test below).
+  assert.equal(await runner.claim(3000), undefined, "no second task to claim");
+  assert.equal((await tasksWith(USER, "only once please")).length, 1);
+  redelivered = { update, offer };
+});
+
 test("the Telegram stand-in saw no call it does not know and no rejected message", () => {
   assert.deepEqual(tg.unknown, []);
   // Every sendMessage the gateway made was accepted (a rejected one is not in `sent`).
   assert.equal(tg.callsOf("sendMessage").length, tg.sent.length);
 });
 
-test("server delivery (after a restart with delivery: server): the tunnel server posts the answer, the plugin only acknowledges", async () => {
+test("server delivery (after a restart with delivery: server): the tunnel server acknowledges, shows progress and posts the answer, in order", async () => {
   await stopGateway();
   const cfg = JSON.parse(readFileSync(configPath(), "utf8"));
   cfg.plugins.entries.tunnel.config.delivery = "server";
   writeFileSync(configPath(), JSON.stringify(cfg, null, 2));
   await startGateway("gateway-server-delivery.out");
+
+  // Issue #18, item 4: the message from before the restart arrives again (Telegram redelivers
+  // what the stopped gateway did not confirm). OpenClaw's own duplicate check was in the old
+  // process; the plugin's Idempotency-Key (from the message id) still finds the task.
+  assert.ok(redelivered, "the redelivery test ran first");
+  tg.redeliver(redelivered.update);
+  const again = await until("the answer to the redelivered message", () => sentTo(USER).find((x) => x.startsWith("↩️ Already submitted")), 60_000);
+  assert.match(again, /^↩️ Already submitted as Claude task `?[0-9a-f]{8}`? \(running\)\.$/);
+  assert.equal((await tasksWith(USER, "only once please")).length, 1, "one task after the redelivery");
+  await runner.finish(redelivered.offer, "succeeded", { text: "done once", session_id: "e2e00000-0000-4000-8000-000000000001" });
+  await until("its answer (the plugin still follows tasks it submitted)", () => sentTo(USER).find((x) => x.endsWith("done once")), 60_000);
+
   await runner.touch();
+  const before = tg.sent.length;
   tg.inject({ text: "/cc via the server", userId: USER });
-  const ack = await until("the acknowledgement", () => sentTo(USER).find((t) => t.includes("The tunnel server will post the answer here.")), 60_000);
-  assert.match(ack, /^⏳ Queued for Claude — task `?[0-9a-f]{8}`?, next in line\.\nRunner: e2e-runner\nThe tunnel server will post the answer here\.$/);
   const offer = await runner.claim(30_000);
   assert.ok(offer);
   assert.equal(offer.task.prompt, "via the server");
   assert.deepEqual(offer.task.reply_to, { platform: "telegram", channel: String(USER) });
+  // The fastest task: it ends right away, before OpenClaw would have sent a command reply.
   await runner.ack(offer);
-  await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003" });
+  await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003", duration_ms: 200 });
   await until("the server's answer at sendMessage", () => sentTo(USER).find((t) => t.includes("answer posted by the tunnel server")), 60_000);
+  // Everything about the task, in the order the chat shows it: the acknowledgement (the
+  // server's first message, edited to the outcome), then the answer, and nothing after it.
+  await new Promise((r) => setTimeout(r, 2000));
+  const shown = tg.sent.slice(before).filter((p) => Number(p.chat_id) === USER).map((p) => visibleText(p.text, p.parse_mode));
+  assert.equal(shown.length, 2, `the acknowledgement and the answer only: ${JSON.stringify(shown)}`);
+  assert.match(shown[0], /^🕓 claude · queued — task [0-9a-f]{8}, next in line$/);
+  assert.match(shown[1], /^✅ claude · /);
+  assert.ok(shown[1].includes("answer posted by the tunnel server"));
+  const ack = [...tg.messages.values()].find((m) => m.chat.id === USER && tg.firstText.get(`${USER}:${m.message_id}`) === shown[0])!;
+  assert.equal(ack.text, "✅ claude · done in 0s — the answer follows", "the acknowledgement ends in the outcome");
   assert.doesNotMatch(gatewayLog(), new RegExp(`task ${offer.task.id} succeeded; answer sent`), "the plugin did not send it");
   assert.deepEqual(tg.unknown, []);
 });

@@ -246,20 +246,33 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     };
     let _ = done;
-    // The working message ends in its outcome before the answer (issue #18): an edit of
-    // message 90001, then the parts.
-    assert_eq!(
-        (seen[1].method, seen[1].path.as_str()),
-        ("PATCH", "/channels/1234567890/messages/90001"),
+    // The acknowledgement is the working message (90001); it ends in its outcome before the
+    // answer (issue #18): edits of 90001 (to "working…" at the start, maybe, and to the
+    // outcome), then the parts.
+    let first_part = seen
+        .iter()
+        .skip(1)
+        .position(|r| r.method == "POST")
+        .expect("the answer")
+        + 1;
+    let edits = &seen[1..first_part];
+    assert!(
+        !edits.is_empty()
+            && edits
+                .iter()
+                .all(|r| (r.method, r.path.as_str())
+                    == ("PATCH", "/channels/1234567890/messages/90001")),
         "{seen:?}"
     );
-    let ended = seen[1].body["content"].as_str().unwrap();
+    let ended = edits.last().unwrap().body["content"].as_str().unwrap();
     assert!(
         ended.starts_with("✅ claude · done") && ended.ends_with("the answer follows"),
         "{ended}"
     );
-    let seen = seen[2..].to_vec();
+    let n_edits = edits.len();
+    let seen = [&seen[..1], &seen[first_part..]].concat();
     assert!(seen.iter().all(|r| r.method == "POST"), "{seen:?}");
+    let seen = seen[1..].to_vec();
     let parts: Vec<&str> = seen
         .iter()
         .map(|r| r.body["content"].as_str().unwrap())
@@ -306,7 +319,7 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
     assert_eq!(nonces.len(), seen.len());
     // Nothing about the task after its answer.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(stand.seen().len(), seen.len() + 2);
+    assert_eq!(stand.seen().len(), 1 + n_edits + seen.len());
     assert!(nonces.iter().all(|n| n.len() <= 25), "{nonces:?}");
 }
 
@@ -316,15 +329,16 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
 async fn a_working_message_held_by_429s_past_the_end_is_not_posted() {
     let (url, stand) = telegram().await;
     let s = server(None, Some(&url)).await;
-    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "77"}})).await;
+    // The acknowledgement (posted at submit, the "working…" message to be) is refused.
     stand.then(
         429,
         json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1", "parameters": {"retry_after": 1}}),
         vec![],
     );
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "77"}})).await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
-    until_seen(&stand, 1).await; // the working message, refused with a 429
+    until_seen(&stand, 1).await; // refused with a 429
     let (st, _) = s
         .attempt_call(
             &offer,
@@ -333,24 +347,38 @@ async fn a_working_message_held_by_429s_past_the_end_is_not_posted() {
         )
         .await;
     assert_eq!(st, StatusCode::OK);
-    s.clock.advance(1_500);
+    // The server's clock passes retry_after; the Telegram client also holds the chat for it in
+    // real time, so the server's clock is moved on while waiting.
     let seen = loop {
+        s.clock.advance(500);
         let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
         if t["delivery"]["state"] == "sent" {
             break stand.seen();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(stand.seen().len(), seen.len(), "nothing after the answer");
     let texts: Vec<(&str, &str)> = seen
         .iter()
-        .map(|r| (r.path.rsplit('/').next().unwrap(), r.body["text"].as_str().unwrap_or("")))
+        .map(|r| {
+            (
+                r.path.rsplit('/').next().unwrap(),
+                r.body["text"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
-    assert_eq!(texts.len(), 2, "the refused working message, then the answer: {texts:?}");
-    assert!(texts[0].1.starts_with("⏳ claude"), "{texts:?}");
+    assert_eq!(
+        texts.len(),
+        2,
+        "the refused working message, then the answer: {texts:?}"
+    );
+    assert!(texts[0].1.starts_with("🕓 claude · queued"), "{texts:?}");
     assert_eq!(texts[1].0, "sendMessage");
-    assert!(texts[1].1.starts_with("✅ claude") && texts[1].1.contains("the answer"), "{texts:?}");
+    assert!(
+        texts[1].1.starts_with("✅ claude") && texts[1].1.contains("the answer"),
+        "{texts:?}"
+    );
 }
 
 /// Issue #18: a cancelled task's working message says so, and the answer is one clear line.
@@ -363,7 +391,11 @@ async fn a_cancel_ends_the_working_message_and_says_it_once() {
     s.attempt_call(&offer, "ack", json!({})).await;
     until_seen(&stand, 1).await;
     let (st, _) = s
-        .post(&format!("/v1/tasks/{}/cancel", id(&task)), &s.client, json!({}))
+        .post(
+            &format!("/v1/tasks/{}/cancel", id(&task)),
+            &s.client,
+            json!({}),
+        )
         .await;
     assert_eq!(st, StatusCode::OK);
     // What the runner reports for a cancel: its error, the signal's exit code, stderr.
@@ -373,19 +405,36 @@ async fn a_cancel_ends_the_working_message_and_says_it_once() {
         json!({"outcome": "cancelled", "result": {"error": "cancelled; the agent was stopped", "exit_code": 143, "stderr_tail": "Terminated"}}),
     )
     .await;
-    let seen = until_seen(&stand, 3).await;
-    assert_eq!(seen[1].path.rsplit('/').next(), Some("editMessageText"));
-    assert_eq!(seen[1].body["message_id"], 1);
+    let seen = loop {
+        let seen = stand.seen();
+        if seen.iter().any(|r| {
+            r.path.ends_with("/sendMessage")
+                && r.body["text"].as_str().is_some_and(|t| t.starts_with("🛑"))
+        }) {
+            break seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let n = seen.len();
+    // The last edit before the answer: the acknowledgement (message 1) shows the outcome.
+    assert_eq!(seen[n - 2].path.rsplit('/').next(), Some("editMessageText"));
+    assert_eq!(seen[n - 2].body["message_id"], 1);
     assert!(
-        seen[1].body["text"].as_str().unwrap().starts_with("🛑 claude · cancelled"),
+        seen[n - 2].body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("🛑 claude · cancelled"),
         "{:?}",
-        seen[1].body
+        seen[n - 2].body
     );
-    let answer = seen[2].body["text"].as_str().unwrap();
+    let answer = seen[n - 1].body["text"].as_str().unwrap();
     let first = answer.lines().next().unwrap();
     assert!(first.starts_with("🛑 claude · cancelled"), "{answer}");
     assert_eq!(answer.matches("cancel").count(), 1, "said once: {answer}");
-    assert!(!answer.contains("143") && !answer.contains("Terminated"), "{answer}");
+    assert!(
+        !answer.contains("143") && !answer.contains("Terminated"),
+        "{answer}"
+    );
     assert!(answer.ends_with(&format!("task {}", id(&task))), "{answer}");
 }
 
@@ -643,7 +692,18 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
         .await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
-    until_seen(&stand, 1).await; // the "working…" message, message_id 1
+    // The acknowledgement (message_id 1), edited to "working…" when the task starts.
+    let seen = until_seen(&stand, 2).await;
+    assert!(seen[0].path.ends_with("/sendMessage"), "{:?}", seen[0]);
+    assert!(seen[1].path.ends_with("/editMessageText"), "{:?}", seen[1]);
+    assert!(
+        seen[1].body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("⏳ claude · working…"),
+        "{:?}",
+        seen[1]
+    );
     let (st, a) = s
         .attempt_call(
             &offer,
@@ -658,20 +718,20 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
         .await;
     assert_eq!(st, StatusCode::CREATED, "{a}");
     let aid = a["id"].as_str().unwrap().to_owned();
-    let seen = until_seen(&stand, 2).await;
-    assert!(seen[1].path.ends_with("/sendMessage"), "{:?}", seen[1]);
-    let q = seen[1].body["text"].as_str().unwrap();
+    let seen = until_seen(&stand, 3).await;
+    assert!(seen[2].path.ends_with("/sendMessage"), "{:?}", seen[2]);
+    let q = seen[2].body["text"].as_str().unwrap();
     assert!(q.contains("claude asks to run a command"), "{q}");
     assert!(q.contains("```\nrm -rf build\n```"), "{q}");
     assert!(q.contains(&format!("/cc -approve {aid} once")), "{q}");
-    let question_id = 2; // the stand-in numbers its messages
+    let question_id = 3; // the stand-in numbers its answers
 
     // The progress edit (due 3 s after the question) shows the question.
     s.clock.advance(3_000);
-    let seen = until_seen(&stand, 3).await;
-    assert!(seen[2].path.ends_with("/editMessageText"), "{:?}", seen[2]);
-    assert_eq!(seen[2].body["message_id"], 1);
-    let progress = seen[2].body["text"].as_str().unwrap();
+    let seen = until_seen(&stand, 4).await;
+    assert!(seen[3].path.ends_with("/editMessageText"), "{:?}", seen[3]);
+    assert_eq!(seen[3].body["message_id"], 1);
+    let progress = seen[3].body["text"].as_str().unwrap();
     assert!(progress.contains("waiting for approval"), "{progress}");
     assert!(progress.contains("Run rm -rf build"), "{progress}");
 
@@ -683,10 +743,10 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{b}");
-    let seen = until_seen(&stand, 4).await;
+    let seen = until_seen(&stand, 5).await;
     let edit = seen
         .iter()
-        .skip(3)
+        .skip(4)
         .find(|r| r.body["message_id"] == question_id)
         .unwrap_or_else(|| panic!("no edit of the question: {seen:?}"));
     assert!(edit.path.ends_with("/editMessageText"));
