@@ -445,7 +445,9 @@ async fn progress_edits_are_throttled_and_coalesced() {
     s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "42"}})).await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
-    until_seen(&stand, 1).await;
+    // The acknowledgement, and its edit to "working…" at the start.
+    let seen = until_seen(&stand, 2).await;
+    assert_eq!(seen[1].method, "PATCH");
     // Fifty events in five batches, with no time passing: nothing is edited yet.
     for b in 0..5 {
         let evs: Vec<Value> = (0..10)
@@ -455,20 +457,20 @@ async fn progress_edits_are_throttled_and_coalesced() {
             .await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(stand.seen().len(), 1, "edits wait for the throttle window");
+    assert_eq!(stand.seen().len(), 2, "edits wait for the throttle window");
     s.clock.advance(3_000);
-    let seen = until_seen(&stand, 2).await;
-    assert_eq!(seen[1].method, "PATCH");
-    assert_eq!(seen[1].path, "/channels/42/messages/90001");
+    let seen = until_seen(&stand, 3).await;
+    assert_eq!(seen[2].method, "PATCH");
+    assert_eq!(seen[2].path, "/channels/42/messages/90001");
     assert!(
-        seen[1].body["content"]
+        seen[2].body["content"]
             .as_str()
             .unwrap()
             .contains("step 49"),
         "one edit with the latest state"
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(stand.seen().len(), 2, "fifty events made one edit");
+    assert_eq!(stand.seen().len(), 3, "fifty events made one edit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
