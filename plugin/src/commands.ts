@@ -335,7 +335,7 @@ async function serverAck(deps: Deps, agent: Agent, body: SubmitTask): Promise<Co
   } catch (e) {
     deps.logger.warn(`tunnel: listing runners failed: ${(e as Error).message}`);
   }
-  return {};
+  return { suppressReply: true };
 }
 
 async function recent(deps: Deps, agent: Agent, id: Identity): Promise<CommandResult> {

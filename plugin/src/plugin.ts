@@ -113,21 +113,6 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
   api.registerTool(stateTool(deps), { optional: true });
   api.registerInteractiveHandler?.(approvals.interactiveHandler());
 
-  // The chat message id of a command, for its Idempotency-Key (msgids.ts): OpenClaw 2026.9.6
-  // runs no message_received hook for command messages, but before_dispatch runs first for
-  // every message it dispatches, with the id. Never claims the message.
-  api.on?.("before_dispatch", (event, ctx) => {
-    try {
-      const id = event.messageId ?? ctx.messageId;
-      const channel = event.channel ?? ctx.channelId;
-      if (id && channel && typeof event.content === "string") {
-        messageIds.remember({ channel, senderId: event.senderId ?? ctx.senderId, text: event.content }, id);
-      }
-    } catch (e) {
-      logger.warn(`tunnel: before_dispatch hook: ${(e as Error).message}`);
-    }
-    return undefined;
-  });
   api.on?.("message_received", (event, ctx) => {
     try {
       if (event.messageId && typeof event.content === "string") {

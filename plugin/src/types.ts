@@ -32,6 +32,8 @@ export interface CommandContext {
 export interface CommandResult {
   text?: string;
   isError?: boolean;
+  /** No reply at all (OpenClaw would otherwise send "No response generated"). */
+  suppressReply?: boolean;
 }
 
 export interface CommandDefinition {
@@ -142,20 +144,6 @@ export interface MessageReceivedEvent {
   threadId?: string | number;
 }
 
-/** Event passed to the `before_dispatch` hook (subset): runs before a command is handled. */
-export interface BeforeDispatchEvent {
-  messageId?: string;
-  content: string;
-  channel?: string;
-  senderId?: string;
-}
-
-export interface BeforeDispatchContext {
-  messageId?: string;
-  channelId?: string;
-  senderId?: string;
-}
-
 export interface MessageHookContext {
   channelId: string;
   accountId?: string;
@@ -185,8 +173,8 @@ export interface PluginApi {
   registerTool: (tool: ToolDefinition, opts?: { optional?: boolean }) => void;
   /** Claims callback buttons whose data starts with `<namespace>:` (approvals). */
   registerInteractiveHandler?: (registration: InteractiveRegistration) => void;
-  on?: {
-    (hook: "message_received", handler: (event: MessageReceivedEvent, ctx: MessageHookContext) => void): void;
-    (hook: "before_dispatch", handler: (event: BeforeDispatchEvent, ctx: BeforeDispatchContext) => undefined): void;
-  };
+  on?: (
+    hook: "message_received",
+    handler: (event: MessageReceivedEvent, ctx: MessageHookContext) => void,
+  ) => void;
 }

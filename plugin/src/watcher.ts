@@ -216,8 +216,10 @@ export class Watcher {
     if (!deps?.progress) return;
     const data = (ev.kind === "state" ? ev.data ?? {} : {}) as { state?: string; runner?: string };
     if (this.liveProgress(w)) {
-      // The message appears when the agent starts, then follows what it does.
-      if (data.state === "running" || w.progress) this.touch(w, !w.progress);
+      // The message appears when the agent starts, then follows what it does (also what it
+      // did while the message was still being posted).
+      if (data.state === "running") this.touch(w, !w.progress);
+      else if (w.progress || this.live.has(w.taskId)) this.touch(w, false);
       return;
     }
     if (w.startNotified || data.state !== "running") return;

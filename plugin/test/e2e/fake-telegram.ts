@@ -172,16 +172,18 @@ export class FakeTelegram {
   }
 
   /**
-   * Delivers a message again, as Telegram does when the bot did not confirm the update (the
-   * gateway stopped before its next getUpdates): the same message (id, chat, date, text) in a
-   * new update.
+   * Delivers an update again, as Telegram does when the bot's confirmation (the next
+   * getUpdates offset) did not reach it, e.g. the gateway stopped first: the same update, same
+   * update_id, served once more whatever the offset.
    */
-  redeliver(update: Record<string, any>): Record<string, any> {
-    const again = { update_id: this.nextUpdateId++, message: structuredClone(update.message) };
-    this.updates.push(again);
+  redeliver(update: Record<string, any>): void {
+    this.unconfirmed.add(update.update_id);
+    this.updates.push(structuredClone(update));
     for (const w of this.waiters.splice(0)) w();
-    return again;
   }
+
+  /** Updates served again once even below the confirmed offset (redeliver). */
+  private readonly unconfirmed = new Set<number>();
 
   /**
    * Queues a tap on a button of a message the bot sent, as Telegram delivers it: a
@@ -285,8 +287,13 @@ export class FakeTelegram {
     const deadline = Date.now() + Math.min(Number(p.timeout ?? 0), 5) * 1000;
     for (;;) {
       // Updates below the offset are confirmed: Telegram forgets them.
-      if (offset) this.updates = this.updates.filter((u) => u.update_id >= offset);
-      if (this.updates.length) return this.updates.slice(0, limit);
+      if (offset) this.updates = this.updates.filter((u) => u.update_id >= offset || this.unconfirmed.has(u.update_id));
+      if (this.updates.length) {
+        const out = this.updates.slice(0, limit);
+        // A redelivered update is served once; the next offset confirms it for good.
+        for (const u of out) if (this.unconfirmed.delete(u.update_id)) this.updates = this.updates.filter((x) => x !== u);
+        return out;
+      }
       const left = deadline - Date.now();
       if (left <= 0) return [];
       await new Promise<void>((r) => {

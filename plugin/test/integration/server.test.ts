@@ -256,7 +256,7 @@ test("server delivery mode: reply_to goes with the task, the server posts the an
   telegram.addChat(group);
   await runner.touch();
   const r = await api.run("/cc via server", { ...TELEGRAM_TOPIC, from: `telegram:group:${group}:topic:7`, to: `telegram:${group}`, messageThreadId: 7 });
-  assert.deepEqual(r, {}, "the server acknowledges, not the command");
+  assert.deepEqual(r, { suppressReply: true }, "the server acknowledges, not the command");
   const ack = await until("the server's acknowledgement", () => telegram.sent.find((p) => Number(p.chat_id) === group));
   assert.match(visibleText(ack.text, ack.parse_mode), /^🕓 claude · queued — task [0-9a-f]{8}, next in line$/);
   const o = await runner.serveOne();

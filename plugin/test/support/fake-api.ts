@@ -8,8 +8,6 @@ import type {
   CommandResult,
   MessageHookContext,
   MessageReceivedEvent,
-  BeforeDispatchEvent,
-  BeforeDispatchContext,
   OutboundAdapter,
   OutboundPayload,
   OutboundText,
@@ -101,11 +99,9 @@ export class FakeApi implements PluginApi {
     if (this.interactive.some((x) => x.channel === r.channel && x.namespace === r.namespace)) throw new Error(`duplicate namespace ${r.namespace}`);
     this.interactive.push(r);
   };
-  readonly beforeDispatch: ((e: BeforeDispatchEvent, c: BeforeDispatchContext) => undefined)[] = [];
-  on = ((hook: string, handler: (...a: any[]) => any) => {
+  on = (hook: "message_received", handler: (e: MessageReceivedEvent, c: MessageHookContext) => void) => {
     if (hook === "message_received") this.hooks.push(handler);
-    if (hook === "before_dispatch") this.beforeDispatch.push(handler);
-  }) as NonNullable<PluginApi["on"]>;
+  };
 
   /** Runs a command the way OpenClaw does: name from the body, args after the first space. */
   async run(body: string, ctx: Partial<CommandContext> = {}): Promise<CommandResult> {
