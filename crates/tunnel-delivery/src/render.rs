@@ -225,6 +225,8 @@ fn waiting_line(task: &Task) -> String {
     let short: String = task.id.chars().take(8).collect();
     let mut line = match task.state {
         TaskState::Parked => format!("⏸️ {} · parked — task {short}", task.agent),
+        // Offered to a runner, not started yet.
+        TaskState::Offered => format!("⏳ {} · starting — task {short}", task.agent),
         _ => format!("🕓 {} · queued — task {short}", task.agent),
     };
     match task.queue_position {
@@ -292,7 +294,10 @@ pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_m
     if task.state.is_terminal() {
         return head(&ended_line(task), limit);
     }
-    if matches!(task.state, TaskState::Queued | TaskState::Parked) {
+    if matches!(
+        task.state,
+        TaskState::Queued | TaskState::Parked | TaskState::Offered
+    ) {
         return head(&waiting_line(task), limit);
     }
     let mut model = task.model.clone();

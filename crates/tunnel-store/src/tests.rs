@@ -939,7 +939,10 @@ async fn prune_removes_only_old_finished_and_delivered(f: Fixture) {
     let o = f.store.claim(&claim_req("gone")).await.unwrap().unwrap();
     run_to_end(&f.store, &o).await;
     f.store.notify(discord("n"), "note".into()).await.unwrap();
-    assert!(deliver_all(&f.store).await >= 4, "ack, outcome, final, note");
+    assert!(
+        deliver_all(&f.store).await >= 4,
+        "ack, outcome, final, note"
+    );
     // Old and finished, but its answer is not delivered yet: kept.
     let (undelivered, _) = f.store.submit("o", None, with_reply("b")).await.unwrap();
     let ou = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
