@@ -477,8 +477,8 @@ async fn progress_edits_are_throttled_and_coalesced() {
 async fn a_429_is_honoured_and_500s_are_retried() {
     let (url, stand) = discord().await;
     let s = server(Some(&url), None).await;
-    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "7"}})).await;
-    // The working message is rate limited for 0.5 s, then a 500, then all is well.
+    // The acknowledgement (posted at submit, the working message to be) is rate limited for
+    // 0.5 s, then a 500, then all is well. Scripted before the submit, which posts it at once.
     stand.then(
         429,
         json!({"message": "You are being rate limited.", "retry_after": 0.5, "global": false}),
@@ -492,6 +492,7 @@ async fn a_429_is_honoured_and_500s_are_retried() {
         json!({"message": "Internal Server Error", "code": 0}),
         vec![],
     );
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "7"}})).await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
     until_seen(&stand, 1).await;
@@ -520,17 +521,18 @@ async fn a_429_is_honoured_and_500s_are_retried() {
 async fn a_403_is_given_up_with_the_reason() {
     let (url, stand) = discord().await;
     let s = server(Some(&url), None).await;
+    // Scripted before the submit, which posts the acknowledgement at once.
+    stand.then(
+        403,
+        json!({"message": "Missing Access", "code": 50001}),
+        vec![],
+    );
+    stand.then(
+        403,
+        json!({"message": "Missing Access", "code": 50001}),
+        vec![],
+    );
     let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "8"}})).await;
-    stand.then(
-        403,
-        json!({"message": "Missing Access", "code": 50001}),
-        vec![],
-    );
-    stand.then(
-        403,
-        json!({"message": "Missing Access", "code": 50001}),
-        vec![],
-    );
     run(&s, &task, &[], "answer").await;
     let t = loop {
         let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
@@ -597,9 +599,10 @@ async fn telegram_replies_in_the_topic_and_splits_at_4096() {
 async fn an_answer_waiting_at_a_restart_is_delivered_once() {
     let (url, stand) = discord().await;
     let s = server(Some(&url), None).await;
-    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "9"}})).await;
-    // Discord is down while the task finishes: the answer waits in the outbox.
+    // Discord is down while the task finishes: the answer waits in the outbox. (Scripted before
+    // the submit, which posts the acknowledgement at once.)
     stand.then(502, json!({"message": "Bad Gateway"}), vec![]);
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "9"}})).await;
     run(&s, &task, &[], "the answer").await;
     until_seen(&stand, 1).await;
     let s = s.restart().await;
