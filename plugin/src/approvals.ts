@@ -15,6 +15,8 @@ import { AGENT_LABELS } from "./config.ts";
 import type { Approval, ApprovalPolicy, Decision, TunnelClient } from "./client.ts";
 import { excerpt, shortId } from "./format.ts";
 import type { DeliveryTarget } from "./identity.ts";
+import { telegramControls } from "./telegram.ts";
+import type { TelegramAccountResolver } from "./telegram.ts";
 import type { InteractiveRegistration, Logger, OutboundAdapter, Presentation, TelegramInteractiveContext } from "./types.ts";
 
 export const NAMESPACE = "tunnel";
@@ -224,28 +226,11 @@ export interface ApprovalEditor {
   edit(target: DeliveryTarget, messageId: string, text: string): Promise<void>;
 }
 
-/** The bot token and API root of a Telegram account, from OpenClaw's own resolution. */
-export type TelegramAccountResolver = (cfg: unknown, accountId: string | undefined) => { token: string; apiRoot?: string } | undefined;
+export type { TelegramAccountResolver } from "./telegram.ts";
 
 /** Telegram's editMessageText through the Bot API with the bot token OpenClaw uses. */
 export function telegramApprovalEditor(resolve: TelegramAccountResolver, cfg: () => unknown, fetchImpl: typeof fetch = fetch): ApprovalEditor {
-  return {
-    async edit(target, messageId, text) {
-      const acct = resolve(cfg(), target.accountId);
-      if (!acct?.token) throw new Error("no Telegram bot token");
-      const root = (acct.apiRoot ?? "https://api.telegram.org").replace(/\/+$/, "");
-      const res = await fetchImpl(`${root}/bot${acct.token}/editMessageText`, {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ chat_id: target.to.replace(/^telegram:/, ""), message_id: Number(messageId), text }),
-        signal: AbortSignal.timeout(15_000),
-      });
-      const json = (await res.json().catch(() => ({}))) as { ok?: boolean; description?: string };
-      if (!json.ok && !/message is not modified/.test(json.description ?? "")) {
-        throw new Error(`Telegram editMessageText: ${res.status} ${json.description ?? ""}`.trim());
-      }
-    },
-  };
+  return telegramControls(resolve, cfg, fetchImpl);
 }
 
 export interface ApprovalDeps {
@@ -277,11 +262,11 @@ function asApproval(data: unknown): Approval | undefined {
   return a && typeof a.id === "string" && typeof a.state === "string" && a.tool && typeof a.tool.title === "string" ? (a as Approval) : undefined;
 }
 
-/** The progress phase while a task waits for an answer, and its head line for PROGRESS_PHASES. */
+/**
+ * The progress phase while a task waits for an answer: the watcher refreshes the live progress
+ * message at once (the server's text shows the question) and shows no "typing…" meanwhile.
+ */
 export const APPROVAL_PHASE = "approval";
-export function approvalPhaseLine(v: { label: string }, elapsed: string): string {
-  return `⏸️ ${v.label} waits for your approval… ${elapsed}`;
-}
 
 export class ApprovalDelivery {
   private readonly deps: ApprovalDeps;

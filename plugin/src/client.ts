@@ -250,6 +250,19 @@ export class TunnelClient {
     return r.body;
   }
 
+  /**
+   * The task's progress as one chat message, rendered by the server as its own delivery
+   * renders it: "⏳ claude · working… 12s" and the last tool uses while it runs, one line with
+   * the outcome once it ended. `limit` is the chat's message limit (200 to 4096).
+   */
+  async progress(id: string, limit = 4096): Promise<{ state: TaskState; text: string }> {
+    const r = await this.request<{ state: TaskState; text: string }>(
+      "GET",
+      `/v1/tasks/${encodeURIComponent(id)}/progress?limit=${Math.max(200, Math.min(4096, Math.floor(limit)))}`,
+    );
+    return r.body;
+  }
+
   async tasks(filter: { conversation?: string; agent?: string; state?: TaskState; limit?: number }): Promise<Task[]> {
     const q = new URLSearchParams();
     for (const [k, v] of Object.entries(filter)) if (v !== undefined) q.set(k, String(v));

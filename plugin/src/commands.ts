@@ -289,6 +289,8 @@ async function submit(
   if (config.delivery === "plugin") deps.watcher.add(task, agent, label, id.target);
   deps.logger.info(`tunnel: submitted ${agent} task ${task.id} for ${id.conversation}${fromMessage ? "" : " (no chat message id)"}`);
 
+  if (config.delivery === "server") return serverAck(deps, agent, body);
+
   const lines: string[] = [];
   const sessionNote =
     session === "new" ? " in a new session" : typeof session === "object" ? ` in session \`${session.resume}\`` : "";
@@ -312,9 +314,28 @@ async function submit(
   } catch (e) {
     deps.logger.warn(`tunnel: listing runners failed: ${(e as Error).message}`);
   }
-  if (config.delivery === "server") lines.push("The tunnel server will post the answer here.");
   if (approvals === "ask") lines.push(`🔐 ${label} asks here before it runs a command or edits a file.`);
   return reply(lines.join("\n"));
+}
+
+/**
+ * Server delivery: the tunnel server posts the acknowledgement itself, as the task's first
+ * message in the chat (then edits it to "working…" and the outcome), so it can never arrive
+ * after the answer — a command's own reply is sent by OpenClaw with a delay of up to a second.
+ * The command replies only to warn that no runner can take the task (it would wait).
+ */
+async function serverAck(deps: Deps, agent: Agent, body: SubmitTask): Promise<CommandResult> {
+  try {
+    const runners = (await deps.client.runners()).filter(
+      (r) => r.online && r.agents.includes(agent) && (!body.project || r.projects.includes(body.project)),
+    );
+    if (!runners.length) {
+      return reply(`⚠️ No runner for ${agent}${body.project ? ` with project ${body.project}` : ""} is online; the task waits until one is.`);
+    }
+  } catch (e) {
+    deps.logger.warn(`tunnel: listing runners failed: ${(e as Error).message}`);
+  }
+  return { suppressReply: true };
 }
 
 async function recent(deps: Deps, agent: Agent, id: Identity): Promise<CommandResult> {

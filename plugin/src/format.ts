@@ -46,8 +46,12 @@ export function finalMessage(label: string, task: Task): string {
       const text = r.text?.trim() ? r.text.trim() : "(no text in the answer)";
       return `✅ ${label}${tail}\n\n${text}`;
     }
-    case "cancelled":
-      return `🛑 ${label} task \`${shortId(task.id)}\` was cancelled${task.reason ? ` (${task.reason})` : ""}.`;
+    case "cancelled": {
+      // One line: the reason is shown only for what it adds to "cancelled".
+      const extra = (task.reason ?? "").trim().replace(/^cancell?ed[;,:\s]*/i, "");
+      const after = took ? ` after ${took}` : "";
+      return `🛑 ${label} task \`${shortId(task.id)}\` cancelled${after}${extra ? ` (${extra})` : ""}.`;
+    }
     case "timed_out":
       return `⏱️ ${label} timed out${tail}.${detail(task)}`;
     case "lost":

@@ -2,8 +2,9 @@
 // `register()` runs several times per process (full, discovery, tool-discovery); it only
 // registers and never starts work. The service's start() does.
 
-import { ApprovalDelivery, telegramApprovalEditor } from "./approvals.ts";
-import type { TelegramAccountResolver } from "./approvals.ts";
+import { ApprovalDelivery } from "./approvals.ts";
+import { telegramControls } from "./telegram.ts";
+import type { TelegramAccountResolver } from "./telegram.ts";
 import { agentCommands, stateCommand } from "./commands.ts";
 import type { Deps } from "./commands.ts";
 import { AGENTS, readConfig } from "./config.ts";
@@ -23,6 +24,8 @@ export interface RegisterOptions {
   fetch?: typeof fetch;
   env?: Record<string, string | undefined>;
   progressAfterMs?: number;
+  /** Least time between two edits of a live progress message (tests shorten it). */
+  progressEveryMs?: number;
   retryDelaysMs?: number[];
   /** The Telegram bot token OpenClaw uses (index.ts), to edit approval questions to their outcome. */
   telegramAccount?: TelegramAccountResolver;
@@ -34,6 +37,10 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
   const watcher = opts.watcher ?? sharedWatcher();
   const messageIds = opts.messageIds ?? sharedMessageIds();
   const logger = api.logger;
+  // Edits and "typing…" where the plugin can do them: Telegram, through the Bot API with the
+  // bot token OpenClaw resolved (OpenClaw's outbound adapter only sends).
+  const controls = (channel: string) =>
+    channel === "telegram" && opts.telegramAccount ? telegramControls(opts.telegramAccount, () => api.config, opts.fetch) : undefined;
   // Approvals (approvals.ts): questions posted by the watcher, answered by a tap or `-approve`.
   const approvals = new ApprovalDelivery({
     client,
@@ -41,12 +48,10 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
     cfg: () => api.config,
     logger,
     commandOf: (agent) => config.commands[agent as keyof typeof config.commands] ?? agent,
-    editor: (channel) =>
-      channel === "telegram" && opts.telegramAccount ? telegramApprovalEditor(opts.telegramAccount, () => api.config, opts.fetch) : undefined,
+    editor: controls,
     watchOfApproval: (aid) => watcher.list().find((w) => w.approvals?.[aid]),
-    // The live progress message's phase, where the watcher has one (chat-ux, issue #18).
-    setPhase: (taskId, phase, detail) =>
-      (watcher as { setPhase?: (id: string, p: string, d?: string) => void }).setPhase?.(taskId, phase, detail),
+    // A question asked or answered shows in the live progress message at once.
+    setPhase: (taskId, phase, detail) => watcher.setPhase(taskId, phase, detail),
   });
   const deps: Deps = { config, client, watcher, messageIds, logger, approvals };
 
@@ -62,6 +67,8 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
       progressAfterMs: opts.progressAfterMs ?? 10_000,
       retryDelaysMs: opts.retryDelaysMs,
       onApproval: (w, data) => approvals.onEvent(w, data),
+      controls,
+      progressEveryMs: opts.progressEveryMs,
     });
   }
 
@@ -85,6 +92,8 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
         progressAfterMs: opts.progressAfterMs ?? 10_000,
         retryDelaysMs: opts.retryDelaysMs,
         onApproval: (w, data) => approvals.onEvent(w, data),
+        controls,
+        progressEveryMs: opts.progressEveryMs,
       });
       // OpenClaw drains a plugin instance before it stops its services; stop following (and so
       // close the event streams) as soon as this instance starts to retire.

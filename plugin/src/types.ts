@@ -32,6 +32,8 @@ export interface CommandContext {
 export interface CommandResult {
   text?: string;
   isError?: boolean;
+  /** No reply at all (OpenClaw would otherwise send "No response generated"). */
+  suppressReply?: boolean;
 }
 
 export interface CommandDefinition {

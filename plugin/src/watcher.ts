@@ -2,6 +2,12 @@
 // submitted and sends progress and the answer through OpenClaw's outbound adapter, so it works
 // on every channel OpenClaw has.
 //
+// While a task runs, one progress message is kept up to date where the plugin can edit
+// messages (Telegram): posted when the task starts, edited at most every few seconds with what
+// the server renders (`GET /v1/tasks/{id}/progress`: the current step, its command or path, the
+// elapsed time), with "typing…" shown meanwhile, and edited to the outcome before the answer.
+// Elsewhere a task that waited gets a "▶️ started" notice instead.
+//
 // The list of followed tasks is written to the OpenClaw state dir, so a gateway restart picks
 // them up again. OpenClaw calls `register()` more than once per process, so there is one
 // watcher per process (kept on globalThis), shared by every registration.
@@ -13,6 +19,8 @@ import { isTerminal, TunnelError } from "./client.ts";
 import type { Task, TaskEvent, TunnelClient } from "./client.ts";
 import type { DeliveryTarget } from "./identity.ts";
 import { chunkText, finalMessage, shortId } from "./format.ts";
+import type { ChatControls } from "./telegram.ts";
+import { APPROVAL_PHASE } from "./approvals.ts";
 import type { Logger, OutboundAdapter } from "./types.ts";
 
 export interface Watch {
@@ -27,6 +35,23 @@ export interface Watch {
   startNotified: boolean;
   /** Approval questions posted for this task (approvals.ts). */
   approvals?: Record<string, { messageId?: string; settled?: boolean }>;
+  /** The live progress message: its id, and the text it shows now. */
+  progress?: { messageId: string; text: string };
+  /** The task ended: nothing but its outcome and answer is sent any more. */
+  ended?: boolean;
+}
+
+/** What a followed task's live progress needs while this process runs (not persisted). */
+interface Live {
+  timer?: ReturnType<typeof setInterval>;
+  /** Something happened since the message was last edited. */
+  dirty: boolean;
+  /** Refreshes run one at a time, in order. */
+  chain: Promise<void>;
+  /** Posting the message failed: stop trying for this task. */
+  off?: boolean;
+  /** Waiting for a person (an approval question): no "typing…" then. */
+  waiting?: boolean;
 }
 
 export interface WatcherDeps {
@@ -43,7 +68,13 @@ export interface WatcherDeps {
   retryDelaysMs?: number[];
   /** An `approval` event of a followed task (approvals.ts posts or settles the question). */
   onApproval?: (w: Watch, data: unknown) => Promise<void>;
+  /** Edits and "typing…" per channel, where the plugin can do them (telegram.ts). */
+  controls?: (channel: string) => ChatControls | undefined;
+  /** Least time between two edits of a progress message (ms; default 3000). */
+  progressEveryMs?: number;
 }
+
+const DEFAULT_PROGRESS_EVERY_MS = 3000;
 
 const DEFAULT_RETRY_DELAYS = [1000, 2000, 5000, 10_000, 30_000];
 
@@ -51,6 +82,7 @@ export class Watcher {
   private deps: WatcherDeps | undefined;
   private readonly watches = new Map<string, Watch>();
   private readonly loops = new Map<string, Promise<void>>();
+  private readonly live = new Map<string, Live>();
   private abort: AbortController | undefined;
   private file: string | undefined;
   private saving: Promise<void> = Promise.resolve();
@@ -90,7 +122,10 @@ export class Watcher {
     const abort = this.abort;
     this.abort = undefined;
     abort?.abort();
+    for (const l of this.live.values()) clearInterval(l.timer);
     await Promise.allSettled([...this.loops.values()]);
+    await Promise.allSettled([...this.live.values()].map((l) => l.chain));
+    this.live.clear();
     await this.saving;
   }
 
@@ -144,6 +179,7 @@ export class Watcher {
         if (signal.aborted) return;
         const task = await deps.client.task(w.taskId);
         if (isTerminal(task.state)) {
+          await this.endProgress(w);
           await this.send(w, finalMessage(w.label, task));
           this.log("info", `task ${w.taskId} ${task.state}; answer sent to ${w.target.channel}:${w.target.to}`);
           this.watches.delete(w.taskId);
@@ -155,6 +191,7 @@ export class Watcher {
         if (signal.aborted) return;
         if (e instanceof TunnelError && (e.status === 404 || e.status === 401 || e.status === 403)) {
           this.log("error", `stopped following task ${w.taskId}: ${e.message}`);
+          this.stopLive(w.taskId);
           await this.send(w, `⚠️ ${w.label} task \`${shortId(w.taskId)}\`: the tunnel server says ${e.message}; its answer cannot be delivered here.`);
           this.watches.delete(w.taskId);
           await this.save();
@@ -176,9 +213,16 @@ export class Watcher {
       void this.save();
       return;
     }
-    if (!deps?.progress || w.startNotified || ev.kind !== "state") return;
-    const data = (ev.data ?? {}) as { state?: string; runner?: string };
-    if (data.state !== "running") return;
+    if (!deps?.progress) return;
+    const data = (ev.kind === "state" ? ev.data ?? {} : {}) as { state?: string; runner?: string };
+    if (this.liveProgress(w)) {
+      // The message appears when the agent starts, then follows what it does (also what it
+      // did while the message was still being posted).
+      if (data.state === "running") this.touch(w, !w.progress);
+      else if (w.progress || this.live.has(w.taskId)) this.touch(w, false);
+      return;
+    }
+    if (w.startNotified || data.state !== "running") return;
     w.startNotified = true;
     const waited = this.now() - w.addedAt;
     if (w.queuedAhead > 0 || waited >= deps.progressAfterMs) {
@@ -186,6 +230,128 @@ export class Watcher {
       await this.send(w, `▶️ ${w.label} started task \`${shortId(w.taskId)}\`${runner}.`);
     }
     void this.save();
+  }
+
+  /**
+   * Something changed in a followed task (approvals.ts calls this when a question is asked or
+   * answered): its progress message is refreshed at once.
+   */
+  setPhase(taskId: string, phase: string, _detail?: string): void {
+    const w = this.watches.get(taskId);
+    if (!w || !w.progress || !this.liveProgress(w)) return;
+    this.touch(w, true);
+    const l = this.live.get(taskId);
+    if (l) l.waiting = phase === APPROVAL_PHASE;
+  }
+
+  /** Whether this task gets a live progress message (the channel lets the plugin edit). */
+  private liveProgress(w: Watch): boolean {
+    const deps = this.deps;
+    return !!deps?.progress && !!deps.controls?.(w.target.channel) && !this.live.get(w.taskId)?.off;
+  }
+
+  /** Marks the progress message stale; `now` refreshes it at once, else on the next tick. */
+  private touch(w: Watch, now: boolean): void {
+    if (w.ended) return;
+    let l = this.live.get(w.taskId);
+    if (!l) {
+      l = { dirty: true, chain: Promise.resolve() };
+      this.live.set(w.taskId, l);
+    }
+    l.dirty = true;
+    if (!l.timer) {
+      const every = this.deps?.progressEveryMs ?? DEFAULT_PROGRESS_EVERY_MS;
+      const live = l;
+      live.timer = setInterval(() => this.tick(w, live), every);
+      live.timer.unref?.();
+      this.typing(w);
+    }
+    if (now) this.tick(w, l);
+  }
+
+  /** One beat: "typing…" again (it fades after ~5 s), and the edit if anything changed. */
+  private tick(w: Watch, l: Live): void {
+    if (!this.abort || this.abort.signal.aborted || w.ended) return;
+    if (!l.waiting) this.typing(w);
+    if (!l.dirty) return;
+    l.dirty = false;
+    l.chain = l.chain.then(() => this.refresh(w, l)).catch((e) => this.log("warn", `task ${w.taskId}: progress: ${(e as Error).message}`));
+  }
+
+  private typing(w: Watch): void {
+    const c = this.deps?.controls?.(w.target.channel);
+    c?.typing?.(w.target).catch((e) => this.log("warn", `task ${w.taskId}: typing indicator: ${(e as Error).message}`));
+  }
+
+  private limit(w: Watch): number {
+    return w.target.channel === "discord" ? 2000 : 4000;
+  }
+
+  /** Posts the progress message, or edits it to what the server renders now. */
+  private async refresh(w: Watch, l: Live): Promise<void> {
+    const deps = this.deps;
+    if (!deps || l.off) return;
+    const p = await deps.client.progress(w.taskId, this.limit(w));
+    // The end is shown by endProgress, in order before the answer.
+    if (isTerminal(p.state) || !this.watches.has(w.taskId)) return;
+    await this.show(w, p.text);
+  }
+
+  private async show(w: Watch, text: string): Promise<void> {
+    const deps = this.deps;
+    if (!deps) return;
+    if (w.progress) {
+      if (w.progress.text === text) return;
+      await deps.controls?.(w.target.channel)?.edit(w.target, w.progress.messageId, text);
+      w.progress.text = text;
+      return;
+    }
+    const id = messageIdOf(await this.sendOne(w, text));
+    const l = this.live.get(w.taskId);
+    if (!id) {
+      // No id to edit later: one message is enough, no stream of new ones.
+      if (l) l.off = true;
+      this.log("warn", `task ${w.taskId}: the progress message got no message id; no live progress for it`);
+      return;
+    }
+    w.progress = { messageId: id, text };
+    w.startNotified = true;
+    void this.save();
+  }
+
+  private stopLive(taskId: string): Live | undefined {
+    const l = this.live.get(taskId);
+    if (l) clearInterval(l.timer);
+    this.live.delete(taskId);
+    return l;
+  }
+
+  /** The task ended: its progress message shows the outcome (before the answer is sent). */
+  private async endProgress(w: Watch): Promise<void> {
+    w.ended = true;
+    const l = this.stopLive(w.taskId);
+    await l?.chain;
+    if (!w.progress || !this.deps) return;
+    try {
+      const p = await this.deps.client.progress(w.taskId, this.limit(w));
+      await this.show(w, p.text);
+    } catch (e) {
+      this.log("warn", `task ${w.taskId}: could not show the outcome in the progress message: ${(e as Error).message}`);
+    }
+  }
+
+  /** Sends one message (no chunking: a progress text fits) and returns the adapter's result. */
+  private async sendOne(w: Watch, text: string): Promise<unknown> {
+    const deps = this.deps;
+    const adapter = deps ? await deps.loadAdapter(w.target.channel) : undefined;
+    if (!deps || !adapter?.sendText) return undefined;
+    return adapter.sendText({
+      cfg: deps.cfg(),
+      to: w.target.to,
+      text,
+      ...(w.target.accountId ? { accountId: w.target.accountId } : {}),
+      ...(w.target.threadId !== undefined ? { threadId: w.target.threadId } : {}),
+    });
   }
 
   /** Sends text in chunks through the channel's outbound adapter; never throws. */
@@ -245,6 +411,11 @@ export class Watcher {
     });
     return this.saving;
   }
+}
+
+function messageIdOf(result: unknown): string | undefined {
+  const id = (result as { messageId?: unknown } | undefined)?.messageId;
+  return typeof id === "string" && id ? id : typeof id === "number" ? String(id) : undefined;
 }
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {

@@ -89,6 +89,9 @@ pub fn render_final(task: &Task, limit: usize) -> Vec<String> {
         .and_then(|r| r.text.as_deref())
         .map(str::trim)
         .filter(|t| !t.is_empty());
+    if task.state == TaskState::Cancelled {
+        return render_cancelled(task, answer, limit);
+    }
     let mut body = String::new();
     if task.state == TaskState::Succeeded {
         body.push_str(answer.unwrap_or("(the agent finished without a text answer)"));
@@ -150,6 +153,99 @@ pub fn render_final(task: &Task, limit: usize) -> Vec<String> {
     split(&format!("{header}\n\n{body}\n\n{footer}"), limit)
 }
 
+/// How long the task ran: the agent's own figure, else start to finish.
+fn ran_ms(task: &Task) -> Option<u64> {
+    task.result
+        .as_ref()
+        .and_then(|r| r.duration_ms)
+        .or_else(|| {
+            let end = task.finished_at?;
+            let start = task.started_at?;
+            u64::try_from(end - start).ok()
+        })
+}
+
+/// What the "working…" message becomes when the task ended: one line with the outcome, so no
+/// chat keeps a stale "working…" above the answer.
+fn ended_line(task: &Task) -> String {
+    let after = ran_ms(task).map(|ms| format!(" after {}", duration(ms)));
+    let after = after.as_deref().unwrap_or("");
+    let agent = &task.agent;
+    match task.state {
+        TaskState::Succeeded => match ran_ms(task) {
+            Some(ms) => format!("✅ {agent} · done in {} — the answer follows", duration(ms)),
+            None => format!("✅ {agent} · done — the answer follows"),
+        },
+        TaskState::Failed => format!("❌ {agent} · failed{after}"),
+        TaskState::TimedOut => format!("⏱️ {agent} · timed out{after}"),
+        TaskState::Cancelled => format!("🛑 {agent} · cancelled{after}"),
+        TaskState::Lost => format!("⚠️ {agent} · lost{after}: its runner stopped answering"),
+        _ => format!("⏳ {agent}"),
+    }
+}
+
+/// A cancelled task in one line (the runner's "cancelled; the agent was stopped", the
+/// reason "cancelled" and the exit code of the signal all say the same), with what the reason
+/// adds beyond "cancelled", any partial answer, and the footer.
+fn render_cancelled(task: &Task, answer: Option<&str>, limit: usize) -> Vec<String> {
+    let mut line = format!("🛑 {} · cancelled", task.agent);
+    if let Some(ms) = ran_ms(task) {
+        line.push_str(&format!(" after {}", duration(ms)));
+    }
+    let extra = task
+        .reason
+        .as_deref()
+        .map(|r| {
+            r.trim()
+                .trim_start_matches("cancelled")
+                .trim_start_matches([';', ',', ':', ' '])
+        })
+        .filter(|r| !r.is_empty());
+    if let Some(r) = extra {
+        line.push_str(&format!(" ({r})"));
+    }
+    let mut text = line;
+    if let Some(a) = answer {
+        text.push_str(&format!("\n\nPartial answer:\n{a}"));
+        if let Some(closer) = open_fence_closer(&text) {
+            text.push('\n');
+            text.push_str(&closer);
+        }
+    }
+    text.push_str(&format!("\n\ntask {}", task.id));
+    if let Some(sid) = task.result.as_ref().and_then(|r| r.session_id.as_deref()) {
+        text.push_str(&format!(" · session {sid} (resume: --resume {sid})"));
+    }
+    split(&text, limit)
+}
+
+/// The acknowledgement of a task that waits: the first message a chat gets about it (server
+/// delivery posts it at submit, then edits it as the task runs).
+fn waiting_line(task: &Task) -> String {
+    let short: String = task.id.chars().take(8).collect();
+    let mut line = match task.state {
+        TaskState::Parked => format!("⏸️ {} · parked — task {short}", task.agent),
+        // Offered to a runner, not started yet.
+        TaskState::Offered => format!("⏳ {} · starting — task {short}", task.agent),
+        _ => format!("🕓 {} · queued — task {short}", task.agent),
+    };
+    match task.queue_position {
+        Some(0) => line.push_str(", next in line"),
+        Some(n) => line.push_str(&format!(", {n} ahead of it")),
+        None => {}
+    }
+    if task.state == TaskState::Parked
+        && let Some(r) = task
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+    {
+        line.push_str(&format!("\n{}", head(&defuse_fences(r), TOOL_LINE_MAX)));
+    }
+    line
+}
+
 /// [`render_progress_at`] now.
 pub fn render_progress(task: &Task, recent: &[TaskEvent], limit: usize) -> String {
     let now = std::time::SystemTime::now()
@@ -195,6 +291,15 @@ fn tool_line(data: &Value) -> String {
 /// Triple backticks in agent output are defused so a half-shown code block cannot swallow
 /// the message.
 pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_ms: i64) -> String {
+    if task.state.is_terminal() {
+        return head(&ended_line(task), limit);
+    }
+    if matches!(
+        task.state,
+        TaskState::Queued | TaskState::Parked | TaskState::Offered
+    ) {
+        return head(&waiting_line(task), limit);
+    }
     let mut model = task.model.clone();
     let mut tools: Vec<String> = Vec::new();
     let mut text = String::new();
@@ -240,7 +345,7 @@ pub fn render_progress_at(task: &Task, recent: &[TaskEvent], limit: usize, now_m
     });
     let state = match task.state {
         TaskState::Cancelling => "cancelling…",
-        TaskState::Queued | TaskState::Offered => "starting…",
+        TaskState::Queued | TaskState::Offered | TaskState::Parked => "starting…",
         _ if task.waiting_for_approval.is_some() => "waiting for approval",
         _ => "working…",
     };

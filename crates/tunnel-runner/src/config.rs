@@ -222,7 +222,9 @@ pub struct RunnerConfig {
     pub max_concurrent: usize,
     /// How long a claim long-poll is held (`LONG_POLL_WAIT`).
     pub long_poll_wait: Duration,
-    /// First back-off after an error (`POLL_INTERVAL`); doubles up to 30 s, with jitter.
+    /// First back-off after an error (`POLL_INTERVAL`); doubles up to 30 s, with jitter, except
+    /// while the server does not answer at all (down, restarting): then it is probed every
+    /// 0.5 s or so, so the runner is back within a second of the server.
     pub retry_base: Duration,
     pub agents: BTreeMap<String, AgentConfig>,
     /// Project name → directory.

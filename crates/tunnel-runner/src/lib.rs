@@ -216,7 +216,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
             }) => break Err(RunnerError::Rejected(message)),
             Err(e) => {
                 failures += 1;
-                let wait = task::backoff(failures).max(config.retry_base);
+                let wait = task::retry_wait(&e, failures).max(config.retry_base);
                 if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Cannot claim work; retrying.");
                 }

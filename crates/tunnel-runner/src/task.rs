@@ -62,6 +62,7 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
     let reporter = Reporter::start(ctx.clone(), entry);
     let cancel = CancellationToken::new();
     let done = CancellationToken::new();
+    let ending = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat_loop(
         ctx.client.clone(),
         id.clone(),
@@ -69,10 +70,16 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         lease.lease_ms,
         cancel.clone(),
         reporter.stale.clone(),
-        done.clone(),
+        Ending {
+            finishing: ending.clone(),
+            done: done.clone(),
+        },
     ));
 
     let (outcome, mut result, not_before) = execute(&ctx, &offer, &reporter, &cancel).await;
+    // From here the finish may end the attempt on the server before `done` stops the held
+    // heartbeat: a 409 to that heartbeat is the finish itself, not a lost lease.
+    ending.cancel();
     fit_result(&mut result);
     let stale = reporter.stale.is_cancelled();
     let finish = FinishRequest {
@@ -121,7 +128,7 @@ async fn ack(ctx: &Ctx, id: &str, at: &AttemptRef) -> Option<tunnel_protocol::Le
                 }
                 tracing::warn!(task_id = %id, error = %e, "Ack got no answer; retrying.");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff(failures).min(Duration::from_secs(5))) => {}
+                    _ = tokio::time::sleep(retry_wait(&e, failures).min(Duration::from_secs(5))) => {}
                     _ = ctx.abort.cancelled() => return None,
                 }
             }
@@ -459,6 +466,13 @@ fn task_policy(task: &tunnel_protocol::Task) -> ApprovalPolicy {
     task.approvals.unwrap_or_default()
 }
 
+/// When the heartbeats stop mattering: `finishing` once the agent has ended and its result is
+/// on its way, `done` once it was reported.
+struct Ending {
+    finishing: CancellationToken,
+    done: CancellationToken,
+}
+
 /// Renews the lease until the task is done; a held heartbeat brings a cancel at once.
 async fn heartbeat_loop(
     client: Client,
@@ -467,8 +481,9 @@ async fn heartbeat_loop(
     lease_ms: i64,
     cancel: CancellationToken,
     stale: CancellationToken,
-    done: CancellationToken,
+    ending: Ending,
 ) {
+    let Ending { finishing, done } = ending;
     let third = Duration::from_millis((lease_ms / 3).max(100) as u64);
     let mut failures = 0u32;
     loop {
@@ -493,6 +508,11 @@ async fn heartbeat_loop(
                     // A held heartbeat already waited; an immediate answer (cancel) needs a pause.
                     if status.cancel { third } else { Duration::ZERO }
                 }
+                Err(e) if e.is_stale() && finishing.is_cancelled() => {
+                    // The finish ended the attempt while this heartbeat was held: normal.
+                    tracing::debug!(task_id = %id, error = %e, "Heartbeat answered by the finish.");
+                    return;
+                }
                 Err(e) if e.is_stale() => {
                     tracing::warn!(task_id = %id, error = %e, "The lease is gone; stopping the agent.");
                     stale.cancel();
@@ -509,6 +529,20 @@ async fn heartbeat_loop(
             _ = done.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// How long to wait before retrying after `e`. A server that did not answer at all (refused,
+/// reset, timed out, or a gateway error: down or restarting) is probed about twice a second, so a runner is back
+/// within a second of the server; an answer with an error backs off exponentially ([`backoff`]).
+/// A refused connection costs the server nothing, and the jitter spreads many runners out.
+pub(crate) fn retry_wait(e: &tunnel_client::ClientError, failures: u32) -> Duration {
+    use tunnel_client::ClientError;
+    // A proxy in front of a restarting server answers 502–504.
+    if matches!(e, ClientError::Transport { .. }) || matches!(e.status(), Some(502..=504)) {
+        backoff(failures.min(1))
+    } else {
+        backoff(failures)
     }
 }
 
@@ -725,7 +759,7 @@ async fn report_loop(
                         Err(e) if e.is_stale() || e.status() == Some(404) => stale.cancel(),
                         Err(e) => {
                             failures += 1;
-                            retry_at = Instant::now() + backoff(failures);
+                            retry_at = Instant::now() + retry_wait(&e, failures);
                             tracing::warn!(task_id = %entry.task_id, error = %e, "Sending events failed; kept in the spool.");
                         }
                     }
@@ -864,7 +898,7 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
                 save(&ctx.spool, entry);
                 tracing::warn!(task_id = %entry.task_id, error = %e, "Reporting the result failed; retrying.");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff(failures)) => {}
+                    _ = tokio::time::sleep(retry_wait(&e, failures)) => {}
                     _ = ctx.abort.cancelled(), if failures > 3 => {
                         tracing::warn!(task_id = %entry.task_id, "Stopping with the result still in the spool; it is sent at the next start.");
                         return;

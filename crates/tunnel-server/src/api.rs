@@ -36,6 +36,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_task))
         .routes(routes!(cancel_task))
         .routes(routes!(task_events))
+        .routes(routes!(task_progress))
         .routes(routes!(claim))
         .routes(routes!(ack))
         .routes(routes!(heartbeat))
@@ -347,6 +348,55 @@ async fn cancel_task(
     let task = s.store.cancel(&id, &caller.scope()).await?;
     tracing::info!(task_id = %task.id, state = %task.state, "Cancel requested.");
     Ok(axum::Json(task))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ProgressQuery {
+    /// The longest text the chat takes, in UTF-16 units (200 to 4096; default 4096).
+    #[param(minimum = 200, maximum = 4096)]
+    limit: Option<u32>,
+}
+
+/// A task's progress message as a chat shows it (the text server delivery posts and edits).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct TaskProgress {
+    state: TaskState,
+    /// `⏳ claude · working… 12s` and the last tool uses while it runs; one line with the
+    /// outcome once it ended.
+    text: String,
+}
+
+/// Events a progress text is rendered from (as server delivery does).
+const PROGRESS_EVENTS: u32 = 40;
+
+/// The task's live progress as one chat message (for chat front ends that deliver answers
+/// themselves, like the OpenClaw plugin), rendered the way server delivery renders it.
+#[utoipa::path(get, path = "/v1/tasks/{id}/progress", tag = "tasks",
+    params(("id" = String, Path, description = "task id"), ProgressQuery),
+    responses((status = 200, body = TaskProgress), (status = 404, body = tunnel_protocol::ErrorBody)),
+    security(("bearer" = ["client"])))]
+async fn task_progress(
+    State(s): State<AppState>,
+    ClientAuth(caller): ClientAuth,
+    Path(id): Path<String>,
+    Query(q): Query<ProgressQuery>,
+) -> Result<axum::Json<TaskProgress>, ApiError> {
+    check_task_id(&id)?;
+    let limit = match q.limit {
+        None => tunnel_delivery::TELEGRAM_LIMIT,
+        Some(l @ 200..=4096) => l as usize,
+        Some(_) => return Err(ApiError::bad_request("limit must be between 200 and 4096")),
+    };
+    // The owner check comes first: another token's task is a 404 before any event is read.
+    let task = s.store.task(&id, &caller.scope()).await?;
+    let recent = s.store.last_events(&id, PROGRESS_EVENTS).await?;
+    let text = tunnel_delivery::render_progress(&task, &recent, limit);
+    Ok(axum::Json(TaskProgress {
+        state: task.state,
+        text,
+    }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -134,6 +134,13 @@ async fn send(
             let Some(task) = &d.task else {
                 return Err(DeliveryError::Permanent("the task is gone".into()));
             };
+            // A task that ended before its "working…" message went out (a chat outage, 429s)
+            // needs none: the answer follows. Nothing about it is posted then.
+            if task.state.is_terminal()
+                && (d.kind == DeliveryKind::Progress || d.progress_message.is_none())
+            {
+                return Ok(None);
+            }
             let recent = state
                 .store
                 .last_events(&task.id, PROGRESS_EVENTS)

@@ -599,9 +599,12 @@ pub(crate) fn destination(t: &ReplyTo) -> String {
 
 /// A chat reply target (Discord or Telegram), if the task has one.
 pub(crate) fn chat_target(t: &OpenTask) -> Option<&ReplyTo> {
-    t.reply_to
-        .as_ref()
-        .filter(|r| r.platform != Platform::Webhook)
+    t.reply_to.as_ref().filter(|r| is_chat(r))
+}
+
+/// A chat (Discord, Telegram) rather than a webhook: it gets the progress message.
+pub(crate) fn is_chat(r: &ReplyTo) -> bool {
+    r.platform != Platform::Webhook
 }
 
 /// The outbox kind of a task's final answer to this target.

@@ -585,6 +585,12 @@ impl PgStore {
             let seq: i64 = get(&row, 0)?;
             w.event(seq, 0, "state", &StateEvent::Queued(None).data())
                 .await?;
+            // The chat's acknowledgement is the task's first message there, so it can never
+            // arrive after the answer (one destination goes in order); it becomes the
+            // "working…" message.
+            if let Some(chat) = req.reply_to.as_ref().filter(|r| model::is_chat(r)) {
+                w.enqueue(Some(seq), "progress", chat, None, 0).await?;
+            }
             w.fx.changed.push(id.clone());
             if !busy {
                 let hint = w.ready_hint(seq).await?;
@@ -1463,8 +1469,12 @@ impl PgStore {
         }
         let row = q_one(
             &c,
-            "SELECT MIN(GREATEST(next_at, COALESCE(claimed_until, 0))) FROM outbox
-             WHERE state = 'pending'",
+            // The next time a destination's first message is due: a row behind a
+            // rate-limited one is not due before it (else the worker spins until then).
+            "SELECT MIN(GREATEST(o.next_at, COALESCE(o.claimed_until, 0))) FROM outbox o
+             WHERE o.state = 'pending'
+               AND o.id = (SELECT MIN(p.id) FROM outbox p
+                           WHERE p.destination = o.destination AND p.state = 'pending')",
             &[],
         )
         .await?;
@@ -2450,12 +2460,20 @@ impl W<'_> {
             if !posted {
                 self.enqueue(Some(t.seq), "progress", &target, None, 0)
                     .await?;
+            } else {
+                // The acknowledgement turns into "working…" at once.
+                self.deliver_progress_in(t, 0).await?;
             }
         }
         Ok(())
     }
 
     async fn deliver_progress(&mut self, t: &OpenTask) -> Result<()> {
+        self.deliver_progress_in(t, EDIT_EVERY_MS).await
+    }
+
+    /// An edit of the progress message due in `delay_ms`, unless one is pending already.
+    async fn deliver_progress_in(&mut self, t: &OpenTask, delay_ms: i64) -> Result<()> {
         if let Some(target) = model::chat_target(t).cloned() {
             let pending = self
                 .opt(
@@ -2465,7 +2483,7 @@ impl W<'_> {
                 .await?
                 .is_some();
             if !pending {
-                self.enqueue(Some(t.seq), "edit", &target, None, EDIT_EVERY_MS)
+                self.enqueue(Some(t.seq), "edit", &target, None, delay_ms)
                     .await?;
             }
         }
@@ -2482,6 +2500,18 @@ impl W<'_> {
             &[&t.seq, &self.now],
         )
         .await?;
+        // The "working…" message ends in the outcome before the answer is posted (one
+        // destination goes in order), so no chat keeps a stale "working…".
+        let working = self
+            .opt(
+                "SELECT 1 FROM outbox WHERE task_seq = $1 AND kind = 'progress'",
+                &[&t.seq],
+            )
+            .await?
+            .is_some();
+        if working && let Some(chat) = model::chat_target(t).cloned() {
+            self.enqueue(Some(t.seq), "edit", &chat, None, 0).await?;
+        }
         self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)
             .await?;
         Ok(())

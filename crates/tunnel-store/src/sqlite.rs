@@ -249,6 +249,12 @@ impl SqliteStore {
                 ])?;
             let seq = w.conn.last_insert_rowid();
             w.event(seq, 0, "state", &StateEvent::Queued(None).data())?;
+            // The chat's acknowledgement is the task's first message there, so it can never
+            // arrive after the answer (one destination goes in order); it becomes the
+            // "working…" message.
+            if let Some(chat) = req.reply_to.as_ref().filter(|r| model::is_chat(r)) {
+                w.enqueue(Some(seq), "progress", chat, None, 0)?;
+            }
             w.fx.changed.push(id.clone());
             if !busy {
                 let hint = w.ready_hint(seq)?;
@@ -1061,7 +1067,13 @@ impl SqliteStore {
                 out.push(delivery);
             }
             let next: Option<i64> = c
-                .prepare_cached("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")?
+                // The next time a destination's first message is due: a row behind a
+                // rate-limited one is not due before it (else the worker spins until then).
+                .prepare_cached(
+                    "SELECT MIN(o.next_at) FROM outbox o WHERE o.state = 'pending'
+                       AND o.id = (SELECT MIN(p.id) FROM outbox p
+                                   WHERE p.destination = o.destination AND p.state = 'pending')",
+                )?
                 .query_row([], |r| r.get(0))?;
             Ok((out, next))
         })
@@ -2052,6 +2064,9 @@ impl W<'_> {
                 .exists(params![t.seq])?;
             if !posted {
                 self.enqueue(Some(t.seq), "progress", &target, None, 0)?;
+            } else {
+                // The acknowledgement turns into "working…" at once.
+                self.deliver_progress_in(t, 0)?;
             }
         }
         Ok(())
@@ -2059,6 +2074,11 @@ impl W<'_> {
 
     /// New output: edit the "working…" message, coalescing everything within EDIT_EVERY_MS.
     fn deliver_progress(&mut self, t: &OpenTask) -> Result<()> {
+        self.deliver_progress_in(t, EDIT_EVERY_MS)
+    }
+
+    /// An edit of the progress message due in `delay_ms`, unless one is pending already.
+    fn deliver_progress_in(&mut self, t: &OpenTask, delay_ms: i64) -> Result<()> {
         if let Some(target) = model::chat_target(t).cloned() {
             let pending: bool = self
                 .conn
@@ -2067,7 +2087,7 @@ impl W<'_> {
                 )?
                 .exists(params![t.seq])?;
             if !pending {
-                self.enqueue(Some(t.seq), "edit", &target, None, EDIT_EVERY_MS)?;
+                self.enqueue(Some(t.seq), "edit", &target, None, delay_ms)?;
             }
         }
         Ok(())
@@ -2085,6 +2105,15 @@ impl W<'_> {
                  WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
             )?
             .execute(params![t.seq, self.now])?;
+        // The "working…" message ends in the outcome before the answer is posted (one
+        // destination goes in order), so no chat keeps a stale "working…".
+        let working: bool = self
+            .conn
+            .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+            .exists(params![t.seq])?;
+        if working && let Some(chat) = model::chat_target(t).cloned() {
+            self.enqueue(Some(t.seq), "edit", &chat, None, 0)?;
+        }
         self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)?;
         Ok(())
     }

@@ -726,17 +726,26 @@ async fn outbox_keeps_destination_order_and_reports_status(f: Fixture) {
         .unwrap();
     let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
     f.store.ack(&t.id, &attempt_of(&o)).await.unwrap();
-    // The "working…" message was queued at ack.
+    // The acknowledgement (the "working…" message to be) was queued at submit, before n1.
     let (due, _) = f.store.due_deliveries(10).await.unwrap();
     let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
-    // One per destination: n1 first on "chan", n2 on "other".
-    assert_eq!(ids, [n1, n2]);
-    assert_eq!(due[0].body.as_ref().unwrap()["text"], "one");
+    // One per destination: the acknowledgement first on "chan", n2 on "other".
+    assert_eq!(ids[1], n2);
+    assert!(ids[0] < n1, "{ids:?}");
+    assert_eq!(due[0].kind, DeliveryKind::Progress);
+    assert_eq!(due[0].task.as_ref().unwrap().id, t.id);
     assert_eq!(due[0].target.platform, Platform::Discord);
     f.store
-        .update_delivery(n1, DeliveryUpdate::Sent { message_id: None })
+        .update_delivery(
+            due[0].id,
+            DeliveryUpdate::Sent {
+                message_id: Some("m-1".into()),
+            },
+        )
         .await
         .unwrap();
+    let task = f.store.task(&t.id, &Scope::All).await.unwrap();
+    assert_eq!(task.delivery.unwrap().state, "working_message_sent");
     // A rate limit's wait is not a failed attempt; a 5xx's retry is.
     f.store
         .update_delivery(
@@ -758,24 +767,36 @@ async fn outbox_keeps_destination_order_and_reports_status(f: Fixture) {
         )
         .await
         .unwrap();
-    let (due, next) = f.store.due_deliveries(10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert_eq!(due[0].kind, DeliveryKind::Progress);
-    assert_eq!(due[0].task.as_ref().unwrap().id, t.id);
-    assert!(next.is_some());
+    let (due, _) = f.store.due_deliveries(10).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.id).collect::<Vec<_>>(), [n1]);
+    assert_eq!(due[0].body.as_ref().unwrap()["text"], "one");
     f.store
-        .update_delivery(
-            due[0].id,
-            DeliveryUpdate::Sent {
-                message_id: Some("m-1".into()),
-            },
-        )
+        .update_delivery(n1, DeliveryUpdate::Sent { message_id: None })
         .await
         .unwrap();
-    let task = f.store.task(&t.id, &Scope::All).await.unwrap();
-    assert_eq!(task.delivery.unwrap().state, "working_message_sent");
+    // The edit to "working…" queued at the start.
+    let (due, _) = f.store.due_deliveries(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].kind, DeliveryKind::Edit);
+    assert_eq!(due[0].progress_message.as_deref(), Some("m-1"));
+    f.store
+        .update_delivery(due[0].id, DeliveryUpdate::Sent { message_id: None })
+        .await
+        .unwrap();
+    // Nothing due now; the next wake-up is n2's retry, not earlier.
+    let (due, next) = f.store.due_deliveries(10).await.unwrap();
+    assert!(due.is_empty());
+    assert_eq!(next, Some(f.clock.now_ms() + 5_000));
     f.store
         .finish(&t.id, finish_req(&o, Outcome::Succeeded, None))
+        .await
+        .unwrap();
+    // The end: the working message is edited to the outcome, then the answer.
+    let (due, _) = f.store.due_deliveries(10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].kind, DeliveryKind::Edit);
+    f.store
+        .update_delivery(due[0].id, DeliveryUpdate::Sent { message_id: None })
         .await
         .unwrap();
     let (due, _) = f.store.due_deliveries(10).await.unwrap();
@@ -934,7 +955,10 @@ async fn prune_removes_only_old_finished_and_delivered(f: Fixture) {
     let o = f.store.claim(&claim_req("gone")).await.unwrap().unwrap();
     run_to_end(&f.store, &o).await;
     f.store.notify(discord("n"), "note".into()).await.unwrap();
-    assert!(deliver_all(&f.store).await >= 3, "working, final, note");
+    assert!(
+        deliver_all(&f.store).await >= 4,
+        "ack, outcome, final, note"
+    );
     // Old and finished, but its answer is not delivered yet: kept.
     let (undelivered, _) = f.store.submit("o", None, with_reply("b")).await.unwrap();
     let ou = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
@@ -967,8 +991,9 @@ async fn prune_removes_only_old_finished_and_delivered(f: Fixture) {
         pruned.events >= 3,
         "queued, offered, running, succeeded: {pruned:?}"
     );
-    // working + final of `old`, and the plain note.
-    assert_eq!(pruned.deliveries, 3, "{pruned:?}");
+    // Of `old`: the acknowledgement, its edits to "working…" and to the outcome, the answer;
+    // and the plain note.
+    assert_eq!(pruned.deliveries, 5, "{pruned:?}");
     assert_eq!(
         pruned.runners, 1,
         "`gone` has not been seen since: {pruned:?}"

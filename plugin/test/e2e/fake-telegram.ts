@@ -98,6 +98,8 @@ export class FakeTelegram {
   private readonly chats = new Map<number, Record<string, any>>();
   /** Messages the bot sent, by `${chat_id}:${message_id}`, as they are now (after edits). */
   readonly messages = new Map<string, Record<string, any>>();
+  /** The text each message was first sent with, by the same key (edits do not change it). */
+  readonly firstText = new Map<string, string>();
   /** Callback queries sent to the bot and not yet answered. */
   private readonly openQueries = new Set<string>();
   private nextQueryId = 9_000_000;
@@ -170,6 +172,20 @@ export class FakeTelegram {
   }
 
   /**
+   * Delivers an update again, as Telegram does when the bot's confirmation (the next
+   * getUpdates offset) did not reach it, e.g. the gateway stopped first: the same update, same
+   * update_id, served once more whatever the offset.
+   */
+  redeliver(update: Record<string, any>): void {
+    this.unconfirmed.add(update.update_id);
+    this.updates.push(structuredClone(update));
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  /** Updates served again once even below the confirmed offset (redeliver). */
+  private readonly unconfirmed = new Set<number>();
+
+  /**
    * Queues a tap on a button of a message the bot sent, as Telegram delivers it: a
    * `callback_query` with the whole message and the button's callback_data. Returns the update.
    */
@@ -236,7 +252,13 @@ export class FakeTelegram {
       case "deletewebhook":
       case "setmycommands":
       case "deletemycommands":
+        return true;
       case "sendchataction":
+        if (!this.chats.has(Number(p.chat_id))) throw new ApiError(400, "Bad Request: chat not found");
+        if (!["typing", "upload_photo", "record_video", "upload_video", "record_voice", "upload_voice", "upload_document", "choose_sticker", "find_location", "record_video_note", "upload_video_note"].includes(String(p.action))) {
+          throw new ApiError(400, "Bad Request: wrong parameter action in request");
+        }
+        return true;
       case "setmessagereaction":
         return true;
       case "getmycommands":
@@ -265,8 +287,13 @@ export class FakeTelegram {
     const deadline = Date.now() + Math.min(Number(p.timeout ?? 0), 5) * 1000;
     for (;;) {
       // Updates below the offset are confirmed: Telegram forgets them.
-      if (offset) this.updates = this.updates.filter((u) => u.update_id >= offset);
-      if (this.updates.length) return this.updates.slice(0, limit);
+      if (offset) this.updates = this.updates.filter((u) => u.update_id >= offset || this.unconfirmed.has(u.update_id));
+      if (this.updates.length) {
+        const out = this.updates.slice(0, limit);
+        // A redelivered update is served once; the next offset confirms it for good.
+        for (const u of out) if (this.unconfirmed.delete(u.update_id)) this.updates = this.updates.filter((x) => x !== u);
+        return out;
+      }
       const left = deadline - Date.now();
       if (left <= 0) return [];
       await new Promise<void>((r) => {
@@ -376,6 +403,7 @@ export class FakeTelegram {
     }
     if (markup?.inline_keyboard?.length) msg.reply_markup = markup;
     this.messages.set(`${chatId}:${msg.message_id}`, structuredClone(msg));
+    this.firstText.set(`${chatId}:${msg.message_id}`, msg.text);
     return msg;
   }
 }

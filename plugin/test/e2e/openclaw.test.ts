@@ -73,6 +73,16 @@ function gatewayLog(): string {
   }
 }
 
+/** A live progress message: first sent as "⏳ <agent> · working…" (or starting, queued), then edited. */
+function isProgress(m: Record<string, any>): boolean {
+  return /^(⏳|🕓) [a-z]+ · /.test(tg.firstText.get(`${m.chat.id}:${m.message_id}`) ?? "");
+}
+
+/** The newest live progress message in a chat. */
+function progressMessage(chatId: number): Record<string, any> | undefined {
+  return [...tg.messages.values()].filter((m) => m.chat.id === chatId && isProgress(m)).at(-1);
+}
+
 /** Messages the bot sent to a chat (and topic), as the user would read them. */
 function sentTo(chatId: number, threadId?: number): string[] {
   return tg.sent
@@ -229,6 +239,50 @@ test("/cc hello from Telegram: immediate ack, the runner runs it, the answer arr
   await until("the second answer", () => sentTo(USER).find((t) => t.endsWith("second answer")), 30_000);
 });
 
+test("plugin delivery: one progress message, edited in place with the current step, typing shown, ending in the outcome before the answer", async (t) => {
+  await runner.touch();
+  const typingBefore = tg.callsOf("sendChatAction").length;
+  tg.inject({ text: "/cc run the tests", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  await runner.ack(offer);
+  const acked = Date.now();
+  const msg = await until("the progress message", () => progressMessage(USER), 30_000);
+  const shownAfter = Date.now() - acked;
+  assert.match(msg.text, /^⏳ claude · working… \d+s$/);
+  await runner.events(offer, [{ n: 1, kind: "tool_use", data: { name: "Bash", input: { command: "cargo test --workspace" } } }]);
+  const first = await until("the edit with the step", () => {
+    const m = tg.messages.get(`${USER}:${msg.message_id}`);
+    return m?.text.includes("› Bash: cargo test --workspace") ? m : undefined;
+  }, 30_000);
+  assert.match(first.text, /^⏳ claude · working… \d+s\n› Bash: cargo test --workspace$/);
+  await runner.events(offer, [
+    { n: 2, kind: "tool_use", data: { name: "Read", input: { file_path: "src/lib.rs" } } },
+    { n: 3, kind: "text", data: { text: "Reading the code." } },
+  ]);
+  await until("the second step", () => tg.messages.get(`${USER}:${msg.message_id}`)?.text.includes("› Read: src/lib.rs"), 30_000);
+  const edits = tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id);
+  // Figures, not assertions: edits are at most every 3 s by construction.
+  const gaps = edits.slice(1).map((c, i) => c.at - edits[i].at);
+  t.diagnostic(`live progress via OpenClaw: message shown ${shownAfter} ms after the runner's ack; gaps between edits ${gaps.join(", ") || "-"} ms`);
+  const typing = tg.callsOf("sendChatAction").slice(typingBefore);
+  assert.ok(typing.some((c) => Number(c.params.chat_id) === USER && c.params.action === "typing"), "typing… is shown while it runs");
+
+  await runner.finish(offer, "succeeded", { text: "all 212 tests pass", session_id: "e2e00000-0000-4000-8000-000000000001", duration_ms: 4000 });
+  await until("the answer", () => sentTo(USER).find((x) => x.endsWith("all 212 tests pass")), 30_000);
+  assert.equal(tg.messages.get(`${USER}:${msg.message_id}`)!.text, "✅ claude · done in 4s — the answer follows");
+  // In order: the progress message ended before the answer was posted, and nothing after it.
+  const ended = tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id).at(-1)!;
+  const answer = tg.callsOf("sendMessage").find((c) => String(c.params.text).includes("all 212 tests pass"))!;
+  assert.ok(ended.at <= answer.at, "the outcome edit came before the answer");
+  const progressPosts = tg.sent.filter((p) => Number(p.chat_id) === USER && String(p.text).includes("claude · working"));
+  assert.equal(progressPosts.length, 1, "one progress message, edited in place");
+  const typingAfter = tg.callsOf("sendChatAction").length;
+  await new Promise((r) => setTimeout(r, 3500));
+  assert.equal(tg.callsOf("sendChatAction").length, typingAfter, "no typing… after the answer");
+  assert.equal(tg.callsOf("editMessageText").filter((c) => Number(c.params.message_id) === msg.message_id).length, edits.length + 1, "no edit after the end");
+});
+
 test("a forum topic is its own conversation and gets its answers in the topic", async () => {
   tg.inject({ text: "/cc-now", userId: USER, chatId: GROUP, threadId: TOPIC });
   const now = await until("the /cc-now reply in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.includes("Claude session")), 30_000);
@@ -257,8 +311,13 @@ test("/cc-status and /cc-stop from chat cancel a running task", async () => {
   tg.inject({ text: "/cc-stop", userId: USER });
   await until("the stop reply", () => sentTo(USER).find((t) => t.startsWith("🛑 Stopping Claude task")), 30_000);
   assert.equal((await runner.heartbeat(offer)).cancel, true);
-  await runner.finish(offer, "cancelled", {});
-  await until("the cancel notice", () => sentTo(USER).find((t) => /^🛑 Claude task `?[0-9a-f]{8}`? was cancelled/.test(t)), 30_000);
+  // What a runner reports for a cancel: its error and the signal's exit code.
+  await runner.finish(offer, "cancelled", { error: "cancelled; the agent was stopped", exit_code: 143 });
+  const notice = await until("the cancel notice", () => sentTo(USER).find((t) => /^🛑 Claude task `?[0-9a-f]{8}`? cancelled/.test(t)), 30_000);
+  // One clear line (issue #18): not "was cancelled (cancelled)." nor the exit code.
+  assert.match(notice, /^🛑 Claude task `?[0-9a-f]{8}`? cancelled after \d+s\.$/);
+  // Its progress message says so too.
+  assert.match(progressMessage(USER)!.text, /^🛑 claude · cancelled after \d+s$/);
 });
 
 test("the Telegram menu form /cc_new (no '-' allowed there) runs /cc-new", async () => {
@@ -297,9 +356,9 @@ function openclawWrap(value: string): string {
   return `tgcb1:${hash.toString(36).slice(0, 5).padStart(5, "0")}:${value}`;
 }
 
-/** The message the bot sent to a chat whose text contains `needle` (as it is now, after edits). */
+/** The message the bot sent to a chat whose text contains `needle` (as it is now, after edits), not a progress message. */
 function messageWith(chatId: number, needle: string): Record<string, any> | undefined {
-  return [...tg.messages.values()].find((m) => m.chat.id === chatId && String(m.text).includes(needle));
+  return [...tg.messages.values()].find((m) => m.chat.id === chatId && !isProgress(m) && String(m.text).includes(needle));
 }
 
 const RM = { kind: "execute", title: "Run rm -rf build", command: "rm -rf build" };
@@ -434,29 +493,78 @@ test("in a group topic an unauthorised tap is refused; the text fallback /cc -ap
   await until("the answer in the topic", () => sentTo(GROUP, TOPIC).find((t) => t.endsWith("moved the notes")), 30_000);
 });
 
+/** Tasks of a chat with this prompt, as the server has them. */
+async function tasksWith(chat: number, prompt: string): Promise<any[]> {
+  const r = await server.call("GET", `/v1/tasks?conversation=telegram:${chat}&limit=100`, server.adminToken);
+  return r.body.tasks.filter((t: any) => t.prompt === prompt);
+}
+
+let redelivered: { update: Record<string, any> } | undefined;
+
+test("a chat message delivered twice starts one task (issue #18)", async () => {
+  await runner.touch();
+  const update = tg.inject({ text: "/cc only once please", userId: USER });
+  const offer = await runner.claim(30_000);
+  assert.ok(offer);
+  assert.equal(offer.task.prompt, "only once please");
+  await runner.ack(offer);
+  // Telegram sends the same update again (its confirmation was lost). OpenClaw 2026.9.6 passes
+  // no message id to a command, so the plugin cannot key the submit on it; OpenClaw itself
+  // drops an update_id it has seen (and persists how far it got, see the restart below).
+  const polls = tg.callsOf("getUpdates").length;
+  tg.redeliver(update);
+  await until("the gateway to fetch the redelivered update", () => tg.callsOf("getUpdates").length > polls + 1, 30_000);
+  assert.equal(await runner.claim(2000), undefined, "no second task to claim");
+  assert.equal((await tasksWith(USER, "only once please")).length, 1);
+  await runner.finish(offer, "succeeded", { text: "done once", session_id: "e2e00000-0000-4000-8000-000000000001" });
+  await until("its answer", () => sentTo(USER).find((x) => x.endsWith("done once")), 30_000);
+  redelivered = { update };
+});
+
 test("the Telegram stand-in saw no call it does not know and no rejected message", () => {
   assert.deepEqual(tg.unknown, []);
   // Every sendMessage the gateway made was accepted (a rejected one is not in `sent`).
   assert.equal(tg.callsOf("sendMessage").length, tg.sent.length);
 });
 
-test("server delivery (after a restart with delivery: server): the tunnel server posts the answer, the plugin only acknowledges", async () => {
+test("server delivery (after a restart with delivery: server): the tunnel server acknowledges, shows progress and posts the answer, in order", async () => {
   await stopGateway();
   const cfg = JSON.parse(readFileSync(configPath(), "utf8"));
   cfg.plugins.entries.tunnel.config.delivery = "server";
   writeFileSync(configPath(), JSON.stringify(cfg, null, 2));
   await startGateway("gateway-server-delivery.out");
+
+  // Issue #18, item 4: the update from before the restart arrives again (Telegram redelivers
+  // what it thinks unconfirmed); the new gateway process still knows it and drops it.
+  assert.ok(redelivered, "the redelivery test ran first");
+  const polls = tg.callsOf("getUpdates").length;
+  tg.redeliver(redelivered.update);
+  await until("the gateway to fetch the redelivered update", () => tg.callsOf("getUpdates").length > polls + 1, 30_000);
+  assert.equal(await runner.claim(2000), undefined, "no second task after the restart either");
+  assert.equal((await tasksWith(USER, "only once please")).length, 1, "one task after the redelivery");
+
   await runner.touch();
+  const before = tg.sent.length;
   tg.inject({ text: "/cc via the server", userId: USER });
-  const ack = await until("the acknowledgement", () => sentTo(USER).find((t) => t.includes("The tunnel server will post the answer here.")), 60_000);
-  assert.match(ack, /^⏳ Queued for Claude — task `?[0-9a-f]{8}`?, next in line\.\nRunner: e2e-runner\nThe tunnel server will post the answer here\.$/);
   const offer = await runner.claim(30_000);
   assert.ok(offer);
   assert.equal(offer.task.prompt, "via the server");
   assert.deepEqual(offer.task.reply_to, { platform: "telegram", channel: String(USER) });
+  // The fastest task: it ends right away, before OpenClaw would have sent a command reply.
   await runner.ack(offer);
-  await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003" });
+  await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003", duration_ms: 200 });
   await until("the server's answer at sendMessage", () => sentTo(USER).find((t) => t.includes("answer posted by the tunnel server")), 60_000);
+  // Everything about the task, in the order the chat shows it: the acknowledgement (the
+  // server's first message, edited to the outcome), then the answer, and nothing after it.
+  await new Promise((r) => setTimeout(r, 2000));
+  const shown = tg.sent.slice(before).filter((p) => Number(p.chat_id) === USER).map((p) => visibleText(p.text, p.parse_mode));
+  assert.equal(shown.length, 2, `the acknowledgement and the answer only: ${JSON.stringify(shown)}`);
+  // Queued, or already offered to the runner when the server rendered it.
+  assert.match(shown[0], /^(🕓 claude · queued — task [0-9a-f]{8}, next in line|⏳ claude · starting — task [0-9a-f]{8})$/);
+  assert.match(shown[1], /^✅ claude · /);
+  assert.ok(shown[1].includes("answer posted by the tunnel server"));
+  const ack = [...tg.messages.values()].find((m) => m.chat.id === USER && tg.firstText.get(`${USER}:${m.message_id}`) === shown[0])!;
+  assert.equal(ack.text, "✅ claude · done in 0s — the answer follows", "the acknowledgement ends in the outcome");
   assert.doesNotMatch(gatewayLog(), new RegExp(`task ${offer.task.id} succeeded; answer sent`), "the plugin did not send it");
   assert.deepEqual(tg.unknown, []);
 });

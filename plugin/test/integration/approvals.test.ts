@@ -55,7 +55,9 @@ async function plugin() {
   const fetchAll = (async (input: string | URL | Request, init?: RequestInit) => {
     if (String(input).startsWith("https://tg.test/")) {
       const b = JSON.parse(String(init?.body));
-      edits.push({ chat: String(b.chat_id), messageId: b.message_id, text: b.text });
+      // Edits of questions only: not "typing…", not the live progress message (first sent as "⏳ …").
+      const progress = api.sent[Number(b.message_id) - 1]?.text.startsWith("⏳");
+      if (String(input).endsWith("/editMessageText") && !progress) edits.push({ chat: String(b.chat_id), messageId: b.message_id, text: b.text });
       return new Response(JSON.stringify({ ok: true, result: true }), { status: 200 });
     }
     return fetch(input, init);
@@ -106,7 +108,7 @@ async function askedTask(p: Awaited<ReturnType<typeof plugin>>, prompt: string, 
   await runner.ack(offer);
   const asked = performance.now();
   const a = await runner.ask(offer, { key, tool, ...(timeoutMs ? { timeout_ms: timeoutMs } : {}) });
-  const question = await until("the question", () => p.api.sent.find((s) => s.text.includes(String(tool.title))), 10_000, 1);
+  const question = await until("the question", () => p.api.sent.find((s) => s.text.startsWith("🔐") && s.text.includes(String(tool.title))), 10_000, 1);
   return { offer, a, question, askToQuestionMs: performance.now() - asked };
 }
 

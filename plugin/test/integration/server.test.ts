@@ -148,7 +148,7 @@ test("/cc-status shows running and queued tasks with queue position; /cc-stop ca
   assert.equal((await runner.heartbeat(offer)).cancel, true, "the runner learns of the cancel");
   await runner.finish(offer, "cancelled", {});
   const cancelled = await until("the cancel notice", () => api.sent.find((s) => s.text.startsWith("🛑")));
-  assert.match(cancelled.text, /^🛑 Claude task `[0-9a-f]{8}` was cancelled/);
+  assert.match(cancelled.text, /^🛑 Claude task `[0-9a-f]{8}` cancelled after \d+s\.$/);
   // The queued one is next; stop all cancels it before it runs.
   const stopAll = await api.run("/cc-stop all", dm);
   assert.match(stopAll.text!, /^🛑 Cancelled Claude task `[0-9a-f]{8}` \(queued behind it\)\.$/);
@@ -254,8 +254,11 @@ test("server delivery mode: reply_to goes with the task, the server posts the an
   const { api, watcher } = await plugin({ delivery: "server" });
   const group = Number(`-100${Date.now() + 1}`.slice(0, 14));
   telegram.addChat(group);
+  await runner.touch();
   const r = await api.run("/cc via server", { ...TELEGRAM_TOPIC, from: `telegram:group:${group}:topic:7`, to: `telegram:${group}`, messageThreadId: 7 });
-  assert.match(r.text!, /The tunnel server will post the answer here\./);
+  assert.deepEqual(r, { suppressReply: true }, "the server acknowledges, not the command");
+  const ack = await until("the server's acknowledgement", () => telegram.sent.find((p) => Number(p.chat_id) === group));
+  assert.match(visibleText(ack.text, ack.parse_mode), /^🕓 claude · queued — task [0-9a-f]{8}, next in line$/);
   const o = await runner.serveOne();
   assert.deepEqual(o.task.reply_to, { platform: "telegram", channel: String(group), thread: "7" });
   assert.equal(watcher.list().length, 0);

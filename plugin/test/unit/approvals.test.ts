@@ -8,7 +8,6 @@ import assert from "node:assert/strict";
 import {
   ApprovalDelivery,
   approvalFlags,
-  approvalPhaseLine,
   callbackValue,
   fence,
   outcomeLine,
@@ -447,7 +446,6 @@ test("while a task waits for an answer its progress phase shows the question, an
     [TASK_ID, "running", undefined],
   ]);
   assert.deepEqual(d.waiting(TASK_ID), []);
-  assert.equal(approvalPhaseLine({ label: "Claude" }, "12s"), "⏸️ Claude waits for your approval… 12s");
 });
 
 test("a question whose send fails is retried, so the agent does not wait for nothing", async () => {

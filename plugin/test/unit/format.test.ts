@@ -30,9 +30,23 @@ test("a failure shows the error and the stderr tail, not only stdout (the origin
 });
 
 test("cancelled, lost and timed out read differently", () => {
-  assert.match(finalMessage("Claude", task({ state: "cancelled" })), /^🛑 Claude task `0b7d1f5e` was cancelled/);
+  assert.match(finalMessage("Claude", task({ state: "cancelled" })), /^🛑 Claude task `0b7d1f5e` cancelled\.$/);
   assert.match(finalMessage("Claude", task({ state: "lost", reason: "lease expired" })), /lost: its runner stopped answering \(lease expired\)/);
   assert.match(finalMessage("Claude", task({ state: "timed_out" })), /^⏱️ Claude timed out/);
+});
+
+test("a cancel is one line that says it once (issue #18)", () => {
+  // What the server records for a cancel: reason "cancelled", the runner's error, the signal.
+  const t = task({
+    state: "cancelled",
+    reason: "cancelled",
+    started_at: 1000,
+    finished_at: 13_000,
+    result: { error: "cancelled; the agent was stopped", exit_code: 143, stderr_tail: "Terminated" } as Task["result"],
+  });
+  assert.equal(finalMessage("Claude", t), "🛑 Claude task `0b7d1f5e` cancelled after 12s.");
+  const gone = task({ state: "cancelled", reason: "cancelled; runner r1 stopped responding before confirming" });
+  assert.equal(finalMessage("Claude", gone), "🛑 Claude task `0b7d1f5e` cancelled (runner r1 stopped responding before confirming).");
 });
 
 test("short text is one chunk", () => {

@@ -214,8 +214,17 @@ test("server delivery sends reply_to and does not follow the task", async () => 
   const { api, requests, watcher } = setup(happy(), { token: "t", delivery: "server" });
   const r = await api.run("/cc hi", TELEGRAM_TOPIC);
   assert.deepEqual(requests.find((q) => q.path === "/v1/tasks")!.body.reply_to, { platform: "telegram", channel: "-100555", thread: "42" });
-  assert.match(r.text!, /The tunnel server will post the answer here\./);
+  // The server posts the acknowledgement as the task's first chat message (issue #18: a
+  // command's reply can arrive after the answer); the command itself says nothing.
+  assert.deepEqual(r, { suppressReply: true });
   assert.equal(watcher.list().length, 0);
+});
+
+test("server delivery warns in the reply when no runner can take the task", async () => {
+  const none = happy((r) => (r.path === "/v1/runners" ? { status: 200, body: { runners: [] } } : undefined));
+  const { api } = setup(none, { token: "t", delivery: "server" });
+  const r = await api.run("/cc hi", TELEGRAM_DM);
+  assert.equal(r.text, "⚠️ No runner for claude is online; the task waits until one is.");
 });
 
 test("server delivery on a channel the server cannot reach refuses before submitting", async () => {

@@ -274,3 +274,73 @@ fn progress_shows_the_pending_question() {
         "{msg}"
     );
 }
+
+/// Issue #18: the working message ends in one line with the outcome, and a task that waits
+/// shows its acknowledgement, never a stale "working…".
+#[test]
+fn progress_of_a_waiting_or_ended_task_is_one_line() {
+    let events = [ev(
+        1,
+        "tool_use",
+        json!({"name": "Bash", "input": {"command": "sleep 6"}}),
+    )];
+    let ended = |state, result| render_progress_at(&task(state, result), &events, 2000, 1_072_000);
+    let took = Some(TaskResult {
+        duration_ms: Some(12_000),
+        ..Default::default()
+    });
+    assert_eq!(
+        ended(TaskState::Succeeded, took.clone()),
+        "✅ claude · done in 12s — the answer follows"
+    );
+    assert_eq!(
+        ended(TaskState::Failed, None),
+        "❌ claude · failed after 1m 05s"
+    );
+    assert_eq!(
+        ended(TaskState::Cancelled, None),
+        "🛑 claude · cancelled after 1m 05s"
+    );
+    assert_eq!(
+        ended(TaskState::TimedOut, took),
+        "⏱️ claude · timed out after 12s"
+    );
+    assert_eq!(
+        ended(TaskState::Lost, None),
+        "⚠️ claude · lost after 1m 05s: its runner stopped answering"
+    );
+    let mut queued = task(TaskState::Queued, None);
+    queued.queue_position = Some(2);
+    assert_eq!(
+        render_progress_at(&queued, &[], 2000, 1_001_000),
+        "🕓 claude · queued — task 0199aa00, 2 ahead of it"
+    );
+    assert_eq!(
+        render_progress_at(&task(TaskState::Offered, None), &[], 2000, 1_001_000),
+        "⏳ claude · starting — task 0199aa00"
+    );
+}
+
+/// Issue #18: a cancel says so once ("cancelled⏎cancelled⏎exit code 143" before).
+#[test]
+fn a_cancel_is_one_line() {
+    let mut t = task(
+        TaskState::Cancelled,
+        Some(TaskResult {
+            error: Some("cancelled; the agent was stopped".into()),
+            exit_code: Some(143),
+            stderr_tail: Some("Terminated".into()),
+            ..Default::default()
+        }),
+    );
+    t.reason = Some("cancelled".into());
+    assert_eq!(
+        render_final(&t, 2000),
+        ["🛑 claude · cancelled after 1m 05s\n\ntask 0199aa00-task"]
+    );
+    t.reason = Some("cancelled; runner mac stopped responding before confirming".into());
+    assert_eq!(
+        render_final(&t, 2000)[0].lines().next().unwrap(),
+        "🛑 claude · cancelled after 1m 05s (runner mac stopped responding before confirming)"
+    );
+}

@@ -65,8 +65,23 @@ impl World {
     /// Stops the server and starts a new one on the same address and database (what a
     /// restart or crash of the server does to the runners and their waiting questions).
     pub async fn restart_server(&mut self) {
+        self.stop_server().await;
+        self.start_server_again().await;
+    }
+
+    /// Stops the server (its address stays this world's).
+    pub async fn stop_server(&mut self) {
         self.server_stop.cancel();
         let _ = (&mut self.server).await;
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Starts a server again on the address and database of the stopped one.
+    pub async fn start_server_again(&mut self) {
         let db = Database::Sqlite {
             path: self.dir.path().join("t.db"),
             durability: Durability::Normal,

@@ -11,4 +11,5 @@ mod bad_input;
 mod clis;
 mod containment;
 mod files;
+mod reconnect;
 mod supervision;

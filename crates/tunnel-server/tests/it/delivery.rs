@@ -246,7 +246,34 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     };
     let _ = done;
-    let parts: Vec<&str> = seen[1..]
+    // The acknowledgement is the working message (90001); it ends in its outcome before the
+    // answer (issue #18): edits of 90001 (to "working…" at the start, maybe, and to the
+    // outcome), then the parts.
+    let first_part = seen
+        .iter()
+        .skip(1)
+        .position(|r| r.method == "POST")
+        .expect("the answer")
+        + 1;
+    let edits = &seen[1..first_part];
+    assert!(
+        !edits.is_empty()
+            && edits
+                .iter()
+                .all(|r| (r.method, r.path.as_str())
+                    == ("PATCH", "/channels/1234567890/messages/90001")),
+        "{seen:?}"
+    );
+    let ended = edits.last().unwrap().body["content"].as_str().unwrap();
+    assert!(
+        ended.starts_with("✅ claude · done") && ended.ends_with("the answer follows"),
+        "{ended}"
+    );
+    let n_edits = edits.len();
+    let seen = [&seen[..1], &seen[first_part..]].concat();
+    assert!(seen.iter().all(|r| r.method == "POST"), "{seen:?}");
+    let seen = seen[1..].to_vec();
+    let parts: Vec<&str> = seen
         .iter()
         .map(|r| r.body["content"].as_str().unwrap())
         .collect();
@@ -278,7 +305,7 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         "the session id to resume with is shown"
     );
     assert_eq!(
-        seen[1].body["message_reference"]["message_id"], "555",
+        seen[0].body["message_reference"]["message_id"], "555",
         "a reply to the chat message"
     );
     // Every message carries its own nonce, enforced, so a repeated send is not posted twice.
@@ -290,7 +317,125 @@ async fn discord_gets_a_working_message_and_a_split_answer_in_order() {
         })
         .collect();
     assert_eq!(nonces.len(), seen.len());
+    // Nothing about the task after its answer.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stand.seen().len(), 1 + n_edits + seen.len());
     assert!(nonces.iter().all(|n| n.len() <= 25), "{nonces:?}");
+}
+
+/// Issue #18: a "working…" message held back by 429s until the task ended is never posted
+/// (the answer replaces it), and nothing about the task comes after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_message_held_by_429s_past_the_end_is_not_posted() {
+    let (url, stand) = telegram().await;
+    let s = server(None, Some(&url)).await;
+    // The acknowledgement (posted at submit, the "working…" message to be) is refused.
+    stand.then(
+        429,
+        json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1", "parameters": {"retry_after": 1}}),
+        vec![],
+    );
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "77"}})).await;
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await; // refused with a 429
+    let (st, _) = s
+        .attempt_call(
+            &offer,
+            "finish",
+            json!({"outcome": "succeeded", "result": {"text": "the answer"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    // The server's clock passes retry_after; the Telegram client also holds the chat for it in
+    // real time, so the server's clock is moved on while waiting.
+    let seen = loop {
+        s.clock.advance(500);
+        let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
+        if t["delivery"]["state"] == "sent" {
+            break stand.seen();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stand.seen().len(), seen.len(), "nothing after the answer");
+    let texts: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|r| {
+            (
+                r.path.rsplit('/').next().unwrap(),
+                r.body["text"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        texts.len(),
+        2,
+        "the refused working message, then the answer: {texts:?}"
+    );
+    assert!(texts[0].1.starts_with("🕓 claude · queued"), "{texts:?}");
+    assert_eq!(texts[1].0, "sendMessage");
+    assert!(
+        texts[1].1.starts_with("✅ claude") && texts[1].1.contains("the answer"),
+        "{texts:?}"
+    );
+}
+
+/// Issue #18: a cancelled task's working message says so, and the answer is one clear line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_ends_the_working_message_and_says_it_once() {
+    let (url, stand) = telegram().await;
+    let s = server(None, Some(&url)).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "78"}})).await;
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    until_seen(&stand, 1).await;
+    let (st, _) = s
+        .post(
+            &format!("/v1/tasks/{}/cancel", id(&task)),
+            &s.client,
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    // What the runner reports for a cancel: its error, the signal's exit code, stderr.
+    s.attempt_call(
+        &offer,
+        "finish",
+        json!({"outcome": "cancelled", "result": {"error": "cancelled; the agent was stopped", "exit_code": 143, "stderr_tail": "Terminated"}}),
+    )
+    .await;
+    let seen = loop {
+        let seen = stand.seen();
+        if seen.iter().any(|r| {
+            r.path.ends_with("/sendMessage")
+                && r.body["text"].as_str().is_some_and(|t| t.starts_with("🛑"))
+        }) {
+            break seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let n = seen.len();
+    // The last edit before the answer: the acknowledgement (message 1) shows the outcome.
+    assert_eq!(seen[n - 2].path.rsplit('/').next(), Some("editMessageText"));
+    assert_eq!(seen[n - 2].body["message_id"], 1);
+    assert!(
+        seen[n - 2].body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("🛑 claude · cancelled"),
+        "{:?}",
+        seen[n - 2].body
+    );
+    let answer = seen[n - 1].body["text"].as_str().unwrap();
+    let first = answer.lines().next().unwrap();
+    assert!(first.starts_with("🛑 claude · cancelled"), "{answer}");
+    assert_eq!(answer.matches("cancel").count(), 1, "said once: {answer}");
+    assert!(
+        !answer.contains("143") && !answer.contains("Terminated"),
+        "{answer}"
+    );
+    assert!(answer.ends_with(&format!("task {}", id(&task))), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,7 +445,9 @@ async fn progress_edits_are_throttled_and_coalesced() {
     s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "42"}})).await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
-    until_seen(&stand, 1).await;
+    // The acknowledgement, and its edit to "working…" at the start.
+    let seen = until_seen(&stand, 2).await;
+    assert_eq!(seen[1].method, "PATCH");
     // Fifty events in five batches, with no time passing: nothing is edited yet.
     for b in 0..5 {
         let evs: Vec<Value> = (0..10)
@@ -310,28 +457,28 @@ async fn progress_edits_are_throttled_and_coalesced() {
             .await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(stand.seen().len(), 1, "edits wait for the throttle window");
+    assert_eq!(stand.seen().len(), 2, "edits wait for the throttle window");
     s.clock.advance(3_000);
-    let seen = until_seen(&stand, 2).await;
-    assert_eq!(seen[1].method, "PATCH");
-    assert_eq!(seen[1].path, "/channels/42/messages/90001");
+    let seen = until_seen(&stand, 3).await;
+    assert_eq!(seen[2].method, "PATCH");
+    assert_eq!(seen[2].path, "/channels/42/messages/90001");
     assert!(
-        seen[1].body["content"]
+        seen[2].body["content"]
             .as_str()
             .unwrap()
             .contains("step 49"),
         "one edit with the latest state"
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(stand.seen().len(), 2, "fifty events made one edit");
+    assert_eq!(stand.seen().len(), 3, "fifty events made one edit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_is_honoured_and_500s_are_retried() {
     let (url, stand) = discord().await;
     let s = server(Some(&url), None).await;
-    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "7"}})).await;
-    // The working message is rate limited for 0.5 s, then a 500, then all is well.
+    // The acknowledgement (posted at submit, the working message to be) is rate limited for
+    // 0.5 s, then a 500, then all is well. Scripted before the submit, which posts it at once.
     stand.then(
         429,
         json!({"message": "You are being rate limited.", "retry_after": 0.5, "global": false}),
@@ -345,6 +492,7 @@ async fn a_429_is_honoured_and_500s_are_retried() {
         json!({"message": "Internal Server Error", "code": 0}),
         vec![],
     );
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "7"}})).await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
     until_seen(&stand, 1).await;
@@ -373,17 +521,18 @@ async fn a_429_is_honoured_and_500s_are_retried() {
 async fn a_403_is_given_up_with_the_reason() {
     let (url, stand) = discord().await;
     let s = server(Some(&url), None).await;
+    // Scripted before the submit, which posts the acknowledgement at once.
+    stand.then(
+        403,
+        json!({"message": "Missing Access", "code": 50001}),
+        vec![],
+    );
+    stand.then(
+        403,
+        json!({"message": "Missing Access", "code": 50001}),
+        vec![],
+    );
     let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "8"}})).await;
-    stand.then(
-        403,
-        json!({"message": "Missing Access", "code": 50001}),
-        vec![],
-    );
-    stand.then(
-        403,
-        json!({"message": "Missing Access", "code": 50001}),
-        vec![],
-    );
     run(&s, &task, &[], "answer").await;
     let t = loop {
         let (_, t) = s.get(&format!("/v1/tasks/{}", id(&task)), &s.client).await;
@@ -450,15 +599,18 @@ async fn telegram_replies_in_the_topic_and_splits_at_4096() {
 async fn an_answer_waiting_at_a_restart_is_delivered_once() {
     let (url, stand) = discord().await;
     let s = server(Some(&url), None).await;
-    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "9"}})).await;
-    // Discord is down while the task finishes: the answer waits in the outbox.
+    // Discord is down while the task finishes: the answer waits in the outbox. (Scripted before
+    // the submit, which posts the acknowledgement at once.)
     stand.then(502, json!({"message": "Bad Gateway"}), vec![]);
+    let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "discord", "channel": "9"}})).await;
     run(&s, &task, &[], "the answer").await;
     until_seen(&stand, 1).await;
     let s = s.restart().await;
     s.clock.advance(60_000);
-    let seen = until_seen(&stand, 3).await;
+    // The working message that failed is not posted after the end: the answer replaces it.
+    let seen = until_seen(&stand, 2).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(stand.seen().len(), 2, "{:?}", stand.seen());
     let finals = stand
         .seen()
         .iter()
@@ -545,7 +697,18 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
         .await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
-    until_seen(&stand, 1).await; // the "working…" message, message_id 1
+    // The acknowledgement (message_id 1), edited to "working…" when the task starts.
+    let seen = until_seen(&stand, 2).await;
+    assert!(seen[0].path.ends_with("/sendMessage"), "{:?}", seen[0]);
+    assert!(seen[1].path.ends_with("/editMessageText"), "{:?}", seen[1]);
+    assert!(
+        seen[1].body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("⏳ claude · working…"),
+        "{:?}",
+        seen[1]
+    );
     let (st, a) = s
         .attempt_call(
             &offer,
@@ -560,20 +723,20 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
         .await;
     assert_eq!(st, StatusCode::CREATED, "{a}");
     let aid = a["id"].as_str().unwrap().to_owned();
-    let seen = until_seen(&stand, 2).await;
-    assert!(seen[1].path.ends_with("/sendMessage"), "{:?}", seen[1]);
-    let q = seen[1].body["text"].as_str().unwrap();
+    let seen = until_seen(&stand, 3).await;
+    assert!(seen[2].path.ends_with("/sendMessage"), "{:?}", seen[2]);
+    let q = seen[2].body["text"].as_str().unwrap();
     assert!(q.contains("claude asks to run a command"), "{q}");
     assert!(q.contains("```\nrm -rf build\n```"), "{q}");
     assert!(q.contains(&format!("/cc -approve {aid} once")), "{q}");
-    let question_id = 2; // the stand-in numbers its messages
+    let question_id = 3; // the stand-in numbers its answers
 
     // The progress edit (due 3 s after the question) shows the question.
     s.clock.advance(3_000);
-    let seen = until_seen(&stand, 3).await;
-    assert!(seen[2].path.ends_with("/editMessageText"), "{:?}", seen[2]);
-    assert_eq!(seen[2].body["message_id"], 1);
-    let progress = seen[2].body["text"].as_str().unwrap();
+    let seen = until_seen(&stand, 4).await;
+    assert!(seen[3].path.ends_with("/editMessageText"), "{:?}", seen[3]);
+    assert_eq!(seen[3].body["message_id"], 1);
+    let progress = seen[3].body["text"].as_str().unwrap();
     assert!(progress.contains("waiting for approval"), "{progress}");
     assert!(progress.contains("Run rm -rf build"), "{progress}");
 
@@ -585,10 +748,10 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{b}");
-    let seen = until_seen(&stand, 4).await;
+    let seen = until_seen(&stand, 5).await;
     let edit = seen
         .iter()
-        .skip(3)
+        .skip(4)
         .find(|r| r.body["message_id"] == question_id)
         .unwrap_or_else(|| panic!("no edit of the question: {seen:?}"));
     assert!(edit.path.ends_with("/editMessageText"));
@@ -599,4 +762,47 @@ async fn an_approval_question_is_posted_and_edited_to_its_outcome() {
     );
     assert!(!text.contains("/cc -approve"), "{text}");
     s.stop().await;
+}
+
+/// `GET /v1/tasks/{id}/progress` (issue #18): the progress text server delivery would post,
+/// for front ends that deliver themselves (the OpenClaw plugin); only the owner's token reads
+/// it, and a bad limit changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_text_is_rendered_for_its_owner_only() {
+    let s = TestServer::start().await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p"})).await;
+    let path = format!("/v1/tasks/{}/progress", id(&task));
+    let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
+    s.attempt_call(&offer, "ack", json!({})).await;
+    s.attempt_call(
+        &offer,
+        "events",
+        json!({"events": [{"n": 1, "kind": "tool_use", "data": {"name": "Bash", "input": {"command": "cargo test -p x"}}}]}),
+    )
+    .await;
+    let (st, p) = s.get(&path, &s.client).await;
+    assert_eq!(st, StatusCode::OK, "{p}");
+    assert_eq!(p["state"], "running");
+    let text = p["text"].as_str().unwrap();
+    assert!(text.starts_with("⏳ claude · working…"), "{text}");
+    assert!(text.contains("› Bash: cargo test -p x"), "{text}");
+
+    // Another client's token: not found, as for the task itself.
+    let other = s.create_token("client").await;
+    let (st, _) = s.get(&path, &other).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = s.get(&path, &s.runner).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, body) = s.get(&format!("{path}?limit=99999"), &s.client).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+
+    s.attempt_call(
+        &offer,
+        "finish",
+        json!({"outcome": "succeeded", "result": {"text": "ok", "duration_ms": 12_000}}),
+    )
+    .await;
+    let (_, p) = s.get(&format!("{path}?limit=300"), &s.client).await;
+    assert_eq!(p["state"], "succeeded");
+    assert_eq!(p["text"], "✅ claude · done in 12s — the answer follows");
 }
