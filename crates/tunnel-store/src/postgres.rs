@@ -93,6 +93,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0014_runner_left",
         include_str!("../migrations/postgres/0014_runner_left.sql"),
     ),
+    (
+        "0017_owner_state",
+        include_str!("../migrations/postgres/0017_owner_state.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.

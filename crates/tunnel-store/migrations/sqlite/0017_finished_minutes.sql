@@ -29,3 +29,6 @@ BEGIN
         ON CONFLICT (minute, owner) DO UPDATE
         SET succeeded = succeeded + excluded.succeeded, other = other + excluded.other;
 END;
+-- A client's task list by state (the overview's running and failed lists): with only
+-- (owner, seq) the planner walked all of the owner's tasks when none was in that state.
+CREATE INDEX tasks_owner_state ON tasks (owner, state, seq);
