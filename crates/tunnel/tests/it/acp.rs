@@ -95,12 +95,12 @@ struct Acp {
 }
 
 impl Acp {
-    fn start(server: &Server, args: &[&str]) -> Acp {
+    fn start_with(server: &Server, token: &str, args: &[&str]) -> Acp {
         let mut child = Command::new(BIN)
             .arg("acp")
             .args(args)
             .env("TUNNEL_URL", server.url())
-            .env("TUNNEL_TOKEN", TOKEN)
+            .env("TUNNEL_TOKEN", token)
             .env_remove("WORKER_TOKEN")
             .env_remove("WORKER_URL")
             .env("XDG_CONFIG_HOME", "/nonexistent")
@@ -306,7 +306,9 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
     // The editor's directory is elsewhere; its name is the runner's project.
     let cwd = "/home/editor/src/web";
 
-    let mut acp = Acp::start(&server, &["--agent", "tiny"]);
+    // The editor's own client token: its sessions are its own.
+    let editor = token(&server, "editor");
+    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
     let init = initialize(&mut acp);
     let r = &init["result"];
     assert_eq!(r["protocolVersion"], 1, "{init}");
@@ -378,6 +380,23 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
         expected(&server, tasks[0]["id"].as_str().unwrap())
     );
 
+    // Another client's token cannot load (or prompt in) this session.
+    let mut intruder = Acp::start_with(
+        &server,
+        &token(&server, "other-editor"),
+        &["--agent", "tiny"],
+    );
+    initialize(&mut intruder);
+    let e = intruder.call("session/load", json!({"sessionId": sid, "cwd": cwd}));
+    assert_eq!(e["error"]["code"], -32002, "{e}");
+    let e = intruder.call(
+        "session/prompt",
+        json!({"sessionId": sid, "prompt": [{"type": "text", "text": "hi"}]}),
+    );
+    assert!(e["error"].is_object(), "{e}");
+    intruder.kill();
+    assert_eq!(tasks_of(&server, &sid).len(), 1);
+
     // A permission request reaches the client; its answer goes to the server.
     let pid = acp.request(
         "session/prompt",
@@ -402,7 +421,7 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
     let aid = ask["params"]["toolCall"]["toolCallId"].as_str().unwrap();
     let (_, a) = get(&server, &format!("/v1/approvals/{aid}"));
     assert_eq!(a["state"], "allowed", "{a}");
-    assert_eq!(a["outcome"]["by"], "acp:it via token worker-token", "{a}");
+    assert_eq!(a["outcome"]["by"], "acp:it via token editor", "{a}");
     acp.updates();
 
     // A cancel from the client cancels the task.
@@ -438,7 +457,7 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
     );
     let first_ask = acp.until("permission request", is_permission);
     acp.kill();
-    let mut acp = Acp::start(&server, &["--agent", "tiny"]);
+    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
     initialize(&mut acp);
     let r = acp.call(
         "session/load",
@@ -488,7 +507,11 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
         ));
         want.extend(expected(&server, t["id"].as_str().unwrap()));
     }
-    assert_eq!(want.last().unwrap(), "agent_message_chunk  allowed:yes", "{want:?}");
+    assert_eq!(
+        want.last().unwrap(),
+        "agent_message_chunk  allowed:yes",
+        "{want:?}"
+    );
     let got = acp.collect_updates(want.len());
     assert_eq!(got.iter().map(sig).collect::<Vec<_>>(), want);
 
@@ -520,6 +543,23 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
         expected(&server, &task)
     );
     assert_eq!(answer_text(&u), "allowed:yes", "{u:?}");
+}
+
+/// A new client token.
+fn token(server: &Server, name: &str) -> String {
+    let (code, t) = super::curl(&[
+        "-X",
+        "POST",
+        &format!("{}/v1/tokens", server.url()),
+        "-H",
+        &format!("authorization: Bearer {TOKEN}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &json!({"name": name, "role": "client"}).to_string(),
+    ]);
+    assert_eq!(code, 201, "{t}");
+    t["token"].as_str().unwrap().to_owned()
 }
 
 fn wait_ended(server: &Server, id: &str) -> Value {
@@ -605,6 +645,7 @@ struct Acpx {
     home: PathBuf,
     cwd: PathBuf,
     url: String,
+    token: String,
 }
 
 impl Acpx {
@@ -614,7 +655,7 @@ impl Acpx {
             .current_dir(&self.cwd)
             .env("HOME", &self.home)
             .env("TUNNEL_URL", &self.url)
-            .env("TUNNEL_TOKEN", TOKEN)
+            .env("TUNNEL_TOKEN", &self.token)
             .env("XDG_CONFIG_HOME", self.home.join(".config"))
             .env_remove("WORKER_TOKEN")
             .stdin(Stdio::null())
@@ -682,6 +723,8 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
         home,
         cwd,
         url: server.url(),
+        // A client token, as a laptop has.
+        token: token(&server, "laptop"),
     };
     let out = acpx.run(&["home-claude", "sessions", "new"]);
     assert!(out.status.success(), "{}", super::stderr(&out));
@@ -728,11 +771,9 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
     );
     let (_, list) = get(&server, "/v1/approvals?limit=10");
     let a = &list["approvals"][0];
+    assert_eq!(list["approvals"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(a["state"], "allowed", "{list}");
-    assert_eq!(
-        a["outcome"]["by"], "acp:acpx via token worker-token",
-        "{list}"
-    );
+    assert_eq!(a["outcome"]["by"], "acp:acpx via token laptop", "{list}");
 
     // And one answered by `tunnel approve` (this acpx cannot ask anyone: it leaves it open).
     api.scenario(json!({"scenario": "tool", "tool_command": "echo cli > from-cli.txt"}));
