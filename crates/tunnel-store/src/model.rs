@@ -118,7 +118,7 @@ pub(crate) fn recent_from_row(r: &impl Columns) -> Result<RecentSession> {
 }
 
 /// A `runners` row selected as `name, agents, projects, capacity, version, first_seen,
-/// last_seen, agent_versions, <active task count>`, as seen at `now`.
+/// last_seen, agent_versions, <active task count>, acp_agents`, as seen at `now`.
 pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Result<RunnerInfo> {
     let last_seen = r.int(6)?;
     Ok(RunnerInfo {
@@ -132,6 +132,7 @@ pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Res
         last_seen,
         online: now - last_seen <= online_ms,
         active_tasks: r.uint(8)?,
+        acp_agents: serde_json::from_str(&r.text(9)?).unwrap_or_default(),
     })
 }
 

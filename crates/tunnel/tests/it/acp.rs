@@ -306,6 +306,27 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
     // The editor's directory is elsewhere; its name is the runner's project.
     let cwd = "/home/editor/src/web";
 
+    // The runner says which agents it drives over ACP: the ACP agent, not `echo`.
+    let (_, list) = get(&server, "/v1/runners");
+    assert_eq!(list["runners"][0]["acp_agents"], json!(["tiny"]), "{list}");
+    assert!(
+        list["runners"][0]["agents"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("echo"))
+    );
+    let out = Command::new(BIN)
+        .arg("runners")
+        .env("TUNNEL_URL", server.url())
+        .env("TUNNEL_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        super::stdout(&out).contains("over ACP (tunnel acp): tiny"),
+        "{}",
+        super::stdout(&out)
+    );
+
     // The editor's own client token: its sessions are its own.
     let editor = token(&server, "editor");
     let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
@@ -707,6 +728,12 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
         env_toml.join(", ")
     );
     let _runner = AgentRunner::start(&world, &server, "home", &agents);
+    let (_, list) = get(&server, "/v1/runners");
+    assert_eq!(
+        list["runners"][0]["acp_agents"],
+        json!(["claude"]),
+        "{list}"
+    );
     let web = world.path("web");
     let home = world.path("acpx-home");
     let cwd = world.path("laptop/web");
