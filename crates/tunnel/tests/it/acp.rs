@@ -15,6 +15,14 @@ use serde_json::{Value, json};
 use super::BIN;
 use super::chaos::{Server, TOKEN, World};
 
+/// Wall-clock microseconds (the server's `created_at` is wall-clock milliseconds).
+fn micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
 fn runner_fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tunnel-runner/tests/fixtures")
 }
@@ -114,7 +122,8 @@ impl Acp {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                let at = micros();
+                let mut v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
                     panic!("tunnel acp wrote a line that is not JSON ({e}): {line}")
                 });
                 if tx.send(v).is_err() {
@@ -842,4 +851,149 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
     );
     let (_, a) = get(&server, &format!("/v1/approvals/{aid}"));
     assert_eq!(a["outcome"]["by"], "phone via token worker-token", "{a}");
+}
+
+/// The bridge's overhead on loopback, printed for docs/BENCHMARKS.md (a figure, not an
+/// assertion): run with `cargo test --release -p tunnel --test it acp::bridge_overhead --
+/// --ignored --nocapture`.
+/// - prompt: the client writes `session/prompt` → the server has stored the task
+///   (`created_at`), against a direct `POST /v1/tasks` on a kept-alive connection;
+/// - update: the same event received by the client from `tunnel acp` and, at the same time,
+///   from the server's SSE stream read directly (curl -N).
+#[test]
+#[ignore = "a benchmark figure; run it by name"]
+fn bridge_overhead() {
+    let n: usize = std::env::var("ACP_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let world = World::new();
+    let server = Server::start(&world, &[], vec![]);
+    let _runner = AgentRunner::start(&world, &server, "home", &tiny_agents(&world));
+    let editor = token(&server, "editor");
+    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
+    initialize(&mut acp);
+    let s = acp.call("session/new", json!({"cwd": "/x/web"}));
+    let sid = s["result"]["sessionId"].as_str().unwrap().to_owned();
+    let mut direct = std::net::TcpStream::connect(server.addr()).unwrap();
+    direct.set_nodelay(true).unwrap();
+    let mut direct_reader = BufReader::new(direct.try_clone().unwrap());
+    let (mut via_bridge, mut via_http, mut update_added) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        // Direct: one HTTP/1.1 request on a kept-alive connection.
+        let body = json!({"agent": "tiny", "prompt": "direct", "conversation": format!("direct-{i}"), "project": "web"}).to_string();
+        let t0 = micros();
+        write!(direct, "POST /v1/tasks HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {editor}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            direct_reader.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut buf = vec![0; len];
+        std::io::Read::read_exact(&mut direct_reader, &mut buf).unwrap();
+        let task: Value = serde_json::from_slice(&buf).unwrap();
+        via_http.push(task["created_at"].as_i64().unwrap() as f64 - t0 as f64 / 1000.0);
+
+        // Through the bridge.
+        let before = tasks_of(&server, &sid).len();
+        let t0 = micros();
+        let pid = acp.request(
+            "session/prompt",
+            json!({"sessionId": sid, "prompt": [{"type": "text", "text": "tool: true"}]}),
+        );
+        let ask = acp.until("permission request", is_permission);
+        let tasks = tasks_of(&server, &sid);
+        assert_eq!(tasks.len(), before + 1);
+        let task = tasks.last().unwrap();
+        via_bridge.push(task["created_at"].as_i64().unwrap() as f64 - t0 as f64 / 1000.0);
+        // The events after the answer, read directly and through the bridge at once.
+        let id = task["id"].as_str().unwrap().to_owned();
+        let (_, ev) = get(&server, &format!("/v1/tasks/{id}/events?format=json"));
+        let after = ev["events"].as_array().unwrap().last().unwrap()["seq"]
+            .as_u64()
+            .unwrap();
+        let mut curl = Command::new("curl")
+            .args(["-sN", "-H", &format!("authorization: Bearer {editor}")])
+            .arg(format!(
+                "{}/v1/tasks/{id}/events?after={after}",
+                server.url()
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = curl.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![];
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let at = micros();
+                if let Some(d) = line.strip_prefix("data: ")
+                    && let Ok(e) = serde_json::from_str::<Value>(d)
+                {
+                    got.push((at, e["kind"].as_str().unwrap_or_default().to_owned()));
+                }
+            }
+            got
+        });
+        // The direct stream is open once the server answered curl's request: an SSE comment or
+        // the first event; give it the moment a connect takes.
+        std::thread::sleep(Duration::from_millis(100));
+        let option = allow_option(&ask);
+        acp.send(json!({"jsonrpc": "2.0", "id": ask["id"], "result": {"outcome": {"outcome": "selected", "optionId": option}}}));
+        acp.until("prompt answer", |v| {
+            v["id"] == pid && v.get("method").is_none()
+        });
+        let updates: Vec<Value> = std::mem::take(&mut acp.backlog)
+            .into_iter()
+            .filter(|v| v["method"] == "session/update")
+            .collect();
+        wait_ended(&server, &id);
+        let _ = curl.kill();
+        let _ = curl.wait();
+        let direct_events: Vec<u64> = reader
+            .join()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, k)| {
+                matches!(
+                    k.as_str(),
+                    "text" | "thought" | "tool_call" | "tool_call_update" | "plan"
+                )
+            })
+            .map(|(at, _)| at)
+            .collect();
+        let bridged: Vec<u64> = updates
+            .iter()
+            .map(|u| u["_rx_us"].as_u64().unwrap())
+            .collect();
+        let k = direct_events.len().min(bridged.len());
+        for j in 0..k {
+            // The bridge's last `k` updates are the events after `after`.
+            let b = bridged[bridged.len() - k + j];
+            update_added.push((b as f64 - direct_events[j] as f64) / 1000.0);
+        }
+    }
+    let p = |v: &mut Vec<f64>, q: f64| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    };
+    println!(
+        "prompt -> task stored, ms: via tunnel acp p50 {:.2} p90 {:.2}; direct POST p50 {:.2} p90 {:.2} ({n} prompts)",
+        p(&mut via_bridge, 0.5),
+        p(&mut via_bridge, 0.9),
+        p(&mut via_http, 0.5),
+        p(&mut via_http, 0.9)
+    );
+    println!(
+        "update -> client, added by tunnel acp over reading SSE directly, ms: p50 {:.2} p90 {:.2} max {:.2} ({} updates)",
+        p(&mut update_added, 0.5),
+        p(&mut update_added, 0.9),
+        p(&mut update_added, 1.0),
+        update_added.len()
+    );
 }
