@@ -61,8 +61,11 @@ type RpcError = (i64, String);
 enum Internal {
     Update(String, Value),
     Approval(String, Box<Approval>),
-    /// A prompt's task was submitted: remember it for `session/cancel`.
+    /// A prompt's task was submitted, or a loaded session's running task is followed:
+    /// remember it for `session/cancel`.
     Started(String, String),
+    /// A followed task of a loaded session ended.
+    Followed(String, String),
     Respond(Value, Result<Value, RpcError>),
     /// A prompt's task ended (or could not be followed).
     PromptDone(String, Value, Result<Value, RpcError>),
@@ -432,10 +435,11 @@ impl Bridge {
         let Some(session) = self.sessions.get_mut(&sid) else {
             return;
         };
-        if !session.prompting {
-            return;
+        // A prompt of this process (its task maybe not submitted yet), or one of a dead
+        // process that `session/load` is following.
+        if session.prompting {
+            session.cancel = true;
         }
-        session.cancel = true;
         if let Some(task) = session.task.clone() {
             let client = self.s.client.clone();
             tokio::spawn(async move { cancel_task(&client, &task).await });
@@ -456,6 +460,14 @@ impl Bridge {
                         let client = self.s.client.clone();
                         tokio::spawn(async move { cancel_task(&client, &task).await });
                     }
+                }
+            }
+            Internal::Followed(sid, task) => {
+                if let Some(session) = self.sessions.get_mut(&sid)
+                    && session.task.as_deref() == Some(task.as_str())
+                    && !session.prompting
+                {
+                    session.task = None;
                 }
             }
             Internal::Respond(id, r) => self.respond(id, r),
@@ -835,6 +847,10 @@ async fn replay_session(
             live.push((t.id.clone(), after, approvals));
         }
     }
+    // Known before the answer, so a `session/cancel` right after it finds the task.
+    if let Some((task, _, _)) = live.first() {
+        let _ = tx.send(Internal::Started(sid.clone(), task.clone()));
+    }
     let _ = tx.send(Internal::Respond(id, Ok(json!({}))));
     for (task, after, approvals) in live {
         for a in approvals.into_values() {
@@ -842,9 +858,11 @@ async fn replay_session(
                 let _ = tx.send(Internal::Approval(sid.clone(), Box::new(a)));
             }
         }
+        let _ = tx.send(Internal::Started(sid.clone(), task.clone()));
         if let Err((_, e)) = follow(&s, &sid, &task, after, &tx).await {
             eprintln!("tunnel acp: stopped following task {task}: {e}");
         }
+        let _ = tx.send(Internal::Followed(sid.clone(), task));
     }
 }
 

@@ -126,6 +126,10 @@ impl Acp {
                 let mut v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
                     panic!("tunnel acp wrote a line that is not JSON ({e}): {line}")
                 });
+                // When it arrived (for the overhead figure), beside what tunnel acp sent.
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("_rx_us".into(), json!(at));
+                }
                 if tx.send(v).is_err() {
                     return;
                 }
@@ -573,6 +577,33 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
         expected(&server, &task)
     );
     assert_eq!(answer_text(&u), "allowed:yes", "{u:?}");
+
+    // A cancel from a client that loaded the session stops the prompt a dead process started.
+    acp.request(
+        "session/prompt",
+        json!({"sessionId": sid, "prompt": [{"type": "text", "text": "hang"}]}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(world.path("logs/agent.log"))
+        .unwrap_or_default()
+        .matches("\"hang\"")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the agent never got the prompt");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    acp.kill();
+    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
+    initialize(&mut acp);
+    let r = acp.call("session/load", json!({"sessionId": sid, "cwd": cwd}));
+    assert_eq!(r["result"], json!({}), "{r}");
+    acp.send(json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}}));
+    let task = tasks_of(&server, &sid).last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(wait_ended(&server, &task)["state"], "cancelled");
 }
 
 /// A new client token.
