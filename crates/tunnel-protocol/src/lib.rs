@@ -582,6 +582,10 @@ pub struct ClaimRequest {
     /// The version each agent CLI reported (`claude --version`, …), for `GET /v1/runners`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub agent_versions: std::collections::BTreeMap<String, String>,
+    /// The agents of `agents` this runner drives over ACP (an ACP agent, or a built-in CLI
+    /// whose ACP adapter is installed): what `tunnel acp` and approvals can use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acp_agents: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -617,6 +621,15 @@ impl ClaimRequest {
         }
         if self.agent_versions.len() > limits::RUNNER_LIST_MAX {
             return Err(Invalid::new("agent_versions", "too many agents"));
+        }
+        if self.acp_agents.len() > limits::RUNNER_LIST_MAX {
+            return Err(Invalid::new("acp_agents", "too many agents"));
+        }
+        for a in &self.acp_agents {
+            validate_name("acp_agents", a)?;
+            if !self.agents.contains(a) {
+                return Err(Invalid::new("acp_agents", "must be agents of `agents`"));
+            }
         }
         for (agent, v) in &self.agent_versions {
             validate_name("agent_versions", agent)?;
@@ -764,6 +777,9 @@ pub struct RunnerInfo {
     pub online: bool,
     /// Tasks offered to or running on it now.
     pub active_tasks: u32,
+    /// The agents it drives over ACP (`tunnel acp`).
+    #[serde(default)]
+    pub acp_agents: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

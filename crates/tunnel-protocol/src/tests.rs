@@ -98,3 +98,16 @@ fn numbers_in_event_data_round_trip_exactly() {
         serde_json::from_str(&serde_json::to_string(&first).unwrap()).unwrap();
     assert_eq!(first, again);
 }
+
+#[test]
+fn a_claims_acp_agents_are_among_its_agents() {
+    let mut c: ClaimRequest = serde_json::from_value(serde_json::json!({
+        "runner": "r", "agents": ["claude", "tiny"], "acp_agents": ["tiny"]
+    }))
+    .unwrap();
+    assert!(c.validate().is_ok());
+    c.acp_agents = vec!["codex".into()];
+    assert_eq!(c.validate().unwrap_err().field, "acp_agents");
+    c.acp_agents = vec!["-x".into()];
+    assert!(c.validate().is_err());
+}

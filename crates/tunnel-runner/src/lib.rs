@@ -143,6 +143,17 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         ));
     }
     let projects: Vec<String> = config.projects.keys().cloned().collect();
+    // Over ACP: an ACP agent itself, or a built-in CLI whose adapter is installed.
+    let acp_agents: Vec<String> = offered
+        .iter()
+        .filter(|n| {
+            config.agents.get(*n).is_some_and(|a| {
+                (a.kind == AgentKind::Acp && programs.get(*n).is_some_and(Option::is_some))
+                    || acp_programs.get(*n).is_some_and(Option::is_some)
+            })
+        })
+        .cloned()
+        .collect();
 
     let choice = config.containment;
     let containment = tokio::task::spawn_blocking(move || contain::detect(choice))
@@ -184,6 +195,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
             wait_ms: config.long_poll_wait.as_millis() as u64,
             version: Some(env!("CARGO_PKG_VERSION").into()),
             agent_versions: versions.clone(),
+            acp_agents: acp_agents.clone(),
         };
         let claimed = tokio::select! {
             r = client.claim(&req) => r,

@@ -808,6 +808,7 @@ async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
         wait_ms: wait,
         version: Some("openclaw-tunnel".into()),
         agent_versions: Default::default(),
+        acp_agents: vec![],
     };
     let null = || axum::Json(Value::Null).into_response();
     let mut pending = PendingHint {

@@ -118,8 +118,9 @@ pub(crate) fn recent_from_row(r: &impl Columns) -> Result<RecentSession> {
 }
 
 /// A `runners` row selected as `name, agents, projects, capacity, version, first_seen,
-/// last_seen, agent_versions, <active task count>, left_at`, as seen at `now`. Online: seen
-/// within `online_ms` and not seen off (a goodbye counts until the runner is seen after it).
+/// last_seen, agent_versions, <active task count>, left_at, acp_agents`, as seen at `now`.
+/// Online: seen within `online_ms` and not seen off (a goodbye counts until the runner is seen
+/// after it).
 pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Result<RunnerInfo> {
     let last_seen = r.int(6)?;
     let left = r.opt_int(9)?.is_some_and(|l| l >= last_seen);
@@ -134,6 +135,7 @@ pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Res
         last_seen,
         online: now - last_seen <= online_ms && !left,
         active_tasks: r.uint(8)?,
+        acp_agents: serde_json::from_str(&r.text(10)?).unwrap_or_default(),
     })
 }
 

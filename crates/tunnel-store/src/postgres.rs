@@ -97,6 +97,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0017_owner_state",
         include_str!("../migrations/postgres/0017_owner_state.sql"),
     ),
+    (
+        "0015_runner_acp_agents",
+        include_str!("../migrations/postgres/0015_runner_acp_agents.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -1183,7 +1187,7 @@ impl PgStore {
                 r.agent_versions,
                 (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
                     AND t.state IN ('offered', 'running', 'cancelling')),
-                r.left_at
+                r.left_at, r.acp_agents
              FROM runners r ORDER BY r.name",
             &[],
         )
@@ -2299,12 +2303,13 @@ impl W<'_> {
     async fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
         self.exec(
             "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                first_seen, last_seen)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+                first_seen, last_seen, acp_agents)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)
              ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
                 projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
                 version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
-                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL",
+                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL,
+                acp_agents = EXCLUDED.acp_agents",
             &[
                 &req.runner,
                 &to_json(&req.agents),
@@ -2313,6 +2318,7 @@ impl W<'_> {
                 &req.version,
                 &to_json(&req.agent_versions),
                 &self.now,
+                &to_json(&req.acp_agents),
             ],
         )
         .await?;

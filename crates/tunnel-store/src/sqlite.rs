@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0010_web_sessions.sql"),
     include_str!("../migrations/sqlite/0017_finished_minutes.sql"),
     include_str!("../migrations/sqlite/0014_runner_left.sql"),
+    include_str!("../migrations/sqlite/0015_runner_acp_agents.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -812,7 +813,7 @@ impl SqliteStore {
                     r.agent_versions,
                     (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
                         AND t.state IN ('offered', 'running', 'cancelling')),
-                    r.left_at
+                    r.left_at, r.acp_agents
                  FROM runners r ORDER BY r.name",
             )?;
             all(stmt.query([])?, |r| runner_from_row(r, now, online_ms))
@@ -1811,12 +1812,12 @@ impl W<'_> {
         self.conn
             .prepare_cached(
                 "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                    first_seen, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+                    first_seen, last_seen, acp_agents)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
                  ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
                     projects = excluded.projects, capacity = excluded.capacity,
                     version = excluded.version, agent_versions = excluded.agent_versions,
-                    last_seen = excluded.last_seen, left_at = NULL",
+                    last_seen = excluded.last_seen, left_at = NULL, acp_agents = excluded.acp_agents",
             )?
             .execute(params![
                 req.runner,
@@ -1825,7 +1826,8 @@ impl W<'_> {
                 req.capacity,
                 req.version,
                 to_json(&req.agent_versions),
-                self.now
+                self.now,
+                to_json(&req.acp_agents)
             ])?;
         Ok(())
     }

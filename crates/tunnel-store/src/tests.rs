@@ -262,6 +262,7 @@ fn claim_req(runner: &str) -> ClaimRequest {
         wait_ms: 0,
         version: None,
         agent_versions: Default::default(),
+        acp_agents: vec![],
     }
 }
 
@@ -668,6 +669,7 @@ async fn runner_affinity_and_filters(f: Fixture) {
     assert_eq!(o.task.id, tp.id);
     let mut codex = claim_req("r");
     codex.agents = vec!["codex".into()];
+    codex.acp_agents = vec!["codex".into()];
     codex.capacity = 3;
     let o2 = f.store.claim(&codex).await.unwrap().unwrap();
     assert_eq!(o2.task.id, tc.id);
@@ -675,6 +677,11 @@ async fn runner_affinity_and_filters(f: Fixture) {
     assert_eq!(runners.len(), 1);
     assert_eq!(runners[0].name, "r");
     assert_eq!(runners[0].agents, ["codex"]);
+    assert_eq!(
+        runners[0].acp_agents,
+        ["codex"],
+        "the agents it drives over ACP"
+    );
     assert_eq!(runners[0].capacity, 3);
     assert_eq!(runners[0].active_tasks, 2);
     assert!(runners[0].online);

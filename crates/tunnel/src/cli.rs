@@ -51,6 +51,9 @@ pub(crate) enum Command {
     /// Print a sign-in link to the web dashboard (a one-time code, not the token) and open it
     /// in a browser when one is available.
     Dashboard(DashboardArgs),
+    /// Be an ACP agent on stdio for an editor or acpx: each prompt runs as a task on a remote
+    /// runner (its updates streamed back, approvals forwarded), and survives disconnects.
+    Acp(AcpArgs),
     /// Check this machine's setup (server, token, agent CLIs, projects, bots) and say how to
     /// fix what is wrong.
     Doctor(DoctorArgs),
@@ -306,6 +309,27 @@ pub(crate) struct SubmitArgs {
     /// The prompt; `-` reads it from standard input.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true)]
     pub(crate) prompt: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AcpArgs {
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+    /// The agent the runner runs: claude, codex, gemini or a custom agent's name.
+    #[arg(long, default_value = "claude")]
+    pub(crate) agent: String,
+    /// Only map the client's directory to projects this runner declared [default: the
+    /// config's `[acp] runner`]. A session's later prompts go to the runner that holds it.
+    #[arg(long)]
+    pub(crate) runner: Option<String>,
+    /// Run every session in this project instead of mapping the client's directory
+    /// [default: the config's `[acp] project`, else `[acp.projects]`, else the directory's name].
+    #[arg(long)]
+    pub(crate) project: Option<String>,
+    /// How the agent's permission requests are handled: ask (this client, chat or `tunnel
+    /// approve` answers; the first answer wins), auto or deny [default: ask].
+    #[arg(long, value_enum)]
+    pub(crate) approvals: Option<PolicyArg>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

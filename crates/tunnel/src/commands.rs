@@ -65,6 +65,7 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Runners(args) => runners(args, &file.client).await,
         Command::Token(args) => token(args, &file.client).await,
         Command::Dashboard(args) => dashboard(args, &file.client).await,
+        Command::Acp(args) => crate::acp::run(args, &file).await,
         Command::Doctor(args) => crate::doctor::doctor(args, file).await,
         Command::Init(args) => crate::init::init(args).await.map(|()| ExitCode::SUCCESS),
     }

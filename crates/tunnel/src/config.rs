@@ -33,6 +33,9 @@
 //! program = "aider"
 //! command = ["--yes", "--message", "{prompt}"]
 //! output = "text"                      # or "json_lines"
+//!
+//! [acp]                                # `tunnel acp`: editor directory → runner project
+//! projects = { "/home/me/src/web" = "web" }
 //! ```
 //!
 //! `WORKER_TOKEN` is read from the environment only, so it never sits in a file by accident.
@@ -51,6 +54,19 @@ pub(crate) struct FileConfig {
     pub(crate) client: ClientSection,
     #[serde(default)]
     pub(crate) runner: RunnerSection,
+    #[serde(default)]
+    pub(crate) acp: AcpSection,
+}
+
+/// `[acp]`: how `tunnel acp` maps an editor's directory to a runner's project.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AcpSection {
+    pub(crate) project: Option<String>,
+    pub(crate) runner: Option<String>,
+    /// A local directory (and everything under it) → the project name a runner declared.
+    #[serde(default)]
+    pub(crate) projects: std::collections::BTreeMap<PathBuf, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,6 +3,7 @@
 //! This is the edge: configuration is read here, errors become one readable line and an
 //! exit code here.
 
+mod acp;
 mod approvals;
 mod cli;
 mod commands;

@@ -274,6 +274,13 @@ pub(crate) fn runners(runners: &[RunnerInfo]) {
         for (agent, version) in &r.agent_versions {
             out!("{:<20}    {agent}: {version}", "");
         }
+        if !r.acp_agents.is_empty() {
+            println!(
+                "{:<20}    over ACP (tunnel acp): {}",
+                "",
+                r.acp_agents.join(", ")
+            );
+        }
     }
 }
 

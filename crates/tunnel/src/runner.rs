@@ -292,6 +292,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
         server,
         client,
         runner: runner_section,
+        ..
     } = file;
     let prepared = serve::prepare(
         args.serve,
@@ -299,6 +300,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
             server,
             client,
             runner: RunnerSection::default(),
+            acp: Default::default(),
         },
         true,
     )

@@ -543,6 +543,7 @@ async fn acked_attempt(w: &World, runner: &str) -> (String, u32, String) {
         wait_ms: 0,
         version: None,
         agent_versions: Default::default(),
+        acp_agents: vec![],
     };
     let offer = api.claim(&claim).await.unwrap().unwrap();
     let at = tunnel_protocol::AttemptRef {

@@ -197,6 +197,7 @@ async fn what_a_crashed_run_left_in_the_spool_reaches_the_server() {
         wait_ms: 0,
         version: None,
         agent_versions: Default::default(),
+        acp_agents: vec![],
     };
     let offer = runner_api.claim(&claim).await.unwrap().unwrap();
     let at = tunnel_protocol::AttemptRef {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod acp;
 mod approvals;
 mod cli_ux;
 mod contain;
