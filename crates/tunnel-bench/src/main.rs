@@ -327,6 +327,9 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("health after the restart")?;
             let restart_ms = t0.elapsed().as_secs_f64() * 1e3;
+            // As after every start here: settled before it is stopped (a server older than
+            // this bench took a SIGTERM in its first moments as a kill).
+            tokio::time::sleep(Duration::from_secs(1)).await;
             again.stop().await?;
             report.wal = Some(WalReport {
                 tasks: expected,

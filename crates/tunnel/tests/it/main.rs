@@ -385,6 +385,23 @@ fn sigterm_stops_the_server_promptly_with_a_poll_parked() {
     );
 }
 
+/// The signal handlers are in place before the server logs its address: a SIGTERM sent the
+/// moment it is announced stops it cleanly (exit 0), not by the default action.
+#[test]
+fn sigterm_as_soon_as_listening_is_a_clean_stop() {
+    let mut s = Served::start(&[]);
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn sigterm_checkpoints_and_removes_the_sqlite_wal() {
     let mut s = Served::start(&[]);
