@@ -1495,6 +1495,10 @@ impl Wal {
 /// A thread that checkpoints the WAL (PASSIVE) when the writer asks, with its own connection,
 /// so the writer does not wait for the copying and its fsyncs in the common case.
 struct Checkpointer {
+    /// Held while a checkpoint runs. SQLite refuses a checkpoint at once (no busy handler)
+    /// while another connection runs one, so the writer takes this first and waits for a
+    /// PASSIVE in progress rather than having its RESTART refused under load.
+    running: Arc<Mutex<()>>,
     tx: mpsc::SyncSender<()>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -1510,10 +1514,13 @@ impl Checkpointer {
         };
         let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
         let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let running = Arc::new(Mutex::new(()));
+        let held = running.clone();
         let thread = std::thread::Builder::new()
             .name("tunnel-sqlite-checkpoint".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
+                    let _running = held.lock().unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = checkpoint(&conn, "PASSIVE") {
                         tracing::warn!(error = %e, "WAL checkpoint failed.");
                     }
@@ -1523,7 +1530,11 @@ impl Checkpointer {
                 drop(conn);
             })
             .ok()?;
-        Some(Checkpointer { tx, thread })
+        Some(Checkpointer {
+            running,
+            tx,
+            thread,
+        })
     }
 
     fn request(&self) {
@@ -1535,6 +1546,16 @@ impl Checkpointer {
         drop(self.tx);
         let _ = self.thread.join();
     }
+}
+
+/// Runs a checkpoint on the writer's connection, after any the checkpoint thread is running.
+fn writer_checkpoint(
+    conn: &Connection,
+    checkpoints: Option<&Checkpointer>,
+    mode: &str,
+) -> rusqlite::Result<bool> {
+    let _other_done = checkpoints.map(|c| c.running.lock().unwrap_or_else(|p| p.into_inner()));
+    checkpoint(conn, mode)
 }
 
 /// Runs `PRAGMA wal_checkpoint(mode)`; true when it finished (not blocked by a reader or
@@ -1566,7 +1587,7 @@ fn writer_loop(
             match rx.recv_timeout(IDLE_TRUNCATE) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    match checkpoint(&conn, "TRUNCATE") {
+                    match writer_checkpoint(&conn, checkpoints.as_ref(), "TRUNCATE") {
                         Ok(true) => {
                             wal.reset();
                             asked_at = 0;
@@ -1616,7 +1637,7 @@ fn writer_loop(
         if frames >= restart_at {
             // Between two batches, with nothing else writing: copy what the PASSIVE
             // checkpoints left and have the next commit write the log from its start.
-            match checkpoint(&conn, "RESTART") {
+            match writer_checkpoint(&conn, checkpoints.as_ref(), "RESTART") {
                 Ok(true) => {
                     wal.reset();
                     asked_at = 0;
