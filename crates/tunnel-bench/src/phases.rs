@@ -108,27 +108,41 @@ async fn run_fake_task(client: &Client, offer: &Offer, events: u32, per_post: u3
 
 #[derive(Debug, Serialize)]
 pub(crate) struct DispatchReport {
+    /// Idle time before each submit (0: hot, the bench polls every 200 µs until then).
+    pub(crate) gap_ms: u64,
     /// Submit sent → the parked poll's response read.
     pub(crate) dispatch: Latency,
+    /// The server's own share, from its log: the submit handler's start → the claim's
+    /// "Task offered." line (the submit's `took_us` plus the time between the two lines).
+    pub(crate) server: Latency,
     /// Submit round trip (201 received).
     pub(crate) submit_rtt: Latency,
+    /// `GET /health` round trip after the same idle gap (only with a gap).
+    pub(crate) health: Option<Latency>,
 }
 
 /// One poller parked at a time: it is known to be parked when the server has recorded its
 /// claim (the runner's `version` carries a nonce, written in the same transaction that found
 /// nothing to offer, after the poll registered its wake-up slot). Then one task is submitted.
+/// With `gap`, the bench sleeps that long before each submit, and again before a `GET
+/// /health` after each task, so both pay the same cost of a machine gone idle.
 pub(crate) async fn dispatch(
     server: &ServerProcess,
     token: &str,
     n: usize,
+    gap: Duration,
 ) -> Result<DispatchReport> {
     let runner_client = Client::new(&server.url, token)?;
     let client = Client::new(&server.url, token)?;
-    let runner = "bench-dispatch";
+    let runner = format!("bench-dispatch-{}", gap.as_millis());
+    let runner = runner.as_str();
     let mut dispatch = Vec::with_capacity(n);
     let mut submit_rtt = Vec::with_capacity(n);
+    let mut health = Vec::new();
+    let mut ids = Vec::with_capacity(n);
+    *server.task_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
     for i in 0..n {
-        let nonce = format!("bench-{i}");
+        let nonce = format!("bench-{}-{i}", gap.as_millis());
         let rc = runner_client.clone();
         let req = claim_request(runner, 30_000, Some(nonce.clone()));
         let poll = tokio::spawn(async move {
@@ -136,6 +150,9 @@ pub(crate) async fn dispatch(
             (Instant::now(), offer)
         });
         wait_recorded(&client, runner, &nonce, &poll).await?;
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         let t0 = Instant::now();
         let task = client
             .submit(&SubmitTask::new(AGENT, format!("dispatch {i}")), None)
@@ -155,12 +172,77 @@ pub(crate) async fn dispatch(
             task.id
         );
         dispatch.push(t1 - t0);
+        ids.push(task.id.clone());
         run_fake_task(&client, &offer, 0, 1).await?;
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+            let t0 = Instant::now();
+            client.health().await.context("health")?;
+            health.push(t0.elapsed());
+        }
     }
     Ok(DispatchReport {
+        gap_ms: gap.as_millis() as u64,
         dispatch: Latency::of(&dispatch),
+        server: Latency::of(&server_share(server, &ids).await?),
         submit_rtt: Latency::of(&submit_rtt),
+        health: (!gap.is_zero()).then(|| Latency::of(&health)),
     })
+}
+
+/// For each task: the submit's `took_us` (handler start → committed) plus its "Task
+/// submitted." line → its "Task offered." line, from the server's JSON log.
+async fn server_share(server: &ServerProcess, ids: &[String]) -> Result<Vec<Duration>> {
+    use std::collections::HashMap;
+    // Every line was written before the server answered; the task draining stderr may lag.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        {
+            let mut log = server.task_log.lock().unwrap_or_else(|p| p.into_inner());
+            let offers = log.as_ref().map_or(0, |l| {
+                l.iter().filter(|x| x.contains("\"Task offered.\"")).count()
+            });
+            if offers >= ids.len() || Instant::now() > deadline {
+                break log.take().unwrap_or_default();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut submitted = HashMap::new();
+    let mut offered = HashMap::new();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let id = v.pointer("/fields/task_id").and_then(|x| x.as_str());
+        let ts = v
+            .get("timestamp")
+            .and_then(|x| x.as_str())
+            .and_then(crate::runner::rfc3339_ns);
+        let (Some(id), Some(ns)) = (id, ts) else {
+            bail!("a task log line without task_id or timestamp: {line}");
+        };
+        match v.pointer("/fields/message").and_then(|x| x.as_str()) {
+            Some("Task submitted.") => {
+                let took = v
+                    .pointer("/fields/took_us")
+                    .and_then(|x| x.as_u64())
+                    .context("a \"Task submitted.\" line without took_us (an older server?)")?;
+                submitted.insert(id.to_owned(), (ns, took));
+            }
+            Some("Task offered.") => {
+                offered.insert(id.to_owned(), ns);
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let (Some((s, took)), Some(o)) = (submitted.get(id), offered.get(id)) else {
+            bail!("no submit or offer log line for task {id}");
+        };
+        let between = o.saturating_sub(*s) as u64;
+        out.push(Duration::from_nanos(between) + Duration::from_micros(*took));
+    }
+    Ok(out)
 }
 
 /// Waits until the server has recorded the claim carrying `nonce` (so the poll is parked).

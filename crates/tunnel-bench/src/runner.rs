@@ -158,7 +158,12 @@ async fn measure(server: &ServerProcess, token: &str, n: usize) -> Result<Runner
     let lines = loop {
         {
             let mut log = server.task_log.lock().unwrap_or_else(|p| p.into_inner());
-            if log.as_ref().is_some_and(|l| l.len() >= 2 * n)
+            let counted = |l: &Vec<String>| {
+                l.iter()
+                    .filter(|x| !x.contains("\"Task submitted.\""))
+                    .count()
+            };
+            if log.as_ref().is_some_and(|l| counted(l) >= 2 * n)
                 || std::time::Instant::now() > deadline
             {
                 break log.take().unwrap_or_default();
@@ -181,7 +186,8 @@ async fn measure(server: &ServerProcess, token: &str, n: usize) -> Result<Runner
         let ns = rfc3339_ns(ts).with_context(|| format!("bad timestamp {ts:?}"))?;
         match v.pointer("/fields/message").and_then(|x| x.as_str()) {
             Some("Task offered.") => offered.insert(id.to_owned(), ns),
-            _ => finished.insert(id.to_owned(), ns),
+            Some("Task attempt finished.") => finished.insert(id.to_owned(), ns),
+            _ => None,
         };
     }
     let mut to_start = Vec::with_capacity(n);
@@ -211,7 +217,7 @@ fn span(from_ns: u128, to_ns: u128) -> Result<Duration> {
 }
 
 /// `2026-11-25T16:38:24.467049Z` → nanoseconds since the epoch (UTC only, as the server logs).
-fn rfc3339_ns(s: &str) -> Option<u128> {
+pub(crate) fn rfc3339_ns(s: &str) -> Option<u128> {
     let s = s.strip_suffix('Z')?;
     let (date, time) = s.split_once('T')?;
     let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());

@@ -16,8 +16,8 @@ pub(crate) struct ServerProcess {
     child: Child,
     pub(crate) pid: u32,
     pub(crate) url: String,
-    /// While `Some`, the server's "Task offered." and "Task attempt finished." log lines are
-    /// kept here (their timestamps have microseconds).
+    /// While `Some`, the server's "Task submitted.", "Task offered." and "Task attempt
+    /// finished." log lines are kept here (their timestamps have microseconds).
     pub(crate) task_log: Arc<Mutex<Option<Vec<String>>>>,
 }
 
@@ -84,7 +84,9 @@ impl ServerProcess {
                 if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
                     eprintln!("server: {line}");
                 }
-                if line.contains("\"Task offered.\"") || line.contains("\"Task attempt finished.\"")
+                if line.contains("\"Task offered.\"")
+                    || line.contains("\"Task attempt finished.\"")
+                    || line.contains("\"Task submitted.\"")
                 {
                     let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(l) = log.as_mut() {

@@ -783,25 +783,41 @@ async fn task_stats(
 // ---------------------------------------------------------------------------------------------
 // The runner
 
+/// The runner name of an original runner's poll, from its token. An extractor rather than
+/// the request head in the handler: the head (headers, URI, extensions; a copy, for `Parts`)
+/// is then freed before the poll parks, not kept for its whole wait. Every refusal is a 401:
+/// the original runner reads any JSON body as a task.
+struct PollRunner(String);
+
+impl FromRequestParts<AppState> for PollRunner {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        match authorize(parts, state, &[Role::Runner]) {
+            Ok(caller) => Ok(PollRunner(runner_name(&caller))),
+            Err(e) => {
+                if e.status == StatusCode::FORBIDDEN {
+                    tracing::warn!(error = %e.message, "An openclaw-tunnel runner poll was refused.");
+                }
+                Err(SeedError::unauthorized().into_response())
+            }
+        }
+    }
+}
+
 /// The original's long-poll claim: a task object or `null` (200), or 401. Claims and acks in
 /// one step with a lease covering the task's whole run (the original runner never acks or
 /// heartbeats). A poll whose client has gone is dropped before it claims (as API v1's).
-async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery) -> Response {
-    // The original runner reads any JSON body but 401's as a task: every refusal is a 401.
-    let caller = match authorize(&parts, &s, &[Role::Runner]) {
-        Ok(c) => c,
-        Err(e) => {
-            if e.status == StatusCode::FORBIDDEN {
-                tracing::warn!(error = %e.message, "An openclaw-tunnel runner poll was refused.");
-            }
-            return SeedError::unauthorized().into_response();
-        }
-    };
+async fn poll(
+    State(s): State<AppState>,
+    PollRunner(runner): PollRunner,
+    RawQuery(query): RawQuery,
+) -> Response {
     let wait = int_param(&query, "wait", 30_000, 1_000, 60_000) as u64;
+    drop(query);
     let deadline = Instant::now() + Duration::from_millis(wait.min(s.max_wait_ms));
-    let runner = runner_name(&caller);
     let req = ClaimRequest {
-        runner: runner.clone(),
+        runner,
         agents: RUNNER_AGENTS.iter().map(|a| (*a).to_owned()).collect(),
         projects: vec![],
         capacity: 1,
@@ -816,8 +832,11 @@ async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
         hint: None,
     };
     loop {
-        let mut slot = s.hub.wait_slot(&runner, &req.agents, &req.projects);
-        match claim_and_start(&s, &req).await {
+        let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
+        // Boxed, as API v1's claim: the store's futures (claim, ack, finish; the PostgreSQL
+        // ones most) are large, and unboxed they would be part of every parked poll's future
+        // for its whole wait.
+        match Box::pin(claim_and_start(&s, &req)).await {
             Ok(Some(task)) => {
                 drop(slot);
                 pending.settle(task.get("id").and_then(Value::as_str));

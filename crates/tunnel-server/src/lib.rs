@@ -234,6 +234,8 @@ impl Server {
         if let Some(p) = pruner {
             let _ = p.await;
         }
+        // Every connection has finished its request: nothing writes any more.
+        self.state.store.close().await;
         result
     }
 }

@@ -794,6 +794,17 @@ impl Store {
         }
     }
 
+    /// Closes the store for a clean shutdown; every later call fails with `Unavailable`.
+    /// SQLite: waits for the writes already queued, checkpoints the WAL into the database,
+    /// truncates it and closes every connection, so the next start has no log to replay.
+    /// PostgreSQL: nothing to do (its connections end with the process).
+    pub async fn close(&self) {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.close().await,
+            Backend::Postgres(_) => {}
+        }
+    }
+
     /// Task counts by state; also proves the database answers (readiness).
     pub async fn counts(&self) -> Result<QueueCounts> {
         match &*self.backend {

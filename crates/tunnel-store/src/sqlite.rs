@@ -84,9 +84,18 @@ struct W<'a> {
 type Completion = Box<dyn FnOnce(bool) + Send>;
 type Job = Box<dyn FnOnce(&mut rusqlite::Transaction<'_>, &mut Effects) -> Completion + Send>;
 
+/// What the writer thread is sent.
+enum Msg {
+    Job(Job),
+    /// Checkpoint, truncate the WAL and close; answered once the connection is closed.
+    Close(oneshot::Sender<()>),
+}
+
 pub(crate) struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Set by [`SqliteStore::close`]: reads are refused and no connection returns to the pool.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
     settings: Arc<QueueSettings>,
@@ -102,15 +111,16 @@ impl SqliteStore {
     ) -> Result<SqliteStore> {
         let path = path.to_path_buf();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (jobs, rx) = mpsc::channel::<Job>();
+        let (jobs, rx) = mpsc::channel::<Msg>();
         let thread_path = path.clone();
         std::thread::Builder::new()
             .name("tunnel-sqlite-writer".into())
             .spawn(move || match open_writer(&thread_path, durability) {
-                Ok(conn) => {
+                Ok(mut conn) => {
+                    let wal = Wal::new(&mut conn);
                     let _ = ready_tx.send(Ok(()));
-                    let checkpoints = checkpointer(&thread_path);
-                    writer_loop(conn, rx, signals, checkpoints);
+                    let checkpoints = Checkpointer::start(&thread_path);
+                    writer_loop(conn, rx, signals, checkpoints, wal);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -123,6 +133,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             jobs,
             readers: Arc::new(Mutex::new(Vec::new())),
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             path,
             clock,
             settings: Arc::new(settings),
@@ -155,7 +166,7 @@ impl SqliteStore {
             })
         });
         self.jobs
-            .send(job)
+            .send(Msg::Job(job))
             .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?
@@ -168,9 +179,14 @@ impl SqliteStore {
         F: FnOnce(&Connection, i64) -> Result<T> + Send + 'static,
     {
         let readers = self.readers.clone();
+        let closed = self.closed.clone();
         let path = self.path.clone();
         let now = self.clock.now_ms();
         tokio::task::spawn_blocking(move || {
+            use std::sync::atomic::Ordering;
+            if closed.load(Ordering::Acquire) {
+                return Err(StoreError::Unavailable("the store is closed".into()));
+            }
             let pooled = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
@@ -178,13 +194,31 @@ impl SqliteStore {
             };
             let result = f(&conn, now);
             let mut pool = readers.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < READ_POOL {
+            // Checked under the lock `close` empties the pool with: a connection is either
+            // closed there or here, never left open.
+            if pool.len() < READ_POOL && !closed.load(Ordering::Acquire) {
                 pool.push(conn);
             }
             result
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+
+    /// Closes every connection: the pooled readers, then the writer after the writes already
+    /// queued, which checkpoints the WAL and truncates it first (so a restart does not replay
+    /// it). Later calls fail with `Unavailable`.
+    pub(crate) async fn close(&self) {
+        {
+            let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            pool.clear();
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Msg::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub(crate) async fn submit(
@@ -1396,7 +1430,7 @@ fn open_writer(path: &Path, durability: Durability) -> Result<Connection> {
     // inside a commit of the writer and stall every write behind it.
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;
-         PRAGMA wal_autocheckpoint = 0;"
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
     ))?;
     conn.set_prepared_statement_cache_capacity(128);
     // Plans that do not depend on bound values: without this, SQLite marks some cached
@@ -1443,96 +1477,272 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Commits between two checkpoints of the WAL.
-const CHECKPOINT_EVERY: u32 = 200;
+/// WAL frames (pages) appended between two PASSIVE checkpoints on the checkpoint thread.
+const CHECKPOINT_FRAMES: u32 = 1_000;
+/// WAL frames past which the writer itself checkpoints with RESTART between two batches, so the
+/// next commit writes the log from its start again (16 MiB with 4 KiB pages). The PASSIVE
+/// checkpoints alone never let the log restart under sustained load: the writer appends while
+/// they copy, so the log is never wholly copied when a transaction begins.
+const RESTART_FRAMES: u32 = 4_096;
+/// After a RESTART that could not finish (a reader held an old snapshot), frames to wait
+/// before trying again.
+const RESTART_RETRY_FRAMES: u32 = 1_024;
+/// What the WAL file is cut back to when the log restarts (`journal_size_limit`).
+const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+/// Idle time after which the writer checkpoints and truncates the WAL to nothing.
+const IDLE_TRUNCATE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A thread that checkpoints the WAL when the writer asks (every few hundred commits), with
-/// its own connection, so the writer never waits for the fsyncs.
-fn checkpointer(path: &Path) -> Option<mpsc::SyncSender<()>> {
-    let conn = match Connection::open(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot open the checkpoint connection; the WAL grows until restart.");
-            return None;
+/// The size of the write-ahead log as the writer's last commit left it (SQLite's WAL hook).
+struct Wal {
+    frames: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Wal {
+    fn new(conn: &mut Connection) -> Wal {
+        let frames = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = frames.clone();
+        // Replaces the automatic checkpoint's hook, which `wal_autocheckpoint = 0` turned off.
+        let hooked = conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            seen.store(pages.max(0) as u32, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }));
+        if let Err(e) = hooked {
+            tracing::warn!(error = %e, "Cannot watch the WAL size; it is truncated only when idle.");
         }
-    };
-    let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
-    let (tx, rx) = mpsc::sync_channel::<()>(1);
-    std::thread::Builder::new()
-        .name("tunnel-sqlite-checkpoint".into())
-        .spawn(move || {
-            while rx.recv().is_ok() {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed.");
-                }
+        Wal { frames }
+    }
+
+    fn frames(&self) -> u32 {
+        self.frames.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reset(&self) {
+        self.frames.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A thread that checkpoints the WAL (PASSIVE) when the writer asks, with its own connection,
+/// so the writer does not wait for the copying and its fsyncs in the common case.
+struct Checkpointer {
+    /// Held while a checkpoint runs. SQLite refuses a checkpoint at once (no busy handler)
+    /// while another connection runs one, so the writer takes this first and waits for a
+    /// PASSIVE in progress rather than having its RESTART refused under load.
+    running: Arc<Mutex<()>>,
+    tx: mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Option<Checkpointer> {
+        let conn = match Connection::open(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot open the checkpoint connection; the writer checkpoints alone.");
+                return None;
             }
+        };
+        let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let running = Arc::new(Mutex::new(()));
+        let held = running.clone();
+        let thread = std::thread::Builder::new()
+            .name("tunnel-sqlite-checkpoint".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let _running = held.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = checkpoint(&conn, "PASSIVE") {
+                        tracing::warn!(error = %e, "WAL checkpoint failed.");
+                    }
+                }
+                // Closed before the writer's connection, which is then the last and removes
+                // the WAL.
+                drop(conn);
+            })
+            .ok()?;
+        Some(Checkpointer {
+            running,
+            tx,
+            thread,
         })
-        .ok()?;
-    Some(tx)
+    }
+
+    fn request(&self) {
+        // A full channel means a checkpoint is already pending: nothing to add.
+        let _ = self.tx.try_send(());
+    }
+
+    fn stop(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
+    }
+}
+
+/// Runs a checkpoint on the writer's connection, after any the checkpoint thread is running.
+fn writer_checkpoint(
+    conn: &Connection,
+    checkpoints: Option<&Checkpointer>,
+    mode: &str,
+) -> rusqlite::Result<bool> {
+    let _other_done = checkpoints.map(|c| c.running.lock().unwrap_or_else(|p| p.into_inner()));
+    checkpoint(conn, mode)
+}
+
+/// Runs `PRAGMA wal_checkpoint(mode)`; true when it finished (not blocked by a reader or
+/// another checkpoint).
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<bool> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|busy| busy == 0)
 }
 
 fn writer_loop(
     mut conn: Connection,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Msg>,
     signals: Arc<dyn Signals>,
-    checkpoints: Option<mpsc::SyncSender<()>>,
+    checkpoints: Option<Checkpointer>,
+    wal: Wal,
 ) {
-    let mut commits = 0u32;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+    // WAL frames at the last PASSIVE request, and the size at which to try a RESTART next.
+    let mut asked_at = 0u32;
+    let mut restart_at = RESTART_FRAMES;
+    // Written since the WAL file was last truncated.
+    let mut dirty = false;
+    let mut close = None;
+    loop {
+        // Something written since the WAL was last emptied: wait at most so long before
+        // emptying it (an idle server leaves no log behind to replay).
+        let first = if dirty {
+            match rx.recv_timeout(IDLE_TRUNCATE) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    match writer_checkpoint(&conn, checkpoints.as_ref(), "TRUNCATE") {
+                        Ok(true) => {
+                            wal.reset();
+                            asked_at = 0;
+                            restart_at = RESTART_FRAMES;
+                            dirty = false;
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed."),
+                    }
+                    // Busy or failed: tried again after the next write.
+                    match rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        };
+        let mut batch = Vec::new();
+        match first {
+            Msg::Job(job) => batch.push(job),
+            Msg::Close(done) => {
+                close = Some(done);
+            }
+        }
+        while close.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Close(done)) => close = Some(done),
                 Err(_) => break,
             }
         }
-        let mut effects = Effects::default();
-        let mut completions = Vec::with_capacity(batch.len());
-        let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(mut txn) => {
-                for job in batch {
-                    completions.push(job(&mut txn, &mut effects));
+        if !batch.is_empty() {
+            commit_batch(&mut conn, batch, &*signals);
+            dirty = true;
+        }
+        if close.is_some() {
+            break;
+        }
+        let frames = wal.frames();
+        if frames >= restart_at {
+            // Between two batches, with nothing else writing: copy what the PASSIVE
+            // checkpoints left and have the next commit write the log from its start.
+            match writer_checkpoint(&conn, checkpoints.as_ref(), "RESTART") {
+                Ok(true) => {
+                    wal.reset();
+                    asked_at = 0;
+                    restart_at = RESTART_FRAMES;
                 }
-                match txn.commit() {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(error = %e, "SQLite commit failed.");
-                        false
-                    }
+                Ok(false) => restart_at = frames + RESTART_RETRY_FRAMES,
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint failed.");
+                    restart_at = frames + RESTART_RETRY_FRAMES;
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "SQLite could not begin a transaction.");
-                // The jobs never ran; their callers get an error.
-                drop(batch);
-                false
+        } else if frames >= asked_at + CHECKPOINT_FRAMES
+            && let Some(c) = &checkpoints
+        {
+            c.request();
+            asked_at = frames;
+        }
+    }
+    // Shutting down (closed, or every sender gone): no log left behind to replay at the next
+    // start. The checkpoint connection closes first so this one is the last and SQLite
+    // removes the WAL file as it closes.
+    if let Some(c) = checkpoints {
+        c.stop();
+    }
+    if let Err(e) = checkpoint(&conn, "TRUNCATE") {
+        tracing::warn!(error = %e, "The final WAL checkpoint failed.");
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "Closing the database failed.");
+    }
+    if let Some(done) = close {
+        let _ = done.send(());
+    }
+}
+
+/// Runs `batch` in one transaction (each job in its own savepoint), commits, tells `signals`
+/// what changed and answers every job.
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
+    let mut effects = Effects::default();
+    let mut completions = Vec::with_capacity(batch.len());
+    let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(mut txn) => {
+            for job in batch {
+                completions.push(job(&mut txn, &mut effects));
             }
-        };
-        if committed {
-            commits += 1;
-            if commits >= CHECKPOINT_EVERY
-                && let Some(c) = &checkpoints
-            {
-                // A full channel means a checkpoint is already pending: nothing to add.
-                let _ = c.try_send(());
-                commits = 0;
-            }
-            for at in &effects.deadlines {
-                signals.deadline(*at);
-            }
-            for id in &effects.changed {
-                signals.task_changed(id);
-            }
-            for hint in &effects.ready {
-                signals.task_ready(hint);
-            }
-            if effects.delivery {
-                signals.delivery_ready();
+            match txn.commit() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "SQLite commit failed.");
+                    false
+                }
             }
         }
-        for done in completions {
-            done(committed);
+        Err(e) => {
+            tracing::error!(error = %e, "SQLite could not begin a transaction.");
+            // The jobs never ran; their callers get an error.
+            drop(batch);
+            false
         }
+    };
+    if committed {
+        for at in &effects.deadlines {
+            signals.deadline(*at);
+        }
+        for id in &effects.changed {
+            signals.task_changed(id);
+        }
+        for hint in &effects.ready {
+            signals.task_ready(hint);
+        }
+        if effects.delivery {
+            signals.delivery_ready();
+        }
+    }
+    for done in completions {
+        done(committed);
     }
 }
 

@@ -932,6 +932,7 @@ async fn scope_hides_other_owners(f: Fixture) {
 mod approvals;
 mod dashboard;
 mod postgres_only;
+mod sqlite_wal;
 
 /// Marks every due delivery sent, until none is due.
 async fn deliver_all(store: &Store) -> usize {

@@ -20,11 +20,14 @@ pub(crate) struct Prepared {
 }
 
 pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
+    // Registered before the server says where it listens: a SIGTERM sent as soon as it
+    // answers is a clean stop (checkpointed, closed), not the default kill.
+    let signals = stop_signals();
     let prepared = prepare(args, file, false).await?;
     let server = prepared.server;
     let token = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        wait_for_signal(signals).await;
         tracing::info!("Shutting down: finishing in-flight requests.");
         token.cancel();
     });
@@ -365,9 +368,22 @@ pub(crate) fn init_logging(format: LogFormat) {
     }
 }
 
-async fn wait_for_signal() {
+type StopSignals = (
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+);
+
+/// SIGTERM and SIGINT, caught from now on.
+fn stop_signals() -> StopSignals {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
+    (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    )
+}
+
+async fn wait_for_signal((term, int): StopSignals) {
+    let mut term = match term {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "Cannot listen for SIGTERM.");
@@ -375,9 +391,17 @@ async fn wait_for_signal() {
             return;
         }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    match int {
+        Ok(mut int) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot listen for SIGINT.");
+            term.recv().await;
+        }
     }
 }
 

@@ -387,6 +387,76 @@ fn sigterm_stops_the_server_promptly_with_a_poll_parked() {
     );
 }
 
+/// The signal handlers are in place before the server logs its address: a SIGTERM sent the
+/// moment it is announced stops it cleanly (exit 0), not by the default action.
+#[test]
+fn sigterm_as_soon_as_listening_is_a_clean_stop() {
+    let mut s = Served::start(&[]);
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn sigterm_checkpoints_and_removes_the_sqlite_wal() {
+    let mut s = Served::start(&[]);
+    let wal = s.data.path().join("tunnel/tunnel.db-wal");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (code, task) = s.post(
+            "/v1/tasks",
+            json!({"agent": "claude", "prompt": format!("task {i}")}),
+        );
+        assert_eq!(code, 201, "{task}");
+        ids.push(task["id"].as_str().unwrap().to_owned());
+    }
+    let (code, offer) = s.post(
+        "/v1/claim",
+        json!({"runner": "r", "agents": ["claude"], "wait_ms": 1000}),
+    );
+    assert_eq!(code, 200, "{offer}");
+    assert!(wal.exists(), "the server writes through a WAL");
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // Checkpointed into the database and closed: nothing for the next start to replay.
+    assert!(
+        !wal.exists(),
+        "the WAL is left behind ({} bytes)",
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0)
+    );
+    // And nothing was lost: a new server on the same data has all five.
+    let data = std::mem::replace(&mut s.data, tempfile::tempdir().unwrap());
+    let again = Served::start_in(data, &[]);
+    let out = again.cli(&["tasks", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tasks: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for id in &ids {
+        assert!(
+            tasks
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["id"] == id.as_str()),
+            "{id} is kept: {tasks}"
+        );
+    }
+}
+
 #[test]
 fn config_file_is_read_and_checked() {
     let dir = tempfile::tempdir().unwrap();
