@@ -139,7 +139,8 @@ pub(crate) fn wait_budget(state: &AppState, ms: u64) -> Instant {
     responses((status = 201, body = Task), (status = 200, description = "replayed", body = Task),
         (status = 400, body = tunnel_protocol::ErrorBody),
         (status = 404, description = "resume of a session another client's task made", body = tunnel_protocol::ErrorBody),
-        (status = 409, description = "the conversation belongs to another client token", body = tunnel_protocol::ErrorBody)),
+        (status = 409, description = "the conversation belongs to another client token", body = tunnel_protocol::ErrorBody),
+        (status = 429, description = "the token has as many tasks waiting as it may (max_queued_per_token)", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["client"])))]
 async fn submit_task(
     State(s): State<AppState>,

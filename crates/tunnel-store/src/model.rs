@@ -279,6 +279,33 @@ pub(crate) enum Cancel {
 
 pub(crate) const CANCELLED_BEFORE_RUN: &str = "cancelled before it ran";
 
+/// The reason of a task that waited in the queue longer than the maximum: it ends
+/// `timed_out` (the existing terminal state for "ran out of time"), and this says it never ran.
+pub(crate) fn queue_expired_reason(max_queue_ms: i64) -> String {
+    format!(
+        "no runner took it within the maximum time in queue ({})",
+        human_duration(max_queue_ms)
+    )
+}
+
+fn human_duration(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{} d", s / 86_400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// The refusal of a submit beyond the per-token cap on waiting tasks (HTTP 429).
+pub(crate) fn queue_full(cap: u32) -> StoreError {
+    StoreError::QueueFull(format!(
+        "this token already has {cap} tasks waiting in the queue (the per-token cap, \
+         max_queued_per_token); wait for some to start or cancel some, then submit again"
+    ))
+}
+
 pub(crate) fn cancel(t: &OpenTask, scope: &Scope) -> Result<Cancel> {
     check_owner(scope, &t.owner)?;
     match t.state {

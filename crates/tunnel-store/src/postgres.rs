@@ -89,6 +89,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0010_web_sessions",
         include_str!("../migrations/postgres/0010_web_sessions.sql"),
     ),
+    (
+        "0012_queue_floods",
+        include_str!("../migrations/postgres/0012_queue_floods.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -105,6 +109,8 @@ const OUTBOX_CLAIM_MS: i64 = 60_000;
 const COMMIT_FAILED: &str = "the commit failed";
 /// Re-runs of a write that hit a deadlock or serialization failure.
 const MAX_TRIES: u32 = 10;
+/// Candidates a claim reads per round (then locks the first it can).
+const CLAIM_BATCH: i64 = 8;
 /// Ready tasks re-woken per poll.
 const POLL_READY: i64 = 32;
 /// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
@@ -535,6 +541,20 @@ impl PgStore {
                 w.lock_key(k).await?;
             }
             w.check_session_owner(&owner, &req).await?;
+            if let Some(cap) = w.settings.max_queued_per_token {
+                // Counted in `tasks_owner_waiting`, and never past the cap. Not serialised per
+                // token: concurrent submits of one token may pass it by the few in flight.
+                let row = w
+                    .one(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                         WHERE owner = $1 AND state IN ('queued', 'parked') LIMIT $2) w",
+                        &[&owner, &i64::from(cap)],
+                    )
+                    .await?;
+                if get::<i64>(&row, 0)? >= i64::from(cap) {
+                    return Err(model::queue_full(cap));
+                }
+            }
             let id = new_id();
             let busy = match &session_key {
                 Some(k) => w
@@ -753,58 +773,85 @@ impl PgStore {
     pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
         write!(self, |w| {
             w.touch_runner(&req).await?;
-            // The oldest ready task this runner may take, locked; tasks other claimers hold
-            // are skipped, not waited for.
+            // The oldest ready tasks this runner may take: one range of `tasks_ready_claim`
+            // per (agent, project or none) it has, merged by seq, so tasks queued for agents
+            // or projects it lacks cost nothing here. Then the first that can be locked
+            // (others' claims are skipped, not waited for) and still qualifies.
             let sql = format!(
-                "SELECT t.seq FROM tasks t
-                 LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
-                 WHERE t.ready AND (t.not_before IS NULL OR t.not_before <= $1)
-                   AND t.agent = ANY($2) AND (t.project IS NULL OR t.project = ANY($3))
-                   AND COALESCE({HOME_EXPR}, $4) = $4
-                 ORDER BY t.seq LIMIT 1
-                 FOR UPDATE OF t SKIP LOCKED"
+                "SELECT c.seq FROM unnest($2::text[]) AS a(agent)
+                 CROSS JOIN (SELECT '' AS project UNION SELECT unnest($3::text[])) AS p
+                 CROSS JOIN LATERAL (
+                    SELECT t.seq FROM tasks t
+                    LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                    WHERE t.ready AND t.agent = a.agent AND COALESCE(t.project, '') = p.project
+                      AND (t.not_before IS NULL OR t.not_before <= $1)
+                      AND COALESCE({HOME_EXPR}, $4) = $4
+                      AND t.seq <> ALL($5)
+                    ORDER BY t.seq LIMIT {CLAIM_BATCH}
+                 ) c
+                 ORDER BY c.seq LIMIT {CLAIM_BATCH}"
             );
+            let mut agents = req.agents.clone();
+            agents.sort_unstable();
+            agents.dedup();
+            let mut skipped: Vec<i64> = Vec::new();
             let mut chosen = None;
-            for _ in 0..3 {
-                let Some(row) = w
-                    .opt(&sql, &[&w.now, &req.agents, &req.projects, &req.runner])
-                    .await?
-                else {
-                    break;
-                };
-                let seq: i64 = get(&row, 0)?;
-                // Re-check under the lock: the row is what was last committed.
-                let row = w
-                    .one(
-                        "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
-                            s.session_id, s.runner
-                         FROM tasks t
-                         LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
-                         WHERE t.seq = $1",
-                        &[&seq],
+            'rounds: for _ in 0..3 {
+                let rows = w
+                    .all(
+                        &sql,
+                        &[&w.now, &agents, &req.projects, &req.runner, &skipped],
                     )
                     .await?;
-                let ready: bool = get(&row, 0)?;
-                let not_before: Option<i64> = get(&row, 1)?;
-                let agent: String = get(&row, 2)?;
-                let mode: String = get(&row, 3)?;
-                if !ready || not_before.is_some_and(|nb| nb > w.now) {
-                    continue;
+                if rows.is_empty() {
+                    break;
                 }
-                let (resume, home) = resolve_session(
-                    w.tx,
-                    &agent,
-                    &mode,
-                    get(&row, 4)?,
-                    get(&row, 5)?,
-                    get(&row, 6)?,
-                )
-                .await?;
-                if home.as_ref().is_some_and(|h| h != &req.runner) {
-                    continue;
+                for row in &rows {
+                    let seq: i64 = get(row, 0)?;
+                    skipped.push(seq);
+                    if w
+                        .opt(
+                            "SELECT 1 FROM tasks WHERE seq = $1 FOR UPDATE SKIP LOCKED",
+                            &[&seq],
+                        )
+                        .await?
+                        .is_none()
+                    {
+                        continue;
+                    }
+                    // Re-check under the lock: the row is what was last committed.
+                    let row = w
+                        .one(
+                            "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
+                                s.session_id, s.runner
+                             FROM tasks t
+                             LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                             WHERE t.seq = $1",
+                            &[&seq],
+                        )
+                        .await?;
+                    let ready: bool = get(&row, 0)?;
+                    let not_before: Option<i64> = get(&row, 1)?;
+                    let agent: String = get(&row, 2)?;
+                    let mode: String = get(&row, 3)?;
+                    if !ready || not_before.is_some_and(|nb| nb > w.now) {
+                        continue;
+                    }
+                    let (resume, home) = resolve_session(
+                        w.tx,
+                        &agent,
+                        &mode,
+                        get(&row, 4)?,
+                        get(&row, 5)?,
+                        get(&row, 6)?,
+                    )
+                    .await?;
+                    if home.as_ref().is_some_and(|h| h != &req.runner) {
+                        continue;
+                    }
+                    chosen = Some((seq, mode, resume));
+                    break 'rounds;
                 }
-                chosen = Some((seq, mode, resume));
-                break;
             }
             let Some((seq, mode, resume)) = chosen else {
                 return Ok(None);
@@ -1094,8 +1141,10 @@ impl PgStore {
                  UNION ALL SELECT seq, 3 FROM tasks WHERE state = 'parked' AND not_before <= $1
                  UNION ALL SELECT task_seq, 4 FROM approvals
                     WHERE state = 'pending' AND expires_at <= $1
+                 UNION ALL (SELECT seq, 5 FROM tasks
+                    WHERE state = 'queued' AND created_at <= $1 - $2 ORDER BY created_at LIMIT 500)
                  ORDER BY 1 LIMIT 1000",
-                &[&now],
+                &[&now, &self.settings.max_queue_ms.unwrap_or(i64::MAX / 2)],
             )
             .await?
         };
@@ -1132,6 +1181,22 @@ impl PgStore {
                         let hint = w.ready_hint(seq).await?;
                         w.fx.ready.push(hint.into());
                     }
+                    5 if t.state == TaskState::Queued => {
+                        let Some(max) = w.settings.max_queue_ms else {
+                            return Ok(());
+                        };
+                        let old = w
+                            .opt(
+                                "SELECT 1 FROM tasks WHERE seq = $1 AND created_at <= $2",
+                                &[&seq, &(w.now - max)],
+                            )
+                            .await?;
+                        if old.is_some() {
+                            let reason = model::queue_expired_reason(max);
+                            w.finish_task(&t, TaskState::TimedOut, Some(&reason), None)
+                                .await?;
+                        }
+                    }
                     4 => {
                         // Under the task's lock: each request still pending and past its time.
                         let rows = w
@@ -1156,7 +1221,7 @@ impl PgStore {
             })?;
         }
         let c = self.conn().await?;
-        next_deadline(&c).await
+        next_deadline(&c, self.settings.max_queue_ms).await
     }
 
     pub(crate) async fn runners(&self) -> Result<Vec<RunnerInfo>> {
@@ -1948,7 +2013,7 @@ async fn poll_once<C: GenericClient>(c: &C, signals: &dyn Signals, now: i64) -> 
          ORDER BY t.seq LIMIT $2"
     );
     let hints = q_all(c, &sql, &[&now, &POLL_READY]).await?;
-    if let Some(next) = next_deadline(c).await? {
+    if let Some(next) = next_deadline(c, None).await? {
         signals.deadline(next);
     }
     let row = q_one(
@@ -1972,15 +2037,18 @@ async fn poll_once<C: GenericClient>(c: &C, signals: &dyn Signals, now: i64) -> 
     Ok(())
 }
 
-async fn next_deadline<C: GenericClient>(c: &C) -> Result<Option<i64>> {
+/// The earliest deadline; `max_queue_ms` adds the maximum time in queue of the oldest queued
+/// task (the fallback poll leaves it out: each server's own timer has it).
+async fn next_deadline<C: GenericClient>(c: &C, max_queue_ms: Option<i64>) -> Result<Option<i64>> {
     let row = q_one(
         c,
         "SELECT LEAST(
             (SELECT MIN(ack_by) FROM tasks WHERE state = 'offered'),
             (SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')),
             (SELECT MIN(not_before) FROM tasks WHERE state = 'parked'),
-            (SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'))",
-        &[],
+            (SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'),
+            (SELECT MIN(created_at) + $1 FROM tasks WHERE state = 'queued'))",
+        &[&max_queue_ms],
     )
     .await?;
     get(&row, 0)

@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0007_session_owner.sql"),
     include_str!("../migrations/sqlite/0008_approvals.sql"),
     include_str!("../migrations/sqlite/0010_web_sessions.sql"),
+    include_str!("../migrations/sqlite/0012_queue_floods.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -204,6 +205,19 @@ impl SqliteStore {
                 }
             }
             w.check_session_owner(&owner, &req)?;
+            if let Some(cap) = w.settings.max_queued_per_token {
+                // Counted in `tasks_owner_waiting`, and never past the cap.
+                let waiting: i64 = w
+                    .conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                         WHERE owner = ?1 AND state IN ('queued', 'parked') LIMIT ?2)",
+                    )?
+                    .query_row(params![owner, cap], |r| r.get(0))?;
+                if waiting >= i64::from(cap) {
+                    return Err(model::queue_full(cap));
+                }
+            }
             let id = new_id();
             let session_key = req.conversation.as_ref().map(|c| session_key(&req.agent, c));
             let busy = match &session_key {
@@ -430,50 +444,79 @@ impl SqliteStore {
     pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
         self.write(move |w| {
             w.touch_runner(&req)?;
-            // Oldest ready task first; filter on what the runner has. The ready set holds one
-            // task per busy-free session, so this scan is short.
-            let mut stmt = w.conn.prepare_cached(
-                "SELECT t.seq, t.agent, t.project, t.session_mode, t.resume_id, t.not_before,
-                        s.session_id, s.runner
+            // Oldest ready task first, among those of the runner's agents and projects only:
+            // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
+            // so tasks queued for agents or projects this runner lacks cost nothing here.
+            let mut streams: Vec<(&str, &str)> = Vec::new();
+            for a in &req.agents {
+                streams.push((a, ""));
+                for p in &req.projects {
+                    streams.push((a, p));
+                }
+            }
+            streams.sort_unstable();
+            streams.dedup();
+            let mut next = w.conn.prepare_cached(
+                "SELECT seq FROM tasks INDEXED BY tasks_ready_claim
+                 WHERE ready = 1 AND agent = ?1 AND coalesce(project, '') = ?2 AND seq > ?3
+                 ORDER BY seq LIMIT 1",
+            )?;
+            let mut heads = std::collections::BinaryHeap::new();
+            for (i, (a, p)) in streams.iter().enumerate() {
+                if let Some(seq) = next
+                    .query_row(params![a, p, 0], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    heads.push(std::cmp::Reverse((seq, i)));
+                }
+            }
+            let mut candidate = w.conn.prepare_cached(
+                "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
                  FROM tasks t
                  LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
-                 WHERE t.ready = 1
-                 ORDER BY t.seq",
+                 WHERE t.seq = ?1",
             )?;
-            let mut rows = stmt.query([])?;
             let mut chosen = None;
-            while let Some(r) = rows.next()? {
-                let seq: i64 = r.get(0)?;
-                let agent: String = r.get(1)?;
-                let project: Option<String> = r.get(2)?;
-                let mode: String = r.get(3)?;
-                let resume_id: Option<String> = r.get(4)?;
-                let not_before: Option<i64> = r.get(5)?;
-                let bound_session: Option<String> = r.get(6)?;
-                let bound_runner: Option<String> = r.get(7)?;
-                if not_before.is_some_and(|nb| nb > w.now)
-                    || !req.agents.contains(&agent)
-                    || project.as_ref().is_some_and(|p| !req.projects.contains(p))
+            while let Some(std::cmp::Reverse((seq, i))) = heads.pop() {
+                let (agent, mode, resume_id, not_before, bound_session, bound_runner) = candidate
+                    .query_row(params![seq], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                            r.get::<_, Option<String>>(5)?,
+                        ))
+                    })?;
+                let takeable = if not_before.is_some_and(|nb| nb > w.now) {
+                    None
+                } else {
+                    let (resume, home) = resolve_session(
+                        w.conn,
+                        &agent,
+                        &mode,
+                        resume_id,
+                        bound_session,
+                        bound_runner,
+                    )?;
+                    // A session lives on the disk of the runner that made it.
+                    (!home.as_ref().is_some_and(|h| h != &req.runner)).then_some(resume)
+                };
+                if let Some(resume) = takeable {
+                    chosen = Some((seq, mode, resume));
+                    break;
+                }
+                let (a, p) = streams[i];
+                if let Some(seq) = next
+                    .query_row(params![a, p, seq], |r| r.get::<_, i64>(0))
+                    .optional()?
                 {
-                    continue;
+                    heads.push(std::cmp::Reverse((seq, i)));
                 }
-                let (resume, home) = resolve_session(
-                    w.conn,
-                    &agent,
-                    &mode,
-                    resume_id,
-                    bound_session,
-                    bound_runner,
-                )?;
-                // A session lives on the disk of the runner that made it.
-                if home.as_ref().is_some_and(|h| h != &req.runner) {
-                    continue;
-                }
-                chosen = Some((seq, mode, resume));
-                break;
             }
-            drop(rows);
-            drop(stmt);
+            drop(next);
+            drop(candidate);
             let Some((seq, mode, resume)) = chosen else {
                 return Ok(None);
             };
@@ -772,6 +815,23 @@ impl SqliteStore {
                 let hint = w.ready_hint(seq)?;
                 w.fx.ready.push(hint);
             }
+            if let Some(max) = w.settings.max_queue_ms {
+                // In batches, so a flood of old tasks does not make one huge transaction; the
+                // next deadline below is then already due and the timer comes straight back.
+                let old = {
+                    let mut stmt = w.conn.prepare_cached(
+                        "SELECT seq FROM tasks WHERE state = 'queued' AND created_at <= ?1
+                         ORDER BY created_at LIMIT 500",
+                    )?;
+                    stmt.query_map(params![now - max], |r| r.get::<_, i64>(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()?
+                };
+                let reason = model::queue_expired_reason(max);
+                for seq in old {
+                    let t = w.task_by_seq(seq)?;
+                    w.finish_task(&t, TaskState::TimedOut, Some(&reason), None)?;
+                }
+            }
             let expired = {
                 let mut stmt = w.conn.prepare_cached(
                     "SELECT id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
@@ -789,8 +849,10 @@ impl SqliteStore {
                     SELECT MIN(ack_by) AS d FROM tasks WHERE state = 'offered'
                     UNION ALL SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')
                     UNION ALL SELECT MIN(not_before) FROM tasks WHERE state = 'parked'
-                    UNION ALL SELECT MIN(expires_at) FROM approvals WHERE state = 'pending')",
-                [],
+                    UNION ALL SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'
+                    UNION ALL SELECT MIN(created_at) + ?1 FROM tasks
+                        WHERE state = 'queued' AND ?1 IS NOT NULL)",
+                params![w.settings.max_queue_ms],
                 |r| r.get(0),
             )?;
             Ok(next)

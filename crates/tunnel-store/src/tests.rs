@@ -888,6 +888,7 @@ async fn scope_hides_other_owners(f: Fixture) {
 mod approvals;
 mod dashboard;
 mod postgres_only;
+mod queue;
 
 /// Marks every due delivery sent, until none is due.
 async fn deliver_all(store: &Store) -> usize {
