@@ -7,12 +7,16 @@
 //! 3. server RSS idle, during (2) and after;
 //! 4. many parked long-polls at once: RSS and wake latency (on a second fresh server);
 //! 5. runner overhead: the real runner in this process runs a trivial agent (this binary).
+//! 6. approval round trip;
+//! 7. with `--flood N`: claim and submit latency with N unrelated tasks queued, against the
+//!    empty queue (on a third fresh server).
 //!
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
 
 mod approvals;
 mod db;
+mod flood;
 mod phases;
 mod runner;
 mod server;
@@ -78,6 +82,13 @@ struct Args {
     /// Approval requests asked and answered one by one (0 skips phase 6).
     #[arg(long, default_value_t = 200)]
     approvals: usize,
+    /// Unrelated tasks queued for phase 7 (claim and submit latency under a queue flood; 0
+    /// skips it). The figure: 200000.
+    #[arg(long, default_value_t = 0)]
+    flood: u64,
+    /// Claims and submits timed in phase 7, on the empty queue and again with the flood.
+    #[arg(long, default_value_t = 300)]
+    flood_samples: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -110,6 +121,7 @@ struct Report {
     parked: Option<ParkedReport>,
     runner: Option<runner::RunnerReport>,
     approvals: Option<approvals::ApprovalReport>,
+    flood: Option<flood::FloodReport>,
     total_s: f64,
     /// /proc/loadavg when the bench started and ended: the machine may be shared.
     load_before: String,
@@ -195,6 +207,7 @@ async fn run(args: Args) -> Result<()> {
         parked: None,
         runner: None,
         approvals: None,
+        flood: None,
         total_s: 0.0,
         load_before: loadavg(),
         load_after: String::new(),
@@ -274,6 +287,19 @@ async fn run(args: Args) -> Result<()> {
         let checked = phases::check_database(&db4, wakes as u64).await;
         db4.remove().await?;
         checked?;
+    }
+    // Phase 7 on a fresh server: its flood stays queued, so the database check is its own.
+    if args.flood > 0 {
+        let db7 = fresh("flood", "-flood").await?;
+        progress(&format!(
+            "7. claim and submit latency: empty queue, then {} unrelated tasks queued (fresh server)",
+            args.flood
+        ));
+        let server = ServerProcess::start(&tunnel, &db7, durability, TOKEN).await?;
+        let r = flood::flood(&server, TOKEN, args.flood, args.flood_samples).await;
+        server.stop().await?;
+        db7.remove().await?;
+        report.flood = Some(r?);
     }
     report.total_s = started.elapsed().as_secs_f64();
     report.load_after = loadavg();
@@ -474,6 +500,33 @@ fn print_table(r: &Report) {
                 ms(a.ask_to_event.p99_ms + a.answer_to_runner.p99_ms)
             ),
             "<= 50 ms",
+        ));
+    }
+    if let Some(f) = &r.flood {
+        rows.push((
+            format!("7. claim p50/p90/p99/max, empty queue (n={})", f.empty.claim.n),
+            f.empty.claim.line(),
+            "",
+        ));
+        rows.push((
+            format!("   claim, {} unrelated tasks queued", f.flood),
+            f.flooded.claim.line(),
+            "<= 2x the empty queue",
+        ));
+        rows.push((
+            "   submit with 8 re-polling runners, empty queue".into(),
+            f.empty.submit.line(),
+            "",
+        ));
+        rows.push((
+            format!("   submit with 8 re-polling runners, {} queued", f.flood),
+            f.flooded.submit.line(),
+            "<= 2x the empty queue",
+        ));
+        rows.push((
+            "   time to queue the flood".into(),
+            format!("{:.1} s", f.seed_s),
+            "",
         ));
     }
 

@@ -298,6 +298,20 @@ fn human_duration(ms: i64) -> String {
     }
 }
 
+/// Whether a task's session mode moves its conversation's binding to another session.
+pub(crate) fn switches_session(mode: &SessionMode) -> bool {
+    !matches!(mode, SessionMode::Continue)
+}
+
+/// A client's task may continue a shared conversation (one an admin's tasks use) but not move
+/// it to another session: the admin's next task would run in a session the client chose.
+pub(crate) fn shared_switch(conv: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "conversation {conv:?} is shared: a client token may continue it, not start or resume \
+         another session in it"
+    ))
+}
+
 /// The refusal of a submit beyond the per-token cap on waiting tasks (HTTP 429).
 pub(crate) fn queue_full(cap: u32) -> StoreError {
     StoreError::QueueFull(format!(

@@ -875,12 +875,17 @@ impl PgStore {
                 } else {
                     None
                 };
+                let owner: String = get(
+                    &w.one("SELECT owner FROM tasks WHERE seq = $1", &[&seq])
+                        .await?,
+                    0,
+                )?;
                 w.set_binding(
                     &task.agent,
                     conv,
                     resume.as_deref(),
                     runner.as_deref(),
-                    None,
+                    Some(&owner),
                 )
                 .await?;
             }
@@ -1304,8 +1309,10 @@ impl PgStore {
                         &[&cmd.agent, &cmd.conversation],
                     )
                     .await?;
+                // Another client's, or shared (an admin's tasks use it): not this client's to
+                // rebind, since the next task of its owner would run in the session it names.
                 if let Some(row) = bound
-                    && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
+                    && get::<Option<String>>(&row, 0)?.as_ref() != Some(o)
                 {
                     return Err(StoreError::NotFound("conversation"));
                 }
@@ -2356,8 +2363,9 @@ impl W<'_> {
         Ok(())
     }
 
-    /// Binds a conversation. `owner`: the token the binding belongs to if it has none yet,
-    /// when that token is a client's (an admin's bindings stay shared).
+    /// Binds a conversation. `owner`: the token a new binding belongs to, when that token is a
+    /// client's (an admin's bindings stay shared). An existing binding keeps its owner, or its
+    /// being shared: whoever rebinds it later never takes it over.
     async fn set_binding(
         &self,
         agent: &str,
@@ -2371,8 +2379,7 @@ impl W<'_> {
              VALUES ($1, $2, $3, $4, $5,
                 (SELECT id FROM tokens WHERE id = $6 AND role = 'client'))
              ON CONFLICT (agent, conversation) DO UPDATE SET session_id = EXCLUDED.session_id,
-                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at,
-                owner = COALESCE(sessions.owner, EXCLUDED.owner)",
+                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at",
             &[
                 &agent,
                 &conversation,
@@ -2418,6 +2425,17 @@ impl W<'_> {
                 return Err(StoreError::Conflict(format!(
                     "conversation {conv:?} belongs to another token"
                 )));
+            }
+            let shared = self
+                .opt(
+                    "SELECT 1 FROM sessions WHERE agent = $1 AND conversation = $2
+                        AND owner IS NULL",
+                    &[&req.agent, conv],
+                )
+                .await?
+                .is_some();
+            if shared && model::switches_session(&req.session) {
+                return Err(model::shared_switch(conv));
             }
         }
         if let tunnel_protocol::SessionMode::Resume(id) = &req.session {

@@ -539,12 +539,16 @@ impl SqliteStore {
                 } else {
                     None
                 };
+                let owner: String = w
+                    .conn
+                    .prepare_cached("SELECT owner FROM tasks WHERE seq = ?1")?
+                    .query_row(params![seq], |r| r.get(0))?;
                 w.set_binding(
                     &task.agent,
                     conv,
                     resume.as_deref(),
                     runner.as_deref(),
-                    None,
+                    Some(&owner),
                 )?;
             }
             w.event(
@@ -820,7 +824,8 @@ impl SqliteStore {
                 // next deadline below is then already due and the timer comes straight back.
                 let old = {
                     let mut stmt = w.conn.prepare_cached(
-                        "SELECT seq FROM tasks WHERE state = 'queued' AND created_at <= ?1
+                        "SELECT seq FROM tasks INDEXED BY tasks_queued_age
+                         WHERE state = 'queued' AND created_at <= ?1
                          ORDER BY created_at LIMIT 500",
                     )?;
                     stmt.query_map(params![now - max], |r| r.get::<_, i64>(0))?
@@ -850,7 +855,7 @@ impl SqliteStore {
                     UNION ALL SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')
                     UNION ALL SELECT MIN(not_before) FROM tasks WHERE state = 'parked'
                     UNION ALL SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'
-                    UNION ALL SELECT MIN(created_at) + ?1 FROM tasks
+                    UNION ALL SELECT MIN(created_at) + ?1 FROM tasks INDEXED BY tasks_queued_age
                         WHERE state = 'queued' AND ?1 IS NOT NULL)",
                 params![w.settings.max_queue_ms],
                 |r| r.get(0),
@@ -924,16 +929,17 @@ impl SqliteStore {
                 Scope::Owner(o) => Some(o.as_str()),
             };
             if let Some(o) = owner {
-                let bound: Option<String> = w
+                let bound: Option<Option<String>> = w
                     .conn
                     .query_row(
                         "SELECT owner FROM sessions WHERE agent = ?1 AND conversation = ?2",
                         params![cmd.agent, cmd.conversation],
                         |r| r.get(0),
                     )
-                    .optional()?
-                    .flatten();
-                if bound.is_some_and(|b| b != o) {
+                    .optional()?;
+                // Another client's, or shared (an admin's tasks use it): not this client's to
+                // rebind, since the next task of its owner would run in the session it names.
+                if bound.is_some_and(|b| b.as_deref() != Some(o)) {
                     return Err(StoreError::NotFound("conversation"));
                 }
                 if let Some(id) = &cmd.session_id {
@@ -1864,8 +1870,9 @@ impl W<'_> {
         Ok(())
     }
 
-    /// Binds a conversation. `owner`: the token the binding belongs to if it has none yet,
-    /// when that token is a client's (an admin's bindings stay shared).
+    /// Binds a conversation. `owner`: the token a new binding belongs to, when that token is a
+    /// client's (an admin's bindings stay shared). An existing binding keeps its owner, or its
+    /// being shared: whoever rebinds it later never takes it over.
     fn set_binding(
         &self,
         agent: &str,
@@ -1880,8 +1887,7 @@ impl W<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5,
                     (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
                  ON CONFLICT (agent, conversation) DO UPDATE SET session_id = excluded.session_id,
-                    runner = excluded.runner, updated_at = excluded.updated_at,
-                    owner = COALESCE(owner, excluded.owner)",
+                    runner = excluded.runner, updated_at = excluded.updated_at",
             )?
             .execute(params![
                 agent,
@@ -1904,14 +1910,25 @@ impl W<'_> {
         if !client {
             return Ok(());
         }
-        if let Some(conv) = &req.conversation
-            && self
+        if let Some(conv) = &req.conversation {
+            if self
                 .conversation_owner(&req.agent, conv)?
                 .is_some_and(|o| o != owner)
-        {
-            return Err(StoreError::Conflict(format!(
-                "conversation {conv:?} belongs to another token"
-            )));
+            {
+                return Err(StoreError::Conflict(format!(
+                    "conversation {conv:?} belongs to another token"
+                )));
+            }
+            let shared = self
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM sessions WHERE agent = ?1 AND conversation = ?2
+                        AND owner IS NULL",
+                )?
+                .exists(params![req.agent, conv])?;
+            if shared && model::switches_session(&req.session) {
+                return Err(model::shared_switch(conv));
+            }
         }
         if let tunnel_protocol::SessionMode::Resume(id) = &req.session {
             let made_by: Option<String> = self

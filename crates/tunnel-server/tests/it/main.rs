@@ -11,6 +11,7 @@ mod browser;
 mod cdp;
 mod compat;
 mod dashboard;
+mod hostile;
 mod delivery;
 mod input;
 mod lifecycle;
