@@ -503,7 +503,8 @@ fn event_stream(
 /// Long-poll for work. Answers 200 with an offer as soon as a task this runner can take is
 /// ready, or 204 when `wait_ms` runs out. Ack the offer before `ack_by`.
 #[utoipa::path(post, path = "/v1/claim", tag = "runner", request_body = ClaimRequest,
-    responses((status = 200, body = Offer), (status = 204, description = "nothing to do")),
+    responses((status = 200, body = Offer), (status = 204, description = "nothing to do"),
+        (status = 409, description = "the runner name belongs to another runner token", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["runner"])))]
 async fn claim(
     State(s): State<AppState>,
@@ -521,7 +522,9 @@ async fn claim(
         let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
         // Boxed: the store's future is large (the PostgreSQL one most), and an unboxed one
         // would be part of every parked poll's future while it waits.
-        let offer = Box::pin(s.store.claim(&req)).await?.map(Box::new);
+        let offer = Box::pin(s.store.claim_as(&req, &caller.token_id))
+            .await?
+            .map(Box::new);
         if let Some(offer) = offer {
             drop(slot);
             s.metrics

@@ -816,7 +816,7 @@ async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
     };
     loop {
         let mut slot = s.hub.wait_slot(&runner, &req.agents, &req.projects);
-        match claim_and_start(&s, &req).await {
+        match claim_and_start(&s, &req, &caller.token_id).await {
             Ok(Some(task)) => {
                 drop(slot);
                 pending.settle(task.get("id").and_then(Value::as_str));
@@ -849,9 +849,13 @@ async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
 /// Offers the next task to this runner and acks it at once with a lease of its timeout plus
 /// [`LEASE_MARGIN_MS`]; `None` when nothing is ready. A task the original runner cannot run
 /// is finished as failed and the next one is tried.
-async fn claim_and_start(s: &AppState, req: &ClaimRequest) -> Result<Option<Value>, StoreError> {
+async fn claim_and_start(
+    s: &AppState,
+    req: &ClaimRequest,
+    token_id: &str,
+) -> Result<Option<Value>, StoreError> {
     loop {
-        let Some(offer) = s.store.claim(req).await? else {
+        let Some(offer) = s.store.claim_as(req, token_id).await? else {
             return Ok(None);
         };
         s.metrics

@@ -484,8 +484,19 @@ impl Store {
     /// Offers the oldest ready task this runner can take, or `None`. Never waits.
     pub async fn claim(&self, req: &ClaimRequest) -> Result<Option<Offer>> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.claim(req.clone()).await,
-            Backend::Postgres(s) => s.claim(req.clone()).await,
+            Backend::Sqlite(s) => s.claim(req.clone(), None).await,
+            Backend::Postgres(s) => s.claim(req.clone(), None).await,
+        }
+    }
+
+    /// [`Store::claim`] by a runner token: the runner's name belongs to the token that first
+    /// claimed under it, and another token's claim under that name is refused (`Conflict`)
+    /// without changing anything.
+    pub async fn claim_as(&self, req: &ClaimRequest, token_id: &str) -> Result<Option<Offer>> {
+        let token = Some(token_id.to_owned());
+        match &*self.backend {
+            Backend::Sqlite(s) => s.claim(req.clone(), token).await,
+            Backend::Postgres(s) => s.claim(req.clone(), token).await,
         }
     }
 

@@ -312,6 +312,14 @@ pub(crate) fn shared_switch(conv: &str) -> StoreError {
     ))
 }
 
+/// A claim under a runner name another runner token registered first.
+pub(crate) fn runner_name_taken(name: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "runner name {name:?} belongs to another runner token: pick another name (each runner \
+         token owns the names it registered first)"
+    ))
+}
+
 /// The refusal of a submit beyond the per-token cap on waiting tasks (HTTP 429).
 pub(crate) fn queue_full(cap: u32) -> StoreError {
     StoreError::QueueFull(format!(

@@ -770,9 +770,13 @@ impl PgStore {
         })
     }
 
-    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
+    pub(crate) async fn claim(
+        &self,
+        req: ClaimRequest,
+        token: Option<String>,
+    ) -> Result<Option<Offer>> {
         write!(self, |w| {
-            w.touch_runner(&req).await?;
+            w.touch_runner(&req, token.as_deref()).await?;
             // The oldest ready tasks this runner may take: one range of `tasks_ready_claim`
             // per (agent, project or none) it has, merged by seq, so tasks queued for agents
             // or projects it lacks cost nothing here. Then the first that can be locked
@@ -2340,26 +2344,35 @@ impl W<'_> {
         })
     }
 
-    async fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
-        self.exec(
-            "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                first_seen, last_seen)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-             ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
-                projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
-                version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
-                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen)",
-            &[
-                &req.runner,
-                &to_json(&req.agents),
-                &to_json(&req.projects),
-                &(req.capacity as i64),
-                &req.version,
-                &to_json(&req.agent_versions),
-                &self.now,
-            ],
-        )
-        .await?;
+    /// Records the runner's claim; refused when its name belongs to another token.
+    async fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
+        let n = self
+            .exec(
+                "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
+                    first_seen, last_seen, token)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)
+                 ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
+                    projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
+                    version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
+                    last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen),
+                    token = COALESCE(runners.token, EXCLUDED.token)
+                 WHERE runners.token IS NULL OR EXCLUDED.token IS NULL
+                    OR runners.token = EXCLUDED.token",
+                &[
+                    &req.runner,
+                    &to_json(&req.agents),
+                    &to_json(&req.projects),
+                    &(req.capacity as i64),
+                    &req.version,
+                    &to_json(&req.agent_versions),
+                    &self.now,
+                    &token,
+                ],
+            )
+            .await?;
+        if n == 0 {
+            return Err(model::runner_name_taken(&req.runner));
+        }
         Ok(())
     }
 

@@ -441,9 +441,13 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
+    pub(crate) async fn claim(
+        &self,
+        req: ClaimRequest,
+        token: Option<String>,
+    ) -> Result<Option<Offer>> {
         self.write(move |w| {
-            w.touch_runner(&req)?;
+            w.touch_runner(&req, token.as_deref())?;
             // Oldest ready task first, among those of the runner's agents and projects only:
             // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
             // so tasks queued for agents or projects this runner lacks cost nothing here.
@@ -1847,16 +1851,20 @@ impl W<'_> {
         Ok(hint)
     }
 
-    fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
-        self.conn
+    /// Records the runner's claim; refused when its name belongs to another token.
+    fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
+        let n = self
+            .conn
             .prepare_cached(
                 "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                    first_seen, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+                    first_seen, last_seen, token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
                  ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
                     projects = excluded.projects, capacity = excluded.capacity,
                     version = excluded.version, agent_versions = excluded.agent_versions,
-                    last_seen = excluded.last_seen",
+                    last_seen = excluded.last_seen, token = COALESCE(runners.token, excluded.token)
+                 WHERE runners.token IS NULL OR excluded.token IS NULL
+                    OR runners.token = excluded.token",
             )?
             .execute(params![
                 req.runner,
@@ -1865,8 +1873,12 @@ impl W<'_> {
                 req.capacity,
                 req.version,
                 to_json(&req.agent_versions),
-                self.now
+                self.now,
+                token
             ])?;
+        if n == 0 {
+            return Err(model::runner_name_taken(&req.runner));
+        }
         Ok(())
     }
 

@@ -889,6 +889,7 @@ mod approvals;
 mod dashboard;
 mod postgres_only;
 mod queue;
+mod tenancy;
 
 /// Marks every due delivery sent, until none is due.
 async fn deliver_all(store: &Store) -> usize {

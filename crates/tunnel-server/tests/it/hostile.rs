@@ -146,13 +146,18 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
         json!({"outcome": "succeeded", "result": {"session_id": "admin-sess"}}),
     )
     .await;
-    let (_, mine) = s
-        .get("/v1/sessions?conversation=ops:1", &s.client)
+    // Still shared: another client may continue it too (refused, had the first come to own it).
+    let other = s.create_token("client").await;
+    let (st, b) = s
+        .post(
+            "/v1/tasks",
+            &other,
+            json!({"agent": "claude", "prompt": "me too", "conversation": "ops:1"}),
+        )
         .await;
-    assert!(
-        mine["sessions"].as_array().unwrap().is_empty(),
-        "the client came to own the admin's conversation: {mine}"
-    );
+    assert_eq!(st, StatusCode::CREATED, "the first client took it over: {b}");
+    let o = s.claim("mac", &["claude"], 0).await.unwrap();
+    s.run_to_success(&o, "ok").await;
     // The admin's next task still runs in the admin's session.
     s.post(
         "/v1/tasks",
@@ -162,4 +167,121 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
     .await;
     let o = s.claim("mac", &["claude"], 0).await.unwrap();
     assert_eq!(o["resume_session_id"], "admin-sess");
+}
+
+/// A webhook receiver that echoes the request's path and query (and, as a stand-in for any
+/// text that happens to hold one, the Discord bot token) in its 400 answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_url_secrets_and_configured_secrets_never_reach_delivery_errors() {
+    use axum::Router;
+    use axum::http::Uri;
+    use tunnel_delivery::{DiscordConfig, PlatformsConfig, WebhookConfig};
+
+    const DISCORD_TOKEN: &str = "discord-bot-token-MTIzNDU2Nzg5MA.GhIjKl";
+    let app = Router::new().fallback(|uri: Uri| async move {
+        let echoed = uri.to_string();
+        (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "no such hook: {echoed} (path {}, decoded T0AAAA/B0BBBB/s3cr3t-path-part, \
+                 query {}); bot {DISCORD_TOKEN}",
+                uri.path(),
+                uri.query().unwrap_or_default()
+            ),
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut delivery = PlatformsConfig::default();
+    delivery.discord = Some(DiscordConfig::new(DISCORD_TOKEN));
+    delivery.webhooks.insert(
+        "ops".into(),
+        WebhookConfig {
+            url: format!("{base}/hooks/T0AAAA/B0BBBB/s3cr3t%2Dpath-part?token=q-secret-123&v=2"),
+            secret: "hmac-key-xyz".into(),
+        },
+    );
+    let s = TestServer::start_with(Options {
+        delivery,
+        ..Options::default()
+    })
+    .await;
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": "p",
+                       "reply_to": {"platform": "webhook", "channel": "ops"}}))
+        .await;
+    let o = s.claim("r", &["claude"], 0).await.unwrap();
+    s.run_to_success(&o, "answer").await;
+    let t = loop {
+        let (_, t) = s.get(&format!("/v1/tasks/{}?wait=1", id(&task)), &s.client).await;
+        if t["delivery"]["state"] == "failed" {
+            break t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let error = t["delivery"]["error"].as_str().unwrap();
+    assert!(error.contains("HTTP 400"), "{error}");
+    for secret in [
+        "T0AAAA",
+        "B0BBBB",
+        "s3cr3t",
+        "path-part",
+        "q-secret-123",
+        "token=",
+        "hmac-key-xyz",
+        DISCORD_TOKEN,
+        "MTIzNDU2Nzg5MA",
+    ] {
+        assert!(!error.contains(secret), "{secret:?} in {error:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_runner_name_belongs_to_the_token_that_registered_it() {
+    let s = TestServer::start().await;
+    s.submit(json!({"agent": "claude", "prompt": "first", "conversation": "c1"}))
+        .await;
+    let o = s.claim("mac", &["claude"], 0).await.unwrap();
+    s.attempt_call(&o, "ack", json!({})).await;
+    s.attempt_call(
+        &o,
+        "finish",
+        json!({"outcome": "succeeded", "result": {"session_id": "sess-on-mac"}}),
+    )
+    .await;
+    let next = s
+        .submit(json!({"agent": "claude", "prompt": "second", "conversation": "c1"}))
+        .await;
+
+    let other = s.create_token("runner").await;
+    let (st, b) = s
+        .post(
+            "/v1/claim",
+            &other,
+            json!({"runner": "mac", "agents": ["claude"], "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to another runner token"),
+        "{b}"
+    );
+    assert_eq!(s.task(&id(&next)).await["state"], "queued");
+    // Under its own name it claims, but not the task pinned to mac's session.
+    let (st, _) = s
+        .post(
+            "/v1/claim",
+            &other,
+            json!({"runner": "mini", "agents": ["claude"], "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let o = s.claim("mac", &["claude"], 0).await.unwrap();
+    assert_eq!(o["task"]["id"], next["id"]);
+    assert_eq!(o["resume_session_id"], "sess-on-mac");
 }

@@ -4,3 +4,7 @@
 CREATE INDEX tasks_ready_claim ON tasks (agent, COALESCE(project, ''), seq) WHERE ready;
 CREATE INDEX tasks_queued_age ON tasks (created_at) WHERE state = 'queued';
 CREATE INDEX tasks_owner_waiting ON tasks (owner) WHERE state IN ('queued', 'parked');
+-- Each runner name belongs to the runner token that first claimed under it (NULL: not yet
+-- claimed by a token, or from before this column): another token claiming the name is refused,
+-- so tasks pinned to a runner's sessions reach only that runner.
+ALTER TABLE runners ADD COLUMN token TEXT;

@@ -6,3 +6,7 @@ CREATE INDEX tasks_ready_claim ON tasks (agent, coalesce(project, ''), seq) WHER
 CREATE INDEX tasks_queued_age ON tasks (created_at) WHERE state = 'queued';
 -- Waiting tasks per submitting token: the per-token cap on queued tasks counts in the index.
 CREATE INDEX tasks_owner_waiting ON tasks (owner) WHERE state IN ('queued', 'parked');
+-- Each runner name belongs to the runner token that first claimed under it (NULL: not yet
+-- claimed by a token, or from before this column): another token claiming the name is refused,
+-- so tasks pinned to a runner's sessions reach only that runner.
+ALTER TABLE runners ADD COLUMN token TEXT;
