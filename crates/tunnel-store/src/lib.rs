@@ -500,6 +500,16 @@ impl Store {
         }
     }
 
+    /// Whether the owner of task `id` may resume the agent session `session_id` (the rule of
+    /// `session: {resume}`): an admin's task may resume any; a client's only a session its own
+    /// tasks made or a shared one (an admin's, or found on a runner's disk).
+    pub async fn may_resume(&self, id: &str, session_id: &str) -> Result<bool> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.may_resume(id.to_owned(), session_id.to_owned()).await,
+            Backend::Postgres(s) => s.may_resume(id.to_owned(), session_id.to_owned()).await,
+        }
+    }
+
     pub async fn ack(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
         match &*self.backend {
             Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), None).await,

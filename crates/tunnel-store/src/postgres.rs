@@ -602,6 +602,9 @@ impl PgStore {
             w.event(seq, 0, "state", &StateEvent::Queued(None).data())
                 .await?;
             w.fx.changed.push(id.clone());
+            if let Some(max) = w.settings.max_queue_ms {
+                w.fx.deadlines.push(w.now + max);
+            }
             if !busy {
                 let hint = w.ready_hint(seq).await?;
                 w.fx.ready.push(hint.into());
@@ -952,6 +955,34 @@ impl PgStore {
                 lease_ms,
                 cancel: false,
             })
+        })
+    }
+
+    pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
+        let c = self.conn().await?;
+        let row = q_opt(
+            &c,
+            "SELECT t.owner, t.agent, EXISTS (SELECT 1 FROM tokens k
+                WHERE k.id = t.owner AND k.role = 'client')
+             FROM tasks t WHERE t.id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+        let owner: String = get(&row, 0)?;
+        let agent: String = get(&row, 1)?;
+        if !get::<bool>(&row, 2)? {
+            return Ok(true);
+        }
+        let made_by = q_opt(
+            &c,
+            "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
+            &[&agent, &session_id],
+        )
+        .await?;
+        Ok(match made_by {
+            None => false,
+            Some(r) => get::<Option<String>>(&r, 0)?.is_none_or(|o| o == owner),
         })
     }
 

@@ -262,11 +262,39 @@ impl SqliteStore {
             let seq = w.conn.last_insert_rowid();
             w.event(seq, 0, "state", &StateEvent::Queued(None).data())?;
             w.fx.changed.push(id.clone());
+            if let Some(max) = w.settings.max_queue_ms {
+                w.fx.deadlines.push(w.now + max);
+            }
             if !busy {
                 let hint = w.ready_hint(seq)?;
                 w.fx.ready.push(hint);
             }
             Ok((load_task(w.conn, &id, &Scope::All)?, true))
+        })
+        .await
+    }
+
+    pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
+        self.read(move |c, _| {
+            let (owner, agent, client): (String, String, bool) = c
+                .prepare_cached(
+                    "SELECT t.owner, t.agent, EXISTS (SELECT 1 FROM tokens k
+                        WHERE k.id = t.owner AND k.role = 'client')
+                     FROM tasks t WHERE t.id = ?1",
+                )?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            if !client {
+                return Ok(true);
+            }
+            let made_by: Option<Option<String>> = c
+                .prepare_cached(
+                    "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
+                )?
+                .query_row(params![agent, session_id], |r| r.get(0))
+                .optional()?;
+            Ok(made_by.is_some_and(|o| o.is_none_or(|o| o == owner)))
         })
         .await
     }
