@@ -512,6 +512,12 @@ async fn claim(
     Json(req): Json<ClaimRequest>,
 ) -> Result<Response, ApiError> {
     req.validate()?;
+    // The compat API names each original runner `openclaw.<token id>`: not another's to take.
+    if req.runner.starts_with("openclaw.") {
+        return Err(ApiError::bad_request(
+            "runner: names starting with \"openclaw.\" are the original runners' (compat API)",
+        ));
+    }
     let deadline = wait_budget(&s, req.wait_ms);
     let mut pending = PendingHint {
         hub: s.hub.clone(),

@@ -284,4 +284,13 @@ async fn a_runner_name_belongs_to_the_token_that_registered_it() {
     let o = s.claim("mac", &["claude"], 0).await.unwrap();
     assert_eq!(o["task"]["id"], next["id"]);
     assert_eq!(o["resume_session_id"], "sess-on-mac");
+    // The compat API's names for original runners are not for API v1 runners to take.
+    let (st, b) = s
+        .post(
+            "/v1/claim",
+            &other,
+            json!({"runner": "openclaw.worker-token", "agents": ["claude"], "wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{b}");
 }
