@@ -504,7 +504,10 @@ fn print_table(r: &Report) {
     }
     if let Some(f) = &r.flood {
         rows.push((
-            format!("7. claim p50/p90/p99/max, empty queue (n={})", f.empty.claim.n),
+            format!(
+                "7. claim p50/p90/p99/max, empty queue (n={})",
+                f.empty.claim.n
+            ),
             f.empty.claim.line(),
             "",
         ));

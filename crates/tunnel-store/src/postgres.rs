@@ -816,13 +816,12 @@ impl PgStore {
                 for row in &rows {
                     let seq: i64 = get(row, 0)?;
                     skipped.push(seq);
-                    if w
-                        .opt(
-                            "SELECT 1 FROM tasks WHERE seq = $1 FOR UPDATE SKIP LOCKED",
-                            &[&seq],
-                        )
-                        .await?
-                        .is_none()
+                    if w.opt(
+                        "SELECT 1 FROM tasks WHERE seq = $1 FOR UPDATE SKIP LOCKED",
+                        &[&seq],
+                    )
+                    .await?
+                    .is_none()
                     {
                         continue;
                     }

@@ -510,8 +510,8 @@ impl SqliteStore {
             )?;
             let mut chosen = None;
             while let Some(std::cmp::Reverse((seq, i))) = heads.pop() {
-                let (agent, mode, resume_id, not_before, bound_session, bound_runner) = candidate
-                    .query_row(params![seq], |r| {
+                let (agent, mode, resume_id, not_before, bound_session, bound_runner) =
+                    candidate.query_row(params![seq], |r| {
                         Ok((
                             r.get::<_, String>(0)?,
                             r.get::<_, String>(1)?,

@@ -1076,7 +1076,11 @@ async fn api_v1_tasks_reach_an_original_runner_safely() {
     );
     let derived = task["sessionId"].as_str().unwrap().to_owned();
     assert!(derived.len() == 36 && derived.contains('-'), "{task}");
-    post_result(&s, json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0})).await;
+    post_result(
+        &s,
+        json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0}),
+    )
+    .await;
     s.submit(json!({"agent": "codex", "prompt": "again", "conversation": "discord:42"}))
         .await;
     assert_eq!(poll(&s, 5_000).await["sessionId"], derived.as_str());
@@ -1220,7 +1224,11 @@ async fn the_poll_hands_only_sessions_the_owner_may_resume_and_never_a_prefix() 
             !handed.starts_with("aaaa") && handed.len() >= 32 && handed.contains('-'),
             "client B was handed {handed:?} for {wanted:?}"
         );
-        post_result(&s, json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0})).await;
+        post_result(
+            &s,
+            json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0}),
+        )
+        .await;
     }
     // Its own session, client A may name.
     let (st, t) = s

@@ -36,7 +36,11 @@ async fn a_token_beyond_its_queue_cap_gets_429_and_nothing_is_queued() {
     // Another token still submits; a claimed task frees a place.
     let other = s.create_token("client").await;
     let (st, _) = s
-        .post("/v1/tasks", &other, json!({"agent": "claude", "prompt": "x"}))
+        .post(
+            "/v1/tasks",
+            &other,
+            json!({"agent": "claude", "prompt": "x"}),
+        )
         .await;
     assert_eq!(st, StatusCode::CREATED);
     s.claim("r", &["claude"], 0).await.unwrap();
@@ -132,7 +136,10 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
         )
         .await;
     assert_eq!(st, StatusCode::CONFLICT, "{b}");
-    assert!(b["error"]["message"].as_str().unwrap().contains("shared"), "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("shared"),
+        "{b}"
+    );
 
     // Continuing it is fine, and leaves it shared.
     s.submit(json!({"agent": "claude", "prompt": "continue", "conversation": "ops:1"}))
@@ -155,7 +162,11 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
             json!({"agent": "claude", "prompt": "me too", "conversation": "ops:1"}),
         )
         .await;
-    assert_eq!(st, StatusCode::CREATED, "the first client took it over: {b}");
+    assert_eq!(
+        st,
+        StatusCode::CREATED,
+        "the first client took it over: {b}"
+    );
     let o = s.claim("mac", &["claude"], 0).await.unwrap();
     s.run_to_success(&o, "ok").await;
     // The admin's next task still runs in the admin's session.
@@ -215,7 +226,9 @@ async fn webhook_url_secrets_and_configured_secrets_never_reach_delivery_errors(
     let o = s.claim("r", &["claude"], 0).await.unwrap();
     s.run_to_success(&o, "answer").await;
     let t = loop {
-        let (_, t) = s.get(&format!("/v1/tasks/{}?wait=1", id(&task)), &s.client).await;
+        let (_, t) = s
+            .get(&format!("/v1/tasks/{}?wait=1", id(&task)), &s.client)
+            .await;
         if t["delivery"]["state"] == "failed" {
             break t;
         }

@@ -11,9 +11,14 @@ conformance!(
 
 /// A second store on the fixture's database with these settings (and the fixture's clock).
 async fn with_settings(f: &Fixture, settings: QueueSettings) -> Store {
-    Store::open(&f.db, settings, f.clock.clone(), Arc::new(Recorder::default()))
-        .await
-        .unwrap()
+    Store::open(
+        &f.db,
+        settings,
+        f.clock.clone(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap()
 }
 
 fn task(agent: &str, prompt: &str, project: Option<&str>) -> SubmitTask {
@@ -42,13 +47,19 @@ async fn claim_merges_agents_and_projects_in_submission_order(f: Fixture) {
     // project, a session pinned to another runner, a parked task not yet due).
     let submit = |t: SubmitTask| async move { s.submit("o", None, t).await.unwrap().0 };
     // A conversation whose session lives on runner r2: its next task is r2's only.
-    let (pinned, _) = s.submit("o", None, in_conv("pin first", "pc")).await.unwrap();
+    let (pinned, _) = s
+        .submit("o", None, in_conv("pin first", "pc"))
+        .await
+        .unwrap();
     let o = s.claim(&claim_req("r2")).await.unwrap().unwrap();
     assert_eq!(o.task.id, pinned.id);
     s.ack(&o.task.id, &attempt_of(&o)).await.unwrap();
-    s.finish(&o.task.id, finish_req(&o, Outcome::Succeeded, Some("sess-r2")))
-        .await
-        .unwrap();
+    s.finish(
+        &o.task.id,
+        finish_req(&o, Outcome::Succeeded, Some("sess-r2")),
+    )
+    .await
+    .unwrap();
     submit(task("gemini", "other agent 1", None)).await;
     submit(task("codex", "codex web", Some("web"))).await;
     submit(task("claude", "claude other project", Some("api"))).await;
@@ -108,8 +119,14 @@ async fn tasks_waiting_past_the_maximum_end_timed_out_and_the_chat_is_told(f: Fi
     old.reply_to = Some(discord("chan-1"));
     let (old, _) = store.submit("o", None, old).await.unwrap();
     // Running, and the task waiting behind it in the same session.
-    let (running, _) = store.submit("o", None, in_conv("runs", "c-run")).await.unwrap();
-    let (behind, _) = store.submit("o", None, in_conv("behind", "c-run")).await.unwrap();
+    let (running, _) = store
+        .submit("o", None, in_conv("runs", "c-run"))
+        .await
+        .unwrap();
+    let (behind, _) = store
+        .submit("o", None, in_conv("behind", "c-run"))
+        .await
+        .unwrap();
     let o = store.claim(&claim_req("r1")).await.unwrap().unwrap();
     assert_eq!(o.task.id, running.id);
     store.ack(&running.id, &attempt_of(&o)).await.unwrap();
@@ -120,7 +137,10 @@ async fn tasks_waiting_past_the_maximum_end_timed_out_and_the_chat_is_told(f: Fi
         "the oldest queued task's limit is the next deadline"
     );
     f.clock.advance(max / 2);
-    let (young, _) = store.submit("o", None, in_conv("young", "c-young")).await.unwrap();
+    let (young, _) = store
+        .submit("o", None, in_conv("young", "c-young"))
+        .await
+        .unwrap();
     f.clock.advance(max / 2);
     store.expire_due().await.unwrap();
 
@@ -132,7 +152,11 @@ async fn tasks_waiting_past_the_maximum_end_timed_out_and_the_chat_is_told(f: Fi
         "{reason}"
     );
     let t = store.task(&behind.id, &Scope::All).await.unwrap();
-    assert_eq!(t.state, TaskState::TimedOut, "waiting behind a session counts");
+    assert_eq!(
+        t.state,
+        TaskState::TimedOut,
+        "waiting behind a session counts"
+    );
     let t = store.task(&young.id, &Scope::All).await.unwrap();
     assert_eq!(t.state, TaskState::Queued);
     // The chat of the expired task is told through the ordinary final delivery.
@@ -170,7 +194,10 @@ async fn a_token_may_have_only_so_many_tasks_waiting(f: Fixture) {
         .await;
     match refused {
         Err(StoreError::QueueFull(m)) => {
-            assert!(m.contains("3 tasks waiting") && m.contains("max_queued_per_token"), "{m}")
+            assert!(
+                m.contains("3 tasks waiting") && m.contains("max_queued_per_token"),
+                "{m}"
+            )
         }
         other => panic!("expected QueueFull, got {other:?}"),
     }

@@ -10,7 +10,12 @@ conformance!(
 
 async fn a_runner_name_belongs_to_its_first_token(f: Fixture) {
     let s = &f.store;
-    assert!(s.claim_as(&claim_req("mac"), "tok-a").await.unwrap().is_none());
+    assert!(
+        s.claim_as(&claim_req("mac"), "tok-a")
+            .await
+            .unwrap()
+            .is_none()
+    );
     match s.claim_as(&claim_req("mac"), "tok-b").await {
         Err(StoreError::Conflict(m)) => assert!(m.contains("another runner token"), "{m}"),
         other => panic!("expected a conflict, got {other:?}"),
@@ -24,7 +29,12 @@ async fn a_runner_name_belongs_to_its_first_token(f: Fixture) {
     assert!(o.is_some());
     // A name never claimed by a token (or from before names had owners) goes to the first.
     assert!(s.claim(&claim_req("old")).await.unwrap().is_none());
-    assert!(s.claim_as(&claim_req("old"), "tok-b").await.unwrap().is_none());
+    assert!(
+        s.claim_as(&claim_req("old"), "tok-b")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(s.claim_as(&claim_req("old"), "tok-a").await.is_err());
 }
 
@@ -38,9 +48,12 @@ async fn a_shared_binding_stays_shared(f: Fixture) {
     s.submit("admin", None, in_conv("a", "ops")).await.unwrap();
     let o = s.claim(&claim_req("r1")).await.unwrap().unwrap();
     s.ack(&o.task.id, &attempt_of(&o)).await.unwrap();
-    s.finish(&o.task.id, finish_req(&o, Outcome::Succeeded, Some("admin-s")))
-        .await
-        .unwrap();
+    s.finish(
+        &o.task.id,
+        finish_req(&o, Outcome::Succeeded, Some("admin-s")),
+    )
+    .await
+    .unwrap();
     let scope = Scope::Owner(client.clone());
     let cmd = SessionCommand {
         conversation: "ops".into(),
@@ -49,19 +62,28 @@ async fn a_shared_binding_stays_shared(f: Fixture) {
         runner: None,
     };
     let refused = s.bind_session(cmd, &scope).await;
-    assert!(matches!(refused, Err(StoreError::NotFound(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
     let mut switch = in_conv("b", "ops");
     switch.session = SessionMode::New;
     let refused = s.submit(&client, None, switch).await;
-    assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
     // Continuing is allowed, and finishing with a session does not make it the client's.
     s.submit(&client, None, in_conv("c", "ops")).await.unwrap();
     let o = s.claim(&claim_req("r1")).await.unwrap().unwrap();
     assert_eq!(o.resume_session_id.as_deref(), Some("admin-s"));
     s.ack(&o.task.id, &attempt_of(&o)).await.unwrap();
-    s.finish(&o.task.id, finish_req(&o, Outcome::Succeeded, Some("admin-s")))
-        .await
-        .unwrap();
+    s.finish(
+        &o.task.id,
+        finish_req(&o, Outcome::Succeeded, Some("admin-s")),
+    )
+    .await
+    .unwrap();
     // Still shared: another client may continue it too (had the first come to own it, this
     // would be refused as another token's conversation).
     s.create_token("tok-b".into(), "b".into(), Role::Client, [8; 32])
@@ -76,6 +98,9 @@ async fn a_shared_binding_stays_shared(f: Fixture) {
     s.submit(&client, None, fresh).await.unwrap();
     let o = s.claim(&claim_req("r1")).await.unwrap().unwrap();
     assert_eq!(o.task.prompt, "d");
-    let mine = s.sessions(Some("mine".into()), None, 10, &scope).await.unwrap();
+    let mine = s
+        .sessions(Some("mine".into()), None, 10, &scope)
+        .await
+        .unwrap();
     assert_eq!(mine.sessions.len(), 1, "{mine:?}");
 }
