@@ -533,7 +533,9 @@ impl SqliteStore {
                         bound_runner,
                     )?;
                     // A session lives on the disk of the runner that made it.
-                    (!home.as_ref().is_some_and(|h| h != &req.runner)).then_some(resume)
+                    home.as_ref()
+                        .is_none_or(|h| h == &req.runner)
+                        .then_some(resume)
                 };
                 if let Some(resume) = takeable {
                     chosen = Some((seq, mode, resume));

@@ -205,8 +205,10 @@ async fn webhook_url_secrets_and_configured_secrets_never_reach_delivery_errors(
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let mut delivery = PlatformsConfig::default();
-    delivery.discord = Some(DiscordConfig::new(DISCORD_TOKEN));
+    let mut delivery = PlatformsConfig {
+        discord: Some(DiscordConfig::new(DISCORD_TOKEN)),
+        ..PlatformsConfig::default()
+    };
     delivery.webhooks.insert(
         "ops".into(),
         WebhookConfig {

@@ -166,7 +166,7 @@ async fn tasks_waiting_past_the_maximum_end_timed_out_and_the_chat_is_told(f: Fi
         .filter(|d| d.kind == DeliveryKind::Final)
         .filter_map(|d| d.task.as_ref().map(|t| t.id.clone()))
         .collect();
-    assert_eq!(finals, [old.id.clone()]);
+    assert_eq!(finals, std::slice::from_ref(&old.id));
     let (events, _) = store.events(&old.id, &Scope::All, 0, 100).await.unwrap();
     assert!(
         events.iter().any(|e| e.data["state"] == "timed_out"),
