@@ -288,7 +288,8 @@ async fn run(args: Args) -> Result<()> {
         db4.remove().await?;
         checked?;
     }
-    // Phase 7 on a fresh server: its flood stays queued, so the database check is its own.
+    // Phase 7 on a fresh server: its flood stays queued, so there is no database check; each
+    // measured task's finish must answer `succeeded`.
     if args.flood > 0 {
         let db7 = fresh("flood", "-flood").await?;
         progress(&format!(
