@@ -8,7 +8,9 @@
 //! 4. many parked long-polls at once: RSS and wake latency (on a second fresh server);
 //! 5. runner overhead: the real runner in this process runs a trivial agent (this binary);
 //! 6. approval round trip;
-//! 7. SQLite's WAL: its peak size over phases 1–6, what a clean stop leaves, and the restart.
+//! 7. SQLite's WAL: its peak size over phases 1–6, what a clean stop leaves, and the restart;
+//! 8. with `--flood N`: claim and submit latency with N unrelated tasks queued, against the
+//!    empty queue (on a third fresh server).
 //!
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
@@ -16,6 +18,7 @@
 mod approvals;
 mod compat;
 mod db;
+mod flood;
 mod phases;
 mod runner;
 mod server;
@@ -95,6 +98,13 @@ struct Args {
     /// Approval requests asked and answered one by one (0 skips phase 6).
     #[arg(long, default_value_t = 200)]
     approvals: usize,
+    /// Unrelated tasks queued for phase 8 (claim and submit latency under a queue flood; 0
+    /// skips it). The figure: 200000.
+    #[arg(long, default_value_t = 0)]
+    flood: u64,
+    /// Claims and submits timed in phase 8, on the empty queue and again with the flood.
+    #[arg(long, default_value_t = 300)]
+    flood_samples: usize,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -130,6 +140,7 @@ struct Report {
     wal: Option<WalReport>,
     runner: Option<runner::RunnerReport>,
     approvals: Option<approvals::ApprovalReport>,
+    flood: Option<flood::FloodReport>,
     total_s: f64,
     /// /proc/loadavg when the bench started and ended: the machine may be shared.
     load_before: String,
@@ -232,6 +243,7 @@ async fn run(args: Args) -> Result<()> {
         wal: None,
         runner: None,
         approvals: None,
+        flood: None,
         total_s: 0.0,
         load_before: loadavg(),
         load_after: String::new(),
@@ -379,6 +391,20 @@ async fn run(args: Args) -> Result<()> {
         let checked = phases::check_database(&db4b, wakes as u64).await;
         db4b.remove().await?;
         checked?;
+    }
+    // Phase 8 on a fresh server: its flood stays queued, so there is no database check; each
+    // measured task's finish must answer `succeeded`.
+    if args.flood > 0 {
+        let db7 = fresh("flood", "-flood").await?;
+        progress(&format!(
+            "8. claim and submit latency: empty queue, then {} unrelated tasks queued (fresh server)",
+            args.flood
+        ));
+        let server = ServerProcess::start(&tunnel, &db7, durability, TOKEN).await?;
+        let r = flood::flood(&server, TOKEN, args.flood, args.flood_samples).await;
+        server.stop().await?;
+        db7.remove().await?;
+        report.flood = Some(r?);
     }
     report.total_s = started.elapsed().as_secs_f64();
     report.load_after = loadavg();
@@ -657,6 +683,36 @@ fn print_table(r: &Report) {
                 ms(a.ask_to_event.p99_ms + a.answer_to_runner.p99_ms)
             ),
             "<= 50 ms",
+        ));
+    }
+    if let Some(f) = &r.flood {
+        rows.push((
+            format!(
+                "8. claim p50/p90/p99/max, empty queue (n={})",
+                f.empty.claim.n
+            ),
+            f.empty.claim.line(),
+            "",
+        ));
+        rows.push((
+            format!("   claim, {} unrelated tasks queued", f.flood),
+            f.flooded.claim.line(),
+            "<= 2x the empty queue",
+        ));
+        rows.push((
+            "   submit with 8 re-polling runners, empty queue".into(),
+            f.empty.submit.line(),
+            "",
+        ));
+        rows.push((
+            format!("   submit with 8 re-polling runners, {} queued", f.flood),
+            f.flooded.submit.line(),
+            "<= 2x the empty queue",
+        ));
+        rows.push((
+            "   time to queue the flood".into(),
+            format!("{:.1} s", f.seed_s),
+            "",
         ));
     }
 

@@ -44,7 +44,12 @@ fn attempt(offer: &Offer) -> AttemptRef {
 
 /// Acks the offer, posts `events` events in posts of `per_post`, finishes it `succeeded`, and
 /// checks the server says so.
-async fn run_fake_task(client: &Client, offer: &Offer, events: u32, per_post: u32) -> Result<()> {
+pub(crate) async fn run_fake_task(
+    client: &Client,
+    offer: &Offer,
+    events: u32,
+    per_post: u32,
+) -> Result<()> {
     let id = &offer.task.id;
     let at = attempt(offer);
     client.ack(id, &at).await.context("ack")?;

@@ -41,6 +41,8 @@ impl ServerProcess {
             .arg("--database")
             .arg(database.server_arg())
             .args(["--durability", durability])
+            // One token submits every task here (and the flood phase queues 200,000): no cap.
+            .args(["--max-queued-per-token", "0"])
             .env("WORKER_TOKEN", token)
             // The production log level (info: a line per submit, offer and finish), default
             // timeouts, and no config file or environment that could override the flags.
@@ -50,6 +52,7 @@ impl ServerProcess {
             .env_remove("TUNNEL_ACK_TIMEOUT")
             .env_remove("TUNNEL_LEASE")
             .env_remove("TUNNEL_MAX_BODY_BYTES")
+            .env_remove("TUNNEL_MAX_QUEUE_TIME")
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -320,6 +320,9 @@ pub struct Platforms {
     discord: Option<Discord>,
     telegram: Option<Telegram>,
     webhooks: Arc<BTreeMap<String, Webhook>>,
+    /// Every configured secret (bot tokens, webhook keys and URLs), scrubbed from every error
+    /// whichever platform it came from.
+    secrets: Arc<Vec<String>>,
 }
 
 impl fmt::Debug for Platforms {
@@ -378,6 +381,13 @@ impl Platforms {
     pub fn new(config: PlatformsConfig) -> Result<Platforms, ConfigError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = http_client(None)?;
+        let mut secrets: Vec<String> = Vec::new();
+        secrets.extend(config.discord.iter().map(|d| d.token.clone()));
+        secrets.extend(config.telegram.iter().map(|t| t.token.clone()));
+        for w in config.webhooks.values() {
+            secrets.push(w.secret.clone());
+            secrets.push(w.url.clone());
+        }
         let discord = match config.discord {
             Some(d) => {
                 check_token("the Discord bot token", &d.token)?;
@@ -419,10 +429,15 @@ impl Platforms {
                 },
             );
         }
+        secrets.retain(|s| !s.is_empty());
+        // Longest first: a secret that contains another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
         Ok(Platforms {
             discord,
             telegram,
             webhooks: Arc::new(webhooks),
+            secrets: Arc::new(secrets),
         })
     }
 
@@ -477,12 +492,33 @@ impl Platforms {
         self.post_once(to, text, None).await
     }
 
+    /// An error without any configured secret in it.
+    fn scrubbed(&self, e: DeliveryError) -> DeliveryError {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        match e {
+            DeliveryError::Transient(m) => DeliveryError::Transient(scrub(&m, &secrets)),
+            DeliveryError::Permanent(m) => DeliveryError::Permanent(scrub(&m, &secrets)),
+            e @ DeliveryError::RetryAfter { .. } => e,
+        }
+    }
+
     /// [`Platforms::post`] with a key that makes a repeated send of the same message (after a
     /// lost answer, a timeout or a crash before the outcome was recorded) return the first
     /// message instead of creating another: Discord's `nonce` with `enforce_nonce` (checked by
     /// Discord for a few minutes; at most 25 characters). Telegram and webhooks have no such
     /// key; there the send is repeated.
     pub async fn post_once(
+        &self,
+        to: &ReplyTo,
+        text: &str,
+        key: Option<&str>,
+    ) -> Result<MessageId, DeliveryError> {
+        self.post_inner(to, text, key)
+            .await
+            .map_err(|e| self.scrubbed(e))
+    }
+
+    async fn post_inner(
         &self,
         to: &ReplyTo,
         text: &str,
@@ -518,6 +554,17 @@ impl Platforms {
         id: &MessageId,
         text: &str,
     ) -> Result<(), DeliveryError> {
+        self.edit_inner(to, id, text)
+            .await
+            .map_err(|e| self.scrubbed(e))
+    }
+
+    async fn edit_inner(
+        &self,
+        to: &ReplyTo,
+        id: &MessageId,
+        text: &str,
+    ) -> Result<(), DeliveryError> {
         let text = fit(text, self.limit(to.platform))?;
         match to.platform {
             Platform::Discord => self.discord()?.edit(to, id, &text).await,
@@ -538,7 +585,11 @@ impl Platforms {
         name: &str,
         payload: &serde_json::Value,
     ) -> Result<(), DeliveryError> {
-        self.hook(name)?.send(name, payload).await
+        match self.hook(name) {
+            Ok(h) => h.send(name, payload).await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| self.scrubbed(e))
     }
 }
 
@@ -605,6 +656,63 @@ fn webhook_message_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     format!("{ms}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The parts of a URL beyond its host, each of which may be a secret (Slack-style webhook
+/// paths, `?token=` queries): the path with its query, the path, the query, each path segment
+/// and each query pair and value, as written and percent-decoded. Parts under 4 characters
+/// are left (they would mangle ordinary words and hide nothing).
+pub(crate) fn url_secrets(url: &str) -> Vec<String> {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return vec![url.to_owned()];
+    };
+    let mut parts: Vec<String> = vec![url.to_owned()];
+    let path = u.path().to_owned();
+    let query = u.query().unwrap_or_default().to_owned();
+    parts.push(format!("{path}?{query}"));
+    parts.push(path.clone());
+    parts.push(query.clone());
+    parts.extend(path.split('/').map(str::to_owned));
+    for pair in query.split('&') {
+        parts.push(pair.to_owned());
+        if let Some((_, v)) = pair.split_once('=') {
+            parts.push(v.to_owned());
+        }
+    }
+    for (k, v) in u.query_pairs() {
+        parts.push(format!("{k}={v}"));
+        parts.push(v.into_owned());
+    }
+    if let Some(segments) = u.path_segments() {
+        for seg in segments {
+            parts.push(percent_decode(seg));
+        }
+    }
+    parts.retain(|p| p.len() >= 4 && p != "/");
+    parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    parts.dedup();
+    parts
+}
+
+/// `%XX` escapes decoded (invalid ones kept as written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Replaces every non-empty secret in `text` with `<redacted>`.

@@ -68,7 +68,11 @@ impl Webhook {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let signature = signature(&self.config.secret, timestamp, &body);
-        let secrets = [self.config.secret.as_str(), self.config.url.as_str()];
+        // The key, and every part of the URL beyond its host: a receiver may echo its path
+        // or query (where Slack-style URLs keep their secret) in an error.
+        let url_parts = crate::url_secrets(&self.config.url);
+        let mut secrets = vec![self.config.secret.as_str()];
+        secrets.extend(url_parts.iter().map(String::as_str));
         let resp = self
             .http
             .post(&self.config.url)
@@ -95,11 +99,10 @@ impl Webhook {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<f64>().ok());
         let text = resp.text().await.unwrap_or_default();
-        let snippet = crate::split::head(text.trim(), 200);
-        let reason = scrub(
-            &format!("webhook {name}: HTTP {}: {snippet}", status.as_u16()),
-            &secrets,
-        );
+        // Scrubbed whole before it is cut, so a cut cannot leave half a secret.
+        let text = scrub(text.trim(), &secrets);
+        let snippet = crate::split::head(&text, 200);
+        let reason = format!("webhook {name}: HTTP {}: {snippet}", status.as_u16());
         Err(classify_status(status.as_u16(), reason, retry_after))
     }
 }

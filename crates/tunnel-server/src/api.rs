@@ -141,7 +141,8 @@ pub(crate) fn wait_budget(state: &AppState, ms: u64) -> Instant {
     responses((status = 201, body = Task), (status = 200, description = "replayed", body = Task),
         (status = 400, body = tunnel_protocol::ErrorBody),
         (status = 404, description = "resume of a session another client's task made", body = tunnel_protocol::ErrorBody),
-        (status = 409, description = "the conversation belongs to another client token", body = tunnel_protocol::ErrorBody)),
+        (status = 409, description = "the conversation belongs to another client token", body = tunnel_protocol::ErrorBody),
+        (status = 429, description = "the token has as many tasks waiting as it may (max_queued_per_token)", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["client"])))]
 async fn submit_task(
     State(s): State<AppState>,
@@ -556,7 +557,8 @@ fn event_stream(
 /// Long-poll for work. Answers 200 with an offer as soon as a task this runner can take is
 /// ready, or 204 when `wait_ms` runs out. Ack the offer before `ack_by`.
 #[utoipa::path(post, path = "/v1/claim", tag = "runner", request_body = ClaimRequest,
-    responses((status = 200, body = Offer), (status = 204, description = "nothing to do")),
+    responses((status = 200, body = Offer), (status = 204, description = "nothing to do"),
+        (status = 409, description = "the runner name belongs to another runner token", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["runner"])))]
 async fn claim(
     State(s): State<AppState>,
@@ -564,6 +566,12 @@ async fn claim(
     Json(req): Json<ClaimRequest>,
 ) -> Result<Response, ApiError> {
     req.validate()?;
+    // The compat API names each original runner `openclaw.<token id>`: not another's to take.
+    if req.runner.starts_with("openclaw.") {
+        return Err(ApiError::bad_request(
+            "runner: names starting with \"openclaw.\" are the original runners' (compat API)",
+        ));
+    }
     remember_owner(&s, &req.runner, &caller.token_id);
     let deadline = wait_budget(&s, req.wait_ms);
     let mut pending = PendingHint {
@@ -575,7 +583,9 @@ async fn claim(
         let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
         // Boxed: the store's future is large (the PostgreSQL one most), and an unboxed one
         // would be part of every parked poll's future while it waits.
-        let offer = Box::pin(s.store.claim(&req)).await?.map(Box::new);
+        let offer = Box::pin(s.store.claim_as(&req, &caller.token_id))
+            .await?
+            .map(Box::new);
         if let Some(offer) = offer {
             drop(slot);
             s.metrics

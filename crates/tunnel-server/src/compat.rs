@@ -331,6 +331,51 @@ fn seed_session_id(task: &Task, meta: &Map<String, Value>) -> Option<String> {
         .filter(|id| tunnel_protocol::validate_session_id("sessionId", id).is_ok())
 }
 
+/// The `sessionId` handed to an original runner, which resumes the agent session of that name
+/// if it has one on disk and expands a short one (under 32 characters, or without `-`) as a
+/// prefix of the session files it has. So it gets an id only when the task's owner may resume
+/// it (the rule of `session: {resume}` in API v1, [`tunnel_store::Store::may_resume`]) and it
+/// is not expandable. Otherwise the task's own conversation stands behind a name derived from
+/// it ([`derived_session_id`]: the same for every task of the conversation, so the runner's
+/// own map keeps it going, and no session file is named so); else the task id.
+async fn handed_session_id(s: &AppState, task: &Task) -> Result<String, StoreError> {
+    let wanted = seed_session_id(task, &seed_meta(task));
+    if let Some(w) = &wanted
+        && !expandable(w)
+        && s.store.may_resume(&task.id, w).await?
+    {
+        return Ok(w.clone());
+    }
+    Ok(task
+        .conversation
+        .as_deref()
+        .filter(|c| tunnel_protocol::validate_session_id("sessionId", c).is_ok())
+        .map_or_else(|| task.id.clone(), derived_session_id))
+}
+
+/// Whether the original runner would expand this id as a prefix of its session files.
+fn expandable(id: &str) -> bool {
+    id.len() < 32 || !id.contains('-')
+}
+
+/// A UUID-shaped name for a conversation (SHA-256 of it): full length, so never expanded.
+fn derived_session_id(conversation: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::new()
+        .chain_update(b"tunnel openclaw session\x1f")
+        .chain_update(conversation.as_bytes())
+        .finalize();
+    let x = tunnel_protocol::hex(&h[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+}
+
 /// Whether a channel id is safe in the original runner's `POST …/channels/{id}/messages` (it
 /// does not encode it) and acceptable as a Discord `reply_to`.
 fn valid_channel(ch: &str) -> bool {
@@ -347,7 +392,7 @@ fn valid_channel(ch: &str) -> bool {
 /// The task as the original's poll hands it to a runner (§1.3 of the original's spec): its
 /// fields spread, then `id, type, status, createdAt, startedAt, completedAt`. `None` when an
 /// original runner cannot run it.
-fn seed_task(task: &Task) -> Option<Value> {
+fn seed_task(task: &Task, session_id: &str) -> Option<Value> {
     let meta = seed_meta(task);
     let mut o = Map::new();
     let timeout = |default: u64| task.timeout_ms.unwrap_or(default);
@@ -386,8 +431,7 @@ fn seed_task(task: &Task) -> Option<Value> {
             let (ty, _, _) = cli_of(agent)?;
             o.insert("prompt".into(), task.prompt.clone().into());
             o.insert("timeout".into(), timeout(RUNNER_DEFAULT_TIMEOUT_MS).into());
-            let sid = seed_session_id(task, &meta).unwrap_or_else(|| task.id.clone());
-            o.insert("sessionId".into(), sid.into());
+            o.insert("sessionId".into(), session_id.into());
             // The server posts the answer itself when it has `reply_to`; handing the channel
             // on as well would make the runner post it a second time.
             if task.reply_to.is_none()
@@ -787,14 +831,20 @@ async fn task_stats(
 /// the request head in the handler: the head (headers, URI, extensions; a copy, for `Parts`)
 /// is then freed before the poll parks, not kept for its whole wait. Every refusal is a 401:
 /// the original runner reads any JSON body as a task.
-struct PollRunner(String);
+struct PollRunner {
+    runner: String,
+    token_id: String,
+}
 
 impl FromRequestParts<AppState> for PollRunner {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         match authorize(parts, state, &[Role::Runner]) {
-            Ok(caller) => Ok(PollRunner(runner_name(&caller))),
+            Ok(caller) => Ok(PollRunner {
+                runner: runner_name(&caller),
+                token_id: caller.token_id,
+            }),
             Err(e) => {
                 if e.status == StatusCode::FORBIDDEN {
                     tracing::warn!(error = %e.message, "An openclaw-tunnel runner poll was refused.");
@@ -810,7 +860,7 @@ impl FromRequestParts<AppState> for PollRunner {
 /// heartbeats). A poll whose client has gone is dropped before it claims (as API v1's).
 async fn poll(
     State(s): State<AppState>,
-    PollRunner(runner): PollRunner,
+    PollRunner { runner, token_id }: PollRunner,
     RawQuery(query): RawQuery,
 ) -> Response {
     let wait = int_param(&query, "wait", 30_000, 1_000, 60_000) as u64;
@@ -836,7 +886,7 @@ async fn poll(
         // Boxed, as API v1's claim: the store's futures (claim, ack, finish; the PostgreSQL
         // ones most) are large, and unboxed they would be part of every parked poll's future
         // for its whole wait.
-        match Box::pin(claim_and_start(&s, &req)).await {
+        match Box::pin(claim_and_start(&s, &req, &token_id)).await {
             Ok(Some(task)) => {
                 drop(slot);
                 pending.settle(task.get("id").and_then(Value::as_str));
@@ -869,9 +919,13 @@ async fn poll(
 /// Offers the next task to this runner and acks it at once with a lease of its timeout plus
 /// [`LEASE_MARGIN_MS`]; `None` when nothing is ready. A task the original runner cannot run
 /// is finished as failed and the next one is tried.
-async fn claim_and_start(s: &AppState, req: &ClaimRequest) -> Result<Option<Value>, StoreError> {
+async fn claim_and_start(
+    s: &AppState,
+    req: &ClaimRequest,
+    token_id: &str,
+) -> Result<Option<Value>, StoreError> {
     loop {
-        let Some(offer) = s.store.claim(req).await? else {
+        let Some(offer) = s.store.claim_as(req, token_id).await? else {
             return Ok(None);
         };
         s.metrics
@@ -881,7 +935,8 @@ async fn claim_and_start(s: &AppState, req: &ClaimRequest) -> Result<Option<Valu
             attempt: offer.attempt,
             lease_token: offer.lease_token.clone(),
         };
-        let Some(mut shown) = seed_task(&offer.task) else {
+        let session_id = handed_session_id(s, &offer.task).await?;
+        let Some(mut shown) = seed_task(&offer.task, &session_id) else {
             let error = format!(
                 "an openclaw-tunnel runner cannot run this {} task (its prompt is not a file request)",
                 offer.task.agent

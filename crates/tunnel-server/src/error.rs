@@ -81,6 +81,9 @@ impl From<StoreError> for ApiError {
             StoreError::Settled { code, message } => {
                 ApiError::new(StatusCode::CONFLICT, code, message)
             }
+            StoreError::QueueFull(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", m)
+            }
             StoreError::Unavailable(m) => {
                 tracing::error!(error = %m, "Store unavailable.");
                 ApiError::unavailable("the database is unavailable; try again")

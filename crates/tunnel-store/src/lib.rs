@@ -39,6 +39,9 @@ pub enum StoreError {
     /// (`approval_expired`); the message says how and by whom.
     #[error("{message}")]
     Settled { code: &'static str, message: String },
+    /// The submitting token already has as many waiting tasks as it may (the per-token cap).
+    #[error("{0}")]
+    QueueFull(String),
     /// The database cannot be used right now.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -62,7 +65,18 @@ pub struct QueueSettings {
     pub lease_ms: i64,
     /// A runner seen within this window counts as online.
     pub runner_online_ms: i64,
+    /// A task still queued this long after its submission ends `timed_out`, with a reason
+    /// that says so (no runner took it). `None`: no limit.
+    pub max_queue_ms: Option<i64>,
+    /// Most tasks one token may have waiting (queued or parked); a submit beyond it is
+    /// refused. `None`: no cap.
+    pub max_queued_per_token: Option<u32>,
 }
+
+/// The default maximum time in queue: 7 days.
+pub const DEFAULT_MAX_QUEUE_MS: i64 = 7 * 24 * 3600 * 1000;
+/// The default cap on one token's waiting tasks.
+pub const DEFAULT_MAX_QUEUED_PER_TOKEN: u32 = 10_000;
 
 impl Default for QueueSettings {
     fn default() -> Self {
@@ -70,6 +84,8 @@ impl Default for QueueSettings {
             ack_timeout_ms: 15_000,
             lease_ms: 30_000,
             runner_online_ms: 90_000,
+            max_queue_ms: Some(DEFAULT_MAX_QUEUE_MS),
+            max_queued_per_token: Some(DEFAULT_MAX_QUEUED_PER_TOKEN),
         }
     }
 }
@@ -488,8 +504,29 @@ impl Store {
     /// Offers the oldest ready task this runner can take, or `None`. Never waits.
     pub async fn claim(&self, req: &ClaimRequest) -> Result<Option<Offer>> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.claim(req.clone()).await,
-            Backend::Postgres(s) => s.claim(req.clone()).await,
+            Backend::Sqlite(s) => s.claim(req.clone(), None).await,
+            Backend::Postgres(s) => s.claim(req.clone(), None).await,
+        }
+    }
+
+    /// [`Store::claim`] by a runner token: the runner's name belongs to the token that first
+    /// claimed under it, and another token's claim under that name is refused (`Conflict`)
+    /// without changing anything.
+    pub async fn claim_as(&self, req: &ClaimRequest, token_id: &str) -> Result<Option<Offer>> {
+        let token = Some(token_id.to_owned());
+        match &*self.backend {
+            Backend::Sqlite(s) => s.claim(req.clone(), token).await,
+            Backend::Postgres(s) => s.claim(req.clone(), token).await,
+        }
+    }
+
+    /// Whether the owner of task `id` may resume the agent session `session_id` (the rule of
+    /// `session: {resume}`): an admin's task may resume any; a client's only a session its own
+    /// tasks made or a shared one (an admin's, or found on a runner's disk).
+    pub async fn may_resume(&self, id: &str, session_id: &str) -> Result<bool> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.may_resume(id.to_owned(), session_id.to_owned()).await,
+            Backend::Postgres(s) => s.may_resume(id.to_owned(), session_id.to_owned()).await,
         }
     }
 

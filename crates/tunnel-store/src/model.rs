@@ -283,6 +283,55 @@ pub(crate) enum Cancel {
 
 pub(crate) const CANCELLED_BEFORE_RUN: &str = "cancelled before it ran";
 
+/// The reason of a task that waited in the queue longer than the maximum: it ends
+/// `timed_out` (the existing terminal state for "ran out of time"), and this says it never ran.
+pub(crate) fn queue_expired_reason(max_queue_ms: i64) -> String {
+    format!(
+        "no runner took it within the maximum time in queue ({})",
+        human_duration(max_queue_ms)
+    )
+}
+
+fn human_duration(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{} d", s / 86_400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// Whether a task's session mode moves its conversation's binding to another session.
+pub(crate) fn switches_session(mode: &SessionMode) -> bool {
+    !matches!(mode, SessionMode::Continue)
+}
+
+/// A client's task may continue a shared conversation (one an admin's tasks use) but not move
+/// it to another session: the admin's next task would run in a session the client chose.
+pub(crate) fn shared_switch(conv: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "conversation {conv:?} is shared: a client token may continue it, not start or resume \
+         another session in it"
+    ))
+}
+
+/// A claim under a runner name another runner token registered first.
+pub(crate) fn runner_name_taken(name: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "runner name {name:?} belongs to another runner token: pick another name (each runner \
+         token owns the names it registered first)"
+    ))
+}
+
+/// The refusal of a submit beyond the per-token cap on waiting tasks (HTTP 429).
+pub(crate) fn queue_full(cap: u32) -> StoreError {
+    StoreError::QueueFull(format!(
+        "this token already has {cap} tasks waiting in the queue (the per-token cap, \
+         max_queued_per_token); wait for some to start or cancel some, then submit again"
+    ))
+}
+
 pub(crate) fn cancel(t: &OpenTask, scope: &Scope) -> Result<Cancel> {
     check_owner(scope, &t.owner)?;
     match t.state {

@@ -101,6 +101,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0015_runner_acp_agents",
         include_str!("../migrations/postgres/0015_runner_acp_agents.sql"),
     ),
+    (
+        "0012_queue_floods",
+        include_str!("../migrations/postgres/0012_queue_floods.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -117,6 +121,8 @@ const OUTBOX_CLAIM_MS: i64 = 60_000;
 const COMMIT_FAILED: &str = "the commit failed";
 /// Re-runs of a write that hit a deadlock or serialization failure.
 const MAX_TRIES: u32 = 10;
+/// Candidates a claim reads per round (then locks the first it can).
+const CLAIM_BATCH: i64 = 8;
 /// Ready tasks re-woken per poll.
 const POLL_READY: i64 = 32;
 /// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
@@ -547,6 +553,20 @@ impl PgStore {
                 w.lock_key(k).await?;
             }
             w.check_session_owner(&owner, &req).await?;
+            if let Some(cap) = w.settings.max_queued_per_token {
+                // Counted in `tasks_owner_waiting`, and never past the cap. Not serialised per
+                // token: concurrent submits of one token may pass it by the few in flight.
+                let row = w
+                    .one(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                         WHERE owner = $1 AND state IN ('queued', 'parked') LIMIT $2) w",
+                        &[&owner, &i64::from(cap)],
+                    )
+                    .await?;
+                if get::<i64>(&row, 0)? >= i64::from(cap) {
+                    return Err(model::queue_full(cap));
+                }
+            }
             let id = new_id();
             let busy = match &session_key {
                 Some(k) => w
@@ -600,6 +620,9 @@ impl PgStore {
                 w.enqueue(Some(seq), "progress", chat, None, 0).await?;
             }
             w.fx.changed.push(id.clone());
+            if let Some(max) = w.settings.max_queue_ms {
+                w.fx.deadlines.push(w.now + max);
+            }
             if !busy {
                 let hint = w.ready_hint(seq).await?;
                 w.fx.ready.push(hint.into());
@@ -768,61 +791,91 @@ impl PgStore {
         })
     }
 
-    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
+    pub(crate) async fn claim(
+        &self,
+        req: ClaimRequest,
+        token: Option<String>,
+    ) -> Result<Option<Offer>> {
         write!(self, |w| {
-            w.touch_runner(&req).await?;
-            // The oldest ready task this runner may take, locked; tasks other claimers hold
-            // are skipped, not waited for.
+            w.touch_runner(&req, token.as_deref()).await?;
+            // The oldest ready tasks this runner may take: one range of `tasks_ready_claim`
+            // per (agent, project or none) it has, merged by seq, so tasks queued for agents
+            // or projects it lacks cost nothing here. Then the first that can be locked
+            // (others' claims are skipped, not waited for) and still qualifies.
             let sql = format!(
-                "SELECT t.seq FROM tasks t
-                 LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
-                 WHERE t.ready AND (t.not_before IS NULL OR t.not_before <= $1)
-                   AND t.agent = ANY($2) AND (t.project IS NULL OR t.project = ANY($3))
-                   AND COALESCE({HOME_EXPR}, $4) = $4
-                 ORDER BY t.seq LIMIT 1
-                 FOR UPDATE OF t SKIP LOCKED"
+                "SELECT c.seq FROM unnest($2::text[]) AS a(agent)
+                 CROSS JOIN (SELECT '' AS project UNION SELECT unnest($3::text[])) AS p
+                 CROSS JOIN LATERAL (
+                    SELECT t.seq FROM tasks t
+                    LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                    WHERE t.ready AND t.agent = a.agent AND COALESCE(t.project, '') = p.project
+                      AND (t.not_before IS NULL OR t.not_before <= $1)
+                      AND COALESCE({HOME_EXPR}, $4) = $4
+                      AND t.seq <> ALL($5)
+                    ORDER BY t.seq LIMIT {CLAIM_BATCH}
+                 ) c
+                 ORDER BY c.seq LIMIT {CLAIM_BATCH}"
             );
+            let mut agents = req.agents.clone();
+            agents.sort_unstable();
+            agents.dedup();
+            let mut skipped: Vec<i64> = Vec::new();
             let mut chosen = None;
-            for _ in 0..3 {
-                let Some(row) = w
-                    .opt(&sql, &[&w.now, &req.agents, &req.projects, &req.runner])
-                    .await?
-                else {
-                    break;
-                };
-                let seq: i64 = get(&row, 0)?;
-                // Re-check under the lock: the row is what was last committed.
-                let row = w
-                    .one(
-                        "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
-                            s.session_id, s.runner
-                         FROM tasks t
-                         LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
-                         WHERE t.seq = $1",
-                        &[&seq],
+            'rounds: for _ in 0..3 {
+                let rows = w
+                    .all(
+                        &sql,
+                        &[&w.now, &agents, &req.projects, &req.runner, &skipped],
                     )
                     .await?;
-                let ready: bool = get(&row, 0)?;
-                let not_before: Option<i64> = get(&row, 1)?;
-                let agent: String = get(&row, 2)?;
-                let mode: String = get(&row, 3)?;
-                if !ready || not_before.is_some_and(|nb| nb > w.now) {
-                    continue;
+                if rows.is_empty() {
+                    break;
                 }
-                let (resume, home) = resolve_session(
-                    w.tx,
-                    &agent,
-                    &mode,
-                    get(&row, 4)?,
-                    get(&row, 5)?,
-                    get(&row, 6)?,
-                )
-                .await?;
-                if home.as_ref().is_some_and(|h| h != &req.runner) {
-                    continue;
+                for row in &rows {
+                    let seq: i64 = get(row, 0)?;
+                    skipped.push(seq);
+                    if w.opt(
+                        "SELECT 1 FROM tasks WHERE seq = $1 FOR UPDATE SKIP LOCKED",
+                        &[&seq],
+                    )
+                    .await?
+                    .is_none()
+                    {
+                        continue;
+                    }
+                    // Re-check under the lock: the row is what was last committed.
+                    let row = w
+                        .one(
+                            "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
+                                s.session_id, s.runner
+                             FROM tasks t
+                             LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                             WHERE t.seq = $1",
+                            &[&seq],
+                        )
+                        .await?;
+                    let ready: bool = get(&row, 0)?;
+                    let not_before: Option<i64> = get(&row, 1)?;
+                    let agent: String = get(&row, 2)?;
+                    let mode: String = get(&row, 3)?;
+                    if !ready || not_before.is_some_and(|nb| nb > w.now) {
+                        continue;
+                    }
+                    let (resume, home) = resolve_session(
+                        w.tx,
+                        &agent,
+                        &mode,
+                        get(&row, 4)?,
+                        get(&row, 5)?,
+                        get(&row, 6)?,
+                    )
+                    .await?;
+                    if home.as_ref().is_some_and(|h| h != &req.runner) {
+                        continue;
+                    }
+                    chosen = Some((seq, mode, resume));
+                    break 'rounds;
                 }
-                chosen = Some((seq, mode, resume));
-                break;
             }
             let Some((seq, mode, resume)) = chosen else {
                 return Ok(None);
@@ -846,12 +899,17 @@ impl PgStore {
                 } else {
                     None
                 };
+                let owner: String = get(
+                    &w.one("SELECT owner FROM tasks WHERE seq = $1", &[&seq])
+                        .await?,
+                    0,
+                )?;
                 w.set_binding(
                     &task.agent,
                     conv,
                     resume.as_deref(),
                     runner.as_deref(),
-                    None,
+                    Some(&owner),
                 )
                 .await?;
             }
@@ -914,6 +972,34 @@ impl PgStore {
                 lease_ms,
                 cancel: false,
             })
+        })
+    }
+
+    pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
+        let c = self.conn().await?;
+        let row = q_opt(
+            &c,
+            "SELECT t.owner, t.agent, EXISTS (SELECT 1 FROM tokens k
+                WHERE k.id = t.owner AND k.role = 'client')
+             FROM tasks t WHERE t.id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+        let owner: String = get(&row, 0)?;
+        let agent: String = get(&row, 1)?;
+        if !get::<bool>(&row, 2)? {
+            return Ok(true);
+        }
+        let made_by = q_opt(
+            &c,
+            "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
+            &[&agent, &session_id],
+        )
+        .await?;
+        Ok(match made_by {
+            None => false,
+            Some(r) => get::<Option<String>>(&r, 0)?.is_none_or(|o| o == owner),
         })
     }
 
@@ -1112,8 +1198,10 @@ impl PgStore {
                  UNION ALL SELECT seq, 3 FROM tasks WHERE state = 'parked' AND not_before <= $1
                  UNION ALL SELECT task_seq, 4 FROM approvals
                     WHERE state = 'pending' AND expires_at <= $1
+                 UNION ALL (SELECT seq, 5 FROM tasks
+                    WHERE state = 'queued' AND created_at <= $1 - $2 ORDER BY created_at LIMIT 500)
                  ORDER BY 1 LIMIT 1000",
-                &[&now],
+                &[&now, &self.settings.max_queue_ms.unwrap_or(i64::MAX / 2)],
             )
             .await?
         };
@@ -1150,6 +1238,22 @@ impl PgStore {
                         let hint = w.ready_hint(seq).await?;
                         w.fx.ready.push(hint.into());
                     }
+                    5 if t.state == TaskState::Queued => {
+                        let Some(max) = w.settings.max_queue_ms else {
+                            return Ok(());
+                        };
+                        let old = w
+                            .opt(
+                                "SELECT 1 FROM tasks WHERE seq = $1 AND created_at <= $2",
+                                &[&seq, &(w.now - max)],
+                            )
+                            .await?;
+                        if old.is_some() {
+                            let reason = model::queue_expired_reason(max);
+                            w.finish_task(&t, TaskState::TimedOut, Some(&reason), None)
+                                .await?;
+                        }
+                    }
                     4 => {
                         // Under the task's lock: each request still pending and past its time.
                         let rows = w
@@ -1174,7 +1278,7 @@ impl PgStore {
             })?;
         }
         let c = self.conn().await?;
-        next_deadline(&c).await
+        next_deadline(&c, self.settings.max_queue_ms).await
     }
 
     pub(crate) async fn runners(&self) -> Result<Vec<RunnerInfo>> {
@@ -1258,8 +1362,10 @@ impl PgStore {
                         &[&cmd.agent, &cmd.conversation],
                     )
                     .await?;
+                // Another client's, or shared (an admin's tasks use it): not this client's to
+                // rebind, since the next task of its owner would run in the session it names.
                 if let Some(row) = bound
-                    && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
+                    && get::<Option<String>>(&row, 0)?.as_ref() != Some(o)
                 {
                     return Err(StoreError::NotFound("conversation"));
                 }
@@ -1983,7 +2089,7 @@ async fn poll_once<C: GenericClient>(c: &C, signals: &dyn Signals, now: i64) -> 
          ORDER BY t.seq LIMIT $2"
     );
     let hints = q_all(c, &sql, &[&now, &POLL_READY]).await?;
-    if let Some(next) = next_deadline(c).await? {
+    if let Some(next) = next_deadline(c, None).await? {
         signals.deadline(next);
     }
     let row = q_one(
@@ -2007,15 +2113,18 @@ async fn poll_once<C: GenericClient>(c: &C, signals: &dyn Signals, now: i64) -> 
     Ok(())
 }
 
-async fn next_deadline<C: GenericClient>(c: &C) -> Result<Option<i64>> {
+/// The earliest deadline; `max_queue_ms` adds the maximum time in queue of the oldest queued
+/// task (the fallback poll leaves it out: each server's own timer has it).
+async fn next_deadline<C: GenericClient>(c: &C, max_queue_ms: Option<i64>) -> Result<Option<i64>> {
     let row = q_one(
         c,
         "SELECT LEAST(
             (SELECT MIN(ack_by) FROM tasks WHERE state = 'offered'),
             (SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')),
             (SELECT MIN(not_before) FROM tasks WHERE state = 'parked'),
-            (SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'))",
-        &[],
+            (SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'),
+            (SELECT MIN(created_at) + $1 FROM tasks WHERE state = 'queued'))",
+        &[&max_queue_ms],
     )
     .await?;
     get(&row, 0)
@@ -2300,33 +2409,43 @@ impl W<'_> {
         })
     }
 
-    async fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
-        self.exec(
-            "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                first_seen, last_seen, acp_agents)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)
-             ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
-                projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
-                version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
-                last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL,
-                acp_agents = EXCLUDED.acp_agents",
-            &[
-                &req.runner,
-                &to_json(&req.agents),
-                &to_json(&req.projects),
-                &(req.capacity as i64),
-                &req.version,
-                &to_json(&req.agent_versions),
-                &self.now,
-                &to_json(&req.acp_agents),
-            ],
-        )
-        .await?;
+    /// Records the runner's claim; refused when its name belongs to another token.
+    async fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
+        let n = self
+            .exec(
+                "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
+                    first_seen, last_seen, token, acp_agents)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9)
+                 ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
+                    projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
+                    version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
+                    last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL,
+                    acp_agents = EXCLUDED.acp_agents,
+                    token = COALESCE(runners.token, EXCLUDED.token)
+                 WHERE runners.token IS NULL OR EXCLUDED.token IS NULL
+                    OR runners.token = EXCLUDED.token",
+                &[
+                    &req.runner,
+                    &to_json(&req.agents),
+                    &to_json(&req.projects),
+                    &(req.capacity as i64),
+                    &req.version,
+                    &to_json(&req.agent_versions),
+                    &self.now,
+                    &token,
+                    &to_json(&req.acp_agents),
+                ],
+            )
+            .await?;
+        if n == 0 {
+            return Err(model::runner_name_taken(&req.runner));
+        }
         Ok(())
     }
 
-    /// Binds a conversation. `owner`: the token the binding belongs to if it has none yet,
-    /// when that token is a client's (an admin's bindings stay shared).
+    /// Binds a conversation. `owner`: the token a new binding belongs to, when that token is a
+    /// client's (an admin's bindings stay shared). An existing binding keeps its owner, or its
+    /// being shared: whoever rebinds it later never takes it over.
     async fn set_binding(
         &self,
         agent: &str,
@@ -2340,8 +2459,7 @@ impl W<'_> {
              VALUES ($1, $2, $3, $4, $5,
                 (SELECT id FROM tokens WHERE id = $6 AND role = 'client'))
              ON CONFLICT (agent, conversation) DO UPDATE SET session_id = EXCLUDED.session_id,
-                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at,
-                owner = COALESCE(sessions.owner, EXCLUDED.owner)",
+                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at",
             &[
                 &agent,
                 &conversation,
@@ -2387,6 +2505,17 @@ impl W<'_> {
                 return Err(StoreError::Conflict(format!(
                     "conversation {conv:?} belongs to another token"
                 )));
+            }
+            let shared = self
+                .opt(
+                    "SELECT 1 FROM sessions WHERE agent = $1 AND conversation = $2
+                        AND owner IS NULL",
+                    &[&req.agent, conv],
+                )
+                .await?
+                .is_some();
+            if shared && model::switches_session(&req.session) {
+                return Err(model::shared_switch(conv));
             }
         }
         if let tunnel_protocol::SessionMode::Resume(id) = &req.session {

@@ -46,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0017_finished_minutes.sql"),
     include_str!("../migrations/sqlite/0014_runner_left.sql"),
     include_str!("../migrations/sqlite/0015_runner_acp_agents.sql"),
+    include_str!("../migrations/sqlite/0012_queue_floods.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -241,6 +242,19 @@ impl SqliteStore {
                 }
             }
             w.check_session_owner(&owner, &req)?;
+            if let Some(cap) = w.settings.max_queued_per_token {
+                // Counted in `tasks_owner_waiting`, and never past the cap.
+                let waiting: i64 = w
+                    .conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
+                         WHERE owner = ?1 AND state IN ('queued', 'parked') LIMIT ?2)",
+                    )?
+                    .query_row(params![owner, cap], |r| r.get(0))?;
+                if waiting >= i64::from(cap) {
+                    return Err(model::queue_full(cap));
+                }
+            }
             let id = new_id();
             let session_key = req.conversation.as_ref().map(|c| session_key(&req.agent, c));
             let busy = match &session_key {
@@ -291,11 +305,39 @@ impl SqliteStore {
                 w.enqueue(Some(seq), "progress", chat, None, 0)?;
             }
             w.fx.changed.push(id.clone());
+            if let Some(max) = w.settings.max_queue_ms {
+                w.fx.deadlines.push(w.now + max);
+            }
             if !busy {
                 let hint = w.ready_hint(seq)?;
                 w.fx.ready.push(hint);
             }
             Ok((load_task(w.conn, &id, &Scope::All)?, true))
+        })
+        .await
+    }
+
+    pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
+        self.read(move |c, _| {
+            let (owner, agent, client): (String, String, bool) = c
+                .prepare_cached(
+                    "SELECT t.owner, t.agent, EXISTS (SELECT 1 FROM tokens k
+                        WHERE k.id = t.owner AND k.role = 'client')
+                     FROM tasks t WHERE t.id = ?1",
+                )?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            if !client {
+                return Ok(true);
+            }
+            let made_by: Option<Option<String>> = c
+                .prepare_cached(
+                    "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
+                )?
+                .query_row(params![agent, session_id], |r| r.get(0))
+                .optional()?;
+            Ok(made_by.is_some_and(|o| o.is_none_or(|o| o == owner)))
         })
         .await
     }
@@ -468,53 +510,88 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn claim(&self, req: ClaimRequest) -> Result<Option<Offer>> {
+    pub(crate) async fn claim(
+        &self,
+        req: ClaimRequest,
+        token: Option<String>,
+    ) -> Result<Option<Offer>> {
         self.write(move |w| {
-            w.touch_runner(&req)?;
-            // Oldest ready task first; filter on what the runner has. The ready set holds one
-            // task per busy-free session, so this scan is short.
-            let mut stmt = w.conn.prepare_cached(
-                "SELECT t.seq, t.agent, t.project, t.session_mode, t.resume_id, t.not_before,
-                        s.session_id, s.runner
+            w.touch_runner(&req, token.as_deref())?;
+            // Oldest ready task first, among those of the runner's agents and projects only:
+            // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
+            // so tasks queued for agents or projects this runner lacks cost nothing here.
+            let mut streams: Vec<(&str, &str)> = Vec::new();
+            for a in &req.agents {
+                streams.push((a, ""));
+                for p in &req.projects {
+                    streams.push((a, p));
+                }
+            }
+            streams.sort_unstable();
+            streams.dedup();
+            let mut next = w.conn.prepare_cached(
+                "SELECT seq FROM tasks INDEXED BY tasks_ready_claim
+                 WHERE ready = 1 AND agent = ?1 AND coalesce(project, '') = ?2 AND seq > ?3
+                 ORDER BY seq LIMIT 1",
+            )?;
+            let mut heads = std::collections::BinaryHeap::new();
+            for (i, (a, p)) in streams.iter().enumerate() {
+                if let Some(seq) = next
+                    .query_row(params![a, p, 0], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    heads.push(std::cmp::Reverse((seq, i)));
+                }
+            }
+            let mut candidate = w.conn.prepare_cached(
+                "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
                  FROM tasks t
                  LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
-                 WHERE t.ready = 1
-                 ORDER BY t.seq",
+                 WHERE t.seq = ?1",
             )?;
-            let mut rows = stmt.query([])?;
             let mut chosen = None;
-            while let Some(r) = rows.next()? {
-                let seq: i64 = r.get(0)?;
-                let agent: String = r.get(1)?;
-                let project: Option<String> = r.get(2)?;
-                let mode: String = r.get(3)?;
-                let resume_id: Option<String> = r.get(4)?;
-                let not_before: Option<i64> = r.get(5)?;
-                let bound_session: Option<String> = r.get(6)?;
-                let bound_runner: Option<String> = r.get(7)?;
-                if not_before.is_some_and(|nb| nb > w.now)
-                    || !req.agents.contains(&agent)
-                    || project.as_ref().is_some_and(|p| !req.projects.contains(p))
+            while let Some(std::cmp::Reverse((seq, i))) = heads.pop() {
+                let (agent, mode, resume_id, not_before, bound_session, bound_runner) =
+                    candidate.query_row(params![seq], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                            r.get::<_, Option<String>>(5)?,
+                        ))
+                    })?;
+                let takeable = if not_before.is_some_and(|nb| nb > w.now) {
+                    None
+                } else {
+                    let (resume, home) = resolve_session(
+                        w.conn,
+                        &agent,
+                        &mode,
+                        resume_id,
+                        bound_session,
+                        bound_runner,
+                    )?;
+                    // A session lives on the disk of the runner that made it.
+                    home.as_ref()
+                        .is_none_or(|h| h == &req.runner)
+                        .then_some(resume)
+                };
+                if let Some(resume) = takeable {
+                    chosen = Some((seq, mode, resume));
+                    break;
+                }
+                let (a, p) = streams[i];
+                if let Some(seq) = next
+                    .query_row(params![a, p, seq], |r| r.get::<_, i64>(0))
+                    .optional()?
                 {
-                    continue;
+                    heads.push(std::cmp::Reverse((seq, i)));
                 }
-                let (resume, home) = resolve_session(
-                    w.conn,
-                    &agent,
-                    &mode,
-                    resume_id,
-                    bound_session,
-                    bound_runner,
-                )?;
-                // A session lives on the disk of the runner that made it.
-                if home.as_ref().is_some_and(|h| h != &req.runner) {
-                    continue;
-                }
-                chosen = Some((seq, mode, resume));
-                break;
             }
-            drop(rows);
-            drop(stmt);
+            drop(next);
+            drop(candidate);
             let Some((seq, mode, resume)) = chosen else {
                 return Ok(None);
             };
@@ -537,12 +614,16 @@ impl SqliteStore {
                 } else {
                     None
                 };
+                let owner: String = w
+                    .conn
+                    .prepare_cached("SELECT owner FROM tasks WHERE seq = ?1")?
+                    .query_row(params![seq], |r| r.get(0))?;
                 w.set_binding(
                     &task.agent,
                     conv,
                     resume.as_deref(),
                     runner.as_deref(),
-                    None,
+                    Some(&owner),
                 )?;
             }
             w.event(
@@ -813,6 +894,24 @@ impl SqliteStore {
                 let hint = w.ready_hint(seq)?;
                 w.fx.ready.push(hint);
             }
+            if let Some(max) = w.settings.max_queue_ms {
+                // In batches, so a flood of old tasks does not make one huge transaction; the
+                // next deadline below is then already due and the timer comes straight back.
+                let old = {
+                    let mut stmt = w.conn.prepare_cached(
+                        "SELECT seq FROM tasks INDEXED BY tasks_queued_age
+                         WHERE state = 'queued' AND created_at <= ?1
+                         ORDER BY created_at LIMIT 500",
+                    )?;
+                    stmt.query_map(params![now - max], |r| r.get::<_, i64>(0))?
+                        .collect::<rusqlite::Result<Vec<i64>>>()?
+                };
+                let reason = model::queue_expired_reason(max);
+                for seq in old {
+                    let t = w.task_by_seq(seq)?;
+                    w.finish_task(&t, TaskState::TimedOut, Some(&reason), None)?;
+                }
+            }
             let expired = {
                 let mut stmt = w.conn.prepare_cached(
                     "SELECT id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
@@ -830,8 +929,10 @@ impl SqliteStore {
                     SELECT MIN(ack_by) AS d FROM tasks WHERE state = 'offered'
                     UNION ALL SELECT MIN(lease_until) FROM tasks WHERE state IN ('running', 'cancelling')
                     UNION ALL SELECT MIN(not_before) FROM tasks WHERE state = 'parked'
-                    UNION ALL SELECT MIN(expires_at) FROM approvals WHERE state = 'pending')",
-                [],
+                    UNION ALL SELECT MIN(expires_at) FROM approvals WHERE state = 'pending'
+                    UNION ALL SELECT MIN(created_at) + ?1 FROM tasks INDEXED BY tasks_queued_age
+                        WHERE state = 'queued' AND ?1 IS NOT NULL)",
+                params![w.settings.max_queue_ms],
                 |r| r.get(0),
             )?;
             Ok(next)
@@ -904,16 +1005,17 @@ impl SqliteStore {
                 Scope::Owner(o) => Some(o.as_str()),
             };
             if let Some(o) = owner {
-                let bound: Option<String> = w
+                let bound: Option<Option<String>> = w
                     .conn
                     .query_row(
                         "SELECT owner FROM sessions WHERE agent = ?1 AND conversation = ?2",
                         params![cmd.agent, cmd.conversation],
                         |r| r.get(0),
                     )
-                    .optional()?
-                    .flatten();
-                if bound.is_some_and(|b| b != o) {
+                    .optional()?;
+                // Another client's, or shared (an admin's tasks use it): not this client's to
+                // rebind, since the next task of its owner would run in the session it names.
+                if bound.is_some_and(|b| b.as_deref() != Some(o)) {
                     return Err(StoreError::NotFound("conversation"));
                 }
                 if let Some(id) = &cmd.session_id {
@@ -2018,16 +2120,21 @@ impl W<'_> {
         Ok(hint)
     }
 
-    fn touch_runner(&self, req: &ClaimRequest) -> Result<()> {
-        self.conn
+    /// Records the runner's claim; refused when its name belongs to another token.
+    fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
+        let n = self
+            .conn
             .prepare_cached(
                 "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                    first_seen, last_seen, acp_agents)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
+                    first_seen, last_seen, token, acp_agents)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)
                  ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
                     projects = excluded.projects, capacity = excluded.capacity,
                     version = excluded.version, agent_versions = excluded.agent_versions,
-                    last_seen = excluded.last_seen, left_at = NULL, acp_agents = excluded.acp_agents",
+                    last_seen = excluded.last_seen, left_at = NULL, acp_agents = excluded.acp_agents,
+                    token = COALESCE(runners.token, excluded.token)
+                 WHERE runners.token IS NULL OR excluded.token IS NULL
+                    OR runners.token = excluded.token",
             )?
             .execute(params![
                 req.runner,
@@ -2037,13 +2144,18 @@ impl W<'_> {
                 req.version,
                 to_json(&req.agent_versions),
                 self.now,
+                token,
                 to_json(&req.acp_agents)
             ])?;
+        if n == 0 {
+            return Err(model::runner_name_taken(&req.runner));
+        }
         Ok(())
     }
 
-    /// Binds a conversation. `owner`: the token the binding belongs to if it has none yet,
-    /// when that token is a client's (an admin's bindings stay shared).
+    /// Binds a conversation. `owner`: the token a new binding belongs to, when that token is a
+    /// client's (an admin's bindings stay shared). An existing binding keeps its owner, or its
+    /// being shared: whoever rebinds it later never takes it over.
     fn set_binding(
         &self,
         agent: &str,
@@ -2058,8 +2170,7 @@ impl W<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5,
                     (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
                  ON CONFLICT (agent, conversation) DO UPDATE SET session_id = excluded.session_id,
-                    runner = excluded.runner, updated_at = excluded.updated_at,
-                    owner = COALESCE(owner, excluded.owner)",
+                    runner = excluded.runner, updated_at = excluded.updated_at",
             )?
             .execute(params![
                 agent,
@@ -2082,14 +2193,25 @@ impl W<'_> {
         if !client {
             return Ok(());
         }
-        if let Some(conv) = &req.conversation
-            && self
+        if let Some(conv) = &req.conversation {
+            if self
                 .conversation_owner(&req.agent, conv)?
                 .is_some_and(|o| o != owner)
-        {
-            return Err(StoreError::Conflict(format!(
-                "conversation {conv:?} belongs to another token"
-            )));
+            {
+                return Err(StoreError::Conflict(format!(
+                    "conversation {conv:?} belongs to another token"
+                )));
+            }
+            let shared = self
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM sessions WHERE agent = ?1 AND conversation = ?2
+                        AND owner IS NULL",
+                )?
+                .exists(params![req.agent, conv])?;
+            if shared && model::switches_session(&req.session) {
+                return Err(model::shared_switch(conv));
+            }
         }
         if let tunnel_protocol::SessionMode::Resume(id) = &req.session {
             let made_by: Option<String> = self

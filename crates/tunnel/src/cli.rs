@@ -186,6 +186,15 @@ pub(crate) struct ServeArgs {
     /// [default: 7d].
     #[arg(long, env = "TUNNEL_RETENTION", value_name = "DURATION")]
     pub(crate) retention: Option<String>,
+    /// Longest a task may wait in the queue for a runner, as 7d, 12h, 30m or 90s; then it ends
+    /// `timed_out` with a reason that says so (and its chat is told). "off": forever
+    /// [default: 7d].
+    #[arg(long, env = "TUNNEL_MAX_QUEUE_TIME", value_name = "DURATION")]
+    pub(crate) max_queue_time: Option<String>,
+    /// Most tasks one token may have waiting (queued or parked); a submit beyond it is
+    /// refused with 429. 0: no cap [default: 10000].
+    #[arg(long, env = "TUNNEL_MAX_QUEUED_PER_TOKEN", value_name = "N")]
+    pub(crate) max_queued_per_token: Option<u32>,
     /// Longest a long-poll (claim, `?wait=`, heartbeat) is held, in milliseconds [default:
     /// 60000].
     #[arg(long, env = "TUNNEL_MAX_WAIT_MS")]

@@ -9,6 +9,8 @@
 //! ack_timeout_secs = 15
 //! lease_secs = 30
 //! retention = "7d"           # finished tasks kept this long; "off" keeps them forever
+//! max_queue_time = "7d"      # a task no runner took by then ends timed_out; "off": never
+//! max_queued_per_token = 10000  # waiting tasks per token; 0: no cap
 //! log_format = "text"        # or "json"
 //!
 //! [client]
@@ -137,6 +139,8 @@ pub(crate) struct ServerSection {
     pub(crate) ack_timeout_secs: Option<u64>,
     pub(crate) lease_secs: Option<u64>,
     pub(crate) retention: Option<String>,
+    pub(crate) max_queue_time: Option<String>,
+    pub(crate) max_queued_per_token: Option<u32>,
     pub(crate) log_format: Option<String>,
 }
 

@@ -106,6 +106,15 @@ pub(crate) async fn prepare(
             .unwrap_or(defaults.ack_timeout_ms),
         lease_ms: secs_ms("lease", args.lease.or(f.lease_secs))?.unwrap_or(defaults.lease_ms),
         runner_online_ms: defaults.runner_online_ms,
+        max_queue_ms: match args.max_queue_time.or(f.max_queue_time) {
+            Some(d) => parse_duration("max queue time", &d)?,
+            None => defaults.max_queue_ms,
+        },
+        max_queued_per_token: match args.max_queued_per_token.or(f.max_queued_per_token) {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => defaults.max_queued_per_token,
+        },
     };
     if let Some(r) = args.retention.or(f.retention) {
         cfg.retain_finished_ms = parse_retention(&r)?;
@@ -217,13 +226,18 @@ fn lock_database(db: &Path) -> Result<std::fs::File> {
 
 /// `7d`, `12h`, `30m`, `90s` → milliseconds; `off` → keep forever.
 fn parse_retention(s: &str) -> Result<Option<i64>> {
+    parse_duration("retention", s)
+}
+
+/// A duration setting (7d, 12h, 30m, 90s) in milliseconds; "off" or "never": none.
+fn parse_duration(what: &str, s: &str) -> Result<Option<i64>> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("never") {
         return Ok(None);
     }
     let bad = || {
         anyhow::anyhow!(
-            "retention {s:?} is not a duration: use a number with s, m, h or d (e.g. 7d, 12h), or off"
+            "{what} {s:?} is not a duration: use a number with s, m, h or d (e.g. 7d, 12h), or off"
         )
     };
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
@@ -236,7 +250,7 @@ fn parse_retention(s: &str) -> Result<Option<i64>> {
         _ => return Err(bad()),
     };
     if n == 0 {
-        bail!("retention must be more than 0 (use off to keep finished tasks forever)");
+        bail!("{what} must be more than 0 (use off for no limit)");
     }
     n.checked_mul(unit_ms).map(Some).ok_or_else(bad)
 }

@@ -35,6 +35,8 @@ pub struct Options {
     /// Retention of finished tasks (clock ms) and how often to prune; the server's default
     /// (a week) when `None`.
     pub retention: Option<(i64, std::time::Duration)>,
+    /// The queue's settings; the defaults when `None`.
+    pub queue: Option<QueueSettings>,
 }
 
 impl TestServer {
@@ -246,6 +248,9 @@ async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, opts: Options) -> Tes
         config.max_body_bytes = b;
     }
     config.delivery = opts.delivery;
+    if let Some(q) = opts.queue {
+        config.queue = q;
+    }
     if let Some((keep, every)) = opts.retention {
         config.retain_finished_ms = Some(keep);
         config.prune_every = every;

@@ -1057,7 +1057,9 @@ async fn api_v1_tasks_reach_an_original_runner_safely() {
     assert_eq!(task["id"], t["id"]);
     assert!(task.get("callbackChannel").is_none(), "{task}");
     assert_eq!(task["sessionId"], t["id"], "{task}");
-    // A plain v1 task in a conversation: its conversation is the session id.
+    // A plain v1 task in a conversation: the conversation stands behind a full-length name
+    // derived from it (never the short name itself, which the runner would expand as a
+    // prefix), the same for each of its tasks.
     let t = s
         .submit(
             json!({"agent": "codex", "prompt": "p", "conversation": "discord:42", "model": "o3"}),
@@ -1068,16 +1070,20 @@ async fn api_v1_tasks_reach_an_original_runner_safely() {
         (
             task["id"].clone(),
             task["type"].as_str(),
-            task["sessionId"].as_str(),
             task["model"].as_str()
         ),
-        (
-            t["id"].clone(),
-            Some("codex-cli"),
-            Some("discord:42"),
-            Some("o3")
-        )
+        (t["id"].clone(), Some("codex-cli"), Some("o3"))
     );
+    let derived = task["sessionId"].as_str().unwrap().to_owned();
+    assert!(derived.len() == 36 && derived.contains('-'), "{task}");
+    post_result(
+        &s,
+        json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0}),
+    )
+    .await;
+    s.submit(json!({"agent": "codex", "prompt": "again", "conversation": "discord:42"}))
+        .await;
+    assert_eq!(poll(&s, 5_000).await["sessionId"], derived.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1178,4 +1184,62 @@ async fn a_result_wait_answers_when_the_result_arrives() {
         took < Duration::from_secs(30),
         "woken by the result, not the 60 s wait: {took:?}"
     );
+}
+
+/// A client reaches only sessions it may resume: never another client's by naming it in
+/// `meta.openclaw.sessionId`, never by a short prefix the original runner would expand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poll_hands_only_sessions_the_owner_may_resume_and_never_a_prefix() {
+    let s = TestServer::start().await;
+    const A_SESSION: &str = "aaaaaaaa-1111-2222-3333-444444444444";
+    // Client A's task makes a session.
+    let t = s
+        .submit(json!({"agent": "claude", "prompt": "a's secret work", "conversation": "a:1"}))
+        .await;
+    let task = poll(&s, 5_000).await;
+    assert_eq!(task["id"], t["id"]);
+    let (st, v) = post_result(
+        &s,
+        json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0,
+               "metadata": {"sessionId": A_SESSION}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    let b = s.create_token("client").await;
+    for wanted in [A_SESSION, "aaaaaaaa", "aaaa"] {
+        let (st, t) = s
+            .post(
+                "/v1/tasks",
+                &b,
+                json!({"agent": "claude", "prompt": "b", "conversation": format!("b:{wanted}"),
+                       "meta": {"openclaw": {"sessionId": wanted}}}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{t}");
+        let task = poll(&s, 5_000).await;
+        assert_eq!(task["id"], t["id"]);
+        let handed = task["sessionId"].as_str().unwrap();
+        assert!(
+            !handed.starts_with("aaaa") && handed.len() >= 32 && handed.contains('-'),
+            "client B was handed {handed:?} for {wanted:?}"
+        );
+        post_result(
+            &s,
+            json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0}),
+        )
+        .await;
+    }
+    // Its own session, client A may name.
+    let (st, t) = s
+        .post(
+            "/v1/tasks",
+            &s.client,
+            json!({"agent": "claude", "prompt": "a again",
+                   "meta": {"openclaw": {"sessionId": A_SESSION}}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    let task = poll(&s, 5_000).await;
+    assert_eq!(task["sessionId"], A_SESSION);
 }
