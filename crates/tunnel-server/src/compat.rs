@@ -797,6 +797,11 @@ async fn poll(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
             return SeedError::unauthorized().into_response();
         }
     };
+    // Counted like API v1's claim; the original runner sleeps 10 s after a 401.
+    let Some(_counted) = s.poll_slot(&caller.token_id) else {
+        tracing::warn!(token_id = %caller.token_id, max = s.max_polls_per_token, "Too many long-polls parked by one token; refused an openclaw-tunnel poll.");
+        return SeedError::unauthorized().into_response();
+    };
     let wait = int_param(&query, "wait", 30_000, 1_000, 60_000) as u64;
     let deadline = Instant::now() + Duration::from_millis(wait.min(s.max_wait_ms));
     let runner = runner_name(&caller);
