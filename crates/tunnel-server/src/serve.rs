@@ -70,6 +70,7 @@ pub(crate) struct ConnectionStats {
     pub(crate) refused: AtomicU64,
     pub(crate) evicted: AtomicU64,
     pub(crate) timed_out: AtomicU64,
+    pub(crate) write_timed_out: AtomicU64,
 }
 
 impl ConnectionStats {
@@ -96,6 +97,11 @@ impl ConnectionStats {
                 "tunnel_connections_timed_out_total",
                 "Connections closed by the header or idle timeout.",
                 &self.timed_out,
+            ),
+            (
+                "tunnel_connections_write_timeouts_total",
+                "Connections closed because the peer stopped reading.",
+                &self.write_timed_out,
             ),
         ] {
             let v = v.load(Ordering::Relaxed);
@@ -182,6 +188,8 @@ struct Registry {
     epoch: Instant,
     next_id: AtomicU64,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    /// Signalled when a connection closes.
+    freed: Notify,
 }
 
 impl Registry {
@@ -241,6 +249,7 @@ struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.lock().remove(&self.id);
+        self.registry.freed.notify_one();
     }
 }
 
@@ -263,9 +272,18 @@ pub(crate) async fn serve(
         epoch: Instant::now(),
         next_id: AtomicU64::new(0),
         conns: Mutex::new(HashMap::new()),
+        freed: Notify::new(),
     });
     let mut last_warned: Option<Instant> = None;
-    loop {
+    'accept: loop {
+        // Connections asked to close for room still hold their sockets: accepting faster than
+        // they close would run out of file descriptors.
+        while registry.len() > limits.max_connections {
+            tokio::select! {
+                _ = registry.freed.notified() => {}
+                _ = shutdown.cancelled() => break 'accept,
+            }
+        }
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -311,6 +329,7 @@ pub(crate) async fn serve(
             let io = TokioIo::new(Guarded {
                 inner: stream,
                 conn: state.clone(),
+                stats: stats.clone(),
                 write_timeout: limits.write_timeout,
                 stalled: None,
             });
@@ -386,6 +405,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 struct Guarded {
     inner: TcpStream,
     conn: Arc<Conn>,
+    stats: Arc<ConnectionStats>,
     write_timeout: Duration,
     /// Armed while a write waits for the peer to read; reset by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
@@ -408,6 +428,7 @@ impl Guarded {
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 ready!(stall.as_mut().poll(cx));
+                self.stats.write_timed_out.fetch_add(1, Ordering::Relaxed);
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the peer stopped reading",

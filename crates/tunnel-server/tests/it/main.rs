@@ -12,6 +12,7 @@ mod cdp;
 mod compat;
 mod dashboard;
 mod delivery;
+mod hostile;
 mod input;
 mod lifecycle;
 mod longpoll;
