@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 mod approvals;
 mod contain;
+mod hostile;
 mod setup;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
