@@ -330,3 +330,173 @@ async fn idle_and_slowloris_connections_do_not_take_down_a_server_with_1024_file
     assert_eq!(resp.status(), 200);
     assert!(s.alive());
 }
+
+/// The server's RSS, sampled every 20 ms until `stop` is cancelled; the peak, in KiB.
+fn sample_rss(pid: u32, stop: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                && let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = stop.cancelled() => return peak,
+            }
+        }
+    })
+}
+
+/// `TUNNEL_HOSTILE_LOG_MB` attempted (default 40 MB; 2048 gives the figure in
+/// docs/RELIABILITY.md) against a 16 MiB cap, then three full JSON reads at once while three
+/// event streams are never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_event_log_is_capped_and_read_in_bounded_memory() {
+    const CAP: u64 = 16 << 20;
+    let attempt_mb: u64 = std::env::var("TUNNEL_HOSTILE_LOG_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let s = Limited::start(
+        "4096:4096",
+        &format!("write_timeout_secs = 2\nmax_task_event_bytes = {CAP}\n"),
+    );
+    let http = fresh_client();
+    let (st, task) = post(
+        &http,
+        &s.url,
+        "/v1/tasks",
+        json!({"agent": "claude", "prompt": "print everything"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{task}");
+    let (st, offer) = post(
+        &http,
+        &s.url,
+        "/v1/claim",
+        json!({"runner": "r", "agents": ["claude"], "wait_ms": 0}),
+    )
+    .await;
+    assert_eq!(st, 200, "{offer}");
+    let id = offer["task"]["id"].as_str().unwrap().to_owned();
+    let at = json!({"attempt": offer["attempt"], "lease_token": offer["lease_token"]});
+    let (st, b) = post(&http, &s.url, &format!("/v1/tasks/{id}/ack"), at.clone()).await;
+    assert_eq!(st, 200, "{b}");
+
+    // Events of 10 KB, 100 to a request.
+    let line = "x".repeat(10_000);
+    let writing = Instant::now();
+    let mut n = 1u64;
+    let total = attempt_mb * 100;
+    while n <= total {
+        let mut body = at.clone();
+        body["events"] = (n..(n + 100).min(total + 1))
+            .map(|n| json!({"n": n, "kind": "text", "data": {"text": line}}))
+            .collect();
+        n += 100;
+        let (st, b) = post(&http, &s.url, &format!("/v1/tasks/{id}/events"), body).await;
+        assert_eq!(st, 200, "{b}");
+    }
+    let mut fin = at.clone();
+    fin["outcome"] = json!("succeeded");
+    fin["result"] = json!({"text": "the final answer"});
+    let (st, b) = post(&http, &s.url, &format!("/v1/tasks/{id}/finish"), fin).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["result"]["text"], "the final answer");
+    println!(
+        "{attempt_mb} MB of events attempted in {:?}; server RSS {} KiB",
+        writing.elapsed(),
+        s.rss_kib()
+    );
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = sample_rss(s.pid, stop.clone());
+    let reading = Instant::now();
+    // Three streams whose readers never read.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        // A small receive buffer, so what the kernel holds for it is far below the log.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut c = socket.connect(s.addr.parse().unwrap()).await.unwrap();
+        c.write_all(
+            format!(
+                "GET /v1/tasks/{id}/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        stalled.push(c);
+    }
+    // Three full reads at once.
+    let reads: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, url, id) = (http.clone(), s.url.clone(), id.clone());
+            tokio::spawn(async move {
+                let resp = http
+                    .get(format!("{url}/v1/tasks/{id}/events?format=json"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.bytes().await.unwrap()
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for r in reads {
+        bodies.push(r.await.unwrap());
+    }
+    let read_time = reading.elapsed();
+    // The stalled streams are cut off by the write timeout.
+    s.metric_reaches(
+        &http,
+        "tunnel_connections_write_timeouts_total",
+        3.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    stop.cancel();
+    let peak = sampler.await.unwrap();
+    for mut c in stalled {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut got))
+            .await
+            .expect("a stalled stream was closed");
+        assert!(
+            (got.len() as u64) < CAP,
+            "the stream was cut short: {} bytes",
+            got.len()
+        );
+    }
+
+    // What was stored: within the cap, marked truncated, ending with the final state.
+    assert!(bodies.iter().all(|b| b == &bodies[0]));
+    let log: Value = serde_json::from_slice(&bodies[0]).unwrap();
+    let events = log["events"].as_array().unwrap();
+    let stored: u64 = events
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap().len() + e["data"].to_string().len()) as u64)
+        .sum();
+    assert!(stored <= CAP + 1_000, "{stored} bytes stored");
+    assert_eq!(
+        events.iter().filter(|e| e["kind"] == "truncated").count(),
+        1
+    );
+    assert_eq!(events.last().unwrap()["data"]["state"], "succeeded");
+    println!(
+        "stored {} events, {stored} bytes; three {} MB JSON reads took {read_time:?}; \
+         peak server RSS during them and three stalled streams: {peak} KiB",
+        events.len(),
+        bodies[0].len() / 1_000_000
+    );
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
+}
