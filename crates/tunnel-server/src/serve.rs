@@ -220,14 +220,21 @@ impl Registry {
         }
     }
 
-    /// Asks the connection idle the longest (no request in flight) to close; false when every
-    /// open connection is busy.
+    /// Asks a connection with no request in flight to close: one that never finished a
+    /// request (the shape of a flood) before a keep-alive one (whose client may be sending
+    /// its next request right now), the one idle the longest first. False when every open
+    /// connection is busy.
     fn evict_one(&self) -> bool {
         let conns = self.lock();
         let oldest = conns
             .values()
             .filter(|c| c.busy.load(Ordering::SeqCst) == 0 && !c.evicted.load(Ordering::SeqCst))
-            .min_by_key(|c| c.idle_since.load(Ordering::SeqCst));
+            .min_by_key(|c| {
+                (
+                    c.served.load(Ordering::SeqCst),
+                    c.idle_since.load(Ordering::SeqCst),
+                )
+            });
         match oldest {
             Some(c) => {
                 c.evicted.store(true, Ordering::SeqCst);

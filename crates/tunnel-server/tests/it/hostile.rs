@@ -226,3 +226,144 @@ async fn one_token_parks_only_so_many_long_polls() {
     parked(&s, 0).await;
     assert!(s.claim("d", &["claude"], 0).await.is_none());
 }
+
+/// A raw HTTP/1.1 request on `c`; the answer's status line.
+async fn raw_get(c: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    // Enough of the answer for its status line and a short body.
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Reads until the server closes `c`; how long that took.
+async fn until_closed(c: &mut tokio::net::TcpStream) -> std::time::Duration {
+    use tokio::io::AsyncReadExt;
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_are_kept() {
+    let s = TestServer::start_with(Options {
+        connections: Some(tunnel_server::ConnectionLimits {
+            max_connections: 4,
+            header_timeout: std::time::Duration::from_secs(30),
+            idle_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+
+    // A keep-alive connection is closed once idle for the idle timeout.
+    let mut kept = connect().await.unwrap();
+    assert_eq!(raw_get(&mut kept, "/healthz").await, "HTTP/1.1 200 OK");
+    let idle_for = until_closed(&mut kept).await;
+    println!("an idle keep-alive connection was closed after {idle_for:?}");
+
+    // Two parked polls (each on its own connection), the test's own keep-alive connection
+    // (`parked` reads /metrics on it), and one connection that says nothing: the cap.
+    let poll = |runner: &'static str| {
+        let (url, token) = (s.url.clone(), s.runner.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/claim"))
+                .bearer_auth(token)
+                .json(&json!({"runner": runner, "agents": ["claude"], "wait_ms": 30_000}))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    let a = poll("a");
+    let b = poll("b");
+    parked(&s, 2).await;
+    let mut silent = connect().await.unwrap();
+    // A new connection closes the silent one (not the keep-alive one) and is served.
+    let mut fresh = connect().await.unwrap();
+    until_closed(&mut silent).await;
+    assert_eq!(raw_get(&mut fresh, "/healthz").await, "HTTP/1.1 200 OK");
+    drop(fresh);
+    parked(&s, 2).await;
+
+    // Two event streams fill the places left (the second closes the idle keep-alive one):
+    // every open connection has a request in flight, so a new one is answered 503.
+    let t = s.submit(json!({"agent": "codex", "prompt": "p"})).await;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let resp = reqwest::Client::new()
+            .get(format!("{}/v1/tasks/{}/events", s.url, id(&t)))
+            .bearer_auth(&s.client)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        streams.push(resp);
+    }
+    let mut refused = connect().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut refused, &mut answer),
+    )
+    .await
+    .expect("the refused connection was closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too many open connections"), "{answer}");
+
+    // A stream ends and frees a place: the next connection is served (polled: when the
+    // server notices the closed socket is not observable), and the parked polls get work.
+    drop(streams.pop());
+    let mut submitted = 0;
+    for _ in 0..400 {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/tasks", s.url))
+            .bearer_auth(&s.client)
+            .json(&json!({"agent": "claude", "prompt": "q"}))
+            .send()
+            .await;
+        match resp.map(|r| r.status()) {
+            Ok(StatusCode::CREATED) => {
+                submitted += 1;
+                if submitted == 2 {
+                    break;
+                }
+            }
+            Ok(StatusCode::SERVICE_UNAVAILABLE) | Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await
+            }
+            Ok(other) => panic!("submit answered {other}"),
+        }
+    }
+    assert_eq!(submitted, 2);
+    for h in [a, b] {
+        assert_eq!(h.await.unwrap().unwrap(), StatusCode::OK);
+    }
+}
