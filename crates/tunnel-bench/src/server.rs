@@ -41,6 +41,8 @@ impl ServerProcess {
             .arg("--database")
             .arg(database.server_arg())
             .args(["--durability", durability])
+            // The parked phase holds thousands of long-polls with one token.
+            .args(["--max-polls-per-token", "100000"])
             .env("WORKER_TOKEN", token)
             // The production log level (info: a line per submit, offer and finish), default
             // timeouts, and no config file or environment that could override the flags.

@@ -112,7 +112,7 @@ pub(crate) async fn prepare(
         ..defaults
     };
     cfg.connections = connections;
-    if let Some(n) = f.max_polls_per_token {
+    if let Some(n) = args.max_polls_per_token.or(f.max_polls_per_token) {
         if n == 0 {
             bail!("max_polls_per_token must be at least 1");
         }
