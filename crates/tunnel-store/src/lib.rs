@@ -565,7 +565,8 @@ impl Store {
         }
     }
 
-    /// The last `n` events of a task, oldest first (for progress messages).
+    /// The last `n` events of a task, oldest first (for progress messages), and no more than
+    /// about [`EVENT_PAGE_BYTES`] of them (at least one).
     pub async fn last_events(&self, id: &str, n: u32) -> Result<Vec<TaskEvent>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.last_events(id.to_owned(), n).await,

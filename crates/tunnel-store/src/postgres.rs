@@ -1139,12 +1139,20 @@ impl PgStore {
 
     pub(crate) async fn last_events(&self, id: String, n: u32) -> Result<Vec<TaskEvent>> {
         let c = self.conn().await?;
+        // Bounded by EVENT_PAGE_BYTES like `events`, counted from the newest.
         let rows = q_all(
             &c,
-            "SELECT e.seq, e.attempt, e.kind, e.data, e.at FROM task_events e
-             JOIN tasks t ON t.seq = e.task_seq WHERE t.id = $1
-             ORDER BY e.seq DESC LIMIT $2",
-            &[&id, &(n as i64)],
+            "WITH t AS (SELECT seq FROM tasks WHERE id = $1),
+             page AS (
+                SELECT e.seq, sum(octet_length(e.kind) + octet_length(e.data))
+                    OVER (ORDER BY e.seq DESC)
+                    - octet_length(e.kind) - octet_length(e.data) AS before
+                FROM task_events e, t WHERE e.task_seq = t.seq ORDER BY e.seq DESC LIMIT $2)
+             SELECT e.seq, e.attempt, e.kind, e.data, e.at
+             FROM page p, t, task_events e
+             WHERE e.task_seq = t.seq AND e.seq = p.seq AND p.before < $3
+             ORDER BY e.seq DESC",
+            &[&id, &(n as i64), &(crate::EVENT_PAGE_BYTES as i64)],
         )
         .await?;
         let mut events = rows

@@ -798,7 +798,19 @@ impl SqliteStore {
                  JOIN tasks t ON t.seq = e.task_seq WHERE t.id = ?1
                  ORDER BY e.seq DESC LIMIT ?2",
             )?;
-            let mut events = all(stmt.query(params![id, n])?, |r| event_from_row(r))?;
+            // Bounded by EVENT_PAGE_BYTES like `events`, counted from the newest.
+            let mut rows = stmt.query(params![id, n])?;
+            let mut events = Vec::new();
+            let mut bytes = 0;
+            while let Some(r) = rows.next()? {
+                let e = event_from_row(r)?;
+                let data: rusqlite::types::ValueRef<'_> = r.get_ref(3)?;
+                bytes += e.kind.len() + data.as_bytes().map_or(0, <[u8]>::len);
+                events.push(e);
+                if bytes >= crate::EVENT_PAGE_BYTES {
+                    break;
+                }
+            }
             events.reverse();
             Ok(events)
         })

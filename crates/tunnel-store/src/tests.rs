@@ -1318,4 +1318,8 @@ async fn event_log_is_capped_and_read_in_pages(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(rest.len(), 1);
+    // The newest events, bounded the same way.
+    let last = f.store.last_events(&t.id, 100).await.unwrap();
+    assert_eq!(last.len(), 2);
+    assert_eq!(last[1].seq, rest[0].seq);
 }
