@@ -347,9 +347,15 @@ pub(crate) async fn serve(
             let conn = http.serve_connection(io, service);
             tokio::pin!(conn);
             let mut graceful = false;
+            // Boxed and only while idle: a parked long-poll holds no timer.
+            let mut timer: Option<Pin<Box<Sleep>>> = None;
             loop {
                 let woken = state.wake.notified();
-                let deadline = state.deadline(&limits);
+                match (state.deadline(&limits), &mut timer) {
+                    (Some(at), Some(t)) => t.as_mut().reset(at),
+                    (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    (None, _) => timer = None,
+                }
                 tokio::select! {
                     _ = conn.as_mut() => break,
                     _ = shutdown.cancelled() => {
@@ -361,7 +367,7 @@ pub(crate) async fn serve(
                             break;
                         }
                     }
-                    _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    _ = idle_deadline(&mut timer) => {
                         // Still idle past its deadline (a request may have started meanwhile).
                         if state.deadline(&limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
                             stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -384,6 +390,14 @@ pub(crate) async fn serve(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// Resolves when the idle deadline passes; never without one.
+async fn idle_deadline(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A connection over the cap: a 503 if the socket takes it at once, then closed. Never
