@@ -367,3 +367,28 @@ async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_are_kept
         assert_eq!(h.await.unwrap().unwrap(), StatusCode::OK);
     }
 }
+
+#[tokio::test]
+async fn a_request_head_sent_slowly_on_a_kept_alive_connection_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start_with(Options {
+        connections: Some(tunnel_server::ConnectionLimits {
+            header_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(60),
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let mut c = tokio::net::TcpStream::connect(s.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    assert_eq!(raw_get(&mut c, "/healthz").await, "HTTP/1.1 200 OK");
+    // The next request's head starts and never ends: the header timeout applies, not the
+    // (much longer) idle timeout.
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let took = until_closed(&mut c).await;
+    println!("a half-sent head was cut off after {took:?}");
+}
