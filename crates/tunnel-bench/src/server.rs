@@ -43,6 +43,8 @@ impl ServerProcess {
             .args(["--durability", durability])
             // One token submits every task here (and the flood phase queues 200,000): no cap.
             .args(["--max-queued-per-token", "0"])
+            // The parked phase holds thousands of long-polls with one token.
+            .args(["--max-polls-per-token", "100000"])
             .env("WORKER_TOKEN", token)
             // The production log level (info: a line per submit, offer and finish), default
             // timeouts, and no config file or environment that could override the flags.

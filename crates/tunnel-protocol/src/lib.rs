@@ -536,10 +536,10 @@ impl AppendEvents {
                 return Err(Invalid::new("events.n", "must start at 1"));
             }
             validate_kind(&e.kind)?;
-            if e.kind == "state" {
+            if e.kind == "state" || e.kind == "truncated" {
                 return Err(Invalid::new(
                     "events.kind",
-                    "`state` is reserved for the server",
+                    format!("`{}` is reserved for the server", e.kind),
                 ));
             }
         }

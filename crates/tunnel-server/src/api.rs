@@ -451,8 +451,8 @@ async fn task_events(
     let scope = caller.scope();
     match q.format.as_deref() {
         Some("json") => {
-            let (events, state) = s.store.events(&id, &scope, after, 10_000).await?;
-            return Ok(axum::Json(EventList { events, state }).into_response());
+            let (state, last) = s.store.event_log_end(&id, &scope).await?;
+            return Ok(json_event_log(s, id, scope, after, state, last));
         }
         None | Some("sse") => {}
         Some(f) => {
@@ -467,6 +467,75 @@ async fn task_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
+}
+
+/// `?format=json`: an [`EventList`] written a page at a time, so a read of a large log holds
+/// one page in memory. The events are those up to `last`, the last one when `state` was read.
+fn json_event_log(
+    s: AppState,
+    id: String,
+    scope: tunnel_store::Scope,
+    after: u64,
+    state: TaskState,
+    last: u64,
+) -> Response {
+    enum Part {
+        Head,
+        Events { after: u64, first: bool },
+        Done,
+    }
+    let head = format!(
+        "{{\"state\":{},\"events\":[",
+        serde_json::to_string(&state).unwrap_or_else(|_| "null".into())
+    );
+    let body = stream::unfold(Part::Head, move |part| {
+        let (s, id, scope, head) = (s.clone(), id.clone(), scope.clone(), head.clone());
+        async move {
+            match part {
+                Part::Head => Some((
+                    Ok::<_, std::io::Error>(axum::body::Bytes::from(head)),
+                    Part::Events { after, first: true },
+                )),
+                Part::Events { after, mut first } => {
+                    let page = if after >= last {
+                        Vec::new()
+                    } else {
+                        match s.store.events(&id, &scope, after, 500).await {
+                            Ok((events, _)) => events,
+                            Err(e) => {
+                                // The status is sent: all that is left is to cut the answer
+                                // short, which the reader sees as invalid JSON.
+                                tracing::warn!(task_id = %id, error = %e, "Event log read failed mid-answer.");
+                                return Some((
+                                    Err(std::io::Error::other("event log read failed")),
+                                    Part::Done,
+                                ));
+                            }
+                        }
+                    };
+                    let page: Vec<_> = page.into_iter().take_while(|e| e.seq <= last).collect();
+                    let Some(next) = page.last().map(|e| e.seq) else {
+                        return Some((Ok(axum::body::Bytes::from_static(b"]}")), Part::Done));
+                    };
+                    let mut out = Vec::new();
+                    for e in &page {
+                        if !first {
+                            out.push(b',');
+                        }
+                        first = false;
+                        let _ = serde_json::to_writer(&mut out, e);
+                    }
+                    Some((Ok(out.into()), Part::Events { after: next, first }))
+                }
+                Part::Done => None,
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// One Server-Sent Event of `GET /v1/tasks/{id}/events` (for the OpenAPI document).
@@ -558,7 +627,8 @@ fn event_stream(
 /// ready, or 204 when `wait_ms` runs out. Ack the offer before `ack_by`.
 #[utoipa::path(post, path = "/v1/claim", tag = "runner", request_body = ClaimRequest,
     responses((status = 200, body = Offer), (status = 204, description = "nothing to do"),
-        (status = 409, description = "the runner name belongs to another runner token", body = tunnel_protocol::ErrorBody)),
+        (status = 409, description = "the runner name belongs to another runner token", body = tunnel_protocol::ErrorBody),
+        (status = 429, description = "this token already has the most long-polls parked that the server allows", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["runner"])))]
 async fn claim(
     State(s): State<AppState>,
@@ -573,6 +643,21 @@ async fn claim(
         ));
     }
     remember_owner(&s, &req.runner, &caller.token_id);
+    // Parked polls are never closed to make room for new connections, so one token may not
+    // hold many of them.
+    let _counted = s.poll_slot(&caller.token_id).ok_or_else(|| {
+        tracing::warn!(token_id = %caller.token_id, max = s.max_polls_per_token, "Too many long-polls parked by one token; refused one.");
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_polls",
+            format!(
+                "this token already has {} long-polls parked, the most the server allows \
+                 (max_polls_per_token); a runner needs one at a time, so another runner may be \
+                 using the same token",
+                s.max_polls_per_token
+            ),
+        )
+    })?;
     let deadline = wait_budget(&s, req.wait_ms);
     let mut pending = PendingHint {
         hub: s.hub.clone(),
@@ -912,9 +997,10 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let counts = s.store.counts().await?;
     let db_ms = started.elapsed().as_secs_f64() * 1000.0;
     let online = s.store.runners().await?.iter().filter(|r| r.online).count();
-    let text = s
+    let mut text = s
         .metrics
         .render(&counts.by_state, s.hub.parked(), online, db_ms);
+    s.connections.render(&mut text);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

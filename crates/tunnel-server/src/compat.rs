@@ -863,6 +863,11 @@ async fn poll(
     PollRunner { runner, token_id }: PollRunner,
     RawQuery(query): RawQuery,
 ) -> Response {
+    // Counted like API v1's claim; the original runner sleeps 10 s after a 401.
+    let Some(_counted) = s.poll_slot(&token_id) else {
+        tracing::warn!(token_id = %token_id, max = s.max_polls_per_token, "Too many long-polls parked by one token; refused an openclaw-tunnel poll.");
+        return SeedError::unauthorized().into_response();
+    };
     let wait = int_param(&query, "wait", 30_000, 1_000, 60_000) as u64;
     drop(query);
     let deadline = Instant::now() + Duration::from_millis(wait.min(s.max_wait_ms));

@@ -27,6 +27,7 @@ use tunnel_store::{Clock, Database, QueueSettings, Store};
 
 pub use auth::{WORKER_TOKEN_MIN_LEN, check_worker_token, mint_token};
 pub use openapi::openapi_json;
+pub use serve::ConnectionLimits;
 
 /// Everything the server needs to start.
 #[derive(Clone)]
@@ -48,6 +49,10 @@ pub struct ServerConfig {
     pub retain_finished_ms: Option<i64>,
     /// How often old finished tasks are looked for.
     pub prune_every: std::time::Duration,
+    /// Open connections and how long an idle or stalled one may stay.
+    pub connections: ConnectionLimits,
+    /// Long-polls (claims) one token may have parked at once.
+    pub max_polls_per_token: usize,
 }
 
 impl ServerConfig {
@@ -63,6 +68,8 @@ impl ServerConfig {
             delivery: tunnel_delivery::PlatformsConfig::default(),
             retain_finished_ms: Some(DEFAULT_RETAIN_FINISHED_MS),
             prune_every: std::time::Duration::from_secs(600),
+            connections: ConnectionLimits::default(),
+            max_polls_per_token: DEFAULT_MAX_POLLS_PER_TOKEN,
         }
     }
 }
@@ -70,6 +77,10 @@ impl ServerConfig {
 /// Finished tasks are kept a week by default: long enough to look back, short enough that
 /// the database does not grow without bound.
 pub const DEFAULT_RETAIN_FINISHED_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// A runner holds one long-poll at a time; 64 leaves room for many runners sharing a token
+/// while one token cannot hold a large share of the connection cap.
+pub const DEFAULT_MAX_POLLS_PER_TOKEN: usize = 64;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +111,45 @@ pub(crate) struct Inner {
     /// Which token last claimed as each runner name on this server process: only that token
     /// may say goodbye for the name. At most [`api::RUNNER_OWNERS_MAX`] names.
     pub(crate) runner_owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    pub(crate) connections: Arc<serve::ConnectionStats>,
+    /// Long-polls parked per token id, bounded by `max_polls_per_token`.
+    pub(crate) polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    pub(crate) max_polls_per_token: usize,
+}
+
+impl Inner {
+    /// Counts a long-poll of `token_id` until the guard is dropped; `None` when the token
+    /// already has the most allowed.
+    pub(crate) fn poll_slot(self: &Arc<Self>, token_id: &str) -> Option<PollSlot> {
+        let mut polls = self.polls.lock().unwrap_or_else(|p| p.into_inner());
+        let n = polls.entry(token_id.to_owned()).or_default();
+        if *n >= self.max_polls_per_token {
+            return None;
+        }
+        *n += 1;
+        Some(PollSlot {
+            state: self.clone(),
+            token_id: token_id.to_owned(),
+        })
+    }
+}
+
+/// One long-poll counted against its token.
+pub(crate) struct PollSlot {
+    state: AppState,
+    token_id: String,
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        let mut polls = self.state.polls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = polls.get_mut(&self.token_id) {
+            *n -= 1;
+            if *n == 0 {
+                polls.remove(&self.token_id);
+            }
+        }
+    }
 }
 
 /// Shared by every handler.
@@ -112,6 +162,7 @@ pub struct Server {
     router: axum::Router,
     shutdown: CancellationToken,
     retention: Option<(i64, std::time::Duration)>,
+    limits: ConnectionLimits,
 }
 
 impl Server {
@@ -146,6 +197,9 @@ impl Server {
             metrics: metrics::Metrics::default(),
             web: web::WebState::default(),
             runner_owners: Default::default(),
+            connections: Arc::default(),
+            polls: Default::default(),
+            max_polls_per_token: config.max_polls_per_token,
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =
@@ -155,6 +209,11 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        if config.connections.max_connections == 0 || config.max_polls_per_token == 0 {
+            return Err(StartError::Config(
+                "max_connections and max_polls_per_token must be at least 1".into(),
+            ));
+        }
         let retention = match config.retain_finished_ms {
             Some(ms) if ms <= 0 => {
                 return Err(StartError::Config(
@@ -173,6 +232,7 @@ impl Server {
             router,
             shutdown,
             retention,
+            limits: config.connections,
         })
     }
 
@@ -226,7 +286,14 @@ impl Server {
         let pruner = self
             .retention
             .map(|(keep, every)| tokio::spawn(pruner(self.state.clone(), keep, every)));
-        let result = serve::serve(self.listener, self.router, self.shutdown.clone()).await;
+        let result = serve::serve(
+            self.listener,
+            self.router,
+            self.shutdown.clone(),
+            self.limits,
+            self.state.connections.clone(),
+        )
+        .await;
         self.shutdown.cancel();
         let _ = timer.await;
         let _ = sender.await;

@@ -56,6 +56,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// About how many bytes of events one [`Store::events`] page holds.
+pub const EVENT_PAGE_BYTES: usize = 256 << 10;
+
 /// Timing of the task model.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -71,6 +74,12 @@ pub struct QueueSettings {
     /// Most tasks one token may have waiting (queued or parked); a submit beyond it is
     /// refused. `None`: no cap.
     pub max_queued_per_token: Option<u32>,
+    /// Events a runner may store per task; past it (or `max_task_event_bytes`) one
+    /// `truncated` event is written and later ones are dropped. The server's own events
+    /// (state changes, approvals) and the task's result are always kept.
+    pub max_task_events: u64,
+    /// Bytes (kind plus JSON data) of events stored per task.
+    pub max_task_event_bytes: u64,
 }
 
 /// The default maximum time in queue: 7 days.
@@ -86,6 +95,10 @@ impl Default for QueueSettings {
             runner_online_ms: 90_000,
             max_queue_ms: Some(DEFAULT_MAX_QUEUE_MS),
             max_queued_per_token: Some(DEFAULT_MAX_QUEUED_PER_TOKEN),
+            // A long Claude Code session is a few thousand events of at most a few KB (tool
+            // output is cut to 2,000 characters): both limits leave ten times that.
+            max_task_events: 100_000,
+            max_task_event_bytes: 64 << 20,
         }
     }
 }
@@ -584,7 +597,18 @@ impl Store {
         }
     }
 
-    /// Events with `seq > after`, oldest first, and the task's state when read.
+    /// The task's state and the seq of its last event, read together: a log read up to that
+    /// seq is consistent with the state.
+    pub async fn event_log_end(&self, id: &str, scope: &Scope) -> Result<(TaskState, u64)> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.event_log_end(id.to_owned(), scope.clone()).await,
+            Backend::Postgres(s) => s.event_log_end(id.to_owned(), scope.clone()).await,
+        }
+    }
+
+    /// Events with `seq > after`, oldest first, and the task's state when read: at most
+    /// `limit` of them, and no more than about [`EVENT_PAGE_BYTES`] (at least one event), so a
+    /// read of a large log holds one page at a time.
     pub async fn events(
         &self,
         id: &str,
@@ -598,7 +622,8 @@ impl Store {
         }
     }
 
-    /// The last `n` events of a task, oldest first (for progress messages).
+    /// The last `n` events of a task, oldest first (for progress messages), and no more than
+    /// about [`EVENT_PAGE_BYTES`] of them (at least one).
     pub async fn last_events(&self, id: &str, n: u32) -> Result<Vec<TaskEvent>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.last_events(id.to_owned(), n).await,

@@ -442,6 +442,57 @@ pub(crate) fn reported_session(e: &NewEvent) -> Option<&str> {
         .filter(|sid| tunnel_protocol::validate_session_id("session_id", sid).is_ok())
 }
 
+/// Kind of the one event written when a task's log reaches its cap. Runners may not send it.
+pub(crate) const TRUNCATED_KIND: &str = "truncated";
+
+/// What a task's event log holds, for its cap.
+pub(crate) struct EventLog {
+    pub(crate) count: u64,
+    pub(crate) bytes: u64,
+    pub(crate) truncated: bool,
+}
+
+/// What happens to one more event from the runner.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admit {
+    Store,
+    /// The cap is reached: write the `truncated` event instead, and drop this one.
+    Truncate,
+    Drop,
+}
+
+/// Stores an event of `size` bytes if the log stays within both caps; the first one that does
+/// not fit truncates the log, and everything after it is dropped.
+pub(crate) fn admit_event(log: &mut EventLog, size: u64, max_events: u64, max_bytes: u64) -> Admit {
+    if log.truncated {
+        return Admit::Drop;
+    }
+    if log.count + 1 > max_events || log.bytes + size > max_bytes {
+        log.truncated = true;
+        return Admit::Truncate;
+    }
+    log.count += 1;
+    log.bytes += size;
+    Admit::Store
+}
+
+/// The data of the `truncated` event.
+pub(crate) fn truncated_data(max_events: u64, max_bytes: u64) -> serde_json::Value {
+    serde_json::json!({
+        "message": format!(
+            "log truncated: the task's event log reached its limit ({max_events} events or \
+             {max_bytes} bytes); later output of the agent is not stored, its final answer is"
+        ),
+        "max_events": max_events,
+        "max_bytes": max_bytes,
+    })
+}
+
+/// The bytes an event counts against its task's cap.
+pub(crate) fn event_size(kind: &str, data: &str) -> u64 {
+    (kind.len() + data.len()) as u64
+}
+
 /// Whether accepted events should edit the "working…" message.
 pub(crate) fn shows_progress(t: &OpenTask, events: &[NewEvent]) -> bool {
     events_renew_lease(t)

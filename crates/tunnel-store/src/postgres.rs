@@ -105,6 +105,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0012_queue_floods",
         include_str!("../migrations/postgres/0012_queue_floods.sql"),
     ),
+    (
+        "0011_event_caps",
+        include_str!("../migrations/postgres/0011_event_caps.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -1045,7 +1049,23 @@ impl PgStore {
             if model::events_renew_lease(&t) {
                 w.renew_lease(&t).await?;
             }
+            let row = w
+                .one(
+                    "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = $1",
+                    &[&t.seq],
+                )
+                .await?;
+            let (count, bytes, dropped): (i64, i64, i64) =
+                (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
+            let mut log = model::EventLog {
+                count: count as u64,
+                bytes: bytes as u64,
+                truncated: dropped > 0,
+            };
+            let (max_events, max_bytes) =
+                (w.settings.max_task_events, w.settings.max_task_event_bytes);
             let mut accepted = 0;
+            let mut newly_dropped = 0i64;
             for e in &req.events {
                 let dup = w
                     .opt(
@@ -1057,12 +1077,37 @@ impl PgStore {
                 if dup {
                     continue;
                 }
-                w.insert_event(t.seq, t.attempt, Some(e.n), &e.kind, &e.data)
-                    .await?;
+                let data = e.data.to_string();
+                let size = model::event_size(&e.kind, &data);
+                match model::admit_event(&mut log, size, max_events, max_bytes) {
+                    model::Admit::Store => {
+                        w.insert_event_text(t.seq, t.attempt, Some(e.n), &e.kind, &data)
+                            .await?
+                    }
+                    model::Admit::Truncate => {
+                        w.event(
+                            t.seq,
+                            t.attempt,
+                            model::TRUNCATED_KIND,
+                            &model::truncated_data(max_events, max_bytes),
+                        )
+                        .await?;
+                        newly_dropped += 1;
+                    }
+                    model::Admit::Drop => newly_dropped += 1,
+                }
                 accepted += 1;
+                // The session is recorded even when its event is not stored: affinity needs it.
                 if let Some(sid) = model::reported_session(e) {
                     w.record_session(&t, sid).await?;
                 }
+            }
+            if newly_dropped > 0 {
+                w.exec(
+                    "UPDATE tasks SET events_dropped = events_dropped + $2 WHERE seq = $1",
+                    &[&t.seq, &newly_dropped],
+                )
+                .await?;
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
@@ -1154,11 +1199,23 @@ impl PgStore {
         let owner: String = get(&row, 1)?;
         let state: String = get(&row, 2)?;
         model::check_owner(&scope, &owner)?;
+        // A page ends at the event that fills EVENT_PAGE_BYTES (sizes summed in the database,
+        // so the data of events past it is never sent here).
         let rows = q_all(
             &c,
-            "SELECT seq, attempt, kind, data, at FROM task_events
-             WHERE task_seq = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            &[&seq, &(after as i64), &(limit.clamp(1, 10_000) as i64)],
+            "WITH page AS (
+                SELECT seq, sum(octet_length(kind) + octet_length(data)) OVER (ORDER BY seq)
+                    - octet_length(kind) - octet_length(data) AS before
+                FROM task_events WHERE task_seq = $1 AND seq > $2 ORDER BY seq LIMIT $3)
+             SELECT e.seq, e.attempt, e.kind, e.data, e.at
+             FROM page p JOIN task_events e ON e.task_seq = $1 AND e.seq = p.seq
+             WHERE p.before < $4 ORDER BY e.seq",
+            &[
+                &seq,
+                &(after as i64),
+                &(limit.clamp(1, 10_000) as i64),
+                &(crate::EVENT_PAGE_BYTES as i64),
+            ],
         )
         .await?;
         let events = rows
@@ -1168,14 +1225,38 @@ impl PgStore {
         Ok((events, parse_state(&state)?))
     }
 
+    pub(crate) async fn event_log_end(&self, id: String, scope: Scope) -> Result<(TaskState, u64)> {
+        let c = self.conn().await?;
+        let row = q_opt(
+            &c,
+            "SELECT owner, state, next_event_seq - 1 FROM tasks WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound("task"))?;
+        let owner: String = get(&row, 0)?;
+        let state: String = get(&row, 1)?;
+        let last: i64 = get(&row, 2)?;
+        model::check_owner(&scope, &owner)?;
+        Ok((parse_state(&state)?, last.max(0) as u64))
+    }
+
     pub(crate) async fn last_events(&self, id: String, n: u32) -> Result<Vec<TaskEvent>> {
         let c = self.conn().await?;
+        // Bounded by EVENT_PAGE_BYTES like `events`, counted from the newest.
         let rows = q_all(
             &c,
-            "SELECT e.seq, e.attempt, e.kind, e.data, e.at FROM task_events e
-             JOIN tasks t ON t.seq = e.task_seq WHERE t.id = $1
-             ORDER BY e.seq DESC LIMIT $2",
-            &[&id, &(n as i64)],
+            "WITH t AS (SELECT seq FROM tasks WHERE id = $1),
+             page AS (
+                SELECT e.seq, sum(octet_length(e.kind) + octet_length(e.data))
+                    OVER (ORDER BY e.seq DESC)
+                    - octet_length(e.kind) - octet_length(e.data) AS before
+                FROM task_events e, t WHERE e.task_seq = t.seq ORDER BY e.seq DESC LIMIT $2)
+             SELECT e.seq, e.attempt, e.kind, e.data, e.at
+             FROM page p, t, task_events e
+             WHERE e.task_seq = t.seq AND e.seq = p.seq AND p.before < $3
+             ORDER BY e.seq DESC",
+            &[&id, &(n as i64), &(crate::EVENT_PAGE_BYTES as i64)],
         )
         .await?;
         let mut events = rows
@@ -2369,11 +2450,24 @@ impl W<'_> {
         kind: &str,
         data: &serde_json::Value,
     ) -> Result<()> {
+        self.insert_event_text(task_seq, attempt, n, kind, &data.to_string())
+            .await
+    }
+
+    async fn insert_event_text(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        n: Option<u64>,
+        kind: &str,
+        data: &str,
+    ) -> Result<()> {
+        let size = model::event_size(kind, data) as i64;
         let row = self
             .one(
-                "UPDATE tasks SET next_event_seq = next_event_seq + 1 WHERE seq = $1
-                 RETURNING next_event_seq - 1",
-                &[&task_seq],
+                "UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + $2
+                 WHERE seq = $1 RETURNING next_event_seq - 1",
+                &[&task_seq, &size],
             )
             .await?;
         let seq: i64 = get(&row, 0)?;
@@ -2386,7 +2480,7 @@ impl W<'_> {
                 &(attempt as i64),
                 &n.map(|n| n as i64),
                 &kind,
-                &data.to_string(),
+                &data,
                 &self.now,
             ],
         )

@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0014_runner_left.sql"),
     include_str!("../migrations/sqlite/0015_runner_acp_agents.sql"),
     include_str!("../migrations/sqlite/0012_queue_floods.sql"),
+    include_str!("../migrations/sqlite/0011_event_caps.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -735,7 +736,21 @@ impl SqliteStore {
             if model::events_renew_lease(&t) {
                 w.renew_lease(&t)?;
             }
+            let (count, bytes, dropped): (i64, i64, i64) = w
+                .conn
+                .prepare_cached(
+                    "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = ?1",
+                )?
+                .query_row(params![t.seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let mut log = model::EventLog {
+                count: count as u64,
+                bytes: bytes as u64,
+                truncated: dropped > 0,
+            };
+            let (max_events, max_bytes) =
+                (w.settings.max_task_events, w.settings.max_task_event_bytes);
             let mut accepted = 0;
+            let mut newly_dropped = 0i64;
             for e in &req.events {
                 let dup = w
                     .conn
@@ -746,11 +761,35 @@ impl SqliteStore {
                 if dup {
                     continue;
                 }
-                w.insert_event(t.seq, t.attempt, Some(e.n), &e.kind, &e.data)?;
+                let data = e.data.to_string();
+                let size = model::event_size(&e.kind, &data);
+                match model::admit_event(&mut log, size, max_events, max_bytes) {
+                    model::Admit::Store => {
+                        w.insert_event_text(t.seq, t.attempt, Some(e.n), &e.kind, &data)?
+                    }
+                    model::Admit::Truncate => {
+                        w.event(
+                            t.seq,
+                            t.attempt,
+                            model::TRUNCATED_KIND,
+                            &model::truncated_data(max_events, max_bytes),
+                        )?;
+                        newly_dropped += 1;
+                    }
+                    model::Admit::Drop => newly_dropped += 1,
+                }
                 accepted += 1;
+                // The session is recorded even when its event is not stored: affinity needs it.
                 if let Some(sid) = model::reported_session(e) {
                     w.record_session(&t, sid)?;
                 }
+            }
+            if newly_dropped > 0 {
+                w.conn
+                    .prepare_cached(
+                        "UPDATE tasks SET events_dropped = events_dropped + ?2 WHERE seq = ?1",
+                    )?
+                    .execute(params![t.seq, newly_dropped])?;
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
@@ -843,11 +882,33 @@ impl SqliteStore {
                 "SELECT seq, attempt, kind, data, at FROM task_events
                  WHERE task_seq = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let events = all(
-                stmt.query(params![seq, after as i64, limit.clamp(1, 10_000)])?,
-                |r| event_from_row(r),
-            )?;
+            let mut rows = stmt.query(params![seq, after as i64, limit.clamp(1, 10_000)])?;
+            let mut events = Vec::new();
+            let mut bytes = 0;
+            while let Some(r) = rows.next()? {
+                let e = event_from_row(r)?;
+                // The stored text's length, as counted against the task's cap.
+                let data: rusqlite::types::ValueRef<'_> = r.get_ref(3)?;
+                bytes += e.kind.len() + data.as_bytes().map_or(0, <[u8]>::len);
+                events.push(e);
+                if bytes >= crate::EVENT_PAGE_BYTES {
+                    break;
+                }
+            }
             Ok((events, parse_state(&state)?))
+        })
+        .await
+    }
+
+    pub(crate) async fn event_log_end(&self, id: String, scope: Scope) -> Result<(TaskState, u64)> {
+        self.read(move |c, _| {
+            let (owner, state, last): (String, String, i64) = c
+                .prepare_cached("SELECT owner, state, next_event_seq - 1 FROM tasks WHERE id = ?1")?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            model::check_owner(&scope, &owner)?;
+            Ok((parse_state(&state)?, last.max(0) as u64))
         })
         .await
     }
@@ -859,7 +920,19 @@ impl SqliteStore {
                  JOIN tasks t ON t.seq = e.task_seq WHERE t.id = ?1
                  ORDER BY e.seq DESC LIMIT ?2",
             )?;
-            let mut events = all(stmt.query(params![id, n])?, |r| event_from_row(r))?;
+            // Bounded by EVENT_PAGE_BYTES like `events`, counted from the newest.
+            let mut rows = stmt.query(params![id, n])?;
+            let mut events = Vec::new();
+            let mut bytes = 0;
+            while let Some(r) = rows.next()? {
+                let e = event_from_row(r)?;
+                let data: rusqlite::types::ValueRef<'_> = r.get_ref(3)?;
+                bytes += e.kind.len() + data.as_bytes().map_or(0, <[u8]>::len);
+                events.push(e);
+                if bytes >= crate::EVENT_PAGE_BYTES {
+                    break;
+                }
+            }
             events.reverse();
             Ok(events)
         })
@@ -2063,13 +2136,27 @@ impl W<'_> {
         kind: &str,
         data: &serde_json::Value,
     ) -> Result<()> {
+        self.insert_event_text(task_seq, attempt, n, kind, &data.to_string())
+    }
+
+    fn insert_event_text(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        n: Option<u64>,
+        kind: &str,
+        data: &str,
+    ) -> Result<()> {
         let seq: i64 = self
             .conn
             .prepare_cached(
-                "UPDATE tasks SET next_event_seq = next_event_seq + 1 WHERE seq = ?1
-                 RETURNING next_event_seq - 1",
+                "UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?2
+                 WHERE seq = ?1 RETURNING next_event_seq - 1",
             )?
-            .query_row(params![task_seq], |r| r.get(0))?;
+            .query_row(
+                params![task_seq, model::event_size(kind, data) as i64],
+                |r| r.get(0),
+            )?;
         self.conn
             .prepare_cached(
                 "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
@@ -2081,7 +2168,7 @@ impl W<'_> {
                 attempt,
                 n.map(|n| n as i64),
                 kind,
-                data.to_string(),
+                data,
                 self.now
             ])?;
         Ok(())

@@ -72,6 +72,13 @@ impl Fixture {
             .unwrap();
         (store, signals)
     }
+
+    /// Another store on the same database with other settings.
+    async fn with_settings(&self, settings: QueueSettings) -> Store {
+        Store::open(&self.db, settings, self.clock.clone(), self.signals.clone())
+            .await
+            .unwrap()
+    }
 }
 
 async fn sqlite_fixture() -> Fixture {
@@ -248,6 +255,7 @@ conformance!(
     meta_is_kept_as_submitted,
     sessions_belong_to_their_client,
     a_runner_that_left_is_offline_until_it_claims,
+    event_log_is_capped_and_read_in_pages,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1250,4 +1258,123 @@ async fn sessions_belong_to_their_client(f: Fixture) {
         1,
         "admin's rebind keeps the owner: {mine:?}"
     );
+}
+
+async fn event_log_is_capped_and_read_in_pages(f: Fixture) {
+    let store = f
+        .with_settings(QueueSettings {
+            max_task_events: 10,
+            max_task_event_bytes: 2_000,
+            ..QueueSettings::default()
+        })
+        .await;
+    let (t, _) = store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let o = store.claim(&claim_req("r")).await.unwrap().unwrap();
+    store.ack(&t.id, &attempt_of(&o)).await.unwrap();
+    let append = |from: u64, to: u64, size: usize| AppendEvents {
+        attempt: o.attempt,
+        lease_token: o.lease_token.clone(),
+        events: (from..=to)
+            .map(|n| NewEvent {
+                n,
+                kind: "text".into(),
+                data: serde_json::json!({ "text": "x".repeat(size) }),
+            })
+            .collect(),
+    };
+    // ~300 bytes each against 2,000: six fit (with the state events before them).
+    let ack = store
+        .append_events(&t.id, append(1, 20, 290))
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 20, "dropped events are acknowledged");
+    let ack = store
+        .append_events(&t.id, append(21, 25, 10))
+        .await
+        .unwrap();
+    assert_eq!(ack.accepted, 5);
+    // A resent event is still a duplicate, stored or not.
+    let ack = store.append_events(&t.id, append(1, 1, 290)).await.unwrap();
+    assert_eq!(ack.accepted, 0);
+    let done = FinishRequest {
+        attempt: o.attempt,
+        lease_token: o.lease_token.clone(),
+        outcome: Outcome::Succeeded,
+        result: TaskResult {
+            text: Some("the answer".into()),
+            ..Default::default()
+        },
+        not_before: None,
+    };
+    let task = store.finish(&t.id, done).await.unwrap();
+    assert_eq!(task.result.unwrap().text.as_deref(), Some("the answer"));
+    let (events, _) = store.events(&t.id, &Scope::All, 0, 100).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let texts = kinds.iter().filter(|k| **k == "text").count();
+    assert!((5..=6).contains(&texts), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "truncated").count(), 1);
+    assert_eq!(*kinds.last().unwrap(), "state", "{kinds:?}");
+    let bytes: usize = events
+        .iter()
+        .map(|e| e.kind.len() + e.data.to_string().len())
+        .sum();
+    assert!(bytes <= 2_000 + 300, "{bytes}");
+    let (state, last) = store.event_log_end(&t.id, &Scope::All).await.unwrap();
+    assert_eq!(state, TaskState::Succeeded);
+    assert_eq!(last, events.last().unwrap().seq);
+
+    // A page stops once it holds EVENT_PAGE_BYTES (the event that passes it included).
+    let (t, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "q"))
+        .await
+        .unwrap();
+    let o = f.store.claim(&claim_req("r")).await.unwrap().unwrap();
+    f.store.ack(&t.id, &attempt_of(&o)).await.unwrap();
+    let big = EVENT_PAGE_BYTES * 3 / 4;
+    let events = (1..=3)
+        .map(|n| NewEvent {
+            n,
+            kind: "text".into(),
+            data: serde_json::json!({ "text": "y".repeat(big) }),
+        })
+        .collect();
+    f.store
+        .append_events(
+            &t.id,
+            AppendEvents {
+                attempt: o.attempt,
+                lease_token: o.lease_token.clone(),
+                events,
+            },
+        )
+        .await
+        .unwrap();
+    let (all, _) = f.store.events(&t.id, &Scope::All, 0, 100).await.unwrap();
+    let first_text = all.iter().position(|e| e.kind == "text").unwrap();
+    let after = all[first_text].seq - 1;
+    let (page, _) = f
+        .store
+        .events(&t.id, &Scope::All, after, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.len(),
+        2,
+        "{:?}",
+        page.iter().map(|e| e.seq).collect::<Vec<_>>()
+    );
+    let (rest, _) = f
+        .store
+        .events(&t.id, &Scope::All, page[1].seq, 100)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    // The newest events, bounded the same way.
+    let last = f.store.last_events(&t.id, 100).await.unwrap();
+    assert_eq!(last.len(), 2);
+    assert_eq!(last[1].seq, rest[0].seq);
 }

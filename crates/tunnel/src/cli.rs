@@ -202,6 +202,9 @@ pub(crate) struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,
+    /// Long-polls one token may have parked at once [default: 64]; more get 429.
+    #[arg(long, env = "TUNNEL_MAX_POLLS_PER_TOKEN")]
+    pub(crate) max_polls_per_token: Option<usize>,
 }
 
 /// Options of the runner, for `tunnel runner` and `tunnel up`.
@@ -232,6 +235,9 @@ pub(crate) struct RunnerArgs {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "TUNNEL_LOG_FORMAT")]
     pub(crate) log_format: Option<LogFormat>,
+    /// Long-polls one token may have parked at once [default: 64]; more get 429.
+    #[arg(long, env = "TUNNEL_MAX_POLLS_PER_TOKEN")]
+    pub(crate) max_polls_per_token: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,13 @@
 //! max_queue_time = "7d"      # a task no runner took by then ends timed_out; "off": never
 //! max_queued_per_token = 10000  # waiting tasks per token; 0: no cap
 //! log_format = "text"        # or "json"
+//! max_connections = 16384    # default: the open-file limit less 128, at most 16384
+//! header_timeout_secs = 10   # a request head must arrive within this
+//! idle_timeout_secs = 60     # keep-alive connections with no request are closed after this
+//! write_timeout_secs = 30    # a reader that stops reading is cut off after this
+//! max_polls_per_token = 64   # long-polls one token may have parked at once
+//! max_task_events = 100000   # events stored per task, then a `truncated` event
+//! max_task_event_bytes = 67108864
 //!
 //! [client]
 //! server = "https://tunnel.example.com"
@@ -142,6 +149,21 @@ pub(crate) struct ServerSection {
     pub(crate) max_queue_time: Option<String>,
     pub(crate) max_queued_per_token: Option<u32>,
     pub(crate) log_format: Option<String>,
+    /// Connections open at once [default: the open-file limit less 128, at most 16384].
+    pub(crate) max_connections: Option<usize>,
+    /// A request head must arrive within this (slowloris) [default: 10].
+    pub(crate) header_timeout_secs: Option<u64>,
+    /// A keep-alive connection with no request is closed after this [default: 60].
+    pub(crate) idle_timeout_secs: Option<u64>,
+    /// A write with no progress ends the connection after this [default: 30].
+    pub(crate) write_timeout_secs: Option<u64>,
+    /// Long-polls one token may have parked at once [default: 64].
+    pub(crate) max_polls_per_token: Option<usize>,
+    /// Events stored per task; later ones are dropped after a `truncated` event
+    /// [default: 100000].
+    pub(crate) max_task_events: Option<u64>,
+    /// Bytes of event data stored per task [default: 67108864 = 64 MiB].
+    pub(crate) max_task_event_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

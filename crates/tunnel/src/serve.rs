@@ -52,6 +52,7 @@ pub(crate) async fn prepare(
         (None, Some(other)) => bail!("log_format {other:?} in the config file is not text or json"),
     };
     init_logging(log_format);
+    let connections = connection_limits(&f)?;
 
     let listen = listen_addr(args.listen.or(f.listen), args.port)?;
     let durability = match (args.durability, f.durability.as_deref()) {
@@ -115,7 +116,25 @@ pub(crate) async fn prepare(
             Some(n) => Some(n),
             None => defaults.max_queued_per_token,
         },
+        max_task_events: match f.max_task_events {
+            Some(n) if n < 100 => bail!("max_task_events must be at least 100"),
+            Some(n) => n,
+            None => defaults.max_task_events,
+        },
+        max_task_event_bytes: match f.max_task_event_bytes {
+            Some(n) if n < 65_536 => bail!("max_task_event_bytes must be at least 65536"),
+            Some(n) => n,
+            None => defaults.max_task_event_bytes,
+        },
+        ..defaults
     };
+    cfg.connections = connections;
+    if let Some(n) = args.max_polls_per_token.or(f.max_polls_per_token) {
+        if n == 0 {
+            bail!("max_polls_per_token must be at least 1");
+        }
+        cfg.max_polls_per_token = n;
+    }
     if let Some(r) = args.retention.or(f.retention) {
         cfg.retain_finished_ms = parse_retention(&r)?;
         // Look often enough that nothing outlives its retention by more than a tenth.
@@ -222,6 +241,77 @@ fn lock_database(db: &Path) -> Result<std::fs::File> {
     f.rewind()?;
     writeln!(f, "{}", std::process::id())?;
     Ok(f)
+}
+
+/// Open files kept for the database, logs and outgoing connections, outside the connection
+/// cap.
+const FD_RESERVE: u64 = 128;
+
+/// The connection limits from the config file, the cap fitted under the open-file limit
+/// (raised to its hard limit first).
+fn connection_limits(f: &config::ServerSection) -> Result<tunnel_server::ConnectionLimits> {
+    let mut limits = tunnel_server::ConnectionLimits::default();
+    let timeout = |what: &str, secs: Option<u64>, default: std::time::Duration| match secs {
+        None => Ok(default),
+        Some(s) if (1..=3600).contains(&s) => Ok(std::time::Duration::from_secs(s)),
+        Some(s) => Err(anyhow::anyhow!(
+            "{what} of {s} s is out of range (1 to 3600 seconds)"
+        )),
+    };
+    limits.header_timeout = timeout(
+        "header_timeout_secs",
+        f.header_timeout_secs,
+        limits.header_timeout,
+    )?;
+    limits.idle_timeout = timeout(
+        "idle_timeout_secs",
+        f.idle_timeout_secs,
+        limits.idle_timeout,
+    )?;
+    limits.write_timeout = timeout(
+        "write_timeout_secs",
+        f.write_timeout_secs,
+        limits.write_timeout,
+    )?;
+    let files = raise_open_file_limit();
+    let fits = files.map(|n| n.saturating_sub(FD_RESERVE).max(16) as usize);
+    limits.max_connections = match (f.max_connections, fits) {
+        (Some(0), _) => bail!("max_connections must be at least 1"),
+        (Some(n), Some(fits)) if n > fits => {
+            tracing::warn!(
+                max_connections = n,
+                open_file_limit = files.unwrap_or_default(),
+                using = fits,
+                "max_connections is more than the open-file limit allows; using less. Raise LimitNOFILE (or ulimit -n)."
+            );
+            fits
+        }
+        (Some(n), _) => n,
+        (None, Some(fits)) => fits.min(limits.max_connections),
+        (None, None) => limits.max_connections,
+    };
+    Ok(limits)
+}
+
+/// Raises the soft open-file limit to the hard one (a service manager often starts processes
+/// at 1,024) and returns the soft limit in force.
+fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        // macOS refuses more than OPEN_MAX for an unlimited hard limit.
+        let want = if cfg!(target_os = "macos") {
+            hard.min(10_240)
+        } else {
+            hard
+        };
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+            tracing::debug!(error = %e, "Cannot raise the open-file limit.");
+        }
+    }
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
 }
 
 /// `7d`, `12h`, `30m`, `90s` → milliseconds; `off` → keep forever.

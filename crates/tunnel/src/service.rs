@@ -96,6 +96,8 @@ pub(crate) fn systemd_unit(kind: Kind, exe: &Path, config: &Path, path: Option<&
          Restart=on-failure\nRestartSec=5\n\
          # SIGTERM lets running tasks finish (up to the runner's grace), then they are stopped.\n\
          KillMode=mixed\nTimeoutStopSec=90\n\
+         # Each connection (parked long-polls included) is an open file; 1,024 is not enough.\n\
+         LimitNOFILE=65536\n\
          # The runner puts each task in a cgroup of its own under this one (see `tunnel doctor`).\n\
          Delegate=yes\n\n\
          [Install]\nWantedBy=default.target\n",
@@ -138,6 +140,8 @@ pub(crate) fn launchd_plist(
          \t\t<string>{exe}</string><string>{sub}</string><string>--config</string><string>{config}</string>\n\
          \t</array>\n{env}\
          \t<key>RunAtLoad</key><true/>\n\t<key>KeepAlive</key><true/>\n\
+         \t<key>SoftResourceLimits</key>\n\t<dict><key>NumberOfFiles</key><integer>10240</integer></dict>\n\
+         \t<key>HardResourceLimits</key>\n\t<dict><key>NumberOfFiles</key><integer>10240</integer></dict>\n\
          \t<key>StandardOutPath</key><string>{log}</string>\n\
          \t<key>StandardErrorPath</key><string>{log}</string>\n\
          </dict>\n</plist>\n",
@@ -324,6 +328,8 @@ mod tests {
             unit.contains("Environment=\"PATH=/usr/bin:/home/a%%b/.npm/bin\""),
             "{unit}"
         );
+        // A server holds a file per connection: the unit must not leave it at 1,024.
+        assert!(unit.contains("\nLimitNOFILE=65536\n"), "{unit}");
     }
 
     #[test]
@@ -345,5 +351,9 @@ mod tests {
             "{plist}"
         );
         assert!(plist.contains("<key>Label</key><string>dev.tunnel.serve</string>"));
+        assert!(
+            plist.contains("<key>SoftResourceLimits</key>\n\t<dict><key>NumberOfFiles</key><integer>10240</integer></dict>"),
+            "{plist}"
+        );
     }
 }

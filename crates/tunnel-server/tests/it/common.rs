@@ -37,6 +37,8 @@ pub struct Options {
     pub retention: Option<(i64, std::time::Duration)>,
     /// The queue's settings; the defaults when `None`.
     pub queue: Option<QueueSettings>,
+    pub connections: Option<tunnel_server::ConnectionLimits>,
+    pub max_polls_per_token: Option<usize>,
 }
 
 impl TestServer {
@@ -254,6 +256,12 @@ async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, opts: Options) -> Tes
     if let Some((keep, every)) = opts.retention {
         config.retain_finished_ms = Some(keep);
         config.prune_every = every;
+    }
+    if let Some(c) = opts.connections {
+        config.connections = c;
+    }
+    if let Some(n) = opts.max_polls_per_token {
+        config.max_polls_per_token = n;
     }
     let server = Server::bind(config).await.unwrap();
     let url = format!("http://{}", server.local_addr());

@@ -15,6 +15,7 @@ mod delivery;
 mod hostile;
 mod input;
 mod lifecycle;
+mod limits;
 mod longpoll;
 mod restart;
 mod sessions;

@@ -13,6 +13,7 @@ mod acp;
 mod approvals;
 mod cli_ux;
 mod contain;
+mod hostile;
 mod setup;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
