@@ -126,7 +126,6 @@ pub(crate) async fn prepare(
             Some(n) => n,
             None => defaults.max_task_event_bytes,
         },
-        ..defaults
     };
     cfg.connections = connections;
     if let Some(n) = args.max_polls_per_token.or(f.max_polls_per_token) {
