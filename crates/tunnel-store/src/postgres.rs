@@ -90,24 +90,24 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/postgres/0010_web_sessions.sql"),
     ),
     (
-        "0014_runner_left",
-        include_str!("../migrations/postgres/0014_runner_left.sql"),
+        "0011_owner_state",
+        include_str!("../migrations/postgres/0011_owner_state.sql"),
     ),
     (
-        "0017_owner_state",
-        include_str!("../migrations/postgres/0017_owner_state.sql"),
+        "0012_runner_left",
+        include_str!("../migrations/postgres/0012_runner_left.sql"),
     ),
     (
-        "0015_runner_acp_agents",
-        include_str!("../migrations/postgres/0015_runner_acp_agents.sql"),
+        "0013_runner_acp_agents",
+        include_str!("../migrations/postgres/0013_runner_acp_agents.sql"),
     ),
     (
-        "0012_queue_floods",
-        include_str!("../migrations/postgres/0012_queue_floods.sql"),
+        "0014_queue_floods",
+        include_str!("../migrations/postgres/0014_queue_floods.sql"),
     ),
     (
-        "0011_event_caps",
-        include_str!("../migrations/postgres/0011_event_caps.sql"),
+        "0015_event_caps",
+        include_str!("../migrations/postgres/0015_event_caps.sql"),
     ),
 ];
 

@@ -43,11 +43,11 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0007_session_owner.sql"),
     include_str!("../migrations/sqlite/0008_approvals.sql"),
     include_str!("../migrations/sqlite/0010_web_sessions.sql"),
-    include_str!("../migrations/sqlite/0017_finished_minutes.sql"),
-    include_str!("../migrations/sqlite/0014_runner_left.sql"),
-    include_str!("../migrations/sqlite/0015_runner_acp_agents.sql"),
-    include_str!("../migrations/sqlite/0012_queue_floods.sql"),
-    include_str!("../migrations/sqlite/0011_event_caps.sql"),
+    include_str!("../migrations/sqlite/0011_finished_minutes.sql"),
+    include_str!("../migrations/sqlite/0012_runner_left.sql"),
+    include_str!("../migrations/sqlite/0013_runner_acp_agents.sql"),
+    include_str!("../migrations/sqlite/0014_queue_floods.sql"),
+    include_str!("../migrations/sqlite/0015_event_caps.sql"),
 ];
 
 /// Most writes committed in one transaction.
