@@ -41,7 +41,10 @@ pub(crate) async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Runner(crate::cli::RunnerCmd { args, .. }) => crate::runner::runner(args, file)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Submit(args) => submit(args, &file.client).await,
+        Command::Submit(args) => {
+            let local: Vec<String> = file.runner.agents.keys().cloned().collect();
+            submit(args, &file.client, &local).await
+        }
         Command::Watch(args) => {
             let client = connect(&args.client, &file.client)?;
             let limit = match args.timeout {
@@ -125,7 +128,9 @@ pub(crate) fn explain(e: ClientError) -> anyhow::Error {
     .context("request failed")
 }
 
-async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
+/// `local`: the agents this machine's own runner config offers (`tunnel up` starts that
+/// runner, which may not have claimed yet when the first submit comes).
+async fn submit(args: SubmitArgs, file: &ClientSection, local: &[String]) -> Result<ExitCode> {
     let client = connect(&args.client, file)?;
     let prompt = if args.prompt.len() == 1 && args.prompt[0] == "-" {
         let mut s = String::new();
@@ -159,7 +164,7 @@ async fn submit(args: SubmitArgs, file: &ClientSection) -> Result<ExitCode> {
     req.validate()
         .map_err(|e| anyhow::anyhow!("invalid task: {e}"))?;
     if !args.queue_anyway {
-        check_agent_known(&client, &req.agent).await?;
+        check_agent_known(&client, &req.agent, local).await?;
     }
     let task = client
         .submit(&req, args.idempotency_key.as_deref())
@@ -196,8 +201,12 @@ const BUILT_IN_AGENTS: [&str; 3] = ["claude", "codex", "gemini"];
 
 /// Refuses an agent that no runner has ever offered (a typo waits in the queue forever),
 /// suggesting the nearest known name. Before any runner has connected, the built-in agents
-/// are the known ones. When the runner list cannot be read, nothing is refused.
-async fn check_agent_known(client: &Client, agent: &str) -> Result<()> {
+/// are the known ones; the agents of this machine's own runner config always are. When the
+/// runner list cannot be read, nothing is refused.
+async fn check_agent_known(client: &Client, agent: &str, local: &[String]) -> Result<()> {
+    if local.iter().any(|a| a == agent) {
+        return Ok(());
+    }
     let Ok(list) = client.runners().await else {
         return Ok(());
     };

@@ -64,6 +64,20 @@ fn an_agent_no_runner_offers_is_refused_with_a_suggestion() {
     );
     let out = s.cli(&["submit", "--agent", "claude", "hi"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // An agent of this machine's own runner config is known too: `tunnel up` starts that
+    // runner, which may not have claimed yet when the first submit comes.
+    let cfg = s.data.path().join("own.toml");
+    std::fs::write(
+        &cfg,
+        "[runner.agents.mine]\nprogram = \"cat\"\ncommand = []\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let out = s.cli(&["--config", cfg, "submit", "--agent", "mine", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = s.cli(&["--config", cfg, "submit", "--agent", "mime", "hi"]);
+    assert!(!out.status.success(), "a typo is still refused");
 
     // Once runners have connected, the agents they offered are the known ones.
     let (code, _) = s.post(

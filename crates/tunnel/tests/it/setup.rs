@@ -266,6 +266,8 @@ fn server_and_remote_runner_set_up_by_init_run_a_task_end_to_end() {
             &url,
             "--agent",
             "rev",
+            // The runner, just started on the other machine, may not have claimed yet.
+            "--queue-anyway",
             "--project",
             "web",
             "--watch",
