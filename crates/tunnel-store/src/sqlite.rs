@@ -882,20 +882,8 @@ impl SqliteStore {
                 "SELECT seq, attempt, kind, data, at FROM task_events
                  WHERE task_seq = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let mut rows = stmt.query(params![seq, after as i64, limit.clamp(1, 10_000)])?;
-            let mut events = Vec::new();
-            let mut bytes = 0;
-            while let Some(r) = rows.next()? {
-                let e = event_from_row(r)?;
-                // The stored text's length, as counted against the task's cap.
-                let data: rusqlite::types::ValueRef<'_> = r.get_ref(3)?;
-                bytes += e.kind.len() + data.as_bytes().map_or(0, <[u8]>::len);
-                events.push(e);
-                if bytes >= crate::EVENT_PAGE_BYTES {
-                    break;
-                }
-            }
-            Ok((events, parse_state(&state)?))
+            let rows = stmt.query(params![seq, after as i64, limit.clamp(1, 10_000)])?;
+            Ok((event_page(rows)?, parse_state(&state)?))
         })
         .await
     }
@@ -921,18 +909,7 @@ impl SqliteStore {
                  ORDER BY e.seq DESC LIMIT ?2",
             )?;
             // Bounded by EVENT_PAGE_BYTES like `events`, counted from the newest.
-            let mut rows = stmt.query(params![id, n])?;
-            let mut events = Vec::new();
-            let mut bytes = 0;
-            while let Some(r) = rows.next()? {
-                let e = event_from_row(r)?;
-                let data: rusqlite::types::ValueRef<'_> = r.get_ref(3)?;
-                bytes += e.kind.len() + data.as_bytes().map_or(0, <[u8]>::len);
-                events.push(e);
-                if bytes >= crate::EVENT_PAGE_BYTES {
-                    break;
-                }
-            }
+            let mut events = event_page(stmt.query(params![id, n])?)?;
             events.reverse();
             Ok(events)
         })
@@ -2538,6 +2515,23 @@ impl W<'_> {
         self.enqueue(Some(t.seq), model::final_kind(&target), &target, None, 0)?;
         Ok(())
     }
+}
+
+/// Events from rows selected as `seq, attempt, kind, data, at`, up to the one that fills
+/// [`crate::EVENT_PAGE_BYTES`] (the stored text's length, as counted against the task's cap).
+fn event_page(mut rows: rusqlite::Rows<'_>) -> Result<Vec<TaskEvent>> {
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    while let Some(r) = rows.next()? {
+        let e = event_from_row(r)?;
+        let data: rusqlite::types::ValueRef<'_> = r.get_ref(3)?;
+        bytes += e.kind.len() + data.as_bytes().map_or(0, <[u8]>::len);
+        events.push(e);
+        if bytes >= crate::EVENT_PAGE_BYTES {
+            break;
+        }
+    }
+    Ok(events)
 }
 
 /// The session a task resumes and the runner it must run on ("home"), from its session mode
