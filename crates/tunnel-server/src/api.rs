@@ -642,7 +642,6 @@ async fn claim(
             "runner: names starting with \"openclaw.\" are the original runners' (compat API)",
         ));
     }
-    remember_owner(&s, &req.runner, &caller.token_id);
     // Parked polls are never closed to make room for new connections, so one token may not
     // hold many of them.
     let _counted = s.poll_slot(&caller.token_id).ok_or_else(|| {
@@ -793,33 +792,14 @@ async fn list_runners(
     }))
 }
 
-/// Runner names whose claiming token is remembered for [`runner_goodbye`]; beyond it a new
-/// name is not remembered (its goodbye is refused and it goes offline after the online
-/// window, as before goodbyes existed).
-pub(crate) const RUNNER_OWNERS_MAX: usize = 10_000;
-
-fn remember_owner(s: &AppState, runner: &str, token_id: &str) {
-    let mut owners = s.runner_owners.lock().unwrap_or_else(|e| e.into_inner());
-    let room = owners.len() < RUNNER_OWNERS_MAX;
-    match owners.get_mut(runner) {
-        Some(t) if t == token_id => {}
-        Some(t) => token_id.clone_into(t),
-        None if room => {
-            owners.insert(runner.to_owned(), token_id.to_owned());
-        }
-        None => {}
-    }
-}
-
 /// A runner stopping cleanly says goodbye: it is offline at once (`tunnel runners`, and
 /// `submit` warns that nobody will take the task) instead of after the online window. Only
-/// the token that last claimed under the name on this server may say it (403 otherwise);
+/// the token the name belongs to (the first to claim under it) may say it (403 otherwise);
 /// the next claim brings the runner back online.
 #[utoipa::path(post, path = "/v1/runners/{name}/goodbye", tag = "runner",
     params(("name" = String, Path, description = "runner name")),
     responses((status = 204, description = "offline now"),
-        (status = 403, description = "the name was not claimed with this token", body = tunnel_protocol::ErrorBody),
-        (status = 404, description = "no such runner", body = tunnel_protocol::ErrorBody)),
+        (status = 403, description = "the name was not claimed with this token", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["runner"])))]
 async fn runner_goodbye(
     State(s): State<AppState>,
@@ -827,19 +807,11 @@ async fn runner_goodbye(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     tunnel_protocol::validate_name("runner", &name)?;
-    let owner = s
-        .runner_owners
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&name)
-        .cloned();
-    if owner.as_deref() != Some(caller.token_id.as_str()) {
+    // An unknown name is refused like another token's: the answer does not tell which.
+    if !s.store.runner_left(&name, &caller.token_id).await? {
         return Err(ApiError::forbidden(format!(
-            "runner {name} has not claimed tasks with this token on this server"
+            "runner {name} has not claimed tasks with this token"
         )));
-    }
-    if !s.store.runner_left(&name).await? {
-        return Err(ApiError::not_found(format!("no runner {name}")));
     }
     tracing::info!(runner = %name, token_id = %caller.token_id, "Runner said goodbye.");
     Ok(StatusCode::NO_CONTENT)

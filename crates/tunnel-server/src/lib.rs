@@ -108,9 +108,6 @@ pub(crate) struct Inner {
     pub(crate) platforms: Arc<tunnel_delivery::Platforms>,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) web: web::WebState,
-    /// Which token last claimed as each runner name on this server process: only that token
-    /// may say goodbye for the name. At most [`api::RUNNER_OWNERS_MAX`] names.
-    pub(crate) runner_owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
     pub(crate) connections: Arc<serve::ConnectionStats>,
     /// Long-polls parked per token id, bounded by `max_polls_per_token`.
     pub(crate) polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -196,7 +193,6 @@ impl Server {
             platforms,
             metrics: metrics::Metrics::default(),
             web: web::WebState::default(),
-            runner_owners: Default::default(),
             connections: Arc::default(),
             polls: Default::default(),
             max_polls_per_token: config.max_polls_per_token,

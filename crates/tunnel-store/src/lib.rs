@@ -640,12 +640,14 @@ impl Store {
         }
     }
 
-    /// A runner stopped cleanly: offline from now until its next claim. False if the server
-    /// has never seen it.
-    pub async fn runner_left(&self, name: &str) -> Result<bool> {
+    /// A runner stopped cleanly: offline from now until its next claim. Only the token the
+    /// name belongs to (the one that first claimed under it) may say so: false, and nothing
+    /// changed, for any other token or a name never seen.
+    pub async fn runner_left(&self, name: &str, token_id: &str) -> Result<bool> {
+        let (name, token_id) = (name.to_owned(), token_id.to_owned());
         match &*self.backend {
-            Backend::Sqlite(s) => s.runner_left(name.to_owned()).await,
-            Backend::Postgres(s) => s.runner_left(name.to_owned()).await,
+            Backend::Sqlite(s) => s.runner_left(name, token_id).await,
+            Backend::Postgres(s) => s.runner_left(name, token_id).await,
         }
     }
 

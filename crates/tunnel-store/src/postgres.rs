@@ -1519,12 +1519,12 @@ impl PgStore {
         })
     }
 
-    pub(crate) async fn runner_left(&self, name: String) -> Result<bool> {
+    pub(crate) async fn runner_left(&self, name: String, token: String) -> Result<bool> {
         write!(self, |w| {
             let n = w
                 .exec(
-                    "UPDATE runners SET left_at = $2 WHERE name = $1",
-                    &[&name, &w.now],
+                    "UPDATE runners SET left_at = $2 WHERE name = $1 AND token = $3",
+                    &[&name, &w.now, &token],
                 )
                 .await?;
             Ok(n > 0)

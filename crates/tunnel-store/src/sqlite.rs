@@ -1138,12 +1138,12 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn runner_left(&self, name: String) -> Result<bool> {
+    pub(crate) async fn runner_left(&self, name: String, token: String) -> Result<bool> {
         self.write(move |w| {
             let n = w
                 .conn
-                .prepare_cached("UPDATE runners SET left_at = ?2 WHERE name = ?1")?
-                .execute(params![name, w.now])?;
+                .prepare_cached("UPDATE runners SET left_at = ?2 WHERE name = ?1 AND token = ?3")?
+                .execute(params![name, w.now, token])?;
             Ok(n > 0)
         })
         .await

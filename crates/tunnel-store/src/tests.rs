@@ -700,10 +700,24 @@ async fn runner_affinity_and_filters(f: Fixture) {
 }
 
 async fn a_runner_that_left_is_offline_until_it_claims(f: Fixture) {
-    assert!(!f.store.runner_left("r").await.unwrap(), "never seen");
-    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    assert!(!f.store.runner_left("r", "t1").await.unwrap(), "never seen");
+    assert!(
+        f.store
+            .claim_as(&claim_req("r"), "t1")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(f.store.runners().await.unwrap()[0].online);
-    assert!(f.store.runner_left("r").await.unwrap());
+    assert!(
+        !f.store.runner_left("r", "t2").await.unwrap(),
+        "not the token the name belongs to"
+    );
+    assert!(
+        f.store.runners().await.unwrap()[0].online,
+        "nothing changed"
+    );
+    assert!(f.store.runner_left("r", "t1").await.unwrap());
     let r = &f.store.runners().await.unwrap()[0];
     assert!(!r.online, "offline at once");
     f.clock.advance(1);
