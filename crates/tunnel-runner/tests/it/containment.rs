@@ -531,29 +531,6 @@ async fn a_daemon_ends_with_its_task_under_the_process_tree_walk_too() {
 // ---------------------------------------------------------------------------------------------
 // A restarted runner and its spool.
 
-/// An attempt a previous run of this runner acked; returns (task id, attempt, lease token).
-async fn acked_attempt(w: &World, runner: &str) -> (String, u32, String) {
-    let api = tunnel_client::Client::new(&w.url, &w.runner_token).unwrap();
-    let t = w.submit(task("echo", "x")).await;
-    let claim = tunnel_protocol::ClaimRequest {
-        runner: runner.into(),
-        agents: vec!["echo".into()],
-        projects: vec![],
-        capacity: 1,
-        wait_ms: 0,
-        version: None,
-        agent_versions: Default::default(),
-        acp_agents: vec![],
-    };
-    let offer = api.claim(&claim).await.unwrap().unwrap();
-    let at = tunnel_protocol::AttemptRef {
-        attempt: offer.attempt,
-        lease_token: offer.lease_token.clone(),
-    };
-    api.ack(&t.id, &at).await.unwrap();
-    (t.id, offer.attempt, offer.lease_token)
-}
-
 /// `/proc/<pid>/stat` field 22.
 fn start_time(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -583,7 +560,7 @@ async fn a_restarted_runner_never_signals_a_process_that_reused_a_recorded_pid()
         (&stranger, start_time(stranger.id() as i32) + 1),
         (&leftover, start_time(leftover.id() as i32)),
     ] {
-        let (id, attempt, lease_token) = acked_attempt(&w, "r1").await;
+        let (id, attempt, lease_token) = w.acked_attempt("r1").await;
         let entry = serde_json::json!({
             "task_id": id, "attempt": attempt, "lease_token": lease_token,
             "pgid": p.id(), "pgid_start": start, "pending": [], "finish": null
@@ -723,7 +700,7 @@ async fn a_restarted_runner_ends_what_the_cell_of_an_earlier_run_still_holds() {
     assert_eq!(tagged(&tag).len(), entries.len());
 
     for e in &entries {
-        let (id, attempt, lease_token) = acked_attempt(&w, "r1").await;
+        let (id, attempt, lease_token) = w.acked_attempt("r1").await;
         let mut entry = serde_json::json!({
             "task_id": id, "attempt": attempt, "lease_token": lease_token,
             "pending": [], "finish": null

@@ -129,6 +129,30 @@ impl World {
         self.admin.submit(&req, None).await.unwrap()
     }
 
+    /// An `echo` task claimed and acked under `runner` by hand, as a previous run of that
+    /// runner would have left it; returns (task id, attempt, lease token).
+    pub async fn acked_attempt(&self, runner: &str) -> (String, u32, String) {
+        let api = Client::new(&self.url, &self.runner_token).unwrap();
+        let t = self.submit(task("echo", "x")).await;
+        let claim = tunnel_protocol::ClaimRequest {
+            runner: runner.into(),
+            agents: vec!["echo".into()],
+            projects: vec![],
+            capacity: 1,
+            wait_ms: 0,
+            version: None,
+            agent_versions: Default::default(),
+            acp_agents: vec![],
+        };
+        let offer = api.claim(&claim).await.unwrap().unwrap();
+        let at = tunnel_protocol::AttemptRef {
+            attempt: offer.attempt,
+            lease_token: offer.lease_token.clone(),
+        };
+        api.ack(&t.id, &at).await.unwrap();
+        (t.id, offer.attempt, offer.lease_token)
+    }
+
     /// Waits (server-side) until the task ends.
     pub async fn ended(&self, id: &str) -> Task {
         for _ in 0..6 {

@@ -187,44 +187,27 @@ async fn what_a_crashed_run_left_in_the_spool_reaches_the_server() {
         c
     };
     // An attempt a previous run of this runner acked, whose last events never left the spool.
-    let runner_api = tunnel_client::Client::new(&w.url, &w.runner_token).unwrap();
-    let t = w.submit(task("echo", "x")).await;
-    let claim = tunnel_protocol::ClaimRequest {
-        runner: "r1".into(),
-        agents: vec!["echo".into()],
-        projects: vec![],
-        capacity: 1,
-        wait_ms: 0,
-        version: None,
-        agent_versions: Default::default(),
-        acp_agents: vec![],
-    };
-    let offer = runner_api.claim(&claim).await.unwrap().unwrap();
-    let at = tunnel_protocol::AttemptRef {
-        attempt: offer.attempt,
-        lease_token: offer.lease_token.clone(),
-    };
-    runner_api.ack(&t.id, &at).await.unwrap();
+    let (id, attempt, lease_token) = w.acked_attempt("r1").await;
     std::fs::create_dir_all(&c.spool_dir).unwrap();
     let entry = serde_json::json!({
-        "task_id": t.id, "attempt": offer.attempt, "lease_token": offer.lease_token, "pgid": null,
+        "task_id": id, "attempt": attempt, "lease_token": lease_token, "pgid": null,
         "pending": [{"n": 1, "kind": "text", "data": {"text": "written before the crash"}}],
         "finish": null
     });
     std::fs::write(
-        c.spool_dir.join(format!("{}.{}.json", t.id, offer.attempt)),
+        c.spool_dir.join(format!("{id}.{attempt}.json")),
         entry.to_string(),
     )
     .unwrap();
 
     let r = RunnerHandle::spawn(c.clone());
-    let done = w.ended(&t.id).await;
+    let done = w.ended(&id).await;
     assert_eq!(done.state, TaskState::Failed);
     assert!(
         done.result.unwrap().error.unwrap().contains("restarted"),
         "the fate is reported"
     );
-    let log = w.admin.events(&t.id, 0).await.unwrap();
+    let log = w.admin.events(&id, 0).await.unwrap();
     assert!(
         log.events
             .iter()
