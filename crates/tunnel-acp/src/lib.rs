@@ -270,6 +270,28 @@ async fn write_loop(mut output: impl tokio::io::AsyncWrite + Unpin, mut rx: mpsc
     }
 }
 
+/// Milliseconds since the epoch as an ISO 8601 UTC time (`2026-12-07T16:30:00.000Z`).
+fn iso8601(ms: i64) -> String {
+    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3_600_000,
+        rest / 60_000 % 60,
+        rest / 1000 % 60,
+        rest % 1000
+    )
+}
+
 /// `s` on one line of at most `max` characters.
 fn one_line(s: &str, max: usize) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -379,6 +401,27 @@ impl Bridge {
                 }
             }
             "session/prompt" => self.prompt(id, &params),
+            "session/list" => {
+                let r = self.list(&params).await;
+                self.respond(id, r);
+            }
+            // Client → agent methods of the spec that this agent does not advertise (no
+            // `modes` or `configOptions` in `session/new`, no `close`/`delete` capability): a
+            // client must not call them; one that does is told why.
+            "session/set_mode"
+            | "session/set_config_option"
+            | "session/set_model"
+            | "session/close"
+            | "session/delete"
+            | "logout" => self.respond(
+                id,
+                Err((
+                    METHOD_NOT_FOUND,
+                    format!(
+                        "{method} is not offered: the agent's initialize (and session/new) through tunnel does not advertise it"
+                    ),
+                )),
+            ),
             _ => self.respond(
                 id,
                 Err((
@@ -396,6 +439,7 @@ impl Bridge {
                 "loadSession": true,
                 "promptCapabilities": {"image": false, "audio": false, "embeddedContext": true},
                 "mcpCapabilities": {"http": false, "sse": false},
+                "sessionCapabilities": {"list": {}, "resume": {}},
             },
             "authMethods": [],
             "agentInfo": {
@@ -443,6 +487,32 @@ impl Bridge {
             },
         );
         Ok(json!({"sessionId": sid}))
+    }
+
+    /// `session/list`: the caller's ACP conversations with this agent, newest first. tunnel does
+    /// not keep the client's directory, so each is listed under the `cwd` asked for (else `/`).
+    async fn list(&self, params: &Value) -> Result<Value, RpcError> {
+        let cwd = match params.get("cwd").filter(|v| !v.is_null()) {
+            Some(_) => cwd_of(params)?.to_string_lossy().into_owned(),
+            None => "/".to_owned(),
+        };
+        let list = self
+            .s
+            .client
+            .sessions(None, Some(&self.s.agent))
+            .await
+            .map_err(server_error)?;
+        let mut bindings: Vec<_> = list
+            .sessions
+            .iter()
+            .filter(|b| b.conversation.starts_with(PREFIX))
+            .collect();
+        bindings.sort_by_key(|b| std::cmp::Reverse(b.updated_at));
+        let sessions: Vec<Value> = bindings
+            .iter()
+            .map(|b| json!({"sessionId": b.conversation, "cwd": cwd, "updatedAt": iso8601(b.updated_at)}))
+            .collect();
+        Ok(json!({"sessions": sessions}))
     }
 
     /// The session to load and its project: the project its tasks ran in, else the `cwd`'s.
@@ -1085,6 +1155,13 @@ mod tests {
         ] {
             assert!(update_of(&ev(k, d)).is_none(), "{k}");
         }
+    }
+
+    #[test]
+    fn times_are_iso8601() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(1_800_000_000_123), "2027-01-15T08:00:00.123Z");
+        assert_eq!(iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

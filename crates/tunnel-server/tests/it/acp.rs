@@ -183,6 +183,45 @@ async fn acp_websocket_acts_with_the_callers_token() {
     )
     .await;
     assert_eq!(e["error"]["code"], -32002, "{e}");
+    // session/list: the caller's ACP sessions only.
+    let l = call(&mut ws, 10, "session/list", json!({"cwd": "/src/web"})).await;
+    let listed = l["result"]["sessions"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{l}");
+    assert_eq!(listed[0]["sessionId"], sid.as_str());
+    assert_eq!(listed[0]["cwd"], "/src/web");
+    assert!(
+        listed[0]["updatedAt"].as_str().unwrap().ends_with('Z'),
+        "{l}"
+    );
+    let l = call(&mut intruder, 2, "session/list", json!({})).await;
+    assert_eq!(l["result"]["sessions"], json!([]), "{l}");
+    // Methods of the spec this agent does not advertise: a clear answer.
+    let init = call(
+        &mut intruder,
+        3,
+        "initialize",
+        json!({"protocolVersion": 1}),
+    )
+    .await;
+    assert_eq!(
+        init["result"]["agentCapabilities"]["sessionCapabilities"]["list"],
+        json!({})
+    );
+    let e = call(
+        &mut ws,
+        11,
+        "session/set_mode",
+        json!({"sessionId": sid, "modeId": "plan"}),
+    )
+    .await;
+    assert_eq!(e["error"]["code"], -32601, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not offered"),
+        "{e}"
+    );
     // A prompt becomes a task of the caller's token in that conversation (queued: no runner).
     send(
         &mut ws,
