@@ -474,7 +474,8 @@ impl Bridge {
         let sid = format!("{PREFIX}{}", uuid::Uuid::now_v7());
         self.s
             .client
-            .new_session(&sid, &self.s.agent)
+            // Pinned to `--runner` from the first prompt on; later ones follow the session.
+            .new_session_on(&sid, &self.s.agent, self.s.runner.as_deref())
             .await
             .map_err(server_error)?;
         self.sessions.insert(

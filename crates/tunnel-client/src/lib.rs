@@ -414,11 +414,21 @@ impl Client {
     }
 
     pub async fn new_session(&self, conversation: &str, agent: &str) -> Result<SessionBinding> {
+        self.new_session_on(conversation, agent, None).await
+    }
+
+    /// A fresh start whose first task goes to `runner` (when given).
+    pub async fn new_session_on(
+        &self,
+        conversation: &str,
+        agent: &str,
+        runner: Option<&str>,
+    ) -> Result<SessionBinding> {
         let cmd = SessionCommand {
             conversation: conversation.into(),
             agent: agent.into(),
             session_id: None,
-            runner: None,
+            runner: runner.map(str::to_owned),
         };
         self.send(self.post("/v1/sessions/new", &cmd)).await
     }

@@ -773,6 +773,37 @@ fn acp_over_websocket_prompts_a_remote_agent_and_replays_after_a_disconnect() {
     assert!(acp.updates().is_empty());
 }
 
+/// `tunnel acp --runner NAME`: a new session's first prompt (not only the later ones) runs on
+/// that runner, though another runner offers the same agent and project and is as free.
+#[test]
+fn acp_runner_flag_pins_a_new_sessions_first_prompt() {
+    let world = World::new();
+    let server = Server::start(&world, &[], vec![]);
+    let agents = tiny_agents(&world);
+    let _home = AgentRunner::start(&world, &server, "home", &agents);
+    let _away = AgentRunner::start(&world, &server, "away", &agents);
+    let editor = token(&server, "editor");
+    for (pinned, args) in [
+        ("away", vec!["--agent", "tiny", "--runner", "away"]),
+        ("home", vec!["--agent", "tiny", "--runner", "home"]),
+    ] {
+        let mut acp = Acp::start_with(&server, &editor, &args);
+        initialize(&mut acp);
+        // Several sessions: by chance alone, all first prompts on one runner is unlikely.
+        for i in 0..4 {
+            let s = acp.call("session/new", json!({"cwd": "/src/web"}));
+            let sid = s["result"]["sessionId"].as_str().unwrap().to_owned();
+            let r = acp.call(
+                "session/prompt",
+                json!({"sessionId": sid, "prompt": [{"type": "text", "text": format!("first {i}")}]}),
+            );
+            assert_eq!(r["result"]["stopReason"], "end_turn", "{r}");
+            let tasks = tasks_of(&server, &sid);
+            assert_eq!(tasks[0]["runner"], pinned, "{:?}", tasks[0]);
+        }
+    }
+}
+
 /// A new client token.
 fn token(server: &Server, name: &str) -> String {
     let (code, t) = super::curl(&[
