@@ -1092,6 +1092,19 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
 #[test]
 #[ignore = "a benchmark figure; run it by name"]
 fn bridge_overhead() {
+    overhead(false);
+}
+
+/// The same figures through the server's `/acp` (a WebSocket client in this process instead of
+/// a `tunnel acp` child): `acp::bridge_overhead_websocket`.
+#[test]
+#[ignore = "a benchmark figure; run it by name"]
+fn bridge_overhead_websocket() {
+    overhead(true);
+}
+
+fn overhead(ws: bool) {
+    let via = if ws { "/acp (WebSocket)" } else { "tunnel acp" };
     let n: usize = std::env::var("ACP_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1100,7 +1113,11 @@ fn bridge_overhead() {
     let server = Server::start(&world, &[], vec![]);
     let _runner = AgentRunner::start(&world, &server, "home", &tiny_agents(&world));
     let editor = token(&server, "editor");
-    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
+    let mut acp = if ws {
+        Acp::websocket(&server, &editor, "?agent=tiny")
+    } else {
+        Acp::start_with(&server, &editor, &["--agent", "tiny"])
+    };
     initialize(&mut acp);
     let s = acp.call("session/new", json!({"cwd": "/x/web"}));
     let sid = s["result"]["sessionId"].as_str().unwrap().to_owned();
@@ -1212,14 +1229,14 @@ fn bridge_overhead() {
         v[((v.len() - 1) as f64 * q).round() as usize]
     };
     println!(
-        "prompt -> task stored, ms: via tunnel acp p50 {:.2} p90 {:.2}; direct POST p50 {:.2} p90 {:.2} ({n} prompts)",
+        "prompt -> task stored, ms: via {via} p50 {:.2} p90 {:.2}; direct POST p50 {:.2} p90 {:.2} ({n} prompts)",
         p(&mut via_bridge, 0.5),
         p(&mut via_bridge, 0.9),
         p(&mut via_http, 0.5),
         p(&mut via_http, 0.9)
     );
     println!(
-        "update -> client, added by tunnel acp over reading SSE directly, ms: p50 {:.2} p90 {:.2} max {:.2} ({} updates)",
+        "update -> client, added by {via} over reading SSE directly, ms: p50 {:.2} p90 {:.2} max {:.2} ({} updates)",
         p(&mut update_added, 0.5),
         p(&mut update_added, 0.9),
         p(&mut update_added, 1.0),
