@@ -88,6 +88,25 @@ struct Session {
     task: Option<String>,
     prompting: bool,
     cancel: bool,
+    /// The task a cancel was last sent for, and when: a flood of `session/cancel`s sends one
+    /// (again only after a while, should that one have failed).
+    cancel_sent: Option<(String, Instant)>,
+}
+
+impl Session {
+    /// Whether to send a cancel for `task` now; notes it as sent.
+    fn cancel_due(&mut self, task: &str) -> bool {
+        let again = Duration::from_secs(2);
+        if self
+            .cancel_sent
+            .as_ref()
+            .is_some_and(|(t, at)| t == task && at.elapsed() < again)
+        {
+            return false;
+        }
+        self.cancel_sent = Some((task.to_owned(), Instant::now()));
+        true
+    }
 }
 
 /// A `session/request_permission` sent to the client and not answered yet.
@@ -390,6 +409,7 @@ impl Bridge {
                                 task: None,
                                 prompting: false,
                                 cancel: false,
+                                cancel_sent: None,
                             },
                         );
                         let s = self.s.clone();
@@ -485,6 +505,7 @@ impl Bridge {
                 task: None,
                 prompting: false,
                 cancel: false,
+                cancel_sent: None,
             },
         );
         Ok(json!({"sessionId": sid}))
@@ -612,7 +633,9 @@ impl Bridge {
         if session.prompting {
             session.cancel = true;
         }
-        if let Some(task) = session.task.clone() {
+        if let Some(task) = session.task.clone()
+            && session.cancel_due(&task)
+        {
             let client = self.s.client.clone();
             tokio::spawn(async move { cancel_task(&client, &task).await });
         }
@@ -628,7 +651,7 @@ impl Bridge {
             Internal::Started(sid, task) => {
                 if let Some(session) = self.sessions.get_mut(&sid) {
                     session.task = Some(task.clone());
-                    if session.cancel {
+                    if session.cancel && session.cancel_due(&task) {
                         let client = self.s.client.clone();
                         tokio::spawn(async move { cancel_task(&client, &task).await });
                     }
