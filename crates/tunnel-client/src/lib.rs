@@ -96,13 +96,34 @@ pub struct Client {
 
 impl Client {
     pub fn new(base_url: &str, token: &str) -> Result<Client> {
+        Client::build(base_url, token, true)
+    }
+
+    /// For a server calling its own API on loopback: no proxy from the environment.
+    pub fn direct(base_url: &str, token: &str) -> Result<Client> {
+        Client::build(base_url, token, false)
+    }
+
+    /// The same client (and connection pool) acting with another token.
+    pub fn with_token(&self, token: &str) -> Client {
+        Client {
+            token: token.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    fn build(base_url: &str, token: &str, proxy: bool) -> Result<Client> {
         let base = base_url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
             return Err(ClientError::InvalidUrl(base_url.to_owned()));
         }
         // One TLS provider for the whole process; a second install is a harmless no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if !proxy {
+            http = http.no_proxy();
+        }
+        let http = http
             .connect_timeout(Duration::from_secs(10))
             // Below common proxy idle timeouts, so a pooled connection is not reused just as
             // the other side closes it.
@@ -393,11 +414,21 @@ impl Client {
     }
 
     pub async fn new_session(&self, conversation: &str, agent: &str) -> Result<SessionBinding> {
+        self.new_session_on(conversation, agent, None).await
+    }
+
+    /// A fresh start whose first task goes to `runner` (when given).
+    pub async fn new_session_on(
+        &self,
+        conversation: &str,
+        agent: &str,
+        runner: Option<&str>,
+    ) -> Result<SessionBinding> {
         let cmd = SessionCommand {
             conversation: conversation.into(),
             agent: agent.into(),
             session_id: None,
-            runner: None,
+            runner: runner.map(str::to_owned),
         };
         self.send(self.post("/v1/sessions/new", &cmd)).await
     }

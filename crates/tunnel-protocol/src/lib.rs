@@ -873,7 +873,8 @@ pub struct SessionCommand {
     /// Required for resume: the native session id to bind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
-    /// For resume: the runner that has the session (else the one that last reported it).
+    /// For resume: the runner that has the session (else the one that last reported it). For
+    /// new: the runner the conversation's first task goes to (`tunnel acp --runner`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<String>,
 }
@@ -891,9 +892,6 @@ impl SessionCommand {
             (None, false) => {}
         }
         if let Some(r) = &self.runner {
-            if !needs_id {
-                return Err(Invalid::new("runner", "is not allowed here"));
-            }
             validate_name("runner", r)?;
         }
         Ok(())

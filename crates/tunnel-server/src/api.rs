@@ -68,6 +68,7 @@ pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (router, _) = api_routes().split_for_parts();
     router
         .route("/openapi.json", get(openapi_route))
+        .route("/acp", get(crate::acp::acp))
         .merge(crate::compat::router())
         .merge(crate::web::router())
         .fallback(not_found)

@@ -6,6 +6,7 @@
 //! **Architecture Invariant:** the server never spawns processes and holds no SQL; it talks to
 //! [`tunnel_store::Store`] only.
 
+mod acp;
 mod api;
 mod approvals;
 mod auth;
@@ -25,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnel_store::{Clock, Database, QueueSettings, Store};
 
+pub use acp::AcpLimits;
 pub use auth::{WORKER_TOKEN_MIN_LEN, check_worker_token, mint_token};
 pub use openapi::openapi_json;
 pub use serve::ConnectionLimits;
@@ -53,6 +55,8 @@ pub struct ServerConfig {
     pub connections: ConnectionLimits,
     /// Long-polls (claims) one token may have parked at once.
     pub max_polls_per_token: usize,
+    /// What `/acp` (ACP over a WebSocket) connections may cost.
+    pub acp: AcpLimits,
 }
 
 impl ServerConfig {
@@ -70,6 +74,7 @@ impl ServerConfig {
             prune_every: std::time::Duration::from_secs(600),
             connections: ConnectionLimits::default(),
             max_polls_per_token: DEFAULT_MAX_POLLS_PER_TOKEN,
+            acp: AcpLimits::default(),
         }
     }
 }
@@ -112,6 +117,7 @@ pub(crate) struct Inner {
     /// Long-polls parked per token id, bounded by `max_polls_per_token`.
     pub(crate) polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) max_polls_per_token: usize,
+    pub(crate) acp: Arc<acp::AcpState>,
 }
 
 impl Inner {
@@ -196,6 +202,10 @@ impl Server {
             connections: Arc::default(),
             polls: Default::default(),
             max_polls_per_token: config.max_polls_per_token,
+            acp: Arc::new(acp::AcpState::new(
+                config.acp.clone(),
+                config.max_body_bytes,
+            )),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =
@@ -210,6 +220,31 @@ impl Server {
                 "max_connections and max_polls_per_token must be at least 1".into(),
             ));
         }
+        let a = &config.acp;
+        if a.max_connections == 0
+            || a.max_per_token == 0
+            || a.max_pending == 0
+            || a.max_sessions == 0
+            || a.idle_timeout.is_zero()
+        {
+            return Err(StartError::Config(
+                "the /acp limits must all be at least 1".into(),
+            ));
+        }
+        // `/acp` acts through this server's own API, on loopback.
+        let bound = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let ip = match bound.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        state
+            .acp
+            .set_api(&format!("http://{}", SocketAddr::new(ip, bound.port())))
+            .map_err(StartError::Config)?;
         let retention = match config.retain_finished_ms {
             Some(ms) if ms <= 0 => {
                 return Err(StartError::Config(

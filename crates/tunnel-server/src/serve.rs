@@ -344,7 +344,9 @@ pub(crate) async fn serve(
                 router,
                 conn: state.clone(),
             };
-            let conn = http.serve_connection(io, service);
+            // Upgrades: `/acp`'s WebSocket. An upgraded connection leaves this loop (and the
+            // cap) once its 101 is written; `/acp` bounds those itself.
+            let conn = http.serve_connection(io, service).with_upgrades();
             tokio::pin!(conn);
             let mut graceful = false;
             // Boxed and only while idle: a parked long-poll holds no timer.

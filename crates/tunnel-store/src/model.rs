@@ -658,10 +658,9 @@ pub(crate) fn session_home(
     match mode {
         "new" => Home::Known(None, None),
         "resume" => Home::History(resume_id.unwrap_or_default()),
-        _ => {
-            let home = bound_session.as_ref().and(bound_runner);
-            Home::Known(bound_session, home)
-        }
+        // A bound runner without a session yet: a conversation pinned to a runner before its
+        // first task (`sessions/new` with a runner).
+        _ => Home::Known(bound_session, bound_runner),
     }
 }
 

@@ -333,8 +333,9 @@ pub(crate) struct AcpArgs {
     /// The agent the runner runs: claude, codex, gemini or a custom agent's name.
     #[arg(long, default_value = "claude")]
     pub(crate) agent: String,
-    /// Only map the client's directory to projects this runner declared [default: the
-    /// config's `[acp] runner`]. A session's later prompts go to the runner that holds it.
+    /// Run new sessions on this runner, from their first prompt on, and only map the client's
+    /// directory to projects it declared [default: the config's `[acp] runner`]. A loaded
+    /// session's prompts go to the runner that holds it.
     #[arg(long)]
     pub(crate) runner: Option<String>,
     /// Run every session in this project instead of mapping the client's directory

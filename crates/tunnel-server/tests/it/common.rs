@@ -39,6 +39,7 @@ pub struct Options {
     pub queue: Option<QueueSettings>,
     pub connections: Option<tunnel_server::ConnectionLimits>,
     pub max_polls_per_token: Option<usize>,
+    pub acp: Option<tunnel_server::AcpLimits>,
 }
 
 impl TestServer {
@@ -262,6 +263,9 @@ async fn launch(db_path: PathBuf, clock: Arc<ManualClock>, opts: Options) -> Tes
     }
     if let Some(n) = opts.max_polls_per_token {
         config.max_polls_per_token = n;
+    }
+    if let Some(a) = opts.acp {
+        config.acp = a;
     }
     let server = Server::bind(config).await.unwrap();
     let url = format!("http://{}", server.local_addr());

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod acp;
 mod approvals;
 mod auth;
 mod browser;

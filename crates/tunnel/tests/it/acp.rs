@@ -92,14 +92,34 @@ fn get(server: &Server, path: &str) -> (u16, Value) {
     ])
 }
 
-/// `tunnel acp` as a child, and this test as its ACP client.
+/// How the test reaches the bridge.
+enum Link {
+    /// `tunnel acp` as a child, JSON-RPC lines on its stdio.
+    Stdio { child: Child, stdin: ChildStdin },
+    /// The server's `/acp` on a WebSocket; `None` drops the socket without a close.
+    Ws {
+        tx: tokio::sync::mpsc::UnboundedSender<Option<String>>,
+    },
+}
+
+/// The bridge (`tunnel acp`, or the server's `/acp`), and this test as its ACP client.
 struct Acp {
-    child: Child,
-    stdin: ChildStdin,
+    link: Link,
     rx: mpsc::Receiver<Value>,
     next: u64,
     /// Messages from the agent not yet taken by a wait.
     backlog: Vec<Value>,
+}
+
+/// A message as received, with when it arrived (for the overhead figure) beside it.
+fn received(text: &str) -> Value {
+    let at = micros();
+    let mut v: Value = serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("the bridge sent something that is not JSON ({e}): {text}"));
+    if let Some(o) = v.as_object_mut() {
+        o.insert("_rx_us".into(), json!(at));
+    }
+    v
 }
 
 impl Acp {
@@ -122,22 +142,75 @@ impl Acp {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let at = micros();
-                let mut v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("tunnel acp wrote a line that is not JSON ({e}): {line}")
-                });
-                // When it arrived (for the overhead figure), beside what tunnel acp sent.
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("_rx_us".into(), json!(at));
-                }
-                if tx.send(v).is_err() {
+                if tx.send(received(&line)).is_err() {
                     return;
                 }
             }
         });
         Acp {
-            child,
-            stdin,
+            link: Link::Stdio { child, stdin },
+            rx,
+            next: 1,
+            backlog: vec![],
+        }
+    }
+
+    /// A real WebSocket client (tokio-tungstenite) on the server's `/acp{query}`.
+    fn websocket(server: &Server, token: &str, query: &str) -> Acp {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/acp{query}", server.url().replace("http://", "ws://"));
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (tx, rx) = mpsc::channel();
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut ws = match tokio_tungstenite::connect_async(req).await {
+                    Ok((ws, _)) => ws,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    tokio::select! {
+                        m = ws.next() => match m {
+                            Some(Ok(Message::Text(t))) => {
+                                if tx.send(received(t.as_str())).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => return,
+                        },
+                        out = out_rx.recv() => match out {
+                            Some(Some(text)) => {
+                                if ws.send(Message::Text(text.into())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            // Gone without a goodbye, like a client that lost its network.
+                            Some(None) | None => return,
+                        },
+                    }
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("cannot connect to /acp: {e}"));
+        Acp {
+            link: Link::Ws { tx: out_tx },
             rx,
             next: 1,
             backlog: vec![],
@@ -145,8 +218,13 @@ impl Acp {
     }
 
     fn send(&mut self, v: Value) {
-        writeln!(self.stdin, "{v}").unwrap();
-        self.stdin.flush().unwrap();
+        match &mut self.link {
+            Link::Stdio { stdin, .. } => {
+                writeln!(stdin, "{v}").unwrap();
+                stdin.flush().unwrap();
+            }
+            Link::Ws { tx } => tx.send(Some(v.to_string())).unwrap(),
+        }
     }
 
     fn request(&mut self, method: &str, params: Value) -> u64 {
@@ -210,16 +288,20 @@ impl Acp {
         self.updates()
     }
 
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    fn kill(self) {}
 }
 
 impl Drop for Acp {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.link {
+            Link::Stdio { child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Link::Ws { tx } => {
+                let _ = tx.send(None);
+            }
+        }
     }
 }
 
@@ -606,6 +688,122 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
     assert_eq!(wait_ended(&server, &task)["state"], "cancelled");
 }
 
+/// The same agent over the server's `/acp` (ACP's WebSocket transport) with a real WebSocket
+/// client: a prompt streams its updates and ends with the stop reason; a client that drops
+/// the socket mid-prompt (a question open) reconnects, loads the session and gets every update
+/// once, in order, the question again, and the end.
+#[test]
+fn acp_over_websocket_prompts_a_remote_agent_and_replays_after_a_disconnect() {
+    let world = World::new();
+    let server = Server::start(&world, &[], vec![]);
+    let _runner = AgentRunner::start(&world, &server, "home", &tiny_agents(&world));
+    let web = world.path("web");
+    let cwd = "/home/editor/src/web";
+    let editor = token(&server, "editor");
+
+    let mut acp = Acp::websocket(&server, &editor, "?agent=tiny");
+    let init = initialize(&mut acp);
+    assert_eq!(init["result"]["protocolVersion"], 1, "{init}");
+    assert_eq!(
+        init["result"]["agentCapabilities"]["loadSession"], true,
+        "{init}"
+    );
+    let s = acp.call("session/new", json!({"cwd": cwd, "mcpServers": []}));
+    let sid = s["result"]["sessionId"].as_str().unwrap().to_owned();
+    let r = acp.call(
+        "session/prompt",
+        json!({"sessionId": sid, "prompt": [{"type": "text", "text": "hello there"}]}),
+    );
+    assert_eq!(r["result"]["stopReason"], "end_turn", "{r}");
+    let u = acp.updates();
+    assert_eq!(answer_text(&u), "echo: hello there", "{u:?}");
+    let tasks = tasks_of(&server, &sid);
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0]["project"], "web");
+    assert_eq!(
+        u.iter().map(sig).collect::<Vec<_>>(),
+        expected(&server, tasks[0]["id"].as_str().unwrap())
+    );
+
+    // The socket drops mid-prompt, a question open; the task waits on the runner.
+    acp.request(
+        "session/prompt",
+        json!({"sessionId": sid, "prompt": [{"type": "text", "text": "tool: echo ws > ws.txt"}]}),
+    );
+    let first_ask = acp.until("permission request", is_permission);
+    acp.kill();
+    let mut acp = Acp::websocket(&server, &editor, "?agent=tiny");
+    initialize(&mut acp);
+    let r = acp.call(
+        "session/load",
+        json!({"sessionId": sid, "cwd": cwd, "mcpServers": []}),
+    );
+    assert_eq!(r["result"], json!({}), "{r}");
+    let ask = acp.until("the open question again", is_permission);
+    assert_eq!(
+        ask["params"]["toolCall"]["toolCallId"],
+        first_ask["params"]["toolCall"]["toolCallId"]
+    );
+    let option = allow_option(&ask);
+    acp.send(json!({"jsonrpc": "2.0", "id": ask["id"], "result": {"outcome": {"outcome": "selected", "optionId": option}}}));
+    let tasks = tasks_of(&server, &sid);
+    let last = tasks.last().unwrap()["id"].as_str().unwrap().to_owned();
+    wait_ended(&server, &last);
+    assert_eq!(std::fs::read_to_string(web.join("ws.txt")).unwrap(), "ws\n");
+    let aid = ask["params"]["toolCall"]["toolCallId"].as_str().unwrap();
+    let (_, a) = get(&server, &format!("/v1/approvals/{aid}"));
+    assert_eq!(a["outcome"]["by"], "acp:it via token editor", "{a}");
+    let mut want: Vec<String> = Vec::new();
+    for t in &tasks {
+        want.push(format!(
+            "user_message_chunk  {}",
+            t["prompt"].as_str().unwrap()
+        ));
+        want.extend(expected(&server, t["id"].as_str().unwrap()));
+    }
+    assert_eq!(
+        want.last().unwrap(),
+        "agent_message_chunk  allowed:yes",
+        "{want:?}"
+    );
+    let got = acp.collect_updates(want.len());
+    assert_eq!(got.iter().map(sig).collect::<Vec<_>>(), want);
+    // Nothing more (no update twice): a round trip later the backlog has no update.
+    acp.call("session/new", json!({"cwd": cwd}));
+    assert!(acp.updates().is_empty());
+}
+
+/// `tunnel acp --runner NAME`: a new session's first prompt (not only the later ones) runs on
+/// that runner, though another runner offers the same agent and project and is as free.
+#[test]
+fn acp_runner_flag_pins_a_new_sessions_first_prompt() {
+    let world = World::new();
+    let server = Server::start(&world, &[], vec![]);
+    let agents = tiny_agents(&world);
+    let _home = AgentRunner::start(&world, &server, "home", &agents);
+    let _away = AgentRunner::start(&world, &server, "away", &agents);
+    let editor = token(&server, "editor");
+    for (pinned, args) in [
+        ("away", vec!["--agent", "tiny", "--runner", "away"]),
+        ("home", vec!["--agent", "tiny", "--runner", "home"]),
+    ] {
+        let mut acp = Acp::start_with(&server, &editor, &args);
+        initialize(&mut acp);
+        // Several sessions: by chance alone, all first prompts on one runner is unlikely.
+        for i in 0..4 {
+            let s = acp.call("session/new", json!({"cwd": "/src/web"}));
+            let sid = s["result"]["sessionId"].as_str().unwrap().to_owned();
+            let r = acp.call(
+                "session/prompt",
+                json!({"sessionId": sid, "prompt": [{"type": "text", "text": format!("first {i}")}]}),
+            );
+            assert_eq!(r["result"]["stopReason"], "end_turn", "{r}");
+            let tasks = tasks_of(&server, &sid);
+            assert_eq!(tasks[0]["runner"], pinned, "{:?}", tasks[0]);
+        }
+    }
+}
+
 /// A new client token.
 fn token(server: &Server, name: &str) -> String {
     let (code, t) = super::curl(&[
@@ -894,6 +1092,19 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
 #[test]
 #[ignore = "a benchmark figure; run it by name"]
 fn bridge_overhead() {
+    overhead(false);
+}
+
+/// The same figures through the server's `/acp` (a WebSocket client in this process instead of
+/// a `tunnel acp` child): `acp::bridge_overhead_websocket`.
+#[test]
+#[ignore = "a benchmark figure; run it by name"]
+fn bridge_overhead_websocket() {
+    overhead(true);
+}
+
+fn overhead(ws: bool) {
+    let via = if ws { "/acp (WebSocket)" } else { "tunnel acp" };
     let n: usize = std::env::var("ACP_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -902,7 +1113,11 @@ fn bridge_overhead() {
     let server = Server::start(&world, &[], vec![]);
     let _runner = AgentRunner::start(&world, &server, "home", &tiny_agents(&world));
     let editor = token(&server, "editor");
-    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
+    let mut acp = if ws {
+        Acp::websocket(&server, &editor, "?agent=tiny")
+    } else {
+        Acp::start_with(&server, &editor, &["--agent", "tiny"])
+    };
     initialize(&mut acp);
     let s = acp.call("session/new", json!({"cwd": "/x/web"}));
     let sid = s["result"]["sessionId"].as_str().unwrap().to_owned();
@@ -1014,14 +1229,14 @@ fn bridge_overhead() {
         v[((v.len() - 1) as f64 * q).round() as usize]
     };
     println!(
-        "prompt -> task stored, ms: via tunnel acp p50 {:.2} p90 {:.2}; direct POST p50 {:.2} p90 {:.2} ({n} prompts)",
+        "prompt -> task stored, ms: via {via} p50 {:.2} p90 {:.2}; direct POST p50 {:.2} p90 {:.2} ({n} prompts)",
         p(&mut via_bridge, 0.5),
         p(&mut via_bridge, 0.9),
         p(&mut via_http, 0.5),
         p(&mut via_http, 0.9)
     );
     println!(
-        "update -> client, added by tunnel acp over reading SSE directly, ms: p50 {:.2} p90 {:.2} max {:.2} ({} updates)",
+        "update -> client, added by {via} over reading SSE directly, ms: p50 {:.2} p90 {:.2} max {:.2} ({} updates)",
         p(&mut update_added, 0.5),
         p(&mut update_added, 0.9),
         p(&mut update_added, 1.0),
