@@ -354,7 +354,13 @@ impl Bridge {
             .sessions(Some(&sid), Some(&self.s.agent))
             .await
             .map_err(server_error)?;
-        if list.sessions.iter().all(|b| b.conversation != sid) {
+        // Only the caller's own conversation: an admin's listing also has clients' of the
+        // same name, marked with their owner.
+        if list
+            .sessions
+            .iter()
+            .all(|b| b.conversation != sid || b.owner.is_some())
+        {
             return Err((
                 NOT_FOUND,
                 format!(

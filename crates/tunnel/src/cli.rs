@@ -438,7 +438,8 @@ pub(crate) struct SessionsArgs {
     pub(crate) client: ClientArgs,
     #[command(subcommand)]
     pub(crate) action: Option<SessionAction>,
-    /// Only this conversation's binding.
+    /// Only this conversation's binding. Names are scoped by token: a client token sees its
+    /// own conversations; an admin token every token's, with an OWNER column.
     #[arg(long)]
     pub(crate) conversation: Option<String>,
     /// Only this agent's bindings and sessions.
