@@ -554,6 +554,11 @@ impl AppendEvents {
 pub struct AppendAck {
     pub accepted: u32,
     pub cancel: bool,
+    /// The task's event log reached its cap (`max_task_events` / `max_task_event_bytes`):
+    /// later events are acknowledged and dropped, so the runner need not send them (its
+    /// finish, with the answer, is always kept). Absent from servers before it: false.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1133,6 +1133,7 @@ impl PgStore {
             Ok(AppendAck {
                 accepted,
                 cancel: t.state == TaskState::Cancelling,
+                truncated: log.truncated,
             })
         })
     }

@@ -819,6 +819,7 @@ impl SqliteStore {
             Ok(AppendAck {
                 accepted,
                 cancel: t.state == TaskState::Cancelling,
+                truncated: log.truncated,
             })
         })
         .await
