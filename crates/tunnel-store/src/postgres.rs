@@ -1466,19 +1466,17 @@ impl PgStore {
             };
             w.lock_key(&session_key(&cmd.agent, &cmd.conversation, &ns))
                 .await?;
-            if let Some(o) = &owner {
-                if let Some(id) = &cmd.session_id {
-                    let made = w
-                        .opt(
-                            "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
-                            &[&cmd.agent, id],
-                        )
-                        .await?;
-                    if let Some(row) = made
-                        && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
-                    {
-                        return Err(StoreError::NotFound("session"));
-                    }
+            if let (Some(o), Some(id)) = (&owner, &cmd.session_id) {
+                let made = w
+                    .opt(
+                        "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
+                        &[&cmd.agent, id],
+                    )
+                    .await?;
+                if let Some(row) = made
+                    && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
+                {
+                    return Err(StoreError::NotFound("session"));
                 }
             }
             let runner = match (&cmd.session_id, &cmd.runner) {

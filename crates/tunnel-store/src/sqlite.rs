@@ -1086,20 +1086,18 @@ impl SqliteStore {
                 Some(o) => conv_owner_of(w.conn, o)?,
                 None => String::new(),
             };
-            if let Some(o) = owner {
-                if let Some(id) = &cmd.session_id {
-                    let made_by: Option<String> = w
-                        .conn
-                        .query_row(
-                            "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
-                            params![cmd.agent, id],
-                            |r| r.get(0),
-                        )
-                        .optional()?
-                        .flatten();
-                    if made_by.is_some_and(|b| b != o) {
-                        return Err(StoreError::NotFound("session"));
-                    }
+            if let (Some(o), Some(id)) = (owner, &cmd.session_id) {
+                let made_by: Option<String> = w
+                    .conn
+                    .query_row(
+                        "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
+                        params![cmd.agent, id],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .flatten();
+                if made_by.is_some_and(|b| b != o) {
+                    return Err(StoreError::NotFound("session"));
                 }
             }
             let runner = match (&cmd.session_id, &cmd.runner) {
