@@ -94,6 +94,8 @@ export interface SessionBinding {
   session_id?: string;
   runner?: string;
   updated_at: number;
+  /** Another token's conversation (admin listings only); absent: the caller's own. */
+  owner?: string;
 }
 
 export interface RecentSession {

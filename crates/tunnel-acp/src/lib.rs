@@ -527,7 +527,9 @@ impl Bridge {
         let mut bindings: Vec<_> = list
             .sessions
             .iter()
-            .filter(|b| b.conversation.starts_with(PREFIX))
+            // The caller's own only: an admin's listing also has clients' bindings, marked
+            // with their owner.
+            .filter(|b| b.conversation.starts_with(PREFIX) && b.owner.is_none())
             .collect();
         bindings.sort_by_key(|b| std::cmp::Reverse(b.updated_at));
         let sessions: Vec<Value> = bindings
@@ -547,7 +549,13 @@ impl Bridge {
             .sessions(Some(&sid), Some(&self.s.agent))
             .await
             .map_err(server_error)?;
-        if list.sessions.iter().all(|b| b.conversation != sid) {
+        // Only the caller's own conversation: an admin's listing also has clients' of the
+        // same name, marked with their owner.
+        if list
+            .sessions
+            .iter()
+            .all(|b| b.conversation != sid || b.owner.is_some())
+        {
             return Err((
                 NOT_FOUND,
                 format!(

@@ -244,7 +244,8 @@ pub struct SubmitTask {
     pub agent: String,
     pub prompt: String,
     /// The chat conversation (channel, thread, DM). Tasks of one conversation and agent run
-    /// one at a time in submission order and share the agent's session.
+    /// one at a time in submission order and share the agent's session. Names are scoped by
+    /// owner: each client token's are its own, admin tokens share one namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation: Option<String>,
     /// A project name a runner declared; never a path.
@@ -553,6 +554,11 @@ impl AppendEvents {
 pub struct AppendAck {
     pub accepted: u32,
     pub cancel: bool,
+    /// The task's event log reached its cap (`max_task_events` / `max_task_event_bytes`):
+    /// later events are acknowledged and dropped, so the runner need not send them (its
+    /// finish, with the answer, is always kept). Absent from servers before it: false.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -804,6 +810,12 @@ pub struct SessionBinding {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<String>,
     pub updated_at: i64,
+    /// The client token (id) whose conversation this is, when it is not the caller's own:
+    /// conversation names are scoped by owner, and only an admin's listing shows other
+    /// tokens' conversations. Absent: the caller's own (for an admin, the shared namespace
+    /// of admin tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// A native session seen on a runner, most recently used first.

@@ -27,6 +27,10 @@ pub(crate) struct SpoolEntry {
     pub(crate) mark: Option<String>,
     /// Events not yet acknowledged by the server.
     pub(crate) pending: Vec<NewEvent>,
+    /// The server said the task's event log is truncated (at its cap): later events would be
+    /// dropped there, so only what it still uses (`session`) is kept and sent.
+    #[serde(default)]
+    pub(crate) truncated: bool,
     /// The result, once the agent is done and until the server has it.
     pub(crate) finish: Option<FinishRequest>,
 }

@@ -57,6 +57,7 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         cgroup: None,
         mark: None,
         pending: vec![],
+        truncated: false,
         finish: None,
     };
     let reporter = Reporter::start(ctx.clone(), entry);
@@ -717,9 +718,12 @@ async fn report_loop(
             msg = rx.recv() => match msg {
                 Some(Msg::Event(e)) => {
                     let e = fit_event(e);
-                    entry.pending.push(NewEvent { n: next_n, kind: e.kind.into(), data: e.data });
+                    let e = NewEvent { n: next_n, kind: e.kind.into(), data: e.data };
                     next_n += 1;
-                    dirty = true;
+                    if !entry.truncated || sent_after_truncation(&e) {
+                        entry.pending.push(e);
+                        dirty = true;
+                    }
                 }
                 Some(Msg::Procs(p)) => {
                     let p = p.unwrap_or_default();
@@ -751,8 +755,11 @@ async fn report_loop(
                 }
                 if !entry.pending.is_empty() && Instant::now() >= retry_at && !stale.is_cancelled() {
                     match send_events(&ctx.client, &entry).await {
-                        Ok(sent) => {
+                        Ok((sent, truncated)) => {
                             entry.pending.drain(..sent);
+                            if truncated {
+                                log_truncated(&mut entry);
+                            }
                             failures = 0;
                             dirty = true;
                         }
@@ -781,9 +788,26 @@ fn refused_for_good(e: &tunnel_client::ClientError) -> bool {
     matches!(e.status(), Some(400 | 413 | 422))
 }
 
+/// Whether an event is still sent once the server said the task's log is truncated: only a
+/// `session` event, which the server records for affinity even when it does not store it.
+/// Everything else would be dropped there, so it is not spooled or uploaded at all.
+fn sent_after_truncation(e: &NewEvent) -> bool {
+    e.kind == "session"
+}
+
+/// The server truncated the task's log: drop what it would drop, and send no more of it.
+fn log_truncated(entry: &mut SpoolEntry) {
+    if !entry.truncated {
+        tracing::info!(task_id = %entry.task_id, "The server truncated this task's event log; sending only its result from now on.");
+    }
+    entry.truncated = true;
+    entry.pending.retain(sent_after_truncation);
+}
+
 /// Sends up to one batch of pending events; returns how many were sent (or dropped: a single
-/// event the server refuses for good is dropped, so one bad event cannot stop the report).
-async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Result<usize> {
+/// event the server refuses for good is dropped, so one bad event cannot stop the report) and
+/// whether the server said the task's log is truncated.
+async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Result<(usize, bool)> {
     let mut n = 0;
     let mut bytes = 0;
     for e in entry.pending.iter().take(BATCH) {
@@ -800,13 +824,13 @@ async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Resu
             events: entry.pending[..n].to_vec(),
         };
         match client.append_events(&entry.task_id, &req).await {
-            Ok(_) => return Ok(n),
+            Ok(ack) => return Ok((n, ack.truncated)),
             // A smaller server limit: halve the batch; a single event that is still refused
             // is dropped.
             Err(e) if refused_for_good(&e) && n > 1 => n /= 2,
             Err(e) if refused_for_good(&e) => {
                 tracing::warn!(task_id = %entry.task_id, error = %e, "The server refused an event; dropped.");
-                return Ok(1);
+                return Ok((1, false));
             }
             Err(e) => return Err(e),
         }
@@ -854,8 +878,11 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
     loop {
         let step = async {
             while !entry.pending.is_empty() {
-                let sent = send_events(&ctx.client, entry).await?;
+                let (sent, truncated) = send_events(&ctx.client, entry).await?;
                 entry.pending.drain(..sent);
+                if truncated {
+                    log_truncated(entry);
+                }
             }
             let mut refusals = 0;
             while let Some(f) = &entry.finish {

@@ -142,7 +142,6 @@ pub(crate) fn wait_budget(state: &AppState, ms: u64) -> Instant {
     responses((status = 201, body = Task), (status = 200, description = "replayed", body = Task),
         (status = 400, body = tunnel_protocol::ErrorBody),
         (status = 404, description = "resume of a session another client's task made", body = tunnel_protocol::ErrorBody),
-        (status = 409, description = "the conversation belongs to another client token", body = tunnel_protocol::ErrorBody),
         (status = 429, description = "the token has as many tasks waiting as it may (max_queued_per_token)", body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["client"])))]
 async fn submit_task(
@@ -846,9 +845,11 @@ struct SessionQuery {
     limit: Option<u32>,
 }
 
-/// Session bindings (conversation × agent → native session, runner) and recent sessions. A
-/// client token sees its own and the shared ones (made by an admin, or found on a runner's
-/// disk); admin sees all.
+/// Session bindings (conversation × agent → native session, runner) and recent sessions.
+/// Conversation names are scoped by owner: a client token sees the conversations of its own
+/// namespace; an admin sees those of the admin tokens' shared namespace and every client's,
+/// the latter with `owner`. Recent sessions: a client's own and the shared ones (made by an
+/// admin, or found on a runner's disk).
 #[utoipa::path(get, path = "/v1/sessions", tag = "sessions", params(SessionQuery),
     responses((status = 200, body = SessionList)), security(("bearer" = ["client"])))]
 async fn list_sessions(
@@ -867,8 +868,9 @@ async fn list_sessions(
     ))
 }
 
-/// Start fresh: the conversation's next task starts a new agent session. A client cannot
-/// rebind another client's conversation (404).
+/// Start fresh: the conversation's next task starts a new agent session. The conversation is
+/// the caller's own (a client token's namespace, or the admin tokens' shared one): the same
+/// name of another token is never touched.
 #[utoipa::path(post, path = "/v1/sessions/new", tag = "sessions", request_body = SessionCommand,
     responses((status = 200, body = SessionBinding), (status = 404, body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["client"])))]
@@ -883,8 +885,8 @@ async fn new_session(
     ))
 }
 
-/// Bind the conversation to an existing native session id. A client cannot rebind another
-/// client's conversation, nor take a session another client's task made (404).
+/// Bind the caller's own conversation to an existing native session id. A client cannot take
+/// a session another client's task made (404).
 #[utoipa::path(post, path = "/v1/sessions/resume", tag = "sessions", request_body = SessionCommand,
     responses((status = 200, body = SessionBinding), (status = 404, body = tunnel_protocol::ErrorBody)),
     security(("bearer" = ["client"])))]

@@ -346,11 +346,17 @@ async fn handed_session_id(s: &AppState, task: &Task) -> Result<String, StoreErr
     {
         return Ok(w.clone());
     }
-    Ok(task
+    let Some(conv) = task
         .conversation
         .as_deref()
         .filter(|c| tunnel_protocol::validate_session_id("sessionId", c).is_ok())
-        .map_or_else(|| task.id.clone(), derived_session_id))
+    else {
+        return Ok(task.id.clone());
+    };
+    // Conversation names are scoped by owner: two clients' "x" are two conversations, so
+    // they must not share the runner's session of one name.
+    let owner = s.store.conversation_owner(&task.id).await?;
+    Ok(derived_session_id(conv, owner.as_deref()))
 }
 
 /// Whether the original runner would expand this id as a prefix of its session files.
@@ -358,13 +364,18 @@ fn expandable(id: &str) -> bool {
     id.len() < 32 || !id.contains('-')
 }
 
-/// A UUID-shaped name for a conversation (SHA-256 of it): full length, so never expanded.
-fn derived_session_id(conversation: &str) -> String {
+/// A UUID-shaped name for a conversation (SHA-256 of it and of the client token whose
+/// conversation it is; the shared namespace of admin tokens adds nothing, so its names are
+/// those of before conversations had owners): full length, so never expanded.
+fn derived_session_id(conversation: &str, owner: Option<&str>) -> String {
     use sha2::{Digest, Sha256};
-    let h = Sha256::new()
+    let mut h = Sha256::new()
         .chain_update(b"tunnel openclaw session\x1f")
-        .chain_update(conversation.as_bytes())
-        .finalize();
+        .chain_update(conversation.as_bytes());
+    if let Some(o) = owner {
+        h = h.chain_update(b"\x1f").chain_update(o.as_bytes());
+    }
+    let h = h.finalize();
     let x = tunnel_protocol::hex(&h[..16]);
     format!(
         "{}-{}-{}-{}-{}",

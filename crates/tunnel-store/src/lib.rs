@@ -543,6 +543,15 @@ impl Store {
         }
     }
 
+    /// The namespace task `id`'s conversation is in: the client token that owns it, or `None`
+    /// for the shared namespace of admin tokens. Conversation names are scoped by it.
+    pub async fn conversation_owner(&self, id: &str) -> Result<Option<String>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.conversation_owner(id.to_owned()).await,
+            Backend::Postgres(s) => s.conversation_owner(id.to_owned()).await,
+        }
+    }
+
     pub async fn ack(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
         match &*self.backend {
             Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), None).await,

@@ -95,14 +95,21 @@ pub(crate) fn event_from_row(r: &impl Columns) -> Result<TaskEvent> {
     })
 }
 
-/// A `sessions` row selected as `conversation, agent, session_id, runner, updated_at`.
-pub(crate) fn binding_from_row(r: &impl Columns) -> Result<SessionBinding> {
+/// The columns [`binding_from_row`] reads from `sessions`, in its order.
+pub(crate) const BINDING_COLUMNS: &str =
+    "conversation, agent, session_id, runner, updated_at, owner";
+
+/// A `sessions` row of [`BINDING_COLUMNS`], as `caller` (the caller's own namespace: a client
+/// token's id, '' for an admin) sees it: `owner` is shown only for another namespace.
+pub(crate) fn binding_from_row(r: &impl Columns, caller: &str) -> Result<SessionBinding> {
+    let owner = r.text(5)?;
     Ok(SessionBinding {
         conversation: r.text(0)?,
         agent: r.text(1)?,
         session_id: r.opt_text(2)?,
         runner: r.opt_text(3)?,
         updated_at: r.int(4)?,
+        owner: (owner != caller && !owner.is_empty()).then_some(owner),
     })
 }
 
@@ -222,12 +229,16 @@ pub(crate) struct OpenTask {
     pub lease_until: Option<i64>,
     pub not_before: Option<i64>,
     pub reply_to: Option<ReplyTo>,
+    /// The namespace of its conversation: its owner when a client's, '' (shared) when an
+    /// admin's.
+    pub conv_owner: String,
 }
 
 /// The columns [`open_task_from_row`] reads, in its order.
 pub(crate) const OPEN_TASK_COLUMNS: &str =
     "seq, id, agent, conversation, session_key, owner, state, attempt,
-    runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before";
+    runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before,
+    conv_owner";
 
 pub(crate) fn open_task_from_row(r: &impl Columns) -> Result<OpenTask> {
     let state = r.text(6)?;
@@ -248,6 +259,7 @@ pub(crate) fn open_task_from_row(r: &impl Columns) -> Result<OpenTask> {
         lease_until: r.opt_int(13)?,
         reply_to: r.opt_text(14)?.and_then(|s| serde_json::from_str(&s).ok()),
         not_before: r.opt_int(15)?,
+        conv_owner: r.text(16)?,
     })
 }
 
@@ -300,20 +312,6 @@ fn human_duration(ms: i64) -> String {
         s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
         s => format!("{s} s"),
     }
-}
-
-/// Whether a task's session mode moves its conversation's binding to another session.
-pub(crate) fn switches_session(mode: &SessionMode) -> bool {
-    !matches!(mode, SessionMode::Continue)
-}
-
-/// A client's task may continue a shared conversation (one an admin's tasks use) but not move
-/// it to another session: the admin's next task would run in a session the client chose.
-pub(crate) fn shared_switch(conv: &str) -> StoreError {
-    StoreError::Conflict(format!(
-        "conversation {conv:?} is shared: a client token may continue it, not start or resume \
-         another session in it"
-    ))
 }
 
 /// A claim under a runner name another runner token registered first.
@@ -625,9 +623,15 @@ pub(crate) fn finished_event(
 // ---------------------------------------------------------------------------------------------
 // Sessions and deliveries
 
-/// The key that orders the tasks of one conversation with one agent.
-pub(crate) fn session_key(agent: &str, conversation: &str) -> String {
-    format!("{agent}\u{1f}{conversation}")
+/// The key that orders the tasks of one conversation with one agent in one namespace
+/// (`conv_owner`: a client token's id, '' for the shared one). Conversation names and agent
+/// names hold no control character, so the parts cannot run into each other.
+pub(crate) fn session_key(agent: &str, conversation: &str, conv_owner: &str) -> String {
+    if conv_owner.is_empty() {
+        format!("{agent}\u{1f}{conversation}")
+    } else {
+        format!("{agent}\u{1f}{conversation}\u{1f}{conv_owner}")
+    }
 }
 
 /// A task's session mode as stored: `session_mode` and `resume_id`.

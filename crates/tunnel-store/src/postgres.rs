@@ -41,18 +41,18 @@ use tunnel_protocol::{
 };
 
 use crate::model::{
-    self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, CANCELLED_BEFORE_RUN, Cancel, Columns,
-    EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask, StateEvent,
-    TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row, delivery_status_from_row,
-    destination, event_from_row, open_task_from_row, parse_state, recent_from_row, runner_from_row,
-    session_key, task_from_row, to_json, token_from_row,
+    self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, BINDING_COLUMNS, CANCELLED_BEFORE_RUN,
+    Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask,
+    StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row,
+    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
+    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
     ApprovalFilter, Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
     Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
-const MIGRATIONS: &[(&str, &str)] = &[
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_init",
         include_str!("../migrations/postgres/0001_init.sql"),
@@ -108,6 +108,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0015_event_caps",
         include_str!("../migrations/postgres/0015_event_caps.sql"),
+    ),
+    (
+        "0016_conversation_owner",
+        include_str!("../migrations/postgres/0016_conversation_owner.sql"),
     ),
 ];
 
@@ -536,10 +540,11 @@ impl PgStore {
         req: SubmitTask,
     ) -> Result<(Task, bool)> {
         write!(self, |w| {
+            let conv_owner = w.conv_owner_of(&owner).await?;
             let session_key = req
                 .conversation
                 .as_ref()
-                .map(|c| session_key(&req.agent, c));
+                .map(|c| session_key(&req.agent, c, &conv_owner));
             if let Some(k) = &key {
                 w.lock_key(&format!("idem\u{1f}{owner}\u{1f}{k}")).await?;
                 let existing = w
@@ -588,9 +593,10 @@ impl PgStore {
                 .one(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
-                        idempotency_key, state, ready, created_at, updated_at, meta, approvals)
+                        idempotency_key, state, ready, created_at, updated_at, meta, approvals,
+                        conv_owner)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                        'queued', $15, $16, $16, $17, $18)
+                        'queued', $15, $16, $16, $17, $18, $19)
                      RETURNING seq",
                     &[
                         &id,
@@ -611,6 +617,7 @@ impl PgStore {
                         &w.now,
                         &req.meta.as_ref().map(to_json),
                         &req.approvals.map(|p| p.as_str()),
+                        &conv_owner,
                     ],
                 )
                 .await?;
@@ -811,7 +818,7 @@ impl PgStore {
                  CROSS JOIN (SELECT '' AS project UNION SELECT unnest($3::text[])) AS p
                  CROSS JOIN LATERAL (
                     SELECT t.seq FROM tasks t
-                    LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                    LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent AND s.conversation = t.conversation
                     WHERE t.ready AND t.agent = a.agent AND COALESCE(t.project, '') = p.project
                       AND (t.not_before IS NULL OR t.not_before <= $1)
                       AND COALESCE({HOME_EXPR}, $4) = $4
@@ -853,7 +860,7 @@ impl PgStore {
                             "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
                                 s.session_id, s.runner
                              FROM tasks t
-                             LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                             LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent AND s.conversation = t.conversation
                              WHERE t.seq = $1",
                             &[&seq],
                         )
@@ -903,17 +910,17 @@ impl PgStore {
                 } else {
                     None
                 };
-                let owner: String = get(
-                    &w.one("SELECT owner FROM tasks WHERE seq = $1", &[&seq])
+                let conv_owner: String = get(
+                    &w.one("SELECT conv_owner FROM tasks WHERE seq = $1", &[&seq])
                         .await?,
                     0,
                 )?;
                 w.set_binding(
                     &task.agent,
                     conv,
+                    &conv_owner,
                     resume.as_deref(),
                     runner.as_deref(),
-                    Some(&owner),
                 )
                 .await?;
             }
@@ -1005,6 +1012,14 @@ impl PgStore {
             None => false,
             Some(r) => get::<Option<String>>(&r, 0)?.is_none_or(|o| o == owner),
         })
+    }
+
+    pub(crate) async fn conversation_owner(&self, id: String) -> Result<Option<String>> {
+        let c = self.conn().await?;
+        let row = q_opt(&c, "SELECT conv_owner FROM tasks WHERE id = $1", &[&id])
+            .await?
+            .ok_or(StoreError::NotFound("task"))?;
+        Ok(Some(get::<String>(&row, 0)?).filter(|o| !o.is_empty()))
     }
 
     pub(crate) async fn current_attempt(&self, id: String) -> Result<Option<CurrentAttempt>> {
@@ -1118,6 +1133,7 @@ impl PgStore {
             Ok(AppendAck {
                 accepted,
                 cancel: t.state == TaskState::Cancelling,
+                truncated: log.truncated,
             })
         })
     }
@@ -1395,18 +1411,26 @@ impl PgStore {
         };
         let c = self.conn().await?;
         let limit = limit.clamp(1, 1000) as i64;
+        // A client sees the conversations of its own namespace only; an admin every one,
+        // other tokens' with their owner.
+        let ns = match &owner {
+            Some(o) => conv_owner_of(&c, o).await?,
+            None => String::new(),
+        };
         let rows = q_all(
             &c,
-            "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
-             WHERE ($1::text IS NULL OR conversation = $1) AND ($2::text IS NULL OR agent = $2)
-                AND ($4::text IS NULL OR owner IS NULL OR owner = $4)
-             ORDER BY updated_at DESC LIMIT $3",
-            &[&conversation, &agent, &limit, &owner],
+            &format!(
+                "SELECT {BINDING_COLUMNS} FROM sessions
+                 WHERE ($1::text IS NULL OR conversation = $1) AND ($2::text IS NULL OR agent = $2)
+                    AND ($4::text IS NULL OR owner = $5)
+                 ORDER BY updated_at DESC LIMIT $3"
+            ),
+            &[&conversation, &agent, &limit, &owner, &ns],
         )
         .await?;
         let sessions = rows
             .iter()
-            .map(binding_from_row)
+            .map(|r| binding_from_row(r, &ns))
             .collect::<Result<Vec<_>>>()?;
         let rows = q_all(
             &c,
@@ -1434,34 +1458,25 @@ impl PgStore {
                 Scope::All => None,
                 Scope::Owner(o) => Some(o.clone()),
             };
-            w.lock_key(&session_key(&cmd.agent, &cmd.conversation))
+            // The conversation is the caller's own, in its namespace: nothing another token
+            // bound under the same name is touched.
+            let ns = match &owner {
+                Some(o) => w.conv_owner_of(o).await?,
+                None => String::new(),
+            };
+            w.lock_key(&session_key(&cmd.agent, &cmd.conversation, &ns))
                 .await?;
-            if let Some(o) = &owner {
-                let bound = w
+            if let (Some(o), Some(id)) = (&owner, &cmd.session_id) {
+                let made = w
                     .opt(
-                        "SELECT owner FROM sessions WHERE agent = $1 AND conversation = $2",
-                        &[&cmd.agent, &cmd.conversation],
+                        "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
+                        &[&cmd.agent, id],
                     )
                     .await?;
-                // Another client's, or shared (an admin's tasks use it): not this client's to
-                // rebind, since the next task of its owner would run in the session it names.
-                if let Some(row) = bound
-                    && get::<Option<String>>(&row, 0)?.as_ref() != Some(o)
+                if let Some(row) = made
+                    && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
                 {
-                    return Err(StoreError::NotFound("conversation"));
-                }
-                if let Some(id) = &cmd.session_id {
-                    let made = w
-                        .opt(
-                            "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
-                            &[&cmd.agent, id],
-                        )
-                        .await?;
-                    if let Some(row) = made
-                        && get::<Option<String>>(&row, 0)?.is_some_and(|b| &b != o)
-                    {
-                        return Err(StoreError::NotFound("session"));
-                    }
+                    return Err(StoreError::NotFound("session"));
                 }
             }
             let runner = match (&cmd.session_id, &cmd.runner) {
@@ -1472,9 +1487,9 @@ impl PgStore {
             w.set_binding(
                 &cmd.agent,
                 &cmd.conversation,
+                &ns,
                 cmd.session_id.as_deref(),
                 runner.as_deref(),
-                owner.as_deref(),
             )
             .await?;
             if let Some(id) = &cmd.session_id {
@@ -1495,6 +1510,7 @@ impl PgStore {
                 session_id: cmd.session_id.clone(),
                 runner,
                 updated_at: w.now,
+                owner: None,
             })
         })
     }
@@ -2165,7 +2181,7 @@ async fn poll_loop(pool: Pool, signals: Arc<dyn Signals>, clock: Arc<dyn Clock>)
 async fn poll_once<C: GenericClient>(c: &C, signals: &dyn Signals, now: i64) -> Result<()> {
     let sql = format!(
         "SELECT t.id, t.agent, t.project, {HOME_EXPR} FROM tasks t
-         LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+         LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent AND s.conversation = t.conversation
          WHERE t.ready AND (t.not_before IS NULL OR t.not_before <= $1)
          ORDER BY t.seq LIMIT $2"
     );
@@ -2491,7 +2507,7 @@ impl W<'_> {
     async fn ready_hint(&self, seq: i64) -> Result<ReadyHint> {
         let sql = format!(
             "SELECT t.id, t.agent, t.project, {HOME_EXPR} FROM tasks t
-             LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+             LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent AND s.conversation = t.conversation
              WHERE t.seq = $1"
         );
         let r = self.one(&sql, &[&seq]).await?;
@@ -2537,82 +2553,48 @@ impl W<'_> {
         Ok(())
     }
 
-    /// Binds a conversation. `owner`: the token a new binding belongs to, when that token is a
-    /// client's (an admin's bindings stay shared). An existing binding keeps its owner, or its
-    /// being shared: whoever rebinds it later never takes it over.
+    /// Binds a conversation of a namespace (`conv_owner`: a client token's id, '' for the
+    /// shared one of admin tokens). Only that namespace's binding of the name changes.
     async fn set_binding(
         &self,
         agent: &str,
         conversation: &str,
+        conv_owner: &str,
         session_id: Option<&str>,
         runner: Option<&str>,
-        owner: Option<&str>,
     ) -> Result<()> {
         self.exec(
-            "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at, owner)
-             VALUES ($1, $2, $3, $4, $5,
-                (SELECT id FROM tokens WHERE id = $6 AND role = 'client'))
-             ON CONFLICT (agent, conversation) DO UPDATE SET session_id = EXCLUDED.session_id,
-                runner = EXCLUDED.runner, updated_at = EXCLUDED.updated_at",
+            "INSERT INTO sessions (owner, agent, conversation, session_id, runner, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (owner, agent, conversation) DO UPDATE SET
+                session_id = EXCLUDED.session_id, runner = EXCLUDED.runner,
+                updated_at = EXCLUDED.updated_at",
             &[
+                &conv_owner,
                 &agent,
                 &conversation,
                 &session_id,
                 &runner,
                 &self.now,
-                &owner,
             ],
         )
         .await?;
         Ok(())
     }
 
-    /// A client may not submit into another client's conversation or resume another client's
-    /// session (its task would run in that agent session, with what it holds).
+    /// The namespace of a token's conversations: see [`conv_owner_of`].
+    async fn conv_owner_of(&self, token: &str) -> Result<String> {
+        conv_owner_of(self.tx, token).await
+    }
+
+    /// A client may not resume another client's session (its task would run in that agent
+    /// session, with what it holds). A client's conversation names are its own: no other
+    /// token's binding is looked at.
     async fn check_session_owner(&self, owner: &str, req: &SubmitTask) -> Result<()> {
-        let client = self
-            .opt(
-                "SELECT 1 FROM tokens WHERE id = $1 AND role = 'client'",
-                &[&owner],
-            )
-            .await?
-            .is_some();
-        if !client {
-            return Ok(());
-        }
-        if let Some(conv) = &req.conversation {
-            let row = self
-                .opt(
-                    "SELECT owner FROM sessions WHERE agent = $1 AND conversation = $2
-                        AND owner IS NOT NULL
-                     UNION ALL
-                     SELECT t.owner FROM tasks t
-                        JOIN tokens k ON k.id = t.owner AND k.role = 'client'
-                     WHERE t.session_key = $3 AND t.finished_at IS NULL
-                     LIMIT 1",
-                    &[&req.agent, conv, &session_key(&req.agent, conv)],
-                )
-                .await?;
-            if let Some(row) = row
-                && get::<String>(&row, 0)? != owner
-            {
-                return Err(StoreError::Conflict(format!(
-                    "conversation {conv:?} belongs to another token"
-                )));
-            }
-            let shared = self
-                .opt(
-                    "SELECT 1 FROM sessions WHERE agent = $1 AND conversation = $2
-                        AND owner IS NULL",
-                    &[&req.agent, conv],
-                )
-                .await?
-                .is_some();
-            if shared && model::switches_session(&req.session) {
-                return Err(model::shared_switch(conv));
-            }
-        }
         if let tunnel_protocol::SessionMode::Resume(id) = &req.session {
+            if self.conv_owner_of(owner).await?.is_empty() {
+                return Ok(());
+            }
             let row = self
                 .opt(
                     "SELECT owner FROM session_history WHERE agent = $1 AND session_id = $2",
@@ -2643,9 +2625,9 @@ impl W<'_> {
             self.set_binding(
                 &t.agent,
                 conv,
+                &t.conv_owner,
                 Some(session_id),
                 t.runner.as_deref(),
-                Some(&t.owner),
             )
             .await?;
         }
@@ -2851,6 +2833,23 @@ async fn resolve_session<C: GenericClient>(
             }
         },
     )
+}
+
+/// The conversation namespace of a token: its id when it is a client token, '' (shared by
+/// admin tokens) otherwise.
+async fn conv_owner_of<C: GenericClient>(c: &C, token: &str) -> Result<String> {
+    let client = q_opt(
+        c,
+        "SELECT 1 FROM tokens WHERE id = $1 AND role = 'client'",
+        &[&token],
+    )
+    .await?
+    .is_some();
+    Ok(if client {
+        token.to_owned()
+    } else {
+        String::new()
+    })
 }
 
 async fn history_runner<C: GenericClient>(

@@ -22,18 +22,18 @@ use tunnel_protocol::{
 };
 
 use crate::model::{
-    self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, CANCELLED_BEFORE_RUN, Cancel, Columns,
-    EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask, StateEvent,
-    TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row, delivery_status_from_row,
-    destination, event_from_row, open_task_from_row, parse_state, recent_from_row, runner_from_row,
-    session_key, task_from_row, to_json, token_from_row,
+    self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, BINDING_COLUMNS, CANCELLED_BEFORE_RUN,
+    Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask,
+    StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row,
+    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
+    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
     ApprovalFilter, Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint,
     Result, Scope, Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_init.sql"),
     include_str!("../migrations/sqlite/0002_agent_versions.sql"),
     include_str!("../migrations/sqlite/0003_outbox.sql"),
@@ -48,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0013_runner_acp_agents.sql"),
     include_str!("../migrations/sqlite/0014_queue_floods.sql"),
     include_str!("../migrations/sqlite/0015_event_caps.sql"),
+    include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -242,7 +243,7 @@ impl SqliteStore {
                     return Ok((load_task(w.conn, &id, &Scope::All)?, false));
                 }
             }
-            w.check_session_owner(&owner, &req)?;
+            let conv_owner = w.check_session_owner(&owner, &req)?;
             if let Some(cap) = w.settings.max_queued_per_token {
                 // Counted in `tasks_owner_waiting`, and never past the cap.
                 let waiting: i64 = w
@@ -257,7 +258,10 @@ impl SqliteStore {
                 }
             }
             let id = new_id();
-            let session_key = req.conversation.as_ref().map(|c| session_key(&req.agent, c));
+            let session_key = req
+                .conversation
+                .as_ref()
+                .map(|c| session_key(&req.agent, c, &conv_owner));
             let busy = match &session_key {
                 Some(k) => w
                     .conn
@@ -273,9 +277,10 @@ impl SqliteStore {
                 .prepare_cached(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
-                        idempotency_key, state, ready, created_at, updated_at, meta, approvals)
+                        idempotency_key, state, ready, created_at, updated_at, meta, approvals,
+                        conv_owner)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                        'queued', ?15, ?16, ?16, ?17, ?18)",
+                        'queued', ?15, ?16, ?16, ?17, ?18, ?19)",
                 )?
                 .execute(params![
                     id,
@@ -296,6 +301,7 @@ impl SqliteStore {
                     w.now,
                     req.meta.as_ref().map(to_json),
                     req.approvals.map(|p| p.as_str()),
+                    conv_owner,
                 ])?;
             let seq = w.conn.last_insert_rowid();
             w.event(seq, 0, "state", &StateEvent::Queued(None).data())?;
@@ -339,6 +345,18 @@ impl SqliteStore {
                 .query_row(params![agent, session_id], |r| r.get(0))
                 .optional()?;
             Ok(made_by.is_some_and(|o| o.is_none_or(|o| o == owner)))
+        })
+        .await
+    }
+
+    pub(crate) async fn conversation_owner(&self, id: String) -> Result<Option<String>> {
+        self.read(move |c, _| {
+            let owner: String = c
+                .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))?;
+            Ok(Some(owner).filter(|o| !o.is_empty()))
         })
         .await
     }
@@ -547,7 +565,8 @@ impl SqliteStore {
             let mut candidate = w.conn.prepare_cached(
                 "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
                  FROM tasks t
-                 LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                 LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
+                    AND s.conversation = t.conversation
                  WHERE t.seq = ?1",
             )?;
             let mut chosen = None;
@@ -615,16 +634,16 @@ impl SqliteStore {
                 } else {
                     None
                 };
-                let owner: String = w
+                let conv_owner: String = w
                     .conn
-                    .prepare_cached("SELECT owner FROM tasks WHERE seq = ?1")?
+                    .prepare_cached("SELECT conv_owner FROM tasks WHERE seq = ?1")?
                     .query_row(params![seq], |r| r.get(0))?;
                 w.set_binding(
                     &task.agent,
                     conv,
+                    &conv_owner,
                     resume.as_deref(),
                     runner.as_deref(),
-                    Some(&owner),
                 )?;
             }
             w.event(
@@ -800,6 +819,7 @@ impl SqliteStore {
             Ok(AppendAck {
                 accepted,
                 cancel: t.state == TaskState::Cancelling,
+                truncated: log.truncated,
             })
         })
         .await
@@ -1019,15 +1039,21 @@ impl SqliteStore {
         };
         self.read(move |c, _| {
             let limit = limit.clamp(1, 1000);
+            // A client sees the conversations of its own namespace only; an admin every one,
+            // other tokens' with their owner.
+            let ns = match &owner {
+                Some(o) => conv_owner_of(c, o)?,
+                None => String::new(),
+            };
             let sessions = all(
-                c.prepare_cached(
-                    "SELECT conversation, agent, session_id, runner, updated_at FROM sessions
+                c.prepare_cached(&format!(
+                    "SELECT {BINDING_COLUMNS} FROM sessions
                      WHERE (?1 IS NULL OR conversation = ?1) AND (?2 IS NULL OR agent = ?2)
-                        AND (?4 IS NULL OR owner IS NULL OR owner = ?4)
-                     ORDER BY updated_at DESC LIMIT ?3",
-                )?
-                .query(params![conversation, agent, limit, owner])?,
-                |r| binding_from_row(r),
+                        AND (?4 IS NULL OR owner = ?5)
+                     ORDER BY updated_at DESC LIMIT ?3"
+                ))?
+                .query(params![conversation, agent, limit, owner, ns])?,
+                |r| binding_from_row(r, &ns),
             )?;
             let recent = all(
                 c.prepare_cached(
@@ -1054,33 +1080,24 @@ impl SqliteStore {
                 Scope::All => None,
                 Scope::Owner(o) => Some(o.as_str()),
             };
-            if let Some(o) = owner {
-                let bound: Option<Option<String>> = w
+            // The conversation is the caller's own, in its namespace: nothing another token
+            // bound under the same name is touched.
+            let ns = match owner {
+                Some(o) => conv_owner_of(w.conn, o)?,
+                None => String::new(),
+            };
+            if let (Some(o), Some(id)) = (owner, &cmd.session_id) {
+                let made_by: Option<String> = w
                     .conn
                     .query_row(
-                        "SELECT owner FROM sessions WHERE agent = ?1 AND conversation = ?2",
-                        params![cmd.agent, cmd.conversation],
+                        "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
+                        params![cmd.agent, id],
                         |r| r.get(0),
                     )
-                    .optional()?;
-                // Another client's, or shared (an admin's tasks use it): not this client's to
-                // rebind, since the next task of its owner would run in the session it names.
-                if bound.is_some_and(|b| b.as_deref() != Some(o)) {
-                    return Err(StoreError::NotFound("conversation"));
-                }
-                if let Some(id) = &cmd.session_id {
-                    let made_by: Option<String> = w
-                        .conn
-                        .query_row(
-                            "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
-                            params![cmd.agent, id],
-                            |r| r.get(0),
-                        )
-                        .optional()?
-                        .flatten();
-                    if made_by.is_some_and(|b| b != o) {
-                        return Err(StoreError::NotFound("session"));
-                    }
+                    .optional()?
+                    .flatten();
+                if made_by.is_some_and(|b| b != o) {
+                    return Err(StoreError::NotFound("session"));
                 }
             }
             let runner = match (&cmd.session_id, &cmd.runner) {
@@ -1091,9 +1108,9 @@ impl SqliteStore {
             w.set_binding(
                 &cmd.agent,
                 &cmd.conversation,
+                &ns,
                 cmd.session_id.as_deref(),
                 runner.as_deref(),
-                owner,
             )?;
             if let Some(id) = &cmd.session_id {
                 w.conn
@@ -1113,6 +1130,7 @@ impl SqliteStore {
                 session_id: cmd.session_id,
                 runner,
                 updated_at: w.now,
+                owner: None,
             })
         })
         .await
@@ -2163,7 +2181,8 @@ impl W<'_> {
             .conn
             .prepare_cached(
                 "SELECT t.id, t.agent, t.project, t.session_mode, t.resume_id, s.session_id, s.runner
-                 FROM tasks t LEFT JOIN sessions s ON s.agent = t.agent AND s.conversation = t.conversation
+                 FROM tasks t LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
+                    AND s.conversation = t.conversation
                  WHERE t.seq = ?1",
             )?
             .query_row(params![seq], |r| {
@@ -2217,65 +2236,43 @@ impl W<'_> {
         Ok(())
     }
 
-    /// Binds a conversation. `owner`: the token a new binding belongs to, when that token is a
-    /// client's (an admin's bindings stay shared). An existing binding keeps its owner, or its
-    /// being shared: whoever rebinds it later never takes it over.
+    /// Binds a conversation of a namespace (`conv_owner`: a client token's id, '' for the
+    /// shared one of admin tokens). Only that namespace's binding of the name changes.
     fn set_binding(
         &self,
         agent: &str,
         conversation: &str,
+        conv_owner: &str,
         session_id: Option<&str>,
         runner: Option<&str>,
-        owner: Option<&str>,
     ) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO sessions (agent, conversation, session_id, runner, updated_at, owner)
-                 VALUES (?1, ?2, ?3, ?4, ?5,
-                    (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
-                 ON CONFLICT (agent, conversation) DO UPDATE SET session_id = excluded.session_id,
-                    runner = excluded.runner, updated_at = excluded.updated_at",
+                "INSERT INTO sessions (owner, agent, conversation, session_id, runner, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (owner, agent, conversation) DO UPDATE SET
+                    session_id = excluded.session_id, runner = excluded.runner,
+                    updated_at = excluded.updated_at",
             )?
             .execute(params![
+                conv_owner,
                 agent,
                 conversation,
                 session_id,
                 runner,
-                self.now,
-                owner
+                self.now
             ])?;
         Ok(())
     }
 
-    /// A client may not submit into another client's conversation or resume another client's
-    /// session (its task would run in that agent session, with what it holds).
-    fn check_session_owner(&self, owner: &str, req: &SubmitTask) -> Result<()> {
-        let client = self
-            .conn
-            .prepare_cached("SELECT 1 FROM tokens WHERE id = ?1 AND role = 'client'")?
-            .exists(params![owner])?;
-        if !client {
-            return Ok(());
-        }
-        if let Some(conv) = &req.conversation {
-            if self
-                .conversation_owner(&req.agent, conv)?
-                .is_some_and(|o| o != owner)
-            {
-                return Err(StoreError::Conflict(format!(
-                    "conversation {conv:?} belongs to another token"
-                )));
-            }
-            let shared = self
-                .conn
-                .prepare_cached(
-                    "SELECT 1 FROM sessions WHERE agent = ?1 AND conversation = ?2
-                        AND owner IS NULL",
-                )?
-                .exists(params![req.agent, conv])?;
-            if shared && model::switches_session(&req.session) {
-                return Err(model::shared_switch(conv));
-            }
+    /// The namespace of the submitting token's conversations (its id when it is a client's,
+    /// '' for an admin's), after checking that a client does not resume another client's
+    /// session (its task would run in that agent session, with what it holds). A client's
+    /// conversation names are its own: no other token's binding is looked at.
+    fn check_session_owner(&self, owner: &str, req: &SubmitTask) -> Result<String> {
+        let ns = conv_owner_of(self.conn, owner)?;
+        if ns.is_empty() {
+            return Ok(ns);
         }
         if let tunnel_protocol::SessionMode::Resume(id) = &req.session {
             let made_by: Option<String> = self
@@ -2291,25 +2288,7 @@ impl W<'_> {
                 return Err(StoreError::NotFound("session"));
             }
         }
-        Ok(())
-    }
-
-    /// Whose a conversation is: the client token its binding belongs to, else the client token
-    /// of an unfinished task in it.
-    fn conversation_owner(&self, agent: &str, conversation: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT owner FROM sessions WHERE agent = ?1 AND conversation = ?2
-                    AND owner IS NOT NULL
-                 UNION ALL
-                 SELECT t.owner FROM tasks t JOIN tokens k ON k.id = t.owner AND k.role = 'client'
-                 WHERE t.session_key = ?3 AND t.finished_at IS NULL
-                 LIMIT 1",
-                params![agent, conversation, session_key(agent, conversation)],
-                |r| r.get(0),
-            )
-            .optional()?)
+        Ok(ns)
     }
 
     /// The agent reported its native session id: remember it and bind the conversation.
@@ -2334,9 +2313,9 @@ impl W<'_> {
             self.set_binding(
                 &t.agent,
                 conv,
+                &t.conv_owner,
                 Some(session_id),
                 t.runner.as_deref(),
-                Some(&t.owner),
             )?;
         }
         Ok(())
@@ -2553,6 +2532,19 @@ fn resolve_session(
             }
         },
     )
+}
+
+/// The conversation namespace of a token: its id when it is a client token, '' (shared by
+/// admin tokens) otherwise.
+fn conv_owner_of(conn: &Connection, token: &str) -> Result<String> {
+    let client = conn
+        .prepare_cached("SELECT 1 FROM tokens WHERE id = ?1 AND role = 'client'")?
+        .exists(params![token])?;
+    Ok(if client {
+        token.to_owned()
+    } else {
+        String::new()
+    })
 }
 
 fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Option<String>> {

@@ -205,6 +205,31 @@ pub(crate) struct ServeArgs {
     /// Long-polls one token may have parked at once [default: 64]; more get 429.
     #[arg(long, env = "TUNNEL_MAX_POLLS_PER_TOKEN")]
     pub(crate) max_polls_per_token: Option<usize>,
+    /// Most connections open at once; beyond it an idle one is closed for the new one, or the
+    /// new one gets 503 when all are busy. Fitted under the open-file limit [default: the
+    /// open-file limit less 128, at most 16384].
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS", value_name = "N")]
+    pub(crate) max_connections: Option<usize>,
+    /// Seconds a connection has to send a whole request head (slowloris), 1 to 3600
+    /// [default: 10].
+    #[arg(long, env = "TUNNEL_HEADER_TIMEOUT", value_name = "SECS")]
+    pub(crate) header_timeout: Option<u64>,
+    /// Seconds a keep-alive connection with no request in flight is kept, 1 to 3600
+    /// [default: 60].
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", value_name = "SECS")]
+    pub(crate) idle_timeout: Option<u64>,
+    /// Seconds a write may make no progress (a reader that stopped reading) before the
+    /// connection is closed, 1 to 3600 [default: 30].
+    #[arg(long, env = "TUNNEL_WRITE_TIMEOUT", value_name = "SECS")]
+    pub(crate) write_timeout: Option<u64>,
+    /// Events stored per task; past it one `truncated` event is written and later output is
+    /// dropped (the answer is always kept). At least 100 [default: 100000].
+    #[arg(long, env = "TUNNEL_MAX_TASK_EVENTS", value_name = "N")]
+    pub(crate) max_task_events: Option<u64>,
+    /// Bytes of events stored per task (kind plus JSON data), as for --max-task-events. At
+    /// least 65536 [default: 67108864, 64 MiB].
+    #[arg(long, env = "TUNNEL_MAX_TASK_EVENT_BYTES", value_name = "BYTES")]
+    pub(crate) max_task_event_bytes: Option<u64>,
 }
 
 /// Options of the runner, for `tunnel runner` and `tunnel up`.
@@ -439,7 +464,8 @@ pub(crate) struct SessionsArgs {
     pub(crate) client: ClientArgs,
     #[command(subcommand)]
     pub(crate) action: Option<SessionAction>,
-    /// Only this conversation's binding.
+    /// Only this conversation's binding. Names are scoped by token: a client token sees its
+    /// own conversations; an admin token every token's, with an OWNER column.
     #[arg(long)]
     pub(crate) conversation: Option<String>,
     /// Only this agent's bindings and sessions.

@@ -218,19 +218,30 @@ pub(crate) fn sessions(list: &SessionList) {
     if list.sessions.is_empty() {
         out!("no conversations bound to a session");
     } else {
+        // Conversation names are scoped by owner; only an admin's listing has other tokens'
+        // conversations, and then says whose each is ("admins": the admin tokens' own).
+        let owners = list.sessions.iter().any(|s| s.owner.is_some());
         out!(
-            "{:<32}  {:<8}  {:<38}  RUNNER",
+            "{:<32}  {:<8}  {:<38}  {:<12}{}",
             "CONVERSATION",
             "AGENT",
-            "SESSION"
+            "SESSION",
+            "RUNNER",
+            if owners { "  OWNER" } else { "" }
         );
         for s in &list.sessions {
+            let owner = match (&s.owner, owners) {
+                (_, false) => String::new(),
+                (Some(o), true) => format!("  token {o}"),
+                (None, true) => "  admins".into(),
+            };
             out!(
-                "{:<32}  {:<8}  {:<38}  {}",
+                "{:<32}  {:<8}  {:<38}  {:<12}{}",
                 one_line(&s.conversation, 32),
                 s.agent,
                 s.session_id.as_deref().unwrap_or("(new)"),
-                s.runner.as_deref().unwrap_or("-")
+                s.runner.as_deref().unwrap_or("-"),
+                owner
             );
         }
     }

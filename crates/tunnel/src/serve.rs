@@ -52,7 +52,7 @@ pub(crate) async fn prepare(
         (None, Some(other)) => bail!("log_format {other:?} in the config file is not text or json"),
     };
     init_logging(log_format);
-    let connections = connection_limits(&f)?;
+    let connections = connection_limits(&args, &f)?;
 
     let listen = listen_addr(args.listen.or(f.listen), args.port)?;
     let durability = match (args.durability, f.durability.as_deref()) {
@@ -116,13 +116,17 @@ pub(crate) async fn prepare(
             Some(n) => Some(n),
             None => defaults.max_queued_per_token,
         },
-        max_task_events: match f.max_task_events {
-            Some(n) if n < 100 => bail!("max_task_events must be at least 100"),
+        max_task_events: match args.max_task_events.or(f.max_task_events) {
+            Some(n) if n < 100 => {
+                bail!("--max-task-events (max_task_events) must be at least 100, not {n}")
+            }
             Some(n) => n,
             None => defaults.max_task_events,
         },
-        max_task_event_bytes: match f.max_task_event_bytes {
-            Some(n) if n < 65_536 => bail!("max_task_event_bytes must be at least 65536"),
+        max_task_event_bytes: match args.max_task_event_bytes.or(f.max_task_event_bytes) {
+            Some(n) if n < 65_536 => bail!(
+                "--max-task-event-bytes (max_task_event_bytes) must be at least 65536, not {n}"
+            ),
             Some(n) => n,
             None => defaults.max_task_event_bytes,
         },
@@ -130,7 +134,7 @@ pub(crate) async fn prepare(
     cfg.connections = connections;
     if let Some(n) = args.max_polls_per_token.or(f.max_polls_per_token) {
         if n == 0 {
-            bail!("max_polls_per_token must be at least 1");
+            bail!("--max-polls-per-token (max_polls_per_token) must be at least 1");
         }
         cfg.max_polls_per_token = n;
     }
@@ -246,9 +250,12 @@ fn lock_database(db: &Path) -> Result<std::fs::File> {
 /// cap.
 const FD_RESERVE: u64 = 128;
 
-/// The connection limits from the config file, the cap fitted under the open-file limit
-/// (raised to its hard limit first).
-fn connection_limits(f: &config::ServerSection) -> Result<tunnel_server::ConnectionLimits> {
+/// The connection limits (flag, environment, then config file), the cap fitted under the
+/// open-file limit (raised to its hard limit first).
+fn connection_limits(
+    args: &ServeArgs,
+    f: &config::ServerSection,
+) -> Result<tunnel_server::ConnectionLimits> {
     let mut limits = tunnel_server::ConnectionLimits::default();
     let timeout = |what: &str, secs: Option<u64>, default: std::time::Duration| match secs {
         None => Ok(default),
@@ -258,24 +265,24 @@ fn connection_limits(f: &config::ServerSection) -> Result<tunnel_server::Connect
         )),
     };
     limits.header_timeout = timeout(
-        "header_timeout_secs",
-        f.header_timeout_secs,
+        "--header-timeout (header_timeout_secs)",
+        args.header_timeout.or(f.header_timeout_secs),
         limits.header_timeout,
     )?;
     limits.idle_timeout = timeout(
-        "idle_timeout_secs",
-        f.idle_timeout_secs,
+        "--idle-timeout (idle_timeout_secs)",
+        args.idle_timeout.or(f.idle_timeout_secs),
         limits.idle_timeout,
     )?;
     limits.write_timeout = timeout(
-        "write_timeout_secs",
-        f.write_timeout_secs,
+        "--write-timeout (write_timeout_secs)",
+        args.write_timeout.or(f.write_timeout_secs),
         limits.write_timeout,
     )?;
     let files = raise_open_file_limit();
     let fits = files.map(|n| n.saturating_sub(FD_RESERVE).max(16) as usize);
-    limits.max_connections = match (f.max_connections, fits) {
-        (Some(0), _) => bail!("max_connections must be at least 1"),
+    limits.max_connections = match (args.max_connections.or(f.max_connections), fits) {
+        (Some(0), _) => bail!("--max-connections (max_connections) must be at least 1"),
         (Some(n), Some(fits)) if n > fits => {
             tracing::warn!(
                 max_connections = n,

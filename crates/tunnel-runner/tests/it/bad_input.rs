@@ -192,3 +192,88 @@ echo done"#,
     assert_eq!(lines.last(), Some(&"done"));
     r.stop().await.unwrap();
 }
+
+/// A TCP proxy in front of `to` that counts the bytes sent towards it (the runner's uploads).
+async fn counting_proxy(
+    to: std::net::SocketAddr,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let up = Arc::new(AtomicU64::new(0));
+    let counted = up.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let up = counted.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let upload = async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        up.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let download = async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                };
+                tokio::join!(upload, download);
+            });
+        }
+    });
+    (url, up)
+}
+
+/// Once the server says a task's log is truncated (at its cap), the runner sends none of the
+/// agent's later output: an agent printing 10 MB against a 64 KiB cap costs about the cap and
+/// the answer in uploads, not the 10 MB (before: every event went up and was dropped there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_printing_past_the_event_cap_costs_no_further_uploads() {
+    use std::sync::atomic::Ordering;
+    let w = World::start_with(|cfg| cfg.queue.max_task_event_bytes = 64 << 10).await;
+    let program = w.script(
+        "chatty-agent",
+        r#"cat > /dev/null
+awk 'BEGIN { s = sprintf("%1000s", ""); gsub(/ /, "x", s); for (i = 0; i < 10000; i++) print s }'
+echo done"#,
+    );
+    let (proxy, uploaded) = counting_proxy(w.addr()).await;
+    let mut c = w.config("r1");
+    c.server = proxy;
+    c.agents
+        .insert("chatty".into(), custom(&program, &[], OutputMode::Text));
+    let r = RunnerHandle::spawn(c);
+
+    let t = w.submit(task("chatty", "go")).await;
+    let done = tokio::time::timeout(Duration::from_secs(60), w.ended(&t.id))
+        .await
+        .expect("the task was never reported");
+    assert_eq!(done.state, TaskState::Succeeded, "{:?}", done.reason);
+    // The answer is kept whole at its end.
+    let text = done.result.unwrap().text.unwrap();
+    assert!(text.ends_with("done"), "{}", &text[text.len() - 40..]);
+    let log = w.admin.events(&t.id, 0).await.unwrap();
+    let truncated = log.events.iter().filter(|e| e.kind == "truncated").count();
+    assert_eq!(truncated, 1);
+    let up = uploaded.load(Ordering::Relaxed);
+    println!(
+        "10 MB of agent output against a 64 KiB event cap: {:.2} MB uploaded by the runner",
+        up as f64 / 1e6
+    );
+    // The cap, the first batch (at most 1 MiB), the answer (at most 1 MiB) and the polls.
+    assert!(
+        up < 4_000_000,
+        "the runner uploaded {up} bytes for a log truncated at 64 KiB"
+    );
+    r.stop().await.unwrap();
+}

@@ -851,15 +851,27 @@ pub(crate) async fn sessions(State(s): State<AppState>, headers: HeaderMap) -> R
         let mut h = Html::new();
         start(&mut h, "Sessions", "sessions", &signed);
         live_start(&mut h, &s);
-        h.raw("<h2>Conversations</h2><div class=\"table-wrap\"><table><thead><tr><th>Conversation</th>")
-            .raw("<th>Agent</th><th>Session</th><th class=\"wide\">Runner</th><th>Updated</th></tr></thead><tbody>");
+        // Conversation names are scoped by owner: an admin sees every token's, and whose each is.
+        let admin = signed.caller.role == Role::Admin;
+        h.raw("<h2>Conversations</h2><div class=\"table-wrap\"><table><thead><tr><th>Conversation</th>");
+        if admin {
+            h.raw("<th>Owner</th>");
+        }
+        h.raw("<th>Agent</th><th>Session</th><th class=\"wide\">Runner</th><th>Updated</th></tr></thead><tbody>");
         for b in &list.sessions {
             h.raw("<tr><td><a href=\"")
                 .url("/ui/tasks", &[("conversation", &b.conversation)])
                 .raw("\">")
                 .text(&b.conversation)
-                .raw("</a></td><td>")
-                .text(&b.agent)
+                .raw("</a></td><td>");
+            if admin {
+                match &b.owner {
+                    Some(o) => h.raw("token ").text(o),
+                    None => h.raw("admins"),
+                };
+                h.raw("</td><td>");
+            }
+            h.text(&b.agent)
                 .raw("</td><td class=\"mono small\">")
                 .text(b.session_id.as_deref().unwrap_or("(fresh)"))
                 .raw("</td><td class=\"wide\">")
@@ -869,7 +881,11 @@ pub(crate) async fn sessions(State(s): State<AppState>, headers: HeaderMap) -> R
                 .raw("</td></tr>");
         }
         if list.sessions.is_empty() {
-            h.raw("<tr><td colspan=\"5\" class=\"muted\">No conversation has a session yet.</td></tr>");
+            h.raw(if admin {
+                "<tr><td colspan=\"6\" class=\"muted\">No conversation has a session yet.</td></tr>"
+            } else {
+                "<tr><td colspan=\"5\" class=\"muted\">No conversation has a session yet.</td></tr>"
+            });
         }
         h.raw("</tbody></table></div><h2>Recent agent sessions</h2><div class=\"table-wrap\"><table><thead><tr>")
             .raw("<th>Agent</th><th>Session</th><th class=\"wide\">Runner</th><th>Conversation</th><th>Last used</th></tr></thead><tbody>");

@@ -383,8 +383,8 @@ async fn a_client_cannot_read_or_wait_on_another_clients_task() {
 }
 
 /// Session bindings belong to the client token whose task or call made them: another client
-/// neither sees them nor rebinds them, nor submits into that conversation, nor resumes that
-/// session; admin sees and rebinds everything; sessions found on a runner's disk are shared.
+/// neither sees them nor rebinds them (the same name is its own conversation), nor resumes
+/// that session; admin sees everything; sessions found on a runner's disk are shared.
 #[tokio::test]
 async fn sessions_belong_to_the_client_that_made_them() {
     let s = TestServer::start().await;
@@ -423,9 +423,10 @@ async fn sessions_belong_to_the_client_that_made_them() {
         .collect();
     assert_eq!(recent, ["on-disk-1"], "{theirs}");
 
+    // The same name is the other client's own conversation: binding it changes nothing here.
     let cmd = json!({"conversation": "mine", "agent": "claude"});
     let (st, b) = s.post("/v1/sessions/new", &other, cmd.clone()).await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "{b}");
+    assert_eq!(st, StatusCode::OK, "{b}");
     let (st, b) = s
         .post(
             "/v1/sessions/resume",
@@ -441,7 +442,7 @@ async fn sessions_belong_to_the_client_that_made_them() {
             json!({"agent": "claude", "prompt": "x", "conversation": "mine"}),
         )
         .await;
-    assert_eq!(st, StatusCode::CONFLICT, "{b}");
+    assert_eq!(st, StatusCode::CREATED, "{b}");
     let (st, b) = s
         .post(
             "/v1/tasks",
@@ -474,6 +475,15 @@ async fn sessions_belong_to_the_client_that_made_them() {
     assert_eq!(st, StatusCode::OK);
     let (st, _) = s.post("/v1/sessions/new", &s.admin, cmd).await;
     assert_eq!(st, StatusCode::OK);
+    // Admin sees every namespace's: the client's "mine", the other's "mine" and "theirs", and
+    // its own (shared) "mine".
     let (_, all) = s.get("/v1/sessions", &s.admin).await;
-    assert_eq!(all["sessions"].as_array().unwrap().len(), 2, "{all}");
+    assert_eq!(all["sessions"].as_array().unwrap().len(), 4, "{all}");
+    let shared = all["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b.get("owner").is_none())
+        .count();
+    assert_eq!(shared, 1, "{all}");
 }

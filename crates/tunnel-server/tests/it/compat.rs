@@ -1242,4 +1242,34 @@ async fn the_poll_hands_only_sessions_the_owner_may_resume_and_never_a_prefix() 
     assert_eq!(st, StatusCode::CREATED, "{t}");
     let task = poll(&s, 5_000).await;
     assert_eq!(task["sessionId"], A_SESSION);
+    post_result(
+        &s,
+        json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0}),
+    )
+    .await;
+
+    // Conversations are scoped by owner: A's and B's "room:7" are two conversations, so the
+    // original runner gets two names (each the same for every task of its conversation).
+    let mut handed = Vec::new();
+    for token in [&s.client, &b, &s.client, &b] {
+        let (st, t) = s
+            .post(
+                "/v1/tasks",
+                token,
+                json!({"agent": "claude", "prompt": "room", "conversation": "room:7"}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{t}");
+        let task = poll(&s, 5_000).await;
+        assert_eq!(task["id"], t["id"]);
+        handed.push(task["sessionId"].as_str().unwrap().to_owned());
+        post_result(
+            &s,
+            json!({"taskId": t["id"], "stdout": "ok", "exitCode": 0}),
+        )
+        .await;
+    }
+    assert_ne!(handed[0], handed[1], "two clients share one runner session");
+    assert_eq!(handed[0], handed[2]);
+    assert_eq!(handed[1], handed[3]);
 }

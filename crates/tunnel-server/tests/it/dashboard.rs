@@ -693,3 +693,44 @@ async fn approvals_are_listed_escaped_and_answered_from_the_page() {
     assert!(!page.contains(&aid), "answered: no longer pending");
     s.stop().await;
 }
+
+/// Conversations are scoped by owner: two clients' `discord:123` show on each one's sessions
+/// page as its own only; an admin's page lists both, each with its owner.
+#[tokio::test]
+async fn the_sessions_page_shows_each_token_its_own_and_an_admin_every_owner() {
+    let s = TestServer::start().await;
+    let other = s.create_token("client").await;
+    for (token, sid) in [(&s.client, "sess-mine-1"), (&other, "sess-theirs-2")] {
+        let (st, b) = s
+            .post(
+                "/v1/tasks",
+                token,
+                json!({"agent": "claude", "prompt": "p", "conversation": "discord:123"}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{b}");
+        let o = s.claim("r1", &["claude"], 0).await.expect("an offer");
+        s.attempt_call(&o, "ack", json!({})).await;
+        let (st, _) = s
+            .attempt_call(
+                &o,
+                "finish",
+                json!({"outcome": "succeeded", "result": {"text": "ok", "session_id": sid}}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let mine = sign_in(&s, &s.client).await;
+    let page = get_page(&s, "/ui/sessions", Some(&mine)).await.2;
+    assert!(page.contains("sess-mine-1"), "{page}");
+    assert!(!page.contains("sess-theirs-2"), "{page}");
+    assert!(!page.contains("<th>Owner</th>"), "{page}");
+    let admin = sign_in(&s, &s.admin).await;
+    let page = get_page(&s, "/ui/sessions", Some(&admin)).await.2;
+    assert!(page.contains("<th>Owner</th>"), "{page}");
+    for (token, sid) in [(&s.client, "sess-mine-1"), (&other, "sess-theirs-2")] {
+        let token_id = token.split('_').nth(1).unwrap();
+        assert!(page.contains(sid), "{page}");
+        assert!(page.contains(&format!("token {token_id}")), "{page}");
+    }
+}

@@ -78,8 +78,127 @@ async fn a_task_no_runner_takes_ends_timed_out_after_the_maximum_time_in_queue()
     assert_eq!(s.task(&young).await["state"], "queued");
 }
 
-/// An admin's conversation is shared: a client may continue it, but not rebind it, move it to
-/// another session, or come to own it.
+/// Conversation names are scoped by owner: two client tokens each use `discord:123` at the
+/// same time and each gets its own conversation, its own agent session and runner affinity;
+/// neither gets a 409 nor sees the other's tasks or bindings. (Before: the second got 409
+/// "conversation belongs to another token", forever, which also told it the name existed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_client_tokens_each_have_their_own_conversation_of_one_name() {
+    let s = TestServer::start().await;
+    let (a, b) = (s.client.clone(), s.create_token("client").await);
+    let conv = "discord:123";
+    let submit = |token: String, prompt: &'static str| {
+        let s = &s;
+        async move {
+            let (st, t) = s
+                .post(
+                    "/v1/tasks",
+                    &token,
+                    json!({"agent": "claude", "prompt": prompt, "conversation": conv}),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{prompt}: {t}");
+            t
+        }
+    };
+    // A's task is running in the conversation when B first uses the name.
+    submit(a.clone(), "a1").await;
+    let oa = s.claim("mac-a", &["claude"], 0).await.unwrap();
+    s.attempt_call(&oa, "ack", json!({})).await;
+    let b1 = submit(b.clone(), "b1").await;
+    assert_eq!(b1["queue_position"], 0, "B waits behind A's task: {b1}");
+    let ob = s.claim("mac-b", &["claude"], 0).await.unwrap();
+    assert_eq!(ob["task"]["prompt"], "b1");
+    s.attempt_call(&ob, "ack", json!({})).await;
+    for (o, sid) in [(&oa, "sess-a"), (&ob, "sess-b")] {
+        let (st, body) = s
+            .attempt_call(
+                o,
+                "finish",
+                json!({"outcome": "succeeded", "result": {"text": "ok", "session_id": sid}}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
+    // Each one's next task resumes its own session, on the runner that has it.
+    submit(a.clone(), "a2").await;
+    submit(b.clone(), "b2").await;
+    let o = s.claim("mac-b", &["claude"], 0).await.unwrap();
+    assert_eq!(o["task"]["prompt"], "b2");
+    assert_eq!(o["resume_session_id"], "sess-b");
+    s.run_to_success(&o, "ok").await;
+    let o = s.claim("mac-a", &["claude"], 0).await.unwrap();
+    assert_eq!(o["task"]["prompt"], "a2");
+    assert_eq!(o["resume_session_id"], "sess-a");
+    s.run_to_success(&o, "ok").await;
+    // B starts its conversation over: A's binding does not move.
+    let (st, body) = s
+        .post(
+            "/v1/sessions/new",
+            &b,
+            json!({"conversation": conv, "agent": "claude"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+
+    let q = format!("conversation={}", conv.replace(':', "%3A"));
+    for (token, me, other, sid) in [(&a, "a", "b", Some("sess-a")), (&b, "b", "a", None)] {
+        let (_, list) = s.get(&format!("/v1/tasks?{q}"), token).await;
+        let prompts: Vec<&str> = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["prompt"].as_str().unwrap())
+            .collect();
+        assert_eq!(prompts, [format!("{me}2"), format!("{me}1")], "{list}");
+        let (_, sessions) = s.get(&format!("/v1/sessions?{q}"), token).await;
+        let text = sessions.to_string();
+        assert_eq!(sessions["sessions"].as_array().unwrap().len(), 1, "{text}");
+        assert_eq!(
+            sessions["sessions"][0]["session_id"].as_str(),
+            sid,
+            "{text}"
+        );
+        assert!(sessions["sessions"][0].get("owner").is_none(), "{text}");
+        assert!(
+            !text.contains(&format!("sess-{other}")),
+            "{me} sees {other}'s: {text}"
+        );
+    }
+    // An admin sees both, with their owners, and its own name is a third, shared one.
+    let (_, all) = s.get(&format!("/v1/sessions?{q}"), &s.admin).await;
+    let mut owners: Vec<&str> = all["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["owner"].as_str().unwrap())
+        .collect();
+    owners.sort_unstable();
+    // A token is `tnl_<id>_<secret>`; the owner shown is the id.
+    let mut ids: Vec<&str> = [&a, &b]
+        .iter()
+        .map(|t| t.split('_').nth(1).unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(owners, ids, "{all}");
+    let (st, _) = s
+        .post(
+            "/v1/tasks",
+            &s.admin,
+            json!({"agent": "claude", "prompt": "adm", "conversation": conv}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let o = s.claim("mac-a", &["claude"], 0).await.unwrap();
+    assert_eq!(o["task"]["prompt"], "adm");
+    assert!(
+        o.get("resume_session_id").is_none_or(|v| v.is_null()),
+        "{o}"
+    );
+}
+
+/// An admin's conversation is shared among admin tokens: a client using the same name gets its
+/// own conversation, so whatever it binds or resumes there never reaches the admin's session.
 #[tokio::test]
 async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
     let s = TestServer::start().await;
@@ -111,6 +230,7 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
     )
     .await;
 
+    // Rebinding or switching "ops:1" is allowed: it is the client's own "ops:1".
     let (st, b) = s
         .post(
             "/v1/sessions/resume",
@@ -118,15 +238,7 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
             json!({"conversation": "ops:1", "agent": "claude", "session_id": "client-sess"}),
         )
         .await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "{b}");
-    let (st, b) = s
-        .post(
-            "/v1/sessions/new",
-            &s.client,
-            json!({"conversation": "ops:1", "agent": "claude"}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "{b}");
+    assert_eq!(st, StatusCode::OK, "{b}");
     let (st, b) = s
         .post(
             "/v1/tasks",
@@ -135,25 +247,11 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
                    "session": {"resume": "client-sess"}}),
         )
         .await;
-    assert_eq!(st, StatusCode::CONFLICT, "{b}");
-    assert!(
-        b["error"]["message"].as_str().unwrap().contains("shared"),
-        "{b}"
-    );
-
-    // Continuing it is fine, and leaves it shared.
-    s.submit(json!({"agent": "claude", "prompt": "continue", "conversation": "ops:1"}))
-        .await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
     let o = s.claim("mac", &["claude"], 0).await.unwrap();
-    assert_eq!(o["resume_session_id"], "admin-sess");
-    s.attempt_call(&o, "ack", json!({})).await;
-    s.attempt_call(
-        &o,
-        "finish",
-        json!({"outcome": "succeeded", "result": {"session_id": "admin-sess"}}),
-    )
-    .await;
-    // Still shared: another client may continue it too (refused, had the first come to own it).
+    assert_eq!(o["resume_session_id"], "client-sess");
+    s.run_to_success(&o, "ok").await;
+    // Another client's "ops:1" is its own again, fresh.
     let other = s.create_token("client").await;
     let (st, b) = s
         .post(
@@ -162,12 +260,12 @@ async fn a_client_cannot_take_over_a_conversation_an_admin_uses() {
             json!({"agent": "claude", "prompt": "me too", "conversation": "ops:1"}),
         )
         .await;
-    assert_eq!(
-        st,
-        StatusCode::CREATED,
-        "the first client took it over: {b}"
-    );
+    assert_eq!(st, StatusCode::CREATED, "{b}");
     let o = s.claim("mac", &["claude"], 0).await.unwrap();
+    assert!(
+        o.get("resume_session_id").is_none_or(|v| v.is_null()),
+        "{o}"
+    );
     s.run_to_success(&o, "ok").await;
     // The admin's next task still runs in the admin's session.
     s.post(

@@ -25,6 +25,11 @@ struct Limited {
 
 impl Limited {
     fn start(nofile: &str, config: &str) -> Limited {
+        Limited::start_with(nofile, config, &[])
+    }
+
+    /// With more `tunnel serve` flags.
+    fn start_with(nofile: &str, config: &str, flags: &[&str]) -> Limited {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("tunnel.toml");
         std::fs::write(&cfg, format!("[server]\n{config}")).unwrap();
@@ -36,6 +41,7 @@ impl Limited {
             .arg(&cfg)
             .arg("--database")
             .arg(dir.path().join("tunnel.db"))
+            .args(flags)
             .env("WORKER_TOKEN", TOKEN)
             .env("XDG_DATA_HOME", dir.path())
             .env("XDG_CONFIG_HOME", dir.path())
@@ -180,6 +186,98 @@ async fn closed(mut s: TcpStream) {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The connection limits and event caps are `tunnel serve` (and `tunnel up`) flags, not only
+/// config keys: each is in the help, a bad value stops the start with a message naming the
+/// flag (and nothing is created), and a good one takes effect over the config file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_are_flags_with_help_and_clear_errors() {
+    let flags = [
+        "--max-connections",
+        "--header-timeout",
+        "--idle-timeout",
+        "--write-timeout",
+        "--max-task-events",
+        "--max-task-event-bytes",
+        "--max-polls-per-token",
+    ];
+    for cmd in ["serve", "up"] {
+        let out = Command::new(super::BIN)
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for f in flags {
+            assert!(help.contains(f), "tunnel {cmd} --help lacks {f}: {help}");
+        }
+    }
+    let bad: [(&[&str], &str); 7] = [
+        (
+            &["--header-timeout", "0"],
+            "--header-timeout (header_timeout_secs) of 0 s is out of range (1 to 3600 seconds)",
+        ),
+        (
+            &["--idle-timeout", "7200"],
+            "--idle-timeout (idle_timeout_secs) of 7200 s is out of range",
+        ),
+        (
+            &["--write-timeout", "soon"],
+            "invalid value 'soon' for '--write-timeout <SECS>'",
+        ),
+        (
+            &["--max-connections", "0"],
+            "--max-connections (max_connections) must be at least 1",
+        ),
+        (
+            &["--max-connections", "many"],
+            "invalid value 'many' for '--max-connections <N>'",
+        ),
+        (
+            &["--max-task-events", "10"],
+            "--max-task-events (max_task_events) must be at least 100",
+        ),
+        (
+            &["--max-task-event-bytes", "1000"],
+            "--max-task-event-bytes (max_task_event_bytes) must be at least 65536",
+        ),
+    ];
+    for (args, says) in bad {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tunnel.db");
+        let out = Command::new(super::BIN)
+            .args(["serve", "--port", "0", "--database"])
+            .arg(&db)
+            .args(args)
+            .env("WORKER_TOKEN", TOKEN)
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("PORT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!db.exists(), "{args:?} created the database");
+    }
+
+    // A flag wins over the config file: a silent connection is closed after the flag's 1 s
+    // header timeout, not the file's 30 s (nor the default 10 s).
+    let s = Limited::start_with(
+        "1024:1024",
+        "header_timeout_secs = 30\n",
+        &["--header-timeout", "1", "--idle-timeout", "2"],
+    );
+    let silent = TcpStream::connect(&s.addr).await.unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(8), closed(silent))
+        .await
+        .expect("the silent connection was never closed");
+    let took = start.elapsed();
+    println!("a silent connection was closed after {took:?} (--header-timeout 1)");
+    assert!(took >= Duration::from_millis(800), "{took:?}");
 }
 
 #[test]
