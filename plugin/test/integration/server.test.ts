@@ -173,6 +173,31 @@ test("a task that waited gets a start notice; failures carry the error", async (
   await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
 });
 
+test("a channel the plugin cannot edit (Slack) gets one start notice and the answer, not a message per step", async () => {
+  // plugin() registers without a Telegram or Discord account resolver: no controls anywhere,
+  // which is what every channel but those two has.
+  const { api } = await plugin();
+  const to = `channel:C${Date.now()}`;
+  await api.run("/cc build it", { channel: "slack", from: `slack:${to}`, to, senderId: "U1", isAuthorizedSender: true });
+  const o = await runner.claim();
+  assert.ok(o);
+  assert.equal(o.task.conversation, `slack:${to}`);
+  await runner.ack(o);
+  await until("start notice", () => api.sent.find((s) => s.to === to && s.text.startsWith("▶️")));
+  for (let n = 1; n <= 5; n++) {
+    await runner.events(o, [{ n, kind: "tool_use", data: { name: "Bash", input: { command: `step ${n}` } } }]);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await runner.finish(o, "succeeded", { text: "built", session_id: "aaaabbbb-0000-4000-8000-000000000051" });
+  await until("the answer", () => api.sent.find((s) => s.to === to && s.text.endsWith("built")));
+  await new Promise((r) => setTimeout(r, 500));
+  const texts = api.sent.filter((s) => s.to === to).map((s) => s.text);
+  assert.equal(texts.length, 2, `one start notice and the answer: ${JSON.stringify(texts)}`);
+  assert.match(texts[0], /^▶️ Claude started task `[0-9a-f]{8}` on runner-1\.$/);
+  assert.match(texts[1], /^✅ Claude · \d+s · session .*\n\nbuilt$/);
+  await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
+});
+
 test("a later registration (OpenClaw calls register() more than once) does not take over sending", async () => {
   const { api, watcher, dm } = await plugin();
   const later = new FakeApi({ serverUrl: server.url, token: clientToken });
