@@ -129,7 +129,9 @@ before(async () => {
   cfg.plugins.entries.tunnel.config = { serverUrl: server.url, token: clientToken };
   // The channel's settings only now: with them in place, any openclaw command would first
   // install the "missing" Discord plugin by itself.
-  cfg.channels = { discord: { enabled: true, token: BOT_TOKEN, dmPolicy: "allowlist", allowFrom: [USER] } };
+  // Text commands only: registering ~100 native slash commands one by one takes minutes on a
+  // loaded machine and is not what this test is about.
+  cfg.channels = { discord: { enabled: true, token: BOT_TOKEN, dmPolicy: "allowlist", allowFrom: [USER], commands: { native: false } } };
   writeFileSync(configPath, JSON.stringify(cfg, null, 2));
 
   const log = openSync(path.join(work, "gateway.out"), "w");
@@ -156,7 +158,9 @@ after(async () => {
 test("Discord DM, plugin delivery: one progress message, edited with each step, typing shown, ending in the outcome before the answer, nothing after", async (t) => {
   await runner.touch();
   dc.inject({ content: "/cc run the tests", userId: USER });
-  const offer = await runner.claim(60_000);
+  // OpenClaw handles the message when it gets to it: on a loaded machine that can take minutes.
+  let offer: Awaited<ReturnType<TestRunner["claim"]>>;
+  for (const end = Date.now() + 300_000; !offer && Date.now() < end; ) offer = await runner.claim(20_000);
   assert.ok(offer, "the task reached the runner");
   assert.equal(offer.task.prompt, "run the tests");
   assert.equal(offer.task.conversation, `discord:dm:${USER}`);
@@ -200,7 +204,7 @@ test("Discord DM, plugin delivery: one progress message, edited with each step, 
   assert.equal(shown.length, 3, `the acknowledgement, the progress message and the answer: ${JSON.stringify(shown)}`);
   assert.match(shown[0], /Queued for Claude/);
   assert.equal(shown[1], "✅ claude · done in 4s — the answer follows");
-  assert.match(shown[2], /^✅ Claude · 4s · session e2e00000-0000-4000-8000-0000000000d1\n\nall 212 tests pass$/);
+  assert.match(shown[2], /^✅ Claude · 4s · session `e2e00000-0000-4000-8000-0000000000d1`\n\nall 212 tests pass$/);
   const answerAt = dc.callsOf("POST", new RegExp(`^/channels/${dm()}/messages$`)).find((c) => String(c.body.content).includes("all 212 tests pass"))!.at;
   const lastEdit = patches().at(-1)!;
   assert.ok(lastEdit.at <= answerAt, "the outcome edit came before the answer");
