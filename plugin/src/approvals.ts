@@ -224,6 +224,8 @@ export interface ApprovalWatch {
 /** Edits a message the plugin sent (plain text; an edit without a keyboard removes the buttons). */
 export interface ApprovalEditor {
   edit(target: DeliveryTarget, messageId: string, text: string): Promise<void>;
+  /** Whether the editor can reach this chat's account (a bot token is configured). */
+  usable?(target: DeliveryTarget): boolean;
 }
 
 export type { TelegramAccountResolver } from "./telegram.ts";
@@ -362,7 +364,7 @@ export class ApprovalDelivery {
     entry.settled = true;
     const text = settledText(a, w.label);
     const editor = this.deps.editor?.(w.target.channel);
-    if (entry.messageId && editor) {
+    if (entry.messageId && editor && (editor.usable?.(w.target) ?? true)) {
       await editor.edit(w.target, entry.messageId, text);
       return;
     }

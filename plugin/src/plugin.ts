@@ -3,6 +3,8 @@
 // registers and never starts work. The service's start() does.
 
 import { ApprovalDelivery } from "./approvals.ts";
+import { discordControls } from "./discord.ts";
+import type { DiscordAccountResolver } from "./discord.ts";
 import { telegramControls } from "./telegram.ts";
 import type { TelegramAccountResolver } from "./telegram.ts";
 import { agentCommands, stateCommand } from "./commands.ts";
@@ -29,6 +31,8 @@ export interface RegisterOptions {
   retryDelaysMs?: number[];
   /** The Telegram bot token OpenClaw uses (index.ts), to edit approval questions to their outcome. */
   telegramAccount?: TelegramAccountResolver;
+  /** The Discord bot token OpenClaw uses (index.ts), for the live progress message and typing. */
+  discordAccount?: DiscordAccountResolver;
 }
 
 export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
@@ -37,10 +41,12 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
   const watcher = opts.watcher ?? sharedWatcher();
   const messageIds = opts.messageIds ?? sharedMessageIds();
   const logger = api.logger;
-  // Edits and "typing…" where the plugin can do them: Telegram, through the Bot API with the
-  // bot token OpenClaw resolved (OpenClaw's outbound adapter only sends).
-  const controls = (channel: string) =>
-    channel === "telegram" && opts.telegramAccount ? telegramControls(opts.telegramAccount, () => api.config, opts.fetch) : undefined;
+  // Edits and "typing…" where the plugin can do them: Telegram (Bot API) and Discord (REST),
+  // with the bot token OpenClaw resolved for the account (OpenClaw's outbound adapter only
+  // sends). Other channels get none: a "started" notice and the answer.
+  const telegram = opts.telegramAccount ? telegramControls(opts.telegramAccount, () => api.config, opts.fetch) : undefined;
+  const discord = opts.discordAccount ? discordControls(opts.discordAccount, () => api.config, opts.fetch, opts.env ?? process.env) : undefined;
+  const controls = (channel: string) => (channel === "telegram" ? telegram : channel === "discord" ? discord : undefined);
   // Approvals (approvals.ts): questions posted by the watcher, answered by a tap or `-approve`.
   const approvals = new ApprovalDelivery({
     client,

@@ -2,18 +2,14 @@
 // plugin sent (the live progress message, an approval question's outcome) and the "typing…"
 // indicator. Both use the bot token and API root OpenClaw itself resolved for the account.
 
+import { RateLimited } from "./controls.ts";
+import type { ChatControls } from "./controls.ts";
 import type { DeliveryTarget } from "./identity.ts";
+
+export type { ChatControls } from "./controls.ts";
 
 /** The bot token and API root of a Telegram account, from OpenClaw's own resolution. */
 export type TelegramAccountResolver = (cfg: unknown, accountId: string | undefined) => { token: string; apiRoot?: string } | undefined;
-
-/** What the plugin can do to a chat beyond sending (where the channel allows it). */
-export interface ChatControls {
-  /** Replaces the text of a message this plugin sent (plain text; drops any buttons). */
-  edit(target: DeliveryTarget, messageId: string, text: string): Promise<void>;
-  /** Shows "typing…" in the chat for a few seconds. */
-  typing?(target: DeliveryTarget): Promise<void>;
-}
 
 function chatId(target: DeliveryTarget): string {
   return target.to.replace(/^telegram:/, "");
@@ -31,7 +27,8 @@ export function telegramControls(resolve: TelegramAccountResolver, cfg: () => un
       body: JSON.stringify({ chat_id: chatId(target), ...body }),
       signal: AbortSignal.timeout(15_000),
     });
-    const json = (await res.json().catch(() => ({}))) as { ok?: boolean; description?: string };
+    const json = (await res.json().catch(() => ({}))) as { ok?: boolean; description?: string; parameters?: { retry_after?: number } };
+    if (res.status === 429) throw new RateLimited(`Telegram ${method}`, (json.parameters?.retry_after ?? 5) * 1000);
     // Editing to the same text is not an error worth a log line.
     if (!json.ok && !/message is not modified/.test(json.description ?? "")) {
       throw new Error(`Telegram ${method}: ${res.status} ${json.description ?? ""}`.trim());
@@ -41,5 +38,8 @@ export function telegramControls(resolve: TelegramAccountResolver, cfg: () => un
   return {
     edit: (target, messageId, text) => call(target, "editMessageText", { message_id: Number(messageId), text }),
     typing: (target) => call(target, "sendChatAction", { action: "typing", ...thread(target) }),
+    // "typing…" shows for up to 5 s.
+    typingLastsMs: 5000,
+    maxLength: 4096,
   };
 }

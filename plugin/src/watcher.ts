@@ -3,10 +3,11 @@
 // on every channel OpenClaw has.
 //
 // While a task runs, one progress message is kept up to date where the plugin can edit
-// messages (Telegram): posted when the task starts, edited at most every few seconds with what
-// the server renders (`GET /v1/tasks/{id}/progress`: the current step, its command or path, the
-// elapsed time), with "typing…" shown meanwhile, and edited to the outcome before the answer.
-// Elsewhere a task that waited gets a "▶️ started" notice instead.
+// messages (Telegram, Discord: `controls`): posted when the task starts, edited at most every few
+// seconds with what the server renders (`GET /v1/tasks/{id}/progress`: the current step, its
+// command or path, the elapsed time), with "typing…" shown meanwhile, and edited to the outcome
+// before the answer. A 429 from the platform holds the edits for as long as it says. Elsewhere a
+// task that waited gets one "▶️ started" notice instead, and nothing more until the answer.
 //
 // The list of followed tasks is written to the OpenClaw state dir, so a gateway restart picks
 // them up again. OpenClaw calls `register()` more than once per process, so there is one
@@ -19,7 +20,8 @@ import { isTerminal, TunnelError } from "./client.ts";
 import type { Task, TaskEvent, TunnelClient } from "./client.ts";
 import type { DeliveryTarget } from "./identity.ts";
 import { chunkText, finalMessage, shortId } from "./format.ts";
-import type { ChatControls } from "./telegram.ts";
+import { RateLimited } from "./controls.ts";
+import type { ChatControls } from "./controls.ts";
 import { APPROVAL_PHASE } from "./approvals.ts";
 import type { Logger, OutboundAdapter } from "./types.ts";
 
@@ -52,6 +54,13 @@ interface Live {
   off?: boolean;
   /** Waiting for a person (an approval question): no "typing…" then. */
   waiting?: boolean;
+  /** A refresh is under way; ticks meanwhile only leave the message marked stale. */
+  busy?: boolean;
+  /** The platform answered 429: no edit and no "typing…" before this time (ms). */
+  heldUntil?: number;
+  /** When "typing…" was last sent, and the request if it is still under way. */
+  typedAt?: number;
+  typingCall?: Promise<void>;
 }
 
 export interface WatcherDeps {
@@ -68,13 +77,16 @@ export interface WatcherDeps {
   retryDelaysMs?: number[];
   /** An `approval` event of a followed task (approvals.ts posts or settles the question). */
   onApproval?: (w: Watch, data: unknown) => Promise<void>;
-  /** Edits and "typing…" per channel, where the plugin can do them (telegram.ts). */
+  /** Edits and "typing…" per channel, where the plugin can do them (telegram.ts, discord.ts). */
   controls?: (channel: string) => ChatControls | undefined;
   /** Least time between two edits of a progress message (ms; default 3000). */
   progressEveryMs?: number;
 }
 
 const DEFAULT_PROGRESS_EVERY_MS = 3000;
+
+/** The longest the outcome edit waits out a 429 before the answer goes anyway (ms, in all). */
+const MAX_END_HOLD_MS = 30_000;
 
 const DEFAULT_RETRY_DELAYS = [1000, 2000, 5000, 10_000, 30_000];
 
@@ -247,7 +259,8 @@ export class Watcher {
   /** Whether this task gets a live progress message (the channel lets the plugin edit). */
   private liveProgress(w: Watch): boolean {
     const deps = this.deps;
-    return !!deps?.progress && !!deps.controls?.(w.target.channel) && !this.live.get(w.taskId)?.off;
+    const c = deps?.controls?.(w.target.channel);
+    return !!deps?.progress && !!c && (c.usable?.(w.target) ?? true) && !this.live.get(w.taskId)?.off;
   }
 
   /** Marks the progress message stale; `now` refreshes it at once, else on the next tick. */
@@ -264,27 +277,50 @@ export class Watcher {
       const live = l;
       live.timer = setInterval(() => this.tick(w, live), every);
       live.timer.unref?.();
-      this.typing(w);
+      this.typing(w, live);
     }
     if (now) this.tick(w, l);
   }
 
-  /** One beat: "typing…" again (it fades after ~5 s), and the edit if anything changed. */
+  /** One beat: "typing…" again before it fades, and the edit if anything changed. */
   private tick(w: Watch, l: Live): void {
     if (!this.abort || this.abort.signal.aborted || w.ended) return;
-    if (!l.waiting) this.typing(w);
-    if (!l.dirty) return;
+    if ((l.heldUntil ?? 0) > this.now()) return;
+    if (!l.waiting) this.typing(w, l);
+    if (!l.dirty || l.busy) return;
     l.dirty = false;
-    l.chain = l.chain.then(() => this.refresh(w, l)).catch((e) => this.log("warn", `task ${w.taskId}: progress: ${(e as Error).message}`));
+    l.busy = true;
+    l.chain = l.chain
+      .then(() => this.refresh(w, l))
+      .catch((e) => this.failed(w, l, "progress", e))
+      .finally(() => {
+        l.busy = false;
+      });
   }
 
-  private typing(w: Watch): void {
+  /** A failed edit or "typing…": after a 429, wait as told and show the latest state then. */
+  private failed(w: Watch, l: Live, what: string, e: unknown): void {
+    if (e instanceof RateLimited) {
+      l.heldUntil = Math.max(l.heldUntil ?? 0, this.now() + e.retryAfterMs);
+      if (what === "progress") l.dirty = true;
+    }
+    this.log("warn", `task ${w.taskId}: ${what}: ${(e as Error).message}`);
+  }
+
+  /** "typing…", sent again only when the last one is about to fade (5 s Telegram, 10 s Discord). */
+  private typing(w: Watch, l: Live): void {
     const c = this.deps?.controls?.(w.target.channel);
-    c?.typing?.(w.target).catch((e) => this.log("warn", `task ${w.taskId}: typing indicator: ${(e as Error).message}`));
+    if (!c?.typing || w.ended) return;
+    const every = Math.max(0, (c.typingLastsMs ?? 5000) - (this.deps?.progressEveryMs ?? DEFAULT_PROGRESS_EVERY_MS));
+    const now = this.now();
+    if (l.typedAt !== undefined && now - l.typedAt < every) return;
+    l.typedAt = now;
+    l.typingCall = c.typing(w.target).catch((e) => this.failed(w, l, "typing indicator", e));
   }
 
   private limit(w: Watch): number {
-    return w.target.channel === "discord" ? 2000 : 4000;
+    const channel = w.target.channel === "discord" ? 2000 : 4000;
+    return Math.min(channel, this.deps?.controls?.(w.target.channel)?.maxLength ?? channel);
   }
 
   /** Posts the progress message, or edits it to what the server renders now. */
@@ -326,17 +362,37 @@ export class Watcher {
     return l;
   }
 
-  /** The task ended: its progress message shows the outcome (before the answer is sent). */
+  /**
+   * The task ended: its progress message shows the outcome, before the answer is sent. Nothing
+   * about the task may reach the chat after the answer, so this waits for the edit and the
+   * "typing…" under way, and waits out a 429 (up to MAX_END_HOLD_MS) for the outcome edit.
+   */
   private async endProgress(w: Watch): Promise<void> {
     w.ended = true;
     const l = this.stopLive(w.taskId);
     await l?.chain;
+    await l?.typingCall;
     if (!w.progress || !this.deps) return;
-    try {
-      const p = await this.deps.client.progress(w.taskId, this.limit(w));
-      await this.show(w, p.text);
-    } catch (e) {
-      this.log("warn", `task ${w.taskId}: could not show the outcome in the progress message: ${(e as Error).message}`);
+    let held = l?.heldUntil ?? 0;
+    let budget = MAX_END_HOLD_MS;
+    for (let attempt = 1; ; attempt++) {
+      const wait = Math.min(held - this.now(), budget);
+      if (wait > 0) {
+        budget -= wait;
+        await sleep(wait, undefined);
+      }
+      try {
+        const p = await this.deps.client.progress(w.taskId, this.limit(w));
+        await this.show(w, p.text);
+        return;
+      } catch (e) {
+        if (e instanceof RateLimited && attempt < 3 && budget > 0) {
+          held = this.now() + e.retryAfterMs;
+          continue;
+        }
+        this.log("warn", `task ${w.taskId}: could not show the outcome in the progress message: ${(e as Error).message}`);
+        return;
+      }
     }
   }
 

@@ -11,9 +11,11 @@ import { register } from "../../src/plugin.ts";
 import { MessageIds } from "../../src/msgids.ts";
 import { Watcher } from "../../src/watcher.ts";
 import type { CommandContext } from "../../src/types.ts";
-import { DISCORD_SLASH, DISCORD_TEXT, FakeApi, TELEGRAM_DM, TELEGRAM_TOPIC } from "../support/fake-api.ts";
+import { DISCORD_SLASH, DISCORD_SLASH_DM, DISCORD_TEXT, FakeApi, TELEGRAM_DM, TELEGRAM_TOPIC } from "../support/fake-api.ts";
 import { TestRunner, TunnelServer } from "../support/server.ts";
 import { FakeTelegram, visibleText } from "../e2e/fake-telegram.ts";
+import { FakeDiscord } from "../e2e/fake-discord.ts";
+import type { OutboundText } from "../../src/types.ts";
 
 let server: TunnelServer;
 let clientToken: string;
@@ -171,6 +173,116 @@ test("a task that waited gets a start notice; failures carry the error", async (
   const failed = await until("failure", () => api.sent.find((s) => s.text.startsWith("❌")));
   assert.match(failed.text, /^❌ Gemini failed · \d+s\.\n\ngemini exited with code 1\n\nstderr:\n```\nquota exceeded\n```$/);
   await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
+});
+
+test("a channel the plugin cannot edit (Slack) gets one start notice and the answer, not a message per step", async () => {
+  // plugin() registers without a Telegram or Discord account resolver: no controls anywhere,
+  // which is what every channel but those two has.
+  const { api } = await plugin();
+  const to = `channel:C${Date.now()}`;
+  await api.run("/cc build it", { channel: "slack", from: `slack:${to}`, to, senderId: "U1", isAuthorizedSender: true });
+  const o = await runner.claim();
+  assert.ok(o);
+  assert.equal(o.task.conversation, `slack:${to}`);
+  await runner.ack(o);
+  await until("start notice", () => api.sent.find((s) => s.to === to && s.text.startsWith("▶️")));
+  for (let n = 1; n <= 5; n++) {
+    await runner.events(o, [{ n, kind: "tool_use", data: { name: "Bash", input: { command: `step ${n}` } } }]);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await runner.finish(o, "succeeded", { text: "built", session_id: "aaaabbbb-0000-4000-8000-000000000051" });
+  await until("the answer", () => api.sent.find((s) => s.to === to && s.text.endsWith("built")));
+  await new Promise((r) => setTimeout(r, 500));
+  const texts = api.sent.filter((s) => s.to === to).map((s) => s.text);
+  assert.equal(texts.length, 2, `one start notice and the answer: ${JSON.stringify(texts)}`);
+  assert.match(texts[0], /^▶️ Claude started task `[0-9a-f]{8}` on runner-1\.$/);
+  assert.match(texts[1], /^✅ Claude · \d+s · session .*\n\nbuilt$/);
+  await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
+});
+
+test("Discord: one progress message edited in place over Discord's REST, a 429's retry_after honoured, the outcome before the answer, nothing after it", async () => {
+  const DC_TOKEN = "MTQwMDAwMDAwMDAwMDAwMDAwMQ.GfAkEe.integration-token_XYZ";
+  const dc = new FakeDiscord(DC_TOKEN);
+  await dc.start();
+  try {
+    const api = new FakeApi({ serverUrl: server.url, token: clientToken });
+    // OpenClaw's Discord outbound adapter as far as the plugin sees it: it creates the message
+    // (a DM through the user's DM channel) and returns its id.
+    const loadAdapter = api.runtime.channel.outbound.loadAdapter;
+    api.runtime.channel.outbound.loadAdapter = async (channel: string) => {
+      if (channel !== "discord") return loadAdapter(channel);
+      return {
+        textChunkLimit: 2000,
+        sendText: async (ctx: OutboundText) => {
+          const chan = ctx.to.startsWith("user:") ? dc.dmChannel(ctx.to.slice(5)).id : ctx.to.replace(/^channel:/, "");
+          const res = await fetch(`${dc.apiUrl}/channels/${chan}/messages`, {
+            method: "POST",
+            headers: { authorization: `Bot ${DC_TOKEN}`, "content-type": "application/json" },
+            body: JSON.stringify({ content: ctx.text }),
+          });
+          if (res.status !== 200) throw new Error(`create: ${res.status}`);
+          return { channel: "discord", messageId: ((await res.json()) as { id: string }).id, target: { kind: "channel", id: chan } };
+        },
+      };
+    };
+    const watcher = new Watcher();
+    running.push(watcher);
+    register(api, {
+      watcher,
+      messageIds: new MessageIds(),
+      env: { DISCORD_API_URL: dc.apiUrl },
+      progressAfterMs: 0,
+      progressEveryMs: 300,
+      retryDelaysMs: [50, 100, 200],
+      discordAccount: () => ({ token: DC_TOKEN }),
+    });
+    const stateDir = mkdtempSync(path.join(process.env.TMPDIR ?? tmpdir(), "tunnel-plugin-state-"));
+    stateDirs.push(stateDir);
+    await api.services[0].start({ config: api.config, stateDir, logger: api.logger });
+    const user = `9${Date.now()}`.slice(0, 18);
+    await api.run("/cc run the tests", { ...DISCORD_SLASH_DM, senderId: user, from: `discord:${user}`, to: `slash:${user}` });
+    const chan = dc.dmChannel(user).id;
+    const o = await runner.claim();
+    assert.ok(o);
+    assert.equal(o.task.conversation, `discord:dm:${user}`);
+    await runner.ack(o);
+    const msg = await until("the progress message", () => dc.botMessages(chan)[0]);
+    assert.match(msg.content, /^⏳ claude · working… \d+s$/);
+    await runner.events(o, [{ n: 1, kind: "tool_use", data: { name: "Bash", input: { command: "cargo test" } } }]);
+    await until("the first step", () => msg.content.includes("› Bash: cargo test"));
+    const edits = () => dc.callsOf("PATCH", new RegExp(`^/channels/${chan}/messages/${msg.id}$`));
+    dc.rateLimitOnce(/^PATCH /, 1.0);
+    await runner.events(o, [{ n: 2, kind: "tool_use", data: { name: "Read", input: { file_path: "src/lib.rs" } } }]);
+    await until("the second step", () => msg.content.includes("› Read: src/lib.rs"));
+    const limited = edits().find((c) => c.status === 429)!;
+    assert.ok(limited, "an edit got 429");
+    const next = edits().find((c) => c.at > limited.at)!;
+    assert.ok(next.at - limited.at >= 950, `the next edit waited retry_after: ${next.at - limited.at} ms`);
+    assert.ok(dc.callsOf("POST", new RegExp(`^/channels/${chan}/typing$`)).length >= 1, "typing…");
+
+    // A 429 just before the end: the outcome edit waits it out, and only then the answer goes.
+    dc.rateLimitOnce(/^PATCH /, 0.8);
+    await runner.events(o, [{ n: 3, kind: "tool_use", data: { name: "Edit", input: { file_path: "src/main.rs" } } }]);
+    await until("the 429", () => edits().filter((c) => c.status === 429).length === 2);
+    await runner.finish(o, "succeeded", { text: "all green", session_id: "aaaabbbb-0000-4000-8000-0000000000d2", duration_ms: 2000 });
+    await until("the answer", () => dc.botMessages(chan).find((m) => m.content.endsWith("all green")));
+    await new Promise((r) => setTimeout(r, 1500));
+    const shown = dc.botMessages(chan).map((m) => m.content);
+    assert.deepEqual(shown.length, 2, JSON.stringify(shown));
+    assert.equal(shown[0], "✅ claude · done in 2s — the answer follows");
+    assert.match(shown[1], /^✅ Claude · 2s · session `aaaabbbb-0000-4000-8000-0000000000d2`\n\nall green$/);
+    const answerAt = dc.callsOf("POST", new RegExp(`^/channels/${chan}/messages$`)).at(-1)!.at;
+    const lastEdit = edits().at(-1)!;
+    assert.equal(lastEdit.status, 200);
+    assert.ok(lastEdit.at < answerAt, "the outcome edit came before the answer");
+    assert.ok(lastEdit.at - edits().filter((c) => c.status === 429)[1].at >= 750, "the outcome edit waited out the 429");
+    const late = dc.calls.filter((c) => c.at > answerAt && c.path.startsWith(`/channels/${chan}`));
+    assert.deepEqual(late.map((c) => `${c.method} ${c.path}`), [], "nothing after the answer");
+    assert.deepEqual(dc.unknown, []);
+    await api.services[0].stop!({ config: {}, stateDir: "", logger: api.logger });
+  } finally {
+    await dc.stop();
+  }
 });
 
 test("a later registration (OpenClaw calls register() more than once) does not take over sending", async () => {
