@@ -196,6 +196,8 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
             version: Some(env!("CARGO_PKG_VERSION").into()),
             agent_versions: versions.clone(),
             acp_agents: acp_agents.clone(),
+            ack: false,
+            holding: vec![],
         };
         let claimed = tokio::select! {
             r = client.claim(&req) => r,

@@ -88,6 +88,7 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         outcome,
         result,
         not_before,
+        events: vec![],
     };
     if stale {
         tracing::warn!(task_id = %id, "The server moved on from this attempt; its result is dropped.");
@@ -938,6 +939,7 @@ pub(crate) async fn recover(ctx: Arc<Ctx>) {
                     ..Default::default()
                 },
                 not_before: None,
+                events: vec![],
             });
         }
         tracing::info!(task_id = %entry.task_id, attempt = entry.attempt, events = entry.pending.len(), "Re-sending what an earlier run left in the spool.");

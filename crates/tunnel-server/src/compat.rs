@@ -880,6 +880,8 @@ async fn poll(
         version: Some("openclaw-tunnel".into()),
         agent_versions: Default::default(),
         acp_agents: vec![],
+        ack: false,
+        holding: vec![],
     };
     let null = || axum::Json(Value::Null).into_response();
     let mut pending = PendingHint {
@@ -956,6 +958,7 @@ async fn claim_and_start(
                     ..Default::default()
                 },
                 not_before: None,
+                events: vec![],
             };
             s.store.finish(&id, finish).await?;
             continue;
@@ -1029,6 +1032,7 @@ async fn result(
         outcome,
         result,
         not_before: None,
+        events: vec![],
     };
     let done = s.store.finish(id, finish).await.map_err(|e| match e {
         StoreError::Stale(m) => SeedError::new(

@@ -931,6 +931,7 @@ impl PgStore {
                 lease_token,
                 ack_by,
                 resume_session_id: resume,
+                lease: None,
                 task,
             }))
         })

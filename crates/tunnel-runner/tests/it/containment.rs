@@ -544,6 +544,8 @@ async fn acked_attempt(w: &World, runner: &str) -> (String, u32, String) {
         version: None,
         agent_versions: Default::default(),
         acp_agents: vec![],
+        ack: false,
+        holding: vec![],
     };
     let offer = api.claim(&claim).await.unwrap().unwrap();
     let at = tunnel_protocol::AttemptRef {

@@ -198,6 +198,8 @@ async fn what_a_crashed_run_left_in_the_spool_reaches_the_server() {
         version: None,
         agent_versions: Default::default(),
         acp_agents: vec![],
+        ack: false,
+        holding: vec![],
     };
     let offer = runner_api.claim(&claim).await.unwrap().unwrap();
     let at = tunnel_protocol::AttemptRef {
