@@ -527,11 +527,13 @@ fn machine() -> Machine {
 
 fn print_table(r: &Report) {
     let mut rows: Vec<(String, String, &str)> = Vec::new();
-    rows.push((
-        "server RSS idle".into(),
-        format!("{:.1} MiB", mib(r.rss_idle)),
-        "<= 15 MiB",
-    ));
+    if r.rss_idle > 0 {
+        rows.push((
+            "server RSS idle".into(),
+            format!("{:.1} MiB", mib(r.rss_idle)),
+            "<= 15 MiB",
+        ));
+    }
     if let Some(d) = &r.dispatch {
         rows.push((
             format!("1. dispatch p50/p90/p99/max (n={}, hot)", d.dispatch.n),
@@ -769,6 +771,11 @@ fn print_table(r: &Report) {
             ),
             w.submit_to_start.line(),
             "p50 <= one-way + 10 ms",
+        ));
+        rows.push((
+            "   of which: offer logged -> agent started".into(),
+            w.offer_to_start.line(),
+            "",
         ));
         rows.push((
             "   agent line -> SSE watcher beside the server".into(),

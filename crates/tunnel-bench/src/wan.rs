@@ -64,6 +64,9 @@ pub(crate) struct WanReport {
     pub(crate) one_way_ms: u64,
     /// Submit sent → the agent process running. Goal: one-way + 10 ms.
     pub(crate) submit_to_start: Latency,
+    /// Of which: the server's "Task offered." line → the agent process running (the offer
+    /// crossing the link, the ack unless the claim made it, the runner's start of the agent).
+    pub(crate) offer_to_start: Latency,
     /// The agent's output line → read by an SSE watcher beside the server. Goal: one-way + 50.
     pub(crate) line_to_watcher: Latency,
     /// The same line → read by an SSE watcher across the link (one more one-way delay).
@@ -395,6 +398,7 @@ async fn measure(
         {
             let mut log = server.task_log.lock().unwrap_or_else(|p| p.into_inner());
             let finished = |l: &Vec<String>| {
+                // Two lines per task: offered and finished (submitted ones are not counted).
                 l.iter()
                     .filter(|x| x.contains("\"Task attempt finished.\""))
                     .count()
@@ -406,12 +410,14 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let mut finished = std::collections::HashMap::new();
+    let mut offered = std::collections::HashMap::new();
     for line in &lines {
         let v: serde_json::Value = serde_json::from_str(line)?;
-        if v.pointer("/fields/message").and_then(|x| x.as_str()) != Some("Task attempt finished.")
-        {
-            continue;
-        }
+        let into = match v.pointer("/fields/message").and_then(|x| x.as_str()) {
+            Some("Task attempt finished.") => &mut finished,
+            Some("Task offered.") => &mut offered,
+            _ => continue,
+        };
         let id = v
             .pointer("/fields/task_id")
             .and_then(|x| x.as_str())
@@ -420,7 +426,7 @@ async fn measure(
             .get("timestamp")
             .and_then(|x| x.as_str())
             .context("a log line without timestamp")?;
-        finished.insert(
+        into.insert(
             id.to_owned(),
             rfc3339_ns(ts).with_context(|| format!("bad timestamp {ts:?}"))?,
         );
@@ -433,13 +439,14 @@ async fn measure(
         );
         Ok(Duration::from_nanos(to.saturating_sub(from) as u64))
     };
-    let (mut to_start, mut to_near, mut to_far, mut to_finish) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut to_start, mut offer_start, mut to_near, mut to_far, mut to_finish) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (id, s) in ids.iter().zip(&samples) {
-        let f = finished
-            .get(id)
-            .with_context(|| format!("no finish log line for task {id}"))?;
+        let (Some(o), Some(f)) = (offered.get(id), finished.get(id)) else {
+            bail!("no offer or finish log line for task {id}");
+        };
         to_start.push(span(s.submit_ns, s.start_ns)?);
+        offer_start.push(span(*o, s.start_ns)?);
         to_near.push(span(s.line_ns, s.watcher_ns)?);
         to_far.push(span(s.line_ns, s.remote_watcher_ns)?);
         to_finish.push(span(s.end_ns, *f)?);
@@ -448,6 +455,7 @@ async fn measure(
         tasks: n,
         one_way_ms: one_way.as_millis() as u64,
         submit_to_start: Latency::of(&to_start),
+        offer_to_start: Latency::of(&offer_start),
         line_to_watcher: Latency::of(&to_near),
         line_to_remote_watcher: Latency::of(&to_far),
         exit_to_finished: Latency::of(&to_finish),

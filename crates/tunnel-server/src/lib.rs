@@ -16,6 +16,7 @@ mod hub;
 mod metrics;
 mod openapi;
 mod serve;
+mod unconfirmed;
 mod web;
 
 use std::net::SocketAddr;
@@ -112,6 +113,8 @@ pub(crate) struct Inner {
     /// Long-polls parked per token id, bounded by `max_polls_per_token`.
     pub(crate) polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) max_polls_per_token: usize,
+    /// Offers acked at claim time that their runner has not yet shown it received.
+    pub(crate) unconfirmed: unconfirmed::Unconfirmed,
 }
 
 impl Inner {
@@ -196,6 +199,7 @@ impl Server {
             connections: Arc::default(),
             polls: Default::default(),
             max_polls_per_token: config.max_polls_per_token,
+            unconfirmed: Default::default(),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =
