@@ -120,13 +120,19 @@ mod tests {
         assert!(u.unconfirmed_for("tok", "r2", &[], 10).is_none());
         assert!(u.unconfirmed_for("tok", "r1", &["a".into()], 10).is_none());
         u.keep("tok", "r1", &offer("b"), 1_000, 0);
-        assert!(u.unconfirmed_for("tok", "r1", &[], 2_000).is_none(), "expired");
+        assert!(
+            u.unconfirmed_for("tok", "r1", &[], 2_000).is_none(),
+            "expired"
+        );
         u.confirm("b");
         u.keep("tok", "r1", &offer("c"), 1_000, 0);
         u.confirm("c");
         assert!(u.unconfirmed_for("tok", "r1", &[], 10).is_none());
         u.keep("tok", "r1", &offer("d"), 1_000, 0);
-        assert_eq!(u.unconfirmed_for("tok", "r1", &[], 10).unwrap().task.id, "d");
+        assert_eq!(
+            u.unconfirmed_for("tok", "r1", &[], 10).unwrap().task.id,
+            "d"
+        );
         assert_eq!(
             u.unconfirmed_for("tok", "r1", &[], 10).unwrap().task.id,
             "d",

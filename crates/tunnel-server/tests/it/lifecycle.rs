@@ -580,7 +580,10 @@ async fn finished_tasks_are_removed_after_the_retention_but_open_ones_stay() {
 /// The task's events as `kind` (or `state:<state>`) and their text, oldest first.
 async fn event_kinds(s: &TestServer, task_id: &str) -> Vec<String> {
     let (_, events) = s
-        .get(&format!("/v1/tasks/{task_id}/events?format=json"), &s.client)
+        .get(
+            &format!("/v1/tasks/{task_id}/events?format=json"),
+            &s.client,
+        )
         .await;
     events["events"]
         .as_array()
@@ -611,8 +614,16 @@ async fn a_claim_with_ack_starts_the_attempt_and_a_lost_answer_is_offered_again(
     let (st, again) = s.post("/v1/claim", &s.runner, claim.clone()).await;
     assert_eq!(st, StatusCode::OK, "{again}");
     assert_eq!(
-        (&again["task"]["id"], &again["attempt"], &again["lease_token"]),
-        (&offer["task"]["id"], &offer["attempt"], &offer["lease_token"])
+        (
+            &again["task"]["id"],
+            &again["attempt"],
+            &again["lease_token"]
+        ),
+        (
+            &offer["task"]["id"],
+            &offer["attempt"],
+            &offer["lease_token"]
+        )
     );
     assert!(again["lease"]["lease_until"].as_i64().is_some());
     // Another runner name, or another token under the same name, never gets it.
@@ -656,7 +667,12 @@ async fn a_claim_with_ack_starts_the_attempt_and_a_lost_answer_is_offered_again(
     assert_eq!(done.0, StatusCode::OK, "{}", done.1);
     assert_eq!(
         event_kinds(&s, &id(&task)).await,
-        ["state:queued", "state:offered", "state:running", "state:succeeded"]
+        [
+            "state:queued",
+            "state:offered",
+            "state:running",
+            "state:succeeded"
+        ]
     );
 }
 
@@ -686,10 +702,18 @@ async fn a_finish_carries_the_last_events_and_a_repeated_one_stores_none_twice()
             {"n": 3, "kind": "text", "data": {"text": "three"}}]
     });
     let (st, done) = s.attempt_call(&offer, "finish", finish.clone()).await;
-    assert_eq!((st, done["state"].as_str()), (StatusCode::OK, Some("succeeded")), "{done}");
+    assert_eq!(
+        (st, done["state"].as_str()),
+        (StatusCode::OK, Some("succeeded")),
+        "{done}"
+    );
     // Its answer was lost: the same finish again answers the same and stores nothing.
     let (st, again) = s.attempt_call(&offer, "finish", finish).await;
-    assert_eq!((st, again["state"].as_str()), (StatusCode::OK, Some("succeeded")), "{again}");
+    assert_eq!(
+        (st, again["state"].as_str()),
+        (StatusCode::OK, Some("succeeded")),
+        "{again}"
+    );
     let want = [
         "state:queued",
         "state:offered",

@@ -499,7 +499,11 @@ async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
         proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) >= 2
     })
     .await;
-    assert_eq!(world.starts().get(&id), None, "the agent ran without an offer");
+    assert_eq!(
+        world.starts().get(&id),
+        None,
+        "the agent ran without an offer"
+    );
     proxy.set(Mode::Pass);
     let tasks = api
         .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
