@@ -940,9 +940,8 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
             // The last batch of events goes in the finish itself (one request, not two),
             // unless the server is older than that; what does not fit goes before it.
             let carry = ctx.finish_carries_events.load(Ordering::Relaxed);
-            while !entry.pending.is_empty()
-                && !(carry && batch_len(&entry.pending) == entry.pending.len())
-            {
+            let fits = |pending: &[NewEvent]| carry && batch_len(pending) == pending.len();
+            while !entry.pending.is_empty() && !fits(&entry.pending) {
                 let sent = send_events(&ctx.client, entry).await?;
                 entry.pending.drain(..sent);
             }
