@@ -61,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
         },
         result: parsed.result,
         not_before: None,
+        events: vec![],
     };
     if let Err(e) = finish.validate() {
         panic!("the server would refuse this result: {e:?}");

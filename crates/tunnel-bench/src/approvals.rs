@@ -198,6 +198,7 @@ pub(crate) async fn approval_round_trip(
                     ..TaskResult::default()
                 },
                 not_before: None,
+                events: vec![],
             },
         )
         .await

@@ -10,7 +10,10 @@
 //! 6. approval round trip;
 //! 7. SQLite's WAL: its peak size over phases 1–6, what a clean stop leaves, and the restart;
 //! 8. with `--flood N`: claim and submit latency with N unrelated tasks queued, against the
-//!    empty queue (on a third fresh server).
+//!    empty queue (on a third fresh server);
+//! 9. over a slow link: a real `tunnel runner` process behind a relay that delays each
+//!    direction (100 ms round trip by default): submit → agent started, an agent's line → an
+//!    event-stream watcher, agent exit → finished (on a fresh server).
 //!
 //! Every phase counts what actually happened, and at the end the database files are reopened
 //! to check every task ended `succeeded`; anything else fails the run.
@@ -23,6 +26,7 @@ mod phases;
 mod runner;
 mod server;
 mod stats;
+mod wan;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -105,6 +109,12 @@ struct Args {
     /// Claims and submits timed in phase 8, on the empty queue and again with the flood.
     #[arg(long, default_value_t = 300)]
     flood_samples: usize,
+    /// Tasks run one at a time over the slow link of phase 9 (0 skips it).
+    #[arg(long, default_value_t = 30)]
+    wan_tasks: usize,
+    /// One-way delay of phase 9's link, each direction (the round trip is twice this).
+    #[arg(long, default_value_t = 50)]
+    wan_delay_ms: u64,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -141,6 +151,7 @@ struct Report {
     runner: Option<runner::RunnerReport>,
     approvals: Option<approvals::ApprovalReport>,
     flood: Option<flood::FloodReport>,
+    wan: Option<wan::WanReport>,
     total_s: f64,
     /// /proc/loadavg when the bench started and ended: the machine may be shared.
     load_before: String,
@@ -176,6 +187,13 @@ fn main() -> Result<()> {
         .is_some_and(|a| a == runner::AGENT_PROBE)
     {
         runner::agent_probe();
+        return Ok(());
+    }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == wan::WAN_AGENT)
+    {
+        wan::wan_agent();
         return Ok(());
     }
     let args = Args::parse();
@@ -244,6 +262,7 @@ async fn run(args: Args) -> Result<()> {
         runner: None,
         approvals: None,
         flood: None,
+        wan: None,
         total_s: 0.0,
         load_before: loadavg(),
         load_after: String::new(),
@@ -406,6 +425,31 @@ async fn run(args: Args) -> Result<()> {
         db7.remove().await?;
         report.flood = Some(r?);
     }
+    // Phase 9 on a fresh server.
+    if args.wan_tasks > 0 {
+        let db9 = fresh("wan", "-wan").await?;
+        progress(&format!(
+            "9. over a link with {} ms each way: {} tasks, real `tunnel runner` process (fresh server)",
+            args.wan_delay_ms, args.wan_tasks
+        ));
+        let server = ServerProcess::start(&tunnel, &db9, durability, TOKEN).await?;
+        let r = wan::wan(
+            &tunnel,
+            &server,
+            TOKEN,
+            args.wan_tasks,
+            Duration::from_millis(args.wan_delay_ms),
+        )
+        .await;
+        server.stop().await?;
+        let checked = match &r {
+            Ok(_) => phases::check_database(&db9, args.wan_tasks as u64).await,
+            Err(_) => Ok(()),
+        };
+        db9.remove().await?;
+        report.wan = Some(r?);
+        checked?;
+    }
     report.total_s = started.elapsed().as_secs_f64();
     report.load_after = loadavg();
     progress("every task ended succeeded (checked in the database files)");
@@ -483,11 +527,13 @@ fn machine() -> Machine {
 
 fn print_table(r: &Report) {
     let mut rows: Vec<(String, String, &str)> = Vec::new();
-    rows.push((
-        "server RSS idle".into(),
-        format!("{:.1} MiB", mib(r.rss_idle)),
-        "<= 15 MiB",
-    ));
+    if r.rss_idle > 0 {
+        rows.push((
+            "server RSS idle".into(),
+            format!("{:.1} MiB", mib(r.rss_idle)),
+            "<= 15 MiB",
+        ));
+    }
     if let Some(d) = &r.dispatch {
         rows.push((
             format!("1. dispatch p50/p90/p99/max (n={}, hot)", d.dispatch.n),
@@ -716,6 +762,42 @@ fn print_table(r: &Report) {
         ));
     }
 
+    if let Some(w) = &r.wan {
+        let d = w.one_way_ms;
+        rows.push((
+            format!(
+                "9. WAN ({d} ms each way): submit -> agent started (n={})",
+                w.tasks
+            ),
+            w.submit_to_start.line(),
+            "p50 <= one-way + 10 ms",
+        ));
+        rows.push((
+            "   of which: offer logged -> agent started".into(),
+            w.offer_to_start.line(),
+            "",
+        ));
+        rows.push((
+            "   agent line -> SSE watcher beside the server".into(),
+            w.line_to_watcher.line(),
+            "p50 <= one-way + 50 ms",
+        ));
+        rows.push((
+            "   agent line -> SSE watcher across the link".into(),
+            w.line_to_remote_watcher.line(),
+            "",
+        ));
+        rows.push((
+            "   agent exit -> task finished on the server".into(),
+            w.exit_to_finished.line(),
+            "p50 <= one-way + 10 ms",
+        ));
+        rows.push((
+            "   submit -> task read back done".into(),
+            w.submit_to_done.line(),
+            "",
+        ));
+    }
     if let Some(w) = &r.wal {
         rows.push((
             format!("7. SQLite WAL: peak over {} tasks / after SIGTERM", w.tasks),

@@ -96,6 +96,7 @@ pub(crate) async fn run_fake_task(
                     ..TaskResult::default()
                 },
                 not_before: None,
+                events: vec![],
             },
         )
         .await

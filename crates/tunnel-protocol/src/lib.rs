@@ -66,6 +66,8 @@ pub mod limits {
     pub const WAIT_MAX_MS: u64 = 60_000;
     /// Most agents or projects a runner may declare.
     pub const RUNNER_LIST_MAX: usize = 64;
+    /// Most task ids a claim may list as running on its runner (`holding`).
+    pub const HOLDING_MAX: usize = 1_024;
     /// Longest reply_to channel/thread/message id.
     pub const REPLY_ID_MAX: usize = 128;
     /// Largest `meta` object of a task, as JSON text.
@@ -523,29 +525,34 @@ pub struct AppendEvents {
 
 impl AppendEvents {
     pub fn validate(&self) -> Result<(), Invalid> {
-        if self.events.len() > limits::EVENTS_PER_APPEND_MAX {
+        validate_new_events(&self.events)
+    }
+}
+
+/// The runner's events of one request (an append, or those a finish carries).
+fn validate_new_events(events: &[NewEvent]) -> Result<(), Invalid> {
+    if events.len() > limits::EVENTS_PER_APPEND_MAX {
+        return Err(Invalid::new(
+            "events",
+            format!(
+                "at most {} events per request",
+                limits::EVENTS_PER_APPEND_MAX
+            ),
+        ));
+    }
+    for e in events {
+        if e.n == 0 {
+            return Err(Invalid::new("events.n", "must start at 1"));
+        }
+        validate_kind(&e.kind)?;
+        if e.kind == "state" || e.kind == "truncated" {
             return Err(Invalid::new(
-                "events",
-                format!(
-                    "at most {} events per request",
-                    limits::EVENTS_PER_APPEND_MAX
-                ),
+                "events.kind",
+                format!("`{}` is reserved for the server", e.kind),
             ));
         }
-        for e in &self.events {
-            if e.n == 0 {
-                return Err(Invalid::new("events.n", "must start at 1"));
-            }
-            validate_kind(&e.kind)?;
-            if e.kind == "state" || e.kind == "truncated" {
-                return Err(Invalid::new(
-                    "events.kind",
-                    format!("`{}` is reserved for the server", e.kind),
-                ));
-            }
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Answer to an append: how many were new, and whether cancel was asked.
@@ -592,6 +599,16 @@ pub struct ClaimRequest {
     /// whose ACP adapter is installed): what `tunnel acp` and approvals can use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acp_agents: Vec<String>,
+    /// Ack the offer in the same request: the answer's `lease` says the attempt has started,
+    /// which saves the ack's round trip. An offer the server could not ack comes without
+    /// `lease`; ack it as usual. (A server older than this field refuses the claim with 400.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ack: bool,
+    /// With `ack`: the ids of the tasks this runner is running now. An attempt acked by an
+    /// earlier claim whose answer never reached the runner (the connection died) is offered
+    /// again, started, to the runner's next claim with `ack`, unless listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holding: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -641,6 +658,15 @@ impl ClaimRequest {
             validate_name("agent_versions", agent)?;
             validate_text("agent_versions", v, 200)?;
         }
+        if self.holding.len() > limits::HOLDING_MAX {
+            return Err(Invalid::new(
+                "holding",
+                format!("at most {} task ids", limits::HOLDING_MAX),
+            ));
+        }
+        for id in &self.holding {
+            validate_text("holding", id, limits::NAME_MAX)?;
+        }
         Ok(())
     }
 }
@@ -657,6 +683,10 @@ pub struct Offer {
     /// The native session to resume, resolved when the task was offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_session_id: Option<String>,
+    /// Present when the claim asked for `ack` and the server acked the offer: the attempt has
+    /// started under this lease, and no ack is needed (a repeated one answers the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseStatus>,
 }
 
 /// Identifies an attempt in ack and heartbeat.
@@ -738,6 +768,12 @@ pub struct FinishRequest {
     /// Required with `parked`: when to run it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<i64>,
+    /// The attempt's last events, stored before the finish as an append would store them (an
+    /// event whose `n` the server has is ignored, so a repeated finish stores none twice):
+    /// one request instead of an append and a finish. (A server older than this field
+    /// refuses the finish with 400.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<NewEvent>,
 }
 
 impl FinishRequest {
@@ -760,7 +796,7 @@ impl FinishRequest {
         if let Some(id) = &self.result.session_id {
             validate_session_id("result.session_id", id)?;
         }
-        Ok(())
+        validate_new_events(&self.events)
     }
 }
 

@@ -58,6 +58,7 @@ fn finish_requires_not_before_exactly_when_parked() {
         outcome: Outcome::Parked,
         result: TaskResult::default(),
         not_before: None,
+        events: vec![],
     };
     assert_eq!(f.validate().unwrap_err().field, "not_before");
     f.not_before = Some(10);

@@ -222,6 +222,9 @@ pub struct RunnerConfig {
     pub max_concurrent: usize,
     /// How long a claim long-poll is held (`LONG_POLL_WAIT`).
     pub long_poll_wait: Duration,
+    /// Each claim asks the server to ack its offer too: one round trip fewer per task. Off,
+    /// the runner acks apart (as before the field; a server older than it is detected anyway).
+    pub ack_in_claim: bool,
     /// First back-off after an error (`POLL_INTERVAL`); doubles up to 30 s, with jitter, except
     /// while the server does not answer at all (down, restarting): then it is probed every
     /// 0.5 s or so, so the runner is back within a second of the server.
@@ -283,6 +286,7 @@ impl RunnerConfig {
             name: default_name(),
             max_concurrent: 5,
             long_poll_wait: Duration::from_secs(30),
+            ack_in_claim: true,
             retry_base: Duration::from_millis(500),
             agents,
             projects: BTreeMap::new(),

@@ -170,7 +170,12 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         acp_programs,
         approvals: Some(Arc::new(client.clone())),
         abort: shutdown.abort.clone(),
+        held: Default::default(),
+        finish_carries_events: std::sync::atomic::AtomicBool::new(true),
     });
+    // What an earlier run left in the spool is held until reported: never run again.
+    ctx.held()
+        .extend(ctx.spool.leftovers().into_iter().map(|e| e.task_id));
     let tracker = TaskTracker::new();
     tracker.spawn(task::recover(ctx.clone()));
     tokio::spawn(report_sessions(
@@ -181,6 +186,9 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
 
     let slots = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
     let mut failures = 0u32;
+    // Claims ask the server to ack the offer too (one round trip fewer per task), unless it is
+    // older than that and refused the field.
+    let mut claim_ack = config.ack_in_claim;
     tracing::info!(runner = %config.name, server = %config.server, agents = ?offered, capacity = config.max_concurrent, "Runner started.");
     let result = loop {
         let permit = tokio::select! {
@@ -196,6 +204,12 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
             version: Some(env!("CARGO_PKG_VERSION").into()),
             agent_versions: versions.clone(),
             acp_agents: acp_agents.clone(),
+            ack: claim_ack,
+            holding: if claim_ack {
+                ctx.held().iter().cloned().collect()
+            } else {
+                vec![]
+            },
         };
         let claimed = tokio::select! {
             r = client.claim(&req) => r,
@@ -204,11 +218,29 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         match claimed {
             Ok(Some(offer)) => {
                 failures = 0;
+                // Held before the next claim is built, so that claim lists it. An offer of a
+                // task already held (an answer repeated after a lost one crossed our
+                // confirmation) is not run twice.
+                if !ctx.held().insert(offer.task.id.clone()) {
+                    tracing::debug!(task_id = %offer.task.id, "Offered a task this runner already holds; ignored.");
+                    continue;
+                }
                 let ctx = ctx.clone();
                 tracker.spawn(async move {
-                    task::run_offer(ctx, offer).await;
+                    let id = offer.task.id.clone();
+                    task::run_offer(ctx.clone(), offer).await;
+                    ctx.held().remove(&id);
                     drop(permit);
                 });
+            }
+            // A server older than the claim's `ack` field refuses it: claim without.
+            Err(ClientError::Api {
+                status: 400,
+                message,
+                ..
+            }) if claim_ack && message.contains("ack") => {
+                tracing::info!(error = %message, "The server does not ack in the claim; acking apart.");
+                claim_ack = false;
             }
             Ok(None) => failures = 0,
             Err(ClientError::Api {

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -36,6 +37,18 @@ pub(crate) struct Ctx {
     pub(crate) abort: CancellationToken,
     /// How agents' processes are contained here.
     pub(crate) containment: crate::contain::Mechanism,
+    /// The tasks this runner holds (running, or being reported from the spool): a claim lists
+    /// them (`holding`), and an offer of one of them again is not run twice.
+    pub(crate) held: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Whether the server takes the last events in the finish (`FinishRequest::events`); off
+    /// after a server refused one (older than the field).
+    pub(crate) finish_carries_events: std::sync::atomic::AtomicBool,
+}
+
+impl Ctx {
+    pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
@@ -44,8 +57,13 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         attempt: offer.attempt,
         lease_token: offer.lease_token.clone(),
     };
-    let Some(lease) = ack(&ctx, &id, &at).await else {
-        return;
+    // Acked by the claim (one round trip fewer), or ack it now.
+    let lease = match offer.lease.clone() {
+        Some(lease) => lease,
+        None => match ack(&ctx, &id, &at).await {
+            Some(lease) => lease,
+            None => return,
+        },
     };
     tracing::info!(task_id = %id, agent = %offer.task.agent, attempt = offer.attempt, "Task started.");
     let entry = SpoolEntry {
@@ -60,6 +78,9 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         truncated: false,
         finish: None,
     };
+    // In the spool before the agent starts: a runner that restarts lists the attempt as held,
+    // so an offer of it again (its claim's answer unconfirmed) never runs it a second time.
+    save(&ctx.spool, &entry);
     let reporter = Reporter::start(ctx.clone(), entry);
     let cancel = CancellationToken::new();
     let done = CancellationToken::new();
@@ -89,6 +110,7 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         outcome,
         result,
         not_before,
+        events: vec![],
     };
     if stale {
         tracing::warn!(task_id = %id, "The server moved on from this attempt; its result is dropped.");
@@ -699,9 +721,13 @@ fn fit_result(r: &mut TaskResult) {
         r.usage = Some(json!({"truncated": true}));
     }
 }
-/// How often buffered events are sent.
+/// How often the spool file is brought up to date (and a failed append retried).
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
+/// Events go out as soon as they come while no append is in flight; while one is, they gather
+/// and go together when it is answered. So an idle link carries each event at once (one
+/// one-way delay to the server), and a busy one is never asked for more than one request at a
+/// time. The spool file is written at most every [`FLUSH_EVERY`].
 async fn report_loop(
     ctx: Arc<Ctx>,
     mut entry: SpoolEntry,
@@ -709,12 +735,49 @@ async fn report_loop(
     stale: CancellationToken,
 ) {
     let mut next_n = 1u64;
-    let mut dirty = true;
+    // run_offer wrote the entry before starting the agent.
+    let mut dirty = false;
     let mut failures = 0u32;
     let mut retry_at = Instant::now();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The answer of the append in flight, if one is: how many of the first pending events the
+    // server has.
+    let (sent_tx, mut sent_rx) =
+        mpsc::unbounded_channel::<tunnel_client::Result<(usize, bool)>>();
+    let mut in_flight = false;
     loop {
+        if !in_flight
+            && !entry.pending.is_empty()
+            && Instant::now() >= retry_at
+            && !stale.is_cancelled()
+        {
+            in_flight = true;
+            let (client, batch, tx) = (ctx.client.clone(), Batch::of(&entry), sent_tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(batch.send(&client).await);
+            });
+        }
         tokio::select! {
+            Some(sent) = sent_rx.recv() => {
+                in_flight = false;
+                match sent {
+                    Ok((n, truncated)) => {
+                        entry.pending.drain(..n);
+                        if truncated {
+                            log_truncated(&mut entry);
+                        }
+                        failures = 0;
+                        dirty = true;
+                    }
+                    Err(e) if e.is_stale() || e.status() == Some(404) => stale.cancel(),
+                    Err(e) => {
+                        failures += 1;
+                        retry_at = Instant::now() + retry_wait(&e, failures);
+                        tracing::warn!(task_id = %entry.task_id, error = %e, "Sending events failed; kept in the spool.");
+                    }
+                }
+            }
             msg = rx.recv() => match msg {
                 Some(Msg::Event(e)) => {
                     let e = fit_event(e);
@@ -735,6 +798,10 @@ async fn report_loop(
                     dirty = false;
                 }
                 Some(Msg::Finish(f, done)) => {
+                    // An append in flight is not waited for (a round trip): its events are
+                    // still pending, so the finish carries them too, and the server keeps
+                    // each `n` once whichever request comes first (an append after the finish
+                    // is refused).
                     entry.finish = Some(f);
                     save(&ctx.spool, &entry);
                     deliver(&ctx, &mut entry, &stale).await;
@@ -752,24 +819,6 @@ async fn report_loop(
                 if dirty {
                     save(&ctx.spool, &entry);
                     dirty = false;
-                }
-                if !entry.pending.is_empty() && Instant::now() >= retry_at && !stale.is_cancelled() {
-                    match send_events(&ctx.client, &entry).await {
-                        Ok((sent, truncated)) => {
-                            entry.pending.drain(..sent);
-                            if truncated {
-                                log_truncated(&mut entry);
-                            }
-                            failures = 0;
-                            dirty = true;
-                        }
-                        Err(e) if e.is_stale() || e.status() == Some(404) => stale.cancel(),
-                        Err(e) => {
-                            failures += 1;
-                            retry_at = Instant::now() + retry_wait(&e, failures);
-                            tracing::warn!(task_id = %entry.task_id, error = %e, "Sending events failed; kept in the spool.");
-                        }
-                    }
                 }
             }
         }
@@ -804,37 +853,77 @@ fn log_truncated(entry: &mut SpoolEntry) {
     entry.pending.retain(sent_after_truncation);
 }
 
-/// Sends up to one batch of pending events; returns how many were sent (or dropped: a single
-/// event the server refuses for good is dropped, so one bad event cannot stop the report) and
-/// whether the server said the task's log is truncated.
-async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Result<(usize, bool)> {
+/// The first pending events that fit in one request (by count and bytes), owned, so the
+/// append can be in flight while more events come.
+struct Batch {
+    task_id: String,
+    attempt: u32,
+    lease_token: String,
+    events: Vec<NewEvent>,
+}
+
+impl Batch {
+    fn of(entry: &SpoolEntry) -> Batch {
+        let n = batch_len(&entry.pending);
+        Batch {
+            task_id: entry.task_id.clone(),
+            attempt: entry.attempt,
+            lease_token: entry.lease_token.clone(),
+            events: entry.pending[..n].to_vec(),
+        }
+    }
+
+    /// Sends it; returns how many were sent (or dropped: a single event the server refuses for
+    /// good is dropped, so one bad event cannot stop the report) and whether the server said
+    /// the task's log is truncated.
+    async fn send(self, client: &Client) -> tunnel_client::Result<(usize, bool)> {
+        let mut n = self.events.len();
+        let mut req = AppendEvents {
+            attempt: self.attempt,
+            lease_token: self.lease_token,
+            events: self.events,
+        };
+        loop {
+            match client.append_events(&self.task_id, &req).await {
+                Ok(ack) => return Ok((n, ack.truncated)),
+                // A smaller server limit: halve the batch; a single event that is still
+                // refused is dropped.
+                Err(e) if refused_for_good(&e) && n > 1 => {
+                    n /= 2;
+                    req.events.truncate(n);
+                }
+                Err(e) if refused_for_good(&e) => {
+                    tracing::warn!(task_id = %self.task_id, error = %e, "The server refused an event; dropped.");
+                    return Ok((1, false));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// How many of the first `pending` events go in one request: at most [`BATCH`], and no more
+/// than [`BATCH_BYTES`] of JSON unless that is a single event.
+fn batch_len(pending: &[NewEvent]) -> usize {
     let mut n = 0;
     let mut bytes = 0;
-    for e in entry.pending.iter().take(BATCH) {
+    for e in pending.iter().take(BATCH) {
         bytes += json_len(e);
         if n > 0 && bytes > BATCH_BYTES {
             break;
         }
         n += 1;
     }
-    loop {
-        let req = AppendEvents {
-            attempt: entry.attempt,
-            lease_token: entry.lease_token.clone(),
-            events: entry.pending[..n].to_vec(),
-        };
-        match client.append_events(&entry.task_id, &req).await {
-            Ok(ack) => return Ok((n, ack.truncated)),
-            // A smaller server limit: halve the batch; a single event that is still refused
-            // is dropped.
-            Err(e) if refused_for_good(&e) && n > 1 => n /= 2,
-            Err(e) if refused_for_good(&e) => {
-                tracing::warn!(task_id = %entry.task_id, error = %e, "The server refused an event; dropped.");
-                return Ok((1, false));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    n
+}
+
+/// Sends up to one batch of pending events; returns how many were sent (or dropped) and
+/// whether the server said the task's log is truncated.
+async fn send_events(
+    client: &Client,
+    entry: &SpoolEntry,
+) -> tunnel_client::Result<(usize, bool)> {
+    Batch::of(entry).send(client).await
 }
 
 /// The finish to send instead of one the server refused for good (`tries` refusals so far):
@@ -877,7 +966,11 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
     let mut failures = 0u32;
     loop {
         let step = async {
-            while !entry.pending.is_empty() {
+            // The last batch of events goes in the finish itself (one request, not two),
+            // unless the server is older than that; what does not fit goes before it.
+            let carry = ctx.finish_carries_events.load(Ordering::Relaxed);
+            let fits = |pending: &[NewEvent]| carry && batch_len(pending) == pending.len();
+            while !entry.pending.is_empty() && !fits(&entry.pending) {
                 let (sent, truncated) = send_events(&ctx.client, entry).await?;
                 entry.pending.drain(..sent);
                 if truncated {
@@ -886,8 +979,26 @@ pub(crate) async fn deliver(ctx: &Ctx, entry: &mut SpoolEntry, stale: &Cancellat
             }
             let mut refusals = 0;
             while let Some(f) = &entry.finish {
-                match ctx.client.finish(&entry.task_id, f).await {
-                    Ok(_) => break,
+                let mut req = f.clone();
+                req.events = entry.pending.clone();
+                match ctx.client.finish(&entry.task_id, &req).await {
+                    Ok(_) => {
+                        entry.pending.clear();
+                        break;
+                    }
+                    // A server older than `events` in the finish refuses the field: send them
+                    // as an append from now on.
+                    Err(e) if refused_for_good(&e) && !req.events.is_empty() => {
+                        tracing::info!(task_id = %entry.task_id, error = %e, "The server does not take events in the finish; sending them apart.");
+                        ctx.finish_carries_events.store(false, Ordering::Relaxed);
+                        while !entry.pending.is_empty() {
+                            let (sent, truncated) = send_events(&ctx.client, entry).await?;
+                            entry.pending.drain(..sent);
+                            if truncated {
+                                log_truncated(entry);
+                            }
+                        }
+                    }
                     Err(e) if refused_for_good(&e) => {
                         tracing::warn!(task_id = %entry.task_id, error = %e, "The server refused the result; sending a smaller one.");
                         refusals += 1;
@@ -965,9 +1076,11 @@ pub(crate) async fn recover(ctx: Arc<Ctx>) {
                     ..Default::default()
                 },
                 not_before: None,
+                events: vec![],
             });
         }
         tracing::info!(task_id = %entry.task_id, attempt = entry.attempt, events = entry.pending.len(), "Re-sending what an earlier run left in the spool.");
         deliver(&ctx, &mut entry, &CancellationToken::new()).await;
+        ctx.held().remove(&entry.task_id);
     }
 }

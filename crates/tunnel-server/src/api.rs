@@ -657,6 +657,19 @@ async fn claim(
             ),
         )
     })?;
+    // An offer acked at claim time whose answer this runner never read: it comes first.
+    if req.ack
+        && let Some(offer) = s.unconfirmed.unconfirmed_for(
+            &caller.token_id,
+            &req.runner,
+            &req.holding,
+            s.clock.now_ms(),
+        )
+        && let Some(offer) = offer_again(&s, offer).await
+    {
+        tracing::info!(task_id = %offer.task.id, runner = %req.runner, attempt = offer.attempt, "Task offered again: the answer that started it was not confirmed.");
+        return Ok(axum::Json(offer).into_response());
+    }
     let deadline = wait_budget(&s, req.wait_ms);
     let mut pending = PendingHint {
         hub: s.hub.clone(),
@@ -676,13 +689,56 @@ async fn claim(
                 .dispatched(s.clock.now_ms() - offer.task.created_at);
             pending.settle(Some(&offer.task.id));
             tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
-            return Ok(axum::Json(*offer).into_response());
+            let mut offer = *offer;
+            if req.ack {
+                start_at_claim(&s, &caller.token_id, &req.runner, &mut offer).await;
+            }
+            return Ok(axum::Json(offer).into_response());
         }
         pending.hint = None;
         tokio::select! {
             hint = slot.woken() => pending.hint = Some(hint),
             _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
             _ = s.shutdown.cancelled() => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    }
+}
+
+/// Acks an offer in the claim that took it (`ClaimRequest::ack`), and keeps it until the
+/// runner shows it has it. An ack that fails leaves the offer as it was, without `lease`: the
+/// runner acks it itself and gets the answer any ack would.
+async fn start_at_claim(s: &AppState, token_id: &str, runner: &str, offer: &mut Offer) {
+    let at = AttemptRef {
+        attempt: offer.attempt,
+        lease_token: offer.lease_token.clone(),
+    };
+    match s.store.ack(&offer.task.id, &at).await {
+        Ok(lease) => {
+            offer.lease = Some(lease.clone());
+            s.unconfirmed
+                .keep(token_id, runner, offer, lease.lease_until, s.clock.now_ms());
+        }
+        Err(e) => {
+            tracing::warn!(task_id = %offer.task.id, error = %e, "Could not ack the offer at claim time; the runner acks it.");
+        }
+    }
+}
+
+/// The offer again, with its lease as it is now, while its attempt still runs (a repeated ack
+/// changes nothing); `None` once it has ended.
+async fn offer_again(s: &AppState, mut offer: Offer) -> Option<Offer> {
+    let at = AttemptRef {
+        attempt: offer.attempt,
+        lease_token: offer.lease_token.clone(),
+    };
+    match s.store.ack(&offer.task.id, &at).await {
+        Ok(lease) => {
+            offer.lease = Some(lease);
+            Some(offer)
+        }
+        Err(_) => {
+            s.unconfirmed.confirm(&offer.task.id);
+            None
         }
     }
 }
@@ -699,7 +755,9 @@ async fn ack(
     Json(req): Json<AttemptRef>,
 ) -> Result<axum::Json<LeaseStatus>, ApiError> {
     check_task_id(&id)?;
-    Ok(axum::Json(s.store.ack(&id, &req).await?))
+    let lease = s.store.ack(&id, &req).await?;
+    s.unconfirmed.confirm(&id);
+    Ok(axum::Json(lease))
 }
 
 /// Renew the lease. The answer says whether cancel was asked; with `wait_ms` it is held until
@@ -717,6 +775,7 @@ async fn heartbeat(
     check_task_id(&id)?;
     let at = req.attempt_ref();
     let status = s.store.heartbeat(&id, &at).await?;
+    s.unconfirmed.confirm(&id);
     if status.cancel || req.wait_ms == 0 {
         return Ok(axum::Json(status));
     }
@@ -753,10 +812,13 @@ async fn append_events(
 ) -> Result<axum::Json<AppendAck>, ApiError> {
     check_task_id(&id)?;
     req.validate()?;
-    Ok(axum::Json(s.store.append_events(&id, req).await?))
+    let ack = s.store.append_events(&id, req).await?;
+    s.unconfirmed.confirm(&id);
+    Ok(axum::Json(ack))
 }
 
-/// End the attempt with its outcome and result.
+/// End the attempt with its outcome and result, after storing the last `events` it carries
+/// (as an append would: one request instead of two, and a repeated finish stores none twice).
 #[utoipa::path(post, path = "/v1/tasks/{id}/finish", tag = "runner",
     params(("id" = String, Path, description = "task id")), request_body = FinishRequest,
     responses((status = 200, body = Task), (status = 409, description = "stale attempt", body = tunnel_protocol::ErrorBody)),
@@ -765,11 +827,26 @@ async fn finish(
     State(s): State<AppState>,
     RunnerAuth(_): RunnerAuth,
     Path(id): Path<String>,
-    Json(req): Json<FinishRequest>,
+    Json(mut req): Json<FinishRequest>,
 ) -> Result<axum::Json<Task>, ApiError> {
     check_task_id(&id)?;
     req.validate()?;
+    if !req.events.is_empty() {
+        let append = AppendEvents {
+            attempt: req.attempt,
+            lease_token: req.lease_token.clone(),
+            events: std::mem::take(&mut req.events),
+        };
+        match s.store.append_events(&id, append).await {
+            Ok(_) => {}
+            // The attempt has ended: this is a repeated finish (its events went in with the
+            // first one) or a stale one; the finish answers which.
+            Err(tunnel_store::StoreError::Stale(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let task = s.store.finish(&id, req).await?;
+    s.unconfirmed.confirm(&id);
     s.metrics
         .finished_by_runner
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

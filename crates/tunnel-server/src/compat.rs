@@ -891,6 +891,8 @@ async fn poll(
         version: Some("openclaw-tunnel".into()),
         agent_versions: Default::default(),
         acp_agents: vec![],
+        ack: false,
+        holding: vec![],
     };
     let null = || axum::Json(Value::Null).into_response();
     let mut pending = PendingHint {
@@ -967,6 +969,7 @@ async fn claim_and_start(
                     ..Default::default()
                 },
                 not_before: None,
+                events: vec![],
             };
             s.store.finish(&id, finish).await?;
             continue;
@@ -1040,6 +1043,7 @@ async fn result(
         outcome,
         result,
         not_before: None,
+        events: vec![],
     };
     let done = s.store.finish(id, finish).await.map_err(|e| match e {
         StoreError::Stale(m) => SeedError::new(

@@ -17,6 +17,7 @@ mod hub;
 mod metrics;
 mod openapi;
 mod serve;
+mod unconfirmed;
 mod web;
 
 use std::net::SocketAddr;
@@ -118,6 +119,8 @@ pub(crate) struct Inner {
     pub(crate) polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) max_polls_per_token: usize,
     pub(crate) acp: Arc<acp::AcpState>,
+    /// Offers acked at claim time that their runner has not yet shown it received.
+    pub(crate) unconfirmed: unconfirmed::Unconfirmed,
 }
 
 impl Inner {
@@ -206,6 +209,7 @@ impl Server {
                 config.acp.clone(),
                 config.max_body_bytes,
             )),
+            unconfirmed: Default::default(),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =

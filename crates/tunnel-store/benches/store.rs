@@ -83,6 +83,7 @@ async fn finish(store: &Store, offer: &Offer) {
                 outcome: Outcome::Succeeded,
                 result: TaskResult::default(),
                 not_before: None,
+                events: vec![],
             },
         )
         .await

@@ -938,6 +938,7 @@ impl PgStore {
                 lease_token,
                 ack_by,
                 resume_session_id: resume,
+                lease: None,
                 task,
             }))
         })

@@ -659,6 +659,7 @@ impl SqliteStore {
                 lease_token,
                 ack_by,
                 resume_session_id: resume,
+                lease: None,
                 task,
             }))
         })

@@ -271,6 +271,8 @@ fn claim_req(runner: &str) -> ClaimRequest {
         version: None,
         agent_versions: Default::default(),
         acp_agents: vec![],
+        ack: false,
+        holding: vec![],
     }
 }
 
@@ -298,6 +300,7 @@ fn finish_req(o: &Offer, outcome: Outcome, session: Option<&str>) -> FinishReque
             ..Default::default()
         },
         not_before: None,
+        events: vec![],
     }
 }
 
@@ -1197,6 +1200,7 @@ async fn sessions_belong_to_their_client(f: Fixture) {
                     ..Default::default()
                 },
                 not_before: None,
+                events: vec![],
             },
         )
         .await
@@ -1346,6 +1350,7 @@ async fn event_log_is_capped_and_read_in_pages(f: Fixture) {
             ..Default::default()
         },
         not_before: None,
+        events: vec![],
     };
     let task = store.finish(&t.id, done).await.unwrap();
     assert_eq!(task.result.unwrap().text.as_deref(), Some("the answer"));

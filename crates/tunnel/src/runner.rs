@@ -50,6 +50,9 @@ pub(crate) fn runner_config(
     {
         c.long_poll_wait = w.clamp(Duration::from_secs(1), Duration::from_secs(60));
     }
+    if let Some(a) = file.ack_in_claim {
+        c.ack_in_claim = a;
+    }
     if let Some(p) = env_ms("POLL_INTERVAL")? {
         c.retry_base = p.clamp(Duration::from_millis(50), Duration::from_secs(60));
     }

@@ -143,6 +143,8 @@ impl World {
             version: None,
             agent_versions: Default::default(),
             acp_agents: vec![],
+            ack: false,
+            holding: vec![],
         };
         let offer = api.claim(&claim).await.unwrap().unwrap();
         let at = tunnel_protocol::AttemptRef {

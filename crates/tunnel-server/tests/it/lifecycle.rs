@@ -576,3 +576,179 @@ async fn finished_tasks_are_removed_after_the_retention_but_open_ones_stay() {
         "{metrics}"
     );
 }
+
+/// The task's events as `kind` (or `state:<state>`) and their text, oldest first.
+async fn event_kinds(s: &TestServer, task_id: &str) -> Vec<String> {
+    let (_, events) = s
+        .get(
+            &format!("/v1/tasks/{task_id}/events?format=json"),
+            &s.client,
+        )
+        .await;
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| match e["kind"].as_str().unwrap() {
+            "state" => format!("state:{}", e["data"]["state"].as_str().unwrap()),
+            k => format!("{k}:{}", e["data"]["text"].as_str().unwrap_or("")),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claim_with_ack_starts_the_attempt_and_a_lost_answer_is_offered_again() {
+    let s = TestServer::start().await;
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": "hello"}))
+        .await;
+    let claim = json!({"runner": "r1", "agents": ["claude"], "wait_ms": 0, "ack": true});
+    let (st, offer) = s.post("/v1/claim", &s.runner, claim.clone()).await;
+    assert_eq!(st, StatusCode::OK, "{offer}");
+    assert_eq!(offer["task"]["id"], task["id"]);
+    assert!(offer["lease"]["lease_until"].as_i64().is_some(), "{offer}");
+    assert_eq!(offer["lease"]["cancel"], false);
+    assert_eq!(s.task(&id(&task)).await["state"], "running");
+
+    // That answer was lost: the runner claims again and gets the same attempt, started.
+    let (st, again) = s.post("/v1/claim", &s.runner, claim.clone()).await;
+    assert_eq!(st, StatusCode::OK, "{again}");
+    assert_eq!(
+        (
+            &again["task"]["id"],
+            &again["attempt"],
+            &again["lease_token"]
+        ),
+        (
+            &offer["task"]["id"],
+            &offer["attempt"],
+            &offer["lease_token"]
+        )
+    );
+    assert!(again["lease"]["lease_until"].as_i64().is_some());
+    // Another runner name, or another token under the same name, never gets it.
+    let (st, other) = s
+        .post(
+            "/v1/claim",
+            &s.runner,
+            json!({"runner": "r2", "agents": ["claude"], "wait_ms": 0, "ack": true}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{other}");
+    let second = s.create_token("runner").await;
+    let (st, _) = s.post("/v1/claim", &second, claim.clone()).await;
+    assert_ne!(st, StatusCode::OK);
+    // A runner that lists it as held does not get it again; nor after any call about it.
+    let mut holding = claim.clone();
+    holding["holding"] = json!([id(&task)]);
+    let (st, _) = s.post("/v1/claim", &s.runner, holding).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, _) = s.post("/v1/claim", &s.runner, claim.clone()).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "confirmed by the holding list");
+
+    // Old runners: a claim without `ack` gets an offer without `lease`, acked apart.
+    let t2 = s
+        .submit(json!({"agent": "claude", "prompt": "again"}))
+        .await;
+    let old = s.claim("r1", &["claude"], 0).await.expect("an offer");
+    assert_eq!(old["task"]["id"], t2["id"]);
+    assert!(old.get("lease").is_none(), "{old}");
+    assert_eq!(s.task(&id(&t2)).await["state"], "offered");
+    let done = s.run_to_success(&old, "ok").await;
+    assert_eq!(done["state"], "succeeded");
+
+    let done = s
+        .attempt_call(
+            &offer,
+            "finish",
+            json!({"outcome": "succeeded", "result": {"text": "once"}}),
+        )
+        .await;
+    assert_eq!(done.0, StatusCode::OK, "{}", done.1);
+    assert_eq!(
+        event_kinds(&s, &id(&task)).await,
+        [
+            "state:queued",
+            "state:offered",
+            "state:running",
+            "state:succeeded"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_finish_carries_the_last_events_and_a_repeated_one_stores_none_twice() {
+    let s = TestServer::start().await;
+    let task = s
+        .submit(json!({"agent": "claude", "prompt": "hello"}))
+        .await;
+    let offer = s.claim("r1", &["claude"], 0).await.expect("an offer");
+    let (st, _) = s.attempt_call(&offer, "ack", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = s
+        .attempt_call(
+            &offer,
+            "events",
+            json!({"events": [{"n": 1, "kind": "text", "data": {"text": "one"}}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    // The finish repeats event 1 (its append's answer was lost) and carries 2 and 3.
+    let finish = json!({
+        "outcome": "succeeded", "result": {"text": "done"},
+        "events": [
+            {"n": 1, "kind": "text", "data": {"text": "one"}},
+            {"n": 2, "kind": "text", "data": {"text": "two"}},
+            {"n": 3, "kind": "text", "data": {"text": "three"}}]
+    });
+    let (st, done) = s.attempt_call(&offer, "finish", finish.clone()).await;
+    assert_eq!(
+        (st, done["state"].as_str()),
+        (StatusCode::OK, Some("succeeded")),
+        "{done}"
+    );
+    // Its answer was lost: the same finish again answers the same and stores nothing.
+    let (st, again) = s.attempt_call(&offer, "finish", finish).await;
+    assert_eq!(
+        (st, again["state"].as_str()),
+        (StatusCode::OK, Some("succeeded")),
+        "{again}"
+    );
+    let want = [
+        "state:queued",
+        "state:offered",
+        "state:running",
+        "text:one",
+        "text:two",
+        "text:three",
+        "state:succeeded",
+    ];
+    assert_eq!(event_kinds(&s, &id(&task)).await, want);
+
+    // Fenced like an append: another attempt's finish with events stores nothing.
+    let mut stale = offer.clone();
+    stale["lease_token"] = json!("not-the-lease-token");
+    let (st, _) = s
+        .attempt_call(
+            &stale,
+            "finish",
+            json!({"outcome": "failed",
+                   "events": [{"n": 9, "kind": "text", "data": {"text": "stale"}}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    // Validated like an append: a reserved kind is refused and nothing changes.
+    let t2 = s.submit(json!({"agent": "claude", "prompt": "x"})).await;
+    let o2 = s.claim("r1", &["claude"], 0).await.expect("an offer");
+    s.attempt_call(&o2, "ack", json!({})).await;
+    let (st, _) = s
+        .attempt_call(
+            &o2,
+            "finish",
+            json!({"outcome": "succeeded", "events": [{"n": 1, "kind": "state", "data": {}}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(s.task(&id(&t2)).await["state"], "running");
+    assert_eq!(event_kinds(&s, &id(&task)).await, want);
+}

@@ -296,6 +296,8 @@ pub(crate) struct RunnerSpec {
     pub(crate) shutdown_grace_secs: u64,
     /// Extra environment for the fake agent (e.g. SLEEP_OVERRIDE).
     pub(crate) agent_env: Vec<(String, String)>,
+    /// `ack_in_claim` of the runner's config.
+    pub(crate) ack_in_claim: bool,
 }
 
 impl RunnerSpec {
@@ -306,6 +308,7 @@ impl RunnerSpec {
             max_concurrent: 8,
             shutdown_grace_secs: 60,
             agent_env: vec![],
+            ack_in_claim: true,
         }
     }
 }
@@ -330,7 +333,7 @@ impl Runner {
             env.push_str(&format!(", {k} = \"{v}\""));
         }
         let cfg = format!(
-            "[runner]\nname = \"{name}\"\nmax_concurrent = {mc}\nlong_poll_wait_secs = 10\n\
+            "[runner]\nname = \"{name}\"\nmax_concurrent = {mc}\nlong_poll_wait_secs = 10\nack_in_claim = {aic}\n\
              shutdown_grace_secs = {grace}\nspool_dir = \"{spool}\"\nwork_dir = \"{work}\"\n\
              [runner.agents.fake]\nprogram = \"{agent}\"\ncommand = [\"--\", \"{{task_id}}\", \"{{prompt}}\"]\n\
              env = {{ {env} }}\n\
@@ -338,6 +341,7 @@ impl Runner {
              [runner.agents.gemini]\nenabled = false\n",
             name = spec.name,
             mc = spec.max_concurrent,
+            aic = spec.ack_in_claim,
             grace = spec.shutdown_grace_secs,
             spool = dir.join("spool").display(),
             work = dir.join("work").display(),

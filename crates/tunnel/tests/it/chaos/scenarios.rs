@@ -449,7 +449,10 @@ async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
     let server = Server::start(&world, &["--lease", "6"], vec![]);
     let proxy = Proxy::start(server.addr()).await;
     proxy.set(Mode::LoseAnswersTo("/ack HTTP"));
-    let _r = Runner::start(&world, RunnerSpec::new("acker", &proxy.url()));
+    // A runner that acks apart (an offer its claim could not ack takes this path too).
+    let mut spec = RunnerSpec::new("acker", &proxy.url());
+    spec.ack_in_claim = false;
+    let _r = Runner::start(&world, spec);
     let api = Api::new(&server.url());
     let id = api
         .submit("ack-lost", &task_body("quiet 0.1", None, None))
@@ -462,6 +465,45 @@ async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.set(Mode::Pass);
+    let tasks = api
+        .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
+        .await;
+    assert_eq!(tasks[&id]["state"], "succeeded", "{}", tasks[&id]);
+    assert_eq!(tasks[&id]["attempt"], 1);
+    assert_eq!(world.starts().get(&id), Some(&1));
+}
+
+/// The runner asks the claim to ack its offer too (one round trip fewer), so once the claim's
+/// answer is sent the task is running on the server. Here that answer is lost for a while (the
+/// connection is cut as it starts). The server must offer the same attempt again to the
+/// runner's next claim, rather than leave it "running" with nobody until its lease runs out
+/// and it is lost; and the task must run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
+    let world = World::new();
+    // Without the offer again the task would be lost when this lease runs out.
+    let server = Server::start(&world, &["--lease", "6"], vec![]);
+    let proxy = Proxy::start(server.addr()).await;
+    proxy.set(Mode::LoseAnswersTo("/v1/claim HTTP"));
+    let _r = Runner::start(&world, RunnerSpec::new("claimer", &proxy.url()));
+    let api = Api::new(&server.url());
+    let id = api
+        .submit("claim-lost", &task_body("quiet 0.1", None, None))
+        .await;
+    api.wait_state(&id, "running", Duration::from_secs(30))
+        .await;
+    // The server started the attempt in the claim; the runner has not heard. Let a retried
+    // claim's answer be lost too.
+    until("a lost claim answer", Duration::from_secs(30), || {
+        proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(
+        world.starts().get(&id),
+        None,
+        "the agent ran without an offer"
+    );
     proxy.set(Mode::Pass);
     let tasks = api
         .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
