@@ -6,15 +6,16 @@
 // This plugin (tunnel's OpenClaw plugin) is not loaded here: nothing but OpenClaw and acpx is
 // between the chat and `tunnel acp`.
 //
-// Needs OPENCLAW_ACP_BIN, ACPX_PLUGIN_DIR (the acpx runtime plugin; test.sh installs both) and
-// TUNNEL_BIN.
+// Needs OPENCLAW_ACP_BIN (openclaw.mjs of an openclaw that bundles acpx: 2026.4.29, see test.sh),
+// OPENCLAW_ACP_NODE (the Node 24 to run it with, npm beside it), OPENCLAW_PLUGIN_STAGE_DIR (where
+// OpenClaw installs its bundled plugins' dependencies, kept between runs) and TUNNEL_BIN.
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -23,6 +24,7 @@ import { FakeTelegram, visibleText } from "./fake-telegram.ts";
 import { PLUGIN_DIR, TunnelServer, tunnelBin } from "../support/server.ts";
 
 const OPENCLAW_ACP_BIN = process.env.OPENCLAW_ACP_BIN;
+const OPENCLAW_ACP_NODE = process.env.OPENCLAW_ACP_NODE ?? process.execPath;
 const BOT_TOKEN = "123456789:FAKE-tunnel-acp-e2e-token";
 const USER = 111;
 const FIXTURES = path.resolve(PLUGIN_DIR, "../crates/tunnel-runner/tests/fixtures");
@@ -32,6 +34,7 @@ let server: TunnelServer;
 let tg: FakeTelegram;
 let runner: ChildProcess | undefined;
 let gateway: ChildProcess | undefined;
+let gatewayStartMs = 0;
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -166,6 +169,8 @@ before(async () => {
     OPENCLAW_STATE_DIR: path.join(work, "state"),
     OPENCLAW_CONFIG_PATH: path.join(work, "state", "openclaw.json"),
     TMPDIR: path.join(work, "tmp"),
+    // Kept between runs (OpenClaw would put it in TMPDIR): loading it is most of this test's time.
+    NODE_COMPILE_CACHE: path.join(process.env.TMPDIR ?? tmpdir(), "openclaw-acp-compile-cache"),
     OPENCLAW_NO_AUTO_UPDATE: "1",
     NO_COLOR: "1",
   };
@@ -174,8 +179,10 @@ before(async () => {
   delete env.WORKER_TOKEN;
   delete env.WORKER_URL;
   const log = openSync(path.join(work, "gateway.out"), "w");
-  gateway = spawn(OPENCLAW_ACP_BIN!, ["gateway", "run", "--verbose"], { env, stdio: ["ignore", log, log] });
-  await until("the gateway to poll Telegram", () => tg.callsOf("getUpdates").length > 0, 180_000);
+  const started = Date.now();
+  gateway = spawn(OPENCLAW_ACP_NODE, [OPENCLAW_ACP_BIN!, "gateway", "run", "--verbose"], { env, stdio: ["ignore", log, log] });
+  await until("the gateway to poll Telegram", () => tg.callsOf("getUpdates").length > 0, 300_000);
+  gatewayStartMs = Date.now() - started;
 });
 
 after(async () => {
@@ -186,15 +193,62 @@ after(async () => {
   if (work && !process.env.KEEP_E2E) rmSync(work, { recursive: true, force: true });
 });
 
-test("/acp spawn in Telegram reaches an agent on a remote tunnel runner, and its answer comes back to the chat", async (t) => {
-  tg.inject({ text: "/acp spawn tunnel --bind here", userId: USER });
-  const spawned = await until("the spawn reply", () => sentTo(USER).find((x) => /tunnel/i.test(x)), 300_000);
-  t.diagnostic(`spawn reply: ${spawned}`);
+/** The server's tasks whose prompt has `needle` (admin view: every owner's tasks). */
+async function tasksWith(needle: string): Promise<any[]> {
+  const r = await server.call("GET", "/v1/tasks?limit=100", server.adminToken);
+  assert.equal(r.status, 200);
+  return r.body.tasks.filter((t: any) => String(t.prompt).includes(needle));
+}
 
+test("/acp spawn in Telegram reaches an agent on a remote tunnel runner, and its answer comes back to the chat", async (t) => {
+  t.diagnostic(`gateway start → polling Telegram: ${gatewayStartMs} ms`);
+  let at = Date.now();
+  tg.inject({ text: "/acp spawn tunnel --bind here", userId: USER });
+  const spawned = await until("the spawn reply", () => sentTo(USER).find((x) => /Spawned ACP session/.test(x)), 300_000);
+  t.diagnostic(`/acp spawn answered in ${Date.now() - at} ms: ${spawned}`);
+  assert.match(spawned, /^✅ Spawned ACP session agent:tunnel:acp:[0-9a-f-]+ \(persistent, backend acpx\)\. Bound this conversation/);
+
+  // A plain message in the bound chat is a prompt to `tunnel acp`, hence a task on the runner.
   const nonce = randomBytes(6).toString("hex");
-  const sentAt = Date.now();
+  at = Date.now();
   tg.inject({ text: `hello from telegram ${nonce}`, userId: USER });
   const answer = await until("the agent's answer at sendMessage", () => sentTo(USER).find((x) => x.includes(nonce)), 180_000);
-  t.diagnostic(`answer ${Date.now() - sentAt} ms after the message: ${answer}`);
-  assert.match(answer, new RegExp(`echo: hello from telegram ${nonce}`));
+  t.diagnostic(`message → answer in Telegram: ${Date.now() - at} ms`);
+  // The fixture agent's own reply ("echo: " + the prompt it received), and nothing else.
+  assert.equal(answer, `echo: hello from telegram ${nonce}`);
+
+  // It ran as a task on the remote runner, with the fixture agent, in the mapped project.
+  const [task, ...others] = await tasksWith(nonce);
+  assert.deepEqual(others, [], "one task for the message");
+  assert.equal(task.prompt, `hello from telegram ${nonce}`);
+  assert.equal(task.runner, "home");
+  assert.equal(task.agent, "tiny");
+  assert.equal(task.project, "web");
+  assert.equal(task.state, "succeeded");
+  assert.match(task.conversation, /^acp-/);
+  const events = await server.call("GET", `/v1/tasks/${task.id}/events?format=json`, server.adminToken);
+  const text = events.body.events.filter((e: any) => e.kind === "text").map((e: any) => e.data.text).join("");
+  assert.equal(text, `echo: hello from telegram ${nonce}`, "the runner reported the agent's answer as the task's events");
+  // The agent process on the runner got the prompt over ACP.
+  const received = readOr(path.join(work, "web", ".agent.log")).split("\n").filter(Boolean).map((l) => JSON.parse(l));
+  assert.ok(received.some((m) => m.method === "session/prompt" && JSON.stringify(m.params.prompt).includes(nonce)), "the agent received the prompt");
+
+  // A follow-up in the same chat continues the same session: the same conversation on the server.
+  const nonce2 = randomBytes(6).toString("hex");
+  at = Date.now();
+  tg.inject({ text: `and again ${nonce2}`, userId: USER });
+  const second = await until("the second answer", () => sentTo(USER).find((x) => x.includes(nonce2)), 180_000);
+  t.diagnostic(`follow-up → answer: ${Date.now() - at} ms`);
+  assert.equal(second, `echo: and again ${nonce2}`);
+  const [task2] = await tasksWith(nonce2);
+  assert.equal(task2.conversation, task.conversation, "the follow-up is in the same conversation");
+  assert.equal(task2.runner, "home");
+
+  // OpenClaw shows the ids it resolved once the agent answered: acpx's session id is the
+  // server's conversation. Nothing else was said in the chat.
+  const ids = `⚙️ Session ids resolved.\nacpx session id: ${task.conversation}\nacpx record id: `;
+  const said = sentTo(USER);
+  assert.equal(said.filter((x) => x.startsWith(ids)).length, 1, `the ids message names the conversation: ${JSON.stringify(said)}`);
+  assert.deepEqual(said.filter((x) => !x.startsWith(ids)), [spawned, answer, second]);
+  assert.deepEqual(tg.unknown, []);
 });
