@@ -62,7 +62,7 @@ log "$("$OPENCLAW_BIN" --version 2>/dev/null | head -1)"
 
 # --- openclaw with its acpx runtime plugin, for /acp (test/e2e/acp.test.ts) -----------------
 # Since 2026.5 OpenClaw installs acpx (its ACP runtime) as the separate package @openclaw/acpx,
-# which the npm registry does not serve; 2026.4.29 is the newest release that bundles it. It
+# which the npm registry answered 404 for (2026-12-07); 2026.4.29 is the newest release that bundles it. It
 # installs its bundled plugins' dependencies when the gateway starts, with the npm beside node,
 # into OPENCLAW_PLUGIN_STAGE_DIR (kept here, so only the first run fetches them).
 OPENCLAW_ACP_VERSION=${OPENCLAW_ACP_VERSION:-2026.4.29}
