@@ -2575,7 +2575,15 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
             Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
         })
         .optional()?;
-    let ((seq, session_key, mut task), owner) = row.ok_or(StoreError::NotFound("task"))??;
+    complete_task(c, row.ok_or(StoreError::NotFound("task"))??, scope)
+}
+
+/// A task row made whole: its queue position, delivery and pending approval.
+fn complete_task(
+    c: &Connection,
+    ((seq, session_key, mut task), owner): ((i64, Option<String>, Task), String),
+    scope: &Scope,
+) -> Result<Task> {
     model::check_owner(scope, &owner)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
     task.delivery = delivery_status(c, seq)?;
@@ -2621,10 +2629,13 @@ fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::D
 }
 
 fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
-    let id: String = c
-        .prepare_cached("SELECT id FROM tasks WHERE seq = ?1")?
-        .query_row(params![seq], |r| r.get(0))?;
-    load_task(c, &id, &Scope::All)
+    // One read of the row by its key (not its id, then the row by id).
+    let row = c
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1"))?
+        .query_row(params![seq], |r| {
+            Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
+        })?;
+    complete_task(c, row?, &Scope::All)
 }
 
 /// Tasks ahead of a queued one: in its session if it has one, else ready tasks of its agent.
