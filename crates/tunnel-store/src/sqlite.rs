@@ -50,6 +50,10 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0015_event_caps.sql"),
 ];
 
+/// A claim leaves its runner's row alone when nothing in it changed and it was seen this
+/// recently (its `last_seen` is at most this old).
+const RUNNER_SEEN_SLACK_MS: i64 = 1_000;
+
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
@@ -734,7 +738,12 @@ impl SqliteStore {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
             if model::events_renew_lease(&t) {
-                w.renew_lease(&t)?;
+                if model::events_lease_fresh(&t, w.now, w.settings.lease_ms) {
+                    // Still checked: a lease that ran out ends the attempt here too.
+                    w.check_lease(&t)?;
+                } else {
+                    w.renew_lease(&t)?;
+                }
             }
             let (count, bytes, dropped): (i64, i64, i64) = w
                 .conn
@@ -1643,6 +1652,11 @@ const RESTART_RETRY_FRAMES: u32 = 1_024;
 const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 /// Idle time after which the writer checkpoints and truncates the WAL to nothing.
 const IDLE_TRUNCATE: std::time::Duration = std::time::Duration::from_secs(1);
+/// After a commit that made a task ready (and so woke a parked long-poll), how long the writer
+/// keeps looking for the next write before it sleeps: the woken poll's claim arrives within
+/// tens of microseconds, and finding the writer awake saves a thread wake-up on the dispatch
+/// path (docs/BENCHMARKS.md, round three). Between looks it yields the core.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The size of the write-ahead log as the writer's last commit left it (SQLite's WAL hook).
 struct Wal {
@@ -1761,10 +1775,18 @@ fn writer_loop(
     // Written since the WAL file was last truncated.
     let mut dirty = false;
     let mut close = None;
+    let mut woke = false;
     loop {
+        let lingered = if std::mem::take(&mut woke) {
+            linger(&rx)
+        } else {
+            None
+        };
         // Something written since the WAL was last emptied: wait at most so long before
         // emptying it (an idle server leaves no log behind to replay).
-        let first = if dirty {
+        let first = if let Some(m) = lingered {
+            m
+        } else if dirty {
             match rx.recv_timeout(IDLE_TRUNCATE) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -1808,7 +1830,7 @@ fn writer_loop(
             }
         }
         if !batch.is_empty() {
-            commit_batch(&mut conn, batch, &*signals);
+            woke = commit_batch(&mut conn, batch, &*signals);
             dirty = true;
         }
         if close.is_some() {
@@ -1854,9 +1876,25 @@ fn writer_loop(
     }
 }
 
+/// The next message if one arrives within [`LINGER`] (the writer stays awake meanwhile).
+fn linger(rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
+    let until = std::time::Instant::now() + LINGER;
+    loop {
+        match rx.try_recv() {
+            Ok(m) => return Some(m),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        if std::time::Instant::now() >= until {
+            return None;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Runs `batch` in one transaction (each job in its own savepoint), commits, tells `signals`
-/// what changed and answers every job.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
+/// what changed and answers every job. True when the commit made a task ready.
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) -> bool {
     let mut effects = Effects::default();
     let mut completions = Vec::with_capacity(batch.len());
     let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -1896,6 +1934,7 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
     for done in completions {
         done(committed);
     }
+    committed && !effects.ready.is_empty()
 }
 
 fn run_in_savepoint<T>(
@@ -2186,6 +2225,35 @@ impl W<'_> {
 
     /// Records the runner's claim; refused when its name belongs to another token.
     fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
+        let (agents, projects, agent_versions, acp_agents) = (
+            to_json(&req.agents),
+            to_json(&req.projects),
+            to_json(&req.agent_versions),
+            to_json(&req.acp_agents),
+        );
+        // A runner re-polling with nothing changed, seen within the last second: its row stays
+        // as it is (a claim per task would otherwise rewrite it, and a page of the log with it).
+        let unchanged = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM runners WHERE name = ?1 AND agents = ?2 AND projects = ?3
+                    AND capacity = ?4 AND version IS ?5 AND agent_versions = ?6
+                    AND acp_agents = ?7 AND token IS ?8 AND left_at IS NULL AND last_seen >= ?9",
+            )?
+            .exists(params![
+                req.runner,
+                agents,
+                projects,
+                req.capacity,
+                req.version,
+                agent_versions,
+                acp_agents,
+                token,
+                self.now - RUNNER_SEEN_SLACK_MS
+            ])?;
+        if unchanged {
+            return Ok(());
+        }
         let n = self
             .conn
             .prepare_cached(
@@ -2202,14 +2270,14 @@ impl W<'_> {
             )?
             .execute(params![
                 req.runner,
-                to_json(&req.agents),
-                to_json(&req.projects),
+                agents,
+                projects,
                 req.capacity,
                 req.version,
-                to_json(&req.agent_versions),
+                agent_versions,
                 self.now,
                 token,
-                to_json(&req.acp_agents)
+                acp_agents
             ])?;
         if n == 0 {
             return Err(model::runner_name_taken(&req.runner));
@@ -2586,7 +2654,11 @@ fn complete_task(
 ) -> Result<Task> {
     model::check_owner(scope, &owner)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
-    task.delivery = delivery_status(c, seq)?;
+    // Every outbox row of a task goes to its `reply_to` (set at submit, never changed): without
+    // one there is nothing to look up.
+    if task.reply_to.is_some() {
+        task.delivery = delivery_status(c, seq)?;
+    }
     task.waiting_for_approval = waiting_for_approval(c, seq, &task)?;
     Ok(task)
 }
