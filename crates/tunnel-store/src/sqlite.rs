@@ -1652,11 +1652,6 @@ const RESTART_RETRY_FRAMES: u32 = 1_024;
 const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 /// Idle time after which the writer checkpoints and truncates the WAL to nothing.
 const IDLE_TRUNCATE: std::time::Duration = std::time::Duration::from_secs(1);
-/// After a commit that made a task ready (and so woke a parked long-poll), how long the writer
-/// keeps looking for the next write before it sleeps: the woken poll's claim arrives within
-/// tens of microseconds, and finding the writer awake saves a thread wake-up on the dispatch
-/// path (docs/BENCHMARKS.md, round three). Between looks it yields the core.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The size of the write-ahead log as the writer's last commit left it (SQLite's WAL hook).
 struct Wal {
@@ -1775,18 +1770,8 @@ fn writer_loop(
     // Written since the WAL file was last truncated.
     let mut dirty = false;
     let mut close = None;
-    let mut woke = false;
     loop {
-        let lingered = if std::mem::take(&mut woke) {
-            linger(&rx)
-        } else {
-            None
-        };
-        // Something written since the WAL was last emptied: wait at most so long before
-        // emptying it (an idle server leaves no log behind to replay).
-        let first = if let Some(m) = lingered {
-            m
-        } else if dirty {
+        let first = if dirty {
             match rx.recv_timeout(IDLE_TRUNCATE) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -1830,7 +1815,7 @@ fn writer_loop(
             }
         }
         if !batch.is_empty() {
-            woke = commit_batch(&mut conn, batch, &*signals);
+            commit_batch(&mut conn, batch, &*signals);
             dirty = true;
         }
         if close.is_some() {
@@ -1876,25 +1861,9 @@ fn writer_loop(
     }
 }
 
-/// The next message if one arrives within [`LINGER`] (the writer stays awake meanwhile).
-fn linger(rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
-    let until = std::time::Instant::now() + LINGER;
-    loop {
-        match rx.try_recv() {
-            Ok(m) => return Some(m),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) => {}
-        }
-        if std::time::Instant::now() >= until {
-            return None;
-        }
-        std::thread::yield_now();
-    }
-}
-
 /// Runs `batch` in one transaction (each job in its own savepoint), commits, tells `signals`
-/// what changed and answers every job. True when the commit made a task ready.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) -> bool {
+/// what changed and answers every job.
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
     let mut effects = Effects::default();
     let mut completions = Vec::with_capacity(batch.len());
     let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -1934,7 +1903,6 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) -
     for done in completions {
         done(committed);
     }
-    committed && !effects.ready.is_empty()
 }
 
 fn run_in_savepoint<T>(
