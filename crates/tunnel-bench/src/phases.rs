@@ -304,6 +304,8 @@ pub(crate) struct CycleReport {
     pub(crate) server_cpu_us_per_task: f64,
     /// The share of one core the server used.
     pub(crate) server_cores: f64,
+    /// Of the server's CPU per task, what its SQLite writer thread used (0 on PostgreSQL).
+    pub(crate) writer_cpu_us_per_task: f64,
     /// The bench's own CPU (producers and runners), per task: it shares the machine.
     pub(crate) bench_cpu_us_per_task: f64,
     pub(crate) rss_before: u64,
@@ -357,6 +359,7 @@ pub(crate) async fn full_cycle(
     };
 
     let cpu0 = server.cpu()?;
+    let writer0 = server.threads_cpu("tunnel-sqlite-w")?;
     let self0 = cpu_of("/proc/self/stat")?;
     let t0 = Instant::now();
 
@@ -441,6 +444,7 @@ pub(crate) async fn full_cycle(
         .context("the runners did not finish every task within 10 minutes")?;
     let wall = t0.elapsed();
     let cpu1 = server.cpu()?;
+    let writer1 = server.threads_cpu("tunnel-sqlite-w")?;
     let self1 = cpu_of("/proc/self/stat")?;
     sampling.store(false, Ordering::Relaxed);
     let rss_peak = sampler.await?;
@@ -473,6 +477,8 @@ pub(crate) async fn full_cycle(
         tasks_per_s: p.tasks as f64 / secs,
         server_cpu_us_per_task: server_cpu * 1e6 / p.tasks as f64,
         server_cores: server_cpu / secs,
+        writer_cpu_us_per_task: writer1.saturating_sub(writer0).as_secs_f64() * 1e6
+            / p.tasks as f64,
         bench_cpu_us_per_task: (self1 - self0).as_secs_f64() * 1e6 / p.tasks as f64,
         rss_before,
         rss_peak: rss_peak.max(mem_end.rss),

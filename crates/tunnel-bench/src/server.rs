@@ -136,6 +136,21 @@ impl ServerProcess {
         cpu_of(&format!("/proc/{}/stat", self.pid))
     }
 
+    /// utime + stime of the server's threads whose name starts with `prefix` (the SQLite
+    /// writer is `tunnel-sqlite-writer`, shown as `tunnel-sqlite-w`); zero if none.
+    pub(crate) fn threads_cpu(&self, prefix: &str) -> Result<Duration> {
+        let mut total = Duration::ZERO;
+        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
+            let dir = entry?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim_end().starts_with(prefix) {
+                // A thread that ended between the listing and the read counts nothing.
+                total += cpu_of(&dir.join("stat").to_string_lossy()).unwrap_or_default();
+            }
+        }
+        Ok(total)
+    }
+
     /// Stops the server with SIGTERM (graceful: long-polls answer 204, in-flight requests
     /// finish) and waits for it to exit.
     pub(crate) async fn stop(mut self) -> Result<()> {

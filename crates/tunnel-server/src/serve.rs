@@ -322,6 +322,9 @@ pub(crate) async fn serve(
                 continue;
             }
         }
+        // Answers go out whole at once: hyper writes each in as few writes as it can, and a
+        // client's delayed ACK must never hold the rest of one back (Nagle's algorithm).
+        let _ = stream.set_nodelay(true);
         let registered = registry.register();
         let (http, router, shutdown, limits, stats) = (
             http.clone(),

@@ -428,6 +428,18 @@ pub(crate) fn events_renew_lease(t: &OpenTask) -> bool {
     t.state != TaskState::Lost
 }
 
+/// How far short of a full lease one may be left by events (heartbeats always renew in full).
+pub(crate) const EVENTS_RENEW_SLACK_MS: i64 = 1_000;
+
+/// Whether events find the lease fresh enough to leave it as it is: renewing it would move
+/// it by less than [`EVENTS_RENEW_SLACK_MS`]. A runner posts events many times a second
+/// while its agent writes; each renewal is two row updates (the lease and the runner's last
+/// seen) and an index entry moved.
+pub(crate) fn events_lease_fresh(t: &OpenTask, now: i64, lease_ms: i64) -> bool {
+    t.lease_until
+        .is_some_and(|until| until >= now + lease_ms - EVENTS_RENEW_SLACK_MS)
+}
+
 /// The session id an appended event reports, if it is a valid one. A session id reported
 /// mid-run binds the conversation at once, so a crash later still leaves it resumable.
 pub(crate) fn reported_session(e: &NewEvent) -> Option<&str> {

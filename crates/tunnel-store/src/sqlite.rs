@@ -51,6 +51,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
 ];
 
+/// A claim leaves its runner's row alone when nothing in it changed and it was seen this
+/// recently (its `last_seen` is at most this old).
+const RUNNER_SEEN_SLACK_MS: i64 = 1_000;
+
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
@@ -754,7 +758,12 @@ impl SqliteStore {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
             if model::events_renew_lease(&t) {
-                w.renew_lease(&t)?;
+                if model::events_lease_fresh(&t, w.now, w.settings.lease_ms) {
+                    // Still checked: a lease that ran out ends the attempt here too.
+                    w.check_lease(&t)?;
+                } else {
+                    w.renew_lease(&t)?;
+                }
             }
             let (count, bytes, dropped): (i64, i64, i64) = w
                 .conn
@@ -1781,8 +1790,6 @@ fn writer_loop(
     let mut dirty = false;
     let mut close = None;
     loop {
-        // Something written since the WAL was last emptied: wait at most so long before
-        // emptying it (an idle server leaves no log behind to replay).
         let first = if dirty {
             match rx.recv_timeout(IDLE_TRUNCATE) {
                 Ok(m) => m,
@@ -2206,6 +2213,35 @@ impl W<'_> {
 
     /// Records the runner's claim; refused when its name belongs to another token.
     fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
+        let (agents, projects, agent_versions, acp_agents) = (
+            to_json(&req.agents),
+            to_json(&req.projects),
+            to_json(&req.agent_versions),
+            to_json(&req.acp_agents),
+        );
+        // A runner re-polling with nothing changed, seen within the last second: its row stays
+        // as it is (a claim per task would otherwise rewrite it, and a page of the log with it).
+        let unchanged = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM runners WHERE name = ?1 AND agents = ?2 AND projects = ?3
+                    AND capacity = ?4 AND version IS ?5 AND agent_versions = ?6
+                    AND acp_agents = ?7 AND token IS ?8 AND left_at IS NULL AND last_seen >= ?9",
+            )?
+            .exists(params![
+                req.runner,
+                agents,
+                projects,
+                req.capacity,
+                req.version,
+                agent_versions,
+                acp_agents,
+                token,
+                self.now - RUNNER_SEEN_SLACK_MS
+            ])?;
+        if unchanged {
+            return Ok(());
+        }
         let n = self
             .conn
             .prepare_cached(
@@ -2222,14 +2258,14 @@ impl W<'_> {
             )?
             .execute(params![
                 req.runner,
-                to_json(&req.agents),
-                to_json(&req.projects),
+                agents,
+                projects,
                 req.capacity,
                 req.version,
-                to_json(&req.agent_versions),
+                agent_versions,
                 self.now,
                 token,
-                to_json(&req.acp_agents)
+                acp_agents
             ])?;
         if n == 0 {
             return Err(model::runner_name_taken(&req.runner));
@@ -2568,10 +2604,22 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
             Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
         })
         .optional()?;
-    let ((seq, session_key, mut task), owner) = row.ok_or(StoreError::NotFound("task"))??;
+    complete_task(c, row.ok_or(StoreError::NotFound("task"))??, scope)
+}
+
+/// A task row made whole: its queue position, delivery and pending approval.
+fn complete_task(
+    c: &Connection,
+    ((seq, session_key, mut task), owner): ((i64, Option<String>, Task), String),
+    scope: &Scope,
+) -> Result<Task> {
     model::check_owner(scope, &owner)?;
     task.queue_position = queue_position(c, seq, session_key.as_deref(), &task)?;
-    task.delivery = delivery_status(c, seq)?;
+    // Every outbox row of a task goes to its `reply_to` (set at submit, never changed): without
+    // one there is nothing to look up.
+    if task.reply_to.is_some() {
+        task.delivery = delivery_status(c, seq)?;
+    }
     task.waiting_for_approval = waiting_for_approval(c, seq, &task)?;
     Ok(task)
 }
@@ -2614,10 +2662,13 @@ fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::D
 }
 
 fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
-    let id: String = c
-        .prepare_cached("SELECT id FROM tasks WHERE seq = ?1")?
-        .query_row(params![seq], |r| r.get(0))?;
-    load_task(c, &id, &Scope::All)
+    // One read of the row by its key (not its id, then the row by id).
+    let row = c
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1"))?
+        .query_row(params![seq], |r| {
+            Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
+        })?;
+    complete_task(c, row?, &Scope::All)
 }
 
 /// Tasks ahead of a queued one: in its session if it has one, else ready tasks of its agent.
