@@ -56,6 +56,10 @@ struct Args {
     /// created there and dropped after the run (`--durability` does not apply).
     #[arg(long)]
     database: Option<String>,
+    /// Servers on the one database of phases 1–3 (PostgreSQL only): dispatch polls and
+    /// submits, producers and runners are spread over them; phases 5 and 6 use the first.
+    #[arg(long, default_value_t = 1)]
+    servers: usize,
     /// SQLite durability the server runs with.
     #[arg(long, value_enum, default_value = "normal")]
     durability: DurabilityArg,
@@ -151,6 +155,8 @@ impl DurabilityArg {
 struct Report {
     durability: DurabilityArg,
     database: &'static str,
+    /// Servers sharing the database of phases 1–3.
+    servers: usize,
     machine: Machine,
     rss_idle: u64,
     dispatch: Option<DispatchReport>,
@@ -224,7 +230,8 @@ fn progress(msg: &str) {
 async fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let tunnel = match &args.tunnel {
-        Some(t) => t.clone(),
+        // Absolute: a server runs in its database's directory (or `/`).
+        Some(t) => std::path::absolute(t)?,
         None => std::env::current_exe()?
             .parent()
             .context("no directory for this binary")?
@@ -241,6 +248,10 @@ async fn run(args: Args) -> Result<()> {
     }
     let tmp;
     let pg = args.database.as_deref().filter(|d| db::is_postgres(d));
+    ensure!(
+        args.servers >= 1 && (args.servers == 1 || pg.is_some()),
+        "--servers above 1 needs a PostgreSQL --database (servers share it)"
+    );
     let db = match &args.database {
         Some(_) if pg.is_some() => PathBuf::new(),
         // Absolute: the server runs in the database's directory.
@@ -265,6 +276,7 @@ async fn run(args: Args) -> Result<()> {
         } else {
             "SQLite on disk"
         },
+        servers: args.servers,
         machine: machine(),
         rss_idle: 0,
         dispatch: None,
@@ -294,11 +306,16 @@ async fn run(args: Args) -> Result<()> {
     {
         let db13 = fresh("main", "").await?;
         progress(&format!(
-            "starting {} on {} (durability {durability})",
+            "starting {} x {} on {} (durability {durability})",
+            args.servers,
             tunnel.display(),
             db13.describe()
         ));
-        let server = ServerProcess::start(&tunnel, &db13, durability, TOKEN).await?;
+        let mut servers = Vec::with_capacity(args.servers);
+        for _ in 0..args.servers {
+            servers.push(ServerProcess::start(&tunnel, &db13, durability, TOKEN).await?);
+        }
+        let server = &servers[0];
         let wal_watch = match &db13 {
             db::BenchDb::Sqlite(p) => Some(watch_wal(p)),
             db::BenchDb::Postgres { .. } => None,
@@ -309,7 +326,7 @@ async fn run(args: Args) -> Result<()> {
         if args.dispatch > 0 {
             progress(&format!("1. dispatch latency over {} tasks", args.dispatch));
             report.dispatch =
-                Some(phases::dispatch(&server, TOKEN, args.dispatch, Duration::ZERO).await?);
+                Some(phases::dispatch(&servers, TOKEN, args.dispatch, Duration::ZERO).await?);
             expected += args.dispatch as u64;
         }
         if args.gap_dispatch > 0 {
@@ -320,7 +337,7 @@ async fn run(args: Args) -> Result<()> {
                 ));
                 report.dispatch_idle.push(
                     phases::dispatch(
-                        &server,
+                        &servers,
                         TOKEN,
                         args.gap_dispatch,
                         Duration::from_millis(*gap),
@@ -367,7 +384,7 @@ async fn run(args: Args) -> Result<()> {
                 events: args.events,
                 events_per_post: args.events_per_post.max(1),
             };
-            report.cycle = Some(phases::full_cycle(&server, TOKEN, &p).await?);
+            report.cycle = Some(phases::full_cycle(&servers, TOKEN, &p).await?);
             expected += args.tasks;
         }
         if args.runner_tasks > 0 {
@@ -375,7 +392,7 @@ async fn run(args: Args) -> Result<()> {
                 "5. runner overhead: {} tasks, one at a time, real runner, trivial agent",
                 args.runner_tasks
             ));
-            report.runner = Some(runner::runner_overhead(&server, TOKEN, args.runner_tasks).await?);
+            report.runner = Some(runner::runner_overhead(server, TOKEN, args.runner_tasks).await?);
             expected += args.runner_tasks as u64;
         }
         if args.approvals > 0 {
@@ -384,10 +401,12 @@ async fn run(args: Args) -> Result<()> {
                 args.approvals
             ));
             report.approvals =
-                Some(approvals::approval_round_trip(&server, TOKEN, args.approvals).await?);
+                Some(approvals::approval_round_trip(server, TOKEN, args.approvals).await?);
             expected += 1;
         }
-        server.stop().await?;
+        for s in servers {
+            s.stop().await?;
+        }
         if let (Some((stop, watcher)), db::BenchDb::Sqlite(path)) = (wal_watch, &db13) {
             stop.cancel();
             let peak_bytes = watcher.await?;
@@ -587,6 +606,18 @@ fn print_table(r: &Report) {
             d.server.line(),
             "p50 <= 0.2 ms",
         ));
+        if let (Some(across), Some(same)) = (&d.across, &d.same) {
+            rows.push((
+                format!("   submitted to another server (n={})", across.n),
+                across.line(),
+                "",
+            ));
+            rows.push((
+                format!("   submitted to the poll's server (n={})", same.n),
+                same.line(),
+                "",
+            ));
+        }
         rows.push((
             "   submit round trip p50/p99".into(),
             format!(
@@ -657,8 +688,16 @@ fn print_table(r: &Report) {
     if let Some(c) = &r.cycle {
         rows.push((
             format!(
-                "2. full cycle ({} tasks, P={} C={}, {} req/task)",
-                c.tasks, c.producers, c.runners, c.http_requests_per_task
+                "2. full cycle ({} tasks, P={} C={}, {} req/task{})",
+                c.tasks,
+                c.producers,
+                c.runners,
+                c.http_requests_per_task,
+                if c.servers > 1 {
+                    format!(", {} servers", c.servers)
+                } else {
+                    String::new()
+                }
             ),
             format!("{:.0} tasks/s ({:.1} s)", c.tasks_per_s, c.wall_s),
             ">= 2,500 tasks/s",
@@ -899,8 +938,13 @@ fn print_table(r: &Report) {
     } else {
         format!("durability {}", r.durability.as_str())
     };
+    let servers = if r.servers > 1 {
+        format!(" ({} servers on one database)", r.servers)
+    } else {
+        String::new()
+    };
     println!(
-        "tunnel-bench: {} x {}, {}, {durability}, {:.0} s",
+        "tunnel-bench: {} x {}, {}{servers}, {durability}, {:.0} s",
         r.machine.cpus, r.machine.cpu_model, r.database, r.total_s
     );
     println!(

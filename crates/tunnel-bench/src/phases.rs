@@ -125,6 +125,10 @@ pub(crate) struct DispatchReport {
     pub(crate) submit_rtt: Latency,
     /// `GET /health` round trip after the same idle gap (only with a gap).
     pub(crate) health: Option<Latency>,
+    /// With several servers: the dispatches whose submit went to another server than the one
+    /// holding the poll (the offer crosses NOTIFY), and those on the same server.
+    pub(crate) across: Option<Latency>,
+    pub(crate) same: Option<Latency>,
 }
 
 /// One poller parked at a time: it is known to be parked when the server has recorded its
@@ -132,30 +136,46 @@ pub(crate) struct DispatchReport {
 /// nothing to offer, after the poll registered its wake-up slot). Then one task is submitted.
 /// With `gap`, the bench sleeps that long before each submit, and again before a `GET
 /// /health` after each task, so both pay the same cost of a machine gone idle.
+///
+/// With several servers (one database), task `i` is polled for on server `i % n` and
+/// submitted to that server for even `i`, to the next one for odd `i`.
 pub(crate) async fn dispatch(
-    server: &ServerProcess,
+    servers: &[ServerProcess],
     token: &str,
     n: usize,
     gap: Duration,
 ) -> Result<DispatchReport> {
-    let runner_client = Client::new(&server.url, token)?;
-    let client = Client::new(&server.url, token)?;
+    let clients = servers
+        .iter()
+        .map(|s| Client::new(&s.url, token))
+        .collect::<Result<Vec<_>, _>>()?;
+    let runner_clients = servers
+        .iter()
+        .map(|s| Client::new(&s.url, token))
+        .collect::<Result<Vec<_>, _>>()?;
     let runner = format!("bench-dispatch-{}", gap.as_millis());
     let runner = runner.as_str();
     let mut dispatch = Vec::with_capacity(n);
+    let (mut across, mut same) = (Vec::new(), Vec::new());
     let mut submit_rtt = Vec::with_capacity(n);
     let mut health = Vec::new();
     let mut ids = Vec::with_capacity(n);
-    *server.task_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    for s in servers {
+        *s.task_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+    let k = servers.len();
     for i in 0..n {
+        let polled = i % k;
+        let submitted = if i % 2 == 0 { polled } else { (polled + 1) % k };
+        let client = &clients[submitted];
         let nonce = format!("bench-{}-{i}", gap.as_millis());
-        let rc = runner_client.clone();
+        let rc = runner_clients[polled].clone();
         let req = claim_request(runner, 30_000, Some(nonce.clone()));
         let poll = tokio::spawn(async move {
             let offer = rc.claim(&req).await;
             (Instant::now(), offer)
         });
-        wait_recorded(&client, runner, &nonce, &poll).await?;
+        wait_recorded(client, runner, &nonce, &poll).await?;
         if !gap.is_zero() {
             tokio::time::sleep(gap).await;
         }
@@ -178,8 +198,13 @@ pub(crate) async fn dispatch(
             task.id
         );
         dispatch.push(t1 - t0);
+        if submitted == polled {
+            same.push(t1 - t0);
+        } else {
+            across.push(t1 - t0);
+        }
         ids.push(task.id.clone());
-        run_fake_task(&client, &offer, 0, 1).await?;
+        run_fake_task(&runner_clients[polled], &offer, 0, 1).await?;
         if !gap.is_zero() {
             tokio::time::sleep(gap).await;
             let t0 = Instant::now();
@@ -190,30 +215,40 @@ pub(crate) async fn dispatch(
     Ok(DispatchReport {
         gap_ms: gap.as_millis() as u64,
         dispatch: Latency::of(&dispatch),
-        server: Latency::of(&server_share(server, &ids).await?),
+        server: Latency::of(&server_share(servers, &ids).await?),
         submit_rtt: Latency::of(&submit_rtt),
         health: (!gap.is_zero()).then(|| Latency::of(&health)),
+        across: (k > 1).then(|| Latency::of(&across)),
+        same: (k > 1).then(|| Latency::of(&same)),
     })
 }
 
 /// For each task: the submit's `took_us` (handler start → committed) plus its "Task
-/// submitted." line → its "Task offered." line, from the server's JSON log.
-async fn server_share(server: &ServerProcess, ids: &[String]) -> Result<Vec<Duration>> {
+/// submitted." line → its "Task offered." line, from the servers' JSON logs (one machine, one
+/// clock: the two lines may come from two servers).
+async fn server_share(servers: &[ServerProcess], ids: &[String]) -> Result<Vec<Duration>> {
     use std::collections::HashMap;
     // Every line was written before the server answered; the task draining stderr may lag.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let lines = loop {
-        {
-            let mut log = server.task_log.lock().unwrap_or_else(|p| p.into_inner());
-            let offers = log.as_ref().map_or(0, |l| {
-                l.iter().filter(|x| x.contains("\"Task offered.\"")).count()
-            });
-            if offers >= ids.len() || Instant::now() > deadline {
-                break log.take().unwrap_or_default();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let offers = || {
+        servers
+            .iter()
+            .map(|s| {
+                let log = s.task_log.lock().unwrap_or_else(|p| p.into_inner());
+                log.as_ref().map_or(0, |l| {
+                    l.iter().filter(|x| x.contains("\"Task offered.\"")).count()
+                })
+            })
+            .sum::<usize>()
     };
+    while offers() < ids.len() && Instant::now() <= deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut lines = Vec::new();
+    for s in servers {
+        let mut log = s.task_log.lock().unwrap_or_else(|p| p.into_inner());
+        lines.extend(log.take().unwrap_or_default());
+    }
     let mut submitted = HashMap::new();
     let mut offered = HashMap::new();
     for line in &lines {
@@ -292,6 +327,8 @@ pub(crate) struct CycleParams {
 
 #[derive(Debug, Serialize)]
 pub(crate) struct CycleReport {
+    /// Servers on one database; producers and runners are spread over them round-robin.
+    pub(crate) servers: usize,
     pub(crate) tasks: u64,
     pub(crate) producers: u32,
     pub(crate) runners: u32,
@@ -300,14 +337,15 @@ pub(crate) struct CycleReport {
     pub(crate) http_requests_per_task: u32,
     pub(crate) wall_s: f64,
     pub(crate) tasks_per_s: f64,
-    /// Server CPU (user + system) over the run, per task.
+    /// Server CPU (user + system) over the run, per task (all servers together).
     pub(crate) server_cpu_us_per_task: f64,
-    /// The share of one core the server used.
+    /// The share of one core the servers used.
     pub(crate) server_cores: f64,
     /// Of the server's CPU per task, what its SQLite writer thread used (0 on PostgreSQL).
     pub(crate) writer_cpu_us_per_task: f64,
     /// The bench's own CPU (producers and runners), per task: it shares the machine.
     pub(crate) bench_cpu_us_per_task: f64,
+    /// The first server's.
     pub(crate) rss_before: u64,
     /// Highest VmRSS sampled every 10 ms during the run.
     pub(crate) rss_peak: u64,
@@ -323,10 +361,26 @@ pub(crate) struct CycleReport {
 }
 
 pub(crate) async fn full_cycle(
-    server: &ServerProcess,
+    servers: &[ServerProcess],
     token: &str,
     p: &CycleParams,
 ) -> Result<CycleReport> {
+    let server = &servers[0];
+    // The SQLite writer thread of every server (none on PostgreSQL).
+    let servers_writer_cpu = |name: &str| -> Result<Duration> {
+        let mut sum = Duration::ZERO;
+        for s in servers {
+            sum += s.threads_cpu(name)?;
+        }
+        Ok(sum)
+    };
+    let servers_cpu = || -> Result<Duration> {
+        let mut sum = Duration::ZERO;
+        for s in servers {
+            sum += s.cpu()?;
+        }
+        Ok(sum)
+    };
     let to_submit = Arc::new(AtomicU64::new(p.tasks));
     let finished = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
@@ -358,14 +412,14 @@ pub(crate) async fn full_cycle(
         })
     };
 
-    let cpu0 = server.cpu()?;
-    let writer0 = server.threads_cpu("tunnel-sqlite-w")?;
+    let cpu0 = servers_cpu()?;
+    let writer0 = servers_writer_cpu("tunnel-sqlite-w")?;
     let self0 = cpu_of("/proc/self/stat")?;
     let t0 = Instant::now();
 
     let mut producers = JoinSet::new();
-    for _ in 0..p.producers {
-        let client = Client::new(&server.url, token)?;
+    for j in 0..p.producers {
+        let client = Client::new(&servers[j as usize % servers.len()].url, token)?;
         let to_submit = to_submit.clone();
         producers.spawn(async move {
             let mut rtt = Vec::new();
@@ -392,7 +446,7 @@ pub(crate) async fn full_cycle(
 
     let mut runners = JoinSet::new();
     for r in 0..p.runners {
-        let client = Client::new(&server.url, token)?;
+        let client = Client::new(&servers[r as usize % servers.len()].url, token)?;
         let finished = finished.clone();
         let stop = stop.clone();
         let (events, per_post, total) = (p.events, p.events_per_post, p.tasks);
@@ -443,8 +497,8 @@ pub(crate) async fn full_cycle(
         .await
         .context("the runners did not finish every task within 10 minutes")?;
     let wall = t0.elapsed();
-    let cpu1 = server.cpu()?;
-    let writer1 = server.threads_cpu("tunnel-sqlite-w")?;
+    let cpu1 = servers_cpu()?;
+    let writer1 = servers_writer_cpu("tunnel-sqlite-w")?;
     let self1 = cpu_of("/proc/self/stat")?;
     sampling.store(false, Ordering::Relaxed);
     let rss_peak = sampler.await?;
@@ -467,6 +521,7 @@ pub(crate) async fn full_cycle(
     let secs = wall.as_secs_f64();
     let server_cpu = (cpu1 - cpu0).as_secs_f64();
     Ok(CycleReport {
+        servers: servers.len(),
         tasks: p.tasks,
         producers: p.producers,
         runners: p.runners,

@@ -9,7 +9,8 @@
 #   cargo build -p tunnel && crates/tunnel-store/scripts/several-servers.sh
 #
 # Env: TUNNEL_BIN (target/debug/tunnel), TUNNEL_TEST_PG_URL (postgres://postgres@127.0.0.1:5432/postgres),
-# TASKS (5000), SERVERS (3), RUNNERS_PER_SERVER (1), MAX_CONCURRENT (8).
+# TASKS (5000), SERVERS (3), RUNNERS_PER_SERVER (1), MAX_CONCURRENT (8), DB_PREFIX (tunnel_several:
+# the database is DB_PREFIX_<pid>, created and dropped here).
 set -euo pipefail
 
 BIN=${TUNNEL_BIN:-target/debug/tunnel}
@@ -18,7 +19,7 @@ TASKS=${TASKS:-5000}
 SERVERS=${SERVERS:-3}
 RUNNERS_PER_SERVER=${RUNNERS_PER_SERVER:-1}
 export MAX_CONCURRENT=${MAX_CONCURRENT:-8}
-DB=tunnel_several_$$
+DB=${DB_PREFIX:-tunnel_several}_$$
 URL=${ADMIN_URL%/*}/$DB
 WORK=$(mktemp -d)
 PIDS=()

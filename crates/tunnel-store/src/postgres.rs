@@ -16,10 +16,20 @@
 //!   its lock, one task per transaction; due outbox rows are claimed with `FOR UPDATE SKIP
 //!   LOCKED` and an in-flight lease (`claimed_until`), so two instances never send one row.
 //! - After each commit the effects go to this instance's [`Signals`] directly and to the
-//!   others through `NOTIFY tunnel` (sent inside the transaction, so delivered only if it
-//!   commits). Each instance `LISTEN`s and calls the same [`Signals`]. NOTIFY is a hint: the
-//!   listener reconnects when its connection drops and then re-signals what changed while it
-//!   was away, and a poll every second re-wakes ready tasks, deadlines and the outbox.
+//!   others through `NOTIFY tunnel`, sent just after the commit (several commits' effects
+//!   merged into one statement when they come together), never inside the write: PostgreSQL
+//!   holds a database-wide lock from a notifying transaction's commit through its WAL flush,
+//!   so writes that NOTIFY commit one fsync at a time. Each instance `LISTEN`s and calls the
+//!   same [`Signals`]. NOTIFY is a hint: the listener reconnects when its connection drops and
+//!   then re-signals what changed while it was away, and a poll every second re-wakes ready
+//!   tasks, deadlines and the outbox (so a note lost between a commit and its NOTIFY costs at
+//!   most that second).
+//! - Round trips are what a write costs here (each one a wake-up of this process and of a
+//!   PostgreSQL backend): BEGIN goes out with the first statement, statements of a transition
+//!   that do not depend on each other's answers are sent together (pipelined, in order), a
+//!   task is read back in one statement, and an empty claim by a runner seen within the last
+//!   second writes nothing (so its commit waits for no WAL flush). Every commit is still
+//!   synchronous (`synchronous_commit` is the server's; nothing here relaxes it).
 //!
 //! Refusals (stale, conflict, not found) commit what the write did before refusing, as in
 //! SQLite; database errors roll back.
@@ -133,6 +143,43 @@ const MAX_TRIES: u32 = 10;
 const CLAIM_BATCH: i64 = 8;
 /// Ready tasks re-woken per poll.
 const POLL_READY: i64 = 32;
+/// A claim's record of its runner (see `W::touch_runner`).
+const TOUCH_RUNNER: &str = "WITH fresh AS (
+       SELECT 1 FROM runners
+       WHERE name = $1 AND agents = $2 AND projects = $3 AND capacity = $4
+         AND version IS NOT DISTINCT FROM $5 AND agent_versions = $6
+         AND acp_agents = $9 AND left_at IS NULL
+         AND last_seen > $7::bigint - $10::bigint AND ($8::text IS NULL OR token = $8)),
+    up AS (
+       INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
+           first_seen, last_seen, token, acp_agents)
+       SELECT $1, $2, $3, $4, $5, $6, $7, $7, $8, $9
+       WHERE NOT EXISTS (SELECT 1 FROM fresh)
+       ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
+          projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
+          version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
+          last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL,
+          acp_agents = EXCLUDED.acp_agents,
+          token = COALESCE(runners.token, EXCLUDED.token)
+       WHERE runners.token IS NULL OR EXCLUDED.token IS NULL
+          OR runners.token = EXCLUDED.token
+       RETURNING 1)
+    SELECT (SELECT COUNT(*) FROM fresh) + (SELECT COUNT(*) FROM up)";
+/// A lease renewal; the runner's row only when it was last seen over `TOUCH_EVERY_MS` ago
+/// (as a claim does), so a stream of events does not rewrite it each time.
+const RENEW_LEASE: &str = "WITH r AS (UPDATE runners SET last_seen = $3
+        WHERE name = $4 AND last_seen <= $3::bigint - $5::bigint)
+    UPDATE tasks SET lease_until = $2 WHERE seq = $1";
+/// An event and the task's counters, in one statement.
+const INSERT_EVENT: &str = "WITH c AS (
+        UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + $2
+        WHERE seq = $1 RETURNING next_event_seq - 1 AS seq)
+    INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+    SELECT $1, c.seq, $3::bigint, $4::bigint, $5::text, $6::text, $7::bigint FROM c
+    RETURNING seq";
+/// A claim leaves a runner row that already says everything alone if it was written this
+/// recently (its `last_seen` is that much behind at most; "online" is a 90 s window).
+const TOUCH_EVERY_MS: i64 = 1_000;
 /// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
 const MAX_PAYLOAD: usize = 7000;
 
@@ -274,6 +321,19 @@ impl Effects {
             && !self.tokens
     }
 
+    /// Adds another commit's effects (sent as one note).
+    fn merge(&mut self, other: Effects) {
+        for id in other.changed {
+            if !self.changed.contains(&id) {
+                self.changed.push(id);
+            }
+        }
+        self.ready.extend(other.ready);
+        self.deadlines.extend(other.deadlines);
+        self.delivery |= other.delivery;
+        self.tokens |= other.tokens;
+    }
+
     /// Applies effects another instance committed.
     fn apply_remote(&self, signals: &dyn Signals) {
         if self.tokens {
@@ -346,14 +406,41 @@ pub(crate) struct PgStore {
     clock: Arc<dyn Clock>,
     settings: Arc<QueueSettings>,
     signals: Arc<dyn Signals>,
-    /// This instance's id in NOTIFY payloads (its own notes are not applied twice).
-    instance: String,
+    /// Committed effects for the other instances, sent by [`notify_loop`].
+    notes: tokio::sync::mpsc::UnboundedSender<Effects>,
     _background: Background,
+}
+
+/// A pooled connection and whether a transaction is open on it (BEGIN sent, no COMMIT or
+/// ROLLBACK yet). Dropped while one is (the caller went away in the middle of a write), the
+/// connection leaves the pool and closes, so PostgreSQL rolls the transaction back and no
+/// later write is handed a connection inside it.
+struct TxConn {
+    client: Option<deadpool_postgres::Client>,
+    open: AtomicBool,
+}
+
+impl TxConn {
+    fn client(&self) -> &deadpool_postgres::Client {
+        self.client
+            .as_ref()
+            .expect("the connection is only taken on drop")
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if self.open.load(Ordering::SeqCst)
+            && let Some(c) = self.client.take()
+        {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
 }
 
 /// A write in progress: the transaction, the time it runs at, and what it changed.
 struct W<'a> {
-    tx: &'a deadpool_postgres::Transaction<'a>,
+    conn: &'a TxConn,
     now: i64,
     fx: Effects,
     settings: &'a QueueSettings,
@@ -379,17 +466,16 @@ macro_rules! write {
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut client = s.pool.get().await.map_err(pool_err)?;
-            let tx = match client.transaction().await {
-                Ok(tx) => tx,
-                // A pooled connection that died (server restart, killed backend): nothing has
-                // run yet, so take another one.
-                Err(e) if connection_lost(&e) && tries < MAX_TRIES => continue,
-                Err(e) => break Err(e.into()),
+            // BEGIN goes out with the first statement (see `W::run`); a pooled connection
+            // that died (server restart, killed backend) fails both, and the write is re-run
+            // on another.
+            let conn = TxConn {
+                client: Some(s.pool.get().await.map_err(pool_err)?),
+                open: AtomicBool::new(false),
             };
             #[allow(unused_mut)]
             let mut $w = W {
-                tx: &tx,
+                conn: &conn,
                 now: s.clock.now_ms(),
                 fx: Effects::default(),
                 settings: &s.settings,
@@ -398,7 +484,7 @@ macro_rules! write {
             let result = typed(async { $body }).await;
             let retry = $w.retry.load(Ordering::Relaxed);
             let fx = std::mem::take(&mut $w.fx);
-            match s.conclude(tx, fx, result, retry).await {
+            match s.conclude(&conn, fx, result, retry).await {
                 Concluded::Done(r) => break r,
                 Concluded::Retry if tries < MAX_TRIES => {
                     tokio::time::sleep(Duration::from_millis(2 * tries as u64)).await;
@@ -467,19 +553,21 @@ impl PgStore {
             tracing::warn!("PostgreSQL LISTEN is not up yet; relying on the poll until it is.");
         }
         let poller = tokio::spawn(poll_loop(pool.clone(), signals.clone(), clock.clone()));
+        let (notes, notes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let notifier = tokio::spawn(notify_loop(pool.clone(), notes_rx, instance.clone()));
         Ok(PgStore {
             pool,
             clock,
             settings: Arc::new(settings),
             signals,
-            instance,
-            _background: Background(vec![listener, poller]),
+            notes,
+            _background: Background(vec![listener, poller, notifier]),
         })
     }
 
     async fn conclude<T>(
         &self,
-        tx: deadpool_postgres::Transaction<'_>,
+        conn: &TxConn,
         fx: Effects,
         result: Result<T>,
         retry: bool,
@@ -494,39 +582,42 @@ impl PgStore {
                     | StoreError::Settled { .. }
             ),
         };
+        let open = conn.open.load(Ordering::SeqCst);
         if !keep {
-            let _ = tx.rollback().await;
+            // A ROLLBACK that fails leaves the connection marked open: it is closed, not
+            // pooled.
+            if open && conn.client().batch_execute("ROLLBACK").await.is_ok() {
+                conn.open.store(false, Ordering::SeqCst);
+            }
             return if retry {
                 Concluded::Retry
             } else {
                 Concluded::Done(result)
             };
         }
-        if !fx.is_empty() {
-            for payload in fx.payloads(&self.instance) {
-                if let Err(e) = tx
-                    .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-                    .await
-                {
-                    let _ = tx.rollback().await;
-                    return if retryable(&e) || connection_lost(&e) {
-                        Concluded::Retry
-                    } else {
-                        Concluded::Done(Err(e.into()))
-                    };
+        if open {
+            match conn.client().batch_execute("COMMIT").await {
+                Ok(()) => conn.open.store(false, Ordering::SeqCst),
+                Err(e) if retryable(&e) => {
+                    // The transaction is over (rolled back); the connection is fine.
+                    conn.open.store(false, Ordering::SeqCst);
+                    return Concluded::Retry;
+                }
+                Err(e) => {
+                    return Concluded::Done(Err(StoreError::Unavailable(format!(
+                        "{COMMIT_FAILED}: {e}"
+                    ))));
                 }
             }
         }
-        match tx.commit().await {
-            Ok(()) => {
-                fx.apply(&*self.signals);
-                Concluded::Done(result)
-            }
-            Err(e) if retryable(&e) => Concluded::Retry,
-            Err(e) => Concluded::Done(Err(StoreError::Unavailable(format!(
-                "{COMMIT_FAILED}: {e}"
-            )))),
+        fx.apply(&*self.signals);
+        if !fx.is_empty() {
+            // After the commit, not inside it: PostgreSQL serializes the commits of
+            // transactions that NOTIFY (a database-wide lock held through the WAL flush),
+            // which would leave one commit per fsync for every server.
+            let _ = self.notes.send(fx);
         }
+        Concluded::Done(result)
     }
 
     async fn conn(&self) -> Result<deadpool_postgres::Object> {
@@ -555,7 +646,7 @@ impl PgStore {
                     .await?;
                 if let Some(row) = existing {
                     let id: String = get(&row, 0)?;
-                    return Ok((load_task(w.tx, &id, &Scope::All).await?, false));
+                    return Ok((load_task(w.tx().await?, &id, &Scope::All).await?, false));
                 }
             }
             if let Some(k) = &session_key {
@@ -589,45 +680,71 @@ impl PgStore {
             };
             let (mode, resume_id) = model::session_mode_columns(&req.session);
             let reply_to = req.reply_to.as_ref().map(to_json);
-            let row = w
-                .one(
-                    "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
-                        timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
+            // The task, its first event (seq 1: the counters start past it) and, for the
+            // ready hint, the runner its session must run on: one statement.
+            let queued = StateEvent::Queued(None).data().to_string();
+            let queued_size = model::event_size("state", &queued) as i64;
+            let sql = format!(
+                "WITH t AS (
+                    INSERT INTO tasks AS t (id, agent, prompt, conversation, session_key, project,
+                        model, timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
                         idempotency_key, state, ready, created_at, updated_at, meta, approvals,
-                        conv_owner)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                        'queued', $15, $16, $16, $17, $18, $19)
-                     RETURNING seq",
-                    &[
-                        &id,
-                        &req.agent,
-                        &req.prompt,
-                        &req.conversation,
-                        &session_key,
-                        &req.project,
-                        &req.model,
-                        &req.timeout_ms.map(|t| t as i64),
-                        &mode,
-                        &resume_id,
-                        &(req.max_attempts.unwrap_or(1) as i64),
-                        &reply_to,
-                        &owner,
-                        &key,
-                        &!busy,
-                        &w.now,
-                        &req.meta.as_ref().map(to_json),
-                        &req.approvals.map(|p| p.as_str()),
-                        &conv_owner,
-                    ],
+                        next_event_seq, event_bytes, conv_owner)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                        'queued', $15, $16, $16, $17, $18, 2, $19, $21)
+                    RETURNING t.seq, (SELECT {HOME_EXPR}
+                        FROM (SELECT 1) one
+                        LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
+                            AND s.conversation = t.conversation)),
+                 e AS (
+                    INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+                    SELECT t.seq, 1, 0, NULL, 'state', $20::text, $16 FROM t)
+                 SELECT * FROM t"
+            );
+            let chat = req.reply_to.as_ref().filter(|r| model::is_chat(r));
+            let load = task_by_id_sql();
+            let params: &[P<'_>] = &[
+                &id,
+                &req.agent,
+                &req.prompt,
+                &req.conversation,
+                &session_key,
+                &req.project,
+                &req.model,
+                &req.timeout_ms.map(|t| t as i64),
+                &mode,
+                &resume_id,
+                &(req.max_attempts.unwrap_or(1) as i64),
+                &reply_to,
+                &owner,
+                &key,
+                &!busy,
+                &w.now,
+                &req.meta.as_ref().map(to_json),
+                &req.approvals.map(|p| p.as_str()),
+                &queued_size,
+                &queued,
+                &conv_owner,
+            ];
+            // Without a chat acknowledgement to queue in between, the task is read back in
+            // the same round trip as its insert.
+            let (row, loaded) = if chat.is_none() {
+                w.prepare(&[&sql, &load]).await?;
+                let (row, task) = futures_util::future::join(
+                    w.one(&sql, params),
+                    load_task(w.conn.client(), &id, &Scope::All),
                 )
-                .await?;
+                .await;
+                (row?, Some(task?))
+            } else {
+                (w.one(&sql, params).await?, None)
+            };
             let seq: i64 = get(&row, 0)?;
-            w.event(seq, 0, "state", &StateEvent::Queued(None).data())
-                .await?;
+            let home: Option<String> = get(&row, 1)?;
             // The chat's acknowledgement is the task's first message there, so it can never
             // arrive after the answer (one destination goes in order); it becomes the
             // "working…" message.
-            if let Some(chat) = req.reply_to.as_ref().filter(|r| model::is_chat(r)) {
+            if let Some(chat) = chat {
                 w.enqueue(Some(seq), "progress", chat, None, 0).await?;
             }
             w.fx.changed.push(id.clone());
@@ -635,10 +752,21 @@ impl PgStore {
                 w.fx.deadlines.push(w.now + max);
             }
             if !busy {
-                let hint = w.ready_hint(seq).await?;
-                w.fx.ready.push(hint.into());
+                w.fx.ready.push(
+                    ReadyHint {
+                        task_id: id.clone(),
+                        agent: req.agent.clone(),
+                        project: req.project.clone(),
+                        runner: home,
+                    }
+                    .into(),
+                );
             }
-            Ok((load_task(w.tx, &id, &Scope::All).await?, true))
+            let task = match loaded {
+                Some(task) => task,
+                None => load_task(w.tx().await?, &id, &Scope::All).await?,
+            };
+            Ok((task, true))
         })
     }
 
@@ -650,21 +778,18 @@ impl PgStore {
     pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
         let c = self.conn().await?;
         let (cond, args) = filter.where_clause(&scope, |i| format!("${i}"), "ILIKE");
-        let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE {cond} ORDER BY seq DESC LIMIT {}",
-            filter.limit.clamp(1, 1000)
+        let sql = full_task_sql(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE {cond} ORDER BY seq DESC LIMIT {}",
+                filter.limit.clamp(1, 1000)
+            ),
+            "ORDER BY x.seq DESC",
         );
         let params: Vec<P<'_>> = args.iter().map(|a| a as P<'_>).collect();
         let rows = q_all(&c, &sql, &params).await?;
-        let mut tasks = Vec::new();
-        for row in rows {
-            let (seq, session_key, mut task) = task_from_row(&row)?;
-            task.queue_position = queue_position(&c, seq, session_key.as_deref(), &task).await?;
-            task.delivery = delivery_status(&c, seq).await?;
-            task.waiting_for_approval = waiting_for_approval(&c, seq, &task).await?;
-            tasks.push(task);
-        }
-        Ok(tasks)
+        rows.iter()
+            .map(|row| full_task_from_row(row, &Scope::All))
+            .collect()
     }
 
     pub(crate) async fn overview(&self, since: i64, scope: Scope) -> Result<crate::Overview> {
@@ -798,7 +923,7 @@ impl PgStore {
                 }
                 Cancel::AlreadyRequested => {}
             }
-            load_task(w.tx, &id, &Scope::All).await
+            load_task(w.tx().await?, &id, &Scope::All).await
         })
     }
 
@@ -808,7 +933,6 @@ impl PgStore {
         token: Option<String>,
     ) -> Result<Option<Offer>> {
         write!(self, |w| {
-            w.touch_runner(&req, token.as_deref()).await?;
             // The oldest ready tasks this runner may take: one range of `tasks_ready_claim`
             // per (agent, project or none) it has, merged by seq, so tasks queued for agents
             // or projects it lacks cost nothing here. Then the first that can be locked
@@ -832,39 +956,51 @@ impl PgStore {
             agents.dedup();
             let mut skipped: Vec<i64> = Vec::new();
             let mut chosen = None;
+            // The runner's row and the first candidates, in one round trip (independent).
+            w.prepare(&[TOUCH_RUNNER, &sql]).await?;
+            let (touched, first) = futures_util::future::join(
+                w.touch_runner(&req, token.as_deref()),
+                w.all(
+                    &sql,
+                    &[&w.now, &agents, &req.projects, &req.runner, &skipped],
+                ),
+            )
+            .await;
+            touched?;
+            let mut first = Some(first?);
             'rounds: for _ in 0..3 {
-                let rows = w
-                    .all(
-                        &sql,
-                        &[&w.now, &agents, &req.projects, &req.runner, &skipped],
-                    )
-                    .await?;
+                let rows = match first.take() {
+                    Some(rows) => rows,
+                    None => {
+                        w.all(
+                            &sql,
+                            &[&w.now, &agents, &req.projects, &req.runner, &skipped],
+                        )
+                        .await?
+                    }
+                };
                 if rows.is_empty() {
                     break;
                 }
                 for row in &rows {
                     let seq: i64 = get(row, 0)?;
                     skipped.push(seq);
-                    if w.opt(
-                        "SELECT 1 FROM tasks WHERE seq = $1 FOR UPDATE SKIP LOCKED",
-                        &[&seq],
-                    )
-                    .await?
-                    .is_none()
-                    {
-                        continue;
-                    }
-                    // Re-check under the lock: the row is what was last committed.
-                    let row = w
-                        .one(
+                    // Locked (or skipped) and re-checked in one statement: the row locked is
+                    // what was last committed.
+                    let Some(row) = w
+                        .opt(
                             "SELECT t.ready, t.not_before, t.agent, t.session_mode, t.resume_id,
-                                s.session_id, s.runner
+                                s.session_id, s.runner, t.attempt
                              FROM tasks t
                              LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent AND s.conversation = t.conversation
-                             WHERE t.seq = $1",
+                             WHERE t.seq = $1
+                             FOR UPDATE OF t SKIP LOCKED",
                             &[&seq],
                         )
-                        .await?;
+                        .await?
+                    else {
+                        continue;
+                    };
                     let ready: bool = get(&row, 0)?;
                     let not_before: Option<i64> = get(&row, 1)?;
                     let agent: String = get(&row, 2)?;
@@ -873,7 +1009,7 @@ impl PgStore {
                         continue;
                     }
                     let (resume, home) = resolve_session(
-                        w.tx,
+                        w.tx().await?,
                         &agent,
                         &mode,
                         get(&row, 4)?,
@@ -884,29 +1020,42 @@ impl PgStore {
                     if home.as_ref().is_some_and(|h| h != &req.runner) {
                         continue;
                     }
-                    chosen = Some((seq, mode, resume));
+                    chosen = Some((seq, mode, resume, get_u32(&row, 7)? + 1));
                     break 'rounds;
                 }
             }
-            let Some((seq, mode, resume)) = chosen else {
+            let Some((seq, mode, resume, attempt)) = chosen else {
                 return Ok(None);
             };
             let lease_token = random_hex(16);
             let ack_by = w.now + w.settings.ack_timeout_ms;
-            w.exec(
-                "UPDATE tasks SET state = 'offered', ready = FALSE, attempt = attempt + 1,
-                    lease_token = $2, runner = $3, ack_by = $4, lease_until = NULL,
-                    not_before = NULL, reason = NULL, updated_at = $5
-                 WHERE seq = $1",
-                &[&seq, &lease_token, &req.runner, &ack_by, &w.now],
+            // The offer, its event and the task as offered: one round trip (in this order).
+            const OFFER: &str = "UPDATE tasks SET state = 'offered', ready = FALSE,
+                    attempt = attempt + 1, lease_token = $2, runner = $3, ack_by = $4,
+                    lease_until = NULL, not_before = NULL, reason = NULL, updated_at = $5
+                 WHERE seq = $1";
+            let load = task_by_seq_sql();
+            w.prepare(&[OFFER, INSERT_EVENT, &load]).await?;
+            let offered = StateEvent::Offered(&req.runner).data();
+            let (updated, evented, task) = futures_util::future::join3(
+                w.exec(OFFER, &[&seq, &lease_token, &req.runner, &ack_by, &w.now]),
+                w.event(seq, attempt, "state", &offered),
+                load_task_by_seq(w.conn.client(), seq),
             )
-            .await?;
-            let task = load_task_by_seq(w.tx, seq).await?;
+            .await;
+            updated?;
+            evented?;
+            let task = task?;
             if let Some(conv) = &task.conversation
                 && model::rebinds_on_offer(&mode)
             {
                 let runner = if resume.is_some() {
-                    history_runner(w.tx, &task.agent, resume.as_deref().unwrap_or_default()).await?
+                    history_runner(
+                        w.tx().await?,
+                        &task.agent,
+                        resume.as_deref().unwrap_or_default(),
+                    )
+                    .await?
                 } else {
                     None
                 };
@@ -924,13 +1073,6 @@ impl PgStore {
                 )
                 .await?;
             }
-            w.event(
-                seq,
-                task.attempt,
-                "state",
-                &StateEvent::Offered(&req.runner).data(),
-            )
-            .await?;
             w.fx.changed.push(task.id.clone());
             w.fx.deadlines.push(ack_by);
             Ok(Some(Offer {
@@ -962,20 +1104,20 @@ impl PgStore {
                     return Err(e);
                 }
             };
-            w.exec(
-                "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
-                    lease_until = $2, started_at = COALESCE(started_at, $3), updated_at = $3
-                 WHERE seq = $1",
-                &[&t.seq, &lease_until, &w.now],
+            // The start and its event: one round trip.
+            const START: &str = "UPDATE tasks SET state = 'running', runs = runs + 1,
+                    ack_by = NULL, lease_until = $2, started_at = COALESCE(started_at, $3),
+                    updated_at = $3
+                 WHERE seq = $1";
+            w.prepare(&[START, INSERT_EVENT]).await?;
+            let running = StateEvent::Running(t.runner.as_deref()).data();
+            let (updated, evented) = futures_util::future::join(
+                w.exec(START, &[&t.seq, &lease_until, &w.now]),
+                w.event(t.seq, t.attempt, "state", &running),
             )
-            .await?;
-            w.event(
-                t.seq,
-                t.attempt,
-                "state",
-                &StateEvent::Running(t.runner.as_deref()).data(),
-            )
-            .await?;
+            .await;
+            updated?;
+            evented?;
             w.fx.changed.push(t.id.clone());
             w.fx.deadlines.push(lease_until);
             w.deliver_started(&t).await?;
@@ -1062,15 +1204,22 @@ impl PgStore {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
-            if model::events_renew_lease(&t) {
-                w.renew_lease(&t).await?;
-            }
-            let row = w
-                .one(
-                    "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = $1",
-                    &[&t.seq],
+            const COUNTERS: &str =
+                "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = $1";
+            let row = if model::events_renew_lease(&t) {
+                // The renewal and the log's counters: one round trip (independent).
+                w.prepare(&[RENEW_LEASE, COUNTERS]).await?;
+                let conn = w.conn;
+                let (renewed, row) = futures_util::future::join(
+                    w.renew_lease(&t),
+                    q_one(conn.client(), COUNTERS, &[&t.seq]),
                 )
-                .await?;
+                .await;
+                renewed?;
+                row?
+            } else {
+                w.one(COUNTERS, &[&t.seq]).await?
+            };
             let (count, bytes, dropped): (i64, i64, i64) =
                 (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
             let mut log = model::EventLog {
@@ -1149,7 +1298,7 @@ impl PgStore {
                         w.check_lease(&t).await?;
                     }
                 }
-                Finish::Again => return load_task_by_seq(w.tx, t.seq).await,
+                Finish::Again => return load_task_by_seq(w.tx().await?, t.seq).await,
             }
             if let Some(sid) = &req.result.session_id {
                 w.record_session(&t, sid).await?;
@@ -1193,7 +1342,7 @@ impl PgStore {
                         .await?;
                 }
             }
-            load_task_by_seq(w.tx, t.seq).await
+            load_task_by_seq(w.tx().await?, t.seq).await
         })
     }
 
@@ -1364,7 +1513,7 @@ impl PgStore {
                             .await?;
                         for r in &rows {
                             let id: String = get(r, 0)?;
-                            let a = load_approval(w.tx, &id).await?.0;
+                            let a = load_approval(w.tx().await?, &id).await?.0;
                             let outcome = model::expired_outcome(&a, w.now);
                             w.settle_approval(&t, &a, ApprovalState::Expired, outcome)
                                 .await?;
@@ -1482,7 +1631,7 @@ impl PgStore {
             }
             let runner = match (&cmd.session_id, &cmd.runner) {
                 (_, Some(r)) => Some(r.clone()),
-                (Some(id), None) => history_runner(w.tx, &cmd.agent, id).await?,
+                (Some(id), None) => history_runner(w.tx().await?, &cmd.agent, id).await?,
                 (None, None) => None,
             };
             w.set_binding(
@@ -1861,7 +2010,7 @@ impl PgStore {
                 .await?;
             if let Some(row) = existing {
                 let aid: String = get(&row, 0)?;
-                return Ok((load_approval(w.tx, &aid).await?.0, false));
+                return Ok((load_approval(w.tx().await?, &aid).await?.0, false));
             }
             w.check_lease(&t).await?;
             let row = w
@@ -1895,7 +2044,7 @@ impl PgStore {
                 ],
             )
             .await?;
-            let a = load_approval(w.tx, &aid).await?.0;
+            let a = load_approval(w.tx().await?, &aid).await?.0;
             w.event(t.seq, t.attempt, "approval", &model::approval_event(&a))
                 .await?;
             w.fx.changed.push(t.id.clone());
@@ -1996,7 +2145,7 @@ impl PgStore {
             let t = w.open_task(&task_id).await?;
             w.exec("SELECT 1 FROM approvals WHERE id = $1 FOR UPDATE", &[&id])
                 .await?;
-            let (a, owner) = load_approval(w.tx, &id).await?;
+            let (a, owner) = load_approval(w.tx().await?, &id).await?;
             model::check_approval_owner(&scope, &owner)?;
             let name: String = match w
                 .opt("SELECT name FROM tokens WHERE id = $1", &[&token_id])
@@ -2149,6 +2298,40 @@ async fn listen_loop(
     }
 }
 
+/// Sends the effects of this instance's commits to the others: whatever committed while the
+/// previous NOTIFY was on its way goes out merged, in one statement (its own short
+/// transaction, which writes no WAL and so waits for no flush). A note lost here (the
+/// connection dropped, the process died after its commit) costs the others at most the
+/// fallback poll's second, as a lost notification always did.
+async fn notify_loop(
+    pool: Pool,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Effects>,
+    instance: String,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut fx = first;
+        // Bounded: a merged note is split into payloads under the size limit anyway.
+        for _ in 0..256 {
+            match rx.try_recv() {
+                Ok(more) => fx.merge(more),
+                Err(_) => break,
+            }
+        }
+        let payloads = fx.payloads(&instance);
+        let sent = async {
+            let c = pool.get().await.map_err(pool_err)?;
+            let st = c
+                .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                .await?;
+            c.execute(&st, &[&CHANNEL, &payloads]).await?;
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = sent.await {
+            tracing::debug!(error = %e, "A NOTIFY was lost; the others' poll covers it.");
+        }
+    }
+}
+
 /// After the listener was away: everything that may have been missed.
 async fn resync(pool: &Pool, signals: &dyn Signals, since: i64, now: i64) -> Result<()> {
     let c = pool.get().await.map_err(pool_err)?;
@@ -2265,24 +2448,77 @@ impl W<'_> {
         e.into()
     }
 
+    /// Runs `f` (statements on this connection) in the transaction. The first statement
+    /// carries the BEGIN: both are sent at once (tokio-postgres writes a request when its
+    /// future is first polled, and `join` polls in order), so opening the transaction costs
+    /// no round trip of its own.
+    async fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        let r = if self.conn.open.swap(true, Ordering::SeqCst) {
+            f.await
+        } else {
+            let (begun, r) =
+                futures_util::future::join(self.conn.client().batch_execute("BEGIN"), f).await;
+            begun.and(r)
+        };
+        r.map_err(|e| self.err(e))
+    }
+
+    /// Prepares the statements (or finds them cached), together: their executions, started
+    /// together afterwards (`join`), then go out in order in one round trip, since a cached
+    /// statement's request is written when its future is first polled.
+    async fn prepare(&self, sqls: &[&str]) -> Result<()> {
+        let c = self.conn.client();
+        let prepared =
+            futures_util::future::join_all(sqls.iter().map(|q| c.prepare_cached(q))).await;
+        for p in prepared {
+            p.map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// The connection, with the transaction open: for the readers shared with plain reads.
+    async fn tx(&self) -> Result<&deadpool_postgres::Client> {
+        self.run(async { Ok(()) }).await?;
+        Ok(self.conn.client())
+    }
+
     async fn exec(&self, sql: &str, p: &[P<'_>]) -> Result<u64> {
-        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-        self.tx.execute(&st, p).await.map_err(|e| self.err(e))
+        let c = self.conn.client();
+        self.run(async {
+            let st = c.prepare_cached(sql).await?;
+            c.execute(&st, p).await
+        })
+        .await
     }
 
     async fn all(&self, sql: &str, p: &[P<'_>]) -> Result<Vec<Row>> {
-        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-        self.tx.query(&st, p).await.map_err(|e| self.err(e))
+        let c = self.conn.client();
+        self.run(async {
+            let st = c.prepare_cached(sql).await?;
+            c.query(&st, p).await
+        })
+        .await
     }
 
     async fn opt(&self, sql: &str, p: &[P<'_>]) -> Result<Option<Row>> {
-        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-        self.tx.query_opt(&st, p).await.map_err(|e| self.err(e))
+        let c = self.conn.client();
+        self.run(async {
+            let st = c.prepare_cached(sql).await?;
+            c.query_opt(&st, p).await
+        })
+        .await
     }
 
     async fn one(&self, sql: &str, p: &[P<'_>]) -> Result<Row> {
-        let st = self.tx.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-        self.tx.query_one(&st, p).await.map_err(|e| self.err(e))
+        let c = self.conn.client();
+        self.run(async {
+            let st = c.prepare_cached(sql).await?;
+            c.query_one(&st, p).await
+        })
+        .await
     }
 
     /// Serializes this transaction with every other one that locks the same key (a session,
@@ -2296,17 +2532,16 @@ impl W<'_> {
         Ok(())
     }
 
-    /// Locks a task for a transition: its session first (see the module docs), then its row.
+    /// Locks a task for a transition: its session first (see the module docs), then its row,
+    /// in one statement: the session's lock (the same key as [`W::lock_key`]) is an InitPlan,
+    /// which PostgreSQL runs (a one-time filter) before it scans for the row and locks it.
     async fn open_task(&self, id: &str) -> Result<OpenTask> {
-        let row = self
-            .opt("SELECT session_key FROM tasks WHERE id = $1", &[&id])
-            .await?
-            .ok_or(StoreError::NotFound("task"))?;
-        let key: Option<String> = get(&row, 0)?;
-        if let Some(k) = &key {
-            self.lock_key(k).await?;
-        }
-        let sql = format!("SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE");
+        let sql = format!(
+            "SELECT {OPEN_TASK_COLUMNS} FROM tasks
+             WHERE id = $1 AND (SELECT COUNT(pg_advisory_xact_lock(hashtextextended(k.session_key, 0)))
+                                FROM tasks k WHERE k.id = $1 AND k.session_key IS NOT NULL) >= 0
+             FOR UPDATE"
+        );
         let row = self
             .opt(&sql, &[&id])
             .await?
@@ -2343,17 +2578,10 @@ impl W<'_> {
         self.check_lease(t).await?;
         let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
         self.exec(
-            "UPDATE tasks SET lease_until = $2 WHERE seq = $1",
-            &[&t.seq, &lease_until],
+            RENEW_LEASE,
+            &[&t.seq, &lease_until, &self.now, &t.runner, &TOUCH_EVERY_MS],
         )
         .await?;
-        if let Some(r) = &t.runner {
-            self.exec(
-                "UPDATE runners SET last_seen = GREATEST(last_seen, $2) WHERE name = $1",
-                &[r, &self.now],
-            )
-            .await?;
-        }
         Ok(lease_until)
     }
 
@@ -2416,15 +2644,20 @@ impl W<'_> {
             "the attempt ended"
         };
         self.settle_pending(t, why).await?;
-        self.exec(
-            "UPDATE tasks SET state = $2, ready = FALSE, ack_by = NULL, lease_until = NULL,
-                not_before = NULL, reason = $3, finished_at = $4, updated_at = $4
-             WHERE seq = $1",
-            &[&t.seq, &state.as_str(), &reason, &self.now],
-        )
-        .await?;
+        // The end and its event: one round trip.
+        const END: &str = "UPDATE tasks SET state = $2, ready = FALSE, ack_by = NULL,
+                lease_until = NULL, not_before = NULL, reason = $3, finished_at = $4,
+                updated_at = $4
+             WHERE seq = $1";
+        self.prepare(&[END, INSERT_EVENT]).await?;
         let data = model::finished_event(state, reason, result);
-        self.event(t.seq, t.attempt, "state", &data).await?;
+        let (ended, evented) = futures_util::future::join(
+            self.exec(END, &[&t.seq, &state.as_str(), &reason, &self.now]),
+            self.event(t.seq, t.attempt, "state", &data),
+        )
+        .await;
+        ended?;
+        evented?;
         self.fx.changed.push(t.id.clone());
         self.deliver_final(t).await?;
         if let Some(key) = &t.session_key {
@@ -2480,20 +2713,12 @@ impl W<'_> {
         data: &str,
     ) -> Result<()> {
         let size = model::event_size(kind, data) as i64;
-        let row = self
-            .one(
-                "UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + $2
-                 WHERE seq = $1 RETURNING next_event_seq - 1",
-                &[&task_seq, &size],
-            )
-            .await?;
-        let seq: i64 = get(&row, 0)?;
-        self.exec(
-            "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        // The task's counters and the event, in one statement.
+        self.one(
+            INSERT_EVENT,
             &[
                 &task_seq,
-                &seq,
+                &size,
                 &(attempt as i64),
                 &n.map(|n| n as i64),
                 &kind,
@@ -2520,21 +2745,15 @@ impl W<'_> {
         })
     }
 
-    /// Records the runner's claim; refused when its name belongs to another token.
+    /// Records the runner's claim; refused when its name belongs to another token. A row
+    /// that already says all of it and was seen within [`TOUCH_EVERY_MS`] is left alone: a
+    /// claim that then finds nothing to offer has written nothing, so its commit waits for no
+    /// WAL flush (with several servers, each ready task wakes a poll on every one of them and
+    /// all but one find nothing).
     async fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
-        let n = self
-            .exec(
-                "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                    first_seen, last_seen, token, acp_agents)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9)
-                 ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
-                    projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
-                    version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
-                    last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL,
-                    acp_agents = EXCLUDED.acp_agents,
-                    token = COALESCE(runners.token, EXCLUDED.token)
-                 WHERE runners.token IS NULL OR EXCLUDED.token IS NULL
-                    OR runners.token = EXCLUDED.token",
+        let row = self
+            .one(
+                TOUCH_RUNNER,
                 &[
                     &req.runner,
                     &to_json(&req.agents),
@@ -2545,10 +2764,11 @@ impl W<'_> {
                     &self.now,
                     &token,
                     &to_json(&req.acp_agents),
+                    &TOUCH_EVERY_MS,
                 ],
             )
             .await?;
-        if n == 0 {
+        if get::<i64>(&row, 0)? == 0 {
             return Err(model::runner_name_taken(&req.runner));
         }
         Ok(())
@@ -2585,7 +2805,7 @@ impl W<'_> {
 
     /// The namespace of a token's conversations: see [`conv_owner_of`].
     async fn conv_owner_of(&self, token: &str) -> Result<String> {
-        conv_owner_of(self.tx, token).await
+        conv_owner_of(self.tx().await?, token).await
     }
 
     /// A client may not resume another client's session (its task would run in that agent
@@ -2747,7 +2967,7 @@ impl W<'_> {
             .await?;
         for r in &rows {
             let id: String = get(r, 0)?;
-            let a = load_approval(self.tx, &id).await?.0;
+            let a = load_approval(self.tx().await?, &id).await?.0;
             let outcome = model::cancelled_outcome(self.now, why);
             self.settle_approval(t, &a, ApprovalState::Cancelled, outcome)
                 .await?;
@@ -2769,7 +2989,7 @@ impl W<'_> {
             &[&a.id, &state.as_str(), &to_json(&outcome)],
         )
         .await?;
-        let (settled, _) = load_approval(self.tx, &a.id).await?;
+        let (settled, _) = load_approval(self.tx().await?, &a.id).await?;
         self.event(
             t.seq,
             a.attempt,
@@ -2874,37 +3094,83 @@ async fn history_runner<C: GenericClient>(
 // Reading tasks
 
 async fn load_task<C: GenericClient>(c: &C, id: &str, scope: &Scope) -> Result<Task> {
-    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
-    let row = q_opt(c, &sql, &[&id])
+    let row = q_opt(c, &task_by_id_sql(), &[&id])
         .await?
         .ok_or(StoreError::NotFound("task"))?;
-    let (seq, session_key, mut task) = task_from_row(&row)?;
-    model::check_owner(scope, &row.text(TASK_OWNER)?)?;
-    task.queue_position = queue_position(c, seq, session_key.as_deref(), &task).await?;
-    task.delivery = delivery_status(c, seq).await?;
-    task.waiting_for_approval = waiting_for_approval(c, seq, &task).await?;
-    Ok(task)
+    full_task_from_row(&row, scope)
 }
 
-/// The oldest pending approval request of a running task.
-async fn waiting_for_approval<C: GenericClient>(
-    c: &C,
-    seq: i64,
-    t: &Task,
-) -> Result<Option<String>> {
-    if !matches!(t.state, TaskState::Running | TaskState::Cancelling) {
-        return Ok(None);
-    }
-    match q_opt(
-        c,
-        "SELECT id FROM approvals WHERE task_seq = $1 AND state = 'pending' ORDER BY id LIMIT 1",
-        &[&seq],
+/// Whole tasks in one statement (one round trip, not four): the rows `inner` selects (`SELECT
+/// {TASK_COLUMNS} FROM tasks …`, aliased `x`), then their queue position (only while waiting:
+/// `model::waits_in_queue`; capped as in SQLite), their delivery status and their oldest
+/// pending approval request (only while running). Read by [`full_task_from_row`].
+fn full_task_sql(inner: &str, order: &str) -> String {
+    format!(
+        "SELECT x.*,
+            CASE WHEN x.state IN ('queued', 'parked') THEN
+                CASE WHEN x.session_key IS NOT NULL THEN
+                    (SELECT COUNT(*) FROM tasks q WHERE q.session_key = x.session_key
+                        AND q.finished_at IS NULL AND q.seq < x.seq)
+                ELSE (SELECT COUNT(*) FROM (SELECT 1 FROM tasks q
+                        WHERE q.ready AND q.seq < x.seq AND q.agent = x.agent LIMIT 1000) w)
+                END
+            END,
+            o.kind, o.state, o.attempts, o.last_error,
+            CASE WHEN x.state IN ('running', 'cancelling') THEN
+                (SELECT a.id FROM approvals a WHERE a.task_seq = x.seq AND a.state = 'pending'
+                 ORDER BY a.id LIMIT 1)
+            END
+         FROM ({inner}) x
+         LEFT JOIN LATERAL (SELECT kind, state, attempts, last_error FROM outbox
+            WHERE task_seq = x.seq AND kind IN ('final', 'webhook', 'progress')
+            ORDER BY kind = 'progress', id DESC LIMIT 1) o ON TRUE
+         {order}"
     )
-    .await?
-    {
-        Some(r) => get(&r, 0),
-        None => Ok(None),
+}
+
+/// Columns of a row from `offset` on (a row of [`full_task_sql`] holds more than one record).
+struct Offset<'a>(&'a Row, usize);
+
+impl Columns for Offset<'_> {
+    fn text(&self, i: usize) -> Result<String> {
+        self.0.text(self.1 + i)
     }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        self.0.opt_text(self.1 + i)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        self.0.int(self.1 + i)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        self.0.opt_int(self.1 + i)
+    }
+    fn uint(&self, i: usize) -> Result<u32> {
+        self.0.uint(self.1 + i)
+    }
+    fn flag(&self, i: usize) -> Result<bool> {
+        self.0.flag(self.1 + i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>> {
+        self.0.bytes(self.1 + i)
+    }
+}
+
+/// A row of [`full_task_sql`] within `scope`.
+fn full_task_from_row(row: &Row, scope: &Scope) -> Result<Task> {
+    let (_, _, mut task) = task_from_row(row)?;
+    model::check_owner(scope, &row.text(TASK_OWNER)?)?;
+    let extra = Offset(row, TASK_COLUMNS.split(',').count());
+    task.queue_position = match extra.opt_int(0)? {
+        Some(n) if model::waits_in_queue(task.state) => Some(n as u32),
+        _ => None,
+    };
+    let delivery = Offset(row, extra.1 + 1);
+    task.delivery = match delivery.opt_text(0)? {
+        Some(_) => Some(delivery_status_from_row(&delivery)?),
+        None => None,
+    };
+    task.waiting_for_approval = extra.opt_text(5)?;
+    Ok(task)
 }
 
 /// An approval request and its owner token.
@@ -2920,58 +3186,19 @@ async fn load_approval<C: GenericClient>(c: &C, id: &str) -> Result<(Approval, S
 }
 
 async fn load_task_by_seq<C: GenericClient>(c: &C, seq: i64) -> Result<Task> {
-    let row = q_one(c, "SELECT id FROM tasks WHERE seq = $1", &[&seq]).await?;
-    let id: String = get(&row, 0)?;
-    load_task(c, &id, &Scope::All).await
+    full_task_from_row(&q_one(c, &task_by_seq_sql(), &[&seq]).await?, &Scope::All)
 }
 
-async fn delivery_status<C: GenericClient>(
-    c: &C,
-    seq: i64,
-) -> Result<Option<tunnel_protocol::DeliveryStatus>> {
-    let Some(r) = q_opt(
-        c,
-        "SELECT kind, state, attempts, last_error FROM outbox
-         WHERE task_seq = $1 AND kind IN ('final', 'webhook', 'progress')
-         ORDER BY kind = 'progress', id DESC LIMIT 1",
-        &[&seq],
+fn task_by_seq_sql() -> String {
+    full_task_sql(
+        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = $1"),
+        "",
     )
-    .await?
-    else {
-        return Ok(None);
-    };
-    delivery_status_from_row(&r).map(Some)
 }
 
-async fn queue_position<C: GenericClient>(
-    c: &C,
-    seq: i64,
-    session_key: Option<&str>,
-    t: &Task,
-) -> Result<Option<u32>> {
-    if !model::waits_in_queue(t.state) {
-        return Ok(None);
-    }
-    let row = match session_key {
-        Some(k) => {
-            q_one(
-                c,
-                "SELECT COUNT(*) FROM tasks WHERE session_key = $1 AND finished_at IS NULL
-                 AND seq < $2",
-                &[&k, &seq],
-            )
-            .await?
-        }
-        None => {
-            q_one(
-                c,
-                // Capped, as in SQLite: the exact figure behind a deep backlog is not worth the scan.
-                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE ready AND seq < $1 AND agent = $2
-                    LIMIT 1000) x",
-                &[&seq, &t.agent],
-            )
-            .await?
-        }
-    };
-    Ok(Some(get::<i64>(&row, 0)? as u32))
+fn task_by_id_sql() -> String {
+    full_task_sql(
+        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"),
+        "",
+    )
 }

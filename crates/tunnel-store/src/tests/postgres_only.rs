@@ -351,3 +351,85 @@ async fn token_changes_reach_the_other_instance() {
         let _ = tokio::time::timeout(Duration::from_millis(50), seen.1.notified()).await;
     }
 }
+
+/// The transaction id that last wrote the runner's row (`xmin`): it changes with every write.
+async fn runner_row_version(db: &Database, runner: &str) -> String {
+    let Database::Postgres { url } = db else {
+        unreachable!()
+    };
+    let c = admin_client(url).await.unwrap();
+    c.query_one("SELECT xmin::text FROM runners WHERE name = $1", &[&runner])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_claim_by_a_runner_just_seen_writes_nothing() {
+    let Some(f) = pg_fixture().await else { return };
+    // With several servers every ready task wakes a poll on each of them and all but one
+    // claim nothing: such a claim must write nothing, so its commit waits for no WAL flush.
+    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    let first = runner_row_version(&f.db, "r").await;
+    f.clock.advance(500);
+    assert!(f.store.claim(&claim_req("r")).await.unwrap().is_none());
+    assert_eq!(
+        runner_row_version(&f.db, "r").await,
+        first,
+        "a claim that changed nothing rewrote the runner row"
+    );
+    // Still written when something changed, or when it was seen over a second ago.
+    let mut other = claim_req("r");
+    other.version = Some("2".into());
+    assert!(f.store.claim(&other).await.unwrap().is_none());
+    let second = runner_row_version(&f.db, "r").await;
+    assert_ne!(second, first, "a new version was not recorded");
+    f.clock.advance(1_500);
+    assert!(f.store.claim(&other).await.unwrap().is_none());
+    let third = runner_row_version(&f.db, "r").await;
+    assert_ne!(third, second, "last_seen was not refreshed after a second");
+    let seen = f.store.runners().await.unwrap();
+    assert_eq!(seen[0].version.as_deref(), Some("2"));
+    // A claim that finds a task still gets it.
+    let (t, _) = f
+        .store
+        .submit("o", None, SubmitTask::new("claude", "p"))
+        .await
+        .unwrap();
+    let o = f.store.claim(&other).await.unwrap().unwrap();
+    assert_eq!(o.task.id, t.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_commits_at_once_all_reach_the_other_instance() {
+    let Some(f) = pg_fixture().await else { return };
+    let (_b, b_signals) = f.another(f.clock.clone()).await;
+    // Notes of commits that come together go out merged: every task still reaches B, by
+    // NOTIFY (the fallback poll re-wakes at most 32 ready tasks a second).
+    let mut submits = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let store = f.store.clone();
+        submits.spawn(async move {
+            store
+                .submit("o", None, SubmitTask::new("claude", format!("{i}")))
+                .await
+                .unwrap()
+                .0
+                .id
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(id) = submits.join_next().await {
+        ids.push(id.unwrap());
+    }
+    let took = wait_for("every ready hint on B", &b_signals, |s| {
+        let ready = s.ready.lock().unwrap();
+        ids.iter().all(|id| ready.contains(id))
+    })
+    .await;
+    eprintln!("200 concurrent submits on A, all ready on B after {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the hints came from the fallback poll: {took:?}"
+    );
+}
