@@ -289,28 +289,6 @@ async fn write_loop(mut output: impl tokio::io::AsyncWrite + Unpin, mut rx: mpsc
     }
 }
 
-/// Milliseconds since the epoch as an ISO 8601 UTC time (`2026-12-07T16:30:00.000Z`).
-fn iso8601(ms: i64) -> String {
-    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rest / 3_600_000,
-        rest / 60_000 % 60,
-        rest / 1000 % 60,
-        rest % 1000
-    )
-}
-
 /// `s` on one line of at most `max` characters.
 fn one_line(s: &str, max: usize) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -534,7 +512,7 @@ impl Bridge {
         bindings.sort_by_key(|b| std::cmp::Reverse(b.updated_at));
         let sessions: Vec<Value> = bindings
             .iter()
-            .map(|b| json!({"sessionId": b.conversation, "cwd": cwd, "updatedAt": iso8601(b.updated_at)}))
+            .map(|b| json!({"sessionId": b.conversation, "cwd": cwd, "updatedAt": tunnel_protocol::iso8601(b.updated_at)}))
             .collect();
         Ok(json!({"sessions": sessions}))
     }
@@ -1187,13 +1165,6 @@ mod tests {
         ] {
             assert!(update_of(&ev(k, d)).is_none(), "{k}");
         }
-    }
-
-    #[test]
-    fn times_are_iso8601() {
-        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso8601(1_800_000_000_123), "2027-01-15T08:00:00.123Z");
-        assert_eq!(iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

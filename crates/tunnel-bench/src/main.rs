@@ -356,7 +356,7 @@ async fn run(args: Args) -> Result<()> {
                     ));
                     report.node = Some(
                         node::dispatch(
-                            &server,
+                            server,
                             &args.node,
                             TOKEN,
                             args.node_dispatch,

@@ -743,8 +743,7 @@ async fn report_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The answer of the append in flight, if one is: how many of the first pending events the
     // server has.
-    let (sent_tx, mut sent_rx) =
-        mpsc::unbounded_channel::<tunnel_client::Result<(usize, bool)>>();
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<tunnel_client::Result<(usize, bool)>>();
     let mut in_flight = false;
     loop {
         if !in_flight
@@ -919,10 +918,7 @@ fn batch_len(pending: &[NewEvent]) -> usize {
 
 /// Sends up to one batch of pending events; returns how many were sent (or dropped) and
 /// whether the server said the task's log is truncated.
-async fn send_events(
-    client: &Client,
-    entry: &SpoolEntry,
-) -> tunnel_client::Result<(usize, bool)> {
+async fn send_events(client: &Client, entry: &SpoolEntry) -> tunnel_client::Result<(usize, bool)> {
     Batch::of(entry).send(client).await
 }
 
