@@ -158,9 +158,91 @@ pub(crate) fn wrapped(
     (wrapper.into(), argv)
 }
 
+/// A private temporary directory for one agent run under the sandbox, removed when dropped.
+///
+/// Landlock closes a denied path by opening only what surrounds it, so a directory that holds
+/// one of tunnel's (the system temp directory, when tunnel's state lives there) is listable but
+/// nothing new can be made in it: an agent that creates `/tmp/claude-0` on its first run then
+/// fails (`EACCES`). This directory exists before the sandbox is planned, so the agent gets all
+/// rights in it, and it ends with the task.
+#[derive(Debug)]
+pub(crate) struct AgentTmp {
+    pub(crate) path: PathBuf,
+}
+
+/// The variables agents take their temporary directory from (Claude Code has its own).
+pub(crate) const TMP_VARS: &[&str] = &["TMPDIR", "TMP", "TEMP", "CLAUDE_CODE_TMPDIR"];
+
+impl AgentTmp {
+    /// One for an agent under `confine`, when it runs sandboxed (else `None`: it keeps the
+    /// machine's). Made new (never an existing path: another user could have put one there),
+    /// mode 0700, owned by `run_as`'s user.
+    pub(crate) fn for_agent(confine: &Confinement) -> Option<AgentTmp> {
+        use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        if confine.wrapper.is_none() || confine.deny.is_empty() {
+            return None;
+        }
+        let base = std::env::temp_dir();
+        for _ in 0..16 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("tunnel-agent-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {
+                    if let Some(user) = &confine.run_as
+                        && let Err(e) =
+                            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                    {
+                        tracing::warn!(path = %path.display(), error = %e, "Cannot give the agent's temporary directory to its user.");
+                        let _ = std::fs::remove_dir(&path);
+                        return None;
+                    }
+                    return Some(AgentTmp { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "Cannot make a temporary directory for the agent; it uses the machine's.");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for AgentTmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sandboxed_agent_gets_its_own_temporary_directory_until_dropped() {
+        assert!(AgentTmp::for_agent(&Confinement::default()).is_none());
+        let c = Confinement {
+            wrapper: Some("/usr/bin/tunnel".into()),
+            deny: vec!["/d".into()],
+            run_as: None,
+        };
+        let (a, b) = (
+            AgentTmp::for_agent(&c).unwrap(),
+            AgentTmp::for_agent(&c).unwrap(),
+        );
+        assert_ne!(a.path, b.path);
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::symlink_metadata(&a.path).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        std::fs::write(a.path.join("x"), "y").unwrap();
+        let path = a.path.clone();
+        drop(a);
+        assert!(!path.exists(), "removed with its contents");
+    }
 
     #[test]
     fn tunnel_variables_are_withheld_and_others_kept() {

@@ -37,6 +37,8 @@ pub(crate) struct Running {
     pub(crate) cell: Cell,
     /// When the agent started (see [`crate::contain::start_time`]), to recognise it later.
     pub(crate) start_time: Option<u64>,
+    /// The sandboxed agent's temporary directory, removed with this.
+    _tmp: Option<confine::AgentTmp>,
 }
 
 /// A process in the agent's group that kills the task's cell and the whole group when the
@@ -69,6 +71,7 @@ pub(crate) fn spawn(
     containment: &Mechanism,
 ) -> std::io::Result<Running> {
     let cell = Cell::new(containment);
+    let tmp = confine::AgentTmp::for_agent(confine);
     // The environment, the user and the sandbox are decided in `confine` for every child; the
     // cell's wrapper (entering the task's cgroup) goes in front of the sandbox wrapper.
     let (program, args) = confine::wrapped(confine, &inv.program, &inv.args, &[cwd]);
@@ -89,6 +92,12 @@ pub(crate) fn spawn(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(tmp) = &tmp {
+        for var in confine::TMP_VARS {
+            cmd.env(var, &tmp.path);
+        }
+    }
+    // The agent's own `env` from config wins, a temporary directory included.
     cmd.envs(extra_env);
     cmd.env(MARK_VAR, &cell.mark);
     if cell.cgroup.is_some() && find_program(&inv.program).is_none() {
@@ -153,6 +162,7 @@ pub(crate) fn spawn(
         guard,
         cell,
         start_time,
+        _tmp: tmp,
     })
 }
 

@@ -308,7 +308,7 @@ impl RunnerSpec {
             max_concurrent: 8,
             shutdown_grace_secs: 60,
             agent_env: vec![],
-            ack_in_claim: true,
+            ack_in_claim: false,
         }
     }
 }

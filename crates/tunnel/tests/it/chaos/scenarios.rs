@@ -450,9 +450,7 @@ async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
     let proxy = Proxy::start(server.addr()).await;
     proxy.set(Mode::LoseAnswersTo("/ack HTTP"));
     // A runner that acks apart (an offer its claim could not ack takes this path too).
-    let mut spec = RunnerSpec::new("acker", &proxy.url());
-    spec.ack_in_claim = false;
-    let _r = Runner::start(&world, spec);
+    let _r = Runner::start(&world, RunnerSpec::new("acker", &proxy.url()));
     let api = Api::new(&server.url());
     let id = api
         .submit("ack-lost", &task_body("quiet 0.1", None, None))
@@ -486,7 +484,9 @@ async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
     let server = Server::start(&world, &["--lease", "6"], vec![]);
     let proxy = Proxy::start(server.addr()).await;
     proxy.set(Mode::LoseAnswersTo("/v1/claim HTTP"));
-    let _r = Runner::start(&world, RunnerSpec::new("claimer", &proxy.url()));
+    let mut spec = RunnerSpec::new("claimer", &proxy.url());
+    spec.ack_in_claim = true;
+    let _r = Runner::start(&world, spec);
     let api = Api::new(&server.url());
     let id = api
         .submit("claim-lost", &task_body("quiet 0.1", None, None))
