@@ -211,6 +211,37 @@ impl AgentTmp {
     }
 }
 
+/// Removes the agents' temporary directories that runners killed before they could remove them
+/// left behind (`tunnel-agent-<pid>-<n>` of a pid no longer alive, owned by this user).
+pub(crate) fn remove_orphaned_agent_tmps() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let me = nix::unistd::Uid::effective().as_raw();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("tunnel-agent-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Alive (or not ours to signal): leave it. A directory, not a link, made by this user.
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        let ours = std::fs::symlink_metadata(e.path())
+            .is_ok_and(|m| m.is_dir() && (m.uid() == me || me == 0));
+        if pid > 0 && gone && ours {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Drop for AgentTmp {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
@@ -242,6 +273,20 @@ mod tests {
         let path = a.path.clone();
         drop(a);
         assert!(!path.exists(), "removed with its contents");
+    }
+
+    #[test]
+    fn orphaned_agent_tmps_of_dead_runners_are_removed_and_live_ones_kept() {
+        // A pid that cannot be alive (above the kernel's pid_max limit of 2^22).
+        let dead = std::env::temp_dir().join("tunnel-agent-4194305-0");
+        let live = std::env::temp_dir().join(format!("tunnel-agent-{}-999999", std::process::id()));
+        for d in [&dead, &live] {
+            std::fs::create_dir_all(d.join("inner")).unwrap();
+        }
+        remove_orphaned_agent_tmps();
+        assert!(!dead.exists(), "a dead runner's directory is removed");
+        assert!(live.exists(), "a live runner's directory is kept");
+        std::fs::remove_dir_all(&live).unwrap();
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         held: Default::default(),
         finish_carries_events: std::sync::atomic::AtomicBool::new(true),
     });
+    // Agents' temporary directories that a killed runner could not remove.
+    confine::remove_orphaned_agent_tmps();
     // What an earlier run left in the spool is held until reported: never run again.
     ctx.held()
         .extend(ctx.spool.leftovers().into_iter().map(|e| e.task_id));
