@@ -10,7 +10,7 @@
 //! Server log timestamps have microseconds; both sides read the same wall clock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
@@ -26,7 +26,7 @@ pub(crate) const AGENT_PROBE: &str = "__tunnel-bench-agent";
 const AGENT: &str = "bench-probe";
 const RUNNER: &str = "bench-real-runner";
 
-fn now_ns() -> u128 {
+pub(crate) fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -113,44 +113,15 @@ async fn measure(server: &ServerProcess, token: &str, n: usize) -> Result<Runner
     let mut agent_times = HashMap::new();
     let mut submit_to_done = Vec::with_capacity(n);
     for i in 0..n {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let task = client
             .submit(&SubmitTask::new(AGENT, format!("runner {i}")), None)
             .await
             .context("submit")?;
-        let done = loop {
-            let t = client
-                .task(&task.id, Some(Duration::from_secs(10)))
-                .await
-                .context("wait for the task")?;
-            if t.state.is_terminal() {
-                break t;
-            }
-            ensure!(
-                t0.elapsed() < Duration::from_secs(30),
-                "task {} not done after 30 s",
-                t.id
-            );
-        };
+        let text = succeeded(&client, &task.id, t0, Duration::from_secs(30)).await?;
         submit_to_done.push(t0.elapsed());
-        ensure!(
-            done.state == TaskState::Succeeded,
-            "task {} ended {} ({:?})",
-            done.id,
-            done.state,
-            done.result
-        );
-        let text = done
-            .result
-            .as_ref()
-            .and_then(|r| r.text.clone())
-            .unwrap_or_default();
-        let read = |key: &str| -> Result<u128> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
-                .with_context(|| format!("the agent's answer has no {key:?} line: {text:?}"))
-        };
-        agent_times.insert(done.id.clone(), (read("start ")?, read("end ")?));
+        let read = |key: &str| answer_number(&text, key);
+        agent_times.insert(task.id.clone(), (read("start ")?, read("end ")?));
     }
     // The server wrote each line before answering, but the task draining its stderr may not
     // have read them all yet: two lines per task.
@@ -205,6 +176,45 @@ async fn measure(server: &ServerProcess, token: &str, n: usize) -> Result<Runner
         exit_to_finish: Latency::of(&to_finish),
         submit_to_done: Latency::of(&submit_to_done),
     })
+}
+
+/// Waits (long-polling) until the task ends, at most `limit` after `since`, and checks that it
+/// succeeded; returns its answer.
+pub(crate) async fn succeeded(
+    client: &Client,
+    id: &str,
+    since: Instant,
+    limit: Duration,
+) -> Result<String> {
+    let done = loop {
+        let t = client
+            .task(id, Some(Duration::from_secs(10)))
+            .await
+            .context("wait for the task")?;
+        if t.state.is_terminal() {
+            break t;
+        }
+        ensure!(
+            since.elapsed() < limit,
+            "task {id} not done after {} s",
+            limit.as_secs()
+        );
+    };
+    ensure!(
+        done.state == TaskState::Succeeded,
+        "task {} ended {} ({:?})",
+        done.id,
+        done.state,
+        done.result
+    );
+    Ok(done.result.and_then(|r| r.text).unwrap_or_default())
+}
+
+/// The number on the answer's line that starts with `key` (the probe agents print their clock).
+pub(crate) fn answer_number(text: &str, key: &str) -> Result<u128> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        .with_context(|| format!("the agent's answer has no {key:?} line: {text:?}"))
 }
 
 fn span(from_ns: u128, to_ns: u128) -> Result<Duration> {

@@ -19,7 +19,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
@@ -28,9 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::Client;
-use tunnel_protocol::{SubmitTask, TaskState};
+use tunnel_protocol::SubmitTask;
 
-use crate::runner::rfc3339_ns;
+use crate::runner::{answer_number, now_ns, rfc3339_ns, succeeded};
 use crate::server::ServerProcess;
 use crate::stats::Latency;
 
@@ -41,13 +41,6 @@ const RUNNER: &str = "bench-wan-runner";
 /// How long the agent waits before its line and again before it exits: long enough that the
 /// line and the exit are each measured on a link that has gone quiet.
 const AGENT_PAUSE: Duration = Duration::from_millis(300);
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
 
 /// The agent: its clock at start, a line after a pause, its clock just before it exits.
 pub(crate) fn wan_agent() {
@@ -342,38 +335,9 @@ async fn measure(
             .context("submit")?;
         let near = tokio::spawn(watch_line(client.clone(), task.id.clone()));
         let far = tokio::spawn(watch_line(remote.clone(), task.id.clone()));
-        let done = loop {
-            let t = client
-                .task(&task.id, Some(Duration::from_secs(10)))
-                .await
-                .context("wait for the task")?;
-            if t.state.is_terminal() {
-                break t;
-            }
-            ensure!(
-                t0.elapsed() < Duration::from_secs(60),
-                "task {} not done after 60 s",
-                t.id
-            );
-        };
+        let text = succeeded(&client, &task.id, t0, Duration::from_secs(60)).await?;
         submit_to_done.push(t0.elapsed());
-        ensure!(
-            done.state == TaskState::Succeeded,
-            "task {} ended {} ({:?})",
-            done.id,
-            done.state,
-            done.result
-        );
-        let text = done
-            .result
-            .as_ref()
-            .and_then(|r| r.text.clone())
-            .unwrap_or_default();
-        let read = |key: &str| -> Result<u128> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
-                .with_context(|| format!("the agent's answer has no {key:?} line: {text:?}"))
-        };
+        let read = |key: &str| answer_number(&text, key);
         let watcher_ns = tokio::time::timeout(Duration::from_secs(10), near)
             .await
             .context("the watcher did not see the line")???;
@@ -388,7 +352,7 @@ async fn measure(
             watcher_ns,
             remote_watcher_ns,
         });
-        ids.push(done.id.clone());
+        ids.push(task.id.clone());
         // The link goes quiet between tasks (the runner's next claim parks).
         tokio::time::sleep(one_way * 2 + Duration::from_millis(50)).await;
     }
