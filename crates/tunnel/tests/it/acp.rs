@@ -350,6 +350,19 @@ fn expected(server: &Server, task: &str) -> Vec<String> {
         .collect()
 }
 
+/// What loading a session replays for its tasks: each one's prompt, then its updates.
+fn replay_of(server: &Server, tasks: &[Value]) -> Vec<String> {
+    let mut want = Vec::new();
+    for t in tasks {
+        want.push(format!(
+            "user_message_chunk  {}",
+            t["prompt"].as_str().unwrap()
+        ));
+        want.extend(expected(server, t["id"].as_str().unwrap()));
+    }
+    want
+}
+
 /// The conversation's tasks, oldest first.
 fn tasks_of(server: &Server, sid: &str) -> Vec<Value> {
     let (_, list) = get(server, &format!("/v1/tasks?conversation={sid}&limit=100"));
@@ -615,14 +628,7 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
     );
     // Replay and live part together: each task's prompt, then its events, once, in order,
     // through the final answer.
-    let mut want: Vec<String> = Vec::new();
-    for t in &tasks {
-        want.push(format!(
-            "user_message_chunk  {}",
-            t["prompt"].as_str().unwrap()
-        ));
-        want.extend(expected(&server, t["id"].as_str().unwrap()));
-    }
+    let want = replay_of(&server, &tasks);
     assert_eq!(
         want.last().unwrap(),
         "agent_message_chunk  allowed:yes",
@@ -753,14 +759,7 @@ fn acp_over_websocket_prompts_a_remote_agent_and_replays_after_a_disconnect() {
     let aid = ask["params"]["toolCall"]["toolCallId"].as_str().unwrap();
     let (_, a) = get(&server, &format!("/v1/approvals/{aid}"));
     assert_eq!(a["outcome"]["by"], "acp:it via token editor", "{a}");
-    let mut want: Vec<String> = Vec::new();
-    for t in &tasks {
-        want.push(format!(
-            "user_message_chunk  {}",
-            t["prompt"].as_str().unwrap()
-        ));
-        want.extend(expected(&server, t["id"].as_str().unwrap()));
-    }
+    let want = replay_of(&server, &tasks);
     assert_eq!(
         want.last().unwrap(),
         "agent_message_chunk  allowed:yes",
