@@ -428,6 +428,10 @@ pub(crate) fn events_renew_lease(t: &OpenTask) -> bool {
     t.state != TaskState::Lost
 }
 
+/// A claim leaves its runner's row alone when nothing in it changed and it was written this
+/// recently: `last_seen` lags by this much at most ("online" is a 90 s window). Both stores.
+pub(crate) const RUNNER_TOUCH_EVERY_MS: i64 = 1_000;
+
 /// How far short of a full lease one may be left by events (heartbeats always renew in full).
 pub(crate) const EVENTS_RENEW_SLACK_MS: i64 = 1_000;
 

@@ -165,8 +165,9 @@ const TOUCH_RUNNER: &str = "WITH fresh AS (
           OR runners.token = EXCLUDED.token
        RETURNING 1)
     SELECT (SELECT COUNT(*) FROM fresh) + (SELECT COUNT(*) FROM up)";
-/// A lease renewal; the runner's row only when it was last seen over `TOUCH_EVERY_MS` ago
-/// (as a claim does), so a stream of events does not rewrite it each time.
+/// A lease renewal; the runner's row only when it was last seen over
+/// [`model::RUNNER_TOUCH_EVERY_MS`] ago (as a claim does), so a stream of events does not
+/// rewrite it each time.
 const RENEW_LEASE: &str = "WITH r AS (UPDATE runners SET last_seen = $3
         WHERE name = $4 AND last_seen <= $3::bigint - $5::bigint)
     UPDATE tasks SET lease_until = $2 WHERE seq = $1";
@@ -177,9 +178,6 @@ const INSERT_EVENT: &str = "WITH c AS (
     INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
     SELECT $1, c.seq, $3::bigint, $4::bigint, $5::text, $6::text, $7::bigint FROM c
     RETURNING seq";
-/// A claim leaves a runner row that already says everything alone if it was written this
-/// recently (its `last_seen` is that much behind at most; "online" is a 90 s window).
-const TOUCH_EVERY_MS: i64 = 1_000;
 /// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
 const MAX_PAYLOAD: usize = 7000;
 
@@ -2579,7 +2577,13 @@ impl W<'_> {
         let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
         self.exec(
             RENEW_LEASE,
-            &[&t.seq, &lease_until, &self.now, &t.runner, &TOUCH_EVERY_MS],
+            &[
+                &t.seq,
+                &lease_until,
+                &self.now,
+                &t.runner,
+                &model::RUNNER_TOUCH_EVERY_MS,
+            ],
         )
         .await?;
         Ok(lease_until)
@@ -2746,10 +2750,10 @@ impl W<'_> {
     }
 
     /// Records the runner's claim; refused when its name belongs to another token. A row
-    /// that already says all of it and was seen within [`TOUCH_EVERY_MS`] is left alone: a
-    /// claim that then finds nothing to offer has written nothing, so its commit waits for no
-    /// WAL flush (with several servers, each ready task wakes a poll on every one of them and
-    /// all but one find nothing).
+    /// that already says all of it and was seen within [`model::RUNNER_TOUCH_EVERY_MS`] is
+    /// left alone: a claim that then finds nothing to offer has written nothing, so its commit
+    /// waits for no WAL flush (with several servers, each ready task wakes a poll on every one
+    /// of them and all but one find nothing).
     async fn touch_runner(&self, req: &ClaimRequest, token: Option<&str>) -> Result<()> {
         let row = self
             .one(
@@ -2764,7 +2768,7 @@ impl W<'_> {
                     &self.now,
                     &token,
                     &to_json(&req.acp_agents),
-                    &TOUCH_EVERY_MS,
+                    &model::RUNNER_TOUCH_EVERY_MS,
                 ],
             )
             .await?;

@@ -51,10 +51,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
 ];
 
-/// A claim leaves its runner's row alone when nothing in it changed and it was seen this
-/// recently (its `last_seen` is at most this old).
-const RUNNER_SEEN_SLACK_MS: i64 = 1_000;
-
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
@@ -2237,7 +2233,7 @@ impl W<'_> {
                 agent_versions,
                 acp_agents,
                 token,
-                self.now - RUNNER_SEEN_SLACK_MS
+                self.now - model::RUNNER_TOUCH_EVERY_MS
             ])?;
         if unchanged {
             return Ok(());
