@@ -16,12 +16,11 @@ import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 
 import { FakeTelegram, visibleText } from "./fake-telegram.ts";
-import { PLUGIN_DIR, TunnelServer, tunnelBin } from "../support/server.ts";
+import { PLUGIN_DIR, TunnelServer, freePort, tunnelBin } from "../support/server.ts";
 
 const OPENCLAW_ACP_BIN = process.env.OPENCLAW_ACP_BIN;
 const OPENCLAW_ACP_NODE = process.env.OPENCLAW_ACP_NODE ?? process.execPath;
@@ -35,17 +34,6 @@ let tg: FakeTelegram;
 let runner: ChildProcess | undefined;
 let gateway: ChildProcess | undefined;
 let gatewayStartMs = 0;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function readOr(file: string): string {
   try {

@@ -14,12 +14,11 @@ import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 
 import { BOT_USER, FakeDiscord } from "./fake-discord.ts";
-import { PLUGIN_DIR, TestRunner, TunnelServer } from "../support/server.ts";
+import { PLUGIN_DIR, TestRunner, TunnelServer, freePort } from "../support/server.ts";
 
 const OPENCLAW_BIN = process.env.OPENCLAW_BIN;
 const OPENCLAW_VERSION = process.env.OPENCLAW_VERSION ?? "2026.9.6";
@@ -32,17 +31,6 @@ let server: TunnelServer;
 let runner: TestRunner;
 let dc: FakeDiscord;
 let gateway: ChildProcess | undefined;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function run(args: string[], timeoutMs: number): Promise<{ stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {

@@ -11,12 +11,11 @@ import assert from "node:assert/strict";
 import { spawn, execFile } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 
 import { FakeTelegram, visibleText } from "./fake-telegram.ts";
-import { PLUGIN_DIR, TestRunner, TunnelServer } from "../support/server.ts";
+import { PLUGIN_DIR, TestRunner, TunnelServer, freePort } from "../support/server.ts";
 
 const OPENCLAW_BIN = process.env.OPENCLAW_BIN;
 const BOT_TOKEN = "123456789:FAKE-tunnel-e2e-token";
@@ -34,17 +33,6 @@ let gateway: ChildProcess | undefined;
 let inspect: any;
 let installOutput = "";
 let installedConfig: any;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function run(args: string[], timeoutMs: number): Promise<{ stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
