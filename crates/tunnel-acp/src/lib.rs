@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tunnel_client::{Client, ClientError, TaskQuery};
 use tunnel_protocol::{
     Approval, ApprovalAnswer, ApprovalOptionKind, ApprovalPolicy, ApprovalState, Decision,
-    SessionMode, SubmitTask, Task, TaskEvent, TaskState,
+    SessionMode, SubmitTask, Task, TaskEvent, TaskState, one_line,
 };
 
 /// The ACP version spoken.
@@ -286,17 +286,6 @@ async fn write_loop(mut output: impl tokio::io::AsyncWrite + Unpin, mut rx: mpsc
         if output.write_all(line.as_bytes()).await.is_err() || output.flush().await.is_err() {
             return;
         }
-    }
-}
-
-/// `s` on one line of at most `max` characters.
-fn one_line(s: &str, max: usize) -> String {
-    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() <= max {
-        flat
-    } else {
-        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
     }
 }
 

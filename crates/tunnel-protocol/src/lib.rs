@@ -14,6 +14,18 @@ use utoipa::ToSchema;
 mod approval;
 pub use approval::*;
 
+/// `s` on one line (runs of whitespace, newlines included, become one space) of at most `max`
+/// characters, the last one an ellipsis when cut: for a prompt or an answer in a list or a title.
+pub fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
 /// `2026-11-25T15:50:09.000Z` from Unix milliseconds.
 pub fn iso8601(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

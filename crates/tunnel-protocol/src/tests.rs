@@ -112,3 +112,13 @@ fn a_claims_acp_agents_are_among_its_agents() {
     c.acp_agents = vec!["-x".into()];
     assert!(c.validate().is_err());
 }
+
+#[test]
+fn one_line_flattens_whitespace_and_cuts_on_characters() {
+    assert_eq!(one_line("fix\n  the\ttests ", 20), "fix the tests");
+    assert_eq!(one_line("fix the tests", 13), "fix the tests");
+    assert_eq!(one_line("fix the tests", 7), "fix th…");
+    // Cut on characters, never inside one: 'é' is two bytes.
+    assert_eq!(one_line("ééééé", 3), "éé…");
+    assert_eq!(one_line("", 5), "");
+}

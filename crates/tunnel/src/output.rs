@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use serde::Serialize;
+pub(crate) use tunnel_protocol::one_line;
 use tunnel_protocol::{RunnerInfo, SessionList, Task, TaskEvent, TaskState, TokenInfo};
 
 /// `println!` for people: control characters made visible ([`visible`]).
@@ -83,16 +84,6 @@ pub(crate) fn ago(ms: i64) -> String {
         60..3600 => format!("{}m ago", s / 60),
         3600..86400 => format!("{}h ago", s / 3600),
         _ => format!("{}d ago", s / 86400),
-    }
-}
-
-pub(crate) fn one_line(s: &str, max: usize) -> String {
-    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() <= max {
-        flat
-    } else {
-        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
     }
 }
 
