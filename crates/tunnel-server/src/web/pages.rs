@@ -90,11 +90,9 @@ fn start(h: &mut Html, title: &str, active: &str, signed: &Signed) {
         .text(signed.caller.role.as_str())
         .raw(" · ")
         .text(&signed.caller.token_id)
-        .raw("</span><form method=\"post\" action=\"/ui/logout\">");
-    csrf(h, signed);
-    h.raw("<button type=\"submit\">Sign out</button></form></header><main><h1>")
-        .text(title)
-        .raw("</h1>");
+        .raw("</span>");
+    post_button(h, signed, "/ui/logout", "", "Sign out");
+    h.raw("</header><main><h1>").text(title).raw("</h1>");
 }
 
 /// Opens the region the script refreshes when tasks change (`/ui/live` says when).
@@ -116,6 +114,26 @@ fn csrf(h: &mut Html, signed: &Signed) {
     h.raw("<input type=\"hidden\" name=\"_csrf\" value=\"")
         .text(&signed.csrf)
         .raw("\">");
+}
+
+/// A one-button form that posts (with the CSRF field) to `action`; `button_attrs` are the
+/// button's attributes after `<button`, e.g. ` class="danger" id="cancel"`.
+fn post_button(
+    h: &mut Html,
+    signed: &Signed,
+    action: &str,
+    button_attrs: &'static str,
+    label: &'static str,
+) {
+    h.raw("<form method=\"post\" action=\"")
+        .text(action)
+        .raw("\">");
+    csrf(h, signed);
+    h.raw("<button")
+        .raw(button_attrs)
+        .raw(" type=\"submit\">")
+        .text(label)
+        .raw("</button></form>");
 }
 
 fn badge(h: &mut Html, state: TaskState) {
@@ -522,18 +540,24 @@ async fn render_task(s: &AppState, signed: &Signed, id: &str) -> Result<Html, We
         .raw("</div>");
     h.raw("<div class=\"actions\">");
     if !t.state.is_terminal() && t.state != TaskState::Cancelling {
-        h.raw("<form method=\"post\" action=\"")
-            .text(&format!("/ui/tasks/{}/cancel", t.id))
-            .raw("\">");
-        csrf(&mut h, signed);
-        h.raw("<button class=\"danger\" id=\"cancel\" type=\"submit\">Cancel</button></form>");
+        let action = format!("/ui/tasks/{}/cancel", t.id);
+        post_button(
+            &mut h,
+            signed,
+            &action,
+            " class=\"danger\" id=\"cancel\"",
+            "Cancel",
+        );
     }
     if t.state.is_terminal() {
-        h.raw("<form method=\"post\" action=\"")
-            .text(&format!("/ui/tasks/{}/retry", t.id))
-            .raw("\">");
-        csrf(&mut h, signed);
-        h.raw("<button class=\"plain\" id=\"retry\" type=\"submit\">Run again</button></form>");
+        let action = format!("/ui/tasks/{}/retry", t.id);
+        post_button(
+            &mut h,
+            signed,
+            &action,
+            " class=\"plain\" id=\"retry\"",
+            "Run again",
+        );
     }
     h.raw("</div></div>");
 
@@ -972,11 +996,8 @@ async fn render_tokens(
                     .raw("</span>");
             }
             None => {
-                h.raw("<form method=\"post\" action=\"")
-                    .text(&format!("/ui/tokens/{}/revoke", t.id))
-                    .raw("\">");
-                csrf(&mut h, signed);
-                h.raw("<button class=\"danger\" type=\"submit\">Revoke</button></form>");
+                let action = format!("/ui/tokens/{}/revoke", t.id);
+                post_button(&mut h, signed, &action, " class=\"danger\"", "Revoke");
             }
         }
         h.raw("</td></tr>");
