@@ -4,14 +4,16 @@
 //! the offline model-API stand-in `fake_model_api.py`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use tunnel_protocol::{SessionMode, TaskState};
 use tunnel_runner::{AgentConfig, AgentKind};
 
 use crate::harness::{RunnerHandle, World, task};
+
+#[path = "../fixtures/model_api.rs"]
+mod model_api;
+pub use model_api::{ModelApi, real_env};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -127,79 +129,6 @@ async fn fake_clis_answer_resume_and_edit() {
         )
         .await;
     }
-}
-
-/// `fake_model_api.py` on a free port.
-pub struct ModelApi {
-    child: Child,
-    pub url: String,
-}
-
-impl ModelApi {
-    pub fn start(log: &Path) -> ModelApi {
-        let mut child = Command::new("python3")
-            .arg(fixtures().join("fake_model_api.py"))
-            .args(["--port", "0", "--log"])
-            .arg(log)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 runs the model API stand-in");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let port = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("FAKE_MODEL_API_PORT=").map(str::to_owned))
-            .expect("the stand-in printed its port");
-        // Keep reading its stdout: closing the pipe would kill it on its next print.
-        std::thread::spawn(move || lines.for_each(drop));
-        ModelApi {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    pub fn scenario(&self, body: serde_json::Value) {
-        let status = Command::new("curl")
-            .args([
-                "-sf",
-                "-X",
-                "POST",
-                &format!("{}/_fake/scenario", self.url),
-                "-d",
-                &body.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for ModelApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The env a real CLI needs to talk to the stand-in (written by `real-cli-env.sh`).
-pub fn real_env(cli: &str, home: &Path, url: &str) -> BTreeMap<String, String> {
-    let out = Command::new("bash")
-        .arg(fixtures().join("real-cli-env.sh"))
-        .args([cli, home.to_str().unwrap(), url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
 }
 
 /// Models each real CLI accepts, for the fallback check.

@@ -3,7 +3,6 @@
 //! The tiny ACP agent of the runner's fixtures always; the real Claude adapter, offline against
 //! the model-API stand-in, when CLAUDE_ACP_BIN and ACPX_BIN are set (install-real-clis.sh).
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -14,6 +13,10 @@ use serde_json::{Value, json};
 
 use super::BIN;
 use super::chaos::{Server, TOKEN, World};
+
+#[path = "../../../tunnel-runner/tests/fixtures/model_api.rs"]
+mod model_api;
+use model_api::{ModelApi, real_env};
 
 /// Wall-clock microseconds (the server's `created_at` is wall-clock milliseconds).
 fn micros() -> u64 {
@@ -834,69 +837,6 @@ fn wait_ended(server: &Server, id: &str) -> Value {
     t
 }
 
-/// The env the real Claude adapter needs to talk to the model-API stand-in.
-fn claude_env(home: &Path, url: &str) -> HashMap<String, String> {
-    let out = Command::new("bash")
-        .arg(runner_fixtures().join("real-cli-env.sh"))
-        .args(["claude", home.to_str().unwrap(), url])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", super::stderr(&out));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
-}
-
-/// `fake_model_api.py` on a free port.
-struct ModelApi {
-    child: Child,
-    url: String,
-}
-
-impl ModelApi {
-    fn start(log: &Path) -> ModelApi {
-        let mut child = Command::new("python3")
-            .arg(runner_fixtures().join("fake_model_api.py"))
-            .args(["--port", "0", "--log"])
-            .arg(log)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 runs the model API stand-in");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let port = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("FAKE_MODEL_API_PORT=").map(str::to_owned))
-            .expect("the stand-in printed its port");
-        std::thread::spawn(move || lines.for_each(drop));
-        ModelApi {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    fn scenario(&self, body: Value) {
-        let (code, _) = super::curl(&[
-            "-X",
-            "POST",
-            &format!("{}/_fake/scenario", self.url),
-            "-d",
-            &body.to_string(),
-        ]);
-        assert_eq!(code, 200);
-    }
-}
-
-impl Drop for ModelApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The real acpx, configured with `tunnel acp` as agent `home-claude`.
 struct Acpx {
     bin: String,
@@ -956,7 +896,7 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
     let world = World::new();
     let server = Server::start(&world, &[], vec![]);
     let api = ModelApi::start(&world.path("requests.jsonl"));
-    let mut env = claude_env(&world.path("claude-home"), &api.url);
+    let mut env = real_env("claude", &world.path("claude-home"), &api.url);
     env.insert("IS_SANDBOX".into(), "1".into());
     let env_toml: Vec<String> = env.iter().map(|(k, v)| format!("{k} = \"{v}\"")).collect();
     let agents = format!(
