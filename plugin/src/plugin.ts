@@ -15,6 +15,7 @@ import { sharedMessageIds } from "./msgids.ts";
 import { callTool, stateTool } from "./tools.ts";
 import type { PluginApi } from "./types.ts";
 import { sharedWatcher } from "./watcher.ts";
+import type { WatcherDeps } from "./watcher.ts";
 
 export const PLUGIN_ID = "tunnel";
 export const SERVICE_ID = "tunnel-delivery";
@@ -63,20 +64,21 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
 
   // Until a service starts, the latest registration configures the watcher; once one runs, its
   // own api stays in charge (a later discovery-mode registration must not take over sending).
-  if (!watcher.running) {
-    watcher.configure({
-      client,
-      loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
-      cfg: () => api.config,
-      logger,
-      progress: config.progress,
-      progressAfterMs: opts.progressAfterMs ?? 10_000,
-      retryDelaysMs: opts.retryDelaysMs,
-      onApproval: (w, data) => approvals.onEvent(w, data),
-      controls,
-      progressEveryMs: opts.progressEveryMs,
-    });
-  }
+  // What the watcher sends with: the same from registration and from the service, but for
+  // where the OpenClaw config is read.
+  const watcherSettings = (cfg: WatcherDeps["cfg"]): WatcherDeps => ({
+    client,
+    loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
+    cfg,
+    logger,
+    progress: config.progress,
+    progressAfterMs: opts.progressAfterMs ?? 10_000,
+    retryDelaysMs: opts.retryDelaysMs,
+    onApproval: (w, data) => approvals.onEvent(w, data),
+    controls,
+    progressEveryMs: opts.progressEveryMs,
+  });
+  if (!watcher.running) watcher.configure(watcherSettings(() => api.config));
 
   for (const agent of AGENTS) for (const def of agentCommands(deps, agent)) api.registerCommand(def);
   api.registerCommand(stateCommand(deps));
@@ -89,18 +91,7 @@ export function register(api: PluginApi, opts: RegisterOptions = {}): Deps {
       if (config.delivery !== "plugin") {
         logger.info("tunnel: delivery mode is server; the plugin service sends no new answers");
       }
-      watcher.configure({
-        client,
-        loadAdapter: (channel) => api.runtime.channel.outbound.loadAdapter(channel),
-        cfg: () => ctx.config ?? api.config,
-        logger,
-        progress: config.progress,
-        progressAfterMs: opts.progressAfterMs ?? 10_000,
-        retryDelaysMs: opts.retryDelaysMs,
-        onApproval: (w, data) => approvals.onEvent(w, data),
-        controls,
-        progressEveryMs: opts.progressEveryMs,
-      });
+      watcher.configure(watcherSettings(() => ctx.config ?? api.config));
       // OpenClaw drains a plugin instance before it stops its services; stop following (and so
       // close the event streams) as soon as this instance starts to retire.
       const lifecycle = api.lifecycle;
