@@ -21,7 +21,9 @@
 //!   withdrawn with `$/cancel_request` and its late answer ignored.
 //!
 //! Nothing here touches the client's files: `fs`/`terminal` are never used, and the agent runs
-//! in the runner's project, not in the client's `cwd`.
+//! in the runner's project, not in the client's `cwd`. `initialize` answers the remote agent's
+//! capabilities as its runner reported them to the server, merged with what tunnel carries
+//! ([`initialize_answer`]).
 //!
 //! What one connection may cost is bounded by [`Limits`]: requests in flight, sessions, idle
 //! time; and the output applies backpressure (a client that stops reading stops the streams
@@ -37,8 +39,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tunnel_client::{Client, ClientError, TaskQuery};
 use tunnel_protocol::{
-    AcpCapabilities, Approval, ApprovalAnswer, ApprovalOptionKind, ApprovalPolicy, ApprovalState, Decision,
-    SessionMode, SubmitTask, Task, TaskEvent, TaskState,
+    AcpCapabilities, Approval, ApprovalAnswer, ApprovalOptionKind, ApprovalPolicy, ApprovalState,
+    Decision, SessionMode, SubmitTask, Task, TaskEvent, TaskState,
 };
 
 /// The ACP version spoken.

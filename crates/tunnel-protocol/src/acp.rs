@@ -119,10 +119,9 @@ fn check_value(v: &Value, depth: usize) -> Result<(), String> {
     };
     match v {
         Value::String(s) => text(s),
-        Value::Array(_) | Value::Object(_) if depth == 0 => Err(format!(
-            "nesting deeper than {}",
-            acp_limits::DEPTH_MAX
-        )),
+        Value::Array(_) | Value::Object(_) if depth == 0 => {
+            Err(format!("nesting deeper than {}", acp_limits::DEPTH_MAX))
+        }
         Value::Array(a) => a.iter().try_for_each(|x| check_value(x, depth - 1)),
         Value::Object(o) => o.iter().try_for_each(|(k, x)| {
             text(k)?;

@@ -140,7 +140,10 @@ fn an_initialize_answer_is_kept_clean_and_bounded() {
     assert_eq!(c.agent_capabilities["odd[2J"], "ab");
     let info = c.agent_info.as_ref().unwrap();
     assert_eq!(info.name, "tiny]0;pwned");
-    assert_eq!((info.title.as_deref(), info.version.as_deref()), (None, Some("1.0")));
+    assert_eq!(
+        (info.title.as_deref(), info.version.as_deref()),
+        (None, Some("1.0"))
+    );
     assert_eq!(c.auth_methods.len(), 1);
     assert!(c.validate().is_ok());
 

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::Client;
 use tunnel_protocol::{
-    AcpCapabilities, AppendEvents, AttemptRef, FinishRequest, Heartbeat, NewEvent, Offer, Outcome, TaskResult,
+    AcpCapabilities, AppendEvents, AttemptRef, FinishRequest, Heartbeat, NewEvent, Offer, Outcome,
+    TaskResult,
 };
 
 use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
@@ -67,7 +68,10 @@ impl Ctx {
         match caps.validate() {
             Ok(()) => {
                 if all.get(agent) != Some(&caps) {
-                    tracing::info!(agent, "ACP agent capabilities learned; reported with the next claim.");
+                    tracing::info!(
+                        agent,
+                        "ACP agent capabilities learned; reported with the next claim."
+                    );
                     all.insert(agent.to_owned(), caps);
                 }
             }

@@ -4,10 +4,10 @@
 //! backends; only dialect-free column lists live here, next to the mappings that read them.
 
 use tunnel_protocol::{
-    Approval, ApprovalAnswer, ApprovalOption, ApprovalOutcome, ApprovalPolicy, ApprovalState,
-    AcpCapabilities, ApprovalTool, AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome, Platform,
-    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionMode, Task, TaskEvent,
-    TaskResult, TaskState, TokenInfo,
+    AcpCapabilities, Approval, ApprovalAnswer, ApprovalOption, ApprovalOutcome, ApprovalPolicy,
+    ApprovalState, ApprovalTool, AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome,
+    Platform, RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionMode, Task,
+    TaskEvent, TaskResult, TaskState, TokenInfo,
 };
 
 use crate::{Delivery, DeliveryKind, DeliveryUpdate, Result, Scope, StoreError, StoredToken};

@@ -756,14 +756,22 @@ async fn runners_keep_their_acp_capabilities(f: Fixture) {
     req.acp_agents = vec![];
     f.clock.advance(5_000);
     f.store.claim_as(&req, "t1").await.unwrap();
-    assert!(f.store.runners().await.unwrap()[0].acp_capabilities.is_empty());
+    assert!(
+        f.store.runners().await.unwrap()[0]
+            .acp_capabilities
+            .is_empty()
+    );
     req.acp_agents = vec!["tiny".into()];
     f.clock.advance(5_000);
     f.store.claim_as(&req, "t1").await.unwrap();
     assert_eq!(shown(&f.store).await.as_deref(), Some("second"));
     req.acp_capabilities = Some(Default::default());
     f.store.claim_as(&req, "t1").await.unwrap();
-    assert!(f.store.runners().await.unwrap()[0].acp_capabilities.is_empty());
+    assert!(
+        f.store.runners().await.unwrap()[0]
+            .acp_capabilities
+            .is_empty()
+    );
 }
 
 async fn a_runner_that_left_is_offline_until_it_claims(f: Fixture) {

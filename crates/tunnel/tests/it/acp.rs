@@ -971,14 +971,30 @@ fn acp_initialize_relays_the_remote_agents_capabilities() {
     assert_eq!(code, 201, "{e}");
     let (code, e) = post_claim(&server, e["token"].as_str().unwrap(), &claim);
     assert_eq!(code, 409, "{e}");
-    assert_eq!(wait_capabilities(&server, "home", "tiny")["acp_capabilities"]["tiny"], *caps);
+    assert_eq!(
+        wait_capabilities(&server, "home", "tiny")["acp_capabilities"]["tiny"],
+        *caps
+    );
+
+    // The API's schema says what the report is (schemathesis checks the routes against it).
+    let (_, doc) = get(&server, "/openapi.json");
+    let schemas = &doc["components"]["schemas"];
+    assert!(
+        schemas["AcpCapabilities"]["properties"]["agent_capabilities"].is_object()
+            && schemas["RunnerInfo"]["properties"]["acp_capabilities"].is_object()
+            && schemas["ClaimRequest"]["properties"]["acp_capabilities"].is_object(),
+        "{schemas}"
+    );
 
     // Kept by the server: a restart (with the runner gone) still shows them.
     drop(runner);
     server.kill9();
     server.spawn();
     let (_, list) = get(&server, "/v1/runners");
-    assert_eq!(list["runners"][0]["acp_capabilities"]["tiny"], *caps, "{list}");
+    assert_eq!(
+        list["runners"][0]["acp_capabilities"]["tiny"], *caps,
+        "{list}"
+    );
 }
 
 /// A new client token.
@@ -1149,6 +1165,14 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
         json!(["claude"]),
         "{list}"
     );
+    // The real adapter's initialize answer, as the runner probed it at start.
+    let r = wait_capabilities(&server, "home", "claude");
+    let caps = &r["acp_capabilities"]["claude"];
+    assert_eq!(
+        caps["agent_info"]["name"], "@agentclientprotocol/claude-agent-acp",
+        "{r}"
+    );
+    assert_eq!(caps["agent_capabilities"]["loadSession"], true, "{r}");
     let web = world.path("web");
     let home = world.path("acpx-home");
     let cwd = world.path("laptop/web");
