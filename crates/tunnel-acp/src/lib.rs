@@ -21,7 +21,9 @@
 //!   withdrawn with `$/cancel_request` and its late answer ignored.
 //!
 //! Nothing here touches the client's files: `fs`/`terminal` are never used, and the agent runs
-//! in the runner's project, not in the client's `cwd`.
+//! in the runner's project, not in the client's `cwd`. `initialize` answers the remote agent's
+//! capabilities as its runner reported them to the server, merged with what tunnel carries
+//! ([`initialize_answer`]).
 //!
 //! What one connection may cost is bounded by [`Limits`]: requests in flight, sessions, idle
 //! time; and the output applies backpressure (a client that stops reading stops the streams
@@ -37,8 +39,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tunnel_client::{Client, ClientError, TaskQuery};
 use tunnel_protocol::{
-    Approval, ApprovalAnswer, ApprovalOptionKind, ApprovalPolicy, ApprovalState, Decision,
-    SessionMode, SubmitTask, Task, TaskEvent, TaskState, one_line,
+    AcpCapabilities, Approval, ApprovalAnswer, ApprovalOptionKind, ApprovalPolicy, ApprovalState,
+    Decision, SessionMode, SubmitTask, Task, TaskEvent, TaskState, one_line,
 };
 
 /// The ACP version spoken.
@@ -357,7 +359,12 @@ impl Bridge {
                 self.client_name = params["clientInfo"]["name"]
                     .as_str()
                     .map(|n| n.chars().filter(|c| !c.is_control()).take(40).collect());
-                let r = self.initialize();
+                let remote = remote_capabilities(&self.s).await;
+                let r = initialize_answer(
+                    &self.s.agent,
+                    self.s.runner.as_deref(),
+                    remote.as_ref().map(|(r, c)| (r.as_str(), c)),
+                );
                 self.respond(id, Ok(r));
             }
             "authenticate" => self.respond(id, Ok(json!({}))),
@@ -417,24 +424,6 @@ impl Bridge {
                 )),
             ),
         }
-    }
-
-    fn initialize(&self) -> Value {
-        json!({
-            "protocolVersion": PROTOCOL_VERSION,
-            "agentCapabilities": {
-                "loadSession": true,
-                "promptCapabilities": {"image": false, "audio": false, "embeddedContext": true},
-                "mcpCapabilities": {"http": false, "sse": false},
-                "sessionCapabilities": {"list": {}, "resume": {}},
-            },
-            "authMethods": [],
-            "agentInfo": {
-                "name": "tunnel",
-                "title": format!("{} via tunnel{}", self.s.agent, self.s.runner.as_ref().map(|r| format!(" on {r}")).unwrap_or_default()),
-                "version": env!("CARGO_PKG_VERSION"),
-            },
-        })
     }
 
     /// Refuses a new session past [`Limits::max_sessions`] (`sid`: one being loaded again is
@@ -753,6 +742,85 @@ fn session_id_of(params: &Value) -> Result<String, RpcError> {
         ));
     }
     Ok(sid.to_owned())
+}
+
+/// How long `initialize` waits for the server's list of runners before it answers tunnel's
+/// baseline (a client starting while the server is away still gets an answer).
+const RUNNERS_WAIT: Duration = Duration::from_secs(5);
+
+/// What a runner last reported of the agent's `initialize` answer (the server keeps it, so no
+/// runner or agent is asked now): the pinned `--runner`'s, else the one of a runner offering
+/// the agent, online ones first, then the most recently seen. `None`: no report yet, or the
+/// server did not answer in time.
+async fn remote_capabilities(s: &Settings) -> Option<(String, AcpCapabilities)> {
+    let list = tokio::time::timeout(RUNNERS_WAIT, s.client.runners())
+        .await
+        .ok()?
+        .map_err(|e| tracing::debug!(error = %e, "No runner list for initialize."))
+        .ok()?;
+    list.runners
+        .into_iter()
+        .filter(|r| s.runner.as_ref().is_none_or(|n| &r.name == n))
+        .filter(|r| r.acp_agents.contains(&s.agent))
+        .filter_map(|mut r| {
+            let caps = r.acp_capabilities.remove(&s.agent)?;
+            Some(((r.online, r.last_seen), r.name, caps))
+        })
+        .max_by_key(|(rank, ..)| *rank)
+        .map(|(_, name, caps)| (name, caps))
+}
+
+/// The answer to `initialize`: the remote agent's capabilities (`remote`: the runner that
+/// reported them, and what it reported) merged with what tunnel itself does, or tunnel's
+/// baseline when no runner has reported the agent yet.
+///
+/// - `loadSession`, `sessionCapabilities.list` and `.resume`: always, whatever the agent says:
+///   tunnel implements them itself (a session is a conversation on the server, replayed from
+///   its events), so they work even for an agent that cannot load sessions.
+/// - `promptCapabilities`: what the agent accepts, as far as tunnel carries it. A task's prompt
+///   is text, so images and audio are never offered; a resource (embedded context) is carried
+///   as text, offered when the agent takes embedded context (and in the baseline).
+/// - `mcpCapabilities`: none. The client's MCP servers are not passed to the remote agent (it
+///   runs on the runner with that machine's configuration).
+/// - no `fs`/`terminal` (those are the client's capabilities, and tunnel never asks the client
+///   for them: the agent works on the runner's disk).
+/// - `authMethods`: none. The agent logs in on the runner's machine, with that machine's
+///   credentials; the client authenticates to tunnel with its token. Relaying the agent's
+///   methods would have an editor run a login (`claude /login`…) on the wrong machine. They
+///   are shown in `GET /v1/runners` and `tunnel runners` for the runner's admin.
+/// - `agentInfo`: the remote agent's name and version, titled "… via tunnel"; `_meta.tunnel`
+///   says tunnel's version and which runner's report it is.
+pub fn initialize_answer(
+    agent: &str,
+    pinned: Option<&str>,
+    remote: Option<(&str, &AcpCapabilities)>,
+) -> Value {
+    let on = pinned.map(|r| format!(" on {r}")).unwrap_or_default();
+    let info = remote.and_then(|(_, c)| c.agent_info.as_ref());
+    let shown = info
+        .map(|i| i.title.clone().unwrap_or_else(|| i.name.clone()))
+        .unwrap_or_else(|| agent.to_owned());
+    let embedded = remote.is_none_or(|(_, c)| c.flag(&["promptCapabilities", "embeddedContext"]));
+    json!({
+        "protocolVersion": PROTOCOL_VERSION,
+        "agentCapabilities": {
+            "loadSession": true,
+            "promptCapabilities": {"image": false, "audio": false, "embeddedContext": embedded},
+            "mcpCapabilities": {"http": false, "sse": false},
+            "sessionCapabilities": {"list": {}, "resume": {}},
+        },
+        "authMethods": [],
+        "agentInfo": {
+            "name": info.map_or("tunnel", |i| i.name.as_str()),
+            "title": format!("{shown} via tunnel{on}"),
+            "version": info.and_then(|i| i.version.as_deref()).unwrap_or(env!("CARGO_PKG_VERSION")),
+        },
+        "_meta": {"tunnel": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "agent": agent,
+            "reportedBy": remote.map(|(r, _)| r),
+        }},
+    })
 }
 
 fn cwd_of(params: &Value) -> Result<PathBuf, RpcError> {
@@ -1154,6 +1222,52 @@ mod tests {
         ] {
             assert!(update_of(&ev(k, d)).is_none(), "{k}");
         }
+    }
+
+    #[test]
+    fn initialize_merges_the_remote_agents_capabilities_with_tunnels() {
+        let base = initialize_answer("tiny", None, None);
+        assert_eq!(
+            base["agentCapabilities"]["promptCapabilities"]["embeddedContext"],
+            true
+        );
+        assert_eq!(base["agentInfo"]["name"], "tunnel");
+        assert_eq!(base["agentInfo"]["title"], "tiny via tunnel");
+        assert!(base["_meta"]["tunnel"]["reportedBy"].is_null());
+        let caps = AcpCapabilities::from_initialize(&json!({
+            "protocolVersion": 1,
+            "agentCapabilities": {
+                "loadSession": false,
+                "promptCapabilities": {"image": true, "audio": true, "embeddedContext": false},
+                "mcpCapabilities": {"http": true, "sse": true},
+                "sessionCapabilities": {"fork": {}, "close": {}},
+            },
+            "agentInfo": {"name": "tiny-acp", "title": "Tiny", "version": "9.9"},
+            "authMethods": [{"id": "login", "name": "Log in"}],
+        }));
+        let r = initialize_answer("tiny", Some("home"), Some(("home", &caps)));
+        let a = &r["agentCapabilities"];
+        assert_eq!(a["loadSession"], true, "tunnel loads sessions itself");
+        assert_eq!(
+            a["promptCapabilities"],
+            json!({"image": false, "audio": false, "embeddedContext": false})
+        );
+        assert_eq!(a["mcpCapabilities"], json!({"http": false, "sse": false}));
+        assert_eq!(a["sessionCapabilities"], json!({"list": {}, "resume": {}}));
+        assert!(a.get("fs").is_none() && a.get("terminal").is_none());
+        assert_eq!(r["authMethods"], json!([]));
+        assert_eq!(
+            r["agentInfo"],
+            json!({"name": "tiny-acp", "title": "Tiny via tunnel on home", "version": "9.9"})
+        );
+        assert_eq!(r["_meta"]["tunnel"]["reportedBy"], "home");
+        let mut with = caps.clone();
+        with.agent_capabilities["promptCapabilities"]["embeddedContext"] = json!(true);
+        let r = initialize_answer("tiny", None, Some(("home", &with)));
+        assert_eq!(
+            r["agentCapabilities"]["promptCapabilities"]["embeddedContext"],
+            true
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "openapi")]
 use utoipa::ToSchema;
 
+mod acp;
 mod approval;
+pub use acp::*;
 pub use approval::*;
 
 /// `s` on one line (runs of whitespace, newlines included, become one space) of at most `max`
@@ -611,6 +613,12 @@ pub struct ClaimRequest {
     /// whose ACP adapter is installed): what `tunnel acp` and approvals can use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acp_agents: Vec<String>,
+    /// What each agent of `acp_agents` answered to ACP `initialize` (capabilities, name and
+    /// version, login methods), for `tunnel acp` and `GET /v1/runners`. Sent when it changed:
+    /// a claim without it keeps what the server has, one with it replaces it. (A server older
+    /// than this field refuses the claim with 400; the runner then claims without it.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acp_capabilities: Option<std::collections::BTreeMap<String, AcpCapabilities>>,
     /// Ack the offer in the same request: the answer's `lease` says the attempt has started,
     /// which saves the ack's round trip. An offer the server could not ack comes without
     /// `lease`; ack it as usual. (A server older than this field refuses the claim with 400.)
@@ -665,6 +673,9 @@ impl ClaimRequest {
             if !self.agents.contains(a) {
                 return Err(Invalid::new("acp_agents", "must be agents of `agents`"));
             }
+        }
+        if let Some(caps) = &self.acp_capabilities {
+            acp::validate_all(caps, &self.acp_agents)?;
         }
         for (agent, v) in &self.agent_versions {
             validate_name("agent_versions", agent)?;
@@ -834,6 +845,10 @@ pub struct RunnerInfo {
     /// The agents it drives over ACP (`tunnel acp`).
     #[serde(default)]
     pub acp_agents: Vec<String>,
+    /// What each of `acp_agents` answered to ACP `initialize`, as the runner last reported it
+    /// (an agent missing here has not been reported yet).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub acp_capabilities: std::collections::BTreeMap<String, AcpCapabilities>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

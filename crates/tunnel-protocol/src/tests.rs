@@ -122,3 +122,73 @@ fn one_line_flattens_whitespace_and_cuts_on_characters() {
     assert_eq!(one_line("ééééé", 3), "éé…");
     assert_eq!(one_line("", 5), "");
 }
+
+#[test]
+fn an_initialize_answer_is_kept_clean_and_bounded() {
+    let init = serde_json::json!({
+        "protocolVersion": 1,
+        "agentCapabilities": {
+            "loadSession": true,
+            "promptCapabilities": {"image": true, "embeddedContext": false},
+            "_meta": {"big": "x".repeat(10_000)},
+            "sessionCapabilities": {"fork": {"_meta": 1}},
+            "odd\u{1b}[2J": "a\u{7}b",
+        },
+        "agentInfo": {"name": "tiny\u{1b}]0;pwned\u{7}", "title": "", "version": "1.0"},
+        "authMethods": [{"id": "login", "name": "Log in"}, {"name": "no id"}],
+    });
+    let c = AcpCapabilities::from_initialize(&init);
+    assert_eq!(c.protocol_version, 1);
+    assert!(c.flag(&["loadSession"]) && c.flag(&["promptCapabilities", "image"]));
+    assert!(!c.flag(&["promptCapabilities", "embeddedContext"]));
+    assert!(!c.flag(&["promptCapabilities", "audio"]));
+    assert!(c.agent_capabilities.get("_meta").is_none());
+    assert_eq!(
+        c.agent_capabilities["sessionCapabilities"],
+        serde_json::json!({"fork": {}})
+    );
+    assert_eq!(c.agent_capabilities["odd[2J"], "ab");
+    let info = c.agent_info.as_ref().unwrap();
+    assert_eq!(info.name, "tiny]0;pwned");
+    assert_eq!(
+        (info.title.as_deref(), info.version.as_deref()),
+        (None, Some("1.0"))
+    );
+    assert_eq!(c.auth_methods.len(), 1);
+    assert!(c.validate().is_ok());
+
+    // A runner may only report its ACP agents, and not more than the bounds.
+    let mut claim: ClaimRequest = serde_json::from_value(serde_json::json!({
+        "runner": "r", "agents": ["tiny", "echo"], "acp_agents": ["tiny"]
+    }))
+    .unwrap();
+    claim.acp_capabilities = Some([("tiny".to_owned(), c.clone())].into());
+    assert!(claim.validate().is_ok());
+    claim.acp_capabilities = Some([("echo".to_owned(), c.clone())].into());
+    assert_eq!(claim.validate().unwrap_err().field, "acp_capabilities");
+    let mut big = c.clone();
+    big.agent_capabilities["x"] = serde_json::json!(vec!["y".repeat(150); 40]);
+    let e = big.validate().unwrap_err();
+    assert!(e.reason.contains("at most 4096"), "{e}");
+    let mut bad = c.clone();
+    bad.agent_capabilities["x"] = serde_json::json!("a\u{1b}b");
+    assert!(bad.validate().unwrap_err().reason.contains("control"));
+    let mut deep = serde_json::json!(true);
+    for _ in 0..12 {
+        deep = serde_json::json!({ "d": deep });
+    }
+    bad.agent_capabilities = deep;
+    assert!(bad.validate().unwrap_err().reason.contains("nesting"));
+    bad.agent_capabilities = serde_json::json!([1]);
+    assert!(bad.validate().is_err());
+    // Each agent within its bound, all of them not.
+    let agents: Vec<String> = (0..8).map(|i| format!("a{i}")).collect();
+    let mut each = c.clone();
+    each.agent_capabilities["x"] = serde_json::json!(vec!["y".repeat(150); 20]);
+    assert!(each.validate().is_ok());
+    claim.agents = agents.clone();
+    claim.acp_agents = agents.clone();
+    claim.acp_capabilities = Some(agents.iter().map(|a| (a.clone(), each.clone())).collect());
+    let e = claim.validate().unwrap_err();
+    assert!(e.reason.contains("at most 16384"), "{e}");
+}

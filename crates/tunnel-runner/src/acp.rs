@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_protocol::{
-    ApprovalOption, ApprovalOptionKind, ApprovalState, ApprovalTool, TaskResult,
+    AcpCapabilities, ApprovalOption, ApprovalOptionKind, ApprovalState, ApprovalTool, TaskResult,
     approval_limits as al,
 };
 
@@ -79,6 +79,8 @@ pub(crate) struct Ended {
     pub(crate) stop: Option<Stop>,
     pub(crate) verdict: Verdict,
     pub(crate) exit: Exit,
+    /// The agent's answer to `initialize`, when it gave one: the runner reports it.
+    pub(crate) learned: Option<AcpCapabilities>,
 }
 
 /// Why a call did not return a result.
@@ -115,6 +117,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
                     Failure::Other(msg),
                 ),
                 exit,
+                learned: None,
             };
         }
     };
@@ -142,6 +145,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
         pending: HashMap::new(),
         cancelling: None,
         session_id: None,
+        learned: None,
         sink,
     };
     let result = d.session(r, &mut running, w).await;
@@ -215,6 +219,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
         stop,
         verdict,
         exit,
+        learned: d.learned.take(),
     }
 }
 
@@ -273,6 +278,7 @@ struct Driver<'s> {
     /// Set once a cancel was sent: when to give up waiting for the agent to stop.
     cancelling: Option<Instant>,
     session_id: Option<String>,
+    learned: Option<AcpCapabilities>,
     sink: &'s dyn Sink,
 }
 
@@ -297,6 +303,7 @@ impl Driver<'_> {
                 }),
             )
             .await?;
+        self.learned = Some(AcpCapabilities::from_initialize(&init));
         let version = init["protocolVersion"].as_u64().unwrap_or(0);
         if version != PROTOCOL_VERSION {
             return Err(End::Rpc(
@@ -1025,13 +1032,15 @@ impl Mapper {
 #[cfg(test)]
 mod tests;
 
-/// What an agent said to `initialize` (for `tunnel doctor`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an agent said to `initialize` (for `tunnel doctor`, and the runner's report).
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcpProbe {
     pub protocol_version: u64,
     /// `agentInfo.name` and `.version`, when the agent sends them.
     pub agent_name: Option<String>,
     pub agent_version: Option<String>,
+    /// The whole answer, cleaned and bounded as the runner reports it.
+    pub capabilities: AcpCapabilities,
 }
 
 /// Starts an ACP agent, sends `initialize`, and stops it: whether it speaks ACP and which.
@@ -1042,22 +1051,51 @@ pub async fn probe(
     dir: &Path,
     within: Duration,
 ) -> Result<AcpProbe, String> {
+    // The environment policy applies; the sandbox and user are the runner's (doctor's) own.
+    let confine = crate::confine::Confinement::default();
     // A process group is enough for a few seconds of `initialize`.
     let containment = Mechanism::ProcessTree("a probe".into());
+    let launch = Launch {
+        program,
+        args,
+        env,
+        dir,
+        confine: &confine,
+        containment: &containment,
+    };
+    probe_with(&launch, "tunnel-doctor", within, &CancellationToken::new()).await
+}
+
+/// How to start an agent for a probe.
+pub(crate) struct Launch<'a> {
+    pub(crate) program: &'a str,
+    pub(crate) args: &'a [String],
+    pub(crate) env: &'a BTreeMap<String, String>,
+    pub(crate) dir: &'a Path,
+    pub(crate) confine: &'a crate::confine::Confinement,
+    pub(crate) containment: &'a Mechanism,
+}
+
+/// [`probe`] with the runner's confinement and containment; `stop` ends it early.
+pub(crate) async fn probe_with(
+    l: &Launch<'_>,
+    client_name: &str,
+    within: Duration,
+    stop: &CancellationToken,
+) -> Result<AcpProbe, String> {
+    let program = l.program;
     let inv = Invocation {
         program: program.to_owned(),
-        args: args.to_vec(),
+        args: l.args.to_vec(),
         stdin: None,
         keep_stdin: true,
     };
-    // The environment policy applies; the sandbox and user are the runner's (doctor's) own.
-    let confine = crate::confine::Confinement::default();
-    let mut running = supervisor::spawn(&inv, dir, env, &confine, &containment)
+    let mut running = supervisor::spawn(&inv, l.dir, l.env, l.confine, l.containment)
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": PROTOCOL_VERSION,
         "clientCapabilities": {"fs": {"readTextFile": false, "writeTextFile": false}, "terminal": false},
-        "clientInfo": {"name": "tunnel-doctor", "version": env!("CARGO_PKG_VERSION")},
+        "clientInfo": {"name": client_name, "version": env!("CARGO_PKG_VERSION")},
     }});
     let mut stdin = running.child.stdin.take();
     let answer = async {
@@ -1082,17 +1120,21 @@ pub async fn probe(
                     protocol_version: r["protocolVersion"].as_u64().unwrap_or(0),
                     agent_name: r["agentInfo"]["name"].as_str().map(str::to_owned),
                     agent_version: r["agentInfo"]["version"].as_str().map(str::to_owned),
+                    capabilities: AcpCapabilities::from_initialize(r),
                 });
             }
         }
         Err("it ended without answering initialize".to_owned())
     };
-    let result = match tokio::time::timeout(within, answer).await {
-        Ok(r) => r,
-        Err(_) => Err(format!(
-            "no answer to initialize within {} s",
-            within.as_secs()
-        )),
+    let result = tokio::select! {
+        r = tokio::time::timeout(within, answer) => match r {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer to initialize within {} s",
+                within.as_secs()
+            )),
+        },
+        _ = stop.cancelled() => Err("stopped".to_owned()),
     };
     drop(stdin);
     running.terminate(Duration::from_millis(500)).await;

@@ -84,6 +84,56 @@ async fn report_sessions(client: Client, config: Arc<RunnerConfig>, stop: Cancel
     }
 }
 
+/// The longest claim while ACP agents are being probed at start.
+const PROBING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long an ACP agent has to answer the start-up `initialize`.
+const PROBE_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Asks each ACP agent for its `initialize` answer, one at a time (each a short-lived process
+/// under the same confinement as a task), then cancels `done`. One that fails is only logged:
+/// its first task learns it instead.
+async fn probe_acp_agents(
+    ctx: Arc<task::Ctx>,
+    agents: Vec<String>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) {
+    let _done = done.drop_guard();
+    let cfg = &ctx.config;
+    let _ = std::fs::create_dir_all(&cfg.default_dir);
+    for name in agents {
+        let Some(agent) = cfg.agents.get(&name) else {
+            continue;
+        };
+        let (program, args) = match (agent.kind, &agent.acp, ctx.acp_programs.get(&name)) {
+            (AgentKind::Acp, _, _) => match ctx.programs.get(&name) {
+                Some(Some(p)) => (p.clone(), agent.args.clone()),
+                _ => continue,
+            },
+            (_, Some(launch), Some(Some(p))) => (p.clone(), launch.args.clone()),
+            _ => continue,
+        };
+        let program = program.display().to_string();
+        let launch = acp::Launch {
+            program: &program,
+            args: &args,
+            env: &agent.env,
+            dir: &cfg.default_dir,
+            confine: &cfg.confine,
+            containment: &ctx.containment,
+        };
+        match acp::probe_with(&launch, "tunnel-runner", PROBE_WITHIN, &stop).await {
+            Ok(p) => ctx.learn_acp(&name, p.capabilities),
+            Err(e) => {
+                tracing::info!(agent = %name, error = %e, "Could not ask the ACP agent for its capabilities at start; its first task will.")
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
 /// Runs until `shutdown.stop`, then drains.
 pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerError> {
     let client = Client::new(&config.server, &config.token)?;
@@ -172,6 +222,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         abort: shutdown.abort.clone(),
         held: Default::default(),
         finish_carries_events: std::sync::atomic::AtomicBool::new(true),
+        acp_caps: Default::default(),
     });
     // Agents' temporary directories that a killed runner could not remove.
     confine::remove_orphaned_agent_tmps();
@@ -186,6 +237,19 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         shutdown.stop.clone(),
     ));
 
+    // What each ACP agent answers to `initialize`, for `tunnel acp`: asked in the background,
+    // so a slow or missing adapter delays nothing; claims are short while it runs, so the
+    // answer reaches the server soon after.
+    let probing = CancellationToken::new();
+    tokio::spawn(probe_acp_agents(
+        ctx.clone(),
+        acp_agents.clone(),
+        shutdown.stop.clone(),
+        probing.clone(),
+    ));
+    // What the server has of it from this run (`None`: nothing yet).
+    let mut caps_sent: Option<BTreeMap<String, tunnel_protocol::AcpCapabilities>> = None;
+
     let slots = Arc::new(Semaphore::new(config.max_concurrent.max(1)));
     let mut failures = 0u32;
     // Claims ask the server to ack the offer too (one round trip fewer per task), unless it is
@@ -197,15 +261,25 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.stop.cancelled() => break Ok(()),
         };
-        let req = ClaimRequest {
+        let caps = ctx.acp_caps();
+        let changed = match &caps_sent {
+            None => !caps.is_empty(),
+            Some(sent) => *sent != caps,
+        };
+        let mut wait = config.long_poll_wait;
+        if !probing.is_cancelled() {
+            wait = wait.min(PROBING_WAIT);
+        }
+        let mut req = ClaimRequest {
             runner: config.name.clone(),
             agents: offered.clone(),
             projects: projects.clone(),
             capacity: config.max_concurrent as u32,
-            wait_ms: config.long_poll_wait.as_millis() as u64,
+            wait_ms: wait.as_millis() as u64,
             version: Some(env!("CARGO_PKG_VERSION").into()),
             agent_versions: versions.clone(),
             acp_agents: acp_agents.clone(),
+            acp_capabilities: changed.then(|| caps.clone()),
             ack: claim_ack,
             holding: if claim_ack {
                 ctx.held().iter().cloned().collect()
@@ -213,10 +287,20 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
                 vec![]
             },
         };
+        if let Some(Err(e)) = req.acp_capabilities.as_ref().map(|_| req.validate()) {
+            // Each agent's answer was checked when learned; all of them together can still
+            // be more than the server takes.
+            tracing::warn!(error = %e, "The ACP agents' capabilities are not reported: the server would refuse them.");
+            req.acp_capabilities = None;
+            caps_sent = Some(caps.clone());
+        }
         let claimed = tokio::select! {
             r = client.claim(&req) => r,
             _ = shutdown.stop.cancelled() => break Ok(()),
         };
+        if claimed.is_ok() && req.acp_capabilities.is_some() {
+            caps_sent = req.acp_capabilities.take();
+        }
         match claimed {
             Ok(Some(offer)) => {
                 failures = 0;
@@ -234,6 +318,17 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
                     ctx.held().remove(&id);
                     drop(permit);
                 });
+            }
+            // A server older than `acp_capabilities` refuses the field, and any server refuses
+            // what is past its bounds: claim without it until it changes. (First: an old
+            // server's message lists the fields it knows, `ack` among them.)
+            Err(ClientError::Api {
+                status: 400,
+                message,
+                ..
+            }) if req.acp_capabilities.is_some() && message.contains("acp_capabilities") => {
+                tracing::warn!(error = %message, "The server did not take the ACP agents' capabilities; `tunnel acp` answers its baseline.");
+                caps_sent = req.acp_capabilities.take();
             }
             // A server older than the claim's `ack` field refuses it: claim without.
             Err(ClientError::Api {

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::Client;
 use tunnel_protocol::{
-    AppendEvents, AttemptRef, FinishRequest, Heartbeat, NewEvent, Offer, Outcome, TaskResult,
+    AcpCapabilities, AppendEvents, AttemptRef, FinishRequest, Heartbeat, NewEvent, Offer, Outcome,
+    TaskResult,
 };
 
 use crate::adapter::{self, Ev, Exit, Failure, InvocationInput, Verdict};
@@ -43,11 +44,42 @@ pub(crate) struct Ctx {
     /// Whether the server takes the last events in the finish (`FinishRequest::events`); off
     /// after a server refused one (older than the field).
     pub(crate) finish_carries_events: std::sync::atomic::AtomicBool,
+    /// What each ACP agent answered to `initialize` (a probe at start, then each task that
+    /// drives it): claims report it to the server when it changed.
+    pub(crate) acp_caps: std::sync::Mutex<BTreeMap<String, AcpCapabilities>>,
 }
 
 impl Ctx {
     pub(crate) fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn acp_caps(&self) -> BTreeMap<String, AcpCapabilities> {
+        self.acp_caps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps what `agent` answered to `initialize`, unless it is more than the server takes
+    /// (then nothing is reported for it, and `tunnel acp` answers its baseline).
+    pub(crate) fn learn_acp(&self, agent: &str, caps: AcpCapabilities) {
+        let mut all = self.acp_caps.lock().unwrap_or_else(|p| p.into_inner());
+        match caps.validate() {
+            Ok(()) => {
+                if all.get(agent) != Some(&caps) {
+                    tracing::info!(
+                        agent,
+                        "ACP agent capabilities learned; reported with the next claim."
+                    );
+                    all.insert(agent.to_owned(), caps);
+                }
+            }
+            Err(e) => {
+                all.remove(agent);
+                tracing::warn!(agent, error = %e, "The ACP agent's initialize answer is not reported: the server would refuse it.");
+            }
+        }
     }
 }
 
@@ -353,6 +385,9 @@ async fn execute(
                 kill_grace: cfg.kill_grace,
             };
             let ended = crate::acp::run(&run, gate.clone(), reporter, &watch).await;
+            if let Some(caps) = ended.learned {
+                ctx.learn_acp(&task.agent, caps);
+            }
             (ended.stop, ended.exit, Some(ended.verdict))
         } else {
             let inv = adapter::invocation(

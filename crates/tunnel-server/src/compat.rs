@@ -891,6 +891,7 @@ async fn poll(
         version: Some("openclaw-tunnel".into()),
         agent_versions: Default::default(),
         acp_agents: vec![],
+        acp_capabilities: None,
         ack: false,
         holding: vec![],
     };

@@ -4,10 +4,10 @@
 //! backends; only dialect-free column lists live here, next to the mappings that read them.
 
 use tunnel_protocol::{
-    Approval, ApprovalAnswer, ApprovalOption, ApprovalOutcome, ApprovalPolicy, ApprovalState,
-    ApprovalTool, AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome, Platform,
-    RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionMode, Task, TaskEvent,
-    TaskResult, TaskState, TokenInfo,
+    AcpCapabilities, Approval, ApprovalAnswer, ApprovalOption, ApprovalOutcome, ApprovalPolicy,
+    ApprovalState, ApprovalTool, AttemptRef, DeliveryStatus, LeaseStatus, NewEvent, Outcome,
+    Platform, RecentSession, ReplyTo, Role, RunnerInfo, SessionBinding, SessionMode, Task,
+    TaskEvent, TaskResult, TaskState, TokenInfo,
 };
 
 use crate::{Delivery, DeliveryKind, DeliveryUpdate, Result, Scope, StoreError, StoredToken};
@@ -125,12 +125,19 @@ pub(crate) fn recent_from_row(r: &impl Columns) -> Result<RecentSession> {
 }
 
 /// A `runners` row selected as `name, agents, projects, capacity, version, first_seen,
-/// last_seen, agent_versions, <active task count>, left_at, acp_agents`, as seen at `now`.
+/// last_seen, agent_versions, <active task count>, left_at, acp_agents, acp_capabilities`, as
+/// seen at `now`. Capabilities of an agent the runner no longer drives over ACP are not shown.
 /// Online: seen within `online_ms` and not seen off (a goodbye counts until the runner is seen
 /// after it).
 pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Result<RunnerInfo> {
     let last_seen = r.int(6)?;
     let left = r.opt_int(9)?.is_some_and(|l| l >= last_seen);
+    let acp_agents: Vec<String> = serde_json::from_str(&r.text(10)?).unwrap_or_default();
+    let mut acp_capabilities: std::collections::BTreeMap<String, AcpCapabilities> = r
+        .opt_text(11)?
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    acp_capabilities.retain(|agent, _| acp_agents.contains(agent));
     Ok(RunnerInfo {
         agent_versions: serde_json::from_str(&r.text(7)?).unwrap_or_default(),
         name: r.text(0)?,
@@ -142,7 +149,8 @@ pub(crate) fn runner_from_row(r: &impl Columns, now: i64, online_ms: i64) -> Res
         last_seen,
         online: now - last_seen <= online_ms && !left,
         active_tasks: r.uint(8)?,
-        acp_agents: serde_json::from_str(&r.text(10)?).unwrap_or_default(),
+        acp_agents,
+        acp_capabilities,
     })
 }
 

@@ -123,6 +123,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0016_conversation_owner",
         include_str!("../migrations/postgres/0016_conversation_owner.sql"),
     ),
+    (
+        "0017_runner_acp_capabilities",
+        include_str!("../migrations/postgres/0017_runner_acp_capabilities.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -148,18 +152,19 @@ const TOUCH_RUNNER: &str = "WITH fresh AS (
        SELECT 1 FROM runners
        WHERE name = $1 AND agents = $2 AND projects = $3 AND capacity = $4
          AND version IS NOT DISTINCT FROM $5 AND agent_versions = $6
-         AND acp_agents = $9 AND left_at IS NULL
+         AND acp_agents = $9 AND left_at IS NULL AND $11::text IS NULL
          AND last_seen > $7::bigint - $10::bigint AND ($8::text IS NULL OR token = $8)),
     up AS (
        INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-           first_seen, last_seen, token, acp_agents)
-       SELECT $1, $2, $3, $4, $5, $6, $7, $7, $8, $9
+           first_seen, last_seen, token, acp_agents, acp_capabilities)
+       SELECT $1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $11
        WHERE NOT EXISTS (SELECT 1 FROM fresh)
        ON CONFLICT (name) DO UPDATE SET agents = EXCLUDED.agents,
           projects = EXCLUDED.projects, capacity = EXCLUDED.capacity,
           version = EXCLUDED.version, agent_versions = EXCLUDED.agent_versions,
           last_seen = GREATEST(runners.last_seen, EXCLUDED.last_seen), left_at = NULL,
           acp_agents = EXCLUDED.acp_agents,
+          acp_capabilities = COALESCE(EXCLUDED.acp_capabilities, runners.acp_capabilities),
           token = COALESCE(runners.token, EXCLUDED.token)
        WHERE runners.token IS NULL OR EXCLUDED.token IS NULL
           OR runners.token = EXCLUDED.token
@@ -1536,7 +1541,7 @@ impl PgStore {
                 r.agent_versions,
                 (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
                     AND t.state IN ('offered', 'running', 'cancelling')),
-                r.left_at, r.acp_agents
+                r.left_at, r.acp_agents, r.acp_capabilities
              FROM runners r ORDER BY r.name",
             &[],
         )
@@ -2769,6 +2774,8 @@ impl W<'_> {
                     &token,
                     &to_json(&req.acp_agents),
                     &model::RUNNER_TOUCH_EVERY_MS,
+                    // Sent only when it changed; a claim without it keeps what the row has.
+                    &req.acp_capabilities.as_ref().map(to_json),
                 ],
             )
             .await?;

@@ -49,6 +49,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0014_queue_floods.sql"),
     include_str!("../migrations/sqlite/0015_event_caps.sql"),
     include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
+    include_str!("../migrations/sqlite/0017_runner_acp_capabilities.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -1024,7 +1025,7 @@ impl SqliteStore {
                     r.agent_versions,
                     (SELECT COUNT(*) FROM tasks t WHERE t.runner = r.name AND t.finished_at IS NULL
                         AND t.state IN ('offered', 'running', 'cancelling')),
-                    r.left_at, r.acp_agents
+                    r.left_at, r.acp_agents, r.acp_capabilities
                  FROM runners r ORDER BY r.name",
             )?;
             all(stmt.query([])?, |r| runner_from_row(r, now, online_ms))
@@ -2215,6 +2216,8 @@ impl W<'_> {
             to_json(&req.agent_versions),
             to_json(&req.acp_agents),
         );
+        // Sent only when it changed; a claim without it keeps what the row has.
+        let acp_capabilities = req.acp_capabilities.as_ref().map(to_json);
         // A runner re-polling with nothing changed, seen within the last second: its row stays
         // as it is (a claim per task would otherwise rewrite it, and a page of the log with it).
         let unchanged = self
@@ -2222,7 +2225,8 @@ impl W<'_> {
             .prepare_cached(
                 "SELECT 1 FROM runners WHERE name = ?1 AND agents = ?2 AND projects = ?3
                     AND capacity = ?4 AND version IS ?5 AND agent_versions = ?6
-                    AND acp_agents = ?7 AND token IS ?8 AND left_at IS NULL AND last_seen >= ?9",
+                    AND acp_agents = ?7 AND token IS ?8 AND left_at IS NULL AND last_seen >= ?9
+                    AND ?10 IS NULL",
             )?
             .exists(params![
                 req.runner,
@@ -2233,7 +2237,8 @@ impl W<'_> {
                 agent_versions,
                 acp_agents,
                 token,
-                self.now - model::RUNNER_TOUCH_EVERY_MS
+                self.now - model::RUNNER_TOUCH_EVERY_MS,
+                acp_capabilities
             ])?;
         if unchanged {
             return Ok(());
@@ -2242,12 +2247,13 @@ impl W<'_> {
             .conn
             .prepare_cached(
                 "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
-                    first_seen, last_seen, token, acp_agents)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)
+                    first_seen, last_seen, token, acp_agents, acp_capabilities)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10)
                  ON CONFLICT (name) DO UPDATE SET agents = excluded.agents,
                     projects = excluded.projects, capacity = excluded.capacity,
                     version = excluded.version, agent_versions = excluded.agent_versions,
                     last_seen = excluded.last_seen, left_at = NULL, acp_agents = excluded.acp_agents,
+                    acp_capabilities = COALESCE(excluded.acp_capabilities, runners.acp_capabilities),
                     token = COALESCE(runners.token, excluded.token)
                  WHERE runners.token IS NULL OR excluded.token IS NULL
                     OR runners.token = excluded.token",
@@ -2261,7 +2267,8 @@ impl W<'_> {
                 agent_versions,
                 self.now,
                 token,
-                acp_agents
+                acp_agents,
+                acp_capabilities
             ])?;
         if n == 0 {
             return Err(model::runner_name_taken(&req.runner));

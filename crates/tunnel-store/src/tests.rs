@@ -256,6 +256,7 @@ conformance!(
     sessions_belong_to_their_client,
     a_runner_that_left_is_offline_until_it_claims,
     event_log_is_capped_and_read_in_pages,
+    runners_keep_their_acp_capabilities,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -271,6 +272,7 @@ fn claim_req(runner: &str) -> ClaimRequest {
         version: None,
         agent_versions: Default::default(),
         acp_agents: vec![],
+        acp_capabilities: None,
         ack: false,
         holding: vec![],
     }
@@ -700,6 +702,76 @@ async fn runner_affinity_and_filters(f: Fixture) {
     assert_eq!(runners[0].capacity, 3);
     assert_eq!(runners[0].active_tasks, 2);
     assert!(runners[0].online);
+}
+
+async fn runners_keep_their_acp_capabilities(f: Fixture) {
+    let caps = |title: &str| {
+        tunnel_protocol::AcpCapabilities::from_initialize(&serde_json::json!({
+            "protocolVersion": 1,
+            "agentCapabilities": {"loadSession": false, "promptCapabilities": {"image": true}},
+            "agentInfo": {"name": "tiny-acp", "title": title, "version": "9.9"},
+            "authMethods": [{"id": "login", "name": "Log in"}],
+        }))
+    };
+    let shown = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let r = store.runners().await.unwrap();
+            r[0].acp_capabilities
+                .get("tiny")
+                .and_then(|c| c.agent_info.clone())
+                .and_then(|i| i.title)
+        }
+    };
+    let mut req = claim_req("r");
+    req.agents = vec!["tiny".into(), "claude".into()];
+    req.acp_agents = vec!["tiny".into()];
+    req.acp_capabilities = Some([("tiny".to_owned(), caps("first"))].into());
+    f.store.claim_as(&req, "t1").await.unwrap();
+    let r = f.store.runners().await.unwrap();
+    assert_eq!(r[0].acp_capabilities["tiny"], caps("first"));
+
+    // Claims that do not carry it keep it, within the second a claim leaves the row alone and
+    // after it.
+    req.acp_capabilities = None;
+    f.store.claim_as(&req, "t1").await.unwrap();
+    f.clock.advance(5_000);
+    f.store.claim_as(&req, "t1").await.unwrap();
+    assert_eq!(shown(&f.store).await.as_deref(), Some("first"));
+
+    // Another runner token cannot set it under this name.
+    req.acp_capabilities = Some([("tiny".to_owned(), caps("forged"))].into());
+    assert!(f.store.claim_as(&req, "t2").await.is_err());
+    assert_eq!(shown(&f.store).await.as_deref(), Some("first"));
+
+    // A change is kept at once, even within the second; and by a restart.
+    req.acp_capabilities = Some([("tiny".to_owned(), caps("second"))].into());
+    f.store.claim_as(&req, "t1").await.unwrap();
+    assert_eq!(shown(&f.store).await.as_deref(), Some("second"));
+    let (again, _) = f.another(f.clock.clone()).await;
+    assert_eq!(shown(&again).await.as_deref(), Some("second"));
+
+    // An agent no longer driven over ACP is not shown; an empty report clears them.
+    req.acp_capabilities = None;
+    req.acp_agents = vec![];
+    f.clock.advance(5_000);
+    f.store.claim_as(&req, "t1").await.unwrap();
+    assert!(
+        f.store.runners().await.unwrap()[0]
+            .acp_capabilities
+            .is_empty()
+    );
+    req.acp_agents = vec!["tiny".into()];
+    f.clock.advance(5_000);
+    f.store.claim_as(&req, "t1").await.unwrap();
+    assert_eq!(shown(&f.store).await.as_deref(), Some("second"));
+    req.acp_capabilities = Some(Default::default());
+    f.store.claim_as(&req, "t1").await.unwrap();
+    assert!(
+        f.store.runners().await.unwrap()[0]
+            .acp_capabilities
+            .is_empty()
+    );
 }
 
 async fn a_runner_that_left_is_offline_until_it_claims(f: Fixture) {

@@ -277,13 +277,65 @@ pub(crate) fn runners(runners: &[RunnerInfo]) {
             out!("{:<20}    {agent}: {version}", "");
         }
         if !r.acp_agents.is_empty() {
-            println!(
+            out!(
                 "{:<20}    over ACP (tunnel acp): {}",
                 "",
                 r.acp_agents.join(", ")
             );
         }
+        for (agent, caps) in &r.acp_capabilities {
+            out!("{:<20}      {agent}: {}", "", acp_summary(caps));
+        }
     }
+}
+
+/// One line of what an ACP agent answered to `initialize`: who it is, what its prompts take,
+/// what it can do with sessions and MCP servers, how it logs in (on the runner's machine).
+pub(crate) fn acp_summary(c: &tunnel_protocol::AcpCapabilities) -> String {
+    let mut parts = Vec::new();
+    if let Some(i) = &c.agent_info {
+        let mut who = i.title.clone().unwrap_or_else(|| i.name.clone());
+        if let Some(v) = &i.version {
+            who = format!("{who} {v}");
+        }
+        parts.push(who);
+    }
+    if c.protocol_version != 1 {
+        parts.push(format!("ACP v{}", c.protocol_version));
+    }
+    let mut prompt = vec!["text"];
+    for (key, name) in [
+        ("image", "image"),
+        ("audio", "audio"),
+        ("embeddedContext", "context"),
+    ] {
+        if c.flag(&["promptCapabilities", key]) {
+            prompt.push(name);
+        }
+    }
+    parts.push(format!("prompts: {}", prompt.join("+")));
+    let mut session = Vec::new();
+    if c.flag(&["loadSession"]) {
+        session.push("load".to_owned());
+    }
+    if let Some(o) = c.agent_capabilities["sessionCapabilities"].as_object() {
+        session.extend(o.keys().cloned());
+    }
+    if !session.is_empty() {
+        parts.push(format!("sessions: {}", session.join("+")));
+    }
+    let mcp: Vec<&str> = ["http", "sse"]
+        .into_iter()
+        .filter(|k| c.flag(&["mcpCapabilities", k]))
+        .collect();
+    if !mcp.is_empty() {
+        parts.push(format!("mcp: {}", mcp.join("+")));
+    }
+    if !c.auth_methods.is_empty() {
+        let ids: Vec<&str> = c.auth_methods.iter().map(|m| m.id.as_str()).collect();
+        parts.push(format!("login: {}", ids.join(", ")));
+    }
+    parts.join("; ")
 }
 
 pub(crate) fn tokens(tokens: &[TokenInfo]) {

@@ -143,6 +143,7 @@ impl World {
             version: None,
             agent_versions: Default::default(),
             acp_agents: vec![],
+            acp_capabilities: None,
             ack: false,
             holding: vec![],
         };

@@ -806,6 +806,200 @@ fn acp_runner_flag_pins_a_new_sessions_first_prompt() {
     }
 }
 
+/// `GET /v1/runners`' entry for `runner` once it shows `agent`'s ACP capabilities (its runner
+/// probes the agent at start, in the background).
+fn wait_capabilities(server: &Server, runner: &str, agent: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, list) = get(server, "/v1/runners");
+        if let Some(r) = list["runners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == runner && !r["acp_capabilities"][agent].is_null())
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runner {runner} never reported {agent}'s capabilities: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn post_claim(server: &Server, token: &str, body: &Value) -> (u16, Value) {
+    super::curl(&[
+        "-X",
+        "POST",
+        &format!("{}/v1/claim", server.url()),
+        "-H",
+        &format!("authorization: Bearer {token}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &body.to_string(),
+    ])
+}
+
+/// `initialize`, over stdio and `/acp`, answers the remote agent's capabilities (as far as
+/// tunnel carries them) once a runner has reported them, tunnel's baseline before; the report
+/// is shown by `GET /v1/runners` and `tunnel runners`, kept across a server restart, refused
+/// when too large or sent under another runner's name.
+#[test]
+fn acp_initialize_relays_the_remote_agents_capabilities() {
+    let world = World::new();
+    let mut server = Server::start(&world, &[], vec![]);
+    let editor = token(&server, "editor");
+
+    // No runner has reported the agent: tunnel's baseline.
+    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny"]);
+    let base = initialize(&mut acp)["result"].clone();
+    assert_eq!(base["agentInfo"]["name"], "tunnel", "{base}");
+    assert_eq!(
+        base["agentCapabilities"]["promptCapabilities"]["embeddedContext"], true,
+        "{base}"
+    );
+    assert!(base["_meta"]["tunnel"]["reportedBy"].is_null(), "{base}");
+    acp.kill();
+
+    // An agent whose answer is larger than a runner reports, beside the tiny one.
+    let agents = format!(
+        "{}[runner.agents.big]\nkind = \"acp\"\nprogram = \"python3\"\nargs = [\"{}\"]\nenv = {{ ACP_AGENT_BIG_INIT = \"1\" }}\n",
+        tiny_agents(&world),
+        runner_fixtures().join("acp-agent.py").display(),
+    );
+    let runner = AgentRunner::start(&world, &server, "home", &agents);
+    let r = wait_capabilities(&server, "home", "tiny");
+    let caps = &r["acp_capabilities"]["tiny"];
+    assert_eq!(caps["protocol_version"], 1, "{r}");
+    assert_eq!(
+        caps["agent_info"],
+        json!({"name": "tiny-acp", "title": "Tiny[31m ACP", "version": "1.0"}),
+        "the escape character is gone: {r}"
+    );
+    assert_eq!(
+        caps["agent_capabilities"]["promptCapabilities"],
+        json!({"image": true, "audio": false, "embeddedContext": false}),
+        "{r}"
+    );
+    assert_eq!(
+        caps["auth_methods"],
+        json!([{"id": "tiny-login", "name": "Log in to tiny"}])
+    );
+    assert!(
+        r["acp_agents"].as_array().unwrap().contains(&json!("big"))
+            && r["acp_capabilities"].get("big").is_none(),
+        "too large to report: {r}"
+    );
+    let log = std::fs::read_to_string(world.path("runner-home/runner.log")).unwrap();
+    assert!(
+        log.contains("initialize answer is not reported") && log.contains("at most 4096"),
+        "{log}"
+    );
+    let out = Command::new(BIN)
+        .arg("runners")
+        .env("TUNNEL_URL", server.url())
+        .env("TUNNEL_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let shown = super::stdout(&out);
+    assert!(
+        shown.contains(
+            "tiny: Tiny[31m ACP 1.0; prompts: text+image; sessions: load+fork; mcp: http; login: tiny-login"
+        ) && !shown.contains('\u{1b}'),
+        "{shown}"
+    );
+
+    // `initialize` relays them, over stdio and the WebSocket, merged with what tunnel does.
+    let want = |on: &str| {
+        json!({
+            "protocolVersion": 1,
+            "agentCapabilities": {
+                "loadSession": true,
+                "promptCapabilities": {"image": false, "audio": false, "embeddedContext": false},
+                "mcpCapabilities": {"http": false, "sse": false},
+                "sessionCapabilities": {"list": {}, "resume": {}},
+            },
+            "authMethods": [],
+            "agentInfo": {"name": "tiny-acp", "title": format!("Tiny[31m ACP via tunnel{on}"), "version": "1.0"},
+            "_meta": {"tunnel": {"version": env!("CARGO_PKG_VERSION"), "agent": "tiny", "reportedBy": "home"}},
+        })
+    };
+    for (mut acp, on) in [
+        (Acp::start_with(&server, &editor, &["--agent", "tiny"]), ""),
+        (
+            Acp::start_with(&server, &editor, &["--agent", "tiny", "--runner", "home"]),
+            " on home",
+        ),
+        (Acp::websocket(&server, &editor, "?agent=tiny"), ""),
+    ] {
+        let init = initialize(&mut acp);
+        let mut got = init["result"].clone();
+        got.as_object_mut().unwrap().remove("_rx_us");
+        assert_eq!(got, want(on), "{init}");
+        // The session still works as before.
+        let s = acp.call("session/new", json!({"cwd": "/src/web"}));
+        assert!(s["result"]["sessionId"].is_string(), "{s}");
+    }
+    // Pinned to a runner that has not reported the agent: the baseline.
+    let mut acp = Acp::start_with(&server, &editor, &["--agent", "tiny", "--runner", "away"]);
+    let init = initialize(&mut acp);
+    assert_eq!(init["result"]["agentInfo"]["name"], "tunnel", "{init}");
+
+    // Refused, and nothing changes: too large, or under another runner token's name.
+    let mut claim = json!({
+        "runner": "home", "agents": r["agents"], "acp_agents": r["acp_agents"], "wait_ms": 0,
+        "acp_capabilities": {"tiny": {"protocol_version": 1, "agent_capabilities": {"padding": vec!["x".repeat(100); 100]}}},
+    });
+    let (code, e) = post_claim(&server, TOKEN, &claim);
+    assert_eq!(code, 400, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("acp_capabilities") && msg.contains("at most 4096"),
+        "{msg}"
+    );
+    claim["acp_capabilities"]["tiny"]["agent_capabilities"] = json!({"loadSession": false});
+    let (code, e) = super::curl(&[
+        "-X",
+        "POST",
+        &format!("{}/v1/tokens", server.url()),
+        "-H",
+        &format!("authorization: Bearer {TOKEN}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &json!({"name": "intruder", "role": "runner"}).to_string(),
+    ]);
+    assert_eq!(code, 201, "{e}");
+    let (code, e) = post_claim(&server, e["token"].as_str().unwrap(), &claim);
+    assert_eq!(code, 409, "{e}");
+    assert_eq!(
+        wait_capabilities(&server, "home", "tiny")["acp_capabilities"]["tiny"],
+        *caps
+    );
+
+    // The API's schema says what the report is (schemathesis checks the routes against it).
+    let (_, doc) = get(&server, "/openapi.json");
+    let schemas = &doc["components"]["schemas"];
+    assert!(
+        schemas["AcpCapabilities"]["properties"]["agent_capabilities"].is_object()
+            && schemas["RunnerInfo"]["properties"]["acp_capabilities"].is_object()
+            && schemas["ClaimRequest"]["properties"]["acp_capabilities"].is_object(),
+        "{schemas}"
+    );
+
+    // Kept by the server: a restart (with the runner gone) still shows them.
+    drop(runner);
+    server.kill9();
+    server.spawn();
+    let (_, list) = get(&server, "/v1/runners");
+    assert_eq!(
+        list["runners"][0]["acp_capabilities"]["tiny"], *caps,
+        "{list}"
+    );
+}
+
 /// A new client token.
 fn token(server: &Server, name: &str) -> String {
     let (code, t) = super::curl(&[
@@ -911,6 +1105,14 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
         json!(["claude"]),
         "{list}"
     );
+    // The real adapter's initialize answer, as the runner probed it at start.
+    let r = wait_capabilities(&server, "home", "claude");
+    let caps = &r["acp_capabilities"]["claude"];
+    assert_eq!(
+        caps["agent_info"]["name"], "@agentclientprotocol/claude-agent-acp",
+        "{r}"
+    );
+    assert_eq!(caps["agent_capabilities"]["loadSession"], true, "{r}");
     let web = world.path("web");
     let home = world.path("acpx-home");
     let cwd = world.path("laptop/web");
