@@ -1,7 +1,8 @@
 //! The ACP (v1) agent side of tunnel, over any stream of JSON-RPC 2.0 messages: `tunnel acp`
 //! serves it on stdio (newline-delimited, [`serve_lines`]) for clients that launch a process
-//! (Zed, acpx, OpenClaw through acpx), and the server's `/acp` on a WebSocket (one message a
-//! text frame, [`serve`]) for clients that connect over the network. One implementation, so
+//! (Zed, acpx, OpenClaw through acpx), and the server's `/acp` (a WebSocket, one message a
+//! text frame, or HTTP POST + SSE; both through [`serve`]) for clients that connect over the
+//! network. One implementation, so
 //! both behave the same; each prompt runs as a durable task on a remote runner.
 //!
 //! Hand-written JSON-RPC, like the runner's ACP client in `tunnel-runner/src/acp.rs`: no SDK

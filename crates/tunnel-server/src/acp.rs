@@ -1,15 +1,17 @@
 //! `/acp`: the ACP agent of `tunnel acp`, for clients that connect over the network instead
-//! of launching a process: ACP's HTTP/WebSocket transport, in its WebSocket profile (`GET /acp`
-//! with `Upgrade: websocket`, one JSON-RPC message per text frame, full duplex).
+//! of launching a process: ACP's HTTP/WebSocket transport, in both its profiles: WebSocket
+//! (`GET /acp` with `Upgrade: websocket`, one JSON-RPC message per text frame, full duplex;
+//! here) and HTTP (`POST /acp` and SSE streams; [`http`]).
 //!
 //! The bridge is `tunnel-acp`, the same code `tunnel acp` runs on stdio. It acts with the
 //! caller's own token through this server's API on loopback, so an ACP client can do exactly
 //! what that token can do over HTTP (the same auth, scopes and validation), nothing more.
 //!
-//! Who and what it costs:
+//! Who and what a WebSocket costs (the HTTP profile applies the same, see [`http`]):
 //! - a client (or admin) token, checked before the upgrade: no token, a runner token or a bad
 //!   one gets the usual JSON error;
-//! - connections per token and in total ([`AcpLimits`]), refused with 429 before the upgrade;
+//! - connections per token and in total ([`AcpLimits`], WebSocket and HTTP ones together),
+//!   refused with 429 before the upgrade;
 //!   an upgraded connection leaves the HTTP connection cap, so this is its cap;
 //! - a message (and frame) at most the request body limit; a larger one closes the socket
 //!   (1009);
@@ -35,20 +37,26 @@ use crate::AppState;
 use crate::auth::{authorize, bearer};
 use crate::error::{ApiError, Query};
 
+mod http;
+pub(crate) use http::{delete, post};
+
 /// What `/acp` connections may cost.
 #[derive(Debug, Clone)]
 pub struct AcpLimits {
-    /// WebSocket connections open at once, all tokens together.
+    /// Connections open at once (WebSocket and HTTP), all tokens together.
     pub max_connections: usize,
-    /// WebSocket connections one token may have open.
+    /// Connections (WebSocket and HTTP) one token may have open.
     pub max_per_token: usize,
     /// Requests of one connection not answered yet (a prompt is one until it ends).
     pub max_pending: usize,
     /// Sessions one connection may create or load.
     pub max_sessions: usize,
     /// A connection with nothing received or sent and no request in flight is closed after
-    /// this.
+    /// this; so is an HTTP one with no SSE stream open for this long.
     pub idle_timeout: Duration,
+    /// Bytes of messages an HTTP (POST + SSE) connection may hold for streams not taking
+    /// them (none open, or a reader slower than the agent); past it the connection is ended.
+    pub max_buffered: usize,
 }
 
 impl Default for AcpLimits {
@@ -59,6 +67,7 @@ impl Default for AcpLimits {
             max_pending: 64,
             max_sessions: 256,
             idle_timeout: Duration::from_secs(600),
+            max_buffered: 4 << 20,
         }
     }
 }
@@ -72,6 +81,8 @@ pub(crate) struct AcpState {
     api: OnceLock<tunnel_client::Client>,
     /// Open connections per token id.
     open: Mutex<HashMap<String, usize>>,
+    /// The HTTP (POST + SSE) connections, by id.
+    http: http::Connections,
 }
 
 impl AcpState {
@@ -81,6 +92,7 @@ impl AcpState {
             max_message,
             api: OnceLock::new(),
             open: Mutex::default(),
+            http: Default::default(),
         }
     }
 
@@ -154,26 +166,38 @@ struct AcpQuery {
     approvals: Option<ApprovalPolicy>,
 }
 
-/// `GET /acp` with `Upgrade: websocket`.
+/// `GET /acp`: a WebSocket (`Upgrade: websocket`), or an SSE stream of an HTTP connection
+/// (`Accept: text/event-stream`).
 pub(crate) async fn acp(State(s): State<AppState>, mut parts: Parts) -> Response {
-    match upgrade(&s, &mut parts).await {
+    match get(&s, &mut parts).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn upgrade(s: &AppState, parts: &mut Parts) -> Result<Response, ApiError> {
+async fn get(s: &AppState, parts: &mut Parts) -> Result<Response, ApiError> {
     // Who, before anything else: the same answers as every other client route.
     let caller = authorize(parts, s, &[Role::Client])?;
-    let token = bearer(parts)?.to_owned();
-    let Query(q) = Query::<AcpQuery>::from_request_parts(parts, s).await?;
-    let agent = q.agent.unwrap_or_else(|| "claude".to_owned());
-    tunnel_protocol::validate_name("agent", &agent)?;
-    for (what, v) in [("runner", &q.runner), ("project", &q.project)] {
-        if let Some(v) = v {
-            tunnel_protocol::validate_name(what, v)?;
+    let has = |name, what: &str| {
+        parts.headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains(what))
+        })
+    };
+    if !has(axum::http::header::UPGRADE, "websocket") {
+        if has(axum::http::header::ACCEPT, "text/event-stream") {
+            return http::stream(s, &caller.token_id, parts);
         }
+        return Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            "/acp speaks ACP over a WebSocket (GET with `Upgrade: websocket`) or over HTTP \
+             (POST `initialize`, then GET with `Accept: text/event-stream` and \
+             `Acp-Connection-Id` for the answers)",
+        ));
     }
+    let token = bearer(parts)?.to_owned();
+    let (settings, limits) = bridge_settings(s, parts, &token).await?;
     let ws = WebSocketUpgrade::from_request_parts(parts, s)
         .await
         .map_err(|e| {
@@ -182,16 +206,38 @@ async fn upgrade(s: &AppState, parts: &mut Parts) -> Result<Response, ApiError> 
                 e.body_text()
             ))
         })?;
+    let slot = s.acp.slot(&caller.token_id).inspect_err(|_| {
+        tracing::warn!(token_id = %caller.token_id, "Too many ACP connections; refused one.");
+    })?;
+    let max = s.acp.max_message;
+    let shutdown = s.shutdown.clone();
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| connection(socket, settings, limits, slot, shutdown)))
+}
+
+/// The bridge's settings for a connection of `token`, from the query of the request.
+async fn bridge_settings(
+    s: &AppState,
+    parts: &mut Parts,
+    token: &str,
+) -> Result<(tunnel_acp::Settings, tunnel_acp::Limits), ApiError> {
+    let Query(q) = Query::<AcpQuery>::from_request_parts(parts, s).await?;
+    let agent = q.agent.unwrap_or_else(|| "claude".to_owned());
+    tunnel_protocol::validate_name("agent", &agent)?;
+    for (what, v) in [("runner", &q.runner), ("project", &q.project)] {
+        if let Some(v) = v {
+            tunnel_protocol::validate_name(what, v)?;
+        }
+    }
     let api = s
         .acp
         .api
         .get()
         .ok_or_else(|| ApiError::unavailable("the server is starting; try again"))?;
-    let slot = s.acp.slot(&caller.token_id).inspect_err(|_| {
-        tracing::warn!(token_id = %caller.token_id, "Too many ACP connections; refused one.");
-    })?;
     let settings = tunnel_acp::Settings {
-        client: api.with_token(&token),
+        client: api.with_token(token),
         agent,
         runner: q.runner,
         project: q.project,
@@ -203,12 +249,7 @@ async fn upgrade(s: &AppState, parts: &mut Parts) -> Result<Response, ApiError> 
         max_sessions: s.acp.limits.max_sessions,
         idle: Some(s.acp.limits.idle_timeout),
     };
-    let max = s.acp.max_message;
-    let shutdown = s.shutdown.clone();
-    Ok(ws
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| connection(socket, settings, limits, slot, shutdown)))
+    Ok((settings, limits))
 }
 
 /// Moves messages between the socket and the bridge until either side ends.

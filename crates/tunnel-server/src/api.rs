@@ -68,7 +68,12 @@ pub(crate) fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (router, _) = api_routes().split_for_parts();
     router
         .route("/openapi.json", get(openapi_route))
-        .route("/acp", get(crate::acp::acp))
+        .route(
+            "/acp",
+            get(crate::acp::acp)
+                .post(crate::acp::post)
+                .delete(crate::acp::delete),
+        )
         .merge(crate::compat::router())
         .merge(crate::web::router())
         .fallback(not_found)

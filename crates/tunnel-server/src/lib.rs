@@ -230,6 +230,7 @@ impl Server {
             || a.max_pending == 0
             || a.max_sessions == 0
             || a.idle_timeout.is_zero()
+            || a.max_buffered == 0
         {
             return Err(StartError::Config(
                 "the /acp limits must all be at least 1".into(),

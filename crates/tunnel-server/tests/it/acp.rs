@@ -92,6 +92,7 @@ fn limits() -> tunnel_server::AcpLimits {
         max_pending: 2,
         max_sessions: 3,
         idle_timeout: Duration::from_millis(2000),
+        max_buffered: 4 << 10,
     }
 }
 
@@ -124,9 +125,10 @@ async fn acp_websocket_refuses_strangers_runners_and_plain_http() {
         .await
         .unwrap_err();
     assert_eq!(code, 400, "{e}");
-    // Plain HTTP (no upgrade): a clear error, not a hang.
+    // A GET that is neither a WebSocket nor an SSE stream: a clear error (the crate's 406),
+    // not a hang.
     let (code, e) = s.get("/acp", &s.client).await;
-    assert_eq!(code.as_u16(), 400, "{e}");
+    assert_eq!(code.as_u16(), 406, "{e}");
     assert!(
         e["error"]["message"]
             .as_str()
@@ -354,5 +356,519 @@ async fn acp_websocket_bounds_what_a_connection_costs() {
     let mut again = connect(&s, q, Some(&other)).await.unwrap();
     let init = call(&mut again, 1, "initialize", json!({"protocolVersion": 1})).await;
     assert_eq!(init["result"]["protocolVersion"], 1);
+    s.stop().await;
+}
+
+// ---- The HTTP profile: POST + SSE (hand-written requests, to see every status and header;
+// the `tunnel` crate's tests drive it with the ACP SDK's own `HttpClient`).
+
+/// A raw request to `/acp`: status, the `Acp-Connection-Id` answered, and the body.
+async fn acp_http(
+    s: &TestServer,
+    method: reqwest::Method,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Option<String>, String) {
+    let mut req = s
+        .http
+        .request(method, format!("{}/acp?agent=echo&project=web", s.url));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.body(b.to_owned());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let conn = resp
+        .headers()
+        .get("acp-connection-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, conn, resp.text().await.unwrap())
+}
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+/// POSTs one JSON-RPC message on connection `conn`.
+async fn post_msg(s: &TestServer, token: &str, conn: &str, sid: Option<&str>, v: Value) -> u16 {
+    let mut h = vec![JSON, ("acp-connection-id", conn)];
+    if let Some(sid) = sid {
+        h.push(("acp-session-id", sid));
+    }
+    acp_http(
+        s,
+        reqwest::Method::POST,
+        Some(token),
+        &h,
+        Some(&v.to_string()),
+    )
+    .await
+    .0
+}
+
+/// Starts a connection: its id and the answer to `initialize`.
+async fn http_init(s: &TestServer, token: &str) -> (String, Value) {
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": 1}});
+    let (code, conn, body) = acp_http(
+        s,
+        reqwest::Method::POST,
+        Some(token),
+        &[JSON],
+        Some(&init.to_string()),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    (
+        conn.expect("no Acp-Connection-Id"),
+        serde_json::from_str(&body).unwrap(),
+    )
+}
+
+/// An open SSE stream of `/acp`.
+struct Stream {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Stream {
+    /// Opens the connection's stream, or a session's; the refusal's status otherwise.
+    async fn open(
+        s: &TestServer,
+        token: &str,
+        conn: &str,
+        sid: Option<&str>,
+    ) -> Result<Stream, u16> {
+        let mut req = s
+            .http
+            .get(format!("{}/acp", s.url))
+            .bearer_auth(token)
+            .header("accept", "text/event-stream")
+            .header("acp-connection-id", conn);
+        if let Some(sid) = sid {
+            req = req.header("acp-session-id", sid);
+        }
+        let resp = req.send().await.unwrap();
+        if resp.status() != 200 {
+            return Err(resp.status().as_u16());
+        }
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        Ok(Stream {
+            resp,
+            buf: String::new(),
+        })
+    }
+
+    /// The next message; `None` when the stream ended. Panics after 30 s.
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let event: String = self.buf.drain(..end + 2).collect();
+                let data: String = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim_start)
+                    .collect();
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return Some(serde_json::from_str(&data).unwrap());
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.resp.chunk())
+                .await
+                .expect("nothing on the SSE stream in 30 s");
+            match chunk {
+                Ok(Some(c)) => self.buf.push_str(std::str::from_utf8(&c).unwrap()),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// The answer to request `id` (other messages skipped).
+    async fn answer(&mut self, id: u64) -> Value {
+        loop {
+            let v = self.next().await.expect("the stream ended");
+            if v["id"] == id && v.get("method").is_none() {
+                return v;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn acp_http_refuses_strangers_and_other_tokens_connections() {
+    let s = TestServer::start().await;
+    let post = reqwest::Method::POST;
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": 1}}).to_string();
+    // Who, before anything else (even a wrong content type).
+    for (token, want) in [
+        (None, 401),
+        (Some("tnl_nope_nope"), 401),
+        (Some(&*s.runner), 403),
+    ] {
+        for h in [vec![JSON], vec![]] {
+            let (code, conn, body) = acp_http(&s, post.clone(), token, &h, Some(&init)).await;
+            assert_eq!((code, conn), (want, None), "{body}");
+        }
+        let (code, _, _) = acp_http(
+            &s,
+            reqwest::Method::DELETE,
+            token,
+            &[("acp-connection-id", "x")],
+            None,
+        )
+        .await;
+        assert_eq!(code, want);
+        let (code, _, _) = acp_http(
+            &s,
+            reqwest::Method::GET,
+            token,
+            &[("accept", "text/event-stream"), ("acp-connection-id", "x")],
+            None,
+        )
+        .await;
+        assert_eq!(code, want);
+    }
+    // The crate's answers to malformed requests.
+    let (code, _, _) = acp_http(&s, post.clone(), Some(&s.client), &[], Some(&init)).await;
+    assert_eq!(code, 415);
+    let new =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "session/new", "params": {"cwd": "/src/web"}})
+            .to_string();
+    let (code, _, body) = acp_http(&s, post.clone(), Some(&s.client), &[JSON], Some(&new)).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("Acp-Connection-Id header required"), "{body}");
+    let (code, _, body) = acp_http(
+        &s,
+        post.clone(),
+        Some(&s.client),
+        &[JSON],
+        Some(&format!("[{init}]")),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (e["error"]["code"].clone(), e["id"].clone()),
+        (json!(-32600), Value::Null),
+        "{e}"
+    );
+    let (code, _, body) = acp_http(&s, reqwest::Method::GET, Some(&s.client), &[], None).await;
+    assert_eq!(code, 406, "{body}");
+    let (code, _, body) = acp_http(
+        &s,
+        post.clone(),
+        Some(&s.client),
+        &[JSON],
+        Some(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"x": "a".repeat(5 << 20)}}).to_string()),
+    )
+    .await;
+    assert_eq!(code, 413, "{body}");
+
+    // A connection.
+    let (conn, init_answer) = http_init(&s, &s.client).await;
+    assert_eq!(init_answer["id"], 0);
+    assert_eq!(init_answer["result"]["protocolVersion"], 1, "{init_answer}");
+    assert!(conn.len() >= 32, "{conn}");
+
+    // Another token's requests on it are refused exactly as for an id that does not exist.
+    let other = s.create_token("client").await;
+    for c in [conn.as_str(), "0123456789abcdef0123456789abcdef"] {
+        let (code, _, body) = acp_http(
+            &s,
+            post.clone(),
+            Some(&other),
+            &[JSON, ("acp-connection-id", c)],
+            Some(&new),
+        )
+        .await;
+        assert_eq!(code, 404, "{body}");
+        let e: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["error"]["code"], "not_found");
+        assert!(!body.contains(c), "{body}");
+        assert_eq!(Stream::open(&s, &other, c, None).await.err(), Some(404));
+        assert_eq!(
+            Stream::open(&s, &other, c, Some("acp-x")).await.err(),
+            Some(404)
+        );
+        let (code, _, body2) = acp_http(
+            &s,
+            reqwest::Method::DELETE,
+            Some(&other),
+            &[("acp-connection-id", c)],
+            None,
+        )
+        .await;
+        assert_eq!((code, &body2), (404, &body));
+    }
+    // The owner's connection is untouched by all that.
+    let mut events = Stream::open(&s, &s.client, &conn, None).await.unwrap();
+    assert_eq!(
+        Stream::open(&s, &s.client, &conn, None).await.err(),
+        Some(409)
+    );
+    assert_eq!(
+        post_msg(
+            &s,
+            &s.client,
+            &conn,
+            None,
+            serde_json::from_str(&new).unwrap()
+        )
+        .await,
+        202
+    );
+    let r = events.answer(1).await;
+    assert!(
+        r["result"]["sessionId"]
+            .as_str()
+            .unwrap()
+            .starts_with("acp-"),
+        "{r}"
+    );
+    // Session-scoped methods need their session, and a header that agrees with the params.
+    let prompt =
+        json!({"jsonrpc": "2.0", "id": 2, "method": "session/prompt", "params": {"prompt": []}});
+    assert_eq!(
+        post_msg(&s, &s.client, &conn, None, prompt.clone()).await,
+        400
+    );
+    let mut wrong = prompt.clone();
+    wrong["params"]["sessionId"] = json!("acp-a");
+    assert_eq!(
+        post_msg(&s, &s.client, &conn, Some("acp-b"), wrong).await,
+        400
+    );
+
+    // DELETE ends it: its stream ends, its id is unknown from then on.
+    let (code, _, _) = acp_http(
+        &s,
+        reqwest::Method::DELETE,
+        Some(&s.client),
+        &[("acp-connection-id", &conn)],
+        None,
+    )
+    .await;
+    assert_eq!(code, 202);
+    assert_eq!(events.next().await, None);
+    assert_eq!(
+        post_msg(
+            &s,
+            &s.client,
+            &conn,
+            None,
+            serde_json::from_str(&new).unwrap()
+        )
+        .await,
+        404
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn acp_http_routes_answers_to_their_streams_and_keeps_them_until_opened() {
+    let s = TestServer::start().await;
+    let t = &s.client;
+    let (conn, _) = http_init(&s, t).await;
+    // Sent before the connection's stream is open: the answer waits for it.
+    let new =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "session/new", "params": {"cwd": "/src/web"}});
+    assert_eq!(post_msg(&s, t, &conn, None, new).await, 202);
+    let mut events = Stream::open(&s, t, &conn, None).await.unwrap();
+    let r = events.answer(1).await;
+    let sid = r["result"]["sessionId"].as_str().unwrap().to_owned();
+    // A session-scoped request (the header names the session): its answer goes to the
+    // session's stream, kept until that stream opens, not to the connection's.
+    let mode = json!({"jsonrpc": "2.0", "id": 2, "method": "session/set_mode", "params": {"modeId": "plan"}});
+    assert_eq!(post_msg(&s, t, &conn, Some(&sid), mode).await, 202);
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "session/list", "params": {}});
+    assert_eq!(post_msg(&s, t, &conn, None, list).await, 202);
+    assert_eq!(
+        events.next().await.unwrap()["id"],
+        3,
+        "answer 2 went to the connection's stream"
+    );
+    let mut session = Stream::open(&s, t, &conn, Some(&sid)).await.unwrap();
+    let e = session.next().await.unwrap();
+    assert_eq!(
+        (e["id"].clone(), e["error"]["code"].clone()),
+        (json!(2), json!(-32601)),
+        "{e}"
+    );
+    assert_eq!(
+        Stream::open(&s, t, &conn, Some(&sid)).await.err(),
+        Some(409)
+    );
+    // A prompt (queued: no runner) and its cancel, scoped by params only.
+    let prompt = json!({"jsonrpc": "2.0", "id": 4, "method": "session/prompt", "params": {"sessionId": sid, "prompt": [{"type": "text", "text": "hi"}]}});
+    assert_eq!(post_msg(&s, t, &conn, None, prompt).await, 202);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.get(&format!("/v1/tasks?conversation={sid}"), t).await.1["tasks"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no task");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancel = json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {}});
+    assert_eq!(post_msg(&s, t, &conn, Some(&sid), cancel).await, 202);
+    let r = session.answer(4).await;
+    assert_eq!(r["result"]["stopReason"], "cancelled", "{r}");
+    // Streams for sessions not known yet (before a session/load): a few, then 404.
+    let mut early = vec![];
+    for i in 0..16 {
+        early.push(
+            Stream::open(&s, t, &conn, Some(&format!("acp-early-{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        Stream::open(&s, t, &conn, Some("acp-early-16")).await.err(),
+        Some(404)
+    );
+    // A reader gone frees its place.
+    drop(early.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while Stream::open(&s, t, &conn, Some("acp-early-16"))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn acp_http_shares_the_caps_and_ends_what_it_cannot_keep() {
+    let s = TestServer::start_with(Options {
+        acp: Some(limits()),
+        ..Options::default()
+    })
+    .await;
+    let q = "?agent=echo&project=web";
+    // Connections per token, WebSocket and HTTP together, then in total.
+    let (a, _) = http_init(&s, &s.client).await;
+    let _ws = connect(&s, q, Some(&s.client)).await.unwrap();
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": 1}}).to_string();
+    let (code, conn, body) = acp_http(
+        &s,
+        reqwest::Method::POST,
+        Some(&s.client),
+        &[JSON],
+        Some(&init),
+    )
+    .await;
+    assert_eq!((code, conn), (429, None), "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    let (code, _) = connect(&s, q, Some(&s.client)).await.unwrap_err();
+    assert_eq!(code, 429);
+    let other = s.create_token("client").await;
+    let (b, _) = http_init(&s, &other).await;
+    let (code, _, _) = acp_http(
+        &s,
+        reqwest::Method::POST,
+        Some(&s.admin),
+        &[JSON],
+        Some(&init),
+    )
+    .await;
+    assert_eq!(code, 429);
+    // DELETE frees its place.
+    let (code, _, _) = acp_http(
+        &s,
+        reqwest::Method::DELETE,
+        Some(&s.client),
+        &[("acp-connection-id", &a)],
+        None,
+    )
+    .await;
+    assert_eq!(code, 202);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let c = loop {
+        let (code, conn, _) = acp_http(
+            &s,
+            reqwest::Method::POST,
+            Some(&s.client),
+            &[JSON],
+            Some(&init),
+        )
+        .await;
+        if code == 200 {
+            break conn.unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // A client that never opens a session's stream: what waits for it is bounded (4 KiB
+    // here); past that the connection ends, and its other streams with it.
+    let mut events = Stream::open(&s, &other, &b, None).await.unwrap();
+    let new =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "session/new", "params": {"cwd": "/src/web"}});
+    assert_eq!(post_msg(&s, &other, &b, None, new).await, 202);
+    let sid = events.answer(1).await["result"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut n = 1;
+    let ended = loop {
+        n += 1;
+        let mode = json!({"jsonrpc": "2.0", "id": n, "method": "session/set_mode", "params": {"modeId": "x"}});
+        let code = post_msg(&s, &other, &b, Some(&sid), mode).await;
+        if code != 202 {
+            break code;
+        }
+        assert!(n < 1000, "4 KiB of answers never ended the connection");
+    };
+    assert_eq!(ended, 404);
+    assert!(n > 10, "{n}");
+    assert_eq!(events.next().await, None);
+
+    // A connection with no stream open for the idle timeout ends, a prompt in flight or not.
+    let mut events = Stream::open(&s, &s.client, &c, None).await.unwrap();
+    let new =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "session/new", "params": {"cwd": "/src/web"}});
+    assert_eq!(post_msg(&s, &s.client, &c, None, new).await, 202);
+    let sid = events.answer(1).await["result"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let prompt = json!({"jsonrpc": "2.0", "id": 2, "method": "session/prompt", "params": {"sessionId": sid, "prompt": [{"type": "text", "text": "wait"}]}});
+    assert_eq!(post_msg(&s, &s.client, &c, None, prompt).await, 202);
+    drop(events);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ping = json!({"jsonrpc": "2.0", "method": "$/ping", "params": {}});
+        if post_msg(&s, &s.client, &c, None, ping).await == 404 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its task goes on (a later session/load picks it up).
+    let (_, l) = s
+        .get(&format!("/v1/tasks?conversation={sid}"), &s.client)
+        .await;
+    assert_eq!(l["tasks"][0]["state"], "queued", "{l}");
     s.stop().await;
 }

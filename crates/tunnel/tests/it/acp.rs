@@ -99,8 +99,9 @@ fn get(server: &Server, path: &str) -> (u16, Value) {
 enum Link {
     /// `tunnel acp` as a child, JSON-RPC lines on its stdio.
     Stdio { child: Child, stdin: ChildStdin },
-    /// The server's `/acp` on a WebSocket; `None` drops the socket without a close.
-    Ws {
+    /// The server's `/acp`, on a WebSocket or over HTTP (POST + SSE); `None` drops the socket
+    /// or the streams without a goodbye.
+    Net {
         tx: tokio::sync::mpsc::UnboundedSender<Option<String>>,
     },
 }
@@ -213,7 +214,44 @@ impl Acp {
             .unwrap()
             .unwrap_or_else(|e| panic!("cannot connect to /acp: {e}"));
         Acp {
-            link: Link::Ws { tx: out_tx },
+            link: Link::Net { tx: out_tx },
+            rx,
+            next: 1,
+            backlog: vec![],
+        }
+    }
+
+    /// The server's `/acp` over HTTP (POST + SSE), with a client that does on the wire what
+    /// the ACP SDK's `HttpClient` (agent-client-protocol-http 5.0) does over `http://`:
+    /// `initialize` POSTed alone (its answer in the body, the connection in
+    /// `Acp-Connection-Id`), then the connection's SSE stream opened before anything else is
+    /// sent; a session's stream opened before the first message naming the session is POSTed,
+    /// and when `session/new` answers with a new one; every later message POSTed with
+    /// `Acp-Connection-Id` (and `Acp-Session-Id` when it names a session, `$/…` excepted),
+    /// expecting 202; any stream ending ends the client. (Not the crate itself: it turns on
+    /// serde_json's `preserve_order` and rustls' aws-lc for every crate in a test build.)
+    fn http(server: &Server, token: &str, query: &str) -> Acp {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let endpoint = format!("{}/acp{query}", server.url());
+        let mut auth = reqwest::header::HeaderMap::new();
+        auth.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let http = reqwest::Client::builder()
+            .default_headers(auth)
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            if let Err(e) = rt.block_on(http_client(http, endpoint, out_rx, tx)) {
+                eprintln!("the /acp HTTP client ended: {e}");
+            }
+        });
+        Acp {
+            link: Link::Net { tx: out_tx },
             rx,
             next: 1,
             backlog: vec![],
@@ -226,7 +264,7 @@ impl Acp {
                 writeln!(stdin, "{v}").unwrap();
                 stdin.flush().unwrap();
             }
-            Link::Ws { tx } => tx.send(Some(v.to_string())).unwrap(),
+            Link::Net { tx } => tx.send(Some(v.to_string())).unwrap(),
         }
     }
 
@@ -301,11 +339,185 @@ impl Drop for Acp {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Link::Ws { tx } => {
+            Link::Net { tx } => {
                 let _ = tx.send(None);
             }
         }
     }
+}
+
+/// The methods the SDK's HTTP client refuses to send without a session.
+fn needs_session(method: &str) -> bool {
+    matches!(
+        method,
+        "session/prompt"
+            | "session/cancel"
+            | "session/close"
+            | "session/delete"
+            | "session/fork"
+            | "session/load"
+            | "session/resume"
+            | "session/set_config_option"
+            | "session/set_mode"
+            | "session/set_model"
+    )
+}
+
+/// The HTTP client of [`Acp::http`]: the test's messages from `out`, the server's to `to_test`.
+async fn http_client(
+    http: reqwest::Client,
+    endpoint: String,
+    mut out: tokio::sync::mpsc::UnboundedReceiver<Option<String>>,
+    to_test: mpsc::Sender<Value>,
+) -> Result<(), String> {
+    // What the SSE streams read; an `Err` is a stream that ended.
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<Result<String, String>>();
+    let mut conn: Option<String> = None;
+    let mut streams = std::collections::HashSet::<String>::new();
+    // Requests sent and not answered: their method, by JSON id.
+    let mut sent = HashMap::<String, String>::new();
+    loop {
+        tokio::select! {
+            m = out.recv() => {
+                // `None`: gone without a goodbye (no DELETE), like a client whose network went.
+                let Some(Some(text)) = m else { return Ok(()) };
+                let v: Value = serde_json::from_str(&text).unwrap();
+                let Some(id) = conn.clone() else {
+                    assert_eq!(v["method"], "initialize", "the first message must be initialize");
+                    let resp = http
+                        .post(&endpoint)
+                        .header("content-type", "application/json")
+                        .header("accept", "application/json")
+                        .body(text)
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let id = resp
+                        .headers()
+                        .get("acp-connection-id")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    if !resp.status().is_success() {
+                        return Err(format!("initialize: HTTP {}", resp.status()));
+                    }
+                    let answer = resp.text().await.map_err(|e| e.to_string())?;
+                    let rejected = serde_json::from_str::<Value>(&answer)
+                        .map_err(|e| format!("initialize answer: {e}"))?
+                        .get("error")
+                        .is_some();
+                    if to_test.send(received(&answer)).is_err() {
+                        return Ok(());
+                    }
+                    if !rejected {
+                        let id = id.ok_or("no Acp-Connection-Id")?;
+                        open_sse(&http, &endpoint, &id, None, &ev_tx).await?;
+                        conn = Some(id);
+                    }
+                    continue;
+                };
+                let method = v["method"].as_str().map(str::to_owned);
+                let sid = method
+                    .as_deref()
+                    .filter(|m| !m.starts_with("$/"))
+                    .and_then(|_| v["params"]["sessionId"].as_str())
+                    .map(str::to_owned);
+                if let Some(m) = &method {
+                    assert!(
+                        !needs_session(m) || sid.is_some(),
+                        "method `{m}` requires sessionId in params"
+                    );
+                }
+                if let Some(sid) = &sid
+                    && streams.insert(sid.clone())
+                {
+                    open_sse(&http, &endpoint, &id, Some(sid), &ev_tx).await?;
+                }
+                if let (Some(m), Some(rid)) = (&method, v.get("id")) {
+                    sent.insert(rid.to_string(), m.clone());
+                }
+                let mut req = http
+                    .post(&endpoint)
+                    .header("accept", "application/json")
+                    .header("content-type", "application/json")
+                    .header("acp-connection-id", &id);
+                if let Some(sid) = &sid {
+                    req = req.header("acp-session-id", sid);
+                }
+                let resp = req.body(text).send().await.map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    return Err(format!(
+                        "POST: HTTP {}: {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            ev = ev_rx.recv() => {
+                let text = ev.expect("the sender is held here")?;
+                let v = received(&text);
+                let opens = v.get("method").is_none()
+                    && v.get("id").and_then(|id| sent.remove(&id.to_string())).is_some_and(|m| {
+                        matches!(m.as_str(), "session/new" | "session/fork")
+                    });
+                let new_sid = v["result"]["sessionId"].as_str().map(str::to_owned);
+                if to_test.send(v).is_err() {
+                    return Ok(());
+                }
+                if opens
+                    && let (Some(sid), Some(id)) = (new_sid, &conn)
+                    && streams.insert(sid.clone())
+                {
+                    open_sse(&http, &endpoint, id, Some(&sid), &ev_tx).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Opens an SSE stream of `/acp` and returns once the server answered it; its messages go to
+/// `ev` (then an `Err` when it ends).
+async fn open_sse(
+    http: &reqwest::Client,
+    endpoint: &str,
+    conn: &str,
+    sid: Option<&str>,
+    ev: &tokio::sync::mpsc::UnboundedSender<Result<String, String>>,
+) -> Result<(), String> {
+    let mut req = http
+        .get(endpoint)
+        .header("accept", "text/event-stream")
+        .header("acp-connection-id", conn);
+    if let Some(sid) = sid {
+        req = req.header("acp-session-id", sid);
+    }
+    let mut resp = req.send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("SSE: HTTP {}", resp.status()));
+    }
+    let ev = ev.clone();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        loop {
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if !data.is_empty() && ev.send(Ok(data.join("\n"))).is_err() {
+                    return;
+                }
+            }
+            match resp.chunk().await {
+                Ok(Some(c)) => buf.push_str(&String::from_utf8_lossy(&c)),
+                Ok(None) | Err(_) => {
+                    let _ = ev.send(Err("SSE stream ended".to_owned()));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 fn initialize(acp: &mut Acp) -> Value {
@@ -703,6 +915,19 @@ fn acp_client_prompts_a_remote_agent_and_survives_disconnects_and_restarts() {
 /// once, in order, the question again, and the end.
 #[test]
 fn acp_over_websocket_prompts_a_remote_agent_and_replays_after_a_disconnect() {
+    over_the_network(Acp::websocket);
+}
+
+/// The same over `/acp`'s HTTP profile (POST + SSE), with a client that does what the SDK's
+/// `HttpClient` does over `http://`: the permission request and its answer, the updates and
+/// the answer on the session's stream; streams dropped mid-prompt (a question open), a new
+/// connection's `session/load` replays every update once, in order.
+#[test]
+fn acp_over_http_prompts_a_remote_agent_and_replays_after_a_dropped_stream() {
+    over_the_network(Acp::http);
+}
+
+fn over_the_network(connect: fn(&Server, &str, &str) -> Acp) {
     let world = World::new();
     let server = Server::start(&world, &[], vec![]);
     let _runner = AgentRunner::start(&world, &server, "home", &tiny_agents(&world));
@@ -710,7 +935,7 @@ fn acp_over_websocket_prompts_a_remote_agent_and_replays_after_a_disconnect() {
     let cwd = "/home/editor/src/web";
     let editor = token(&server, "editor");
 
-    let mut acp = Acp::websocket(&server, &editor, "?agent=tiny");
+    let mut acp = connect(&server, &editor, "?agent=tiny");
     let init = initialize(&mut acp);
     assert_eq!(init["result"]["protocolVersion"], 1, "{init}");
     assert_eq!(
@@ -734,14 +959,33 @@ fn acp_over_websocket_prompts_a_remote_agent_and_replays_after_a_disconnect() {
         expected(&server, tasks[0]["id"].as_str().unwrap())
     );
 
-    // The socket drops mid-prompt, a question open; the task waits on the runner.
+    // A question of the agent, answered by the client.
+    let pid = acp.request(
+        "session/prompt",
+        json!({"sessionId": sid, "prompt": [{"type": "text", "text": "tool: echo one > one.txt"}]}),
+    );
+    let ask = acp.until("permission request", is_permission);
+    let option = allow_option(&ask);
+    acp.send(json!({"jsonrpc": "2.0", "id": ask["id"], "result": {"outcome": {"outcome": "selected", "optionId": option}}}));
+    let r = acp.until("prompt answer", |v| {
+        v["id"] == pid && v.get("method").is_none()
+    });
+    assert_eq!(r["result"]["stopReason"], "end_turn", "{r}");
+    assert!(answer_text(&acp.updates()).ends_with("allowed:yes"));
+    assert_eq!(
+        std::fs::read_to_string(web.join("one.txt")).unwrap(),
+        "one\n"
+    );
+
+    // The socket (or the streams) drops mid-prompt, a question open; the task waits on the
+    // runner.
     acp.request(
         "session/prompt",
         json!({"sessionId": sid, "prompt": [{"type": "text", "text": "tool: echo ws > ws.txt"}]}),
     );
     let first_ask = acp.until("permission request", is_permission);
     acp.kill();
-    let mut acp = Acp::websocket(&server, &editor, "?agent=tiny");
+    let mut acp = connect(&server, &editor, "?agent=tiny");
     initialize(&mut acp);
     let r = acp.call(
         "session/load",
@@ -1233,7 +1477,7 @@ fn acpx_talks_to_claude_on_a_remote_runner() {
 #[test]
 #[ignore = "a benchmark figure; run it by name"]
 fn bridge_overhead() {
-    overhead(false);
+    overhead("tunnel acp");
 }
 
 /// The same figures through the server's `/acp` (a WebSocket client in this process instead of
@@ -1241,11 +1485,17 @@ fn bridge_overhead() {
 #[test]
 #[ignore = "a benchmark figure; run it by name"]
 fn bridge_overhead_websocket() {
-    overhead(true);
+    overhead("/acp (WebSocket)");
 }
 
-fn overhead(ws: bool) {
-    let via = if ws { "/acp (WebSocket)" } else { "tunnel acp" };
+/// The same through `/acp`'s HTTP profile (POST + SSE): `acp::bridge_overhead_http`.
+#[test]
+#[ignore = "a benchmark figure; run it by name"]
+fn bridge_overhead_http() {
+    overhead("/acp (POST + SSE)");
+}
+
+fn overhead(via: &str) {
     let n: usize = std::env::var("ACP_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1254,10 +1504,10 @@ fn overhead(ws: bool) {
     let server = Server::start(&world, &[], vec![]);
     let _runner = AgentRunner::start(&world, &server, "home", &tiny_agents(&world));
     let editor = token(&server, "editor");
-    let mut acp = if ws {
-        Acp::websocket(&server, &editor, "?agent=tiny")
-    } else {
-        Acp::start_with(&server, &editor, &["--agent", "tiny"])
+    let mut acp = match via {
+        "/acp (WebSocket)" => Acp::websocket(&server, &editor, "?agent=tiny"),
+        "/acp (POST + SSE)" => Acp::http(&server, &editor, "?agent=tiny"),
+        _ => Acp::start_with(&server, &editor, &["--agent", "tiny"]),
     };
     initialize(&mut acp);
     let s = acp.call("session/new", json!({"cwd": "/x/web"}));
