@@ -300,7 +300,8 @@ pub(crate) const COUNT_BY_STATE: &str =
      UNION ALL SELECT state, COUNT(*) FROM tasks WHERE state IN ('queued', 'parked') GROUP BY state
      UNION ALL SELECT state, COUNT(*) FROM tasks WHERE state = 'offered' GROUP BY state
      UNION ALL SELECT state, COUNT(*) FROM tasks WHERE state IN ('running', 'cancelling')
-        GROUP BY state";
+        GROUP BY state
+     ORDER BY 1";
 
 /// What the dashboard's overview counts (see [`Store::overview`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
