@@ -181,8 +181,12 @@ impl TaskFilter {
         &self,
         scope: &Scope,
         ph: impl Fn(usize) -> String,
-        like: &str,
+        dialect: Dialect,
     ) -> (String, Vec<String>) {
+        let like = match dialect {
+            Dialect::Sqlite => "LIKE",
+            Dialect::Postgres => "ILIKE",
+        };
         let mut conds: Vec<String> = Vec::new();
         let mut params: Vec<String> = Vec::new();
         // Conditions without a parameter.
@@ -191,20 +195,36 @@ impl TaskFilter {
             params.push(value);
             conds.push(sql(&ph(params.len())));
         };
+        // A state is written as a literal with the condition of the partial index that holds
+        // the tasks in it (migration 0019): a planner proves a partial index usable from the
+        // query's text, not from a bound value.
         if let Some(s) = self.state {
-            add(&|p| format!("state = {p}"), s.as_str().to_owned());
+            unnumbered.push(state_condition(s));
         }
+        // Offered and running tasks are few (at most what the runners can take), so their
+        // state's index is always the one to read. SQLite plans without statistics and would
+        // rather walk an owner's or a runner's every task in seq order (no sort): a unary `+`
+        // keeps it off those indexes.
+        let col = |c: &str| -> String {
+            match (dialect, self.state) {
+                (Dialect::Sqlite, Some(s)) if in_flight(s) => format!("+{c}"),
+                _ => c.to_owned(),
+            }
+        };
         if let Some(c) = &self.conversation {
-            add(&|p| format!("conversation = {p}"), c.clone());
+            let c_ = col("conversation");
+            add(&|p| format!("{c_} = {p}"), c.clone());
         }
         if let Some(a) = &self.agent {
             add(&|p| format!("agent = {p}"), a.clone());
         }
         if let Some(r) = &self.runner {
-            add(&|p| format!("runner = {p}"), r.clone());
+            let c_ = col("runner");
+            add(&|p| format!("{c_} = {p}"), r.clone());
         }
         if let Scope::Owner(o) = scope {
-            add(&|p| format!("owner = {p}"), o.clone());
+            let c_ = col("owner");
+            add(&|p| format!("{c_} = {p}"), o.clone());
         }
         if let Some(q) = self.search.as_deref().filter(|q| !q.is_empty()) {
             if self.search_depth > 0 {
@@ -244,6 +264,44 @@ impl TaskFilter {
         }
     }
 }
+
+/// The SQL a store speaks, where [`TaskFilter::where_clause`] differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Offered, running or cancelling: an attempt holds it.
+fn in_flight(s: TaskState) -> bool {
+    matches!(
+        s,
+        TaskState::Offered | TaskState::Running | TaskState::Cancelling
+    )
+}
+
+/// Tasks in state `s`, as the condition of the partial index that holds them (migration
+/// 0019) and the state itself, both literals.
+pub(crate) fn state_condition(s: TaskState) -> String {
+    let group = match s {
+        TaskState::Queued | TaskState::Parked => "state IN ('queued', 'parked')",
+        TaskState::Offered => "state = 'offered'",
+        TaskState::Running | TaskState::Cancelling => "state IN ('running', 'cancelling')",
+        // A finished task's `finished_at` is set in the same statement as its state.
+        _ => "finished_at IS NOT NULL",
+    };
+    format!("{group} AND state = '{}'", s.as_str())
+}
+
+/// Tasks by state, each group counted in its own partial index (see [`state_condition`]):
+/// no index over every task's state is kept up to date at each transition.
+pub(crate) const COUNT_BY_STATE: &str =
+    "SELECT state, COUNT(*) FROM tasks WHERE finished_at IS NOT NULL GROUP BY state
+     UNION ALL SELECT state, COUNT(*) FROM tasks WHERE state IN ('queued', 'parked') GROUP BY state
+     UNION ALL SELECT state, COUNT(*) FROM tasks WHERE state = 'offered' GROUP BY state
+     UNION ALL SELECT state, COUNT(*) FROM tasks WHERE state IN ('running', 'cancelling')
+        GROUP BY state
+     ORDER BY 1";
 
 /// What the dashboard's overview counts (see [`Store::overview`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

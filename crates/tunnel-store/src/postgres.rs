@@ -58,8 +58,8 @@ use crate::model::{
     recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
-    ApprovalFilter, Clock, CurrentAttempt, QueueCounts, QueueSettings, ReadyHint, Result, Scope,
-    Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
+    ApprovalFilter, Clock, CurrentAttempt, Dialect, QueueCounts, QueueSettings, ReadyHint, Result,
+    Scope, Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
 pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
@@ -126,6 +126,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0017_runner_acp_capabilities",
         include_str!("../migrations/postgres/0017_runner_acp_capabilities.sql"),
+    ),
+    (
+        "0019_fewer_task_indexes",
+        include_str!("../migrations/postgres/0019_fewer_task_indexes.sql"),
     ),
 ];
 
@@ -780,7 +784,7 @@ impl PgStore {
 
     pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
         let c = self.conn().await?;
-        let (cond, args) = filter.where_clause(&scope, |i| format!("${i}"), "ILIKE");
+        let (cond, args) = filter.where_clause(&scope, |i| format!("${i}"), Dialect::Postgres);
         let sql = full_task_sql(
             &format!(
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE {cond} ORDER BY seq DESC LIMIT {}",
@@ -2171,7 +2175,7 @@ impl PgStore {
 
     pub(crate) async fn counts(&self) -> Result<QueueCounts> {
         let c = self.conn().await?;
-        let rows = q_all(&c, "SELECT state, COUNT(*) FROM tasks GROUP BY state", &[]).await?;
+        let rows = q_all(&c, crate::COUNT_BY_STATE, &[]).await?;
         let mut by_state = Vec::new();
         for r in &rows {
             let s: String = get(r, 0)?;

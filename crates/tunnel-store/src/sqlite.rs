@@ -29,8 +29,8 @@ use crate::model::{
     recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
-    ApprovalFilter, Clock, CurrentAttempt, Durability, QueueCounts, QueueSettings, ReadyHint,
-    Result, Scope, Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
+    ApprovalFilter, Clock, CurrentAttempt, Dialect, Durability, QueueCounts, QueueSettings,
+    ReadyHint, Result, Scope, Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
 };
 
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -50,6 +50,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0015_event_caps.sql"),
     include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
     include_str!("../migrations/sqlite/0017_runner_acp_capabilities.sql"),
+    include_str!("../migrations/sqlite/0019_fewer_task_indexes.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -274,16 +275,21 @@ impl SqliteStore {
             };
             let (mode, resume_id) = model::session_mode_columns(&req.session);
             let reply_to = req.reply_to.as_ref().map(to_json);
-            w.conn
-                .prepare_cached(
+            // The row comes back whole (no read after the write), with its first event
+            // counted in it already.
+            let queued = StateEvent::Queued(None).data().to_string();
+            let row = w
+                .conn
+                .prepare_cached(&format!(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
                         idempotency_key, state, ready, created_at, updated_at, meta, approvals,
-                        conv_owner)
+                        conv_owner, next_event_seq, event_bytes)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                        'queued', ?15, ?16, ?16, ?17, ?18, ?19)",
-                )?
-                .execute(params![
+                        'queued', ?15, ?16, ?16, ?17, ?18, ?19, 2, ?20)
+                     RETURNING {TASK_COLUMNS}"
+                ))?
+                .query_row(params![
                     id,
                     req.agent,
                     req.prompt,
@@ -303,9 +309,10 @@ impl SqliteStore {
                     req.meta.as_ref().map(to_json),
                     req.approvals.map(|p| p.as_str()),
                     conv_owner,
-                ])?;
-            let seq = w.conn.last_insert_rowid();
-            w.event(seq, 0, "state", &StateEvent::Queued(None).data())?;
+                    model::event_size("state", &queued) as i64,
+                ], task_row)??;
+            let seq = row.0 .0;
+            w.insert_event_at(seq, 1, 0, None, "state", &queued)?;
             // The chat's acknowledgement is the task's first message there, so it can never
             // arrive after the answer (one destination goes in order); it becomes the
             // "working…" message.
@@ -317,10 +324,27 @@ impl SqliteStore {
                 w.fx.deadlines.push(w.now + max);
             }
             if !busy {
-                let hint = w.ready_hint(seq)?;
+                let hint = match &req.conversation {
+                    Some(_) => w.ready_hint(seq)?,
+                    // No conversation, so no binding to look up.
+                    None => ReadyHint {
+                        task_id: id.clone(),
+                        agent: req.agent.clone(),
+                        project: req.project.clone(),
+                        runner: resolve_session(
+                            w.conn,
+                            &req.agent,
+                            mode,
+                            resume_id.clone(),
+                            None,
+                            None,
+                        )?
+                        .1,
+                    },
+                };
                 w.fx.ready.push(hint);
             }
-            Ok((load_task(w.conn, &id, &Scope::All)?, true))
+            Ok((complete_task(w.conn, row, &Scope::All)?, true))
         })
         .await
     }
@@ -368,7 +392,7 @@ impl SqliteStore {
 
     pub(crate) async fn tasks(&self, filter: TaskFilter, scope: Scope) -> Result<Vec<Task>> {
         self.read(move |c, _| {
-            let (cond, args) = filter.where_clause(&scope, |i| format!("?{i}"), "LIKE");
+            let (cond, args) = filter.where_clause(&scope, |i| format!("?{i}"), Dialect::Sqlite);
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE {cond} ORDER BY seq DESC LIMIT {}",
                 filter.limit.clamp(1, 1000)
@@ -618,15 +642,35 @@ impl SqliteStore {
             };
             let lease_token = random_hex(16);
             let ack_by = w.now + w.settings.ack_timeout_ms;
-            w.conn
-                .prepare_cached(
+            // One statement moves the task, counts its `offered` event and gives back the row
+            // (no read after the write).
+            let offered = StateEvent::Offered(&req.runner).data().to_string();
+            let (row, event_seq, conv_owner) = w
+                .conn
+                .prepare_cached(&format!(
                     "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
                         lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
-                        not_before = NULL, reason = NULL, updated_at = ?5
-                     WHERE seq = ?1",
-                )?
-                .execute(params![seq, lease_token, req.runner, ack_by, w.now])?;
-            let task = load_task_by_seq(w.conn, seq)?;
+                        not_before = NULL, reason = NULL, updated_at = ?5,
+                        next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6
+                     WHERE seq = ?1
+                     RETURNING {TASK_COLUMNS}, next_event_seq - 1, conv_owner"
+                ))?
+                .query_row(
+                    params![
+                        seq,
+                        lease_token,
+                        req.runner,
+                        ack_by,
+                        w.now,
+                        model::event_size("state", &offered) as i64
+                    ],
+                    |r| {
+                        Ok(task_row(r)?.and_then(|row| {
+                            Ok((row, r.int(TASK_COLUMNS_LEN)?, r.text(TASK_COLUMNS_LEN + 1)?))
+                        }))
+                    },
+                )??;
+            let task = complete_task(w.conn, row, &Scope::All)?;
             if let Some(conv) = &task.conversation
                 && model::rebinds_on_offer(&mode)
             {
@@ -635,10 +679,6 @@ impl SqliteStore {
                 } else {
                     None
                 };
-                let conv_owner: String = w
-                    .conn
-                    .prepare_cached("SELECT conv_owner FROM tasks WHERE seq = ?1")?
-                    .query_row(params![seq], |r| r.get(0))?;
                 w.set_binding(
                     &task.agent,
                     conv,
@@ -647,12 +687,7 @@ impl SqliteStore {
                     runner.as_deref(),
                 )?;
             }
-            w.event(
-                seq,
-                task.attempt,
-                "state",
-                &StateEvent::Offered(&req.runner).data(),
-            )?;
+            w.insert_event_at(seq, event_seq, task.attempt, None, "state", &offered)?;
             w.fx.changed.push(task.id.clone());
             w.fx.deadlines.push(ack_by);
             Ok(Some(Offer {
@@ -685,19 +720,25 @@ impl SqliteStore {
                     return Err(e);
                 }
             };
-            w.conn
+            let running = StateEvent::Running(t.runner.as_deref()).data().to_string();
+            let event_seq: i64 = w
+                .conn
                 .prepare_cached(
                     "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
-                        lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3
-                     WHERE seq = ?1",
+                        lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
+                        next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?4
+                     WHERE seq = ?1 RETURNING next_event_seq - 1",
                 )?
-                .execute(params![t.seq, lease_until, w.now])?;
-            w.event(
-                t.seq,
-                t.attempt,
-                "state",
-                &StateEvent::Running(t.runner.as_deref()).data(),
-            )?;
+                .query_row(
+                    params![
+                        t.seq,
+                        lease_until,
+                        w.now,
+                        model::event_size("state", &running) as i64
+                    ],
+                    |r| r.get(0),
+                )?;
+            w.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &running)?;
             w.fx.changed.push(t.id.clone());
             w.fx.deadlines.push(lease_until);
             w.deliver_started(&t)?;
@@ -752,7 +793,28 @@ impl SqliteStore {
 
     pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
         self.write(move |w| {
-            let t = w.open_task(&id)?;
+            // The task and its log's counters in one read; the counters are written once,
+            // after the events.
+            let (t, (next_seq, bytes, dropped)) = w
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {OPEN_TASK_COLUMNS}, next_event_seq, event_bytes, events_dropped
+                     FROM tasks WHERE id = ?1"
+                ))?
+                .query_row(params![id], |r| {
+                    Ok(open_task_from_row(r).and_then(|t| {
+                        Ok((
+                            t,
+                            (
+                                r.int(OPEN_TASK_LEN)?,
+                                r.int(OPEN_TASK_LEN + 1)?,
+                                r.int(OPEN_TASK_LEN + 2)?,
+                            ),
+                        ))
+                    }))
+                })
+                .optional()?
+                .ok_or(StoreError::NotFound("task"))??;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
             if model::events_renew_lease(&t) {
                 if model::events_lease_fresh(&t, w.now, w.settings.lease_ms) {
@@ -762,17 +824,14 @@ impl SqliteStore {
                     w.renew_lease(&t)?;
                 }
             }
-            let (count, bytes, dropped): (i64, i64, i64) = w
-                .conn
-                .prepare_cached(
-                    "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = ?1",
-                )?
-                .query_row(params![t.seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             let mut log = model::EventLog {
-                count: count as u64,
+                count: (next_seq - 1).max(0) as u64,
                 bytes: bytes as u64,
                 truncated: dropped > 0,
             };
+            // The next event's number and the bytes added, written back after the loop.
+            let mut next = next_seq;
+            let mut added = 0i64;
             let (max_events, max_bytes) =
                 (w.settings.max_task_events, w.settings.max_task_event_bytes);
             let mut accepted = 0;
@@ -791,15 +850,22 @@ impl SqliteStore {
                 let size = model::event_size(&e.kind, &data);
                 match model::admit_event(&mut log, size, max_events, max_bytes) {
                     model::Admit::Store => {
-                        w.insert_event_text(t.seq, t.attempt, Some(e.n), &e.kind, &data)?
+                        w.insert_event_at(t.seq, next, t.attempt, Some(e.n), &e.kind, &data)?;
+                        next += 1;
+                        added += size as i64;
                     }
                     model::Admit::Truncate => {
-                        w.event(
+                        let marker = model::truncated_data(max_events, max_bytes).to_string();
+                        w.insert_event_at(
                             t.seq,
+                            next,
                             t.attempt,
+                            None,
                             model::TRUNCATED_KIND,
-                            &model::truncated_data(max_events, max_bytes),
+                            &marker,
                         )?;
+                        next += 1;
+                        added += model::event_size(model::TRUNCATED_KIND, &marker) as i64;
                         newly_dropped += 1;
                     }
                     model::Admit::Drop => newly_dropped += 1,
@@ -810,12 +876,13 @@ impl SqliteStore {
                     w.record_session(&t, sid)?;
                 }
             }
-            if newly_dropped > 0 {
+            if next != next_seq || newly_dropped > 0 {
                 w.conn
                     .prepare_cached(
-                        "UPDATE tasks SET events_dropped = events_dropped + ?2 WHERE seq = ?1",
+                        "UPDATE tasks SET next_event_seq = ?2, event_bytes = event_bytes + ?3,
+                            events_dropped = events_dropped + ?4 WHERE seq = ?1",
                     )?
-                    .execute(params![t.seq, newly_dropped])?;
+                    .execute(params![t.seq, next, added, newly_dropped])?;
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
@@ -847,33 +914,33 @@ impl SqliteStore {
             if let Some(sid) = &req.result.session_id {
                 w.record_session(&t, sid)?;
             }
-            let result = to_json(&req.result);
-            w.conn
-                .prepare_cached("UPDATE tasks SET result = ?2 WHERE seq = ?1")?
-                .execute(params![t.seq, result])?;
             match req.outcome {
                 Outcome::Parked => {
                     w.settle_pending(&t, "the attempt ended")?;
                     let not_before = req.not_before.unwrap_or(w.now);
-                    w.conn
+                    let parked = StateEvent::Parked(not_before).data().to_string();
+                    let event_seq: i64 = w
+                        .conn
                         .prepare_cached(
                             "UPDATE tasks SET state = 'parked', ready = 1, not_before = ?2,
                                 lease_until = NULL, ack_by = NULL, lease_token = NULL,
-                                reason = ?3, updated_at = ?4
-                             WHERE seq = ?1",
+                                reason = ?3, updated_at = ?4, result = ?5,
+                                next_event_seq = next_event_seq + 1,
+                                event_bytes = event_bytes + ?6
+                             WHERE seq = ?1 RETURNING next_event_seq - 1",
                         )?
-                        .execute(params![
-                            t.seq,
-                            not_before,
-                            model::parked_reason(&req.result),
-                            w.now
-                        ])?;
-                    w.event(
-                        t.seq,
-                        t.attempt,
-                        "state",
-                        &StateEvent::Parked(not_before).data(),
-                    )?;
+                        .query_row(
+                            params![
+                                t.seq,
+                                not_before,
+                                model::parked_reason(&req.result),
+                                w.now,
+                                to_json(&req.result),
+                                model::event_size("state", &parked) as i64
+                            ],
+                            |r| r.get(0),
+                        )?;
+                    w.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &parked)?;
                     w.fx.changed.push(t.id.clone());
                     w.fx.deadlines.push(not_before);
                     if not_before <= w.now {
@@ -883,7 +950,10 @@ impl SqliteStore {
                 }
                 outcome => {
                     let reason = model::finished_reason(outcome, &req.result);
-                    w.finish_task(&t, outcome.state(), reason, Some(&req.result))?;
+                    let row = w.end_task(&t, outcome.state(), reason, Some(&req.result), true)?;
+                    if let Some(row) = row {
+                        return complete_task(w.conn, row, &Scope::All);
+                    }
                 }
             }
             load_task_by_seq(w.conn, t.seq)
@@ -1565,7 +1635,7 @@ impl SqliteStore {
 
     pub(crate) async fn counts(&self) -> Result<QueueCounts> {
         self.read(|c, _| {
-            let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+            let mut stmt = c.prepare_cached(crate::COUNT_BY_STATE)?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             let mut by_state = Vec::new();
             for row in rows {
@@ -2078,6 +2148,19 @@ impl W<'_> {
         reason: Option<&str>,
         result: Option<&TaskResult>,
     ) -> Result<()> {
+        self.end_task(t, state, reason, result, false).map(drop)
+    }
+
+    /// [`W::finish_task`]; with `want_row`, also the task's row as the write left it (read in
+    /// the same statement). `result` is stored when given.
+    fn end_task(
+        &mut self,
+        t: &OpenTask,
+        state: TaskState,
+        reason: Option<&str>,
+        result: Option<&TaskResult>,
+        want_row: bool,
+    ) -> Result<Option<TaskRow>> {
         debug_assert!(state.is_terminal());
         let why = if state == TaskState::Cancelled {
             "the task was cancelled"
@@ -2085,15 +2168,38 @@ impl W<'_> {
             "the attempt ended"
         };
         self.settle_pending(t, why)?;
-        self.conn
-            .prepare_cached(
-                "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
-                    not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4
-                 WHERE seq = ?1",
-            )?
-            .execute(params![t.seq, state.as_str(), reason, self.now])?;
-        let data = model::finished_event(state, reason, result);
-        self.event(t.seq, t.attempt, "state", &data)?;
+        // The state, the result and the counters of the `state` event in one statement.
+        let data = model::finished_event(state, reason, result).to_string();
+        const END: &str =
+            "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
+                not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4,
+                result = COALESCE(?5, result), next_event_seq = next_event_seq + 1,
+                event_bytes = event_bytes + ?6
+             WHERE seq = ?1 RETURNING ";
+        let args = params![
+            t.seq,
+            state.as_str(),
+            reason,
+            self.now,
+            result.map(to_json),
+            model::event_size("state", &data) as i64
+        ];
+        let (event_seq, row) = if want_row {
+            let (row, event_seq) = self
+                .conn
+                .prepare_cached(&format!("{END}{TASK_COLUMNS}, next_event_seq - 1"))?
+                .query_row(args, |r| {
+                    Ok(task_row(r)?.and_then(|row| Ok((row, r.int(TASK_COLUMNS_LEN)?))))
+                })??;
+            (event_seq, Some(row))
+        } else {
+            let event_seq: i64 = self
+                .conn
+                .prepare_cached(&format!("{END}next_event_seq - 1"))?
+                .query_row(args, |r| r.get(0))?;
+            (event_seq, None)
+        };
+        self.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &data)?;
         self.fx.changed.push(t.id.clone());
         self.deliver_final(t)?;
         if let Some(key) = &t.session_key {
@@ -2115,7 +2221,7 @@ impl W<'_> {
                 self.fx.ready.push(hint);
             }
         }
-        Ok(())
+        Ok(row)
     }
 
     fn event(
@@ -2157,6 +2263,20 @@ impl W<'_> {
                 params![task_seq, model::event_size(kind, data) as i64],
                 |r| r.get(0),
             )?;
+        self.insert_event_at(task_seq, seq, attempt, n, kind, data)
+    }
+
+    /// Inserts event `seq` of a task whose counters (`next_event_seq`, `event_bytes`) the
+    /// caller has already moved past it, in the statement that changed its state.
+    fn insert_event_at(
+        &self,
+        task_seq: i64,
+        seq: i64,
+        attempt: u32,
+        n: Option<u64>,
+        kind: &str,
+        data: &str,
+    ) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
@@ -2600,12 +2720,22 @@ fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Op
 // ---------------------------------------------------------------------------------------------
 // Reading tasks
 
+/// Columns in [`TASK_COLUMNS`]: what a statement returns after them starts here.
+const TASK_COLUMNS_LEN: usize = 29;
+/// Columns in [`OPEN_TASK_COLUMNS`].
+const OPEN_TASK_LEN: usize = 17;
+
+/// A row of [`TASK_COLUMNS`] and its owner, for [`complete_task`].
+type TaskRow = ((i64, Option<String>, Task), String);
+
+fn task_row(r: &Row<'_>) -> rusqlite::Result<Result<TaskRow>> {
+    Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
+}
+
 fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
     let row = c
         .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?
-        .query_row(params![id], |r| {
-            Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
-        })
+        .query_row(params![id], task_row)
         .optional()?;
     complete_task(c, row.ok_or(StoreError::NotFound("task"))??, scope)
 }
@@ -2613,7 +2743,7 @@ fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
 /// A task row made whole: its queue position, delivery and pending approval.
 fn complete_task(
     c: &Connection,
-    ((seq, session_key, mut task), owner): ((i64, Option<String>, Task), String),
+    ((seq, session_key, mut task), owner): TaskRow,
     scope: &Scope,
 ) -> Result<Task> {
     model::check_owner(scope, &owner)?;
@@ -2668,9 +2798,7 @@ fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
     // One read of the row by its key (not its id, then the row by id).
     let row = c
         .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1"))?
-        .query_row(params![seq], |r| {
-            Ok(task_from_row(r).and_then(|t| Ok((t, r.text(TASK_OWNER)?))))
-        })?;
+        .query_row(params![seq], task_row)?;
     complete_task(c, row?, &Scope::All)
 }
 

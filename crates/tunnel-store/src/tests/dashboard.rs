@@ -4,6 +4,7 @@
 use super::*;
 
 conformance!(
+    every_state_is_listed_and_counted,
     task_filters_and_keyset_pages,
     overview_counts_waiting_and_finished,
     web_sessions_expire_and_codes_are_taken_once,
@@ -19,6 +20,126 @@ fn filter(limit: u32) -> TaskFilter {
 async fn ids(f: &Fixture, filter: TaskFilter, scope: &Scope) -> Vec<String> {
     let tasks = f.store.tasks(filter, scope).await.unwrap();
     tasks.into_iter().map(|t| t.prompt).collect()
+}
+
+/// Each state is listed and counted from its own partial index (migration 0019): a task in
+/// every state a task can be in, for two owners, each listed under its state (by every owner
+/// scope, and with the other filters that take another index) and counted once.
+async fn every_state_is_listed_and_counted(f: Fixture) {
+    // Per owner, in this order: queued, offered, running, cancelling, parked, succeeded,
+    // failed, cancelled (before it ran).
+    let mut expected: Vec<(String, &str, TaskState)> = Vec::new();
+    for owner in ["alice", "bob"] {
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            // The last two are for an agent the runner lacks: they stay queued.
+            let agent = if i < 6 { "claude" } else { "codex" };
+            let (t, _) = f
+                .store
+                .submit(owner, None, SubmitTask::new(agent, format!("{owner} {i}")))
+                .await
+                .unwrap();
+            ids.push(t.id);
+        }
+        // Claims take the oldest first.
+        let mut offers = Vec::new();
+        for _ in 0..5 {
+            offers.push(f.store.claim(&claim_req("r1")).await.unwrap().unwrap());
+        }
+        let [o_offered, o_running, o_cancelling, o_parked, o_succeeded] = &offers[..] else {
+            unreachable!()
+        };
+        for o in [o_running, o_cancelling, o_parked, o_succeeded] {
+            f.store.ack(&o.task.id, &attempt_of(o)).await.unwrap();
+        }
+        f.store
+            .cancel(&o_cancelling.task.id, &Scope::All)
+            .await
+            .unwrap();
+        let mut park = finish_req(o_parked, Outcome::Parked, None);
+        park.not_before = Some(f.clock.now_ms() + 3_600_000);
+        f.store.finish(&o_parked.task.id, park).await.unwrap();
+        f.store
+            .finish(
+                &o_succeeded.task.id,
+                finish_req(o_succeeded, Outcome::Succeeded, None),
+            )
+            .await
+            .unwrap();
+        let o_failed = f.store.claim(&claim_req("r1")).await.unwrap().unwrap();
+        f.store
+            .finish(
+                &o_failed.task.id,
+                finish_req(&o_failed, Outcome::Failed, None),
+            )
+            .await
+            .unwrap();
+        let left = f.store.cancel(&ids[7], &Scope::All).await.unwrap();
+        assert_eq!(left.state, TaskState::Cancelled);
+        for (o, state) in [
+            (o_offered, TaskState::Offered),
+            (o_running, TaskState::Running),
+            (o_cancelling, TaskState::Cancelling),
+            (o_parked, TaskState::Parked),
+            (o_succeeded, TaskState::Succeeded),
+            (&o_failed, TaskState::Failed),
+        ] {
+            expected.push((o.task.prompt.clone(), owner, state));
+        }
+        expected.push((format!("{owner} 6"), owner, TaskState::Queued));
+        expected.push((format!("{owner} 7"), owner, TaskState::Cancelled));
+    }
+    let mut counted = f.store.counts().await.unwrap().by_state;
+    counted.sort_by_key(|(s, _)| s.as_str());
+    let mut want: Vec<(TaskState, u64)> = Vec::new();
+    for (_, _, s) in &expected {
+        match want.iter_mut().find(|(w, _)| w == s) {
+            Some((_, n)) => *n += 1,
+            None => want.push((*s, 1)),
+        }
+    }
+    want.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(counted, want);
+    for state in TaskState::ALL {
+        for scope in [
+            Scope::All,
+            Scope::Owner("alice".into()),
+            Scope::Owner("bob".into()),
+        ] {
+            let mut want: Vec<String> = expected
+                .iter()
+                .filter(|(_, o, s)| {
+                    *s == state && (scope == Scope::All || scope == Scope::Owner((*o).into()))
+                })
+                .map(|(p, _, _)| p.clone())
+                .collect();
+            // Newest first.
+            want.reverse();
+            let by_state = TaskFilter {
+                state: Some(state),
+                ..filter(50)
+            };
+            assert_eq!(
+                ids(&f, by_state.clone(), &scope).await,
+                want,
+                "{state} {scope:?}"
+            );
+            let with_runner = TaskFilter {
+                runner: Some("r1".into()),
+                agent: Some("claude".into()),
+                ..by_state
+            };
+            let ran: Vec<String> = want
+                .into_iter()
+                .filter(|p| !p.ends_with(" 6") && !p.ends_with(" 7"))
+                .collect();
+            assert_eq!(
+                ids(&f, with_runner, &scope).await,
+                ran,
+                "{state} {scope:?} r1"
+            );
+        }
+    }
 }
 
 async fn task_filters_and_keyset_pages(f: Fixture) {

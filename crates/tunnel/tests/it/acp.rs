@@ -3,6 +3,7 @@
 //! The tiny ACP agent of the runner's fixtures always; the real Claude adapter, offline against
 //! the model-API stand-in, when CLAUDE_ACP_BIN and ACPX_BIN are set (install-real-clis.sh).
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
