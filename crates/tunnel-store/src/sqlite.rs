@@ -49,6 +49,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0014_queue_floods.sql"),
     include_str!("../migrations/sqlite/0015_event_caps.sql"),
     include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
+    include_str!("../migrations/sqlite/0018_unconfirmed_offers.sql"),
 ];
 
 /// Most writes committed in one transaction.
@@ -536,6 +537,13 @@ impl SqliteStore {
     ) -> Result<Option<Offer>> {
         self.write(move |w| {
             w.touch_runner(&req, token.as_deref())?;
+            // An attempt an earlier claim with `ack` started whose answer this runner may never
+            // have read comes first (see `model::Unconfirmed`).
+            if req.ack
+                && let Some(offer) = w.unconfirmed_offer(&req)?
+            {
+                return Ok(Some(offer));
+            }
             // Oldest ready task first, among those of the runner's agents and projects only:
             // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
             // so tasks queued for agents or projects this runner lacks cost nothing here.
@@ -621,10 +629,19 @@ impl SqliteStore {
                 .prepare_cached(
                     "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
                         lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
-                        not_before = NULL, reason = NULL, updated_at = ?5
+                        not_before = NULL, reason = NULL, updated_at = ?5, unconfirmed = ?6,
+                        offer_resume = ?7
                      WHERE seq = ?1",
                 )?
-                .execute(params![seq, lease_token, req.runner, ack_by, w.now])?;
+                .execute(params![
+                    seq,
+                    lease_token,
+                    req.runner,
+                    ack_by,
+                    w.now,
+                    req.ack,
+                    req.ack.then_some(resume.as_deref()).flatten()
+                ])?;
             let task = load_task_by_seq(w.conn, seq)?;
             if let Some(conv) = &task.conversation
                 && model::rebinds_on_offer(&mode)
@@ -666,16 +683,22 @@ impl SqliteStore {
         .await
     }
 
+    /// `confirm`: the runner itself acks (it has the offer); else the server acks for it in
+    /// the claim that made the offer, and the attempt stays unconfirmed.
     pub(crate) async fn ack(
         &self,
         id: String,
         at: AttemptRef,
         lease_ms: Option<i64>,
+        confirm: bool,
     ) -> Result<LeaseStatus> {
         self.write(move |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id)?;
             model::check_attempt(&t, at.attempt, &at.lease_token)?;
+            if confirm {
+                w.confirm(&t)?;
+            }
             let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
                 Ack::Start { lease_until } => lease_until,
                 Ack::Again(status) => return Ok(status),
@@ -739,6 +762,7 @@ impl SqliteStore {
         self.write(move |w| {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, at.attempt, &at.lease_token)?;
+            w.confirm(&t)?;
             let lease_until = w.renew_lease(&t)?;
             Ok(model::heartbeat_status(
                 &t,
@@ -753,6 +777,7 @@ impl SqliteStore {
         self.write(move |w| {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            w.confirm(&t)?;
             if model::events_renew_lease(&t) {
                 if model::events_lease_fresh(&t, w.now, w.settings.lease_ms) {
                     // Still checked: a lease that ran out ends the attempt here too.
@@ -835,6 +860,7 @@ impl SqliteStore {
         self.write(move |w| {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            w.confirm(&t)?;
             match model::finish(&t, req.attempt)? {
                 Finish::Record { check_lease } => {
                     if check_lease {
@@ -2024,6 +2050,49 @@ impl W<'_> {
                 .execute(params![r, self.now])?;
         }
         Ok(lease_until)
+    }
+
+    /// The runner made a call about this attempt, so it has the offer: it is never offered
+    /// again (see [`model::Unconfirmed`]).
+    fn confirm(&self, t: &OpenTask) -> Result<()> {
+        if t.unconfirmed {
+            self.conn
+                .prepare_cached("UPDATE tasks SET unconfirmed = 0 WHERE seq = ?1")?
+                .execute(params![t.seq])?;
+        }
+        Ok(())
+    }
+
+    /// The first attempt of this runner that an earlier claim with `ack` started (or offered)
+    /// and the runner has not confirmed, as an offer again; the ones it lists in `holding`, or
+    /// that are no longer its to have, are cleared on the way.
+    fn unconfirmed_offer(&mut self, req: &ClaimRequest) -> Result<Option<Offer>> {
+        let seqs = self
+            .conn
+            .prepare_cached(
+                "SELECT seq FROM tasks INDEXED BY tasks_unconfirmed
+                 WHERE runner = ?1 AND unconfirmed = 1 ORDER BY seq",
+            )?
+            .query_map(params![req.runner], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        for seq in seqs {
+            let t = self.task_by_seq(seq)?;
+            let lease_ms = self.settings.lease_ms;
+            match model::unconfirmed(&t, &req.runner, &req.holding, self.now, lease_ms) {
+                model::Unconfirmed::Again(lease) => {
+                    return Ok(Some(Offer {
+                        task: load_task_by_seq(self.conn, seq)?,
+                        attempt: t.attempt,
+                        lease_token: t.lease_token.clone().unwrap_or_default(),
+                        ack_by: t.ack_by.unwrap_or(self.now),
+                        resume_session_id: t.offer_resume.clone(),
+                        lease,
+                    }));
+                }
+                model::Unconfirmed::Clear => self.confirm(&t)?,
+            }
+        }
+        Ok(None)
     }
 
     /// An offer that was not acked in time goes back to the head of its session.
