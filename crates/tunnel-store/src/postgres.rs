@@ -169,9 +169,16 @@ const TOUCH_RUNNER: &str = "WITH fresh AS (
           OR runners.token = EXCLUDED.token
        RETURNING 1)
     SELECT (SELECT COUNT(*) FROM fresh) + (SELECT COUNT(*) FROM up)";
-/// The tasks whose current attempt a claim with `ack` offered to this runner and the runner
-/// has not confirmed (see `W::unconfirmed_offer`); almost always none.
-const UNCONFIRMED: &str = "SELECT id FROM tasks WHERE runner = $1 AND unconfirmed ORDER BY seq";
+/// For a claim with `ack` by runner $1 (token $3): clears the marks of the attempts it lists in
+/// `holding` ($2: it has them), if the name is the token's (the claim's other statements
+/// refuse it otherwise), and lists the tasks whose current attempt is still marked, for
+/// `W::unconfirmed_offer`: almost always none. One statement, sent with the claim's first.
+const UNCONFIRMED: &str = "WITH held AS (
+        UPDATE tasks SET unconfirmed = FALSE
+        WHERE runner = $1 AND unconfirmed AND id = ANY($2)
+          AND EXISTS (SELECT 1 FROM runners r WHERE r.name = $1
+                      AND ($3::text IS NULL OR r.token = $3)))
+    SELECT id FROM tasks WHERE runner = $1 AND unconfirmed AND id <> ALL($2) ORDER BY seq";
 /// A lease renewal; the runner's row only when it was last seen over
 /// [`model::RUNNER_TOUCH_EVERY_MS`] ago (as a claim does), so a stream of events does not
 /// rewrite it each time.
@@ -976,7 +983,8 @@ impl PgStore {
                 ),
                 async {
                     if req.ack {
-                        w.all(UNCONFIRMED, &[&req.runner]).await
+                        w.all(UNCONFIRMED, &[&req.runner, &req.holding, &token])
+                            .await
                     } else {
                         Ok(vec![])
                     }

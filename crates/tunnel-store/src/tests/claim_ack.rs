@@ -10,6 +10,7 @@ conformance!(
     an_attempt_started_by_a_claim_survives_a_restart_until_confirmed,
     any_call_about_the_attempt_confirms_it,
     an_offer_made_by_a_claim_is_offered_again_until_acked_or_expired,
+    another_token_cannot_confirm_a_runners_attempt,
 );
 
 fn ack_claim(runner: &str, holding: &[&str]) -> ClaimRequest {
@@ -190,4 +191,28 @@ async fn an_offer_made_by_a_claim_is_offered_again_until_acked_or_expired(f: Fix
         s.ack(&task.id, &attempt_of(&first)).await,
         Err(StoreError::Stale(_))
     ));
+}
+
+/// A claim under a runner name that belongs to another token is refused, and its `holding`
+/// changes nothing: the attempt is still offered again to the name's own token.
+async fn another_token_cannot_confirm_a_runners_attempt(f: Fixture) {
+    let s = &f.store;
+    let (task, _) = s
+        .submit("o", None, SubmitTask::new("claude", "mine"))
+        .await
+        .unwrap();
+    let offer = s
+        .claim_as(&ack_claim("mac", &[]), "tok-a")
+        .await
+        .unwrap()
+        .unwrap();
+    s.ack_for_claim(&task.id, &attempt_of(&offer))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.claim_as(&ack_claim("mac", &[&task.id]), "tok-b").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let again = s.claim_as(&ack_claim("mac", &[]), "tok-a").await.unwrap();
+    assert_eq!(again.map(|o| o.task.id), Some(task.id));
 }
