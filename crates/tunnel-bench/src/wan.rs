@@ -183,10 +183,9 @@ struct RunnerProcess {
 impl RunnerProcess {
     fn start(tunnel: &Path, dir: &Path, url: &str, token: &str) -> Result<RunnerProcess> {
         let exe = std::env::current_exe().context("cannot find this binary for the agent")?;
-        // A runner on a slow link is where `ack_in_claim` (off by default) is meant to be on.
+        // `ack_in_claim` as the runner's default (on).
         let cfg = format!(
             "[runner]\nname = \"{RUNNER}\"\nmax_concurrent = 2\nlong_poll_wait_secs = 30\n\
-             ack_in_claim = true\n\
              spool_dir = \"{spool}\"\nwork_dir = \"{work}\"\n\
              [runner.agents.{AGENT}]\nprogram = \"{agent}\"\ncommand = [\"{WAN_AGENT}\"]\n\
              [runner.agents.claude]\nenabled = false\n[runner.agents.codex]\nenabled = false\n\

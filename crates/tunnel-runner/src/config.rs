@@ -222,11 +222,12 @@ pub struct RunnerConfig {
     pub max_concurrent: usize,
     /// How long a claim long-poll is held (`LONG_POLL_WAIT`).
     pub long_poll_wait: Duration,
-    /// Each claim asks the server to ack its offer too: one round trip fewer per task, for
-    /// runners on a slow link. Off by default: if the server dies between committing such an
-    /// ack and sending its answer, nothing remembers the offer and the lease decides (the
-    /// chaos test `server_killed_twice…` loses tasks that way); acked apart, the runner learns
-    /// of every started attempt.
+    /// Each claim asks the server to ack its offer too: one round trip fewer per task (what a
+    /// slow link notices). On by default. The server keeps an attempt it started this way
+    /// marked in its store until the runner makes a call about it or lists it in `holding`,
+    /// and gives it again to this runner's next claim meanwhile, so an answer lost in transit
+    /// or with a server that died before sending it costs nothing (the chaos test
+    /// `a_server_killed_before_its_acked_claim_answer_arrives…`). Off: the runner acks apart.
     pub ack_in_claim: bool,
     /// First back-off after an error (`POLL_INTERVAL`); doubles up to 30 s, with jitter, except
     /// while the server does not answer at all (down, restarting): then it is probed every
@@ -289,7 +290,7 @@ impl RunnerConfig {
             name: default_name(),
             max_concurrent: 5,
             long_poll_wait: Duration::from_secs(30),
-            ack_in_claim: false,
+            ack_in_claim: true,
             retry_base: Duration::from_millis(500),
             agents,
             projects: BTreeMap::new(),

@@ -662,19 +662,6 @@ async fn claim(
             ),
         )
     })?;
-    // An offer acked at claim time whose answer this runner never read: it comes first.
-    if req.ack
-        && let Some(offer) = s.unconfirmed.unconfirmed_for(
-            &caller.token_id,
-            &req.runner,
-            &req.holding,
-            s.clock.now_ms(),
-        )
-        && let Some(offer) = offer_again(&s, offer).await
-    {
-        tracing::info!(task_id = %offer.task.id, runner = %req.runner, attempt = offer.attempt, "Task offered again: the answer that started it was not confirmed.");
-        return Ok(axum::Json(offer).into_response());
-    }
     let deadline = wait_budget(&s, req.wait_ms);
     let mut pending = PendingHint {
         hub: s.hub.clone(),
@@ -690,13 +677,20 @@ async fn claim(
             .map(Box::new);
         if let Some(offer) = offer {
             drop(slot);
+            let mut offer = *offer;
+            // The store gives an attempt an earlier claim with `ack` started, and this runner
+            // has not confirmed, first: the answer that brought it may have been lost (with
+            // the connection, or with a server that died before sending it).
+            if offer.task.state != TaskState::Offered {
+                tracing::info!(task_id = %offer.task.id, runner = %req.runner, attempt = offer.attempt, "Task offered again: the answer that started it was not confirmed.");
+                return Ok(axum::Json(offer).into_response());
+            }
             s.metrics
                 .dispatched(s.clock.now_ms() - offer.task.created_at);
             pending.settle(Some(&offer.task.id));
             tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
-            let mut offer = *offer;
             if req.ack {
-                start_at_claim(&s, &caller.token_id, &req.runner, &mut offer).await;
+                start_at_claim(&s, &mut offer).await;
             }
             return Ok(axum::Json(offer).into_response());
         }
@@ -709,41 +703,19 @@ async fn claim(
     }
 }
 
-/// Acks an offer in the claim that took it (`ClaimRequest::ack`), and keeps it until the
-/// runner shows it has it. An ack that fails leaves the offer as it was, without `lease`: the
-/// runner acks it itself and gets the answer any ack would.
-async fn start_at_claim(s: &AppState, token_id: &str, runner: &str, offer: &mut Offer) {
+/// Acks an offer in the claim that took it (`ClaimRequest::ack`). The store keeps the attempt
+/// unconfirmed until its runner makes a call about it, and offers it again to the runner's
+/// next claim with `ack` meanwhile. An ack that fails leaves the offer as it was, without
+/// `lease`: the runner acks it itself and gets the answer any ack would.
+async fn start_at_claim(s: &AppState, offer: &mut Offer) {
     let at = AttemptRef {
         attempt: offer.attempt,
         lease_token: offer.lease_token.clone(),
     };
-    match s.store.ack(&offer.task.id, &at).await {
-        Ok(lease) => {
-            offer.lease = Some(lease.clone());
-            s.unconfirmed
-                .keep(token_id, runner, offer, lease.lease_until, s.clock.now_ms());
-        }
+    match s.store.ack_for_claim(&offer.task.id, &at).await {
+        Ok(lease) => offer.lease = Some(lease),
         Err(e) => {
             tracing::warn!(task_id = %offer.task.id, error = %e, "Could not ack the offer at claim time; the runner acks it.");
-        }
-    }
-}
-
-/// The offer again, with its lease as it is now, while its attempt still runs (a repeated ack
-/// changes nothing); `None` once it has ended.
-async fn offer_again(s: &AppState, mut offer: Offer) -> Option<Offer> {
-    let at = AttemptRef {
-        attempt: offer.attempt,
-        lease_token: offer.lease_token.clone(),
-    };
-    match s.store.ack(&offer.task.id, &at).await {
-        Ok(lease) => {
-            offer.lease = Some(lease);
-            Some(offer)
-        }
-        Err(_) => {
-            s.unconfirmed.confirm(&offer.task.id);
-            None
         }
     }
 }
@@ -761,7 +733,6 @@ async fn ack(
 ) -> Result<axum::Json<LeaseStatus>, ApiError> {
     check_task_id(&id)?;
     let lease = s.store.ack(&id, &req).await?;
-    s.unconfirmed.confirm(&id);
     Ok(axum::Json(lease))
 }
 
@@ -780,7 +751,6 @@ async fn heartbeat(
     check_task_id(&id)?;
     let at = req.attempt_ref();
     let status = s.store.heartbeat(&id, &at).await?;
-    s.unconfirmed.confirm(&id);
     if status.cancel || req.wait_ms == 0 {
         return Ok(axum::Json(status));
     }
@@ -818,7 +788,6 @@ async fn append_events(
     check_task_id(&id)?;
     req.validate()?;
     let ack = s.store.append_events(&id, req).await?;
-    s.unconfirmed.confirm(&id);
     Ok(axum::Json(ack))
 }
 
@@ -851,7 +820,6 @@ async fn finish(
         }
     }
     let task = s.store.finish(&id, req).await?;
-    s.unconfirmed.confirm(&id);
     s.metrics
         .finished_by_runner
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

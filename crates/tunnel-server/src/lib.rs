@@ -17,7 +17,6 @@ mod hub;
 mod metrics;
 mod openapi;
 mod serve;
-mod unconfirmed;
 mod web;
 
 use std::net::SocketAddr;
@@ -119,8 +118,6 @@ pub(crate) struct Inner {
     pub(crate) polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) max_polls_per_token: usize,
     pub(crate) acp: Arc<acp::AcpState>,
-    /// Offers acked at claim time that their runner has not yet shown it received.
-    pub(crate) unconfirmed: unconfirmed::Unconfirmed,
 }
 
 impl Inner {
@@ -209,7 +206,6 @@ impl Server {
                 config.acp.clone(),
                 config.max_body_bytes,
             )),
-            unconfirmed: Default::default(),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
         let listener =

@@ -573,6 +573,11 @@ impl Store {
     }
 
     /// Offers the oldest ready task this runner can take, or `None`. Never waits.
+    ///
+    /// With `req.ack`, the offer is marked unconfirmed (see [`Store::ack_for_claim`]), and an
+    /// attempt offered to this runner by an earlier such claim that it has not confirmed (and
+    /// does not list in `holding`) comes first, offered again: with `lease` when it has
+    /// started, without when it still waits for its ack.
     pub async fn claim(&self, req: &ClaimRequest) -> Result<Option<Offer>> {
         match &*self.backend {
             Backend::Sqlite(s) => s.claim(req.clone(), None).await,
@@ -610,10 +615,23 @@ impl Store {
         }
     }
 
+    /// The runner acks its offer: the attempt starts (a repeated ack answers the same).
     pub async fn ack(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
         match &*self.backend {
-            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), None).await,
-            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), None).await,
+            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), None, true).await,
+            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), None, true).await,
+        }
+    }
+
+    /// The server acks an offer for its runner, in the claim (with `ack`) that made it: the
+    /// attempt starts, and stays unconfirmed until the runner makes a call about it (ack,
+    /// heartbeat, events, finish) or lists it in a claim's `holding`. Until then, that
+    /// runner's claims with `ack` get the offer again, whichever server answers them and
+    /// however many times it restarted (the answer that brought it may have been lost).
+    pub async fn ack_for_claim(&self, id: &str, attempt: &AttemptRef) -> Result<LeaseStatus> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), None, false).await,
+            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), None, false).await,
         }
     }
 
@@ -628,8 +646,8 @@ impl Store {
     ) -> Result<LeaseStatus> {
         let lease_ms = Some(lease_ms.max(1));
         match &*self.backend {
-            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), lease_ms).await,
-            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), lease_ms).await,
+            Backend::Sqlite(s) => s.ack(id.to_owned(), attempt.clone(), lease_ms, true).await,
+            Backend::Postgres(s) => s.ack(id.to_owned(), attempt.clone(), lease_ms, true).await,
         }
     }
 

@@ -34,6 +34,20 @@ pub(crate) const TASK_COLUMNS: &str =
     cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
     started_at, finished_at, owner, meta, approvals";
 
+/// How many columns a comma-separated list names, so a statement that selects more after a
+/// list knows where they start without a count kept by hand beside it.
+pub(crate) const fn column_count(list: &str) -> usize {
+    let b = list.as_bytes();
+    let (mut i, mut n) = (0, 1);
+    while i < b.len() {
+        if b[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
 /// Index of `owner` in [`TASK_COLUMNS`].
 pub(crate) const TASK_OWNER: usize = 26;
 
@@ -240,13 +254,17 @@ pub(crate) struct OpenTask {
     /// The namespace of its conversation: its owner when a client's, '' (shared) when an
     /// admin's.
     pub conv_owner: String,
+    /// Offered by a claim with `ack`, and its runner has not yet shown it has the offer.
+    pub unconfirmed: bool,
+    /// The session that offer resumes (kept to offer it again).
+    pub offer_resume: Option<String>,
 }
 
 /// The columns [`open_task_from_row`] reads, in its order.
 pub(crate) const OPEN_TASK_COLUMNS: &str =
     "seq, id, agent, conversation, session_key, owner, state, attempt,
     runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before,
-    conv_owner";
+    conv_owner, unconfirmed, offer_resume";
 
 pub(crate) fn open_task_from_row(r: &impl Columns) -> Result<OpenTask> {
     let state = r.text(6)?;
@@ -268,6 +286,8 @@ pub(crate) fn open_task_from_row(r: &impl Columns) -> Result<OpenTask> {
         reply_to: r.opt_text(14)?.and_then(|s| serde_json::from_str(&s).ok()),
         not_before: r.opt_int(15)?,
         conv_owner: r.text(16)?,
+        unconfirmed: r.flag(17)?,
+        offer_resume: r.opt_text(18)?,
     })
 }
 
@@ -386,6 +406,46 @@ pub(crate) fn ack(t: &OpenTask, at: &AttemptRef, now: i64, lease_ms: i64) -> Res
     Ok(Ack::Start {
         lease_until: now + lease_ms,
     })
+}
+
+/// What a claim with `ack` does with an attempt offered to its runner by an earlier claim with
+/// `ack` that the runner has not confirmed (it made no call about it since: the answer that
+/// brought it may have been lost, with the connection or with the server that sent it).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unconfirmed {
+    /// Offer it again, as it is now: still to be acked (`None`), or running under this lease.
+    Again(Option<LeaseStatus>),
+    /// Never again: the claim lists it in `holding` (the runner has it), or it is not this
+    /// runner's attempt to have again (ended, another's, or past its deadline, which the
+    /// deadline timer settles). Clear its mark.
+    Clear,
+}
+
+pub(crate) fn unconfirmed(
+    t: &OpenTask,
+    runner: &str,
+    holding: &[String],
+    now: i64,
+    lease_ms: i64,
+) -> Unconfirmed {
+    if !t.unconfirmed
+        || t.runner.as_deref() != Some(runner)
+        || t.lease_token.is_none()
+        || holding.iter().any(|h| h == &t.id)
+    {
+        return Unconfirmed::Clear;
+    }
+    match t.state {
+        TaskState::Offered if t.ack_by.is_none_or(|d| d >= now) => Unconfirmed::Again(None),
+        TaskState::Running | TaskState::Cancelling if t.lease_until.is_some_and(|l| l >= now) => {
+            Unconfirmed::Again(Some(LeaseStatus {
+                lease_until: t.lease_until.unwrap_or(now),
+                lease_ms,
+                cancel: t.state == TaskState::Cancelling,
+            }))
+        }
+        _ => Unconfirmed::Clear,
+    }
 }
 
 /// Whether a running attempt's lease still holds.

@@ -128,6 +128,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../migrations/postgres/0017_runner_acp_capabilities.sql"),
     ),
     (
+        "0018_unconfirmed_offers",
+        include_str!("../migrations/postgres/0018_unconfirmed_offers.sql"),
+    ),
+    (
         "0019_fewer_task_indexes",
         include_str!("../migrations/postgres/0019_fewer_task_indexes.sql"),
     ),
@@ -174,6 +178,16 @@ const TOUCH_RUNNER: &str = "WITH fresh AS (
           OR runners.token = EXCLUDED.token
        RETURNING 1)
     SELECT (SELECT COUNT(*) FROM fresh) + (SELECT COUNT(*) FROM up)";
+/// For a claim with `ack` by runner $1 (token $3): clears the marks of the attempts it lists in
+/// `holding` ($2: it has them), if the name is the token's (the claim's other statements
+/// refuse it otherwise), and lists the tasks whose current attempt is still marked, for
+/// `W::unconfirmed_offer`: almost always none. One statement, sent with the claim's first.
+const UNCONFIRMED: &str = "WITH held AS (
+        UPDATE tasks SET unconfirmed = FALSE
+        WHERE runner = $1 AND unconfirmed AND id = ANY($2)
+          AND EXISTS (SELECT 1 FROM runners r WHERE r.name = $1
+                      AND ($3::text IS NULL OR r.token = $3)))
+    SELECT id FROM tasks WHERE runner = $1 AND unconfirmed AND id <> ALL($2) ORDER BY seq";
 /// A lease renewal; the runner's row only when it was last seen over
 /// [`model::RUNNER_TOUCH_EVERY_MS`] ago (as a claim does), so a stream of events does not
 /// rewrite it each time.
@@ -963,17 +977,38 @@ impl PgStore {
             agents.dedup();
             let mut skipped: Vec<i64> = Vec::new();
             let mut chosen = None;
-            // The runner's row and the first candidates, in one round trip (independent).
-            w.prepare(&[TOUCH_RUNNER, &sql]).await?;
-            let (touched, first) = futures_util::future::join(
+            // The runner's row, the first candidates and (with `ack`) the attempts this runner
+            // has not confirmed: one round trip (independent).
+            if req.ack {
+                w.prepare(&[TOUCH_RUNNER, &sql, UNCONFIRMED]).await?;
+            } else {
+                w.prepare(&[TOUCH_RUNNER, &sql]).await?;
+            }
+            let (touched, first, unconfirmed) = futures_util::future::join3(
                 w.touch_runner(&req, token.as_deref()),
                 w.all(
                     &sql,
                     &[&w.now, &agents, &req.projects, &req.runner, &skipped],
                 ),
+                async {
+                    if req.ack {
+                        w.all(UNCONFIRMED, &[&req.runner, &req.holding, &token])
+                            .await
+                    } else {
+                        Ok(vec![])
+                    }
+                },
             )
             .await;
             touched?;
+            let unconfirmed = unconfirmed?;
+            // One an earlier claim with `ack` started whose answer this runner may never have
+            // read comes first (see `model::Unconfirmed`).
+            if !unconfirmed.is_empty()
+                && let Some(offer) = w.unconfirmed_offer(&req, &unconfirmed).await?
+            {
+                return Ok(Some(offer));
+            }
             let mut first = Some(first?);
             'rounds: for _ in 0..3 {
                 let rows = match first.take() {
@@ -1039,13 +1074,25 @@ impl PgStore {
             // The offer, its event and the task as offered: one round trip (in this order).
             const OFFER: &str = "UPDATE tasks SET state = 'offered', ready = FALSE,
                     attempt = attempt + 1, lease_token = $2, runner = $3, ack_by = $4,
-                    lease_until = NULL, not_before = NULL, reason = NULL, updated_at = $5
+                    lease_until = NULL, not_before = NULL, reason = NULL, updated_at = $5,
+                    unconfirmed = $6, offer_resume = $7
                  WHERE seq = $1";
             let load = task_by_seq_sql();
             w.prepare(&[OFFER, INSERT_EVENT, &load]).await?;
             let offered = StateEvent::Offered(&req.runner).data();
             let (updated, evented, task) = futures_util::future::join3(
-                w.exec(OFFER, &[&seq, &lease_token, &req.runner, &ack_by, &w.now]),
+                w.exec(
+                    OFFER,
+                    &[
+                        &seq,
+                        &lease_token,
+                        &req.runner,
+                        &ack_by,
+                        &w.now,
+                        &req.ack,
+                        &req.ack.then_some(resume.as_deref()).flatten(),
+                    ],
+                ),
                 w.event(seq, attempt, "state", &offered),
                 load_task_by_seq(w.conn.client(), seq),
             )
@@ -1093,16 +1140,22 @@ impl PgStore {
         })
     }
 
+    /// `confirm`: the runner itself acks (it has the offer); else the server acks for it in
+    /// the claim that made the offer, and the attempt stays unconfirmed.
     pub(crate) async fn ack(
         &self,
         id: String,
         at: AttemptRef,
         lease_ms: Option<i64>,
+        confirm: bool,
     ) -> Result<LeaseStatus> {
         write!(self, |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id).await?;
             model::check_attempt(&t, at.attempt, &at.lease_token)?;
+            if confirm {
+                w.confirm(&t).await?;
+            }
             let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
                 Ack::Start { lease_until } => lease_until,
                 Ack::Again(status) => return Ok(status),
@@ -1198,6 +1251,7 @@ impl PgStore {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
             model::check_attempt(&t, at.attempt, &at.lease_token)?;
+            w.confirm(&t).await?;
             let lease_until = w.renew_lease(&t).await?;
             Ok(model::heartbeat_status(
                 &t,
@@ -1211,6 +1265,7 @@ impl PgStore {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            w.confirm(&t).await?;
             const COUNTERS: &str =
                 "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = $1";
             let row = if model::events_renew_lease(&t) {
@@ -1299,6 +1354,7 @@ impl PgStore {
         write!(self, |w| {
             let t = w.open_task(&id).await?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            w.confirm(&t).await?;
             match model::finish(&t, req.attempt)? {
                 Finish::Record { check_lease } => {
                     if check_lease {
@@ -2596,6 +2652,56 @@ impl W<'_> {
         )
         .await?;
         Ok(lease_until)
+    }
+
+    /// The runner made a call about this attempt, so it has the offer: it is never offered
+    /// again (see [`model::Unconfirmed`]).
+    async fn confirm(&self, t: &OpenTask) -> Result<()> {
+        if t.unconfirmed {
+            self.exec(
+                "UPDATE tasks SET unconfirmed = FALSE WHERE seq = $1",
+                &[&t.seq],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The first of `rows` (ids from [`UNCONFIRMED`]) still an attempt of this runner that an
+    /// earlier claim with `ack` started (or offered) and the runner has not confirmed, as an
+    /// offer again; the ones it lists in `holding`, or that are no longer its to have, are
+    /// cleared on the way. A row another write holds is skipped (that write is the runner's
+    /// call about it, or ends it); none of this changes which task of a session is first, so
+    /// no session lock is taken.
+    async fn unconfirmed_offer(
+        &mut self,
+        req: &ClaimRequest,
+        rows: &[Row],
+    ) -> Result<Option<Offer>> {
+        let sql =
+            format!("SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE SKIP LOCKED");
+        for row in rows {
+            let id: String = get(row, 0)?;
+            let Some(row) = self.opt(&sql, &[&id]).await? else {
+                continue;
+            };
+            let t = open_task_from_row(&row)?;
+            let lease_ms = self.settings.lease_ms;
+            match model::unconfirmed(&t, &req.runner, &req.holding, self.now, lease_ms) {
+                model::Unconfirmed::Again(lease) => {
+                    return Ok(Some(Offer {
+                        task: load_task_by_seq(self.tx().await?, t.seq).await?,
+                        attempt: t.attempt,
+                        lease_token: t.lease_token.clone().unwrap_or_default(),
+                        ack_by: t.ack_by.unwrap_or(self.now),
+                        resume_session_id: t.offer_resume.clone(),
+                        lease,
+                    }));
+                }
+                model::Unconfirmed::Clear => self.confirm(&t).await?,
+            }
+        }
+        Ok(None)
     }
 
     async fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {

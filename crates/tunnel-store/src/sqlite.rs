@@ -50,6 +50,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0015_event_caps.sql"),
     include_str!("../migrations/sqlite/0016_conversation_owner.sql"),
     include_str!("../migrations/sqlite/0017_runner_acp_capabilities.sql"),
+    include_str!("../migrations/sqlite/0018_unconfirmed_offers.sql"),
     include_str!("../migrations/sqlite/0019_fewer_task_indexes.sql"),
 ];
 
@@ -561,6 +562,13 @@ impl SqliteStore {
     ) -> Result<Option<Offer>> {
         self.write(move |w| {
             w.touch_runner(&req, token.as_deref())?;
+            // An attempt an earlier claim with `ack` started whose answer this runner may never
+            // have read comes first (see `model::Unconfirmed`).
+            if req.ack
+                && let Some(offer) = w.unconfirmed_offer(&req)?
+            {
+                return Ok(Some(offer));
+            }
             // Oldest ready task first, among those of the runner's agents and projects only:
             // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
             // so tasks queued for agents or projects this runner lacks cost nothing here.
@@ -651,7 +659,8 @@ impl SqliteStore {
                     "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
                         lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
                         not_before = NULL, reason = NULL, updated_at = ?5,
-                        next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6
+                        next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6,
+                        unconfirmed = ?7, offer_resume = ?8
                      WHERE seq = ?1
                      RETURNING {TASK_COLUMNS}, next_event_seq - 1, conv_owner"
                 ))?
@@ -662,7 +671,9 @@ impl SqliteStore {
                         req.runner,
                         ack_by,
                         w.now,
-                        model::event_size("state", &offered) as i64
+                        model::event_size("state", &offered) as i64,
+                        req.ack,
+                        req.ack.then_some(resume.as_deref()).flatten()
                     ],
                     |r| {
                         Ok(task_row(r)?.and_then(|row| {
@@ -702,16 +713,22 @@ impl SqliteStore {
         .await
     }
 
+    /// `confirm`: the runner itself acks (it has the offer); else the server acks for it in
+    /// the claim that made the offer, and the attempt stays unconfirmed.
     pub(crate) async fn ack(
         &self,
         id: String,
         at: AttemptRef,
         lease_ms: Option<i64>,
+        confirm: bool,
     ) -> Result<LeaseStatus> {
         self.write(move |w| {
             let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
             let t = w.open_task(&id)?;
             model::check_attempt(&t, at.attempt, &at.lease_token)?;
+            if confirm {
+                w.confirm(&t)?;
+            }
             let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
                 Ack::Start { lease_until } => lease_until,
                 Ack::Again(status) => return Ok(status),
@@ -781,6 +798,7 @@ impl SqliteStore {
         self.write(move |w| {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, at.attempt, &at.lease_token)?;
+            w.confirm(&t)?;
             let lease_until = w.renew_lease(&t)?;
             Ok(model::heartbeat_status(
                 &t,
@@ -816,6 +834,7 @@ impl SqliteStore {
                 .optional()?
                 .ok_or(StoreError::NotFound("task"))??;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            w.confirm(&t)?;
             if model::events_renew_lease(&t) {
                 if model::events_lease_fresh(&t, w.now, w.settings.lease_ms) {
                     // Still checked: a lease that ran out ends the attempt here too.
@@ -903,6 +922,7 @@ impl SqliteStore {
         self.write(move |w| {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
+            w.confirm(&t)?;
             match model::finish(&t, req.attempt)? {
                 Finish::Record { check_lease } => {
                     if check_lease {
@@ -2097,6 +2117,49 @@ impl W<'_> {
         Ok(lease_until)
     }
 
+    /// The runner made a call about this attempt, so it has the offer: it is never offered
+    /// again (see [`model::Unconfirmed`]).
+    fn confirm(&self, t: &OpenTask) -> Result<()> {
+        if t.unconfirmed {
+            self.conn
+                .prepare_cached("UPDATE tasks SET unconfirmed = 0 WHERE seq = ?1")?
+                .execute(params![t.seq])?;
+        }
+        Ok(())
+    }
+
+    /// The first attempt of this runner that an earlier claim with `ack` started (or offered)
+    /// and the runner has not confirmed, as an offer again; the ones it lists in `holding`, or
+    /// that are no longer its to have, are cleared on the way.
+    fn unconfirmed_offer(&mut self, req: &ClaimRequest) -> Result<Option<Offer>> {
+        let seqs = self
+            .conn
+            .prepare_cached(
+                "SELECT seq FROM tasks INDEXED BY tasks_unconfirmed
+                 WHERE runner = ?1 AND unconfirmed = 1 ORDER BY seq",
+            )?
+            .query_map(params![req.runner], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        for seq in seqs {
+            let t = self.task_by_seq(seq)?;
+            let lease_ms = self.settings.lease_ms;
+            match model::unconfirmed(&t, &req.runner, &req.holding, self.now, lease_ms) {
+                model::Unconfirmed::Again(lease) => {
+                    return Ok(Some(Offer {
+                        task: load_task_by_seq(self.conn, seq)?,
+                        attempt: t.attempt,
+                        lease_token: t.lease_token.clone().unwrap_or_default(),
+                        ack_by: t.ack_by.unwrap_or(self.now),
+                        resume_session_id: t.offer_resume.clone(),
+                        lease,
+                    }));
+                }
+                model::Unconfirmed::Clear => self.confirm(&t)?,
+            }
+        }
+        Ok(None)
+    }
+
     /// An offer that was not acked in time goes back to the head of its session.
     fn requeue_offer(&mut self, t: &OpenTask) -> Result<()> {
         self.queue_again(
@@ -2721,9 +2784,9 @@ fn history_runner(conn: &Connection, agent: &str, session_id: &str) -> Result<Op
 // Reading tasks
 
 /// Columns in [`TASK_COLUMNS`]: what a statement returns after them starts here.
-const TASK_COLUMNS_LEN: usize = 29;
+const TASK_COLUMNS_LEN: usize = model::column_count(TASK_COLUMNS);
 /// Columns in [`OPEN_TASK_COLUMNS`].
-const OPEN_TASK_LEN: usize = 17;
+const OPEN_TASK_LEN: usize = model::column_count(OPEN_TASK_COLUMNS);
 
 /// A row of [`TASK_COLUMNS`] and its owner, for [`complete_task`].
 type TaskRow = ((i64, Option<String>, Task), String);

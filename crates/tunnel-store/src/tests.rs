@@ -1031,6 +1031,7 @@ async fn scope_hides_other_owners(f: Fixture) {
 }
 
 mod approvals;
+mod claim_ack;
 mod dashboard;
 mod postgres_only;
 mod queue;

@@ -86,7 +86,8 @@ pub(crate) struct RunnerSection {
     pub(crate) name: Option<String>,
     pub(crate) max_concurrent: Option<usize>,
     pub(crate) long_poll_wait_secs: Option<u64>,
-    /// Ask each claim to ack its offer too (default true; false: ack apart, as runners did).
+    /// Ask each claim to ack its offer too (default true; false: ack apart, as runners did
+    /// before the field).
     pub(crate) ack_in_claim: Option<bool>,
     pub(crate) default_timeout_secs: Option<u64>,
     pub(crate) shutdown_grace_secs: Option<u64>,

@@ -308,7 +308,8 @@ impl RunnerSpec {
             max_concurrent: 8,
             shutdown_grace_secs: 60,
             agent_env: vec![],
-            ack_in_claim: false,
+            // The runner's default.
+            ack_in_claim: true,
         }
     }
 }

@@ -167,8 +167,13 @@ async fn server_killed_twice_mid_run_loses_and_repeats_nothing() {
         .filter(|t| t["attempt"].as_u64() > Some(1))
         .count();
     let spooled: usize = runners.iter().map(Runner::spooled).sum();
+    // Attempts a claim started whose answer the runner did not confirm, given again.
+    let again = std::fs::read_to_string(world.path("server.log"))
+        .unwrap_or_default()
+        .matches("Task offered again")
+        .count();
     println!(
-        "chaos: server crash: {t} · server SIGKILLs {} (at {:?} executions ended, with {:?} tasks offered or running, down {:?}) · server starts {} · offers repeated {reoffered} · chat sends deduplicated by nonce {} · chat requests {} (edits {}) · left in spools {spooled} · {took:.1?}",
+        "chaos: server crash: {t} · server SIGKILLs {} (at {:?} executions ended, with {:?} tasks offered or running, down {:?}) · server starts {} · offers repeated {reoffered} · started attempts offered again {again} · chat sends deduplicated by nonce {} · chat requests {} (edits {}) · left in spools {spooled} · {took:.1?}",
         kills.len(),
         kills.iter().map(|k| k.0).collect::<Vec<_>>(),
         kills.iter().map(|k| k.1).collect::<Vec<_>>(),
@@ -450,7 +455,9 @@ async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
     let proxy = Proxy::start(server.addr()).await;
     proxy.set(Mode::LoseAnswersTo("/ack HTTP"));
     // A runner that acks apart (an offer its claim could not ack takes this path too).
-    let _r = Runner::start(&world, RunnerSpec::new("acker", &proxy.url()));
+    let mut spec = RunnerSpec::new("acker", &proxy.url());
+    spec.ack_in_claim = false;
+    let _r = Runner::start(&world, spec);
     let api = Api::new(&server.url());
     let id = api
         .submit("ack-lost", &task_body("quiet 0.1", None, None))
@@ -504,6 +511,49 @@ async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
         None,
         "the agent ran without an offer"
     );
+    proxy.set(Mode::Pass);
+    let tasks = api
+        .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
+        .await;
+    assert_eq!(tasks[&id]["state"], "succeeded", "{}", tasks[&id]);
+    assert_eq!(tasks[&id]["attempt"], 1);
+    assert_eq!(world.starts().get(&id), Some(&1));
+}
+
+/// The window that kept `ack_in_claim` off (issue #19 §2): the server commits a claim's offer
+/// and its ack, and dies before its answer reaches the runner. Here the answer is lost (the
+/// proxy cuts each claim's connection as the answer starts, after the commit), the server is
+/// killed with SIGKILL while the runner has not heard, and started again on the same
+/// database. Nothing the first server held in memory survives: the restarted one must offer
+/// the attempt again to the runner's next claim from what the store kept, and the task must
+/// run once, rather than stay "running" with nobody until its lease runs out (lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_killed_before_its_acked_claim_answer_arrives_loses_no_task() {
+    let world = World::new();
+    // Without the offer again the task would be lost when this lease runs out.
+    let mut server = Server::start(&world, &["--lease", "6"], vec![]);
+    let proxy = Proxy::start(server.addr()).await;
+    proxy.set(Mode::LoseAnswersTo("/v1/claim HTTP"));
+    let mut spec = RunnerSpec::new("claimer", &proxy.url());
+    spec.ack_in_claim = true;
+    let _r = Runner::start(&world, spec);
+    let api = Api::new(&server.url());
+    let id = api
+        .submit("claim-crash", &task_body("quiet 0.1", None, None))
+        .await;
+    api.wait_state(&id, "running", Duration::from_secs(30))
+        .await;
+    until("a lost claim answer", Duration::from_secs(30), || {
+        proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    })
+    .await;
+    server.kill9();
+    assert_eq!(
+        world.starts().get(&id),
+        None,
+        "the agent ran without an offer"
+    );
+    server.spawn();
     proxy.set(Mode::Pass);
     let tasks = api
         .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
