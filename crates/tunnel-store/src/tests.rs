@@ -256,7 +256,11 @@ conformance!(
     sessions_belong_to_their_client,
     a_runner_that_left_is_offline_until_it_claims,
     event_log_is_capped_and_read_in_pages,
+    claim_and_start_refuses_acks_and_says_whose,
+    return_offer_requeues_only_that_offer,
 );
+
+use handoff::{claim_and_start_refuses_acks_and_says_whose, return_offer_requeues_only_that_offer};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -960,6 +964,7 @@ async fn scope_hides_other_owners(f: Fixture) {
 
 mod approvals;
 mod dashboard;
+mod handoff;
 mod postgres_only;
 mod queue;
 mod sqlite_wal;
