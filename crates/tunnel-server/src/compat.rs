@@ -911,7 +911,7 @@ async fn poll(
             Ok(Some(started)) => {
                 drop(slot);
                 pending.settle(Some(&started.offer.task.id));
-                return axum::Json(handed(&s, &req.runner, *Box::new(started))).into_response();
+                return axum::Json(handed(&s, &req.runner, started)).into_response();
             }
             Ok(None) => None,
             Err(e) => Some(e),

@@ -146,7 +146,7 @@ pub struct Started {
     pub offer: Offer,
     /// Whether the task's owner may resume [`StartAtClaim::wanted_session`] (false when none).
     pub may_resume: bool,
-    /// [`Store::conversation_owner`] of the task.
+    /// [`Store::conversation_owner`] of the task (may be `None` when it has no conversation).
     pub conv_owner: Option<String>,
 }
 
@@ -625,7 +625,10 @@ impl Store {
                     Some(w) => s.may_resume(id.clone(), w).await?,
                     None => false,
                 };
-                let conv_owner = s.conversation_owner(id.clone()).await?;
+                let conv_owner = match offer.task.conversation {
+                    Some(_) => s.conversation_owner(id.clone()).await?,
+                    None => None,
+                };
                 let lease_ms = Some((start.lease_ms)(&offer.task).max(1));
                 offer.lease = Some(s.ack(id, at, lease_ms).await?);
                 return Ok(Some(Started {

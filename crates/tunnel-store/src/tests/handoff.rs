@@ -80,6 +80,12 @@ async fn parking_store() -> (Store, Arc<Parking>, Arc<ManualClock>, tempfile::Te
     (store, parking, clock, dir)
 }
 
+/// What the parked poll got; it must have got it by the time the submit was answered.
+fn answer(mut rx: oneshot::Receiver<Handoff>) -> Handoff {
+    rx.try_recv()
+        .expect("answered with the commit that made the task ready")
+}
+
 fn offered(h: Handoff) -> Offer {
     match h {
         Handoff::Offered(o) => *o,
@@ -95,7 +101,7 @@ async fn a_submit_claims_for_the_parked_poll_in_its_own_commit() {
         .submit("o", None, SubmitTask::new("claude", "x"))
         .await
         .unwrap();
-    let o = offered(rx.await.unwrap());
+    let o = offered(answer(rx));
     assert_eq!(o.task.id, t.id);
     assert_eq!(o.attempt, 1);
     assert!(parking.woken().is_empty(), "nobody needed waking");
@@ -125,10 +131,7 @@ async fn two_parked_polls_for_different_agents_each_get_theirs() {
         .submit("o", None, SubmitTask::new("claude", "l"))
         .await
         .unwrap();
-    let (oc, ol) = (
-        offered(rx_codex.await.unwrap()),
-        offered(rx_claude.await.unwrap()),
-    );
+    let (oc, ol) = (offered(answer(rx_codex)), offered(answer(rx_claude)));
     assert_eq!(oc.task.id, tc.id, "the codex poll, though second in line");
     assert_eq!(oc.task.runner.as_deref(), Some("r2"));
     assert_eq!(ol.task.id, tl.id);
@@ -152,7 +155,7 @@ async fn a_pinned_task_is_not_handed_to_another_runner() {
     let mut rx_other = parking.park(claim_req("r-other"), None);
     let rx_home = parking.park(claim_req("r-home"), None);
     let (b, _) = store.submit("o", None, in_conv("b", "c")).await.unwrap();
-    let ob = offered(rx_home.await.unwrap());
+    let ob = offered(answer(rx_home));
     assert_eq!(ob.task.id, b.id);
     assert_eq!(ob.resume_session_id.as_deref(), Some("s-1"));
     assert!(
@@ -197,11 +200,11 @@ async fn an_older_ready_task_goes_first_and_the_hinted_one_to_the_next_poll() {
         .await
         .unwrap();
     assert_eq!(
-        offered(rx1.await.unwrap()).task.id,
+        offered(answer(rx1)).task.id,
         old.id,
         "oldest first, as its own claim would"
     );
-    assert_eq!(offered(rx2.await.unwrap()).task.id, new.id);
+    assert_eq!(offered(answer(rx2)).task.id, new.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +261,7 @@ async fn a_parked_start_claim_is_claimed_and_acked_in_the_submits_commit() {
     let mut s = in_conv("x", "conv-1");
     s.timeout_ms = Some(10_000);
     let (t, _) = store.submit("o", None, s).await.unwrap();
-    let started = match rx.await.unwrap() {
+    let started = match answer(rx) {
         Handoff::Started(s) => *s,
         other => panic!("expected a start, got {other:?}"),
     };
