@@ -1936,7 +1936,7 @@ fn claim_and_start_in(
 
 /// Offers `req`'s runner the oldest ready task it can take, or nothing.
 fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Option<Offer>> {
-    w.touch_runner(&req, token.as_deref())?;
+    w.touch_runner(req, token)?;
     // Oldest ready task first, among those of the runner's agents and projects only:
     // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
     // so tasks queued for agents or projects this runner lacks cost nothing here.
@@ -2068,9 +2068,9 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
 /// Starts the attempt `at` of task `id` under a lease of `lease_ms` (else the configured one).
 fn ack_in(w: &mut W<'_>, id: &str, at: &AttemptRef, lease_ms: Option<i64>) -> Result<LeaseStatus> {
     let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
-    let t = w.open_task(&id)?;
+    let t = w.open_task(id)?;
     model::check_attempt(&t, at.attempt, &at.lease_token)?;
-    let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
+    let lease_until = match model::ack(&t, at, w.now, lease_ms)? {
         Ack::Start { lease_until } => lease_until,
         Ack::Again(status) => return Ok(status),
         Ack::Expired(e) => {
@@ -2103,7 +2103,7 @@ fn ack_in(w: &mut W<'_>, id: &str, at: &AttemptRef, lease_ms: Option<i64>) -> Re
 
 /// Ends (or parks) the attempt `req` names.
 fn finish_in(w: &mut W<'_>, id: &str, req: FinishRequest) -> Result<Task> {
-    let t = w.open_task(&id)?;
+    let t = w.open_task(id)?;
     model::check_attempt(&t, req.attempt, &req.lease_token)?;
     match model::finish(&t, req.attempt)? {
         Finish::Record { check_lease } => {

@@ -178,7 +178,11 @@ async fn a_pinned_task_is_not_handed_to_another_runner() {
         rx_other.try_recv(),
         Err(oneshot::error::TryRecvError::Empty)
     ));
-    assert_eq!(parking.woken(), [c.id.clone()], "woken for its home only");
+    assert_eq!(
+        parking.woken(),
+        vec![c.id.clone()],
+        "woken for its home only"
+    );
     assert_eq!(
         store.task(&c.id, &Scope::All).await.unwrap().state,
         TaskState::Queued
@@ -225,7 +229,7 @@ async fn an_offer_whose_poll_is_gone_is_given_back_and_offered_again() {
     );
     // What the server does with it: given back at once, then claimed by the next poll.
     assert!(store.return_offer(&t.id, &attempt_of(&lost)).await.unwrap());
-    assert_eq!(parking.woken(), [t.id.clone()]);
+    assert_eq!(parking.woken(), vec![t.id.clone()]);
     let again = store.claim(&claim_req("r2")).await.unwrap().unwrap();
     assert_eq!(again.task.id, t.id);
     assert_eq!(again.attempt, 2, "the lost offer's attempt is fenced off");
