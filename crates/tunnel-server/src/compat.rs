@@ -917,7 +917,11 @@ async fn poll(
             Err(e) => Some(e),
         };
         let woken = match error {
-            Some(e) => Handoff::Failed(e),
+            Some(e) => {
+                // Out of line before it waits out its time: a wake-up now goes to another poll.
+                drop(slot);
+                Handoff::Failed(e)
+            }
             None => {
                 pending.hint = None;
                 // From here a write that makes a task ready for it claims and acks for it
