@@ -2,6 +2,7 @@
 //! through its auth extractor, and calls the store.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,7 +21,7 @@ use tunnel_protocol::{
     RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState,
     TokenInfo, TokenList, limits,
 };
-use tunnel_store::TaskFilter;
+use tunnel_store::{Handoff, Signals, TaskFilter};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -667,9 +668,11 @@ async fn claim(
         hub: s.hub.clone(),
         hint: None,
     };
+    let req = Arc::new(req);
+    let token: Arc<str> = caller.token_id.as_str().into();
     loop {
         // Register before looking, so a task that becomes ready in between still wakes us.
-        let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
+        let mut slot = s.hub.wait_slot(&req);
         // Boxed: the store's future is large (the PostgreSQL one most), and an unboxed one
         // would be part of every parked poll's future while it waits.
         let offer = Box::pin(s.store.claim_as(&req, &caller.token_id))
@@ -677,30 +680,59 @@ async fn claim(
             .map(Box::new);
         if let Some(offer) = offer {
             drop(slot);
-            let mut offer = *offer;
-            // The store gives an attempt an earlier claim with `ack` started, and this runner
-            // has not confirmed, first: the answer that brought it may have been lost (with
-            // the connection, or with a server that died before sending it).
-            if offer.task.state != TaskState::Offered {
-                tracing::info!(task_id = %offer.task.id, runner = %req.runner, attempt = offer.attempt, "Task offered again: the answer that started it was not confirmed.");
-                return Ok(axum::Json(offer).into_response());
-            }
-            s.metrics
-                .dispatched(s.clock.now_ms() - offer.task.created_at);
             pending.settle(Some(&offer.task.id));
-            tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
-            if req.ack {
-                start_at_claim(&s, &mut offer).await;
-            }
-            return Ok(axum::Json(offer).into_response());
+            return Ok(offered(&s, &caller.token_id, &req, *offer).await);
         }
         pending.hint = None;
-        tokio::select! {
-            hint = slot.woken() => pending.hint = Some(hint),
-            _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
-            _ = s.shutdown.cancelled() => return Ok(StatusCode::NO_CONTENT.into_response()),
+        // From here a write that makes a task ready for it claims for it (SQLite).
+        slot.arm(&token, None);
+        let woken = tokio::select! {
+            h = slot.woken() => Some(h),
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = s.shutdown.cancelled() => None,
+        };
+        // Out of time: a claim being made for it right now still comes.
+        let woken = match woken {
+            Some(h) => h,
+            None => match slot.close().await {
+                Some(Handoff::Ready(hint)) => {
+                    s.hub.task_ready(&hint);
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
+                Some(h) => h,
+                None => return Ok(StatusCode::NO_CONTENT.into_response()),
+            },
+        };
+        match woken {
+            Handoff::Ready(hint) => pending.hint = Some(hint),
+            Handoff::Offered(offer) => {
+                return Ok(offered(&s, &caller.token_id, &req, *offer).await);
+            }
+            Handoff::Failed(e) => return Err(e.into()),
+            Handoff::Started(started) => {
+                // Never armed with `start`; answered as the offer it is.
+                return Ok(offered(&s, &caller.token_id, &req, started.offer).await);
+            }
         }
     }
+}
+
+/// A claim's answer: the offer (acked first when the claim asked, `ClaimRequest::ack`).
+async fn offered(s: &AppState, token_id: &str, req: &ClaimRequest, mut offer: Offer) -> Response {
+    // The store gives an attempt an earlier claim with `ack` started, and this runner has not
+    // confirmed, first: the answer that brought it may have been lost (with the connection, or
+    // with a server that died before sending it). It is answered as it is, started.
+    if offer.task.state != TaskState::Offered {
+        tracing::info!(task_id = %offer.task.id, runner = %req.runner, attempt = offer.attempt, "Task offered again: the answer that started it was not confirmed.");
+        return axum::Json(offer).into_response();
+    }
+    s.metrics
+        .dispatched(s.clock.now_ms() - offer.task.created_at);
+    tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %token_id, attempt = offer.attempt, "Task offered.");
+    if req.ack {
+        start_at_claim(s, &mut offer).await;
+    }
+    axum::Json(offer).into_response()
 }
 
 /// Acks an offer in the claim that took it (`ClaimRequest::ack`). The store keeps the attempt

@@ -40,7 +40,7 @@ use tunnel_protocol::{
     AppendEvents, ClaimRequest, FinishRequest, NewEvent, Outcome, Platform, ReplyTo, Role,
     SubmitTask, Task, TaskResult, TaskState, limits,
 };
-use tunnel_store::{Scope, StoreError, TaskFilter};
+use tunnel_store::{Handoff, Scope, Signals, StartAtClaim, Started, StoreError, TaskFilter};
 
 use crate::AppState;
 use crate::auth::{Caller, authorize};
@@ -334,29 +334,31 @@ fn seed_session_id(task: &Task, meta: &Map<String, Value>) -> Option<String> {
 /// The `sessionId` handed to an original runner, which resumes the agent session of that name
 /// if it has one on disk and expands a short one (under 32 characters, or without `-`) as a
 /// prefix of the session files it has. So it gets an id only when the task's owner may resume
-/// it (the rule of `session: {resume}` in API v1, [`tunnel_store::Store::may_resume`]) and it
-/// is not expandable. Otherwise the task's own conversation stands behind a name derived from
-/// it ([`derived_session_id`]: the same for every task of the conversation, so the runner's
-/// own map keeps it going, and no session file is named so); else the task id.
-async fn handed_session_id(s: &AppState, task: &Task) -> Result<String, StoreError> {
-    let wanted = seed_session_id(task, &seed_meta(task));
-    if let Some(w) = &wanted
-        && !expandable(w)
-        && s.store.may_resume(&task.id, w).await?
-    {
-        return Ok(w.clone());
+/// it (the rule of `session: {resume}` in API v1, [`tunnel_store::Store::may_resume`]:
+/// `may_resume`, checked in the claim's write for [`wanted_session`]) and it is not
+/// expandable. Otherwise the task's own conversation stands behind a name derived from it
+/// ([`derived_session_id`], with the conversation's namespace `owner`: the same for every task
+/// of the conversation, so the runner's own map keeps it going, and no session file is named
+/// so); else the task id.
+fn handed_session_id(task: &Task, may_resume: bool, owner: Option<&str>) -> String {
+    if may_resume && let Some(w) = wanted_session(task) {
+        return w;
     }
     let Some(conv) = task
         .conversation
         .as_deref()
         .filter(|c| tunnel_protocol::validate_session_id("sessionId", c).is_ok())
     else {
-        return Ok(task.id.clone());
+        return task.id.clone();
     };
     // Conversation names are scoped by owner: two clients' "x" are two conversations, so
     // they must not share the runner's session of one name.
-    let owner = s.store.conversation_owner(&task.id).await?;
-    Ok(derived_session_id(conv, owner.as_deref()))
+    derived_session_id(conv, owner)
+}
+
+/// The session id a task asks an original runner to resume, if it may be handed as it is.
+fn wanted_session(task: &Task) -> Option<String> {
+    seed_session_id(task, &seed_meta(task)).filter(|w| !expandable(w))
 }
 
 /// Whether the original runner would expand this id as a prefix of its session files.
@@ -900,23 +902,64 @@ async fn poll(
         hub: s.hub.clone(),
         hint: None,
     };
+    let req = std::sync::Arc::new(req);
+    let token: std::sync::Arc<str> = token_id.as_str().into();
     loop {
-        let mut slot = s.hub.wait_slot(&req.runner, &req.agents, &req.projects);
-        // Boxed, as API v1's claim: the store's futures (claim, ack, finish; the PostgreSQL
-        // ones most) are large, and unboxed they would be part of every parked poll's future
-        // for its whole wait.
-        match Box::pin(claim_and_start(&s, &req, &token_id)).await {
-            Ok(Some(task)) => {
+        let mut slot = s.hub.wait_slot(&req);
+        // Boxed, as API v1's claim: the store's futures (the PostgreSQL ones most) are large,
+        // and unboxed they would be part of every parked poll's future for its whole wait.
+        let error = match Box::pin(s.store.claim_and_start(&req, &token_id, START)).await {
+            Ok(Some(started)) => {
                 drop(slot);
-                pending.settle(task.get("id").and_then(Value::as_str));
-                return axum::Json(task).into_response();
+                pending.settle(Some(&started.offer.task.id));
+                return axum::Json(handed(&s, &req.runner, started)).into_response();
             }
-            Ok(None) => {}
-            Err(e) => {
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        let woken = match error {
+            Some(e) => {
+                // Out of line before it waits out its time: a wake-up now goes to another poll.
+                drop(slot);
+                Handoff::Failed(e)
+            }
+            None => {
+                pending.hint = None;
+                // From here a write that makes a task ready for it claims and acks for it
+                // (SQLite).
+                slot.arm(&token, Some(START));
+                let woken = tokio::select! {
+                    h = slot.woken() => Some(h),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                    _ = s.shutdown.cancelled() => None,
+                };
+                // Out of time: a claim being made for it right now still comes.
+                match woken {
+                    Some(h) => h,
+                    None => match slot.close().await {
+                        Some(Handoff::Ready(hint)) => {
+                            s.hub.task_ready(&hint);
+                            return null();
+                        }
+                        Some(h) => h,
+                        None => return null(),
+                    },
+                }
+            }
+        };
+        match woken {
+            Handoff::Ready(hint) => pending.hint = Some(hint),
+            Handoff::Started(started) => {
+                return axum::Json(handed(&s, &req.runner, *started)).into_response();
+            }
+            Handoff::Offered(offer) => {
+                // Never armed without `start`; not what an original runner can take.
+                s.hub.handoff_lost(Handoff::Offered(offer));
+            }
+            Handoff::Failed(e) => {
                 // Never an error body (the runner would run it): answer `null` when the wait
                 // is over; the runner polls again.
                 tracing::error!(error = %e, "An openclaw-tunnel runner poll failed; answering null.");
-                drop(slot);
                 // A wake-up it was acting on goes to another poll.
                 drop(pending);
                 tokio::select! {
@@ -926,66 +969,61 @@ async fn poll(
                 return null();
             }
         }
-        pending.hint = None;
-        tokio::select! {
-            hint = slot.woken() => pending.hint = Some(hint),
-            _ = tokio::time::sleep_until(deadline) => return null(),
-            _ = s.shutdown.cancelled() => return null(),
-        }
     }
 }
 
-/// Offers the next task to this runner and acks it at once with a lease of its timeout plus
-/// [`LEASE_MARGIN_MS`]; `None` when nothing is ready. A task the original runner cannot run
-/// is finished as failed and the next one is tried.
-async fn claim_and_start(
-    s: &AppState,
-    req: &ClaimRequest,
-    token_id: &str,
-) -> Result<Option<Value>, StoreError> {
-    loop {
-        let Some(offer) = s.store.claim_as(req, token_id).await? else {
-            return Ok(None);
-        };
-        s.metrics
-            .dispatched(s.clock.now_ms() - offer.task.created_at);
-        let id = offer.task.id.clone();
-        let at = tunnel_protocol::AttemptRef {
-            attempt: offer.attempt,
-            lease_token: offer.lease_token.clone(),
-        };
-        let session_id = handed_session_id(s, &offer.task).await?;
-        let Some(mut shown) = seed_task(&offer.task, &session_id) else {
-            let error = format!(
-                "an openclaw-tunnel runner cannot run this {} task (its prompt is not a file request)",
-                offer.task.agent
-            );
-            tracing::warn!(task_id = %id, "{error}");
-            let finish = FinishRequest {
-                attempt: offer.attempt,
-                lease_token: offer.lease_token,
-                outcome: Outcome::Failed,
-                result: TaskResult {
-                    error: Some(error),
-                    ..Default::default()
-                },
-                not_before: None,
-                events: vec![],
-            };
-            s.store.finish(&id, finish).await?;
-            continue;
-        };
-        let timeout = offer.task.timeout_ms.unwrap_or(RUNNER_DEFAULT_TIMEOUT_MS);
-        let lease_ms = (timeout as i64).saturating_add(LEASE_MARGIN_MS);
-        s.store.ack_with_lease(&id, &at, lease_ms).await?;
-        // It is running now: say so, as the original's poll did.
-        if let Some(o) = shown.as_object_mut() {
-            o.insert("status".into(), "running".into());
-            o.insert("startedAt".into(), s.clock.now_ms().into());
-        }
-        tracing::info!(task_id = %id, runner = %req.runner, attempt = offer.attempt, lease_ms, "Task handed to an openclaw-tunnel runner.");
-        return Ok(Some(shown));
+/// How an original runner's claim acks what it takes: it never acks or heartbeats itself, so
+/// the lease covers the task's whole run plus [`LEASE_MARGIN_MS`]; a task it cannot run is
+/// finished failed and the next one claimed.
+const START: StartAtClaim = StartAtClaim {
+    refuse: refusal,
+    lease_ms: lease_of,
+    wanted_session,
+};
+
+/// Why an original runner cannot run `task`, if it cannot.
+fn refusal(task: &Task) -> Option<String> {
+    let runnable = match task.agent.as_str() {
+        "shell" => true,
+        "files" => seed_task(task, "").is_some(),
+        agent => cli_of(agent).is_some(),
+    };
+    if runnable {
+        return None;
     }
+    let error = format!(
+        "an openclaw-tunnel runner cannot run this {} task (its prompt is not a file request)",
+        task.agent
+    );
+    tracing::warn!(task_id = %task.id, "{error}");
+    Some(error)
+}
+
+fn lease_of(task: &Task) -> i64 {
+    let timeout = task.timeout_ms.unwrap_or(RUNNER_DEFAULT_TIMEOUT_MS);
+    (timeout as i64).saturating_add(LEASE_MARGIN_MS)
+}
+
+/// A task claimed and acked for an original runner, as its poll answers it.
+fn handed(s: &AppState, runner: &str, started: Started) -> Value {
+    let Started {
+        offer,
+        may_resume,
+        conv_owner,
+    } = started;
+    s.metrics
+        .dispatched(s.clock.now_ms() - offer.task.created_at);
+    let session_id = handed_session_id(&offer.task, may_resume, conv_owner.as_deref());
+    // `refusal` let it through, so it has a shape.
+    let mut shown = seed_task(&offer.task, &session_id).unwrap_or(Value::Null);
+    // It is running now: say so, as the original's poll did.
+    if let Some(o) = shown.as_object_mut() {
+        o.insert("status".into(), "running".into());
+        o.insert("startedAt".into(), s.clock.now_ms().into());
+    }
+    let lease_ms = offer.lease.as_ref().map(|l| l.lease_ms);
+    tracing::info!(task_id = %offer.task.id, runner = %runner, attempt = offer.attempt, lease_ms, "Task handed to an openclaw-tunnel runner.");
+    shown
 }
 
 /// `POST /worker/result {taskId, stdout, stderr, exitCode, error, duration, metadata}`.

@@ -1,8 +1,11 @@
 //! The in-process wake-up hub: what the store's [`Signals`] turn into.
 //!
 //! - Parked long-polls register a [`WaitSlot`]. When a task becomes ready, exactly one
-//!   matching slot is woken (no thundering herd over thousands of parked runners). A woken
-//!   poll claims through the store, which decides atomically who gets the task.
+//!   matching slot is woken (no thundering herd over thousands of parked runners). A slot
+//!   whose own claim found nothing is *armed* ([`WaitSlot::arm`]): SQLite's writer then claims
+//!   for it in the transaction that made the task ready ([`Signals::take_parked`]) and hands
+//!   it the offer; otherwise a woken poll claims through the store, which decides atomically
+//!   who gets the task.
 //! - Task watchers (`?wait=` and SSE) wait on a per-task [`Notify`].
 //! - The deadline timer is woken when a deadline earlier than the one it sleeps towards
 //!   appears.
@@ -15,24 +18,25 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{Notify, oneshot};
-use tunnel_store::{ReadyHint, Signals};
+use tunnel_protocol::{AttemptRef, ClaimRequest};
+use tunnel_store::{Handoff, ParkedClaim, ReadyHint, Signals, StartAtClaim};
 
 struct Waiter {
     id: u64,
-    runner: String,
-    agents: Vec<String>,
-    projects: Vec<String>,
-    wake: oneshot::Sender<ReadyHint>,
+    req: Arc<ClaimRequest>,
+    /// Set once the poll's own claim found nothing: what the writer may claim for it with.
+    armed: Option<(Arc<str>, Option<StartAtClaim>)>,
+    wake: oneshot::Sender<Handoff>,
 }
 
 impl Waiter {
     fn matches(&self, hint: &ReadyHint) -> bool {
-        self.agents.contains(&hint.agent)
+        self.req.agents.contains(&hint.agent)
             && hint
                 .project
                 .as_ref()
-                .is_none_or(|p| self.projects.contains(p))
-            && hint.runner.as_ref().is_none_or(|r| r == &self.runner)
+                .is_none_or(|p| self.req.projects.contains(p))
+            && hint.runner.as_ref().is_none_or(|r| r == &self.req.runner)
     }
 }
 
@@ -48,6 +52,10 @@ pub(crate) struct Hub {
     tokens_wake: Notify,
     /// Bumped on any task change or newly ready task: the dashboard's live pages listen.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Offers claimed for a poll that was gone before it could answer with them: given back
+    /// by [`return_offers`](crate) so the task is offered again at once.
+    returned: Mutex<Vec<(String, AttemptRef)>>,
+    returned_wake: Notify,
 }
 
 impl Hub {
@@ -69,19 +77,13 @@ impl Hub {
 
     /// Registers a parked long-poll. Dropping the slot unregisters it, and passes on a wake-up
     /// it received but did not act on.
-    pub(crate) fn wait_slot(
-        self: &Arc<Self>,
-        runner: &str,
-        agents: &[String],
-        projects: &[String],
-    ) -> WaitSlot {
+    pub(crate) fn wait_slot(self: &Arc<Self>, req: &Arc<ClaimRequest>) -> WaitSlot {
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let (wake, rx) = oneshot::channel();
         self.lock_waiters().push_back(Waiter {
             id,
-            runner: runner.to_owned(),
-            agents: agents.to_vec(),
-            projects: projects.to_vec(),
+            req: req.clone(),
+            armed: None,
             wake,
         });
         WaitSlot {
@@ -89,6 +91,17 @@ impl Hub {
             id,
             rx,
         }
+    }
+
+    /// Offers to give back ([`Signals::handoff_lost`]), taken; empty until
+    /// [`Hub::returned_woken`].
+    pub(crate) fn take_returned(&self) -> Vec<(String, AttemptRef)> {
+        std::mem::take(&mut *self.returned.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Waits until an offer is to be given back.
+    pub(crate) fn returned_woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.returned_wake.notified()
     }
 
     /// Long-polls parked right now.
@@ -145,12 +158,63 @@ impl Signals for Hub {
             if waiters[i].matches(hint) {
                 let w = waiters.remove(i).expect("index is in range");
                 // A closed slot is a poll whose client went away: try the next one.
-                if w.wake.send(hint.clone()).is_ok() {
+                if w.wake.send(Handoff::Ready(hint.clone())).is_ok() {
                     return;
                 }
             } else {
                 i += 1;
             }
+        }
+    }
+
+    fn take_parked(&self, hint: &ReadyHint) -> Option<ParkedClaim> {
+        let mut waiters = self.lock_waiters();
+        let mut i = 0;
+        while i < waiters.len() {
+            if !waiters[i].matches(hint) {
+                i += 1;
+                continue;
+            }
+            if waiters[i].wake.is_closed() {
+                // Its client went away.
+                waiters.remove(i);
+                continue;
+            }
+            // The first in line only, as `task_ready` would wake: one still claiming for
+            // itself is woken after the commit instead.
+            let (token, start) = waiters[i].armed.clone()?;
+            let w = waiters.remove(i).expect("index is in range");
+            return Some(ParkedClaim {
+                req: w.req,
+                token,
+                start,
+                answer: w.wake,
+            });
+        }
+        None
+    }
+
+    fn handoff_lost(&self, lost: Handoff) {
+        match lost {
+            Handoff::Ready(hint) => self.task_ready(&hint),
+            Handoff::Offered(offer) => {
+                tracing::info!(task_id = %offer.task.id, runner = %offer.task.runner.as_deref().unwrap_or("?"), "The poll an offer was claimed for had gone; offering it again.");
+                let at = AttemptRef {
+                    attempt: offer.attempt,
+                    lease_token: offer.lease_token,
+                };
+                self.returned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((offer.task.id, at));
+                self.returned_wake.notify_one();
+            }
+            // Acked for an original runner that never got it: like an answer lost on the
+            // wire, its lease ends it.
+            Handoff::Started(s) => {
+                tracing::warn!(task_id = %s.offer.task.id, "The openclaw-tunnel poll a task was started for had gone; the task ends when its lease does.");
+            }
+            Handoff::Failed(_) => {}
         }
     }
 
@@ -187,25 +251,51 @@ impl Signals for Hub {
 pub(crate) struct WaitSlot {
     hub: Arc<Hub>,
     id: u64,
-    rx: oneshot::Receiver<ReadyHint>,
+    rx: oneshot::Receiver<Handoff>,
 }
 
 impl WaitSlot {
-    /// Resolves when a matching task became ready (or never, if the hub is gone).
-    pub(crate) async fn woken(&mut self) -> ReadyHint {
+    /// The poll's own claim found nothing: from now on a write that makes a task ready for it
+    /// may claim for it (as `token`; with `start`, claim and ack) and hand it the answer.
+    pub(crate) fn arm(&self, token: &Arc<str>, start: Option<StartAtClaim>) {
+        let mut waiters = self.hub.lock_waiters();
+        if let Some(w) = waiters.iter_mut().find(|w| w.id == self.id) {
+            w.armed = Some((token.clone(), start));
+        }
+    }
+
+    /// Resolves when a matching task became ready or was claimed for this poll (or never, if
+    /// the hub is gone).
+    pub(crate) async fn woken(&mut self) -> Handoff {
         match (&mut self.rx).await {
-            Ok(hint) => hint,
+            Ok(h) => h,
             Err(_) => std::future::pending().await,
         }
+    }
+
+    /// The poll is done waiting (its time ran out, or shutdown): `None` if it was still in
+    /// line, else what it was woken with, waited for, so a claim the writer is making for it
+    /// right now is not lost.
+    pub(crate) async fn close(mut self) -> Option<Handoff> {
+        let queued = {
+            let mut waiters = self.hub.lock_waiters();
+            let before = waiters.len();
+            waiters.retain(|w| w.id != self.id);
+            waiters.len() != before
+        };
+        if queued {
+            return None;
+        }
+        (&mut self.rx).await.ok()
     }
 }
 
 impl Drop for WaitSlot {
     fn drop(&mut self) {
         self.hub.lock_waiters().retain(|w| w.id != self.id);
-        // Woken but gone before acting: wake someone else instead.
-        if let Ok(hint) = self.rx.try_recv() {
-            self.hub.task_ready(&hint);
+        // Woken but gone before acting: wake someone else, or give the offer back.
+        if let Ok(h) = self.rx.try_recv() {
+            self.hub.handoff_lost(h);
         }
     }
 }

@@ -315,6 +315,7 @@ impl Server {
             self.state.platforms.clone(),
         ));
         let tokens = tokio::spawn(token_reloader(self.state.clone()));
+        let returner = tokio::spawn(offer_returner(self.state.clone()));
         let pruner = self
             .retention
             .map(|(keep, every)| tokio::spawn(pruner(self.state.clone(), keep, every)));
@@ -330,6 +331,7 @@ impl Server {
         let _ = timer.await;
         let _ = sender.await;
         let _ = tokens.await;
+        let _ = returner.await;
         if let Some(p) = pruner {
             let _ = p.await;
         }
@@ -349,6 +351,28 @@ async fn token_reloader(state: AppState) {
                     tracing::error!(error = %e, "Reloading tokens failed.");
                 }
             }
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Gives back the offers claimed for a long-poll that was gone when they came (the store's
+/// writer claims for parked polls, `Signals::take_parked`), so each task is offered again now
+/// rather than when its ack deadline passes.
+async fn offer_returner(state: AppState) {
+    loop {
+        let woken = state.hub.returned_woken();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        for (id, at) in state.hub.take_returned() {
+            match state.store.return_offer(&id, &at).await {
+                Ok(_) => {}
+                // Its ack deadline still gives it back.
+                Err(e) => tracing::warn!(task_id = %id, error = %e, "Giving back an offer failed."),
+            }
+        }
+        tokio::select! {
+            _ = &mut woken => {}
             _ = state.shutdown.cancelled() => return,
         }
     }

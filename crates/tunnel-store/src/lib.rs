@@ -124,10 +124,70 @@ pub struct ReadyHint {
     pub runner: Option<String>,
 }
 
+/// What a claim also does in its own write when the runner never acks (the original
+/// openclaw-tunnel runner): it acks the offer at once, and says what the server needs to hand
+/// the task on, so a dispatch is one committed write and no read after it.
+#[derive(Clone, Copy)]
+pub struct StartAtClaim {
+    /// Why this runner cannot run the task, if it cannot: the task is finished `failed` with
+    /// that error and the next one is claimed.
+    pub refuse: fn(&Task) -> Option<String>,
+    /// The attempt's lease, from the task.
+    pub lease_ms: fn(&Task) -> i64,
+    /// The agent session the runner would be handed; [`Started::may_resume`] says whether
+    /// the task's owner may resume it ([`Store::may_resume`]).
+    pub wanted_session: fn(&Task) -> Option<String>,
+}
+
+/// A task claimed and acked in one write ([`Store::claim_and_start`]).
+#[derive(Debug)]
+pub struct Started {
+    /// The offer, its `lease` set.
+    pub offer: Offer,
+    /// Whether the task's owner may resume [`StartAtClaim::wanted_session`] (false when none).
+    pub may_resume: bool,
+    /// [`Store::conversation_owner`] of the task (may be `None` when it has no conversation).
+    pub conv_owner: Option<String>,
+}
+
+/// A parked long-poll as a write that makes a task ready finds it ([`Signals::take_parked`]):
+/// what it would claim with, and where the claim's answer goes.
+pub struct ParkedClaim {
+    pub req: Arc<ClaimRequest>,
+    /// The runner token it claims as ([`Store::claim_as`]).
+    pub token: Arc<str>,
+    /// Claim and ack ([`Store::claim_and_start`]) rather than only claim.
+    pub start: Option<StartAtClaim>,
+    pub answer: tokio::sync::oneshot::Sender<Handoff>,
+}
+
+/// What a parked long-poll is woken with.
+#[derive(Debug)]
+pub enum Handoff {
+    /// A task it may take became ready: it claims for itself.
+    Ready(ReadyHint),
+    /// Claimed for it in the transaction that made the task ready, and committed.
+    Offered(Box<Offer>),
+    /// Claimed and acked for it ([`ParkedClaim::start`]), and committed.
+    Started(Box<Started>),
+    /// The claim made for it failed.
+    Failed(StoreError),
+}
+
 /// Told, after each commit, what changed. The server implements it to wake long-polls,
 /// watchers and its deadline timer. Implementations must not block.
 pub trait Signals: Send + Sync + 'static {
     fn task_ready(&self, hint: &ReadyHint);
+    /// Called before the commit of a write that made a task ready (SQLite's writer): the
+    /// parked long-poll `task_ready` would wake for it, taken out of line, so the writer claims
+    /// for it in the same transaction and hands it the answer ([`ParkedClaim::answer`]) after
+    /// the commit. `None` (the default): `task_ready` after the commit, as before.
+    fn take_parked(&self, _hint: &ReadyHint) -> Option<ParkedClaim> {
+        None
+    }
+    /// A claim made for a parked long-poll that did not reach it (the poll was gone): an
+    /// offer to give back ([`Store::return_offer`]).
+    fn handoff_lost(&self, _lost: Handoff) {}
     fn task_changed(&self, task_id: &str);
     /// A deadline (offer ack, lease, parked time) now exists at this time.
     fn deadline(&self, at_ms: i64);
@@ -596,6 +656,63 @@ impl Store {
         }
     }
 
+    /// [`Store::claim_as`], and the offer acked in the same write with the lease `start` gives
+    /// (a task `start` refuses is finished `failed` and the next one claimed). SQLite: one
+    /// write; PostgreSQL: the claim, the reads and the ack one after the other.
+    pub async fn claim_and_start(
+        &self,
+        req: &ClaimRequest,
+        token_id: &str,
+        start: StartAtClaim,
+    ) -> Result<Option<Started>> {
+        match &*self.backend {
+            Backend::Sqlite(s) => {
+                s.claim_and_start(req.clone(), token_id.to_owned(), start)
+                    .await
+            }
+            Backend::Postgres(s) => loop {
+                let token = Some(token_id.to_owned());
+                let Some(mut offer) = s.claim(req.clone(), token).await? else {
+                    return Ok(None);
+                };
+                let id = offer.task.id.clone();
+                let at = AttemptRef {
+                    attempt: offer.attempt,
+                    lease_token: offer.lease_token.clone(),
+                };
+                if let Some(error) = (start.refuse)(&offer.task) {
+                    s.finish(id, refused(&at, error)).await?;
+                    continue;
+                }
+                let may_resume = match (start.wanted_session)(&offer.task) {
+                    Some(w) => s.may_resume(id.clone(), w).await?,
+                    None => false,
+                };
+                let conv_owner = match offer.task.conversation {
+                    Some(_) => s.conversation_owner(id.clone()).await?,
+                    None => None,
+                };
+                let lease_ms = Some((start.lease_ms)(&offer.task).max(1));
+                offer.lease = Some(s.ack(id, at, lease_ms, true).await?);
+                return Ok(Some(Started {
+                    offer,
+                    may_resume,
+                    conv_owner,
+                }));
+            },
+        }
+    }
+
+    /// Gives back an offer its long-poll never answered with (the poll was gone when the
+    /// claim made for it came): the task is queued again now, as its ack deadline would.
+    /// `false` when the attempt is no longer that offer (acked, ended, or already requeued).
+    pub async fn return_offer(&self, id: &str, at: &AttemptRef) -> Result<bool> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.return_offer(id.to_owned(), at.clone()).await,
+            Backend::Postgres(s) => s.return_offer(id.to_owned(), at.clone()).await,
+        }
+    }
+
     /// Whether the owner of task `id` may resume the agent session `session_id` (the rule of
     /// `session: {resume}`): an admin's task may resume any; a client's only a session its own
     /// tasks made or a shared one (an admin's, or found on a runner's disk).
@@ -965,6 +1082,21 @@ impl Store {
 
 /// Fencing, the same in every backend: only the task's current attempt, with its lease token,
 /// may act; anything else is told it is stale.
+/// The finish of an offer its runner cannot run ([`StartAtClaim::refuse`]).
+pub(crate) fn refused(at: &AttemptRef, error: String) -> FinishRequest {
+    FinishRequest {
+        attempt: at.attempt,
+        lease_token: at.lease_token.clone(),
+        outcome: tunnel_protocol::Outcome::Failed,
+        result: tunnel_protocol::TaskResult {
+            error: Some(error),
+            ..Default::default()
+        },
+        not_before: None,
+        events: vec![],
+    }
+}
+
 pub(crate) fn fence(
     task_id: &str,
     state: TaskState,

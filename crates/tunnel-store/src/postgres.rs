@@ -1189,6 +1189,19 @@ impl PgStore {
         })
     }
 
+    pub(crate) async fn return_offer(&self, id: String, at: AttemptRef) -> Result<bool> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            if t.state != TaskState::Offered
+                || model::check_attempt(&t, at.attempt, &at.lease_token).is_err()
+            {
+                return Ok(false);
+            }
+            w.requeue_offer(&t).await?;
+            Ok(true)
+        })
+    }
+
     pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
         let c = self.conn().await?;
         let row = q_opt(

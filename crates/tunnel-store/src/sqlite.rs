@@ -29,8 +29,9 @@ use crate::model::{
     recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
 };
 use crate::{
-    ApprovalFilter, Clock, CurrentAttempt, Dialect, Durability, QueueCounts, QueueSettings,
-    ReadyHint, Result, Scope, Signals, StoreError, StoredToken, TaskFilter, new_id, random_hex,
+    ApprovalFilter, Clock, CurrentAttempt, Dialect, Durability, Handoff, ParkedClaim, QueueCounts,
+    QueueSettings, ReadyHint, Result, Scope, Signals, StartAtClaim, Started, StoreError,
+    StoredToken, TaskFilter, new_id, random_hex,
 };
 
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -119,6 +120,12 @@ impl SqliteStore {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs, rx) = mpsc::channel::<Msg>();
         let thread_path = path.clone();
+        let settings = Arc::new(settings);
+        let handing = Handing {
+            signals,
+            clock: clock.clone(),
+            settings: settings.clone(),
+        };
         std::thread::Builder::new()
             .name("tunnel-sqlite-writer".into())
             .spawn(move || match open_writer(&thread_path, durability) {
@@ -126,7 +133,7 @@ impl SqliteStore {
                     let wal = Wal::new(&mut conn);
                     let _ = ready_tx.send(Ok(()));
                     let checkpoints = Checkpointer::start(&thread_path);
-                    writer_loop(conn, rx, signals, checkpoints, wal);
+                    writer_loop(conn, rx, handing, checkpoints, wal);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -142,7 +149,7 @@ impl SqliteStore {
             closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             path,
             clock,
-            settings: Arc::new(settings),
+            settings,
         })
     }
 
@@ -351,26 +358,30 @@ impl SqliteStore {
     }
 
     pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
-        self.read(move |c, _| {
-            let (owner, agent, client): (String, String, bool) = c
-                .prepare_cached(
-                    "SELECT t.owner, t.agent, EXISTS (SELECT 1 FROM tokens k
-                        WHERE k.id = t.owner AND k.role = 'client')
-                     FROM tasks t WHERE t.id = ?1",
-                )?
-                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?
-                .ok_or(StoreError::NotFound("task"))?;
-            if !client {
-                return Ok(true);
+        self.read(move |c, _| may_resume_in(c, &id, &session_id))
+            .await
+    }
+
+    pub(crate) async fn claim_and_start(
+        &self,
+        req: ClaimRequest,
+        token: String,
+        start: StartAtClaim,
+    ) -> Result<Option<Started>> {
+        self.write(move |w| claim_and_start_in(w, &req, &token, start))
+            .await
+    }
+
+    pub(crate) async fn return_offer(&self, id: String, at: AttemptRef) -> Result<bool> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            if t.state != TaskState::Offered
+                || model::check_attempt(&t, at.attempt, &at.lease_token).is_err()
+            {
+                return Ok(false);
             }
-            let made_by: Option<Option<String>> = c
-                .prepare_cached(
-                    "SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2",
-                )?
-                .query_row(params![agent, session_id], |r| r.get(0))
-                .optional()?;
-            Ok(made_by.is_some_and(|o| o.is_none_or(|o| o == owner)))
+            w.requeue_offer(&t)?;
+            Ok(true)
         })
         .await
     }
@@ -560,157 +571,8 @@ impl SqliteStore {
         req: ClaimRequest,
         token: Option<String>,
     ) -> Result<Option<Offer>> {
-        self.write(move |w| {
-            w.touch_runner(&req, token.as_deref())?;
-            // An attempt an earlier claim with `ack` started whose answer this runner may never
-            // have read comes first (see `model::Unconfirmed`).
-            if req.ack
-                && let Some(offer) = w.unconfirmed_offer(&req)?
-            {
-                return Ok(Some(offer));
-            }
-            // Oldest ready task first, among those of the runner's agents and projects only:
-            // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
-            // so tasks queued for agents or projects this runner lacks cost nothing here.
-            let mut streams: Vec<(&str, &str)> = Vec::new();
-            for a in &req.agents {
-                streams.push((a, ""));
-                for p in &req.projects {
-                    streams.push((a, p));
-                }
-            }
-            streams.sort_unstable();
-            streams.dedup();
-            let mut next = w.conn.prepare_cached(
-                "SELECT seq FROM tasks INDEXED BY tasks_ready_claim
-                 WHERE ready = 1 AND agent = ?1 AND coalesce(project, '') = ?2 AND seq > ?3
-                 ORDER BY seq LIMIT 1",
-            )?;
-            let mut heads = std::collections::BinaryHeap::new();
-            for (i, (a, p)) in streams.iter().enumerate() {
-                if let Some(seq) = next
-                    .query_row(params![a, p, 0], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    heads.push(std::cmp::Reverse((seq, i)));
-                }
-            }
-            let mut candidate = w.conn.prepare_cached(
-                "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
-                 FROM tasks t
-                 LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
-                    AND s.conversation = t.conversation
-                 WHERE t.seq = ?1",
-            )?;
-            let mut chosen = None;
-            while let Some(std::cmp::Reverse((seq, i))) = heads.pop() {
-                let (agent, mode, resume_id, not_before, bound_session, bound_runner) =
-                    candidate.query_row(params![seq], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, Option<String>>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                        ))
-                    })?;
-                let takeable = if not_before.is_some_and(|nb| nb > w.now) {
-                    None
-                } else {
-                    let (resume, home) = resolve_session(
-                        w.conn,
-                        &agent,
-                        &mode,
-                        resume_id,
-                        bound_session,
-                        bound_runner,
-                    )?;
-                    // A session lives on the disk of the runner that made it.
-                    home.as_ref()
-                        .is_none_or(|h| h == &req.runner)
-                        .then_some(resume)
-                };
-                if let Some(resume) = takeable {
-                    chosen = Some((seq, mode, resume));
-                    break;
-                }
-                let (a, p) = streams[i];
-                if let Some(seq) = next
-                    .query_row(params![a, p, seq], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    heads.push(std::cmp::Reverse((seq, i)));
-                }
-            }
-            drop(next);
-            drop(candidate);
-            let Some((seq, mode, resume)) = chosen else {
-                return Ok(None);
-            };
-            let lease_token = random_hex(16);
-            let ack_by = w.now + w.settings.ack_timeout_ms;
-            // One statement moves the task, counts its `offered` event and gives back the row
-            // (no read after the write).
-            let offered = StateEvent::Offered(&req.runner).data().to_string();
-            let (row, event_seq, conv_owner) = w
-                .conn
-                .prepare_cached(&format!(
-                    "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
-                        lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
-                        not_before = NULL, reason = NULL, updated_at = ?5,
-                        next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6,
-                        unconfirmed = ?7, offer_resume = ?8
-                     WHERE seq = ?1
-                     RETURNING {TASK_COLUMNS}, next_event_seq - 1, conv_owner"
-                ))?
-                .query_row(
-                    params![
-                        seq,
-                        lease_token,
-                        req.runner,
-                        ack_by,
-                        w.now,
-                        model::event_size("state", &offered) as i64,
-                        req.ack,
-                        req.ack.then_some(resume.as_deref()).flatten()
-                    ],
-                    |r| {
-                        Ok(task_row(r)?.and_then(|row| {
-                            Ok((row, r.int(TASK_COLUMNS_LEN)?, r.text(TASK_COLUMNS_LEN + 1)?))
-                        }))
-                    },
-                )??;
-            let task = complete_task(w.conn, row, &Scope::All)?;
-            if let Some(conv) = &task.conversation
-                && model::rebinds_on_offer(&mode)
-            {
-                let runner = if resume.is_some() {
-                    history_runner(w.conn, &task.agent, resume.as_deref().unwrap_or_default())?
-                } else {
-                    None
-                };
-                w.set_binding(
-                    &task.agent,
-                    conv,
-                    &conv_owner,
-                    resume.as_deref(),
-                    runner.as_deref(),
-                )?;
-            }
-            w.insert_event_at(seq, event_seq, task.attempt, None, "state", &offered)?;
-            w.fx.changed.push(task.id.clone());
-            w.fx.deadlines.push(ack_by);
-            Ok(Some(Offer {
-                attempt: task.attempt,
-                lease_token,
-                ack_by,
-                resume_session_id: resume,
-                lease: None,
-                task,
-            }))
-        })
-        .await
+        self.write(move |w| claim_in(w, &req, token.as_deref()))
+            .await
     }
 
     /// `confirm`: the runner itself acks (it has the offer); else the server acks for it in
@@ -722,50 +584,8 @@ impl SqliteStore {
         lease_ms: Option<i64>,
         confirm: bool,
     ) -> Result<LeaseStatus> {
-        self.write(move |w| {
-            let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
-            let t = w.open_task(&id)?;
-            model::check_attempt(&t, at.attempt, &at.lease_token)?;
-            if confirm {
-                w.confirm(&t)?;
-            }
-            let lease_until = match model::ack(&t, &at, w.now, lease_ms)? {
-                Ack::Start { lease_until } => lease_until,
-                Ack::Again(status) => return Ok(status),
-                Ack::Expired(e) => {
-                    w.requeue_offer(&t)?;
-                    return Err(e);
-                }
-            };
-            let running = StateEvent::Running(t.runner.as_deref()).data().to_string();
-            let event_seq: i64 = w
-                .conn
-                .prepare_cached(
-                    "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
-                        lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
-                        next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?4
-                     WHERE seq = ?1 RETURNING next_event_seq - 1",
-                )?
-                .query_row(
-                    params![
-                        t.seq,
-                        lease_until,
-                        w.now,
-                        model::event_size("state", &running) as i64
-                    ],
-                    |r| r.get(0),
-                )?;
-            w.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &running)?;
-            w.fx.changed.push(t.id.clone());
-            w.fx.deadlines.push(lease_until);
-            w.deliver_started(&t)?;
-            Ok(LeaseStatus {
-                lease_until,
-                lease_ms,
-                cancel: false,
-            })
-        })
-        .await
+        self.write(move |w| ack_in(w, &id, &at, lease_ms, confirm))
+            .await
     }
 
     pub(crate) async fn current_attempt(&self, id: String) -> Result<Option<CurrentAttempt>> {
@@ -919,66 +739,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
-        self.write(move |w| {
-            let t = w.open_task(&id)?;
-            model::check_attempt(&t, req.attempt, &req.lease_token)?;
-            w.confirm(&t)?;
-            match model::finish(&t, req.attempt)? {
-                Finish::Record { check_lease } => {
-                    if check_lease {
-                        w.check_lease(&t)?;
-                    }
-                }
-                Finish::Again => return load_task_by_seq(w.conn, t.seq),
-            }
-            if let Some(sid) = &req.result.session_id {
-                w.record_session(&t, sid)?;
-            }
-            match req.outcome {
-                Outcome::Parked => {
-                    w.settle_pending(&t, "the attempt ended")?;
-                    let not_before = req.not_before.unwrap_or(w.now);
-                    let parked = StateEvent::Parked(not_before).data().to_string();
-                    let event_seq: i64 = w
-                        .conn
-                        .prepare_cached(
-                            "UPDATE tasks SET state = 'parked', ready = 1, not_before = ?2,
-                                lease_until = NULL, ack_by = NULL, lease_token = NULL,
-                                reason = ?3, updated_at = ?4, result = ?5,
-                                next_event_seq = next_event_seq + 1,
-                                event_bytes = event_bytes + ?6
-                             WHERE seq = ?1 RETURNING next_event_seq - 1",
-                        )?
-                        .query_row(
-                            params![
-                                t.seq,
-                                not_before,
-                                model::parked_reason(&req.result),
-                                w.now,
-                                to_json(&req.result),
-                                model::event_size("state", &parked) as i64
-                            ],
-                            |r| r.get(0),
-                        )?;
-                    w.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &parked)?;
-                    w.fx.changed.push(t.id.clone());
-                    w.fx.deadlines.push(not_before);
-                    if not_before <= w.now {
-                        let hint = w.ready_hint(t.seq)?;
-                        w.fx.ready.push(hint);
-                    }
-                }
-                outcome => {
-                    let reason = model::finished_reason(outcome, &req.result);
-                    let row = w.end_task(&t, outcome.state(), reason, Some(&req.result), true)?;
-                    if let Some(row) = row {
-                        return complete_task(w.conn, row, &Scope::All);
-                    }
-                }
-            }
-            load_task_by_seq(w.conn, t.seq)
-        })
-        .await
+        self.write(move |w| finish_in(w, &id, req)).await
     }
 
     pub(crate) async fn events(
@@ -1866,7 +1627,7 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<bool> {
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Msg>,
-    signals: Arc<dyn Signals>,
+    handing: Handing,
     checkpoints: Option<Checkpointer>,
     wal: Wal,
 ) {
@@ -1921,7 +1682,7 @@ fn writer_loop(
             }
         }
         if !batch.is_empty() {
-            commit_batch(&mut conn, batch, &*signals);
+            commit_batch(&mut conn, batch, &handing);
             dirty = true;
         }
         if close.is_some() {
@@ -1967,15 +1728,34 @@ fn writer_loop(
     }
 }
 
-/// Runs `batch` in one transaction (each job in its own savepoint), commits, tells `signals`
-/// what changed and answers every job.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
+/// What the writer needs to claim for parked long-polls itself ([`hand_off`]).
+struct Handing {
+    signals: Arc<dyn Signals>,
+    clock: Arc<dyn Clock>,
+    settings: Arc<QueueSettings>,
+}
+
+/// A claim made for a parked long-poll, answered after the commit.
+struct Handed {
+    answer: oneshot::Sender<Handoff>,
+    handoff: Handoff,
+}
+
+/// Runs `batch` in one transaction (each job in its own savepoint), claims for the parked
+/// long-polls what it made ready ([`hand_off`]), commits, tells the signals what changed and
+/// answers every job and every poll claimed for.
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
+    let signals = &*handing.signals;
     let mut effects = Effects::default();
     let mut completions = Vec::with_capacity(batch.len());
+    let mut handed = Vec::new();
     let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(mut txn) => {
             for job in batch {
                 completions.push(job(&mut txn, &mut effects));
+            }
+            if !effects.ready.is_empty() {
+                handed = hand_off(&mut txn, &mut effects, handing);
             }
             match txn.commit() {
                 Ok(()) => true,
@@ -1992,6 +1772,19 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
             false
         }
     };
+    // The polls first: their answers are what a dispatch waits for.
+    for Handed { answer, handoff } in handed {
+        let handoff = if committed {
+            handoff
+        } else {
+            Handoff::Failed(StoreError::Unavailable("the commit failed".into()))
+        };
+        if let Err(lost) = answer.send(handoff)
+            && committed
+        {
+            signals.handoff_lost(lost);
+        }
+    }
     if committed {
         for at in &effects.deadlines {
             signals.deadline(*at);
@@ -2009,6 +1802,80 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, signals: &dyn Signals) {
     for done in completions {
         done(committed);
     }
+}
+
+/// Claims each task the batch made ready for the parked long-poll it would wake
+/// ([`Signals::take_parked`]), in the batch's own transaction: one commit and no thread
+/// round trip for a dispatch, where waking the poll to claim was a second write after a hop
+/// to its thread and back. The claim is the poll's own ([`claim_in`], [`claim_and_start_in`]:
+/// same filters, same order, the oldest task it can take, which may be an older one than
+/// hinted), so nothing about who gets what changes. The hints no parked poll took stay in
+/// `effects.ready`, signalled after the commit as before.
+fn hand_off(
+    txn: &mut rusqlite::Transaction<'_>,
+    effects: &mut Effects,
+    handing: &Handing,
+) -> Vec<Handed> {
+    let now = handing.clock.now_ms();
+    let mut handed = Vec::new();
+    let mut hints: std::collections::VecDeque<ReadyHint> =
+        std::mem::take(&mut effects.ready).into();
+    let mut left = Vec::new();
+    while let Some(hint) = hints.pop_front() {
+        loop {
+            let Some(parked) = handing.signals.take_parked(&hint) else {
+                left.push(hint);
+                break;
+            };
+            let ParkedClaim {
+                req,
+                token,
+                start,
+                answer,
+            } = parked;
+            let mut fx = Effects::default();
+            let result = run_in_savepoint(txn, &mut fx, &handing.settings, now, |w| match start {
+                None => Ok(claim_in(w, &req, Some(&token))?.map(|o| Handoff::Offered(Box::new(o)))),
+                Some(start) => Ok(claim_and_start_in(w, &req, &token, start)?
+                    .map(|s| Handoff::Started(Box::new(s)))),
+            });
+            // A refused task finished may have made its session's next one ready.
+            hints.extend(std::mem::take(&mut fx.ready));
+            effects.merge(fx);
+            match result {
+                Ok(Some(handoff)) => {
+                    let took = match &handoff {
+                        Handoff::Offered(o) => &o.task.id,
+                        Handoff::Started(s) => &s.offer.task.id,
+                        _ => "",
+                    } == hint.task_id;
+                    handed.push(Handed { answer, handoff });
+                    if took {
+                        break;
+                    }
+                    // It took an older task: the hinted one still waits for the next poll.
+                }
+                Ok(None) => {
+                    // Nothing it can take after all: woken as before, it claims for itself.
+                    handed.push(Handed {
+                        answer,
+                        handoff: Handoff::Ready(hint),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    handed.push(Handed {
+                        answer,
+                        handoff: Handoff::Failed(e),
+                    });
+                    left.push(hint);
+                    break;
+                }
+            }
+        }
+    }
+    effects.ready = left;
+    handed
 }
 
 fn run_in_savepoint<T>(
@@ -2063,6 +1930,333 @@ fn run_in_savepoint<T>(
 
 // ---------------------------------------------------------------------------------------------
 // Writes on the writer thread
+
+/// Whether the owner of task `id` may resume the agent session `session_id`.
+fn may_resume_in(c: &Connection, id: &str, session_id: &str) -> Result<bool> {
+    let (owner, agent, client): (String, String, bool) = c
+        .prepare_cached(
+            "SELECT t.owner, t.agent, EXISTS (SELECT 1 FROM tokens k
+                WHERE k.id = t.owner AND k.role = 'client')
+             FROM tasks t WHERE t.id = ?1",
+        )?
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?
+        .ok_or(StoreError::NotFound("task"))?;
+    if !client {
+        return Ok(true);
+    }
+    let made_by: Option<Option<String>> = c
+        .prepare_cached("SELECT owner FROM session_history WHERE agent = ?1 AND session_id = ?2")?
+        .query_row(params![agent, session_id], |r| r.get(0))
+        .optional()?;
+    Ok(made_by.is_some_and(|o| o.is_none_or(|o| o == owner)))
+}
+
+/// [`claim_in`], then the offer acked with `start`'s lease in the same write (a task `start`
+/// refuses is finished `failed` and the next one claimed), with what the caller needs to hand
+/// it on.
+fn claim_and_start_in(
+    w: &mut W<'_>,
+    req: &ClaimRequest,
+    token: &str,
+    start: StartAtClaim,
+) -> Result<Option<Started>> {
+    loop {
+        let Some(mut offer) = claim_in(w, req, Some(token))? else {
+            return Ok(None);
+        };
+        let at = AttemptRef {
+            attempt: offer.attempt,
+            lease_token: offer.lease_token.clone(),
+        };
+        let id = offer.task.id.clone();
+        if let Some(error) = (start.refuse)(&offer.task) {
+            finish_in(w, &id, crate::refused(&at, error))?;
+            continue;
+        }
+        let may_resume = match (start.wanted_session)(&offer.task) {
+            Some(s) => may_resume_in(w.conn, &id, &s)?,
+            None => false,
+        };
+        let conv_owner: String = w
+            .conn
+            .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))?;
+        let lease_ms = Some((start.lease_ms)(&offer.task).max(1));
+        offer.lease = Some(ack_in(w, &id, &at, lease_ms, true)?);
+        return Ok(Some(Started {
+            offer,
+            may_resume,
+            conv_owner: Some(conv_owner).filter(|o| !o.is_empty()),
+        }));
+    }
+}
+
+/// Offers `req`'s runner the oldest ready task it can take, or nothing.
+fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Option<Offer>> {
+    w.touch_runner(req, token)?;
+    // An attempt an earlier claim with `ack` started whose answer this runner may never
+    // have read comes first (see `model::Unconfirmed`).
+    if req.ack
+        && let Some(offer) = w.unconfirmed_offer(req)?
+    {
+        return Ok(Some(offer));
+    }
+    // Oldest ready task first, among those of the runner's agents and projects only:
+    // one range of `tasks_ready_claim` per (agent, project or none), merged by seq,
+    // so tasks queued for agents or projects this runner lacks cost nothing here.
+    let mut streams: Vec<(&str, &str)> = Vec::new();
+    for a in &req.agents {
+        streams.push((a, ""));
+        for p in &req.projects {
+            streams.push((a, p));
+        }
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    let mut next = w.conn.prepare_cached(
+        "SELECT seq FROM tasks INDEXED BY tasks_ready_claim
+         WHERE ready = 1 AND agent = ?1 AND coalesce(project, '') = ?2 AND seq > ?3
+         ORDER BY seq LIMIT 1",
+    )?;
+    let mut heads = std::collections::BinaryHeap::new();
+    for (i, (a, p)) in streams.iter().enumerate() {
+        if let Some(seq) = next
+            .query_row(params![a, p, 0], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
+            heads.push(std::cmp::Reverse((seq, i)));
+        }
+    }
+    let mut candidate = w.conn.prepare_cached(
+        "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
+         FROM tasks t
+         LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
+            AND s.conversation = t.conversation
+         WHERE t.seq = ?1",
+    )?;
+    let mut chosen = None;
+    while let Some(std::cmp::Reverse((seq, i))) = heads.pop() {
+        let (agent, mode, resume_id, not_before, bound_session, bound_runner) = candidate
+            .query_row(params![seq], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?;
+        let takeable = if not_before.is_some_and(|nb| nb > w.now) {
+            None
+        } else {
+            let (resume, home) = resolve_session(
+                w.conn,
+                &agent,
+                &mode,
+                resume_id,
+                bound_session,
+                bound_runner,
+            )?;
+            // A session lives on the disk of the runner that made it.
+            home.as_ref()
+                .is_none_or(|h| h == &req.runner)
+                .then_some(resume)
+        };
+        if let Some(resume) = takeable {
+            chosen = Some((seq, mode, resume));
+            break;
+        }
+        let (a, p) = streams[i];
+        if let Some(seq) = next
+            .query_row(params![a, p, seq], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
+            heads.push(std::cmp::Reverse((seq, i)));
+        }
+    }
+    drop(next);
+    drop(candidate);
+    let Some((seq, mode, resume)) = chosen else {
+        return Ok(None);
+    };
+    let lease_token = random_hex(16);
+    let ack_by = w.now + w.settings.ack_timeout_ms;
+    // One statement moves the task, counts its `offered` event and gives back the row
+    // (no read after the write).
+    let offered = StateEvent::Offered(&req.runner).data().to_string();
+    let (row, event_seq, conv_owner) = w
+        .conn
+        .prepare_cached(&format!(
+            "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
+                lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
+                not_before = NULL, reason = NULL, updated_at = ?5,
+                next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6,
+                unconfirmed = ?7, offer_resume = ?8
+             WHERE seq = ?1
+             RETURNING {TASK_COLUMNS}, next_event_seq - 1, conv_owner"
+        ))?
+        .query_row(
+            params![
+                seq,
+                lease_token,
+                req.runner,
+                ack_by,
+                w.now,
+                model::event_size("state", &offered) as i64,
+                req.ack,
+                req.ack.then_some(resume.as_deref()).flatten()
+            ],
+            |r| {
+                Ok(task_row(r)?.and_then(|row| {
+                    Ok((row, r.int(TASK_COLUMNS_LEN)?, r.text(TASK_COLUMNS_LEN + 1)?))
+                }))
+            },
+        )??;
+    let task = complete_task(w.conn, row, &Scope::All)?;
+    if let Some(conv) = &task.conversation
+        && model::rebinds_on_offer(&mode)
+    {
+        let runner = if resume.is_some() {
+            history_runner(w.conn, &task.agent, resume.as_deref().unwrap_or_default())?
+        } else {
+            None
+        };
+        w.set_binding(
+            &task.agent,
+            conv,
+            &conv_owner,
+            resume.as_deref(),
+            runner.as_deref(),
+        )?;
+    }
+    w.insert_event_at(seq, event_seq, task.attempt, None, "state", &offered)?;
+    w.fx.changed.push(task.id.clone());
+    w.fx.deadlines.push(ack_by);
+    Ok(Some(Offer {
+        attempt: task.attempt,
+        lease_token,
+        ack_by,
+        resume_session_id: resume,
+        lease: None,
+        task,
+    }))
+}
+
+/// Starts the attempt `at` of task `id` under a lease of `lease_ms` (else the configured one).
+/// `confirm`: the runner itself acks (it has the offer); else the server acks for it in the
+/// claim that made the offer, and the attempt stays unconfirmed.
+fn ack_in(
+    w: &mut W<'_>,
+    id: &str,
+    at: &AttemptRef,
+    lease_ms: Option<i64>,
+    confirm: bool,
+) -> Result<LeaseStatus> {
+    let lease_ms = lease_ms.unwrap_or(w.settings.lease_ms);
+    let t = w.open_task(id)?;
+    model::check_attempt(&t, at.attempt, &at.lease_token)?;
+    if confirm {
+        w.confirm(&t)?;
+    }
+    let lease_until = match model::ack(&t, at, w.now, lease_ms)? {
+        Ack::Start { lease_until } => lease_until,
+        Ack::Again(status) => return Ok(status),
+        Ack::Expired(e) => {
+            w.requeue_offer(&t)?;
+            return Err(e);
+        }
+    };
+    let running = StateEvent::Running(t.runner.as_deref()).data().to_string();
+    let event_seq: i64 = w
+        .conn
+        .prepare_cached(
+            "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
+                lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
+                next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?4
+             WHERE seq = ?1 RETURNING next_event_seq - 1",
+        )?
+        .query_row(
+            params![
+                t.seq,
+                lease_until,
+                w.now,
+                model::event_size("state", &running) as i64
+            ],
+            |r| r.get(0),
+        )?;
+    w.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &running)?;
+    w.fx.changed.push(t.id.clone());
+    w.fx.deadlines.push(lease_until);
+    w.deliver_started(&t)?;
+    Ok(LeaseStatus {
+        lease_until,
+        lease_ms,
+        cancel: false,
+    })
+}
+
+/// Ends (or parks) the attempt `req` names.
+fn finish_in(w: &mut W<'_>, id: &str, req: FinishRequest) -> Result<Task> {
+    let t = w.open_task(id)?;
+    model::check_attempt(&t, req.attempt, &req.lease_token)?;
+    w.confirm(&t)?;
+    match model::finish(&t, req.attempt)? {
+        Finish::Record { check_lease } => {
+            if check_lease {
+                w.check_lease(&t)?;
+            }
+        }
+        Finish::Again => return load_task_by_seq(w.conn, t.seq),
+    }
+    if let Some(sid) = &req.result.session_id {
+        w.record_session(&t, sid)?;
+    }
+    match req.outcome {
+        Outcome::Parked => {
+            w.settle_pending(&t, "the attempt ended")?;
+            let not_before = req.not_before.unwrap_or(w.now);
+            let parked = StateEvent::Parked(not_before).data().to_string();
+            let event_seq: i64 = w
+                .conn
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'parked', ready = 1, not_before = ?2,
+                        lease_until = NULL, ack_by = NULL, lease_token = NULL,
+                        reason = ?3, updated_at = ?4, result = ?5,
+                        next_event_seq = next_event_seq + 1,
+                        event_bytes = event_bytes + ?6
+                     WHERE seq = ?1 RETURNING next_event_seq - 1",
+                )?
+                .query_row(
+                    params![
+                        t.seq,
+                        not_before,
+                        model::parked_reason(&req.result),
+                        w.now,
+                        to_json(&req.result),
+                        model::event_size("state", &parked) as i64
+                    ],
+                    |r| r.get(0),
+                )?;
+            w.insert_event_at(t.seq, event_seq, t.attempt, None, "state", &parked)?;
+            w.fx.changed.push(t.id.clone());
+            w.fx.deadlines.push(not_before);
+            if not_before <= w.now {
+                let hint = w.ready_hint(t.seq)?;
+                w.fx.ready.push(hint);
+            }
+        }
+        outcome => {
+            let reason = model::finished_reason(outcome, &req.result);
+            let row = w.end_task(&t, outcome.state(), reason, Some(&req.result), true)?;
+            if let Some(row) = row {
+                return complete_task(w.conn, row, &Scope::All);
+            }
+        }
+    }
+    load_task_by_seq(w.conn, t.seq)
+}
 
 impl W<'_> {
     fn open_task(&self, id: &str) -> Result<OpenTask> {

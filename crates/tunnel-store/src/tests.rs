@@ -257,7 +257,11 @@ conformance!(
     a_runner_that_left_is_offline_until_it_claims,
     event_log_is_capped_and_read_in_pages,
     runners_keep_their_acp_capabilities,
+    claim_and_start_refuses_acks_and_says_whose,
+    return_offer_requeues_only_that_offer,
 );
+
+use handoff::{claim_and_start_refuses_acks_and_says_whose, return_offer_requeues_only_that_offer};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -1033,6 +1037,7 @@ async fn scope_hides_other_owners(f: Fixture) {
 mod approvals;
 mod claim_ack;
 mod dashboard;
+mod handoff;
 mod postgres_only;
 mod queue;
 mod sqlite_wal;

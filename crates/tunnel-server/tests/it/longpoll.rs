@@ -113,3 +113,134 @@ async fn shutdown_ends_long_polls_and_waits_promptly() {
         started.elapsed()
     );
 }
+
+/// Waits until `n` long-polls are parked (the `/metrics` line), at most 5 s.
+async fn parked(s: &TestServer, n: usize) {
+    let want = format!("tunnel_long_polls_parked {n}");
+    for _ in 0..200 {
+        let (_, m) = s
+            .request(reqwest::Method::GET, "/metrics", None, None)
+            .await;
+        if m.as_str().unwrap().lines().any(|l| l == want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_parked_claims_for_different_agents_each_get_theirs() {
+    let s = std::sync::Arc::new(TestServer::start().await);
+    let poll = |runner: &'static str, agent: &'static str| {
+        let s = s.clone();
+        tokio::spawn(async move { s.claim(runner, &[agent], 30_000).await })
+    };
+    let claude = poll("claude-box", "claude");
+    parked(&s, 1).await;
+    let codex = poll("codex-box", "codex");
+    parked(&s, 2).await;
+    // The second in line first: the first must not take it, nor be woken for nothing.
+    let tc = s.submit(json!({"agent": "codex", "prompt": "c"})).await;
+    let tl = s.submit(json!({"agent": "claude", "prompt": "l"})).await;
+    let oc = codex.await.unwrap().expect("an offer");
+    let ol = claude.await.unwrap().expect("an offer");
+    assert_eq!(oc["task"]["id"], tc["id"]);
+    assert_eq!(oc["task"]["runner"], "codex-box");
+    assert_eq!(ol["task"]["id"], tl["id"]);
+    assert_eq!(ol["task"]["runner"], "claude-box");
+    for o in [&oc, &ol] {
+        assert_eq!(o["attempt"], 1);
+        s.run_to_success(o, "done").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_task_goes_to_its_runner_not_to_another_parked_first() {
+    let s = std::sync::Arc::new(TestServer::start().await);
+    // Conversation c's session lives on "home".
+    s.submit(json!({"agent": "claude", "prompt": "a", "conversation": "c"}))
+        .await;
+    let a = s.claim("home", &["claude"], 0).await.unwrap();
+    s.attempt_call(&a, "ack", json!({})).await;
+    let (st, _) = s
+        .attempt_call(
+            &a,
+            "finish",
+            json!({"outcome": "succeeded", "result": {"text": "ok", "session_id": "s-1"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let other = {
+        let s = s.clone();
+        tokio::spawn(async move { s.claim("other", &["claude"], 1_500).await })
+    };
+    parked(&s, 1).await;
+    let home = {
+        let s = s.clone();
+        tokio::spawn(async move { s.claim("home", &["claude"], 30_000).await })
+    };
+    parked(&s, 2).await;
+    let b = s
+        .submit(json!({"agent": "claude", "prompt": "b", "conversation": "c"}))
+        .await;
+    let ob = home.await.unwrap().expect("its home gets it");
+    assert_eq!(ob["task"]["id"], b["id"]);
+    assert_eq!(ob["resume_session_id"], "s-1");
+    assert!(
+        other.await.unwrap().is_none(),
+        "the other runner gets nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_claimed_for_a_poll_that_hangs_up_is_offered_again() {
+    let s = TestServer::start().await;
+    // Runners whose connection dies about when the task comes. Whether the server claimed for
+    // the poll or not, and whether the poll had gone before its answer left the server (the
+    // offer is given back at once) or its answer was lost on the wire (its ack deadline gives
+    // it back), the task is offered again and never lost.
+    for i in 0..10u64 {
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(150 + 10 * i))
+            .build()
+            .unwrap();
+        let url = format!("{}/v1/claim", s.url);
+        let token = s.runner.clone();
+        let gone = tokio::spawn(async move {
+            impatient
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"runner": "dead", "agents": ["claude"], "wait_ms": 30_000}))
+                .send()
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let task = s
+            .submit(json!({"agent": "claude", "prompt": format!("t{i}")}))
+            .await;
+        let answered = match gone.await.unwrap() {
+            // Its time may run out while it reads the body, too.
+            Ok(r) => r.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if let Some(offer) = answered {
+            // It got the offer before it gave up: nothing was lost this round.
+            assert_eq!(offer["task"]["id"], task["id"]);
+            s.run_to_success(&offer, "done").await;
+            continue;
+        }
+        let offer = match s.claim("alive", &["claude"], 1_000).await {
+            Some(o) => o,
+            None => {
+                // Lost on the wire: the test clock stands still until moved.
+                s.clock.advance(s.settings().ack_timeout_ms + 1);
+                s.claim("alive", &["claude"], 5_000)
+                    .await
+                    .expect("the task is offered again")
+            }
+        };
+        assert_eq!(offer["task"]["id"], task["id"]);
+        s.run_to_success(&offer, "done").await;
+    }
+}
