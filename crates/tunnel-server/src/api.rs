@@ -658,6 +658,7 @@ async fn claim(
         )
     })?;
     // An offer acked at claim time whose answer this runner never read: it comes first.
+    // (`offer_again` is boxed: see `start_at_claim` below.)
     if req.ack
         && let Some(offer) = s.unconfirmed.unconfirmed_for(
             &caller.token_id,
@@ -665,7 +666,7 @@ async fn claim(
             &req.holding,
             s.clock.now_ms(),
         )
-        && let Some(offer) = offer_again(&s, offer).await
+        && let Some(offer) = Box::pin(offer_again(&s, offer)).await
     {
         tracing::info!(task_id = %offer.task.id, runner = %req.runner, attempt = offer.attempt, "Task offered again: the answer that started it was not confirmed.");
         return Ok(axum::Json(offer).into_response());
@@ -691,7 +692,15 @@ async fn claim(
             tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %caller.token_id, attempt = offer.attempt, "Task offered.");
             let mut offer = *offer;
             if req.ack {
-                start_at_claim(&s, &caller.token_id, &req.runner, &mut offer).await;
+                // Boxed, as the claim above and `offer_again`: the store's ack future inline
+                // (the PostgreSQL one is large) would size every parked poll's future.
+                Box::pin(start_at_claim(
+                    &s,
+                    &caller.token_id,
+                    &req.runner,
+                    &mut offer,
+                ))
+                .await;
             }
             return Ok(axum::Json(offer).into_response());
         }
