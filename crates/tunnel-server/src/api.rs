@@ -730,7 +730,9 @@ async fn offered(s: &AppState, token_id: &str, req: &ClaimRequest, mut offer: Of
         .dispatched(s.clock.now_ms() - offer.task.created_at);
     tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %token_id, attempt = offer.attempt, "Task offered.");
     if req.ack {
-        start_at_claim(s, &mut offer).await;
+        // Boxed: the store's ack future inline (the PostgreSQL one is large) would size every
+        // parked poll's future, which holds this one.
+        Box::pin(start_at_claim(s, &mut offer)).await;
     }
     axum::Json(offer).into_response()
 }

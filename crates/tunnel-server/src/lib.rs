@@ -208,13 +208,10 @@ impl Server {
             )),
         });
         let router = api::router(state.clone(), config.max_body_bytes);
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = listen(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         if config.connections.max_connections == 0 || config.max_polls_per_token == 0 {
             return Err(StartError::Config(
                 "max_connections and max_polls_per_token must be at least 1".into(),
@@ -450,4 +447,24 @@ async fn deadline_timer(state: AppState) {
             _ = state.shutdown.cancelled() => return,
         }
     }
+}
+
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`, 4,096 by
+/// default). `TcpListener::bind` asks for 128, which overflows when many runners connect at
+/// once (a restart, 10,000 parked polls opened in waves): each handshake the kernel drops costs
+/// its client a retransmit 1, 3, 7 s later, and a client's connect timeout can run out first.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds and listens as `TcpListener::bind` does, with a longer accept queue.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted server can listen again at once.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

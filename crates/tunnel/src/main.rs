@@ -11,6 +11,7 @@ mod config;
 mod doctor;
 mod init;
 mod output;
+mod resident;
 mod runner;
 mod sandbox;
 mod serve;

@@ -318,6 +318,7 @@ pub(crate) async fn up(args: UpArgs, file: FileConfig) -> Result<()> {
     let server_stop = prepared.server.shutdown_token();
     let shutdown = Shutdown::default();
     tokio::spawn(signals(shutdown.clone()));
+    serve::release_startup_pages();
     let server = tokio::spawn(prepared.server.run());
     let hint = if url.ends_with(":3456") {
         String::new()

@@ -24,6 +24,7 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
     // answers is a clean stop (checkpointed, closed), not the default kill.
     let signals = stop_signals();
     let prepared = prepare(args, file, false).await?;
+    release_startup_pages();
     let server = prepared.server;
     let token = server.shutdown_token();
     tokio::spawn(async move {
@@ -34,6 +35,16 @@ pub(crate) async fn serve(args: ServeArgs, file: FileConfig) -> Result<()> {
     server.run().await.context("the server failed")?;
     tracing::info!("Server stopped.");
     Ok(())
+}
+
+/// Start-up is over: the code only it ran need not stay resident (src/resident.rs).
+pub(crate) fn release_startup_pages() {
+    if let Some(bytes) = crate::resident::release_startup_pages() {
+        tracing::debug!(
+            kib = bytes / 1024,
+            "Dropped the start-up pages of the binary and its libraries from memory."
+        );
+    }
 }
 
 /// Reads the configuration, starts logging, opens the store, binds, and makes the first admin
