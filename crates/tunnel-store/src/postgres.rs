@@ -497,8 +497,17 @@ struct GroupCounters {
     undone: std::sync::atomic::AtomicU64,
 }
 
-/// Lanes per server: operations in flight at once on this server's connections.
+/// Lanes per server (operations in flight at once on this server's connections), unless
+/// `TUNNEL_PG_LANES` says otherwise (1–8): fewer lanes make larger groups (fewer commits),
+/// more lanes let more writes wait on PostgreSQL at once.
 const LANES: usize = 2;
+
+fn lanes() -> usize {
+    std::env::var("TUNNEL_PG_LANES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(LANES, |n| n.clamp(1, 8))
+}
 /// Operations per group at most (each after the first is a subtransaction; PostgreSQL caches
 /// 64 per transaction before other sessions' snapshots get slower).
 const MAX_GROUP: usize = 16;
@@ -870,7 +879,7 @@ impl PgStore {
         let notifier = tokio::spawn(notify_loop(pool.clone(), notes_rx, instance.clone()));
         // Committed effects for the other instances go to `notify_loop`.
         let counters = Arc::new(GroupCounters::default());
-        let lanes = (0..LANES)
+        let lanes = (0..lanes())
             .map(|_| {
                 Arc::new(Lane {
                     slot: Arc::new(tokio::sync::Mutex::new(None)),
