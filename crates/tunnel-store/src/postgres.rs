@@ -3,7 +3,11 @@
 //! The semantics are those of the SQLite backend (`sqlite.rs`), transition for transition.
 //! What differs is how writes are kept apart, since here several processes write at once:
 //!
-//! - Every write is one transaction at READ COMMITTED. A write that changes a task locks its
+//! - Every write runs at READ COMMITTED, in a transaction of its own or in a group with the
+//!   other writes of this server queued behind it (group commit, see [`Lane`]: one COMMIT and
+//!   one WAL flush for the group, each write after the first in its own savepoint, every
+//!   answer after the commit; the writes of a group run one after the other, so each decides
+//!   as it would alone). A write that changes a task locks its
 //!   row (`SELECT … FOR UPDATE`) and decides on what it read *after* the lock, so it always
 //!   sees the latest committed state. Writes that can change which task of a session is first
 //!   (submit, and every path to a terminal state) first take a transaction-scoped advisory
@@ -639,11 +643,12 @@ impl Turn {
             **slot = Some(Group::new(pool.get().await.map_err(pool_err)?));
         }
         let g = slot.as_ref().expect("just set");
-        g.conn.set_prefix(Some(if !g.conn.open.load(Ordering::SeqCst) {
-            "BEGIN".into()
-        } else {
-            format!("SAVEPOINT op{}", g.ops)
-        }));
+        g.conn
+            .set_prefix(Some(if !g.conn.open.load(Ordering::SeqCst) {
+                "BEGIN".into()
+            } else {
+                format!("SAVEPOINT op{}", g.ops)
+            }));
         Ok(turn)
     }
 
@@ -905,7 +910,11 @@ impl PgStore {
     #[cfg(test)]
     pub(crate) fn group_counters(&self) -> [u64; 4] {
         let c = &self.lanes[0].counters;
-        let queued = self.lanes.iter().map(|l| l.load.load(Ordering::SeqCst)).sum::<usize>();
+        let queued = self
+            .lanes
+            .iter()
+            .map(|l| l.load.load(Ordering::SeqCst))
+            .sum::<usize>();
         [
             c.commits.load(Ordering::Relaxed),
             c.kept.load(Ordering::Relaxed),
@@ -2755,8 +2764,7 @@ impl W<'_> {
             Some(prefix) => {
                 self.conn.open.store(true, Ordering::SeqCst);
                 let (begun, r) =
-                    futures_util::future::join(self.conn.client().batch_execute(&prefix), f)
-                        .await;
+                    futures_util::future::join(self.conn.client().batch_execute(&prefix), f).await;
                 begun.and(r)
             }
         };

@@ -464,7 +464,10 @@ async fn hold_rows(db: &Database, ids: &[&str]) -> tokio::sync::oneshot::Sender<
 async fn wait_queued(store: &Store, n: u64) {
     let start = Instant::now();
     while store.pg_group_counters().unwrap()[3] < n {
-        assert!(start.elapsed() < Duration::from_secs(10), "never {n} queued");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never {n} queued"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -541,7 +544,12 @@ async fn queued_writes_share_a_commit_and_a_failing_one_fails_alone() {
         )
         .await
         .unwrap();
-    assert_eq!(all.len(), 22, "{:?}", all.iter().map(|t| &t.prompt).collect::<Vec<_>>());
+    assert_eq!(
+        all.len(),
+        22,
+        "{:?}",
+        all.iter().map(|t| &t.prompt).collect::<Vec<_>>()
+    );
     for id in &good {
         assert!(all.iter().any(|t| &t.id == id), "{id} is missing");
     }
@@ -562,7 +570,10 @@ async fn queued_writes_share_a_commit_and_a_failing_one_fails_alone() {
         "{kept} writes took {commits} commits: they were not grouped"
     );
     // At most a lane's first write of a group rolls back the whole (empty) group.
-    assert!(undone >= 10, "only {undone} failures were undone inside a group");
+    assert!(
+        undone >= 10,
+        "only {undone} failures were undone inside a group"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -575,7 +586,11 @@ async fn a_write_abandoned_half_way_makes_its_group_run_again() {
         .unwrap();
     let (t1, _) = f
         .store
-        .submit("o", None, SubmitTask::new("claude", "held on the other lane"))
+        .submit(
+            "o",
+            None,
+            SubmitTask::new("claude", "held on the other lane"),
+        )
         .await
         .unwrap();
     let (u, _) = f
@@ -611,7 +626,10 @@ async fn a_write_abandoned_half_way_makes_its_group_run_again() {
     // lock with the first submit's writes in its group, uncommitted.
     let start = Instant::now();
     while f.store.pg_group_counters().unwrap()[1] < before[1] + 4 {
-        assert!(start.elapsed() < Duration::from_secs(10), "the writes never ran");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the writes never ran"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(!s0.is_finished(), "answered before its group committed");
