@@ -221,7 +221,10 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
-        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+        *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            // A write after a group's first found a lock taken (see `GROUPED`).
+            || *c == SqlState::LOCK_NOT_AVAILABLE
     })
 }
 
@@ -512,6 +515,14 @@ fn lanes() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .map_or(LANES, |n| n.clamp(1, 8))
 }
+/// What a write after a group's first goes out with: its savepoint, and no waiting for locks.
+/// The writes of a group hold their locks together until the commit, taken in whatever order
+/// they came, so two groups that each waited for the other's would deadlock (and PostgreSQL
+/// takes a second to notice). Only a group's first write waits for a lock (it holds none of
+/// another write's); any later one that finds a lock taken fails at once (`lock_timeout`),
+/// rolls back to its savepoint, and runs again first in a new group.
+const GROUPED: &str = "SET LOCAL lock_timeout = '5ms'; SAVEPOINT op";
+
 /// Operations per group at most (each after the first is a subtransaction; PostgreSQL caches
 /// 64 per transaction before other sessions' snapshots get slower).
 const MAX_GROUP: usize = 16;
@@ -620,7 +631,9 @@ struct Turn {
 }
 
 impl Turn {
-    async fn take(lanes: &[Arc<Lane>], pool: &Pool) -> Result<Turn> {
+    /// A turn on the least loaded lane; `first`: as the first write of a new group (the lane's
+    /// open group, if any, commits without it).
+    async fn take(lanes: &[Arc<Lane>], pool: &Pool, first: bool) -> Result<Turn> {
         let lane = lanes
             .iter()
             .min_by_key(|l| l.load.load(Ordering::SeqCst))
@@ -637,6 +650,12 @@ impl Turn {
         turn.lane.waiting.fetch_sub(1, Ordering::SeqCst);
         turn.waiting = false;
         let slot = turn.slot.insert(slot);
+        if first
+            && slot.as_ref().is_some_and(|g| g.ops > 0)
+            && let Some(g) = slot.take()
+        {
+            tokio::spawn(g.commit(turn.lane.clone()));
+        }
         if slot.is_none() {
             // A pooled connection that died (server restart, killed backend) fails the first
             // statement, and the write is re-run on another.
@@ -647,7 +666,7 @@ impl Turn {
             .set_prefix(Some(if !g.conn.open.load(Ordering::SeqCst) {
                 "BEGIN".into()
             } else {
-                format!("SAVEPOINT op{}", g.ops)
+                format!("{GROUPED}{}", g.ops)
             }));
         Ok(turn)
     }
@@ -797,7 +816,8 @@ macro_rules! write {
         let mut tries = 0;
         loop {
             tries += 1;
-            let turn = Turn::take(&s.lanes, &s.pool).await?;
+            // A write that runs again does so first in a new group (see `GROUPED`).
+            let turn = Turn::take(&s.lanes, &s.pool, tries > 1).await?;
             let (result, retry, fx) = {
                 #[allow(unused_mut)]
                 let mut $w = W {
