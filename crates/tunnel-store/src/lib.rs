@@ -575,6 +575,16 @@ impl Database {
 }
 
 impl Store {
+    /// PostgreSQL's group commit: groups committed, operations kept, operations rolled back
+    /// inside a group, operations queued or running (`None` on SQLite).
+    #[cfg(test)]
+    fn pg_group_counters(&self) -> Option<[u64; 4]> {
+        match &*self.backend {
+            Backend::Postgres(pg) => Some(pg.group_counters()),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
     /// Opens (creating if needed) and migrates the database.
     pub async fn open(
         db: &Database,

@@ -3,7 +3,11 @@
 //! The semantics are those of the SQLite backend (`sqlite.rs`), transition for transition.
 //! What differs is how writes are kept apart, since here several processes write at once:
 //!
-//! - Every write is one transaction at READ COMMITTED. A write that changes a task locks its
+//! - Every write runs at READ COMMITTED, in a transaction of its own or in a group with the
+//!   other writes of this server queued behind it (group commit, see [`Lane`]: one COMMIT and
+//!   one WAL flush for the group, each write after the first in its own savepoint, every
+//!   answer after the commit; the writes of a group run one after the other, so each decides
+//!   as it would alone). A write that changes a task locks its
 //!   row (`SELECT … FOR UPDATE`) and decides on what it read *after* the lock, so it always
 //!   sees the latest committed state. Writes that can change which task of a session is first
 //!   (submit, and every path to a terminal state) first take a transaction-scoped advisory
@@ -35,7 +39,7 @@
 //! SQLite; database errors roll back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -240,7 +244,10 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
-        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+        *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            // A write after a group's first found a lock taken (see `GROUPED`).
+            || *c == SqlState::LOCK_NOT_AVAILABLE
     })
 }
 
@@ -426,26 +433,44 @@ pub(crate) struct PgStore {
     pool: Pool,
     clock: Arc<dyn Clock>,
     settings: Arc<QueueSettings>,
-    signals: Arc<dyn Signals>,
-    /// Committed effects for the other instances, sent by [`notify_loop`].
-    notes: tokio::sync::mpsc::UnboundedSender<Effects>,
+    /// Where writes run (group commit).
+    lanes: Vec<Arc<Lane>>,
     _background: Background,
 }
 
 /// A pooled connection and whether a transaction is open on it (BEGIN sent, no COMMIT or
-/// ROLLBACK yet). Dropped while one is (the caller went away in the middle of a write), the
-/// connection leaves the pool and closes, so PostgreSQL rolls the transaction back and no
-/// later write is handed a connection inside it.
+/// ROLLBACK yet). Dropped while one is (the caller went away in the middle of a write, or a
+/// group was abandoned), the connection leaves the pool and closes, so PostgreSQL rolls the
+/// transaction back and no later write is handed a connection inside it.
 struct TxConn {
     client: Option<deadpool_postgres::Client>,
     open: AtomicBool,
+    /// What the current operation's first statement goes out with (BEGIN, or its savepoint
+    /// in a group already open), until that statement is sent.
+    prefix: std::sync::Mutex<Option<String>>,
 }
 
 impl TxConn {
+    fn new(client: deadpool_postgres::Client) -> TxConn {
+        TxConn {
+            client: Some(client),
+            open: AtomicBool::new(false),
+            prefix: std::sync::Mutex::new(None),
+        }
+    }
+
     fn client(&self) -> &deadpool_postgres::Client {
         self.client
             .as_ref()
             .expect("the connection is only taken on drop")
+    }
+
+    fn set_prefix(&self, p: Option<String>) {
+        *self.prefix.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    fn take_prefix(&self) -> Option<String> {
+        self.prefix.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -454,7 +479,334 @@ impl Drop for TxConn {
         if self.open.load(Ordering::SeqCst)
             && let Some(c) = self.client.take()
         {
+            // A statement may still be running (waiting for a lock, say): the connection only
+            // closes, and its transaction only rolls back and lets go of its locks, once that
+            // statement ends. Cancelling it ends it now.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let cancel = c.cancel_token();
+                rt.spawn(async move {
+                    let _ = cancel.cancel_query(NoTls).await;
+                });
+            }
             drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
+/// Group commit. Each server runs its writes in a few lanes; a lane runs one operation at a
+/// time, in one open transaction (a group) that the operations queued behind each other
+/// share: each one after the first in its own savepoint (a database error rolls back that
+/// operation only, and a refusal keeps what it did, as alone), and the group commits when
+/// nobody is queued on the lane any more (or after [`MAX_GROUP`] operations). So one WAL
+/// flush and one COMMIT round trip serve every operation of the group, while a lone write
+/// costs what it did before (BEGIN with its first statement, COMMIT after its last). Every
+/// answer waits for its group's commit. Operations of one group are serialized (they run one
+/// after the other in one transaction, each seeing the ones before), so the locks, the
+/// `SKIP LOCKED` claims and the fencing by attempt decide exactly as they would in
+/// transactions of their own; a group that fails before its commit (connection lost, an
+/// operation abandoned half-way) rolls back whole and each of its operations runs again.
+struct Lane {
+    slot: Arc<tokio::sync::Mutex<Option<Group>>>,
+    /// Operations queued on this lane or running in it (the least loaded lane is picked).
+    load: AtomicUsize,
+    /// Operations queued for the lane's lock: while there are some, the group stays open.
+    waiting: AtomicUsize,
+    signals: Arc<dyn Signals>,
+    notes: tokio::sync::mpsc::UnboundedSender<Effects>,
+    counters: Arc<GroupCounters>,
+}
+
+/// What the lanes of one store did (read by the tests).
+#[derive(Default)]
+struct GroupCounters {
+    /// Groups committed.
+    commits: std::sync::atomic::AtomicU64,
+    /// Operations that kept their writes, in groups committed or not.
+    kept: std::sync::atomic::AtomicU64,
+    /// Operations rolled back to their savepoint inside a group that went on.
+    undone: std::sync::atomic::AtomicU64,
+}
+
+/// Lanes per server (operations in flight at once on this server's connections), unless
+/// `TUNNEL_PG_LANES` says otherwise (1–8): fewer lanes make larger groups (fewer commits),
+/// more lanes let more writes wait on PostgreSQL at once.
+const LANES: usize = 2;
+
+fn lanes() -> usize {
+    std::env::var("TUNNEL_PG_LANES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(LANES, |n| n.clamp(1, 8))
+}
+/// What a write after a group's first goes out with: its savepoint, and no waiting for locks.
+/// The writes of a group hold their locks together until the commit, taken in whatever order
+/// they came, so two groups that each waited for the other's would deadlock (and PostgreSQL
+/// takes a second to notice). Only a group's first write waits for a lock (it holds none of
+/// another write's); any later one that finds a lock taken fails at once (`lock_timeout`),
+/// rolls back to its savepoint, and runs again first in a new group.
+const GROUPED: &str = "SET LOCAL lock_timeout = '5ms'; SAVEPOINT op";
+
+/// Operations per group at most (each after the first is a subtransaction; PostgreSQL caches
+/// 64 per transaction before other sessions' snapshots get slower).
+const MAX_GROUP: usize = 16;
+
+/// An open group transaction on one lane.
+struct Group {
+    conn: TxConn,
+    /// Operations in it that keep their writes (and wait for the commit).
+    ops: usize,
+    fx: Effects,
+    done: tokio::sync::watch::Sender<GroupEnd>,
+}
+
+/// What became of a group, as its operations see it.
+#[derive(Clone, Debug)]
+enum GroupEnd {
+    Open,
+    Committing,
+    Committed,
+    /// Rolled back before its commit: its operations run again.
+    Retry,
+    /// The commit failed or its outcome is unknown.
+    Failed(String),
+}
+
+impl Group {
+    fn new(client: deadpool_postgres::Client) -> Group {
+        Group {
+            conn: TxConn::new(client),
+            ops: 0,
+            fx: Effects::default(),
+            done: tokio::sync::watch::Sender::new(GroupEnd::Open),
+        }
+    }
+
+    /// Commits (spawned: it completes even when the operation that started it goes away).
+    /// `SELECT 1` goes first in the same round trip: in a transaction that a statement
+    /// aborted it fails, where COMMIT alone would roll back without an error.
+    async fn commit(self, lane: Arc<Lane>) {
+        let Group { conn, fx, done, .. } = self;
+        done.send_replace(GroupEnd::Committing);
+        let outcome = match conn.client().batch_execute("SELECT 1; COMMIT").await {
+            Ok(()) => {
+                conn.open.store(false, Ordering::SeqCst);
+                lane.counters.commits.fetch_add(1, Ordering::Relaxed);
+                fx.apply(&*lane.signals);
+                if !fx.is_empty() {
+                    // After the commit, not inside it: PostgreSQL serializes the commits of
+                    // transactions that NOTIFY (a database-wide lock held through the WAL
+                    // flush), which would leave one commit per fsync for every server.
+                    let _ = lane.notes.send(fx);
+                }
+                GroupEnd::Committed
+            }
+            Err(e) if retryable(&e) => {
+                // The transaction is over (rolled back); the connection is fine.
+                conn.open.store(false, Ordering::SeqCst);
+                GroupEnd::Retry
+            }
+            // Failed before the COMMIT ran (the connection stays marked open and closes).
+            Err(e) if e.as_db_error().is_some() && !connection_lost(&e) => GroupEnd::Retry,
+            Err(e) => GroupEnd::Failed(format!("{COMMIT_FAILED}: {e}")),
+        };
+        done.send_replace(outcome);
+    }
+}
+
+/// Waits for a group's outcome.
+async fn outcome(mut rx: tokio::sync::watch::Receiver<GroupEnd>) -> GroupEnd {
+    loop {
+        match &*rx.borrow_and_update() {
+            GroupEnd::Open | GroupEnd::Committing => {}
+            o => return o.clone(),
+        }
+        if rx.changed().await.is_err() {
+            // The group went away without a final word.
+            return match &*rx.borrow() {
+                GroupEnd::Open => GroupEnd::Retry,
+                GroupEnd::Committing => GroupEnd::Failed(format!("{COMMIT_FAILED}: abandoned")),
+                o => o.clone(),
+            };
+        }
+    }
+}
+
+impl Lane {
+    /// Commits the lane's group if nobody is queued to continue it (after a queued operation
+    /// gave up waiting).
+    async fn flush(self: Arc<Lane>) {
+        let mut slot = self.slot.lock().await;
+        if self.waiting.load(Ordering::SeqCst) == 0
+            && slot.as_ref().is_some_and(|g| g.ops > 0)
+            && let Some(g) = slot.take()
+        {
+            drop(slot);
+            g.commit(self.clone()).await;
+        }
+    }
+}
+
+/// One operation's turn on a lane: queued for its lock, then running in its group.
+struct Turn {
+    lane: Arc<Lane>,
+    slot: Option<tokio::sync::OwnedMutexGuard<Option<Group>>>,
+    waiting: bool,
+}
+
+impl Turn {
+    /// A turn on the least loaded lane; `first`: as the first write of a new group (the lane's
+    /// open group, if any, commits without it).
+    async fn take(lanes: &[Arc<Lane>], pool: &Pool, first: bool) -> Result<Turn> {
+        let lane = lanes
+            .iter()
+            .min_by_key(|l| l.load.load(Ordering::SeqCst))
+            .expect("at least one lane")
+            .clone();
+        lane.load.fetch_add(1, Ordering::SeqCst);
+        lane.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut turn = Turn {
+            lane,
+            slot: None,
+            waiting: true,
+        };
+        let slot = turn.lane.slot.clone().lock_owned().await;
+        turn.lane.waiting.fetch_sub(1, Ordering::SeqCst);
+        turn.waiting = false;
+        let slot = turn.slot.insert(slot);
+        if first
+            && slot.as_ref().is_some_and(|g| g.ops > 0)
+            && let Some(g) = slot.take()
+        {
+            tokio::spawn(g.commit(turn.lane.clone()));
+        }
+        if slot.is_none() {
+            // A pooled connection that died (server restart, killed backend) fails the first
+            // statement, and the write is re-run on another.
+            **slot = Some(Group::new(pool.get().await.map_err(pool_err)?));
+        }
+        let g = slot.as_ref().expect("just set");
+        g.conn
+            .set_prefix(Some(if !g.conn.open.load(Ordering::SeqCst) {
+                "BEGIN".into()
+            } else {
+                format!("{GROUPED}{}", g.ops)
+            }));
+        Ok(turn)
+    }
+
+    fn group(&mut self) -> &mut Group {
+        self.slot
+            .as_mut()
+            .and_then(|s| s.as_mut())
+            .expect("a turn runs in a group")
+    }
+
+    fn conn(&self) -> &TxConn {
+        &self
+            .slot
+            .as_ref()
+            .and_then(|s| s.as_ref())
+            .expect("a turn runs in a group")
+            .conn
+    }
+
+    /// Ends the operation in its group: keeps or rolls back what it did, commits the group
+    /// if nobody is queued behind, and waits for the commit.
+    async fn settle<T>(mut self, result: Result<T>, retry: bool, fx: Effects) -> Concluded<T> {
+        let keep = match &result {
+            Ok(_) => true,
+            Err(e) => matches!(
+                e,
+                StoreError::Stale(_)
+                    | StoreError::Conflict(_)
+                    | StoreError::NotFound(_)
+                    | StoreError::Settled { .. }
+            ),
+        };
+        let lane = self.lane.clone();
+        let g = self.group();
+        // Whether the operation sent anything (its prefix went out with its first statement).
+        let started = g.conn.take_prefix().is_none();
+        let mut waiter = None;
+        let mut concluded = None;
+        if !started {
+            // Nothing was sent: nothing to keep or undo.
+            fx.apply(&*lane.signals);
+            if !fx.is_empty() {
+                let _ = lane.notes.send(fx);
+            }
+            concluded = Some(Concluded::Done(result));
+        } else if keep {
+            g.ops += 1;
+            g.fx.merge(fx);
+            lane.counters.kept.fetch_add(1, Ordering::Relaxed);
+            waiter = Some((g.done.subscribe(), result));
+        } else {
+            // Undo this operation only: the whole transaction when it was the group's first.
+            let undo = if g.ops == 0 {
+                "ROLLBACK".to_owned()
+            } else {
+                format!("ROLLBACK TO SAVEPOINT op{}", g.ops)
+            };
+            if g.conn.client().batch_execute(&undo).await.is_ok() {
+                if g.ops == 0 {
+                    g.conn.open.store(false, Ordering::SeqCst);
+                } else {
+                    lane.counters.undone.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
+                // The group cannot go on: dropped, it rolls back (its connection closes) and
+                // the operations that ran in it run again.
+                **self.slot.as_mut().expect("held") = None;
+            }
+            concluded = Some(if retry {
+                Concluded::Retry
+            } else {
+                Concluded::Done(result)
+            });
+        }
+        let slot = self.slot.as_mut().expect("held");
+        match slot.as_ref() {
+            Some(g)
+                if g.ops > 0
+                    && (self.lane.waiting.load(Ordering::SeqCst) == 0 || g.ops >= MAX_GROUP) =>
+            {
+                let g = slot.take().expect("just seen");
+                tokio::spawn(g.commit(self.lane.clone()));
+            }
+            // An empty group holds no transaction: its connection goes back to the pool.
+            Some(g) if g.ops == 0 && !g.conn.open.load(Ordering::SeqCst) => **slot = None,
+            _ => {}
+        }
+        // The lane is free for the next operation.
+        self.slot = None;
+        drop(self);
+        if let Some(c) = concluded {
+            return c;
+        }
+        let (rx, result) = waiter.expect("kept");
+        match outcome(rx).await {
+            GroupEnd::Committed => Concluded::Done(result),
+            GroupEnd::Retry | GroupEnd::Open | GroupEnd::Committing => Concluded::Retry,
+            GroupEnd::Failed(m) => Concluded::Done(Err(StoreError::Unavailable(m))),
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.lane.load.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting {
+            // Gave up while queued: whoever left the group open for it may be waiting for a
+            // commit that nobody else will start.
+            self.lane.waiting.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(self.lane.clone().flush());
+            }
+        } else if let Some(slot) = self.slot.as_mut() {
+            // Abandoned half-way (the caller went away): what it sent is unknown, so the group
+            // is dropped; it rolls back and its operations run again.
+            **slot = None;
         }
     }
 }
@@ -479,33 +831,30 @@ fn typed<T, F: std::future::Future<Output = Result<T>>>(f: F) -> F {
     f
 }
 
-/// Runs `$body` (with `$w: W`) in a transaction; commits, re-runs on deadlock, answers after
-/// the commit.
+/// Runs `$body` (with `$w: W`) as one operation of a group transaction (see [`Lane`]);
+/// re-runs it when its group rolled back or it hit a deadlock, answers after the commit.
 macro_rules! write {
     ($s:expr, |$w:ident| $body:expr) => {{
         let s: &PgStore = $s;
         let mut tries = 0;
         loop {
             tries += 1;
-            // BEGIN goes out with the first statement (see `W::run`); a pooled connection
-            // that died (server restart, killed backend) fails both, and the write is re-run
-            // on another.
-            let conn = TxConn {
-                client: Some(s.pool.get().await.map_err(pool_err)?),
-                open: AtomicBool::new(false),
+            // A write that runs again does so first in a new group (see `GROUPED`).
+            let turn = Turn::take(&s.lanes, &s.pool, tries > 1).await?;
+            let (result, retry, fx) = {
+                #[allow(unused_mut)]
+                let mut $w = W {
+                    conn: turn.conn(),
+                    now: s.clock.now_ms(),
+                    fx: Effects::default(),
+                    settings: &s.settings,
+                    retry: AtomicBool::new(false),
+                };
+                let result = typed(async { $body }).await;
+                let retry = $w.retry.load(Ordering::Relaxed);
+                (result, retry, std::mem::take(&mut $w.fx))
             };
-            #[allow(unused_mut)]
-            let mut $w = W {
-                conn: &conn,
-                now: s.clock.now_ms(),
-                fx: Effects::default(),
-                settings: &s.settings,
-                retry: AtomicBool::new(false),
-            };
-            let result = typed(async { $body }).await;
-            let retry = $w.retry.load(Ordering::Relaxed);
-            let fx = std::mem::take(&mut $w.fx);
-            match s.conclude(&conn, fx, result, retry).await {
+            match turn.settle(result, retry, fx).await {
                 Concluded::Done(r) => break r,
                 Concluded::Retry if tries < MAX_TRIES => {
                     tokio::time::sleep(Duration::from_millis(2 * tries as u64)).await;
@@ -576,69 +925,45 @@ impl PgStore {
         let poller = tokio::spawn(poll_loop(pool.clone(), signals.clone(), clock.clone()));
         let (notes, notes_rx) = tokio::sync::mpsc::unbounded_channel();
         let notifier = tokio::spawn(notify_loop(pool.clone(), notes_rx, instance.clone()));
+        // Committed effects for the other instances go to `notify_loop`.
+        let counters = Arc::new(GroupCounters::default());
+        let lanes = (0..lanes())
+            .map(|_| {
+                Arc::new(Lane {
+                    slot: Arc::new(tokio::sync::Mutex::new(None)),
+                    load: AtomicUsize::new(0),
+                    waiting: AtomicUsize::new(0),
+                    signals: signals.clone(),
+                    notes: notes.clone(),
+                    counters: counters.clone(),
+                })
+            })
+            .collect();
         Ok(PgStore {
             pool,
             clock,
             settings: Arc::new(settings),
-            signals,
-            notes,
+            lanes,
             _background: Background(vec![listener, poller, notifier]),
         })
     }
 
-    async fn conclude<T>(
-        &self,
-        conn: &TxConn,
-        fx: Effects,
-        result: Result<T>,
-        retry: bool,
-    ) -> Concluded<T> {
-        let keep = match &result {
-            Ok(_) => true,
-            Err(e) => matches!(
-                e,
-                StoreError::Stale(_)
-                    | StoreError::Conflict(_)
-                    | StoreError::NotFound(_)
-                    | StoreError::Settled { .. }
-            ),
-        };
-        let open = conn.open.load(Ordering::SeqCst);
-        if !keep {
-            // A ROLLBACK that fails leaves the connection marked open: it is closed, not
-            // pooled.
-            if open && conn.client().batch_execute("ROLLBACK").await.is_ok() {
-                conn.open.store(false, Ordering::SeqCst);
-            }
-            return if retry {
-                Concluded::Retry
-            } else {
-                Concluded::Done(result)
-            };
-        }
-        if open {
-            match conn.client().batch_execute("COMMIT").await {
-                Ok(()) => conn.open.store(false, Ordering::SeqCst),
-                Err(e) if retryable(&e) => {
-                    // The transaction is over (rolled back); the connection is fine.
-                    conn.open.store(false, Ordering::SeqCst);
-                    return Concluded::Retry;
-                }
-                Err(e) => {
-                    return Concluded::Done(Err(StoreError::Unavailable(format!(
-                        "{COMMIT_FAILED}: {e}"
-                    ))));
-                }
-            }
-        }
-        fx.apply(&*self.signals);
-        if !fx.is_empty() {
-            // After the commit, not inside it: PostgreSQL serializes the commits of
-            // transactions that NOTIFY (a database-wide lock held through the WAL flush),
-            // which would leave one commit per fsync for every server.
-            let _ = self.notes.send(fx);
-        }
-        Concluded::Done(result)
+    /// Groups committed, operations kept, operations rolled back inside a group, and
+    /// operations queued on the lanes or running in them now.
+    #[cfg(test)]
+    pub(crate) fn group_counters(&self) -> [u64; 4] {
+        let c = &self.lanes[0].counters;
+        let queued = self
+            .lanes
+            .iter()
+            .map(|l| l.load.load(Ordering::SeqCst))
+            .sum::<usize>();
+        [
+            c.commits.load(Ordering::Relaxed),
+            c.kept.load(Ordering::Relaxed),
+            c.undone.load(Ordering::Relaxed),
+            queued as u64,
+        ]
     }
 
     async fn conn(&self) -> Result<deadpool_postgres::Object> {
@@ -2524,20 +2849,22 @@ impl W<'_> {
         e.into()
     }
 
-    /// Runs `f` (statements on this connection) in the transaction. The first statement
-    /// carries the BEGIN: both are sent at once (tokio-postgres writes a request when its
+    /// Runs `f` (statements on this connection) in the transaction. The operation's first
+    /// statement carries its BEGIN (or its savepoint in a group): both are sent at once (tokio-postgres writes a request when its
     /// future is first polled, and `join` polls in order), so opening the transaction costs
     /// no round trip of its own.
     async fn run<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
-        let r = if self.conn.open.swap(true, Ordering::SeqCst) {
-            f.await
-        } else {
-            let (begun, r) =
-                futures_util::future::join(self.conn.client().batch_execute("BEGIN"), f).await;
-            begun.and(r)
+        let r = match self.conn.take_prefix() {
+            None => f.await,
+            Some(prefix) => {
+                self.conn.open.store(true, Ordering::SeqCst);
+                let (begun, r) =
+                    futures_util::future::join(self.conn.client().batch_execute(&prefix), f).await;
+                begun.and(r)
+            }
         };
         r.map_err(|e| self.err(e))
     }

@@ -433,3 +433,203 @@ async fn many_commits_at_once_all_reach_the_other_instance() {
         "the hints came from the fallback poll: {took:?}"
     );
 }
+
+/// Holds tasks' row locks from another connection (as another server's write would) until
+/// `release` is sent: writes of those tasks wait on it, and their lanes with them.
+async fn hold_rows(db: &Database, ids: &[&str]) -> tokio::sync::oneshot::Sender<()> {
+    let Database::Postgres { url } = db else {
+        unreachable!()
+    };
+    let mut c = admin_client(url).await.unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (locked_tx, locked) = tokio::sync::oneshot::channel();
+    let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    tokio::spawn(async move {
+        let tx = c.transaction().await.unwrap();
+        let n = tx
+            .query("SELECT 1 FROM tasks WHERE id = ANY($1) FOR UPDATE", &[&ids])
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(n, ids.len());
+        let _ = locked_tx.send(());
+        let _ = released.await;
+        tx.commit().await.unwrap();
+    });
+    locked.await.unwrap();
+    release
+}
+
+/// Waits until the store has `n` writes queued on its lanes or running in them.
+async fn wait_queued(store: &Store, n: u64) {
+    let start = Instant::now();
+    while store.pg_group_counters().unwrap()[3] < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never {n} queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_share_a_commit_and_a_failing_one_fails_alone() {
+    let Some(f) = pg_fixture().await else { return };
+    // Both lanes held up by a write waiting for a row lock; everything submitted meanwhile
+    // queues behind them and then runs in their groups.
+    let mut held = Vec::new();
+    for p in ["held", "held too"] {
+        held.push(
+            f.store
+                .submit("o", None, SubmitTask::new("claude", p))
+                .await
+                .unwrap()
+                .0
+                .id,
+        );
+    }
+    let release = hold_rows(&f.db, &[&held[0], &held[1]]).await;
+    let before = f.store.pg_group_counters().unwrap();
+    let mut cancels = tokio::task::JoinSet::new();
+    for id in held.clone() {
+        let store = f.store.clone();
+        cancels.spawn(async move { store.cancel(&id, &Scope::All).await });
+    }
+    wait_queued(&f.store, 2).await;
+    // Every other submit fails in PostgreSQL (a NUL byte in text): each must fail alone.
+    let mut submits = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let store = f.store.clone();
+        let prompt = if i % 2 == 0 {
+            format!("bad\0{i}")
+        } else {
+            format!("good {i}")
+        };
+        submits.spawn(async move {
+            (
+                i,
+                store
+                    .submit("o", None, SubmitTask::new("claude", prompt))
+                    .await,
+            )
+        });
+    }
+    wait_queued(&f.store, 42).await;
+    release.send(()).unwrap();
+    while let Some(r) = cancels.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let mut good = HashSet::new();
+    while let Some(r) = submits.join_next().await {
+        let (i, r) = r.unwrap();
+        if i % 2 == 0 {
+            let e = r.expect_err("a prompt with a NUL byte was stored");
+            assert!(matches!(e, StoreError::Postgres { .. }), "{e:?}");
+        } else {
+            let (task, created) = r.unwrap();
+            assert!(created);
+            assert_eq!(task.prompt, format!("good {i}"));
+            good.insert(task.id);
+        }
+    }
+    // Every good submit is there once, and so is the cancel; no failed one is.
+    let all = f
+        .store
+        .tasks(
+            TaskFilter {
+                limit: 100,
+                ..Default::default()
+            },
+            &Scope::All,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        all.len(),
+        22,
+        "{:?}",
+        all.iter().map(|t| &t.prompt).collect::<Vec<_>>()
+    );
+    for id in &good {
+        assert!(all.iter().any(|t| &t.id == id), "{id} is missing");
+    }
+    for id in &held {
+        let t = f.store.task(id, &Scope::All).await.unwrap();
+        assert_eq!(t.state, TaskState::Cancelled);
+    }
+    let after = f.store.pg_group_counters().unwrap();
+    let (commits, kept, undone) = (
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2],
+    );
+    eprintln!("{kept} writes kept in {commits} commits; {undone} rolled back inside a group");
+    assert!(kept >= 22, "{kept} writes kept");
+    assert!(
+        commits * 3 <= kept,
+        "{kept} writes took {commits} commits: they were not grouped"
+    );
+    // At most a lane's first write of a group rolls back the whole (empty) group.
+    assert!(
+        undone >= 10,
+        "only {undone} failures were undone inside a group"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_abandoned_half_way_commits_nothing_and_its_lane_goes_on() {
+    let Some(f) = pg_fixture().await else { return };
+    let mut held = Vec::new();
+    for p in ["held", "held on the other lane"] {
+        held.push(
+            f.store
+                .submit("o", None, SubmitTask::new("claude", p))
+                .await
+                .unwrap()
+                .0
+                .id,
+        );
+    }
+    let release = hold_rows(&f.db, &[&held[0], &held[1]]).await;
+    let spawn_cancel = |id: String| {
+        let store = f.store.clone();
+        tokio::spawn(async move { store.cancel(&id, &Scope::All).await })
+    };
+    // Lane 0: a cancel waiting for its lock, then a submit queued behind it; lane 1: another
+    // cancel waiting.
+    let abandoned = spawn_cancel(held[0].clone());
+    wait_queued(&f.store, 1).await;
+    let other = spawn_cancel(held[1].clone());
+    wait_queued(&f.store, 2).await;
+    let store = f.store.clone();
+    let behind = tokio::spawn(async move {
+        store
+            .submit("o", None, SubmitTask::new("claude", "behind"))
+            .await
+    });
+    wait_queued(&f.store, 3).await;
+    // The caller goes away: its group is dropped (its waiting statement cancelled, so its
+    // transaction ends now) and the write queued behind it runs.
+    abandoned.abort();
+    let (task, created) = tokio::time::timeout(Duration::from_secs(10), behind)
+        .await
+        .expect("the lane did not go on")
+        .unwrap()
+        .unwrap();
+    assert!(created);
+    assert_eq!(
+        f.store.task(&task.id, &Scope::All).await.unwrap().prompt,
+        "behind"
+    );
+    release.send(()).unwrap();
+    other.await.unwrap().unwrap();
+    assert_eq!(
+        f.store.task(&held[0], &Scope::All).await.unwrap().state,
+        TaskState::Queued,
+        "the abandoned cancel was committed"
+    );
+    assert_eq!(
+        f.store.task(&held[1], &Scope::All).await.unwrap().state,
+        TaskState::Cancelled
+    );
+}
