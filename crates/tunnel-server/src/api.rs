@@ -21,7 +21,7 @@ use tunnel_protocol::{
     RunnerList, SessionBinding, SessionCommand, SessionList, SubmitTask, Task, TaskList, TaskState,
     TokenInfo, TokenList, limits,
 };
-use tunnel_store::{Handoff, Signals, TaskFilter};
+use tunnel_store::{Handoff, Signals, StartAtClaim, TaskFilter};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -675,17 +675,26 @@ async fn claim(
         let mut slot = s.hub.wait_slot(&req);
         // Boxed: the store's future is large (the PostgreSQL one most), and an unboxed one
         // would be part of every parked poll's future while it waits.
-        let offer = Box::pin(s.store.claim_as(&req, &caller.token_id))
+        let offer = if req.ack {
+            Box::pin(
+                s.store
+                    .claim_and_start(&req, &caller.token_id, ACK_IN_CLAIM),
+            )
             .await?
-            .map(Box::new);
+            .map(|started| Box::new(started.offer))
+        } else {
+            Box::pin(s.store.claim_as(&req, &caller.token_id))
+                .await?
+                .map(Box::new)
+        };
         if let Some(offer) = offer {
             drop(slot);
             pending.settle(Some(&offer.task.id));
-            return Ok(offered(&s, &caller.token_id, &req, *offer).await);
+            return Ok(offered(&s, &caller.token_id, &req, *offer));
         }
         pending.hint = None;
         // From here a write that makes a task ready for it claims for it (SQLite).
-        slot.arm(&token, None);
+        slot.arm(&token, req.ack.then_some(ACK_IN_CLAIM));
         let woken = tokio::select! {
             h = slot.woken() => Some(h),
             _ = tokio::time::sleep_until(deadline) => None,
@@ -706,19 +715,28 @@ async fn claim(
         match woken {
             Handoff::Ready(hint) => pending.hint = Some(hint),
             Handoff::Offered(offer) => {
-                return Ok(offered(&s, &caller.token_id, &req, *offer).await);
+                return Ok(offered(&s, &caller.token_id, &req, *offer));
             }
             Handoff::Failed(e) => return Err(e.into()),
             Handoff::Started(started) => {
-                // Never armed with `start`; answered as the offer it is.
-                return Ok(offered(&s, &caller.token_id, &req, started.offer).await);
+                return Ok(offered(&s, &caller.token_id, &req, started.offer));
             }
         }
     }
 }
 
-/// A claim's answer: the offer (acked first when the claim asked, `ClaimRequest::ack`).
-async fn offered(s: &AppState, token_id: &str, req: &ClaimRequest, mut offer: Offer) -> Response {
+/// A claim with `ack` (`ClaimRequest::ack`) acks its offer in the write that makes it, with the
+/// configured lease. The store keeps the attempt unconfirmed until its runner makes a call
+/// about it, and offers it again to the runner's next claim with `ack` meanwhile.
+const ACK_IN_CLAIM: StartAtClaim = StartAtClaim {
+    refuse: |_| None,
+    lease_ms: None,
+    wanted_session: |_| None,
+    confirm: false,
+};
+
+/// A claim's answer: the offer (already acked when the claim asked).
+fn offered(s: &AppState, token_id: &str, req: &ClaimRequest, offer: Offer) -> Response {
     // The store gives an attempt an earlier claim with `ack` started, and this runner has not
     // confirmed, first: the answer that brought it may have been lost (with the connection, or
     // with a server that died before sending it). It is answered as it is, started.
@@ -729,29 +747,7 @@ async fn offered(s: &AppState, token_id: &str, req: &ClaimRequest, mut offer: Of
     s.metrics
         .dispatched(s.clock.now_ms() - offer.task.created_at);
     tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %token_id, attempt = offer.attempt, "Task offered.");
-    if req.ack {
-        // Boxed: the store's ack future inline (the PostgreSQL one is large) would size every
-        // parked poll's future, which holds this one.
-        Box::pin(start_at_claim(s, &mut offer)).await;
-    }
     axum::Json(offer).into_response()
-}
-
-/// Acks an offer in the claim that took it (`ClaimRequest::ack`). The store keeps the attempt
-/// unconfirmed until its runner makes a call about it, and offers it again to the runner's
-/// next claim with `ack` meanwhile. An ack that fails leaves the offer as it was, without
-/// `lease`: the runner acks it itself and gets the answer any ack would.
-async fn start_at_claim(s: &AppState, offer: &mut Offer) {
-    let at = AttemptRef {
-        attempt: offer.attempt,
-        lease_token: offer.lease_token.clone(),
-    };
-    match s.store.ack_for_claim(&offer.task.id, &at).await {
-        Ok(lease) => offer.lease = Some(lease),
-        Err(e) => {
-            tracing::warn!(task_id = %offer.task.id, error = %e, "Could not ack the offer at claim time; the runner acks it.");
-        }
-    }
 }
 
 /// Ack an offer: the attempt starts and its lease with it.

@@ -977,8 +977,9 @@ async fn poll(
 /// finished failed and the next one claimed.
 const START: StartAtClaim = StartAtClaim {
     refuse: refusal,
-    lease_ms: lease_of,
+    lease_ms: Some(lease_of),
     wanted_session,
+    confirm: true,
 };
 
 /// Why an original runner cannot run `task`, if it cannot.

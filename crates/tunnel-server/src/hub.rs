@@ -209,10 +209,11 @@ impl Signals for Hub {
                     .push((offer.task.id, at));
                 self.returned_wake.notify_one();
             }
-            // Acked for an original runner that never got it: like an answer lost on the
-            // wire, its lease ends it.
+            // Started for a poll that had gone. A claim with `ack` left it unconfirmed: that
+            // runner's next claim gets it again. An original runner's (confirmed: it never says
+            // it has one) ends, like an answer lost on the wire, when its lease does.
             Handoff::Started(s) => {
-                tracing::warn!(task_id = %s.offer.task.id, "The openclaw-tunnel poll a task was started for had gone; the task ends when its lease does.");
+                tracing::warn!(task_id = %s.offer.task.id, "The poll a task was started for had gone; a runner that claims with ack gets it again from its next claim, else the task ends when its lease does.");
             }
             Handoff::Failed(_) => {}
         }

@@ -132,8 +132,12 @@ pub struct StartAtClaim {
     /// Why this runner cannot run the task, if it cannot: the task is finished `failed` with
     /// that error and the next one is claimed.
     pub refuse: fn(&Task) -> Option<String>,
-    /// The attempt's lease, from the task.
-    pub lease_ms: fn(&Task) -> i64,
+    /// The attempt's lease, from the task; `None`: the configured lease.
+    pub lease_ms: Option<fn(&Task) -> i64>,
+    /// Whether the runner has the offer once it is answered (an original runner never says
+    /// so) or the attempt stays unconfirmed until the runner makes a call about it, as an ack
+    /// in a claim with `ack` does ([`Store::ack_for_claim`]).
+    pub confirm: bool,
     /// The agent session the runner would be handed; [`Started::may_resume`] says whether
     /// the task's owner may resume it ([`Store::may_resume`]).
     pub wanted_session: fn(&Task) -> Option<String>,
@@ -702,8 +706,8 @@ impl Store {
                     Some(_) => s.conversation_owner(id.clone()).await?,
                     None => None,
                 };
-                let lease_ms = Some((start.lease_ms)(&offer.task).max(1));
-                offer.lease = Some(s.ack(id, at, lease_ms, true).await?);
+                let lease_ms = start.lease_ms.map(|f| f(&offer.task).max(1));
+                offer.lease = Some(s.ack(id, at, lease_ms, start.confirm).await?);
                 return Ok(Some(Started {
                     offer,
                     may_resume,

@@ -1982,8 +1982,8 @@ fn claim_and_start_in(
             .conn
             .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
             .query_row(params![id], |r| r.get(0))?;
-        let lease_ms = Some((start.lease_ms)(&offer.task).max(1));
-        offer.lease = Some(ack_in(w, &id, &at, lease_ms, true)?);
+        let lease_ms = start.lease_ms.map(|f| f(&offer.task).max(1));
+        offer.lease = Some(ack_in(w, &id, &at, lease_ms, start.confirm)?);
         return Ok(Some(Started {
             offer,
             may_resume,

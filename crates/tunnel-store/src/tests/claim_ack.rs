@@ -11,6 +11,7 @@ conformance!(
     any_call_about_the_attempt_confirms_it,
     an_offer_made_by_a_claim_is_offered_again_until_acked_or_expired,
     another_token_cannot_confirm_a_runners_attempt,
+    a_claim_and_its_ack_in_one_write_leave_the_attempt_unconfirmed,
 );
 
 fn ack_claim(runner: &str, holding: &[&str]) -> ClaimRequest {
@@ -215,4 +216,83 @@ async fn another_token_cannot_confirm_a_runners_attempt(f: Fixture) {
     ));
     let again = s.claim_as(&ack_claim("mac", &[]), "tok-a").await.unwrap();
     assert_eq!(again.map(|o| o.task.id), Some(task.id));
+}
+
+/// The server's `/v1/claim` with `ack` claims and acks in one write (`claim_and_start` with
+/// `confirm: false`): the attempt is as unconfirmed as one acked apart, and an original
+/// runner's (`confirm: true`) is not.
+async fn a_claim_and_its_ack_in_one_write_leave_the_attempt_unconfirmed(f: Fixture) {
+    const V1: StartAtClaim = StartAtClaim {
+        refuse: |_| None,
+        lease_ms: None,
+        wanted_session: |_| None,
+        confirm: false,
+    };
+    let s = &f.store;
+    let (task, _) = s
+        .submit("o", None, SubmitTask::new("claude", "x"))
+        .await
+        .unwrap();
+    let started = s
+        .claim_and_start(&ack_claim("r1", &[]), "tok", V1)
+        .await
+        .unwrap()
+        .expect("the task is claimed");
+    assert_eq!(started.offer.task.id, task.id);
+    let lease = started
+        .offer
+        .lease
+        .clone()
+        .expect("acked in the same write");
+    assert_eq!(
+        lease.lease_ms,
+        QueueSettings::default().lease_ms,
+        "the configured lease"
+    );
+    let t = s.task(&task.id, &Scope::All).await.unwrap();
+    assert_eq!((t.state, t.attempt), (TaskState::Running, 1));
+    // Its answer lost: the runner's next claim gets the same attempt again, started.
+    let again = s
+        .claim_and_start(&ack_claim("r1", &[]), "tok", V1)
+        .await
+        .unwrap()
+        .expect("offered again");
+    assert_eq!(
+        (
+            &again.offer.task.id,
+            again.offer.attempt,
+            &again.offer.lease_token
+        ),
+        (&task.id, 1, &started.offer.lease_token)
+    );
+    assert_eq!(again.offer.task.state, TaskState::Running);
+    // Held: never again.
+    assert!(
+        s.claim_and_start(&ack_claim("r1", &[&task.id]), "tok", V1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Confirmed at once: an answer lost is not offered again.
+    let (other, _) = s
+        .submit("o", None, SubmitTask::new("claude", "y"))
+        .await
+        .unwrap();
+    let confirmed = StartAtClaim {
+        confirm: true,
+        ..V1
+    };
+    let first = s
+        .claim_and_start(&ack_claim("r2", &[]), "tok2", confirmed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.offer.task.id, other.id);
+    assert!(
+        s.claim_and_start(&ack_claim("r2", &[]), "tok2", confirmed)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

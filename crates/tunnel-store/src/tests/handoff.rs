@@ -254,8 +254,9 @@ async fn an_offer_whose_poll_is_gone_is_given_back_and_offered_again() {
 /// The original runner's claim, as the compat poll makes it: files tasks need a path.
 const START: StartAtClaim = StartAtClaim {
     refuse: |t| (t.prompt == "unrunnable").then(|| "cannot run it".to_owned()),
-    lease_ms: |t| t.timeout_ms.unwrap_or(1_000) as i64 + 5,
+    lease_ms: Some(|t| t.timeout_ms.unwrap_or(1_000) as i64 + 5),
     wanted_session: |t| t.conversation.clone(),
+    confirm: true,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
