@@ -105,6 +105,13 @@ async fn probe_acp_agents(
         let Some(agent) = cfg.agents.get(&name) else {
             continue;
         };
+        // Never beside a task over ACP: two adapters starting at once in one agent home (two
+        // agent names may share one) fight over its state (Codex's SQLite state fails to
+        // open). A running task learns the answer itself; a task that comes now waits for
+        // this probe.
+        let Ok(_alone) = ctx.acp_probing.try_write() else {
+            continue;
+        };
         let (program, args) = match (agent.kind, &agent.acp, ctx.acp_programs.get(&name)) {
             (AgentKind::Acp, _, _) => match ctx.programs.get(&name) {
                 Some(Some(p)) => (p.clone(), agent.args.clone()),
@@ -223,6 +230,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         held: Default::default(),
         finish_carries_events: std::sync::atomic::AtomicBool::new(true),
         acp_caps: Default::default(),
+        acp_probing: Default::default(),
     });
     // Agents' temporary directories that a killed runner could not remove.
     confine::remove_orphaned_agent_tmps();

@@ -47,6 +47,9 @@ pub(crate) struct Ctx {
     /// What each ACP agent answered to `initialize` (a probe at start, then each task that
     /// drives it): claims report it to the server when it changed.
     pub(crate) acp_caps: std::sync::Mutex<BTreeMap<String, AcpCapabilities>>,
+    /// Held shared by tasks while they drive an agent over ACP, and alone by the start-up
+    /// probe of an agent's `initialize`, so the two never start an adapter at the same time.
+    pub(crate) acp_probing: tokio::sync::RwLock<()>,
 }
 
 impl Ctx {
@@ -384,6 +387,7 @@ async fn execute(
                 deadline,
                 kill_grace: cfg.kill_grace,
             };
+            let _not_probing = ctx.acp_probing.read().await;
             let ended = crate::acp::run(&run, gate.clone(), reporter, &watch).await;
             if let Some(caps) = ended.learned {
                 ctx.learn_acp(&task.agent, caps);
