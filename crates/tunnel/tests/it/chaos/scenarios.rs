@@ -444,39 +444,59 @@ async fn a_flaky_link_between_runners_and_server_loses_and_repeats_nothing() {
     assert_clean(&t, "partition");
 }
 
-/// The ack answer of the first offer is lost for a while (the ack reached the server: the task
-/// is running there). The runner must retry the ack (acks are idempotent) and run the task,
-/// rather than give up and leave it "running" until its lease runs out and it is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
-    let world = World::new();
-    // Without the retry the task would be lost when this lease runs out.
-    let server = Server::start(&world, &["--lease", "6"], vec![]);
+/// A server with a 6 s lease (a task nobody runs is lost when it ends) behind a proxy that
+/// loses the answers to `path`, one runner `name` through the proxy, and one quiet task,
+/// running on the server when this returns.
+async fn with_answers_lost_to(
+    world: &World,
+    path: &'static str,
+    name: &str,
+    ack_in_claim: bool,
+    task: &str,
+) -> (Server, Proxy, Runner, Api, String) {
+    let server = Server::start(world, &["--lease", "6"], vec![]);
     let proxy = Proxy::start(server.addr()).await;
-    proxy.set(Mode::LoseAnswersTo("/ack HTTP"));
-    // A runner that acks apart (an offer its claim could not ack takes this path too).
-    let mut spec = RunnerSpec::new("acker", &proxy.url());
-    spec.ack_in_claim = false;
-    let _r = Runner::start(&world, spec);
+    proxy.set(Mode::LoseAnswersTo(path));
+    let mut spec = RunnerSpec::new(name, &proxy.url());
+    spec.ack_in_claim = ack_in_claim;
+    let runner = Runner::start(world, spec);
     let api = Api::new(&server.url());
-    let id = api
-        .submit("ack-lost", &task_body("quiet 0.1", None, None))
-        .await;
+    let id = api.submit(task, &task_body("quiet 0.1", None, None)).await;
     api.wait_state(&id, "running", Duration::from_secs(30))
         .await;
-    // The server started the attempt; the runner has not heard. Let a retry fail too.
-    until("a lost ack answer", Duration::from_secs(30), || {
-        proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) >= 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    (server, proxy, runner, api, id)
+}
+
+/// The proxy lets everything through; the task then ends `succeeded`, in its first attempt,
+/// its agent started once.
+async fn runs_once_when_answers_pass(world: &World, proxy: &Proxy, api: &Api, id: &str) {
     proxy.set(Mode::Pass);
+    let id = id.to_owned();
     let tasks = api
         .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
         .await;
     assert_eq!(tasks[&id]["state"], "succeeded", "{}", tasks[&id]);
     assert_eq!(tasks[&id]["attempt"], 1);
     assert_eq!(world.starts().get(&id), Some(&1));
+}
+
+/// The ack answer of the first offer is lost for a while (the ack reached the server: the task
+/// is running there). The runner must retry the ack (acks are idempotent) and run the task,
+/// rather than give up and leave it "running" until its lease runs out and it is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
+    let world = World::new();
+    // Without the retry the task would be lost when the lease runs out. A runner that acks
+    // apart (an offer its claim could not ack takes this path too).
+    let (_server, proxy, _r, api, id) =
+        with_answers_lost_to(&world, "/ack HTTP", "acker", false, "ack-lost").await;
+    // The server started the attempt; the runner has not heard. Let a retry fail too.
+    until("a lost ack answer", Duration::from_secs(30), || {
+        proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    runs_once_when_answers_pass(&world, &proxy, &api, &id).await;
 }
 
 /// The runner asks the claim to ack its offer too (one round trip fewer), so once the claim's
@@ -487,19 +507,9 @@ async fn an_ack_whose_answer_is_lost_is_retried_and_the_task_runs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
     let world = World::new();
-    // Without the offer again the task would be lost when this lease runs out.
-    let server = Server::start(&world, &["--lease", "6"], vec![]);
-    let proxy = Proxy::start(server.addr()).await;
-    proxy.set(Mode::LoseAnswersTo("/v1/claim HTTP"));
-    let mut spec = RunnerSpec::new("claimer", &proxy.url());
-    spec.ack_in_claim = true;
-    let _r = Runner::start(&world, spec);
-    let api = Api::new(&server.url());
-    let id = api
-        .submit("claim-lost", &task_body("quiet 0.1", None, None))
-        .await;
-    api.wait_state(&id, "running", Duration::from_secs(30))
-        .await;
+    // Without the offer again the task would be lost when the lease runs out.
+    let (_server, proxy, _r, api, id) =
+        with_answers_lost_to(&world, "/v1/claim HTTP", "claimer", true, "claim-lost").await;
     // The server started the attempt in the claim; the runner has not heard. Let a retried
     // claim's answer be lost too.
     until("a lost claim answer", Duration::from_secs(30), || {
@@ -511,13 +521,7 @@ async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
         None,
         "the agent ran without an offer"
     );
-    proxy.set(Mode::Pass);
-    let tasks = api
-        .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
-        .await;
-    assert_eq!(tasks[&id]["state"], "succeeded", "{}", tasks[&id]);
-    assert_eq!(tasks[&id]["attempt"], 1);
-    assert_eq!(world.starts().get(&id), Some(&1));
+    runs_once_when_answers_pass(&world, &proxy, &api, &id).await;
 }
 
 /// The window that kept `ack_in_claim` off (issue #19 §2): the server commits a claim's offer
@@ -530,19 +534,9 @@ async fn a_claim_whose_acked_answer_is_lost_is_offered_again_and_runs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_killed_before_its_acked_claim_answer_arrives_loses_no_task() {
     let world = World::new();
-    // Without the offer again the task would be lost when this lease runs out.
-    let mut server = Server::start(&world, &["--lease", "6"], vec![]);
-    let proxy = Proxy::start(server.addr()).await;
-    proxy.set(Mode::LoseAnswersTo("/v1/claim HTTP"));
-    let mut spec = RunnerSpec::new("claimer", &proxy.url());
-    spec.ack_in_claim = true;
-    let _r = Runner::start(&world, spec);
-    let api = Api::new(&server.url());
-    let id = api
-        .submit("claim-crash", &task_body("quiet 0.1", None, None))
-        .await;
-    api.wait_state(&id, "running", Duration::from_secs(30))
-        .await;
+    // Without the offer again the task would be lost when the lease runs out.
+    let (mut server, proxy, _r, api, id) =
+        with_answers_lost_to(&world, "/v1/claim HTTP", "claimer", true, "claim-crash").await;
     until("a lost claim answer", Duration::from_secs(30), || {
         proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) >= 1
     })
@@ -554,13 +548,7 @@ async fn a_server_killed_before_its_acked_claim_answer_arrives_loses_no_task() {
         "the agent ran without an offer"
     );
     server.spawn();
-    proxy.set(Mode::Pass);
-    let tasks = api
-        .wait_all(std::slice::from_ref(&id), Duration::from_secs(60))
-        .await;
-    assert_eq!(tasks[&id]["state"], "succeeded", "{}", tasks[&id]);
-    assert_eq!(tasks[&id]["attempt"], 1);
-    assert_eq!(world.starts().get(&id), Some(&1));
+    runs_once_when_answers_pass(&world, &proxy, &api, &id).await;
 }
 
 /// Scenario 4: Discord and Telegram stand-ins answer with a 429 storm (every request for the
