@@ -1205,19 +1205,8 @@ fn acp_initialize_relays_the_remote_agents_capabilities() {
         "{msg}"
     );
     claim["acp_capabilities"]["tiny"]["agent_capabilities"] = json!({"loadSession": false});
-    let (code, e) = super::curl(&[
-        "-X",
-        "POST",
-        &format!("{}/v1/tokens", server.url()),
-        "-H",
-        &format!("authorization: Bearer {TOKEN}"),
-        "-H",
-        "content-type: application/json",
-        "-d",
-        &json!({"name": "intruder", "role": "runner"}).to_string(),
-    ]);
-    assert_eq!(code, 201, "{e}");
-    let (code, e) = post_claim(&server, e["token"].as_str().unwrap(), &claim);
+    let intruder = token_of_role(&server, "intruder", "runner");
+    let (code, e) = post_claim(&server, &intruder, &claim);
     assert_eq!(code, 409, "{e}");
     assert_eq!(
         wait_capabilities(&server, "home", "tiny")["acp_capabilities"]["tiny"],
@@ -1247,6 +1236,11 @@ fn acp_initialize_relays_the_remote_agents_capabilities() {
 
 /// A new client token.
 fn token(server: &Server, name: &str) -> String {
+    token_of_role(server, name, "client")
+}
+
+/// A new token of `role` (`client`, `runner`, `admin`).
+fn token_of_role(server: &Server, name: &str, role: &str) -> String {
     let (code, t) = super::curl(&[
         "-X",
         "POST",
@@ -1256,7 +1250,7 @@ fn token(server: &Server, name: &str) -> String {
         "-H",
         "content-type: application/json",
         "-d",
-        &json!({"name": name, "role": "client"}).to_string(),
+        &json!({"name": name, "role": role}).to_string(),
     ]);
     assert_eq!(code, 201, "{t}");
     t["token"].as_str().unwrap().to_owned()
