@@ -472,23 +472,31 @@ async fn wait_queued(store: &Store, n: u64) {
     }
 }
 
+/// Two tasks with these prompts, their rows locked by another connection until `release`
+/// is sent (or dropped): a write on either waits for the lock.
+async fn held_tasks(
+    f: &Fixture,
+    prompts: [&str; 2],
+) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
+    let mut held = Vec::new();
+    for p in prompts {
+        let (task, _) = f
+            .store
+            .submit("o", None, SubmitTask::new("claude", p))
+            .await
+            .unwrap();
+        held.push(task.id);
+    }
+    let release = hold_rows(&f.db, &[&held[0], &held[1]]).await;
+    (held, release)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_writes_share_a_commit_and_a_failing_one_fails_alone() {
     let Some(f) = pg_fixture().await else { return };
     // Both lanes held up by a write waiting for a row lock; everything submitted meanwhile
     // queues behind them and then runs in their groups.
-    let mut held = Vec::new();
-    for p in ["held", "held too"] {
-        held.push(
-            f.store
-                .submit("o", None, SubmitTask::new("claude", p))
-                .await
-                .unwrap()
-                .0
-                .id,
-        );
-    }
-    let release = hold_rows(&f.db, &[&held[0], &held[1]]).await;
+    let (held, release) = held_tasks(&f, ["held", "held too"]).await;
     let before = f.store.pg_group_counters().unwrap();
     let mut cancels = tokio::task::JoinSet::new();
     for id in held.clone() {
@@ -579,18 +587,7 @@ async fn queued_writes_share_a_commit_and_a_failing_one_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_abandoned_half_way_commits_nothing_and_its_lane_goes_on() {
     let Some(f) = pg_fixture().await else { return };
-    let mut held = Vec::new();
-    for p in ["held", "held on the other lane"] {
-        held.push(
-            f.store
-                .submit("o", None, SubmitTask::new("claude", p))
-                .await
-                .unwrap()
-                .0
-                .id,
-        );
-    }
-    let release = hold_rows(&f.db, &[&held[0], &held[1]]).await;
+    let (held, release) = held_tasks(&f, ["held", "held on the other lane"]).await;
     let spawn_cancel = |id: String| {
         let store = f.store.clone();
         tokio::spawn(async move { store.cancel(&id, &Scope::All).await })
