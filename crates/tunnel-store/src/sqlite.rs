@@ -1978,16 +1978,21 @@ fn claim_and_start_in(
             Some(s) => may_resume_in(w.conn, &id, &s)?,
             None => false,
         };
-        let conv_owner: String = w
-            .conn
-            .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
-            .query_row(params![id], |r| r.get(0))?;
+        // Only a task in a conversation has a namespace to read (as on PostgreSQL): no read
+        // for the rest, e.g. most v1 claims with `ack`, which do not use it.
+        let conv_owner: Option<String> = match offer.task.conversation {
+            Some(_) => w
+                .conn
+                .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))?,
+            None => None,
+        };
         let lease_ms = start.lease_ms.map(|f| f(&offer.task).max(1));
         offer.lease = Some(ack_in(w, &id, &at, lease_ms, start.confirm)?);
         return Ok(Some(Started {
             offer,
             may_resume,
-            conv_owner: Some(conv_owner).filter(|o| !o.is_empty()),
+            conv_owner: conv_owner.filter(|o| !o.is_empty()),
         }));
     }
 }
