@@ -1011,6 +1011,7 @@ fn handed(s: &AppState, runner: &str, started: Started) -> Value {
         offer,
         may_resume,
         conv_owner,
+        ..
     } = started;
     s.metrics
         .dispatched(s.clock.now_ms() - offer.task.created_at);

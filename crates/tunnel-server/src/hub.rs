@@ -52,10 +52,19 @@ pub(crate) struct Hub {
     tokens_wake: Notify,
     /// Bumped on any task change or newly ready task: the dashboard's live pages listen.
     changes: tokio::sync::watch::Sender<u64>,
-    /// Offers claimed for a poll that was gone before it could answer with them: given back
-    /// by [`return_offers`](crate) so the task is offered again at once.
-    returned: Mutex<Vec<(String, AttemptRef)>>,
+    /// Offers (and confirmed starts) claimed for a poll that was gone before it could answer
+    /// with them: given back by [`offer_returner`](crate) so the task is offered again at once.
+    returned: Mutex<Vec<Returned>>,
     returned_wake: Notify,
+}
+
+/// What a poll that was gone left behind ([`Hub::take_returned`]).
+pub(crate) struct Returned {
+    pub(crate) task_id: String,
+    pub(crate) at: AttemptRef,
+    /// Started ([`Store::return_start`](tunnel_store::Store::return_start)) rather than
+    /// only offered.
+    pub(crate) started: bool,
 }
 
 impl Hub {
@@ -95,13 +104,29 @@ impl Hub {
 
     /// Offers to give back ([`Signals::handoff_lost`]), taken; empty until
     /// [`Hub::returned_woken`].
-    pub(crate) fn take_returned(&self) -> Vec<(String, AttemptRef)> {
+    pub(crate) fn take_returned(&self) -> Vec<Returned> {
         std::mem::take(&mut *self.returned.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Waits until an offer is to be given back.
     pub(crate) fn returned_woken(&self) -> tokio::sync::futures::Notified<'_> {
         self.returned_wake.notified()
+    }
+
+    fn give_back(&self, task_id: String, attempt: u32, lease_token: String, started: bool) {
+        let at = AttemptRef {
+            attempt,
+            lease_token,
+        };
+        self.returned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Returned {
+                task_id,
+                at,
+                started,
+            });
+        self.returned_wake.notify_one();
     }
 
     /// Long-polls parked right now.
@@ -199,21 +224,19 @@ impl Signals for Hub {
             Handoff::Ready(hint) => self.task_ready(&hint),
             Handoff::Offered(offer) => {
                 tracing::info!(task_id = %offer.task.id, runner = %offer.task.runner.as_deref().unwrap_or("?"), "The poll an offer was claimed for had gone; offering it again.");
-                let at = AttemptRef {
-                    attempt: offer.attempt,
-                    lease_token: offer.lease_token,
-                };
-                self.returned
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((offer.task.id, at));
-                self.returned_wake.notify_one();
+                self.give_back(offer.task.id, offer.attempt, offer.lease_token, false);
             }
             // Started for a poll that had gone. A claim with `ack` left it unconfirmed: that
-            // runner's next claim gets it again. An original runner's (confirmed: it never says
-            // it has one) ends, like an answer lost on the wire, when its lease does.
+            // runner's next claim gets it again, so it must not be given back (that claim may
+            // already have it). An original runner's (confirmed: nothing offers it again) is
+            // given back: its lease covers the task's whole timeout.
+            Handoff::Started(s) if s.confirmed => {
+                tracing::info!(task_id = %s.offer.task.id, "The poll a task was started for had gone; queueing it again.");
+                let o = s.offer;
+                self.give_back(o.task.id, o.attempt, o.lease_token, true);
+            }
             Handoff::Started(s) => {
-                tracing::warn!(task_id = %s.offer.task.id, "The poll a task was started for had gone; a runner that claims with ack gets it again from its next claim, else the task ends when its lease does.");
+                tracing::info!(task_id = %s.offer.task.id, "The poll a task was started for had gone; its runner's next claim with ack gets it again.");
             }
             Handoff::Failed(_) => {}
         }

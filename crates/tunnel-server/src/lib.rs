@@ -353,19 +353,23 @@ async fn token_reloader(state: AppState) {
     }
 }
 
-/// Gives back the offers claimed for a long-poll that was gone when they came (the store's
-/// writer claims for parked polls, `Signals::take_parked`), so each task is offered again now
-/// rather than when its ack deadline passes.
+/// Gives back the offers (and confirmed starts) claimed for a long-poll that was gone when
+/// they came (the store's writer claims for parked polls, `Signals::take_parked`), so each
+/// task is offered again now rather than when its ack deadline or lease passes.
 async fn offer_returner(state: AppState) {
     loop {
         let woken = state.hub.returned_woken();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        for (id, at) in state.hub.take_returned() {
-            match state.store.return_offer(&id, &at).await {
-                Ok(_) => {}
-                // Its ack deadline still gives it back.
-                Err(e) => tracing::warn!(task_id = %id, error = %e, "Giving back an offer failed."),
+        for r in state.hub.take_returned() {
+            let given = if r.started {
+                state.store.return_start(&r.task_id, &r.at).await
+            } else {
+                state.store.return_offer(&r.task_id, &r.at).await
+            };
+            // Else its ack deadline (an offer) or its lease (a start) still gives it back.
+            if let Err(e) = given {
+                tracing::warn!(task_id = %r.task_id, error = %e, "Giving back a task failed.");
             }
         }
         tokio::select! {

@@ -152,6 +152,9 @@ pub struct Started {
     pub may_resume: bool,
     /// [`Store::conversation_owner`] of the task (may be `None` when it has no conversation).
     pub conv_owner: Option<String>,
+    /// [`StartAtClaim::confirm`] was set: nothing offers this attempt again, so a start its
+    /// poll never answered with is given back with [`Store::return_start`].
+    pub confirmed: bool,
 }
 
 /// A parked long-poll as a write that makes a task ready finds it ([`Signals::take_parked`]):
@@ -712,6 +715,7 @@ impl Store {
                     offer,
                     may_resume,
                     conv_owner,
+                    confirmed: start.confirm,
                 }));
             },
         }
@@ -724,6 +728,18 @@ impl Store {
         match &*self.backend {
             Backend::Sqlite(s) => s.return_offer(id.to_owned(), at.clone()).await,
             Backend::Postgres(s) => s.return_offer(id.to_owned(), at.clone()).await,
+        }
+    }
+
+    /// Gives back a task started for a long-poll that was gone before it was answered
+    /// ([`Started::confirmed`] only: the caller knows nobody was handed this attempt). The
+    /// task is queued again and the start does not count as an attempt used; a task whose
+    /// cancel was asked meanwhile ends cancelled. `false` when the attempt is no longer that
+    /// start (ended, or already given back).
+    pub async fn return_start(&self, id: &str, at: &AttemptRef) -> Result<bool> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.return_start(id.to_owned(), at.clone()).await,
+            Backend::Postgres(s) => s.return_start(id.to_owned(), at.clone()).await,
         }
     }
 

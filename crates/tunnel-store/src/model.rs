@@ -625,6 +625,21 @@ pub(crate) fn offer_expired_reason(t: &OpenTask) -> String {
     )
 }
 
+/// What happens to a task started for a long-poll that was gone before it was answered
+/// (nobody has it): queued again with the start not counted, or cancelled if that was asked.
+pub(crate) fn start_returned(t: &OpenTask) -> Expiry {
+    let runner = t.runner.as_deref().unwrap_or("?");
+    if t.state == TaskState::Cancelling {
+        return Expiry::End(
+            TaskState::Cancelled,
+            format!("cancelled; runner {runner} had gone before it was handed the task"),
+        );
+    }
+    Expiry::Retry(format!(
+        "runner {runner} had gone before it was handed the task; queued again"
+    ))
+}
+
 /// What happens to a task whose lease ran out (the runner is gone); each with its reason.
 pub(crate) enum Expiry {
     /// Attempts are left: it is queued again.

@@ -1527,6 +1527,33 @@ impl PgStore {
         })
     }
 
+    pub(crate) async fn return_start(&self, id: String, at: AttemptRef) -> Result<bool> {
+        write!(self, |w| {
+            let t = w.open_task(&id).await?;
+            if !matches!(t.state, TaskState::Running | TaskState::Cancelling)
+                || model::check_attempt(&t, at.attempt, &at.lease_token).is_err()
+            {
+                return Ok(false);
+            }
+            match model::start_returned(&t) {
+                Expiry::End(state, reason) => {
+                    w.finish_task(&t, state, Some(&reason), None).await?;
+                }
+                Expiry::Retry(reason) => {
+                    w.queue_again(
+                        &t,
+                        "UPDATE tasks SET state = 'queued', ready = TRUE, lease_until = NULL,
+                            lease_token = NULL, runs = runs - 1, reason = $2, updated_at = $3
+                         WHERE seq = $1",
+                        &reason,
+                    )
+                    .await?;
+                }
+            }
+            Ok(true)
+        })
+    }
+
     pub(crate) async fn may_resume(&self, id: String, session_id: String) -> Result<bool> {
         let c = self.conn().await?;
         let row = q_opt(

@@ -386,6 +386,29 @@ impl SqliteStore {
         .await
     }
 
+    pub(crate) async fn return_start(&self, id: String, at: AttemptRef) -> Result<bool> {
+        self.write(move |w| {
+            let t = w.open_task(&id)?;
+            if !matches!(t.state, TaskState::Running | TaskState::Cancelling)
+                || model::check_attempt(&t, at.attempt, &at.lease_token).is_err()
+            {
+                return Ok(false);
+            }
+            match model::start_returned(&t) {
+                Expiry::End(state, reason) => w.finish_task(&t, state, Some(&reason), None)?,
+                Expiry::Retry(reason) => w.queue_again(
+                    &t,
+                    "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
+                        lease_token = NULL, runs = runs - 1, reason = ?2, updated_at = ?3
+                     WHERE seq = ?1",
+                    &reason,
+                )?,
+            }
+            Ok(true)
+        })
+        .await
+    }
+
     pub(crate) async fn conversation_owner(&self, id: String) -> Result<Option<String>> {
         self.read(move |c, _| {
             let owner: String = c
@@ -1993,6 +2016,7 @@ fn claim_and_start_in(
             offer,
             may_resume,
             conv_owner: conv_owner.filter(|o| !o.is_empty()),
+            confirmed: start.confirm,
         }));
     }
 }

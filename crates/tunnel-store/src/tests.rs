@@ -259,9 +259,13 @@ conformance!(
     runners_keep_their_acp_capabilities,
     claim_and_start_refuses_acks_and_says_whose,
     return_offer_requeues_only_that_offer,
+    return_start_requeues_only_that_start,
 );
 
-use handoff::{claim_and_start_refuses_acks_and_says_whose, return_offer_requeues_only_that_offer};
+use handoff::{
+    claim_and_start_refuses_acks_and_says_whose, return_offer_requeues_only_that_offer,
+    return_start_requeues_only_that_start,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -281,6 +281,38 @@ async fn a_parked_start_claim_is_claimed_and_acked_in_the_submits_commit() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_poll_is_gone_is_handed_back_as_confirmed() {
+    let (store, parking, _clock, _dir) = parking_store().await;
+    let rx = parking.park(claim_req("r1"), Some(START));
+    drop(rx);
+    let (t, _) = store
+        .submit("o", None, SubmitTask::new("claude", "x"))
+        .await
+        .unwrap();
+    let lost = match parking.lost.lock().unwrap().pop() {
+        Some(Handoff::Started(s)) => *s,
+        other => panic!("expected a lost start, got {other:?}"),
+    };
+    assert!(
+        lost.confirmed,
+        "an original runner's start: nothing offers it again"
+    );
+    assert_eq!(lost.offer.task.id, t.id);
+    // What the server does with it: queued again at once, not at the end of its lease.
+    assert!(
+        store
+            .return_start(&t.id, &attempt_of(&lost.offer))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.task(&t.id, &Scope::All).await.unwrap().state,
+        TaskState::Queued
+    );
+    assert_eq!(parking.woken(), vec![t.id.clone()]);
+}
+
 // Both backends.
 
 pub(super) async fn claim_and_start_refuses_acks_and_says_whose(f: Fixture) {
@@ -354,4 +386,70 @@ pub(super) async fn return_offer_requeues_only_that_offer(f: Fixture) {
     assert!(!f.store.return_offer(&t.id, &attempt_of(&o)).await.unwrap());
     let o2 = f.store.claim(&claim_req("r2")).await.unwrap().unwrap();
     assert_eq!((o2.task.id.as_str(), o2.attempt), (t.id.as_str(), 2));
+}
+
+pub(super) async fn return_start_requeues_only_that_start(f: Fixture) {
+    let mut req = SubmitTask::new("claude", "x");
+    req.max_attempts = Some(2);
+    let (t, _) = f.store.submit("o", None, req).await.unwrap();
+    let started = f
+        .store
+        .claim_and_start(&claim_req("r1"), "t1", START)
+        .await
+        .unwrap()
+        .expect("the task");
+    assert!(started.confirmed);
+    let at = attempt_of(&started.offer);
+    let wrong = AttemptRef {
+        attempt: at.attempt,
+        lease_token: "nope".into(),
+    };
+    assert!(!f.store.return_start(&t.id, &wrong).await.unwrap());
+    assert_eq!(
+        f.store.task(&t.id, &Scope::All).await.unwrap().state,
+        TaskState::Running,
+        "a wrong lease token changes nothing"
+    );
+    assert!(f.store.return_start(&t.id, &at).await.unwrap());
+    let back = f.store.task(&t.id, &Scope::All).await.unwrap();
+    assert_eq!(back.state, TaskState::Queued);
+    assert!(back.reason.unwrap().contains("had gone"));
+    assert!(
+        !f.store.return_start(&t.id, &at).await.unwrap(),
+        "given back once"
+    );
+    // The start given back used no attempt: of two, the next run's lease running out still
+    // leaves one (it would end the task lost if the start had counted).
+    let o = f.store.claim(&claim_req("r2")).await.unwrap().unwrap();
+    assert_eq!(o.attempt, 2, "the given-back attempt is fenced off");
+    assert!(
+        !f.store.return_start(&t.id, &at).await.unwrap(),
+        "an old attempt changes nothing"
+    );
+    f.store.ack(&t.id, &attempt_of(&o)).await.unwrap();
+    f.clock.advance(QueueSettings::default().lease_ms + 1);
+    f.store.expire_due().await.unwrap();
+    assert_eq!(
+        f.store.task(&t.id, &Scope::All).await.unwrap().state,
+        TaskState::Queued,
+        "one run used of two"
+    );
+    // A start whose cancel was asked meanwhile ends cancelled.
+    let started = f
+        .store
+        .claim_and_start(&claim_req("r1"), "t1", START)
+        .await
+        .unwrap()
+        .expect("the task again");
+    f.store.cancel(&t.id, &Scope::All).await.unwrap();
+    assert!(
+        f.store
+            .return_start(&t.id, &attempt_of(&started.offer))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.store.task(&t.id, &Scope::All).await.unwrap().state,
+        TaskState::Cancelled
+    );
 }
