@@ -1743,12 +1743,8 @@ impl PgStore {
             if let Some(sid) = &req.result.session_id {
                 w.record_session(&t, sid).await?;
             }
-            let result = to_json(&req.result);
-            w.exec(
-                "UPDATE tasks SET result = $2 WHERE seq = $1",
-                &[&t.seq, &result],
-            )
-            .await?;
+            // The result is written by the same UPDATE as the state (one row version, one
+            // statement fewer).
             match req.outcome {
                 Outcome::Parked => {
                     w.settle_pending(&t, "the attempt ended").await?;
@@ -1757,9 +1753,9 @@ impl PgStore {
                     w.exec(
                         "UPDATE tasks SET state = 'parked', ready = TRUE, not_before = $2,
                             lease_until = NULL, ack_by = NULL, lease_token = NULL,
-                            reason = $3, updated_at = $4
+                            reason = $3, updated_at = $4, result = $5
                          WHERE seq = $1",
-                        &[&t.seq, &not_before, &reason, &w.now],
+                        &[&t.seq, &not_before, &reason, &w.now, &to_json(&req.result)],
                     )
                     .await?;
                     w.event(
@@ -3205,15 +3201,19 @@ impl W<'_> {
             "the attempt ended"
         };
         self.settle_pending(t, why).await?;
-        // The end and its event: one round trip.
+        // The end (with the runner's result, if it reported one) and its event: one round trip.
         const END: &str = "UPDATE tasks SET state = $2, ready = FALSE, ack_by = NULL,
                 lease_until = NULL, not_before = NULL, reason = $3, finished_at = $4,
-                updated_at = $4
+                updated_at = $4, result = COALESCE($5, result)
              WHERE seq = $1";
         self.prepare(&[END, INSERT_EVENT]).await?;
         let data = model::finished_event(state, reason, result);
+        let result_json = result.map(to_json);
         let (ended, evented) = futures_util::future::join(
-            self.exec(END, &[&t.seq, &state.as_str(), &reason, &self.now]),
+            self.exec(
+                END,
+                &[&t.seq, &state.as_str(), &reason, &self.now, &result_json],
+            ),
             self.event(t.seq, t.attempt, "state", &data),
         )
         .await;
