@@ -139,6 +139,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0019_fewer_task_indexes",
         include_str!("../migrations/postgres/0019_fewer_task_indexes.sql"),
     ),
+    (
+        "0020_events_without_fk",
+        include_str!("../migrations/postgres/0020_events_without_fk.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
