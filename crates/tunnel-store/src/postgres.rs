@@ -220,6 +220,9 @@ const INSERT_EVENT_ONCE: &str = "WITH c AS (
     INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
     SELECT $1, c.seq, $3::bigint, $4::bigint, $5::text, $6::text, $7::bigint FROM c
     RETURNING seq";
+/// How long a note without a ready task waits for others to share its NOTIFY
+/// (see `notify_loop`): what another server's watchers of a task may see late.
+const NOTE_WINDOW: Duration = Duration::from_millis(5);
 /// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
 const MAX_PAYLOAD: usize = 7000;
 
@@ -2750,6 +2753,20 @@ async fn notify_loop(
 ) {
     while let Some(first) = rx.recv().await {
         let mut fx = first;
+        // Every NOTIFY wakes the listening backend of every server (PostgreSQL signals them
+        // all) and each server's listener: per task, several commits' notes cost PostgreSQL
+        // more than a transition's statements. Notes without a ready task wait up to
+        // `NOTE_WINDOW` for others to go with them; one with a ready task (a dispatch waits
+        // on it) or a token change goes at once, with whatever gathered before it.
+        if fx.ready.is_empty() && !fx.tokens {
+            let until = tokio::time::Instant::now() + NOTE_WINDOW;
+            while fx.ready.is_empty() && !fx.tokens {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(more)) => fx.merge(more),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
         // Bounded: a merged note is split into payloads under the size limit anyway.
         for _ in 0..256 {
             match rx.try_recv() {
