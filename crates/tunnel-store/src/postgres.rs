@@ -139,6 +139,10 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
         "0019_fewer_task_indexes",
         include_str!("../migrations/postgres/0019_fewer_task_indexes.sql"),
     ),
+    (
+        "0020_events_without_fk",
+        include_str!("../migrations/postgres/0020_events_without_fk.sql"),
+    ),
 ];
 
 /// The NOTIFY channel every instance listens on.
@@ -157,6 +161,8 @@ const COMMIT_FAILED: &str = "the commit failed";
 const MAX_TRIES: u32 = 10;
 /// Candidates a claim reads per round (then locks the first it can).
 const CLAIM_BATCH: i64 = 8;
+/// (agent, project) pairs up to which a claim reads its candidates one statement per pair.
+const CLAIM_PAIRS: usize = 6;
 /// Ready tasks re-woken per poll.
 const POLL_READY: i64 = 32;
 /// A claim's record of its runner (see `W::touch_runner`).
@@ -205,6 +211,18 @@ const INSERT_EVENT: &str = "WITH c AS (
     INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
     SELECT $1, c.seq, $3::bigint, $4::bigint, $5::text, $6::text, $7::bigint FROM c
     RETURNING seq";
+/// [`INSERT_EVENT`] for a runner's numbered event, skipped if the attempt has it already.
+const INSERT_EVENT_ONCE: &str = "WITH c AS (
+        UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + $2
+        WHERE seq = $1 AND NOT EXISTS (SELECT 1 FROM task_events
+            WHERE task_seq = $1 AND attempt = $3 AND n = $4)
+        RETURNING next_event_seq - 1 AS seq)
+    INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+    SELECT $1, c.seq, $3::bigint, $4::bigint, $5::text, $6::text, $7::bigint FROM c
+    RETURNING seq";
+/// How long a note without a ready task waits for others to share its NOTIFY
+/// (see `notify_loop`): what another server's watchers of a task may see late.
+const NOTE_WINDOW: Duration = Duration::from_millis(5);
 /// NOTIFY payloads stay under PostgreSQL's 8000-byte limit.
 const MAX_PAYLOAD: usize = 7000;
 
@@ -1283,6 +1301,21 @@ impl PgStore {
             // per (agent, project or none) it has, merged by seq, so tasks queued for agents
             // or projects it lacks cost nothing here. Then the first that can be locked
             // (others' claims are skipped, not waited for) and still qualifies.
+            //
+            // PostgreSQL plans the arrays' form anew at every call (a generic plan's estimate,
+            // ten rows per unknown array, always loses to the custom one's), which cost more
+            // than running it; one statement per (agent, project) with plain parameters gets
+            // its generic plan cached after five calls. Up to `CLAIM_PAIRS` pairs (pipelined:
+            // no extra round trip), the arrays' form beyond.
+            let pair_sql = format!(
+                "SELECT t.seq FROM tasks t
+                 LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent AND s.conversation = t.conversation
+                 WHERE t.ready AND t.agent = $2 AND COALESCE(t.project, '') = $3
+                   AND (t.not_before IS NULL OR t.not_before <= $1)
+                   AND COALESCE({HOME_EXPR}, $4) = $4
+                   AND t.seq <> ALL($5)
+                 ORDER BY t.seq LIMIT {CLAIM_BATCH}"
+            );
             let sql = format!(
                 "SELECT c.seq FROM unnest($2::text[]) AS a(agent)
                  CROSS JOIN (SELECT '' AS project UNION SELECT unnest($3::text[])) AS p
@@ -1300,21 +1333,32 @@ impl PgStore {
             let mut agents = req.agents.clone();
             agents.sort_unstable();
             agents.dedup();
+            let mut projects = vec![String::new()];
+            projects.extend(req.projects.iter().cloned());
+            projects.sort_unstable();
+            projects.dedup();
+            let pairs: Vec<(&String, &String)> = agents
+                .iter()
+                .flat_map(|a| projects.iter().map(move |p| (a, p)))
+                .collect();
+            let query = if pairs.len() <= CLAIM_PAIRS {
+                &pair_sql
+            } else {
+                &sql
+            };
+            let (pairs, query) = (&pairs[..], query.as_str());
             let mut skipped: Vec<i64> = Vec::new();
             let mut chosen = None;
             // The runner's row, the first candidates and (with `ack`) the attempts this runner
             // has not confirmed: one round trip (independent).
             if req.ack {
-                w.prepare(&[TOUCH_RUNNER, &sql, UNCONFIRMED]).await?;
+                w.prepare(&[TOUCH_RUNNER, query, UNCONFIRMED]).await?;
             } else {
-                w.prepare(&[TOUCH_RUNNER, &sql]).await?;
+                w.prepare(&[TOUCH_RUNNER, query]).await?;
             }
             let (touched, first, unconfirmed) = futures_util::future::join3(
                 w.touch_runner(&req, token.as_deref()),
-                w.all(
-                    &sql,
-                    &[&w.now, &agents, &req.projects, &req.runner, &skipped],
-                ),
+                w.claim_candidates(query, pairs, &agents, &req, &[]),
                 async {
                     if req.ack {
                         w.all(UNCONFIRMED, &[&req.runner, &req.holding, &token])
@@ -1336,21 +1380,17 @@ impl PgStore {
             }
             let mut first = Some(first?);
             'rounds: for _ in 0..3 {
-                let rows = match first.take() {
-                    Some(rows) => rows,
+                let seqs = match first.take() {
+                    Some(seqs) => seqs,
                     None => {
-                        w.all(
-                            &sql,
-                            &[&w.now, &agents, &req.projects, &req.runner, &skipped],
-                        )
-                        .await?
+                        w.claim_candidates(query, pairs, &agents, &req, &skipped)
+                            .await?
                     }
                 };
-                if rows.is_empty() {
+                if seqs.is_empty() {
                     break;
                 }
-                for row in &rows {
-                    let seq: i64 = get(row, 0)?;
+                for seq in seqs {
                     skipped.push(seq);
                     // Locked (or skipped) and re-checked in one statement: the row locked is
                     // what was last committed.
@@ -1628,55 +1668,59 @@ impl PgStore {
 
     pub(crate) async fn append_events(&self, id: String, req: AppendEvents) -> Result<AppendAck> {
         write!(self, |w| {
-            let t = w.open_task(&id).await?;
+            // The task and its log's counters (one statement); then each event's duplicate
+            // check and insert in one statement, the lease renewal sent with the first: for
+            // a post of one event, one round trip between the lock and the commit.
+            let (t, mut log) = w.open_task_counting(&id).await?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
             w.confirm(&t).await?;
-            const COUNTERS: &str =
-                "SELECT next_event_seq - 1, event_bytes, events_dropped FROM tasks WHERE seq = $1";
-            let row = if model::events_renew_lease(&t) {
-                // The renewal and the log's counters: one round trip (independent).
-                w.prepare(&[RENEW_LEASE, COUNTERS]).await?;
-                let conn = w.conn;
-                let (renewed, row) = futures_util::future::join(
-                    w.renew_lease(&t),
-                    q_one(conn.client(), COUNTERS, &[&t.seq]),
-                )
-                .await;
-                renewed?;
-                row?
-            } else {
-                w.one(COUNTERS, &[&t.seq]).await?
-            };
-            let (count, bytes, dropped): (i64, i64, i64) =
-                (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
-            let mut log = model::EventLog {
-                count: count as u64,
-                bytes: bytes as u64,
-                truncated: dropped > 0,
-            };
+            let mut renewal = None;
+            if model::events_renew_lease(&t) {
+                w.check_lease(&t).await?;
+                renewal = Some(model::renewed_lease(&t, w.now, w.settings.lease_ms));
+                w.prepare(&[RENEW_LEASE, INSERT_EVENT_ONCE]).await?;
+            }
             let (max_events, max_bytes) =
                 (w.settings.max_task_events, w.settings.max_task_event_bytes);
             let mut accepted = 0;
             let mut newly_dropped = 0i64;
             for e in &req.events {
-                let dup = w
-                    .opt(
-                        "SELECT 1 FROM task_events WHERE task_seq = $1 AND attempt = $2 AND n = $3",
-                        &[&t.seq, &(t.attempt as i64), &(e.n as i64)],
-                    )
-                    .await?
-                    .is_some();
-                if dup {
-                    continue;
-                }
                 let data = e.data.to_string();
                 let size = model::event_size(&e.kind, &data);
-                match model::admit_event(&mut log, size, max_events, max_bytes) {
-                    model::Admit::Store => {
-                        w.insert_event_text(t.seq, t.attempt, Some(e.n), &e.kind, &data)
-                            .await?
+                let before = (log.count, log.bytes, log.truncated);
+                let admit = model::admit_event(&mut log, size, max_events, max_bytes);
+                if let model::Admit::Store = admit {
+                    let insert = w.insert_event_once(t.seq, t.attempt, e.n, &e.kind, &data);
+                    let stored = match renewal.take() {
+                        Some(until) => {
+                            let (renewed, stored) =
+                                futures_util::future::join(w.renew_to(&t, until), insert).await;
+                            renewed?;
+                            stored?
+                        }
+                        None => insert.await?,
+                    };
+                    if !stored {
+                        // A duplicate: skipped, and not counted.
+                        (log.count, log.bytes, log.truncated) = before;
+                        continue;
                     }
-                    model::Admit::Truncate => {
+                } else {
+                    if let Some(until) = renewal.take() {
+                        w.renew_to(&t, until).await?;
+                    }
+                    let dup = w
+                        .opt(
+                            "SELECT 1 FROM task_events WHERE task_seq = $1 AND attempt = $2 AND n = $3",
+                            &[&t.seq, &(t.attempt as i64), &(e.n as i64)],
+                        )
+                        .await?
+                        .is_some();
+                    if dup {
+                        (log.count, log.bytes, log.truncated) = before;
+                        continue;
+                    }
+                    if let model::Admit::Truncate = admit {
                         w.event(
                             t.seq,
                             t.attempt,
@@ -1684,15 +1728,17 @@ impl PgStore {
                             &model::truncated_data(max_events, max_bytes),
                         )
                         .await?;
-                        newly_dropped += 1;
                     }
-                    model::Admit::Drop => newly_dropped += 1,
+                    newly_dropped += 1;
                 }
                 accepted += 1;
                 // The session is recorded even when its event is not stored: affinity needs it.
                 if let Some(sid) = model::reported_session(e) {
                     w.record_session(&t, sid).await?;
                 }
+            }
+            if let Some(until) = renewal.take() {
+                w.renew_to(&t, until).await?;
             }
             if newly_dropped > 0 {
                 w.exec(
@@ -1731,12 +1777,8 @@ impl PgStore {
             if let Some(sid) = &req.result.session_id {
                 w.record_session(&t, sid).await?;
             }
-            let result = to_json(&req.result);
-            w.exec(
-                "UPDATE tasks SET result = $2 WHERE seq = $1",
-                &[&t.seq, &result],
-            )
-            .await?;
+            // The result is written by the same UPDATE as the state (one row version, one
+            // statement fewer).
             match req.outcome {
                 Outcome::Parked => {
                     w.settle_pending(&t, "the attempt ended").await?;
@@ -1745,9 +1787,9 @@ impl PgStore {
                     w.exec(
                         "UPDATE tasks SET state = 'parked', ready = TRUE, not_before = $2,
                             lease_until = NULL, ack_by = NULL, lease_token = NULL,
-                            reason = $3, updated_at = $4
+                            reason = $3, updated_at = $4, result = $5
                          WHERE seq = $1",
-                        &[&t.seq, &not_before, &reason, &w.now],
+                        &[&t.seq, &not_before, &reason, &w.now, &to_json(&req.result)],
                     )
                     .await?;
                     w.event(
@@ -2738,6 +2780,20 @@ async fn notify_loop(
 ) {
     while let Some(first) = rx.recv().await {
         let mut fx = first;
+        // Every NOTIFY wakes the listening backend of every server (PostgreSQL signals them
+        // all) and each server's listener: per task, several commits' notes cost PostgreSQL
+        // more than a transition's statements. Notes without a ready task wait up to
+        // `NOTE_WINDOW` for others to go with them; one with a ready task (a dispatch waits
+        // on it) or a token change goes at once, with whatever gathered before it.
+        if fx.ready.is_empty() && !fx.tokens {
+            let until = tokio::time::Instant::now() + NOTE_WINDOW;
+            while fx.ready.is_empty() && !fx.tokens {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(more)) => fx.merge(more),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
         // Bounded: a merged note is split into payloads under the size limit anyway.
         for _ in 0..256 {
             match rx.try_recv() {
@@ -2909,6 +2965,44 @@ impl W<'_> {
         Ok(())
     }
 
+    /// A claim's oldest `CLAIM_BATCH` candidates not in `skipped`, oldest first: `query` once
+    /// per (agent, project) pair (pipelined), or once with the arrays when there are more
+    /// pairs than `CLAIM_PAIRS` (see `PgStore::claim`).
+    async fn claim_candidates(
+        &self,
+        query: &str,
+        pairs: &[(&String, &String)],
+        agents: &Vec<String>,
+        req: &ClaimRequest,
+        skipped: &[i64],
+    ) -> Result<Vec<i64>> {
+        let skipped = skipped.to_vec();
+        let results = if pairs.len() <= CLAIM_PAIRS {
+            let params: Vec<[P<'_>; 5]> = pairs
+                .iter()
+                .map(|(a, p)| -> [P<'_>; 5] { [&self.now, *a, *p, &req.runner, &skipped] })
+                .collect();
+            futures_util::future::join_all(params.iter().map(|p| self.all(query, p))).await
+        } else {
+            vec![
+                self.all(
+                    query,
+                    &[&self.now, agents, &req.projects, &req.runner, &skipped],
+                )
+                .await,
+            ]
+        };
+        let mut seqs = Vec::new();
+        for rows in results {
+            for row in rows? {
+                seqs.push(get::<i64>(&row, 0)?);
+            }
+        }
+        seqs.sort_unstable();
+        seqs.truncate(CLAIM_BATCH as usize);
+        Ok(seqs)
+    }
+
     /// The connection, with the transaction open: for the readers shared with plain reads.
     async fn tx(&self) -> Result<&deadpool_postgres::Client> {
         self.run(async { Ok(()) }).await?;
@@ -2966,17 +3060,36 @@ impl W<'_> {
     /// in one statement: the session's lock (the same key as [`W::lock_key`]) is an InitPlan,
     /// which PostgreSQL runs (a one-time filter) before it scans for the row and locks it.
     async fn open_task(&self, id: &str) -> Result<OpenTask> {
+        open_task_from_row(&self.open_task_row(id, "").await?)
+    }
+
+    /// The task locked as [`W::open_task`] does, with its event log's counters (read in the
+    /// same statement: the row is locked, so they stay true until the commit).
+    async fn open_task_counting(&self, id: &str) -> Result<(OpenTask, model::EventLog)> {
+        const COUNTERS: &str = ", next_event_seq - 1, event_bytes, events_dropped";
+        let row = self.open_task_row(id, COUNTERS).await?;
+        let at = OPEN_TASK_COLUMNS.split(',').count();
+        let (count, bytes, dropped): (i64, i64, i64) =
+            (get(&row, at)?, get(&row, at + 1)?, get(&row, at + 2)?);
+        let log = model::EventLog {
+            count: count as u64,
+            bytes: bytes as u64,
+            truncated: dropped > 0,
+        };
+        Ok((open_task_from_row(&row)?, log))
+    }
+
+    /// The task's row (`OPEN_TASK_COLUMNS`, then `extra`) locked, after its session's lock.
+    async fn open_task_row(&self, id: &str, extra: &str) -> Result<Row> {
         let sql = format!(
-            "SELECT {OPEN_TASK_COLUMNS} FROM tasks
+            "SELECT {OPEN_TASK_COLUMNS}{extra} FROM tasks
              WHERE id = $1 AND (SELECT COUNT(pg_advisory_xact_lock(hashtextextended(k.session_key, 0)))
                                 FROM tasks k WHERE k.id = $1 AND k.session_key IS NOT NULL) >= 0
              FOR UPDATE"
         );
-        let row = self
-            .opt(&sql, &[&id])
+        self.opt(&sql, &[&id])
             .await?
-            .ok_or(StoreError::NotFound("task"))?;
-        open_task_from_row(&row)
+            .ok_or(StoreError::NotFound("task"))
     }
 
     async fn open_task_seq(&self, seq: i64) -> Result<Option<OpenTask>> {
@@ -3007,6 +3120,12 @@ impl W<'_> {
     async fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t).await?;
         let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
+        self.renew_to(t, lease_until).await?;
+        Ok(lease_until)
+    }
+
+    /// The lease moved to `lease_until` (checked live by the caller: [`W::renew_lease`]).
+    async fn renew_to(&self, t: &OpenTask, lease_until: i64) -> Result<()> {
         self.exec(
             RENEW_LEASE,
             &[
@@ -3018,7 +3137,7 @@ impl W<'_> {
             ],
         )
         .await?;
-        Ok(lease_until)
+        Ok(())
     }
 
     /// The runner made a call about this attempt, so it has the offer: it is never offered
@@ -3130,15 +3249,19 @@ impl W<'_> {
             "the attempt ended"
         };
         self.settle_pending(t, why).await?;
-        // The end and its event: one round trip.
+        // The end (with the runner's result, if it reported one) and its event: one round trip.
         const END: &str = "UPDATE tasks SET state = $2, ready = FALSE, ack_by = NULL,
                 lease_until = NULL, not_before = NULL, reason = $3, finished_at = $4,
-                updated_at = $4
+                updated_at = $4, result = COALESCE($5, result)
              WHERE seq = $1";
         self.prepare(&[END, INSERT_EVENT]).await?;
         let data = model::finished_event(state, reason, result);
+        let result_json = result.map(to_json);
         let (ended, evented) = futures_util::future::join(
-            self.exec(END, &[&t.seq, &state.as_str(), &reason, &self.now]),
+            self.exec(
+                END,
+                &[&t.seq, &state.as_str(), &reason, &self.now, &result_json],
+            ),
             self.event(t.seq, t.attempt, "state", &data),
         )
         .await;
@@ -3214,6 +3337,36 @@ impl W<'_> {
         )
         .await?;
         Ok(())
+    }
+
+    /// A runner's event numbered `n`, unless this attempt already has one numbered so (a
+    /// retried post): `false` then, and nothing written. The check and the insert in one
+    /// statement (the task's row is locked, so no other can insert it meanwhile; the unique
+    /// index `task_events_dedup` stands behind it anyway).
+    async fn insert_event_once(
+        &self,
+        task_seq: i64,
+        attempt: u32,
+        n: u64,
+        kind: &str,
+        data: &str,
+    ) -> Result<bool> {
+        let size = model::event_size(kind, data) as i64;
+        Ok(self
+            .opt(
+                INSERT_EVENT_ONCE,
+                &[
+                    &task_seq,
+                    &size,
+                    &(attempt as i64),
+                    &(n as i64),
+                    &kind,
+                    &data,
+                    &self.now,
+                ],
+            )
+            .await?
+            .is_some())
     }
 
     async fn ready_hint(&self, seq: i64) -> Result<ReadyHint> {

@@ -53,6 +53,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0017_runner_acp_capabilities.sql"),
     include_str!("../migrations/sqlite/0018_unconfirmed_offers.sql"),
     include_str!("../migrations/sqlite/0019_fewer_task_indexes.sql"),
+    include_str!("../migrations/sqlite/0020_events_without_fk.sql"),
 ];
 
 /// Most writes committed in one transaction.

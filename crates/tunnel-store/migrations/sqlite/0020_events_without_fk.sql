@@ -1,0 +1,3 @@
+-- Schema version 20 for both stores: PostgreSQL drops the foreign key from task_events to
+-- tasks (see migrations/postgres/0020_events_without_fk.sql). SQLite keeps its schema: it
+-- checks foreign keys in the same process, without a statement or a WAL record of their own.
