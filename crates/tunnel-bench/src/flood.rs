@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tunnel_client::Client;
 use tunnel_protocol::{ClaimRequest, SubmitTask};
 
-use crate::phases::{AGENT, run_fake_task};
+use crate::phases::{AGENT, FakeRun, run_fake_task};
 use crate::server::ServerProcess;
 use crate::stats::Latency;
 
@@ -106,7 +106,7 @@ async fn measure(client: &Client, n: usize) -> Result<FloodFigures> {
             .context("the claim found no task")?;
         claim.push(t0.elapsed());
         ensure!(offer.task.id == task.id, "the claim got another task");
-        run_fake_task(client, &offer, 0, 1).await?;
+        run_fake_task(client, &offer, FakeRun::plain(0)).await?;
     }
 
     // Submit, while runners claim, run and re-poll at once.
@@ -118,7 +118,7 @@ async fn measure(client: &Client, n: usize) -> Result<FloodFigures> {
             let req = claim_req(&format!("flood-runner-{r}"), 30_000);
             loop {
                 if let Some(offer) = client.claim(&req).await? {
-                    run_fake_task(&client, &offer, 1, 1).await?;
+                    run_fake_task(&client, &offer, FakeRun::plain(1)).await?;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -98,6 +98,15 @@ struct Args {
     /// Events per POST (3 events with 1 per post is 3 requests).
     #[arg(long, default_value_t = 1)]
     events_per_post: u32,
+    /// Phase 2's fake runners claim with `ack` as the real runner does (the offer comes back
+    /// started: no ack request); `--ack-in-claim false` acks apart (7 requests per task with
+    /// the defaults, the cycle of rounds one to four).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ack_in_claim: bool,
+    /// The last this many of the `--events` ride in the finish (`FinishRequest.events`), as
+    /// the real runner sends what its agent wrote last, instead of an events post.
+    #[arg(long, default_value_t = 0)]
+    events_in_finish: u32,
     /// Long-polls parked at once in phase 4 (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     parked: usize,
@@ -374,8 +383,18 @@ async fn run(args: Args) -> Result<()> {
         }
         if args.tasks > 0 {
             progress(&format!(
-                "2. full cycle: {} tasks, {} producers, {} runners, {} events per task",
-                args.tasks, args.producers, args.runners, args.events
+                "2. full cycle: {} tasks, {} producers, {} runners, {} events per task ({} in \
+                 the finish), {}",
+                args.tasks,
+                args.producers,
+                args.runners,
+                args.events,
+                args.events_in_finish.min(args.events),
+                if args.ack_in_claim {
+                    "claims with ack"
+                } else {
+                    "ack apart"
+                }
             ));
             let p = CycleParams {
                 tasks: args.tasks,
@@ -383,6 +402,8 @@ async fn run(args: Args) -> Result<()> {
                 runners: args.runners,
                 events: args.events,
                 events_per_post: args.events_per_post.max(1),
+                ack_in_claim: args.ack_in_claim,
+                events_in_finish: args.events_in_finish,
             };
             report.cycle = Some(phases::full_cycle(&servers, TOKEN, &p).await?);
             expected += args.tasks;
@@ -688,11 +709,17 @@ fn print_table(r: &Report) {
     if let Some(c) = &r.cycle {
         rows.push((
             format!(
-                "2. full cycle ({} tasks, P={} C={}, {} req/task{})",
+                "2. full cycle ({} tasks, P={} C={}, {} req/task{}{})",
                 c.tasks,
                 c.producers,
                 c.runners,
                 c.http_requests_per_task,
+                match (c.ack_in_claim, c.events_in_finish) {
+                    (true, 0) => ", ack in claim".to_owned(),
+                    (true, k) => format!(", ack in claim, {k} events in finish"),
+                    (false, 0) => ", ack apart".to_owned(),
+                    (false, k) => format!(", ack apart, {k} events in finish"),
+                },
                 if c.servers > 1 {
                     format!(", {} servers", c.servers)
                 } else {

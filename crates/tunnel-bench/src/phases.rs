@@ -42,27 +42,60 @@ fn attempt(offer: &Offer) -> AttemptRef {
     }
 }
 
-/// Acks the offer, posts `events` events in posts of `per_post`, finishes it `succeeded`, and
-/// checks the server says so.
-pub(crate) async fn run_fake_task(
-    client: &Client,
-    offer: &Offer,
-    events: u32,
-    per_post: u32,
-) -> Result<()> {
+/// How a fake runner runs a task it was offered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FakeRun {
+    /// Events posted, `per_post` per request.
+    pub(crate) events: u32,
+    pub(crate) per_post: u32,
+    /// The offer came from a claim with `ack` (already started): no ack request.
+    pub(crate) acked: bool,
+    /// The last this many of `events` ride in the finish (`FinishRequest::events`), as the
+    /// real runner sends what its agent wrote last.
+    pub(crate) in_finish: u32,
+}
+
+impl FakeRun {
+    /// Ack apart, `events` events one per post, nothing in the finish.
+    pub(crate) fn plain(events: u32) -> Self {
+        FakeRun {
+            events,
+            per_post: 1,
+            acked: false,
+            in_finish: 0,
+        }
+    }
+}
+
+fn bench_event(k: u64) -> NewEvent {
+    NewEvent {
+        n: k,
+        kind: "text".into(),
+        data: serde_json::json!({"text": format!("line {k} of the agent's answer")}),
+    }
+}
+
+/// Acks the offer (unless its claim did), posts the events, finishes it `succeeded` (with the
+/// last events when asked), and checks the server says so.
+pub(crate) async fn run_fake_task(client: &Client, offer: &Offer, run: FakeRun) -> Result<()> {
     let id = &offer.task.id;
     let at = attempt(offer);
-    client.ack(id, &at).await.context("ack")?;
+    if run.acked {
+        ensure!(
+            offer.lease.is_some(),
+            "a claim with ack answered an offer of task {id} without a lease"
+        );
+    } else {
+        client.ack(id, &at).await.context("ack")?;
+    }
+    let (events, per_post) = (u64::from(run.events), run.per_post);
+    let posted = events - u64::from(run.in_finish).min(events);
     let mut n = 0u64;
-    while n < u64::from(events) {
+    while n < posted {
         let batch: Vec<NewEvent> = (0..u64::from(per_post.max(1)))
             .map(|i| n + i + 1)
-            .take_while(|k| *k <= u64::from(events))
-            .map(|k| NewEvent {
-                n: k,
-                kind: "text".into(),
-                data: serde_json::json!({"text": format!("line {k} of the agent's answer")}),
-            })
+            .take_while(|k| *k <= posted)
+            .map(bench_event)
             .collect();
         let sent = batch.len() as u64;
         let ack = client
@@ -96,7 +129,7 @@ pub(crate) async fn run_fake_task(
                     ..TaskResult::default()
                 },
                 not_before: None,
-                events: vec![],
+                events: (posted + 1..=events).map(bench_event).collect(),
             },
         )
         .await
@@ -204,7 +237,7 @@ pub(crate) async fn dispatch(
             across.push(t1 - t0);
         }
         ids.push(task.id.clone());
-        run_fake_task(&runner_clients[polled], &offer, 0, 1).await?;
+        run_fake_task(&runner_clients[polled], &offer, FakeRun::plain(0)).await?;
         if !gap.is_zero() {
             tokio::time::sleep(gap).await;
             let t0 = Instant::now();
@@ -323,6 +356,10 @@ pub(crate) struct CycleParams {
     pub(crate) runners: u32,
     pub(crate) events: u32,
     pub(crate) events_per_post: u32,
+    /// Claims with `ack` (the offer comes back started): no ack request.
+    pub(crate) ack_in_claim: bool,
+    /// The last this many events ride in the finish instead of an events post.
+    pub(crate) events_in_finish: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -334,6 +371,10 @@ pub(crate) struct CycleReport {
     pub(crate) runners: u32,
     pub(crate) events_per_task: u32,
     pub(crate) event_posts_per_task: u32,
+    /// The claim came back acked (no ack request).
+    pub(crate) ack_in_claim: bool,
+    /// Events carried by the finish.
+    pub(crate) events_in_finish: u32,
     pub(crate) http_requests_per_task: u32,
     pub(crate) wall_s: f64,
     pub(crate) tasks_per_s: f64,
@@ -449,10 +490,17 @@ pub(crate) async fn full_cycle(
         let client = Client::new(&servers[r as usize % servers.len()].url, token)?;
         let finished = finished.clone();
         let stop = stop.clone();
-        let (events, per_post, total) = (p.events, p.events_per_post, p.tasks);
+        let total = p.tasks;
+        let run = FakeRun {
+            events: p.events,
+            per_post: p.events_per_post,
+            acked: p.ack_in_claim,
+            in_finish: p.events_in_finish.min(p.events),
+        };
         runners.spawn(async move {
             let name = format!("bench-runner-{r}");
-            let req = claim_request(&name, 5_000, None);
+            let mut req = claim_request(&name, 5_000, None);
+            req.ack = run.acked;
             let mut rtt = Vec::new();
             let result = async {
                 loop {
@@ -463,7 +511,7 @@ pub(crate) async fn full_cycle(
                     };
                     let Some(offer) = offer else { continue };
                     rtt.push(t.elapsed());
-                    run_fake_task(&client, &offer, events, per_post).await?;
+                    run_fake_task(&client, &offer, run).await?;
                     let done = finished.fetch_add(1, Ordering::SeqCst) + 1;
                     ensure!(
                         done <= total,
@@ -517,7 +565,8 @@ pub(crate) async fn full_cycle(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after_2s = server.memory()?.rss;
 
-    let posts = p.events.div_ceil(p.events_per_post.max(1));
+    let in_finish = p.events_in_finish.min(p.events);
+    let posts = (p.events - in_finish).div_ceil(p.events_per_post.max(1));
     let secs = wall.as_secs_f64();
     let server_cpu = (cpu1 - cpu0).as_secs_f64();
     Ok(CycleReport {
@@ -527,7 +576,10 @@ pub(crate) async fn full_cycle(
         runners: p.runners,
         events_per_task: p.events,
         event_posts_per_task: posts,
-        http_requests_per_task: 4 + posts,
+        ack_in_claim: p.ack_in_claim,
+        events_in_finish: in_finish,
+        // Submit, claim, finish, the posts, and the ack unless the claim made it.
+        http_requests_per_task: 3 + posts + u32::from(!p.ack_in_claim),
         wall_s: secs,
         tasks_per_s: p.tasks as f64 / secs,
         server_cpu_us_per_task: server_cpu * 1e6 / p.tasks as f64,
@@ -662,7 +714,7 @@ pub(crate) async fn parked(
             task.id
         );
         wake.push(t1 - t0);
-        run_fake_task(&client, &offer, 0, 1).await?;
+        run_fake_task(&client, &offer, FakeRun::plain(0)).await?;
     }
     let mem = server.memory()?;
     stop.store(true, Ordering::SeqCst);

@@ -6,9 +6,13 @@
 //!
 //! Handlers declare what they need with an extractor — [`ClientAuth`], [`RunnerAuth`] or
 //! [`AdminAuth`] — so a route cannot forget to check.
+//!
+//! A token verified once is remembered ([`Verified`]) until the token table changes, so the
+//! requests after the first skip the SHA-256.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, RwLock};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -57,6 +61,80 @@ pub(crate) struct Authenticator {
     tokens: RwLock<HashMap<String, KnownToken>>,
     /// Tokens that live only as long as this process (the runner inside `tunnel up`).
     ephemeral: RwLock<HashMap<String, KnownToken>>,
+    verified: Verified,
+}
+
+/// Most tokens remembered as verified: at most this many valid tokens' bytes are held.
+const VERIFIED_MAX: usize = 1024;
+/// Longer tokens are verified every time (no token this server makes is near it).
+const VERIFIED_MAX_LEN: usize = 256;
+
+/// Tokens that verified, each with who holds it, so the next request with the same token
+/// skips the SHA-256 (most of what verifying a token costs). Only tokens that verified go in,
+/// so an attacker cannot fill it with guesses; at [`VERIFIED_MAX`] it is emptied. Every change
+/// of the token table empties it (a revoked token stops working at once), and an entry
+/// found is used only if the whole token is equal, compared in constant time: the keyed hash
+/// only picks the entry (its key is random per process, so which guesses share a slot with a
+/// real token cannot be chosen).
+struct Verified {
+    hasher: std::hash::RandomState,
+    entries: Mutex<VerifiedEntries>,
+}
+
+#[derive(Default)]
+struct VerifiedEntries {
+    /// Bumped by every change of the token table: a verification that started before the
+    /// change may not remember what it found.
+    generation: u64,
+    by_hash: HashMap<u64, (Box<[u8]>, Caller)>,
+}
+
+impl Verified {
+    fn new() -> Self {
+        Verified {
+            hasher: std::hash::RandomState::new(),
+            entries: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VerifiedEntries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who holds `token` if it verified since the last change, and the generation to
+    /// remember a new verification under.
+    fn get(&self, token: &[u8]) -> (Option<Caller>, u64) {
+        let hash = self.hasher.hash_one(token);
+        let entries = self.lock();
+        let hit = entries
+            .by_hash
+            .get(&hash)
+            .filter(|(known, _)| bool::from(known.ct_eq(token)))
+            .map(|(_, caller)| caller.clone());
+        (hit, entries.generation)
+    }
+
+    fn remember(&self, token: &[u8], caller: &Caller, generation: u64) {
+        if token.len() > VERIFIED_MAX_LEN {
+            return;
+        }
+        let hash = self.hasher.hash_one(token);
+        let mut entries = self.lock();
+        if entries.generation != generation {
+            return;
+        }
+        if entries.by_hash.len() >= VERIFIED_MAX {
+            entries.by_hash.clear();
+        }
+        entries.by_hash.insert(hash, (token.into(), caller.clone()));
+    }
+
+    /// The token table changed: nothing verified before counts.
+    fn forget(&self) {
+        let mut entries = self.lock();
+        entries.generation += 1;
+        entries.by_hash = HashMap::new();
+    }
 }
 
 /// Why a configured `WORKER_TOKEN` is refused.
@@ -98,6 +176,7 @@ impl Authenticator {
             worker_token_sha256: worker_token.map(|t| sha256(t.as_bytes())),
             tokens: RwLock::new(HashMap::new()),
             ephemeral: RwLock::new(HashMap::new()),
+            verified: Verified::new(),
         };
         auth.reload(store).await?;
         Ok(auth)
@@ -118,6 +197,8 @@ impl Authenticator {
             })
             .collect();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        // After the swap: a verification against the old table started before this.
+        self.verified.forget();
         Ok(())
     }
 
@@ -128,6 +209,18 @@ impl Authenticator {
 
     /// Who holds this token, if anyone.
     pub(crate) fn verify(&self, presented: &str) -> Option<Caller> {
+        let (known, generation) = self.verified.get(presented.as_bytes());
+        if known.is_some() {
+            return known;
+        }
+        let caller = self.verify_hashed(presented)?;
+        self.verified
+            .remember(presented.as_bytes(), &caller, generation);
+        Some(caller)
+    }
+
+    /// [`Authenticator::verify`] against the table, hashing the token.
+    fn verify_hashed(&self, presented: &str) -> Option<Caller> {
         let digest = sha256(presented.as_bytes());
         if let Some(worker) = &self.worker_token_sha256
             && bool::from(worker.ct_eq(&digest))
@@ -207,6 +300,7 @@ impl Authenticator {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), known);
+        self.verified.forget();
         format!("{TOKEN_PREFIX}{id}_{secret}")
     }
 
@@ -318,7 +412,132 @@ role_extractor!(
 
 #[cfg(test)]
 mod tests {
-    use super::check_worker_token;
+    use std::collections::HashMap;
+    use std::sync::RwLock;
+
+    use tunnel_protocol::Role;
+
+    use super::{
+        Authenticator, KnownToken, TOKEN_PREFIX, VERIFIED_MAX, Verified, check_worker_token, sha256,
+    };
+
+    const WORKER: &str = "3f9c1d7e8a2b4c6d0e1f-worker";
+    const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn known(secret: &str, revoked: bool) -> KnownToken {
+        KnownToken {
+            role: Role::Runner,
+            secret_sha256: sha256(secret.as_bytes()),
+            revoked,
+        }
+    }
+
+    fn authenticator() -> Authenticator {
+        let mut tokens = HashMap::new();
+        tokens.insert("a1b2c3".to_owned(), known(SECRET, false));
+        Authenticator {
+            worker_token_sha256: Some(sha256(WORKER.as_bytes())),
+            tokens: RwLock::new(tokens),
+            ephemeral: RwLock::new(HashMap::new()),
+            verified: Verified::new(),
+        }
+    }
+
+    fn remembered(auth: &Authenticator) -> usize {
+        auth.verified.lock().by_hash.len()
+    }
+
+    /// What `reload` does with a new table, without a store.
+    fn replace_tokens(auth: &Authenticator, tokens: HashMap<String, KnownToken>) {
+        *auth.tokens.write().unwrap() = tokens;
+        auth.verified.forget();
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_and_only_the_same_bytes_match() {
+        let auth = authenticator();
+        let token = format!("{TOKEN_PREFIX}a1b2c3_{SECRET}");
+        let caller = auth.verify(&token).expect("valid");
+        assert_eq!(
+            (caller.token_id.as_str(), caller.role),
+            ("a1b2c3", Role::Runner)
+        );
+        assert_eq!(remembered(&auth), 1);
+        // Served from memory now, the same answer.
+        let again = auth.verify(&token).expect("still valid");
+        assert_eq!(
+            (again.token_id.as_str(), again.role),
+            ("a1b2c3", Role::Runner)
+        );
+        // One byte off, shorter, longer: refused and never remembered.
+        let mut wrong = token.clone().into_bytes();
+        *wrong.last_mut().unwrap() ^= 1;
+        for bad in [
+            String::from_utf8(wrong).unwrap(),
+            token[..token.len() - 1].to_owned(),
+            format!("{token}0"),
+        ] {
+            assert!(auth.verify(&bad).is_none(), "{bad}");
+        }
+        assert_eq!(remembered(&auth), 1);
+        let worker = auth.verify(WORKER).expect("worker token");
+        assert_eq!(worker.role, Role::Admin);
+        assert_eq!(remembered(&auth), 2);
+    }
+
+    #[test]
+    fn a_change_of_the_token_table_forgets_every_verified_token() {
+        let auth = authenticator();
+        let token = format!("{TOKEN_PREFIX}a1b2c3_{SECRET}");
+        assert!(auth.verify(&token).is_some());
+        // Revoked: refused at once although it was remembered.
+        let mut tokens = HashMap::new();
+        tokens.insert("a1b2c3".to_owned(), known(SECRET, true));
+        replace_tokens(&auth, tokens);
+        assert_eq!(remembered(&auth), 0);
+        assert!(auth.verify(&token).is_none());
+        // An ephemeral token made meanwhile forgets too.
+        assert!(auth.verify(WORKER).is_some());
+        let local = auth.ephemeral("local", Role::Runner);
+        assert_eq!(remembered(&auth), 0);
+        assert!(auth.verify(&local).is_some());
+    }
+
+    #[test]
+    fn a_verification_that_started_before_a_change_is_not_remembered() {
+        let auth = authenticator();
+        let token = format!("{TOKEN_PREFIX}a1b2c3_{SECRET}");
+        // As `verify` does, with the table changed between the lookup and the remembering.
+        let (hit, generation) = auth.verified.get(token.as_bytes());
+        assert!(hit.is_none());
+        let caller = auth.verify_hashed(&token).expect("valid before the change");
+        replace_tokens(&auth, HashMap::new());
+        auth.verified
+            .remember(token.as_bytes(), &caller, generation);
+        assert_eq!(remembered(&auth), 0);
+        assert!(auth.verify(&token).is_none());
+    }
+
+    #[test]
+    fn remembered_tokens_are_bounded() {
+        let auth = authenticator();
+        let mut tokens = HashMap::new();
+        for i in 0..VERIFIED_MAX + 10 {
+            tokens.insert(format!("t{i}"), known(SECRET, false));
+        }
+        replace_tokens(&auth, tokens);
+        for i in 0..VERIFIED_MAX + 10 {
+            assert!(
+                auth.verify(&format!("{TOKEN_PREFIX}t{i}_{SECRET}"))
+                    .is_some()
+            );
+            assert!(remembered(&auth) <= VERIFIED_MAX);
+        }
+        // Too long to remember: verified each time.
+        let long = format!("{}{}", WORKER, "x".repeat(300));
+        assert!(auth.verify(&long).is_none());
+        assert!(auth.verify(WORKER).is_some());
+    }
 
     #[test]
     fn weak_worker_tokens_are_refused() {
@@ -343,7 +562,7 @@ mod timing {
     use subtle::ConstantTimeEq;
     use tunnel_protocol::Role;
 
-    use super::{Authenticator, KnownToken, TOKEN_PREFIX, sha256};
+    use super::{Authenticator, KnownToken, TOKEN_PREFIX, Verified, sha256};
 
     const SECRET: &str = "3f9c1d7e8a2b4c6d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f7";
 
@@ -406,6 +625,7 @@ mod timing {
             worker_token_sha256: Some(sha256(SECRET.as_bytes())),
             tokens: RwLock::new(tokens),
             ephemeral: RwLock::new(HashMap::new()),
+            verified: Verified::new(),
         };
         let rounds = 301;
         let (none, most) = guesses(SECRET);

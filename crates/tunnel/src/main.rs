@@ -10,6 +10,7 @@ mod commands;
 mod config;
 mod doctor;
 mod init;
+mod logjson;
 mod output;
 mod resident;
 mod runner;

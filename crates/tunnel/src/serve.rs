@@ -485,7 +485,10 @@ pub(crate) fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(crate::logjson::JsonLines::new())
+            .init(),
     }
 }
 
