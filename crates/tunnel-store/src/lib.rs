@@ -11,6 +11,7 @@
 //! servers committed (LISTEN/NOTIFY, with a fallback poll).
 
 mod clock;
+pub mod probe;
 mod model;
 mod postgres;
 mod sqlite;
