@@ -141,8 +141,8 @@ struct WriterState {
 
 impl WriterState {
     /// Commits `batch`; true when a claim was handed to a parked poll.
-    fn commit(&mut self, batch: Vec<Job>) -> bool {
-        let handed = commit_batch(&mut self.conn, batch, &self.handing);
+    fn commit(&mut self, batch: Vec<Job>, on_caller: bool) -> bool {
+        let handed = commit_batch(&mut self.conn, batch, &self.handing, on_caller);
         self.dirty = true;
         self.last_write = std::time::Instant::now();
         handed
@@ -322,7 +322,7 @@ impl SqliteStore {
         crate::probe::stamp(crate::probe::QUEUED);
         crate::probe::stamp(crate::probe::PICKED);
         let was_dirty = w.dirty;
-        let handed = w.commit(vec![job]);
+        let handed = w.commit(vec![job], true);
         let nudge = w.after_batch(true) || !was_dirty;
         drop(state);
         if nudge {
@@ -1839,7 +1839,7 @@ fn writer_loop(shared: Arc<Writer>, rx: mpsc::Receiver<Msg>) {
         let mut state = shared.lock();
         let Some(w) = state.as_mut() else { break };
         if !batch.is_empty() {
-            w.commit(batch);
+            w.commit(batch, false);
         }
         if close.is_some() {
             break;
@@ -1885,7 +1885,12 @@ struct Handed {
 /// Runs `batch` in one transaction (each job in its own savepoint), claims for the parked
 /// long-polls what it made ready ([`hand_off`]), commits, tells the signals what changed and
 /// answers every job and every poll claimed for.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) -> bool {
+fn commit_batch(
+    conn: &mut Connection,
+    batch: Vec<Job>,
+    handing: &Handing,
+    polls_last: bool,
+) -> bool {
     let signals = &*handing.signals;
     let mut effects = Effects::default();
     let mut completions = Vec::with_capacity(batch.len());
@@ -1919,19 +1924,28 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) -> bo
         }
     };
     let handed_any = committed && !handed.is_empty();
-    // The polls first: their answers are what a dispatch waits for.
-    for Handed { answer, handoff } in handed {
-        let handoff = if committed {
-            handoff
-        } else {
-            Handoff::Failed(StoreError::Unavailable("the commit failed".into()))
-        };
-        if let Err(lost) = answer.send(handoff)
-            && committed
-        {
-            signals.handoff_lost(lost);
+    let answer_polls = || {
+        for Handed { answer, handoff } in handed {
+            let handoff = if committed {
+                handoff
+            } else {
+                Handoff::Failed(StoreError::Unavailable("the commit failed".into()))
+            };
+            if let Err(lost) = answer.send(handoff)
+                && committed
+            {
+                signals.handoff_lost(lost);
+            }
+            crate::probe::stamp(crate::probe::ANSWERED);
         }
-        crate::probe::stamp(crate::probe::ANSWERED);
+    };
+    // The polls' answers are what a dispatch waits for. From the writer thread each wake-up
+    // is a remote one, in order: the polls first. On a tokio worker ([`SqliteStore::run_here`])
+    // a task woken goes to this worker's next-task slot, and each later one pushes the one
+    // before out (to be stolen by the other worker, a thread wake-up later): the polls last.
+    let mut answer_polls = Some(answer_polls);
+    if !polls_last && let Some(f) = answer_polls.take() {
+        f();
     }
     if committed {
         for at in &effects.deadlines {
@@ -1946,6 +1960,9 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) -> bo
         if effects.delivery {
             signals.delivery_ready();
         }
+    }
+    if let Some(f) = answer_polls {
+        f();
     }
     for done in completions {
         done(committed);
