@@ -114,6 +114,11 @@ struct Writer {
     /// Messages sent to the writer thread and not yet taken by it: a write runs on its
     /// caller's thread only when none is waiting, so it never overtakes one queued before it.
     queued: std::sync::atomic::AtomicUsize,
+    /// Writes whose callers are waiting for them. A write runs on its caller's thread only
+    /// when it is the only one: with others in flight it goes to the writer thread, to share
+    /// their group commit (one commit per write on the workers cost half as much again in CPU
+    /// per task under load, docs/BENCHMARKS.md).
+    in_flight: std::sync::atomic::AtomicUsize,
     /// Writes may run on their caller's thread (durability `normal`: the commit does not
     /// fsync, so it never holds a tokio worker for long).
     inline: bool,
@@ -122,6 +127,29 @@ struct Writer {
 impl Writer {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<WriterState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counts a write in flight until dropped (also when its caller's future is).
+struct InFlight<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    /// No other write was in flight when this one began.
+    alone: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> InFlight<'a> {
+        let before = count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -213,6 +241,7 @@ impl SqliteStore {
         let writer = Arc::new(Writer {
             state: Mutex::new(None),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             inline: durability == Durability::Normal
                 && std::env::var("TUNNEL_INLINE_WRITE").as_deref() != Ok("0"),
         });
@@ -281,7 +310,8 @@ impl SqliteStore {
             })
         });
         use std::sync::atomic::Ordering;
-        let job = match self.run_here(job) {
+        let _in_flight = InFlight::enter(&self.writer.in_flight);
+        let job = match self.run_here(job, _in_flight.alone) {
             Ok(handed) => {
                 // The parked poll's answer first: it is what a dispatch waits for.
                 if handed && *INLINE_YIELD {
@@ -308,9 +338,9 @@ impl SqliteStore {
     /// each on a busy machine), and a parked poll it claims for is woken on this worker.
     /// Under load the writer thread is busy or has work queued and the job is given back, for
     /// the writer's group commits. `Ok(true)`: a claim was handed to a parked poll.
-    fn run_here(&self, job: Job) -> std::result::Result<bool, Job> {
+    fn run_here(&self, job: Job, alone: bool) -> std::result::Result<bool, Job> {
         use std::sync::atomic::Ordering;
-        if !self.writer.inline || self.writer.queued.load(Ordering::Acquire) != 0 {
+        if !self.writer.inline || !alone || self.writer.queued.load(Ordering::Acquire) != 0 {
             return Err(job);
         }
         let Ok(mut state) = self.writer.state.try_lock() else {
