@@ -158,7 +158,6 @@ async fn submit_task(
 ) -> Result<Response, ApiError> {
     // The server's own share of a dispatch is measured from here (docs/BENCHMARKS.md).
     let received = std::time::Instant::now();
-    tunnel_store::probe::stamp(tunnel_store::probe::SUBMIT_START);
     req.validate()?;
     if let Some(to) = &req.reply_to
         && !s.platforms.supports(to)
@@ -182,7 +181,6 @@ async fn submit_task(
         }
     };
     let (task, created) = s.store.submit(&caller.token_id, key, req).await?;
-    tunnel_store::probe::stamp(tunnel_store::probe::SUBMIT_WOKEN);
     if created {
         s.metrics
             .submitted
@@ -714,7 +712,6 @@ async fn claim(
                 None => return Ok(StatusCode::NO_CONTENT.into_response()),
             },
         };
-        tunnel_store::probe::stamp(tunnel_store::probe::POLL_WOKEN);
         match woken {
             Handoff::Ready(hint) => pending.hint = Some(hint),
             Handoff::Offered(offer) => {
@@ -750,10 +747,7 @@ fn offered(s: &AppState, token_id: &str, req: &ClaimRequest, offer: Offer) -> Re
     s.metrics
         .dispatched(s.clock.now_ms() - offer.task.created_at);
     tracing::info!(task_id = %offer.task.id, runner = %req.runner, token_id = %token_id, attempt = offer.attempt, "Task offered.");
-    let r = axum::Json(offer).into_response();
-    tunnel_store::probe::stamp(tunnel_store::probe::OFFER_BUILT);
-    tunnel_store::probe::done();
-    r
+    axum::Json(offer).into_response()
 }
 
 /// Ack an offer: the attempt starts and its lease with it.

@@ -11,7 +11,6 @@
 //! servers committed (LISTEN/NOTIFY, with a fallback poll).
 
 mod clock;
-pub mod probe;
 mod model;
 mod postgres;
 mod sqlite;

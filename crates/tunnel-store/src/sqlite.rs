@@ -60,11 +60,6 @@ const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 4;
 
-/// TEMPORARY (measurement): yield after a write run on the caller's thread that handed a
-/// claim to a parked poll, so the poll's answer is written before the caller's.
-static INLINE_YIELD: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var("TUNNEL_INLINE_YIELD").as_deref() == Ok("1"));
-
 /// What a committed write changed, applied to [`Signals`] after the commit.
 #[derive(Default)]
 struct Effects {
@@ -101,117 +96,10 @@ enum Msg {
     Job(Job),
     /// Checkpoint, truncate the WAL and close; answered once the connection is closed.
     Close(oneshot::Sender<()>),
-    /// Sent after a write ran on a caller's thread when the writer thread has bookkeeping to
-    /// do: a RESTART checkpoint, or the idle TRUNCATE's timer to start.
-    Nudge,
-}
-
-/// The writer's connection, shared by the writer thread and the callers that run a write
-/// themselves when the writer is idle ([`SqliteStore::write`]).
-struct Writer {
-    /// `None` once closed.
-    state: Mutex<Option<WriterState>>,
-    /// Messages sent to the writer thread and not yet taken by it: a write runs on its
-    /// caller's thread only when none is waiting, so it never overtakes one queued before it.
-    queued: std::sync::atomic::AtomicUsize,
-    /// Writes whose callers are waiting for them. A write runs on its caller's thread only
-    /// when it is the only one: with others in flight it goes to the writer thread, to share
-    /// their group commit (one commit per write on the workers cost half as much again in CPU
-    /// per task under load, docs/BENCHMARKS.md).
-    in_flight: std::sync::atomic::AtomicUsize,
-    /// Writes may run on their caller's thread (durability `normal`: the commit does not
-    /// fsync, so it never holds a tokio worker for long).
-    inline: bool,
-}
-
-impl Writer {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<WriterState>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Counts a write in flight until dropped (also when its caller's future is).
-struct InFlight<'a> {
-    count: &'a std::sync::atomic::AtomicUsize,
-    /// No other write was in flight when this one began.
-    alone: bool,
-}
-
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a std::sync::atomic::AtomicUsize) -> InFlight<'a> {
-        let before = count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        InFlight {
-            count,
-            alone: before == 0,
-        }
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// The connection and the WAL's bookkeeping.
-struct WriterState {
-    conn: Connection,
-    handing: Handing,
-    checkpoints: Option<Checkpointer>,
-    wal: Wal,
-    /// WAL frames at the last PASSIVE request, and the size at which to try a RESTART next.
-    asked_at: u32,
-    restart_at: u32,
-    /// Written since the WAL file was last truncated, and when last.
-    dirty: bool,
-    last_write: std::time::Instant,
-}
-
-impl WriterState {
-    /// Commits `batch`; true when a claim was handed to a parked poll.
-    fn commit(&mut self, batch: Vec<Job>, on_caller: bool) -> bool {
-        let handed = commit_batch(&mut self.conn, batch, &self.handing, on_caller);
-        self.dirty = true;
-        self.last_write = std::time::Instant::now();
-        handed
-    }
-
-    /// Between two batches: asks for a PASSIVE checkpoint, or runs a RESTART when the WAL has
-    /// grown past `restart_at` (it may wait for a checkpoint in progress: not on a caller's
-    /// thread, `on_caller` then answers true and the writer thread is to do it).
-    fn after_batch(&mut self, on_caller: bool) -> bool {
-        let frames = self.wal.frames();
-        if frames >= self.restart_at {
-            if on_caller {
-                return true;
-            }
-            // Between two batches, with nothing else writing: copy what the PASSIVE
-            // checkpoints left and have the next commit write the log from its start.
-            match writer_checkpoint(&self.conn, self.checkpoints.as_ref(), "RESTART") {
-                Ok(true) => {
-                    self.wal.reset();
-                    self.asked_at = 0;
-                    self.restart_at = RESTART_FRAMES;
-                }
-                Ok(false) => self.restart_at = frames + RESTART_RETRY_FRAMES,
-                Err(e) => {
-                    tracing::warn!(error = %e, "WAL checkpoint failed.");
-                    self.restart_at = frames + RESTART_RETRY_FRAMES;
-                }
-            }
-        } else if frames >= self.asked_at + CHECKPOINT_FRAMES
-            && let Some(c) = &self.checkpoints
-        {
-            c.request();
-            self.asked_at = frames;
-        }
-        false
-    }
 }
 
 pub(crate) struct SqliteStore {
     jobs: mpsc::Sender<Msg>,
-    writer: Arc<Writer>,
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Set by [`SqliteStore::close`]: reads are refused and no connection returns to the pool.
     closed: Arc<std::sync::atomic::AtomicBool>,
@@ -238,32 +126,14 @@ impl SqliteStore {
             clock: clock.clone(),
             settings: settings.clone(),
         };
-        let writer = Arc::new(Writer {
-            state: Mutex::new(None),
-            queued: std::sync::atomic::AtomicUsize::new(0),
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            inline: durability == Durability::Normal
-                && std::env::var("TUNNEL_INLINE_WRITE").as_deref() != Ok("0"),
-        });
-        let shared = writer.clone();
         std::thread::Builder::new()
             .name("tunnel-sqlite-writer".into())
             .spawn(move || match open_writer(&thread_path, durability) {
                 Ok(mut conn) => {
                     let wal = Wal::new(&mut conn);
-                    let checkpoints = Checkpointer::start(&thread_path);
-                    *shared.lock() = Some(WriterState {
-                        conn,
-                        handing,
-                        checkpoints,
-                        wal,
-                        asked_at: 0,
-                        restart_at: RESTART_FRAMES,
-                        dirty: false,
-                        last_write: std::time::Instant::now(),
-                    });
                     let _ = ready_tx.send(Ok(()));
-                    writer_loop(shared, rx);
+                    let checkpoints = Checkpointer::start(&thread_path);
+                    writer_loop(conn, rx, handing, checkpoints, wal);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -275,7 +145,6 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("the writer thread died".into()))??;
         Ok(SqliteStore {
             jobs,
-            writer,
             readers: Arc::new(Mutex::new(Vec::new())),
             closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             path,
@@ -309,56 +178,11 @@ impl SqliteStore {
                 let _ = tx.send(answer);
             })
         });
-        use std::sync::atomic::Ordering;
-        let _in_flight = InFlight::enter(&self.writer.in_flight);
-        let job = match self.run_here(job, _in_flight.alone) {
-            Ok(handed) => {
-                // The parked poll's answer first: it is what a dispatch waits for.
-                if handed && *INLINE_YIELD {
-                    tokio::task::yield_now().await;
-                }
-                return rx.await.map_err(|_| {
-                    StoreError::Unavailable("the writer thread has stopped".into())
-                })?;
-            }
-            Err(job) => job,
-        };
-        crate::probe::stamp(crate::probe::QUEUED);
-        self.writer.queued.fetch_add(1, Ordering::AcqRel);
-        if self.jobs.send(Msg::Job(job)).is_err() {
-            self.writer.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(StoreError::Unavailable("the writer thread has stopped".into()));
-        }
+        self.jobs
+            .send(Msg::Job(job))
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?
-    }
-
-    /// Runs `job` on this thread when the writer is idle (nothing queued, its connection
-    /// free), which saves waking the writer thread and then the caller's task (tens of µs
-    /// each on a busy machine), and a parked poll it claims for is woken on this worker.
-    /// Under load the writer thread is busy or has work queued and the job is given back, for
-    /// the writer's group commits. `Ok(true)`: a claim was handed to a parked poll.
-    fn run_here(&self, job: Job, alone: bool) -> std::result::Result<bool, Job> {
-        use std::sync::atomic::Ordering;
-        if !self.writer.inline || !alone || self.writer.queued.load(Ordering::Acquire) != 0 {
-            return Err(job);
-        }
-        let Ok(mut state) = self.writer.state.try_lock() else {
-            return Err(job);
-        };
-        let Some(w) = state.as_mut() else {
-            return Err(job);
-        };
-        crate::probe::stamp(crate::probe::QUEUED);
-        crate::probe::stamp(crate::probe::PICKED);
-        let was_dirty = w.dirty;
-        let handed = w.commit(vec![job], true);
-        let nudge = w.after_batch(true) || !was_dirty;
-        drop(state);
-        if nudge {
-            let _ = self.jobs.send(Msg::Nudge);
-        }
-        Ok(handed)
     }
 
     /// Runs `f` on a pooled read-only connection on the blocking pool.
@@ -405,10 +229,6 @@ impl SqliteStore {
             pool.clear();
         }
         let (tx, rx) = oneshot::channel();
-        // Counted as queued: no write runs on a caller's thread from here.
-        self.writer
-            .queued
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if self.jobs.send(Msg::Close(tx)).is_ok() {
             let _ = rx.await;
         }
@@ -1804,38 +1624,35 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<bool> {
     .map(|busy| busy == 0)
 }
 
-fn writer_loop(shared: Arc<Writer>, rx: mpsc::Receiver<Msg>) {
-    use std::sync::atomic::Ordering;
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Msg>,
+    handing: Handing,
+    checkpoints: Option<Checkpointer>,
+    wal: Wal,
+) {
+    // WAL frames at the last PASSIVE request, and the size at which to try a RESTART next.
+    let mut asked_at = 0u32;
+    let mut restart_at = RESTART_FRAMES;
+    // Written since the WAL file was last truncated.
+    let mut dirty = false;
     let mut close = None;
     loop {
-        // Dirty: the WAL is truncated once no write came for IDLE_TRUNCATE.
-        let idle_wait = shared
-            .lock()
-            .as_ref()
-            .filter(|w| w.dirty)
-            .map(|w| IDLE_TRUNCATE.saturating_sub(w.last_write.elapsed()));
-        let first = match idle_wait {
-            Some(wait) => match rx.recv_timeout(wait) {
+        let first = if dirty {
+            match rx.recv_timeout(IDLE_TRUNCATE) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let mut state = shared.lock();
-                    let Some(w) = state.as_mut() else { break };
-                    if w.last_write.elapsed() < IDLE_TRUNCATE {
-                        // Written on a caller's thread meanwhile.
-                        continue;
-                    }
-                    match writer_checkpoint(&w.conn, w.checkpoints.as_ref(), "TRUNCATE") {
+                    match writer_checkpoint(&conn, checkpoints.as_ref(), "TRUNCATE") {
                         Ok(true) => {
-                            w.wal.reset();
-                            w.asked_at = 0;
-                            w.restart_at = RESTART_FRAMES;
-                            w.dirty = false;
+                            wal.reset();
+                            asked_at = 0;
+                            restart_at = RESTART_FRAMES;
+                            dirty = false;
                             continue;
                         }
                         Ok(false) => {}
                         Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed."),
                     }
-                    drop(state);
                     // Busy or failed: tried again after the next write.
                     match rx.recv() {
                         Ok(m) => m,
@@ -1843,56 +1660,68 @@ fn writer_loop(shared: Arc<Writer>, rx: mpsc::Receiver<Msg>) {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
+            }
+        } else {
+            match rx.recv() {
                 Ok(m) => m,
                 Err(_) => break,
-            },
-        };
-        crate::probe::stamp(crate::probe::PICKED);
-        let mut batch = Vec::new();
-        let take = |m: Msg, batch: &mut Vec<Job>, close: &mut Option<oneshot::Sender<()>>| {
-            match m {
-                Msg::Job(job) => batch.push(job),
-                Msg::Close(done) => *close = Some(done),
-                Msg::Nudge => return,
             }
-            shared.queued.fetch_sub(1, Ordering::AcqRel);
         };
-        take(first, &mut batch, &mut close);
+        let mut batch = Vec::new();
+        match first {
+            Msg::Job(job) => batch.push(job),
+            Msg::Close(done) => {
+                close = Some(done);
+            }
+        }
         while close.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut batch, &mut close),
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Close(done)) => close = Some(done),
                 Err(_) => break,
             }
         }
-        let mut state = shared.lock();
-        let Some(w) = state.as_mut() else { break };
         if !batch.is_empty() {
-            w.commit(batch, false);
+            commit_batch(&mut conn, batch, &handing);
+            dirty = true;
         }
         if close.is_some() {
             break;
         }
-        w.after_batch(false);
+        let frames = wal.frames();
+        if frames >= restart_at {
+            // Between two batches, with nothing else writing: copy what the PASSIVE
+            // checkpoints left and have the next commit write the log from its start.
+            match writer_checkpoint(&conn, checkpoints.as_ref(), "RESTART") {
+                Ok(true) => {
+                    wal.reset();
+                    asked_at = 0;
+                    restart_at = RESTART_FRAMES;
+                }
+                Ok(false) => restart_at = frames + RESTART_RETRY_FRAMES,
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint failed.");
+                    restart_at = frames + RESTART_RETRY_FRAMES;
+                }
+            }
+        } else if frames >= asked_at + CHECKPOINT_FRAMES
+            && let Some(c) = &checkpoints
+        {
+            c.request();
+            asked_at = frames;
+        }
     }
     // Shutting down (closed, or every sender gone): no log left behind to replay at the next
     // start. The checkpoint connection closes first so this one is the last and SQLite
     // removes the WAL file as it closes.
-    let state = shared.lock().take();
-    if let Some(WriterState {
-        conn, checkpoints, ..
-    }) = state
-    {
-        if let Some(c) = checkpoints {
-            c.stop();
-        }
-        if let Err(e) = checkpoint(&conn, "TRUNCATE") {
-            tracing::warn!(error = %e, "The final WAL checkpoint failed.");
-        }
-        if let Err((_, e)) = conn.close() {
-            tracing::warn!(error = %e, "Closing the database failed.");
-        }
+    if let Some(c) = checkpoints {
+        c.stop();
+    }
+    if let Err(e) = checkpoint(&conn, "TRUNCATE") {
+        tracing::warn!(error = %e, "The final WAL checkpoint failed.");
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "Closing the database failed.");
     }
     if let Some(done) = close {
         let _ = done.send(());
@@ -1915,12 +1744,7 @@ struct Handed {
 /// Runs `batch` in one transaction (each job in its own savepoint), claims for the parked
 /// long-polls what it made ready ([`hand_off`]), commits, tells the signals what changed and
 /// answers every job and every poll claimed for.
-fn commit_batch(
-    conn: &mut Connection,
-    batch: Vec<Job>,
-    handing: &Handing,
-    polls_last: bool,
-) -> bool {
+fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
     let signals = &*handing.signals;
     let mut effects = Effects::default();
     let mut completions = Vec::with_capacity(batch.len());
@@ -1930,16 +1754,11 @@ fn commit_batch(
             for job in batch {
                 completions.push(job(&mut txn, &mut effects));
             }
-            crate::probe::stamp(crate::probe::JOBS_RAN);
             if !effects.ready.is_empty() {
                 handed = hand_off(&mut txn, &mut effects, handing);
-                crate::probe::stamp(crate::probe::HANDED);
             }
             match txn.commit() {
-                Ok(()) => {
-                    crate::probe::stamp(crate::probe::COMMITTED);
-                    true
-                }
+                Ok(()) => true,
                 Err(e) => {
                     tracing::error!(error = %e, "SQLite commit failed.");
                     false
@@ -1953,29 +1772,18 @@ fn commit_batch(
             false
         }
     };
-    let handed_any = committed && !handed.is_empty();
-    let answer_polls = || {
-        for Handed { answer, handoff } in handed {
-            let handoff = if committed {
-                handoff
-            } else {
-                Handoff::Failed(StoreError::Unavailable("the commit failed".into()))
-            };
-            if let Err(lost) = answer.send(handoff)
-                && committed
-            {
-                signals.handoff_lost(lost);
-            }
-            crate::probe::stamp(crate::probe::ANSWERED);
+    // The polls first: their answers are what a dispatch waits for.
+    for Handed { answer, handoff } in handed {
+        let handoff = if committed {
+            handoff
+        } else {
+            Handoff::Failed(StoreError::Unavailable("the commit failed".into()))
+        };
+        if let Err(lost) = answer.send(handoff)
+            && committed
+        {
+            signals.handoff_lost(lost);
         }
-    };
-    // The polls' answers are what a dispatch waits for. From the writer thread each wake-up
-    // is a remote one, in order: the polls first. On a tokio worker ([`SqliteStore::run_here`])
-    // a task woken goes to this worker's next-task slot, and each later one pushes the one
-    // before out (to be stolen by the other worker, a thread wake-up later): the polls last.
-    let mut answer_polls = Some(answer_polls);
-    if !polls_last && let Some(f) = answer_polls.take() {
-        f();
     }
     if committed {
         for at in &effects.deadlines {
@@ -1991,13 +1799,9 @@ fn commit_batch(
             signals.delivery_ready();
         }
     }
-    if let Some(f) = answer_polls {
-        f();
-    }
     for done in completions {
         done(committed);
     }
-    handed_any
 }
 
 /// Claims each task the batch made ready for the parked long-poll it would wake
