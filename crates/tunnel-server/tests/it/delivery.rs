@@ -336,9 +336,10 @@ async fn a_working_message_held_by_429s_past_the_end_is_not_posted() {
         vec![],
     );
     let task = s.submit(json!({"agent": "claude", "prompt": "p", "reply_to": {"platform": "telegram", "channel": "77"}})).await;
+    // Refused with a 429 while the task is queued (the message says the state it is sent in).
+    until_seen(&stand, 1).await;
     let offer = s.claim("r", &["claude"], 5_000).await.unwrap();
     s.attempt_call(&offer, "ack", json!({})).await;
-    until_seen(&stand, 1).await; // refused with a 429
     let (st, _) = s
         .attempt_call(
             &offer,
