@@ -50,6 +50,8 @@ pub(crate) struct Ctx {
     /// Held shared by tasks while they drive an agent over ACP, and alone by the start-up
     /// probe of an agent's `initialize`, so the two never start an adapter at the same time.
     pub(crate) acp_probing: tokio::sync::RwLock<()>,
+    /// An agent process started ahead of the next task (see [`supervisor::Warm`]).
+    pub(crate) warm: Arc<supervisor::WarmSlot>,
 }
 
 impl Ctx {
@@ -379,6 +381,7 @@ async fn execute(
                 mode: agent.acp_mode.as_deref(),
                 containment: &ctx.containment,
                 confine: &cfg.confine,
+                warm: Some(&ctx.warm),
             };
             let watch = crate::acp::Watch {
                 cancel,
@@ -404,11 +407,20 @@ async fn execute(
                     project_dir: &dir,
                 },
             );
-            let mut running =
-                match supervisor::spawn(&inv, &dir, &agent.env, &cfg.confine, &ctx.containment) {
-                    Ok(r) => r,
-                    Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
-                };
+            let started = supervisor::start(
+                &inv,
+                &dir,
+                &agent.env,
+                &cfg.confine,
+                &ctx.containment,
+                ctx.warm.take(),
+            )
+            .await;
+            ctx.warm.fill();
+            let mut running = match started {
+                Ok(r) => r,
+                Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+            };
             reporter.set_procs(Some(Leftover {
                 pgid: Some(running.pgid),
                 pgid_start: running.start_time,
