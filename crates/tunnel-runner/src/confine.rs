@@ -372,6 +372,56 @@ mod tests {
     }
 
     #[test]
+    fn a_launch_is_read_exactly_and_what_follows_is_left_to_the_agent() {
+        let l = Launch {
+            allow: vec!["/w".into()],
+            dir: "/w".into(),
+            program: "/bin/agent".into(),
+            args: vec!["-p".into(), "a prompt\nwith lines".into()],
+            env: vec![("K".into(), "v".into())],
+            stdin_null: false,
+        };
+        let mut bytes = l.encode().unwrap();
+        bytes.extend_from_slice(b"the prompt on stdin");
+        let mut r = &bytes[..];
+        assert_eq!(Launch::read_from(&mut r).unwrap(), l);
+        assert_eq!(r, b"the prompt on stdin");
+        let huge = (LAUNCH_MAX + 1).to_le_bytes();
+        assert!(Launch::read_from(&mut &huge[..]).is_err());
+        assert!(Launch::read_from(&mut &bytes[..10]).is_err(), "cut short");
+    }
+
+    #[test]
+    fn a_wrapper_started_ahead_gets_the_runners_part_of_the_arguments() {
+        assert!(waiting(&Confinement::default()).is_none());
+        let c = Confinement {
+            wrapper: Some("/usr/bin/tunnel".into()),
+            deny: vec!["/d".into()],
+            run_as: Some(RunAs {
+                name: "agent".into(),
+                uid: 1001,
+                gid: 1002,
+                home: "/home/agent".into(),
+            }),
+        };
+        let (p, a) = waiting(&c).unwrap();
+        assert_eq!(p, "/usr/bin/tunnel");
+        assert_eq!(
+            a,
+            [
+                "__sandbox",
+                "--uid",
+                "1001",
+                "--gid",
+                "1002",
+                "--deny",
+                "/d",
+                LAUNCH_ON_STDIN
+            ]
+        );
+    }
+
+    #[test]
     fn the_wrapper_goes_in_front() {
         let c = Confinement {
             wrapper: Some("/usr/bin/tunnel".into()),

@@ -386,3 +386,36 @@ mod imp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_wrapper_started_ahead_takes_the_rest_from_stdin() {
+        let Ok(Parsed::Waiting(a)) = parse(args(&[
+            "--uid",
+            "5",
+            "--gid",
+            "6",
+            "--deny",
+            "/d",
+            tunnel_runner::confine::LAUNCH_ON_STDIN,
+        ])) else {
+            panic!("not waiting");
+        };
+        assert_eq!((a.user, a.deny), (Some((5, 6)), vec![PathBuf::from("/d")]));
+        assert!(
+            parse(args(&[tunnel_runner::confine::LAUNCH_ON_STDIN, "prog"])).is_err(),
+            "nothing after the flag"
+        );
+        let Ok(Parsed::Now(a)) = parse(args(&["--deny", "/d", "--", "prog", "x"])) else {
+            panic!("not now");
+        };
+        assert_eq!((a.program, a.args), ("prog".into(), args(&["x"])));
+    }
+}
