@@ -113,7 +113,7 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
     )
     .await;
     if let Some(w) = r.warm {
-        w.fill();
+        w.fill(supervisor::REFILL_AFTER);
     }
     let mut running = match started {
         Ok(x) => x,

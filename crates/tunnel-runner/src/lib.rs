@@ -240,7 +240,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     // Agents' temporary directories that a killed runner could not remove.
     confine::remove_orphaned_agent_tmps();
     // The first task's agent process, started while the runner waits for work.
-    warm.fill();
+    warm.fill(std::time::Duration::ZERO);
     // What an earlier run left in the spool is held until reported: never run again.
     ctx.held()
         .extend(ctx.spool.leftovers().into_iter().map(|e| e.task_id));

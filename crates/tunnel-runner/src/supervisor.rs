@@ -282,6 +282,12 @@ impl Warm {
     }
 }
 
+/// How long after a task took the warm process the next one is started: not at once, where
+/// its fork, `exec`s and cgroup entry would compete with the agent just launched for the CPU
+/// (tens of ms on a busy two-core machine); a task that comes sooner starts its agent as
+/// before.
+pub(crate) const REFILL_AFTER: Duration = Duration::from_millis(100);
+
 /// Keeps one [`Warm`] agent process ready for the next task.
 pub(crate) struct WarmSlot {
     confine: Confinement,
@@ -307,8 +313,9 @@ impl WarmSlot {
         self.warm.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Starts the next warm process in the background, unless one is ready or being made.
-    pub(crate) fn fill(self: &Arc<Self>) {
+    /// Starts the next warm process in the background (after `after`), unless one is ready
+    /// or being made.
+    pub(crate) fn fill(self: &Arc<Self>, after: Duration) {
         use std::sync::atomic::Ordering;
         if self.confine.wrapper.is_none()
             || self.closed.load(Ordering::Acquire)
@@ -323,6 +330,10 @@ impl WarmSlot {
         }
         let slot = self.clone();
         tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if slot.closed.load(Ordering::Acquire) {
+                return;
+            }
             let warm = Warm::prepare(&slot.confine, &slot.containment);
             let extra = {
                 let mut held = slot.warm.lock().unwrap_or_else(|p| p.into_inner());
