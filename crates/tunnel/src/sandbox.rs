@@ -62,6 +62,10 @@ struct Args {
     allow: Vec<PathBuf>,
     program: OsString,
     args: Vec<OsString>,
+    /// Added to the environment (the agent's own `env`, from a launch).
+    env: Vec<(String, String)>,
+    /// The agent's stdin instead of the wrapper's (/dev/null, from a launch).
+    stdin: Option<std::fs::File>,
 }
 
 /// What the wrapper runs: its arguments, or (`--launch-on-stdin`, a wrapper the runner started
@@ -100,6 +104,8 @@ fn parse(argv: Vec<OsString>) -> Result<Parsed, String> {
                     allow,
                     program: OsString::new(),
                     args: vec![],
+                    env: vec![],
+                    stdin: None,
                 }));
             }
             Some("--") => break,
@@ -113,6 +119,8 @@ fn parse(argv: Vec<OsString>) -> Result<Parsed, String> {
         allow,
         program,
         args: it.collect(),
+        env: vec![],
+        stdin: None,
     }))
 }
 
@@ -128,9 +136,7 @@ fn ids(uid: Option<u32>, gid: Option<u32>) -> Result<Option<(u32, u32)>, String>
 /// enters its directory (before the user changes, as the runner's `current_dir` did) and
 /// completes `args` with it; the agent's stdin is /dev/null when the launch says so (opened
 /// now, before the sandbox).
-fn wait_for_launch(
-    mut args: Args,
-) -> Result<(Args, Vec<(String, String)>, Option<std::fs::File>), String> {
+fn wait_for_launch(mut args: Args) -> Result<Args, String> {
     use std::os::fd::AsFd;
     let mut stdin = std::io::stdin()
         .as_fd()
@@ -142,25 +148,24 @@ fn wait_for_launch(
     drop(stdin);
     std::env::set_current_dir(&launch.dir)
         .map_err(|e| format!("cannot enter {}: {e}", launch.dir.display()))?;
-    let null = if launch.stdin_null {
-        Some(std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?)
-    } else {
-        None
-    };
+    if launch.stdin_null {
+        args.stdin = Some(std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?);
+    }
     args.allow.extend(launch.allow);
     args.program = launch.program.into();
     args.args = launch.args.into_iter().map(OsString::from).collect();
-    Ok((args, launch.env, null))
+    args.env = launch.env;
+    Ok(args)
 }
 
 /// Runs the wrapper (`argv` after the subcommand); returns only if it fails: the runner then
 /// sees the agent fail with this message, and nothing ran unconfined.
 pub(crate) fn main(argv: Vec<OsString>) -> ExitCode {
     let parsed = parse(argv).and_then(|p| match p {
-        Parsed::Now(a) => Ok((a, vec![], None)),
+        Parsed::Now(a) => Ok(a),
         Parsed::Waiting(a) => wait_for_launch(a),
     });
-    let (args, env, stdin) = match parsed {
+    let mut args = match parsed {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tunnel sandbox: {e}");
@@ -182,8 +187,8 @@ pub(crate) fn main(argv: Vec<OsString>) -> ExitCode {
     }
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(&args.program);
-    cmd.args(&args.args).envs(env);
-    if let Some(null) = stdin {
+    cmd.args(&args.args).envs(std::mem::take(&mut args.env));
+    if let Some(null) = args.stdin.take() {
         cmd.stdin(null);
     }
     let e = cmd.exec();
