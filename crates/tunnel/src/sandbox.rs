@@ -15,6 +15,12 @@
 //! Landlock also keeps the agent from reading the memory or environment of processes outside
 //! its domain (`/proc/<runner>/environ`, `/proc/<runner>/mem`), even as root, and from
 //! signalling them (ABI ≥ 6).
+//!
+//! `tunnel __sandbox [--uid N --gid N] [--deny PATH]… --launch-on-stdin`: the same wrapper
+//! started ahead of its task (the runner's warm agent process, already in the task's cgroup):
+//! it waits for the task's `Launch` on stdin (the `--allow` directories, the directory to
+//! enter, the program and arguments, the agent's `env`, whether stdin is /dev/null), then goes
+//! on exactly as above.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
