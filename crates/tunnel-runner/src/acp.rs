@@ -56,6 +56,8 @@ pub(crate) struct AcpRun<'a> {
     pub(crate) containment: &'a Mechanism,
     /// The same environment, user and sandbox as any agent.
     pub(crate) confine: &'a crate::confine::Confinement,
+    /// Where an agent process started ahead of the task may be waiting.
+    pub(crate) warm: Option<&'a Arc<supervisor::WarmSlot>>,
 }
 
 /// What ends a run early, watched while waiting for the agent.
@@ -101,7 +103,19 @@ pub(crate) async fn run(r: &AcpRun<'_>, gate: Arc<Gate>, sink: &dyn Sink, w: &Wa
         stdin: None,
         keep_stdin: true,
     };
-    let mut running = match supervisor::spawn(&inv, r.dir, r.env, r.confine, r.containment) {
+    let started = supervisor::start(
+        &inv,
+        r.dir,
+        r.env,
+        r.confine,
+        r.containment,
+        r.warm.and_then(|w| w.take()),
+    )
+    .await;
+    if let Some(w) = r.warm {
+        w.fill(supervisor::REFILL_AFTER);
+    }
+    let mut running = match started {
         Ok(x) => x,
         Err(e) => {
             let exit = Exit {

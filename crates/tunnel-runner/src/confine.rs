@@ -158,6 +158,69 @@ pub(crate) fn wrapped(
     (wrapper.into(), argv)
 }
 
+/// The wrapper's last argument when it is started ahead of its task (see
+/// `supervisor::Warm`): instead of `-- PROGRAM ARGS…` it reads a [`Launch`] from its stdin.
+pub const LAUNCH_ON_STDIN: &str = "--launch-on-stdin";
+
+/// What a wrapper started ahead of its task runs once the task comes: everything of the
+/// agent's start that depends on the task. Sent on the wrapper's stdin as a length (8 bytes,
+/// little-endian) and then that many bytes of JSON, so the wrapper reads exactly this and
+/// leaves what follows on the pipe (the prompt of an agent that reads it from stdin) to the
+/// agent.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Launch {
+    /// The directories the agent works in, as `--allow` would name them.
+    pub allow: Vec<PathBuf>,
+    /// The agent's working directory, entered before the user changes (as the runner's
+    /// `current_dir` was).
+    pub dir: PathBuf,
+    pub program: String,
+    pub args: Vec<String>,
+    /// Added to (and replacing in) the wrapper's environment: the agent's own `env`.
+    pub env: Vec<(String, String)>,
+    /// The agent's stdin is /dev/null (else it keeps the pipe, after this message).
+    pub stdin_null: bool,
+}
+
+/// The largest [`Launch`] a wrapper reads (a prompt is at most a few MiB).
+pub const LAUNCH_MAX: u64 = 64 << 20;
+
+impl Launch {
+    pub fn encode(&self) -> std::io::Result<Vec<u8>> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&json);
+        Ok(out)
+    }
+
+    /// Reads one [`Launch`] and nothing after it (`r` must be unbuffered).
+    pub fn read_from(r: &mut impl std::io::Read) -> std::io::Result<Launch> {
+        let mut len = [0u8; 8];
+        r.read_exact(&mut len)?;
+        let len = u64::from_le_bytes(len);
+        if len > LAUNCH_MAX {
+            return Err(std::io::Error::other(format!(
+                "a launch of {len} bytes is more than {LAUNCH_MAX}"
+            )));
+        }
+        let mut json = vec![0u8; len as usize];
+        r.read_exact(&mut json)?;
+        serde_json::from_slice(&json).map_err(std::io::Error::other)
+    }
+}
+
+/// The wrapper started ahead of its task: [`wrapped`]'s program and arguments without the
+/// task's part (`--allow`, the program), which comes as a [`Launch`]. `None` without a
+/// wrapper.
+pub(crate) fn waiting(confine: &Confinement) -> Option<(OsString, Vec<OsString>)> {
+    confine.wrapper.as_ref()?;
+    let (program, mut args) = wrapped(confine, "", &[], &[]);
+    // `wrapped` ends with `-- PROGRAM`: the launch replaces both.
+    args.truncate(args.len() - 2);
+    args.push(LAUNCH_ON_STDIN.into());
+    Some((program, args))
+}
+
 /// A private temporary directory for one agent run under the sandbox, removed when dropped.
 ///
 /// Landlock closes a denied path by opening only what surrounds it, so a directory that holds
@@ -306,6 +369,56 @@ mod tests {
         for v in ["PATH", "HOME", "ANTHROPIC_API_KEY", "HTTPS_PROXY", "LANG"] {
             assert!(!is_withheld(OsStr::new(v)), "{v}");
         }
+    }
+
+    #[test]
+    fn a_launch_is_read_exactly_and_what_follows_is_left_to_the_agent() {
+        let l = Launch {
+            allow: vec!["/w".into()],
+            dir: "/w".into(),
+            program: "/bin/agent".into(),
+            args: vec!["-p".into(), "a prompt\nwith lines".into()],
+            env: vec![("K".into(), "v".into())],
+            stdin_null: false,
+        };
+        let mut bytes = l.encode().unwrap();
+        bytes.extend_from_slice(b"the prompt on stdin");
+        let mut r = &bytes[..];
+        assert_eq!(Launch::read_from(&mut r).unwrap(), l);
+        assert_eq!(r, b"the prompt on stdin");
+        let huge = (LAUNCH_MAX + 1).to_le_bytes();
+        assert!(Launch::read_from(&mut &huge[..]).is_err());
+        assert!(Launch::read_from(&mut &bytes[..10]).is_err(), "cut short");
+    }
+
+    #[test]
+    fn a_wrapper_started_ahead_gets_the_runners_part_of_the_arguments() {
+        assert!(waiting(&Confinement::default()).is_none());
+        let c = Confinement {
+            wrapper: Some("/usr/bin/tunnel".into()),
+            deny: vec!["/d".into()],
+            run_as: Some(RunAs {
+                name: "agent".into(),
+                uid: 1001,
+                gid: 1002,
+                home: "/home/agent".into(),
+            }),
+        };
+        let (p, a) = waiting(&c).unwrap();
+        assert_eq!(p, "/usr/bin/tunnel");
+        assert_eq!(
+            a,
+            [
+                "__sandbox",
+                "--uid",
+                "1001",
+                "--gid",
+                "1002",
+                "--deny",
+                "/d",
+                LAUNCH_ON_STDIN
+            ]
+        );
     }
 
     #[test]

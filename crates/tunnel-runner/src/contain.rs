@@ -110,6 +110,16 @@ fn unique(kind: &str) -> String {
 /// agent is inside before it runs a single instruction of its own (no race with its forks).
 const ENTER: &str = r#"echo 0 > "$0/cgroup.procs" || { echo "tunnel: cannot enter the task's cgroup $0" >&2; exit 125; }; exec "$@""#;
 
+/// `sh`, found once on PATH: a command whose program is a path is started with `posix_spawn`
+/// (no copy of the runner's address space); with a bare name and its own environment, std
+/// forks the whole runner first.
+pub(crate) fn sh() -> &'static std::ffi::OsStr {
+    static SH: std::sync::OnceLock<OsString> = std::sync::OnceLock::new();
+    SH.get_or_init(|| {
+        crate::supervisor::find_program("sh").map_or_else(|| "sh".into(), PathBuf::into_os_string)
+    })
+}
+
 /// Where the cgroup v2 hierarchy is mounted.
 fn cgroup2_mount() -> Result<PathBuf, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
@@ -225,7 +235,7 @@ impl Cell {
                     program.as_os_str().to_owned(),
                 ];
                 argv.extend(args.iter().map(OsString::from));
-                ("sh".into(), argv)
+                (sh().to_owned(), argv)
             }
             None => (
                 program.as_os_str().to_owned(),

@@ -218,8 +218,13 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
         .unwrap_or_else(|e| contain::Mechanism::ProcessTree(format!("detection failed: {e}")));
     tracing::info!(containment = %containment, "Agent containment.");
     let config = Arc::new(config);
+    let warm = Arc::new(supervisor::WarmSlot::new(
+        config.confine.clone(),
+        containment.clone(),
+    ));
     let ctx = Arc::new(task::Ctx {
         containment,
+        warm: warm.clone(),
         client: client.clone(),
         config: config.clone(),
         spool,
@@ -234,6 +239,8 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     });
     // Agents' temporary directories that a killed runner could not remove.
     confine::remove_orphaned_agent_tmps();
+    // The first task's agent process, started while the runner waits for work.
+    warm.fill(std::time::Duration::ZERO);
     // What an earlier run left in the spool is held until reported: never run again.
     ctx.held()
         .extend(ctx.spool.leftovers().into_iter().map(|e| e.task_id));
@@ -391,6 +398,7 @@ pub async fn run(config: RunnerConfig, shutdown: Shutdown) -> Result<(), RunnerE
     }
     // After an abort, tasks stop their agents and report; wait for that.
     tracker.wait().await;
+    warm.close().await;
     if result.is_ok() {
         // Offline at once on the server, rather than "online" for its online window while
         // tasks are submitted to nobody. Best effort: the window still covers a failure.

@@ -49,7 +49,7 @@ pub(crate) struct Running {
 /// task ends normally.
 fn guard(pgid: i32, cell: &Cell) -> Option<Child> {
     // The runner's own helper: the environment policy, not the agent's user or sandbox.
-    confine::command("sh", &Confinement::default())
+    confine::command(crate::contain::sh(), &Confinement::default())
         .arg("-c")
         .arg(cell.guard_script())
         .arg(cell.guard_arg())
@@ -108,7 +108,7 @@ pub(crate) fn spawn(
             "No such file or directory",
         ));
     }
-    let mut child = match cmd.spawn() {
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             cell.remove();
@@ -117,53 +117,248 @@ pub(crate) fn spawn(
     };
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let start_time = crate::contain::start_time(pgid);
+    let guard = guard(pgid, &cell);
+    Ok(Running::of(inv, child, pgid, start_time, cell, guard, tmp))
+}
 
-    // With `keep_stdin` the pipe stays in `child.stdin` for the caller (ACP speaks over it).
-    if let Some(text) = inv.stdin.clone()
-        && let Some(mut stdin) = child.stdin.take()
-    {
+/// Starts the agent of `inv`: in `warm` when there is one (see [`Warm`]), else as [`spawn`]
+/// does. A warm process that is gone is discarded and the agent started the usual way.
+pub(crate) async fn start(
+    inv: &Invocation,
+    cwd: &Path,
+    extra_env: &BTreeMap<String, String>,
+    confine: &Confinement,
+    containment: &Mechanism,
+    warm: Option<Warm>,
+) -> std::io::Result<Running> {
+    if let Some(warm) = warm {
+        if warm.cell.cgroup.is_some() && find_program(&inv.program).is_none() {
+            // As `spawn` says.
+            warm.discard().await;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "No such file or directory",
+            ));
+        }
+        match warm.launch(inv, cwd, extra_env).await {
+            Ok(running) => return Ok(running),
+            Err((warm, e)) => {
+                tracing::debug!(error = %e, "The agent process started ahead is gone; starting one now.");
+                warm.discard().await;
+            }
+        }
+    }
+    spawn(inv, cwd, extra_env, confine, containment)
+}
+
+/// An agent process started before its task, while the runner waits for work: in its own
+/// process group and cell (the task's cgroup entered, the guard beside it, its temporary
+/// directory made), with the environment policy applied, inside the `tunnel __sandbox`
+/// wrapper, which waits on its stdin for the task's [`confine::Launch`] and then confines
+/// itself and `exec`s the agent exactly as a wrapper started for the task would. What the
+/// agent runs under is the same; what moves off the path from offer to agent is entering the
+/// cgroup (the kernel waits for an RCU grace period: 10–30 ms on a busy machine), forking the
+/// runner and starting the wrapper. Only with a wrapper (the wrapper reads the launch).
+pub(crate) struct Warm {
+    child: Child,
+    pgid: i32,
+    start_time: Option<u64>,
+    cell: Cell,
+    guard: Option<Child>,
+    tmp: Option<confine::AgentTmp>,
+}
+
+impl Warm {
+    /// Starts one (`None`: no wrapper, or it cannot be started).
+    pub(crate) fn prepare(confine: &Confinement, containment: &Mechanism) -> Option<Warm> {
+        let (program, args) = confine::waiting(confine)?;
+        let cell = Cell::new(containment);
+        let tmp = confine::AgentTmp::for_agent(confine);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let (program, args) = cell.wrap(Path::new(&program), &args);
+        let mut cmd = confine::command(program, confine);
+        // The agent's directory is entered by the wrapper once the task names it.
+        cmd.args(args)
+            .current_dir("/")
+            .process_group(0)
+            .kill_on_drop(true)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(tmp) = &tmp {
+            for var in confine::TMP_VARS {
+                cmd.env(var, &tmp.path);
+            }
+        }
+        cmd.env(MARK_VAR, &cell.mark);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot start an agent process ahead of its task.");
+                cell.remove();
+                return None;
+            }
+        };
+        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+        let start_time = crate::contain::start_time(pgid);
+        let guard = guard(pgid, &cell);
+        Some(Warm {
+            child,
+            pgid,
+            start_time,
+            cell,
+            guard,
+            tmp,
+        })
+    }
+
+    /// Tells the waiting wrapper what to run; the agent is then started as [`spawn`] starts it.
+    async fn launch(
+        mut self,
+        inv: &Invocation,
+        cwd: &Path,
+        extra_env: &BTreeMap<String, String>,
+    ) -> Result<Running, (Warm, std::io::Error)> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let e = std::io::Error::other(format!("it ended ({status})"));
+            return Err((self, e));
+        }
+        let launch = confine::Launch {
+            allow: vec![cwd.to_path_buf()],
+            dir: cwd.to_path_buf(),
+            program: inv.program.clone(),
+            args: inv.args.clone(),
+            // The marker is the cell's, as `spawn` sets it after the agent's own `env`.
+            env: extra_env
+                .iter()
+                .filter(|(k, _)| k.as_str() != MARK_VAR)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            stdin_null: !(inv.stdin.is_some() || inv.keep_stdin),
+        };
+        let sent = match (launch.encode(), self.child.stdin.as_mut()) {
+            (Ok(bytes), Some(stdin)) => stdin.write_all(&bytes).await,
+            (Err(e), _) => Err(e),
+            (_, None) => Err(std::io::Error::other("no stdin")),
+        };
+        if let Err(e) = sent {
+            return Err((self, e));
+        }
+        if launch.stdin_null {
+            // The agent reads /dev/null; the wrapper's pipe is of no more use.
+            self.child.stdin = None;
+        }
+        let Warm {
+            child,
+            pgid,
+            start_time,
+            cell,
+            guard,
+            tmp,
+        } = self;
+        Ok(Running::of(inv, child, pgid, start_time, cell, guard, tmp))
+    }
+
+    /// Ends it (the wrapper, its guard, its cell).
+    pub(crate) async fn discard(mut self) {
+        signal_group(self.pgid, Signal::SIGKILL);
+        let _ = self.child.wait().await;
+        let (cell, root, spare) = (
+            self.cell.clone(),
+            self.pgid,
+            self.guard.as_ref().and_then(|g| g.id()).map(|p| p as i32),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            cell.kill_all(root, spare);
+            cell.remove();
+        })
+        .await;
+        if let Some(mut g) = self.guard.take() {
+            let _ = g.kill().await;
+        }
+    }
+}
+
+/// How long after a task took the warm process the next one is started: not at once, where
+/// its fork, `exec`s and cgroup entry would compete with the agent just launched for the CPU
+/// (tens of ms on a busy two-core machine); a task that comes sooner starts its agent as
+/// before.
+pub(crate) const REFILL_AFTER: Duration = Duration::from_millis(100);
+
+/// Keeps one [`Warm`] agent process ready for the next task.
+pub(crate) struct WarmSlot {
+    confine: Confinement,
+    containment: Mechanism,
+    warm: Mutex<Option<Warm>>,
+    filling: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl WarmSlot {
+    pub(crate) fn new(confine: Confinement, containment: Mechanism) -> WarmSlot {
+        WarmSlot {
+            confine,
+            containment,
+            warm: Mutex::new(None),
+            filling: Default::default(),
+            closed: Default::default(),
+        }
+    }
+
+    /// The process ready, if one is; [`WarmSlot::fill`] makes the next one.
+    pub(crate) fn take(&self) -> Option<Warm> {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Starts the next warm process in the background (after `after`), unless one is ready
+    /// or being made.
+    pub(crate) fn fill(self: &Arc<Self>, after: Duration) {
+        use std::sync::atomic::Ordering;
+        if self.confine.wrapper.is_none()
+            || self.closed.load(Ordering::Acquire)
+            || self
+                .warm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            || self.filling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let slot = self.clone();
         tokio::spawn(async move {
-            // A CLI that exits without reading its stdin is not an error here.
-            let _ = stdin.write_all(text.as_bytes()).await;
-            let _ = stdin.shutdown().await;
+            tokio::time::sleep(after).await;
+            if slot.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let warm = Warm::prepare(&slot.confine, &slot.containment);
+            let extra = {
+                let mut held = slot.warm.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.closed.load(Ordering::Acquire) || held.is_some() {
+                    warm
+                } else {
+                    *held = warm;
+                    None
+                }
+            };
+            slot.filling.store(false, Ordering::Release);
+            if let Some(w) = extra {
+                w.discard().await;
+            }
         });
     }
 
-    let (tx, lines) = mpsc::channel(1024);
-    if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(read_lines(stdout, tx));
+    /// No more warm processes; the one ready is ended.
+    pub(crate) async fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = self.take() {
+            w.discard().await;
+        }
     }
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let mut stderr_reader = None;
-    if let Some(mut err) = child.stderr.take() {
-        let tail = stderr.clone();
-        stderr_reader = Some(tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
-                t.extend_from_slice(&buf[..n]);
-                if t.len() > STDERR_TAIL * 2 {
-                    let cut = t.len() - STDERR_TAIL;
-                    t.drain(..cut);
-                }
-            }
-        }));
-    }
-    let guard = guard(pgid, &cell);
-    Ok(Running {
-        child,
-        pgid,
-        lines,
-        stderr_reader,
-        stderr,
-        guard,
-        cell,
-        start_time,
-        _tmp: tmp,
-    })
 }
 
 async fn read_lines(stdout: tokio::process::ChildStdout, tx: mpsc::Sender<String>) {
@@ -198,6 +393,64 @@ async fn read_lines(stdout: tokio::process::ChildStdout, tx: mpsc::Sender<String
 }
 
 impl Running {
+    /// The agent just started: its stdin written (`inv.stdin`) or kept (`keep_stdin`), its
+    /// output read.
+    fn of(
+        inv: &Invocation,
+        mut child: Child,
+        pgid: i32,
+        start_time: Option<u64>,
+        cell: Cell,
+        guard: Option<Child>,
+        tmp: Option<confine::AgentTmp>,
+    ) -> Running {
+        // With `keep_stdin` the pipe stays in `child.stdin` for the caller (ACP speaks over it).
+        if let Some(text) = inv.stdin.clone()
+            && let Some(mut stdin) = child.stdin.take()
+        {
+            tokio::spawn(async move {
+                // A CLI that exits without reading its stdin is not an error here.
+                let _ = stdin.write_all(text.as_bytes()).await;
+                let _ = stdin.shutdown().await;
+            });
+        }
+
+        let (tx, lines) = mpsc::channel(1024);
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(read_lines(stdout, tx));
+        }
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut stderr_reader = None;
+        if let Some(mut err) = child.stderr.take() {
+            let tail = stderr.clone();
+            stderr_reader = Some(tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    t.extend_from_slice(&buf[..n]);
+                    if t.len() > STDERR_TAIL * 2 {
+                        let cut = t.len() - STDERR_TAIL;
+                        t.drain(..cut);
+                    }
+                }
+            }));
+        }
+        Running {
+            child,
+            pgid,
+            lines,
+            stderr_reader,
+            stderr,
+            guard,
+            cell,
+            start_time,
+            _tmp: tmp,
+        }
+    }
+
     /// The last part of what the agent wrote to stderr (after reading it to the end, or for a
     /// moment if a leftover process still holds it open).
     pub(crate) async fn stderr_tail(&mut self) -> String {

@@ -50,6 +50,8 @@ pub(crate) struct Ctx {
     /// Held shared by tasks while they drive an agent over ACP, and alone by the start-up
     /// probe of an agent's `initialize`, so the two never start an adapter at the same time.
     pub(crate) acp_probing: tokio::sync::RwLock<()>,
+    /// An agent process started ahead of the next task (see [`supervisor::Warm`]).
+    pub(crate) warm: Arc<supervisor::WarmSlot>,
 }
 
 impl Ctx {
@@ -155,7 +157,8 @@ pub(crate) async fn run_offer(ctx: Arc<Ctx>, offer: Offer) {
         tracing::info!(task_id = %id, outcome = ?outcome, "Task finished.");
     }
     done.cancel();
-    let _ = heartbeat.await;
+    // Not waited for: it may still be reading its last answer (see `heartbeat_loop`).
+    drop(heartbeat);
 }
 
 /// How long an ack whose outcome is unknown is retried. Longer than any lease, so that by
@@ -379,6 +382,7 @@ async fn execute(
                 mode: agent.acp_mode.as_deref(),
                 containment: &ctx.containment,
                 confine: &cfg.confine,
+                warm: Some(&ctx.warm),
             };
             let watch = crate::acp::Watch {
                 cancel,
@@ -404,11 +408,20 @@ async fn execute(
                     project_dir: &dir,
                 },
             );
-            let mut running =
-                match supervisor::spawn(&inv, &dir, &agent.env, &cfg.confine, &ctx.containment) {
-                    Ok(r) => r,
-                    Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
-                };
+            let started = supervisor::start(
+                &inv,
+                &dir,
+                &agent.env,
+                &cfg.confine,
+                &ctx.containment,
+                ctx.warm.take(),
+            )
+            .await;
+            ctx.warm.fill(supervisor::REFILL_AFTER);
+            let mut running = match started {
+                Ok(r) => r,
+                Err(e) => return failed(format!("cannot start {}: {e}", resolved.program)),
+            };
             reporter.set_procs(Some(Leftover {
                 pgid: Some(running.pgid),
                 pgid_start: running.start_time,
@@ -535,6 +548,10 @@ struct Ending {
     done: CancellationToken,
 }
 
+/// How long a held heartbeat's answer is waited for once the task was reported (see
+/// `heartbeat_loop`); nothing waits on that.
+const HELD_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
 /// Renews the lease until the task is done; a held heartbeat brings a cancel at once.
 async fn heartbeat_loop(
     client: Client,
@@ -558,9 +575,18 @@ async fn heartbeat_loop(
                 third.as_millis() as u64
             },
         };
+        let call = client.heartbeat(&id, &hb);
+        tokio::pin!(call);
         let pause = tokio::select! {
-            _ = done.cancelled() => return,
-            r = client.heartbeat(&id, &hb) => match r {
+            _ = done.cancelled() => {
+                // The finish ended the attempt, and the server answers a held heartbeat as it
+                // does (409). That answer is read, so its connection goes back to the pool:
+                // dropped mid-request it is closed, and a later request (the next task's
+                // finish, say) opens a new one, a round trip more over a slow link.
+                let _ = tokio::time::timeout(HELD_ANSWER_WITHIN, call).await;
+                return;
+            }
+            r = &mut call => match r {
                 Ok(status) => {
                     failures = 0;
                     if status.cancel && !cancel.is_cancelled() {

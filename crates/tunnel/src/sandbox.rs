@@ -15,6 +15,12 @@
 //! Landlock also keeps the agent from reading the memory or environment of processes outside
 //! its domain (`/proc/<runner>/environ`, `/proc/<runner>/mem`), even as root, and from
 //! signalling them (ABI ≥ 6).
+//!
+//! `tunnel __sandbox [--uid N --gid N] [--deny PATH]… --launch-on-stdin`: the same wrapper
+//! started ahead of its task (the runner's warm agent process, already in the task's cgroup):
+//! it waits for the task's `Launch` on stdin (the `--allow` directories, the directory to
+//! enter, the program and arguments, the agent's `env`, whether stdin is /dev/null), then goes
+//! on exactly as above.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -62,9 +68,20 @@ struct Args {
     allow: Vec<PathBuf>,
     program: OsString,
     args: Vec<OsString>,
+    /// Added to the environment (the agent's own `env`, from a launch).
+    env: Vec<(String, String)>,
+    /// The agent's stdin instead of the wrapper's (/dev/null, from a launch).
+    stdin: Option<std::fs::File>,
 }
 
-fn parse(argv: Vec<OsString>) -> Result<Args, String> {
+/// What the wrapper runs: its arguments, or (`--launch-on-stdin`, a wrapper the runner started
+/// ahead of its task) the arguments before that and the rest read from stdin.
+enum Parsed {
+    Now(Args),
+    Waiting(Args),
+}
+
+fn parse(argv: Vec<OsString>) -> Result<Parsed, String> {
     let mut it = argv.into_iter();
     let (mut deny, mut allow) = (vec![], vec![]);
     let (mut uid, mut gid) = (None, None);
@@ -81,29 +98,80 @@ fn parse(argv: Vec<OsString>) -> Result<Args, String> {
             Some("--gid") => gid = Some(id(it.next(), "--gid")?),
             Some("--deny") => deny.push(it.next().ok_or("--deny needs a path")?.into()),
             Some("--allow") => allow.push(it.next().ok_or("--allow needs a path")?.into()),
+            Some(tunnel_runner::confine::LAUNCH_ON_STDIN) => {
+                if let Some(extra) = it.next() {
+                    return Err(format!(
+                        "unexpected argument {extra:?} after the launch flag"
+                    ));
+                }
+                return Ok(Parsed::Waiting(Args {
+                    user: ids(uid, gid)?,
+                    deny,
+                    allow,
+                    program: OsString::new(),
+                    args: vec![],
+                    env: vec![],
+                    stdin: None,
+                }));
+            }
             Some("--") => break,
             _ => return Err(format!("unexpected argument {a:?}")),
         }
     }
     let program = it.next().ok_or("missing the program after --")?;
-    let user = match (uid, gid) {
-        (Some(u), Some(g)) => Some((u, g)),
-        (None, None) => None,
-        _ => return Err("--uid and --gid go together".into()),
-    };
-    Ok(Args {
-        user,
+    Ok(Parsed::Now(Args {
+        user: ids(uid, gid)?,
         deny,
         allow,
         program,
         args: it.collect(),
-    })
+        env: vec![],
+        stdin: None,
+    }))
+}
+
+fn ids(uid: Option<u32>, gid: Option<u32>) -> Result<Option<(u32, u32)>, String> {
+    match (uid, gid) {
+        (Some(u), Some(g)) => Ok(Some((u, g))),
+        (None, None) => Ok(None),
+        _ => Err("--uid and --gid go together".into()),
+    }
+}
+
+/// Waits for the task's launch on stdin (read unbuffered: what follows it is the agent's),
+/// enters its directory (before the user changes, as the runner's `current_dir` did) and
+/// completes `args` with it; the agent's stdin is /dev/null when the launch says so (opened
+/// now, before the sandbox).
+fn wait_for_launch(mut args: Args) -> Result<Args, String> {
+    use std::os::fd::AsFd;
+    let mut stdin = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .map_err(|e| format!("cannot read stdin: {e}"))?;
+    let launch = tunnel_runner::confine::Launch::read_from(&mut stdin)
+        .map_err(|e| format!("no launch on stdin: {e}"))?;
+    drop(stdin);
+    std::env::set_current_dir(&launch.dir)
+        .map_err(|e| format!("cannot enter {}: {e}", launch.dir.display()))?;
+    if launch.stdin_null {
+        args.stdin = Some(std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?);
+    }
+    args.allow.extend(launch.allow);
+    args.program = launch.program.into();
+    args.args = launch.args.into_iter().map(OsString::from).collect();
+    args.env = launch.env;
+    Ok(args)
 }
 
 /// Runs the wrapper (`argv` after the subcommand); returns only if it fails: the runner then
 /// sees the agent fail with this message, and nothing ran unconfined.
 pub(crate) fn main(argv: Vec<OsString>) -> ExitCode {
-    let args = match parse(argv) {
+    let parsed = parse(argv).and_then(|p| match p {
+        Parsed::Now(a) => Ok(a),
+        Parsed::Waiting(a) => wait_for_launch(a),
+    });
+    let mut args = match parsed {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tunnel sandbox: {e}");
@@ -124,9 +192,12 @@ pub(crate) fn main(argv: Vec<OsString>) -> ExitCode {
         return ExitCode::from(126);
     }
     use std::os::unix::process::CommandExt;
-    let e = std::process::Command::new(&args.program)
-        .args(&args.args)
-        .exec();
+    let mut cmd = std::process::Command::new(&args.program);
+    cmd.args(&args.args).envs(std::mem::take(&mut args.env));
+    if let Some(null) = args.stdin.take() {
+        cmd.stdin(null);
+    }
+    let e = cmd.exec();
     eprintln!("tunnel sandbox: cannot start {:?}: {e}", args.program);
     ExitCode::from(127)
 }
@@ -324,5 +395,38 @@ mod imp {
             }
             assert!(!has(Rule::List(root.join("data"))), "{rules:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_wrapper_started_ahead_takes_the_rest_from_stdin() {
+        let Ok(Parsed::Waiting(a)) = parse(args(&[
+            "--uid",
+            "5",
+            "--gid",
+            "6",
+            "--deny",
+            "/d",
+            tunnel_runner::confine::LAUNCH_ON_STDIN,
+        ])) else {
+            panic!("not waiting");
+        };
+        assert_eq!((a.user, a.deny), (Some((5, 6)), vec![PathBuf::from("/d")]));
+        assert!(
+            parse(args(&[tunnel_runner::confine::LAUNCH_ON_STDIN, "prog"])).is_err(),
+            "nothing after the flag"
+        );
+        let Ok(Parsed::Now(a)) = parse(args(&["--deny", "/d", "--", "prog", "x"])) else {
+            panic!("not now");
+        };
+        assert_eq!((a.program, a.args), ("prog".into(), args(&["x"])));
     }
 }

@@ -535,3 +535,92 @@ fn a_prompt_in_an_option_position_is_refused_at_config_load() {
         }
     }
 }
+
+/// The runner starts the next task's agent process ahead (in its cell, inside the sandbox
+/// wrapper, waiting for the task on its stdin). Such an agent runs as one started for its
+/// task: in its project, its prompt on stdin, its own `env`, the cell's marker, a temporary
+/// directory of its own, in the task's cgroup when there is one, tunnel's files closed. Two
+/// tasks in a row: the first takes the process made at start, the second the one made after.
+#[test]
+fn an_agent_started_ahead_of_its_task_runs_as_one_started_for_it() {
+    let home = Home::new();
+    let probe = home.path().join("probe.sh");
+    std::fs::write(
+        &probe,
+        format!(
+            r#"#!/bin/sh
+echo "pwd=$(pwd -P)"
+echo "stdin=$(cat)"
+echo "env=$PROBE_ENV mark=${{TUNNEL_TASK_MARK:+set}}"
+touch "$TMPDIR/x" && echo "tmp=$TMPDIR"
+grep '^0::' /proc/self/cgroup
+cat "{}" >/dev/null 2>&1 && echo config-open || echo config-closed
+"#,
+            home.config().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let proj = home.path().join("proj");
+    std::fs::write(
+        home.config(),
+        format!(
+            "[runner.projects]\nproj = \"{}\"\n[runner.agents.probe]\nprogram = \"{}\"\ncommand = []\nenv = {{ PROBE_ENV = \"its-own\" }}\n",
+            proj.display(),
+            probe.display()
+        ),
+    )
+    .unwrap();
+    home.hand_over();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _up = home.start(&["up", "--port", &port.to_string()], &[]);
+    wait_healthy(&url, &home);
+    let admin = home.admin_token();
+    let proj = proj.canonicalize().unwrap();
+    for i in 0..2 {
+        let out = Command::new(BIN)
+            .args([
+                "submit",
+                "--server",
+                &url,
+                "--token",
+                &admin,
+                "--agent",
+                "probe",
+                "--queue-anyway",
+                "--project",
+                "proj",
+                "--timeout",
+                "60",
+                "--watch",
+            ])
+            .arg(format!("prompt {i}"))
+            .env_remove("TUNNEL_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        let expect = [
+            format!("pwd={}", proj.display()),
+            format!("stdin=prompt {i}"),
+            "env=its-own mark=set".to_owned(),
+        ];
+        for e in &expect {
+            assert!(
+                answer.contains(e.as_str()),
+                "task {i}: {e:?} in {answer}\n{}",
+                home.log()
+            );
+        }
+        if landlock_here() {
+            assert!(answer.contains("tmp=/"), "task {i}: {answer}");
+            assert!(answer.contains("config-closed"), "task {i}: {answer}");
+        }
+        if home.log().contains("containment=cgroup v2") {
+            assert!(answer.contains("/tunnel-task-"), "task {i}: {answer}");
+        }
+        assert!(out.status.success(), "task {i}: {answer}");
+    }
+}
