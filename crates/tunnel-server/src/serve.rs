@@ -170,7 +170,11 @@ impl Conn {
         self.served.store(true, Ordering::SeqCst);
         if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.wake.notify_one();
-            let waker = self.read_waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let waker = self
+                .read_waker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             if let Some(w) = waker {
                 w.wake();
             }
@@ -533,9 +537,8 @@ async fn connection(
                 front.buf.shrink_to_fit();
                 state.request_started();
                 let guard = InFlight(state.clone());
-                let mut call: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(
-                    tower_service::Service::call(&mut router.clone(), req),
-                );
+                let mut call: Pin<Box<dyn Future<Output = _> + Send>> =
+                    Box::pin(tower_service::Service::call(&mut router.clone(), req));
                 let res = tokio::select! {
                     res = &mut call => res,
                     () = client_left(&mut front) => {
@@ -644,8 +647,10 @@ async fn session(
     if front.framed.is_none() {
         // Upgrades: `/acp`'s WebSocket. An upgraded connection leaves this loop (and the cap)
         // once its 101 is written; `/acp` bounds those itself.
-        let mut conn =
-            Box::pin(http.serve_connection(TokioIo::new(front), service).with_upgrades());
+        let mut conn = Box::pin(
+            http.serve_connection(TokioIo::new(front), service)
+                .with_upgrades(),
+        );
         drive(conn.as_mut(), &state, &stats, shutdown, limits).await;
         return None;
     }
