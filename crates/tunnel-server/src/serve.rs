@@ -3,8 +3,11 @@
 //! `axum::serve` would do, but it serves every connection through hyper-util's HTTP/1-or-2
 //! builder with hyper's default buffers. A parked long-poll is an idle connection that lives
 //! for up to a minute, and 10,000 of them are a normal load, so what one connection costs
-//! matters: here each is a plain HTTP/1 connection (tunnel speaks nothing else) and its
-//! future stays small (docs/BENCHMARKS.md has the measurements).
+//! matters: here each is a plain HTTP/1 connection (tunnel speaks nothing else), and a parked
+//! long-poll holds no hyper connection at all: the connection's task reads each request head
+//! itself (`connection`, `classify`), parks the long-polls itself and gives every other
+//! request, and every answer, to a hyper connection made for that one request (`Front`).
+//! docs/BENCHMARKS.md has the measurements.
 //!
 //! The server sits on the internet, so a connection must not cost anything for long unless it
 //! is doing something (docs/RELIABILITY.md, "Hostile load"):
