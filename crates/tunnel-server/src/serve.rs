@@ -385,6 +385,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// The largest body of a long-poll the front parks itself (a claim's is a few hundred bytes).
 const MAX_PARKED_BODY: usize = 64 * 1024;
+/// The most the front reads from the socket at once.
+const READ_CHUNK: usize = 4096;
 /// Bytes the front keeps of what a client sends while its request is in flight (pipelined
 /// requests); past this it stops reading until the answer is written.
 const MAX_AHEAD: usize = 64 * 1024;
@@ -417,9 +419,13 @@ fn parks(method: &str, path: &str) -> bool {
 
 /// What the next request is; `None` while its head is incomplete.
 fn classify(buf: &[u8]) -> Option<Next> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head = match req.parse(buf) {
+    if buf.is_empty() {
+        return None;
+    }
+    // Uninitialized: this runs for every request, and 64 empty headers are 2 KiB to write.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return None,
         _ => return Some(Next::Opaque),
@@ -471,9 +477,12 @@ fn classify(buf: &[u8]) -> Option<Next> {
 /// The request of a `Next::Park` (`buf` is its head and body), as hyper would have made it;
 /// `None` if the front does not build it itself (hyper then serves it).
 fn build_request(buf: &[u8], head: usize) -> Option<hyper::Request<Body>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(&buf[..head]), Ok(httparse::Status::Complete(_))) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    if !matches!(
+        req.parse_with_uninit_headers(&buf[..head], &mut headers),
+        Ok(httparse::Status::Complete(_))
+    ) {
         return None;
     }
     let method = axum::http::Method::from_bytes(req.method?.as_bytes()).ok()?;
@@ -520,8 +529,10 @@ async fn connection(
     limits: &ConnectionLimits,
 ) {
     let state = front.conn.clone();
+    // The idle or header deadline; boxed and only while idle: a parked poll holds no timer.
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
     loop {
-        let Some(next) = next_request(&mut front, shutdown, limits).await else {
+        let Some(next) = next_request(&mut front, &mut timer, shutdown, limits).await else {
             return;
         };
         let mut ready = None;
@@ -529,7 +540,7 @@ async fn connection(
             Next::Park { head, len, close } => {
                 let Some(req) = build_request(&front.buf[..len], head) else {
                     front.framed = Some(len);
-                    match session(front, http, router, None, shutdown, limits).await {
+                    match session(front, &mut timer, http, router, None, shutdown, limits).await {
                         Some(f) => front = f,
                         None => return,
                     }
@@ -562,7 +573,7 @@ async fn connection(
             Next::Framed(len) => front.framed = Some(len),
             Next::Opaque => front.framed = None,
         }
-        match session(front, http, router, ready, shutdown, limits).await {
+        match session(front, &mut timer, http, router, ready, shutdown, limits).await {
             Some(f) => front = f,
             None => return,
         }
@@ -574,11 +585,11 @@ async fn connection(
 /// head too slowly past a timeout, it was evicted for room, or the server shuts down.
 async fn next_request(
     front: &mut Front,
+    timer: &mut Option<Pin<Box<Sleep>>>,
     shutdown: &CancellationToken,
     limits: &ConnectionLimits,
 ) -> Option<Next> {
     let state = front.conn.clone();
-    let mut timer: Option<Pin<Box<Sleep>>> = None;
     loop {
         if shutdown.is_cancelled() || state.evicted.load(Ordering::SeqCst) {
             return None;
@@ -589,10 +600,10 @@ async fn next_request(
             None => {}
         }
         let woken = state.wake.notified();
-        match (state.deadline(limits), &mut timer) {
+        match (state.deadline(limits), &mut *timer) {
             (Some(at), Some(t)) => t.as_mut().reset(at),
-            (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            (None, _) => timer = None,
+            (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => *timer = None,
         }
         tokio::select! {
             read = std::future::poll_fn(|cx| front.fill(cx, MAX_HEAD + MAX_PARKED_BODY)) => {
@@ -603,7 +614,7 @@ async fn next_request(
             }
             _ = shutdown.cancelled() => return None,
             _ = woken => {}
-            _ = idle_deadline(&mut timer) => {
+            _ = idle_deadline(timer) => {
                 // Still idle past its deadline (a request may have started meanwhile).
                 if state.deadline(limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
                     front.stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -634,6 +645,7 @@ async fn client_left(front: &mut Front) {
 /// written and the connection is to stay open; `None` when it closed.
 async fn session(
     front: Front,
+    timer: &mut Option<Pin<Box<Sleep>>>,
     http: &hyper::server::conn::http1::Builder,
     router: &Router,
     ready: Option<hyper::Response<Body>>,
@@ -654,11 +666,11 @@ async fn session(
             http.serve_connection(TokioIo::new(front), service)
                 .with_upgrades(),
         );
-        drive(conn.as_mut(), &state, &stats, shutdown, limits).await;
+        drive(conn.as_mut(), timer, &state, &stats, shutdown, limits).await;
         return None;
     }
     let mut conn = Box::pin(http.serve_connection(TokioIo::new(front), service));
-    if !drive(conn.as_mut(), &state, &stats, shutdown, limits).await {
+    if !drive(conn.as_mut(), timer, &state, &stats, shutdown, limits).await {
         return None;
     }
     let parts = Pin::into_inner(conn).into_parts();
@@ -708,19 +720,18 @@ where
 /// (false: timed out, evicted, or finished for the server's shutdown).
 async fn drive<C: Graceful>(
     mut conn: Pin<&mut C>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
     state: &Arc<Conn>,
     stats: &ConnectionStats,
     shutdown: &CancellationToken,
     limits: &ConnectionLimits,
 ) -> bool {
-    // Boxed and only while idle: a request in flight holds no timer.
-    let mut timer: Option<Pin<Box<Sleep>>> = None;
     loop {
         let woken = state.wake.notified();
-        match (state.deadline(limits), &mut timer) {
+        match (state.deadline(limits), &mut *timer) {
             (Some(at), Some(t)) => t.as_mut().reset(at),
-            (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            (None, _) => timer = None,
+            (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => *timer = None,
         }
         tokio::select! {
             _ = conn.as_mut() => return true,
@@ -735,7 +746,7 @@ async fn drive<C: Graceful>(
                     return false;
                 }
             }
-            _ = idle_deadline(&mut timer) => {
+            _ = idle_deadline(timer) => {
                 // Still idle past its deadline (a request may have started meanwhile).
                 if state.deadline(limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
                     stats.timed_out.fetch_add(1, Ordering::Relaxed);
@@ -800,20 +811,31 @@ impl Front {
     /// Reads what the socket has into `buf`, up to `cap` bytes in all; the count (0: the
     /// client closed).
     fn fill(&mut self, cx: &mut Context<'_>, cap: usize) -> Poll<io::Result<usize>> {
-        let mut chunk = [0u8; 4096];
-        let room = cap.saturating_sub(self.buf.len()).min(chunk.len());
+        use bytes::BufMut;
+        let room = cap.saturating_sub(self.buf.len()).min(READ_CHUNK);
         if room == 0 {
             // Full: the caller is woken by other means (`Conn::read_waker`).
             return Poll::Pending;
         }
-        let mut rb = ReadBuf::new(&mut chunk[..room]);
-        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        if n > 0 {
-            self.buf.extend_from_slice(rb.filled());
-            self.conn.bytes_read();
+        loop {
+            // Readiness first: a parked poll holds no buffer until its client sends something.
+            ready!(self.inner.poll_read_ready(cx))?;
+            self.buf.reserve(room);
+            match self.inner.try_read_buf(&mut (&mut self.buf).limit(room)) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.conn.bytes_read();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        self.buf = Vec::new();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
-        Poll::Ready(Ok(n))
     }
 
     fn write_with<T>(
