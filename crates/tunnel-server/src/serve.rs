@@ -666,11 +666,14 @@ async fn session(
             http.serve_connection(TokioIo::new(front), service)
                 .with_upgrades(),
         );
-        drive(conn.as_mut(), timer, &state, &stats, shutdown, limits).await;
+        drive(conn.as_mut(), timer, &state, &stats, Some(shutdown), limits).await;
         return None;
     }
     let mut conn = Box::pin(http.serve_connection(TokioIo::new(front), service));
-    if !drive(conn.as_mut(), timer, &state, &stats, shutdown, limits).await {
+    // Not asked to finish at shutdown: it is finishing its one request already, and hyper
+    // would close one that has not read its request yet without an answer. The front then
+    // closes the connection (`next_request`).
+    if !drive(conn.as_mut(), timer, &state, &stats, None, limits).await {
         return None;
     }
     let parts = Pin::into_inner(conn).into_parts();
@@ -717,13 +720,13 @@ where
 }
 
 /// Runs a hyper connection under the connection's limits; true when it ended by itself
-/// (false: timed out, evicted, or finished for the server's shutdown).
+/// (false: timed out, evicted, or finished for the server's shutdown, if `shutdown`).
 async fn drive<C: Graceful>(
     mut conn: Pin<&mut C>,
     timer: &mut Option<Pin<Box<Sleep>>>,
     state: &Arc<Conn>,
     stats: &ConnectionStats,
-    shutdown: &CancellationToken,
+    shutdown: Option<&CancellationToken>,
     limits: &ConnectionLimits,
 ) -> bool {
     loop {
@@ -735,7 +738,7 @@ async fn drive<C: Graceful>(
         }
         tokio::select! {
             _ = conn.as_mut() => return true,
-            _ = shutdown.cancelled() => {
+            () = cancelled(shutdown) => {
                 // Finish the request in flight, then close.
                 conn.as_mut().graceful();
                 let _ = conn.as_mut().await;
@@ -754,6 +757,14 @@ async fn drive<C: Graceful>(
                 }
             }
         }
+    }
+}
+
+/// Resolves when `shutdown` is cancelled; never without one.
+async fn cancelled(shutdown: Option<&CancellationToken>) {
+    match shutdown {
+        Some(s) => s.cancelled().await,
+        None => std::future::pending().await,
     }
 }
 
