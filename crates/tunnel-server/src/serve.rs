@@ -3,8 +3,11 @@
 //! `axum::serve` would do, but it serves every connection through hyper-util's HTTP/1-or-2
 //! builder with hyper's default buffers. A parked long-poll is an idle connection that lives
 //! for up to a minute, and 10,000 of them are a normal load, so what one connection costs
-//! matters: here each is a plain HTTP/1 connection (tunnel speaks nothing else) and its
-//! future stays small (docs/BENCHMARKS.md has the measurements).
+//! matters: here each is a plain HTTP/1 connection (tunnel speaks nothing else), and a parked
+//! long-poll holds no hyper connection at all: the connection's task reads each request head
+//! itself (`connection`, `classify`), parks the long-polls itself and gives every other
+//! request, and every answer, to a hyper connection made for that one request (`Front`).
+//! docs/BENCHMARKS.md has the measurements.
 //!
 //! The server sits on the internet, so a connection must not cost anything for long unless it
 //! is doing something (docs/RELIABILITY.md, "Hostile load"):
@@ -23,7 +26,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -128,6 +131,8 @@ struct Conn {
     evicted: AtomicBool,
     /// Wakes the connection's task to look at the state again.
     wake: Notify,
+    /// hyper's read, waiting for its request's answer to be written (`Front::poll_read`).
+    read_waker: Mutex<Option<Waker>>,
 }
 
 impl Conn {
@@ -168,6 +173,21 @@ impl Conn {
         self.served.store(true, Ordering::SeqCst);
         if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.wake.notify_one();
+            let waker = self
+                .read_waker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
+    fn set_read_waker(&self, waker: &Waker) {
+        let mut w = self.read_waker.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *w = Some(waker.clone());
         }
     }
 
@@ -211,6 +231,7 @@ impl Registry {
             served: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             wake: Notify::new(),
+            read_waker: Mutex::new(None),
         });
         self.lock().insert(id, conn.clone());
         Registered {
@@ -335,58 +356,18 @@ pub(crate) async fn serve(
         );
         connections.spawn(async move {
             stats.open.fetch_add(1, Ordering::Relaxed);
-            let state = registered.conn.clone();
-            let io = TokioIo::new(Guarded {
+            let front = Front {
                 inner: stream,
-                conn: state.clone(),
+                conn: registered.conn.clone(),
                 stats: stats.clone(),
                 write_timeout: limits.write_timeout,
                 stalled: None,
-            });
-            let service = Tracked {
-                router,
-                conn: state.clone(),
+                buf: Vec::new(),
+                framed: None,
+                handed_back: false,
             };
-            // Upgrades: `/acp`'s WebSocket. An upgraded connection leaves this loop (and the
-            // cap) once its 101 is written; `/acp` bounds those itself.
-            let conn = http.serve_connection(io, service).with_upgrades();
-            tokio::pin!(conn);
-            let mut graceful = false;
-            // Boxed and only while idle: a parked long-poll holds no timer.
-            let mut timer: Option<Pin<Box<Sleep>>> = None;
-            loop {
-                let woken = state.wake.notified();
-                match (state.deadline(&limits), &mut timer) {
-                    (Some(at), Some(t)) => t.as_mut().reset(at),
-                    (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at))),
-                    (None, _) => timer = None,
-                }
-                tokio::select! {
-                    _ = conn.as_mut() => break,
-                    _ = shutdown.cancelled() => {
-                        graceful = true;
-                        break;
-                    }
-                    _ = woken => {
-                        if state.evicted.load(Ordering::SeqCst) {
-                            break;
-                        }
-                    }
-                    _ = idle_deadline(&mut timer) => {
-                        // Still idle past its deadline (a request may have started meanwhile).
-                        if state.deadline(&limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
-                            stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
-            }
-            if graceful {
-                // Finish the request in flight, then close.
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-            // Leaving the loop otherwise drops the connection: its socket closes.
+            connection(front, &http, &router, &shutdown, &limits).await;
+            // Its socket is closed (dropped) by now.
             drop(registered);
             stats.open.fetch_sub(1, Ordering::Relaxed);
         });
@@ -395,6 +376,396 @@ pub(crate) async fn serve(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// The largest request head the front reads itself; a longer one goes to hyper (which has
+/// its own limits and answers).
+const MAX_HEAD: usize = 16 * 1024;
+/// The headers the front parses; a request with more goes to hyper.
+const MAX_HEADERS: usize = 64;
+/// The largest body of a long-poll the front parks itself (a claim's is a few hundred bytes).
+const MAX_PARKED_BODY: usize = 64 * 1024;
+/// The most the front reads from the socket at once.
+const READ_CHUNK: usize = 4096;
+/// Bytes the front keeps of what a client sends while its request is in flight (pipelined
+/// requests); past this it stops reading until the answer is written.
+const MAX_AHEAD: usize = 64 * 1024;
+
+/// The request at the head of a connection's unread bytes, as the front sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// A long-poll whose wait needs no hyper connection: its head is the first `head` bytes,
+    /// head and body the first `len`.
+    Park {
+        head: usize,
+        len: usize,
+        close: bool,
+    },
+    /// hyper serves it, and only it: its head and body are the next `len` bytes.
+    Framed(usize),
+    /// hyper serves the rest of the connection (a chunked body, an upgrade, `expect`, a head
+    /// the front does not take apart itself: anything unusual).
+    Opaque,
+}
+
+/// Whether the route parks: the two long-polls, answered once a task comes or the wait ends.
+fn parks(method: &str, path: &str) -> bool {
+    let is = |route: &str| {
+        path.strip_prefix(route)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
+    };
+    (method == "POST" && is("/v1/claim")) || (method == "GET" && is("/worker/poll"))
+}
+
+/// What the next request is; `None` while its head is incomplete.
+fn classify(buf: &[u8]) -> Option<Next> {
+    if buf.is_empty() {
+        return None;
+    }
+    // Uninitialized: this runs for every request, and 64 empty headers are 2 KiB to write.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return None,
+        _ => return Some(Next::Opaque),
+    };
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Some(Next::Opaque);
+    };
+    if method == "CONNECT" {
+        return Some(Next::Opaque);
+    }
+    let mut length: Option<usize> = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            return Some(Next::Opaque);
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            let v = h.value.trim_ascii();
+            if length.is_some() || v.is_empty() || !v.iter().all(u8::is_ascii_digit) || v.len() > 15
+            {
+                return Some(Next::Opaque);
+            }
+            length = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok());
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Some(Next::Opaque);
+                }
+                close |= token.eq_ignore_ascii_case(b"close");
+            }
+        }
+    }
+    let body = length.unwrap_or(0);
+    let Some(len) = head.checked_add(body) else {
+        return Some(Next::Opaque);
+    };
+    if version == 1 && head <= MAX_HEAD && body <= MAX_PARKED_BODY && parks(method, path) {
+        Some(Next::Park { head, len, close })
+    } else {
+        Some(Next::Framed(len))
+    }
+}
+
+/// The request of a `Next::Park` (`buf` is its head and body), as hyper would have made it;
+/// `None` if the front does not build it itself (hyper then serves it).
+fn build_request(buf: &[u8], head: usize) -> Option<hyper::Request<Body>> {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    if !matches!(
+        req.parse_with_uninit_headers(&buf[..head], &mut headers),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return None;
+    }
+    let method = axum::http::Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let uri: axum::http::Uri = req.path?.parse().ok()?;
+    let mut map = axum::http::HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        map.append(
+            axum::http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            axum::http::HeaderValue::from_bytes(h.value).ok()?,
+        );
+    }
+    let body = &buf[head..];
+    let body = if body.is_empty() {
+        Body::empty()
+    } else {
+        Body::from(axum::body::Bytes::copy_from_slice(body))
+    };
+    let mut request = hyper::Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = axum::http::Version::HTTP_11;
+    *request.headers_mut() = map;
+    Some(request)
+}
+
+/// What hyper reads in place of a parked long-poll's request to write its answer: any request
+/// (the answer is made already), keeping the client's `connection: close`.
+const REPLAY: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+const REPLAY_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n";
+
+/// Serves one connection until it closes.
+///
+/// A request is read by the front (`next_request`) first. A long-poll (`Next::Park`) is
+/// handed to the router by the front itself and waits holding only the socket and the
+/// handler's future: a hyper connection costs two 8 KiB buffers, 10,000 parked polls 160 MiB
+/// (docs/BENCHMARKS.md). Every answer, the long-poll's included, is written by hyper: a hyper
+/// connection serves one request at a time (the front gives it exactly that request's bytes)
+/// and gives the socket back after its answer (`Front::handed_back`).
+async fn connection(
+    mut front: Front,
+    http: &hyper::server::conn::http1::Builder,
+    router: &Router,
+    shutdown: &CancellationToken,
+    limits: &ConnectionLimits,
+) {
+    let state = front.conn.clone();
+    // The idle or header deadline; boxed and only while idle: a parked poll holds no timer.
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        let Some(next) = next_request(&mut front, &mut timer, shutdown, limits).await else {
+            return;
+        };
+        let mut ready = None;
+        match next {
+            Next::Park { head, len, close } => {
+                let Some(req) = build_request(&front.buf[..len], head) else {
+                    front.framed = Some(len);
+                    match session(front, &mut timer, http, router, None, shutdown, limits).await {
+                        Some(f) => front = f,
+                        None => return,
+                    }
+                    continue;
+                };
+                front.buf.drain(..len);
+                // Nothing of the request is needed while it waits.
+                front.buf.shrink_to_fit();
+                state.request_started();
+                let guard = InFlight(state.clone());
+                let mut call: Pin<Box<dyn Future<Output = _> + Send>> =
+                    Box::pin(tower_service::Service::call(&mut router.clone(), req));
+                let res = tokio::select! {
+                    res = &mut call => res,
+                    () = client_left(&mut front) => {
+                        // The handler's future is dropped: what it holds (an offer) goes back.
+                        return;
+                    }
+                };
+                drop(call);
+                let res = match res {
+                    Ok(res) => res,
+                    Err(never) => match never {},
+                };
+                ready = Some(res.map(|body| Body::new(TrackedBody { body, guard })));
+                let replay = if close { REPLAY_CLOSE } else { REPLAY };
+                front.buf.splice(0..0, replay.iter().copied());
+                front.framed = Some(replay.len());
+            }
+            Next::Framed(len) => front.framed = Some(len),
+            Next::Opaque => front.framed = None,
+        }
+        match session(front, &mut timer, http, router, ready, shutdown, limits).await {
+            Some(f) => front = f,
+            None => return,
+        }
+    }
+}
+
+/// Reads until the next request's head (and a parked long-poll's body) is in `front.buf`;
+/// `None` when the connection is to close: the client closed it, it stayed idle or sent its
+/// head too slowly past a timeout, it was evicted for room, or the server shuts down.
+async fn next_request(
+    front: &mut Front,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    shutdown: &CancellationToken,
+    limits: &ConnectionLimits,
+) -> Option<Next> {
+    let state = front.conn.clone();
+    loop {
+        if shutdown.is_cancelled() || state.evicted.load(Ordering::SeqCst) {
+            return None;
+        }
+        match classify(&front.buf) {
+            Some(Next::Park { len, .. }) if front.buf.len() < len => {}
+            Some(next) => return Some(next),
+            None => {}
+        }
+        let woken = state.wake.notified();
+        match (state.deadline(limits), &mut *timer) {
+            (Some(at), Some(t)) => t.as_mut().reset(at),
+            (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => *timer = None,
+        }
+        tokio::select! {
+            read = std::future::poll_fn(|cx| front.fill(cx, MAX_HEAD + MAX_PARKED_BODY)) => {
+                match read {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+            _ = shutdown.cancelled() => return None,
+            _ = woken => {}
+            _ = idle_deadline(timer) => {
+                // Still idle past its deadline (a request may have started meanwhile).
+                if state.deadline(limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    front.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the client closes its side of the connection (or it fails) while its
+/// request waits: hyper notices the same (without `half_close`) and drops the handler.
+/// What the client sends meanwhile is kept, up to `MAX_AHEAD`.
+async fn client_left(front: &mut Front) {
+    loop {
+        if front.buf.len() >= MAX_AHEAD {
+            return std::future::pending().await;
+        }
+        match std::future::poll_fn(|cx| front.fill(cx, MAX_AHEAD)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A hyper connection over `front` for the request at its head (`front.framed`), `ready`
+/// being its answer when the front made it already. Gives the socket back once the answer is
+/// written and the connection is to stay open; `None` when it closed.
+async fn session(
+    front: Front,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    http: &hyper::server::conn::http1::Builder,
+    router: &Router,
+    ready: Option<hyper::Response<Body>>,
+    shutdown: &CancellationToken,
+    limits: &ConnectionLimits,
+) -> Option<Front> {
+    let state = front.conn.clone();
+    let stats = front.stats.clone();
+    let service = Tracked {
+        router: router.clone(),
+        conn: state.clone(),
+        ready: Mutex::new(ready),
+    };
+    if front.framed.is_none() {
+        // Upgrades: `/acp`'s WebSocket. An upgraded connection leaves this loop (and the cap)
+        // once its 101 is written; `/acp` bounds those itself.
+        let mut conn = Box::pin(
+            http.serve_connection(TokioIo::new(front), service)
+                .with_upgrades(),
+        );
+        drive(conn.as_mut(), timer, &state, &stats, Some(shutdown), limits).await;
+        return None;
+    }
+    let mut conn = Box::pin(http.serve_connection(TokioIo::new(front), service));
+    // Not asked to finish at shutdown: it is finishing its one request already, and hyper
+    // would close one that has not read its request yet without an answer. The front then
+    // closes the connection (`next_request`).
+    if !drive(conn.as_mut(), timer, &state, &stats, None, limits).await {
+        return None;
+    }
+    let parts = Pin::into_inner(conn).into_parts();
+    let mut front = parts.io.into_inner();
+    if !front.handed_back {
+        return None;
+    }
+    front.handed_back = false;
+    front.framed = None;
+    if !parts.read_buf.is_empty() {
+        // Never expected: hyper is only ever given one request's bytes.
+        front.buf.splice(0..0, parts.read_buf.iter().copied());
+    }
+    Some(front)
+}
+
+/// A hyper connection that can be asked to finish.
+trait Graceful: Future {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<S> Graceful for hyper::server::conn::http1::Connection<TokioIo<Front>, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<S> Graceful for hyper::server::conn::http1::UpgradeableConnection<TokioIo<Front>, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a hyper connection under the connection's limits; true when it ended by itself
+/// (false: timed out, evicted, or finished for the server's shutdown, if `shutdown`).
+async fn drive<C: Graceful>(
+    mut conn: Pin<&mut C>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    state: &Arc<Conn>,
+    stats: &ConnectionStats,
+    shutdown: Option<&CancellationToken>,
+    limits: &ConnectionLimits,
+) -> bool {
+    loop {
+        let woken = state.wake.notified();
+        match (state.deadline(limits), &mut *timer) {
+            (Some(at), Some(t)) => t.as_mut().reset(at),
+            (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => *timer = None,
+        }
+        tokio::select! {
+            _ = conn.as_mut() => return true,
+            () = cancelled(shutdown) => {
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful();
+                let _ = conn.as_mut().await;
+                return false;
+            }
+            _ = woken => {
+                if state.evicted.load(Ordering::SeqCst) {
+                    return false;
+                }
+            }
+            _ = idle_deadline(timer) => {
+                // Still idle past its deadline (a request may have started meanwhile).
+                if state.deadline(limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when `shutdown` is cancelled; never without one.
+async fn cancelled(shutdown: Option<&CancellationToken>) {
+    match shutdown {
+        Some(s) => s.cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the idle deadline passes; never without one.
@@ -427,17 +798,57 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// The socket, with the write timeout and the start of request heads noted.
-struct Guarded {
+/// The socket and what was read from it ahead of a parser, with the write timeout and the
+/// start of request heads noted. It is hyper's IO too: hyper reads only the bytes of the
+/// request it serves (`framed`), and an end of file once that is answered, which ends the
+/// hyper connection and gives the socket back (`handed_back`).
+struct Front {
     inner: TcpStream,
     conn: Arc<Conn>,
     stats: Arc<ConnectionStats>,
     write_timeout: Duration,
     /// Armed while a write waits for the peer to read; reset by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Read from the socket, not yet given to hyper or parsed.
+    buf: Vec<u8>,
+    /// Bytes of its one request hyper has still to read; `None`: hyper has the connection
+    /// for good (`Next::Opaque`).
+    framed: Option<usize>,
+    /// hyper was told the connection ended after its answer; it is not to be shut down.
+    handed_back: bool,
 }
 
-impl Guarded {
+impl Front {
+    /// Reads what the socket has into `buf`, up to `cap` bytes in all; the count (0: the
+    /// client closed).
+    fn fill(&mut self, cx: &mut Context<'_>, cap: usize) -> Poll<io::Result<usize>> {
+        use bytes::BufMut;
+        let room = cap.saturating_sub(self.buf.len()).min(READ_CHUNK);
+        if room == 0 {
+            // Full: the caller is woken by other means (`Conn::read_waker`).
+            return Poll::Pending;
+        }
+        loop {
+            // Readiness first: a parked poll holds no buffer until its client sends something.
+            ready!(self.inner.poll_read_ready(cx))?;
+            self.buf.reserve(room);
+            match self.inner.try_read_buf(&mut (&mut self.buf).limit(room)) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.conn.bytes_read();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        self.buf = Vec::new();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
     fn write_with<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -462,25 +873,74 @@ impl Guarded {
             }
         }
     }
-}
 
-impl AsyncRead for Guarded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.conn.bytes_read();
+    /// Gives hyper the front of `buf`, at most `max` bytes.
+    fn give(&mut self, out: &mut ReadBuf<'_>, max: usize) -> usize {
+        let n = self.buf.len().min(out.remaining()).min(max);
+        out.put_slice(&self.buf[..n]);
+        self.buf.drain(..n);
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = Vec::new();
         }
-        r
+        n
     }
 }
 
-impl AsyncWrite for Guarded {
+impl AsyncRead for Front {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.framed {
+            None => {
+                if !this.buf.is_empty() {
+                    this.give(out, usize::MAX);
+                    return Poll::Ready(Ok(()));
+                }
+                let before = out.filled().len();
+                let r = Pin::new(&mut this.inner).poll_read(cx, out);
+                if matches!(r, Poll::Ready(Ok(()))) && out.filled().len() > before {
+                    this.conn.bytes_read();
+                }
+                r
+            }
+            Some(0) => {
+                if this.conn.busy.load(Ordering::SeqCst) == 0 {
+                    // Answered: an end of file ends this hyper connection, the socket comes
+                    // back to the front for the next request.
+                    this.handed_back = true;
+                    return Poll::Ready(Ok(()));
+                }
+                // In flight (hyper looks for the client leaving): what comes is the next
+                // request's, kept here; an end of file is the client leaving.
+                this.conn.set_read_waker(cx.waker());
+                loop {
+                    match ready!(this.fill(cx, MAX_AHEAD)) {
+                        Ok(0) => return Poll::Ready(Ok(())),
+                        Ok(_) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+            Some(left) => {
+                if this.buf.is_empty() {
+                    match ready!(this.fill(cx, left.min(MAX_AHEAD))) {
+                        Ok(0) => return Poll::Ready(Ok(())),
+                        Ok(_) => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                let n = this.give(out, left);
+                this.framed = Some(left - n);
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Front {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -507,15 +967,23 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().write_with(cx, |s, cx| s.poll_shutdown(cx))
+        let this = self.get_mut();
+        if this.handed_back {
+            // hyper flushed its answer (`Buffered::poll_shutdown` flushes first); the
+            // connection stays open for the front.
+            return Poll::Ready(Ok(()));
+        }
+        this.write_with(cx, |s, cx| s.poll_shutdown(cx))
     }
 }
 
 /// The router, with each request counted as in flight until its answer's body is written.
-#[derive(Clone)]
 struct Tracked {
     router: Router,
     conn: Arc<Conn>,
+    /// The answer to the first request, made already (a parked long-poll's; hyper reads
+    /// `REPLAY` for its request).
+    ready: Mutex<Option<hyper::Response<Body>>>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
@@ -524,6 +992,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(res) = ready {
+            // Counted in flight since the front took the request.
+            return Box::pin(std::future::ready(Ok(res)));
+        }
         self.conn.request_started();
         let guard = InFlight(self.conn.clone());
         let mut router = self.router.clone();

@@ -244,3 +244,161 @@ async fn a_task_claimed_for_a_poll_that_hangs_up_is_offered_again() {
         s.run_to_success(&offer, "done").await;
     }
 }
+
+/// One HTTP/1.1 answer read off a raw connection: its head (status line and headers, as
+/// sent) and body. `leftover` keeps what came after it.
+async fn raw_answer(c: &mut tokio::net::TcpStream, leftover: &mut Vec<u8>) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = leftover.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        leftover.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8(leftover[..head_end].to_vec()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while leftover.len() < head_end + length {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed in the body");
+        leftover.extend_from_slice(&buf[..n]);
+    }
+    let body = String::from_utf8(leftover[head_end..head_end + length].to_vec()).unwrap();
+    leftover.drain(..head_end + length);
+    (head, body)
+}
+
+fn raw_claim(token: &str, runner: &str, wait_ms: u64, extra_headers: &str) -> Vec<u8> {
+    let body = json!({"runner": runner, "agents": ["claude"], "wait_ms": wait_ms}).to_string();
+    format!(
+        "POST /v1/claim HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\n{extra_headers}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The parked long-polls wait outside hyper (`serve.rs`, the front): on one kept-alive
+/// connection, pipelined requests around claims are each answered in order, a parked claim is
+/// woken with its offer, and the answers are hyper's (status line, `date`, lengths).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_other_requests_share_a_kept_alive_connection_pipelined() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start().await;
+    let mut c = tokio::net::TcpStream::connect(s.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    // Three requests in one write: a claim that waits 200 ms, a health check behind it, and a
+    // claim with a bad token.
+    let mut burst = raw_claim(&s.runner, "raw", 200, "");
+    burst.extend_from_slice(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    burst.extend_from_slice(&raw_claim("nope", "raw", 0, ""));
+    c.write_all(&burst).await.unwrap();
+    let (head, body) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert_eq!(body, "");
+    let (head, _) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let (head, body) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: application/json\r\n"),
+        "{head}"
+    );
+    assert!(body.contains("\"error\""), "{body}");
+
+    // Parked on the same connection, woken by a submit.
+    c.write_all(&raw_claim(&s.runner, "raw", 30_000, ""))
+        .await
+        .unwrap();
+    parked(&s, 1).await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "raw"})).await;
+    let (head, body) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let offer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(offer["task"]["id"], task["id"]);
+    // And its ack on the same connection, through hyper again.
+    let ack = json!({"attempt": offer["attempt"], "lease_token": offer["lease_token"]}).to_string();
+    c.write_all(
+        format!(
+            "POST /v1/tasks/{}/ack HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ack}",
+            offer["task"]["id"].as_str().unwrap(),
+            s.runner,
+            ack.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, body) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head} {body}");
+    assert!(rest.is_empty());
+}
+
+/// A parked claim that asked for `connection: close` is answered, then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_claim_with_connection_close_is_answered_then_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let mut c = tokio::net::TcpStream::connect(s.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    c.write_all(&raw_claim(&s.runner, "raw", 100, "connection: close\r\n"))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let (head, _) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed after the answer");
+}
+
+/// A claim whose head arrived but whose body never does is cut off by the header timeout;
+/// a half-closed socket while parked is a client gone (its poll is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_body_that_never_comes_is_cut_off_and_a_half_close_ends_a_parked_claim() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start_with(crate::common::Options {
+        connections: Some(tunnel_server::ConnectionLimits {
+            header_timeout: Duration::from_secs(1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let whole = raw_claim(&s.runner, "slow", 30_000, "");
+    c.write_all(&whole[..whole.len() - 5]).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .expect("closed by the header timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        s.parked_polls_line_once_settled().await,
+        "tunnel_long_polls_parked 0"
+    );
+
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(&whole).await.unwrap();
+    parked(&s, 1).await;
+    c.shutdown().await.unwrap();
+    parked(&s, 0).await;
+}
