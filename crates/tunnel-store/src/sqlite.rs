@@ -1,8 +1,9 @@
 //! SQLite backend.
 //!
 //! One writer thread owns the only writing connection. Writes are closures sent to it; it runs
-//! every closure waiting in its queue inside one transaction (each in its own savepoint, so one
-//! failing write rolls back alone), commits once, then answers them all. This group commit is
+//! every closure waiting in its queue inside one transaction, commits once, then answers them
+//! all (a write that fails with something to undo has the batch rolled back and run again
+//! without it, each write in its own savepoint, so it fails alone). This group commit is
 //! what lets one SQLite file take thousands of tasks a second while every answered write is
 //! committed. Because there is exactly one writer, a claim can be ordinary Rust over indexed
 //! reads with no race. Reads run on a small pool of read-only connections (WAL lets them
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 use tunnel_protocol::{
     AppendAck, AppendEvents, Approval, ApprovalAnswer, ApprovalOutcome, ApprovalRequest,
@@ -79,8 +80,8 @@ impl Effects {
     }
 }
 
-/// A write in progress: the connection (inside a savepoint), the time it runs at, and what
-/// it changed.
+/// A write in progress: the connection (inside the batch's transaction), the time it runs at,
+/// and what it changed.
 struct W<'a> {
     conn: &'a Connection,
     now: i64,
@@ -88,8 +89,78 @@ struct W<'a> {
     settings: &'a QueueSettings,
 }
 
-type Completion = Box<dyn FnOnce(bool) + Send>;
-type Job = Box<dyn FnOnce(&mut rusqlite::Transaction<'_>, &mut Effects) -> Completion + Send>;
+/// A write queued for the writer thread: run inside the batch's transaction (again, after a
+/// rollback of the batch), then answered once the batch has committed or failed.
+trait Write: Send {
+    /// Runs the write; [`Ran::Dirty`] when it failed with an error that must undo it and it
+    /// may have changed the database (then the batch is rolled back and run again).
+    fn run(&mut self, conn: &Connection, effects: &mut Effects, mode: Mode) -> Ran;
+    /// Answers the caller: its result if the batch committed, an error otherwise.
+    fn answer(self: Box<Self>, committed: bool);
+}
+
+type Job = Box<dyn Write>;
+
+/// How a batch's writes run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One after another in the transaction, no savepoint: the common case.
+    Plain,
+    /// Each in its own savepoint, so one failing write rolls back alone: the run again of a
+    /// batch one of whose writes failed in [`Mode::Plain`].
+    Savepoints,
+}
+
+/// How a write ran.
+#[derive(PartialEq, Eq)]
+enum Ran {
+    /// Done, refused or failed with nothing to undo: it stays as it is.
+    Clean,
+    /// Failed, and what it did before failing must be undone.
+    Dirty,
+}
+
+/// A write and, once run, its result.
+struct Queued<T, F> {
+    f: F,
+    tx: oneshot::Sender<Result<T>>,
+    clock: Arc<dyn Clock>,
+    settings: Arc<QueueSettings>,
+    /// The time it ran at first; a run again after a rollback keeps it.
+    now: Option<i64>,
+    result: Option<Result<T>>,
+}
+
+impl<T, F> Write for Queued<T, F>
+where
+    T: Send + 'static,
+    F: FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection, effects: &mut Effects, mode: Mode) -> Ran {
+        // A caller that went away (a long-poll whose client disconnected) gets nothing
+        // done on its behalf.
+        if self.tx.is_closed() {
+            self.result = None;
+            return Ran::Clean;
+        }
+        let now = *self.now.get_or_insert_with(|| self.clock.now_ms());
+        let (result, ran) = run_write(conn, effects, &self.settings, now, mode, &mut self.f);
+        self.result = Some(result);
+        ran
+    }
+
+    fn answer(self: Box<Self>, committed: bool) {
+        let Some(result) = self.result else {
+            return;
+        };
+        let answer = if committed {
+            result
+        } else {
+            Err(StoreError::Unavailable("the commit failed".into()))
+        };
+        let _ = self.tx.send(answer);
+    }
+}
 
 /// What the writer thread is sent.
 enum Msg {
@@ -154,29 +225,20 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer thread inside the next group commit; answers after the commit.
+    /// `f` may run twice: a batch in which another write failed is rolled back and run again.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut W<'_>) -> Result<T> + Send + 'static,
+        F: FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T>>();
-        let clock = self.clock.clone();
-        let settings = self.settings.clone();
-        let job: Job = Box::new(move |txn, effects| {
-            // A caller that went away (a long-poll whose client disconnected) gets nothing
-            // done on its behalf.
-            if tx.is_closed() {
-                return Box::new(|_| {});
-            }
-            let result = run_in_savepoint(txn, effects, &settings, clock.now_ms(), f);
-            Box::new(move |committed| {
-                let answer = if committed {
-                    result
-                } else {
-                    Err(StoreError::Unavailable("the commit failed".into()))
-                };
-                let _ = tx.send(answer);
-            })
+        let job: Job = Box::new(Queued {
+            f,
+            tx,
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            now: None,
+            result: None,
         });
         self.jobs
             .send(Msg::Job(job))
@@ -739,7 +801,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
-        self.write(move |w| finish_in(w, &id, req)).await
+        self.write(move |w| finish_in(w, &id, &req)).await
     }
 
     pub(crate) async fn events(
@@ -983,9 +1045,9 @@ impl SqliteStore {
                     .execute(params![cmd.agent, id, runner, cmd.conversation, w.now, owner])?;
             }
             Ok(SessionBinding {
-                conversation: cmd.conversation,
-                agent: cmd.agent,
-                session_id: cmd.session_id,
+                conversation: cmd.conversation.clone(),
+                agent: cmd.agent.clone(),
+                session_id: cmd.session_id.clone(),
                 runner,
                 updated_at: w.now,
                 owner: None,
@@ -1038,7 +1100,7 @@ impl SqliteStore {
                     "INSERT INTO tokens (id, name, role, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![id, name, role.as_str(), &hash[..], w.now])?;
-            Ok(TokenInfo { id, name, role, created_at: w.now, revoked_at: None })
+            Ok(TokenInfo { id: id.clone(), name: name.clone(), role, created_at: w.now, revoked_at: None })
         })
         .await
     }
@@ -1077,7 +1139,7 @@ impl SqliteStore {
                 },
             )?;
             Ok(TokenInfo {
-                id,
+                id: id.clone(),
                 name: info.0,
                 role: Role::parse(&info.1).unwrap_or(Role::Client),
                 created_at: info.2,
@@ -1401,7 +1463,7 @@ impl SqliteStore {
                 .prepare_cached("SELECT name FROM tokens WHERE id = ?1")?
                 .query_row(params![token_id], |r| r.get(0))
                 .optional()?
-                .unwrap_or(token_id);
+                .unwrap_or_else(|| token_id.clone());
             let by = model::answered_by(ans.by.as_deref(), &name);
             match model::answer(&a, &ans, by, w.now)? {
                 Answer::Settle(state, outcome) => w.settle_approval(&a, state, outcome),
@@ -1739,41 +1801,66 @@ struct Handing {
 struct Handed {
     answer: oneshot::Sender<Handoff>,
     handoff: Handoff,
+    /// The ready task it was taken out of line for.
+    hint: ReadyHint,
 }
 
-/// Runs `batch` in one transaction (each job in its own savepoint), claims for the parked
-/// long-polls what it made ready ([`hand_off`]), commits, tells the signals what changed and
-/// answers every job and every poll claimed for.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
+/// Runs `batch` in one transaction, claims for the parked long-polls what it made ready
+/// ([`hand_off`]), commits, tells the signals what changed and answers every job and every
+/// poll claimed for.
+///
+/// The writes run one after another with no savepoint (a savepoint per write copied every
+/// page each write touched into its sub-journal: a sixth of the writer's time). If one fails
+/// in a way that must undo what it did, the transaction is rolled back and the batch run again
+/// with each write in its own savepoint and without that write, which is answered with its
+/// error: every write gets what it would have got alone, and only a batch with such a failure
+/// runs twice.
+fn commit_batch(conn: &mut Connection, mut batch: Vec<Job>, handing: &Handing) {
     let signals = &*handing.signals;
     let mut effects = Effects::default();
-    let mut completions = Vec::with_capacity(batch.len());
     let mut handed = Vec::new();
-    let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(mut txn) => {
-            for job in batch {
-                completions.push(job(&mut txn, &mut effects));
-            }
-            if !effects.ready.is_empty() {
-                handed = hand_off(&mut txn, &mut effects, handing);
-            }
-            match txn.commit() {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "SQLite commit failed.");
-                    false
-                }
+    let mut mode = Mode::Plain;
+    // The write that failed in the plain run: it keeps that result and is not run again.
+    let mut failed = None;
+    let committed = loop {
+        if let Err(e) = cached(conn, "BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "SQLite could not begin a transaction.");
+            // The jobs' callers get an error.
+            break false;
+        }
+        effects = Effects::default();
+        let mut clean = true;
+        for (i, job) in batch.iter_mut().enumerate() {
+            if failed != Some(i) && job.run(conn, &mut effects, mode) == Ran::Dirty {
+                failed = Some(i);
+                clean = false;
+                break;
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "SQLite could not begin a transaction.");
-            // The jobs never ran; their callers get an error.
-            drop(batch);
-            false
+        if clean && !effects.ready.is_empty() {
+            clean = hand_off(conn, &mut effects, handing, mode, &mut handed);
+        }
+        if !clean {
+            // Only a plain run is ever dirty: the run again has a savepoint per write.
+            debug_assert!(mode == Mode::Plain);
+            rollback(conn);
+            mode = Mode::Savepoints;
+            continue;
+        }
+        match cached(conn, "COMMIT") {
+            Ok(()) => break true,
+            Err(e) => {
+                tracing::error!(error = %e, "SQLite commit failed.");
+                rollback(conn);
+                break false;
+            }
         }
     };
     // The polls first: their answers are what a dispatch waits for.
-    for Handed { answer, handoff } in handed {
+    for Handed {
+        answer, handoff, ..
+    } in handed
+    {
         let handoff = if committed {
             handoff
         } else {
@@ -1799,8 +1886,24 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
             signals.delivery_ready();
         }
     }
-    for done in completions {
-        done(committed);
+    for job in batch {
+        job.answer(committed);
+    }
+}
+
+/// Runs a statement without parameters through the statement cache (`BEGIN`, `COMMIT`,
+/// savepoints): parsed once, not for every batch or write.
+fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Ends the open transaction undoing everything in it; errors are logged (the next `BEGIN`
+/// fails, and its writes with it, if the transaction is still open).
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(e) = cached(conn, "ROLLBACK")
+    {
+        tracing::error!(error = %e, "SQLite rollback failed.");
     }
 }
 
@@ -1811,13 +1914,19 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
 /// same filters, same order, the oldest task it can take, which may be an older one than
 /// hinted), so nothing about who gets what changes. The hints no parked poll took stay in
 /// `effects.ready`, signalled after the commit as before.
+///
+/// False when a claim failed with something to undo ([`Ran::Dirty`], plain mode only): that
+/// poll is answered with its error and every other poll taken in this run is woken to claim
+/// for itself, as the batch is rolled back and run again.
 fn hand_off(
-    txn: &mut rusqlite::Transaction<'_>,
+    conn: &Connection,
     effects: &mut Effects,
     handing: &Handing,
-) -> Vec<Handed> {
+    mode: Mode,
+    handed: &mut Vec<Handed>,
+) -> bool {
     let now = handing.clock.now_ms();
-    let mut handed = Vec::new();
+    let first = handed.len();
     let mut hints: std::collections::VecDeque<ReadyHint> =
         std::mem::take(&mut effects.ready).into();
     let mut left = Vec::new();
@@ -1834,11 +1943,37 @@ fn hand_off(
                 answer,
             } = parked;
             let mut fx = Effects::default();
-            let result = run_in_savepoint(txn, &mut fx, &handing.settings, now, |w| match start {
-                None => Ok(claim_in(w, &req, Some(&token))?.map(|o| Handoff::Offered(Box::new(o)))),
-                Some(start) => Ok(claim_and_start_in(w, &req, &token, start)?
-                    .map(|s| Handoff::Started(Box::new(s)))),
-            });
+            let (result, ran) =
+                run_write(
+                    conn,
+                    &mut fx,
+                    &handing.settings,
+                    now,
+                    mode,
+                    |w| match start {
+                        None => {
+                            Ok(claim_in(w, &req, Some(&token))?
+                                .map(|o| Handoff::Offered(Box::new(o))))
+                        }
+                        Some(start) => Ok(claim_and_start_in(w, &req, &token, start)?
+                            .map(|s| Handoff::Started(Box::new(s)))),
+                    },
+                );
+            if ran == Ran::Dirty {
+                for h in &mut handed[first..] {
+                    h.handoff = Handoff::Ready(h.hint.clone());
+                }
+                let handoff = Handoff::Failed(match result {
+                    Err(e) => e,
+                    Ok(_) => StoreError::Unavailable("the claim failed".into()),
+                });
+                handed.push(Handed {
+                    answer,
+                    handoff,
+                    hint,
+                });
+                return false;
+            }
             // A refused task finished may have made its session's next one ready.
             hints.extend(std::mem::take(&mut fx.ready));
             effects.merge(fx);
@@ -1849,17 +1984,27 @@ fn hand_off(
                         Handoff::Started(s) => &s.offer.task.id,
                         _ => "",
                     } == hint.task_id;
-                    handed.push(Handed { answer, handoff });
                     if took {
+                        handed.push(Handed {
+                            answer,
+                            handoff,
+                            hint,
+                        });
                         break;
                     }
                     // It took an older task: the hinted one still waits for the next poll.
+                    handed.push(Handed {
+                        answer,
+                        handoff,
+                        hint: hint.clone(),
+                    });
                 }
                 Ok(None) => {
                     // Nothing it can take after all: woken as before, it claims for itself.
                     handed.push(Handed {
                         answer,
-                        handoff: Handoff::Ready(hint),
+                        handoff: Handoff::Ready(hint.clone()),
+                        hint,
                     });
                     break;
                 }
@@ -1867,6 +2012,7 @@ fn hand_off(
                     handed.push(Handed {
                         answer,
                         handoff: Handoff::Failed(e),
+                        hint: hint.clone(),
                     });
                     left.push(hint);
                     break;
@@ -1875,20 +2021,28 @@ fn hand_off(
         }
     }
     effects.ready = left;
-    handed
+    true
 }
 
-fn run_in_savepoint<T>(
-    txn: &mut rusqlite::Transaction<'_>,
+/// Runs one write and says whether it must be undone. Plain mode: straight in the
+/// transaction; a failure that must undo the write (a database error, a full queue) is
+/// [`Ran::Dirty`] only if the write changed a row or SQLite ended the transaction, else there
+/// is nothing to undo and it fails alone. Savepoints mode: in its own savepoint, rolled back
+/// alone; never dirty.
+fn run_write<T>(
+    conn: &Connection,
     effects: &mut Effects,
     settings: &QueueSettings,
     now: i64,
+    mode: Mode,
     f: impl FnOnce(&mut W<'_>) -> Result<T>,
-) -> Result<T> {
-    // Cached statements rather than `Transaction::savepoint`, which parses its SQL anew for
-    // every write (a tenth of the writer's time in a profile).
-    let conn: &Connection = txn;
-    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+) -> (Result<T>, Ran) {
+    let changes = conn.total_changes();
+    if mode == Mode::Savepoints
+        && let Err(e) = cached(conn, "SAVEPOINT job")
+    {
+        return (Err(e.into()), Ran::Clean);
+    }
     let (result, fx) = {
         let mut w = W {
             conn,
@@ -1900,8 +2054,8 @@ fn run_in_savepoint<T>(
         (r, w.fx)
     };
     // A refusal (stale attempt, conflict, not found) keeps what the write did before refusing:
-    // that is deliberate, e.g. expiring the lease a late heartbeat found expired. A database
-    // error rolls the write back (dropping the savepoint does).
+    // that is deliberate, e.g. expiring the lease a late heartbeat found expired. Any other
+    // error undoes the write.
     let keep = match &result {
         Ok(_) => true,
         Err(e) => matches!(
@@ -1912,20 +2066,32 @@ fn run_in_savepoint<T>(
                 | StoreError::Settled { .. }
         ),
     };
-    if keep {
-        conn.prepare_cached("RELEASE job")?.execute([])?;
-        effects.merge(fx);
-    } else {
-        // As dropping a savepoint does: undo the write, errors ignored (a failed rollback
-        // leaves the transaction to fail at commit).
-        let _ = conn
-            .prepare_cached("ROLLBACK TO job")
-            .and_then(|mut st| st.execute([]));
-        let _ = conn
-            .prepare_cached("RELEASE job")
-            .and_then(|mut st| st.execute([]));
+    match mode {
+        Mode::Plain => {
+            if keep {
+                effects.merge(fx);
+                (result, Ran::Clean)
+            } else if conn.total_changes() == changes && !conn.is_autocommit() {
+                (result, Ran::Clean)
+            } else {
+                (result, Ran::Dirty)
+            }
+        }
+        Mode::Savepoints => {
+            if keep {
+                if let Err(e) = cached(conn, "RELEASE job") {
+                    return (Err(e.into()), Ran::Clean);
+                }
+                effects.merge(fx);
+            } else {
+                // As dropping a savepoint does: undo the write, errors ignored (a failed
+                // rollback leaves the transaction to fail at commit).
+                let _ = cached(conn, "ROLLBACK TO job");
+                let _ = cached(conn, "RELEASE job");
+            }
+            (result, Ran::Clean)
+        }
     }
-    result
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1971,7 +2137,7 @@ fn claim_and_start_in(
         };
         let id = offer.task.id.clone();
         if let Some(error) = (start.refuse)(&offer.task) {
-            finish_in(w, &id, crate::refused(&at, error))?;
+            finish_in(w, &id, &crate::refused(&at, error))?;
             continue;
         }
         let may_resume = match (start.wanted_session)(&offer.task) {
@@ -2203,7 +2369,7 @@ fn ack_in(
 }
 
 /// Ends (or parks) the attempt `req` names.
-fn finish_in(w: &mut W<'_>, id: &str, req: FinishRequest) -> Result<Task> {
+fn finish_in(w: &mut W<'_>, id: &str, req: &FinishRequest) -> Result<Task> {
     let t = w.open_task(id)?;
     model::check_attempt(&t, req.attempt, &req.lease_token)?;
     w.confirm(&t)?;
@@ -3122,4 +3288,171 @@ fn all<T>(mut rows: rusqlite::Rows<'_>, f: impl Fn(&Row<'_>) -> Result<T>) -> Re
         out.push(f(r)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::ManualClock;
+
+    struct Quiet;
+
+    impl Signals for Quiet {
+        fn task_ready(&self, _: &ReadyHint) {}
+        fn task_changed(&self, _: &str) {}
+        fn deadline(&self, _: i64) {}
+        fn delivery_ready(&self) {}
+    }
+
+    type Runs = Arc<AtomicUsize>;
+
+    async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("t.db"),
+            Durability::Normal,
+            QueueSettings::default(),
+            Arc::new(ManualClock::new(1_000_000)),
+            Arc::new(Quiet),
+        )
+        .await
+        .unwrap();
+        store
+            .write(|w| {
+                Ok(w.conn
+                    .execute_batch("CREATE TABLE scratch (n INTEGER PRIMARY KEY)")?)
+            })
+            .await
+            .unwrap();
+        (Arc::new(store), dir)
+    }
+
+    fn insert(w: &W<'_>, n: i64) -> Result<()> {
+        w.conn.execute("INSERT INTO scratch (n) VALUES (?1)", [n])?;
+        Ok(())
+    }
+
+    fn rows(w: &W<'_>) -> Result<Vec<i64>> {
+        let mut st = w.conn.prepare("SELECT n FROM scratch ORDER BY n")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Queues the writes `make` starts behind one that holds the writer until they are all
+    /// queued, so they run as one batch in that order; returns their answers.
+    async fn one_batch<T: Send + 'static>(
+        store: &Arc<SqliteStore>,
+        writes: Vec<Box<dyn FnMut(&mut W<'_>) -> Result<T> + Send>>,
+    ) -> Vec<Result<T>> {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let gate = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |_| {
+                        // Only the first run waits (the sender is gone by a second).
+                        let _ = wait.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let handles: Vec<_> = writes
+            .into_iter()
+            .map(|f| {
+                let store = store.clone();
+                tokio::spawn(async move { store.write(f).await })
+            })
+            .collect();
+        // The current-thread runtime runs each spawned write up to its send, in order.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        go.send(()).unwrap();
+        drop(go);
+        gate.await.unwrap().unwrap();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    }
+
+    fn counted<T>(
+        runs: &Runs,
+        mut f: impl FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
+    ) -> Box<dyn FnMut(&mut W<'_>) -> Result<T> + Send> {
+        let runs = runs.clone();
+        Box::new(move |w| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            f(w)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_in_a_batch_fails_alone_and_the_others_commit() {
+        let (store, _dir) = store().await;
+        let runs: Vec<Runs> = (0..4).map(|_| Runs::default()).collect();
+        let answers = one_batch(
+            &store,
+            vec![
+                counted(&runs[0], |w| {
+                    insert(w, 1)?;
+                    rows(w)
+                }),
+                // Writes a row, then fails with a database error: both undone.
+                counted(&runs[1], |w| {
+                    insert(w, 2)?;
+                    insert(w, 1)?;
+                    rows(w)
+                }),
+                // Runs after it as if it had never run.
+                counted(&runs[2], |w| {
+                    insert(w, 3)?;
+                    rows(w)
+                }),
+                // A refusal keeps what it did before refusing.
+                counted(&runs[3], |w| {
+                    insert(w, 4)?;
+                    Err(StoreError::Conflict("refused".into()))
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(answers[0].as_ref().unwrap(), &[1]);
+        assert!(
+            matches!(answers[1], Err(StoreError::Database(_))),
+            "{:?}",
+            answers[1]
+        );
+        assert_eq!(answers[2].as_ref().unwrap(), &[1, 3]);
+        assert!(matches!(answers[3], Err(StoreError::Conflict(_))));
+        // The batch ran again from its start, without the failing write (the writes after it
+        // ran only then).
+        let runs: Vec<_> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        assert_eq!(runs, [2, 1, 1, 1]);
+        let committed = store.write(|w| rows(w)).await.unwrap();
+        assert_eq!(committed, [1, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_write_failing_before_it_changed_anything_fails_alone_without_a_second_run() {
+        let (store, _dir) = store().await;
+        let runs: Vec<Runs> = (0..3).map(|_| Runs::default()).collect();
+        let answers = one_batch(
+            &store,
+            vec![
+                counted(&runs[0], |w| insert(w, 1)),
+                counted(&runs[1], |_| Err(model::queue_full(1))),
+                counted(&runs[2], |w| insert(w, 2)),
+            ],
+        )
+        .await;
+        assert!(answers[0].is_ok() && answers[2].is_ok());
+        assert!(matches!(answers[1], Err(StoreError::QueueFull(_))));
+        let runs: Vec<_> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        assert_eq!(runs, [1, 1, 1]);
+        assert_eq!(store.write(|w| rows(w)).await.unwrap(), [1, 2]);
+    }
 }
