@@ -3307,6 +3307,7 @@ mod tests {
     }
 
     type Runs = Arc<AtomicUsize>;
+    type TestWrite<T> = Box<dyn FnMut(&mut W<'_>) -> Result<T> + Send>;
 
     async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -3344,7 +3345,7 @@ mod tests {
     /// queued, so they run as one batch in that order; returns their answers.
     async fn one_batch<T: Send + 'static>(
         store: &Arc<SqliteStore>,
-        writes: Vec<Box<dyn FnMut(&mut W<'_>) -> Result<T> + Send>>,
+        writes: Vec<TestWrite<T>>,
     ) -> Vec<Result<T>> {
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let gate = {
@@ -3382,7 +3383,7 @@ mod tests {
     fn counted<T>(
         runs: &Runs,
         mut f: impl FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
-    ) -> Box<dyn FnMut(&mut W<'_>) -> Result<T> + Send> {
+    ) -> TestWrite<T> {
         let runs = runs.clone();
         Box::new(move |w| {
             runs.fetch_add(1, Ordering::SeqCst);
