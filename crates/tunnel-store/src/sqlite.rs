@@ -26,8 +26,9 @@ use crate::model::{
     self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, BINDING_COLUMNS, CANCELLED_BEFORE_RUN,
     Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask,
     StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row,
-    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
-    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
+    delivery_status_from_row, destination, event_from_row, open_task_columns, open_task_from_row,
+    parse_state, recent_from_row, runner_from_row, session_key, task_columns, task_from_row,
+    to_json, token_from_row,
 };
 use crate::{
     ApprovalFilter, Clock, CurrentAttempt, Dialect, Durability, Handoff, ParkedClaim, QueueCounts,
@@ -350,14 +351,15 @@ impl SqliteStore {
             let queued = StateEvent::Queued(None).data().to_string();
             let row = w
                 .conn
-                .prepare_cached(&format!(
+                .prepare_cached(concat!(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
                         idempotency_key, state, ready, created_at, updated_at, meta, approvals,
                         conv_owner, next_event_seq, event_bytes)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
                         'queued', ?15, ?16, ?16, ?17, ?18, ?19, 2, ?20)
-                     RETURNING {TASK_COLUMNS}"
+                     RETURNING ",
+                    task_columns!()
                 ))?
                 .query_row(params![
                     id,
@@ -697,8 +699,10 @@ impl SqliteStore {
             // after the events.
             let (t, (next_seq, bytes, dropped)) = w
                 .conn
-                .prepare_cached(&format!(
-                    "SELECT {OPEN_TASK_COLUMNS}, next_event_seq, event_bytes, events_dropped
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    open_task_columns!(),
+                    ", next_event_seq, event_bytes, events_dropped
                      FROM tasks WHERE id = ?1"
                 ))?
                 .query_row(params![id], |r| {
@@ -2259,14 +2263,16 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
     let offered = StateEvent::Offered(&req.runner).data().to_string();
     let (row, event_seq, conv_owner) = w
         .conn
-        .prepare_cached(&format!(
+        .prepare_cached(concat!(
             "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
                 lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
                 not_before = NULL, reason = NULL, updated_at = ?5,
                 next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6,
                 unconfirmed = ?7, offer_resume = ?8
              WHERE seq = ?1
-             RETURNING {TASK_COLUMNS}, next_event_seq - 1, conv_owner"
+             RETURNING ",
+            task_columns!(),
+            ", next_event_seq - 1, conv_owner"
         ))?
         .query_row(
             params![
@@ -2432,8 +2438,10 @@ fn finish_in(w: &mut W<'_>, id: &str, req: &FinishRequest) -> Result<Task> {
 impl W<'_> {
     fn open_task(&self, id: &str) -> Result<OpenTask> {
         self.conn
-            .prepare_cached(&format!(
-                "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = ?1"
+            .prepare_cached(concat!(
+                "SELECT ",
+                open_task_columns!(),
+                " FROM tasks WHERE id = ?1"
             ))?
             .query_row(params![id], |r| Ok(open_task_from_row(r)))
             .optional()?
@@ -2442,8 +2450,10 @@ impl W<'_> {
 
     fn task_by_seq(&self, seq: i64) -> Result<OpenTask> {
         self.conn
-            .prepare_cached(&format!(
-                "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE seq = ?1"
+            .prepare_cached(concat!(
+                "SELECT ",
+                open_task_columns!(),
+                " FROM tasks WHERE seq = ?1"
             ))?
             .query_row(params![seq], |r| Ok(open_task_from_row(r)))?
     }
@@ -2598,12 +2608,15 @@ impl W<'_> {
         self.settle_pending(t, why)?;
         // The state, the result and the counters of the `state` event in one statement.
         let data = model::finished_event(state, reason, result).to_string();
-        const END: &str =
-            "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
-                not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4,
-                result = COALESCE(?5, result), next_event_seq = next_event_seq + 1,
-                event_bytes = event_bytes + ?6
-             WHERE seq = ?1 RETURNING ";
+        macro_rules! end {
+            () => {
+                "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
+                    not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4,
+                    result = COALESCE(?5, result), next_event_seq = next_event_seq + 1,
+                    event_bytes = event_bytes + ?6
+                 WHERE seq = ?1 RETURNING "
+            };
+        }
         let args = params![
             t.seq,
             state.as_str(),
@@ -2615,7 +2628,7 @@ impl W<'_> {
         let (event_seq, row) = if want_row {
             let (row, event_seq) = self
                 .conn
-                .prepare_cached(&format!("{END}{TASK_COLUMNS}, next_event_seq - 1"))?
+                .prepare_cached(concat!(end!(), task_columns!(), ", next_event_seq - 1"))?
                 .query_row(args, |r| {
                     Ok(task_row(r)?.and_then(|row| Ok((row, r.int(TASK_COLUMNS_LEN)?))))
                 })??;
@@ -2623,7 +2636,7 @@ impl W<'_> {
         } else {
             let event_seq: i64 = self
                 .conn
-                .prepare_cached(&format!("{END}next_event_seq - 1"))?
+                .prepare_cached(concat!(end!(), "next_event_seq - 1"))?
                 .query_row(args, |r| r.get(0))?;
             (event_seq, None)
         };
@@ -3162,7 +3175,11 @@ fn task_row(r: &Row<'_>) -> rusqlite::Result<Result<TaskRow>> {
 
 fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
     let row = c
-        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?
+        .prepare_cached(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = ?1"
+        ))?
         .query_row(params![id], task_row)
         .optional()?;
     complete_task(c, row.ok_or(StoreError::NotFound("task"))??, scope)
@@ -3225,7 +3242,11 @@ fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::D
 fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
     // One read of the row by its key (not its id, then the row by id).
     let row = c
-        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1"))?
+        .prepare_cached(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE seq = ?1"
+        ))?
         .query_row(params![seq], task_row)?;
     complete_task(c, row?, &Scope::All)
 }
