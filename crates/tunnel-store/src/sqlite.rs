@@ -83,11 +83,87 @@ impl Effects {
 
 /// A write in progress: the connection (inside the batch's transaction), the time it runs at,
 /// and what it changed.
-struct W<'a> {
-    conn: &'a Connection,
+struct W<'a, 'c> {
+    conn: &'c Connection,
     now: i64,
     fx: Effects,
     settings: &'a QueueSettings,
+    stmts: &'a Stmts<'c>,
+}
+
+impl<'a, 'c> W<'a, 'c> {
+    /// The statement `sql` (a constant: it is known by its address), from the batch's own
+    /// ([`Stmts`]).
+    fn prep(&self, sql: &'static str) -> rusqlite::Result<Held<'a, 'c>> {
+        self.stmts.get(sql)
+    }
+}
+
+/// The statements a batch's writes used, taken from rusqlite's cache at their first use in the
+/// batch and given back to it when the batch ends. A write finds its statement here by the
+/// address of its constant text, where rusqlite's cache hashes the whole text on every use and
+/// every return (a twentieth of the writer's time in a profile).
+struct Stmts<'c> {
+    conn: &'c Connection,
+    free: std::cell::RefCell<Vec<(usize, rusqlite::CachedStatement<'c>)>>,
+}
+
+impl<'c> Stmts<'c> {
+    fn new(conn: &'c Connection) -> Stmts<'c> {
+        Stmts {
+            conn,
+            free: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    fn get<'a>(&'a self, sql: &'static str) -> rusqlite::Result<Held<'a, 'c>> {
+        let key = sql.as_ptr() as usize;
+        let found = {
+            let mut free = self.free.borrow_mut();
+            free.iter()
+                .position(|(k, _)| *k == key)
+                .map(|i| free.swap_remove(i).1)
+        };
+        // Not free: first use in the batch, or in use (a statement run while another copy
+        // of it has rows open gets its own).
+        let st = match found {
+            Some(st) => st,
+            None => self.conn.prepare_cached(sql)?,
+        };
+        Ok(Held {
+            st: Some(st),
+            key,
+            home: self,
+        })
+    }
+}
+
+/// A statement of [`Stmts`] in use; back to it when dropped.
+struct Held<'a, 'c> {
+    st: Option<rusqlite::CachedStatement<'c>>,
+    key: usize,
+    home: &'a Stmts<'c>,
+}
+
+impl<'c> std::ops::Deref for Held<'_, 'c> {
+    type Target = rusqlite::Statement<'c>;
+    fn deref(&self) -> &Self::Target {
+        self.st.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Held<'_, '_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.st.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Held<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(st) = self.st.take() {
+            self.home.free.borrow_mut().push((self.key, st));
+        }
+    }
 }
 
 /// A write queued for the writer thread: run inside the batch's transaction (again, after a
@@ -95,7 +171,7 @@ struct W<'a> {
 trait Write: Send {
     /// Runs the write; [`Ran::Dirty`] when it failed with an error that must undo it and it
     /// may have changed the database (then the batch is rolled back and run again).
-    fn run(&mut self, conn: &Connection, effects: &mut Effects, mode: Mode) -> Ran;
+    fn run(&mut self, stmts: &Stmts<'_>, effects: &mut Effects, mode: Mode) -> Ran;
     /// Answers the caller: its result if the batch committed, an error otherwise.
     fn answer(self: Box<Self>, committed: bool);
 }
@@ -135,9 +211,9 @@ struct Queued<T, F> {
 impl<T, F> Write for Queued<T, F>
 where
     T: Send + 'static,
-    F: FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
+    F: FnMut(&mut W<'_, '_>) -> Result<T> + Send + 'static,
 {
-    fn run(&mut self, conn: &Connection, effects: &mut Effects, mode: Mode) -> Ran {
+    fn run(&mut self, stmts: &Stmts<'_>, effects: &mut Effects, mode: Mode) -> Ran {
         // A caller that went away (a long-poll whose client disconnected) gets nothing
         // done on its behalf.
         if self.tx.is_closed() {
@@ -145,7 +221,7 @@ where
             return Ran::Clean;
         }
         let now = *self.now.get_or_insert_with(|| self.clock.now_ms());
-        let (result, ran) = run_write(conn, effects, &self.settings, now, mode, &mut self.f);
+        let (result, ran) = run_write(stmts, effects, &self.settings, now, mode, &mut self.f);
         self.result = Some(result);
         ran
     }
@@ -230,7 +306,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
+        F: FnMut(&mut W<'_, '_>) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(Queued {
@@ -306,8 +382,7 @@ impl SqliteStore {
         self.write(move |w| {
             if let Some(k) = &key {
                 let existing: Option<String> = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT id FROM tasks WHERE owner = ?1 AND idempotency_key = ?2",
                     )?
                     .query_row(params![owner, k], |r| r.get(0))
@@ -320,8 +395,7 @@ impl SqliteStore {
             if let Some(cap) = w.settings.max_queued_per_token {
                 // Counted in `tasks_owner_waiting`, and never past the cap.
                 let waiting: i64 = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
                          WHERE owner = ?1 AND state IN ('queued', 'parked') LIMIT ?2)",
                     )?
@@ -337,8 +411,7 @@ impl SqliteStore {
                 .map(|c| session_key(&req.agent, c, &conv_owner));
             let busy = match &session_key {
                 Some(k) => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT 1 FROM tasks WHERE session_key = ?1 AND finished_at IS NULL LIMIT 1",
                     )?
                     .exists(params![k])?,
@@ -350,8 +423,7 @@ impl SqliteStore {
             // counted in it already.
             let queued = StateEvent::Queued(None).data().to_string();
             let row = w
-                .conn
-                .prepare_cached(concat!(
+                .prep(concat!(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
                         idempotency_key, state, ready, created_at, updated_at, meta, approvals,
@@ -540,22 +612,20 @@ impl SqliteStore {
         session: crate::WebSession,
     ) -> Result<()> {
         self.write(move |w| {
-            w.conn
-                .prepare_cached("DELETE FROM web_sessions WHERE expires_at <= ?1")?
+            w.prep("DELETE FROM web_sessions WHERE expires_at <= ?1")?
                 .execute(params![w.now])?;
-            w.conn
-                .prepare_cached(
-                    "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)
+            w.prep(
+                "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
-                    &hash[..],
-                    kind.as_str(),
-                    session.token_id,
-                    session.role.as_str(),
-                    w.now,
-                    session.expires_at
-                ])?;
+            )?
+            .execute(params![
+                &hash[..],
+                kind.as_str(),
+                session.token_id,
+                session.role.as_str(),
+                w.now,
+                session.expires_at
+            ])?;
             Ok(())
         })
         .await
@@ -573,8 +643,7 @@ impl SqliteStore {
         let found = if take {
             self.write(move |w| {
                 let found = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "DELETE FROM web_sessions WHERE id_sha256 = ?1 AND kind = ?2
                          RETURNING token_id, role, expires_at",
                     )?
@@ -613,12 +682,11 @@ impl SqliteStore {
                     w.finish_task(&t, TaskState::Cancelled, Some(CANCELLED_BEFORE_RUN), None)?;
                 }
                 Cancel::Request => {
-                    w.conn
-                        .prepare_cached(
-                            "UPDATE tasks SET state = 'cancelling', cancel_requested = 1,
+                    w.prep(
+                        "UPDATE tasks SET state = 'cancelling', cancel_requested = 1,
                              reason = 'cancel requested', updated_at = ?2 WHERE seq = ?1",
-                        )?
-                        .execute(params![t.seq, w.now])?;
+                    )?
+                    .execute(params![t.seq, w.now])?;
                     w.event(t.seq, t.attempt, "state", &StateEvent::Cancelling.data())?;
                     w.fx.changed.push(t.id.clone());
                     w.settle_pending(&t, "the task was cancelled")?;
@@ -698,8 +766,7 @@ impl SqliteStore {
             // The task and its log's counters in one read; the counters are written once,
             // after the events.
             let (t, (next_seq, bytes, dropped)) = w
-                .conn
-                .prepare_cached(concat!(
+                .prep(concat!(
                     "SELECT ",
                     open_task_columns!(),
                     ", next_event_seq, event_bytes, events_dropped
@@ -743,8 +810,7 @@ impl SqliteStore {
             let mut newly_dropped = 0i64;
             for e in &req.events {
                 let dup = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT 1 FROM task_events WHERE task_seq = ?1 AND attempt = ?2 AND n = ?3",
                     )?
                     .exists(params![t.seq, t.attempt, e.n as i64])?;
@@ -782,12 +848,11 @@ impl SqliteStore {
                 }
             }
             if next != next_seq || newly_dropped > 0 {
-                w.conn
-                    .prepare_cached(
-                        "UPDATE tasks SET next_event_seq = ?2, event_bytes = event_bytes + ?3,
+                w.prep(
+                    "UPDATE tasks SET next_event_seq = ?2, event_bytes = event_bytes + ?3,
                             events_dropped = events_dropped + ?4 WHERE seq = ?1",
-                    )?
-                    .execute(params![t.seq, next, added, newly_dropped])?;
+                )?
+                .execute(params![t.seq, next, added, newly_dropped])?;
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
@@ -878,8 +943,7 @@ impl SqliteStore {
             let parked = w.due("SELECT seq FROM tasks WHERE state = 'parked' AND not_before <= ?1")?;
             for seq in parked {
                 let t = w.task_by_seq(seq)?;
-                w.conn
-                    .prepare_cached(
+                w.prep(
                         "UPDATE tasks SET state = 'queued', not_before = NULL, updated_at = ?2 WHERE seq = ?1",
                     )?
                     .execute(params![seq, now])?;
@@ -892,7 +956,7 @@ impl SqliteStore {
                 // In batches, so a flood of old tasks does not make one huge transaction; the
                 // next deadline below is then already due and the timer comes straight back.
                 let old = {
-                    let mut stmt = w.conn.prepare_cached(
+                    let mut stmt = w.prep(
                         "SELECT seq FROM tasks INDEXED BY tasks_queued_age
                          WHERE state = 'queued' AND created_at <= ?1
                          ORDER BY created_at LIMIT 500",
@@ -907,7 +971,7 @@ impl SqliteStore {
                 }
             }
             let expired = {
-                let mut stmt = w.conn.prepare_cached(
+                let mut stmt = w.prep(
                     "SELECT id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
                 )?;
                 stmt.query_map(params![now], |r| r.get::<_, String>(0))?
@@ -1037,8 +1101,7 @@ impl SqliteStore {
                 runner.as_deref(),
             )?;
             if let Some(id) = &cmd.session_id {
-                w.conn
-                    .prepare_cached(
+                w.prep(
                         "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                          ON CONFLICT (agent, session_id) DO UPDATE SET
@@ -1066,7 +1129,7 @@ impl SqliteStore {
         sessions: Vec<tunnel_protocol::ReportedSession>,
     ) -> Result<()> {
         self.write(move |w| {
-            let mut stmt = w.conn.prepare_cached(
+            let mut stmt = w.prep(
                 "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
                  VALUES (?1, ?2, ?3, NULL, ?4)
                  ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
@@ -1083,8 +1146,7 @@ impl SqliteStore {
     pub(crate) async fn runner_left(&self, name: String, token: String) -> Result<bool> {
         self.write(move |w| {
             let n = w
-                .conn
-                .prepare_cached("UPDATE runners SET left_at = ?2 WHERE name = ?1 AND token = ?3")?
+                .prep("UPDATE runners SET left_at = ?2 WHERE name = ?1 AND token = ?3")?
                 .execute(params![name, w.now, token])?;
             Ok(n > 0)
         })
@@ -1099,8 +1161,7 @@ impl SqliteStore {
         hash: [u8; 32],
     ) -> Result<TokenInfo> {
         self.write(move |w| {
-            w.conn
-                .prepare_cached(
+            w.prep(
                     "INSERT INTO tokens (id, name, role, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![id, name, role.as_str(), &hash[..], w.now])?;
@@ -1122,10 +1183,7 @@ impl SqliteStore {
     pub(crate) async fn revoke_token(&self, id: String) -> Result<TokenInfo> {
         self.write(move |w| {
             let changed = w
-                .conn
-                .prepare_cached(
-                    "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-                )?
+                .prep("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1")?
                 .execute(params![id, w.now])?;
             if changed == 0 {
                 return Err(StoreError::NotFound("token"));
@@ -1218,37 +1276,32 @@ impl SqliteStore {
         self.write(move |w| {
             let changed = match &update {
                 U::Parts { done_parts, message_id } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET done_parts = ?2, message_id = COALESCE(message_id, ?3),
                             updated_at = ?4 WHERE id = ?1",
                     )?
                     .execute(params![id, done_parts, message_id, w.now])?,
                 U::Sent { message_id } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET state = 'sent', attempts = attempts + 1,
                             message_id = COALESCE(message_id, ?2), last_error = NULL, updated_at = ?3
                          WHERE id = ?1",
                     )?
                     .execute(params![id, message_id, w.now])?,
                 U::Retry { at, error } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3,
                             updated_at = ?4 WHERE id = ?1",
                     )?
                     .execute(params![id, at, error, w.now])?,
                 U::Wait { at, error } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET next_at = ?2, last_error = ?3, updated_at = ?4
                          WHERE id = ?1",
                     )?
                     .execute(params![id, at, error, w.now])?,
                 U::Failed { error } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2,
                             updated_at = ?3 WHERE id = ?1",
                     )?
@@ -1259,8 +1312,7 @@ impl SqliteStore {
             }
             // The task's delivery state is part of the task: tell its watchers.
             let task: Option<String> = w
-                .conn
-                .prepare_cached("SELECT t.id FROM outbox o JOIN tasks t ON t.seq = o.task_seq WHERE o.id = ?1")?
+                .prep("SELECT t.id FROM outbox o JOIN tasks t ON t.seq = o.task_seq WHERE o.id = ?1")?
                 .query_row(params![id], |r| r.get(0))
                 .optional()?;
             if let Some(t) = task {
@@ -1283,8 +1335,7 @@ impl SqliteStore {
     pub(crate) async fn prune(&self, before: i64, limit: u32) -> Result<crate::Pruned> {
         self.write(move |w| {
             let seqs = w
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT seq FROM tasks t
                      WHERE finished_at IS NOT NULL AND finished_at < ?1
                        AND NOT EXISTS (SELECT 1 FROM outbox o
@@ -1304,20 +1355,17 @@ impl SqliteStore {
                 out.tasks += delete("DELETE FROM tasks WHERE seq = ?1")?;
             }
             out.deliveries += w
-                .conn
-                .prepare_cached(
+                .prep(
                     "DELETE FROM outbox WHERE id IN (
                         SELECT id FROM outbox WHERE task_seq IS NULL AND state <> 'pending'
                           AND updated_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![before, limit])? as u64;
             // The chart's rollup: the same horizon as the tasks it counted.
-            w.conn
-                .prepare_cached("DELETE FROM finished_minutes WHERE minute < ?1 / 60000 * 60000")?
+            w.prep("DELETE FROM finished_minutes WHERE minute < ?1 / 60000 * 60000")?
                 .execute([before])?;
             out.runners += w
-                .conn
-                .prepare_cached(
+                .prep(
                     "DELETE FROM runners WHERE last_seen < ?1 AND NOT EXISTS (
                         SELECT 1 FROM tasks WHERE runner = runners.name AND finished_at IS NULL)",
                 )?
@@ -1336,10 +1384,7 @@ impl SqliteStore {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
             let existing: Option<String> = w
-                .conn
-                .prepare_cached(
-                    "SELECT id FROM approvals WHERE task_seq = ?1 AND attempt = ?2 AND key = ?3",
-                )?
+                .prep("SELECT id FROM approvals WHERE task_seq = ?1 AND attempt = ?2 AND key = ?3")?
                 .query_row(params![t.seq, t.attempt, req.key], |r| r.get(0))
                 .optional()?;
             if let Some(aid) = existing {
@@ -1347,8 +1392,7 @@ impl SqliteStore {
             }
             w.check_lease(&t)?;
             let (pending, asked): (i64, i64) = w
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(attempt = ?2), 0)
                      FROM approvals WHERE task_seq = ?1",
                 )?
@@ -1357,25 +1401,24 @@ impl SqliteStore {
             w.renew_lease(&t)?;
             let aid = model::new_approval_id();
             let expires_at = model::approval_expires(w.now, req.timeout_ms);
-            w.conn
-                .prepare_cached(
-                    "INSERT INTO approvals (id, task_seq, attempt, key, agent, runner, owner, state,
+            w.prep(
+                "INSERT INTO approvals (id, task_seq, attempt, key, agent, runner, owner, state,
                         tool, options, asked_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, ?10, ?11)",
-                )?
-                .execute(params![
-                    aid,
-                    t.seq,
-                    t.attempt,
-                    req.key,
-                    t.agent,
-                    t.runner,
-                    t.owner,
-                    to_json(&req.tool),
-                    to_json(&req.options),
-                    w.now,
-                    expires_at
-                ])?;
+            )?
+            .execute(params![
+                aid,
+                t.seq,
+                t.attempt,
+                req.key,
+                t.agent,
+                t.runner,
+                t.owner,
+                to_json(&req.tool),
+                to_json(&req.options),
+                w.now,
+                expires_at
+            ])?;
             let a = load_approval(w.conn, &aid)?.0;
             w.event(t.seq, t.attempt, "approval", &model::approval_event(&a))?;
             w.fx.changed.push(t.id.clone());
@@ -1463,8 +1506,7 @@ impl SqliteStore {
             let (a, owner) = load_approval(w.conn, &id)?;
             model::check_approval_owner(&scope, &owner)?;
             let name: String = w
-                .conn
-                .prepare_cached("SELECT name FROM tokens WHERE id = ?1")?
+                .prep("SELECT name FROM tokens WHERE id = ?1")?
                 .query_row(params![token_id], |r| r.get(0))
                 .optional()?
                 .unwrap_or_else(|| token_id.clone());
@@ -1820,6 +1862,8 @@ struct Handed {
 /// error: every write gets what it would have got alone, and only a batch with such a failure
 /// runs twice.
 fn commit_batch(conn: &mut Connection, mut batch: Vec<Job>, handing: &Handing) {
+    let conn: &Connection = conn;
+    let stmts = Stmts::new(conn);
     let signals = &*handing.signals;
     let mut effects = Effects::default();
     let mut handed = Vec::new();
@@ -1835,14 +1879,14 @@ fn commit_batch(conn: &mut Connection, mut batch: Vec<Job>, handing: &Handing) {
         effects = Effects::default();
         let mut clean = true;
         for (i, job) in batch.iter_mut().enumerate() {
-            if failed != Some(i) && job.run(conn, &mut effects, mode) == Ran::Dirty {
+            if failed != Some(i) && job.run(&stmts, &mut effects, mode) == Ran::Dirty {
                 failed = Some(i);
                 clean = false;
                 break;
             }
         }
         if clean && !effects.ready.is_empty() {
-            clean = hand_off(conn, &mut effects, handing, mode, &mut handed);
+            clean = hand_off(&stmts, &mut effects, handing, mode, &mut handed);
         }
         if !clean {
             // Only a plain run is ever dirty: the run again has a savepoint per write.
@@ -1923,7 +1967,7 @@ fn rollback(conn: &Connection) {
 /// poll is answered with its error and every other poll taken in this run is woken to claim
 /// for itself, as the batch is rolled back and run again.
 fn hand_off(
-    conn: &Connection,
+    stmts: &Stmts<'_>,
     effects: &mut Effects,
     handing: &Handing,
     mode: Mode,
@@ -1949,7 +1993,7 @@ fn hand_off(
             let mut fx = Effects::default();
             let (result, ran) =
                 run_write(
-                    conn,
+                    stmts,
                     &mut fx,
                     &handing.settings,
                     now,
@@ -2034,13 +2078,14 @@ fn hand_off(
 /// is nothing to undo and it fails alone. Savepoints mode: in its own savepoint, rolled back
 /// alone; never dirty.
 fn run_write<T>(
-    conn: &Connection,
+    stmts: &Stmts<'_>,
     effects: &mut Effects,
     settings: &QueueSettings,
     now: i64,
     mode: Mode,
-    f: impl FnOnce(&mut W<'_>) -> Result<T>,
+    f: impl FnOnce(&mut W<'_, '_>) -> Result<T>,
 ) -> (Result<T>, Ran) {
+    let conn = stmts.conn;
     let changes = conn.total_changes();
     if mode == Mode::Savepoints
         && let Err(e) = cached(conn, "SAVEPOINT job")
@@ -2053,6 +2098,7 @@ fn run_write<T>(
             now,
             fx: Effects::default(),
             settings,
+            stmts,
         };
         let r = f(&mut w);
         (r, w.fx)
@@ -2126,7 +2172,7 @@ fn may_resume_in(c: &Connection, id: &str, session_id: &str) -> Result<bool> {
 /// refuses is finished `failed` and the next one claimed), with what the caller needs to hand
 /// it on.
 fn claim_and_start_in(
-    w: &mut W<'_>,
+    w: &mut W<'_, '_>,
     req: &ClaimRequest,
     token: &str,
     start: StartAtClaim,
@@ -2152,8 +2198,7 @@ fn claim_and_start_in(
         // for the rest, e.g. most v1 claims with `ack`, which do not use it.
         let conv_owner: Option<String> = match offer.task.conversation {
             Some(_) => w
-                .conn
-                .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
+                .prep("SELECT conv_owner FROM tasks WHERE id = ?1")?
                 .query_row(params![id], |r| r.get(0))?,
             None => None,
         };
@@ -2168,7 +2213,7 @@ fn claim_and_start_in(
 }
 
 /// Offers `req`'s runner the oldest ready task it can take, or nothing.
-fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Option<Offer>> {
+fn claim_in(w: &mut W<'_, '_>, req: &ClaimRequest, token: Option<&str>) -> Result<Option<Offer>> {
     w.touch_runner(req, token)?;
     // An attempt an earlier claim with `ack` started whose answer this runner may never
     // have read comes first (see `model::Unconfirmed`).
@@ -2189,7 +2234,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
     }
     streams.sort_unstable();
     streams.dedup();
-    let mut next = w.conn.prepare_cached(
+    let mut next = w.prep(
         "SELECT seq FROM tasks INDEXED BY tasks_ready_claim
          WHERE ready = 1 AND agent = ?1 AND coalesce(project, '') = ?2 AND seq > ?3
          ORDER BY seq LIMIT 1",
@@ -2203,7 +2248,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
             heads.push(std::cmp::Reverse((seq, i)));
         }
     }
-    let mut candidate = w.conn.prepare_cached(
+    let mut candidate = w.prep(
         "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
          FROM tasks t
          LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
@@ -2262,8 +2307,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
     // (no read after the write).
     let offered = StateEvent::Offered(&req.runner).data().to_string();
     let (row, event_seq, conv_owner) = w
-        .conn
-        .prepare_cached(concat!(
+        .prep(concat!(
             "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
                 lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
                 not_before = NULL, reason = NULL, updated_at = ?5,
@@ -2325,7 +2369,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
 /// `confirm`: the runner itself acks (it has the offer); else the server acks for it in the
 /// claim that made the offer, and the attempt stays unconfirmed.
 fn ack_in(
-    w: &mut W<'_>,
+    w: &mut W<'_, '_>,
     id: &str,
     at: &AttemptRef,
     lease_ms: Option<i64>,
@@ -2347,8 +2391,7 @@ fn ack_in(
     };
     let running = StateEvent::Running(t.runner.as_deref()).data().to_string();
     let event_seq: i64 = w
-        .conn
-        .prepare_cached(
+        .prep(
             "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
                 lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
                 next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?4
@@ -2375,7 +2418,7 @@ fn ack_in(
 }
 
 /// Ends (or parks) the attempt `req` names.
-fn finish_in(w: &mut W<'_>, id: &str, req: &FinishRequest) -> Result<Task> {
+fn finish_in(w: &mut W<'_, '_>, id: &str, req: &FinishRequest) -> Result<Task> {
     let t = w.open_task(id)?;
     model::check_attempt(&t, req.attempt, &req.lease_token)?;
     w.confirm(&t)?;
@@ -2396,8 +2439,7 @@ fn finish_in(w: &mut W<'_>, id: &str, req: &FinishRequest) -> Result<Task> {
             let not_before = req.not_before.unwrap_or(w.now);
             let parked = StateEvent::Parked(not_before).data().to_string();
             let event_seq: i64 = w
-                .conn
-                .prepare_cached(
+                .prep(
                     "UPDATE tasks SET state = 'parked', ready = 1, not_before = ?2,
                         lease_until = NULL, ack_by = NULL, lease_token = NULL,
                         reason = ?3, updated_at = ?4, result = ?5,
@@ -2435,27 +2477,25 @@ fn finish_in(w: &mut W<'_>, id: &str, req: &FinishRequest) -> Result<Task> {
     load_task_by_seq(w.conn, t.seq)
 }
 
-impl W<'_> {
+impl W<'_, '_> {
     fn open_task(&self, id: &str) -> Result<OpenTask> {
-        self.conn
-            .prepare_cached(concat!(
-                "SELECT ",
-                open_task_columns!(),
-                " FROM tasks WHERE id = ?1"
-            ))?
-            .query_row(params![id], |r| Ok(open_task_from_row(r)))
-            .optional()?
-            .ok_or(StoreError::NotFound("task"))?
+        self.prep(concat!(
+            "SELECT ",
+            open_task_columns!(),
+            " FROM tasks WHERE id = ?1"
+        ))?
+        .query_row(params![id], |r| Ok(open_task_from_row(r)))
+        .optional()?
+        .ok_or(StoreError::NotFound("task"))?
     }
 
     fn task_by_seq(&self, seq: i64) -> Result<OpenTask> {
-        self.conn
-            .prepare_cached(concat!(
-                "SELECT ",
-                open_task_columns!(),
-                " FROM tasks WHERE seq = ?1"
-            ))?
-            .query_row(params![seq], |r| Ok(open_task_from_row(r)))?
+        self.prep(concat!(
+            "SELECT ",
+            open_task_columns!(),
+            " FROM tasks WHERE seq = ?1"
+        ))?
+        .query_row(params![seq], |r| Ok(open_task_from_row(r)))?
     }
 
     fn due(&self, sql: &str) -> Result<Vec<i64>> {
@@ -2481,12 +2521,10 @@ impl W<'_> {
     fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t)?;
         let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
-        self.conn
-            .prepare_cached("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
+        self.prep("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
             .execute(params![t.seq, lease_until])?;
         if let Some(r) = &t.runner {
-            self.conn
-                .prepare_cached("UPDATE runners SET last_seen = ?2 WHERE name = ?1")?
+            self.prep("UPDATE runners SET last_seen = ?2 WHERE name = ?1")?
                 .execute(params![r, self.now])?;
         }
         Ok(lease_until)
@@ -2496,8 +2534,7 @@ impl W<'_> {
     /// again (see [`model::Unconfirmed`]).
     fn confirm(&self, t: &OpenTask) -> Result<()> {
         if t.unconfirmed {
-            self.conn
-                .prepare_cached("UPDATE tasks SET unconfirmed = 0 WHERE seq = ?1")?
+            self.prep("UPDATE tasks SET unconfirmed = 0 WHERE seq = ?1")?
                 .execute(params![t.seq])?;
         }
         Ok(())
@@ -2508,8 +2545,7 @@ impl W<'_> {
     /// that are no longer its to have, are cleared on the way.
     fn unconfirmed_offer(&mut self, req: &ClaimRequest) -> Result<Option<Offer>> {
         let seqs = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "SELECT seq FROM tasks INDEXED BY tasks_unconfirmed
                  WHERE runner = ?1 AND unconfirmed = 1 ORDER BY seq",
             )?
@@ -2627,16 +2663,14 @@ impl W<'_> {
         ];
         let (event_seq, row) = if want_row {
             let (row, event_seq) = self
-                .conn
-                .prepare_cached(concat!(end!(), task_columns!(), ", next_event_seq - 1"))?
+                .prep(concat!(end!(), task_columns!(), ", next_event_seq - 1"))?
                 .query_row(args, |r| {
                     Ok(task_row(r)?.and_then(|row| Ok((row, r.int(TASK_COLUMNS_LEN)?))))
                 })??;
             (event_seq, Some(row))
         } else {
             let event_seq: i64 = self
-                .conn
-                .prepare_cached(concat!(end!(), "next_event_seq - 1"))?
+                .prep(concat!(end!(), "next_event_seq - 1"))?
                 .query_row(args, |r| r.get(0))?;
             (event_seq, None)
         };
@@ -2645,8 +2679,7 @@ impl W<'_> {
         self.deliver_final(t)?;
         if let Some(key) = &t.session_key {
             let next: Option<(i64, String)> = self
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT seq, state FROM tasks WHERE session_key = ?1 AND finished_at IS NULL
                      ORDER BY seq LIMIT 1",
                 )?
@@ -2655,8 +2688,7 @@ impl W<'_> {
             if let Some((seq, s)) = next
                 && model::parse_state(&s).is_ok_and(model::waits_in_queue)
             {
-                self.conn
-                    .prepare_cached("UPDATE tasks SET ready = 1 WHERE seq = ?1")?
+                self.prep("UPDATE tasks SET ready = 1 WHERE seq = ?1")?
                     .execute(params![seq])?;
                 let hint = self.ready_hint(seq)?;
                 self.fx.ready.push(hint);
@@ -2695,8 +2727,7 @@ impl W<'_> {
         data: &str,
     ) -> Result<()> {
         let seq: i64 = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?2
                  WHERE seq = ?1 RETURNING next_event_seq - 1",
             )?
@@ -2718,20 +2749,19 @@ impl W<'_> {
         kind: &str,
         data: &str,
     ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+        self.prep(
+            "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                task_seq,
-                seq,
-                attempt,
-                n.map(|n| n as i64),
-                kind,
-                data,
-                self.now
-            ])?;
+        )?
+        .execute(params![
+            task_seq,
+            seq,
+            attempt,
+            n.map(|n| n as i64),
+            kind,
+            data,
+            self.now
+        ])?;
         Ok(())
     }
 
@@ -2744,8 +2774,7 @@ impl W<'_> {
             runner: None,
         };
         let (mode, resume_id, bound_session, bound_runner): SessionColumns = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "SELECT t.id, t.agent, t.project, t.session_mode, t.resume_id, s.session_id, s.runner
                  FROM tasks t LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
                     AND s.conversation = t.conversation
@@ -2782,8 +2811,7 @@ impl W<'_> {
         // A runner re-polling with nothing changed, seen within the last second: its row stays
         // as it is (a claim per task would otherwise rewrite it, and a page of the log with it).
         let unchanged = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "SELECT 1 FROM runners WHERE name = ?1 AND agents = ?2 AND projects = ?3
                     AND capacity = ?4 AND version IS ?5 AND agent_versions = ?6
                     AND acp_agents = ?7 AND token IS ?8 AND left_at IS NULL AND last_seen >= ?9
@@ -2805,8 +2833,7 @@ impl W<'_> {
             return Ok(());
         }
         let n = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
                     first_seen, last_seen, token, acp_agents, acp_capabilities)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10)
@@ -2847,22 +2874,21 @@ impl W<'_> {
         session_id: Option<&str>,
         runner: Option<&str>,
     ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO sessions (owner, agent, conversation, session_id, runner, updated_at)
+        self.prep(
+            "INSERT INTO sessions (owner, agent, conversation, session_id, runner, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (owner, agent, conversation) DO UPDATE SET
                     session_id = excluded.session_id, runner = excluded.runner,
                     updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                conv_owner,
-                agent,
-                conversation,
-                session_id,
-                runner,
-                self.now
-            ])?;
+        )?
+        .execute(params![
+            conv_owner,
+            agent,
+            conversation,
+            session_id,
+            runner,
+            self.now
+        ])?;
         Ok(())
     }
 
@@ -2894,8 +2920,7 @@ impl W<'_> {
 
     /// The agent reported its native session id: remember it and bind the conversation.
     fn record_session(&self, t: &OpenTask, session_id: &str) -> Result<()> {
-        self.conn
-            .prepare_cached(
+        self.prep(
                 "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
                  VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
                  ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
@@ -2923,12 +2948,12 @@ impl W<'_> {
     }
 }
 
-impl W<'_> {
+impl W<'_, '_> {
     /// Settles every pending request of the task's current attempt as cancelled (the task was
     /// cancelled, or the attempt ended): the agent is not waiting any more.
     fn settle_pending(&mut self, t: &OpenTask, why: &str) -> Result<()> {
         let ids = {
-            let mut stmt = self.conn.prepare_cached(
+            let mut stmt = self.prep(
                 "SELECT id FROM approvals WHERE task_seq = ?1 AND state = 'pending' ORDER BY id",
             )?;
             stmt.query_map(params![t.seq], |r| r.get::<_, String>(0))?
@@ -2950,11 +2975,10 @@ impl W<'_> {
         state: ApprovalState,
         outcome: ApprovalOutcome,
     ) -> Result<Approval> {
-        self.conn
-            .prepare_cached(
-                "UPDATE approvals SET state = ?2, outcome = ?3 WHERE id = ?1 AND state = 'pending'",
-            )?
-            .execute(params![a.id, state.as_str(), to_json(&outcome)])?;
+        self.prep(
+            "UPDATE approvals SET state = ?2, outcome = ?3 WHERE id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![a.id, state.as_str(), to_json(&outcome)])?;
         let (settled, _) = load_approval(self.conn, &a.id)?;
         let t = self.open_task(&a.task_id)?;
         self.event(
@@ -2967,15 +2991,13 @@ impl W<'_> {
         if let Some(target) = model::chat_target(&t).cloned() {
             // A progress edit waiting would hold the edit of the question behind it (one
             // destination, in order): send it now instead.
-            self.conn
-                .prepare_cached(
-                    "UPDATE outbox SET next_at = MIN(next_at, ?2)
+            self.prep(
+                "UPDATE outbox SET next_at = MIN(next_at, ?2)
                      WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
-                )?
-                .execute(params![t.seq, self.now])?;
+            )?
+            .execute(params![t.seq, self.now])?;
             let asked: bool = self
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'approval' AND body = ?2",
                 )?
                 .exists(params![t.seq, model::approval_body(&a.id).to_string()])?;
@@ -3005,7 +3027,7 @@ impl W<'_> {
 /// A task's session mode, resume id, and its conversation's bound session and runner.
 type SessionColumns = (String, Option<String>, Option<String>, Option<String>);
 
-impl W<'_> {
+impl W<'_, '_> {
     fn enqueue(
         &mut self,
         task_seq: Option<i64>,
@@ -3014,21 +3036,20 @@ impl W<'_> {
         body: Option<&serde_json::Value>,
         delay_ms: i64,
     ) -> Result<i64> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO outbox (task_seq, destination, kind, target, body, state, next_at,
+        self.prep(
+            "INSERT INTO outbox (task_seq, destination, kind, target, body, state, next_at,
                     created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?7)",
-            )?
-            .execute(params![
-                task_seq,
-                destination(target),
-                kind,
-                to_json(target),
-                body.map(|b| b.to_string()),
-                self.now + delay_ms,
-                self.now
-            ])?;
+        )?
+        .execute(params![
+            task_seq,
+            destination(target),
+            kind,
+            to_json(target),
+            body.map(|b| b.to_string()),
+            self.now + delay_ms,
+            self.now
+        ])?;
         self.fx.delivery = true;
         Ok(self.conn.last_insert_rowid())
     }
@@ -3037,8 +3058,7 @@ impl W<'_> {
     fn deliver_started(&mut self, t: &OpenTask) -> Result<()> {
         if let Some(target) = model::chat_target(t).cloned() {
             let posted: bool = self
-                .conn
-                .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+                .prep("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
                 .exists(params![t.seq])?;
             if !posted {
                 self.enqueue(Some(t.seq), "progress", &target, None, 0)?;
@@ -3059,8 +3079,7 @@ impl W<'_> {
     fn deliver_progress_in(&mut self, t: &OpenTask, delay_ms: i64) -> Result<()> {
         if let Some(target) = model::chat_target(t).cloned() {
             let pending: bool = self
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
                 )?
                 .exists(params![t.seq])?;
@@ -3077,17 +3096,15 @@ impl W<'_> {
         let Some(target) = t.reply_to.clone() else {
             return Ok(());
         };
-        self.conn
-            .prepare_cached(
-                "UPDATE outbox SET state = 'skipped', updated_at = ?2
+        self.prep(
+            "UPDATE outbox SET state = 'skipped', updated_at = ?2
                  WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
-            )?
-            .execute(params![t.seq, self.now])?;
+        )?
+        .execute(params![t.seq, self.now])?;
         // The "working…" message ends in the outcome before the answer is posted (one
         // destination goes in order), so no chat keeps a stale "working…".
         let working: bool = self
-            .conn
-            .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+            .prep("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
             .exists(params![t.seq])?;
         if working && let Some(chat) = model::chat_target(t).cloned() {
             self.enqueue(Some(t.seq), "edit", &chat, None, 0)?;
@@ -3328,7 +3345,7 @@ mod tests {
     }
 
     type Runs = Arc<AtomicUsize>;
-    type TestWrite<T> = Box<dyn FnMut(&mut W<'_>) -> Result<T> + Send>;
+    type TestWrite<T> = Box<dyn FnMut(&mut W<'_, '_>) -> Result<T> + Send>;
 
     async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -3351,12 +3368,12 @@ mod tests {
         (Arc::new(store), dir)
     }
 
-    fn insert(w: &W<'_>, n: i64) -> Result<()> {
+    fn insert(w: &W<'_, '_>, n: i64) -> Result<()> {
         w.conn.execute("INSERT INTO scratch (n) VALUES (?1)", [n])?;
         Ok(())
     }
 
-    fn rows(w: &W<'_>) -> Result<Vec<i64>> {
+    fn rows(w: &W<'_, '_>) -> Result<Vec<i64>> {
         let mut st = w.conn.prepare("SELECT n FROM scratch ORDER BY n")?;
         let rows = st.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -3403,7 +3420,7 @@ mod tests {
 
     fn counted<T>(
         runs: &Runs,
-        mut f: impl FnMut(&mut W<'_>) -> Result<T> + Send + 'static,
+        mut f: impl FnMut(&mut W<'_, '_>) -> Result<T> + Send + 'static,
     ) -> TestWrite<T> {
         let runs = runs.clone();
         Box::new(move |w| {
