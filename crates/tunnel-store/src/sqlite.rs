@@ -3284,22 +3284,11 @@ fn queue_position(
                 "SELECT COUNT(*) FROM tasks WHERE session_key = ?1 AND finished_at IS NULL AND seq < ?2",
             )?
             .query_row(params![k, seq], |r| r.get(0))?,
-        // Capped: with a deep backlog the exact figure is not worth a long scan per submit.
-        // Whether there is a 1,000th ready task ahead is one walk of the index that only
-        // steps (a count of 1,000 rows costs twice as much); fewer are counted.
-        None if c
-            .prepare_cached(
-                "SELECT 1 FROM tasks INDEXED BY tasks_ready_agent
-                 WHERE ready = 1 AND agent = ?2 AND seq < ?1 ORDER BY seq DESC LIMIT 1 OFFSET 999",
-            )?
-            .exists(params![seq, t.agent])? =>
-        {
-            1000
-        }
         None => c
+            // Capped: with a deep backlog the exact figure is not worth a long scan per submit.
             .prepare_cached(
-                "SELECT COUNT(*) FROM tasks INDEXED BY tasks_ready_agent
-                 WHERE ready = 1 AND agent = ?2 AND seq < ?1",
+                "SELECT COUNT(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_ready_agent
+                    WHERE ready = 1 AND agent = ?2 AND seq < ?1 LIMIT 1000)",
             )?
             .query_row(params![seq, t.agent], |r| r.get(0))?,
     };
