@@ -27,12 +27,30 @@ pub(crate) trait Columns {
 // ---------------------------------------------------------------------------------------------
 // Row mappings
 
-/// The columns [`task_from_row`] reads, in its order.
-pub(crate) const TASK_COLUMNS: &str =
-    "seq, session_key, id, agent, prompt, conversation, project, model,
+/// [`TASK_COLUMNS`] as a literal, for `concat!`: the writer's statements are then constant
+/// strings, not formatted anew for every use.
+macro_rules! task_columns {
+    () => {
+        "seq, session_key, id, agent, prompt, conversation, project, model,
     timeout_ms, session_mode, resume_id, max_attempts, reply_to, state, attempt, runner,
     cancel_requested, not_before, ack_by, lease_until, reason, result, created_at, updated_at,
-    started_at, finished_at, owner, meta, approvals";
+    started_at, finished_at, owner, meta, approvals"
+    };
+}
+pub(crate) use task_columns;
+
+/// [`OPEN_TASK_COLUMNS`] as a literal, for `concat!`.
+macro_rules! open_task_columns {
+    () => {
+        "seq, id, agent, conversation, session_key, owner, state, attempt,
+    runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before,
+    conv_owner, unconfirmed, offer_resume"
+    };
+}
+pub(crate) use open_task_columns;
+
+/// The columns [`task_from_row`] reads, in its order.
+pub(crate) const TASK_COLUMNS: &str = task_columns!();
 
 /// How many columns a comma-separated list names, so a statement that selects more after a
 /// list knows where they start without a count kept by hand beside it.
@@ -261,10 +279,7 @@ pub(crate) struct OpenTask {
 }
 
 /// The columns [`open_task_from_row`] reads, in its order.
-pub(crate) const OPEN_TASK_COLUMNS: &str =
-    "seq, id, agent, conversation, session_key, owner, state, attempt,
-    runs, max_attempts, lease_token, runner, ack_by, lease_until, reply_to, not_before,
-    conv_owner, unconfirmed, offer_resume";
+pub(crate) const OPEN_TASK_COLUMNS: &str = open_task_columns!();
 
 pub(crate) fn open_task_from_row(r: &impl Columns) -> Result<OpenTask> {
     let state = r.text(6)?;

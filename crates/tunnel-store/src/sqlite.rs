@@ -1,8 +1,9 @@
 //! SQLite backend.
 //!
 //! One writer thread owns the only writing connection. Writes are closures sent to it; it runs
-//! every closure waiting in its queue inside one transaction (each in its own savepoint, so one
-//! failing write rolls back alone), commits once, then answers them all. This group commit is
+//! every closure waiting in its queue inside one transaction, commits once, then answers them
+//! all (a write that fails with something to undo has the batch rolled back and run again
+//! without it, each write in its own savepoint, so it fails alone). This group commit is
 //! what lets one SQLite file take thousands of tasks a second while every answered write is
 //! committed. Because there is exactly one writer, a claim can be ordinary Rust over indexed
 //! reads with no race. Reads run on a small pool of read-only connections (WAL lets them
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 use tunnel_protocol::{
     AppendAck, AppendEvents, Approval, ApprovalAnswer, ApprovalOutcome, ApprovalRequest,
@@ -25,8 +26,9 @@ use crate::model::{
     self, APPROVAL_COLUMNS, APPROVAL_OWNER, Ack, Answer, BINDING_COLUMNS, CANCELLED_BEFORE_RUN,
     Cancel, Columns, EDIT_EVERY_MS, Expiry, Finish, Home, Lease, OPEN_TASK_COLUMNS, OpenTask,
     StateEvent, TASK_COLUMNS, TASK_OWNER, binding_from_row, delivery_from_row,
-    delivery_status_from_row, destination, event_from_row, open_task_from_row, parse_state,
-    recent_from_row, runner_from_row, session_key, task_from_row, to_json, token_from_row,
+    delivery_status_from_row, destination, event_from_row, open_task_columns, open_task_from_row,
+    parse_state, recent_from_row, runner_from_row, session_key, task_columns, task_from_row,
+    to_json, token_from_row,
 };
 use crate::{
     ApprovalFilter, Clock, CurrentAttempt, Dialect, Durability, Handoff, ParkedClaim, QueueCounts,
@@ -80,17 +82,163 @@ impl Effects {
     }
 }
 
-/// A write in progress: the connection (inside a savepoint), the time it runs at, and what
-/// it changed.
-struct W<'a> {
-    conn: &'a Connection,
+/// A write in progress: the connection (inside the batch's transaction), the time it runs at,
+/// and what it changed.
+struct W<'a, 'c> {
+    conn: &'c Connection,
     now: i64,
     fx: Effects,
     settings: &'a QueueSettings,
+    stmts: &'a Stmts<'c>,
 }
 
-type Completion = Box<dyn FnOnce(bool) + Send>;
-type Job = Box<dyn FnOnce(&mut rusqlite::Transaction<'_>, &mut Effects) -> Completion + Send>;
+impl<'a, 'c> W<'a, 'c> {
+    /// The statement `sql` (a constant: it is known by its address), from the batch's own
+    /// ([`Stmts`]).
+    fn prep(&self, sql: &'static str) -> rusqlite::Result<Held<'a, 'c>> {
+        self.stmts.get(sql)
+    }
+}
+
+/// The statements a batch's writes used, taken from rusqlite's cache at their first use in the
+/// batch and given back to it when the batch ends. A write finds its statement here by the
+/// address of its constant text, where rusqlite's cache hashes the whole text on every use and
+/// every return (a twentieth of the writer's time in a profile).
+struct Stmts<'c> {
+    conn: &'c Connection,
+    free: std::cell::RefCell<Vec<(usize, rusqlite::CachedStatement<'c>)>>,
+}
+
+impl<'c> Stmts<'c> {
+    fn new(conn: &'c Connection) -> Stmts<'c> {
+        Stmts {
+            conn,
+            free: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    fn get<'a>(&'a self, sql: &'static str) -> rusqlite::Result<Held<'a, 'c>> {
+        let key = sql.as_ptr() as usize;
+        let found = {
+            let mut free = self.free.borrow_mut();
+            free.iter()
+                .position(|(k, _)| *k == key)
+                .map(|i| free.swap_remove(i).1)
+        };
+        // Not free: first use in the batch, or in use (a statement run while another copy
+        // of it has rows open gets its own).
+        let st = match found {
+            Some(st) => st,
+            None => self.conn.prepare_cached(sql)?,
+        };
+        Ok(Held {
+            st: Some(st),
+            key,
+            home: self,
+        })
+    }
+}
+
+/// A statement of [`Stmts`] in use; back to it when dropped.
+struct Held<'a, 'c> {
+    st: Option<rusqlite::CachedStatement<'c>>,
+    key: usize,
+    home: &'a Stmts<'c>,
+}
+
+impl<'c> std::ops::Deref for Held<'_, 'c> {
+    type Target = rusqlite::Statement<'c>;
+    fn deref(&self) -> &Self::Target {
+        self.st.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Held<'_, '_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.st.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Held<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(st) = self.st.take() {
+            self.home.free.borrow_mut().push((self.key, st));
+        }
+    }
+}
+
+/// A write queued for the writer thread: run inside the batch's transaction (again, after a
+/// rollback of the batch), then answered once the batch has committed or failed.
+trait Write: Send {
+    /// Runs the write; [`Ran::Dirty`] when it failed with an error that must undo it and it
+    /// may have changed the database (then the batch is rolled back and run again).
+    fn run(&mut self, stmts: &Stmts<'_>, effects: &mut Effects, mode: Mode) -> Ran;
+    /// Answers the caller: its result if the batch committed, an error otherwise.
+    fn answer(self: Box<Self>, committed: bool);
+}
+
+type Job = Box<dyn Write>;
+
+/// How a batch's writes run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One after another in the transaction, no savepoint: the common case.
+    Plain,
+    /// Each in its own savepoint, so one failing write rolls back alone: the run again of a
+    /// batch one of whose writes failed in [`Mode::Plain`].
+    Savepoints,
+}
+
+/// How a write ran.
+#[derive(PartialEq, Eq)]
+enum Ran {
+    /// Done, refused or failed with nothing to undo: it stays as it is.
+    Clean,
+    /// Failed, and what it did before failing must be undone.
+    Dirty,
+}
+
+/// A write and, once run, its result.
+struct Queued<T, F> {
+    f: F,
+    tx: oneshot::Sender<Result<T>>,
+    clock: Arc<dyn Clock>,
+    settings: Arc<QueueSettings>,
+    /// The time it ran at first; a run again after a rollback keeps it.
+    now: Option<i64>,
+    result: Option<Result<T>>,
+}
+
+impl<T, F> Write for Queued<T, F>
+where
+    T: Send + 'static,
+    F: FnMut(&mut W<'_, '_>) -> Result<T> + Send + 'static,
+{
+    fn run(&mut self, stmts: &Stmts<'_>, effects: &mut Effects, mode: Mode) -> Ran {
+        // A caller that went away (a long-poll whose client disconnected) gets nothing
+        // done on its behalf.
+        if self.tx.is_closed() {
+            self.result = None;
+            return Ran::Clean;
+        }
+        let now = *self.now.get_or_insert_with(|| self.clock.now_ms());
+        let (result, ran) = run_write(stmts, effects, &self.settings, now, mode, &mut self.f);
+        self.result = Some(result);
+        ran
+    }
+
+    fn answer(self: Box<Self>, committed: bool) {
+        let Some(result) = self.result else {
+            return;
+        };
+        let answer = if committed {
+            result
+        } else {
+            Err(StoreError::Unavailable("the commit failed".into()))
+        };
+        let _ = self.tx.send(answer);
+    }
+}
 
 /// What the writer thread is sent.
 enum Msg {
@@ -155,29 +303,20 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer thread inside the next group commit; answers after the commit.
+    /// `f` may run twice: a batch in which another write failed is rolled back and run again.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut W<'_>) -> Result<T> + Send + 'static,
+        F: FnMut(&mut W<'_, '_>) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T>>();
-        let clock = self.clock.clone();
-        let settings = self.settings.clone();
-        let job: Job = Box::new(move |txn, effects| {
-            // A caller that went away (a long-poll whose client disconnected) gets nothing
-            // done on its behalf.
-            if tx.is_closed() {
-                return Box::new(|_| {});
-            }
-            let result = run_in_savepoint(txn, effects, &settings, clock.now_ms(), f);
-            Box::new(move |committed| {
-                let answer = if committed {
-                    result
-                } else {
-                    Err(StoreError::Unavailable("the commit failed".into()))
-                };
-                let _ = tx.send(answer);
-            })
+        let job: Job = Box::new(Queued {
+            f,
+            tx,
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            now: None,
+            result: None,
         });
         self.jobs
             .send(Msg::Job(job))
@@ -244,8 +383,7 @@ impl SqliteStore {
         self.write(move |w| {
             if let Some(k) = &key {
                 let existing: Option<String> = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT id FROM tasks WHERE owner = ?1 AND idempotency_key = ?2",
                     )?
                     .query_row(params![owner, k], |r| r.get(0))
@@ -258,8 +396,7 @@ impl SqliteStore {
             if let Some(cap) = w.settings.max_queued_per_token {
                 // Counted in `tasks_owner_waiting`, and never past the cap.
                 let waiting: i64 = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT COUNT(*) FROM (SELECT 1 FROM tasks
                          WHERE owner = ?1 AND state IN ('queued', 'parked') LIMIT ?2)",
                     )?
@@ -275,8 +412,7 @@ impl SqliteStore {
                 .map(|c| session_key(&req.agent, c, &conv_owner));
             let busy = match &session_key {
                 Some(k) => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT 1 FROM tasks WHERE session_key = ?1 AND finished_at IS NULL LIMIT 1",
                     )?
                     .exists(params![k])?,
@@ -288,15 +424,15 @@ impl SqliteStore {
             // counted in it already.
             let queued = StateEvent::Queued(None).data().to_string();
             let row = w
-                .conn
-                .prepare_cached(&format!(
+                .prep(concat!(
                     "INSERT INTO tasks (id, agent, prompt, conversation, session_key, project, model,
                         timeout_ms, session_mode, resume_id, max_attempts, reply_to, owner,
                         idempotency_key, state, ready, created_at, updated_at, meta, approvals,
                         conv_owner, next_event_seq, event_bytes)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
                         'queued', ?15, ?16, ?16, ?17, ?18, ?19, 2, ?20)
-                     RETURNING {TASK_COLUMNS}"
+                     RETURNING ",
+                    task_columns!()
                 ))?
                 .query_row(params![
                     id,
@@ -500,22 +636,20 @@ impl SqliteStore {
         session: crate::WebSession,
     ) -> Result<()> {
         self.write(move |w| {
-            w.conn
-                .prepare_cached("DELETE FROM web_sessions WHERE expires_at <= ?1")?
+            w.prep("DELETE FROM web_sessions WHERE expires_at <= ?1")?
                 .execute(params![w.now])?;
-            w.conn
-                .prepare_cached(
-                    "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)
+            w.prep(
+                "INSERT INTO web_sessions (id_sha256, kind, token_id, role, created_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
-                    &hash[..],
-                    kind.as_str(),
-                    session.token_id,
-                    session.role.as_str(),
-                    w.now,
-                    session.expires_at
-                ])?;
+            )?
+            .execute(params![
+                &hash[..],
+                kind.as_str(),
+                session.token_id,
+                session.role.as_str(),
+                w.now,
+                session.expires_at
+            ])?;
             Ok(())
         })
         .await
@@ -533,8 +667,7 @@ impl SqliteStore {
         let found = if take {
             self.write(move |w| {
                 let found = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "DELETE FROM web_sessions WHERE id_sha256 = ?1 AND kind = ?2
                          RETURNING token_id, role, expires_at",
                     )?
@@ -573,12 +706,11 @@ impl SqliteStore {
                     w.finish_task(&t, TaskState::Cancelled, Some(CANCELLED_BEFORE_RUN), None)?;
                 }
                 Cancel::Request => {
-                    w.conn
-                        .prepare_cached(
-                            "UPDATE tasks SET state = 'cancelling', cancel_requested = 1,
+                    w.prep(
+                        "UPDATE tasks SET state = 'cancelling', cancel_requested = 1,
                              reason = 'cancel requested', updated_at = ?2 WHERE seq = ?1",
-                        )?
-                        .execute(params![t.seq, w.now])?;
+                    )?
+                    .execute(params![t.seq, w.now])?;
                     w.event(t.seq, t.attempt, "state", &StateEvent::Cancelling.data())?;
                     w.fx.changed.push(t.id.clone());
                     w.settle_pending(&t, "the task was cancelled")?;
@@ -658,9 +790,10 @@ impl SqliteStore {
             // The task and its log's counters in one read; the counters are written once,
             // after the events.
             let (t, (next_seq, bytes, dropped)) = w
-                .conn
-                .prepare_cached(&format!(
-                    "SELECT {OPEN_TASK_COLUMNS}, next_event_seq, event_bytes, events_dropped
+                .prep(concat!(
+                    "SELECT ",
+                    open_task_columns!(),
+                    ", next_event_seq, event_bytes, events_dropped
                      FROM tasks WHERE id = ?1"
                 ))?
                 .query_row(params![id], |r| {
@@ -701,8 +834,7 @@ impl SqliteStore {
             let mut newly_dropped = 0i64;
             for e in &req.events {
                 let dup = w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "SELECT 1 FROM task_events WHERE task_seq = ?1 AND attempt = ?2 AND n = ?3",
                     )?
                     .exists(params![t.seq, t.attempt, e.n as i64])?;
@@ -740,12 +872,11 @@ impl SqliteStore {
                 }
             }
             if next != next_seq || newly_dropped > 0 {
-                w.conn
-                    .prepare_cached(
-                        "UPDATE tasks SET next_event_seq = ?2, event_bytes = event_bytes + ?3,
+                w.prep(
+                    "UPDATE tasks SET next_event_seq = ?2, event_bytes = event_bytes + ?3,
                             events_dropped = events_dropped + ?4 WHERE seq = ?1",
-                    )?
-                    .execute(params![t.seq, next, added, newly_dropped])?;
+                )?
+                .execute(params![t.seq, next, added, newly_dropped])?;
             }
             if accepted > 0 {
                 w.fx.changed.push(t.id.clone());
@@ -763,7 +894,7 @@ impl SqliteStore {
     }
 
     pub(crate) async fn finish(&self, id: String, req: FinishRequest) -> Result<Task> {
-        self.write(move |w| finish_in(w, &id, req)).await
+        self.write(move |w| finish_in(w, &id, &req)).await
     }
 
     pub(crate) async fn events(
@@ -836,8 +967,7 @@ impl SqliteStore {
             let parked = w.due("SELECT seq FROM tasks WHERE state = 'parked' AND not_before <= ?1")?;
             for seq in parked {
                 let t = w.task_by_seq(seq)?;
-                w.conn
-                    .prepare_cached(
+                w.prep(
                         "UPDATE tasks SET state = 'queued', not_before = NULL, updated_at = ?2 WHERE seq = ?1",
                     )?
                     .execute(params![seq, now])?;
@@ -850,7 +980,7 @@ impl SqliteStore {
                 // In batches, so a flood of old tasks does not make one huge transaction; the
                 // next deadline below is then already due and the timer comes straight back.
                 let old = {
-                    let mut stmt = w.conn.prepare_cached(
+                    let mut stmt = w.prep(
                         "SELECT seq FROM tasks INDEXED BY tasks_queued_age
                          WHERE state = 'queued' AND created_at <= ?1
                          ORDER BY created_at LIMIT 500",
@@ -865,7 +995,7 @@ impl SqliteStore {
                 }
             }
             let expired = {
-                let mut stmt = w.conn.prepare_cached(
+                let mut stmt = w.prep(
                     "SELECT id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
                 )?;
                 stmt.query_map(params![now], |r| r.get::<_, String>(0))?
@@ -995,8 +1125,7 @@ impl SqliteStore {
                 runner.as_deref(),
             )?;
             if let Some(id) = &cmd.session_id {
-                w.conn
-                    .prepare_cached(
+                w.prep(
                         "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                          ON CONFLICT (agent, session_id) DO UPDATE SET
@@ -1007,9 +1136,9 @@ impl SqliteStore {
                     .execute(params![cmd.agent, id, runner, cmd.conversation, w.now, owner])?;
             }
             Ok(SessionBinding {
-                conversation: cmd.conversation,
-                agent: cmd.agent,
-                session_id: cmd.session_id,
+                conversation: cmd.conversation.clone(),
+                agent: cmd.agent.clone(),
+                session_id: cmd.session_id.clone(),
                 runner,
                 updated_at: w.now,
                 owner: None,
@@ -1024,7 +1153,7 @@ impl SqliteStore {
         sessions: Vec<tunnel_protocol::ReportedSession>,
     ) -> Result<()> {
         self.write(move |w| {
-            let mut stmt = w.conn.prepare_cached(
+            let mut stmt = w.prep(
                 "INSERT INTO session_history (agent, session_id, runner, conversation, last_used)
                  VALUES (?1, ?2, ?3, NULL, ?4)
                  ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
@@ -1041,8 +1170,7 @@ impl SqliteStore {
     pub(crate) async fn runner_left(&self, name: String, token: String) -> Result<bool> {
         self.write(move |w| {
             let n = w
-                .conn
-                .prepare_cached("UPDATE runners SET left_at = ?2 WHERE name = ?1 AND token = ?3")?
+                .prep("UPDATE runners SET left_at = ?2 WHERE name = ?1 AND token = ?3")?
                 .execute(params![name, w.now, token])?;
             Ok(n > 0)
         })
@@ -1057,12 +1185,11 @@ impl SqliteStore {
         hash: [u8; 32],
     ) -> Result<TokenInfo> {
         self.write(move |w| {
-            w.conn
-                .prepare_cached(
+            w.prep(
                     "INSERT INTO tokens (id, name, role, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![id, name, role.as_str(), &hash[..], w.now])?;
-            Ok(TokenInfo { id, name, role, created_at: w.now, revoked_at: None })
+            Ok(TokenInfo { id: id.clone(), name: name.clone(), role, created_at: w.now, revoked_at: None })
         })
         .await
     }
@@ -1080,10 +1207,7 @@ impl SqliteStore {
     pub(crate) async fn revoke_token(&self, id: String) -> Result<TokenInfo> {
         self.write(move |w| {
             let changed = w
-                .conn
-                .prepare_cached(
-                    "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-                )?
+                .prep("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1")?
                 .execute(params![id, w.now])?;
             if changed == 0 {
                 return Err(StoreError::NotFound("token"));
@@ -1101,7 +1225,7 @@ impl SqliteStore {
                 },
             )?;
             Ok(TokenInfo {
-                id,
+                id: id.clone(),
                 name: info.0,
                 role: Role::parse(&info.1).unwrap_or(Role::Client),
                 created_at: info.2,
@@ -1176,37 +1300,32 @@ impl SqliteStore {
         self.write(move |w| {
             let changed = match &update {
                 U::Parts { done_parts, message_id } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET done_parts = ?2, message_id = COALESCE(message_id, ?3),
                             updated_at = ?4 WHERE id = ?1",
                     )?
                     .execute(params![id, done_parts, message_id, w.now])?,
                 U::Sent { message_id } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET state = 'sent', attempts = attempts + 1,
                             message_id = COALESCE(message_id, ?2), last_error = NULL, updated_at = ?3
                          WHERE id = ?1",
                     )?
                     .execute(params![id, message_id, w.now])?,
                 U::Retry { at, error } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET attempts = attempts + 1, next_at = ?2, last_error = ?3,
                             updated_at = ?4 WHERE id = ?1",
                     )?
                     .execute(params![id, at, error, w.now])?,
                 U::Wait { at, error } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET next_at = ?2, last_error = ?3, updated_at = ?4
                          WHERE id = ?1",
                     )?
                     .execute(params![id, at, error, w.now])?,
                 U::Failed { error } => w
-                    .conn
-                    .prepare_cached(
+                    .prep(
                         "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?2,
                             updated_at = ?3 WHERE id = ?1",
                     )?
@@ -1217,8 +1336,7 @@ impl SqliteStore {
             }
             // The task's delivery state is part of the task: tell its watchers.
             let task: Option<String> = w
-                .conn
-                .prepare_cached("SELECT t.id FROM outbox o JOIN tasks t ON t.seq = o.task_seq WHERE o.id = ?1")?
+                .prep("SELECT t.id FROM outbox o JOIN tasks t ON t.seq = o.task_seq WHERE o.id = ?1")?
                 .query_row(params![id], |r| r.get(0))
                 .optional()?;
             if let Some(t) = task {
@@ -1241,8 +1359,7 @@ impl SqliteStore {
     pub(crate) async fn prune(&self, before: i64, limit: u32) -> Result<crate::Pruned> {
         self.write(move |w| {
             let seqs = w
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT seq FROM tasks t
                      WHERE finished_at IS NOT NULL AND finished_at < ?1
                        AND NOT EXISTS (SELECT 1 FROM outbox o
@@ -1262,20 +1379,17 @@ impl SqliteStore {
                 out.tasks += delete("DELETE FROM tasks WHERE seq = ?1")?;
             }
             out.deliveries += w
-                .conn
-                .prepare_cached(
+                .prep(
                     "DELETE FROM outbox WHERE id IN (
                         SELECT id FROM outbox WHERE task_seq IS NULL AND state <> 'pending'
                           AND updated_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![before, limit])? as u64;
             // The chart's rollup: the same horizon as the tasks it counted.
-            w.conn
-                .prepare_cached("DELETE FROM finished_minutes WHERE minute < ?1 / 60000 * 60000")?
+            w.prep("DELETE FROM finished_minutes WHERE minute < ?1 / 60000 * 60000")?
                 .execute([before])?;
             out.runners += w
-                .conn
-                .prepare_cached(
+                .prep(
                     "DELETE FROM runners WHERE last_seen < ?1 AND NOT EXISTS (
                         SELECT 1 FROM tasks WHERE runner = runners.name AND finished_at IS NULL)",
                 )?
@@ -1294,10 +1408,7 @@ impl SqliteStore {
             let t = w.open_task(&id)?;
             model::check_attempt(&t, req.attempt, &req.lease_token)?;
             let existing: Option<String> = w
-                .conn
-                .prepare_cached(
-                    "SELECT id FROM approvals WHERE task_seq = ?1 AND attempt = ?2 AND key = ?3",
-                )?
+                .prep("SELECT id FROM approvals WHERE task_seq = ?1 AND attempt = ?2 AND key = ?3")?
                 .query_row(params![t.seq, t.attempt, req.key], |r| r.get(0))
                 .optional()?;
             if let Some(aid) = existing {
@@ -1305,8 +1416,7 @@ impl SqliteStore {
             }
             w.check_lease(&t)?;
             let (pending, asked): (i64, i64) = w
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(attempt = ?2), 0)
                      FROM approvals WHERE task_seq = ?1",
                 )?
@@ -1315,25 +1425,24 @@ impl SqliteStore {
             w.renew_lease(&t)?;
             let aid = model::new_approval_id();
             let expires_at = model::approval_expires(w.now, req.timeout_ms);
-            w.conn
-                .prepare_cached(
-                    "INSERT INTO approvals (id, task_seq, attempt, key, agent, runner, owner, state,
+            w.prep(
+                "INSERT INTO approvals (id, task_seq, attempt, key, agent, runner, owner, state,
                         tool, options, asked_at, expires_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, ?10, ?11)",
-                )?
-                .execute(params![
-                    aid,
-                    t.seq,
-                    t.attempt,
-                    req.key,
-                    t.agent,
-                    t.runner,
-                    t.owner,
-                    to_json(&req.tool),
-                    to_json(&req.options),
-                    w.now,
-                    expires_at
-                ])?;
+            )?
+            .execute(params![
+                aid,
+                t.seq,
+                t.attempt,
+                req.key,
+                t.agent,
+                t.runner,
+                t.owner,
+                to_json(&req.tool),
+                to_json(&req.options),
+                w.now,
+                expires_at
+            ])?;
             let a = load_approval(w.conn, &aid)?.0;
             w.event(t.seq, t.attempt, "approval", &model::approval_event(&a))?;
             w.fx.changed.push(t.id.clone());
@@ -1421,11 +1530,10 @@ impl SqliteStore {
             let (a, owner) = load_approval(w.conn, &id)?;
             model::check_approval_owner(&scope, &owner)?;
             let name: String = w
-                .conn
-                .prepare_cached("SELECT name FROM tokens WHERE id = ?1")?
+                .prep("SELECT name FROM tokens WHERE id = ?1")?
                 .query_row(params![token_id], |r| r.get(0))
                 .optional()?
-                .unwrap_or(token_id);
+                .unwrap_or_else(|| token_id.clone());
             let by = model::answered_by(ans.by.as_deref(), &name);
             match model::answer(&a, &ans, by, w.now)? {
                 Answer::Settle(state, outcome) => w.settle_approval(&a, state, outcome),
@@ -1763,41 +1871,68 @@ struct Handing {
 struct Handed {
     answer: oneshot::Sender<Handoff>,
     handoff: Handoff,
+    /// The ready task it was taken out of line for.
+    hint: ReadyHint,
 }
 
-/// Runs `batch` in one transaction (each job in its own savepoint), claims for the parked
-/// long-polls what it made ready ([`hand_off`]), commits, tells the signals what changed and
-/// answers every job and every poll claimed for.
-fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
+/// Runs `batch` in one transaction, claims for the parked long-polls what it made ready
+/// ([`hand_off`]), commits, tells the signals what changed and answers every job and every
+/// poll claimed for.
+///
+/// The writes run one after another with no savepoint (a savepoint per write copied every
+/// page each write touched into its sub-journal: a sixth of the writer's time). If one fails
+/// in a way that must undo what it did, the transaction is rolled back and the batch run again
+/// with each write in its own savepoint and without that write, which is answered with its
+/// error: every write gets what it would have got alone, and only a batch with such a failure
+/// runs twice.
+fn commit_batch(conn: &mut Connection, mut batch: Vec<Job>, handing: &Handing) {
+    let conn: &Connection = conn;
+    let stmts = Stmts::new(conn);
     let signals = &*handing.signals;
     let mut effects = Effects::default();
-    let mut completions = Vec::with_capacity(batch.len());
     let mut handed = Vec::new();
-    let committed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(mut txn) => {
-            for job in batch {
-                completions.push(job(&mut txn, &mut effects));
-            }
-            if !effects.ready.is_empty() {
-                handed = hand_off(&mut txn, &mut effects, handing);
-            }
-            match txn.commit() {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "SQLite commit failed.");
-                    false
-                }
+    let mut mode = Mode::Plain;
+    // The write that failed in the plain run: it keeps that result and is not run again.
+    let mut failed = None;
+    let committed = loop {
+        if let Err(e) = cached(conn, "BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "SQLite could not begin a transaction.");
+            // The jobs' callers get an error.
+            break false;
+        }
+        effects = Effects::default();
+        let mut clean = true;
+        for (i, job) in batch.iter_mut().enumerate() {
+            if failed != Some(i) && job.run(&stmts, &mut effects, mode) == Ran::Dirty {
+                failed = Some(i);
+                clean = false;
+                break;
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "SQLite could not begin a transaction.");
-            // The jobs never ran; their callers get an error.
-            drop(batch);
-            false
+        if clean && !effects.ready.is_empty() {
+            clean = hand_off(&stmts, &mut effects, handing, mode, &mut handed);
+        }
+        if !clean {
+            // Only a plain run is ever dirty: the run again has a savepoint per write.
+            debug_assert!(mode == Mode::Plain);
+            rollback(conn);
+            mode = Mode::Savepoints;
+            continue;
+        }
+        match cached(conn, "COMMIT") {
+            Ok(()) => break true,
+            Err(e) => {
+                tracing::error!(error = %e, "SQLite commit failed.");
+                rollback(conn);
+                break false;
+            }
         }
     };
     // The polls first: their answers are what a dispatch waits for.
-    for Handed { answer, handoff } in handed {
+    for Handed {
+        answer, handoff, ..
+    } in handed
+    {
         let handoff = if committed {
             handoff
         } else {
@@ -1823,8 +1958,24 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
             signals.delivery_ready();
         }
     }
-    for done in completions {
-        done(committed);
+    for job in batch {
+        job.answer(committed);
+    }
+}
+
+/// Runs a statement without parameters through the statement cache (`BEGIN`, `COMMIT`,
+/// savepoints): parsed once, not for every batch or write.
+fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Ends the open transaction undoing everything in it; errors are logged (the next `BEGIN`
+/// fails, and its writes with it, if the transaction is still open).
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(e) = cached(conn, "ROLLBACK")
+    {
+        tracing::error!(error = %e, "SQLite rollback failed.");
     }
 }
 
@@ -1835,13 +1986,19 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Job>, handing: &Handing) {
 /// same filters, same order, the oldest task it can take, which may be an older one than
 /// hinted), so nothing about who gets what changes. The hints no parked poll took stay in
 /// `effects.ready`, signalled after the commit as before.
+///
+/// False when a claim failed with something to undo ([`Ran::Dirty`], plain mode only): that
+/// poll is answered with its error and every other poll taken in this run is woken to claim
+/// for itself, as the batch is rolled back and run again.
 fn hand_off(
-    txn: &mut rusqlite::Transaction<'_>,
+    stmts: &Stmts<'_>,
     effects: &mut Effects,
     handing: &Handing,
-) -> Vec<Handed> {
+    mode: Mode,
+    handed: &mut Vec<Handed>,
+) -> bool {
     let now = handing.clock.now_ms();
-    let mut handed = Vec::new();
+    let first = handed.len();
     let mut hints: std::collections::VecDeque<ReadyHint> =
         std::mem::take(&mut effects.ready).into();
     let mut left = Vec::new();
@@ -1858,11 +2015,37 @@ fn hand_off(
                 answer,
             } = parked;
             let mut fx = Effects::default();
-            let result = run_in_savepoint(txn, &mut fx, &handing.settings, now, |w| match start {
-                None => Ok(claim_in(w, &req, Some(&token))?.map(|o| Handoff::Offered(Box::new(o)))),
-                Some(start) => Ok(claim_and_start_in(w, &req, &token, start)?
-                    .map(|s| Handoff::Started(Box::new(s)))),
-            });
+            let (result, ran) =
+                run_write(
+                    stmts,
+                    &mut fx,
+                    &handing.settings,
+                    now,
+                    mode,
+                    |w| match start {
+                        None => {
+                            Ok(claim_in(w, &req, Some(&token))?
+                                .map(|o| Handoff::Offered(Box::new(o))))
+                        }
+                        Some(start) => Ok(claim_and_start_in(w, &req, &token, start)?
+                            .map(|s| Handoff::Started(Box::new(s)))),
+                    },
+                );
+            if ran == Ran::Dirty {
+                for h in &mut handed[first..] {
+                    h.handoff = Handoff::Ready(h.hint.clone());
+                }
+                let handoff = Handoff::Failed(match result {
+                    Err(e) => e,
+                    Ok(_) => StoreError::Unavailable("the claim failed".into()),
+                });
+                handed.push(Handed {
+                    answer,
+                    handoff,
+                    hint,
+                });
+                return false;
+            }
             // A refused task finished may have made its session's next one ready.
             hints.extend(std::mem::take(&mut fx.ready));
             effects.merge(fx);
@@ -1873,17 +2056,27 @@ fn hand_off(
                         Handoff::Started(s) => &s.offer.task.id,
                         _ => "",
                     } == hint.task_id;
-                    handed.push(Handed { answer, handoff });
                     if took {
+                        handed.push(Handed {
+                            answer,
+                            handoff,
+                            hint,
+                        });
                         break;
                     }
                     // It took an older task: the hinted one still waits for the next poll.
+                    handed.push(Handed {
+                        answer,
+                        handoff,
+                        hint: hint.clone(),
+                    });
                 }
                 Ok(None) => {
                     // Nothing it can take after all: woken as before, it claims for itself.
                     handed.push(Handed {
                         answer,
-                        handoff: Handoff::Ready(hint),
+                        handoff: Handoff::Ready(hint.clone()),
+                        hint,
                     });
                     break;
                 }
@@ -1891,6 +2084,7 @@ fn hand_off(
                     handed.push(Handed {
                         answer,
                         handoff: Handoff::Failed(e),
+                        hint: hint.clone(),
                     });
                     left.push(hint);
                     break;
@@ -1899,33 +2093,43 @@ fn hand_off(
         }
     }
     effects.ready = left;
-    handed
+    true
 }
 
-fn run_in_savepoint<T>(
-    txn: &mut rusqlite::Transaction<'_>,
+/// Runs one write and says whether it must be undone. Plain mode: straight in the
+/// transaction; a failure that must undo the write (a database error, a full queue) is
+/// [`Ran::Dirty`] only if the write changed a row or SQLite ended the transaction, else there
+/// is nothing to undo and it fails alone. Savepoints mode: in its own savepoint, rolled back
+/// alone; never dirty.
+fn run_write<T>(
+    stmts: &Stmts<'_>,
     effects: &mut Effects,
     settings: &QueueSettings,
     now: i64,
-    f: impl FnOnce(&mut W<'_>) -> Result<T>,
-) -> Result<T> {
-    // Cached statements rather than `Transaction::savepoint`, which parses its SQL anew for
-    // every write (a tenth of the writer's time in a profile).
-    let conn: &Connection = txn;
-    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+    mode: Mode,
+    f: impl FnOnce(&mut W<'_, '_>) -> Result<T>,
+) -> (Result<T>, Ran) {
+    let conn = stmts.conn;
+    let changes = conn.total_changes();
+    if mode == Mode::Savepoints
+        && let Err(e) = cached(conn, "SAVEPOINT job")
+    {
+        return (Err(e.into()), Ran::Clean);
+    }
     let (result, fx) = {
         let mut w = W {
             conn,
             now,
             fx: Effects::default(),
             settings,
+            stmts,
         };
         let r = f(&mut w);
         (r, w.fx)
     };
     // A refusal (stale attempt, conflict, not found) keeps what the write did before refusing:
-    // that is deliberate, e.g. expiring the lease a late heartbeat found expired. A database
-    // error rolls the write back (dropping the savepoint does).
+    // that is deliberate, e.g. expiring the lease a late heartbeat found expired. Any other
+    // error undoes the write.
     let keep = match &result {
         Ok(_) => true,
         Err(e) => matches!(
@@ -1936,20 +2140,32 @@ fn run_in_savepoint<T>(
                 | StoreError::Settled { .. }
         ),
     };
-    if keep {
-        conn.prepare_cached("RELEASE job")?.execute([])?;
-        effects.merge(fx);
-    } else {
-        // As dropping a savepoint does: undo the write, errors ignored (a failed rollback
-        // leaves the transaction to fail at commit).
-        let _ = conn
-            .prepare_cached("ROLLBACK TO job")
-            .and_then(|mut st| st.execute([]));
-        let _ = conn
-            .prepare_cached("RELEASE job")
-            .and_then(|mut st| st.execute([]));
+    match mode {
+        Mode::Plain => {
+            if keep {
+                effects.merge(fx);
+                (result, Ran::Clean)
+            } else if conn.total_changes() == changes && !conn.is_autocommit() {
+                (result, Ran::Clean)
+            } else {
+                (result, Ran::Dirty)
+            }
+        }
+        Mode::Savepoints => {
+            if keep {
+                if let Err(e) = cached(conn, "RELEASE job") {
+                    return (Err(e.into()), Ran::Clean);
+                }
+                effects.merge(fx);
+            } else {
+                // As dropping a savepoint does: undo the write, errors ignored (a failed
+                // rollback leaves the transaction to fail at commit).
+                let _ = cached(conn, "ROLLBACK TO job");
+                let _ = cached(conn, "RELEASE job");
+            }
+            (result, Ran::Clean)
+        }
     }
-    result
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1980,7 +2196,7 @@ fn may_resume_in(c: &Connection, id: &str, session_id: &str) -> Result<bool> {
 /// refuses is finished `failed` and the next one claimed), with what the caller needs to hand
 /// it on.
 fn claim_and_start_in(
-    w: &mut W<'_>,
+    w: &mut W<'_, '_>,
     req: &ClaimRequest,
     token: &str,
     start: StartAtClaim,
@@ -1995,7 +2211,7 @@ fn claim_and_start_in(
         };
         let id = offer.task.id.clone();
         if let Some(error) = (start.refuse)(&offer.task) {
-            finish_in(w, &id, crate::refused(&at, error))?;
+            finish_in(w, &id, &crate::refused(&at, error))?;
             continue;
         }
         let may_resume = match (start.wanted_session)(&offer.task) {
@@ -2006,8 +2222,7 @@ fn claim_and_start_in(
         // for the rest, e.g. most v1 claims with `ack`, which do not use it.
         let conv_owner: Option<String> = match offer.task.conversation {
             Some(_) => w
-                .conn
-                .prepare_cached("SELECT conv_owner FROM tasks WHERE id = ?1")?
+                .prep("SELECT conv_owner FROM tasks WHERE id = ?1")?
                 .query_row(params![id], |r| r.get(0))?,
             None => None,
         };
@@ -2023,7 +2238,7 @@ fn claim_and_start_in(
 }
 
 /// Offers `req`'s runner the oldest ready task it can take, or nothing.
-fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Option<Offer>> {
+fn claim_in(w: &mut W<'_, '_>, req: &ClaimRequest, token: Option<&str>) -> Result<Option<Offer>> {
     w.touch_runner(req, token)?;
     // An attempt an earlier claim with `ack` started whose answer this runner may never
     // have read comes first (see `model::Unconfirmed`).
@@ -2044,7 +2259,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
     }
     streams.sort_unstable();
     streams.dedup();
-    let mut next = w.conn.prepare_cached(
+    let mut next = w.prep(
         "SELECT seq FROM tasks INDEXED BY tasks_ready_claim
          WHERE ready = 1 AND agent = ?1 AND coalesce(project, '') = ?2 AND seq > ?3
          ORDER BY seq LIMIT 1",
@@ -2058,7 +2273,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
             heads.push(std::cmp::Reverse((seq, i)));
         }
     }
-    let mut candidate = w.conn.prepare_cached(
+    let mut candidate = w.prep(
         "SELECT t.agent, t.session_mode, t.resume_id, t.not_before, s.session_id, s.runner
          FROM tasks t
          LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
@@ -2117,15 +2332,16 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
     // (no read after the write).
     let offered = StateEvent::Offered(&req.runner).data().to_string();
     let (row, event_seq, conv_owner) = w
-        .conn
-        .prepare_cached(&format!(
+        .prep(concat!(
             "UPDATE tasks SET state = 'offered', ready = 0, attempt = attempt + 1,
                 lease_token = ?2, runner = ?3, ack_by = ?4, lease_until = NULL,
                 not_before = NULL, reason = NULL, updated_at = ?5,
                 next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?6,
                 unconfirmed = ?7, offer_resume = ?8
              WHERE seq = ?1
-             RETURNING {TASK_COLUMNS}, next_event_seq - 1, conv_owner"
+             RETURNING ",
+            task_columns!(),
+            ", next_event_seq - 1, conv_owner"
         ))?
         .query_row(
             params![
@@ -2178,7 +2394,7 @@ fn claim_in(w: &mut W<'_>, req: &ClaimRequest, token: Option<&str>) -> Result<Op
 /// `confirm`: the runner itself acks (it has the offer); else the server acks for it in the
 /// claim that made the offer, and the attempt stays unconfirmed.
 fn ack_in(
-    w: &mut W<'_>,
+    w: &mut W<'_, '_>,
     id: &str,
     at: &AttemptRef,
     lease_ms: Option<i64>,
@@ -2200,8 +2416,7 @@ fn ack_in(
     };
     let running = StateEvent::Running(t.runner.as_deref()).data().to_string();
     let event_seq: i64 = w
-        .conn
-        .prepare_cached(
+        .prep(
             "UPDATE tasks SET state = 'running', runs = runs + 1, ack_by = NULL,
                 lease_until = ?2, started_at = COALESCE(started_at, ?3), updated_at = ?3,
                 next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?4
@@ -2228,7 +2443,7 @@ fn ack_in(
 }
 
 /// Ends (or parks) the attempt `req` names.
-fn finish_in(w: &mut W<'_>, id: &str, req: FinishRequest) -> Result<Task> {
+fn finish_in(w: &mut W<'_, '_>, id: &str, req: &FinishRequest) -> Result<Task> {
     let t = w.open_task(id)?;
     model::check_attempt(&t, req.attempt, &req.lease_token)?;
     w.confirm(&t)?;
@@ -2249,8 +2464,7 @@ fn finish_in(w: &mut W<'_>, id: &str, req: FinishRequest) -> Result<Task> {
             let not_before = req.not_before.unwrap_or(w.now);
             let parked = StateEvent::Parked(not_before).data().to_string();
             let event_seq: i64 = w
-                .conn
-                .prepare_cached(
+                .prep(
                     "UPDATE tasks SET state = 'parked', ready = 1, not_before = ?2,
                         lease_until = NULL, ack_by = NULL, lease_token = NULL,
                         reason = ?3, updated_at = ?4, result = ?5,
@@ -2288,23 +2502,25 @@ fn finish_in(w: &mut W<'_>, id: &str, req: FinishRequest) -> Result<Task> {
     load_task_by_seq(w.conn, t.seq)
 }
 
-impl W<'_> {
+impl W<'_, '_> {
     fn open_task(&self, id: &str) -> Result<OpenTask> {
-        self.conn
-            .prepare_cached(&format!(
-                "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE id = ?1"
-            ))?
-            .query_row(params![id], |r| Ok(open_task_from_row(r)))
-            .optional()?
-            .ok_or(StoreError::NotFound("task"))?
+        self.prep(concat!(
+            "SELECT ",
+            open_task_columns!(),
+            " FROM tasks WHERE id = ?1"
+        ))?
+        .query_row(params![id], |r| Ok(open_task_from_row(r)))
+        .optional()?
+        .ok_or(StoreError::NotFound("task"))?
     }
 
     fn task_by_seq(&self, seq: i64) -> Result<OpenTask> {
-        self.conn
-            .prepare_cached(&format!(
-                "SELECT {OPEN_TASK_COLUMNS} FROM tasks WHERE seq = ?1"
-            ))?
-            .query_row(params![seq], |r| Ok(open_task_from_row(r)))?
+        self.prep(concat!(
+            "SELECT ",
+            open_task_columns!(),
+            " FROM tasks WHERE seq = ?1"
+        ))?
+        .query_row(params![seq], |r| Ok(open_task_from_row(r)))?
     }
 
     fn due(&self, sql: &str) -> Result<Vec<i64>> {
@@ -2330,12 +2546,10 @@ impl W<'_> {
     fn renew_lease(&mut self, t: &OpenTask) -> Result<i64> {
         self.check_lease(t)?;
         let lease_until = model::renewed_lease(t, self.now, self.settings.lease_ms);
-        self.conn
-            .prepare_cached("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
+        self.prep("UPDATE tasks SET lease_until = ?2 WHERE seq = ?1")?
             .execute(params![t.seq, lease_until])?;
         if let Some(r) = &t.runner {
-            self.conn
-                .prepare_cached("UPDATE runners SET last_seen = ?2 WHERE name = ?1")?
+            self.prep("UPDATE runners SET last_seen = ?2 WHERE name = ?1")?
                 .execute(params![r, self.now])?;
         }
         Ok(lease_until)
@@ -2345,8 +2559,7 @@ impl W<'_> {
     /// again (see [`model::Unconfirmed`]).
     fn confirm(&self, t: &OpenTask) -> Result<()> {
         if t.unconfirmed {
-            self.conn
-                .prepare_cached("UPDATE tasks SET unconfirmed = 0 WHERE seq = ?1")?
+            self.prep("UPDATE tasks SET unconfirmed = 0 WHERE seq = ?1")?
                 .execute(params![t.seq])?;
         }
         Ok(())
@@ -2357,8 +2570,7 @@ impl W<'_> {
     /// that are no longer its to have, are cleared on the way.
     fn unconfirmed_offer(&mut self, req: &ClaimRequest) -> Result<Option<Offer>> {
         let seqs = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "SELECT seq FROM tasks INDEXED BY tasks_unconfirmed
                  WHERE runner = ?1 AND unconfirmed = 1 ORDER BY seq",
             )?
@@ -2457,12 +2669,15 @@ impl W<'_> {
         self.settle_pending(t, why)?;
         // The state, the result and the counters of the `state` event in one statement.
         let data = model::finished_event(state, reason, result).to_string();
-        const END: &str =
-            "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
-                not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4,
-                result = COALESCE(?5, result), next_event_seq = next_event_seq + 1,
-                event_bytes = event_bytes + ?6
-             WHERE seq = ?1 RETURNING ";
+        macro_rules! end {
+            () => {
+                "UPDATE tasks SET state = ?2, ready = 0, ack_by = NULL, lease_until = NULL,
+                    not_before = NULL, reason = ?3, finished_at = ?4, updated_at = ?4,
+                    result = COALESCE(?5, result), next_event_seq = next_event_seq + 1,
+                    event_bytes = event_bytes + ?6
+                 WHERE seq = ?1 RETURNING "
+            };
+        }
         let args = params![
             t.seq,
             state.as_str(),
@@ -2473,16 +2688,14 @@ impl W<'_> {
         ];
         let (event_seq, row) = if want_row {
             let (row, event_seq) = self
-                .conn
-                .prepare_cached(&format!("{END}{TASK_COLUMNS}, next_event_seq - 1"))?
+                .prep(concat!(end!(), task_columns!(), ", next_event_seq - 1"))?
                 .query_row(args, |r| {
                     Ok(task_row(r)?.and_then(|row| Ok((row, r.int(TASK_COLUMNS_LEN)?))))
                 })??;
             (event_seq, Some(row))
         } else {
             let event_seq: i64 = self
-                .conn
-                .prepare_cached(&format!("{END}next_event_seq - 1"))?
+                .prep(concat!(end!(), "next_event_seq - 1"))?
                 .query_row(args, |r| r.get(0))?;
             (event_seq, None)
         };
@@ -2491,8 +2704,7 @@ impl W<'_> {
         self.deliver_final(t)?;
         if let Some(key) = &t.session_key {
             let next: Option<(i64, String)> = self
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT seq, state FROM tasks WHERE session_key = ?1 AND finished_at IS NULL
                      ORDER BY seq LIMIT 1",
                 )?
@@ -2501,8 +2713,7 @@ impl W<'_> {
             if let Some((seq, s)) = next
                 && model::parse_state(&s).is_ok_and(model::waits_in_queue)
             {
-                self.conn
-                    .prepare_cached("UPDATE tasks SET ready = 1 WHERE seq = ?1")?
+                self.prep("UPDATE tasks SET ready = 1 WHERE seq = ?1")?
                     .execute(params![seq])?;
                 let hint = self.ready_hint(seq)?;
                 self.fx.ready.push(hint);
@@ -2541,8 +2752,7 @@ impl W<'_> {
         data: &str,
     ) -> Result<()> {
         let seq: i64 = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "UPDATE tasks SET next_event_seq = next_event_seq + 1, event_bytes = event_bytes + ?2
                  WHERE seq = ?1 RETURNING next_event_seq - 1",
             )?
@@ -2564,20 +2774,19 @@ impl W<'_> {
         kind: &str,
         data: &str,
     ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
+        self.prep(
+            "INSERT INTO task_events (task_seq, seq, attempt, n, kind, data, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                task_seq,
-                seq,
-                attempt,
-                n.map(|n| n as i64),
-                kind,
-                data,
-                self.now
-            ])?;
+        )?
+        .execute(params![
+            task_seq,
+            seq,
+            attempt,
+            n.map(|n| n as i64),
+            kind,
+            data,
+            self.now
+        ])?;
         Ok(())
     }
 
@@ -2590,8 +2799,7 @@ impl W<'_> {
             runner: None,
         };
         let (mode, resume_id, bound_session, bound_runner): SessionColumns = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "SELECT t.id, t.agent, t.project, t.session_mode, t.resume_id, s.session_id, s.runner
                  FROM tasks t LEFT JOIN sessions s ON s.owner = t.conv_owner AND s.agent = t.agent
                     AND s.conversation = t.conversation
@@ -2628,8 +2836,7 @@ impl W<'_> {
         // A runner re-polling with nothing changed, seen within the last second: its row stays
         // as it is (a claim per task would otherwise rewrite it, and a page of the log with it).
         let unchanged = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "SELECT 1 FROM runners WHERE name = ?1 AND agents = ?2 AND projects = ?3
                     AND capacity = ?4 AND version IS ?5 AND agent_versions = ?6
                     AND acp_agents = ?7 AND token IS ?8 AND left_at IS NULL AND last_seen >= ?9
@@ -2651,8 +2858,7 @@ impl W<'_> {
             return Ok(());
         }
         let n = self
-            .conn
-            .prepare_cached(
+            .prep(
                 "INSERT INTO runners (name, agents, projects, capacity, version, agent_versions,
                     first_seen, last_seen, token, acp_agents, acp_capabilities)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10)
@@ -2693,22 +2899,21 @@ impl W<'_> {
         session_id: Option<&str>,
         runner: Option<&str>,
     ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO sessions (owner, agent, conversation, session_id, runner, updated_at)
+        self.prep(
+            "INSERT INTO sessions (owner, agent, conversation, session_id, runner, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (owner, agent, conversation) DO UPDATE SET
                     session_id = excluded.session_id, runner = excluded.runner,
                     updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                conv_owner,
-                agent,
-                conversation,
-                session_id,
-                runner,
-                self.now
-            ])?;
+        )?
+        .execute(params![
+            conv_owner,
+            agent,
+            conversation,
+            session_id,
+            runner,
+            self.now
+        ])?;
         Ok(())
     }
 
@@ -2740,8 +2945,7 @@ impl W<'_> {
 
     /// The agent reported its native session id: remember it and bind the conversation.
     fn record_session(&self, t: &OpenTask, session_id: &str) -> Result<()> {
-        self.conn
-            .prepare_cached(
+        self.prep(
                 "INSERT INTO session_history (agent, session_id, runner, conversation, last_used, owner)
                  VALUES (?1, ?2, ?3, ?4, ?5, (SELECT id FROM tokens WHERE id = ?6 AND role = 'client'))
                  ON CONFLICT (agent, session_id) DO UPDATE SET runner = excluded.runner,
@@ -2769,12 +2973,12 @@ impl W<'_> {
     }
 }
 
-impl W<'_> {
+impl W<'_, '_> {
     /// Settles every pending request of the task's current attempt as cancelled (the task was
     /// cancelled, or the attempt ended): the agent is not waiting any more.
     fn settle_pending(&mut self, t: &OpenTask, why: &str) -> Result<()> {
         let ids = {
-            let mut stmt = self.conn.prepare_cached(
+            let mut stmt = self.prep(
                 "SELECT id FROM approvals WHERE task_seq = ?1 AND state = 'pending' ORDER BY id",
             )?;
             stmt.query_map(params![t.seq], |r| r.get::<_, String>(0))?
@@ -2796,11 +3000,10 @@ impl W<'_> {
         state: ApprovalState,
         outcome: ApprovalOutcome,
     ) -> Result<Approval> {
-        self.conn
-            .prepare_cached(
-                "UPDATE approvals SET state = ?2, outcome = ?3 WHERE id = ?1 AND state = 'pending'",
-            )?
-            .execute(params![a.id, state.as_str(), to_json(&outcome)])?;
+        self.prep(
+            "UPDATE approvals SET state = ?2, outcome = ?3 WHERE id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![a.id, state.as_str(), to_json(&outcome)])?;
         let (settled, _) = load_approval(self.conn, &a.id)?;
         let t = self.open_task(&a.task_id)?;
         self.event(
@@ -2813,15 +3016,13 @@ impl W<'_> {
         if let Some(target) = model::chat_target(&t).cloned() {
             // A progress edit waiting would hold the edit of the question behind it (one
             // destination, in order): send it now instead.
-            self.conn
-                .prepare_cached(
-                    "UPDATE outbox SET next_at = MIN(next_at, ?2)
+            self.prep(
+                "UPDATE outbox SET next_at = MIN(next_at, ?2)
                      WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
-                )?
-                .execute(params![t.seq, self.now])?;
+            )?
+            .execute(params![t.seq, self.now])?;
             let asked: bool = self
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'approval' AND body = ?2",
                 )?
                 .exists(params![t.seq, model::approval_body(&a.id).to_string()])?;
@@ -2851,7 +3052,7 @@ impl W<'_> {
 /// A task's session mode, resume id, and its conversation's bound session and runner.
 type SessionColumns = (String, Option<String>, Option<String>, Option<String>);
 
-impl W<'_> {
+impl W<'_, '_> {
     fn enqueue(
         &mut self,
         task_seq: Option<i64>,
@@ -2860,21 +3061,20 @@ impl W<'_> {
         body: Option<&serde_json::Value>,
         delay_ms: i64,
     ) -> Result<i64> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO outbox (task_seq, destination, kind, target, body, state, next_at,
+        self.prep(
+            "INSERT INTO outbox (task_seq, destination, kind, target, body, state, next_at,
                     created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7, ?7)",
-            )?
-            .execute(params![
-                task_seq,
-                destination(target),
-                kind,
-                to_json(target),
-                body.map(|b| b.to_string()),
-                self.now + delay_ms,
-                self.now
-            ])?;
+        )?
+        .execute(params![
+            task_seq,
+            destination(target),
+            kind,
+            to_json(target),
+            body.map(|b| b.to_string()),
+            self.now + delay_ms,
+            self.now
+        ])?;
         self.fx.delivery = true;
         Ok(self.conn.last_insert_rowid())
     }
@@ -2883,8 +3083,7 @@ impl W<'_> {
     fn deliver_started(&mut self, t: &OpenTask) -> Result<()> {
         if let Some(target) = model::chat_target(t).cloned() {
             let posted: bool = self
-                .conn
-                .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+                .prep("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
                 .exists(params![t.seq])?;
             if !posted {
                 self.enqueue(Some(t.seq), "progress", &target, None, 0)?;
@@ -2905,8 +3104,7 @@ impl W<'_> {
     fn deliver_progress_in(&mut self, t: &OpenTask, delay_ms: i64) -> Result<()> {
         if let Some(target) = model::chat_target(t).cloned() {
             let pending: bool = self
-                .conn
-                .prepare_cached(
+                .prep(
                     "SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
                 )?
                 .exists(params![t.seq])?;
@@ -2923,17 +3121,15 @@ impl W<'_> {
         let Some(target) = t.reply_to.clone() else {
             return Ok(());
         };
-        self.conn
-            .prepare_cached(
-                "UPDATE outbox SET state = 'skipped', updated_at = ?2
+        self.prep(
+            "UPDATE outbox SET state = 'skipped', updated_at = ?2
                  WHERE task_seq = ?1 AND kind = 'edit' AND state = 'pending'",
-            )?
-            .execute(params![t.seq, self.now])?;
+        )?
+        .execute(params![t.seq, self.now])?;
         // The "working…" message ends in the outcome before the answer is posted (one
         // destination goes in order), so no chat keeps a stale "working…".
         let working: bool = self
-            .conn
-            .prepare_cached("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
+            .prep("SELECT 1 FROM outbox WHERE task_seq = ?1 AND kind = 'progress'")?
             .exists(params![t.seq])?;
         if working && let Some(chat) = model::chat_target(t).cloned() {
             self.enqueue(Some(t.seq), "edit", &chat, None, 0)?;
@@ -3021,7 +3217,11 @@ fn task_row(r: &Row<'_>) -> rusqlite::Result<Result<TaskRow>> {
 
 fn load_task(c: &Connection, id: &str, scope: &Scope) -> Result<Task> {
     let row = c
-        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?
+        .prepare_cached(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = ?1"
+        ))?
         .query_row(params![id], task_row)
         .optional()?;
     complete_task(c, row.ok_or(StoreError::NotFound("task"))??, scope)
@@ -3084,7 +3284,11 @@ fn delivery_status(c: &Connection, seq: i64) -> Result<Option<tunnel_protocol::D
 fn load_task_by_seq(c: &Connection, seq: i64) -> Result<Task> {
     // One read of the row by its key (not its id, then the row by id).
     let row = c
-        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq = ?1"))?
+        .prepare_cached(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE seq = ?1"
+        ))?
         .query_row(params![seq], task_row)?;
     complete_task(c, row?, &Scope::All)
 }
@@ -3147,4 +3351,172 @@ fn all<T>(mut rows: rusqlite::Rows<'_>, f: impl Fn(&Row<'_>) -> Result<T>) -> Re
         out.push(f(r)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::ManualClock;
+
+    struct Quiet;
+
+    impl Signals for Quiet {
+        fn task_ready(&self, _: &ReadyHint) {}
+        fn task_changed(&self, _: &str) {}
+        fn deadline(&self, _: i64) {}
+        fn delivery_ready(&self) {}
+    }
+
+    type Runs = Arc<AtomicUsize>;
+    type TestWrite<T> = Box<dyn FnMut(&mut W<'_, '_>) -> Result<T> + Send>;
+
+    async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("t.db"),
+            Durability::Normal,
+            QueueSettings::default(),
+            Arc::new(ManualClock::new(1_000_000)),
+            Arc::new(Quiet),
+        )
+        .await
+        .unwrap();
+        store
+            .write(|w| {
+                Ok(w.conn
+                    .execute_batch("CREATE TABLE scratch (n INTEGER PRIMARY KEY)")?)
+            })
+            .await
+            .unwrap();
+        (Arc::new(store), dir)
+    }
+
+    fn insert(w: &W<'_, '_>, n: i64) -> Result<()> {
+        w.conn.execute("INSERT INTO scratch (n) VALUES (?1)", [n])?;
+        Ok(())
+    }
+
+    fn rows(w: &W<'_, '_>) -> Result<Vec<i64>> {
+        let mut st = w.conn.prepare("SELECT n FROM scratch ORDER BY n")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Queues the writes `make` starts behind one that holds the writer until they are all
+    /// queued, so they run as one batch in that order; returns their answers.
+    async fn one_batch<T: Send + 'static>(
+        store: &Arc<SqliteStore>,
+        writes: Vec<TestWrite<T>>,
+    ) -> Vec<Result<T>> {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let gate = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |_| {
+                        // Only the first run waits (the sender is gone by a second).
+                        let _ = wait.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let handles: Vec<_> = writes
+            .into_iter()
+            .map(|f| {
+                let store = store.clone();
+                tokio::spawn(async move { store.write(f).await })
+            })
+            .collect();
+        // The current-thread runtime runs each spawned write up to its send, in order.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        go.send(()).unwrap();
+        drop(go);
+        gate.await.unwrap().unwrap();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    }
+
+    fn counted<T>(
+        runs: &Runs,
+        mut f: impl FnMut(&mut W<'_, '_>) -> Result<T> + Send + 'static,
+    ) -> TestWrite<T> {
+        let runs = runs.clone();
+        Box::new(move |w| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            f(w)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_in_a_batch_fails_alone_and_the_others_commit() {
+        let (store, _dir) = store().await;
+        let runs: Vec<Runs> = (0..4).map(|_| Runs::default()).collect();
+        let answers = one_batch(
+            &store,
+            vec![
+                counted(&runs[0], |w| {
+                    insert(w, 1)?;
+                    rows(w)
+                }),
+                // Writes a row, then fails with a database error: both undone.
+                counted(&runs[1], |w| {
+                    insert(w, 2)?;
+                    insert(w, 1)?;
+                    rows(w)
+                }),
+                // Runs after it as if it had never run.
+                counted(&runs[2], |w| {
+                    insert(w, 3)?;
+                    rows(w)
+                }),
+                // A refusal keeps what it did before refusing.
+                counted(&runs[3], |w| {
+                    insert(w, 4)?;
+                    Err(StoreError::Conflict("refused".into()))
+                }),
+            ],
+        )
+        .await;
+        assert_eq!(answers[0].as_ref().unwrap(), &[1]);
+        assert!(
+            matches!(answers[1], Err(StoreError::Database(_))),
+            "{:?}",
+            answers[1]
+        );
+        assert_eq!(answers[2].as_ref().unwrap(), &[1, 3]);
+        assert!(matches!(answers[3], Err(StoreError::Conflict(_))));
+        // The batch ran again from its start, without the failing write (the writes after it
+        // ran only then).
+        let runs: Vec<_> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        assert_eq!(runs, [2, 1, 1, 1]);
+        let committed = store.write(|w| rows(w)).await.unwrap();
+        assert_eq!(committed, [1, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_write_failing_before_it_changed_anything_fails_alone_without_a_second_run() {
+        let (store, _dir) = store().await;
+        let runs: Vec<Runs> = (0..3).map(|_| Runs::default()).collect();
+        let answers = one_batch(
+            &store,
+            vec![
+                counted(&runs[0], |w| insert(w, 1)),
+                counted(&runs[1], |_| Err(model::queue_full(1))),
+                counted(&runs[2], |w| insert(w, 2)),
+            ],
+        )
+        .await;
+        assert!(answers[0].is_ok() && answers[2].is_ok());
+        assert!(matches!(answers[1], Err(StoreError::QueueFull(_))));
+        let runs: Vec<_> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        assert_eq!(runs, [1, 1, 1]);
+        assert_eq!(store.write(|w| rows(w)).await.unwrap(), [1, 2]);
+    }
 }
