@@ -6,7 +6,8 @@
 //! matters: here each is a plain HTTP/1 connection (tunnel speaks nothing else), and a parked
 //! long-poll holds no hyper connection at all: the connection's task reads each request head
 //! itself (`connection`, `classify`), parks the long-polls itself and gives every other
-//! request, and every answer, to a hyper connection made for that one request (`Front`).
+//! request, and every answer, to a hyper connection, one request's bytes at a time (`Front`),
+//! which serves a run of ordinary requests until a long-poll comes.
 //! docs/BENCHMARKS.md has the measurements.
 //!
 //! The server sits on the internet, so a connection must not cost anything for long unless it
@@ -133,6 +134,9 @@ struct Conn {
     wake: Notify,
     /// hyper's read, waiting for its request's answer to be written (`Front::poll_read`).
     read_waker: Mutex<Option<Waker>>,
+    /// hyper is waiting for the next request's head, nothing of it given yet: at shutdown
+    /// the connection can close without cutting a request off (`drive`).
+    between: AtomicBool,
 }
 
 impl Conn {
@@ -232,6 +236,7 @@ impl Registry {
             evicted: AtomicBool::new(false),
             wake: Notify::new(),
             read_waker: Mutex::new(None),
+            between: AtomicBool::new(false),
         });
         self.lock().insert(id, conn.clone());
         Registered {
@@ -365,6 +370,7 @@ pub(crate) async fn serve(
                 buf: Vec::new(),
                 framed: None,
                 handed_back: false,
+                shutdown: shutdown.clone(),
             };
             connection(front, &http, &router, &shutdown, &limits).await;
             // Its socket is closed (dropped) by now.
@@ -666,14 +672,24 @@ async fn session(
             http.serve_connection(TokioIo::new(front), service)
                 .with_upgrades(),
         );
-        drive(conn.as_mut(), timer, &state, &stats, Some(shutdown), limits).await;
+        drive(conn.as_mut(), timer, &state, &stats, shutdown, true, limits).await;
         return None;
     }
     let mut conn = Box::pin(http.serve_connection(TokioIo::new(front), service));
-    // Not asked to finish at shutdown: it is finishing its one request already, and hyper
-    // would close one that has not read its request yet without an answer. The front then
-    // closes the connection (`next_request`).
-    if !drive(conn.as_mut(), timer, &state, &stats, None, limits).await {
+    // Not asked to finish at shutdown (hyper would close one that has not read its request
+    // yet without an answer): closed at once between requests, else the request in flight
+    // is answered and the front then closes the connection (`Front::poll_read`).
+    if !drive(
+        conn.as_mut(),
+        timer,
+        &state,
+        &stats,
+        shutdown,
+        false,
+        limits,
+    )
+    .await
+    {
         return None;
     }
     let parts = Pin::into_inner(conn).into_parts();
@@ -720,15 +736,18 @@ where
 }
 
 /// Runs a hyper connection under the connection's limits; true when it ended by itself
-/// (false: timed out, evicted, or finished for the server's shutdown, if `shutdown`).
+/// (false: timed out, evicted, or closed for the server's shutdown). At shutdown a
+/// `graceful` one is asked to finish; another is closed only between requests.
 async fn drive<C: Graceful>(
     mut conn: Pin<&mut C>,
     timer: &mut Option<Pin<Box<Sleep>>>,
     state: &Arc<Conn>,
     stats: &ConnectionStats,
-    shutdown: Option<&CancellationToken>,
+    shutdown: &CancellationToken,
+    graceful: bool,
     limits: &ConnectionLimits,
 ) -> bool {
+    let mut shutdown = Some(shutdown);
     loop {
         let woken = state.wake.notified();
         match (state.deadline(limits), &mut *timer) {
@@ -739,10 +758,17 @@ async fn drive<C: Graceful>(
         tokio::select! {
             _ = conn.as_mut() => return true,
             () = cancelled(shutdown) => {
-                // Finish the request in flight, then close.
-                conn.as_mut().graceful();
-                let _ = conn.as_mut().await;
-                return false;
+                if graceful {
+                    // Finish the request in flight, then close.
+                    conn.as_mut().graceful();
+                    let _ = conn.as_mut().await;
+                    return false;
+                }
+                if state.between.load(Ordering::SeqCst) && state.busy.load(Ordering::SeqCst) == 0 {
+                    return false;
+                }
+                // A request is being served: its answer is written, then the front closes.
+                shutdown = None;
             }
             _ = woken => {
                 if state.evicted.load(Ordering::SeqCst) {
@@ -816,6 +842,8 @@ struct Front {
     framed: Option<usize>,
     /// hyper was told the connection ended after its answer; it is not to be shut down.
     handed_back: bool,
+    /// The server's: at shutdown no next request goes to hyper.
+    shutdown: CancellationToken,
 }
 
 impl Front {
@@ -874,6 +902,49 @@ impl Front {
         }
     }
 
+    /// hyper's request is answered and it reads again. The next request goes to the same
+    /// hyper connection when it is one hyper serves alone (`Next::Framed`): a run of ordinary
+    /// requests costs one hyper connection, not one each. Before a long-poll, one hyper must
+    /// serve for good, the client's end of file or the server's shutdown, an end of file
+    /// ends this hyper connection and the socket goes back to the front (`handed_back`).
+    fn next_for_hyper(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let next = if self.shutdown.is_cancelled() {
+                None
+            } else {
+                match classify(&self.buf) {
+                    Some(Next::Framed(len)) => Some(len),
+                    Some(_) => None,
+                    None => {
+                        self.conn.between.store(true, Ordering::SeqCst);
+                        // A head shorter than `MAX_HEAD` is incomplete (`classify`): room left.
+                        match ready!(self.fill(cx, MAX_HEAD)) {
+                            Ok(0) => None,
+                            Ok(_) => continue,
+                            Err(e) => {
+                                self.conn.between.store(false, Ordering::SeqCst);
+                                return Poll::Ready(Err(e));
+                            }
+                        }
+                    }
+                }
+            };
+            self.conn.between.store(false, Ordering::SeqCst);
+            match next {
+                Some(len) => {
+                    let n = self.give(out, len);
+                    self.framed = Some(len - n);
+                }
+                None => self.handed_back = true,
+            }
+            return Poll::Ready(Ok(()));
+        }
+    }
+
     /// Gives hyper the front of `buf`, at most `max` bytes.
     fn give(&mut self, out: &mut ReadBuf<'_>, max: usize) -> usize {
         let n = self.buf.len().min(out.remaining()).min(max);
@@ -908,10 +979,7 @@ impl AsyncRead for Front {
             }
             Some(0) => {
                 if this.conn.busy.load(Ordering::SeqCst) == 0 {
-                    // Answered: an end of file ends this hyper connection, the socket comes
-                    // back to the front for the next request.
-                    this.handed_back = true;
-                    return Poll::Ready(Ok(()));
+                    return this.next_for_hyper(cx, out);
                 }
                 // In flight (hyper looks for the client leaving): what comes is the next
                 // request's, kept here; an end of file is the client leaving.

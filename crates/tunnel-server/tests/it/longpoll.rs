@@ -344,6 +344,59 @@ async fn claims_and_other_requests_share_a_kept_alive_connection_pipelined() {
     assert!(rest.is_empty());
 }
 
+/// Ordinary requests one after another on a kept-alive connection (one hyper connection
+/// serves the run of them, `Front::next_for_hyper`), a request in flight at shutdown answered,
+/// and then the connection closed at once: not left open until its idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_a_kept_alive_connection_answers_what_it_has_then_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let task = s.submit(json!({"agent": "claude", "prompt": "p"})).await;
+    let mut c = tokio::net::TcpStream::connect(s.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..3 {
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = raw_answer(&mut c, &mut rest).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    }
+    // A wait in flight (served by hyper, not parked by the front) when the shutdown comes.
+    c.write_all(
+        format!(
+            "GET /v1/tasks/{}?wait=60 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
+            task["id"].as_str().unwrap(),
+            s.client
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let token = s.shutdown_token();
+    let stopping = tokio::spawn(s.stop());
+    token.cancel();
+    let (head, body) = raw_answer(&mut c, &mut rest).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(body.contains(task["id"].as_str().unwrap()), "{body}");
+    // Then the connection ends (no further answer), well before any idle timeout.
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("closed at shutdown, not left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing after the answer: {:?}", &buf[..n]);
+    stopping.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 /// A parked claim that asked for `connection: close` is answered, then the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_claim_with_connection_close_is_answered_then_closed() {
