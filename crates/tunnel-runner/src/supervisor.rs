@@ -71,10 +71,42 @@ pub(crate) fn spawn(
     containment: &Mechanism,
 ) -> std::io::Result<Running> {
     let cell = Cell::new(containment);
-    let tmp = confine::AgentTmp::for_agent(confine);
-    // The environment, the user and the sandbox are decided in `confine` for every child; the
-    // cell's wrapper (entering the task's cgroup) goes in front of the sandbox wrapper.
+    if let Some(e) = missing_behind(&cell, &inv.program) {
+        cell.remove();
+        return Err(e);
+    }
+    // The environment, the user and the sandbox are decided in `confine` for every child.
     let (program, args) = confine::wrapped(confine, &inv.program, &inv.args, &[cwd]);
+    let stdin = if inv.stdin.is_some() || inv.keep_stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    let started = start_in_cell(cell, program, &args, cwd, stdin, extra_env, confine)?;
+    Ok(started.running(inv))
+}
+
+/// The error a missing `program` gives: behind the cell's wrapper it would be a shell error,
+/// not a spawn error, so it is looked for first.
+fn missing_behind(cell: &Cell, program: &str) -> Option<std::io::Error> {
+    (cell.cgroup.is_some() && find_program(program).is_none())
+        .then(|| std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory"))
+}
+
+/// Starts `program` as every agent process starts: in a process group of its own and in
+/// `cell` (the cell's wrapper, entering the task's cgroup, goes in front of `program`), with
+/// the guard beside it, its own temporary directory, the agent's `extra_env` over it and the
+/// cell's marker, stdout and stderr piped. The cell is removed if it cannot start.
+fn start_in_cell(
+    cell: Cell,
+    program: std::ffi::OsString,
+    args: &[std::ffi::OsString],
+    cwd: &Path,
+    stdin: Stdio,
+    extra_env: &BTreeMap<String, String>,
+    confine: &Confinement,
+) -> std::io::Result<Warm> {
+    let tmp = confine::AgentTmp::for_agent(confine);
     let args: Vec<String> = args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -85,11 +117,7 @@ pub(crate) fn spawn(
         .current_dir(cwd)
         .process_group(0)
         .kill_on_drop(true)
-        .stdin(if inv.stdin.is_some() || inv.keep_stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(tmp) = &tmp {
@@ -100,14 +128,6 @@ pub(crate) fn spawn(
     // The agent's own `env` from config wins, a temporary directory included.
     cmd.envs(extra_env);
     cmd.env(MARK_VAR, &cell.mark);
-    if cell.cgroup.is_some() && find_program(&inv.program).is_none() {
-        // Behind the wrapper a missing program would be a shell error, not a spawn error.
-        cell.remove();
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "No such file or directory",
-        ));
-    }
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -118,7 +138,14 @@ pub(crate) fn spawn(
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     let start_time = crate::contain::start_time(pgid);
     let guard = guard(pgid, &cell);
-    Ok(Running::of(inv, child, pgid, start_time, cell, guard, tmp))
+    Ok(Warm {
+        child,
+        pgid,
+        start_time,
+        cell,
+        guard,
+        tmp,
+    })
 }
 
 /// Starts the agent of `inv`: in `warm` when there is one (see [`Warm`]), else as [`spawn`]
@@ -132,13 +159,9 @@ pub(crate) async fn start(
     warm: Option<Warm>,
 ) -> std::io::Result<Running> {
     if let Some(warm) = warm {
-        if warm.cell.cgroup.is_some() && find_program(&inv.program).is_none() {
-            // As `spawn` says.
+        if let Some(e) = missing_behind(&warm.cell, &inv.program) {
             warm.discard().await;
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "No such file or directory",
-            ));
+            return Err(e);
         }
         match warm.launch(inv, cwd, extra_env).await {
             Ok(running) => return Ok(running),
@@ -172,47 +195,35 @@ impl Warm {
     /// Starts one (`None`: no wrapper, or it cannot be started).
     pub(crate) fn prepare(confine: &Confinement, containment: &Mechanism) -> Option<Warm> {
         let (program, args) = confine::waiting(confine)?;
+        // The agent's directory and `env` come with the task's launch.
         let cell = Cell::new(containment);
-        let tmp = confine::AgentTmp::for_agent(confine);
-        let args: Vec<String> = args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let (program, args) = cell.wrap(Path::new(&program), &args);
-        let mut cmd = confine::command(program, confine);
-        // The agent's directory is entered by the wrapper once the task names it.
-        cmd.args(args)
-            .current_dir("/")
-            .process_group(0)
-            .kill_on_drop(true)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(tmp) = &tmp {
-            for var in confine::TMP_VARS {
-                cmd.env(var, &tmp.path);
-            }
-        }
-        cmd.env(MARK_VAR, &cell.mark);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "Cannot start an agent process ahead of its task.");
-                cell.remove();
-                return None;
-            }
-        };
-        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-        let start_time = crate::contain::start_time(pgid);
-        let guard = guard(pgid, &cell);
-        Some(Warm {
+        let started = start_in_cell(
+            cell,
+            program,
+            &args,
+            Path::new("/"),
+            Stdio::piped(),
+            &BTreeMap::new(),
+            confine,
+        );
+        started
+            .map_err(
+                |e| tracing::debug!(error = %e, "Cannot start an agent process ahead of its task."),
+            )
+            .ok()
+    }
+
+    /// The task's process, once it runs `inv`.
+    fn running(self, inv: &Invocation) -> Running {
+        let Warm {
             child,
             pgid,
             start_time,
             cell,
             guard,
             tmp,
-        })
+        } = self;
+        Running::of(inv, child, pgid, start_time, cell, guard, tmp)
     }
 
     /// Tells the waiting wrapper what to run; the agent is then started as [`spawn`] starts it.
@@ -251,15 +262,7 @@ impl Warm {
             // The agent reads /dev/null; the wrapper's pipe is of no more use.
             self.child.stdin = None;
         }
-        let Warm {
-            child,
-            pgid,
-            start_time,
-            cell,
-            guard,
-            tmp,
-        } = self;
-        Ok(Running::of(inv, child, pgid, start_time, cell, guard, tmp))
+        Ok(self.running(inv))
     }
 
     /// Ends it (the wrapper, its guard, its cell).
