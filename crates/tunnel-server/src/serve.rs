@@ -672,24 +672,26 @@ async fn session(
             http.serve_connection(TokioIo::new(front), service)
                 .with_upgrades(),
         );
-        drive(conn.as_mut(), timer, &state, &stats, shutdown, true, limits).await;
+        let graceful = |c: Pin<&mut _>| {
+            hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
+        };
+        drive(
+            conn.as_mut(),
+            timer,
+            &state,
+            &stats,
+            shutdown,
+            Some(graceful),
+            limits,
+        )
+        .await;
         return None;
     }
     let mut conn = Box::pin(http.serve_connection(TokioIo::new(front), service));
     // Not asked to finish at shutdown (hyper would close one that has not read its request
     // yet without an answer): closed at once between requests, else the request in flight
     // is answered and the front then closes the connection (`Front::poll_read`).
-    if !drive(
-        conn.as_mut(),
-        timer,
-        &state,
-        &stats,
-        shutdown,
-        false,
-        limits,
-    )
-    .await
-    {
+    if !drive(conn.as_mut(), timer, &state, &stats, shutdown, None, limits).await {
         return None;
     }
     let parts = Pin::into_inner(conn).into_parts();
@@ -706,45 +708,16 @@ async fn session(
     Some(front)
 }
 
-/// A hyper connection that can be asked to finish.
-trait Graceful: Future {
-    fn graceful(self: Pin<&mut Self>);
-}
-
-impl<S> Graceful for hyper::server::conn::http1::Connection<TokioIo<Front>, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::ResBody: 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<S> Graceful for hyper::server::conn::http1::UpgradeableConnection<TokioIo<Front>, S>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::ResBody: 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 /// Runs a hyper connection under the connection's limits; true when it ended by itself
-/// (false: timed out, evicted, or closed for the server's shutdown). At shutdown a
-/// `graceful` one is asked to finish; another is closed only between requests.
-async fn drive<C: Graceful>(
+/// (false: timed out, evicted, or closed for the server's shutdown). At shutdown one with
+/// a `graceful` way to finish is asked to; another is closed only between requests.
+async fn drive<C: Future>(
     mut conn: Pin<&mut C>,
     timer: &mut Option<Pin<Box<Sleep>>>,
     state: &Arc<Conn>,
     stats: &ConnectionStats,
     shutdown: &CancellationToken,
-    graceful: bool,
+    graceful: Option<fn(Pin<&mut C>)>,
     limits: &ConnectionLimits,
 ) -> bool {
     let mut shutdown = Some(shutdown);
@@ -758,9 +731,9 @@ async fn drive<C: Graceful>(
         tokio::select! {
             _ = conn.as_mut() => return true,
             () = cancelled(shutdown) => {
-                if graceful {
+                if let Some(graceful) = graceful {
                     // Finish the request in flight, then close.
-                    conn.as_mut().graceful();
+                    graceful(conn.as_mut());
                     let _ = conn.as_mut().await;
                     return false;
                 }
