@@ -531,16 +531,14 @@ impl SqliteStore {
             {
                 return Ok(false);
             }
-            match model::start_returned(&t) {
-                Expiry::End(state, reason) => w.finish_task(&t, state, Some(&reason), None)?,
-                Expiry::Retry(reason) => w.queue_again(
-                    &t,
-                    "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
-                        lease_token = NULL, runs = runs - 1, reason = ?2, updated_at = ?3
-                     WHERE seq = ?1",
-                    &reason,
-                )?,
-            }
+            // The start is not counted: nobody ran it.
+            w.end_or_queue_again(
+                &t,
+                model::start_returned(&t),
+                "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
+                    lease_token = NULL, runs = runs - 1, reason = ?2, updated_at = ?3
+                 WHERE seq = ?1",
+            )?;
             Ok(true)
         })
         .await
@@ -2627,16 +2625,20 @@ impl W<'_, '_> {
     /// A lease ran out: the runner is gone. Cancel if cancel was asked, retry if attempts are
     /// left, else report the task lost.
     fn expire_lease(&mut self, t: &OpenTask) -> Result<()> {
-        let reason = match model::lease_expiry(t) {
-            Expiry::End(state, reason) => return self.finish_task(t, state, Some(&reason), None),
-            Expiry::Retry(reason) => reason,
-        };
-        self.queue_again(
+        self.end_or_queue_again(
             t,
+            model::lease_expiry(t),
             "UPDATE tasks SET state = 'queued', ready = 1, lease_until = NULL,
                 lease_token = NULL, reason = ?2, updated_at = ?3 WHERE seq = ?1",
-            &reason,
         )
+    }
+
+    /// Ends a running attempt as `expiry` says: the task ends, or is queued again (`sql`).
+    fn end_or_queue_again(&mut self, t: &OpenTask, expiry: Expiry, sql: &str) -> Result<()> {
+        match expiry {
+            Expiry::End(state, reason) => self.finish_task(t, state, Some(&reason), None),
+            Expiry::Retry(reason) => self.queue_again(t, sql, &reason),
+        }
     }
 
     /// Moves a task to a terminal state and lets the next task of its session go.
