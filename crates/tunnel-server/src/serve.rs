@@ -606,11 +606,7 @@ async fn next_request(
             None => {}
         }
         let woken = state.wake.notified();
-        match (state.deadline(limits), &mut *timer) {
-            (Some(at), Some(t)) => t.as_mut().reset(at),
-            (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            (None, _) => *timer = None,
-        }
+        arm(timer, state.deadline(limits));
         tokio::select! {
             read = std::future::poll_fn(|cx| front.fill(cx, MAX_HEAD + MAX_PARKED_BODY)) => {
                 match read {
@@ -621,9 +617,7 @@ async fn next_request(
             _ = shutdown.cancelled() => return None,
             _ = woken => {}
             _ = idle_deadline(timer) => {
-                // Still idle past its deadline (a request may have started meanwhile).
-                if state.deadline(limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
-                    front.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                if timed_out(&state, limits, &front.stats) {
                     return None;
                 }
             }
@@ -723,11 +717,7 @@ async fn drive<C: Future>(
     let mut shutdown = Some(shutdown);
     loop {
         let woken = state.wake.notified();
-        match (state.deadline(limits), &mut *timer) {
-            (Some(at), Some(t)) => t.as_mut().reset(at),
-            (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            (None, _) => *timer = None,
-        }
+        arm(timer, state.deadline(limits));
         tokio::select! {
             _ = conn.as_mut() => return true,
             () = cancelled(shutdown) => {
@@ -749,9 +739,7 @@ async fn drive<C: Future>(
                 }
             }
             _ = idle_deadline(timer) => {
-                // Still idle past its deadline (a request may have started meanwhile).
-                if state.deadline(limits).is_some_and(|d| d <= tokio::time::Instant::now()) {
-                    stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                if timed_out(state, limits, stats) {
                     return false;
                 }
             }
@@ -765,6 +753,28 @@ async fn cancelled(shutdown: Option<&CancellationToken>) {
         Some(s) => s.cancelled().await,
         None => std::future::pending().await,
     }
+}
+
+/// Arms `timer` for the connection's idle or header deadline `at`; no timer without one (a
+/// request in flight).
+fn arm(timer: &mut Option<Pin<Box<Sleep>>>, at: Option<tokio::time::Instant>) {
+    match (at, timer.as_mut()) {
+        (Some(at), Some(t)) => t.as_mut().reset(at),
+        (Some(at), None) => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+        (None, _) => *timer = None,
+    }
+}
+
+/// Whether the connection is still idle past its deadline once the timer fired (a request
+/// may have started meanwhile); counted when it is.
+fn timed_out(state: &Conn, limits: &ConnectionLimits, stats: &ConnectionStats) -> bool {
+    let past = state
+        .deadline(limits)
+        .is_some_and(|d| d <= tokio::time::Instant::now());
+    if past {
+        stats.timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+    past
 }
 
 /// Resolves when the idle deadline passes; never without one.
