@@ -538,6 +538,10 @@ test("server delivery (after a restart with delivery: server): the tunnel server
   assert.ok(offer);
   assert.equal(offer.task.prompt, "via the server");
   assert.deepEqual(offer.task.reply_to, { platform: "telegram", channel: String(USER) });
+  // The server renders its acknowledgement in the state the task is in when it is sent: the
+  // runner acks once it is in the chat, so it shows the task queued or offered (an ack that
+  // raced ahead of it made it "working…").
+  await until("the server's acknowledgement", () => tg.sent.slice(before).some((p) => Number(p.chat_id) === USER), 60_000);
   // The fastest task: it ends right away, before OpenClaw would have sent a command reply.
   await runner.ack(offer);
   await runner.finish(offer, "succeeded", { text: "answer posted by the tunnel server", session_id: "e2e00000-0000-4000-8000-000000000003", duration_ms: 200 });
